@@ -1,0 +1,107 @@
+"""One error hierarchy for the wallet domain.
+
+Each error knows whether retrying can help. Temporal turns a non-retryable error into an
+`ApplicationError(non_retryable=True, type=<class name>)` at the activity/workflow boundary.
+"""
+
+from __future__ import annotations
+
+
+class WalletError(Exception):
+    """Base of every domain error. `field` names the input field at fault, when there is one."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    @property
+    def type_name(self) -> str:
+        return type(self).__name__
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InvalidInputError(WalletError):
+    """The request is malformed; nothing was written."""
+
+
+class InvalidAmountError(InvalidInputError):
+    """Zero, negative, NaN, too many decimals for the currency, or above the u64 range."""
+
+
+class UnknownCurrencyError(InvalidInputError):
+    """The currency has no precision entry."""
+
+
+class UnknownLedgerError(InvalidInputError):
+    """The (currency, country) pair maps to no TigerBeetle ledger."""
+
+
+class InsufficientFundsError(WalletError):
+    """The wallet's policy forbids the overdraft this debit (or void) would cause."""
+
+
+class DuplicateTransactionError(WalletError):
+    """The transaction id was already used with different content (wallet, type or amount)."""
+
+
+class NotFoundError(WalletError):
+    """The wallet or transaction does not exist."""
+
+
+class AlreadyVoidedError(WalletError):
+    """The original transaction was already voided by another void request."""
+
+
+class NotVoidableError(WalletError):
+    """Voids apply to credits and debits only (not to voids, openings or corrections)."""
+
+
+class ConflictError(WalletError):
+    """A store holds state that contradicts the request (e.g. an id collision it cannot resolve)."""
+
+
+class StoreUnavailableError(WalletError):
+    """A store did not answer in time; retrying later can succeed."""
+
+    retryable = True
+
+
+NON_RETRYABLE_ERROR_TYPES: tuple[str, ...] = tuple(
+    cls.__name__
+    for cls in (
+        WalletError,
+        InvalidInputError,
+        InvalidAmountError,
+        UnknownCurrencyError,
+        UnknownLedgerError,
+        InsufficientFundsError,
+        DuplicateTransactionError,
+        NotFoundError,
+        AlreadyVoidedError,
+        NotVoidableError,
+        ConflictError,
+    )
+)
+
+ERRORS_BY_NAME: dict[str, type[WalletError]] = {
+    cls.__name__: cls
+    for cls in (
+        WalletError,
+        InvalidInputError,
+        InvalidAmountError,
+        UnknownCurrencyError,
+        UnknownLedgerError,
+        InsufficientFundsError,
+        DuplicateTransactionError,
+        NotFoundError,
+        AlreadyVoidedError,
+        NotVoidableError,
+        ConflictError,
+        StoreUnavailableError,
+    )
+}

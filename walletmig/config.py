@@ -1,0 +1,62 @@
+"""Runtime configuration: one place that maps environment variables to settings.
+
+The embedded stack (`walletmig dev up`) and production differ only in these values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_STATE_DIR = Path(".walletmig")
+
+# Environment variable -> (field name, default). The README's configuration table mirrors this.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "TEMPORAL_ADDRESS": ("temporal_address", "127.0.0.1:7233"),
+    "TEMPORAL_NAMESPACE": ("temporal_namespace", "default"),
+    "WALLET_TASK_QUEUE": ("wallet_task_queue", "wallet"),
+    "MIGRATION_TASK_QUEUE": ("migration_task_queue", "migration"),
+    "MONGODB_URI": (
+        "mongodb_uri",
+        "mongodb://127.0.0.1:27018/?retryWrites=false&journal=true&directConnection=true",
+    ),
+    "MONGODB_DATABASE": ("mongodb_database", "wallets"),
+    "REDIS_URL": ("redis_url", "redis://127.0.0.1:6380/0"),
+    # `tbemu://HOST:PORT` reaches the project's emulator; anything else (`3000`,
+    # `127.0.0.1:3000,127.0.0.1:3001`, `tigerbeetle://...`) is a real cluster.
+    "TB_ADDRESSES": ("tb_addresses", "tbemu://127.0.0.1:3033"),
+    "TB_CLUSTER_ID": ("tb_cluster_id", "0"),
+    "TB_REQUEST_TIMEOUT_S": ("tb_request_timeout_s", "10"),
+    "REGISTRY_CACHE_TTL_S": ("registry_cache_ttl_s", "1800"),
+    "WALLETMIG_STATE_DIR": ("state_dir", str(DEFAULT_STATE_DIR)),
+}
+
+
+class Settings(BaseModel):
+    """Every external address and tunable the platform reads at start-up."""
+
+    model_config = ConfigDict(frozen=True)
+
+    temporal_address: str
+    temporal_namespace: str
+    wallet_task_queue: str
+    migration_task_queue: str
+    mongodb_uri: str
+    mongodb_database: str
+    redis_url: str
+    tb_addresses: str
+    tb_cluster_id: int = Field(ge=0)
+    tb_request_timeout_s: float = Field(gt=0, le=300)
+    registry_cache_ttl_s: int = Field(gt=0, le=7 * 24 * 3600)
+    state_dir: Path
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {
+            field: env.get(name, default) for name, (field, default) in ENVIRONMENT.items()
+        }
+        values.update(overrides)
+        return cls.model_validate(values)
