@@ -80,7 +80,7 @@ def _scale_exact(amount: Decimal, precision: int) -> int | None:
     coefficient: int = int("".join(map(str, digits)) or "0")
     if shift >= 0:
         return int(coefficient * 10**shift)
-    divisor = 10**-shift
+    divisor: int = 10**-shift
     if coefficient % divisor:
         return None
     return coefficient // divisor
