@@ -1,0 +1,194 @@
+"""Account Registry: wallet key <-> TigerBeetle account id, ledger and nonce.
+
+The registry is the authority for account ids. The id is account_id(key, nonce) starting at
+nonce 0; a unique index on `account_id` detects a collision with another wallet, and the
+registry then tries the next nonce and records the one that won. Records never change after
+creation, which is what makes the Redis read-through cache safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from registries.cache import CACHE_KEY_PREFIX, JsonCache
+from stores.mongo import PAGE_LIMIT_MAX, as_utc, hex_to_u128, now_ms, u128_to_hex
+from walletcore.errors import ConflictError, InvalidInputError
+from walletcore.ids import NONCE_MAX, U128_MAX, account_id
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LEDGER_MAX, LedgerTable
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_REGISTRY = "account_registry"
+DEFAULT_TTL_S = 1800
+CREATE_ATTEMPTS_MAX = 4 * (NONCE_MAX + 1)  # each nonce may also lose a race or two
+CLIENT_LIMIT_MAX = 8189
+
+Document = dict[str, Any]
+
+
+class AccountRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    wallet: WalletKey
+    account_id: int = Field(gt=0, lt=U128_MAX)
+    ledger: int = Field(gt=0, le=LEDGER_MAX)
+    nonce: int = Field(ge=0, le=NONCE_MAX)
+    allow_overdraft: bool
+    created_at: datetime
+
+
+class AccountRegistry:
+    def __init__(
+        self,
+        db: AsyncDatabase[Any],
+        cache: redis_asyncio.Redis | None,
+        *,
+        ttl_s: int = DEFAULT_TTL_S,
+        ledgers: LedgerTable = DEFAULT_LEDGER_TABLE,
+    ) -> None:
+        self._accounts: AsyncCollection[Any] = db[ACCOUNT_REGISTRY]
+        self._cache = JsonCache(cache, prefix=CACHE_KEY_PREFIX, ttl_s=ttl_s)
+        self._ledgers = ledgers
+
+    @property
+    def cache(self) -> JsonCache:
+        return self._cache
+
+    async def ensure_indexes(self) -> None:
+        await self._accounts.create_indexes(
+            [
+                IndexModel([("account_id", ASCENDING)], name="account_id", unique=True),
+                IndexModel([("client_id", ASCENDING)], name="client_id"),
+                IndexModel([("ledger", ASCENDING), ("_id", ASCENDING)], name="ledger_id"),
+            ]
+        )
+
+    async def get(self, wallet: WalletKey) -> AccountRecord | None:
+        """Read-through: Redis first, MongoDB on a miss or any cache trouble."""
+        canonical = wallet.canonical
+        cached = await self._cache.get(canonical)
+        if cached is not None:
+            try:
+                record = AccountRecord.model_validate_json(cached)
+            except ValidationError as exc:  # never trust a mangled entry: drop it, read Mongo
+                log.warning("discarding unreadable cache entry for %s: %s", canonical, exc)
+                await self._cache.delete(canonical)
+            else:
+                if record.wallet.canonical == canonical:
+                    return record
+                await self._cache.delete(canonical)
+        doc = await self._accounts.find_one({"_id": canonical})
+        if doc is None:
+            return None  # not cached: the wallet may be created a moment later
+        record = _record_of(doc)
+        await self._cache.set(canonical, record.model_dump_json())
+        return record
+
+    async def get_or_create(self, wallet: WalletKey, *, allow_overdraft: bool) -> AccountRecord:
+        """The wallet's record, creating it on first use. `allow_overdraft` applies only at
+        creation. A concurrent creator of the same wallet wins or loses cleanly: one record."""
+        ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
+        existing = await self.get(wallet)
+        if existing is not None:
+            return existing
+        canonical = wallet.canonical
+        nonce = 0
+        for _attempt in range(CREATE_ATTEMPTS_MAX):
+            if nonce > NONCE_MAX:
+                break
+            candidate = account_id(wallet, nonce)
+            doc: Document = {
+                "_id": canonical,
+                "client_id": wallet.client_id,
+                "country": wallet.country,
+                "currency": wallet.currency,
+                "issuer_type": wallet.issuer_type,
+                "account_id": u128_to_hex(candidate),
+                "ledger": ledger,
+                "nonce": nonce,
+                "allow_overdraft": allow_overdraft,
+                "created_at": now_ms(),
+            }
+            try:
+                await self._accounts.insert_one(doc)
+            except DuplicateKeyError:
+                mine = await self._accounts.find_one({"_id": canonical})
+                if mine is not None:  # a concurrent creator of this wallet won
+                    return _record_of(mine)
+                holder = await self._accounts.find_one({"account_id": u128_to_hex(candidate)})
+                if holder is not None and holder["_id"] != canonical:
+                    log.warning(
+                        "account id collision: %s nonce %d is held by %s; trying nonce %d",
+                        canonical,
+                        nonce,
+                        holder["_id"],
+                        nonce + 1,
+                    )
+                    nonce += 1
+                continue  # holder vanished or was us: try the same nonce again
+            await self._cache.delete(canonical)  # invalidate on write
+            return _record_of(doc)
+        raise ConflictError(
+            f"no free account id for {canonical} within nonces 0..{NONCE_MAX}", field="wallet"
+        )
+
+    async def by_account_id(self, account_id: int) -> AccountRecord | None:
+        if not 0 < account_id < U128_MAX:
+            raise InvalidInputError(f"{account_id} is not a valid account id", field="account_id")
+        doc = await self._accounts.find_one({"account_id": u128_to_hex(account_id)})
+        return None if doc is None else _record_of(doc)
+
+    async def list_by_client(self, client_id: str, limit: int = 1000) -> list[AccountRecord]:
+        _check_limit(limit, CLIENT_LIMIT_MAX)
+        cursor = self._accounts.find({"client_id": client_id}).sort("_id", ASCENDING).limit(limit)
+        return [_record_of(doc) async for doc in cursor]
+
+    async def page(
+        self, *, after: str | None, limit: int, ledger: int | None = None
+    ) -> list[AccountRecord]:
+        """Records ordered by canonical wallet key, strictly after `after`."""
+        _check_limit(limit, PAGE_LIMIT_MAX)
+        query: Document = {}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        if ledger is not None:
+            query["ledger"] = ledger
+        cursor = self._accounts.find(query).sort("_id", ASCENDING).limit(limit)
+        return [_record_of(doc) async for doc in cursor]
+
+    async def invalidate(self, wallet: WalletKey) -> None:
+        await self._cache.delete(wallet.canonical)
+
+
+def _check_limit(limit: int, limit_max: int) -> None:
+    if not 1 <= limit <= limit_max:
+        raise InvalidInputError(f"must be 1..{limit_max}, got {limit}", field="limit")
+
+
+def _record_of(doc: Document) -> AccountRecord:
+    wallet = WalletKey.from_canonical(doc["_id"])
+    record = AccountRecord(
+        wallet=wallet,
+        account_id=hex_to_u128(doc["account_id"]),
+        ledger=int(doc["ledger"]),
+        nonce=int(doc["nonce"]),
+        allow_overdraft=bool(doc["allow_overdraft"]),
+        created_at=as_utc(doc["created_at"]),
+    )
+    if record.account_id != account_id(wallet, record.nonce):
+        raise ConflictError(
+            f"registry record {doc['_id']} holds {doc['account_id']}, which is not the id of"
+            f" nonce {record.nonce}",
+            field="account_id",
+        )
+    return record

@@ -1,0 +1,527 @@
+"""The legacy wallet store on MongoDB: `wallets` and `wallet_transactions`.
+
+Every write is one MongoDB transaction covering the wallet update and the transaction insert.
+The wallet update is conditional on the `version` read in the same transaction (optimistic
+concurrency), so two writers can never both apply on the same version: the loser gets a
+write conflict or a zero match, re-reads and tries again (bounded, jittered). The transaction
+id is the `_id` of `wallet_transactions`, which makes replays detectable and duplicates
+impossible; a unique (wallet, wallet_version) index is a second guard against lost updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+
+from stores.mongo import (
+    PAGE_LIMIT_MAX,
+    TXN_ATTEMPTS_MAX,
+    as_utc,
+    backoff,
+    decimal128_to_minor,
+    int_to_bson,
+    is_retryable_txn_error,
+    minor_to_decimal128,
+    now_ms,
+)
+from walletcore.balances import MinorBalance, WalletBalance
+from walletcore.errors import (
+    AlreadyVoidedError,
+    DuplicateTransactionError,
+    InsufficientFundsError,
+    InvalidInputError,
+    NotFoundError,
+    NotVoidableError,
+    StoreUnavailableError,
+)
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
+from walletcore.money import from_minor
+from walletcore.operations import (
+    AddCredit,
+    HistoryEntry,
+    OperationResult,
+    OperationType,
+    SubtractCredit,
+    Void,
+    validate_operation,
+)
+
+log = logging.getLogger(__name__)
+
+WALLETS = "wallets"
+WALLET_TRANSACTIONS = "wallet_transactions"
+SOURCE = "mongodb"
+HISTORY_LIMIT_MAX = 8189
+MULTI_BALANCE_LIMIT_MAX = 1000  # wallets of one client: (country, currency, issuer) combos
+COMMIT_ATTEMPTS_MAX = 3
+
+Document = dict[str, Any]
+
+
+class _VersionConflict(Exception):
+    """Another writer changed the wallet (or the voided original) since this attempt read it."""
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key while anyone holds or waits for it (no unbounded growth)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._slots.get(key, (asyncio.Lock(), 0))
+        self._slots[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._slots[key]
+            if users == 1:
+                del self._slots[key]
+            else:
+                self._slots[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+class LegacyStore:
+    """walletcore.ports.WalletStore on the legacy MongoDB collections."""
+
+    name = SOURCE
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Any],
+        *,
+        ledgers: LedgerTable | None = DEFAULT_LEDGER_TABLE,
+        attempts_max: int = TXN_ATTEMPTS_MAX,
+        serialize_local: bool = True,
+    ) -> None:
+        """`ledgers`: reject wallets whose currency:country has no ledger, exactly as the
+        TigerBeetle store does (None turns the check off for legacy-only pairs).
+        `serialize_local`: queue this process's writers per wallet before the transaction.
+        Correctness never depends on it (the version check does that across processes); it
+        turns a storm of write conflicts into an orderly queue."""
+        assert 0 < attempts_max <= 10_000
+        self._db = db
+        self._client = db.client
+        self._wallets: AsyncCollection[Any] = db[WALLETS]
+        self._txns: AsyncCollection[Any] = db[WALLET_TRANSACTIONS]
+        self._ledgers = ledgers
+        self._attempts_max = attempts_max
+        self._local_locks = _KeyedLocks() if serialize_local else None
+        self.conflict_retries = 0  # observability: how often optimistic concurrency retried
+        self.attempts_peak = 0  # observability: most attempts one operation needed
+
+    async def ensure_indexes(self) -> None:
+        """Idempotent: same names and specs every time."""
+        await self._wallets.create_indexes(
+            [
+                IndexModel([("client_id", ASCENDING)], name="client_id"),
+                IndexModel(
+                    [("currency", ASCENDING), ("country", ASCENDING), ("_id", ASCENDING)],
+                    name="currency_country_id",
+                ),
+            ]
+        )
+        await self._txns.create_indexes(
+            [
+                IndexModel(
+                    [("wallet", ASCENDING), ("created_at", ASCENDING)], name="wallet_created"
+                ),
+                IndexModel([("reference_id", ASCENDING)], name="reference_id"),
+                # One transaction per wallet version: a lost update cannot be stored.
+                IndexModel(
+                    [("wallet", ASCENDING), ("wallet_version", ASCENDING)],
+                    name="wallet_version",
+                    unique=True,
+                ),
+            ]
+        )
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    async def add_credit(self, op: AddCredit) -> OperationResult:
+        amount_minor = self._validate(op)
+        return await self._run(op, OperationType.CREDIT, amount_minor)
+
+    async def subtract_credit(self, op: SubtractCredit) -> OperationResult:
+        amount_minor = self._validate(op)
+        return await self._run(op, OperationType.DEBIT, amount_minor)
+
+    async def void(self, op: Void) -> OperationResult:
+        self._validate(op)
+        return await self._run(op, OperationType.VOID, 0)
+
+    def _validate(self, op: AddCredit | Void) -> int:
+        """Everything checkable without I/O, before anything is read or written."""
+        amount_minor = validate_operation(op)
+        if self._ledgers is not None:
+            self._ledgers.ledger_of(op.wallet.currency, op.wallet.country)
+        return amount_minor
+
+    async def _run(
+        self, op: AddCredit | Void, kind: OperationType, amount_minor: int
+    ) -> OperationResult:
+        """Bounded optimistic-concurrency loop around one transaction attempt."""
+        if self._local_locks is None:
+            return await self._run_unlocked(op, kind, amount_minor)
+        async with self._local_locks.hold(op.wallet.canonical):
+            return await self._run_unlocked(op, kind, amount_minor)
+
+    async def _run_unlocked(
+        self, op: AddCredit | Void, kind: OperationType, amount_minor: int
+    ) -> OperationResult:
+        try:
+            async with self._client.start_session() as session:
+                for attempt in range(self._attempts_max):
+                    try:
+                        return await self._attempt(session, op, kind, amount_minor)
+                    except _VersionConflict:
+                        pass
+                    except PyMongoError as exc:
+                        if not is_retryable_txn_error(exc):
+                            raise
+                    self.conflict_retries += 1
+                    self.attempts_peak = max(self.attempts_peak, attempt + 2)
+                    await backoff(attempt)
+        except PyMongoError as exc:
+            raise StoreUnavailableError(f"MongoDB: {exc}", field=None) from exc
+        raise StoreUnavailableError(
+            f"{op.transaction_id}: still conflicting after {self._attempts_max} attempts",
+            field="transaction_id",
+        )
+
+    async def _attempt(
+        self,
+        session: AsyncClientSession,
+        op: AddCredit | Void,
+        kind: OperationType,
+        amount_minor: int,
+    ) -> OperationResult:
+        await session.start_transaction()
+        try:
+            result = await self._apply(session, op, kind, amount_minor)
+        except BaseException:
+            await _abort_quietly(session)
+            raise
+        if result.replayed:  # read-only: nothing to commit
+            await _abort_quietly(session)
+            return result
+        await _commit(session)
+        return result
+
+    async def _apply(
+        self,
+        session: AsyncClientSession,
+        op: AddCredit | Void,
+        kind: OperationType,
+        amount_minor: int,
+    ) -> OperationResult:
+        wallet = op.wallet
+        canonical = wallet.canonical
+        existing = await self._txns.find_one({"_id": op.transaction_id}, session=session)
+        if existing is not None:
+            return self._replay(op, kind, amount_minor, existing)
+
+        wallet_doc = await self._wallets.find_one({"_id": canonical}, session=session)
+        original: Document | None = None
+        if isinstance(op, Void):
+            original = await self._voidable_original(session, op)
+            assert wallet_doc is not None, "an original transaction implies its wallet"
+            amount_minor = decimal128_to_minor(original["amount"], wallet.currency, field="amount")
+            as_debit = original["type"] == OperationType.CREDIT
+        else:
+            as_debit = kind == OperationType.DEBIT
+        assert amount_minor > 0
+
+        if wallet_doc is None:
+            assert isinstance(op, AddCredit)
+            balance = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
+            version = 0
+            allow_overdraft = op.allow_overdraft
+        else:
+            balance = _balance_of(wallet_doc, wallet.currency)
+            version = int(wallet_doc["version"])
+            allow_overdraft = bool(wallet_doc["allow_overdraft"])
+
+        if as_debit:
+            after = balance.apply_debit(amount_minor)
+            if not allow_overdraft and after.net_minor < 0:
+                raise InsufficientFundsError(
+                    f"{canonical} holds {from_minor(balance.credit_minor, wallet.currency)}"
+                    f" and does not allow overdraft",
+                    field="amount",
+                )
+        else:
+            after = balance.apply_credit(amount_minor)
+
+        now = now_ms()
+        balance_fields = _balance_fields(after, wallet.currency)
+        if wallet_doc is None:
+            await self._wallets.insert_one(
+                {
+                    "_id": canonical,
+                    "client_id": wallet.client_id,
+                    "country": wallet.country,
+                    "currency": wallet.currency,
+                    "issuer_type": wallet.issuer_type,
+                    **balance_fields,
+                    "allow_overdraft": allow_overdraft,
+                    "version": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+                session=session,
+            )
+        else:
+            updated = await self._wallets.update_one(
+                {"_id": canonical, "version": version},
+                {"$set": {**balance_fields, "version": version + 1, "updated_at": now}},
+                session=session,
+            )
+            if updated.matched_count != 1:
+                raise _VersionConflict
+        txn_doc: Document = {
+            "_id": op.transaction_id,
+            "wallet": canonical,
+            "type": kind.value,
+            "amount": minor_to_decimal128(amount_minor, wallet.currency),
+            "amount_minor": int_to_bson(amount_minor),
+            "reference_id": op.reference_id,
+            "original_transaction_id": op.original_transaction_id if isinstance(op, Void) else None,
+            "voided_by": None,
+            "balance_after": balance_fields,
+            "wallet_version": version + 1,
+            "created_at": now,
+        }
+        await self._txns.insert_one(txn_doc, session=session)
+        if isinstance(op, Void):
+            marked = await self._txns.update_one(
+                {"_id": op.original_transaction_id, "voided_by": None},
+                {"$set": {"voided_by": op.transaction_id}},
+                session=session,
+            )
+            if marked.matched_count != 1:
+                raise _VersionConflict
+        return _result(txn_doc, wallet, replayed=False)
+
+    async def _voidable_original(self, session: AsyncClientSession, op: Void) -> Document:
+        original: Document | None = await self._txns.find_one(
+            {"_id": op.original_transaction_id}, session=session
+        )
+        if original is None or original["wallet"] != op.wallet.canonical:
+            raise NotFoundError(
+                f"no transaction {op.original_transaction_id!r} in wallet {op.wallet.canonical}",
+                field="original_transaction_id",
+            )
+        if original["type"] not in (OperationType.CREDIT, OperationType.DEBIT):
+            raise NotVoidableError(
+                f"{op.original_transaction_id!r} is a {original['type']}; only credits and"
+                " debits can be voided",
+                field="original_transaction_id",
+            )
+        if original.get("voided_by") is not None:
+            raise AlreadyVoidedError(
+                f"{op.original_transaction_id!r} was already voided by {original['voided_by']!r}",
+                field="original_transaction_id",
+            )
+        return original
+
+    def _replay(
+        self, op: AddCredit | Void, kind: OperationType, amount_minor: int, existing: Document
+    ) -> OperationResult:
+        """Same id seen before: identical content replays the stored result, else a duplicate."""
+        differences: list[str] = []
+        if existing["wallet"] != op.wallet.canonical:
+            differences.append(f"wallet {existing['wallet']}")
+        if existing["type"] != kind.value:
+            differences.append(f"type {existing['type']}")
+        if isinstance(op, Void):
+            if existing.get("original_transaction_id") != op.original_transaction_id:
+                differences.append(f"original {existing.get('original_transaction_id')}")
+        elif not differences:
+            stored = decimal128_to_minor(existing["amount"], op.wallet.currency, field="amount")
+            if stored != amount_minor:
+                differences.append(f"amount {from_minor(stored, op.wallet.currency)}")
+        if differences:
+            raise DuplicateTransactionError(
+                f"{op.transaction_id!r} was already used with {', '.join(differences)}",
+                field="transaction_id",
+            )
+        return _result(existing, op.wallet, replayed=True)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    async def get_balance(self, wallet: WalletKey) -> WalletBalance:
+        found = await self.get_wallet_version(wallet)
+        if found is None:
+            raise NotFoundError(f"no wallet {wallet.canonical}", field="wallet")
+        return WalletBalance.from_minor(wallet, found[0], SOURCE)
+
+    async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
+        balances: list[WalletBalance] = []
+        cursor = (
+            self._wallets.find({"client_id": client_id})
+            .sort("_id", ASCENDING)
+            .limit(MULTI_BALANCE_LIMIT_MAX)
+        )
+        async for doc in cursor:
+            wallet = _key_of(doc)
+            balances.append(
+                WalletBalance.from_minor(wallet, _balance_of(doc, wallet.currency), SOURCE)
+            )
+        return balances
+
+    async def history(self, wallet: WalletKey, limit: int) -> list[HistoryEntry]:
+        """Newest first (by wallet version, which orders a wallet's transactions exactly)."""
+        if not 1 <= limit <= HISTORY_LIMIT_MAX:
+            raise InvalidInputError(f"must be 1..{HISTORY_LIMIT_MAX}, got {limit}", field="limit")
+        entries: list[HistoryEntry] = []
+        cursor = (
+            self._txns.find({"wallet": wallet.canonical})
+            .sort("wallet_version", DESCENDING)
+            .limit(limit)
+        )
+        async for doc in cursor:
+            entries.append(
+                HistoryEntry(
+                    transaction_id=doc["_id"],
+                    type=doc["type"],
+                    amount=from_minor(
+                        decimal128_to_minor(doc["amount"], wallet.currency, field="amount"),
+                        wallet.currency,
+                    ),
+                    reference_id=doc.get("reference_id"),
+                    created_at=as_utc(doc["created_at"]),
+                    voided=doc.get("voided_by") is not None,
+                )
+            )
+        return entries
+
+    async def get_transaction(self, transaction_id: str) -> Document | None:
+        """The raw stored transaction (reconciliation and tests)."""
+        doc: Document | None = await self._txns.find_one({"_id": transaction_id})
+        return doc
+
+    async def get_wallet_version(self, wallet: WalletKey) -> tuple[MinorBalance, int] | None:
+        """Balance and version read together from one document (consistent pair)."""
+        doc = await self._wallets.find_one({"_id": wallet.canonical})
+        if doc is None:
+            return None
+        return _balance_of(doc, wallet.currency), int(doc["version"])
+
+    async def page_wallets(
+        self,
+        *,
+        after: str | None,
+        limit: int,
+        currency: str | None = None,
+        country: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Wallets ordered by canonical key after `after`. Each item: `_id` (canonical),
+        `wallet` (WalletKey), `balance` (MinorBalance), `version`, `allow_overdraft`,
+        `created_at`, `updated_at`."""
+        if not 1 <= limit <= PAGE_LIMIT_MAX:
+            raise InvalidInputError(f"must be 1..{PAGE_LIMIT_MAX}, got {limit}", field="limit")
+        query: Document = {}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        if currency is not None:
+            query["currency"] = currency
+        if country is not None:
+            query["country"] = country
+        page: list[dict[str, Any]] = []
+        async for doc in self._wallets.find(query).sort("_id", ASCENDING).limit(limit):
+            wallet = _key_of(doc)
+            page.append(
+                {
+                    "_id": doc["_id"],
+                    "wallet": wallet,
+                    "balance": _balance_of(doc, wallet.currency),
+                    "version": int(doc["version"]),
+                    "allow_overdraft": bool(doc["allow_overdraft"]),
+                    "created_at": as_utc(doc["created_at"]),
+                    "updated_at": as_utc(doc["updated_at"]),
+                }
+            )
+        assert len(page) <= limit
+        return page
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+async def _abort_quietly(session: AsyncClientSession) -> None:
+    if session.in_transaction:
+        with contextlib.suppress(PyMongoError):
+            await session.abort_transaction()
+
+
+async def _commit(session: AsyncClientSession) -> None:
+    """Commit, retrying only an unknown outcome (commit is idempotent on the server)."""
+    for attempt in range(COMMIT_ATTEMPTS_MAX):
+        try:
+            await session.commit_transaction()
+            return
+        except PyMongoError as exc:
+            unknown = exc.has_error_label("UnknownTransactionCommitResult")
+            if not unknown or attempt + 1 == COMMIT_ATTEMPTS_MAX:
+                raise
+            log.warning("commit outcome unknown, retrying commit: %s", exc)
+
+
+def _key_of(doc: Mapping[str, Any]) -> WalletKey:
+    key = WalletKey.from_canonical(doc["_id"])
+    assert key.client_id == doc["client_id"] and key.currency == doc["currency"]
+    return key
+
+
+def _balance_of(doc: Mapping[str, Any], currency: str) -> MinorBalance:
+    return MinorBalance(
+        credit_minor=decimal128_to_minor(doc["credit"], currency, field="credit"),
+        debit_minor=decimal128_to_minor(doc["debit"], currency, field="debit"),
+        historical_credit_minor=decimal128_to_minor(
+            doc["historical_credit"], currency, field="historical_credit"
+        ),
+    )
+
+
+def _balance_fields(balance: MinorBalance, currency: str) -> Document:
+    return {
+        "credit": minor_to_decimal128(balance.credit_minor, currency),
+        "debit": minor_to_decimal128(balance.debit_minor, currency),
+        "historical_credit": minor_to_decimal128(balance.historical_credit_minor, currency),
+    }
+
+
+def _result(txn_doc: Mapping[str, Any], wallet: WalletKey, *, replayed: bool) -> OperationResult:
+    currency = wallet.currency
+    after = _balance_of(txn_doc["balance_after"], currency)
+    created_at: datetime = as_utc(txn_doc["created_at"])
+    return OperationResult(
+        transaction_id=txn_doc["_id"],
+        type=OperationType(txn_doc["type"]),
+        wallet=wallet,
+        amount=from_minor(
+            decimal128_to_minor(txn_doc["amount"], currency, field="amount"), currency
+        ),
+        credit=from_minor(after.credit_minor, currency),
+        debit=from_minor(after.debit_minor, currency),
+        historical_credit=from_minor(after.historical_credit_minor, currency),
+        replayed=replayed,
+        created_at=created_at,
+    )

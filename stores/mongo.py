@@ -1,0 +1,168 @@
+"""Shared MongoDB helpers: client creation, exact Decimal128 money, u128 hex, retry policy.
+
+Money never passes through float: Decimal128 is built from the exact Decimal of the minor
+units and read back digit by digit, so what was stored is what is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from bson.decimal128 import Decimal128
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.uri_parser import parse_uri
+
+from walletcore.currencies import precision_of
+from walletcore.errors import ConflictError
+from walletcore.money import from_minor
+from walletmig.config import Settings
+
+DECIMAL128_DIGITS_MAX = 34  # IEEE 754-2008 decimal128 coefficient digits
+U128_MAX = 2**128 - 1
+U128_HEX_CHARS = 32
+PAGE_LIMIT_MAX = 8189  # one TigerBeetle batch: pages line up with lookups/creates
+SERVER_SELECTION_TIMEOUT_MS_DEFAULT = 10_000
+WRITE_CONFLICT_CODE = 112
+DUPLICATE_KEY_CODE = 11000
+
+# Bounded optimistic-concurrency retries: attempts and a capped, fully jittered backoff.
+TXN_ATTEMPTS_MAX = 200
+TXN_BACKOFF_BASE_MS = 2
+TXN_BACKOFF_CAP_MS = 50
+
+
+def make_mongo_client(settings: Settings, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
+    """A client from configuration. URI options (retryWrites, journal, ...) come from the URI;
+    we only add a server selection bound when the URI has none, and tz-aware datetimes."""
+    options = parse_uri(settings.mongodb_uri)["options"]
+    extra: dict[str, Any] = {"tz_aware": True, "appname": "walletmig"}
+    if "serverSelectionTimeoutMS" not in options:
+        extra["serverSelectionTimeoutMS"] = SERVER_SELECTION_TIMEOUT_MS_DEFAULT
+    extra.update(kwargs)
+    return AsyncMongoClient(settings.mongodb_uri, **extra)
+
+
+def database_of(
+    client: AsyncMongoClient[dict[str, Any]], settings: Settings
+) -> AsyncDatabase[dict[str, Any]]:
+    return client[settings.mongodb_database]
+
+
+def now_ms() -> datetime:
+    """UTC now truncated to milliseconds (BSON's resolution), so a stored and re-read
+    timestamp equals the one returned at write time."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Datetimes from a client without tz_aware come back naive; they are UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# ---- money ---------------------------------------------------------------------------------
+
+
+def minor_to_decimal128(minor: int, currency: str) -> Decimal128:
+    """Non-negative minor units as a Decimal128 with exactly the currency's decimals."""
+    assert minor >= 0, "stored amounts and balance fields are never negative"
+    amount = from_minor(minor, currency)
+    digit_count = len(amount.as_tuple().digits)
+    if digit_count > DECIMAL128_DIGITS_MAX:
+        raise ConflictError(
+            f"{amount} {currency} has {digit_count} digits; Decimal128 holds 34", field="amount"
+        )
+    return Decimal128(amount)
+
+
+def decimal128_to_minor(value: object, currency: str, *, field: str) -> int:
+    """A stored Decimal128 (or Decimal) back to exact minor units; anything inexact is a
+    corrupted document and raises rather than rounds."""
+    if isinstance(value, Decimal128):
+        amount = value.to_decimal()
+    elif isinstance(value, Decimal):
+        amount = value
+    else:
+        raise ConflictError(f"stored value {value!r} is not a Decimal128", field=field)
+    minor = decimal_to_minor_exact(amount, precision_of(currency))
+    if minor is None or minor < 0:
+        raise ConflictError(f"stored value {amount} does not fit {currency}", field=field)
+    return minor
+
+
+def decimal_to_minor_exact(amount: Decimal, precision: int) -> int | None:
+    """amount * 10**precision as an int using the digit tuple (no context rounding)."""
+    if not amount.is_finite():
+        return None
+    sign, digit_tuple, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)
+    coefficient = int("".join(map(str, digit_tuple)) or "0")
+    shift = exponent + precision
+    value: int
+    if shift >= 0:
+        value = coefficient * 10**shift
+    else:
+        divisor = 10**-shift
+        if coefficient % divisor:
+            return None
+        value = coefficient // divisor
+    return -value if sign else value
+
+
+# ---- u128 ids ------------------------------------------------------------------------------
+
+
+def u128_to_hex(value: int) -> str:
+    """32-char zero-padded lowercase hex: sorts like the number and survives BSON (no u128)."""
+    assert 0 <= value <= U128_MAX, f"{value} outside u128"
+    return f"{value:032x}"
+
+
+def hex_to_u128(text: str) -> int:
+    assert len(text) == U128_HEX_CHARS, f"u128 hex must have 32 chars, got {text!r}"
+    return int(text, 16)
+
+
+def int_to_bson(value: int) -> int | str:
+    """Int64 when it fits, else a decimal string (BSON has no unsigned 64/128-bit type)."""
+    assert value >= 0
+    return value if value <= 2**63 - 1 else str(value)
+
+
+def bson_to_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ConflictError(f"stored value {value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ConflictError(f"stored value {value!r} is not an integer")
+
+
+# ---- transaction retry policy ----------------------------------------------------------------
+
+
+def is_retryable_txn_error(exc: PyMongoError) -> bool:
+    """Write conflicts, transient transaction errors and duplicate keys raced by a concurrent
+    writer: a fresh attempt re-reads the state and decides again (replay, conflict, apply)."""
+    if exc.has_error_label("TransientTransactionError"):
+        return True
+    if isinstance(exc, DuplicateKeyError):
+        return True
+    return isinstance(exc, OperationFailure) and exc.code in (
+        WRITE_CONFLICT_CODE,
+        DUPLICATE_KEY_CODE,
+    )
+
+
+async def backoff(attempt: int) -> None:
+    """Full-jitter exponential backoff, capped: spreads contending writers apart."""
+    assert attempt >= 0
+    ceiling_ms = min(TXN_BACKOFF_CAP_MS, TXN_BACKOFF_BASE_MS * 2 ** min(attempt, 10))
+    await asyncio.sleep(random.uniform(0, ceiling_ms) / 1000)
