@@ -1,0 +1,35 @@
+# wallet-migration developer entry points. `make demo` and `make test` are all you need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint down status install
+
+# Install (or refresh) the project into .venv whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@if $(BIN)/walletmig --help 2>/dev/null | grep -qw demo; then \
+		$(BIN)/walletmig demo; \
+	else \
+		$(BIN)/walletmig dev up && $(BIN)/walletmig dev status; \
+	fi
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict
+
+status: $(STAMP)
+	$(BIN)/walletmig dev status
+
+down: $(STAMP)
+	$(BIN)/walletmig dev down

@@ -1,0 +1,328 @@
+"""Backfill activities: import legacy wallets into TigerBeetle as opening balances.
+
+One page = one MongoDB cursor page of wallets, claimed in `backfill_imports` (see
+stores/backfill_imports.py for why the claim makes the import race-free with the wallets' own
+dual-write backlogs), one `create_accounts` batch, one `lookup_accounts` batch and one
+`create_transfers` batch (<= 8189 events each). Every id is deterministic, so a page that is
+retried after a crash lands on the same accounts and transfers (EXISTS) and imports nothing
+twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import tigerbeetle as tb
+from pymongo.asynchronous.database import AsyncDatabase
+from temporalio import activity
+
+from registries.account_registry import AccountRecord, AccountRegistry
+from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
+from stores.legacy_store import WALLETS, LegacyStore
+from stores.mongo import now_ms
+from stores.tb_errors import Outcome, account_rule, transfer_rule
+from stores.tigerbeetle_client import TigerBeetleClient
+from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of
+from walletcore.balances import MinorBalance
+from walletcore.codes import SystemAccount, TransferCode
+from walletcore.errors import InvalidInputError, StoreUnavailableError
+from walletcore.ids import opening_transfer_id, system_account_id
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
+from walletcore.reconcile import PostingPlan, plan_to_reach
+from workflows.backfill_models import (
+    ACTIVITY_COUNT,
+    ACTIVITY_ENSURE_IMPORTED,
+    ACTIVITY_PAGE,
+    WALLETS_PER_PAGE_MAX,
+    BackfillCountInput,
+    BackfillCountOutput,
+    BackfillPageInput,
+    BackfillPageOutput,
+    EnsureImportedInput,
+    EnsureImportedOutput,
+    ImportOutcome,
+    LegacyWallet,
+)
+
+BATCH_EVENTS_MAX = 8189  # TigerBeetle's request limit
+REGISTRY_CONCURRENCY = 64  # registry get_or_create calls in flight per page
+ENSURE_WAIT_S = 0.2
+ENSURE_WAIT_ATTEMPTS_MAX = 50  # then raise retryable: the activity retry policy takes over
+
+
+def _pair_filter(pair: str) -> dict[str, str]:
+    currency, _, country = pair.partition(":")
+    return {"currency": currency, "country": country}
+
+
+def opening_transfers(record: AccountRecord, version: int, plan: PostingPlan) -> list[tb.Transfer]:
+    """Opening -> customer (credit part) then customer -> Opening (debit part), linked."""
+    opening = system_account_id(record.ledger, SystemAccount.OPENING)
+    out: list[tb.Transfer] = []
+    if plan.credit_minor:
+        out.append(
+            tb.Transfer(
+                id=opening_transfer_id(record.wallet, version, "credit"),
+                debit_account_id=opening,
+                credit_account_id=record.account_id,
+                amount=plan.credit_minor,
+                user_data_64=version,
+                ledger=record.ledger,
+                code=int(TransferCode.OPENING),
+            )
+        )
+    if plan.debit_minor:
+        out.append(
+            tb.Transfer(
+                id=opening_transfer_id(record.wallet, version, "debit"),
+                debit_account_id=record.account_id,
+                credit_account_id=opening,
+                amount=plan.debit_minor,
+                user_data_64=version,
+                ledger=record.ledger,
+                code=int(TransferCode.OPENING),
+            )
+        )
+    if len(out) == 2:  # both or neither: a half-imported wallet would be a wrong balance
+        out[0].flags = tb.TransferFlags.LINKED
+    return out
+
+
+class WalletImporter:
+    """The import itself, shared by the backfill page and the wallet workflow's lazy import."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Any],
+        legacy: LegacyStore,
+        tb_store: TigerBeetleStore,
+        client: TigerBeetleClient,
+        accounts: AccountRegistry,
+        imports: ImportLedger,
+        ledgers: LedgerTable = DEFAULT_LEDGER_TABLE,
+    ) -> None:
+        self._db = db
+        self._legacy = legacy
+        self._tb_store = tb_store
+        self._client = client
+        self._accounts = accounts
+        self._imports = imports
+        self._ledgers = ledgers
+
+    async def import_wallets(self, wallets: Sequence[LegacyWallet], claimer: str) -> ImportOutcome:
+        """Claim, create accounts, post openings, complete claims. Idempotent."""
+        assert len(wallets) <= WALLETS_PER_PAGE_MAX
+        if not wallets:
+            return ImportOutcome()
+        by_key = {w.wallet.canonical: w for w in wallets}
+        for w in wallets:
+            self._ledgers.ledger_of(w.wallet.currency, w.wallet.country)  # unknown pair: fail
+        existing = await self._imports.get_many(list(by_key))
+        now = now_ms()
+        targets: dict[str, tuple[int, MinorBalance]] = {}  # wallet -> (version, balance)
+        already = busy = 0
+        for key, rec in existing.items():
+            if rec.status is ImportStatus.DONE:
+                already += 1
+            elif await self._imports.take_over(rec, claimer):
+                targets[key] = (rec.version, rec.balance)  # the claim's target, not the page's
+            else:
+                busy += 1
+        fresh = [
+            ImportRecord(
+                wallet=key,
+                version=w.version,
+                balance=w.balance,
+                status=ImportStatus.CLAIMED,
+                claimed_by=claimer,
+                claimed_at=now,
+            )
+            for key, w in by_key.items()
+            if key not in existing
+        ]
+        won = await self._imports.claim_many(fresh)
+        busy += len(fresh) - len(won)
+        for rec in fresh:
+            if rec.wallet in won:
+                targets[rec.wallet] = (rec.version, rec.balance)
+        if not targets:
+            return ImportOutcome(already=already, busy=busy)
+
+        records = await self._registry_records([by_key[k] for k in targets])
+        failed: dict[str, str] = {}
+        for ledger in {r.ledger for r in records.values()}:
+            await self._tb_store.ensure_system_accounts(ledger)
+        await self._create_accounts(list(records.values()), failed)
+        live = [k for k in targets if k not in failed]
+        accounts = await self._lookup([records[k].account_id for k in live])
+        transfers: list[tb.Transfer] = []
+        owners: list[str] = []
+        posted: dict[str, tuple[int, int]] = {}
+        for key in live:
+            version, target = targets[key]
+            account = accounts.get(records[key].account_id)
+            if account is None:
+                failed[key] = "account missing after create_accounts"
+                continue
+            plan = plan_to_reach(account.credits_posted, account.debits_posted, target)
+            if plan is None:
+                failed[key] = (
+                    f"TigerBeetle already holds more than legacy version {version} "
+                    f"(credits {account.credits_posted}, debits "
+                    f"{account.debits_posted}); needs reconciliation"
+                )
+                continue
+            batch = opening_transfers(records[key], version, plan)
+            transfers.extend(batch)
+            owners.extend([key] * len(batch))
+            posted[key] = (plan.credit_minor, plan.debit_minor)
+        assert len(transfers) <= BATCH_EVENTS_MAX
+        if transfers:
+            results = await self._client.create_transfers(transfers)
+            assert len(results) == len(transfers)
+            for owner, transfer, result in zip(owners, transfers, results, strict=True):
+                rule = transfer_rule(result.status)
+                if rule.outcome is Outcome.FAILED and owner not in failed:
+                    failed[owner] = f"opening transfer {transfer.id:032x}: {result.status.name}"
+        done = {k: v for k, v in posted.items() if k not in failed}
+        await self._imports.mark_done(claimer, done)
+        if failed:
+            await self._imports.mark_failed(claimer, failed)
+        imported = [k for k, (c, d) in done.items() if c or d]
+        return ImportOutcome(
+            imported=imported,
+            already=already + len(done) - len(imported),
+            busy=busy,
+            failed=failed,
+            transfers=sum(1 for o in owners if o in done),
+        )
+
+    async def _registry_records(self, wallets: list[LegacyWallet]) -> dict[str, AccountRecord]:
+        gate = asyncio.Semaphore(REGISTRY_CONCURRENCY)
+
+        async def one(w: LegacyWallet) -> AccountRecord:
+            async with gate:
+                return await self._accounts.get_or_create(
+                    w.wallet, allow_overdraft=w.allow_overdraft
+                )
+
+        found = await asyncio.gather(*(one(w) for w in wallets))
+        return {r.wallet.canonical: r for r in found}
+
+    async def _create_accounts(self, records: list[AccountRecord], failed: dict[str, str]) -> None:
+        for start in range(0, len(records), BATCH_EVENTS_MAX):
+            chunk = records[start : start + BATCH_EVENTS_MAX]
+            results = await self._client.create_accounts([customer_account_of(r) for r in chunk])
+            assert len(results) == len(chunk)
+            for record, result in zip(chunk, results, strict=True):
+                if account_rule(result.status).outcome is Outcome.FAILED:
+                    failed[record.wallet.canonical] = f"create account: {result.status.name}"
+
+    async def _lookup(self, ids: list[int]) -> dict[int, tb.Account]:
+        found: dict[int, tb.Account] = {}
+        for start in range(0, len(ids), BATCH_EVENTS_MAX):
+            for account in await self._client.lookup_accounts(
+                ids[start : start + BATCH_EVENTS_MAX]
+            ):
+                found[account.id] = account
+        return found
+
+    async def ensure_imported(self, wallet: WalletKey, claimer: str) -> int:
+        """The legacy version the wallet's opening balance holds, importing it now if needed.
+
+        Call it from the wallet's TigerBeetle backlog applier before applying any operation
+        (serialized per wallet); skip operations whose legacy version is <= the answer.
+        """
+        key = wallet.canonical
+        for _attempt in range(ENSURE_WAIT_ATTEMPTS_MAX):
+            record = await self._imports.get(key)
+            if record is not None and record.status is ImportStatus.DONE:
+                return record.version
+            current = await self._legacy.get_wallet_version(wallet)
+            if current is None:
+                return 0  # nothing in legacy: every operation goes to TigerBeetle as it comes
+            balance, version = current
+            doc = await self._db[WALLETS].find_one({"_id": key}, {"allow_overdraft": 1})
+            allow_overdraft = bool(doc and doc.get("allow_overdraft"))
+            outcome = await self.import_wallets(
+                [
+                    LegacyWallet(
+                        wallet=wallet,
+                        balance=balance,
+                        version=version,
+                        allow_overdraft=allow_overdraft,
+                    )
+                ],
+                claimer,
+            )
+            if key in outcome.failed:
+                raise InvalidInputError(
+                    f"import of {key} failed: {outcome.failed[key]}", field="wallet"
+                )
+            if outcome.busy == 0:
+                continue  # done (now or before): read the version from the record
+            await asyncio.sleep(ENSURE_WAIT_S)  # another importer holds a fresh claim
+        raise StoreUnavailableError(f"import of {key} is still in progress elsewhere")
+
+    async def count(self, pairs: list[str]) -> dict[str, int]:
+        return {pair: await self._db[WALLETS].count_documents(_pair_filter(pair)) for pair in pairs}
+
+    async def page(self, inp: BackfillPageInput) -> BackfillPageOutput:
+        if inp.with_history:
+            raise InvalidInputError(
+                "--with-history is not supported yet: imported transfers must postdate their "
+                "accounts, and the ledger's system accounts already exist",
+                field="with_history",
+            )
+        currency, _, country = inp.pair.partition(":")
+        self._ledgers.ledger_of(currency, country)
+        docs = await self._legacy.page_wallets(
+            after=inp.after, limit=inp.limit, currency=currency, country=country
+        )
+        wallets = [
+            LegacyWallet(
+                wallet=d["wallet"],
+                balance=d["balance"],
+                version=d["version"],
+                allow_overdraft=d["allow_overdraft"],
+            )
+            for d in docs
+        ]
+        outcome = await self.import_wallets(wallets, inp.run_id)
+        return BackfillPageOutput(
+            scanned=len(wallets),
+            last_key=docs[-1]["_id"] if docs else inp.after,
+            imported=len(outcome.imported),
+            already=outcome.already,
+            busy=outcome.busy,
+            failed=outcome.failed,
+            transfers=outcome.transfers,
+            exhausted=len(docs) < inp.limit,
+        )
+
+
+class BackfillActivities:
+    """Temporal activities around WalletImporter (one pydantic input model each)."""
+
+    def __init__(self, importer: WalletImporter) -> None:
+        self._importer = importer
+
+    @activity.defn(name=ACTIVITY_COUNT)
+    async def count(self, inp: BackfillCountInput) -> BackfillCountOutput:
+        return BackfillCountOutput(totals=await self._importer.count(inp.pairs))
+
+    @activity.defn(name=ACTIVITY_PAGE)
+    async def page(self, inp: BackfillPageInput) -> BackfillPageOutput:
+        activity.heartbeat(inp.after)
+        return await self._importer.page(inp)
+
+    @activity.defn(name=ACTIVITY_ENSURE_IMPORTED)
+    async def ensure_imported(self, inp: EnsureImportedInput) -> EnsureImportedOutput:
+        version = await self._importer.ensure_imported(inp.wallet, inp.claimer)
+        return EnsureImportedOutput(version=version)
+
+    def all(self) -> list[Any]:
+        return [self.count, self.page, self.ensure_imported]

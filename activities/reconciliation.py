@@ -1,0 +1,638 @@
+"""Reconciliation activities: read both stores page by page, let walletcore.reconcile decide.
+
+Per wallet page: one MongoDB cursor page of wallets, one registry `$in` query, ONE
+`lookup_accounts` batch (<= 8189 ids). Only wallets that differ cost more: their recent legacy
+operations, one `lookup_transfers` batch for the whole page and `get_account_transfers` each.
+
+In flight or real? We look at the durable evidence, not at the wallet workflows: a legacy
+operation (newer than the wallet's imported version) whose deterministic TigerBeetle transfer
+id does not exist yet is in the dual-write backlog; a TigerBeetle transfer with no legacy
+operation is in the reverse projection. If exactly those operations close the difference, and
+none is older than `in_flight_max_age_s`, the difference is in flight. Why not query each
+wallet workflow's `status`: a query needs a worker to replay that workflow (costly for thousands
+of wallets), says nothing once the workflow closed, and is not what the balances are made of.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import tigerbeetle as tb
+from pymongo import DESCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+from temporalio import activity
+
+from activities.errors import wallet_errors_as_application_errors
+from registries.account_registry import ACCOUNT_REGISTRY, AccountRegistry
+from registries.transfer_registry import TransferRegistry
+from stores.backfill_imports import ImportLedger, ImportStatus
+from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
+from stores.migration_state import MigrationStateStore
+from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, u128_to_hex
+from stores.reports import MismatchDoc, ReportStore
+from stores.tb_errors import Outcome, transfer_rule
+from stores.tigerbeetle_client import TigerBeetleClient
+from stores.tigerbeetle_store import TigerBeetleStore
+from walletcore.balances import MinorBalance
+from walletcore.codes import CUSTOMER_ACCOUNT_CODE, SystemAccount, TransferCode
+from walletcore.errors import InvalidInputError
+from walletcore.ids import system_account_id, transfer_id, void_transfer_id
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
+from walletcore.phases import Phase
+from walletcore.reconcile import (
+    OPERATION_CODES,
+    AccountView,
+    Classification,
+    ExpectedTransfer,
+    Finding,
+    IssueKind,
+    OpEffect,
+    RegistryView,
+    TransferView,
+    Verdict,
+    alerts,
+    check_conservation,
+    check_transfer,
+    check_wallet_account,
+    classify,
+    correction_transfer_id,
+    legacy_op_effect,
+    match_rate,
+    plan_to_reach,
+    transfer_effect,
+)
+from workflows.reconciliation_models import (
+    ACTIVITY_ACCOUNT_PAGE,
+    ACTIVITY_FINISH,
+    ACTIVITY_RECHECK,
+    ACTIVITY_REPAIR,
+    ACTIVITY_START,
+    ACTIVITY_TRANSFER_PAGE,
+    ACTIVITY_WALLET_PAGE,
+    PAGE_MAX,
+    AccountPageInput,
+    AccountPageOutput,
+    FinishInput,
+    RecheckInput,
+    RecheckOutput,
+    ReconcileSummary,
+    RepairInput,
+    RepairOutput,
+    StartInput,
+    StartOutput,
+    TransferPageInput,
+    TransferPageOutput,
+    WalletPageInput,
+    WalletPageOutput,
+)
+
+RECENT_OPS_MAX = 32  # evidence window per differing wallet (each side)
+REPORTED_OPS_MAX = 10
+Document = dict[str, Any]
+
+
+@dataclass
+class Subject:
+    """One legacy wallet under comparison."""
+
+    key: WalletKey
+    balance: MinorBalance
+    version: int
+    allow_overdraft: bool
+    registry: Document | None = None
+    account: tb.Account | None = None
+
+
+@dataclass
+class Evidence:
+    legacy_only: list[OpEffect] = field(default_factory=list)
+    tb_only: list[OpEffect] = field(default_factory=list)
+    legacy_ops: list[Document] = field(default_factory=list)
+    tb_transfers: list[Document] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    matched: int = 0
+    real: int = 0
+    max_real_diff_minor: int = 0
+    in_flight: list[str] = field(default_factory=list)
+    repairable: list[str] = field(default_factory=list)
+    findings: Counter[str] = field(default_factory=Counter)
+    docs: list[MismatchDoc] = field(default_factory=list)
+
+
+def _balance_doc(balance: MinorBalance | None) -> Document | None:
+    if balance is None:
+        return None
+    return {"credit_minor": balance.credit_minor, "debit_minor": balance.debit_minor,
+            "historical_credit_minor": balance.historical_credit_minor}
+
+
+def _tb_balance(account: tb.Account) -> MinorBalance:
+    return MinorBalance.from_posted(account.credits_posted, account.debits_posted)
+
+
+def _account_view(account: tb.Account) -> AccountView:
+    return AccountView(id=account.id, ledger=account.ledger, code=account.code,
+                       flags=int(account.flags), credits_posted=account.credits_posted,
+                       debits_posted=account.debits_posted)
+
+
+def _age_s(at: datetime, now: datetime) -> float:
+    return max((now - as_utc(at)).total_seconds(), 0.0)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        db: AsyncDatabase[Any],
+        legacy: LegacyStore,
+        tb_store: TigerBeetleStore,
+        client: TigerBeetleClient,
+        accounts: AccountRegistry,
+        transfers: TransferRegistry,
+        imports: ImportLedger,
+        reports: ReportStore,
+        migration: MigrationStateStore,
+        ledgers: LedgerTable = DEFAULT_LEDGER_TABLE,
+    ) -> None:
+        self._db = db
+        self._legacy = legacy
+        self._tb_store = tb_store
+        self._client = client
+        self._accounts = accounts
+        self._transfers = transfers
+        self._imports = imports
+        self._reports = reports
+        self._migration = migration
+        self._ledgers = ledgers
+
+    # ---- start / finish ---------------------------------------------------------------------
+
+    def _ledger_ids(self, pairs: Sequence[str]) -> list[int]:
+        return sorted(set(self._ledgers.parse_scope(list(pairs)).values()))
+
+    async def _system_snapshot(self, pairs: Sequence[str]) -> dict[str, dict[str, list[int]]]:
+        ids = {
+            system_account_id(ledger, account): (ledger, account)
+            for ledger in self._ledger_ids(pairs) for account in SystemAccount
+        }
+        snapshot: dict[str, dict[str, list[int]]] = {}
+        for account in await self._client.lookup_accounts(list(ids)):
+            ledger, which = ids[account.id]
+            snapshot.setdefault(str(ledger), {})[which.name] = [
+                account.credits_posted, account.debits_posted]
+        return snapshot
+
+    async def start(self, inp: StartInput) -> StartOutput:
+        await self._reports.start(inp.run_id, {"pairs": inp.pairs, "repair": inp.repair,
+                                               "actor": inp.actor, "reason": inp.reason})
+        return StartOutput(system=await self._system_snapshot(inp.pairs))
+
+    async def finish(self, inp: FinishInput) -> ReconcileSummary:
+        end = await self._system_snapshot(inp.pairs)
+        conservation = []
+        for ledger in self._ledger_ids(inp.pairs):
+            before = inp.system_start.get(str(ledger), {})
+            after = end.get(str(ledger), {})
+            nets = {name: c - d for name, (c, d) in after.items()}
+            activity_minor = sum(
+                abs(c - before.get(name, [0, 0])[0]) + abs(d - before.get(name, [0, 0])[1])
+                for name, (c, d) in after.items()
+            )
+            conservation.append(check_conservation(
+                ledger, customer_net_minor=inp.customer_net.get(str(ledger), 0),
+                system_nets_minor=nets, activity_minor=activity_minor))
+        counts = inp.counts
+        failures = sum(1 for c in conservation if not c.ok)
+        rate = match_rate(counts.wallets, counts.real)
+        reasons = alerts(rate=rate, threshold=inp.threshold,
+                         max_real_diff_minor=counts.max_real_diff_minor,
+                         findings=sum(v for k, v in counts.findings.items()
+                                      if k != IssueKind.BALANCE_MISMATCH),
+                         conservation_failures=failures)
+        summary = ReconcileSummary(
+            run_id=inp.run_id, pairs=inp.pairs, wallets=counts.wallets, matched=counts.matched,
+            in_flight=counts.in_flight, resolved_on_recheck=counts.resolved_on_recheck,
+            real=counts.real, match_rate=rate, findings=dict(counts.findings),
+            conservation_ok=failures == 0, alerts=reasons, repaired=counts.repaired,
+            repair_failed=counts.repair_failed,
+        )
+        await self._reports.finish(inp.run_id, {
+            **summary.model_dump(mode="python"), "counts": counts.model_dump(mode="python"),
+            "threshold": inp.threshold, "alert": bool(reasons),
+            "conservation": [c.model_dump(mode="python") for c in conservation],
+        })
+        for reason in reasons:
+            activity.logger.warning("reconciliation %s ALERT: %s", inp.run_id, reason)
+        return summary
+
+    # ---- wallets ----------------------------------------------------------------------------
+
+    async def wallet_page(self, inp: WalletPageInput) -> WalletPageOutput:
+        currency, _, country = inp.pair.partition(":")
+        ledger = self._ledgers.ledger_of(currency, country)
+        docs = await self._legacy.page_wallets(
+            after=inp.after, limit=inp.limit, currency=currency, country=country)
+        subjects = [Subject(key=d["wallet"], balance=d["balance"], version=d["version"],
+                            allow_overdraft=d["allow_overdraft"]) for d in docs]
+        exhausted = len(docs) < inp.limit
+        last_key = docs[-1]["_id"] if docs else inp.after
+        evaluation = await self._evaluate(inp.run_id, subjects, inp.in_flight_max_age_s)
+        # Registry entries in this page's key range with no legacy wallet behind them.
+        key_range: Document = {"$gt": inp.after or ""}
+        if not exhausted:
+            key_range["$lte"] = last_key
+        page_keys = {s.key.canonical for s in subjects}
+        orphans = [
+            doc["_id"] async for doc in self._db[ACCOUNT_REGISTRY].find(
+                {"_id": key_range, "ledger": ledger}, {"_id": 1}).limit(PAGE_MAX)
+            if doc["_id"] not in page_keys
+        ]
+        for orphan in orphans:
+            evaluation.findings[IssueKind.REGISTRY_WITHOUT_WALLET] += 1
+            evaluation.docs.append(MismatchDoc(
+                run_id=inp.run_id, kind=IssueKind.REGISTRY_WITHOUT_WALLET, subject=orphan,
+                detail="Account Registry entry without a legacy wallet"))
+        await self._reports.add_mismatches(evaluation.docs)
+        return WalletPageOutput(
+            scanned=len(subjects), last_key=last_key, exhausted=exhausted,
+            matched=evaluation.matched, real=evaluation.real,
+            max_real_diff_minor=evaluation.max_real_diff_minor,
+            in_flight=evaluation.in_flight, repairable=evaluation.repairable,
+            findings=dict(evaluation.findings),
+        )
+
+    async def recheck(self, inp: RecheckInput) -> RecheckOutput:
+        subjects = await self._subjects_of(inp.wallets)
+        evaluation = await self._evaluate(inp.run_id, subjects, inp.in_flight_max_age_s)
+        await self._reports.add_mismatches(evaluation.docs)
+        return RecheckOutput(
+            matched=evaluation.matched, in_flight=len(evaluation.in_flight),
+            real=evaluation.real, max_real_diff_minor=evaluation.max_real_diff_minor,
+            repairable=evaluation.repairable, findings=dict(evaluation.findings))
+
+    async def _subjects_of(self, wallets: Sequence[str]) -> list[Subject]:
+        subjects = []
+        for canonical in wallets:
+            key = WalletKey.from_canonical(canonical)
+            found = await self._legacy.get_wallet_version(key)
+            if found is None:
+                continue
+            doc = await self._db[WALLETS].find_one({"_id": canonical}, {"allow_overdraft": 1})
+            subjects.append(Subject(key=key, balance=found[0], version=found[1],
+                                    allow_overdraft=bool(doc and doc["allow_overdraft"])))
+        return subjects
+
+    async def _load_tb_side(self, subjects: list[Subject]) -> None:
+        assert len(subjects) <= PAGE_MAX
+        keys = [s.key.canonical for s in subjects]
+        registry = {d["_id"]: d async for d in self._db[ACCOUNT_REGISTRY].find(
+            {"_id": {"$in": keys}})}
+        ids = [hex_to_u128(d["account_id"]) for d in registry.values()]
+        accounts = {a.id: a for a in await self._client.lookup_accounts(ids)} if ids else {}
+        for s in subjects:
+            s.registry = registry.get(s.key.canonical)
+            if s.registry is not None:
+                s.account = accounts.get(hex_to_u128(s.registry["account_id"]))
+
+    async def _evaluate(
+        self, run_id: str, subjects: list[Subject], max_age_s: float
+    ) -> Evaluation:
+        await self._load_tb_side(subjects)
+        out = Evaluation()
+        differing: list[tuple[Subject, Classification]] = []
+        for s in subjects:
+            tb_balance = None if s.account is None else _tb_balance(s.account)
+            first = classify(s.balance, tb_balance, in_flight_max_age_s=max_age_s)
+            if first.verdict is Verdict.MATCH:
+                self._account_findings(run_id, s, out)
+                if not any(d.subject == s.key.canonical for d in out.docs):
+                    out.matched += 1
+                else:
+                    out.real += 1
+                    out.repairable.append(s.key.canonical)
+            else:
+                differing.append((s, first))
+        evidence = await self._evidence([s for s, _ in differing])
+        for s, _ in differing:
+            ev = evidence[s.key.canonical]
+            tb_balance = None if s.account is None else _tb_balance(s.account)
+            result = classify(s.balance, tb_balance, legacy_only=ev.legacy_only,
+                              tigerbeetle_only=ev.tb_only, in_flight_max_age_s=max_age_s)
+            if result.verdict is Verdict.IN_FLIGHT:
+                out.in_flight.append(s.key.canonical)
+                continue
+            out.real += 1
+            out.repairable.append(s.key.canonical)
+            out.max_real_diff_minor = max(out.max_real_diff_minor,
+                                          result.max_diff_minor or s.balance.credit_minor
+                                          + s.balance.debit_minor)
+            kind = IssueKind.BALANCE_MISMATCH if s.account is not None else (
+                IssueKind.MISSING_TB_ACCOUNT if s.registry is not None
+                else IssueKind.MISSING_REGISTRY)
+            out.findings[kind] += 1
+            out.docs.append(MismatchDoc(
+                run_id=run_id, kind=kind, subject=s.key.canonical, detail=result.reason,
+                legacy={**(_balance_doc(s.balance) or {}), "version": s.version},
+                tigerbeetle=_balance_doc(tb_balance),
+                diffs=[{**d.model_dump(), "diff_minor": d.diff_minor} for d in result.diffs],
+                recent_legacy_ops=ev.legacy_ops[:REPORTED_OPS_MAX],
+                recent_tb_transfers=ev.tb_transfers[:REPORTED_OPS_MAX],
+                max_diff_minor=result.max_diff_minor,
+            ))
+            if s.account is not None:
+                self._account_findings(run_id, s, out)
+        return out
+
+    def _account_findings(self, run_id: str, s: Subject, out: Evaluation) -> None:
+        ledger = self._ledgers.ledger_of(s.key.currency, s.key.country)
+        registry = None if s.registry is None else RegistryView(
+            account_id=hex_to_u128(s.registry["account_id"]), ledger=int(s.registry["ledger"]),
+            allow_overdraft=bool(s.registry["allow_overdraft"]))
+        account = None if s.account is None else _account_view(s.account)
+        for finding in check_wallet_account(
+            s.key.canonical, expected_ledger=ledger, allow_overdraft=s.allow_overdraft,
+            registry=registry, account=account,
+        ):
+            self._add_finding(run_id, finding, out)
+
+    @staticmethod
+    def _add_finding(run_id: str, finding: Finding, out: Evaluation) -> None:
+        out.findings[finding.kind] += 1
+        out.docs.append(MismatchDoc(run_id=run_id, kind=finding.kind, subject=finding.subject,
+                                    detail=finding.detail))
+
+    async def _evidence(self, subjects: list[Subject]) -> dict[str, Evidence]:
+        """Operations one store has and the other has not yet, for each differing wallet."""
+        found: dict[str, Evidence] = {s.key.canonical: Evidence() for s in subjects}
+        if not subjects:
+            return found
+        now = datetime.now(UTC)
+        imports = await self._imports.get_many([s.key.canonical for s in subjects])
+        ops_by_wallet: dict[str, list[Document]] = {}
+        originals: set[str] = set()
+        for s in subjects:
+            record = imports.get(s.key.canonical)
+            imported = record.version if record and record.status is ImportStatus.DONE else 0
+            cursor = self._db[WALLET_TRANSACTIONS].find(
+                {"wallet": s.key.canonical}).sort("created_at", DESCENDING).limit(RECENT_OPS_MAX)
+            ops = [op async for op in cursor]
+            ops_by_wallet[s.key.canonical] = [
+                op for op in ops if int(op["wallet_version"]) > imported]
+            found[s.key.canonical].legacy_ops = [
+                {"transaction_id": op["_id"], "type": op["type"],
+                 "amount": str(op["amount"]), "version": op["wallet_version"],
+                 "created_at": op["created_at"], "in_opening": int(op["wallet_version"])
+                 <= imported} for op in ops]
+            originals.update(op["original_transaction_id"] for op in ops
+                             if op["type"] == "void")
+        original_types = {d["_id"]: d["type"] async for d in self._db[WALLET_TRANSACTIONS].find(
+            {"_id": {"$in": sorted(originals)}}, {"type": 1})} if originals else {}
+        derived: dict[str, int] = {}
+        for ops in ops_by_wallet.values():
+            for op in ops:
+                derived[op["_id"]] = (void_transfer_id(op["original_transaction_id"])
+                                      if op["type"] == "void" else transfer_id(op["_id"]))
+        present: set[int] = set()
+        id_list = list(set(derived.values()))
+        for start in range(0, len(id_list), PAGE_MAX):
+            present.update(t.id for t in await self._client.lookup_transfers(
+                id_list[start:start + PAGE_MAX]))
+        known_ids = set(derived.values())
+        for s in subjects:
+            ev = found[s.key.canonical]
+            for op in ops_by_wallet[s.key.canonical]:
+                if derived[op["_id"]] in present:
+                    continue
+                ev.legacy_only.append(legacy_op_effect(
+                    op["type"], decimal128_to_minor(op["amount"], s.key.currency,
+                                                    field="amount"),
+                    original_type=original_types.get(op.get("original_transaction_id") or ""),
+                    age_s=_age_s(op["created_at"], now), transaction_id=op["_id"]))
+            if s.account is None:
+                continue
+            transfers = await self._client.get_account_transfers(tb.AccountFilter(
+                account_id=s.account.id, user_data_128=0, user_data_64=0, user_data_32=0,
+                code=0, timestamp_min=0, timestamp_max=0, limit=RECENT_OPS_MAX,
+                flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS
+                | tb.AccountFilterFlags.REVERSED))
+            ev.tb_transfers = [
+                {"id": u128_to_hex(t.id), "code": t.code, "amount": t.amount,
+                 "side": "credit" if t.credit_account_id == s.account.id else "debit",
+                 "timestamp": t.timestamp} for t in transfers]
+            for t in transfers:
+                if t.code in OPERATION_CODES and t.id not in known_ids \
+                        and not self._older_than_window(t, ops_by_wallet[s.key.canonical]):
+                    ev.tb_only.append(transfer_effect(
+                        customer_id=s.account.id, debit_account_id=t.debit_account_id,
+                        credit_account_id=t.credit_account_id, amount=t.amount,
+                        age_s=max(now.timestamp() - t.timestamp / 1e9, 0.0)))
+        return found
+
+    @staticmethod
+    def _older_than_window(transfer: tb.Transfer, ops: list[Document]) -> bool:
+        """A TigerBeetle transfer older than the legacy window may have its legacy twin just
+        outside it: only transfers inside the window can prove a reverse projection."""
+        if len(ops) < RECENT_OPS_MAX:
+            return False
+        oldest = min(as_utc(op["created_at"]) for op in ops)
+        return transfer.timestamp / 1e9 < oldest.timestamp()
+
+    # ---- TigerBeetle accounts and transfers -------------------------------------------------
+
+    async def account_page(self, inp: AccountPageInput) -> AccountPageOutput:
+        accounts = await self._client.query_accounts(tb.QueryFilter(
+            user_data_128=0, user_data_64=0, user_data_32=0, ledger=inp.ledger,
+            code=CUSTOMER_ACCOUNT_CODE, timestamp_min=inp.timestamp_after + 1, timestamp_max=0,
+            limit=inp.limit, flags=tb.QueryFilterFlags(0)))
+        hexes = [u128_to_hex(a.id) for a in accounts]
+        registered = {d["account_id"] async for d in self._db[ACCOUNT_REGISTRY].find(
+            {"account_id": {"$in": hexes}}, {"account_id": 1})} if hexes else set()
+        docs = [
+            MismatchDoc(run_id=inp.run_id, kind=IssueKind.UNREGISTERED_TB_ACCOUNT,
+                        subject=h, detail=f"customer account on ledger {inp.ledger} "
+                        "missing from the Account Registry")
+            for h in hexes if h not in registered
+        ]
+        await self._reports.add_mismatches(docs)
+        return AccountPageOutput(
+            scanned=len(accounts),
+            net_minor=sum(a.credits_posted - a.debits_posted for a in accounts),
+            last_timestamp=accounts[-1].timestamp if accounts else inp.timestamp_after,
+            exhausted=len(accounts) < inp.limit,
+            findings={IssueKind.UNREGISTERED_TB_ACCOUNT: len(docs)} if docs else {})
+
+    async def transfer_page(self, inp: TransferPageInput) -> TransferPageOutput:
+        scope = self._ledgers.parse_scope(inp.pairs)
+        records = await self._transfers.page(after=inp.after, limit=inp.limit)
+        expected: list[ExpectedTransfer] = []
+        for rec in records:
+            ledger = scope.get(rec.wallet.ledger_pair)
+            if ledger is None or rec.type not in ("credit", "debit"):
+                continue  # other scope, or a void: checked through its original below
+            reserve = system_account_id(ledger, SystemAccount.RESERVE)
+            spend = system_account_id(ledger, SystemAccount.SPEND)
+            is_credit = rec.type == "credit"
+            expected.append(ExpectedTransfer(
+                transaction_id=rec.transaction_id, id=rec.transfer_id,
+                debit_account_id=reserve if is_credit else rec.account_id,
+                credit_account_id=rec.account_id if is_credit else spend,
+                amount=rec.amount_minor,
+                code=int(TransferCode.CREDIT if is_credit else TransferCode.DEBIT)))
+            if rec.voided and rec.void_transfer_id is not None:
+                expected.append(ExpectedTransfer(
+                    transaction_id=f"{rec.void_transaction_id} (void of {rec.transaction_id})",
+                    id=rec.void_transfer_id,
+                    debit_account_id=rec.account_id if is_credit else spend,
+                    credit_account_id=reserve if is_credit else rec.account_id,
+                    amount=rec.amount_minor,
+                    code=int(TransferCode.CREDIT_VOID if is_credit else TransferCode.DEBIT_VOID)))
+        assert len(expected) <= PAGE_MAX
+        actual = {t.id: t for t in await self._client.lookup_transfers(
+            [e.id for e in expected])} if expected else {}
+        docs = []
+        findings: Counter[str] = Counter()
+        for e in expected:
+            t = actual.get(e.id)
+            view = None if t is None else TransferView(
+                id=t.id, debit_account_id=t.debit_account_id,
+                credit_account_id=t.credit_account_id, amount=t.amount, code=t.code)
+            for f in check_transfer(e, view):
+                findings[f.kind] += 1
+                docs.append(MismatchDoc(run_id=inp.run_id, kind=f.kind, subject=f.subject,
+                                        detail=f.detail))
+        await self._reports.add_mismatches(docs)
+        return TransferPageOutput(
+            scanned=len(records), checked=len(expected),
+            last_key=records[-1].transaction_id if records else inp.after,
+            exhausted=len(records) < inp.limit, findings=dict(findings))
+
+    # ---- repair -----------------------------------------------------------------------------
+
+    async def repair(self, inp: RepairInput) -> RepairOutput:
+        """Correction transfers (never edits): bring TigerBeetle to the legacy balance."""
+        repaired: list[str] = []
+        failed: dict[str, str] = {}
+        subjects = await self._subjects_of(inp.wallets)
+        fresh = await self._evaluate(inp.run_id, subjects, inp.in_flight_max_age_s)
+        still_real = set(fresh.repairable)
+        for s in subjects:
+            key = s.key.canonical
+            if key not in still_real:
+                continue  # caught up meanwhile: nothing to repair
+            state = await self._migration.resolve(s.key.ledger_pair)
+            if state.phase is not Phase.DUAL_WRITE:
+                failed[key] = f"repair runs in dual_write only (phase {state.phase.value})"
+                continue
+            try:
+                repaired_now = await self._repair_one(inp, s)
+            except InvalidInputError as err:
+                failed[key] = err.message
+                continue
+            if repaired_now:
+                repaired.append(key)
+            else:
+                failed[key] = "still different after the correction"
+        await self._reports.mark_repaired(inp.run_id, repaired)
+        return RepairOutput(repaired=repaired, failed=failed)
+
+    async def _repair_one(self, inp: RepairInput, s: Subject) -> bool:
+        if s.registry is None:  # a cached copy would hide the missing document
+            await self._accounts.invalidate(s.key)
+        record = await self._tb_store.ensure_account(s.key, allow_overdraft=s.allow_overdraft)
+        await self._tb_store.ensure_system_accounts(record.ledger)
+        (account,) = await self._client.lookup_accounts([record.account_id])
+        before = _tb_balance(account)
+        plan = plan_to_reach(account.credits_posted, account.debits_posted, s.balance)
+        if plan is None:
+            raise InvalidInputError(
+                "TigerBeetle holds more credits or debits than legacy: a correction cannot "
+                "take them back without editing history; manual review", field="wallet")
+        correction = system_account_id(record.ledger, SystemAccount.CORRECTION)
+        transfers = []
+        if plan.credit_minor:
+            transfers.append(tb.Transfer(
+                id=correction_transfer_id(s.key.canonical, inp.run_id, "credit"),
+                debit_account_id=correction, credit_account_id=record.account_id,
+                amount=plan.credit_minor, user_data_64=s.version, ledger=record.ledger,
+                code=int(TransferCode.CORRECTION)))
+        if plan.debit_minor:
+            transfers.append(tb.Transfer(
+                id=correction_transfer_id(s.key.canonical, inp.run_id, "debit"),
+                debit_account_id=record.account_id, credit_account_id=correction,
+                amount=plan.debit_minor, user_data_64=s.version, ledger=record.ledger,
+                code=int(TransferCode.CORRECTION)))
+        if len(transfers) == 2:
+            transfers[0].flags = tb.TransferFlags.LINKED
+        statuses: list[str] = []
+        if transfers:
+            results = await self._client.create_transfers(transfers)
+            statuses = [r.status.name for r in results]
+            if any(transfer_rule(r.status).outcome is Outcome.FAILED for r in results):
+                raise InvalidInputError(f"correction refused: {statuses}", field="wallet")
+        (after_account,) = await self._client.lookup_accounts([record.account_id])
+        after = _tb_balance(after_account)
+        await self._reports.audit({
+            "run_id": inp.run_id, "wallet": s.key.canonical, "actor": inp.actor,
+            "reason": inp.reason, "legacy": _balance_doc(s.balance),
+            "legacy_version": s.version, "tigerbeetle_before": _balance_doc(before),
+            "tigerbeetle_after": _balance_doc(after),
+            "transfers": [{"id": u128_to_hex(t.id), "amount": t.amount,
+                           "direction": "credit" if t.credit_account_id == record.account_id
+                           else "debit"} for t in transfers],
+            "statuses": statuses, "ok": after == s.balance,
+        })
+        return after == s.balance
+
+
+class ReconcileActivities:
+    """Temporal activities around Reconciler (one pydantic input model each)."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self._r = reconciler
+
+    @activity.defn(name=ACTIVITY_START)
+    async def start(self, inp: StartInput) -> StartOutput:
+        with wallet_errors_as_application_errors():
+            return await self._r.start(inp)
+
+    @activity.defn(name=ACTIVITY_WALLET_PAGE)
+    async def wallet_page(self, inp: WalletPageInput) -> WalletPageOutput:
+        with wallet_errors_as_application_errors():
+            return await self._r.wallet_page(inp)
+
+    @activity.defn(name=ACTIVITY_RECHECK)
+    async def recheck(self, inp: RecheckInput) -> RecheckOutput:
+        with wallet_errors_as_application_errors():
+            return await self._r.recheck(inp)
+
+    @activity.defn(name=ACTIVITY_ACCOUNT_PAGE)
+    async def account_page(self, inp: AccountPageInput) -> AccountPageOutput:
+        with wallet_errors_as_application_errors():
+            return await self._r.account_page(inp)
+
+    @activity.defn(name=ACTIVITY_TRANSFER_PAGE)
+    async def transfer_page(self, inp: TransferPageInput) -> TransferPageOutput:
+        with wallet_errors_as_application_errors():
+            return await self._r.transfer_page(inp)
+
+    @activity.defn(name=ACTIVITY_REPAIR)
+    async def repair(self, inp: RepairInput) -> RepairOutput:
+        with wallet_errors_as_application_errors():
+            return await self._r.repair(inp)
+
+    @activity.defn(name=ACTIVITY_FINISH)
+    async def finish(self, inp: FinishInput) -> ReconcileSummary:
+        with wallet_errors_as_application_errors():
+            return await self._r.finish(inp)
+
+    def all(self) -> list[Any]:
+        return [self.start, self.wallet_page, self.recheck, self.account_page,
+                self.transfer_page, self.repair, self.finish]

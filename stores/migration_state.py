@@ -1,0 +1,108 @@
+"""The published migration state (`migration_state` collection), read on every wallet write.
+
+One document per scope: a ledger pair ("USD:USA") or "*" for every pair. A pair's own document
+wins over "*"; no document at all means `legacy`. Reads are cached for a short time because
+every write asks; `epoch` (monotonic per scope) lets callers tell which state they acted on.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from walletcore.errors import ConflictError
+from walletcore.phases import MigrationState
+
+MIGRATION_STATE = "migration_state"
+GLOBAL_SCOPE = "*"
+CACHE_TTL_S_DEFAULT = 1.0
+CACHE_TTL_S_MAX = 60.0
+CACHE_SCOPES_MAX = 1024  # pairs are few (one per ledger); a bound keeps a typo loop harmless
+
+
+class MigrationStateStore:
+    """Reads and writes migration state documents, with a per-process read cache.
+
+    A phase change is visible to every worker within `cache_ttl_s`: whoever changes the phase
+    must wait that long before relying on it (e.g. before starting a backfill).
+    """
+
+    def __init__(self, db: AsyncDatabase[Any], *, cache_ttl_s: float = CACHE_TTL_S_DEFAULT) -> None:
+        assert 0 <= cache_ttl_s <= CACHE_TTL_S_MAX
+        self._collection: AsyncCollection[Any] = db[MIGRATION_STATE]
+        self._cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, MigrationState | None]] = {}
+
+    async def find(self, scope: str) -> MigrationState | None:
+        """The scope's own document (cached), or None when it has none."""
+        assert scope, "scope must be a ledger pair or '*'"
+        now = time.monotonic()
+        cached = self._cache.get(scope)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        doc = await self._collection.find_one({"_id": scope})
+        state = None if doc is None else _state_of(doc)
+        if len(self._cache) >= CACHE_SCOPES_MAX:
+            self._cache.clear()
+        self._cache[scope] = (now + self._cache_ttl_s, state)
+        return state
+
+    async def get(self, scope: str) -> MigrationState:
+        """The scope's state; absent means legacy (epoch 0)."""
+        state = await self.find(scope)
+        return MigrationState(scope=scope) if state is None else state
+
+    async def resolve(self, ledger_pair: str) -> MigrationState:
+        """The state a wallet of `ledger_pair` follows: its pair's document, else '*'."""
+        own = await self.find(ledger_pair)
+        if own is not None:
+            return own
+        return await self.get(GLOBAL_SCOPE)
+
+    async def set(self, state: MigrationState) -> MigrationState:
+        """Publish `state`; its epoch must be above the stored one (a stale writer is refused)."""
+        stamped = state.model_copy(update={"updated_at": state.updated_at or datetime.now(UTC)})
+        doc = stamped.model_dump(mode="python", exclude={"scope"})
+        doc["phase"] = stamped.phase.value
+        try:
+            # The filter only matches an older epoch; an equal or newer one makes the upsert
+            # try to insert a second `_id`, which the unique key turns into a clear refusal.
+            await self._collection.update_one(
+                {"_id": stamped.scope, "epoch": {"$lt": stamped.epoch}},
+                {"$set": doc},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            current = await self._collection.find_one({"_id": stamped.scope})
+            raise ConflictError(
+                f"scope {stamped.scope!r} is already at epoch "
+                f"{None if current is None else current.get('epoch')}; "
+                f"refusing epoch {stamped.epoch}",
+                field="epoch",
+            ) from None
+        finally:
+            self.invalidate(stamped.scope)
+        return stamped
+
+    def invalidate(self, scope: str | None = None) -> None:
+        """Forget cached reads (all scopes when None)."""
+        if scope is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(scope, None)
+
+
+def _state_of(doc: dict[str, Any]) -> MigrationState:
+    return MigrationState(
+        scope=str(doc["_id"]),
+        phase=doc.get("phase", "legacy"),
+        rollout_percent=int(doc.get("rollout_percent", 0)),
+        epoch=int(doc.get("epoch", 0)),
+        migration_id=doc.get("migration_id"),
+        updated_at=doc.get("updated_at"),
+    )

@@ -1,0 +1,618 @@
+"""The wallet store on TigerBeetle: one account per wallet, one transfer per operation.
+
+Mapping (foundation contract): a credit moves RESERVE -> customer, a debit customer -> SPEND,
+a void moves the original's amount back (customer -> RESERVE / SPEND -> customer) under an id
+derived from the original transaction, so a transaction can be voided at most once. Transfer
+ids derive from transaction ids, so every retry lands on the same TigerBeetle id and TigerBeetle
+itself answers "already applied" (EXISTS) or "id reused with other content" (EXISTS_WITH_*).
+
+The registries hold what TigerBeetle cannot: wallet key <-> account id (Account Registry) and
+transaction id <-> transfer, voided-by (Transfer Registry). Writes go to TigerBeetle first and
+to the registry second. Both steps are idempotent, so a crash between them is healed by the
+retry of the same operation: TigerBeetle answers EXISTS (a replay) and the registry write is
+repeated. The other order could leave a registry record for a transfer that never happened.
+
+Balances in results are TigerBeetle's own history row for the transfer (customer accounts have
+the HISTORY flag): the balance right after the operation, identical for the first answer and
+every replay, like the legacy store's stored `balance_after`.
+
+Known limits (all need concurrent writers on one wallet, which the wallet workflow prevents,
+or a crash between the TigerBeetle write and the registry write):
+- Two debits racing past the funds pre-check: the loser gets InsufficientFundsError from
+  TigerBeetle, which burns its id (a later retry of that id: ConflictError ID_ALREADY_FAILED).
+- A void applied in TigerBeetle whose registry mark was lost: a *different* void transaction
+  of the same original arriving before the retry is attributed the (single) void transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import tigerbeetle as tb
+
+from registries.account_registry import AccountRecord, AccountRegistry
+from registries.transfer_registry import TransferRecord, TransferRegistry, _record_of
+from stores.mongo import u128_to_hex
+from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
+from stores.tigerbeetle_client import TigerBeetleClient
+from walletcore.balances import MinorBalance, WalletBalance
+from walletcore.codes import CUSTOMER_ACCOUNT_CODE, SystemAccount, TransferCode
+from walletcore.errors import (
+    AlreadyVoidedError,
+    ConflictError,
+    DuplicateTransactionError,
+    InsufficientFundsError,
+    InvalidInputError,
+    NotFoundError,
+    NotVoidableError,
+    StoreUnavailableError,
+)
+from walletcore.ids import reference_hash, system_account_id, transfer_id, void_transfer_id
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
+from walletcore.money import U64_MAX, from_minor
+from walletcore.operations import (
+    AddCredit,
+    HistoryEntry,
+    OperationResult,
+    OperationType,
+    SubtractCredit,
+    Void,
+    validate_operation,
+)
+
+T = TypeVar("T")
+
+STORE_NAME = "tigerbeetle"
+BATCH_EVENTS_MAX = 8189  # TigerBeetle's largest batch (and query limit) with default config
+KNOWN_ACCOUNTS_MAX = 100_000  # accounts this process has seen exist in TigerBeetle (LRU)
+HISTORY_LIMIT_MAX = BATCH_EVENTS_MAX
+MULTI_BALANCE_WALLETS_MAX = 1000  # wallets of one client answered by get_multi_balance
+
+# Registry `type` values; "void" records carry transfer_id = void_transfer_id(original).
+TYPE_CREDIT = OperationType.CREDIT.value
+TYPE_DEBIT = OperationType.DEBIT.value
+TYPE_VOID = OperationType.VOID.value
+VOIDABLE_TYPES = frozenset({TYPE_CREDIT, TYPE_DEBIT})
+
+HISTORY_TYPE_BY_CODE: dict[int, str] = {
+    TransferCode.CREDIT: TYPE_CREDIT,
+    TransferCode.DEBIT: TYPE_DEBIT,
+    TransferCode.CREDIT_VOID: TYPE_VOID,
+    TransferCode.DEBIT_VOID: TYPE_VOID,
+    TransferCode.OPENING: "opening",
+    TransferCode.CORRECTION: "correction",
+}
+
+# Failures of the transport, not of the request: the caller may retry the same operation.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    ConnectionError,
+    OSError,
+    tb.ClientClosedError,
+    tb.ClientEvictedError,
+)
+
+
+def customer_account(record: AccountRecord, client_hash: int) -> tb.Account:
+    """The TigerBeetle account of a wallet (shared with backfill so both create the same one)."""
+    flags = tb.AccountFlags.HISTORY
+    if not record.allow_overdraft:
+        flags |= tb.AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+    return tb.Account(
+        id=record.account_id,
+        ledger=record.ledger,
+        code=CUSTOMER_ACCOUNT_CODE,
+        flags=flags,
+        user_data_128=client_hash,
+    )
+
+
+def customer_account_of(record: AccountRecord) -> tb.Account:
+    return customer_account(record, reference_hash(record.wallet.client_id))
+
+
+def system_accounts(ledger: int) -> list[tb.Account]:
+    """RESERVE, SPEND, OPENING, CORRECTION of one ledger: no limit flags (they go negative)."""
+    return [
+        tb.Account(id=system_account_id(ledger, account), ledger=ledger, code=int(account))
+        for account in SystemAccount
+    ]
+
+
+def timestamp_to_datetime(timestamp_ns: int) -> datetime:
+    """TigerBeetle timestamps are Unix-epoch nanoseconds; microseconds are what datetime holds."""
+    assert timestamp_ns > 0
+    return datetime.fromtimestamp(timestamp_ns // 1000 / 1_000_000, tz=UTC)
+
+
+def balance_of(account: tb.Account | tb.AccountBalance) -> MinorBalance:
+    # The wallet balance is defined on posted amounts (the store creates no pending transfers).
+    return MinorBalance.from_posted(account.credits_posted, account.debits_posted)
+
+
+class TigerBeetleStore:
+    """walletcore.ports.WalletStore on TigerBeetle plus the Account and Transfer registries."""
+
+    name = STORE_NAME
+
+    def __init__(
+        self,
+        client: TigerBeetleClient,
+        accounts: AccountRegistry,
+        transfers: TransferRegistry,
+        ledgers: LedgerTable = DEFAULT_LEDGER_TABLE,
+    ) -> None:
+        self._client = client
+        self._accounts = accounts
+        self._transfers = transfers
+        self._ledgers = ledgers
+        self._system_ledgers: set[int] = set()
+        # Account ids known to exist in TigerBeetle: skips one create_accounts per write.
+        self._known_accounts: OrderedDict[int, None] = OrderedDict()
+
+    # ---- accounts --------------------------------------------------------------------------
+
+    async def ensure_system_accounts(self, ledger: int) -> None:
+        """Create the ledger's system accounts once per process (idempotent: EXISTS is fine)."""
+        if ledger in self._system_ledgers:
+            return
+        accounts = system_accounts(ledger)
+        results = await self._tb(self._client.create_accounts(accounts))
+        assert len(results) == len(accounts)
+        for account, result in zip(accounts, results, strict=True):
+            rule = account_rule(result.status)
+            if rule.outcome is Outcome.FAILED:
+                raise status_error(
+                    rule, result.status, f"system account {account.code} of ledger {ledger}"
+                )
+        self._system_ledgers.add(ledger)
+
+    async def ensure_account(self, wallet: WalletKey, *, allow_overdraft: bool) -> AccountRecord:
+        """Registry entry (the first caller's policy wins) and its TigerBeetle account."""
+        self._ledgers.ledger_of(wallet.currency, wallet.country)  # unknown pair: clear error
+        record = await self._accounts.get_or_create(wallet, allow_overdraft=allow_overdraft)
+        await self._ensure_tb_account(record)
+        return record
+
+    async def _ensure_tb_account(self, record: AccountRecord) -> None:
+        if record.account_id in self._known_accounts:
+            self._known_accounts.move_to_end(record.account_id)
+            return
+        results = await self._tb(self._client.create_accounts([customer_account_of(record)]))
+        assert len(results) == 1
+        rule = account_rule(results[0].status)
+        if rule.outcome is Outcome.FAILED:
+            raise status_error(rule, results[0].status, f"account of wallet {record.wallet}")
+        self._remember_account(record.account_id)
+
+    def _remember_account(self, account_id: int) -> None:
+        self._known_accounts[account_id] = None
+        self._known_accounts.move_to_end(account_id)
+        while len(self._known_accounts) > KNOWN_ACCOUNTS_MAX:
+            self._known_accounts.popitem(last=False)
+
+    def _forget_accounts(self, ledger: int, account_id: int) -> None:
+        """After *_ACCOUNT_NOT_FOUND our caches lied (e.g. a fresh cluster): re-create next time."""
+        self._known_accounts.pop(account_id, None)
+        self._system_ledgers.discard(ledger)
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    async def add_credit(self, op: AddCredit) -> OperationResult:
+        return await self._write_movement(op, OperationType.CREDIT)
+
+    async def subtract_credit(self, op: SubtractCredit) -> OperationResult:
+        return await self._write_movement(op, OperationType.DEBIT)
+
+    async def _write_movement(self, op: AddCredit, kind: OperationType) -> OperationResult:
+        """A credit or a debit; both create the wallet with the op's overdraft policy."""
+        amount_minor = validate_operation(op)
+        assert 0 < amount_minor <= U64_MAX
+        wallet = op.wallet
+        ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
+        tid = transfer_id(op.transaction_id)
+        existing, account = await asyncio.gather(
+            self._transfers.get(op.transaction_id), self._accounts.get(wallet)
+        )
+        if existing is not None:  # the id is known: only an identical operation may replay
+            _check_same_movement(existing, wallet, kind, amount_minor, tid)
+        is_debit = kind is OperationType.DEBIT
+        if account is None:
+            if is_debit and not op.allow_overdraft:
+                # A new wallet has nothing to spend; refuse before creating it, as the legacy
+                # store does (nothing is written, the wallet does not come into existence).
+                raise InsufficientFundsError(
+                    f"insufficient funds: wallet {wallet} has no balance and does not allow "
+                    "an overdraft",
+                    field="amount",
+                )
+            account = await self.ensure_account(wallet, allow_overdraft=op.allow_overdraft)
+        else:
+            await self._ensure_tb_account(account)
+        _check_ledger(account, ledger)
+        await self.ensure_system_accounts(ledger)
+        if is_debit:
+            debit_id, credit_id = account.account_id, system_account_id(ledger, SystemAccount.SPEND)
+            code = TransferCode.DEBIT
+        else:
+            debit_id = system_account_id(ledger, SystemAccount.RESERVE)
+            credit_id, code = account.account_id, TransferCode.CREDIT
+        transfer = tb.Transfer(
+            id=tid,
+            debit_account_id=debit_id,
+            credit_account_id=credit_id,
+            amount=amount_minor,
+            user_data_128=reference_hash(op.reference_id),
+            ledger=ledger,
+            code=int(code),
+        )
+        if is_debit and not account.allow_overdraft and existing is None:
+            await self._check_funds(account, transfer)
+        timestamp, replayed = await self._create_transfer(
+            transfer, account, context=f"{kind.value} {op.transaction_id}"
+        )
+        balance = await self._balance_at(account, timestamp)
+        if existing is None:
+            await self._transfers.record(
+                TransferRecord(
+                    transaction_id=op.transaction_id,
+                    transfer_id=tid,
+                    wallet=wallet,
+                    account_id=account.account_id,
+                    type=kind.value,
+                    amount_minor=amount_minor,
+                    reference_id=op.reference_id,
+                    created_at=timestamp_to_datetime(timestamp),
+                )
+            )
+        return _result(op.transaction_id, kind, wallet, amount_minor, balance, replayed, timestamp)
+
+    async def void(self, op: Void) -> OperationResult:
+        validate_operation(op)
+        wallet = op.wallet
+        ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
+        vtid = void_transfer_id(op.original_transaction_id)
+        existing, original = await asyncio.gather(
+            self._transfers.get(op.transaction_id),
+            self._transfers.get(op.original_transaction_id),
+        )
+        # Idempotency first, as for every write: a known transaction id replays or conflicts.
+        if existing is not None and (
+            existing.type != TYPE_VOID or existing.wallet != wallet or existing.transfer_id != vtid
+        ):
+            raise DuplicateTransactionError(
+                f"transaction_id {op.transaction_id!r} was already used for a different "
+                f"operation ({existing.type} on {existing.wallet})",
+                field="transaction_id",
+            )
+        if original is None or original.wallet != wallet:
+            raise NotFoundError(
+                f"no transaction {op.original_transaction_id!r} in wallet {wallet}",
+                field="original_transaction_id",
+            )
+        if original.type not in VOIDABLE_TYPES:
+            raise NotVoidableError(
+                f"transaction {op.original_transaction_id!r} is a {original.type}; only credits "
+                "and debits can be voided",
+                field="original_transaction_id",
+            )
+        if original.voided and original.void_transaction_id != op.transaction_id:
+            raise AlreadyVoidedError(
+                f"transaction {op.original_transaction_id!r} was already voided by "
+                f"{original.void_transaction_id!r}",
+                field="original_transaction_id",
+            )
+        known_replay = existing is not None or original.voided
+        account = await self._accounts.get(wallet)
+        if account is None or account.account_id != original.account_id:
+            raise ConflictError(
+                f"wallet {wallet} in the Account Registry does not own transaction "
+                f"{op.original_transaction_id!r}",
+                field="wallet",
+            )
+        await self._ensure_tb_account(account)
+        _check_ledger(account, ledger)
+        await self.ensure_system_accounts(ledger)
+        voids_credit = original.type == TYPE_CREDIT
+        if voids_credit:  # give the credit back: customer -> RESERVE
+            debit_id = account.account_id
+            credit_id = system_account_id(ledger, SystemAccount.RESERVE)
+            code = TransferCode.CREDIT_VOID
+        else:  # return the spent amount: SPEND -> customer
+            debit_id = system_account_id(ledger, SystemAccount.SPEND)
+            credit_id, code = account.account_id, TransferCode.DEBIT_VOID
+        transfer = tb.Transfer(
+            id=vtid,
+            debit_account_id=debit_id,
+            credit_account_id=credit_id,
+            amount=original.amount_minor,
+            user_data_128=reference_hash(op.reference_id),
+            ledger=ledger,
+            code=int(code),
+        )
+        if voids_credit and not account.allow_overdraft and not known_replay:
+            await self._check_funds(account, transfer)
+        try:
+            timestamp, replayed = await self._create_transfer(
+                transfer, account, context=f"void {op.transaction_id}"
+            )
+        except DuplicateTransactionError:
+            # The void id derives from the original alone, so "exists with other content" means
+            # another void of the same original got there first (its registry mark is pending).
+            raise AlreadyVoidedError(
+                f"transaction {op.original_transaction_id!r} was already voided",
+                field="original_transaction_id",
+            ) from None
+        balance = await self._balance_at(account, timestamp)
+        if not original.voided:
+            # Mark first, record second: of two different voids racing on one original, both
+            # see TigerBeetle accept (CREATED / EXISTS of the same derived id), but only one
+            # wins the mark; the loser gets AlreadyVoidedError here and records nothing.
+            await self._transfers.mark_voided(
+                op.original_transaction_id,
+                void_transaction_id=op.transaction_id,
+                void_transfer_id=vtid,
+            )
+        if existing is None:
+            await self._transfers.record(
+                TransferRecord(
+                    transaction_id=op.transaction_id,
+                    transfer_id=vtid,
+                    wallet=wallet,
+                    account_id=account.account_id,
+                    type=TYPE_VOID,
+                    amount_minor=original.amount_minor,
+                    reference_id=op.reference_id,
+                    created_at=timestamp_to_datetime(timestamp),
+                )
+            )
+        return _result(
+            op.transaction_id,
+            OperationType.VOID,
+            wallet,
+            original.amount_minor,
+            balance,
+            replayed or known_replay,
+            timestamp,
+        )
+
+    async def _check_funds(self, account: AccountRecord, transfer: tb.Transfer) -> None:
+        """Refuse a debit the balance cannot cover *before* sending it.
+
+        TigerBeetle would answer EXCEEDS_CREDITS too, but it also burns the transfer id
+        (a later retry with the same transaction id gets ID_ALREADY_FAILED), while the legacy
+        store writes nothing and lets the same transaction id succeed once funds arrive.
+        A transfer that already exists (its registry record lost to a crash) is let through
+        so that TigerBeetle answers EXISTS and the retry heals the registry.
+        """
+        found = await self._tb(self._client.lookup_accounts([account.account_id]))
+        if not found:
+            raise _no_account(account.wallet)
+        current = found[0]
+        available = current.credits_posted - current.debits_posted - current.debits_pending
+        if available >= transfer.amount:
+            return
+        if await self._tb(self._client.lookup_transfers([transfer.id])):
+            return
+        raise InsufficientFundsError(
+            f"insufficient funds: wallet {account.wallet} does not allow an overdraft",
+            field="amount",
+        )
+
+    async def _create_transfer(
+        self, transfer: tb.Transfer, account: AccountRecord, *, context: str
+    ) -> tuple[int, bool]:
+        """Create one transfer; (timestamp of the applied or original transfer, replayed)."""
+        results = await self._tb(self._client.create_transfers([transfer]))
+        assert len(results) == 1
+        status = results[0].status
+        if status is tb.CreateTransferStatus.EXISTS_WITH_DIFFERENT_USER_DATA_128:
+            # TigerBeetle compares user_data_128 only after accounts and amount matched, so the
+            # same wallet, type and amount were applied under another reference_id. A
+            # transaction's identity is (wallet, type, amount[, original]): this is a replay.
+            return await self._original_timestamp(transfer.id), True
+        rule = transfer_rule(status)
+        if rule.outcome is Outcome.FAILED:
+            if status in (
+                tb.CreateTransferStatus.DEBIT_ACCOUNT_NOT_FOUND,
+                tb.CreateTransferStatus.CREDIT_ACCOUNT_NOT_FOUND,
+            ):
+                self._forget_accounts(transfer.ledger, account.account_id)
+            raise status_error(rule, status, context)
+        # EXISTS echoes the original transfer's timestamp; CREATED gives the new one.
+        assert results[0].timestamp > 0
+        return results[0].timestamp, rule.outcome is Outcome.EXISTS
+
+    async def _original_timestamp(self, tid: int) -> int:
+        found = await self._tb(self._client.lookup_transfers([tid]))
+        assert len(found) == 1, "TigerBeetle reported the transfer exists"
+        return found[0].timestamp
+
+    async def _balance_at(self, account: AccountRecord, timestamp: int) -> MinorBalance:
+        """The balance right after the transfer at `timestamp`.
+
+        Customer accounts have the HISTORY flag, so TigerBeetle keeps one balance row per
+        transfer: the same answer for the first call and every replay, even with other
+        writes in between. An account without history (not created by this store) falls back
+        to its current balance.
+        """
+        rows = await self._tb(
+            self._client.get_account_balances(
+                tb.AccountFilter(
+                    account_id=account.account_id,
+                    user_data_128=0,
+                    user_data_64=0,
+                    user_data_32=0,
+                    code=0,
+                    timestamp_min=timestamp,
+                    timestamp_max=timestamp,
+                    limit=1,
+                    flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS,
+                )
+            )
+        )
+        if rows:
+            return balance_of(rows[0])
+        found = await self._tb(self._client.lookup_accounts([account.account_id]))
+        if not found:
+            raise _no_account(account.wallet)
+        return balance_of(found[0])
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    async def get_balance(self, wallet: WalletKey) -> WalletBalance:
+        account = await self._accounts.get(wallet)
+        if account is None:
+            raise NotFoundError(f"wallet {wallet} does not exist", field="wallet")
+        found = await self._tb(self._client.lookup_accounts([account.account_id]))
+        if not found:
+            raise _no_account(wallet)
+        return WalletBalance.from_minor(wallet, balance_of(found[0]), STORE_NAME)
+
+    async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
+        """Every wallet of a client: one registry query and ONE lookup_accounts batch."""
+        records = await self._accounts.list_by_client(client_id, limit=MULTI_BALANCE_WALLETS_MAX)
+        if not records:
+            return []
+        assert len(records) <= BATCH_EVENTS_MAX
+        found = await self._tb(self._client.lookup_accounts([r.account_id for r in records]))
+        by_id = {account.id: account for account in found}
+        balances = [
+            WalletBalance.from_minor(r.wallet, balance_of(by_id[r.account_id]), STORE_NAME)
+            for r in records
+            if r.account_id in by_id  # a registry entry whose account creation never finished
+        ]
+        return sorted(balances, key=lambda b: b.wallet.canonical)
+
+    async def history(self, wallet: WalletKey, limit: int) -> list[HistoryEntry]:
+        """Newest first; transaction ids and voided flags from ONE Transfer Registry query.
+        An unknown wallet has no history (an empty list, as in the legacy store)."""
+        if not 1 <= limit <= HISTORY_LIMIT_MAX:
+            raise InvalidInputError(f"must be 1..{HISTORY_LIMIT_MAX}, got {limit}", field="limit")
+        account = await self._accounts.get(wallet)
+        if account is None:
+            return []
+        transfers = await self._tb(
+            self._client.get_account_transfers(
+                tb.AccountFilter(
+                    account_id=account.account_id,
+                    user_data_128=0,
+                    user_data_64=0,
+                    user_data_32=0,
+                    code=0,
+                    timestamp_min=0,
+                    timestamp_max=0,
+                    limit=limit,
+                    flags=tb.AccountFilterFlags.DEBITS
+                    | tb.AccountFilterFlags.CREDITS
+                    | tb.AccountFilterFlags.REVERSED,
+                )
+            )
+        )
+        records = await records_by_transfer_id(self._transfers, [t.id for t in transfers])
+        currency = wallet.currency
+        entries: list[HistoryEntry] = []
+        for transfer in transfers:
+            record = records.get(transfer.id)
+            entries.append(
+                HistoryEntry(
+                    transaction_id=record.transaction_id if record else None,
+                    type=HISTORY_TYPE_BY_CODE.get(transfer.code, f"code_{transfer.code}"),
+                    amount=from_minor(transfer.amount, currency),
+                    reference_id=record.reference_id if record else None,
+                    created_at=timestamp_to_datetime(transfer.timestamp),
+                    voided=record.voided if record else False,
+                )
+            )
+        return entries
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    async def _tb(self, call: Awaitable[T]) -> T:
+        """Await a client call; transport failures become the one retryable domain error."""
+        try:
+            return await call
+        except TRANSPORT_ERRORS as exc:
+            raise StoreUnavailableError(f"TigerBeetle unavailable: {exc!r}") from exc
+
+
+async def records_by_transfer_id(
+    registry: TransferRegistry, transfer_ids: Sequence[int]
+) -> dict[int, TransferRecord]:
+    """Registry records of many transfers in ONE query (on its unique transfer_id index).
+
+    The registry's public API has no batched lookup yet, so this reads its collection
+    directly; it belongs in TransferRegistry as `by_transfer_ids` (asked of its owner).
+    """
+    assert len(transfer_ids) <= BATCH_EVENTS_MAX
+    if not transfer_ids:
+        return {}
+    cursor = registry._transfers.find(
+        {"transfer_id": {"$in": [u128_to_hex(tid) for tid in transfer_ids]}}
+    )
+    records = [_record_of(doc) async for doc in cursor]
+    return {record.transfer_id: record for record in records}
+
+
+def _check_same_movement(
+    existing: TransferRecord, wallet: WalletKey, kind: OperationType, amount_minor: int, tid: int
+) -> None:
+    """A registered transaction id may only replay the identical operation."""
+    differs: Sequence[str] = [
+        name
+        for name, same in (
+            ("wallet", existing.wallet == wallet),
+            ("type", existing.type == kind.value),
+            ("amount", existing.amount_minor == amount_minor),
+            ("transfer", existing.transfer_id == tid),
+        )
+        if not same
+    ]
+    if differs:
+        raise DuplicateTransactionError(
+            f"transaction_id {existing.transaction_id!r} was already used with a different "
+            f"{', '.join(differs)} ({existing.type} of {existing.amount_minor} minor units on "
+            f"{existing.wallet})",
+            field="transaction_id",
+        )
+
+
+def _no_account(wallet: WalletKey) -> NotFoundError:
+    return NotFoundError(f"wallet {wallet} has no TigerBeetle account", field="wallet")
+
+
+def _check_ledger(account: AccountRecord, ledger: int) -> None:
+    if account.ledger != ledger:
+        raise ConflictError(
+            f"wallet {account.wallet} is registered on ledger {account.ledger}, but its "
+            f"currency:country maps to ledger {ledger}",
+            field="wallet",
+        )
+
+
+def _result(
+    transaction_id: str,
+    kind: OperationType,
+    wallet: WalletKey,
+    amount_minor: int,
+    balance: MinorBalance,
+    replayed: bool,
+    timestamp: int,
+) -> OperationResult:
+    currency = wallet.currency
+    return OperationResult(
+        transaction_id=transaction_id,
+        type=kind,
+        wallet=wallet,
+        amount=from_minor(amount_minor, currency),
+        credit=from_minor(balance.credit_minor, currency),
+        debit=from_minor(balance.debit_minor, currency),
+        historical_credit=from_minor(balance.historical_credit_minor, currency),
+        replayed=replayed,
+        created_at=timestamp_to_datetime(timestamp),
+    )

@@ -1,0 +1,226 @@
+"""Emulator benchmark: transfers/s and batch latency through the client adapter to a fresh
+emulator process, side by side with the engine in-process; plus lookup_accounts of a full batch.
+
+    python -m tb_emulator.bench --transfers 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import tigerbeetle as tb
+
+from tb_emulator.client import EmulatorClientAsync
+from tb_emulator.engine import make_engine
+from tb_emulator.server import EmulatorProcess, temp_data_file
+from tb_emulator.wire import BATCH_EVENTS_MAX
+
+LEDGER: Final = 1
+CODE: Final = 1
+LOOKUP_ROUNDS: Final = 20
+
+
+def _accounts(count: int, id_base: int) -> list[tb.Account]:
+    return [
+        tb.Account(id=id_base + i, ledger=LEDGER, code=CODE, flags=tb.AccountFlags.HISTORY)
+        for i in range(count)
+    ]
+
+
+def _transfer_batches(
+    transfers: int, account_ids: Sequence[int], batch: int, id_base: int, seed: int
+) -> list[list[tb.Transfer]]:
+    rng = random.Random(seed)
+    n = len(account_ids)
+    batches: list[list[tb.Transfer]] = []
+    for start in range(0, transfers, batch):
+        rows = []
+        for i in range(start, min(start + batch, transfers)):
+            debit = rng.randrange(n)
+            credit = (debit + 1 + rng.randrange(n - 1)) % n
+            rows.append(tb.Transfer(
+                id=id_base + i, debit_account_id=account_ids[debit],
+                credit_account_id=account_ids[credit], amount=rng.randrange(1, 1000),
+                ledger=LEDGER, code=CODE,
+            ))
+        batches.append(rows)
+    return batches
+
+
+def _percentile_ms(samples_s: list[float], q: float) -> float:
+    ordered = sorted(samples_s)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return round(ordered[index] * 1000, 2)
+
+
+def _failures(results: Sequence[tb.CreateTransferResult | tb.CreateAccountResult]) -> int:
+    created = 0xFFFFFFFF
+    return sum(1 for r in results if r.status != created)
+
+
+async def _adapter_run(
+    address: str,
+    accounts: list[tb.Account],
+    batches: list[list[tb.Transfer]],
+    concurrency: int,
+    lookup_ids: list[int],
+) -> dict[str, Any]:
+    client = EmulatorClientAsync(0, address, timeout_s=120)
+    try:
+        for start in range(0, len(accounts), BATCH_EVENTS_MAX):
+            results = await client.create_accounts(accounts[start:start + BATCH_EVENTS_MAX])
+            assert _failures(results) == 0
+        latencies: list[float] = []
+        failures = 0
+        queue = iter(batches)
+
+        async def worker() -> None:
+            nonlocal failures
+            for rows in queue:
+                t0 = time.perf_counter()
+                results = await client.create_transfers(rows)
+                latencies.append(time.perf_counter() - t0)
+                failures += _failures(results)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        lookups: list[float] = []
+        for _ in range(LOOKUP_ROUNDS):
+            t0 = time.perf_counter()
+            found = await client.lookup_accounts(lookup_ids)
+            lookups.append(time.perf_counter() - t0)
+            assert len(found) == len(lookup_ids)
+    finally:
+        await client.close()
+    count = sum(map(len, batches))
+    return {
+        "transfers_per_s": round(count / elapsed),
+        "elapsed_s": round(elapsed, 2),
+        "batch_p50_ms": _percentile_ms(latencies, 0.5),
+        "batch_p99_ms": _percentile_ms(latencies, 0.99),
+        "failed_events": failures,
+        "concurrency": concurrency,
+        "lookup_accounts_p50_ms": _percentile_ms(lookups, 0.5),
+    }
+
+
+def _in_process_run(
+    accounts: list[tb.Account], batches: list[list[tb.Transfer]], lookup_ids: list[int]
+) -> dict[str, Any]:
+    engine = make_engine()
+    for start in range(0, len(accounts), BATCH_EVENTS_MAX):
+        assert _failures(engine.create_accounts(accounts[start:start + BATCH_EVENTS_MAX])) == 0
+    latencies: list[float] = []
+    failures = 0
+    started = time.perf_counter()
+    for rows in batches:
+        t0 = time.perf_counter()
+        results = engine.create_transfers(rows)
+        latencies.append(time.perf_counter() - t0)
+        failures += _failures(results)
+    elapsed = time.perf_counter() - started
+    lookups: list[float] = []
+    for _ in range(LOOKUP_ROUNDS):
+        t0 = time.perf_counter()
+        engine.lookup_accounts(lookup_ids)
+        lookups.append(time.perf_counter() - t0)
+    engine.close()
+    count = sum(map(len, batches))
+    return {
+        "transfers_per_s": round(count / elapsed),
+        "elapsed_s": round(elapsed, 2),
+        "batch_p50_ms": _percentile_ms(latencies, 0.5),
+        "batch_p99_ms": _percentile_ms(latencies, 0.99),
+        "failed_events": failures,
+        "lookup_accounts_p50_ms": _percentile_ms(lookups, 0.5),
+    }
+
+
+def run_benchmark(
+    transfers: int = 1_000_000,
+    accounts: int = 10_000,
+    batch: int = BATCH_EVENTS_MAX,
+    *,
+    concurrency: int = 4,
+    seed: int = 42,
+    in_process: bool = True,
+    print_results: bool = True,
+) -> dict[str, Any]:
+    """Runs both sides on the same generated data; prints a summary, returns the figures."""
+    assert 0 < transfers <= 100_000_000 and 2 <= accounts <= 10_000_000
+    assert 0 < batch <= BATCH_EVENTS_MAX and 0 < concurrency <= 64
+    id_base = tb.id()  # Realistic 128-bit ids (both u64 halves non-zero).
+    account_list = _accounts(accounts, id_base)
+    account_ids = [a.id for a in account_list]
+    batches = _transfer_batches(transfers, account_ids, batch, id_base + accounts, seed)
+    lookup_ids = random.Random(seed).sample(account_ids, min(BATCH_EVENTS_MAX, accounts))
+    gc.collect()
+    gc.freeze()  # The generated objects live all run long; keep the GC off them.
+
+    directory, data_file = temp_data_file("tbemu-bench-")
+    process = EmulatorProcess(data_file)
+    try:
+        process.start()
+        adapter = asyncio.run(
+            _adapter_run(process.address, account_list, batches, concurrency, lookup_ids))
+    finally:
+        process.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+    report: dict[str, Any] = {
+        "transfers": transfers, "accounts": accounts, "batch": batch, "adapter": adapter,
+    }
+    if in_process:
+        report["in_process"] = _in_process_run(account_list, batches, lookup_ids)
+    gc.unfreeze()
+    if print_results:
+        _print(report)
+    return report
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"tb_emulator benchmark: {report['transfers']:,} transfers, "
+          f"{report['accounts']:,} accounts, batch {report['batch']}")
+    columns = [("adapter -> emulator process", report["adapter"])]
+    if "in_process" in report:
+        columns.append(("engine in-process", report["in_process"]))
+    print(f"{'':28}" + "".join(f"{name:>30}" for name, _ in columns))
+    for key, label in (("transfers_per_s", "transfers/s"), ("batch_p50_ms", "batch p50 ms"),
+                       ("batch_p99_ms", "batch p99 ms"),
+                       ("lookup_accounts_p50_ms", "lookup_accounts 8189 p50 ms"),
+                       ("failed_events", "failed events")):
+        print(f"{label:28}" + "".join(f"{values[key]:>30,}" for _, values in columns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tb_emulator.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transfers", type=int, default=1_000_000)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=BATCH_EVENTS_MAX)
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="create_transfers batches in flight through the adapter")
+    parser.add_argument("--no-in-process", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    report = run_benchmark(args.transfers, args.accounts, args.batch,
+                           concurrency=args.concurrency, in_process=not args.no_in_process,
+                           print_results=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    failed = report["adapter"]["failed_events"] + report.get("in_process", {}).get(
+        "failed_events", 0)
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

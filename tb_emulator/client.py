@@ -1,0 +1,500 @@
+"""Client adapter for the emulator: drop-in for `tigerbeetle.ClientAsync` / `ClientSync`.
+
+Same methods, arguments, return types and exceptions as the real client, plus what a network
+client needs: a per-request timeout (`RequestTimeoutError`, a `TimeoutError`), reconnects,
+and transparent resend of in-flight requests after a reconnect (TigerBeetle ids make creates
+idempotent: a resent create that had been applied answers `EXISTS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Self
+
+import tigerbeetle as tb
+from tigerbeetle.client import InitError
+
+from tb_emulator import wire
+
+DEFAULT_TIMEOUT_S: Final = 10.0
+RECONNECT_DELAY_MIN_S: Final = 0.01
+RECONNECT_DELAY_MAX_S: Final = 0.5
+SCHEME: Final = "tbemu://"
+
+
+class RequestTimeoutError(TimeoutError):
+    """A request got no reply within its timeout (server down, overloaded or unreachable)."""
+
+
+class EmulatorProtocolError(Exception):
+    """The server answered with an error status the real client has no exception for."""
+
+
+def parse_address(replica_addresses: str) -> tuple[str, int]:
+    """`tbemu://host:port`, `host:port` or `port` (TigerBeetle's forms). Only the first
+    address is used: the emulator is a single process."""
+    text = replica_addresses.strip()
+    if text.startswith(SCHEME):
+        text = text[len(SCHEME):]
+    first = text.split(",")[0].strip()
+    if not first:
+        raise InitError(f"address invalid: {replica_addresses!r}")
+    host, sep, port_text = first.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", first
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise InitError(f"address invalid: {replica_addresses!r}") from None
+    if not 0 < port < 65536:
+        raise InitError(f"address invalid: {replica_addresses!r}")
+    return host.strip("[]") or "127.0.0.1", port
+
+
+# ------------------------------------------------------------------------------------------
+# Request encoding / reply decoding (shared by both clients)
+# ------------------------------------------------------------------------------------------
+
+Decoder = Callable[[memoryview], Any]
+
+
+def _check_batch(events: Sequence[object]) -> int:
+    count = len(events)
+    if count > wire.BATCH_EVENTS_MAX:
+        raise tb.TooMuchDataError()
+    return count
+
+
+def _request(request_id: int, op: int, body: bytes) -> bytes:
+    return wire.frame(request_id, op, 0, body)
+
+
+def encode_create_accounts(request_id: int, accounts: Sequence[tb.Account]) -> bytes:
+    _check_batch(accounts)
+    return _request(request_id, wire.Op.CREATE_ACCOUNTS, wire.pack_accounts(accounts))
+
+
+def encode_create_transfers(request_id: int, transfers: Sequence[tb.Transfer]) -> bytes:
+    _check_batch(transfers)
+    return _request(request_id, wire.Op.CREATE_TRANSFERS, wire.pack_transfers(transfers))
+
+
+def encode_ids(request_id: int, op: int, ids: Sequence[int]) -> bytes:
+    _check_batch(ids)
+    return _request(request_id, op, wire.pack_ids(ids))
+
+
+def encode_account_filter(request_id: int, op: int, f: tb.AccountFilter) -> bytes:
+    body = wire.pack_account_filter(f)
+    if f.limit > wire.BATCH_EVENTS_MAX:  # The real client refuses such replies up front too.
+        raise tb.TooMuchDataError()
+    return _request(request_id, op, body)
+
+
+def encode_query_filter(request_id: int, op: int, f: tb.QueryFilter) -> bytes:
+    body = wire.pack_query_filter(f)
+    if f.limit > wire.BATCH_EVENTS_MAX:
+        raise tb.TooMuchDataError()
+    return _request(request_id, op, body)
+
+
+def _rows(size: int, decode: Decoder) -> Decoder:
+    def check(body: memoryview) -> Any:
+        if len(body) % size:
+            raise EmulatorProtocolError(f"reply of {len(body)} bytes is not rows of {size}")
+        return decode(body)
+
+    return check
+
+
+DECODERS: Final[dict[int, Decoder]] = {
+    wire.Op.CREATE_ACCOUNTS: wire.unpack_create_account_results,
+    wire.Op.CREATE_TRANSFERS: wire.unpack_create_transfer_results,
+    wire.Op.LOOKUP_ACCOUNTS: _rows(wire.ACCOUNTS.event_size, wire.unpack_accounts),
+    wire.Op.LOOKUP_TRANSFERS: _rows(wire.TRANSFERS.event_size, wire.unpack_transfers),
+    wire.Op.GET_ACCOUNT_TRANSFERS: _rows(wire.TRANSFERS.event_size, wire.unpack_transfers),
+    wire.Op.GET_ACCOUNT_BALANCES: _rows(wire.BALANCE.size, wire.unpack_balances),
+    wire.Op.QUERY_ACCOUNTS: _rows(wire.ACCOUNTS.event_size, wire.unpack_accounts),
+    wire.Op.QUERY_TRANSFERS: _rows(wire.TRANSFERS.event_size, wire.unpack_transfers),
+}
+
+
+def decode_reply(op: int, status: int, body: memoryview) -> Any:
+    if status == wire.Status.OK:
+        return DECODERS[op](body)
+    if status == wire.Status.TOO_MUCH_DATA:
+        raise tb.TooMuchDataError()
+    message = bytes(body).decode(errors="replace")
+    try:
+        name = wire.Status(status).name
+    except ValueError:
+        name = str(status)
+    raise EmulatorProtocolError(f"tb_emulator replied {name}: {message}")
+
+
+# ------------------------------------------------------------------------------------------
+# Async client
+# ------------------------------------------------------------------------------------------
+
+
+class _AsyncConnection:
+    """One TCP connection; a reader task routes replies to futures by request id."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[tuple[int, int, memoryview]]] = {}
+        self.task = asyncio.get_running_loop().create_task(self._read_loop())
+        self.closed = False
+
+    async def _read_loop(self) -> None:
+        error: BaseException = ConnectionResetError("tb_emulator connection closed")
+        try:
+            read = self.reader.readexactly
+            unpack = wire.HEADER.unpack
+            while True:
+                body_size, request_id, op, status, version = unpack(await read(wire.HEADER_SIZE))
+                if version != wire.VERSION or body_size > wire.BODY_SIZE_MAX:
+                    error = ConnectionResetError("tb_emulator sent a malformed frame")
+                    break
+                body = await read(body_size) if body_size else b""
+                future = self.pending.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result((op, status, memoryview(body)))
+                elif request_id == 0 and status == wire.Status.BUSY:
+                    error = ConnectionRefusedError("tb_emulator: too many connections")
+        except (OSError, asyncio.IncompleteReadError, EOFError) as e:
+            error = ConnectionResetError(f"tb_emulator connection lost: {e!r}")
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.closed = True
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self.pending.clear()
+            self.writer.close()
+
+    async def close(self) -> None:
+        self.closed = True
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+class EmulatorClientAsync:
+    """Same interface as `tigerbeetle.ClientAsync`, talking to the emulator server."""
+
+    def __init__(
+        self, cluster_id: int, replica_addresses: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        wire.validate_uint("cluster_id", 128, cluster_id)
+        assert timeout_s > 0
+        self.cluster_id = cluster_id
+        self.host, self.port = parse_address(replica_addresses)
+        self.timeout_s = timeout_s
+        self._connection: _AsyncConnection | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._request_ids = itertools.count(1)
+        self._closed = False
+
+    # -- the tigerbeetle.ClientAsync interface ---------------------------------------------
+
+    async def create_accounts(self, accounts: list[tb.Account]) -> list[tb.CreateAccountResult]:
+        rid = self._next_id()
+        result: list[tb.CreateAccountResult] = await self._submit(
+            rid, wire.Op.CREATE_ACCOUNTS, encode_create_accounts(rid, accounts))
+        return result
+
+    async def create_transfers(
+        self, transfers: list[tb.Transfer]
+    ) -> list[tb.CreateTransferResult]:
+        rid = self._next_id()
+        result: list[tb.CreateTransferResult] = await self._submit(
+            rid, wire.Op.CREATE_TRANSFERS, encode_create_transfers(rid, transfers))
+        return result
+
+    async def lookup_accounts(self, accounts: list[int]) -> list[tb.Account]:
+        rid = self._next_id()
+        op = wire.Op.LOOKUP_ACCOUNTS
+        result: list[tb.Account] = await self._submit(rid, op, encode_ids(rid, op, accounts))
+        return result
+
+    async def lookup_transfers(self, transfers: list[int]) -> list[tb.Transfer]:
+        rid = self._next_id()
+        op = wire.Op.LOOKUP_TRANSFERS
+        result: list[tb.Transfer] = await self._submit(rid, op, encode_ids(rid, op, transfers))
+        return result
+
+    async def get_account_transfers(self, filter: tb.AccountFilter) -> list[tb.Transfer]:
+        rid = self._next_id()
+        op = wire.Op.GET_ACCOUNT_TRANSFERS
+        result: list[tb.Transfer] = await self._submit(
+            rid, op, encode_account_filter(rid, op, filter))
+        return result
+
+    async def get_account_balances(self, filter: tb.AccountFilter) -> list[tb.AccountBalance]:
+        rid = self._next_id()
+        op = wire.Op.GET_ACCOUNT_BALANCES
+        result: list[tb.AccountBalance] = await self._submit(
+            rid, op, encode_account_filter(rid, op, filter))
+        return result
+
+    async def query_accounts(self, query_filter: tb.QueryFilter) -> list[tb.Account]:
+        rid = self._next_id()
+        op = wire.Op.QUERY_ACCOUNTS
+        result: list[tb.Account] = await self._submit(
+            rid, op, encode_query_filter(rid, op, query_filter))
+        return result
+
+    async def query_transfers(self, query_filter: tb.QueryFilter) -> list[tb.Transfer]:
+        rid = self._next_id()
+        op = wire.Op.QUERY_TRANSFERS
+        result: list[tb.Transfer] = await self._submit(
+            rid, op, encode_query_filter(rid, op, query_filter))
+        return result
+
+    async def close(self) -> None:
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        await self.close()
+
+    # -- transport --------------------------------------------------------------------------
+
+    def _next_id(self) -> int:
+        if self._closed:
+            raise tb.ClientClosedError()
+        return next(self._request_ids) & wire.U64_MASK or 1
+
+    async def _submit(self, request_id: int, op: int, frame: bytes) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        delay = RECONNECT_DELAY_MIN_S
+        while True:
+            if self._closed:
+                raise tb.ClientClosedError()
+            future: asyncio.Future[tuple[int, int, memoryview]] | None = None
+            connection: _AsyncConnection | None = None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    connection = await self._connect()
+                    future = loop.create_future()
+                    connection.pending[request_id] = future
+                    connection.writer.write(frame)
+                    reply_op, status, body = await future
+            except TimeoutError:
+                if connection is not None:
+                    connection.pending.pop(request_id, None)
+                raise RequestTimeoutError(
+                    f"tb_emulator {wire.Op(op).name.lower()} got no reply within "
+                    f"{self.timeout_s} s from {self.host}:{self.port}"
+                ) from None
+            except OSError:
+                # Lost or refused connection: reconnect and resend until the deadline.
+                if connection is not None and self._connection is connection:
+                    self._connection = None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RequestTimeoutError(
+                        f"tb_emulator at {self.host}:{self.port} unreachable for "
+                        f"{self.timeout_s} s") from None
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
+                continue
+            if reply_op != op:
+                raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
+            return decode_reply(op, status, body)
+
+    async def _connect(self) -> _AsyncConnection:
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            return connection
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            connection = self._connection
+            if connection is not None and not connection.closed:
+                return connection
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, limit=wire.BODY_SIZE_MAX + 4096)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = _AsyncConnection(reader, writer)
+            if self._closed:
+                await connection.close()
+                raise tb.ClientClosedError()
+            self._connection = connection
+            return connection
+
+
+# ------------------------------------------------------------------------------------------
+# Sync client
+# ------------------------------------------------------------------------------------------
+
+
+class EmulatorClientSync:
+    """Same interface as `tigerbeetle.ClientSync`. One request at a time per client
+    (a lock serializes threads); for scripts, replay and conformance."""
+
+    def __init__(
+        self, cluster_id: int, replica_addresses: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        wire.validate_uint("cluster_id", 128, cluster_id)
+        assert timeout_s > 0
+        self.cluster_id = cluster_id
+        self.host, self.port = parse_address(replica_addresses)
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._request_ids = itertools.count(1)
+        self._header = bytearray(wire.HEADER_SIZE)
+        self._closed = False
+
+    def create_accounts(self, accounts: list[tb.Account]) -> list[tb.CreateAccountResult]:
+        rid = self._next_id()
+        result: list[tb.CreateAccountResult] = self._submit(
+            rid, wire.Op.CREATE_ACCOUNTS, encode_create_accounts(rid, accounts))
+        return result
+
+    def create_transfers(self, transfers: list[tb.Transfer]) -> list[tb.CreateTransferResult]:
+        rid = self._next_id()
+        result: list[tb.CreateTransferResult] = self._submit(
+            rid, wire.Op.CREATE_TRANSFERS, encode_create_transfers(rid, transfers))
+        return result
+
+    def lookup_accounts(self, accounts: list[int]) -> list[tb.Account]:
+        rid = self._next_id()
+        op = wire.Op.LOOKUP_ACCOUNTS
+        result: list[tb.Account] = self._submit(rid, op, encode_ids(rid, op, accounts))
+        return result
+
+    def lookup_transfers(self, transfers: list[int]) -> list[tb.Transfer]:
+        rid = self._next_id()
+        op = wire.Op.LOOKUP_TRANSFERS
+        result: list[tb.Transfer] = self._submit(rid, op, encode_ids(rid, op, transfers))
+        return result
+
+    def get_account_transfers(self, filter: tb.AccountFilter) -> list[tb.Transfer]:
+        rid = self._next_id()
+        op = wire.Op.GET_ACCOUNT_TRANSFERS
+        result: list[tb.Transfer] = self._submit(rid, op, encode_account_filter(rid, op, filter))
+        return result
+
+    def get_account_balances(self, filter: tb.AccountFilter) -> list[tb.AccountBalance]:
+        rid = self._next_id()
+        op = wire.Op.GET_ACCOUNT_BALANCES
+        result: list[tb.AccountBalance] = self._submit(
+            rid, op, encode_account_filter(rid, op, filter))
+        return result
+
+    def query_accounts(self, query_filter: tb.QueryFilter) -> list[tb.Account]:
+        rid = self._next_id()
+        op = wire.Op.QUERY_ACCOUNTS
+        result: list[tb.Account] = self._submit(
+            rid, op, encode_query_filter(rid, op, query_filter))
+        return result
+
+    def query_transfers(self, query_filter: tb.QueryFilter) -> list[tb.Transfer]:
+        rid = self._next_id()
+        op = wire.Op.QUERY_TRANSFERS
+        result: list[tb.Transfer] = self._submit(
+            rid, op, encode_query_filter(rid, op, query_filter))
+        return result
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            self._disconnect()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        self.close()
+
+    def _next_id(self) -> int:
+        if self._closed:
+            raise tb.ClientClosedError()
+        return next(self._request_ids) & wire.U64_MASK or 1
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    def _submit(self, request_id: int, op: int, frame: bytes) -> Any:
+        deadline = time.monotonic() + self.timeout_s
+        delay = RECONNECT_DELAY_MIN_S
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise tb.ClientClosedError()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeoutError(
+                        f"tb_emulator {wire.Op(op).name.lower()} got no reply within "
+                        f"{self.timeout_s} s from {self.host}:{self.port}")
+                try:
+                    reply = self._roundtrip(request_id, frame, remaining)
+                except TimeoutError:
+                    self._disconnect()  # A late reply must not be read as the next one's.
+                    raise RequestTimeoutError(
+                        f"tb_emulator {wire.Op(op).name.lower()} got no reply within "
+                        f"{self.timeout_s} s from {self.host}:{self.port}") from None
+                except OSError:
+                    self._disconnect()
+                    time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+                    delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
+                    continue
+                reply_op, status, body = reply
+                if reply_op != op:
+                    raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
+                return decode_reply(op, status, body)
+
+    def _roundtrip(
+        self, request_id: int, frame: bytes, timeout_s: float
+    ) -> tuple[int, int, memoryview]:
+        sock = self._sock
+        if sock is None:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+        sock.settimeout(timeout_s)
+        sock.sendall(frame)
+        while True:
+            header = self._header
+            _recv_exactly(sock, memoryview(header))
+            body_size, reply_id, op, status, version = wire.HEADER.unpack(header)
+            if version != wire.VERSION or body_size > wire.BODY_SIZE_MAX:
+                raise ConnectionResetError("tb_emulator sent a malformed frame")
+            body = bytearray(body_size)
+            _recv_exactly(sock, memoryview(body))
+            if reply_id == request_id:
+                return op, status, memoryview(body)
+            if reply_id == 0 and status == wire.Status.BUSY:
+                raise ConnectionRefusedError("tb_emulator: too many connections")
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionResetError("tb_emulator closed the connection")
+        view = view[n:]

@@ -1,0 +1,485 @@
+"""The emulator server process: asyncio TCP server in front of one in-memory engine.
+
+Each request is decoded, logged (creates only) and executed without an `await` in between, so
+requests are atomic and totally ordered. Its reply is held until the log is fsynced up to the
+request's position (group commit), reads included: a reply never shows state that a crash
+could lose. A restart replays the log through a fresh engine with each request's logged clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import tigerbeetle as tb
+
+from tb_emulator import wire
+from tb_emulator.wal import GroupCommit, WalError, WriteAheadLog, encode_record
+
+logger = logging.getLogger("tb_emulator.server")
+
+READY_PREFIX: Final = "tb_emulator ready"
+DEFAULT_ENGINE: Final = "tb_emulator.engine:make_engine"
+
+
+class EngineLike(Protocol):
+    clock_ns: Callable[[], int]
+
+    def create_accounts(self, accounts: list[tb.Account]) -> list[tb.CreateAccountResult]: ...
+    def create_transfers(self, transfers: list[tb.Transfer]) -> list[tb.CreateTransferResult]: ...
+    def lookup_accounts(self, ids: list[int]) -> list[tb.Account]: ...
+    def lookup_transfers(self, ids: list[int]) -> list[tb.Transfer]: ...
+    def get_account_transfers(self, f: tb.AccountFilter) -> list[tb.Transfer]: ...
+    def get_account_balances(self, f: tb.AccountFilter) -> list[tb.AccountBalance]: ...
+    def query_accounts(self, f: tb.QueryFilter) -> list[tb.Account]: ...
+    def query_transfers(self, f: tb.QueryFilter) -> list[tb.Transfer]: ...
+    def close(self) -> None: ...
+
+
+def load_engine_factory(spec: str) -> Callable[[], EngineLike]:
+    """`module:function`; the default is the real engine. Tests may pass another."""
+    module_name, _, attr = spec.partition(":")
+    factory: Callable[[], EngineLike] = getattr(importlib.import_module(module_name), attr)
+    return factory
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    connections_max: int = 256
+    inflight_per_connection_max: int = 32  # Executed, not yet replied (pipelining depth).
+    inflight_max: int = 256  # Server-wide; bounds memory held by the group commit.
+
+    def __post_init__(self) -> None:
+        assert 0 < self.connections_max <= 65536
+        assert 0 < self.inflight_per_connection_max <= self.inflight_max <= 65536
+
+
+class EmulatorServer:
+    def __init__(
+        self,
+        data_file: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        engine_factory: Callable[[], EngineLike] | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.data_file = data_file
+        self.host = host
+        self.port = port
+        self.limits = limits or ServerLimits()
+        self._engine_factory = engine_factory or load_engine_factory(DEFAULT_ENGINE)
+        self._engine: EngineLike | None = None
+        self._wal: WriteAheadLog | None = None
+        self._commit: GroupCommit | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+        self._inflight = 0
+        self._inflight_released = asyncio.Event()
+        self._last_clock_ns = 0
+        self._stopped = asyncio.Event()
+        self.recovered_requests = 0
+        self.requests = 0
+        self.fatal: BaseException | None = None
+
+    # --------------------------------------------------------------------------------------
+    # Lifecycle
+    # --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        self._wal = WriteAheadLog(self.data_file)
+        self._engine = self._engine_factory()
+        for record in self._wal.recover():
+            self._replay(record)
+            self.recovered_requests += 1
+        recover_ms = (time.perf_counter() - started) * 1000
+        self._commit = GroupCommit(self._wal)
+        self._commit.start(self._on_log_failure)
+        self._server = await asyncio.start_server(
+            self._handle_connection, self.host, self.port, limit=wire.BODY_SIZE_MAX + 4096,
+            backlog=self.limits.connections_max,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info(
+            "recovered %d requests in %.0f ms (%d torn bytes truncated)",
+            self.recovered_requests, recover_ms, self._wal.truncated_bytes,
+        )
+
+    def ready_line(self) -> str:
+        return (
+            f"{READY_PREFIX} host={self.host} port={self.port} data_file={self.data_file} "
+            f"recovered_requests={self.recovered_requests} pid={os.getpid()}"
+        )
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._connections):
+            writer.close()
+        if self._commit is not None:
+            if self.fatal is None:
+                await self._commit.drain()
+            await self._commit.stop()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None
+
+    def _on_log_failure(self, error: BaseException) -> None:
+        # Nothing after a failed fsync may be acknowledged: drop every connection and stop.
+        self.fatal = error
+        for writer in list(self._connections):
+            writer.transport.abort()
+        self._stopped.set()
+
+    # --------------------------------------------------------------------------------------
+    # Requests
+    # --------------------------------------------------------------------------------------
+
+    def _next_clock_ns(self) -> int:
+        # Monotonic across requests and restarts even if the wall clock steps back.
+        now = time.time_ns()
+        if now <= self._last_clock_ns:
+            now = self._last_clock_ns + 1
+        self._last_clock_ns = now
+        return now
+
+    def _replay(self, record: Any) -> None:
+        engine = self._engine
+        assert engine is not None
+        clock_ns = record.clock_ns
+        self._last_clock_ns = max(self._last_clock_ns, clock_ns)
+        engine.clock_ns = lambda: clock_ns
+        try:
+            if record.operation == wire.Op.CREATE_ACCOUNTS:
+                engine.create_accounts(wire.unpack_accounts(record.body))
+            elif record.operation == wire.Op.CREATE_TRANSFERS:
+                engine.create_transfers(wire.unpack_transfers(record.body))
+            else:
+                raise WalError(f"unexpected operation {record.operation} in the log")
+        except (WalError, AssertionError):
+            raise
+        except Exception:
+            # Same input, same engine -> the live run raised the same way; keep going.
+            logger.exception("replayed request raised (as it did when first executed)")
+
+    def _execute(self, request_id: int, op: int, body: memoryview) -> tuple[bytes, int]:
+        """Returns (reply frame, log position the reply must wait for). Never awaits."""
+        engine = self._engine
+        commit = self._commit
+        assert engine is not None and commit is not None
+        event_size = wire.EVENT_SIZE.get(op)
+        if event_size is None:
+            return _error(request_id, op, wire.Status.INVALID_OPERATION, f"operation {op}"), 0
+        count, rest = divmod(len(body), event_size)
+        if rest:
+            return _error(request_id, op, wire.Status.INVALID_DATA_SIZE,
+                          f"body of {len(body)} bytes is not a multiple of {event_size}"), 0
+        if count > wire.BATCH_EVENTS_MAX:
+            return _error(request_id, op, wire.Status.TOO_MUCH_DATA,
+                          f"{count} events > {wire.BATCH_EVENTS_MAX}"), 0
+        if op in wire.SINGLE_EVENT_OPS and count != 1:
+            return _error(request_id, op, wire.Status.INVALID_DATA_SIZE,
+                          f"expected exactly one filter, got {count}"), 0
+        self.requests += 1
+        clock_ns = self._next_clock_ns()
+        engine.clock_ns = lambda: clock_ns
+        try:
+            if op == wire.Op.CREATE_TRANSFERS:
+                transfers = wire.unpack_transfers(body)
+                if count:
+                    commit.append(encode_record(clock_ns, op, body))
+                results = engine.create_transfers(transfers)
+                return _ok(request_id, op, wire.pack_create_results(results)), commit.written
+            if op == wire.Op.CREATE_ACCOUNTS:
+                accounts = wire.unpack_accounts(body)
+                if count:
+                    commit.append(encode_record(clock_ns, op, body))
+                account_results = engine.create_accounts(accounts)
+                return _ok(request_id, op, wire.pack_create_results(account_results)), \
+                    commit.written
+            return self._execute_read(request_id, op, body, engine), commit.written
+        except tb.TooMuchDataError as e:
+            return _error(request_id, op, wire.Status.TOO_MUCH_DATA, str(e)), commit.written
+        except WalError:
+            raise
+        except Exception as e:
+            logger.exception("request %d (operation %d) failed", request_id, op)
+            return _error(request_id, op, wire.Status.INTERNAL_ERROR,
+                          f"{type(e).__name__}: {e}"), commit.written
+
+    @staticmethod
+    def _execute_read(request_id: int, op: int, body: memoryview, engine: EngineLike) -> bytes:
+        if op == wire.Op.LOOKUP_ACCOUNTS:
+            lookup_raw = getattr(engine, "lookup_accounts_raw", None)
+            if lookup_raw is not None:  # Skips building tb.Account objects only to pack them.
+                reply = wire.pack_account_rows(lookup_raw(wire.unpack_ids(body)))
+            else:
+                reply = wire.pack_accounts(engine.lookup_accounts(wire.unpack_ids(body)))
+        elif op == wire.Op.LOOKUP_TRANSFERS:
+            reply = wire.pack_transfers(engine.lookup_transfers(wire.unpack_ids(body)))
+        elif op == wire.Op.GET_ACCOUNT_TRANSFERS:
+            reply = wire.pack_transfers(
+                engine.get_account_transfers(wire.unpack_account_filter(body)))
+        elif op == wire.Op.GET_ACCOUNT_BALANCES:
+            reply = wire.pack_balances(
+                engine.get_account_balances(wire.unpack_account_filter(body)))
+        elif op == wire.Op.QUERY_ACCOUNTS:
+            reply = wire.pack_accounts(engine.query_accounts(wire.unpack_query_filter(body)))
+        else:
+            assert op == wire.Op.QUERY_TRANSFERS
+            reply = wire.pack_transfers(engine.query_transfers(wire.unpack_query_filter(body)))
+        return _ok(request_id, op, reply)
+
+    # --------------------------------------------------------------------------------------
+    # Connections
+    # --------------------------------------------------------------------------------------
+
+    async def _handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(self._connections) >= self.limits.connections_max:
+            writer.write(_error(0, 0, wire.Status.BUSY, "too many connections"))
+            await _close_writer(writer)
+            return
+        self._connections.add(writer)
+        connection = _Connection(writer)
+        try:
+            await self._serve_connection(reader, writer, connection)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # Peer went away; replies still owed are dropped with the transport.
+        except WalError:
+            pass  # _on_log_failure stops the server.
+        except Exception:
+            logger.exception("connection handler failed")
+        finally:
+            self._connections.discard(writer)
+            self._inflight -= connection.inflight
+            connection.inflight = 0
+            self._inflight_released.set()
+            await _close_writer(writer)
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
+    ) -> None:
+        limits = self.limits
+        commit = self._commit
+        assert commit is not None
+        while self.fatal is None:
+            header = await reader.readexactly(wire.HEADER_SIZE)
+            body_size, request_id, op, status, version = wire.HEADER.unpack(header)
+            if version != wire.VERSION or status != 0 or body_size > wire.BODY_SIZE_MAX:
+                # The byte stream cannot be trusted any more: say why, then hang up.
+                writer.write(_error(request_id, op, wire.Status.MALFORMED,
+                                    f"bad frame header (version={version} status={status} "
+                                    f"body_size={body_size})"))
+                return
+            body = await reader.readexactly(body_size) if body_size else b""
+            while (connection.inflight >= limits.inflight_per_connection_max
+                   or self._inflight >= limits.inflight_max):
+                self._inflight_released.clear()
+                await self._inflight_released.wait()
+            if self.fatal is not None:
+                return
+            reply, position = self._execute(request_id, op, memoryview(body))
+            connection.inflight += 1
+            self._inflight += 1
+            commit.when_durable(position, functools.partial(self._reply, connection, reply))
+            if writer.transport.get_write_buffer_size() > 4 * wire.BODY_SIZE_MAX:
+                await writer.drain()
+
+    def _reply(self, connection: _Connection, reply: bytes) -> None:
+        if connection.inflight == 0:
+            return  # Connection already torn down and its inflight count released.
+        connection.inflight -= 1
+        self._inflight -= 1
+        self._inflight_released.set()
+        if not connection.writer.is_closing():
+            connection.writer.write(reply)
+
+
+class _Connection:
+    __slots__ = ("inflight", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.inflight = 0
+
+
+def _ok(request_id: int, op: int, body: bytes) -> bytes:
+    return wire.frame(request_id, op, wire.Status.OK, body)
+
+
+def _error(request_id: int, op: int, status: wire.Status, message: str) -> bytes:
+    return wire.frame(request_id, op, status, message.encode()[:4096])
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+# ------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------
+
+
+async def serve_async(
+    data_file: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    engine_factory: Callable[[], EngineLike] | None = None,
+    limits: ServerLimits | None = None,
+    on_ready: Callable[[EmulatorServer], None] | None = None,
+) -> int:
+    """Runs until SIGTERM/SIGINT (or a log failure); returns a process exit code."""
+    server = EmulatorServer(data_file, host, port, engine_factory=engine_factory, limits=limits)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, server.stop)
+    print(server.ready_line(), flush=True)
+    if on_ready is not None:
+        on_ready(server)
+    try:
+        await server.serve_forever()
+    finally:
+        await server.close()
+    return 1 if server.fatal is not None else 0
+
+
+def serve(
+    data_file: str,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    *,
+    engine_factory: Callable[[], EngineLike] | None = None,
+    limits: ServerLimits | None = None,
+) -> int:
+    """Blocking: serves until SIGTERM/SIGINT. For `walletmig dev tigerbeetle`."""
+    return asyncio.run(
+        serve_async(data_file, host, port, engine_factory=engine_factory, limits=limits)
+    )
+
+
+class EmulatorProcess:
+    """An emulator in a child process (`python -m tb_emulator`), for tests, benchmarks and
+    conformance. `start()` returns once the child printed its ready line."""
+
+    def __init__(
+        self,
+        data_file: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        engine: str | None = None,
+        log_file: str | None = None,
+        startup_timeout_s: float = 60.0,
+    ) -> None:
+        self.data_file = data_file
+        self.host = host
+        self.port = port
+        self.engine = engine
+        self.log_file = log_file or data_file + ".log"
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ready_line = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> EmulatorProcess:
+        assert self.process is None or self.process.poll() is not None
+        args = [sys.executable, "-m", "tb_emulator", "--host", self.host, "--port",
+                str(self.port), "--data-file", self.data_file]
+        if self.engine:
+            args += ["--engine", self.engine]
+        with open(self.log_file, "ab") as log:
+            start_offset = log.tell()
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            with open(self.log_file, "rb") as log:
+                log.seek(start_offset)
+                for raw in log.read().decode(errors="replace").splitlines():
+                    if raw.startswith(READY_PREFIX):
+                        self.ready_line = raw
+                        fields = dict(p.split("=", 1) for p in raw.split() if "=" in p)
+                        self.port = int(fields["port"])
+                        return self
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tb_emulator exited with {self.process.returncode}: {self.read_log()}")
+            time.sleep(0.02)
+        self.kill()
+        raise TimeoutError(f"tb_emulator not ready after {self.startup_timeout_s} s")
+
+    def read_log(self) -> str:
+        with open(self.log_file, "rb") as f:
+            return f.read()[-4000:].decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL (crash) by PID."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM (graceful), SIGKILL if it does not exit in time."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def __enter__(self) -> EmulatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def temp_data_file(prefix: str = "tbemu-") -> tuple[str, str]:
+    """(temp dir, data file path inside it)."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    return directory, os.path.join(directory, "data.tbemu")

@@ -1,0 +1,241 @@
+"""Shared fixtures: real servers, started once per session on free ports through
+walletmig.devstack (the same code as `walletmig dev up`) and stopped by PID at the end.
+
+Set TEMPORAL_ADDRESS, MONGODB_URI, REDIS_URL or TB_ADDRESSES to run against servers you
+already have (e.g. `eval "$(walletmig dev env)"`); the matching server is then not started.
+Servers start lazily: a test that only needs Redis does not pay for MongoDB.
+
+Tests isolate through unique ids (`unique_id`) and a per-session MongoDB database, never by
+wiping a server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from walletmig import devstack
+from walletmig.config import ENVIRONMENT, Settings
+
+# The dev server's own default start-up timeout (5 s) is too tight on a loaded 2-core machine.
+TEMPORAL_STARTUP_TIMEOUT_S = 60
+
+
+def _search_attribute_keys() -> list[SearchAttributeKey[Any]]:
+    factories: dict[str, Callable[[str], SearchAttributeKey[Any]]] = {
+        "Keyword": SearchAttributeKey.for_keyword,
+        "Int": SearchAttributeKey.for_int,
+        "Text": SearchAttributeKey.for_text,
+        "Bool": SearchAttributeKey.for_bool,
+        "Double": SearchAttributeKey.for_float,
+        "Datetime": SearchAttributeKey.for_datetime,
+    }
+    return [factories[kind](name) for name, kind in devstack.SEARCH_ATTRIBUTES.items()]
+
+
+def temporal_binary() -> str:
+    """The venv's `temporal` CLI; the SDK must never download a dev server."""
+    return str(devstack.find_binary("temporal"))
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="session")
+def stack_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.StackConfig]:
+    """The session's embedded stack: temp state dir, free ports, no fsync per commit (a test
+    stack need not survive power loss); stopped by PID at the end."""
+    config = devstack.StackConfig.with_free_ports(
+        tmp_path_factory.mktemp("walletmig-stack"), ready_timeout_s=120, durable=False
+    )
+    yield config
+    devstack.down(config)
+
+
+def _start(config: devstack.StackConfig, name: str) -> None:
+    (result,) = devstack.up(config, [name])
+    if result.state == "skipped":
+        pytest.skip(f"{name} unavailable: {result.detail}")
+    assert result.state == "up", result
+
+
+@pytest.fixture(scope="session")
+def mongodb_uri(stack_config: devstack.StackConfig) -> str:
+    if "MONGODB_URI" in os.environ:
+        return os.environ["MONGODB_URI"]
+    _start(stack_config, "mongo")
+    return stack_config.mongodb_uri
+
+
+@pytest.fixture(scope="session")
+def redis_url(stack_config: devstack.StackConfig) -> str:
+    if "REDIS_URL" in os.environ:
+        return os.environ["REDIS_URL"]
+    _start(stack_config, "redis")
+    return stack_config.redis_url
+
+
+@pytest.fixture(scope="session")
+def tb_addresses(stack_config: devstack.StackConfig) -> str:
+    if "TB_ADDRESSES" in os.environ:
+        return os.environ["TB_ADDRESSES"]
+    _start(stack_config, "tigerbeetle")
+    return stack_config.tb_addresses
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A real Temporal dev server (in-memory SQLite) with the project's search attributes."""
+    address = os.environ.get("TEMPORAL_ADDRESS")
+    if address is not None:
+        client = await Client.connect(address, data_converter=pydantic_data_converter)
+        yield WorkflowEnvironment.from_client(client)
+        return
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=temporal_binary(),
+        ip="127.0.0.1",
+        search_attributes=_search_attribute_keys(),
+        dev_server_startup_timeout=timedelta(seconds=TEMPORAL_STARTUP_TIMEOUT_S),
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
+    """Client with the pydantic data converter, connected to the session's Temporal server."""
+    return temporal_env.client
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A fresh dev server with per-workflow time skipping (Temporal's v2 API).
+
+    Function-scoped, so only tests that ask for it pay its start-up (about a second). Timers
+    of workflows started through `time_skipping_env.client` are skipped whenever the workflow
+    has no in-flight work; use `fast_forward(handle, duration)` for finer control.
+    """
+    env = await WorkflowEnvironment.start_time_skipping_v2(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=temporal_binary(),
+        ip="127.0.0.1",
+        search_attributes=_search_attribute_keys(),
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "frontend.WorkflowTimeSkippingEnabled=true",
+        ],
+        dev_server_startup_timeout=timedelta(seconds=TEMPORAL_STARTUP_TIMEOUT_S),
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.fixture(scope="session")
+def settings(
+    temporal_env: WorkflowEnvironment,
+    mongodb_uri: str,
+    redis_url: str,
+    tb_addresses: str,
+    stack_config: devstack.StackConfig,
+) -> Settings:
+    """Settings pointing at the session's servers, with a MongoDB database of its own."""
+    return Settings.from_env(
+        temporal_address=temporal_env.client.service_client.config.target_host,
+        mongodb_uri=mongodb_uri,
+        mongodb_database=f"walletmig_test_{uuid.uuid4().hex[:10]}",
+        redis_url=redis_url,
+        tb_addresses=tb_addresses,
+        state_dir=stack_config.state_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def settings_env(settings: Settings) -> dict[str, str]:
+    """os.environ plus the settings as environment variables: for `walletmig` subprocesses."""
+    values = settings.model_dump()
+    env = dict(os.environ)
+    env.update({name: str(values[field]) for name, (field, _) in ENVIRONMENT.items()})
+    return env
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def mongo_client(mongodb_uri: str) -> AsyncIterator[AsyncMongoClient[dict[str, Any]]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb_uri)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="session")
+def mongo_db(
+    mongo_client: AsyncMongoClient[dict[str, Any]], settings: Settings
+) -> AsyncDatabase[dict[str, Any]]:
+    """The session's own MongoDB database (named in settings.mongodb_database)."""
+    return mongo_client[settings.mongodb_database]
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def tb_client(tb_addresses: str) -> AsyncIterator[Any]:
+    """A TigerBeetle client (emulator or real cluster, from TB_ADDRESSES), cluster 0."""
+    try:
+        from stores.tigerbeetle_client import connect_tigerbeetle
+    except ImportError as exc:
+        pytest.skip(f"stores.tigerbeetle_client not available: {exc}")
+    client = connect_tigerbeetle(tb_addresses, cluster_id=0)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def unique_id() -> Callable[..., str]:
+    """`unique_id("wallet")` -> "wallet-3f2a9c1b7d4e": ids that never collide across tests."""
+
+    def make(prefix: str = "t") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,124 @@
+"""Shared set-up for the backfill and reconciliation tests: real stores on the session's servers,
+an isolated ledger table per test (fresh country code and ledger ids), and a worker."""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from activities.backfill import BackfillActivities, WalletImporter
+from activities.reconciliation import ReconcileActivities, Reconciler
+from stores.reports import ReportStore
+from registries.account_registry import AccountRegistry
+from registries.transfer_registry import TransferRegistry
+from stores.backfill_imports import ImportLedger
+from stores.legacy_store import LegacyStore
+from stores.migration_state import MigrationStateStore
+from stores.tigerbeetle_client import TigerBeetleClient
+from stores.tigerbeetle_store import TigerBeetleStore
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGERS, LedgerTable
+from walletcore.operations import AddCredit, SubtractCredit, Void
+
+CURRENCIES = ("USD", "JPY", "BHD", "USDC", "BTC")  # precisions 2, 0, 3, 6, 8
+
+
+@dataclass
+class Env:
+    db: AsyncDatabase[Any]
+    ledgers: LedgerTable
+    country: str
+    pairs: list[str]
+    legacy: LegacyStore
+    accounts: AccountRegistry
+    transfers: TransferRegistry
+    tb_store: TigerBeetleStore
+    tb_client: TigerBeetleClient
+    imports: ImportLedger
+    importer: WalletImporter
+    migration: MigrationStateStore
+    reports: ReportStore
+    reconciler: Reconciler
+
+    def key(self, client_id: str, currency: str = "USD") -> WalletKey:
+        return WalletKey(client_id=client_id, country=self.country, currency=currency)
+
+    def backfill_activities(self) -> BackfillActivities:
+        return BackfillActivities(self.importer)
+
+    def reconcile_activities(self) -> ReconcileActivities:
+        return ReconcileActivities(self.reconciler)
+
+
+async def make_env(db: AsyncDatabase[Any], redis: Any, tb_client: TigerBeetleClient) -> Env:
+    country = "".join(random.choices(string.ascii_uppercase, k=3))
+    base = random.randint(10_000, 2**31)
+    mapping = dict(DEFAULT_LEDGERS)
+    pairs = [f"{c}:{country}" for c in CURRENCIES]
+    for offset, pair in enumerate(pairs):
+        mapping[pair] = base + offset
+    ledgers = LedgerTable(mapping)
+    legacy = LegacyStore(db, ledgers=ledgers)
+    accounts = AccountRegistry(db, redis, ledgers=ledgers)
+    transfers = TransferRegistry(db)
+    imports = ImportLedger(db)
+    for store in (legacy, accounts, transfers, imports):
+        await store.ensure_indexes()
+    tb_store = TigerBeetleStore(tb_client, accounts, transfers, ledgers)
+    importer = WalletImporter(db, legacy, tb_store, tb_client, accounts, imports, ledgers)
+    reports = ReportStore(db)
+    await reports.ensure_indexes()
+    migration = MigrationStateStore(db, cache_ttl_s=0)
+    reconciler = Reconciler(db, legacy, tb_store, tb_client, accounts, transfers, imports,
+                            reports, migration, ledgers)
+    return Env(db=db, ledgers=ledgers, country=country, pairs=pairs, legacy=legacy,
+               accounts=accounts, transfers=transfers, tb_store=tb_store, tb_client=tb_client,
+               imports=imports, importer=importer, migration=migration, reports=reports,
+               reconciler=reconciler)
+
+
+async def credit(env: Env, key: WalletKey, txn: str, amount: str, *, overdraft: bool = False,
+                 store: Any = None) -> None:
+    target = store or env.legacy
+    await target.add_credit(AddCredit(wallet=key, transaction_id=txn, amount=Decimal(amount),
+                                      allow_overdraft=overdraft))
+
+
+async def debit(env: Env, key: WalletKey, txn: str, amount: str, *, overdraft: bool = False,
+                store: Any = None) -> None:
+    target = store or env.legacy
+    await target.subtract_credit(SubtractCredit(wallet=key, transaction_id=txn,
+                                                amount=Decimal(amount), allow_overdraft=overdraft))
+
+
+async def void(env: Env, key: WalletKey, txn: str, original: str, *, store: Any = None) -> None:
+    target = store or env.legacy
+    await target.void(Void(wallet=key, transaction_id=txn, original_transaction_id=original))
+
+
+class BacklogApplier:
+    """What the wallet workflow's TigerBeetle backlog does once integrated (see the report):
+    per wallet, serialized: ensure the wallet is imported, then skip operations whose legacy
+    version the opening balance already holds, apply the rest to TigerBeetle in order."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.skipped = 0
+        self.applied = 0
+
+    async def apply(self, key: WalletKey, txn: str,
+                    write_tb: Callable[[], Awaitable[None]]) -> None:
+        imported = await self.env.importer.ensure_imported(key, "wallet-workflow")
+        doc = await self.env.legacy.get_transaction(txn)
+        assert doc is not None
+        if int(doc["wallet_version"]) <= imported:
+            self.skipped += 1
+            return
+        await write_tb()
+        self.applied += 1

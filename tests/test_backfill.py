@@ -1,0 +1,222 @@
+"""Backfill against the real servers: Temporal, MongoDB-compatible server, Redis, TigerBeetle
+emulator. Each test has its own ledger pairs (fresh country code), so scopes never overlap."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest_asyncio
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from stores.backfill_imports import ImportRecord, ImportStatus
+from stores.mongo import now_ms
+from recon_support import BacklogApplier, Env, credit, debit, make_env, void
+from walletcore.balances import MinorBalance
+from walletcore.keys import WalletKey
+from walletcore.reconcile import opening_plan
+from workers.wallet_worker import workflow_runner
+from workflows.backfill import BackfillWorkflow
+from workflows.backfill_models import BackfillInput, BackfillProgress
+
+UniqueId = Callable[..., str]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(mongo_db: Any, redis_client: Any, tb_client: Any) -> Env:
+    return await make_env(mongo_db, redis_client, tb_client)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def worker(temporal_client: Client, env: Env) -> AsyncIterator[tuple[Client, str]]:
+    queue = f"backfill-test-{uuid.uuid4().hex[:8]}"
+    async with Worker(temporal_client, task_queue=queue, workflows=[BackfillWorkflow],
+                      activities=env.backfill_activities().all(),
+                      workflow_runner=workflow_runner()):
+        yield temporal_client, queue
+
+
+async def run_backfill(worker: tuple[Client, str], env: Env, **kw: Any) -> BackfillProgress:
+    client, queue = worker
+    run_id = f"bf-{uuid.uuid4().hex[:8]}"
+    return await client.execute_workflow(
+        BackfillWorkflow.run, BackfillInput(run_id=run_id, pairs=env.pairs, **kw),
+        id=f"backfill-test/{run_id}", task_queue=queue,
+        execution_timeout=timedelta(minutes=5),
+    )
+
+
+async def assert_same(env: Env, keys: list[WalletKey]) -> None:
+    for key in keys:
+        legacy = await env.legacy.get_balance(key)
+        tb = await env.tb_store.get_balance(key)
+        assert (tb.credit, tb.debit, tb.historical_credit) == (
+            legacy.credit, legacy.debit, legacy.historical_credit), key
+
+
+async def seed(env: Env, unique_id: UniqueId) -> list[WalletKey]:
+    """Wallets with credit, debt, zero balance, voids, in currencies of precision 0..8."""
+    c = unique_id("c")
+    t = unique_id("t")
+    keys = {
+        "plain": env.key(f"{c}-plain"), "debt": env.key(f"{c}-debt"),
+        "zero": env.key(f"{c}-zero"), "voided": env.key(f"{c}-void"),
+        "jpy": env.key(f"{c}-jpy", "JPY"), "bhd": env.key(f"{c}-bhd", "BHD"),
+        "usdc": env.key(f"{c}-usdc", "USDC"), "btc": env.key(f"{c}-btc", "BTC"),
+    }
+    await credit(env, keys["plain"], f"{t}-1", "100.50")
+    await debit(env, keys["plain"], f"{t}-2", "30.25")
+    await debit(env, keys["debt"], f"{t}-3", "50.00", overdraft=True)
+    await credit(env, keys["debt"], f"{t}-4", "20.01")
+    await credit(env, keys["zero"], f"{t}-5", "10")
+    await debit(env, keys["zero"], f"{t}-6", "10")
+    await credit(env, keys["voided"], f"{t}-7", "5.55")
+    await debit(env, keys["voided"], f"{t}-8", "1.11")
+    await void(env, keys["voided"], f"{t}-9", f"{t}-8")  # void of a debit: a credit
+    await void(env, keys["voided"], f"{t}-10", f"{t}-7")  # void of a credit: a debit
+    await credit(env, keys["jpy"], f"{t}-11", "1000")
+    await credit(env, keys["bhd"], f"{t}-12", "1.234")
+    await debit(env, keys["bhd"], f"{t}-13", "0.001")
+    await credit(env, keys["usdc"], f"{t}-14", "0.000001")
+    await credit(env, keys["btc"], f"{t}-15", "0.12345678")
+    return list(keys.values())
+
+
+async def test_backfill_imports_every_wallet_exactly(
+    env: Env, worker: tuple[Client, str], unique_id: UniqueId
+) -> None:
+    keys = await seed(env, unique_id)
+    progress = await run_backfill(worker, env, page_size=3, pages_per_run=2)
+    assert progress.finished and progress.total == len(keys) == progress.done
+    assert progress.failed == 0, progress.failed_sample
+    assert progress.imported == len(keys)  # every wallet has some historical credit
+    assert progress.runs > 1  # continued as new on the way
+    await assert_same(env, keys)
+    # Idempotent: a second backfill finds everything imported and posts nothing.
+    again = await run_backfill(worker, env)
+    assert again.imported == 0 and again.already == len(keys) and again.transfers == 0
+    await assert_same(env, keys)
+
+
+async def test_backfill_of_a_net_zero_wallet(env: Env, unique_id: UniqueId) -> None:
+    """A debt fully voided: net 0, historical credit 3 (a void of a debit is a credit)."""
+    key = env.key(unique_id("c"))
+    t = unique_id("t")
+    await debit(env, key, f"{t}-1", "3", overdraft=True)
+    await void(env, key, f"{t}-2", f"{t}-1")  # void of the only debit: credit 3
+    pages = await env.importer.page(
+        _page_input(env, env.pairs[0], after=key.canonical[:-1]))
+    assert key.canonical not in pages.failed
+    await assert_same(env, [key])
+
+
+def _page_input(env: Env, pair: str, after: str | None) -> Any:
+    from workflows.backfill_models import BackfillPageInput
+
+    return BackfillPageInput(run_id=f"p-{uuid.uuid4().hex[:6]}", pair=pair, after=after,
+                             limit=10)
+
+
+async def test_crash_between_opening_and_claim_completion_resumes(
+    env: Env, unique_id: UniqueId
+) -> None:
+    """A page crashed after posting the opening transfers but before completing its claim:
+    the next importer takes the stale claim over, sees TigerBeetle already at the target and
+    posts nothing more (no double count)."""
+    key = env.key(unique_id("c"))
+    t = unique_id("t")
+    await credit(env, key, f"{t}-1", "42.00")
+    await debit(env, key, f"{t}-2", "2.00")
+    balance, version = await _legacy_version(env, key)
+    # The crashed importer: claim, account, opening transfers... and then nothing.
+    stale_at = now_ms() - timedelta(hours=1)
+    crashed = ImportRecord(wallet=key.canonical, version=version, balance=balance,
+                           status=ImportStatus.CLAIMED, claimed_by="crashed",
+                           claimed_at=stale_at)
+    assert await env.imports.claim_many([crashed]) == {key.canonical}
+    record = await env.tb_store.ensure_account(key, allow_overdraft=False)
+    await env.tb_store.ensure_system_accounts(record.ledger)
+    from activities.backfill import opening_transfers
+
+    results = await env.tb_client.create_transfers(
+        opening_transfers(record, version, opening_plan(balance)))
+    assert all(r.status.name == "CREATED" for r in results)
+    # A live claim (fresh) is left alone; the stale one is taken over.
+    outcome = await env.importer.import_wallets(
+        [_legacy_wallet(key, balance, version)], "resumer")
+    assert outcome.failed == {} and outcome.imported == [] and outcome.already == 1
+    done = await env.imports.get(key.canonical)
+    assert done is not None and done.status is ImportStatus.DONE and done.version == version
+    await assert_same(env, [key])
+
+
+async def _legacy_version(env: Env, key: WalletKey) -> tuple[MinorBalance, int]:
+    found = await env.legacy.get_wallet_version(key)
+    assert found is not None
+    return found
+
+
+def _legacy_wallet(key: WalletKey, balance: MinorBalance, version: int) -> Any:
+    from workflows.backfill_models import LegacyWallet
+
+    return LegacyWallet(wallet=key, balance=balance, version=version, allow_overdraft=False)
+
+
+async def test_fresh_claim_is_busy_and_ensure_imported_waits_for_it(
+    env: Env, unique_id: UniqueId
+) -> None:
+    key = env.key(unique_id("c"))
+    await credit(env, key, unique_id("t"), "7.00")
+    balance, version = await _legacy_version(env, key)
+    live = ImportRecord(wallet=key.canonical, version=version, balance=balance,
+                        status=ImportStatus.CLAIMED, claimed_by="other", claimed_at=now_ms())
+    await env.imports.claim_many([live])
+    outcome = await env.importer.import_wallets([_legacy_wallet(key, balance, version)], "me")
+    assert outcome.busy == 1 and outcome.imported == []
+    waiter = asyncio.create_task(env.importer.ensure_imported(key, "wallet-workflow"))
+    await asyncio.sleep(0.5)
+    assert not waiter.done()
+    # The other importer finishes (here: its claim turns failed, so the waiter takes over).
+    await env.imports.mark_failed("other", {key.canonical: "simulated"})
+    assert await asyncio.wait_for(waiter, 20) == version
+    await assert_same(env, [key])
+
+
+async def test_backfill_while_traffic_runs_counts_nothing_twice(
+    env: Env, worker: tuple[Client, str], unique_id: UniqueId
+) -> None:
+    """Live dual-writes on the same wallets during the backfill: MongoDB first, then the
+    backlog applier (ensure imported, skip versions in the opening). End: equal balances."""
+    c = unique_id("c")
+    keys = [env.key(f"{c}-{i:02d}") for i in range(12)]
+    for i, key in enumerate(keys):  # history before dual-write: only in MongoDB
+        await credit(env, key, f"{c}-pre-{i}", f"{10 + i}.00")
+    applier = BacklogApplier(env)
+    locks = {key.canonical: asyncio.Lock() for key in keys}
+
+    async def traffic(round_no: int) -> None:
+        for i, key in enumerate(keys):
+            txn = f"{c}-live-{round_no}-{i}"
+            amount = f"{(round_no + i) % 3 + 1}.00"
+            async with locks[key.canonical]:  # one wallet workflow = one op at a time
+                if round_no % 2:
+                    await debit(env, key, txn, amount, overdraft=False)
+                    op = lambda k=key, t=txn, a=amount: debit(env, k, t, a, store=env.tb_store)  # noqa: E731
+                else:
+                    await credit(env, key, txn, amount)
+                    op = lambda k=key, t=txn, a=amount: credit(env, k, t, a, store=env.tb_store)  # noqa: E731
+                await applier.apply(key, txn, op)
+
+    async def all_traffic() -> None:
+        for round_no in range(6):
+            await traffic(round_no)
+
+    progress, _ = await asyncio.gather(
+        run_backfill(worker, env, page_size=4, pages_per_run=2), all_traffic())
+    assert progress.failed == 0, progress.failed_sample
+    assert applier.skipped + applier.applied == 6 * len(keys)
+    await assert_same(env, keys)

@@ -1,0 +1,220 @@
+"""The embedded stack (walletmig dev up|down|status), the CLI frame and docker-compose.yml."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio
+from pymongo.asynchronous.database import AsyncDatabase
+from temporalio import workflow
+from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from walletmig import devstack
+from walletmig.config import ENVIRONMENT, Settings
+from walletmig.processes import ProcessRecord, is_alive, process_start_ticks, spawn, stop
+
+SERVERS = ["temporal", "redis", "mongo", "tigerbeetle"]
+# The worker joins the lifecycle test once `walletmig worker` exists.
+COMPONENTS = [*SERVERS, *(["worker"] if devstack.module_available(devstack.WORKER_MODULE) else [])]
+
+
+def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALLETMIG_")}
+    for name in ("TEMPORAL_ADDRESS", "MONGODB_URI", "REDIS_URL", "TB_ADDRESSES"):
+        env.pop(name, None)  # the CLI must find the stack through STATE/env alone
+    return subprocess.run(
+        [sys.executable, "-m", "walletmig", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+def test_up_status_idempotent_down(tmp_path: Path) -> None:
+    config = devstack.StackConfig.with_free_ports(tmp_path / "state", ready_timeout_s=90)
+    try:
+        first = devstack.up(config, COMPONENTS)
+        assert [s.state for s in first] == ["up"] * len(COMPONENTS), first
+        pids = {s.name: s.pid for s in first}
+
+        shown = _cli(config.state_dir, "dev", "status")
+        for name in COMPONENTS:
+            assert f"{name:<12} up " in shown.stdout, shown.stdout
+        assert config.temporal_ui_url in shown.stdout
+
+        second = devstack.up(config, COMPONENTS)
+        assert {s.name: s.pid for s in second} == pids
+        assert all(s.detail == "already running" for s in second)
+
+        exports = devstack.parse_env_file(config.state_dir / devstack.ENV_FILE)
+        assert exports["TEMPORAL_ADDRESS"] == config.temporal_address
+        assert exports["MONGODB_URI"] == config.mongodb_uri
+        assert exports["REDIS_URL"] == config.redis_url
+        assert exports["TB_ADDRESSES"] == config.tb_addresses
+
+        records = devstack.read_records(config.state_dir)
+    finally:
+        stopped = devstack.down(config)
+    assert {s.name: s.pid for s in stopped if s.pid is not None} == pids
+    assert not any(is_alive(record) for record in records.values())
+    assert devstack.read_records(config.state_dir) == {}
+    assert not (config.state_dir / devstack.ENV_FILE).exists()
+    after = _cli(config.state_dir, "dev", "status")
+    assert after.returncode == 3, after
+    for name in COMPONENTS:
+        assert f"{name:<12} down " in after.stdout, after.stdout
+
+
+def test_stop_never_signals_a_reused_pid(tmp_path: Path) -> None:
+    record = spawn(
+        ["sleep", "30"], log_path=tmp_path / "sleep.log", env=os.environ, cwd=tmp_path, address="-"
+    )
+    try:
+        assert record.start_ticks == process_start_ticks(record.pid)
+        impostor = ProcessRecord(
+            pid=record.pid,
+            start_ticks=(record.start_ticks or 0) + 1,
+            argv=record.argv,
+            address="-",
+            log_path=record.log_path,
+        )
+        assert not is_alive(impostor)
+        assert stop(impostor, timeout_s=1) == "not running"
+        assert is_alive(record)
+    finally:
+        assert stop(record, timeout_s=5) == "stopped"
+    assert not is_alive(record)
+
+
+def test_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = devstack.StackConfig.with_free_ports(
+            tmp_path / "state", redis_port=busy.getsockname()[1]
+        )
+        with pytest.raises(devstack.StackError, match=r"^redis: port \d+ .* already in use"):
+            devstack.up(config, ["temporal", "redis"])
+    assert devstack.read_records(config.state_dir) == {}  # checked before starting anything
+
+
+def test_load_stack_env_fills_only_unset_variables(tmp_path: Path) -> None:
+    (tmp_path / devstack.ENV_FILE).write_text(
+        "# comment\nexport REDIS_URL=redis://127.0.0.1:1/0\n"
+        "export MONGODB_URI='mongodb://h:2/?a=b&c=d'\n"
+    )
+    environ = {"REDIS_URL": "redis://production:6379/0"}
+    applied = devstack.load_stack_env(tmp_path, environ)
+    assert applied == {"MONGODB_URI": "mongodb://h:2/?a=b&c=d"}
+    assert environ["REDIS_URL"] == "redis://production:6379/0"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["no-such-command"],
+        ["dev", "up", "--only", "temporal,bogus"],
+        ["dev", "up", "--redis-port", "x"],
+    ],
+)
+def test_cli_user_mistakes_exit_2_without_traceback(tmp_path: Path, args: list[str]) -> None:
+    done = _cli(tmp_path, *args)
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr
+    assert "error:" in done.stderr
+
+
+def test_docker_compose_refers_to_defined_things(repo_root: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((repo_root / "docker-compose.yml").read_text())
+    services: dict[str, dict[str, object]] = compose["services"]
+    volumes = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        depends = service.get("depends_on") or {}
+        assert isinstance(depends, dict | list)
+        for dependency in depends:
+            assert dependency in services, f"{name} depends on undefined {dependency}"
+        for mount in service.get("volumes") or []:  # type: ignore[attr-defined]
+            source = str(mount).split(":", 1)[0]
+            if not source.startswith((".", "/")):
+                assert source in volumes, f"{name} mounts undefined volume {source}"
+            elif source.startswith("."):
+                assert (repo_root / source).exists(), f"{name} mounts missing {source}"
+        build = service.get("build")
+        if build is not None:
+            context = build if isinstance(build, str) else build["context"]  # type: ignore[index]
+            assert (repo_root / str(context) / "Dockerfile").exists()
+    images = {str(s.get("image")) for s in services.values()}
+    assert "ghcr.io/tigerbeetle/tigerbeetle:0.17.9" in images
+    assert (
+        sum(
+            str(s.get("image")) == "ghcr.io/tigerbeetle/tigerbeetle:0.17.9"
+            for s in services.values()
+        )
+        == 3
+    )
+
+
+@workflow.defn(sandboxed=False)
+class _SleepsThreeDays:
+    @workflow.run
+    async def run(self) -> str:
+        await workflow.sleep(timedelta(days=3))
+        return "woke"
+
+
+async def test_shared_fixtures_reach_real_servers(
+    settings: Settings,
+    temporal_client: Client,
+    mongo_db: AsyncDatabase[dict[str, Any]],
+    redis_client: redis.asyncio.Redis,
+    tb_client: Any,
+    unique_id: Callable[..., str],
+) -> None:
+    key = unique_id("fixture")
+    assert key != unique_id("fixture")
+    assert settings.mongodb_database == mongo_db.name
+
+    await mongo_db["smoke"].insert_one({"_id": key})
+    assert await mongo_db["smoke"].count_documents({"_id": key}) == 1
+    await redis_client.set(key, "1", ex=60)
+    assert await redis_client.get(key) == b"1"
+    assert await tb_client.lookup_accounts([1]) == []
+    described = await temporal_client.workflow_service.get_system_info(GetSystemInfoRequest())
+    assert described.server_version
+
+
+async def test_time_skipping_env_skips_timers(time_skipping_env: WorkflowEnvironment) -> None:
+    client = time_skipping_env.client
+    started_s = time.monotonic()
+    async with Worker(client, task_queue="ts", workflows=[_SleepsThreeDays]):
+        result = await client.execute_workflow(
+            _SleepsThreeDays.run, id=f"sleep-{uuid.uuid4().hex}", task_queue="ts"
+        )
+    assert result == "woke"
+    assert time.monotonic() - started_s < 30
+
+
+def test_readme_documents_every_setting(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text()
+    head = readme.split("\n## ", 1)[0]
+    assert "make demo" in head and "make test" in head
+    assert "make test" in (repo_root / ".ci" / "run").read_text()
+    for name, (_, default) in {**ENVIRONMENT, **devstack.DEV_ENVIRONMENT}.items():
+        assert f"| `{name}` | `{default}` |" in readme, f"README lacks {name} (default {default})"

@@ -1,0 +1,282 @@
+"""MigrationWorkflow against a real Temporal dev server and MongoDB: every action, validator
+messages, rollback from each phase, auto-rollback, pause, continue-as-new, archive, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from pymongo.asynchronous.database import AsyncDatabase
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.worker import Replayer, Worker
+
+from activities.migration import BACKFILL_IMPORTS, RECONCILIATION_REPORTS, MigrationActivities
+from stores.audit_log import AuditLog
+from stores.migration_state import MigrationStateStore
+from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
+from walletcore.gates import GateThresholds
+from walletcore.phases import Phase
+from workers.migration_worker import migration_workflow_runner as workflow_runner
+from workflows.migration import MigrationWorkflow
+from workflows.migration_models import (
+    AdvanceRequest,
+    ForceAdvanceRequest,
+    GatesView,
+    MigrationConfig,
+    MigrationInput,
+    MigrationStatus,
+    PauseRequest,
+    RollbackRequest,
+    SetRolloutRequest,
+)
+
+WAIT_S = 30.0
+
+
+def unique_scope() -> str:
+    letters = random.choices(string.ascii_uppercase, k=8)
+    return f"{''.join(letters[:5])}:{''.join(letters[5:])}"
+
+
+def thresholds(**overrides: Any) -> GateThresholds:
+    base: dict[str, Any] = dict(
+        window_s=120, min_shadow_samples=20, min_cutover_samples=20, tb_primary_stable_s=1,
+        auto_rollback_min_samples=20,
+    )
+    base.update(overrides)
+    return GateThresholds(**base)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def migration_worker(
+    temporal_client: Client, mongo_db: AsyncDatabase[dict[str, Any]]
+) -> AsyncIterator[str]:
+    task_queue = f"migration-test-{uuid.uuid4().hex[:8]}"
+    acts = MigrationActivities(mongo_db)
+    await acts.ensure_indexes()
+    async with Worker(temporal_client, task_queue=task_queue, workflows=[MigrationWorkflow],
+                      activities=acts.all(), workflow_runner=workflow_runner()):
+        yield task_queue
+
+
+async def start(client: Client, task_queue: str, scope: str, tmp_path: Path,
+                **config: Any) -> WorkflowHandle[Any, MigrationStatus]:
+    cfg = MigrationConfig(
+        migration_id=f"m-{uuid.uuid4().hex[:10]}", scopes=[scope],
+        thresholds=config.pop("thresholds", thresholds()), evidence_interval_s=0.3,
+        state_cache_ttl_s=0, archive_dir=str(tmp_path / "archive"), **config,
+    )
+    return await client.start_workflow(
+        MigrationWorkflow.run, MigrationInput(config=cfg),
+        id=f"migration/{cfg.migration_id}", task_queue=task_queue,
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def gates_pass(handle: WorkflowHandle[Any, MigrationStatus]) -> None:
+    async def check() -> bool:
+        view: GatesView = await handle.query(MigrationWorkflow.gates)
+        return view.all_passed
+
+    await eventually(check, "gates to pass")
+
+
+async def seed_backfill_and_reconciliation(db: AsyncDatabase[Any], scope: str) -> None:
+    currency, country = scope.split(":")
+    key = f"c-{uuid.uuid4().hex[:6]}|{country}|{currency}|"
+    await db["wallets"].insert_one({"_id": key, "currency": currency, "country": country})
+    await db[BACKFILL_IMPORTS].insert_one({"_id": key, "status": "done", "version": 1})
+    await db[RECONCILIATION_REPORTS].insert_one({
+        "scope": scope, "finished_at": datetime.now(UTC), "match_rate": 1.0, "full": True,
+    })
+
+
+async def observe(db: AsyncDatabase[Any], scope: str, mode: ReadMode, outcome: ReadOutcome,
+                  n: int, *, tb_ms: float = 1.0, mongo_ms: float = 10.0) -> None:
+    store = ReadMetricsStore(db)
+    for _ in range(n):
+        store.record(ReadObservation(scope=scope, mode=mode, outcome=outcome, tb_ms=tb_ms,
+                                     mongo_ms=mongo_ms, at=datetime.now(UTC)))
+    await store.flush()
+
+
+async def expect_rejected(call: Awaitable[Any], *fragments: str) -> str:
+    with pytest.raises(WorkflowUpdateFailedError) as info:
+        await call
+    message = str(info.value.cause)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+async def test_full_migration_path(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    scope = unique_scope()
+    handle = await start(temporal_client, migration_worker, scope, tmp_path)
+    state_store = MigrationStateStore(mongo_db, cache_ttl_s=0)
+    audit = AuditLog(mongo_db)
+    mid = (await handle.query(MigrationWorkflow.status)).migration_id
+
+    status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest(actor="ana"))
+    assert status.phase == Phase.DUAL_WRITE and status.epoch == 1
+    published = await state_store.get(scope)
+    assert (published.phase, published.epoch, published.migration_id) == (
+        Phase.DUAL_WRITE, 1, mid)
+
+    # Unproven: no backfill, no reconciliation. Rejected with the gate, nothing written.
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.advance, AdvanceRequest(actor="ana")),
+        "gate backfill_complete: measured not complete, threshold complete",
+        "gate reconciliation_match_rate: measured no report",
+    )
+    assert (await state_store.get(scope)).epoch == 1
+    assert len(await audit.list(mid)) == 1
+
+    await seed_backfill_and_reconciliation(mongo_db, scope)
+    await gates_pass(handle)
+    status = await handle.execute_update(MigrationWorkflow.advance,
+                                         AdvanceRequest(actor="ana", reason="backfill done"))
+    assert status.phase == Phase.SHADOW_READ
+
+    await observe(mongo_db, scope, ReadMode.SHADOW, ReadOutcome.MATCH, 30)
+    await gates_pass(handle)
+    status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
+    assert (status.phase, status.rollout_percent) == (Phase.READ_CUTOVER, 10)
+
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.set_rollout, SetRolloutRequest(percent=50)),
+        "gate fallback_rate: measured no data over 0 cutover reads",
+    )
+    for expected in (50, 90, 100):
+        await observe(mongo_db, scope, ReadMode.CUTOVER, ReadOutcome.TB_SERVED, 25)
+        await gates_pass(handle)
+        status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
+        assert status.rollout_percent == expected
+    await gates_pass(handle)  # last full reconciliation = 100 %
+    status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
+    assert status.phase == Phase.TB_PRIMARY
+
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.advance, AdvanceRequest()), "confirm=true")
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.set_rollout, SetRolloutRequest(percent=10)),
+        "read_cutover only")
+    await gates_pass(handle)
+    status = await handle.execute_update(MigrationWorkflow.advance,
+                                         AdvanceRequest(confirm=True, actor="ana"))
+    assert status.phase == Phase.COMPLETE and status.archive is not None
+    assert Path(status.archive.path).exists() and len(status.archive.sha256) == 64
+    result = await handle.result()
+    assert result.phase == Phase.COMPLETE
+
+    entries = await audit.list(mid)
+    assert [e.to_phase for e in entries][-2:] == [Phase.TB_PRIMARY, Phase.COMPLETE]
+    assert entries[1].reason == "backfill done" and entries[1].actor == "ana"
+    assert any("gate" in g for g in entries[1].gates)
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    final = await state_store.get(scope)
+    assert (final.phase, final.epoch) == (Phase.COMPLETE, result.epoch)
+
+    desc = await handle.describe()
+    assert desc.typed_search_attributes is not None
+    phase_attr = [p.value for p in desc.typed_search_attributes
+                  if p.key.name == "MigrationPhase"]
+    assert phase_attr == ["complete"]
+
+    # Replay the whole history with the current code: deterministic.
+    history = await handle.fetch_history()
+    await Replayer(workflows=[MigrationWorkflow], workflow_runner=workflow_runner(),
+                   data_converter=temporal_client.data_converter).replay_workflow(history)
+
+
+async def test_rollback_from_every_phase(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    scope = unique_scope()
+    handle = await start(temporal_client, migration_worker, scope, tmp_path)
+    state_store = MigrationStateStore(mongo_db, cache_ttl_s=0)
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.rollback, RollbackRequest(to=Phase.LEGACY)),
+        "not earlier than the current phase legacy")
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.force_advance, ForceAdvanceRequest(reason=" ")),
+        "needs a reason")
+    epoch = 0
+    forward = [Phase.DUAL_WRITE, Phase.SHADOW_READ, Phase.READ_CUTOVER, Phase.TB_PRIMARY]
+    for i, phase in enumerate(forward):
+        while (await handle.query(MigrationWorkflow.status)).phase != phase:
+            await handle.execute_update(MigrationWorkflow.force_advance,
+                                        ForceAdvanceRequest(reason="test", confirm=False))
+            epoch += 1
+        back = Phase.LEGACY if i == 0 else forward[i - 1]
+        status = await handle.execute_update(
+            MigrationWorkflow.rollback, RollbackRequest(to=back, reason="drill"))
+        epoch += 1
+        assert status.phase == back and status.epoch == epoch
+        assert status.rollout_percent == (100 if back == Phase.READ_CUTOVER else 0)
+        published = await state_store.get(scope)
+        assert (published.phase, published.epoch) == (back, epoch)
+    status = await handle.query(MigrationWorkflow.status)
+    assert status.recent_actions[-1].action == "rollback"
+    await handle.terminate("test done")
+
+
+async def test_pause_auto_rollback_and_continue_as_new(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    scope = unique_scope()
+    handle = await start(temporal_client, migration_worker, scope, tmp_path,
+                         actions_per_run_max=3)
+    for _ in range(3):
+        await handle.execute_update(MigrationWorkflow.force_advance,
+                                    ForceAdvanceRequest(reason="to cutover", actor="bob"))
+    # actions_per_run_max=3: the run continues-as-new; state travels with it.
+    async def rotated() -> bool:
+        return (await handle.query(MigrationWorkflow.status)).runs >= 2
+
+    await eventually(rotated, "continue-as-new")
+    status = await handle.query(MigrationWorkflow.status)
+    assert (status.phase, status.rollout_percent, status.epoch) == (Phase.READ_CUTOVER, 10, 3)
+
+    await handle.execute_update(MigrationWorkflow.pause, PauseRequest(actor="bob"))
+    await expect_rejected(handle.execute_update(MigrationWorkflow.advance, AdvanceRequest()),
+                          "paused")
+    await expect_rejected(handle.execute_update(MigrationWorkflow.pause, PauseRequest()),
+                          "already paused")
+    # TigerBeetle failing: 30 of 30 cutover reads fell back. Paused = no automatic action.
+    await observe(mongo_db, scope, ReadMode.CUTOVER, ReadOutcome.FALLBACK_ERROR, 30)
+    await asyncio.sleep(1.0)
+    assert (await handle.query(MigrationWorkflow.status)).phase == Phase.READ_CUTOVER
+    await handle.execute_update(MigrationWorkflow.resume, PauseRequest(actor="bob"))
+
+    async def rolled_back() -> bool:
+        return (await handle.query(MigrationWorkflow.status)).phase == Phase.SHADOW_READ
+
+    await eventually(rolled_back, "automatic rollback")
+    status = await handle.query(MigrationWorkflow.status)
+    assert status.auto_rollbacks == 1
+    last = status.recent_actions[-1]
+    assert last.automatic and last.action == "auto_rollback"
+    assert "error rate 100% over 30 reads" in last.reason
+    entries = await AuditLog(mongo_db).list(status.migration_id)
+    assert entries[-1].automatic and entries[-1].actor == "migration-workflow"
+    await handle.terminate("test done")

@@ -1,0 +1,191 @@
+"""The phase-aware read router against real MongoDB, Redis and the TigerBeetle emulator:
+shadow comparisons (match / mismatch / in-flight), sticky cutover, fallback and breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest_asyncio
+import redis.asyncio
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from registries.account_registry import AccountRegistry
+from registries.transfer_registry import TransferRegistry
+from stores.legacy_store import LegacyStore
+from stores.migration_state import MigrationStateStore
+from stores.read_metrics import ReadMetricsStore, ReadOutcome
+from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
+from stores.tigerbeetle_store import TigerBeetleStore
+from walletcore.breaker import BreakerConfig, BreakerState
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit
+from walletcore.phases import MigrationState, Phase
+from walletcore.rollout import in_rollout
+from walletmig.config import Settings
+from walletmig.processes import free_port
+from walletmig.read_path import ReadPathConfig, ReadRouter
+
+
+@dataclass
+class Env:
+    legacy: LegacyStore
+    tb: TigerBeetleStore
+    dead_tb: TigerBeetleStore
+    state: MigrationStateStore
+    metrics: ReadMetricsStore
+    epoch: int = 0
+
+    async def set_phase(self, scope: str, phase: Phase, rollout: int = 0) -> None:
+        self.epoch += 1
+        await self.state.set(MigrationState(scope=scope, phase=phase, rollout_percent=rollout,
+                                            epoch=self.epoch))
+
+    def router(self, *, dead: bool = False, **config: Any) -> ReadRouter:
+        return ReadRouter(self.legacy, self.dead_tb if dead else self.tb, self.state,
+                          self.metrics, config=ReadPathConfig(**config))
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(
+    settings: Settings, mongo_db: AsyncDatabase[dict[str, Any]],
+    mongo_client: AsyncMongoClient[dict[str, Any]], redis_client: redis.asyncio.Redis,
+) -> AsyncIterator[Env]:
+    live: TigerBeetleClient = connect_tigerbeetle(settings.tb_addresses, timeout_s=5)
+    dead: TigerBeetleClient = connect_tigerbeetle(f"tbemu://127.0.0.1:{free_port()}",
+                                                  timeout_s=0.3)
+    accounts = AccountRegistry(mongo_db, redis_client)
+    transfers = TransferRegistry(mongo_db)
+    legacy = LegacyStore(mongo_db)
+    for store in (accounts, transfers, legacy):
+        await store.ensure_indexes()
+    # Migration state in a database of its own: this test's phases must not steer the
+    # session's other tests that share the ledger pairs.
+    state_db = mongo_client[f"readpath_{uuid.uuid4().hex[:8]}"]
+    try:
+        yield Env(legacy=legacy, tb=TigerBeetleStore(live, accounts, transfers),
+                  dead_tb=TigerBeetleStore(dead, accounts, transfers),
+                  state=MigrationStateStore(state_db, cache_ttl_s=0),
+                  metrics=ReadMetricsStore(mongo_db))
+    finally:
+        await live.close()
+        await dead.close()
+
+
+async def make_wallet(env: Env, unique_id: Callable[..., str], *, tb_too: bool = True,
+                      client: str | None = None) -> WalletKey:
+    wallet = WalletKey(client_id=client or unique_id("rp"), country="USA", currency="USD")
+    op = AddCredit(wallet=wallet, transaction_id=unique_id("tx"), amount=Decimal("10.00"))
+    await env.legacy.add_credit(op)
+    if tb_too:
+        await env.tb.add_credit(op)
+    return wallet
+
+
+async def outcomes(env: Env, wallet: WalletKey) -> list[str]:
+    await env.metrics.flush()
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    col = env.metrics._collection
+    return [d["outcome"] async for d in col.find({"wallet": wallet.canonical,
+                                                   "at": {"$gte": since}}).sort("at", 1)]
+
+
+async def test_legacy_and_dual_write_read_mongodb(env: Env, unique_id: Callable[..., str]) -> None:
+    wallet = await make_wallet(env, unique_id)
+    router = env.router()
+    for phase in (Phase.LEGACY, Phase.DUAL_WRITE):
+        await env.set_phase("USD:USA", phase)
+        assert (await router.get_balance(wallet)).source == "mongodb"
+    assert await outcomes(env, wallet) == []
+
+
+async def test_shadow_match_mismatch_and_in_flight(env: Env,
+                                                   unique_id: Callable[..., str]) -> None:
+    await env.set_phase("USD:USA", Phase.SHADOW_READ)
+    router = env.router(recheck_delay_ms=50, rechecks_max=2)
+    same = await make_wallet(env, unique_id)
+    answer = await router.get_balance(same)
+    assert answer.source == "mongodb" and answer.credit == Decimal("10.00")
+    await router.drain()
+    assert await outcomes(env, same) == ["match"]
+
+    # MongoDB ahead of TigerBeetle for good: a real mismatch, named field by field.
+    ahead = await make_wallet(env, unique_id)
+    await env.legacy.add_credit(AddCredit(wallet=ahead, transaction_id=unique_id("tx"),
+                                          amount=Decimal("1.00")))
+    await router.get_balance(ahead)
+    await router.drain()
+    assert await outcomes(env, ahead) == ["mismatch"]
+    docs = [d async for d in env.metrics._collection.find({"wallet": ahead.canonical})]
+    assert "credit: mongodb 11.00 tigerbeetle 10.00" in docs[0]["detail"]
+
+    # TigerBeetle catches up during the re-check: in flight, not a mismatch.
+    lagging = await make_wallet(env, unique_id)
+    op = AddCredit(wallet=lagging, transaction_id=unique_id("tx"), amount=Decimal("2.50"))
+    await env.legacy.add_credit(op)
+    slow = env.router(recheck_delay_ms=200, rechecks_max=3)
+    await slow.get_balance(lagging)
+    await asyncio.sleep(0.05)
+    await env.tb.add_credit(op)  # the backlog applies it
+    await slow.drain()
+    assert await outcomes(env, lagging) == ["in_flight"]
+
+    # A pending-backlog oracle classifies at once.
+    async def one_pending(_: WalletKey) -> int:
+        return 1
+
+    pending = await make_wallet(env, unique_id, tb_too=False)
+    oracle = ReadRouter(env.legacy, env.tb, env.state, env.metrics, pending_ops=one_pending)
+    await oracle.get_balance(pending)
+    await oracle.drain()
+    assert await outcomes(env, pending) == ["in_flight"]
+
+    # TigerBeetle down: MongoDB still answers; the shadow read records tb_error.
+    dead = env.router(dead=True, shadow_timeout_ms=300)
+    assert (await dead.get_balance(same)).source == "mongodb"
+    await dead.drain()
+    assert (await outcomes(env, same))[-1] == "tb_error"
+
+
+async def test_cutover_is_sticky_and_falls_back(env: Env, unique_id: Callable[..., str]) -> None:
+    inside = next(c for c in (unique_id("in") for _ in range(1000)) if in_rollout(c, 50))
+    outside = next(c for c in (unique_id("out") for _ in range(1000)) if not in_rollout(c, 50))
+    w_in = await make_wallet(env, unique_id, client=inside)
+    w_out = await make_wallet(env, unique_id, client=outside)
+    await env.set_phase("USD:USA", Phase.READ_CUTOVER, 50)
+    router = env.router()
+    for _ in range(3):
+        assert (await router.get_balance(w_in)).source == "tigerbeetle"
+        assert (await router.get_balance(w_out)).source == "mongodb"
+    assert await outcomes(env, w_in) == ["tb_served"] * 3
+
+    # TigerBeetle unreachable: MongoDB answers; after 2 failures the circuit opens and reads
+    # skip TigerBeetle without waiting for its timeout.
+    broken = env.router(dead=True, tb_timeout_ms=300,
+                        breaker=BreakerConfig(failure_threshold=2, open_ms=60_000))
+    for _ in range(4):
+        answer = await broken.get_balance(w_in)
+        assert answer.source == "mongodb" and answer.credit == Decimal("10.00")
+    assert broken.breaker.state == BreakerState.OPEN
+    assert (await outcomes(env, w_in))[3:] == ["fallback_error"] * 2 + ["fallback_open"] * 2
+
+    summary = await env.metrics.summary(["USD:USA"], datetime.now(UTC) - timedelta(minutes=1))
+    assert summary.count(ReadOutcome.FALLBACK_OPEN) >= 2 and summary.tb_p95_ms is not None
+
+
+async def test_tb_primary_and_complete_read_tigerbeetle(env: Env,
+                                                        unique_id: Callable[..., str]) -> None:
+    wallet = await make_wallet(env, unique_id)
+    await env.set_phase("USD:USA", Phase.TB_PRIMARY, 100)
+    router = env.router()
+    assert (await router.get_balance(wallet)).source == "tigerbeetle"
+    dead = env.router(dead=True, tb_timeout_ms=300)
+    assert (await dead.get_balance(wallet)).source == "mongodb"  # reverse projection fallback
+    await env.set_phase("USD:USA", Phase.COMPLETE, 100)
+    assert (await router.get_balance(wallet)).source == "tigerbeetle"

@@ -1,0 +1,177 @@
+"""Property tests of walletcore.reconcile: the I/O-free comparison and classification logic."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from walletcore.balances import MinorBalance
+from walletcore.codes import CUSTOMER_ACCOUNT_CODE
+from walletcore.reconcile import (
+    FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS,
+    FLAG_HISTORY,
+    AccountView,
+    ExpectedTransfer,
+    IssueKind,
+    OpEffect,
+    RegistryView,
+    TransferView,
+    Verdict,
+    alerts,
+    apply_effects,
+    check_conservation,
+    check_transfer,
+    check_wallet_account,
+    classify,
+    covered_by_opening,
+    diff_balances,
+    match_rate,
+    opening_plan,
+    plan_to_reach,
+)
+
+AMOUNT = st.integers(min_value=1, max_value=10**15)
+effects = st.lists(
+    st.builds(OpEffect, kind=st.sampled_from(["credit", "debit"]), amount_minor=AMOUNT),
+    max_size=12,
+)
+
+
+@st.composite
+def balances(draw: st.DrawFn) -> MinorBalance:
+    credits = draw(st.integers(min_value=0, max_value=10**16))
+    debits = draw(st.integers(min_value=0, max_value=10**16))
+    return MinorBalance.from_posted(credits, debits)
+
+
+@given(balances())
+def test_opening_plan_reaches_the_balance(balance: MinorBalance) -> None:
+    plan = opening_plan(balance)
+    assert plan.credit_minor == balance.historical_credit_minor
+    assert MinorBalance.from_posted(plan.credit_minor, plan.debit_minor) == balance
+
+
+@given(st.integers(0, 10**12), st.integers(0, 10**12), balances())
+def test_plan_to_reach_is_exact_or_none(credits: int, debits: int, target: MinorBalance) -> None:
+    plan = plan_to_reach(credits, debits, target)
+    target_debits = target.historical_credit_minor - target.net_minor
+    if credits > target.historical_credit_minor or debits > target_debits:
+        assert plan is None
+    else:
+        assert plan is not None
+        reached = MinorBalance.from_posted(credits + plan.credit_minor, debits + plan.debit_minor)
+        assert reached == target
+
+
+@given(balances(), effects, effects)
+def test_apply_effects_is_order_free(start: MinorBalance, a: list[OpEffect], b: list[OpEffect]) -> None:
+    assert apply_effects(apply_effects(start, a), b) == apply_effects(start, b + a)
+
+
+@given(balances(), effects)
+def test_backlog_explains_a_lagging_tigerbeetle(tb: MinorBalance, pending: list[OpEffect]) -> None:
+    legacy = apply_effects(tb, pending)
+    result = classify(legacy, tb, legacy_only=pending)
+    if legacy == tb:
+        assert result.verdict == Verdict.MATCH
+    else:
+        assert result.verdict == Verdict.IN_FLIGHT
+        assert result.explained_by == "backlog"
+
+
+@given(balances(), effects)
+def test_reverse_projection_explains_a_lagging_legacy(legacy: MinorBalance,
+                                                      pending: list[OpEffect]) -> None:
+    tb = apply_effects(legacy, pending)
+    result = classify(legacy, tb, tigerbeetle_only=pending)
+    assert result.verdict == (Verdict.MATCH if legacy == tb else Verdict.IN_FLIGHT)
+
+
+@given(balances(), st.integers(1, 10**6))
+def test_unexplained_difference_is_real(balance: MinorBalance, extra: int) -> None:
+    edited = apply_effects(balance, [OpEffect(kind="credit", amount_minor=extra)])
+    result = classify(edited, balance)
+    assert result.verdict == Verdict.REAL
+    assert result.max_diff_minor >= extra
+    # a backlog that does not close the gap does not excuse it either
+    wrong = [OpEffect(kind="debit", amount_minor=extra)]
+    assert classify(edited, balance, legacy_only=wrong).verdict == Verdict.REAL
+
+
+def test_stuck_backlog_is_real() -> None:
+    tb = MinorBalance.from_posted(100, 0)
+    pending = [OpEffect(kind="credit", amount_minor=5, age_s=3600)]
+    legacy = apply_effects(tb, pending)
+    result = classify(legacy, tb, legacy_only=pending, in_flight_max_age_s=300)
+    assert result.verdict == Verdict.REAL
+    assert "stuck" in result.reason
+
+
+def test_missing_account_with_backlog_is_in_flight_and_without_is_real() -> None:
+    legacy = MinorBalance.from_posted(500, 200)
+    ops = [OpEffect(kind="credit", amount_minor=500), OpEffect(kind="debit", amount_minor=200)]
+    assert classify(legacy, None, legacy_only=ops).verdict == Verdict.IN_FLIGHT
+    assert classify(legacy, None).verdict == Verdict.REAL
+    zero = MinorBalance.from_posted(0, 0)
+    assert classify(zero, None).verdict == Verdict.REAL  # the account itself is missing
+
+
+@given(balances(), balances())
+def test_diff_balances_is_empty_iff_equal(a: MinorBalance, b: MinorBalance) -> None:
+    assert (diff_balances(a, b) == []) == (a == b)
+
+
+def test_covered_by_opening() -> None:
+    assert covered_by_opening(3, 5) and covered_by_opening(5, 5)
+    assert not covered_by_opening(6, 5) and not covered_by_opening(1, None)
+
+
+def test_wallet_account_checks() -> None:
+    good_registry = RegistryView(account_id=7, ledger=1, allow_overdraft=False)
+    good_account = AccountView(id=7, ledger=1, code=CUSTOMER_ACCOUNT_CODE,
+                               flags=FLAG_HISTORY | FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS,
+                               credits_posted=0, debits_posted=0)
+    assert check_wallet_account("w", expected_ledger=1, allow_overdraft=False,
+                                registry=good_registry, account=good_account) == []
+    kinds = {f.kind for f in check_wallet_account("w", expected_ledger=1, allow_overdraft=False,
+                                                   registry=None, account=None)}
+    assert kinds == {IssueKind.MISSING_REGISTRY}
+    kinds = {f.kind for f in check_wallet_account("w", expected_ledger=1, allow_overdraft=True,
+                                                   registry=good_registry, account=None)}
+    assert kinds == {IssueKind.REGISTRY_MISMATCH, IssueKind.MISSING_TB_ACCOUNT}
+    found = check_wallet_account("w", expected_ledger=1, allow_overdraft=True,
+                                 registry=RegistryView(account_id=7, ledger=1,
+                                                       allow_overdraft=True),
+                                 account=good_account)
+    assert [f.kind for f in found] == [IssueKind.ACCOUNT_MISMATCH]
+
+
+def test_transfer_checks() -> None:
+    expected = ExpectedTransfer(transaction_id="t1", id=9, debit_account_id=1,
+                                credit_account_id=2, amount=100, code=1)
+    same = TransferView(id=9, debit_account_id=1, credit_account_id=2, amount=100, code=1)
+    assert check_transfer(expected, same) == []
+    assert check_transfer(expected, None)[0].kind == IssueKind.MISSING_TRANSFER
+    bad = same.model_copy(update={"amount": 101})
+    (finding,) = check_transfer(expected, bad)
+    assert finding.kind == IssueKind.TRANSFER_MISMATCH and "amount" in finding.detail
+
+
+@given(st.lists(st.integers(-10**12, 10**12), max_size=20), st.integers(0, 10**6))
+def test_conservation(customer_nets: list[int], drift: int) -> None:
+    total = sum(customer_nets)
+    system = {"RESERVE": -total - 7, "SPEND": 7}
+    assert check_conservation(1, customer_net_minor=total, system_nets_minor=system).ok
+    off = check_conservation(1, customer_net_minor=total + drift + 1, system_nets_minor=system,
+                             activity_minor=drift)
+    assert not off.ok and off.imbalance_minor == drift + 1
+
+
+def test_rates_and_alerts() -> None:
+    assert match_rate(0, 0) == 1.0
+    assert match_rate(10_000, 1) == 0.9999
+    assert alerts(rate=0.9999) == []
+    assert len(alerts(rate=0.9998)) == 1
+    assert alerts(rate=1.0, max_real_diff_minor=1) == []
+    assert len(alerts(rate=1.0, max_real_diff_minor=2, findings=1,
+                      conservation_failures=1)) == 3

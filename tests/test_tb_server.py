@@ -1,0 +1,436 @@
+"""The TigerBeetle emulator server process, its log and its client adapter.
+
+Every test starts its own emulator process(es) on free ports and stops them by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tigerbeetle as tb
+
+from stores.tigerbeetle_client import TimeoutClientAsync, connect_tigerbeetle
+from tb_emulator import wire
+from tb_emulator.client import (
+    EmulatorClientAsync,
+    EmulatorClientSync,
+    RequestTimeoutError,
+    parse_address,
+)
+from tb_emulator.server import EmulatorProcess, EmulatorServer
+from tb_emulator.wal import FILE_HEADER, RECORD_HEADER, WriteAheadLog
+
+CREATED = tb.CreateTransferStatus.CREATED
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Iterator[str]:
+    yield str(tmp_path / "data.tbemu")
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture
+def emulator(data_file: str) -> Iterator[EmulatorProcess]:
+    process = EmulatorProcess(data_file).start()
+    yield process
+    process.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def accounts(*ids: int) -> list[tb.Account]:
+    return [tb.Account(id=i, ledger=1, code=1, flags=tb.AccountFlags.HISTORY) for i in ids]
+
+
+def transfer(tid: int, debit: int, credit: int, amount: int, flags: int = 0) -> tb.Transfer:
+    return tb.Transfer(id=tid, debit_account_id=debit, credit_account_id=credit, amount=amount,
+                       ledger=1, code=1, flags=flags)
+
+
+def state(client: EmulatorClientSync, account_ids: list[int], transfer_ids: list[int]) -> tuple:
+    return client.lookup_accounts(account_ids), client.lookup_transfers(transfer_ids)
+
+
+def count_records(path: str) -> int:
+    wal = WriteAheadLog(path)
+    try:
+        return sum(1 for _ in wal.recover())
+    finally:
+        wal.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Durability
+# ------------------------------------------------------------------------------------------
+
+
+async def test_ack_means_fsynced(data_file: str) -> None:
+    """In-process server: record what each write+fdatasync covered; a create's reply must only
+    arrive once a sync covering its log record has returned."""
+    server = EmulatorServer(data_file)
+    await server.start()
+    wal = server._wal
+    assert wal is not None
+    synced_sizes: list[int] = []
+    real_append_sync = wal.append_sync
+
+    def recording_append_sync(chunks: list[bytes]) -> None:
+        real_append_sync(chunks)  # The real write + fdatasync.
+        synced_sizes.append(wal.size)
+
+    wal.append_sync = recording_append_sync  # type: ignore[method-assign]
+    client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}")
+    try:
+        assert all(r.status == CREATED for r in await client.create_accounts(accounts(1, 2)))
+        for i in range(5):
+            sizes_before = len(synced_sizes)
+            size_on_disk_before = os.path.getsize(data_file)
+            results = await client.create_transfers([transfer(100 + i, 1, 2, 10)])
+            assert results[0].status == CREATED
+            assert len(synced_sizes) > sizes_before, "replied before any fsync"
+            assert synced_sizes[-1] == os.path.getsize(data_file) > size_on_disk_before
+        # Concurrent creates share fsyncs (group commit) but are all durable when answered.
+        syncs_before = len(synced_sizes)
+        batch = [client.create_transfers([transfer(200 + i, 1, 2, 1)]) for i in range(50)]
+        for results in await asyncio.gather(*batch):
+            assert results[0].status == CREATED
+        syncs = len(synced_sizes) - syncs_before
+        assert 1 <= syncs <= 50
+    finally:
+        await client.close()
+        await server.close()
+    assert count_records(data_file) == 1 + 5 + 50
+
+
+def test_restart_recovers_exact_state(data_file: str) -> None:
+    process = EmulatorProcess(data_file).start()
+    try:
+        with EmulatorClientSync(0, process.address) as client:
+            client.create_accounts(accounts(1, 2, 3))
+            client.create_transfers([transfer(10, 1, 2, 5), transfer(11, 2, 3, 7)])
+            pending = tb.Transfer(id=12, debit_account_id=1, credit_account_id=3, amount=4,
+                                  ledger=1, code=1, flags=tb.TransferFlags.PENDING, timeout=3600)
+            client.create_transfers([pending])
+            failed = client.create_transfers([transfer(13, 1, 99, 1)])  # Burns id 13.
+            assert failed[0].status == tb.CreateTransferStatus.CREDIT_ACCOUNT_NOT_FOUND
+            before = state(client, [1, 2, 3], [10, 11, 12, 13])
+            balances_before = client.get_account_balances(tb.AccountFilter(
+                account_id=1, user_data_128=0, user_data_64=0, user_data_32=0, code=0,
+                timestamp_min=0, timestamp_max=0, limit=100,
+                flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS))
+        process.kill()  # kill -9
+        process.start()
+        assert "recovered_requests=4" in process.ready_line
+        with EmulatorClientSync(0, process.address) as client:
+            assert state(client, [1, 2, 3], [10, 11, 12, 13]) == before
+            assert client.get_account_balances(tb.AccountFilter(
+                account_id=1, user_data_128=0, user_data_64=0, user_data_32=0, code=0,
+                timestamp_min=0, timestamp_max=0, limit=100,
+                flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS,
+            )) == balances_before
+            again = client.create_transfers([transfer(13, 1, 2, 1)])
+            assert again[0].status == tb.CreateTransferStatus.ID_ALREADY_FAILED
+            # New timestamps continue after the recovered ones.
+            new = client.create_transfers([transfer(14, 1, 2, 1)])
+            assert new[0].timestamp > max(t.timestamp for t in before[1])
+    finally:
+        process.kill()
+
+
+def _write_requests(data_file: str, count: int) -> tuple[list[tb.Account], list[tb.Transfer]]:
+    process = EmulatorProcess(data_file).start()
+    try:
+        with EmulatorClientSync(0, process.address) as client:
+            client.create_accounts(accounts(1, 2))
+            for i in range(count - 1):
+                assert client.create_transfers([transfer(100 + i, 1, 2, 1)])[0].status == CREATED
+            return client.lookup_accounts([1, 2]), client.lookup_transfers(
+                [100 + i for i in range(count - 1)])
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut_mid_record", "flipped_byte", "huge_length"])
+def test_torn_or_corrupt_tail_is_truncated(data_file: str, damage: str) -> None:
+    accounts_before, transfers_before = _write_requests(data_file, 4)
+    good_size = os.path.getsize(data_file)
+    last_record = RECORD_HEADER.size + wire.TRANSFERS.event_size
+    expected_records = 4
+    with open(data_file, "r+b") as f:
+        if damage == "garbage":
+            f.seek(0, os.SEEK_END)
+            f.write(os.urandom(1000))
+        elif damage == "cut_mid_record":
+            f.truncate(good_size - 10)
+            expected_records = 3
+        elif damage == "flipped_byte":
+            f.seek(good_size - 5)
+            byte = f.read(1)
+            f.seek(good_size - 5)
+            f.write(bytes([byte[0] ^ 0xFF]))
+            expected_records = 3
+        else:  # A length field pointing far beyond the file.
+            f.seek(0, os.SEEK_END)
+            f.write(struct.pack("<IIQI", 0xFFFFFF, 0, 0, 0))
+    process = EmulatorProcess(data_file).start()
+    try:
+        assert f"recovered_requests={expected_records}" in process.ready_line
+        valid = good_size if expected_records == 4 else good_size - last_record
+        assert os.path.getsize(data_file) == valid  # Tail truncated on disk.
+        with EmulatorClientSync(0, process.address) as client:
+            ids = [t.id for t in transfers_before]
+            found = client.lookup_transfers(ids)
+            if expected_records == 4:
+                assert found == transfers_before
+                assert client.lookup_accounts([1, 2]) == accounts_before
+            else:
+                assert found == transfers_before[:-1]  # The damaged request is gone whole.
+            # The log keeps working after truncation.
+            assert client.create_transfers([transfer(999, 1, 2, 1)])[0].status == CREATED
+        process.kill()
+        process.start()
+        assert f"recovered_requests={expected_records + 1}" in process.ready_line
+    finally:
+        process.kill()
+
+
+def test_refuses_foreign_file(data_file: str) -> None:
+    Path(data_file).write_bytes(b"this is not an emulator log, do not touch" * 10)
+    process = EmulatorProcess(data_file, startup_timeout_s=20)
+    with pytest.raises(RuntimeError, match="not a tb_emulator"):
+        process.start()
+    assert Path(data_file).read_bytes().startswith(b"this is not")
+
+
+def test_second_server_on_same_file_is_refused(emulator: EmulatorProcess) -> None:
+    other = EmulatorProcess(emulator.data_file, startup_timeout_s=20)
+    with pytest.raises(RuntimeError, match="in use"):
+        other.start()
+
+
+# ------------------------------------------------------------------------------------------
+# Malformed input on the socket
+# ------------------------------------------------------------------------------------------
+
+
+def _raw(address: tuple[str, int], payload: bytes) -> list[tuple[int, int, int, int, bytes]]:
+    """Sends raw bytes, returns every reply frame until the server closes or goes quiet."""
+    replies = []
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(payload)
+        sock.settimeout(1.0)
+        buf = b""
+        try:
+            while True:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            pass
+    while len(buf) >= wire.HEADER_SIZE:
+        size, rid, op, status, version = wire.HEADER.unpack_from(buf)
+        body = buf[wire.HEADER_SIZE:wire.HEADER_SIZE + size]
+        replies.append((rid, op, status, version, body))
+        buf = buf[wire.HEADER_SIZE + size:]
+    return replies
+
+
+def _frame(rid: int, op: int, body: bytes, version: int = wire.VERSION) -> bytes:
+    return wire.HEADER.pack(len(body), rid, op, 0, version) + body
+
+
+def test_malformed_frames_get_error_replies(emulator: EmulatorProcess) -> None:
+    address = ("127.0.0.1", emulator.port)
+    with EmulatorClientSync(0, emulator.address) as client:
+        client.create_accounts(accounts(1, 2))
+        client.create_transfers([transfer(10, 1, 2, 3)])
+    S = wire.Status
+    # Recoverable errors: the connection stays usable, in order.
+    replies = _raw(address, b"".join([
+        _frame(1, 99, b"x" * 16),  # unknown operation
+        _frame(2, wire.Op.CREATE_TRANSFERS, b"x" * 100),  # not a multiple of 128
+        _frame(3, wire.Op.QUERY_ACCOUNTS, b"\0" * 2 * wire.QUERY_FILTER.size),  # two filters
+        _frame(4, wire.Op.LOOKUP_ACCOUNTS, b"\0" * 16 * 8190),  # > 8189 events
+        _frame(5, wire.Op.LOOKUP_ACCOUNTS, (1).to_bytes(16, "little")),  # fine
+    ]))
+    assert [(r[0], r[2]) for r in replies] == [
+        (1, S.INVALID_OPERATION), (2, S.INVALID_DATA_SIZE), (3, S.INVALID_DATA_SIZE),
+        (4, S.TOO_MUCH_DATA), (5, S.OK)]
+    assert wire.unpack_accounts(replies[4][4])[0].id == 1
+    # Unrecoverable framing: error reply, then the server hangs up.
+    for payload in (
+        _frame(7, wire.Op.LOOKUP_ACCOUNTS, b"", version=99),
+        wire.HEADER.pack(wire.BODY_SIZE_MAX + 1, 8, wire.Op.CREATE_TRANSFERS, 0, wire.VERSION),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        replies = _raw(address, payload)
+        assert len(replies) == 1 and replies[0][2] == S.MALFORMED
+    # Garbage, truncated frames and abrupt disconnects do not hurt the server or the log.
+    for _ in range(20):
+        _raw(address, os.urandom(200))
+    with socket.create_connection(address) as sock:
+        sock.sendall(_frame(9, wire.Op.CREATE_TRANSFERS, b"\0" * 128)[:-50])
+    with EmulatorClientSync(0, emulator.address) as client:
+        assert client.lookup_transfers([10])[0].amount == 3
+        assert client.create_transfers([transfer(11, 1, 2, 4)])[0].status == CREATED
+    emulator.kill()
+    emulator.start()
+    assert "recovered_requests=3" in emulator.ready_line
+    with EmulatorClientSync(0, emulator.address) as client:
+        assert [t.id for t in client.lookup_transfers([10, 11])] == [10, 11]
+
+
+def test_batch_limits(emulator: EmulatorProcess) -> None:
+    with EmulatorClientSync(0, emulator.address) as client:
+        with pytest.raises(tb.TooMuchDataError):
+            client.create_transfers([transfer(i + 1, 1, 2, 1) for i in range(8190)])
+        with pytest.raises(tb.TooMuchDataError):
+            client.lookup_accounts(list(range(1, 8191)))
+        with pytest.raises(tb.TooMuchDataError):
+            client.query_accounts(tb.QueryFilter(
+                user_data_128=0, user_data_64=0, user_data_32=0, ledger=0, code=0,
+                timestamp_min=0, timestamp_max=0, limit=8190, flags=tb.QueryFilterFlags.NONE))
+        client.create_accounts(accounts(1, 2))
+        results = client.create_transfers([transfer(i + 1, 1, 2, 1) for i in range(8189)])
+        assert len(results) == 8189 and all(r.status == CREATED for r in results)
+        assert [r.timestamp for r in results] == list(
+            range(results[0].timestamp, results[0].timestamp + 8189))
+        assert len(client.lookup_transfers(list(range(1, 8190)))) == 8189
+        assert client.create_transfers([]) == []
+
+
+def test_client_validates_like_the_real_client(emulator: EmulatorProcess) -> None:
+    with EmulatorClientSync(0, emulator.address) as client:
+        with pytest.raises(tb.IntegerOverflowError, match="id==.* too large to fit in 128"):
+            client.create_accounts([tb.Account(id=1 << 128, ledger=1, code=1)])
+        with pytest.raises(tb.IntegerOverflowError, match="amount==-1 cannot be negative"):
+            client.create_transfers([transfer(1, 1, 2, -1)])
+        with pytest.raises(tb.IntegerOverflowError, match="code==65536"):
+            client.create_accounts([tb.Account(id=1, ledger=1, code=65536)])
+        with pytest.raises(tb.IntegerOverflowError, match="ledger"):
+            client.create_transfers([tb.Transfer(id=1, ledger=1 << 32)])
+        with pytest.raises(TypeError):
+            client.create_transfers([tb.Transfer(id=1, amount=1.5)])  # type: ignore[arg-type]
+        with pytest.raises(tb.IntegerOverflowError, match="limit"):
+            client.query_transfers(tb.QueryFilter(
+                user_data_128=0, user_data_64=0, user_data_32=0, ledger=0, code=0,
+                timestamp_min=0, timestamp_max=0, limit=-1, flags=tb.QueryFilterFlags.NONE))
+        # Like the real client (ctypes), lookups wrap ids instead of range-checking them.
+        assert client.lookup_accounts([(1 << 128) + 5]) == []
+        # The valid events in a failed batch were never sent.
+        assert client.lookup_accounts([1]) == []
+        assert client.create_accounts(accounts(1))[0].status == tb.CreateAccountStatus.CREATED
+        # 128-bit values round-trip exactly.
+        big = (1 << 128) - 2
+        client.create_accounts([tb.Account(id=big, user_data_128=big, user_data_64=(1 << 64) - 1,
+                                           user_data_32=(1 << 32) - 1, ledger=(1 << 32) - 1,
+                                           code=65535, flags=tb.AccountFlags.HISTORY)])
+        (acct,) = client.lookup_accounts([big])
+        assert (acct.user_data_128, acct.user_data_64, acct.code) == (big, (1 << 64) - 1, 65535)
+        assert isinstance(acct.flags, tb.AccountFlags)
+
+
+# ------------------------------------------------------------------------------------------
+# Client adapter: timeouts, reconnects, factory
+# ------------------------------------------------------------------------------------------
+
+
+async def test_timeout_when_server_down() -> None:
+    address = f"127.0.0.1:{free_port()}"  # Nothing listens there.
+    client = EmulatorClientAsync(0, address, timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(RequestTimeoutError) as info:
+        await client.lookup_accounts([1])
+    assert isinstance(info.value, TimeoutError)
+    assert 0.4 < time.monotonic() - started < 3
+    await client.close()
+    with EmulatorClientSync(0, address, timeout_s=0.5) as sync_client:
+        with pytest.raises(RequestTimeoutError):
+            sync_client.lookup_accounts([1])
+
+
+async def test_timeout_when_server_hangs(emulator: EmulatorProcess) -> None:
+    client = EmulatorClientAsync(0, emulator.address, timeout_s=0.5)
+    try:
+        await client.create_accounts(accounts(1, 2))
+        os.kill(emulator.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeoutError):
+                await client.lookup_accounts([1])
+        finally:
+            os.kill(emulator.pid, signal.SIGCONT)
+        assert (await client.lookup_accounts([1]))[0].id == 1
+    finally:
+        await client.close()
+
+
+async def test_reconnects_after_restart(emulator: EmulatorProcess) -> None:
+    client = EmulatorClientAsync(0, emulator.address, timeout_s=10)
+    try:
+        await client.create_accounts(accounts(1, 2))
+        emulator.kill()
+        # Restart on the same port while a request is waiting: it is resent, not lost.
+        pending = asyncio.ensure_future(client.create_transfers([transfer(5, 1, 2, 9)]))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(emulator.start)
+        assert (await pending)[0].status == CREATED
+        assert (await client.lookup_transfers([5]))[0].amount == 9
+    finally:
+        await client.close()
+    with pytest.raises(tb.ClientClosedError):
+        await client.lookup_accounts([1])
+
+
+async def test_concurrent_requests_on_one_connection(emulator: EmulatorProcess) -> None:
+    client = EmulatorClientAsync(0, emulator.address)
+    try:
+        await client.create_accounts(accounts(*range(1, 11)))
+        jobs = [client.create_transfers([transfer(1000 + i, 1 + i % 10, 1 + (i + 1) % 10, 1)])
+                for i in range(200)]
+        jobs += [client.lookup_accounts([1 + i % 10]) for i in range(100)]
+        results = await asyncio.gather(*jobs)
+        assert all(r[0].status == CREATED for r in results[:200])
+        assert all(len(r) == 1 for r in results[200:])
+        totals = await client.lookup_accounts(list(range(1, 11)))
+        assert sum(a.debits_posted for a in totals) == 200 == sum(a.credits_posted for a in totals)
+    finally:
+        await client.close()
+
+
+async def test_connect_tigerbeetle_factory(emulator: EmulatorProcess) -> None:
+    client = connect_tigerbeetle(f"tbemu://{emulator.address}", timeout_s=5)
+    assert isinstance(client, EmulatorClientAsync)
+    try:
+        created = await client.create_accounts(accounts(7))
+        assert created[0].status == tb.CreateAccountStatus.CREATED
+    finally:
+        await client.close()
+    assert parse_address("tbemu://127.0.0.1:3001") == ("127.0.0.1", 3001)
+    assert parse_address("3001") == ("127.0.0.1", 3001)
+    # Anything else is the real client, with a timeout around every call.
+    real = connect_tigerbeetle(f"tigerbeetle://127.0.0.1:{free_port()}", timeout_s=0.5)
+    assert isinstance(real, TimeoutClientAsync)
+    try:
+        with pytest.raises(RequestTimeoutError):
+            await real.lookup_accounts([1])
+    finally:
+        await real.close()
+
+
+def test_file_header_layout() -> None:
+    assert FILE_HEADER.size == 16 and RECORD_HEADER.size == 20

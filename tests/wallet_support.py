@@ -1,0 +1,152 @@
+"""Helpers for the wallet workflow tests: an isolated store set, a worker, a TB emulator process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from temporalio.client import Client
+
+from activities.wallet import WalletActivities
+from walletcore.errors import NotFoundError
+from walletcore.keys import WalletKey
+from walletcore.phases import MigrationState, Phase
+from walletmig.client import WalletClient
+from walletmig.config import Settings
+from walletmig.processes import free_port, port_accepts
+from walletmig.runtime import Stores, make_stores
+from workers.wallet_worker import build_worker
+from workflows.wallet_models import WalletStatus
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LEGACY_PAIR = ("USD", "USA")  # no migration_state document: legacy
+DUAL_PAIR = ("MXN", "MEX")  # set to dual_write by the fixtures
+
+
+def isolated_settings(settings: Settings, prefix: str) -> Settings:
+    """The session's servers with a database of our own: phases we set stay ours."""
+    return settings.model_copy(update={"mongodb_database": f"{prefix}_{uuid.uuid4().hex[:8]}"})
+
+
+async def set_phase(stores: Stores, pair: tuple[str, str], phase: Phase) -> None:
+    scope = f"{pair[0]}:{pair[1]}"
+    current = await stores.migration.get(scope)
+    await stores.migration.set(MigrationState(scope=scope, phase=phase, epoch=current.epoch + 1))
+
+
+def key(client_id: str, pair: tuple[str, str] = LEGACY_PAIR) -> WalletKey:
+    return WalletKey(client_id=client_id, country=pair[1], currency=pair[0])
+
+
+@dataclass
+class WalletHarness:
+    stores: Stores
+    client: WalletClient
+    task_queue: str
+
+
+@contextlib.asynccontextmanager
+async def wallet_harness(
+    temporal: Client,
+    settings: Settings,
+    *,
+    tb_addresses: str | None = None,
+    idle_timeout_s: float = 2.0,
+    max_ops_per_run: int = 20,
+) -> AsyncIterator[WalletHarness]:
+    stores = await make_stores(settings, tb_addresses=tb_addresses)
+    task_queue = f"wallet-test-{uuid.uuid4().hex[:10]}"
+    activities = WalletActivities(
+        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration
+    )
+    worker = build_worker(temporal, settings, activities, task_queue=task_queue)
+    client = WalletClient(
+        temporal, task_queue, idle_timeout_s=idle_timeout_s, max_ops_per_run=max_ops_per_run
+    )
+    try:
+        async with worker:
+            yield WalletHarness(stores=stores, client=client, task_queue=task_queue)
+    finally:
+        await stores.close()
+
+
+async def wait_drained(
+    client: WalletClient, wallet: WalletKey, timeout_s: float = 60.0
+) -> WalletStatus | None:
+    """Poll the status query until the TigerBeetle backlog is empty (or the run closed)."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = await client.status(wallet)
+        if status is None or status.backlog_length == 0:
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"backlog of {wallet} not drained in {timeout_s} s: {status}")
+
+
+async def balances_equal(stores: Stores, wallet: WalletKey) -> tuple[Decimal, Decimal, Decimal]:
+    """Both stores hold the same balance, field by field; returns it."""
+    legacy = await stores.legacy.get_balance(wallet)
+    tb = await stores.tigerbeetle.get_balance(wallet)
+    fields = ("credit", "debit", "historical_credit")
+    left = tuple(getattr(legacy, f) for f in fields)
+    right = tuple(getattr(tb, f) for f in fields)
+    assert left == right, f"{wallet}: mongodb {left} != tigerbeetle {right}"
+    return left  # type: ignore[return-value]
+
+
+async def tb_missing(stores: Stores, wallet: WalletKey) -> bool:
+    try:
+        await stores.tigerbeetle.get_balance(wallet)
+    except NotFoundError:
+        return True
+    return False
+
+
+class EmulatorProcess:
+    """A TigerBeetle emulator of our own, to kill and restart (same port, same data file)."""
+
+    def __init__(self, data_file: Path) -> None:
+        self.data_file = data_file
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"tbemu://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        assert self.proc is None
+        log = (self.data_file.parent / "emulator.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "tb_emulator", "--host", "127.0.0.1",
+                "--port", str(self.port), "--data-file", str(self.data_file),
+            ],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while not port_accepts("127.0.0.1", self.port):
+            assert self.proc.poll() is None, "emulator exited during start-up"
+            assert time.monotonic() < deadline, "emulator did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.kill()

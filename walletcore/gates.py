@@ -1,0 +1,213 @@
+"""Gate evidence, thresholds and evaluation for the migration phases (no I/O).
+
+A gate compares one measured value with one threshold and explains itself as
+"gate NAME: measured X, threshold Y". The migration workflow collects `Evidence` through an
+activity and evaluates gates here, so validators stay deterministic and replay-safe.
+Missing evidence never passes a gate: "no data" is not proof of safety.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from walletcore.phases import Phase
+
+WINDOW_S_MAX = 7 * 24 * 3600
+RATE_EPSILON = 1e-12  # float rates: 9999/10000 must pass a 0.9999 threshold
+
+
+class GateThresholds(BaseModel):
+    """Defaults are the migration plan's criteria; windows are seconds so tests can shrink them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window_s: int = Field(default=300, ge=1, le=WINDOW_S_MAX)
+    min_reconciliation_match_rate: float = Field(default=0.9999, ge=0, le=1)
+    min_shadow_match_rate: float = Field(default=0.9999, ge=0, le=1)
+    min_shadow_samples: int = Field(default=100, ge=1, le=10_000_000)
+    max_tb_p95_ratio: float = Field(default=0.5, gt=0, le=100)
+    max_fallback_rate: float = Field(default=0.001, ge=0, le=1)
+    min_cutover_samples: int = Field(default=100, ge=1, le=10_000_000)
+    max_unapplied_writes: int = Field(default=0, ge=0)
+    tb_primary_stable_s: int = Field(default=600, ge=0, le=WINDOW_S_MAX)
+    auto_rollback_enabled: bool = True
+    auto_rollback_error_rate: float = Field(default=0.01, gt=0, le=1)
+    auto_rollback_mismatch_rate: float = Field(default=0.01, gt=0, le=1)
+    auto_rollback_min_samples: int = Field(default=50, ge=1, le=10_000_000)
+
+
+class Evidence(BaseModel):
+    """What the evidence activity measured over the window. `None` = could not be measured."""
+
+    model_config = ConfigDict(frozen=True)
+
+    collected_at: datetime | None = None
+    window_s: int = Field(default=0, ge=0)
+    backfill_complete: bool = False
+    unapplied_writes: int | None = Field(default=None, ge=0)
+    # Latest reconciliation report inside the window (any kind) and the latest full one.
+    reconciliation_match_rate: float | None = Field(default=None, ge=0, le=1)
+    reconciliation_at: datetime | None = None
+    last_full_reconciliation_match_rate: float | None = Field(default=None, ge=0, le=1)
+    last_full_reconciliation_at: datetime | None = None
+    # Shadow reads: compared = matches + mismatches; in-flight and TB errors are apart.
+    shadow_matches: int = Field(default=0, ge=0)
+    shadow_mismatches: int = Field(default=0, ge=0)
+    shadow_in_flight: int = Field(default=0, ge=0)
+    # Every TigerBeetle read (shadow, cutover, primary) and the ones that failed or timed out.
+    tb_reads: int = Field(default=0, ge=0)
+    tb_errors: int = Field(default=0, ge=0)
+    tb_read_p95_ms: float | None = Field(default=None, ge=0)
+    mongo_read_p95_ms: float | None = Field(default=None, ge=0)
+    # Read-cutover reads routed to TigerBeetle and the ones that fell back to MongoDB.
+    cutover_reads: int = Field(default=0, ge=0)
+    cutover_fallbacks: int = Field(default=0, ge=0)
+    # Filled in by the workflow: seconds since the current phase was entered.
+    phase_age_s: float = Field(default=0, ge=0)
+
+    @property
+    def shadow_compared(self) -> int:
+        return self.shadow_matches + self.shadow_mismatches
+
+    @property
+    def shadow_match_rate(self) -> float | None:
+        compared = self.shadow_compared
+        return None if compared == 0 else self.shadow_matches / compared
+
+    @property
+    def fallback_rate(self) -> float | None:
+        return None if self.cutover_reads == 0 else self.cutover_fallbacks / self.cutover_reads
+
+    @property
+    def error_rate(self) -> float | None:
+        return None if self.tb_reads == 0 else self.tb_errors / self.tb_reads
+
+    @property
+    def latency_ratio(self) -> float | None:
+        if self.tb_read_p95_ms is None or not self.mongo_read_p95_ms:
+            return None
+        return self.tb_read_p95_ms / self.mongo_read_p95_ms
+
+
+class GateResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    passed: bool
+    measured: str
+    threshold: str
+
+    @property
+    def reason(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        return f"gate {self.name}: measured {self.measured}, threshold {self.threshold} ({verdict})"
+
+
+def pct(rate: float | None) -> str:
+    return "no data" if rate is None else f"{rate * 100:.4g}%"
+
+
+def _rate_at_least(name: str, rate: float | None, samples: int, minimum: float,
+                   min_samples: int = 1) -> GateResult:
+    measured = f"{pct(rate)} over {samples} samples"
+    passed = rate is not None and samples >= min_samples and rate + RATE_EPSILON >= minimum
+    threshold = f">= {pct(minimum)}"
+    if min_samples > 1:
+        threshold += f" with >= {min_samples} samples"
+    return GateResult(name=name, passed=passed, measured=measured, threshold=threshold)
+
+
+def gate_backfill(ev: Evidence, _t: GateThresholds) -> GateResult:
+    return GateResult(name="backfill_complete", passed=ev.backfill_complete,
+                      measured="complete" if ev.backfill_complete else "not complete",
+                      threshold="complete")
+
+
+def gate_unapplied(ev: Evidence, t: GateThresholds) -> GateResult:
+    n = ev.unapplied_writes
+    passed = n is not None and n <= t.max_unapplied_writes
+    return GateResult(name="unapplied_tb_writes", passed=passed,
+                      measured="unknown" if n is None else str(n),
+                      threshold=f"<= {t.max_unapplied_writes}")
+
+
+def gate_reconciliation(ev: Evidence, t: GateThresholds) -> GateResult:
+    rate = ev.reconciliation_match_rate
+    return GateResult(
+        name="reconciliation_match_rate",
+        passed=rate is not None and rate + RATE_EPSILON >= t.min_reconciliation_match_rate,
+        measured=f"{pct(rate)} (report in the last {t.window_s}s)" if rate is not None
+        else f"no report in the last {t.window_s}s",
+        threshold=f">= {pct(t.min_reconciliation_match_rate)}",
+    )
+
+
+def gate_shadow_match(ev: Evidence, t: GateThresholds) -> GateResult:
+    return _rate_at_least("shadow_match_rate", ev.shadow_match_rate, ev.shadow_compared,
+                          t.min_shadow_match_rate, t.min_shadow_samples)
+
+
+def gate_latency(ev: Evidence, t: GateThresholds) -> GateResult:
+    ratio = ev.latency_ratio
+    measured = ("no data" if ratio is None else
+                f"TB p95 {ev.tb_read_p95_ms:.2f}ms / MongoDB p95 {ev.mongo_read_p95_ms:.2f}ms"
+                f" = {ratio:.3f}")
+    passed = ratio is not None and ratio < t.max_tb_p95_ratio
+    return GateResult(name="tb_read_p95_ratio", passed=passed,
+                      measured=measured, threshold=f"< {t.max_tb_p95_ratio:g}")
+
+
+def gate_fallback(ev: Evidence, t: GateThresholds) -> GateResult:
+    rate = ev.fallback_rate
+    passed = (rate is not None and ev.cutover_reads >= t.min_cutover_samples
+              and rate < t.max_fallback_rate + RATE_EPSILON)
+    return GateResult(name="fallback_rate", passed=passed,
+                      measured=f"{pct(rate)} over {ev.cutover_reads} cutover reads",
+                      threshold=f"< {pct(t.max_fallback_rate)} with >= "
+                                f"{t.min_cutover_samples} reads")
+
+
+def gate_full_reconciliation(ev: Evidence, _t: GateThresholds) -> GateResult:
+    rate = ev.last_full_reconciliation_match_rate
+    return GateResult(name="last_full_reconciliation", passed=rate is not None and rate >= 1.0,
+                      measured=pct(rate), threshold="= 100%")
+
+
+def gate_primary_stable(ev: Evidence, t: GateThresholds) -> GateResult:
+    rate = ev.error_rate
+    stable = ev.phase_age_s >= t.tb_primary_stable_s and (
+        rate is None or rate < t.auto_rollback_error_rate)
+    return GateResult(name="tb_primary_stable", passed=stable,
+                      measured=f"{ev.phase_age_s:.0f}s in tb_primary, error rate {pct(rate)}",
+                      threshold=f">= {t.tb_primary_stable_s}s, error rate < "
+                                f"{pct(t.auto_rollback_error_rate)}")
+
+
+def rollout_full(rollout_percent: int) -> GateResult:
+    return GateResult(name="rollout_percent", passed=rollout_percent == 100,
+                      measured=f"{rollout_percent}%", threshold="= 100%")
+
+
+Gate = Callable[[Evidence, GateThresholds], GateResult]
+
+# Gates to enter each phase (raising the read-cutover rollout uses RAISE_ROLLOUT_GATES).
+ENTRY_GATES: dict[Phase, tuple[Gate, ...]] = {
+    Phase.LEGACY: (),
+    Phase.DUAL_WRITE: (),
+    Phase.SHADOW_READ: (gate_backfill, gate_unapplied, gate_reconciliation),
+    Phase.READ_CUTOVER: (gate_shadow_match, gate_latency),
+    Phase.TB_PRIMARY: (gate_full_reconciliation, gate_unapplied),
+    Phase.COMPLETE: (gate_primary_stable,),
+}
+RAISE_ROLLOUT_GATES: tuple[Gate, ...] = (gate_fallback,)
+
+
+def evaluate(gates: tuple[Gate, ...], ev: Evidence, t: GateThresholds) -> list[GateResult]:
+    return [gate(ev, t) for gate in gates]
+
+
+def failed_reasons(results: list[GateResult]) -> list[str]:
+    return [r.reason for r in results if not r.passed]

@@ -1,0 +1,417 @@
+"""Reconciliation and backfill logic with no I/O: compare, classify, plan postings, check money.
+
+The activities read both stores and hand plain values here; everything that decides "equal?",
+"in flight or real?", "which transfers reach this balance?" and "is money conserved?" lives in
+pure functions so it can be property-tested without servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from walletcore.balances import MinorBalance
+from walletcore.codes import CUSTOMER_ACCOUNT_CODE, TransferCode
+from walletcore.ids import hash_u128
+
+RECONCILE_PAGE_MAX = 8189  # one lookup_accounts batch per page
+IN_FLIGHT_MAX_AGE_S_DEFAULT = 300.0  # an operation missing on one side longer than this is stuck
+UNIT_MINOR = 1  # "more than the currency's smallest unit" means a difference above 1 minor unit
+MATCH_RATE_THRESHOLD_DEFAULT = 0.9999
+
+# TigerBeetle account flags (walletcore stays free of the client library; values from 0.17.9).
+FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS = 2
+FLAG_HISTORY = 8
+
+# Codes that mirror a legacy operation; openings and corrections have no legacy counterpart.
+OPERATION_CODES = frozenset(
+    {TransferCode.CREDIT, TransferCode.DEBIT, TransferCode.CREDIT_VOID, TransferCode.DEBIT_VOID}
+)
+
+
+class Verdict(StrEnum):
+    MATCH = "match"
+    IN_FLIGHT = "in_flight"  # explained by operations still travelling to the other store
+    REAL = "real"
+
+
+class IssueKind(StrEnum):
+    BALANCE_MISMATCH = "balance_mismatch"
+    MISSING_TB_ACCOUNT = "missing_tb_account"
+    MISSING_REGISTRY = "missing_registry"
+    REGISTRY_MISMATCH = "registry_mismatch"
+    ACCOUNT_MISMATCH = "account_mismatch"
+    UNREGISTERED_TB_ACCOUNT = "unregistered_tb_account"
+    REGISTRY_WITHOUT_WALLET = "registry_without_wallet"
+    MISSING_TRANSFER = "missing_transfer"
+    TRANSFER_MISMATCH = "transfer_mismatch"
+    CONSERVATION = "conservation"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class FieldDiff(_Frozen):
+    field: str
+    legacy_minor: int
+    tigerbeetle_minor: int
+
+    @property
+    def diff_minor(self) -> int:
+        return self.tigerbeetle_minor - self.legacy_minor
+
+
+BALANCE_FIELDS: tuple[str, ...] = ("credit_minor", "debit_minor", "historical_credit_minor")
+
+
+def diff_balances(legacy: MinorBalance, tigerbeetle: MinorBalance) -> list[FieldDiff]:
+    """Field-by-field differences (empty when equal)."""
+    diffs = []
+    for name in BALANCE_FIELDS:
+        left, right = getattr(legacy, name), getattr(tigerbeetle, name)
+        if left != right:
+            diffs.append(FieldDiff(field=name, legacy_minor=left, tigerbeetle_minor=right))
+    return diffs
+
+
+class OpEffect(_Frozen):
+    """What one operation does to a customer's balance: a credit or a debit of an amount."""
+
+    kind: Literal["credit", "debit"]
+    amount_minor: int = Field(gt=0)
+    age_s: float = Field(default=0.0, ge=0.0)  # how long ago it was written on its side
+    transaction_id: str | None = None
+
+
+def legacy_op_effect(
+    op_type: str,
+    amount_minor: int,
+    *,
+    original_type: str | None = None,
+    age_s: float = 0.0,
+    transaction_id: str | None = None,
+) -> OpEffect:
+    """A legacy operation's effect; a void reverses its original (credit -> debit and back)."""
+    if op_type == "void":
+        assert original_type in ("credit", "debit"), f"void of {original_type!r}"
+        kind: Literal["credit", "debit"] = "debit" if original_type == "credit" else "credit"
+    else:
+        assert op_type in ("credit", "debit"), f"unknown operation type {op_type!r}"
+        kind = "credit" if op_type == "credit" else "debit"
+    return OpEffect(
+        kind=kind, amount_minor=amount_minor, age_s=age_s, transaction_id=transaction_id
+    )
+
+
+def transfer_effect(
+    *, customer_id: int, debit_account_id: int, credit_account_id: int, amount: int,
+    age_s: float = 0.0,
+) -> OpEffect:
+    """A TigerBeetle transfer's effect on the customer account it touches."""
+    assert customer_id in (debit_account_id, credit_account_id)
+    assert debit_account_id != credit_account_id
+    kind: Literal["credit", "debit"] = "credit" if credit_account_id == customer_id else "debit"
+    return OpEffect(kind=kind, amount_minor=amount, age_s=age_s)
+
+
+ZERO_BALANCE = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
+
+
+def apply_effects(balance: MinorBalance, effects: Iterable[OpEffect]) -> MinorBalance:
+    """The balance after `effects` (order-free: credits and debits only add to posted totals)."""
+    credits = balance.historical_credit_minor
+    debits = credits - balance.net_minor
+    for effect in effects:
+        if effect.kind == "credit":
+            credits += effect.amount_minor
+        else:
+            debits += effect.amount_minor
+    return MinorBalance.from_posted(credits, debits)
+
+
+Explanation = Literal["none", "backlog", "reverse_projection"]
+
+
+class Classification(_Frozen):
+    verdict: Verdict
+    diffs: list[FieldDiff] = Field(default_factory=list)
+    explained_by: Explanation = "none"
+    pending_ops: int = 0
+    reason: str = ""
+
+    @property
+    def max_diff_minor(self) -> int:
+        return max((abs(d.diff_minor) for d in self.diffs), default=0)
+
+
+def classify(
+    legacy: MinorBalance,
+    tigerbeetle: MinorBalance | None,
+    *,
+    legacy_only: Sequence[OpEffect] = (),
+    tigerbeetle_only: Sequence[OpEffect] = (),
+    in_flight_max_age_s: float = IN_FLIGHT_MAX_AGE_S_DEFAULT,
+) -> Classification:
+    """Is the difference between the stores explained by operations in flight?
+
+    `legacy_only`: operations MongoDB has applied and TigerBeetle has not (the dual-write
+    backlog); `tigerbeetle_only`: the reverse (the tb_primary reverse projection). A difference
+    is in flight only when applying exactly those operations closes it and none of them is
+    older than `in_flight_max_age_s` (older means a stuck backlog: a real problem).
+    A missing TigerBeetle account counts as a zero balance (the backlog may create it).
+    """
+    assert in_flight_max_age_s > 0
+    tb = ZERO_BALANCE if tigerbeetle is None else tigerbeetle
+    diffs = diff_balances(legacy, tb)
+    if not diffs and tigerbeetle is not None:
+        return Classification(verdict=Verdict.MATCH)
+    candidates: tuple[tuple[Explanation, MinorBalance, MinorBalance, Sequence[OpEffect]], ...] = (
+        ("backlog", tb, legacy, legacy_only),
+        ("reverse_projection", legacy, tb, tigerbeetle_only),
+    )
+    for explained_by, base, target, ops in candidates:
+        if ops and apply_effects(base, ops) == target:
+            oldest_s = max(op.age_s for op in ops)
+            if oldest_s > in_flight_max_age_s:
+                return Classification(
+                    verdict=Verdict.REAL, diffs=diffs, pending_ops=len(ops),
+                    reason=f"{len(ops)} operation(s) unapplied for {oldest_s:.0f}s "
+                    f"(> {in_flight_max_age_s:.0f}s): stuck {explained_by}",
+                )
+            return Classification(
+                verdict=Verdict.IN_FLIGHT, diffs=diffs, explained_by=explained_by,
+                pending_ops=len(ops),
+                reason=f"{len(ops)} operation(s) in the {explained_by}",
+            )
+    reason = "no TigerBeetle account" if tigerbeetle is None else "balances differ"
+    if tigerbeetle is None and not diffs:
+        reason = "no TigerBeetle account (zero legacy balance)"
+    return Classification(verdict=Verdict.REAL, diffs=diffs, reason=reason)
+
+
+# --------------------------------------------------------------------------- postings
+
+
+class PostingPlan(_Frozen):
+    """Amounts to post onto a customer account: credit (system -> customer) and debit
+    (customer -> system). Applied credit first so an overdraft-free account never dips."""
+
+    credit_minor: int = Field(ge=0)
+    debit_minor: int = Field(ge=0)
+
+    @property
+    def empty(self) -> bool:
+        return self.credit_minor == 0 and self.debit_minor == 0
+
+
+def plan_to_reach(
+    credits_posted: int, debits_posted: int, target: MinorBalance
+) -> PostingPlan | None:
+    """The postings that move an account from its posted totals to `target`.
+
+    TigerBeetle never edits history, so posted totals only grow: when the account already has
+    more credits than the target's historical credit (or the debit needed is negative) no
+    postings can reach it and the answer is None (manual review).
+    """
+    assert credits_posted >= 0 and debits_posted >= 0
+    credit_minor = target.historical_credit_minor - credits_posted
+    debit_minor = (target.historical_credit_minor - target.net_minor) - debits_posted
+    if credit_minor < 0 or debit_minor < 0:
+        return None
+    plan = PostingPlan(credit_minor=credit_minor, debit_minor=debit_minor)
+    reached = MinorBalance.from_posted(credits_posted + credit_minor, debits_posted + debit_minor)
+    assert reached == target
+    return plan
+
+
+def opening_plan(balance: MinorBalance) -> PostingPlan:
+    """Backfill: Opening -> customer for historical credit, customer -> Opening for the rest."""
+    plan = plan_to_reach(0, 0, balance)
+    assert plan is not None  # from zero every valid balance is reachable
+    return plan
+
+
+def correction_transfer_id(wallet_canonical: str, repair_id: str, part: str) -> int:
+    """Deterministic per repair run and part, so a retried repair posts once."""
+    assert part in ("credit", "debit")
+    return hash_u128(f"correction:{wallet_canonical}:{repair_id}:{part}")
+
+
+def covered_by_opening(op_version: int, imported_version: int | None) -> bool:
+    """A backlog operation whose legacy version the import already counted must be skipped."""
+    assert op_version > 0
+    return imported_version is not None and op_version <= imported_version
+
+
+# --------------------------------------------------------------------------- accounts, transfers
+
+
+class RegistryView(_Frozen):
+    account_id: int
+    ledger: int
+    allow_overdraft: bool
+
+
+class AccountView(_Frozen):
+    id: int
+    ledger: int
+    code: int
+    flags: int
+    credits_posted: int
+    debits_posted: int
+
+    @property
+    def balance(self) -> MinorBalance:
+        return MinorBalance.from_posted(self.credits_posted, self.debits_posted)
+
+
+class Finding(_Frozen):
+    """One non-balance problem found by a check (registry, account, transfer, conservation)."""
+
+    kind: IssueKind
+    subject: str  # wallet canonical key, transaction id or ledger
+    detail: str
+
+
+def check_wallet_account(
+    wallet: str,
+    *,
+    expected_ledger: int,
+    allow_overdraft: bool,
+    registry: RegistryView | None,
+    account: AccountView | None,
+) -> list[Finding]:
+    """A legacy wallet must have a registry entry and a TigerBeetle account that agree."""
+    found: list[Finding] = []
+    if registry is None:
+        found.append(Finding(kind=IssueKind.MISSING_REGISTRY, subject=wallet,
+                             detail="no Account Registry entry"))
+    else:
+        if registry.ledger != expected_ledger:
+            found.append(Finding(kind=IssueKind.REGISTRY_MISMATCH, subject=wallet,
+                                 detail=f"registry ledger {registry.ledger} != {expected_ledger}"))
+        if registry.allow_overdraft != allow_overdraft:
+            found.append(Finding(
+                kind=IssueKind.REGISTRY_MISMATCH, subject=wallet,
+                detail=f"registry allow_overdraft {registry.allow_overdraft} != {allow_overdraft}"))
+    if registry is not None and account is None:
+        found.append(Finding(kind=IssueKind.MISSING_TB_ACCOUNT, subject=wallet,
+                             detail=f"account {registry.account_id:032x} not in TigerBeetle"))
+    if account is not None:
+        if account.ledger != expected_ledger:
+            found.append(Finding(kind=IssueKind.ACCOUNT_MISMATCH, subject=wallet,
+                                 detail=f"account ledger {account.ledger} != {expected_ledger}"))
+        if account.code != CUSTOMER_ACCOUNT_CODE:
+            found.append(Finding(kind=IssueKind.ACCOUNT_MISMATCH, subject=wallet,
+                                 detail=f"account code {account.code} != {CUSTOMER_ACCOUNT_CODE}"))
+        limited = bool(account.flags & FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS)
+        if limited == allow_overdraft:
+            found.append(Finding(kind=IssueKind.ACCOUNT_MISMATCH, subject=wallet,
+                                 detail=f"account overdraft limit flag {limited} but wallet "
+                                 f"allow_overdraft {allow_overdraft}"))
+    return found
+
+
+class TransferView(_Frozen):
+    id: int
+    debit_account_id: int
+    credit_account_id: int
+    amount: int
+    code: int
+
+
+class ExpectedTransfer(_Frozen):
+    """What the Transfer Registry says a transfer must look like."""
+
+    transaction_id: str
+    id: int
+    debit_account_id: int
+    credit_account_id: int
+    amount: int
+    code: int
+
+
+def check_transfer(expected: ExpectedTransfer, actual: TransferView | None) -> list[Finding]:
+    if actual is None:
+        return [Finding(kind=IssueKind.MISSING_TRANSFER, subject=expected.transaction_id,
+                        detail=f"transfer {expected.id:032x} not in TigerBeetle")]
+    wrong = [
+        f"{name} {getattr(actual, name)} != {getattr(expected, name)}"
+        for name in ("amount", "code", "debit_account_id", "credit_account_id")
+        if getattr(actual, name) != getattr(expected, name)
+    ]
+    if not wrong:
+        return []
+    return [Finding(kind=IssueKind.TRANSFER_MISMATCH, subject=expected.transaction_id,
+                    detail="; ".join(wrong))]
+
+
+# --------------------------------------------------------------------------- money conservation
+
+
+class ConservationResult(_Frozen):
+    ledger: int
+    customer_net_minor: int
+    system_net_minor: int
+    imbalance_minor: int
+    tolerance_minor: int
+    ok: bool
+
+
+def check_conservation(
+    ledger: int,
+    *,
+    customer_net_minor: int,
+    system_nets_minor: Mapping[str, int],
+    activity_minor: int = 0,
+) -> ConservationResult:
+    """Every transfer stays inside its ledger, so customers' nets sum to minus the system nets.
+
+    `customer_net_minor` is summed page by page while traffic may run; `activity_minor` is the
+    amount the system accounts moved during the run (each customer transfer touches exactly one
+    system account), which bounds how far the sum can drift. Quiescent: exact equality.
+    """
+    assert activity_minor >= 0
+    system_net = sum(system_nets_minor.values())
+    imbalance = customer_net_minor + system_net
+    return ConservationResult(
+        ledger=ledger, customer_net_minor=customer_net_minor, system_net_minor=system_net,
+        imbalance_minor=imbalance, tolerance_minor=activity_minor,
+        ok=abs(imbalance) <= activity_minor,
+    )
+
+
+# --------------------------------------------------------------------------- rates and alerts
+
+
+def match_rate(compared: int, real: int) -> float:
+    """Share of compared wallets without a real difference (in-flight ones are not failures)."""
+    assert 0 <= real <= compared
+    return 1.0 if compared == 0 else (compared - real) / compared
+
+
+def alerts(
+    *,
+    rate: float,
+    threshold: float = MATCH_RATE_THRESHOLD_DEFAULT,
+    max_real_diff_minor: int = 0,
+    findings: int = 0,
+    conservation_failures: int = 0,
+) -> list[str]:
+    """Human-readable alert reasons (empty when healthy)."""
+    assert 0.0 <= rate <= 1.0 and 0.0 < threshold <= 1.0
+    reasons = []
+    if rate < threshold:
+        reasons.append(f"match rate {rate:.4%} below {threshold:.4%}")
+    if max_real_diff_minor > UNIT_MINOR:
+        reasons.append(f"a real difference of {max_real_diff_minor} minor units "
+                       f"exceeds the smallest unit")
+    if findings:
+        reasons.append(f"{findings} registry/account/transfer finding(s)")
+    if conservation_failures:
+        reasons.append(f"money not conserved on {conservation_failures} ledger(s)")
+    return reasons

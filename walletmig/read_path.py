@@ -1,0 +1,213 @@
+"""The phase-aware read router: which store answers a balance read, and what gets measured.
+
+- legacy, dual_write: MongoDB answers.
+- shadow_read: MongoDB answers; TigerBeetle is read in a background task (off the answer's
+  critical path), compared field by field and recorded: match / mismatch / in_flight /
+  tb_error, with both durations. A difference that goes away on a short re-check (or that the
+  wallet's pending backlog explains) is in flight, not a mismatch (GitHub Scientist style).
+- read_cutover p %: clients whose sticky hash bucket is under p % read TigerBeetle, behind a
+  circuit breaker and a timeout; on error/timeout (or an open circuit) MongoDB answers and the
+  fallback is recorded. Other clients read MongoDB.
+- tb_primary: TigerBeetle answers (MongoDB, the reverse projection, is the fallback).
+- complete: TigerBeetle only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stores.migration_state import GLOBAL_SCOPE, MigrationStateStore
+from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
+from walletcore.balances import WalletBalance
+from walletcore.breaker import BreakerConfig, CircuitBreaker
+from walletcore.errors import NotFoundError, StoreUnavailableError
+from walletcore.keys import WalletKey
+from walletcore.phases import MigrationState, Phase
+from walletcore.ports import WalletStore
+from walletcore.rollout import in_rollout
+
+log = logging.getLogger(__name__)
+
+COMPARED_FIELDS = ("credit", "debit", "historical_credit")
+PendingOps = Callable[[WalletKey], Awaitable[int]]
+
+
+class ReadPathConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    tb_timeout_ms: int = Field(default=1_000, ge=1, le=60_000)
+    shadow_timeout_ms: int = Field(default=2_000, ge=1, le=60_000)
+    recheck_delay_ms: int = Field(default=150, ge=0, le=10_000)
+    rechecks_max: int = Field(default=3, ge=0, le=20)
+    shadow_tasks_max: int = Field(default=256, ge=1, le=100_000)
+    rollout_salt: str = ""
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+
+
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def balance_diffs(mongo: WalletBalance, tb: WalletBalance) -> list[str]:
+    return [f"{f}: mongodb {getattr(mongo, f)} tigerbeetle {getattr(tb, f)}"
+            for f in COMPARED_FIELDS if getattr(mongo, f) != getattr(tb, f)]
+
+
+class ReadRouter:
+    def __init__(
+        self,
+        legacy: WalletStore,
+        tigerbeetle: WalletStore,
+        migration: MigrationStateStore,
+        metrics: ReadMetricsStore,
+        *,
+        config: ReadPathConfig | None = None,
+        pending_ops: PendingOps | None = None,
+    ) -> None:
+        self._legacy = legacy
+        self._tb = tigerbeetle
+        self._migration = migration
+        self._metrics = metrics
+        self.config = config or ReadPathConfig()
+        self.breaker = CircuitBreaker(self.config.breaker)
+        self._pending_ops = pending_ops
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self.shadow_skipped = 0
+
+    # ---- public API -----------------------------------------------------------------------------
+
+    async def get_balance(self, wallet: WalletKey) -> WalletBalance:
+        state = await self._migration.resolve(wallet.ledger_pair)
+        phase = state.phase
+        if phase in (Phase.LEGACY, Phase.DUAL_WRITE):
+            return await self._legacy.get_balance(wallet)
+        if phase == Phase.SHADOW_READ:
+            return await self._shadow(wallet)
+        if phase == Phase.READ_CUTOVER:
+            if in_rollout(wallet.client_id, state.rollout_percent, self.config.rollout_salt):
+                return await self._tb_with_fallback(wallet, ReadMode.CUTOVER)
+            return await self._legacy.get_balance(wallet)
+        if phase == Phase.TB_PRIMARY:
+            return await self._tb_with_fallback(wallet, ReadMode.PRIMARY)
+        return await self._tb.get_balance(wallet)
+
+    async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
+        """A client's wallets span pairs: the global scope's state decides (no comparison)."""
+        state = await self._migration.get(GLOBAL_SCOPE)
+        if self._tb_answers(state, client_id):
+            try:
+                return await asyncio.wait_for(self._tb.get_multi_balance(client_id),
+                                              self.config.tb_timeout_ms / 1000)
+            except (TimeoutError, StoreUnavailableError):
+                if state.phase == Phase.COMPLETE:
+                    raise
+        return await self._legacy.get_multi_balance(client_id)
+
+    async def drain(self) -> None:
+        """Wait for background shadow comparisons (tests, shutdown)."""
+        while self._shadow_tasks:
+            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+
+    def _tb_answers(self, state: MigrationState, client_id: str) -> bool:
+        if state.phase in (Phase.TB_PRIMARY, Phase.COMPLETE):
+            return True
+        return state.phase == Phase.READ_CUTOVER and in_rollout(
+            client_id, state.rollout_percent, self.config.rollout_salt)
+
+    # ---- shadow ---------------------------------------------------------------------------------
+
+    async def _shadow(self, wallet: WalletKey) -> WalletBalance:
+        started = time.perf_counter()
+        answer = await self._legacy.get_balance(wallet)
+        mongo_ms = (time.perf_counter() - started) * 1000
+        if len(self._shadow_tasks) >= self.config.shadow_tasks_max:
+            self.shadow_skipped += 1  # shed comparisons, never the answer
+            return answer
+        task = asyncio.create_task(self._compare(wallet, answer, mongo_ms))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+        return answer
+
+    async def _compare(self, wallet: WalletKey, mongo: WalletBalance, mongo_ms: float) -> None:
+        try:
+            outcome, tb_ms, detail = await self._compare_once(wallet, mongo)
+        except Exception as exc:  # a comparison must never surface to anyone
+            log.exception("shadow comparison of %s failed", wallet)
+            outcome, tb_ms, detail = ReadOutcome.TB_ERROR, None, f"compare: {exc}"[:300]
+        self._metrics.record(ReadObservation(
+            scope=wallet.ledger_pair, mode=ReadMode.SHADOW, outcome=outcome, mongo_ms=mongo_ms,
+            tb_ms=tb_ms, at=datetime.now(UTC), wallet=wallet.canonical, detail=detail))
+
+    async def _compare_once(self, wallet: WalletKey, mongo: WalletBalance
+                            ) -> tuple[ReadOutcome, float | None, str | None]:
+        started = time.perf_counter()
+        try:
+            tb = await asyncio.wait_for(self._tb.get_balance(wallet),
+                                        self.config.shadow_timeout_ms / 1000)
+        except NotFoundError:
+            tb = None  # the backlog may not have created the account yet
+        except Exception as exc:
+            return ReadOutcome.TB_ERROR, None, f"{type(exc).__name__}: {exc}"[:300]
+        tb_ms = (time.perf_counter() - started) * 1000
+        if tb is not None and not balance_diffs(mongo, tb):
+            return ReadOutcome.MATCH, tb_ms, None
+        first = "no TigerBeetle account" if tb is None else "; ".join(balance_diffs(mongo, tb))
+        if self._pending_ops is not None and await self._pending_ops(wallet) > 0:
+            return ReadOutcome.IN_FLIGHT, tb_ms, first
+        # Re-check: a write between the two reads, or one still in the backlog, settles fast.
+        for _ in range(self.config.rechecks_max):
+            await asyncio.sleep(self.config.recheck_delay_ms / 1000)
+            try:
+                again_mongo = await self._legacy.get_balance(wallet)
+                again_tb = await asyncio.wait_for(self._tb.get_balance(wallet),
+                                                  self.config.shadow_timeout_ms / 1000)
+            except NotFoundError:
+                continue
+            except Exception as exc:
+                return ReadOutcome.TB_ERROR, tb_ms, f"{type(exc).__name__}: {exc}"[:300]
+            if not balance_diffs(again_mongo, again_tb):
+                return ReadOutcome.IN_FLIGHT, tb_ms, first
+        return ReadOutcome.MISMATCH, tb_ms, first[:300]
+
+    # ---- TigerBeetle with fallback ----------------------------------------------------------
+
+    async def _tb_with_fallback(self, wallet: WalletKey, mode: ReadMode) -> WalletBalance:
+        scope = wallet.ledger_pair
+        if not self.breaker.allow(_now_ms()):
+            answer = await self._legacy.get_balance(wallet)
+            self._record(scope, mode, ReadOutcome.FALLBACK_OPEN, wallet, detail="circuit open")
+            return answer
+        started = time.perf_counter()
+        try:
+            answer = await asyncio.wait_for(self._tb.get_balance(wallet),
+                                            self.config.tb_timeout_ms / 1000)
+        except NotFoundError:
+            # Not a health problem of TigerBeetle: MongoDB decides whether the wallet exists.
+            self.breaker.record_success(_now_ms())
+            answer = await self._legacy.get_balance(wallet)
+            self._record(scope, mode, ReadOutcome.FALLBACK_ERROR, wallet,
+                         detail="NotFoundError in TigerBeetle")
+            return answer
+        except Exception as exc:
+            self.breaker.record_failure(_now_ms())
+            log.warning("TigerBeetle read of %s failed (%s): MongoDB answers", wallet, exc)
+            answer = await self._legacy.get_balance(wallet)
+            self._record(scope, mode, ReadOutcome.FALLBACK_ERROR, wallet,
+                         detail=f"{type(exc).__name__}: {exc}"[:300])
+            return answer
+        self.breaker.record_success(_now_ms())
+        self._record(scope, mode, ReadOutcome.TB_SERVED, wallet,
+                     tb_ms=(time.perf_counter() - started) * 1000)
+        return answer
+
+    def _record(self, scope: str, mode: ReadMode, outcome: ReadOutcome, wallet: WalletKey, *,
+                tb_ms: float | None = None, detail: str | None = None) -> None:
+        self._metrics.record(ReadObservation(
+            scope=scope, mode=mode, outcome=outcome, tb_ms=tb_ms, at=datetime.now(UTC),
+            wallet=wallet.canonical, detail=detail))

@@ -1,0 +1,95 @@
+"""Opening the stores from Settings: one function shared by worker, reader, CLI and benchmarks.
+
+`make_stores(settings)` connects MongoDB, Redis and TigerBeetle (emulator or cluster), builds
+the registries and store adapters and ensures indexes; `Stores.close()` releases the clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from registries.account_registry import AccountRegistry
+from registries.transfer_registry import TransferRegistry
+from stores.legacy_store import LegacyStore
+from stores.migration_state import MigrationStateStore
+from stores.mongo import database_of, make_mongo_client
+from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
+from stores.tigerbeetle_store import TigerBeetleStore
+from walletmig.config import Settings
+
+
+@dataclass
+class Stores:
+    """Everything that talks to a data server, opened once per process."""
+
+    mongo_client: AsyncMongoClient[dict[str, Any]]
+    db: AsyncDatabase[dict[str, Any]]
+    redis: redis_asyncio.Redis
+    tb_client: TigerBeetleClient
+    accounts: AccountRegistry
+    transfers: TransferRegistry
+    legacy: LegacyStore
+    tigerbeetle: TigerBeetleStore
+    migration: MigrationStateStore
+
+    async def close(self) -> None:
+        # Each close is independent: one failing must not leak the others.
+        with contextlib.suppress(Exception):
+            await self.tb_client.close()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        with contextlib.suppress(Exception):
+            await self.mongo_client.close()
+
+
+async def make_stores(
+    settings: Settings, *, ensure_indexes: bool = True, tb_addresses: str | None = None
+) -> Stores:
+    """Open clients and build the stores. `tb_addresses` overrides settings (tests)."""
+    mongo_client = make_mongo_client(settings)
+    db = database_of(mongo_client, settings)
+    redis = redis_asyncio.Redis.from_url(settings.redis_url)
+    tb_client = connect_tigerbeetle(
+        tb_addresses or settings.tb_addresses,
+        cluster_id=settings.tb_cluster_id,
+        timeout_s=settings.tb_request_timeout_s,
+    )
+    accounts = AccountRegistry(db, redis, ttl_s=settings.registry_cache_ttl_s)
+    transfers = TransferRegistry(db)
+    legacy = LegacyStore(db)
+    stores = Stores(
+        mongo_client=mongo_client,
+        db=db,
+        redis=redis,
+        tb_client=tb_client,
+        accounts=accounts,
+        transfers=transfers,
+        legacy=legacy,
+        tigerbeetle=TigerBeetleStore(tb_client, accounts, transfers),
+        migration=MigrationStateStore(db),
+    )
+    if ensure_indexes:
+        try:
+            await legacy.ensure_indexes()
+            await accounts.ensure_indexes()
+            await transfers.ensure_indexes()
+        except BaseException:
+            await stores.close()
+            raise
+    return stores
+
+
+@contextlib.asynccontextmanager
+async def open_stores(settings: Settings, **kwargs: Any) -> AsyncIterator[Stores]:
+    stores = await make_stores(settings, **kwargs)
+    try:
+        yield stores
+    finally:
+        await stores.close()

@@ -1,0 +1,135 @@
+"""Backfill workflow: import every legacy wallet of the chosen ledger pairs into TigerBeetle.
+
+Pages of <= 4094 wallets (two opening transfers each fit one 8189-event request), ledger pair
+after ledger pair; continue-as-new every `pages_per_run` pages with the cursor and counters in
+the input, so history stays bounded however many wallets there are. Resumable: a crash retries
+the current page (idempotent), and a restarted workflow with the same id continues from the
+carried cursor. Progress: the `progress` query and the UI's current details.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
+    from workflows.backfill_models import (
+        ACTIVITY_COUNT,
+        ACTIVITY_PAGE,
+        FAILED_SAMPLE_MAX,
+        BackfillCountInput,
+        BackfillCountOutput,
+        BackfillInput,
+        BackfillPageInput,
+        BackfillPageOutput,
+        BackfillProgress,
+        BackfillState,
+    )
+
+PAGE_START_TO_CLOSE = timedelta(minutes=10)
+PAGE_HEARTBEAT = timedelta(minutes=2)
+RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    non_retryable_error_types=list(NON_RETRYABLE_ERROR_TYPES),
+)
+
+
+def backfill_workflow_id(pairs: list[str]) -> str:
+    return "backfill/" + ("+".join(pairs) if pairs else "all")
+
+
+@workflow.defn(name="BackfillWorkflow")
+class BackfillWorkflow:
+    def __init__(self) -> None:
+        self._input: BackfillInput | None = None
+        self._state = BackfillState()
+
+    @workflow.run
+    async def run(self, inp: BackfillInput) -> BackfillProgress:
+        assert inp.pairs, "the starter resolves an empty scope to every configured pair"
+        self._input = inp
+        self._state = inp.state or BackfillState(started_at=workflow.now())
+        state = self._state
+        if not state.totals:
+            counted = await workflow.execute_activity(
+                ACTIVITY_COUNT, BackfillCountInput(pairs=inp.pairs),
+                result_type=BackfillCountOutput,
+                start_to_close_timeout=timedelta(minutes=2), retry_policy=RETRY,
+            )
+            state.totals = counted.totals
+        self._publish()
+        pages_this_run = 0
+        while state.pair_index < len(inp.pairs):
+            if pages_this_run >= inp.pages_per_run:
+                carried = state.model_copy(update={"runs": state.runs + 1})
+                workflow.continue_as_new(inp.model_copy(update={"state": carried}))
+            pair = inp.pairs[state.pair_index]
+            page = await workflow.execute_activity(
+                ACTIVITY_PAGE,
+                BackfillPageInput(run_id=inp.run_id, pair=pair, after=state.after,
+                                  limit=inp.page_size, with_history=inp.with_history),
+                result_type=BackfillPageOutput,
+                start_to_close_timeout=PAGE_START_TO_CLOSE,
+                heartbeat_timeout=PAGE_HEARTBEAT,
+                retry_policy=RETRY,
+            )
+            pages_this_run += 1
+            self._count(page)
+            if page.exhausted:
+                state.pair_index += 1
+                state.after = None
+            else:
+                state.after = page.last_key
+            self._publish()
+        state.finished_at = workflow.now()
+        self._publish()
+        return self.progress()
+
+    def _count(self, page: BackfillPageOutput) -> None:
+        state = self._state
+        state.pages += 1
+        state.scanned += page.scanned
+        state.imported += page.imported
+        state.already += page.already
+        state.busy += page.busy
+        state.failed += len(page.failed)
+        state.transfers += page.transfers
+        for key, error in page.failed.items():
+            if len(state.failed_sample) < FAILED_SAMPLE_MAX:
+                state.failed_sample[key] = error
+
+    @workflow.query
+    def progress(self) -> BackfillProgress:
+        inp, state = self._input, self._state
+        assert inp is not None
+        now = state.finished_at or workflow.now()
+        elapsed_s = max((now - (state.started_at or now)).total_seconds(), 0.0)
+        total = sum(state.totals.values())
+        rate = state.scanned / elapsed_s if elapsed_s > 0 else 0.0
+        finished = state.pair_index >= len(inp.pairs)
+        remaining = max(total - state.scanned, 0)
+        return BackfillProgress(
+            run_id=inp.run_id, pairs=inp.pairs,
+            pair=None if finished else inp.pairs[state.pair_index],
+            total=total, done=state.scanned, imported=state.imported, already=state.already,
+            busy=state.busy, failed=state.failed, failed_sample=dict(state.failed_sample),
+            transfers=state.transfers, pages=state.pages, runs=state.runs,
+            rate_per_s=rate, eta_s=(remaining / rate if rate > 0 and not finished else None),
+            elapsed_s=elapsed_s, finished=finished,
+        )
+
+    def _publish(self) -> None:
+        p = self.progress()
+        share = p.done / p.total if p.total else 1.0
+        eta = "-" if p.eta_s is None else f"{p.eta_s:.0f}s"
+        where = "finished" if p.finished else f"importing `{p.pair}`"
+        workflow.set_current_details(
+            f"**backfill {p.run_id}** · {where} · **{p.done}/{p.total}** ({share:.1%}) · "
+            f"{p.rate_per_s:.0f} wallets/s · ETA {eta} · imported {p.imported} · "
+            f"already {p.already} · busy {p.busy} · failed **{p.failed}** · run {p.runs}"
+        )

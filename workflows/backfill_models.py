@@ -1,0 +1,125 @@
+"""Inputs, outputs and state of the backfill workflow and its activities (no I/O: the
+workflow imports this module)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from walletcore.balances import MinorBalance
+from walletcore.keys import WalletKey
+
+ACTIVITY_COUNT = "backfill_count"
+ACTIVITY_PAGE = "backfill_page"
+ACTIVITY_ENSURE_IMPORTED = "backfill_ensure_imported"
+BATCH_EVENTS_MAX = 8189  # TigerBeetle's request limit
+WALLETS_PER_PAGE_MAX = BATCH_EVENTS_MAX // 2  # two opening transfers per wallet at most
+PAGES_PER_RUN_DEFAULT = 50  # continue-as-new after this many pages: bounded history
+PAGES_PER_RUN_MAX = 1000
+FAILED_SAMPLE_MAX = 20
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class LegacyWallet(_Model):
+    """What the import needs of one legacy wallet (from LegacyStore.page_wallets)."""
+
+    wallet: WalletKey
+    balance: MinorBalance
+    version: int = Field(ge=0)
+    allow_overdraft: bool
+
+
+class ImportOutcome(_Model):
+    imported: list[str] = Field(default_factory=list)  # opening posted now
+    already: int = 0  # imported before (done claim or TigerBeetle already equal)
+    busy: int = 0  # claimed by a live importer (its wallet workflow): it finishes them
+    failed: dict[str, str] = Field(default_factory=dict)
+    transfers: int = 0  # opening transfers created
+
+
+class BackfillCountInput(_Model):
+    pairs: list[str]
+
+
+class BackfillCountOutput(_Model):
+    totals: dict[str, int]
+
+
+class BackfillPageInput(_Model):
+    run_id: str = Field(min_length=1)
+    pair: str
+    after: str | None = None
+    limit: int = Field(default=WALLETS_PER_PAGE_MAX, ge=1, le=WALLETS_PER_PAGE_MAX)
+    with_history: bool = False
+
+
+class BackfillPageOutput(_Model):
+    scanned: int
+    last_key: str | None
+    imported: int
+    already: int
+    busy: int
+    failed: dict[str, str]
+    transfers: int
+    exhausted: bool  # fewer wallets than the limit: the pair is done
+
+
+class EnsureImportedInput(_Model):
+    wallet: WalletKey
+    claimer: str = "wallet-workflow"
+
+
+class EnsureImportedOutput(_Model):
+    version: int  # backlog operations with legacy version <= this are in the opening balance
+
+
+class BackfillState(BaseModel):
+    """Carried across continue-as-new: the cursor and the counters. Bounded in size."""
+
+    pair_index: int = 0
+    after: str | None = None
+    totals: dict[str, int] = Field(default_factory=dict)
+    scanned: int = 0
+    imported: int = 0
+    already: int = 0
+    busy: int = 0
+    failed: int = 0
+    failed_sample: dict[str, str] = Field(default_factory=dict)
+    transfers: int = 0
+    pages: int = 0
+    runs: int = 1
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class BackfillInput(_Model):
+    run_id: str = Field(min_length=1, description="claims and audit name this backfill")
+    pairs: list[str] = Field(description="ledger pairs (`USD:USA`) in order; empty = all")
+    page_size: int = Field(default=WALLETS_PER_PAGE_MAX, ge=1, le=WALLETS_PER_PAGE_MAX)
+    pages_per_run: int = Field(default=PAGES_PER_RUN_DEFAULT, ge=1, le=PAGES_PER_RUN_MAX)
+    with_history: bool = False
+    state: BackfillState | None = None
+
+
+class BackfillProgress(_Model):
+    run_id: str
+    pairs: list[str]
+    pair: str | None  # the pair being imported now (None when finished)
+    total: int
+    done: int
+    imported: int
+    already: int
+    busy: int
+    failed: int
+    failed_sample: dict[str, str]
+    transfers: int
+    pages: int
+    runs: int
+    rate_per_s: float
+    eta_s: float | None
+    elapsed_s: float
+    finished: bool

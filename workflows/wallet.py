@@ -1,0 +1,357 @@
+"""WalletWorkflow: one entity workflow per wallet key, fed by Update-with-Start.
+
+Operations arrive as `apply` updates and run one at a time under a lock: MongoDB (the answer)
+is written by a local activity; in the dual-write phases the same operation is appended to an
+ordered backlog that lives in workflow state, and the run loop applies it to TigerBeetle in
+order, retrying without limit. The caller never waits for TigerBeetle.
+
+Why the backlog is durable: an item is appended in the same workflow task that completes the
+update, so "answered" implies "in history"; it leaves the backlog only after the TigerBeetle
+activity has applied it (TigerBeetle and the Transfer Registry are idempotent by transaction id,
+so an activity attempt that applied but whose completion was lost is simply applied again), and
+it travels in the continue-as-new input. A worker crash replays the history and rebuilds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.errors import (
+        invalid_input,
+        to_application_error,
+        wallet_error_from_failure,
+    )
+    from walletcore.errors import StoreUnavailableError, WalletError
+    from walletcore.operations import OperationResult, validate_operation
+    from workflows.wallet_models import (
+        ACTIVITY_APPLY_PRIMARY,
+        ACTIVITY_APPLY_TIGERBEETLE,
+        DIVERGENCES_KEPT_MAX,
+        DRAIN_BATCH_MAX,
+        RECENT_RESULTS_MAX,
+        ROTATING_ERROR_TYPE,
+        ApplyPrimaryInput,
+        ApplyTigerBeetleInput,
+        ApplyTigerBeetleOutput,
+        BacklogItem,
+        Divergence,
+        PrimaryOutcome,
+        RecentResult,
+        WalletCommand,
+        WalletState,
+        WalletStatus,
+        WalletWorkflowInput,
+        WalletWorkflowResult,
+    )
+
+# The MongoDB write answers the caller: bounded, so a store outage fails the update clearly
+# (StoreUnavailableError) instead of holding the caller forever.
+PRIMARY_START_TO_CLOSE = timedelta(seconds=10)
+PRIMARY_SCHEDULE_TO_CLOSE = timedelta(seconds=30)
+PRIMARY_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=100),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=2),
+)
+# TigerBeetle writes must eventually happen: unlimited attempts, capped backoff.
+TIGERBEETLE_START_TO_CLOSE = timedelta(seconds=30)
+TIGERBEETLE_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=0,
+)
+
+
+@workflow.defn
+class WalletWorkflow:
+    @workflow.init
+    def __init__(self, inp: WalletWorkflowInput) -> None:
+        self._input = inp
+        self._wallet = inp.wallet
+        # All state that outlives a run is in this one structure (continue-as-new input).
+        self._state: WalletState = inp.state.model_copy(deep=True) if inp.state else WalletState()
+        # Serialises operations: each one reads and writes the wallet, and the awaits inside
+        # (local activity) would otherwise interleave two updates' read-modify-write.
+        self._lock = asyncio.Lock()
+        self._pending = 0  # accepted updates not finished yet (validator backpressure)
+        self._ops_this_run = 0
+        self._last_activity_at = workflow.now()
+        self._rotating = False  # set once this run decided to continue-as-new
+
+    # ---- run loop ------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, inp: WalletWorkflowInput) -> WalletWorkflowResult:
+        self._publish_details()
+        while True:
+            if self._state.backlog:
+                await self._drain_or_rotate()
+            elif self._should_continue_as_new():
+                await self._continue_as_new()
+            elif self._idle():
+                # No await between the check and the return: no update can be accepted in
+                # between. Updates the server admitted meanwhile are failed by the server and
+                # the client retries them on a new run (Update-with-Start).
+                return WalletWorkflowResult(
+                    ops_applied=self._state.ops_applied,
+                    tb_applied=self._state.tb_applied,
+                    divergence_count=self._state.divergence_count,
+                    runs=self._state.runs,
+                )
+            else:
+                await self._wait_for_work()
+
+    async def _wait_for_work(self) -> None:
+        remaining = self._idle_remaining()
+        if remaining > timedelta(0):
+            # Updates do not restart this timer (that would cost two events per update):
+            # when it fires, the loop recomputes the remaining idle time from the last update.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: bool(self._state.backlog) or self._should_continue_as_new(),
+                    timeout=remaining,
+                )
+        else:
+            # Idle time is up but updates are still running: wait for them to finish (their
+            # completion restarts the idle period).
+            await workflow.wait_condition(
+                lambda: (
+                    bool(self._state.backlog)
+                    or self._should_continue_as_new()
+                    or (self._pending == 0 and workflow.all_handlers_finished())
+                )
+            )
+
+    def _idle(self) -> bool:
+        return (
+            not self._state.backlog
+            and self._pending == 0
+            and workflow.all_handlers_finished()
+            and self._idle_remaining() <= timedelta(0)
+        )
+
+    def _idle_remaining(self) -> timedelta:
+        idle = timedelta(seconds=self._input.idle_timeout_s)
+        return max(idle - (workflow.now() - self._last_activity_at), timedelta(0))
+
+    def _should_continue_as_new(self) -> bool:
+        return (
+            self._ops_this_run >= self._input.max_ops_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    async def _continue_as_new(self) -> None:
+        # From now on the validator rejects new updates (the client retries them on the next
+        # run); the ones already accepted must finish first so none is dropped.
+        self._rotating = True
+        self._publish_details()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._state.runs += 1
+        workflow.logger.info(
+            "wallet %s continues as new (run %d, backlog %d)",
+            self._wallet,
+            self._state.runs,
+            len(self._state.backlog),
+        )
+        workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
+
+    async def _drain_or_rotate(self) -> None:
+        """Apply one batch from the backlog head; give up waiting if the run must rotate.
+
+        During a TigerBeetle outage the activity retries for as long as it takes, while
+        updates keep being answered and the history grows: rotating then cancels the attempt
+        (the items stay in the backlog, idempotent to re-apply) and continues as new.
+        """
+        drain = asyncio.create_task(self._drain_batch())
+        await workflow.wait_condition(lambda: drain.done() or self._should_continue_as_new())
+        if drain.done():
+            drain.result()
+            return
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ActivityError):
+            await drain  # the backlog was left untouched
+        await self._continue_as_new()
+
+    async def _drain_batch(self) -> None:
+        batch = self._state.backlog[:DRAIN_BATCH_MAX]
+        output: ApplyTigerBeetleOutput = await workflow.execute_activity(
+            ACTIVITY_APPLY_TIGERBEETLE,
+            ApplyTigerBeetleInput(wallet=self._wallet, items=batch),
+            result_type=ApplyTigerBeetleOutput,
+            start_to_close_timeout=TIGERBEETLE_START_TO_CLOSE,
+            retry_policy=TIGERBEETLE_RETRY,
+        )
+        # Safe without the lock: handlers only append to the backlog's tail, and only this loop
+        # removes from its head, so the batch is still the head after the await.
+        head = self._state.backlog[: len(batch)]
+        assert [item.seq for item in head] == [item.seq for item in batch], "backlog head moved"
+        assert [o.seq for o in output.outcomes] == [item.seq for item in batch]
+        del self._state.backlog[: len(batch)]
+        now = workflow.now()
+        for item, outcome in zip(batch, output.outcomes, strict=True):
+            self._state.tb_applied += 1
+            if outcome.error_type is not None:
+                self._record_divergence(item, outcome.error_type, outcome.error_message or "", now)
+        self._publish_details()
+
+    def _record_divergence(
+        self, item: BacklogItem, error_type: str, message: str, now: datetime
+    ) -> None:
+        self._state.divergence_count += 1
+        self._state.divergences.append(
+            Divergence(
+                seq=item.seq,
+                transaction_id=item.command.transaction_id,
+                kind=item.command.kind,
+                error_type=error_type,
+                message=message,
+                at=now,
+            )
+        )
+        del self._state.divergences[:-DIVERGENCES_KEPT_MAX]
+        workflow.logger.warning(
+            "wallet %s: TigerBeetle refused %s %s that MongoDB accepted (%s: %s); "
+            "left for reconciliation",
+            self._wallet,
+            item.command.kind.value,
+            item.command.transaction_id,
+            error_type,
+            message,
+        )
+
+    # ---- operations ----------------------------------------------------------------------
+
+    @workflow.update
+    async def apply(self, command: WalletCommand) -> OperationResult:
+        self._pending += 1
+        try:
+            async with self._lock:
+                return await self._apply_locked(command)
+        finally:
+            self._pending -= 1
+            self._last_activity_at = workflow.now()
+
+    async def _apply_locked(self, command: WalletCommand) -> OperationResult:
+        self._last_activity_at = workflow.now()
+        txn = command.transaction_id
+        # Idempotency guard: a replay of a recent operation is answered from state, without
+        # touching the stores. Different content under the same id goes to the store, which
+        # answers DuplicateTransactionError.
+        recent = self._state.recent.get(txn)
+        if recent is not None and recent.command == command:
+            return recent.result.model_copy(update={"replayed": True})
+        try:
+            # This await would be unsafe without the lock: another update could read the
+            # wallet between our read and our write, and the backlog order would no longer
+            # be MongoDB's order.
+            outcome: PrimaryOutcome = await workflow.execute_local_activity(
+                ACTIVITY_APPLY_PRIMARY,
+                ApplyPrimaryInput(command=command),
+                result_type=PrimaryOutcome,
+                start_to_close_timeout=PRIMARY_START_TO_CLOSE,
+                schedule_to_close_timeout=PRIMARY_SCHEDULE_TO_CLOSE,
+                retry_policy=PRIMARY_RETRY,
+            )
+        except ActivityError as err:
+            raise _caller_failure(err) from None
+        self._state.phase_seen = outcome.phase
+        self._state.epoch_seen = outcome.epoch
+        self._state.ops_applied += 1
+        self._ops_this_run += 1
+        if outcome.writes_tigerbeetle:
+            # Appended even when MongoDB says "replayed": a crash may have hit between the
+            # MongoDB write and this point; TigerBeetle is idempotent, so a repeat is harmless.
+            self._state.backlog.append(
+                BacklogItem(
+                    seq=self._state.next_seq,
+                    command=command,
+                    phase=outcome.phase,
+                    epoch=outcome.epoch,
+                    accepted_at=workflow.now(),
+                )
+            )
+            self._state.next_seq += 1
+        self._remember(command, outcome.result)
+        self._publish_details()
+        return outcome.result
+
+    def _remember(self, command: WalletCommand, result: OperationResult) -> None:
+        recent = self._state.recent
+        recent.pop(command.transaction_id, None)
+        recent[command.transaction_id] = RecentResult(command=command, result=result)
+        while len(recent) > RECENT_RESULTS_MAX:
+            del recent[next(iter(recent))]
+
+    @apply.validator
+    def validate_apply(self, command: WalletCommand) -> None:
+        """Rejected updates leave no trace in history and write nothing."""
+        if self._rotating:
+            raise ApplicationError(
+                "wallet workflow is continuing as new; retry", type=ROTATING_ERROR_TYPE
+            )
+        if command.wallet != self._wallet:
+            raise invalid_input(
+                f"wallet {command.wallet} does not belong to workflow of {self._wallet}",
+                "wallet",
+            )
+        try:
+            validate_operation(command.op)
+        except WalletError as err:
+            raise to_application_error(err) from None
+        if len(self._state.backlog) + self._pending >= self._input.backlog_max:
+            raise to_application_error(
+                StoreUnavailableError(
+                    f"TigerBeetle backlog of wallet {self._wallet} is full "
+                    f"({len(self._state.backlog)} operations); retry later"
+                )
+            )
+
+    # ---- observability -------------------------------------------------------------------
+
+    @workflow.query
+    def status(self) -> WalletStatus:
+        backlog = self._state.backlog
+        return WalletStatus(
+            wallet=self._wallet,
+            backlog_length=len(backlog),
+            oldest_backlog_at=backlog[0].accepted_at if backlog else None,
+            ops_applied=self._state.ops_applied,
+            ops_this_run=self._ops_this_run,
+            tb_applied=self._state.tb_applied,
+            divergence_count=self._state.divergence_count,
+            divergences=list(self._state.divergences),
+            phase_seen=self._state.phase_seen,
+            epoch_seen=self._state.epoch_seen,
+            runs=self._state.runs,
+            rotating=self._rotating,
+        )
+
+    def _publish_details(self) -> None:
+        state = self._state
+        phase = state.phase_seen.value if state.phase_seen else "-"
+        rotating = " · **continuing as new**" if self._rotating else ""
+        workflow.set_current_details(
+            f"**{self._wallet}** · phase `{phase}` (epoch {state.epoch_seen}) · "
+            f"ops {state.ops_applied} · TigerBeetle backlog **{len(state.backlog)}** · "
+            f"divergences {state.divergence_count} · run {state.runs}{rotating}"
+        )
+
+
+def _caller_failure(err: ActivityError) -> ApplicationError:
+    """What the caller sees when the MongoDB write failed: the domain error, unwrapped."""
+    domain = wallet_error_from_failure(err)
+    if domain is not None:
+        return to_application_error(domain)
+    # Timeouts or exhausted retries: nothing is known to be written; the caller may retry with
+    # the same transaction id (idempotent).
+    return to_application_error(
+        StoreUnavailableError(f"MongoDB write did not complete: {err.cause or err}")
+    )

@@ -1,0 +1,217 @@
+"""Messages of the wallet workflow and its activities: pydantic models, no I/O.
+
+Shared by the workflow (inside the sandbox), the activities and the client library, so this
+module imports only pydantic and walletcore.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from walletcore.balances import WalletBalance
+from walletcore.keys import WalletKey
+from walletcore.operations import (
+    AddCredit,
+    GetBalance,
+    GetMultiBalance,
+    OperationResult,
+    OperationType,
+    SubtractCredit,
+    Void,
+    WalletOperation,
+)
+from walletcore.phases import Phase
+
+# Activity names: the workflow refers to activities by name so it never imports store code.
+ACTIVITY_APPLY_PRIMARY = "apply_primary"
+ACTIVITY_APPLY_TIGERBEETLE = "apply_tigerbeetle"
+ACTIVITY_READ_BALANCE = "read_balance"
+ACTIVITY_READ_MULTI_BALANCE = "read_multi_balance"
+
+# Validator rejection while a run is about to continue-as-new: the client retries it and lands
+# on the next run. Not a walletcore error: callers never see it.
+ROTATING_ERROR_TYPE = "WalletWorkflowRotating"
+
+IDLE_TIMEOUT_S_DEFAULT = 300.0
+IDLE_TIMEOUT_S_MAX = 7 * 24 * 3600.0
+MAX_OPS_PER_RUN_DEFAULT = 500
+MAX_OPS_PER_RUN_MAX = 10_000
+# The backlog travels in the continue-as-new input (2 MB payload limit): ~300 bytes per item.
+BACKLOG_MAX_DEFAULT = 2000
+BACKLOG_MAX_MAX = 4000
+RECENT_RESULTS_MAX = 256  # idempotency guard entries carried across runs
+DIVERGENCES_KEPT_MAX = 20
+DRAIN_BATCH_MAX = 64  # backlog items applied to TigerBeetle per activity call
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CreditRequest(_Frozen):
+    kind: Literal["credit"] = "credit"
+    op: AddCredit
+
+
+class DebitRequest(_Frozen):
+    kind: Literal["debit"] = "debit"
+    op: SubtractCredit
+
+
+class VoidRequest(_Frozen):
+    kind: Literal["void"] = "void"
+    op: Void
+
+
+WalletRequest = Annotated[CreditRequest | DebitRequest | VoidRequest, Field(discriminator="kind")]
+
+
+class WalletCommand(_Frozen):
+    """The one input of the `apply` update: a credit, a debit or a void (tagged by `kind`)."""
+
+    request: WalletRequest
+
+    @classmethod
+    def of(cls, op: WalletOperation) -> WalletCommand:
+        # SubtractCredit subclasses AddCredit: test it first.
+        if isinstance(op, SubtractCredit):
+            return cls(request=DebitRequest(op=op))
+        if isinstance(op, AddCredit):
+            return cls(request=CreditRequest(op=op))
+        return cls(request=VoidRequest(op=op))
+
+    @property
+    def op(self) -> WalletOperation:
+        return self.request.op
+
+    @property
+    def kind(self) -> OperationType:
+        return OperationType(self.request.kind)
+
+    @property
+    def transaction_id(self) -> str:
+        return self.request.op.transaction_id
+
+    @property
+    def wallet(self) -> WalletKey:
+        return self.request.op.wallet
+
+
+# ---- activities ------------------------------------------------------------------------------
+
+
+class ApplyPrimaryInput(_Frozen):
+    command: WalletCommand
+
+
+class PrimaryOutcome(_Frozen):
+    """The answer, and the migration state it was applied under."""
+
+    result: OperationResult
+    phase: Phase
+    epoch: int
+    writes_tigerbeetle: bool  # True: the workflow must apply the op to TigerBeetle (backlog)
+
+
+class BacklogItem(_Frozen):
+    seq: int = Field(ge=1, description="position in the wallet's backlog, increasing")
+    command: WalletCommand
+    phase: Phase
+    epoch: int
+    accepted_at: datetime
+
+
+class ApplyTigerBeetleInput(_Frozen):
+    wallet: WalletKey
+    items: list[BacklogItem] = Field(min_length=1, max_length=DRAIN_BATCH_MAX)
+
+
+class TigerBeetleItemOutcome(_Frozen):
+    seq: int
+    transaction_id: str
+    replayed: bool = False
+    error_type: str | None = None  # a domain error retrying cannot fix: a divergence
+    error_message: str | None = None
+
+
+class ApplyTigerBeetleOutput(_Frozen):
+    outcomes: list[TigerBeetleItemOutcome]
+
+
+class ReadBalanceInput(_Frozen):
+    query: GetBalance
+
+
+class ReadMultiBalanceInput(_Frozen):
+    query: GetMultiBalance
+
+
+class MultiBalance(_Frozen):
+    balances: list[WalletBalance]
+
+
+# ---- workflow state ----------------------------------------------------------------------------
+
+
+class Divergence(_Frozen):
+    """MongoDB accepted an operation that TigerBeetle refused: reconciliation repairs it."""
+
+    seq: int
+    transaction_id: str
+    kind: OperationType
+    error_type: str
+    message: str
+    at: datetime
+
+
+class RecentResult(_Frozen):
+    command: WalletCommand
+    result: OperationResult
+
+
+class WalletState(BaseModel):
+    """Everything a run carries to the next one (continue-as-new). Mutable: workflow-owned."""
+
+    backlog: list[BacklogItem] = Field(default_factory=list)
+    recent: dict[str, RecentResult] = Field(default_factory=dict)  # insertion-ordered, bounded
+    next_seq: int = 1
+    ops_applied: int = 0  # operations answered (MongoDB applied), all runs
+    tb_applied: int = 0  # backlog items applied to TigerBeetle, all runs
+    divergence_count: int = 0
+    divergences: list[Divergence] = Field(default_factory=list)  # the last few
+    phase_seen: Phase | None = None
+    epoch_seen: int | None = None
+    runs: int = 1
+
+
+class WalletWorkflowInput(_Frozen):
+    wallet: WalletKey
+    idle_timeout_s: float = Field(default=IDLE_TIMEOUT_S_DEFAULT, gt=0, le=IDLE_TIMEOUT_S_MAX)
+    max_ops_per_run: int = Field(default=MAX_OPS_PER_RUN_DEFAULT, ge=1, le=MAX_OPS_PER_RUN_MAX)
+    backlog_max: int = Field(default=BACKLOG_MAX_DEFAULT, ge=1, le=BACKLOG_MAX_MAX)
+    state: WalletState | None = None
+
+
+class WalletStatus(_Frozen):
+    wallet: WalletKey
+    backlog_length: int
+    oldest_backlog_at: datetime | None
+    ops_applied: int
+    ops_this_run: int
+    tb_applied: int
+    divergence_count: int
+    divergences: list[Divergence]
+    phase_seen: Phase | None
+    epoch_seen: int | None
+    runs: int
+    rotating: bool
+
+
+class WalletWorkflowResult(_Frozen):
+    ops_applied: int
+    tb_applied: int
+    divergence_count: int
+    runs: int
