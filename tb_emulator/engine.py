@@ -22,8 +22,8 @@ Representation (chosen for throughput and memory):
   and buffered; their columns are written in bulk (C-level ``extend``) when the batch ends or
   before the general path needs the columns.
 
-Besides the ``tigerbeetle.ClientSync`` surface, ``*_raw`` variants take / return plain tuples in
-dataclass field order so a wire codec can skip building dataclasses.
+Besides the ``tigerbeetle.ClientSync`` surface, ``lookup_*_raw`` return plain field rows (in
+dataclass field order) so a wire encoder can skip building dataclasses.
 """
 
 from __future__ import annotations
@@ -228,12 +228,6 @@ class Engine:
         validate_account_rows(rows)
         timestamps, statuses = self._create_accounts(rows)
         return list(map(tb.CreateAccountResult, timestamps, statuses))
-
-    def create_accounts_raw(self, rows: Sequence[AccountRow]) -> list[tuple[int, CAS]]:
-        """``create_accounts`` on field tuples already range-checked by the caller (a wire
-        decoder); returns ``(timestamp, status)`` per event."""
-        timestamps, statuses = self._create_accounts(rows)
-        return list(zip(timestamps, statuses, strict=True))
 
     def _create_accounts(self, rows: Sequence[AccountRow]) -> tuple[list[int], list[CAS]]:
         if self._closed:

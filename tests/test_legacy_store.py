@@ -288,7 +288,7 @@ async def test_malformed_input_is_rejected_naming_the_field(
         ("USD", "USA", str(U64_MAX + 1) + "E-2", InvalidAmountError, "amount"),
         ("JPY", "JPN", "1.5", InvalidAmountError, "amount"),
         ("BTC", "USA", "0.000000001", InvalidAmountError, "amount"),
-        ("USD", "ZZZ", "1.00", UnknownLedgerError, "currency"),
+        ("USD", "ZZZ", "1.00", UnknownLedgerError, "country"),
         ("XYZ", "USA", "1.00", UnknownCurrencyError, "currency"),
     ],
 )

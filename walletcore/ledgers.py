@@ -47,9 +47,12 @@ class LedgerTable:
         try:
             return self._ledgers[pair]
         except KeyError:
+            # Name the field that is wrong: a known currency with an unknown country is the
+            # country's fault; otherwise the currency is the first thing to check.
+            known_currency = any(p.startswith(f"{currency}:") for p in self._ledgers)
             raise UnknownLedgerError(
                 f"no ledger for {pair}; configured: {', '.join(sorted(self._ledgers))}",
-                field="currency",
+                field="country" if known_currency else "currency",
             ) from None
 
     def pair_of(self, ledger: int) -> str:
