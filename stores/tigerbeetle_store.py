@@ -35,8 +35,7 @@ from typing import TypeVar
 import tigerbeetle as tb
 
 from registries.account_registry import AccountRecord, AccountRegistry
-from registries.transfer_registry import TransferRecord, TransferRegistry, _record_of
-from stores.mongo import u128_to_hex
+from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletcore.balances import MinorBalance, WalletBalance
@@ -514,7 +513,7 @@ class TigerBeetleStore:
                 )
             )
         )
-        records = await records_by_transfer_id(self._transfers, [t.id for t in transfers])
+        records = await self._transfers.by_transfer_ids([t.id for t in transfers])
         currency = wallet.currency
         entries: list[HistoryEntry] = []
         for transfer in transfers:
@@ -539,24 +538,6 @@ class TigerBeetleStore:
             return await call
         except TRANSPORT_ERRORS as exc:
             raise StoreUnavailableError(f"TigerBeetle unavailable: {exc!r}") from exc
-
-
-async def records_by_transfer_id(
-    registry: TransferRegistry, transfer_ids: Sequence[int]
-) -> dict[int, TransferRecord]:
-    """Registry records of many transfers in ONE query (on its unique transfer_id index).
-
-    The registry's public API has no batched lookup yet, so this reads its collection
-    directly; it belongs in TransferRegistry as `by_transfer_ids` (asked of its owner).
-    """
-    assert len(transfer_ids) <= BATCH_EVENTS_MAX
-    if not transfer_ids:
-        return {}
-    cursor = registry._transfers.find(
-        {"transfer_id": {"$in": [u128_to_hex(tid) for tid in transfer_ids]}}
-    )
-    records = [_record_of(doc) async for doc in cursor]
-    return {record.transfer_id: record for record in records}
 
 
 def _check_same_movement(
