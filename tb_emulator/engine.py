@@ -14,8 +14,9 @@ Representation (chosen for throughput and memory):
 * transfers: a column store (``list`` for u128 fields, ``array`` for narrow ones), one row per
   transfer; ``_tx_index`` maps id -> row, or ``ID_ORPHAN`` for an id burnt by a transient
   failure.  Row order is timestamp order, so time ranges are bisections.
-* per account: ``array('I')`` of the rows that touch it, and for HISTORY accounts a parallel
-  list of balance snapshots (``get_account_balances``).
+* per account: ``array('I')`` of the rows that touch it, and for HISTORY accounts the balances
+  after each of those rows, flattened 4 per row into an ``array('Q')`` (``get_account_balances``;
+  turned into a list the first time a balance exceeds 64 bits).
 * linked chains: rows and accounts appended by a chain are truncated on rollback; in-place
   changes (balances, flags, pending status) are undone from a small undo log.
 * fast path: plain transfers (flags 0, outside chains) are checked with one folded condition
@@ -341,7 +342,7 @@ class Engine:
         record: list[Any] = [
             int(a_id), 0, 0, 0, 0, int(ud128), int(ud64), int(ud32), int(ledger), int(code),
             ACCOUNT_FLAGS.get(flags), ts, flags, array("I"),
-            [] if flags & AF_HISTORY else None,
+            array("Q") if flags & AF_HISTORY else None,
         ]
         assert len(record) == A_SNAPS + 1
         self._accounts[record[A_ID]] = record
@@ -441,12 +442,10 @@ class Engine:
                         cr[4] = cr_posted
                         dr[13].append(row)  # A_ROWS
                         cr[13].append(row)
-                        snaps = dr[14]  # A_SNAPS
-                        if snaps is not None:
-                            snaps.append((dr_pending, dr_posted, dr[3], dr[4]))
-                        snaps = cr[14]
-                        if snaps is not None:
-                            snaps.append((cr[1], cr[2], cr_pending, cr_posted))
+                        if dr[14] is not None:  # A_SNAPS
+                            _snapshot(dr)
+                        if cr[14] is not None:
+                            _snapshot(cr)
                         row += 1
                         res_ts_append(slot)
                         res_status_append(created)
@@ -770,9 +769,9 @@ class Engine:
         dr[A_ROWS].append(row)
         cr[A_ROWS].append(row)
         if dr[A_SNAPS] is not None:
-            dr[A_SNAPS].append((dr[A_DP], dr[A_DPO], dr[A_CP], dr[A_CPO]))
+            _snapshot(dr)
         if cr[A_SNAPS] is not None:
-            cr[A_SNAPS].append((cr[A_DP], cr[A_DPO], cr[A_CP], cr[A_CPO]))
+            _snapshot(cr)
         return row
 
     def _transfer_exists(self, v: TransferRow, flags: int, row: int) -> CTS:
@@ -854,7 +853,7 @@ class Engine:
                 assert record[A_ROWS][-1] == row
                 record[A_ROWS].pop()
                 if record[A_SNAPS] is not None:
-                    record[A_SNAPS].pop()
+                    del record[A_SNAPS][-4:]
             del self._tx_index[self._t_id[row]]
         for column in self._columns:
             del column[mark:]
@@ -920,11 +919,11 @@ class Engine:
             return []
         record = self._accounts[f.account_id]
         rows: array[int] = record[A_ROWS]
-        snaps: list[tuple[int, int, int, int]] = record[A_SNAPS]
+        snaps: array[int] | list[int] = record[A_SNAPS]
         t_ts = self._t_ts
         out: list[tb.AccountBalance] = []
         for p in positions:
-            dp, dpo, cp, cpo = snaps[p]
+            dp, dpo, cp, cpo = snaps[4 * p : 4 * p + 4]
             out.append(tb.AccountBalance(dp, dpo, cp, cpo, t_ts[rows[p]]))
         return out
 
@@ -1058,6 +1057,18 @@ class Engine:
 def make_engine() -> Engine:
     """Factory for ``replay.py --engine tb_emulator.engine:make_engine``."""
     return Engine()
+
+
+def _snapshot(record: list[Any]) -> None:
+    """Append the account's balances to its history (HISTORY accounts only)."""
+    snaps = record[A_SNAPS]
+    balances = record[A_DP : A_CPO + 1]
+    try:
+        snaps.extend(balances)
+    except OverflowError:
+        # Over 64 bits: fall back to a list of ints (array.extend may have appended a prefix).
+        del snaps[len(snaps) - len(snaps) % 4 :]
+        record[A_SNAPS] = [*snaps, *balances]
 
 
 def _set_account_flags(record: list[Any], flags: int) -> None:

@@ -96,7 +96,7 @@ A_FLAGS_ENUM = 10
 A_TS = 11
 A_FLAGS = 12
 A_ROWS = 13  # array('I') of transfer rows touching the account, ascending
-A_SNAPS = 14  # HISTORY accounts: balances after each row in A_ROWS; else None
+A_SNAPS = 14  # HISTORY accounts: 4 balances after each row in A_ROWS, flattened; else None
 A_PUBLIC = 12  # leading slots that mirror tb.Account
 A_MUTABLE = 13  # leading slots a transfer may change (balances, flags); undo restores them
 
