@@ -14,12 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Start the embedded stack (idempotent), then run the live migration demo against it.
 demo: $(STAMP)
-	@if $(BIN)/walletmig --help 2>/dev/null | grep -qw demo; then \
-		$(BIN)/walletmig demo; \
-	else \
-		$(BIN)/walletmig dev up && $(BIN)/walletmig dev status; \
-	fi
+	$(BIN)/walletmig dev up
+	$(BIN)/walletmig demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

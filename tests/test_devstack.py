@@ -218,3 +218,17 @@ def test_readme_documents_every_setting(repo_root: Path) -> None:
     assert "make test" in (repo_root / ".ci" / "run").read_text()
     for name, (_, default) in {**ENVIRONMENT, **devstack.DEV_ENVIRONMENT}.items():
         assert f"| `{name}` | `{default}` |" in readme, f"README lacks {name} (default {default})"
+
+
+def test_cli_renders_a_rejected_update_as_one_line() -> None:
+    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.exceptions import ApplicationError
+
+    from walletmig.cli import _temporal_failure
+
+    try:
+        raise WorkflowUpdateFailedError(ApplicationError("phase change rejected: gate not met"))
+    except WorkflowUpdateFailedError as rejected:
+        line = _temporal_failure(rejected)
+    assert line == "WorkflowUpdateFailedError: phase change rejected: gate not met"
+    assert _temporal_failure(ValueError("bug")) is None

@@ -50,6 +50,9 @@ _CONNECTION_ERRORS = frozenset(
         "TimeoutError",
     }
 )
+# Temporal client errors that report a failed workflow/update rather than a bug here.
+_TEMPORAL_FAILURES = frozenset({"WorkflowUpdateFailedError", "WorkflowFailureError"})
+_CAUSE_DEPTH_MAX = 8
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -92,6 +95,20 @@ def _describe_validation_error(exc: pydantic.ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"]) or exc.title
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"invalid setting {where}: {first['msg']}{more}"
+
+
+def _temporal_failure(exc: BaseException) -> str | None:
+    """One line for a workflow or update that failed (e.g. a validator rejecting a phase
+    change): the innermost cause's message is what the operator needs."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if not names & _TEMPORAL_FAILURES:
+        return None
+    cause: BaseException = exc
+    for _ in range(_CAUSE_DEPTH_MAX):
+        if cause.__cause__ is None:
+            break
+        cause = cause.__cause__
+    return f"{type(exc).__name__}: {cause}"
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -139,6 +156,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return status
     except Exception as exc:
+        failure = _temporal_failure(exc)
+        if failure is not None and not args.debug:
+            print(f"{PROG}: error: {failure}", file=sys.stderr)
+            return EXIT_FAILURE
         if not _is_connection_error(exc) or args.debug:
             raise
         print(

@@ -65,7 +65,8 @@ ENV_FILE = "env"
 LOCK_FILE = "lock"
 WORKER_MODULE = "walletmig.commands.worker"
 TB_EMULATOR_MODULE = "tb_emulator.__main__"
-PROBE_INTERVAL_S = 0.2
+PROBE_INTERVAL_S = 0.1
+PROBE_INTERVAL_MAX_S = 1.0
 PROBE_COMMAND_TIMEOUT_S = 5.0
 LOCK_TIMEOUT_S = 120.0
 
@@ -581,6 +582,7 @@ def _select(components: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _wait_ready(spec: ComponentSpec, record: ProcessRecord, deadline: float) -> None:
+    interval_s = PROBE_INTERVAL_S
     while True:
         if not is_alive(record):
             raise StackError(
@@ -594,7 +596,9 @@ def _wait_ready(spec: ComponentSpec, record: ProcessRecord, deadline: float) -> 
                 f"{spec.name} not ready at {spec.address} within the timeout; "
                 f"log {record.log_path}:\n{log_tail(Path(record.log_path))}"
             )
-        time.sleep(PROBE_INTERVAL_S)
+        time.sleep(interval_s)
+        # Back off: some probes run the `temporal` CLI, which is not free on a busy machine.
+        interval_s = min(interval_s * 1.5, PROBE_INTERVAL_MAX_S)
 
 
 def _check_ports_free(
