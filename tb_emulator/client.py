@@ -150,7 +150,8 @@ class _AsyncConnection:
         self.reader = reader
         self.writer = writer
         self.pending: dict[int, asyncio.Future[tuple[int, int, memoryview]]] = {}
-        self.task = asyncio.get_running_loop().create_task(self._read_loop())
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self._read_loop())
         self.closed = False
 
     async def _read_loop(self) -> None:
@@ -203,6 +204,7 @@ class EmulatorClientAsync:
         self.timeout_s = timeout_s
         self._connection: _AsyncConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
+        self._connect_loop: asyncio.AbstractEventLoop | None = None
         self._request_ids = itertools.count(1)
         self._closed = False
 
@@ -266,7 +268,11 @@ class EmulatorClientAsync:
         self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
-            await connection.close()
+            if connection.loop is asyncio.get_running_loop():
+                await connection.close()
+            else:
+                with contextlib.suppress(Exception):
+                    connection.writer.transport.abort()
 
     async def __aenter__(self) -> Self:
         return self
@@ -322,10 +328,18 @@ class EmulatorClientAsync:
 
     async def _connect(self) -> _AsyncConnection:
         connection = self._connection
+        loop = asyncio.get_running_loop()
         if connection is not None and not connection.closed:
-            return connection
-        if self._connect_lock is None:
+            if connection.loop is loop:
+                return connection
+            # Used from another event loop (like the real client allows): start over there.
+            with contextlib.suppress(Exception):  # The old loop may be closed already.
+                connection.writer.transport.abort()
+            self._connection = None
+            self._connect_lock = None
+        if self._connect_lock is None or self._connect_loop is not loop:
             self._connect_lock = asyncio.Lock()
+            self._connect_loop = loop
         async with self._connect_lock:
             connection = self._connection
             if connection is not None and not connection.closed:

@@ -295,6 +295,10 @@ def pack_transfers(transfers: Sequence[tb.Transfer]) -> bytes:
     return TRANSFERS.pack(transfers)
 
 
+def pack_transfer_rows(rows: Sequence[Sequence[Any]]) -> bytes:
+    return TRANSFERS.pack_rows(rows)
+
+
 def unpack_transfers(data: bytes | bytearray | memoryview) -> list[tb.Transfer]:
     return TRANSFERS.unpack(data)
 

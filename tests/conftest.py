@@ -57,10 +57,10 @@ def temporal_binary() -> str:
 
 @pytest.fixture(scope="session")
 def stack_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.StackConfig]:
-    """The session's embedded stack: temp state dir, free ports, no fsync per commit (a test
-    stack need not survive power loss); stopped by PID at the end."""
+    """The session's embedded stack: temp state dir, free ports, the same durability settings
+    as `walletmig dev up` (MongoDB syncs on commit), stopped by PID at the end."""
     config = devstack.StackConfig.with_free_ports(
-        tmp_path_factory.mktemp("walletmig-stack"), ready_timeout_s=120, durable=False
+        tmp_path_factory.mktemp("walletmig-stack"), ready_timeout_s=120
     )
     yield config
     devstack.down(config)

@@ -119,6 +119,9 @@ async def test_kill_9_during_linked_transfer_stream(tmp_path: Path) -> None:
             assert len(present) >= len(acknowledged)
         finally:
             await client.close()
+    except BaseException:
+        print("emulator log:\n" + process.read_log())  # Shown by pytest on failure.
+        raise
     finally:
         process.kill()
         shutil.rmtree(tmp_path, ignore_errors=True)

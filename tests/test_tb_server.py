@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tigerbeetle as tb
@@ -56,12 +57,14 @@ def accounts(*ids: int) -> list[tb.Account]:
     return [tb.Account(id=i, ledger=1, code=1, flags=tb.AccountFlags.HISTORY) for i in ids]
 
 
-def transfer(tid: int, debit: int, credit: int, amount: int, flags: int = 0) -> tb.Transfer:
+def transfer(tid: int, debit: int, credit: int, amount: int) -> tb.Transfer:
     return tb.Transfer(id=tid, debit_account_id=debit, credit_account_id=credit, amount=amount,
-                       ledger=1, code=1, flags=flags)
+                       ledger=1, code=1)
 
 
-def state(client: EmulatorClientSync, account_ids: list[int], transfer_ids: list[int]) -> tuple:
+def state(
+    client: EmulatorClientSync, account_ids: list[int], transfer_ids: list[int]
+) -> tuple[list[tb.Account], list[tb.Transfer]]:
     return client.lookup_accounts(account_ids), client.lookup_transfers(transfer_ids)
 
 
@@ -95,7 +98,8 @@ async def test_ack_means_fsynced(data_file: str) -> None:
     wal.append_sync = recording_append_sync  # type: ignore[method-assign]
     client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}")
     try:
-        assert all(r.status == CREATED for r in await client.create_accounts(accounts(1, 2)))
+        created = await client.create_accounts(accounts(1, 2))
+        assert all(r.status == tb.CreateAccountStatus.CREATED for r in created)
         for i in range(5):
             sizes_before = len(synced_sizes)
             size_on_disk_before = os.path.getsize(data_file)
@@ -266,16 +270,17 @@ def test_malformed_frames_get_error_replies(emulator: EmulatorProcess) -> None:
         _frame(2, wire.Op.CREATE_TRANSFERS, b"x" * 100),  # not a multiple of 128
         _frame(3, wire.Op.QUERY_ACCOUNTS, b"\0" * 2 * wire.QUERY_FILTER.size),  # two filters
         _frame(4, wire.Op.LOOKUP_ACCOUNTS, b"\0" * 16 * 8190),  # > 8189 events
-        _frame(5, wire.Op.LOOKUP_ACCOUNTS, (1).to_bytes(16, "little")),  # fine
+        _frame(5, wire.Op.CREATE_TRANSFERS, b"\0" * 128 * 8190),  # > 8189 events, > 1 MiB
+        _frame(6, wire.Op.LOOKUP_ACCOUNTS, (1).to_bytes(16, "little")),  # fine
     ]))
     assert [(r[0], r[2]) for r in replies] == [
         (1, S.INVALID_OPERATION), (2, S.INVALID_DATA_SIZE), (3, S.INVALID_DATA_SIZE),
-        (4, S.TOO_MUCH_DATA), (5, S.OK)]
-    assert wire.unpack_accounts(replies[4][4])[0].id == 1
+        (4, S.TOO_MUCH_DATA), (5, S.TOO_MUCH_DATA), (6, S.OK)]
+    assert wire.unpack_accounts(replies[5][4])[0].id == 1
     # Unrecoverable framing: error reply, then the server hangs up.
     for payload in (
         _frame(7, wire.Op.LOOKUP_ACCOUNTS, b"", version=99),
-        wire.HEADER.pack(wire.BODY_SIZE_MAX + 1, 8, wire.Op.CREATE_TRANSFERS, 0, wire.VERSION),
+        wire.HEADER.pack(0xFFFFFFFF, 8, wire.Op.CREATE_TRANSFERS, 0, wire.VERSION),
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     ):
         replies = _raw(address, payload)
@@ -316,7 +321,7 @@ def test_batch_limits(emulator: EmulatorProcess) -> None:
 
 def test_client_validates_like_the_real_client(emulator: EmulatorProcess) -> None:
     with EmulatorClientSync(0, emulator.address) as client:
-        with pytest.raises(tb.IntegerOverflowError, match="id==.* too large to fit in 128"):
+        with pytest.raises(tb.IntegerOverflowError, match=r"id==.* too large to fit in 128"):
             client.create_accounts([tb.Account(id=1 << 128, ledger=1, code=1)])
         with pytest.raises(tb.IntegerOverflowError, match="amount==-1 cannot be negative"):
             client.create_transfers([transfer(1, 1, 2, -1)])
@@ -359,9 +364,9 @@ async def test_timeout_when_server_down() -> None:
     assert isinstance(info.value, TimeoutError)
     assert 0.4 < time.monotonic() - started < 3
     await client.close()
-    with EmulatorClientSync(0, address, timeout_s=0.5) as sync_client:
-        with pytest.raises(RequestTimeoutError):
-            sync_client.lookup_accounts([1])
+    with (EmulatorClientSync(0, address, timeout_s=0.5) as sync_client,
+          pytest.raises(RequestTimeoutError)):
+        sync_client.lookup_accounts([1])
 
 
 async def test_timeout_when_server_hangs(emulator: EmulatorProcess) -> None:
@@ -400,8 +405,9 @@ async def test_concurrent_requests_on_one_connection(emulator: EmulatorProcess) 
     client = EmulatorClientAsync(0, emulator.address)
     try:
         await client.create_accounts(accounts(*range(1, 11)))
-        jobs = [client.create_transfers([transfer(1000 + i, 1 + i % 10, 1 + (i + 1) % 10, 1)])
-                for i in range(200)]
+        jobs: list[Any] = [
+            client.create_transfers([transfer(1000 + i, 1 + i % 10, 1 + (i + 1) % 10, 1)])
+            for i in range(200)]
         jobs += [client.lookup_accounts([1 + i % 10]) for i in range(100)]
         results = await asyncio.gather(*jobs)
         assert all(r[0].status == CREATED for r in results[:200])
@@ -434,3 +440,56 @@ async def test_connect_tigerbeetle_factory(emulator: EmulatorProcess) -> None:
 
 def test_file_header_layout() -> None:
     assert FILE_HEADER.size == 16 and RECORD_HEADER.size == 20
+
+
+# ------------------------------------------------------------------------------------------
+# Wire format
+# ------------------------------------------------------------------------------------------
+
+
+def test_wire_roundtrip_extremes() -> None:
+    import random
+
+    rng = random.Random(7)
+    top = (1 << 128) - 1
+
+    def u(bits: int) -> int:
+        return rng.choice([0, 1, (1 << bits) - 1, rng.getrandbits(bits)])
+
+    accounts_in = [tb.Account(id=u(128), debits_pending=u(128), debits_posted=u(128),
+                              credits_pending=u(128), credits_posted=u(128),
+                              user_data_128=u(128), user_data_64=u(64), user_data_32=u(32),
+                              ledger=u(32), code=u(16), flags=tb.AccountFlags(rng.getrandbits(6)),
+                              timestamp=u(64)) for _ in range(500)]
+    transfers_in = [tb.Transfer(id=u(128), debit_account_id=u(128), credit_account_id=top,
+                                amount=u(128), pending_id=u(128), user_data_128=u(128),
+                                user_data_64=u(64), user_data_32=u(32), timeout=u(32),
+                                ledger=u(32), code=u(16),
+                                flags=tb.TransferFlags(rng.getrandbits(9)), timestamp=u(64))
+                    for _ in range(500)]
+    assert wire.unpack_accounts(wire.pack_accounts(accounts_in)) == accounts_in
+    assert wire.unpack_transfers(wire.pack_transfers(transfers_in)) == transfers_in
+    rows = [[getattr(a, f) for f, _, _ in wire.ACCOUNTS.fields] for a in accounts_in]
+    assert wire.unpack_accounts(wire.pack_account_rows(rows)) == accounts_in
+    ids = [u(128) for _ in range(100)]
+    assert wire.unpack_ids(wire.pack_ids(ids)) == ids
+    assert wire.unpack_accounts(wire.pack_accounts([])) == []
+
+
+def test_sparse_create_results_are_exact() -> None:
+    import random
+
+    rng = random.Random(3)
+    statuses = list(tb.CreateTransferStatus)
+    for _ in range(200):
+        base = rng.choice([1, 10**18, 2**63])
+        count = rng.randint(0, 300)
+        results = []
+        for i in range(count):
+            if rng.random() < 0.7:
+                results.append(tb.CreateTransferResult(base + i, CREATED))
+            else:  # failures, EXISTS with old timestamps, imported literals, odd CREATED
+                results.append(tb.CreateTransferResult(rng.getrandbits(63), rng.choice(statuses)))
+        decoded = wire.unpack_create_transfer_results(wire.pack_create_results(results))
+        assert decoded == results
+        assert all(type(r.status) is tb.CreateTransferStatus for r in decoded)

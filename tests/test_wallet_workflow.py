@@ -194,7 +194,7 @@ async def test_bad_input_rejected_by_client(
         ({"amount": "1.001"}, InvalidAmountError, "amount"),
         ({"amount": "0"}, InvalidAmountError, "amount"),
         ({"amount": "-5"}, InvalidAmountError, "amount"),
-        ({"amount": "NaN"}, InvalidAmountError, "amount"),
+        ({"amount": "NaN"}, InvalidInputError, "amount"),
         ({"amount": "1", "transaction_id": ""}, InvalidInputError, "transaction_id"),
         ({"amount": "1", "wallet": {"client_id": "x", "country": "usa", "currency": "USD"}},
          InvalidInputError, "wallet.country"),
@@ -333,7 +333,8 @@ async def test_idle_close_and_continue_as_new_race_updates(
             await asyncio.sleep(rng.uniform(0, 0.05))
 
     await asyncio.gather(*(caller(n) for n in range(8)))  # 120 ops: several continue-as-new
-    await wait_drained(harness.client, wallet)
+    rotated = await wait_drained(harness.client, wallet)
+    assert rotated is not None and rotated.runs >= 120 // 20, rotated
     await wait_closed(harness.client, wallet)
     # Land updates right on the idle deadline, when the run is completing.
     for burst in range(4):

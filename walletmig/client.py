@@ -56,9 +56,12 @@ from workflows.wallet_models import (
 
 M = TypeVar("M", bound=BaseModel)
 
-ATTEMPTS_MAX = 60  # retries when the workflow closes/rotates under us: ~10 s in all
+# Re-sends when a run closes/rotates under an update or a store is briefly unavailable (e.g.
+# a crashed worker's MongoDB transaction holds the wallet until its 60 s lifetime ends).
+RETRY_WINDOW_S_DEFAULT = 120.0
+ATTEMPTS_MAX = 1000
 BACKOFF_BASE_S = 0.01
-BACKOFF_CAP_S = 0.25
+BACKOFF_CAP_S = 1.0
 # Temporal's failure type when an accepted update's workflow completed before it finished.
 ACCEPTED_UPDATE_COMPLETED = "AcceptedUpdateCompletedWorkflow"
 
@@ -72,13 +75,13 @@ class WalletClient:
         idle_timeout_s: float = IDLE_TIMEOUT_S_DEFAULT,
         max_ops_per_run: int = MAX_OPS_PER_RUN_DEFAULT,
         backlog_max: int = BACKLOG_MAX_DEFAULT,
-        attempts_max: int = ATTEMPTS_MAX,
+        retry_window_s: float = RETRY_WINDOW_S_DEFAULT,
     ) -> None:
         assert task_queue, "task_queue is required"
-        assert 0 < attempts_max <= 1000
+        assert 0 <= retry_window_s <= 3600
         self._client = client
         self._task_queue = task_queue
-        self._attempts_max = attempts_max
+        self._retry_window_s = retry_window_s
         # Validated once: a bad configuration fails at construction, not on the first call.
         self._template = WalletWorkflowInput(
             wallet=WalletKey(client_id="x", country="USA", currency="USD"),
@@ -106,7 +109,10 @@ class WalletClient:
     async def apply(self, op: WalletOperation) -> OperationResult:
         validate_operation(op)  # InvalidInputError / InvalidAmountError naming the field
         command = WalletCommand.of(op)
-        for attempt in range(self._attempts_max):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_window_s
+        last_reason = ""
+        for attempt in range(ATTEMPTS_MAX):
             start = WithStartWorkflowOperation(
                 WalletWorkflow.run,
                 self._template.model_copy(update={"wallet": op.wallet}),
@@ -125,21 +131,29 @@ class WalletClient:
                 )
             except WorkflowUpdateFailedError as err:
                 await _settle(start)
-                if not _run_closed_under_us(err.cause):
-                    domain = wallet_error_from_failure(err.cause)
-                    if domain is not None:
-                        raise domain from None
+                domain = wallet_error_from_failure(err.cause)
+                if _run_closed_under_us(err.cause):
+                    last_reason = "the workflow run was closing"
+                elif domain is not None and domain.retryable:
+                    last_reason = str(domain)  # e.g. MongoDB still locked after a crash
+                elif domain is not None:
+                    raise domain from None
+                else:
                     raise
             except RPCError as err:
                 await _settle(start)
                 if not _workflow_gone(err):
                     raise
+                last_reason = err.message
             self.retries += 1
-            await asyncio.sleep(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 8)))
+            pause_s = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 10))
+            if loop.time() + pause_s > deadline:
+                break
+            await asyncio.sleep(pause_s)
         raise StoreUnavailableError(
-            f"wallet workflow {op.wallet.workflow_id} kept closing; "
-            f"{command.kind.value} {command.transaction_id} not applied after "
-            f"{self._attempts_max} attempts (retry with the same transaction_id)"
+            f"{command.kind.value} {command.transaction_id} on {op.wallet.workflow_id} not "
+            f"applied within {self._retry_window_s:g} s ({last_reason}); retry with the same "
+            "transaction_id (idempotent)"
         )
 
     # ---- reads ---------------------------------------------------------------------------

@@ -54,7 +54,9 @@ with workflow.unsafe.imports_passed_through():
 # The MongoDB write answers the caller: bounded, so a store outage fails the update clearly
 # (StoreUnavailableError) instead of holding the caller forever.
 PRIMARY_START_TO_CLOSE = timedelta(seconds=10)
-PRIMARY_SCHEDULE_TO_CLOSE = timedelta(seconds=30)
+# Covers MongoDB's 60 s transaction lifetime: a crashed worker's open transaction can hold
+# the wallet document that long.
+PRIMARY_SCHEDULE_TO_CLOSE = timedelta(seconds=75)
 PRIMARY_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100),
     backoff_coefficient=2.0,
