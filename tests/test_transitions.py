@@ -249,7 +249,7 @@ def test_breaker_state_machine() -> None:
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 500)), max_size=200))
-def test_property_breaker_never_lets_calls_through_while_open(events: list[tuple[bool, int]]) -> None:
+def test_property_breaker_closed_while_open(events: list[tuple[bool, int]]) -> None:
     b = CircuitBreaker(BreakerConfig(failure_threshold=2, open_ms=100))
     now = 0
     for ok, step in events:
