@@ -16,19 +16,21 @@ from typing import Any
 
 import tigerbeetle as tb
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 from temporalio import activity
 
-from registries.account_registry import AccountRecord, AccountRegistry
+from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
 from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
 from stores.legacy_store import WALLETS, LegacyStore
-from stores.mongo import now_ms
+from stores.mongo import as_utc, hex_to_u128, now_ms, u128_to_hex
+from stores.reports import find_keys
 from stores.tb_errors import Outcome, account_rule, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of
 from walletcore.balances import MinorBalance
 from walletcore.codes import SystemAccount, TransferCode
 from walletcore.errors import InvalidInputError, StoreUnavailableError
-from walletcore.ids import opening_transfer_id, system_account_id
+from walletcore.ids import account_id, opening_transfer_id, system_account_id
 from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
 from walletcore.reconcile import PostingPlan, plan_to_reach
@@ -89,6 +91,17 @@ def opening_transfers(record: AccountRecord, version: int, plan: PostingPlan) ->
     if len(out) == 2:  # both or neither: a half-imported wallet would be a wrong balance
         out[0].flags = tb.TransferFlags.LINKED
     return out
+
+
+def _registry_record(doc: dict[str, Any]) -> AccountRecord:
+    wallet = WalletKey.from_canonical(doc["_id"])
+    record = AccountRecord(
+        wallet=wallet, account_id=hex_to_u128(doc["account_id"]), ledger=int(doc["ledger"]),
+        nonce=int(doc["nonce"]), allow_overdraft=bool(doc["allow_overdraft"]),
+        created_at=as_utc(doc["created_at"]),
+    )
+    assert record.account_id == account_id(wallet, record.nonce), f"registry {doc['_id']}"
+    return record
 
 
 class WalletImporter:
@@ -188,9 +201,9 @@ class WalletImporter:
                 if rule.outcome is Outcome.FAILED and owner not in failed:
                     failed[owner] = f"opening transfer {transfer.id:032x}: {result.status.name}"
         done = {k: v for k, v in posted.items() if k not in failed}
-        await self._imports.mark_done(claimer, done)
-        if failed:
+        if failed:  # first: mark_done's range update must find failed claims no longer claimed
             await self._imports.mark_failed(claimer, failed)
+        await self._imports.mark_done(claimer, sorted(done))
         imported = [k for k, (c, d) in done.items() if c or d]
         return ImportOutcome(
             imported=imported,
@@ -201,6 +214,30 @@ class WalletImporter:
         )
 
     async def _registry_records(self, wallets: list[LegacyWallet]) -> dict[str, AccountRecord]:
+        """Registry records for a page: one range read, one unordered bulk insert of the
+        missing ones (nonce 0, the foundation's document format); anything that collides or
+        races falls back to AccountRegistry.get_or_create, which owns the nonce logic."""
+        keys = [w.wallet.canonical for w in wallets]
+        found = {k: _registry_record(d)
+                 for k, d in (await find_keys(self._db[ACCOUNT_REGISTRY], keys)).items()}
+        missing = [w for w in wallets if w.wallet.canonical not in found]
+        now = now_ms()
+        docs: list[dict[str, Any]] = [{
+            "_id": w.wallet.canonical, "client_id": w.wallet.client_id,
+            "country": w.wallet.country, "currency": w.wallet.currency,
+            "issuer_type": w.wallet.issuer_type, "account_id": u128_to_hex(account_id(w.wallet)),
+            "ledger": self._ledgers.ledger_of(w.wallet.currency, w.wallet.country), "nonce": 0,
+            "allow_overdraft": w.allow_overdraft, "created_at": now,
+        } for w in missing]
+        lost: set[int] = set()
+        if docs:
+            try:
+                await self._db[ACCOUNT_REGISTRY].insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                lost = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
+        for i, doc in enumerate(docs):
+            if i not in lost:
+                found[doc["_id"]] = _registry_record(doc)
         gate = asyncio.Semaphore(REGISTRY_CONCURRENCY)
 
         async def one(w: LegacyWallet) -> AccountRecord:
@@ -209,8 +246,9 @@ class WalletImporter:
                     w.wallet, allow_overdraft=w.allow_overdraft
                 )
 
-        found = await asyncio.gather(*(one(w) for w in wallets))
-        return {r.wallet.canonical: r for r in found}
+        slow = await asyncio.gather(*(one(missing[i]) for i in sorted(lost)))
+        found.update({r.wallet.canonical: r for r in slow})
+        return found
 
     async def _create_accounts(self, records: list[AccountRecord], failed: dict[str, str]) -> None:
         for start in range(0, len(records), BATCH_EVENTS_MAX):

@@ -33,7 +33,7 @@ from stores.backfill_imports import ImportLedger, ImportStatus
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, u128_to_hex
-from stores.reports import MismatchDoc, ReportStore
+from stores.reports import MismatchDoc, ReportStore, find_in, find_keys
 from stores.tb_errors import Outcome, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import TigerBeetleStore
@@ -293,8 +293,7 @@ class Reconciler:
     async def _load_tb_side(self, subjects: list[Subject]) -> None:
         assert len(subjects) <= PAGE_MAX
         keys = [s.key.canonical for s in subjects]
-        registry = {d["_id"]: d async for d in self._db[ACCOUNT_REGISTRY].find(
-            {"_id": {"$in": keys}})}
+        registry = await find_keys(self._db[ACCOUNT_REGISTRY], keys)
         ids = [hex_to_u128(d["account_id"]) for d in registry.values()]
         accounts = {a.id: a for a in await self._client.lookup_accounts(ids)} if ids else {}
         for s in subjects:
@@ -393,8 +392,8 @@ class Reconciler:
                  <= imported} for op in ops]
             originals.update(op["original_transaction_id"] for op in ops
                              if op["type"] == "void")
-        original_types = {d["_id"]: d["type"] async for d in self._db[WALLET_TRANSACTIONS].find(
-            {"_id": {"$in": sorted(originals)}}, {"type": 1})} if originals else {}
+        original_types = {d["_id"]: d["type"] for d in await find_in(
+            self._db[WALLET_TRANSACTIONS], "_id", sorted(originals), {"type": 1})}
         derived: dict[str, int] = {}
         for ops in ops_by_wallet.values():
             for op in ops:
@@ -453,8 +452,8 @@ class Reconciler:
             code=CUSTOMER_ACCOUNT_CODE, timestamp_min=inp.timestamp_after + 1, timestamp_max=0,
             limit=inp.limit, flags=tb.QueryFilterFlags(0)))
         hexes = [u128_to_hex(a.id) for a in accounts]
-        registered = {d["account_id"] async for d in self._db[ACCOUNT_REGISTRY].find(
-            {"account_id": {"$in": hexes}}, {"account_id": 1})} if hexes else set()
+        registered = {d["account_id"] for d in await find_in(
+            self._db[ACCOUNT_REGISTRY], "account_id", hexes, {"account_id": 1})}
         docs = [
             MismatchDoc(run_id=inp.run_id, kind=IssueKind.UNREGISTERED_TB_ACCOUNT,
                         subject=h, detail=f"customer account on ledger {inp.ledger} "

@@ -49,8 +49,6 @@ class ImportRecord(BaseModel):
     claimed_at: datetime
     done_at: datetime | None = None
     error: str | None = None
-    opening_credit_minor: int = 0  # what was posted (0/0 when TigerBeetle already matched)
-    opening_debit_minor: int = 0
 
 
 def _doc_of(rec: ImportRecord) -> Document:
@@ -65,8 +63,6 @@ def _doc_of(rec: ImportRecord) -> Document:
         "claimed_at": rec.claimed_at,
         "done_at": rec.done_at,
         "error": rec.error,
-        "opening_credit_minor": int_to_bson(rec.opening_credit_minor),
-        "opening_debit_minor": int_to_bson(rec.opening_debit_minor),
     }
 
 
@@ -84,8 +80,6 @@ def _record_of(doc: Document) -> ImportRecord:
         claimed_at=as_utc(doc["claimed_at"]),
         done_at=None if doc.get("done_at") is None else as_utc(doc["done_at"]),
         error=doc.get("error"),
-        opening_credit_minor=bson_to_int(doc.get("opening_credit_minor", 0)),
-        opening_debit_minor=bson_to_int(doc.get("opening_debit_minor", 0)),
     )
 
 
@@ -108,10 +102,9 @@ class ImportLedger:
         assert len(wallets) <= MANY_MAX
         if not wallets:
             return {}
-        return {
-            doc["_id"]: _record_of(doc)
-            async for doc in self._col.find({"_id": {"$in": wallets}})
-        }
+        from stores.reports import find_keys
+
+        return {key: _record_of(doc) for key, doc in (await find_keys(self._col, wallets)).items()}
 
     async def claim_many(self, records: list[ImportRecord]) -> set[str]:
         """Insert claims; returns the wallets whose claim is ours (others already had one)."""
@@ -148,27 +141,18 @@ class ImportLedger:
         )
         return result.modified_count == 1
 
-    async def mark_done(
-        self, claimer: str, done: dict[str, tuple[int, int]]
-    ) -> int:
-        """Completes our claims; `done` maps wallet -> (opening credit, opening debit) posted."""
+    async def mark_done(self, claimer: str, done: list[str]) -> int:
+        """Completes our claims on `done`. One range update (per-document updates are slow on
+        the embedded server). Call `mark_failed` first: failed claims in the range then no longer
+        match `status: claimed`, and other claimers' claims never match `claimed_by`."""
         assert len(done) <= MANY_MAX
         if not done:
             return 0
-        now = now_ms()
-        # One update per distinct posting pair would be smaller; one bulk of updates is simpler.
-        from pymongo import UpdateOne
-
-        ops = [
-            UpdateOne(
-                {"_id": wallet, "claimed_by": claimer, "status": ImportStatus.CLAIMED.value},
-                {"$set": {"status": ImportStatus.DONE.value, "done_at": now,
-                          "opening_credit_minor": int_to_bson(credit),
-                          "opening_debit_minor": int_to_bson(debit)}},
-            )
-            for wallet, (credit, debit) in done.items()
-        ]
-        result = await self._col.bulk_write(ops, ordered=False)
+        result = await self._col.update_many(
+            {"_id": {"$gte": min(done), "$lte": max(done)}, "claimed_by": claimer,
+             "status": ImportStatus.CLAIMED.value},
+            {"$set": {"status": ImportStatus.DONE.value, "done_at": now_ms()}},
+        )
         return result.modified_count
 
     async def mark_failed(self, claimer: str, failed: dict[str, str]) -> None:

@@ -129,3 +129,41 @@ class ReportStore:
         docs = [d async for d in cursor]
         docs.reverse()
         return docs
+
+
+IN_CHUNK_MAX = 64  # large `$in` lists are quadratic on the embedded server; chunks are not
+IN_CONCURRENCY = 8
+
+
+async def find_in(
+    collection: AsyncCollection[Any], field: str, values: list[Any],
+    projection: Document | None = None,
+) -> list[Document]:
+    """`{field: {$in: values}}` as bounded concurrent chunks (same answer, any server)."""
+    import asyncio
+
+    gate = asyncio.Semaphore(IN_CONCURRENCY)
+
+    async def chunk(part: list[Any]) -> list[Document]:
+        async with gate:
+            return [d async for d in collection.find({field: {"$in": part}}, projection)]
+
+    parts = [values[i:i + IN_CHUNK_MAX] for i in range(0, len(values), IN_CHUNK_MAX)]
+    found = await asyncio.gather(*(chunk(p) for p in parts))
+    return [doc for part in found for doc in part]
+
+
+async def find_keys(
+    collection: AsyncCollection[Any], keys: list[str], projection: Document | None = None
+) -> dict[str, Document]:
+    """Documents whose `_id` is in `keys`: one `_id` range scan when the keys are many (pages
+    are contiguous key ranges), chunked `$in` otherwise."""
+    if not keys:
+        return {}
+    wanted = set(keys)
+    if len(keys) <= IN_CHUNK_MAX:
+        docs = await find_in(collection, "_id", keys, projection)
+    else:
+        docs = [d async for d in collection.find(
+            {"_id": {"$gte": min(keys), "$lte": max(keys)}}, projection)]
+    return {d["_id"]: d for d in docs if d["_id"] in wanted}

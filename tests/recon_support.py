@@ -14,12 +14,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from activities.backfill import BackfillActivities, WalletImporter
 from activities.reconciliation import ReconcileActivities, Reconciler
-from stores.reports import ReportStore
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.backfill_imports import ImportLedger
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
+from stores.reports import ReportStore
 from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.keys import WalletKey

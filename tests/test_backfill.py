@@ -10,12 +10,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest_asyncio
+from recon_support import BacklogApplier, Env, credit, debit, make_env, void
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from stores.backfill_imports import ImportRecord, ImportStatus
 from stores.mongo import now_ms
-from recon_support import BacklogApplier, Env, credit, debit, make_env, void
 from walletcore.balances import MinorBalance
 from walletcore.keys import WalletKey
 from walletcore.reconcile import opening_plan

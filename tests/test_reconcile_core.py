@@ -64,7 +64,9 @@ def test_plan_to_reach_is_exact_or_none(credits: int, debits: int, target: Minor
 
 
 @given(balances(), effects, effects)
-def test_apply_effects_is_order_free(start: MinorBalance, a: list[OpEffect], b: list[OpEffect]) -> None:
+def test_apply_effects_is_order_free(
+    start: MinorBalance, a: list[OpEffect], b: list[OpEffect]
+) -> None:
     assert apply_effects(apply_effects(start, a), b) == apply_effects(start, b + a)
 
 

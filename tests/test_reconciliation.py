@@ -22,6 +22,7 @@ from walletcore.ids import transfer_id
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import IssueKind
+from walletmig.commands.reconcile import render_html
 from workers.wallet_worker import workflow_runner
 from workflows.backfill_models import BackfillPageInput
 from workflows.reconciliation import ReconciliationWorkflow
@@ -97,6 +98,8 @@ async def test_clean_run_matches_everything(
     report = await env.reports.get(summary.run_id)
     assert report is not None and report["status"] == "done"
     assert report["counts"]["tb_accounts"] == len(keys)
+    page = render_html(report, await env.reports.history(10))
+    assert "<svg" in page and summary.run_id in page and "polyline" in page
 
 
 async def test_in_flight_backlog_is_not_a_false_alarm(

@@ -42,7 +42,7 @@ MAX_OPS_PER_RUN_MAX = 10_000
 # The backlog travels in the continue-as-new input (2 MB payload limit): ~300 bytes per item.
 BACKLOG_MAX_DEFAULT = 2000
 BACKLOG_MAX_MAX = 4000
-RECENT_RESULTS_MAX = 256  # idempotency guard entries carried across runs
+RECENT_RESULTS_MAX = 128  # idempotency guard entries carried across runs (~1 KB each)
 DIVERGENCES_KEPT_MAX = 20
 DRAIN_BATCH_MAX = 64  # backlog items applied to TigerBeetle per activity call
 

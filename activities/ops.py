@@ -1,0 +1,38 @@
+"""Wiring for the migration task queue's worker: the backfill and reconciliation workflows and
+their activities, built from the process's stores (walletmig.runtime.Stores)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from activities.backfill import BackfillActivities, WalletImporter
+from activities.reconciliation import ReconcileActivities, Reconciler
+from stores.backfill_imports import ImportLedger
+from stores.reports import ReportStore
+from walletmig.runtime import Stores
+from workflows.backfill import BackfillWorkflow
+from workflows.reconciliation import ReconciliationWorkflow
+
+OPS_WORKFLOWS: tuple[type, ...] = (BackfillWorkflow, ReconciliationWorkflow)
+
+
+def make_importer(stores: Stores) -> WalletImporter:
+    return WalletImporter(stores.db, stores.legacy, stores.tigerbeetle, stores.tb_client,
+                          stores.accounts, ImportLedger(stores.db))
+
+
+def make_reconciler(stores: Stores) -> Reconciler:
+    return Reconciler(stores.db, stores.legacy, stores.tigerbeetle, stores.tb_client,
+                      stores.accounts, stores.transfers, ImportLedger(stores.db),
+                      ReportStore(stores.db), stores.migration)
+
+
+async def ensure_ops_indexes(stores: Stores) -> None:
+    await ImportLedger(stores.db).ensure_indexes()
+    await ReportStore(stores.db).ensure_indexes()
+
+
+def ops_activities(stores: Stores) -> list[Any]:
+    """Every activity BackfillWorkflow and ReconciliationWorkflow call."""
+    return [*BackfillActivities(make_importer(stores)).all(),
+            *ReconcileActivities(make_reconciler(stores)).all()]

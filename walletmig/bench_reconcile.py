@@ -1,0 +1,213 @@
+"""`walletmig bench backfill|reconcile --wallets N [--json]`: throughput next to a raw baseline.
+
+Both seed N legacy wallets in a fresh ledger pair of their own (a random country code, so
+nothing else is touched), straight into the `wallets` collection in bulk (the store API would
+make seeding the slow part). Then, in the same run:
+- backfill: the raw speed of batched `create_transfers` (8189 per request) through the adapter,
+  then the import itself (WalletImporter pages, the activity code) -> wallets/s and ratio.
+- reconcile: the raw read (MongoDB cursor + `lookup_accounts` of 8189 ids, a bare loop), then
+  Reconciler.wallet_page over the same wallets -> wallets/s and ratio.
+Memory: peak RSS before and after (pages are bounded, so it must not grow with N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import string
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import tigerbeetle as tb
+from bson.decimal128 import Decimal128
+
+from activities.backfill import WalletImporter
+from activities.reconciliation import Reconciler
+from registries.account_registry import AccountRegistry
+from stores.backfill_imports import ImportLedger
+from stores.legacy_store import WALLETS, LegacyStore
+from stores.mongo import now_ms
+from stores.reports import ReportStore
+from stores.tigerbeetle_store import TigerBeetleStore
+from walletcore.ids import account_id, hash_u128
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGERS, LedgerTable
+from walletmig.config import Settings
+from walletmig.runtime import Stores, make_stores
+from workflows.backfill_models import WALLETS_PER_PAGE_MAX, BackfillPageInput
+from workflows.reconciliation_models import PAGE_MAX, WalletPageInput
+
+WALLETS_MAX = 10_000_000
+SEED_BATCH = 5000
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Bench:
+    def __init__(self, stores: Stores, wallets: int) -> None:
+        assert 0 < wallets <= WALLETS_MAX
+        self.stores = stores
+        self.wallets = wallets
+        self.country = "".join(random.choices(string.ascii_uppercase, k=3))
+        self.pair = f"USD:{self.country}"
+        self.ledger = random.randint(100_000, 2**31)
+        self.ledgers = LedgerTable({**DEFAULT_LEDGERS, self.pair: self.ledger})
+        db = stores.db
+        self.legacy = LegacyStore(db, ledgers=self.ledgers)
+        self.accounts = AccountRegistry(db, stores.redis, ledgers=self.ledgers)
+        self.tb_store = TigerBeetleStore(stores.tb_client, self.accounts, stores.transfers,
+                                         self.ledgers)
+        self.imports = ImportLedger(db)
+        self.importer = WalletImporter(db, self.legacy, self.tb_store, stores.tb_client,
+                                       self.accounts, self.imports, self.ledgers)
+        self.reconciler = Reconciler(db, self.legacy, self.tb_store, stores.tb_client,
+                                     self.accounts, stores.transfers, self.imports,
+                                     ReportStore(db), stores.migration, self.ledgers)
+
+    async def seed(self) -> float:
+        started = time.perf_counter()
+        prefix = uuid.uuid4().hex[:8]
+        now = now_ms()
+        for start in range(0, self.wallets, SEED_BATCH):
+            docs = []
+            for i in range(start, min(start + SEED_BATCH, self.wallets)):
+                credits, debits = random.randint(0, 10**6), random.randint(0, 10**6)
+                net = credits - debits
+                key = WalletKey(client_id=f"b{prefix}{i:08d}", country=self.country,
+                                currency="USD")
+                docs.append({
+                    "_id": key.canonical, "client_id": key.client_id, "country": self.country,
+                    "currency": "USD", "issuer_type": None,
+                    "credit": Decimal128(Decimal(max(net, 0)).scaleb(-2)),
+                    "debit": Decimal128(Decimal(max(-net, 0)).scaleb(-2)),
+                    "historical_credit": Decimal128(Decimal(credits).scaleb(-2)),
+                    "allow_overdraft": True, "version": 2, "created_at": now, "updated_at": now,
+                })
+            await self.stores.db[WALLETS].insert_many(docs, ordered=False)
+        return time.perf_counter() - started
+
+    async def raw_create_transfers(self) -> float:
+        """Batched create_transfers of `wallets` transfers between two fresh accounts."""
+        client = self.stores.tb_client
+        a, b = hash_u128(f"bench:{uuid.uuid4()}:a"), hash_u128(f"bench:{uuid.uuid4()}:b")
+        await client.create_accounts([tb.Account(id=a, ledger=self.ledger, code=1),
+                                      tb.Account(id=b, ledger=self.ledger, code=1)])
+        tag = uuid.uuid4().hex
+        started = time.perf_counter()
+        for start in range(0, self.wallets, PAGE_MAX):
+            batch = [tb.Transfer(id=hash_u128(f"bench:{tag}:{i}"), debit_account_id=a,
+                                 credit_account_id=b, amount=1, ledger=self.ledger, code=1)
+                     for i in range(start, min(start + PAGE_MAX, self.wallets))]
+            await client.create_transfers(batch)
+        return self.wallets / (time.perf_counter() - started)
+
+    async def backfill(self) -> tuple[float, int]:
+        started = time.perf_counter()
+        after: str | None = None
+        imported = 0
+        while True:
+            page = await self.importer.page(BackfillPageInput(
+                run_id="bench", pair=self.pair, after=after, limit=WALLETS_PER_PAGE_MAX))
+            assert not page.failed, list(page.failed.items())[:3]
+            imported += page.imported + page.already
+            after = page.last_key
+            if page.exhausted:
+                break
+        return self.wallets / (time.perf_counter() - started), imported
+
+    async def raw_read(self) -> float:
+        started = time.perf_counter()
+        cursor = self.stores.db[WALLETS].find(
+            {"currency": "USD", "country": self.country}).sort("_id", 1).batch_size(PAGE_MAX)
+        ids: list[int] = []
+        seen = 0
+        async for doc in cursor:
+            ids.append(account_id(WalletKey.from_canonical(doc["_id"])))
+            if len(ids) == PAGE_MAX:
+                seen += len(await self.stores.tb_client.lookup_accounts(ids))
+                ids = []
+        if ids:
+            seen += len(await self.stores.tb_client.lookup_accounts(ids))
+        assert seen == self.wallets, (seen, self.wallets)
+        return self.wallets / (time.perf_counter() - started)
+
+    async def reconcile(self) -> tuple[float, int]:
+        started = time.perf_counter()
+        after: str | None = None
+        matched = 0
+        while True:
+            page = await self.reconciler.wallet_page(WalletPageInput(
+                run_id=f"bench-{uuid.uuid4().hex[:6]}", pair=self.pair, after=after,
+                limit=PAGE_MAX, in_flight_max_age_s=300))
+            matched += page.matched
+            after = page.last_key
+            if page.exhausted:
+                break
+        return self.wallets / (time.perf_counter() - started), matched
+
+
+async def run_bench(kind: str, settings: Settings, wallets: int) -> dict[str, Any]:
+    stores = await make_stores(settings)
+    try:
+        await ImportLedger(stores.db).ensure_indexes()
+        bench = Bench(stores, wallets)
+        rss_before = _rss_mb()
+        seed_s = await bench.seed()
+        out: dict[str, Any] = {"bench": kind, "wallets": wallets, "pair": bench.pair,
+                               "seed_s": round(seed_s, 2)}
+        if kind == "backfill":
+            raw = await bench.raw_create_transfers()
+            rate, imported = await bench.backfill()
+            out.update(raw_create_transfers_per_s=round(raw), backfill_wallets_per_s=round(rate),
+                       imported=imported, ratio=round(rate / raw, 3))
+        else:
+            await bench.backfill()
+            raw = await bench.raw_read()
+            rate, matched = await bench.reconcile()
+            out.update(raw_read_wallets_per_s=round(raw), reconcile_wallets_per_s=round(rate),
+                       matched=matched, ratio=round(rate / raw, 3))
+        out.update(peak_rss_mb_before=round(rss_before, 1), peak_rss_mb_after=round(_rss_mb(), 1))
+        return out
+    finally:
+        await stores.close()
+
+
+def _handler(kind: str) -> Any:
+    async def handle(args: argparse.Namespace) -> int:
+        figures = await run_bench(kind, Settings.from_env(), args.wallets)
+        if args.json:
+            print(json.dumps(figures))
+        else:
+            for name, value in figures.items():
+                print(f"{name:28} {value}")
+        return 0
+
+    return handle
+
+
+def register_bench(subparsers: Any) -> None:
+    """Adds `reconcile` and `backfill` to the `walletmig bench` sub-commands."""
+    for kind, text in (("reconcile", "reconciliation speed vs raw reads"),
+                       ("backfill", "backfill speed vs raw batched create_transfers")):
+        parser = subparsers.add_parser(kind, help=text)
+        parser.add_argument("--wallets", type=int, default=100_000)
+        parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+        parser.set_defaults(handler=_handler(kind))
+
+
+def main() -> None:  # `python -m walletmig.bench_reconcile reconcile --wallets N`
+    parser = argparse.ArgumentParser(prog="bench_reconcile")
+    register_bench(parser.add_subparsers(dest="kind", required=True))
+    args = parser.parse_args()
+    raise SystemExit(asyncio.run(args.handler(args)))
+
+
+if __name__ == "__main__":
+    main()
