@@ -68,7 +68,18 @@ def _failures(results: Sequence[tb.CreateTransferResult | tb.CreateAccountResult
     return sum(1 for r in results if r.status != created)
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """User+system CPU seconds of a process (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 async def _adapter_run(
+    server_pid: int,
     address: str,
     accounts: list[tb.Account],
     batches: list[list[tb.Transfer]],
@@ -92,9 +103,13 @@ async def _adapter_run(
                 latencies.append(time.perf_counter() - t0)
                 failures += _failures(results)
 
+        server_cpu_before = _process_cpu_s(server_pid)
+        client_cpu_before = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - client_cpu_before
+        server_cpu_after = _process_cpu_s(server_pid)
         lookups: list[float] = []
         for _ in range(LOOKUP_ROUNDS):
             t0 = time.perf_counter()
@@ -104,7 +119,7 @@ async def _adapter_run(
     finally:
         await client.close()
     count = sum(map(len, batches))
-    return {
+    report = {
         "transfers_per_s": round(count / elapsed),
         "elapsed_s": round(elapsed, 2),
         "batch_p50_ms": _percentile_ms(latencies, 0.5),
@@ -112,7 +127,13 @@ async def _adapter_run(
         "failed_events": failures,
         "concurrency": concurrency,
         "lookup_accounts_p50_ms": _percentile_ms(lookups, 0.5),
+        # Per CPU-second figures do not depend on how busy the machine is.
+        "transfers_per_client_cpu_s": round(count / client_cpu) if client_cpu else None,
     }
+    if server_cpu_before is not None and server_cpu_after is not None:
+        server_cpu = server_cpu_after - server_cpu_before
+        report["transfers_per_server_cpu_s"] = round(count / server_cpu) if server_cpu else None
+    return report
 
 
 def _in_process_run(
@@ -123,6 +144,7 @@ def _in_process_run(
         assert _failures(engine.create_accounts(accounts[start:start + BATCH_EVENTS_MAX])) == 0
     latencies: list[float] = []
     failures = 0
+    cpu_before = time.process_time()
     started = time.perf_counter()
     for rows in batches:
         t0 = time.perf_counter()
@@ -130,6 +152,7 @@ def _in_process_run(
         latencies.append(time.perf_counter() - t0)
         failures += _failures(results)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before
     lookups: list[float] = []
     for _ in range(LOOKUP_ROUNDS):
         t0 = time.perf_counter()
@@ -144,6 +167,7 @@ def _in_process_run(
         "batch_p99_ms": _percentile_ms(latencies, 0.99),
         "failed_events": failures,
         "lookup_accounts_p50_ms": _percentile_ms(lookups, 0.5),
+        "transfers_per_cpu_s": round(count / cpu) if cpu else None,
     }
 
 
@@ -152,7 +176,7 @@ def run_benchmark(
     accounts: int = 10_000,
     batch: int = BATCH_EVENTS_MAX,
     *,
-    concurrency: int = 4,
+    concurrency: int = 2,
     seed: int = 42,
     in_process: bool = True,
     recovery: bool = True,
@@ -174,7 +198,8 @@ def run_benchmark(
     try:
         process.start()
         adapter = asyncio.run(
-            _adapter_run(process.address, account_list, batches, concurrency, lookup_ids))
+            _adapter_run(process.pid, process.address, account_list, batches, concurrency,
+                         lookup_ids))
         if recovery:  # kill -9, then time the replay of the whole log.
             process.kill()
             t0 = time.perf_counter()
@@ -206,11 +231,15 @@ def _print(report: dict[str, Any]) -> None:
                        ("batch_p99_ms", "batch p99 ms"),
                        ("lookup_accounts_p50_ms", "lookup_accounts 8189 p50 ms"),
                        ("failed_events", "failed events"),
+                       ("transfers_per_server_cpu_s", "transfers/server CPU-s"),
+                       ("transfers_per_client_cpu_s", "transfers/client CPU-s"),
+                       ("transfers_per_cpu_s", "transfers/CPU-s"),
                        ("recovery_s", "restart (log replay) s")):
         print(f"{label:28}" + "".join(
             f"{values[key]:>30,}" if key in values else f"{'-':>30}" for _, values in columns))
-    print(f"(adapter: {report['adapter']['concurrency']} batches in flight; fsync per group "
-          f"commit; latency includes queueing behind the other in-flight batches)")
+    print(f"(adapter: {report['adapter']['concurrency']} batches in flight, fsync per group "
+          f"commit, latency includes queueing behind the other in-flight batches; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfers", type=int, default=1_000_000)
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=BATCH_EVENTS_MAX)
-    parser.add_argument("--concurrency", type=int, default=4,
+    parser.add_argument("--concurrency", type=int, default=2,
                         help="create_transfers batches in flight through the adapter")
     parser.add_argument("--no-in-process", action="store_true")
     parser.add_argument("--no-recovery", action="store_true", help="skip the restart timing")

@@ -116,18 +116,21 @@ def _rows(size: int, decode: Decoder) -> Decoder:
 DECODERS: Final[dict[int, Decoder]] = {
     wire.Op.CREATE_ACCOUNTS: wire.unpack_create_account_results,
     wire.Op.CREATE_TRANSFERS: wire.unpack_create_transfer_results,
-    wire.Op.LOOKUP_ACCOUNTS: _rows(wire.ACCOUNTS.event_size, wire.unpack_accounts),
-    wire.Op.LOOKUP_TRANSFERS: _rows(wire.TRANSFERS.event_size, wire.unpack_transfers),
-    wire.Op.GET_ACCOUNT_TRANSFERS: _rows(wire.TRANSFERS.event_size, wire.unpack_transfers),
+    wire.Op.LOOKUP_ACCOUNTS: wire.unpack_accounts,  # Columnar decoders check their sizes.
+    wire.Op.LOOKUP_TRANSFERS: wire.unpack_transfers,
+    wire.Op.GET_ACCOUNT_TRANSFERS: wire.unpack_transfers,
     wire.Op.GET_ACCOUNT_BALANCES: _rows(wire.BALANCE.size, wire.unpack_balances),
-    wire.Op.QUERY_ACCOUNTS: _rows(wire.ACCOUNTS.event_size, wire.unpack_accounts),
-    wire.Op.QUERY_TRANSFERS: _rows(wire.TRANSFERS.event_size, wire.unpack_transfers),
+    wire.Op.QUERY_ACCOUNTS: wire.unpack_accounts,
+    wire.Op.QUERY_TRANSFERS: wire.unpack_transfers,
 }
 
 
 def decode_reply(op: int, status: int, body: memoryview) -> Any:
     if status == wire.Status.OK:
-        return DECODERS[op](body)
+        try:
+            return DECODERS[op](body)
+        except wire.WireError as e:
+            raise EmulatorProtocolError(f"malformed reply: {e}") from e
     if status == wire.Status.TOO_MUCH_DATA:
         raise tb.TooMuchDataError()
     message = bytes(body).decode(errors="replace")
@@ -299,13 +302,13 @@ class EmulatorClientAsync:
             try:
                 async with asyncio.timeout_at(deadline):
                     connection = await self._connect()
+                    if connection.closed:  # Its reader already failed every pending request.
+                        raise ConnectionResetError("tb_emulator connection closed")
                     future = loop.create_future()
                     connection.pending[request_id] = future
                     connection.writer.write(frame)
                     reply_op, status, body = await future
             except TimeoutError:
-                if connection is not None:
-                    connection.pending.pop(request_id, None)
                 raise RequestTimeoutError(
                     f"tb_emulator {wire.Op(op).name.lower()} got no reply within "
                     f"{self.timeout_s} s from {self.host}:{self.port}"
@@ -322,6 +325,9 @@ class EmulatorClientAsync:
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
                 continue
+            finally:
+                if connection is not None:  # No-op when the reply arrived (reader popped it).
+                    connection.pending.pop(request_id, None)
             if reply_op != op:
                 raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
             return decode_reply(op, status, body)

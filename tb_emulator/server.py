@@ -195,12 +195,13 @@ class EmulatorServer:
         commit = self._commit
         assert engine is not None and commit is not None
         event_size = wire.EVENT_SIZE.get(op)
-        if event_size is None:
+        codec = wire.CREATE_CODECS.get(op)
+        if event_size is None and codec is None:
             return _error(request_id, op, wire.Status.INVALID_OPERATION, f"operation {op}"), 0
-        count, rest = divmod(len(body), event_size)
-        if rest:
-            return _error(request_id, op, wire.Status.INVALID_DATA_SIZE,
-                          f"body of {len(body)} bytes is not a multiple of {event_size}"), 0
+        try:
+            count = codec.count(body) if codec is not None else _row_count(body, event_size)
+        except wire.WireError as e:
+            return _error(request_id, op, wire.Status.INVALID_DATA_SIZE, str(e)), 0
         if count > wire.BATCH_EVENTS_MAX:
             return _error(request_id, op, wire.Status.TOO_MUCH_DATA,
                           f"{count} events > {wire.BATCH_EVENTS_MAX}"), 0
@@ -351,6 +352,14 @@ class _Connection:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.inflight = 0
+
+
+def _row_count(body: memoryview, event_size: int | None) -> int:
+    assert event_size is not None
+    count, rest = divmod(len(body), event_size)
+    if rest:
+        raise wire.WireError(f"body of {len(body)} bytes is not a multiple of {event_size}")
+    return count
 
 
 def _ok(request_id: int, op: int, body: bytes) -> bytes:

@@ -27,11 +27,11 @@ from typing import Final
 logger = logging.getLogger("tb_emulator.wal")
 
 FILE_MAGIC: Final = b"TBEMUWAL"
-FILE_VERSION: Final = 1
+FILE_VERSION: Final = 2  # Bumped with the wire format of the logged request bodies.
 FILE_HEADER = struct.Struct("<8sII")  # magic, version, reserved
 RECORD_HEADER = struct.Struct("<IIQI")  # body_size, crc32, clock_ns, operation
 _CRC_FIELDS = struct.Struct("<IQI")  # body_size, clock_ns, operation (what the crc covers)
-RECORD_BODY_SIZE_MAX: Final = 8189 * 128
+RECORD_BODY_SIZE_MAX: Final = 8 + 8189 * 128
 
 
 class WalError(Exception):
@@ -57,6 +57,7 @@ class WriteAheadLog:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,12 +3,13 @@
 Encoding/decoding is the hot path (>= 50k transfers/s through one Python client and one Python
 server), so the representation is chosen for what CPython does fast:
 
-* Accounts and transfers are COLUMNAR: a batch of N is one block per field (N little-endian
-  u64/u32/u16 values; a u128 field is a block of low halves then a block of high halves), the
-  fields in TigerBeetle's declaration order (accounts 124 bytes, transfers 128). Each block
-  converts with one C call (`array(typecode, values)` / `array.tolist()`), objects are built with
-  `map(tb.Transfer, *columns)`; measured ~25-40 % cheaper than per-row `struct.pack_into` /
-  `iter_unpack` of TigerBeetle's 128-byte row layout, and it needs no third-party package.
+* Accounts and transfers are COLUMNAR: a batch of N is `count u32 | block mask u32 | blocks`,
+  one block per field in TigerBeetle's declaration order (N little-endian u64/u32/u16 values; a
+  u128 field is a block of low halves then a block of high halves). All-zero blocks are left
+  out (mask bit clear): most fields of typical events are 0. Each block converts with one C
+  call (`array(typecode, values)` / `array.tolist()`) and objects are built with
+  `map(tb.Transfer, *columns)`: measured 15-40 % cheaper than per-row `struct.pack_into` /
+  `iter_unpack` of TigerBeetle's 128-byte rows, half the bytes, and no third-party package.
 * Ids are 16-byte little-endian u128 rows (`int.to_bytes`); filters and balances are compact
   `struct` rows (TigerBeetle's reserved bytes dropped).
 * Create results are sparse: a CREATED event i carries timestamp `base + i`; only the other
@@ -27,6 +28,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from operator import attrgetter
 from typing import Any, Final, TypeVar
 
@@ -34,7 +36,7 @@ import tigerbeetle as tb
 
 E = TypeVar("E")
 
-VERSION: Final = 1
+VERSION: Final = 2
 BATCH_EVENTS_MAX: Final = 8189  # Same as the real server (1 MiB messages).
 U64_MASK: Final = (1 << 64) - 1
 U128_MASK: Final = (1 << 128) - 1
@@ -51,7 +53,7 @@ CREATE_RESULT = struct.Struct("<IIQ")  # index, status, timestamp
 assert sys.byteorder == "little"  # array blocks are native-endian.
 
 # Largest body either side may send: a full batch of 128-byte events (or rows).
-BODY_SIZE_MAX: Final = BATCH_EVENTS_MAX * 128
+BODY_SIZE_MAX: Final = 8 + BATCH_EVENTS_MAX * 128
 assert CREATE_RESULTS_HEAD.size + BATCH_EVENTS_MAX * CREATE_RESULT.size <= BODY_SIZE_MAX
 
 
@@ -78,10 +80,8 @@ class Op(enum.IntEnum):
 
 CREATE_OPS: Final = frozenset({Op.CREATE_ACCOUNTS, Op.CREATE_TRANSFERS})
 
-# Request event size per operation, and whether the request holds exactly one event (filters).
+# Request event size per row-encoded operation (creates are columnar: see CREATE_CODECS).
 EVENT_SIZE: Final[dict[int, int]] = {
-    Op.CREATE_ACCOUNTS: 124,  # == ACCOUNTS.event_size (asserted below)
-    Op.CREATE_TRANSFERS: 128,
     Op.LOOKUP_ACCOUNTS: ID.size,
     Op.LOOKUP_TRANSFERS: ID.size,
     Op.GET_ACCOUNT_TRANSFERS: ACCOUNT_FILTER.size,
@@ -182,7 +182,11 @@ class ColumnCodec:
         self.fields = fields
         self.kinds = tuple(kind for _, kind, _ in fields)
         self.checks = tuple((name, bits) for name, _, bits in fields)
-        self.event_size = sum(_ITEM_SIZE[kind] for kind in self.kinds)
+        self.event_size = sum(_ITEM_SIZE[kind] for kind in self.kinds)  # All blocks present.
+        self.block_sizes = tuple(
+            size for kind in self.kinds for size in ((8, 8) if kind is U128 else
+                                                     (_ITEM_SIZE[kind],)))
+        assert len(self.block_sizes) <= 32
         self.flags_index = [name for name, _, _ in fields].index("flags")
         self.flags_mask = (1 << (8 * _ITEM_SIZE[self.kinds[self.flags_index]])) - 1
         self.flags_cache = flags_cache
@@ -194,7 +198,7 @@ class ColumnCodec:
             columns = [list(map(getter, objects)) for getter in self._getters]
             return _pack_columns(columns, self.kinds, len(objects))
         except (OverflowError, TypeError, AttributeError):
-            for obj in objects:
+            for obj in objects:  # Find the first bad field, like the real client.
                 validate_object(obj, self.checks)
             # Every field is in range: only flags were wider than their C type.
             columns = [list(map(getter, objects)) for getter in self._getters]
@@ -205,61 +209,99 @@ class ColumnCodec:
     def pack_rows(self, rows: Sequence[Sequence[Any]]) -> bytes:
         """Rows of field values in declaration order (the engine's raw fast path)."""
         if not rows:
-            return b""
+            return _pack_columns([[] for _ in self.kinds], self.kinds, 0)
         return _pack_columns(list(zip(*rows, strict=True)), self.kinds, len(rows))
 
+    def count(self, data: bytes | bytearray | memoryview) -> int:
+        """Event count of a body; WireError unless its size matches its block mask."""
+        if len(data) < COLUMNS_HEAD.size:
+            raise WireError(f"columnar body of {len(data)} bytes has no head")
+        count, mask = COLUMNS_HEAD.unpack_from(data)
+        if mask >> len(self.block_sizes):
+            raise WireError(f"columnar block mask {mask:#x} has unknown blocks")
+        size = COLUMNS_HEAD.size + count * sum(
+            block for i, block in enumerate(self.block_sizes) if mask >> i & 1)
+        if len(data) != size:
+            raise WireError(f"columnar body of {len(data)} bytes, expected {size}")
+        return int(count)
+
     def unpack(self, data: bytes | bytearray | memoryview) -> list[Any]:
-        count, rest = divmod(len(data), self.event_size)
-        if rest:
-            raise WireError(f"{len(data)} bytes is not a multiple of {self.event_size}")
-        columns = _unpack_columns(memoryview(data), self.kinds, count)
-        columns[self.flags_index] = list(map(self.flags_cache.__getitem__,
-                                             columns[self.flags_index]))
+        count = self.count(data)
+        mask = COLUMNS_HEAD.unpack_from(data)[1]
+        columns = _unpack_columns(memoryview(data), self.kinds, count, mask)
+        flags = columns[self.flags_index]
+        cache = self.flags_cache
+        columns[self.flags_index] = (
+            list(map(cache.__getitem__, flags)) if isinstance(flags, list)
+            else repeat(cache[0], count))
         return list(map(self.row_type, *columns))
 
 
+# Columnar body: count u32 | block mask u32 | the blocks whose mask bit is set. A block of all
+# zeros is left out (bit clear): most fields of typical events are 0 (pending_id, user data,
+# timeout, timestamp, the high half of most u128s), so this skips most of the conversions.
+COLUMNS_HEAD = struct.Struct("<II")
+
+
 def _pack_columns(columns: Sequence[Sequence[int]], kinds: tuple[str, ...], count: int) -> bytes:
-    parts: list[bytes] = []
-    zeros = b""
+    """Converting through `array` also range- and type-checks every value (OverflowError,
+    TypeError), which the callers turn into the real client's exceptions."""
+    parts: list[bytes] = [b""]
+    mask = 0
+    bit = 1
+    zeros = bytes(8 * count)
     for values, kind in zip(columns, kinds, strict=True):
+        blocks: tuple[bytes, ...]
         if kind is U128:
             try:
-                low = array("Q", values)  # Fast path: every value fits in 64 bits.
+                blocks = (array("Q", values).tobytes(), zeros)  # Fast path: all fit in u64.
             except OverflowError:
                 m = U64_MASK
-                parts.append(array("Q", [v & m for v in values]).tobytes())
-                parts.append(array("Q", [v >> 64 for v in values]).tobytes())  # <0, >=2^128 fail
-            else:
-                parts.append(low.tobytes())
-                zeros = zeros or bytes(8 * count)
-                parts.append(zeros)
+                blocks = (array("Q", [v & m for v in values]).tobytes(),
+                          array("Q", [v >> 64 for v in values]).tobytes())  # <0, >=2^128 fail
         else:
-            parts.append(array(kind, values).tobytes())
+            blocks = (array(kind, values).tobytes(),)
+        for block in blocks:
+            if block != zeros[:len(block)]:
+                parts.append(block)
+                mask |= bit
+            bit <<= 1
+    parts[0] = COLUMNS_HEAD.pack(count, mask)
     return b"".join(parts)
 
 
-def _unpack_columns(data: memoryview, kinds: tuple[str, ...], count: int) -> list[list[Any]]:
-    columns: list[list[Any]] = []
-    offset = 0
-    block = 8 * count
+def _unpack_columns(
+    data: memoryview, kinds: tuple[str, ...], count: int, mask: int
+) -> list[Iterable[Any]]:
+    columns: list[Iterable[Any]] = []
+    offset = COLUMNS_HEAD.size
+    bit = 1
+
+    def block(kind: str) -> list[int] | None:
+        nonlocal offset, bit
+        present = mask & bit
+        bit <<= 1
+        if not present:
+            return None
+        values = array(kind)
+        size = values.itemsize * count
+        values.frombytes(data[offset:offset + size])
+        offset += size
+        return values.tolist()
+
     for kind in kinds:
         if kind is U128:
-            low = array("Q")
-            low.frombytes(data[offset:offset + block])
-            high = array("Q")
-            high.frombytes(data[offset + block:offset + 2 * block])
-            offset += 2 * block
-            if high.count(0) == count:
-                columns.append(low.tolist())
+            low = block("Q")
+            high = block("Q")
+            if high is None:
+                columns.append(low if low is not None else repeat(0, count))
+            elif low is None:
+                columns.append([b << 64 for b in high])
             else:
-                columns.append(
-                    [a | b << 64 for a, b in zip(low.tolist(), high.tolist(), strict=True)])
+                columns.append([a | b << 64 for a, b in zip(low, high, strict=True)])
         else:
-            values = array(kind)
-            size = _ITEM_SIZE[kind] * count
-            values.frombytes(data[offset:offset + size])
-            offset += size
-            columns.append(values.tolist())
+            values = block(kind)
+            columns.append(values if values is not None else repeat(0, count))
     assert offset == len(data)
     return columns
 
@@ -277,6 +319,9 @@ TRANSFERS: Final = ColumnCodec(tb.Transfer, (
     ("ledger", "I", 32), ("code", "H", 16), ("flags", "H", 0), ("timestamp", "Q", 64),
 ), TRANSFER_FLAGS)
 assert ACCOUNTS.event_size == 124 and TRANSFERS.event_size == 128
+CREATE_CODECS: Final[dict[int, ColumnCodec]] = {
+    Op.CREATE_ACCOUNTS: ACCOUNTS, Op.CREATE_TRANSFERS: TRANSFERS,
+}
 
 
 def pack_accounts(accounts: Sequence[tb.Account]) -> bytes:
