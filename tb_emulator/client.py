@@ -90,6 +90,13 @@ def encode_ids(request_id: int, op: int, ids: Sequence[int]) -> bytes:
     return _request(request_id, op, wire.pack_ids(ids))
 
 
+def encode_lookup_accounts(request_id: int, ids: Sequence[int]) -> tuple[bytes, Sequence[int]]:
+    """(frame, the ids as sent: the id column of a reply that echoes them)."""
+    _check_batch(ids)
+    body, sent_ids = wire.pack_lookup_ids(ids)
+    return _request(request_id, wire.Op.LOOKUP_ACCOUNTS, body), sent_ids
+
+
 def encode_account_filter(request_id: int, op: int, f: tb.AccountFilter) -> bytes:
     body = wire.pack_account_filter(f)
     if f.limit > wire.BATCH_EVENTS_MAX:  # The real client refuses such replies up front too.
@@ -125,9 +132,15 @@ DECODERS: Final[dict[int, Decoder]] = {
 }
 
 
-def decode_reply(op: int, status: int, body: memoryview) -> Any:
+def decode_reply(
+    op: int, status: int, body: memoryview, request_ids: Sequence[int] | None = None
+) -> Any:
+    """`request_ids`: a lookup_accounts' ids (its reply may echo them instead of sending)."""
     if status == wire.Status.OK:
         try:
+            if request_ids is not None:
+                assert op == wire.Op.LOOKUP_ACCOUNTS
+                return wire.unpack_accounts(body, request_ids)
             return DECODERS[op](body)
         except wire.WireError as e:
             raise EmulatorProtocolError(f"malformed reply: {e}") from e
@@ -230,7 +243,8 @@ class EmulatorClientAsync:
     async def lookup_accounts(self, accounts: list[int]) -> list[tb.Account]:
         rid = self._next_id()
         op = wire.Op.LOOKUP_ACCOUNTS
-        result: list[tb.Account] = await self._submit(rid, op, encode_ids(rid, op, accounts))
+        frame, sent_ids = encode_lookup_accounts(rid, accounts)
+        result: list[tb.Account] = await self._submit(rid, op, frame, sent_ids)
         return result
 
     async def lookup_transfers(self, transfers: list[int]) -> list[tb.Transfer]:
@@ -290,7 +304,9 @@ class EmulatorClientAsync:
             raise tb.ClientClosedError()
         return next(self._request_ids) & wire.U64_MASK or 1
 
-    async def _submit(self, request_id: int, op: int, frame: bytes) -> Any:
+    async def _submit(
+        self, request_id: int, op: int, frame: bytes, request_ids: Sequence[int] | None = None
+    ) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         delay = RECONNECT_DELAY_MIN_S
@@ -330,7 +346,7 @@ class EmulatorClientAsync:
                     connection.pending.pop(request_id, None)
             if reply_op != op:
                 raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
-            return decode_reply(op, status, body)
+            return decode_reply(op, status, body, request_ids)
 
     async def _connect(self) -> _AsyncConnection:
         connection = self._connection
@@ -401,7 +417,8 @@ class EmulatorClientSync:
     def lookup_accounts(self, accounts: list[int]) -> list[tb.Account]:
         rid = self._next_id()
         op = wire.Op.LOOKUP_ACCOUNTS
-        result: list[tb.Account] = self._submit(rid, op, encode_ids(rid, op, accounts))
+        frame, sent_ids = encode_lookup_accounts(rid, accounts)
+        result: list[tb.Account] = self._submit(rid, op, frame, sent_ids)
         return result
 
     def lookup_transfers(self, transfers: list[int]) -> list[tb.Transfer]:
@@ -459,7 +476,9 @@ class EmulatorClientSync:
                 self._sock.close()
             self._sock = None
 
-    def _submit(self, request_id: int, op: int, frame: bytes) -> Any:
+    def _submit(
+        self, request_id: int, op: int, frame: bytes, request_ids: Sequence[int] | None = None
+    ) -> Any:
         deadline = time.monotonic() + self.timeout_s
         delay = RECONNECT_DELAY_MIN_S
         with self._lock:
@@ -486,7 +505,7 @@ class EmulatorClientSync:
                 reply_op, status, body = reply
                 if reply_op != op:
                     raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
-                return decode_reply(op, status, body)
+                return decode_reply(op, status, body, request_ids)
 
     def _roundtrip(
         self, request_id: int, frame: bytes, timeout_s: float

@@ -35,7 +35,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat, starmap
-from operator import attrgetter
+from operator import itemgetter
 from typing import Any
 
 import tigerbeetle as tb
@@ -81,9 +81,15 @@ from tb_emulator.engine_defs import (
     P_VOIDED,
     QF_KNOWN,
     QF_REVERSED,
+    T_AMOUNT,
+    T_CODE,
     T_FLAGS,
     T_ID,
+    T_LEDGER,
     T_TIMESTAMP,
+    T_UD32,
+    T_UD64,
+    T_UD128,
     TF_BALANCING,
     TF_BALANCING_CREDIT,
     TF_BALANCING_DEBIT,
@@ -115,13 +121,13 @@ from tb_emulator.engine_defs import (
     validate_transfers,
 )
 
-_get_id = attrgetter("id")
-_get_amount = attrgetter("amount")
-_get_ud128 = attrgetter("user_data_128")
-_get_ud64 = attrgetter("user_data_64")
-_get_ud32 = attrgetter("user_data_32")
-_get_ledger = attrgetter("ledger")
-_get_code = attrgetter("code")
+_get_id = itemgetter(T_ID)
+_get_amount = itemgetter(T_AMOUNT)
+_get_ud128 = itemgetter(T_UD128)
+_get_ud64 = itemgetter(T_UD64)
+_get_ud32 = itemgetter(T_UD32)
+_get_ledger = itemgetter(T_LEDGER)
+_get_code = itemgetter(T_CODE)
 
 AccountRow = Sequence[Any]  # tb.Account fields in declaration order
 TransferRow = Sequence[Any]  # tb.Transfer fields in declaration order
@@ -163,7 +169,7 @@ class Engine:
             self._t_code, self._t_flags, self._t_ts,
         )
         # Fast-path rows accepted but not yet written to the columns other than t_dr / t_cr.
-        self._staged: list[tb.Transfer] = []
+        self._staged: list[TransferRow] = []
         self._staged_ts: list[int] = []
 
         # Two-phase state: row of a pending transfer -> P_* status; expiry heap of
@@ -229,6 +235,13 @@ class Engine:
         validate_account_rows(rows)
         timestamps, statuses = self._create_accounts(rows)
         return list(map(tb.CreateAccountResult, timestamps, statuses))
+
+    def create_accounts_raw(self, rows: Sequence[AccountRow]) -> tuple[list[int], list[CAS]]:
+        """Like ``create_accounts`` for rows of tb.Account's 12 field values in declaration
+        order (flags as an int), returning (timestamps, statuses) instead of result objects.
+        The caller guarantees every field is an int within its width (a wire decoder's rows
+        are by construction): unlike ``create_accounts`` nothing is range-checked here."""
+        return self._create_accounts(rows)
 
     def _create_accounts(self, rows: Sequence[AccountRow]) -> tuple[list[int], list[CAS]]:
         if self._closed:
@@ -363,10 +376,17 @@ class Engine:
 
     def create_transfers(self, transfers: list[tb.Transfer]) -> list[tb.CreateTransferResult]:
         validate_transfers(transfers)
-        timestamps, statuses = self._create_transfers(transfers)
+        timestamps, statuses = self._create_transfers(list(map(transfer_tuple, transfers)))
         return list(map(tb.CreateTransferResult, timestamps, statuses))
 
-    def _create_transfers(self, rows: Sequence[tb.Transfer]) -> tuple[list[int], list[CTS]]:
+    def create_transfers_raw(self, rows: Sequence[TransferRow]) -> tuple[list[int], list[CTS]]:
+        """Like ``create_transfers`` for rows of tb.Transfer's 13 field values in declaration
+        order (flags as an int), returning (timestamps, statuses) instead of result objects.
+        The caller guarantees every field is an int within its width (a wire decoder's rows
+        are by construction): unlike ``create_transfers`` nothing is range-checked here."""
+        return self._create_transfers(rows)
+
+    def _create_transfers(self, rows: Sequence[TransferRow]) -> tuple[list[int], list[CTS]]:
         if self._closed:
             raise tb.ClientClosedError()
         count = len(rows)
@@ -376,7 +396,7 @@ class Engine:
             return [], []
         first = self._begin(count)
         batch_ts = first + count - 1
-        imported_batch = bool(int(rows[0].flags) & TF_IMPORTED)
+        imported_batch = bool(int(rows[0][T_FLAGS]) & TF_IMPORTED)
         fast = self.fast_path and not imported_batch
 
         created = CTS.CREATED
@@ -400,27 +420,26 @@ class Engine:
         chain_mark = 0
         for index, t in enumerate(rows):
             slot = first + index
-            if t.flags == 0 and chain_start < 0 and fast:
+            if fast and chain_start < 0 and t[11] == 0:  # T_FLAGS
                 # Plain posted transfer: every check of the general path folded into one test
                 # (account existence implies valid, distinct ids and a non-zero ledger); any
                 # surprise falls through to the general path, which finds the exact status.
-                tid = t.id
-                dr = accounts_get(t.debit_account_id)
-                cr = accounts_get(t.credit_account_id)
+                tid, dr_id, cr_id, amount, pending_id, _, _, _, timeout, ledger, code, _, ts_in = t
+                dr = accounts_get(dr_id)
+                cr = accounts_get(cr_id)
                 if (
                     dr is not None
                     and cr is not None
                     and dr is not cr
                     and 0 < tid < u128_max
                     and tid not in tx_index
-                    and t.timestamp == 0
-                    and t.pending_id == 0
-                    and t.timeout == 0
-                    and t.code != 0
-                    and t.ledger == dr[8] == cr[8]  # A_LEDGER
+                    and ts_in == 0
+                    and pending_id == 0
+                    and timeout == 0
+                    and code != 0
+                    and ledger == dr[8] == cr[8]  # A_LEDGER
                     and not (dr[12] | cr[12]) & 0x20  # A_FLAGS & AF_CLOSED
                 ):
-                    amount = t.amount
                     dr_pending = dr[1]  # A_DP
                     cr_pending = cr[3]  # A_CP
                     dr_posted = dr[2] + amount  # A_DPO
@@ -452,7 +471,7 @@ class Engine:
                         continue
 
             self._flush_staged()
-            v = transfer_tuple(t)
+            v = t
             tid = v[T_ID]
             ts_in = v[T_TIMESTAMP]
             flags = int(v[T_FLAGS]) & 0xFFFF
@@ -872,6 +891,23 @@ class Engine:
         self._begin_read()
         get = self._accounts.get
         return [a[:A_PUBLIC] for a in map(get, keys) if a is not None]
+
+    def lookup_accounts_columns(self, ids: Sequence[int]) -> list[Sequence[Any]]:
+        """The found accounts as tb.Account's 12 field COLUMNS (flags as ints), for a columnar
+        wire encoder.  ``ids`` must be u128 ints (a wire decoder's are by construction): they
+        are not wrapped or type-checked like ``lookup_accounts`` does."""
+        if len(ids) > BATCH_EVENTS_MAX:
+            raise tb.TooMuchDataError()
+        self._begin_read()
+        # Records are non-empty lists (truthy), so filter(None) drops exactly the misses.
+        records = list(filter(None, map(self._accounts.get, ids)))
+        if not records:
+            return [() for _ in range(A_PUBLIC)]
+        # One C-level transpose of whole records beats slicing each record first.
+        columns: list[Sequence[Any]] = list(zip(*records, strict=True))
+        columns[A_FLAGS_ENUM] = columns[A_FLAGS]
+        del columns[A_PUBLIC:]
+        return columns
 
     def lookup_transfers(self, ids: list[int]) -> list[tb.Transfer]:
         return list(starmap(tb.Transfer, self.lookup_transfers_raw(ids)))

@@ -21,9 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import tigerbeetle as tb
 
@@ -50,6 +50,16 @@ class EngineLike(Protocol):
     def query_accounts(self, f: tb.QueryFilter) -> list[tb.Account]: ...
     def query_transfers(self, f: tb.QueryFilter) -> list[tb.Transfer]: ...
     def close(self) -> None: ...
+
+
+class RawEngine(EngineLike, Protocol):
+    """Optional fast paths (tb_emulator.engine has them): rows in, (timestamps, statuses)
+    out. Rows come from the wire decoder, so every field is an in-range int."""
+
+    def create_accounts_raw(
+        self, rows: Sequence[Sequence[Any]]) -> tuple[list[int], list[tb.CreateAccountStatus]]: ...
+    def create_transfers_raw(
+        self, rows: Sequence[Sequence[Any]]) -> tuple[list[int], list[tb.CreateTransferStatus]]: ...
 
 
 def load_engine_factory(spec: str) -> Callable[[], EngineLike]:
@@ -86,6 +96,7 @@ class EmulatorServer:
         self.limits = limits or ServerLimits()
         self._engine_factory = engine_factory or load_engine_factory(DEFAULT_ENGINE)
         self._engine: EngineLike | None = None
+        self._raw_creates = False
         self._wal: WriteAheadLog | None = None
         self._commit: GroupCommit | None = None
         self._server: asyncio.Server | None = None
@@ -106,6 +117,8 @@ class EmulatorServer:
         started = time.perf_counter()
         self._wal = WriteAheadLog(self.data_file)
         self._engine = self._engine_factory()
+        self._raw_creates = all(hasattr(self._engine, name) for name in (
+            "create_accounts_raw", "create_transfers_raw"))
         for record in self._wal.recover():
             self._replay(record)
             self.recovered_requests += 1
@@ -176,12 +189,9 @@ class EmulatorServer:
         self._last_clock_ns = max(self._last_clock_ns, clock_ns)
         engine.clock_ns = lambda: clock_ns
         try:
-            if record.operation == wire.Op.CREATE_ACCOUNTS:
-                engine.create_accounts(wire.unpack_accounts(record.body))
-            elif record.operation == wire.Op.CREATE_TRANSFERS:
-                engine.create_transfers(wire.unpack_transfers(record.body))
-            else:
+            if record.operation not in wire.CREATE_OPS:
                 raise WalError(f"unexpected operation {record.operation} in the log")
+            self._run_create(record.operation, self._decode_create(record.operation, record.body))
         except WalError:
             raise
         except Exception:
@@ -212,19 +222,11 @@ class EmulatorServer:
         clock_ns = self._next_clock_ns()
         engine.clock_ns = lambda: clock_ns
         try:
-            if op == wire.Op.CREATE_TRANSFERS:
-                transfers = wire.unpack_transfers(body)
+            if op in wire.CREATE_OPS:
+                events = self._decode_create(op, body)  # Decodable before it is logged.
                 if count:
                     commit.append(encode_record(clock_ns, op, body))
-                results = engine.create_transfers(transfers)
-                return _ok(request_id, op, wire.pack_create_results(results)), commit.written
-            if op == wire.Op.CREATE_ACCOUNTS:
-                accounts = wire.unpack_accounts(body)
-                if count:
-                    commit.append(encode_record(clock_ns, op, body))
-                account_results = engine.create_accounts(accounts)
-                return _ok(request_id, op, wire.pack_create_results(account_results)), \
-                    commit.written
+                return _ok(request_id, op, self._run_create(op, events)), commit.written
             return self._execute_read(request_id, op, body, engine), commit.written
         except tb.TooMuchDataError as e:
             return _error(request_id, op, wire.Status.TOO_MUCH_DATA, str(e)), commit.written
@@ -235,12 +237,33 @@ class EmulatorServer:
             return _error(request_id, op, wire.Status.INTERNAL_ERROR,
                           f"{type(e).__name__}: {e}"), commit.written
 
+    def _decode_create(self, op: int, body: bytes | memoryview) -> list[Any]:
+        """Field tuples for the engine's raw creates (no dataclass per event), else objects."""
+        codec = wire.CREATE_CODECS[op]
+        return codec.unpack_rows(body) if self._raw_creates else codec.unpack(body)
+
+    def _run_create(self, op: int, events: list[Any]) -> bytes:
+        """Executes a decoded create; returns the reply body."""
+        engine = self._engine
+        assert engine is not None
+        if self._raw_creates:  # (timestamps, statuses): no result object per event.
+            raw: RawEngine = engine  # type: ignore[assignment]
+            if op == wire.Op.CREATE_TRANSFERS:
+                return wire.pack_create_result_lists(*raw.create_transfers_raw(events))
+            return wire.pack_create_result_lists(*raw.create_accounts_raw(events))
+        if op == wire.Op.CREATE_TRANSFERS:
+            return wire.pack_create_results(engine.create_transfers(events))
+        return wire.pack_create_results(engine.create_accounts(events))
+
     @staticmethod
     def _execute_read(request_id: int, op: int, body: memoryview, engine: EngineLike) -> bytes:
         if op == wire.Op.LOOKUP_ACCOUNTS:
-            lookup_raw = getattr(engine, "lookup_accounts_raw", None)
-            if lookup_raw is not None:  # Skips building tb.Account objects only to pack them.
-                reply = wire.pack_account_rows(lookup_raw(wire.unpack_ids(body)))
+            lookup_columns = getattr(engine, "lookup_accounts_columns", None)
+            if lookup_columns is not None:  # Skips building tb.Account objects only to pack them.
+                ids = wire.unpack_ids(body)
+                columns = lookup_columns(ids)
+                # All found: the id column is the request's, so the client keeps its own.
+                reply = wire.ACCOUNTS.pack_columns(columns, echo_ids=len(columns[0]) == len(ids))
             else:
                 reply = wire.pack_accounts(engine.lookup_accounts(wire.unpack_ids(body)))
         elif op == wire.Op.LOOKUP_TRANSFERS:

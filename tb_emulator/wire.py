@@ -24,6 +24,7 @@ Frame (both directions), little endian:
 from __future__ import annotations
 
 import enum
+import gc
 import struct
 import sys
 from array import array
@@ -36,10 +37,11 @@ import tigerbeetle as tb
 
 E = TypeVar("E")
 
-VERSION: Final = 2
+VERSION: Final = 3  # 3: ECHO_IDS lookup replies.
 BATCH_EVENTS_MAX: Final = 8189  # Same as the real server (1 MiB messages).
 U64_MASK: Final = (1 << 64) - 1
 U128_MASK: Final = (1 << 128) - 1
+GC_PAUSE_EVENTS_MIN: Final = 1024  # Decodes building at least this many objects pause the GC.
 
 HEADER = struct.Struct("<IQBBH")
 HEADER_SIZE: Final = HEADER.size  # 16
@@ -212,11 +214,22 @@ class ColumnCodec:
             return _pack_columns([[] for _ in self.kinds], self.kinds, 0)
         return _pack_columns(list(zip(*rows, strict=True)), self.kinds, len(rows))
 
-    def count(self, data: bytes | bytearray | memoryview) -> int:
+    def pack_columns(self, columns: Sequence[Sequence[Any]], echo_ids: bool = False) -> bytes:
+        """Columns of field values in declaration order (the engine's columnar lookups).
+        `echo_ids`: the id column is exactly the request's ids in order (every id found), so
+        it is left out (ECHO_IDS) and the client takes it from its own request."""
+        assert len(columns) == len(self.kinds)
+        return _pack_columns(columns, self.kinds, len(columns[0]), echo_ids)
+
+    def count(self, data: bytes | bytearray | memoryview, echo_allowed: bool = False) -> int:
         """Event count of a body; WireError unless its size matches its block mask."""
         if len(data) < COLUMNS_HEAD.size:
             raise WireError(f"columnar body of {len(data)} bytes has no head")
         count, mask = COLUMNS_HEAD.unpack_from(data)
+        if mask & ECHO_IDS:
+            if not echo_allowed or mask & 0b11:
+                raise WireError(f"columnar block mask {mask:#x}: unexpected echoed ids")
+            mask ^= ECHO_IDS
         if mask >> len(self.block_sizes):
             raise WireError(f"columnar block mask {mask:#x} has unknown blocks")
         size = COLUMNS_HEAD.size + count * sum(
@@ -225,40 +238,85 @@ class ColumnCodec:
             raise WireError(f"columnar body of {len(data)} bytes, expected {size}")
         return int(count)
 
-    def unpack(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def unpack_rows(self, data: bytes | bytearray | memoryview) -> list[tuple[int, ...]]:
+        """Tuples of field values in declaration order, flags as plain ints: what the engine's
+        raw creates take, without building a dataclass per event."""
         count = self.count(data)
         mask = COLUMNS_HEAD.unpack_from(data)[1]
-        columns = _unpack_columns(memoryview(data), self.kinds, count, mask)
+        return list(zip(*_unpack_columns(memoryview(data), self.kinds, count, mask), strict=True))
+
+    def unpack(
+        self, data: bytes | bytearray | memoryview, request_ids: Sequence[int] | None = None
+    ) -> list[Any]:
+        """`request_ids`: the ids of the lookup this body answers, as `pack_lookup_ids`
+        returned them (an ECHO_IDS reply's id column)."""
+        count = self.count(data, echo_allowed=request_ids is not None)
+        mask = COLUMNS_HEAD.unpack_from(data)[1]
+        columns = _unpack_columns(memoryview(data), self.kinds, count, mask & ~ECHO_IDS)
+        if mask & ECHO_IDS:
+            assert request_ids is not None
+            if len(request_ids) != count:
+                raise WireError(f"{count} echoed ids for a request of {len(request_ids)}")
+            columns[0] = request_ids
         flags = columns[self.flags_index]
         cache = self.flags_cache
         columns[self.flags_index] = (
             list(map(cache.__getitem__, flags)) if isinstance(flags, list)
             else repeat(cache[0], count))
-        return list(map(self.row_type, *columns))
+        if count < GC_PAUSE_EVENTS_MIN or not gc.isenabled():
+            return list(map(self.row_type, *columns))
+        # Every dataclass is GC-tracked: a full batch triggers a dozen young collections that
+        # can free nothing (all reachable). Pausing the collector for this C-level loop
+        # (bounded: <= 8189 objects, no await, no callbacks) measured ~25 % cheaper.
+        gc.disable()
+        try:
+            return list(map(self.row_type, *columns))
+        finally:
+            gc.enable()
 
 
 # Columnar body: count u32 | block mask u32 | the blocks whose mask bit is set. A block of all
 # zeros is left out (bit clear): most fields of typical events are 0 (pending_id, user data,
 # timeout, timestamp, the high half of most u128s), so this skips most of the conversions.
 COLUMNS_HEAD = struct.Struct("<II")
+# Mask bit of a lookup reply whose first (id) column is the request's ids: its blocks are
+# left out (a full lookup skips splitting, sending and rebuilding 8189 u128 ids).
+ECHO_IDS: Final = 1 << 31
 
 
-def _pack_columns(columns: Sequence[Sequence[int]], kinds: tuple[str, ...], count: int) -> bytes:
+def canonical_ids(ids: Sequence[int], in_range: bool = False) -> Sequence[int]:
+    """Ids as the server saw them: plain ints wrapped to u128 (like pack_ids sends them).
+    `in_range`: the caller knows every id is in [0, 2**128) (pack_ids' fast path succeeded)."""
+    if set(map(type, ids)) <= {int} and (
+            in_range or not ids or (min(ids) >= 0 and max(ids) <= U128_MASK)):
+        return ids
+    return [int(i) & U128_MASK for i in ids]
+
+
+def _pack_columns(
+    columns: Sequence[Sequence[int]], kinds: tuple[str, ...], count: int, echo_ids: bool = False
+) -> bytes:
     """Converting through `array` also range- and type-checks every value (OverflowError,
     TypeError), which the callers turn into the real client's exceptions."""
     parts: list[bytes] = [b""]
-    mask = 0
+    mask = ECHO_IDS if echo_ids else 0
     bit = 1
     zeros = bytes(8 * count)
     for values, kind in zip(columns, kinds, strict=True):
         blocks: tuple[bytes, ...]
+        if echo_ids and bit == 1:
+            assert kind is U128
+            bit <<= 2  # Both id blocks left out.
+            continue
         if kind is U128:
             try:
                 blocks = (array("Q", values).tobytes(), zeros)  # Fast path: all fit in u64.
             except OverflowError:
-                m = U64_MASK
-                blocks = (array("Q", [v & m for v in values]).tobytes(),
-                          array("Q", [v >> 64 for v in values]).tobytes())  # <0, >=2^128 fail
+                # Interleaved 16-byte rows, then two strided C-level slices: measured ~35 %
+                # cheaper than masking and shifting every value. <0 and >=2^128 raise here.
+                halves = array("Q")
+                halves.frombytes(b"".join([v.to_bytes(16, "little") for v in values]))
+                blocks = (halves[::2].tobytes(), halves[1::2].tobytes())
         else:
             blocks = (array(kind, values).tobytes(),)
         for block in blocks:
@@ -319,6 +377,7 @@ TRANSFERS: Final = ColumnCodec(tb.Transfer, (
     ("ledger", "I", 32), ("code", "H", 16), ("flags", "H", 0), ("timestamp", "Q", 64),
 ), TRANSFER_FLAGS)
 assert ACCOUNTS.event_size == 124 and TRANSFERS.event_size == 128
+assert len(ACCOUNTS.block_sizes) < 31 and len(TRANSFERS.block_sizes) < 31  # ECHO_IDS is free.
 CREATE_CODECS: Final[dict[int, ColumnCodec]] = {
     Op.CREATE_ACCOUNTS: ACCOUNTS, Op.CREATE_TRANSFERS: TRANSFERS,
 }
@@ -332,8 +391,10 @@ def pack_account_rows(rows: Sequence[Sequence[Any]]) -> bytes:
     return ACCOUNTS.pack_rows(rows)
 
 
-def unpack_accounts(data: bytes | bytearray | memoryview) -> list[tb.Account]:
-    return ACCOUNTS.unpack(data)
+def unpack_accounts(
+    data: bytes | bytearray | memoryview, request_ids: Sequence[int] | None = None
+) -> list[tb.Account]:
+    return ACCOUNTS.unpack(data, request_ids)
 
 
 def pack_transfers(transfers: Sequence[tb.Transfer]) -> bytes:
@@ -354,17 +415,27 @@ def unpack_transfers(data: bytes | bytearray | memoryview) -> list[tb.Transfer]:
 
 
 def pack_ids(ids: Sequence[int]) -> bytes:
+    return pack_lookup_ids(ids)[0]
+
+
+def pack_lookup_ids(ids: Sequence[int]) -> tuple[bytes, Sequence[int]]:
+    """(body, the ids as the server sees them: what an ECHO_IDS reply stands for)."""
     try:
-        return b"".join([i.to_bytes(16, "little") for i in ids])
+        return b"".join([i.to_bytes(16, "little") for i in ids]), canonical_ids(ids, True)
     except (OverflowError, AttributeError):
         # Like ctypes in the real client, lookups wrap ids to u128 instead of range-checking.
         for i in ids:
             validate_uint("id", 0, i)
-        return b"".join([(i & U128_MASK).to_bytes(16, "little") for i in ids])
+        wrapped = [int(i) & U128_MASK for i in ids]
+        return b"".join([i.to_bytes(16, "little") for i in wrapped]), wrapped
 
 
 def unpack_ids(data: bytes | bytearray | memoryview) -> list[int]:
-    return [lo | hi << 64 for lo, hi in ID.iter_unpack(data)]
+    if len(data) % ID.size:
+        raise WireError(f"ids body of {len(data)} bytes is not rows of {ID.size}")
+    halves = array("Q")
+    halves.frombytes(data)
+    return [lo | hi << 64 for lo, hi in zip(halves[::2], halves[1::2], strict=True)]
 
 
 def pack_account_filter(f: tb.AccountFilter) -> bytes:
@@ -433,22 +504,32 @@ def unpack_balances(data: bytes | bytearray | memoryview) -> list[tb.AccountBala
 def pack_create_results(
     results: Sequence[tb.CreateAccountResult | tb.CreateTransferResult],
 ) -> bytes:
-    """Verifies every implicit result instead of assuming the engine's timestamp scheme:
-    only `CREATED` with timestamp `base + index` may be left out."""
-    count = len(results)
+    return pack_create_result_lists([r.timestamp for r in results], [r.status for r in results])
+
+
+def pack_create_result_lists(timestamps: Sequence[int], statuses: Sequence[int]) -> bytes:
+    """Results as the engine's raw creates return them. Verifies every implicit result
+    instead of assuming the engine's timestamp scheme: only `CREATED` with timestamp
+    `base + index` may be left out."""
+    count = len(timestamps)
+    assert len(statuses) == count <= BATCH_EVENTS_MAX
     base = 0
-    for index, r in enumerate(results):
-        if r.status == CREATED:
-            base = r.timestamp - index
+    for index, status in enumerate(statuses):
+        if status == CREATED:
+            base = timestamps[index] - index
             break
-    explicit = [
-        (index, int(r.status), r.timestamp)
-        for index, r in enumerate(results)
-        if r.status != CREATED or r.timestamp != base + index
-    ]
+    explicit: list[tuple[int, int, int]] = []
+    # Common case first: all CREATED with consecutive timestamps (two C-level scans).
+    if statuses.count(CREATED) != count or list(timestamps) != list(range(base, base + count)):
+        explicit = [
+            (index, int(status), timestamp)
+            for index, (status, timestamp) in enumerate(zip(statuses, timestamps, strict=True))
+            if status != CREATED or timestamp != base + index
+        ]
     if base < 0:  # Cannot happen with CREATED timestamps >= index; stay encodable anyway.
         base = 0
-        explicit = [(index, int(r.status), r.timestamp) for index, r in enumerate(results)]
+        explicit = [(index, int(status), timestamp) for index, (status, timestamp)
+                    in enumerate(zip(statuses, timestamps, strict=True))]
     pack = CREATE_RESULT.pack
     return CREATE_RESULTS_HEAD.pack(base, count, len(explicit)) + b"".join(
         [pack(index, status, timestamp) for index, status, timestamp in explicit])

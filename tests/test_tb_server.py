@@ -27,6 +27,7 @@ from tb_emulator.client import (
     RequestTimeoutError,
     parse_address,
 )
+from tb_emulator.engine import make_engine
 from tb_emulator.server import EmulatorProcess, EmulatorServer
 from tb_emulator.wal import FILE_HEADER, RECORD_HEADER, WriteAheadLog
 
@@ -282,7 +283,7 @@ def test_malformed_frames_get_error_replies(emulator: EmulatorProcess) -> None:
     assert [(r[0], r[2]) for r in replies] == [
         (1, S.INVALID_OPERATION), (2, S.INVALID_DATA_SIZE), (3, S.INVALID_DATA_SIZE),
         (4, S.TOO_MUCH_DATA), (5, S.TOO_MUCH_DATA), (6, S.OK)]
-    assert wire.unpack_accounts(replies[5][4])[0].id == 1
+    assert wire.unpack_accounts(replies[5][4], [1])[0].id == 1  # every id found: echoed
     # Unrecoverable framing: error reply, then the server hangs up.
     for payload in (
         _frame(7, wire.Op.LOOKUP_ACCOUNTS, b"", version=99),
@@ -499,3 +500,68 @@ def test_sparse_create_results_are_exact() -> None:
         decoded = wire.unpack_create_transfer_results(wire.pack_create_results(results))
         assert decoded == results
         assert all(type(r.status) is tb.CreateTransferStatus for r in decoded)
+
+
+def test_lookup_reply_echoes_ids_only_when_all_found(emulator: EmulatorProcess) -> None:
+    """A lookup that finds every id leaves the id column out (ECHO_IDS); results must still
+    be exactly the real client's: canonical plain-int ids, order, duplicates, misses."""
+    with EmulatorClientSync(0, emulator.address) as client:
+        client.create_accounts(accounts(1, 2, 3))
+        expected = {a.id: a for a in client.lookup_accounts([1, 2, 3])}
+        assert [a.id for a in expected.values()] == [1, 2, 3]
+        for ids, want in (
+            ([3, 1, 3], [3, 1, 3]),  # all found, duplicates: echoed
+            ([True, 2 + (1 << 128)], [1, 2]),  # bool and wrapped ids: echoed as plain ints
+            ([3, 99, 1], [3, 1]),  # a miss: ids sent back
+            ([-1, 2], [2]),  # -1 wraps to u128 max: not found
+            ([], []),
+        ):
+            found = client.lookup_accounts(ids)
+            assert found == [expected[i] for i in want]
+            assert all(type(a.id) is int for a in found)
+
+
+def test_lookup_columns_wire_roundtrip() -> None:
+    engine = make_engine()
+    created = tb.CreateAccountStatus.CREATED
+    assert all(r.status == created for r in engine.create_accounts(accounts(5, 6, 1 << 100)))
+    ids = [1 << 100, 5, 6, 5]
+    columns = engine.lookup_accounts_columns(ids)
+    expected = engine.lookup_accounts(ids)
+    body, sent = wire.pack_lookup_ids(ids)
+    assert wire.unpack_ids(body) == ids and sent == ids
+    assert wire.unpack_accounts(wire.ACCOUNTS.pack_columns(columns)) == expected
+    echoed = wire.ACCOUNTS.pack_columns(columns, echo_ids=True)
+    assert wire.unpack_accounts(echoed, ids) == expected
+    with pytest.raises(wire.WireError):
+        wire.unpack_accounts(echoed)  # echoed ids need the request's
+    with pytest.raises(wire.WireError):
+        wire.unpack_accounts(echoed, ids[:3])
+    with pytest.raises(wire.WireError):
+        wire.ACCOUNTS.count(echoed)  # never valid in a request
+
+
+def test_raw_creates_match_object_creates() -> None:
+    """create_*_raw on wire-decoded rows == create_* on objects, result for result."""
+    import random
+
+    rng = random.Random(11)
+    a_objects, b_raw = make_engine(), make_engine()
+    for engine in (a_objects, b_raw):  # Same clock readings: same timestamps.
+        engine.clock_ns = iter(range(10**9, 10**12, 10**6)).__next__
+    account_batch = [*accounts(1, 2, 3, 2), tb.Account(id=4, ledger=0, code=1)]
+    want = a_objects.create_accounts(account_batch)
+    ts, statuses = b_raw.create_accounts_raw(
+        wire.ACCOUNTS.unpack_rows(wire.pack_accounts(account_batch)))
+    assert [(r.timestamp, r.status) for r in want] == list(zip(ts, statuses, strict=True))
+    for _ in range(5):
+        batch = [transfer(rng.randrange(1, 60), rng.randrange(0, 5), rng.randrange(1, 5),
+                          rng.randrange(0, 3)) for _ in range(40)]
+        want_t = a_objects.create_transfers(batch)
+        t_ts, t_statuses = b_raw.create_transfers_raw(
+            wire.TRANSFERS.unpack_rows(wire.pack_transfers(batch)))
+        assert [(r.timestamp, r.status) for r in want_t] == list(
+            zip(t_ts, t_statuses, strict=True))
+        body = wire.pack_create_result_lists(t_ts, t_statuses)
+        assert wire.unpack_create_transfer_results(body) == want_t
+    assert b_raw.lookup_accounts([1, 2, 3]) == a_objects.lookup_accounts([1, 2, 3])
