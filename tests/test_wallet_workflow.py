@@ -394,3 +394,19 @@ def test_models_roundtrip() -> None:
         command = WalletCommand.of(op)
         again = WalletCommand.model_validate_json(command.model_dump_json())
         assert again == command and type(again.op) is type(op)
+
+
+async def test_migration_state_store(harness: WalletHarness) -> None:
+    """Pair document wins over '*'; absent means legacy; a stale epoch is refused."""
+    from walletcore.errors import ConflictError
+    from walletcore.phases import MigrationState
+
+    store = harness.stores.migration
+    assert (await store.resolve("EUR:ESP")).phase is Phase.LEGACY
+    await store.set(MigrationState(scope="*", phase=Phase.SHADOW_READ, epoch=1))
+    assert (await store.resolve("EUR:ESP")).phase is Phase.SHADOW_READ
+    assert (await store.resolve("MXN:MEX")).phase is Phase.DUAL_WRITE  # its own document
+    with pytest.raises(ConflictError):
+        await store.set(MigrationState(scope="*", phase=Phase.LEGACY, epoch=1))
+    await store.set(MigrationState(scope="*", phase=Phase.LEGACY, epoch=2))
+    assert (await store.get("*")).epoch == 2

@@ -4,9 +4,10 @@ Writes go to the wallet's entity workflow with Update-with-Start (the workflow i
 it is not running). Input is validated here first, so a bad request fails fast with an error
 naming the field. Temporal failures are turned back into walletcore errors
 (InsufficientFundsError, ...). When the workflow closes or continues-as-new at the moment an
-update arrives, the update is retried a bounded number of times: it lands on the next run, and
-the workflow guard plus the stores' idempotency make a repeat safe, so no accepted update is
-dropped and none is applied twice.
+update arrives, or a store is briefly unavailable, the update is re-sent within a bounded window
+(default 120 s, capped backoff): it lands on the next run, and the workflow's guard plus the
+stores' idempotency by transaction id make a repeat safe, so no accepted update is dropped and
+none is applied twice.
 """
 
 from __future__ import annotations

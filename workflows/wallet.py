@@ -63,7 +63,7 @@ PRIMARY_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=2),
 )
 # TigerBeetle writes must eventually happen: unlimited attempts, capped backoff.
-TIGERBEETLE_START_TO_CLOSE = timedelta(seconds=30)
+TIGERBEETLE_START_TO_CLOSE = timedelta(seconds=60)  # a full batch under a saturated registry
 TIGERBEETLE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     backoff_coefficient=2.0,
@@ -87,6 +87,7 @@ class WalletWorkflow:
         self._ops_this_run = 0
         self._last_activity_at = workflow.now()
         self._rotating = False  # set once this run decided to continue-as-new
+        self._idle_timer: asyncio.Task[None] | None = None
 
     # ---- run loop ------------------------------------------------------------------------
 
@@ -114,13 +115,15 @@ class WalletWorkflow:
     async def _wait_for_work(self) -> None:
         remaining = self._idle_remaining()
         if remaining > timedelta(0):
-            # Updates do not restart this timer (that would cost two events per update):
-            # when it fires, the loop recomputes the remaining idle time from the last update.
-            with contextlib.suppress(TimeoutError):
-                await workflow.wait_condition(
-                    lambda: bool(self._state.backlog) or self._should_continue_as_new(),
-                    timeout=remaining,
-                )
+            # One durable timer per idle period, reused across loop turns: updates do not
+            # restart it (that would cost a cancel and a start event per operation). When it
+            # fires, the loop recomputes the remaining idle time from the last update.
+            if self._idle_timer is None or self._idle_timer.done():
+                self._idle_timer = asyncio.create_task(workflow.sleep(remaining))
+            timer = self._idle_timer
+            await workflow.wait_condition(
+                lambda: bool(self._state.backlog) or self._should_continue_as_new() or timer.done()
+            )
         else:
             # Idle time is up but updates are still running: wait for them to finish (their
             # completion restarts the idle period).
@@ -175,7 +178,14 @@ class WalletWorkflow:
         drain = asyncio.create_task(self._drain_batch())
         await workflow.wait_condition(lambda: drain.done() or self._should_continue_as_new())
         if drain.done():
-            drain.result()
+            try:
+                drain.result()
+            except ActivityError as err:
+                # Unreachable with unlimited retries, but if a non-retryable failure ever comes
+                # back, the items stay in the backlog and are tried again after a pause; failing
+                # the workflow would lose them.
+                workflow.logger.error("wallet %s: TigerBeetle drain failed: %s", self._wallet, err)
+                await workflow.sleep(TIGERBEETLE_RETRY.maximum_interval or timedelta(seconds=10))
             return
         drain.cancel()
         with contextlib.suppress(asyncio.CancelledError, ActivityError):

@@ -44,7 +44,7 @@ BACKLOG_MAX_DEFAULT = 2000
 BACKLOG_MAX_MAX = 4000
 RECENT_RESULTS_MAX = 128  # idempotency guard entries carried across runs (~1 KB each)
 DIVERGENCES_KEPT_MAX = 20
-DRAIN_BATCH_MAX = 64  # backlog items applied to TigerBeetle per activity call
+DRAIN_BATCH_MAX = 32  # backlog items per TigerBeetle activity call (bounded by its timeout)
 
 
 class _Frozen(BaseModel):

@@ -1,0 +1,162 @@
+"""Determinism guard: recorded wallet workflow histories must replay on the current code.
+
+`tests/data/histories/*.json` were recorded from real runs covering credit, debit, void, a
+refused operation, a rejected update, the dual-write backlog with a divergence, continue-as-new
+and idle close. A change that makes the workflow non-deterministic for running executions fails
+here. Re-record (after an intentional, versioned change) with:
+
+    WALLETMIG_RECORD_HISTORIES=1 pytest tests/test_replay.py -k record
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+from wallet_support import (
+    DUAL_PAIR,
+    WalletHarness,
+    isolated_settings,
+    key,
+    set_phase,
+    wait_drained,
+    wallet_harness,
+)
+
+from walletcore.errors import InsufficientFundsError, InvalidAmountError
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, Void
+from walletcore.phases import Phase
+from walletmig.config import Settings
+from workers.wallet_worker import WORKFLOWS, workflow_runner
+
+HISTORIES = Path(__file__).parent / "data" / "histories"
+RECORD = os.environ.get("WALLETMIG_RECORD_HISTORIES") == "1"
+
+
+def _files() -> list[Path]:
+    return sorted(HISTORIES.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", _files(), ids=lambda p: p.stem)
+async def test_replay_recorded_history(path: Path) -> None:
+    data = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(data["workflow_id"], data["history"])
+    replayer = Replayer(
+        workflows=list(WORKFLOWS),
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure!r}"
+
+
+def test_histories_present() -> None:
+    names = {p.stem for p in _files()}
+    expected = {"legacy_ops", "refused_ops", "dual_write_backlog", "continue_as_new", "idle_close"}
+    assert expected <= names, f"missing recorded histories: {sorted(expected - names)}"
+
+
+# ---- recording --------------------------------------------------------------------------------
+
+
+async def _save(temporal: Client, name: str, wallet: WalletKey, run_id: str | None) -> None:
+    handle = temporal.get_workflow_handle(wallet.workflow_id, run_id=run_id)
+    history = await handle.fetch_history()
+    HISTORIES.mkdir(parents=True, exist_ok=True)
+    payload = {"workflow_id": wallet.workflow_id, "history": json.loads(history.to_json())}
+    (HISTORIES / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+async def _run_id(temporal: Client, wallet: WalletKey) -> str:
+    described = await temporal.get_workflow_handle(wallet.workflow_id).describe()
+    return described.run_id
+
+
+async def _wait_completed(temporal: Client, wallet: WalletKey, timeout_s: float = 30) -> None:
+    handle = temporal.get_workflow_handle(wallet.workflow_id)
+    for _ in range(int(timeout_s * 10)):
+        if (await handle.describe()).status.name == "COMPLETED":
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{wallet.workflow_id} did not complete")
+
+
+def _c(w: WalletKey, txn: str, amount: str, **kw: object) -> AddCredit:
+    return AddCredit(wallet=w, transaction_id=f"{w.client_id}.{txn}", amount=Decimal(amount), **kw)  # type: ignore[arg-type]
+
+
+def _d(w: WalletKey, txn: str, amount: str) -> SubtractCredit:
+    return SubtractCredit(wallet=w, transaction_id=f"{w.client_id}.{txn}", amount=Decimal(amount))
+
+
+def _v(w: WalletKey, txn: str, original: str) -> Void:
+    return Void(
+        wallet=w,
+        transaction_id=f"{w.client_id}.{txn}",
+        original_transaction_id=f"{w.client_id}.{original}",
+    )
+
+
+@pytest.mark.skipif(not RECORD, reason="set WALLETMIG_RECORD_HISTORIES=1 to re-record")
+async def test_record_histories(
+    temporal_client: Client, settings: Settings, unique_id: Callable[..., str]
+) -> None:
+    isolated = isolated_settings(settings, "wallet_replay")
+    async with wallet_harness(
+        temporal_client, isolated, idle_timeout_s=1.5, max_ops_per_run=6
+    ) as h:
+        await _record_all(h, temporal_client, unique_id)
+
+
+async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
+    client = h.client
+    # credit, debit, void of each kind, a replay; the run then idles out.
+    w = key(unique_id("legacy"))
+    await client.add_credit(_c(w, "c1", "10.00"))
+    await client.subtract_credit(_d(w, "d1", "2.50"))
+    await client.void(_v(w, "v1", "d1"))
+    await client.void(_v(w, "v2", "c1"))
+    await client.add_credit(_c(w, "c1", "10.00"))  # replay from the guard
+    await _wait_completed(temporal, w)
+    await _save(temporal, "legacy_ops", w, None)
+
+    # refused operations: insufficient funds (update failed), bad amount (validator rejected)
+    w = key(unique_id("refused"))
+    await client.add_credit(_c(w, "c1", "1.00"))
+    with pytest.raises(InsufficientFundsError):
+        await client.subtract_credit(_d(w, "d1", "5.00"))
+    with pytest.raises(InvalidAmountError):
+        await client.add_credit({"wallet": w, "transaction_id": "x", "amount": "0.001"})
+    await _wait_completed(temporal, w)
+    await _save(temporal, "refused_ops", w, None)
+
+    # dual-write backlog, with a divergence: the credit predates dual_write (not in TigerBeetle)
+    w = key(unique_id("backlog"), DUAL_PAIR)
+    await set_phase(h.stores, DUAL_PAIR, Phase.LEGACY)
+    await client.add_credit(_c(w, "c1", "10.00"))
+    await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+    await client.subtract_credit(_d(w, "d1", "1.00"))  # TigerBeetle: insufficient funds
+    await client.add_credit(_c(w, "c2", "4.00", allow_overdraft=True))
+    await client.void(_v(w, "v1", "c2"))
+    status = await wait_drained(client, w)
+    assert status is not None and status.divergence_count == 1, status
+    await _wait_completed(temporal, w)
+    await _save(temporal, "dual_write_backlog", w, None)
+
+    # continue-as-new after max_ops_per_run (6), carrying the backlog and recent results
+    w = key(unique_id("can"), DUAL_PAIR)
+    await client.add_credit(_c(w, "seed", "100.00"))
+    first_run = await _run_id(temporal, w)
+    await asyncio.gather(*(client.add_credit(_c(w, f"c{i}", "1.00")) for i in range(10)))
+    await _save(temporal, "continue_as_new", w, first_run)
+    await _wait_completed(temporal, w)
+    await _save(temporal, "idle_close", w, None)  # the last run: idles out after rotating

@@ -1,0 +1,163 @@
+"""kill -9 the wallet worker in the middle of a dual-write stream; a new worker finishes it.
+
+The worker is a real subprocess (`python -m walletmig worker`). 1,000 operations across 50
+wallets from 50 concurrent callers; the worker is SIGKILLed after a third of them were
+answered and a new one is started a moment later. Afterwards every accepted operation exists
+exactly once in MongoDB and in TigerBeetle, and the two stores agree field by field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from wallet_support import (
+    DUAL_PAIR,
+    REPO_ROOT,
+    balances_equal,
+    isolated_settings,
+    key,
+    set_phase,
+    wait_drained,
+)
+
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
+from walletcore.phases import Phase
+from walletmig.client import WalletClient
+from walletmig.config import ENVIRONMENT, Settings
+from walletmig.runtime import open_stores
+
+WALLETS = 50
+CALLERS_PER_WALLET = 1
+OPS_PER_CALLER = 20  # 50 * 1 * 20 = 1,000 operations
+KILL_AFTER_ANSWERS = 330
+RESTART_DELAY_S = 1.0
+TB_HISTORY_LIMIT = 8189
+
+
+def worker_env(settings: Settings, task_queue: str) -> dict[str, str]:
+    values = settings.model_dump()
+    env = dict(os.environ)
+    env.update({name: str(values[field]) for name, (field, _) in ENVIRONMENT.items()})
+    env["WALLET_TASK_QUEUE"] = task_queue
+    return env
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "walletmig", "worker", "--log-level", "WARNING"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def operations(wallet: WalletKey, caller: int) -> list[WalletOperation]:
+    """Never refused: the seed credit covers every debit and void."""
+    prefix = f"{wallet.client_id}.{caller}"
+    ops: list[WalletOperation] = [
+        AddCredit(wallet=wallet, transaction_id=f"{prefix}.seed", amount=Decimal("500.00"))
+    ]
+    for i in range(1, OPS_PER_CALLER):
+        txn = f"{prefix}.{i}"
+        if i % 4 == 3:  # void the credit or debit just before
+            ops.append(
+                Void(wallet=wallet, transaction_id=txn, original_transaction_id=f"{prefix}.{i - 1}")
+            )
+        elif i % 2:
+            ops.append(SubtractCredit(wallet=wallet, transaction_id=txn, amount=Decimal("1.25")))
+        else:
+            ops.append(AddCredit(wallet=wallet, transaction_id=txn, amount=Decimal("2.50")))
+    return ops
+
+
+@pytest.mark.slow
+async def test_kill_9_worker_mid_stream(
+    temporal_client: Client, settings: Settings, tb_addresses: str, tmp_path: Path
+) -> None:
+    isolated = isolated_settings(settings, "wallet_crash")
+    task_queue = f"wallet-crash-{uuid.uuid4().hex[:8]}"
+    env = worker_env(isolated, task_queue)
+    run_id = uuid.uuid4().hex[:8]
+    wallets = [key(f"crash-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
+    client = WalletClient(temporal_client, task_queue, idle_timeout_s=60, max_ops_per_run=20)
+
+    async with open_stores(isolated) as stores:
+        await set_phase(stores, DUAL_PAIR, Phase.DUAL_WRITE)
+        worker = start_worker(env, tmp_path / "worker-1.log")
+        procs = [worker]  # everything started here is stopped in `finally`, even on failure
+        answered: dict[WalletKey, list[str]] = defaultdict(list)
+        answered_count = 0
+        killed = asyncio.Event()
+
+        async def caller(wallet: WalletKey, n: int) -> None:
+            nonlocal answered_count
+            for op in operations(wallet, n):
+                result = await client.apply(op)
+                assert result.transaction_id == op.transaction_id
+                answered[wallet].append(op.transaction_id)
+                answered_count += 1
+                if answered_count >= KILL_AFTER_ANSWERS:
+                    killed.set()
+
+        async def crash_and_restart() -> subprocess.Popen[bytes]:
+            await killed.wait()
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+            await asyncio.sleep(RESTART_DELAY_S)
+            restarted = start_worker(env, tmp_path / "worker-2.log")
+            procs.append(restarted)
+            return restarted
+
+        restarter = asyncio.create_task(crash_and_restart())
+        try:
+            callers = [caller(w, n) for w in wallets for n in range(CALLERS_PER_WALLET)]
+            await asyncio.wait_for(asyncio.gather(*callers), timeout=600)
+            await restarter
+            assert answered_count == WALLETS * CALLERS_PER_WALLET * OPS_PER_CALLER
+
+            for wallet in wallets:
+                status = await wait_drained(client, wallet, timeout_s=120)
+                assert status is not None and status.divergence_count == 0, status
+                expected = sorted(answered[wallet])
+                docs = (
+                    await stores.db["wallet_transactions"]
+                    .find({"wallet": wallet.canonical}, {"_id": 1})
+                    .to_list(None)
+                )
+                assert sorted(d["_id"] for d in docs) == expected, wallet
+                tb_history = await stores.tigerbeetle.history(wallet, TB_HISTORY_LIMIT)
+                assert len(tb_history) == len(expected), wallet
+                known = [e.transaction_id for e in tb_history if e.transaction_id is not None]
+                assert len(set(known)) == len(known) and set(known) <= set(expected)
+                credit, debit, _ = await balances_equal(stores, wallet)
+                # per caller: +500 - 1.25 (voided) ... computed from the op list itself
+                net = sum(_net(op) for n in range(CALLERS_PER_WALLET)
+                          for op in operations(wallet, n))  # fmt: skip
+                assert credit - debit == net
+        finally:
+            restarter.cancel()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+
+def _net(op: WalletOperation) -> Decimal:
+    """Net effect of one op of `operations()`: voids cancel the op before them."""
+    if isinstance(op, Void):
+        index = int(op.original_transaction_id.rsplit(".", 1)[1])
+        return Decimal("1.25") if index % 2 else Decimal("-2.50")
+    return -op.amount if isinstance(op, SubtractCredit) else op.amount

@@ -1,0 +1,278 @@
+"""`walletmig bench wallet-ops`: wallet operations through Temporal, next to a bare baseline.
+
+Three runs in one process, same servers, same concurrency, same wallet count:
+  bare        Update-with-Start on BareEntityWorkflow (no activity): what Temporal alone costs
+  legacy      WalletClient on a pair in phase legacy (MongoDB write in a local activity)
+  dual_write  WalletClient on a pair in phase dual_write (+ TigerBeetle backlog activity)
+Each prints ops/s and p50/p95/p99 latency; ratios compare against the goals (legacy >= 80 % of
+bare throughput, dual_write <= 15 % over legacy). A worker runs in-process on a task queue of
+its own, and the stores use a database of their own (phases set here touch nothing else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from pydantic import BaseModel
+from temporalio.client import Client, WithStartWorkflowOperation
+from temporalio.common import WorkflowIDConflictPolicy
+
+from activities.wallet import WalletActivities
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
+from walletcore.phases import MigrationState, Phase
+from walletmig.client import WalletClient
+from walletmig.config import Settings
+from walletmig.runtime import Stores, make_stores
+from workers.wallet_worker import build_worker, connect_temporal
+from workflows.bare import BareEntityWorkflow
+
+OPS_MAX = 1_000_000
+CONCURRENCY_MAX = 2000
+LEGACY_PAIR = ("USD", "USA")
+DUAL_PAIR = ("MXN", "MEX")
+GOAL_LEGACY_OF_BARE = 0.80
+GOAL_DUAL_OVER_LEGACY = 0.15
+DRAIN_TIMEOUT_S = 300.0
+
+
+class RunFigures(BaseModel):
+    name: str
+    ops: int
+    concurrency: int
+    wallets: int
+    seconds: float
+    ops_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    cpu_s: float  # CPU of this process (client + in-process worker) during the run
+    drain_s: float | None = None  # dual_write: until every backlog was applied after the run
+
+
+class BenchReport(BaseModel):
+    runs: list[RunFigures]
+    legacy_of_bare_throughput: float
+    dual_write_over_legacy_p50: float
+    dual_write_over_legacy_throughput: float
+    goals: dict[str, bool]
+    host_cpus: int
+
+
+@dataclass
+class BenchConfig:
+    ops: int = 2000
+    concurrency: int = 100
+    wallets: int | None = None  # default: one wallet per caller
+    profile: Path | None = None
+
+    def __post_init__(self) -> None:
+        assert 0 < self.ops <= OPS_MAX, f"--ops must be 1..{OPS_MAX}"
+        assert 0 < self.concurrency <= CONCURRENCY_MAX, f"--concurrency 1..{CONCURRENCY_MAX}"
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    assert sorted_values and 0 <= q <= 1
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+async def _drive(
+    name: str, config: BenchConfig, wallets: int, call: Callable[[int, int], Awaitable[object]]
+) -> RunFigures:
+    """`config.ops` calls from `config.concurrency` callers; caller c uses wallet c % wallets."""
+    latencies: list[float] = []
+    next_op = 0
+
+    async def caller(c: int) -> None:
+        nonlocal next_op
+        while next_op < config.ops:
+            i = next_op
+            next_op += 1
+            started = time.perf_counter()
+            await call(c % wallets, i)
+            latencies.append(time.perf_counter() - started)
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(config.concurrency)))
+    seconds = time.perf_counter() - wall0
+    latencies.sort()
+    return RunFigures(
+        name=name,
+        ops=len(latencies),
+        concurrency=config.concurrency,
+        wallets=wallets,
+        seconds=round(seconds, 3),
+        ops_per_s=round(len(latencies) / seconds, 1),
+        p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
+        p95_ms=round(percentile(latencies, 0.95) * 1000, 2),
+        p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
+        cpu_s=round(time.process_time() - cpu0, 2),
+    )
+
+
+async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
+    bench_id = uuid.uuid4().hex[:8]
+    isolated = settings.model_copy(update={"mongodb_database": f"walletmig_bench_{bench_id}"})
+    stores = await make_stores(isolated)
+    temporal = await connect_temporal(isolated)
+    task_queue = f"wallet-bench-{bench_id}"
+    activities = WalletActivities(
+        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration
+    )
+    worker = build_worker(
+        temporal, isolated, activities, task_queue=task_queue,
+        extra_workflows=[BareEntityWorkflow],
+    )  # fmt: skip
+    wallets = config.wallets or config.concurrency
+    profiler = cProfile.Profile() if config.profile else None
+    try:
+        async with worker:
+            await stores.migration.set(
+                MigrationState(scope=f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}", phase=Phase.DUAL_WRITE,
+                               epoch=1)
+            )  # fmt: skip
+            client = WalletClient(temporal, task_queue, idle_timeout_s=120)
+            if profiler:
+                profiler.enable()
+            runs = [
+                await _bare_run(temporal, task_queue, config, wallets, bench_id),
+                await _wallet_run("legacy", client, config, wallets, bench_id, LEGACY_PAIR),
+                await _wallet_run("dual_write", client, config, wallets, bench_id, DUAL_PAIR),
+            ]
+            runs[2].drain_s = await _drain_time(client, stores, wallets, bench_id)
+            if profiler:
+                profiler.disable()
+    finally:
+        await stores.close()
+    if profiler and config.profile:
+        profiler.dump_stats(config.profile)
+    bare, legacy, dual = runs
+    legacy_of_bare = legacy.ops_per_s / bare.ops_per_s
+    dual_over_p50 = dual.p50_ms / legacy.p50_ms - 1
+    dual_over_tput = legacy.ops_per_s / dual.ops_per_s - 1
+    return BenchReport(
+        runs=runs,
+        legacy_of_bare_throughput=round(legacy_of_bare, 3),
+        dual_write_over_legacy_p50=round(dual_over_p50, 3),
+        dual_write_over_legacy_throughput=round(dual_over_tput, 3),
+        goals={
+            "legacy >= 80% of bare throughput": legacy_of_bare >= GOAL_LEGACY_OF_BARE,
+            "dual_write <= 15% over legacy (p50)": dual_over_p50 <= GOAL_DUAL_OVER_LEGACY,
+            "dual_write <= 15% over legacy (throughput)": dual_over_tput <= GOAL_DUAL_OVER_LEGACY,
+        },
+        host_cpus=os.cpu_count() or 0,
+    )
+
+
+async def _bare_run(
+    temporal: Client, task_queue: str, config: BenchConfig, wallets: int, bench_id: str
+) -> RunFigures:
+    async def call(wallet: int, i: int) -> object:
+        start = WithStartWorkflowOperation(
+            BareEntityWorkflow.run,
+            120.0,
+            id=f"bench-bare/{bench_id}/{wallet}",
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        return await temporal.execute_update_with_start_workflow(
+            BareEntityWorkflow.touch, f"op-{i}", start_workflow_operation=start
+        )
+
+    await _warm_up(call, wallets)
+    return await _drive("bare", config, wallets, call)
+
+
+async def _wallet_run(
+    name: str,
+    client: WalletClient,
+    config: BenchConfig,
+    wallets: int,
+    bench_id: str,
+    pair: tuple[str, str],
+) -> RunFigures:
+    keys = [
+        WalletKey(client_id=f"bench-{bench_id}-{name}-{w}", country=pair[1], currency=pair[0])
+        for w in range(wallets)
+    ]
+
+    async def call(wallet: int, i: int) -> object:
+        key = keys[wallet]
+        txn = f"bench-{bench_id}-{name}-{i}"
+        op: WalletOperation = (
+            SubtractCredit(wallet=key, transaction_id=txn, amount=Decimal("0.01"))
+            if i % 3 == 2
+            else AddCredit(wallet=key, transaction_id=txn, amount=Decimal("0.02"))
+        )
+        return await client.apply(op)
+
+    async def seed(wallet: int, i: int) -> object:
+        key = keys[wallet]
+        return await client.apply(
+            AddCredit(wallet=key, transaction_id=f"bench-{bench_id}-{name}-seed-{wallet}",
+                      amount=Decimal("1000.00"))
+        )  # fmt: skip
+
+    await _warm_up(seed, wallets)
+    return await _drive(name, config, wallets, call)
+
+
+async def _warm_up(call: Callable[[int, int], Awaitable[object]], wallets: int) -> None:
+    """Start every entity workflow (and its worker cache entry) before timing."""
+    await asyncio.gather(*(call(w, -1 - w) for w in range(wallets)))
+
+
+async def _drain_time(client: WalletClient, stores: Stores, wallets: int, bench_id: str) -> float:
+    """Seconds after the dual_write run until every wallet's backlog is empty."""
+    started = time.perf_counter()
+    keys = [
+        WalletKey(client_id=f"bench-{bench_id}-dual_write-{w}", country=DUAL_PAIR[1],
+                  currency=DUAL_PAIR[0])
+        for w in range(wallets)
+    ]  # fmt: skip
+    pending = set(range(wallets))
+    while pending and time.perf_counter() - started < DRAIN_TIMEOUT_S:
+        for w in list(pending):
+            status = await client.status(keys[w])
+            if status is None or status.backlog_length == 0:
+                pending.discard(w)
+        if pending:
+            await asyncio.sleep(0.1)
+    del stores
+    return round(time.perf_counter() - started, 3)
+
+
+def format_report(report: BenchReport, profile: Path | None = None) -> str:
+    lines = [
+        f"{'run':<11} {'ops':>6} {'conc':>5} {'ops/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'p99 ms':>8} {'cpu s':>7}  drain s",
+    ]
+    for r in report.runs:
+        drain = "" if r.drain_s is None else f"{r.drain_s:.2f}"
+        lines.append(
+            f"{r.name:<11} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} {r.p50_ms:>8.1f} "
+            f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_s:>7.1f}  {drain}"
+        )
+    lines.append(
+        f"legacy / bare throughput: {report.legacy_of_bare_throughput:.0%}   "
+        f"dual_write over legacy: p50 {report.dual_write_over_legacy_p50:+.0%}, "
+        f"throughput {report.dual_write_over_legacy_throughput:+.0%}"
+    )
+    for goal, met in report.goals.items():
+        lines.append(f"  {'met ' if met else 'MISSED'} {goal}")
+    if profile is not None:
+        buffer = io.StringIO()
+        pstats.Stats(str(profile), stream=buffer).sort_stats("cumulative").print_stats(20)
+        lines.append(buffer.getvalue())
+    return "\n".join(lines)

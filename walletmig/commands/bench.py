@@ -1,0 +1,62 @@
+"""`walletmig bench wallet-ops|tigerbeetle`: benchmarks on the embedded stack."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from walletmig.commands import UsageError
+from walletmig.config import Settings
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench", help="benchmarks", description="Benchmarks on the running (embedded) stack."
+    )
+    benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    ops = benches.add_parser(
+        "wallet-ops",
+        help="wallet operations through Temporal: bare vs legacy vs dual_write",
+        description="Runs an in-process worker; prints ops/s and p50/p95/p99 per mode.",
+    )
+    ops.add_argument("--ops", type=int, default=2000, help="operations per mode")
+    ops.add_argument("--concurrency", type=int, default=100, help="concurrent callers")
+    ops.add_argument("--wallets", type=int, default=None, help="default: one per caller")
+    ops.add_argument("--profile", type=Path, default=None, help="write cProfile stats here")
+    ops.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ops.set_defaults(handler=_wallet_ops)
+
+    tb = benches.add_parser(
+        "tigerbeetle",
+        help="the TigerBeetle emulator benchmark (tb_emulator.bench); its options after --",
+        description="Runs tb_emulator.bench. Pass its options after `--`, e.g. "
+        "`walletmig bench tigerbeetle -- --transfers 100000 --json`.",
+    )
+    tb.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of tb_emulator.bench")
+    tb.set_defaults(handler=_tigerbeetle)
+
+
+async def _wallet_ops(args: argparse.Namespace) -> int:
+    from walletmig.bench_wallet_ops import BenchConfig, format_report, run_bench
+
+    try:
+        config = BenchConfig(
+            ops=args.ops, concurrency=args.concurrency, wallets=args.wallets, profile=args.profile
+        )
+    except AssertionError as err:
+        raise UsageError(str(err)) from None
+    report = await run_bench(Settings.from_env(), config)
+    print(report.model_dump_json(indent=2) if args.json else format_report(report, args.profile))
+    return 0
+
+
+def _tigerbeetle(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("tb_emulator.bench") is None:
+        raise UsageError("tb_emulator.bench is not available")
+    from tb_emulator.bench import main
+
+    forwarded = [arg for arg in args.bench_args if arg != "--"]
+    return int(main(forwarded))
