@@ -21,8 +21,8 @@ from temporalio import activity
 
 from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
 from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
-from stores.legacy_store import WALLETS, LegacyStore
-from stores.mongo import as_utc, hex_to_u128, now_ms, u128_to_hex
+from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
+from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, now_ms, u128_to_hex
 from stores.reports import find_keys
 from stores.tb_errors import Outcome, account_rule, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
@@ -125,8 +125,12 @@ class WalletImporter:
         self._imports = imports
         self._ledgers = ledgers
 
-    async def import_wallets(self, wallets: Sequence[LegacyWallet], claimer: str) -> ImportOutcome:
-        """Claim, create accounts, post openings, complete claims. Idempotent."""
+    async def import_wallets(
+        self, wallets: Sequence[LegacyWallet], claimer: str, *, resume_own: bool = False
+    ) -> ImportOutcome:
+        """Claim, create accounts, post openings, complete claims. Idempotent.
+        `resume_own`: a claim `claimer` already holds is resumed at once (its target, hence the
+        same deterministic ids), for claimers that are serialized per wallet."""
         assert len(wallets) <= WALLETS_PER_PAGE_MAX
         if not wallets:
             return ImportOutcome()
@@ -140,6 +144,9 @@ class WalletImporter:
         for key, rec in existing.items():
             if rec.status is ImportStatus.DONE:
                 already += 1
+            elif (resume_own and rec.status is ImportStatus.CLAIMED
+                  and rec.claimed_by == claimer):
+                targets[key] = (rec.version, rec.balance)
             elif await self._imports.take_over(rec, claimer):
                 targets[key] = (rec.version, rec.balance)  # the claim's target, not the page's
             else:
@@ -268,11 +275,24 @@ class WalletImporter:
                 found[account.id] = account
         return found
 
-    async def ensure_imported(self, wallet: WalletKey, claimer: str) -> int:
+    async def ensure_imported(
+        self,
+        wallet: WalletKey,
+        claimer: str,
+        *,
+        record_absent: bool = False,
+        since_version: int | None = None,
+    ) -> int:
         """The legacy version the wallet's opening balance holds, importing it now if needed.
 
         Call it from the wallet's TigerBeetle backlog applier before applying any operation
         (serialized per wallet); skip operations whose legacy version is <= the answer.
+        `record_absent`: a wallet legacy does not hold is recorded as imported at version 0
+        (TigerBeetle answers first and creates it: a later import at the projected legacy
+        version would count its operations twice).
+        `since_version`: the caller will apply every legacy operation after this version (its
+        backlog holds them all), so a fresh import may stop there: those operations then
+        reach TigerBeetle as transfers of their own instead of inside the opening balance.
         """
         key = wallet.canonical
         for _attempt in range(ENSURE_WAIT_ATTEMPTS_MAX):
@@ -280,9 +300,16 @@ class WalletImporter:
             if record is not None and record.status is ImportStatus.DONE:
                 return record.version
             current = await self._legacy.get_wallet_version(wallet)
+            if current is None and record_absent and record is None:
+                await self._record_empty(key, claimer)
+                continue  # won or lost the claim: the record says which version
             if current is None:
                 return 0  # nothing in legacy: every operation goes to TigerBeetle as it comes
             balance, version = current
+            if since_version is not None and since_version < version:
+                earlier = await self._balance_at(key, wallet.currency, since_version)
+                if earlier is not None:
+                    balance, version = earlier, since_version
             doc = await self._db[WALLETS].find_one({"_id": key}, {"allow_overdraft": 1})
             allow_overdraft = bool(doc and doc.get("allow_overdraft"))
             outcome = await self.import_wallets(
@@ -295,6 +322,7 @@ class WalletImporter:
                     )
                 ],
                 claimer,
+                resume_own=True,  # the wallet's backlog is serialized: a claim of ours is dead
             )
             if key in outcome.failed:
                 raise InvalidInputError(
@@ -304,6 +332,29 @@ class WalletImporter:
                 continue  # done (now or before): read the version from the record
             await asyncio.sleep(ENSURE_WAIT_S)  # another importer holds a fresh claim
         raise StoreUnavailableError(f"import of {key} is still in progress elsewhere")
+
+    async def _balance_at(self, key: str, currency: str, version: int) -> MinorBalance | None:
+        """The legacy balance right after `version` (its transaction's balance_after)."""
+        if version == 0:
+            return MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
+        doc = await self._db[WALLET_TRANSACTIONS].find_one(
+            {"wallet": key, "wallet_version": version}, {"balance_after": 1})
+        if doc is None:
+            return None  # seeded without a transaction log: import the current balance
+        after = doc["balance_after"]
+        return MinorBalance(
+            credit_minor=decimal128_to_minor(after["credit"], currency, field="credit"),
+            debit_minor=decimal128_to_minor(after["debit"], currency, field="debit"),
+            historical_credit_minor=decimal128_to_minor(
+                after["historical_credit"], currency, field="historical_credit"),
+        )
+
+    async def _record_empty(self, key: str, claimer: str) -> None:
+        empty = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
+        claim = ImportRecord(wallet=key, version=0, balance=empty, status=ImportStatus.CLAIMED,
+                             claimed_by=claimer, claimed_at=now_ms())
+        if key in await self._imports.claim_many([claim]):
+            await self._imports.mark_done(claimer, [key])
 
     async def count(self, pairs: list[str]) -> dict[str, int]:
         return {pair: await self._db[WALLETS].count_documents(_pair_filter(pair)) for pair in pairs}

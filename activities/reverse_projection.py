@@ -1,48 +1,44 @@
-"""tb_primary write path pieces: TigerBeetle answers, MongoDB follows as an ordered reverse
-projection (Vitess MoveTables' reverse stream: rollback loses nothing).
+"""tb_primary's reverse projection: TigerBeetle answers, MongoDB follows in the same order
+(Vitess MoveTables' reverse stream: rollback loses nothing).
 
-To be wired into the wallet workflow (see the integration notes in the migration report):
-- `answer_from_tigerbeetle` replaces `WalletActivities._apply_tigerbeetle_primary`;
-- `ReverseProjectionActivities.apply_mongodb` drains `to_mongodb` backlog items in order;
-- `must_drain_first` is the switch rule: an operation is never answered by one store while
-  operations answered by the other are still travelling to it.
+The wallet workflow keeps ONE ordered backlog; each item says where it goes. `to_mongodb`
+batches come here. `must_drain_first` is the switch rule: an operation is never answered by
+one store while operations answered by the other are still travelling to it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from temporalio import activity
 
-from activities.errors import wallet_errors_as_application_errors
+from activities.store_ops import apply_to
 from stores.legacy_store import LegacyStore
-from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.errors import WalletError
-from walletcore.keys import WalletKey
-from walletcore.operations import AddCredit, OperationResult, SubtractCredit, WalletOperation
 from walletcore.phases import MigrationState, Phase
-from walletcore.ports import WalletStore
 from workflows.wallet_models import (
-    DRAIN_BATCH_MAX,
+    ACTIVITY_APPLY_MONGODB,
+    ApplyTigerBeetleInput,
     ApplyTigerBeetleOutput,
-    BacklogItem,
+    BacklogDirection,
     TigerBeetleItemOutcome,
 )
 
 log = logging.getLogger(__name__)
 
-ACTIVITY_APPLY_MONGODB = "apply_mongodb_projection"
-Direction = Literal["to_tigerbeetle", "to_mongodb"]
+Direction = BacklogDirection
+ApplyMongoInput = ApplyTigerBeetleInput  # the same shape: a wallet and a batch of items
 
-
-class ApplyMongoInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    wallet: WalletKey
-    items: list[BacklogItem] = Field(min_length=1, max_length=DRAIN_BATCH_MAX)
+__all__ = [
+    "ACTIVITY_APPLY_MONGODB",
+    "ApplyMongoInput",
+    "Direction",
+    "ReverseProjectionActivities",
+    "answering_direction",
+    "must_drain_first",
+]
 
 
 def answering_direction(state: MigrationState) -> Direction | None:
@@ -64,21 +60,6 @@ def must_drain_first(state: MigrationState, pending: Direction | None) -> bool:
     return (pending == "to_tigerbeetle") == answers_tb
 
 
-async def _apply(store: WalletStore, op: WalletOperation) -> OperationResult:
-    if isinstance(op, SubtractCredit):
-        return await store.subtract_credit(op)
-    if isinstance(op, AddCredit):
-        return await store.add_credit(op)
-    return await store.void(op)
-
-
-async def answer_from_tigerbeetle(tigerbeetle: TigerBeetleStore,
-                                  op: WalletOperation) -> OperationResult:
-    """tb_primary / complete: TigerBeetle decides (insufficient funds comes from it)."""
-    with wallet_errors_as_application_errors():
-        return await _apply(tigerbeetle, op)
-
-
 class ReverseProjectionActivities:
     def __init__(self, legacy: LegacyStore) -> None:
         self._legacy = legacy
@@ -91,20 +72,26 @@ class ReverseProjectionActivities:
         outcomes: list[TigerBeetleItemOutcome] = []
         for item in inp.items:
             assert item.command.wallet == inp.wallet, "backlog item of another wallet"
+            assert item.direction == "to_mongodb", "dual-write item in a projection batch"
+            txn = item.command.transaction_id
             try:
-                result = await _apply(self._legacy, item.command.op)
+                result = await apply_to(self._legacy, item.command.op)
             except WalletError as err:
                 if err.retryable:
                     raise
-                log.warning("reverse projection divergence on %s %s: %s", inp.wallet,
-                            item.command.transaction_id, err)
-                outcomes.append(TigerBeetleItemOutcome(
-                    seq=item.seq, transaction_id=item.command.transaction_id,
-                    error_type=err.type_name, error_message=str(err)))
+                log.warning("reverse projection divergence on %s %s: %s", inp.wallet, txn, err)
+                outcomes.append(
+                    TigerBeetleItemOutcome(
+                        seq=item.seq,
+                        transaction_id=txn,
+                        error_type=err.type_name,
+                        error_message=str(err),
+                    )
+                )
                 continue
-            outcomes.append(TigerBeetleItemOutcome(
-                seq=item.seq, transaction_id=item.command.transaction_id,
-                replayed=result.replayed))
+            outcomes.append(
+                TigerBeetleItemOutcome(seq=item.seq, transaction_id=txn, replayed=result.replayed)
+            )
         return ApplyTigerBeetleOutput(outcomes=outcomes)
 
     def all(self) -> list[Callable[..., Any]]:

@@ -12,24 +12,35 @@ from typing import Any
 
 from temporalio import activity
 
+from activities.backfill import WalletImporter
 from activities.errors import wallet_errors_as_application_errors
+from activities.reverse_projection import (
+    ReverseProjectionActivities,
+    answering_direction,
+    must_drain_first,
+)
+from activities.store_ops import apply_to
+from stores.backfill_imports import ImportLedger
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.balances import WalletBalance
-from walletcore.errors import ConflictError, WalletError
-from walletcore.operations import AddCredit, OperationResult, SubtractCredit, WalletOperation
+from walletcore.errors import WalletError
+from walletcore.keys import WalletKey
+from walletcore.operations import Void, WalletOperation
 from walletcore.phases import MigrationState
-from walletcore.ports import WalletStore
+from walletcore.write_facts import OriginalFacts
 from walletmig.reads import WalletReader
 from workflows.wallet_models import (
     ACTIVITY_APPLY_PRIMARY,
     ACTIVITY_APPLY_TIGERBEETLE,
     ACTIVITY_READ_BALANCE,
     ACTIVITY_READ_MULTI_BALANCE,
+    DRAIN_BATCH_MAX,
     ApplyPrimaryInput,
     ApplyTigerBeetleInput,
     ApplyTigerBeetleOutput,
+    BacklogItem,
     MultiBalance,
     PrimaryOutcome,
     ReadBalanceInput,
@@ -39,14 +50,86 @@ from workflows.wallet_models import (
 
 log = logging.getLogger(__name__)
 
+# The claimer name of imports started by a wallet's own write path (backfill uses its run id).
+WALLET_CLAIMER = "wallet-workflow"
 
-async def apply_to(store: WalletStore, op: WalletOperation) -> OperationResult:
-    # SubtractCredit subclasses AddCredit: test it first.
-    if isinstance(op, SubtractCredit):
-        return await store.subtract_credit(op)
-    if isinstance(op, AddCredit):
-        return await store.add_credit(op)
-    return await store.void(op)
+
+def default_importer(legacy: LegacyStore, tigerbeetle: TigerBeetleStore) -> WalletImporter:
+    """The importer over the same database and clients as the stores themselves."""
+    return WalletImporter(
+        legacy.db,
+        legacy,
+        tigerbeetle,
+        tigerbeetle.client,
+        tigerbeetle.accounts,
+        ImportLedger(legacy.db),
+        tigerbeetle.ledgers,
+    )
+
+
+class TigerBeetleBacklog:
+    """The TigerBeetle side of dual-writes, race-free with the backfill.
+
+    Per wallet, serialized by its workflow: make sure the wallet is imported (or import it now,
+    through the same claim the backfill takes), skip the operations whose legacy version the
+    opening balance already holds, apply the others in order. The one implementation: the
+    wallet workflow's activity and the tests' applier both call `apply`.
+    """
+
+    def __init__(
+        self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, importer: WalletImporter
+    ) -> None:
+        self._legacy = legacy
+        self._tigerbeetle = tigerbeetle
+        self._importer = importer
+
+    async def apply(
+        self, wallet: WalletKey, items: list[BacklogItem], *, since_version: int | None = None
+    ) -> ApplyTigerBeetleOutput:
+        """A domain error retrying cannot fix is reported as a divergence and the batch goes
+        on; anything else raises and the whole batch is retried (idempotent by transaction
+        id, and a skip decision depends only on the import record, which never changes)."""
+        assert 0 < len(items) <= DRAIN_BATCH_MAX
+        imported = await self._importer.ensure_imported(
+            wallet, WALLET_CLAIMER, since_version=since_version
+        )
+        outcomes: list[TigerBeetleItemOutcome] = []
+        for item in items:
+            assert item.command.wallet == wallet, "backlog item of another wallet"
+            assert item.direction == "to_tigerbeetle", "reverse projection item in TB batch"
+            txn = item.command.transaction_id
+            facts = item.legacy or await self._legacy.facts_of(txn)
+            if facts is not None and facts.wallet_version <= imported:
+                outcomes.append(
+                    TigerBeetleItemOutcome(
+                        seq=item.seq, transaction_id=txn, replayed=True, in_opening=True
+                    )
+                )
+                continue
+            original = facts.original if facts is not None else None
+            # An original the opening holds has no registry record: legacy is the truth.
+            opening = original if original and original.wallet_version <= imported else None
+            try:
+                result = await apply_to(
+                    self._tigerbeetle, item.command.op, opening_original=opening
+                )
+            except WalletError as err:
+                if err.retryable:
+                    raise  # outage: the activity retries the batch
+                log.warning("divergence on %s %s: %s", wallet, txn, err)
+                outcomes.append(
+                    TigerBeetleItemOutcome(
+                        seq=item.seq,
+                        transaction_id=txn,
+                        error_type=err.type_name,
+                        error_message=str(err),
+                    )
+                )
+                continue
+            outcomes.append(
+                TigerBeetleItemOutcome(seq=item.seq, transaction_id=txn, replayed=result.replayed)
+            )
+        return ApplyTigerBeetleOutput(outcomes=outcomes)
 
 
 class WalletActivities:
@@ -56,70 +139,83 @@ class WalletActivities:
         legacy: LegacyStore,
         tigerbeetle: TigerBeetleStore,
         migration: MigrationStateStore,
+        importer: WalletImporter | None = None,
     ) -> None:
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
         self._migration = migration
+        self._importer = importer or default_importer(legacy, tigerbeetle)
+        self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer)
+        self._projection = ReverseProjectionActivities(legacy)
         self._reader = WalletReader(legacy, tigerbeetle, migration)
 
     @activity.defn(name=ACTIVITY_APPLY_PRIMARY)
     async def apply_primary(self, inp: ApplyPrimaryInput) -> PrimaryOutcome:
-        """The write that answers the caller, under the wallet pair's current migration phase."""
+        """The write that answers the caller, under the wallet pair's current migration phase.
+
+        If the backlog still carries operations to the store that would answer now (a phase
+        switch between the two write paths), nothing is written: the workflow drains and
+        calls again, so both stores apply every operation in the same order."""
         op = inp.command.op
         with wallet_errors_as_application_errors():
             state = await self._migration.resolve(op.wallet.ledger_pair)
+            if must_drain_first(state, inp.pending_direction):
+                return PrimaryOutcome(
+                    phase=state.phase, epoch=state.epoch, writes_tigerbeetle=False, drain_first=True
+                )
             if not state.mongo_answers_writes:
                 return await self._apply_tigerbeetle_primary(state, op)
-            result = await apply_to(self._legacy, op)
+            result, facts = await self._legacy.apply(op)
+        direction = answering_direction(state)
         return PrimaryOutcome(
             result=result,
             phase=state.phase,
             epoch=state.epoch,
-            writes_tigerbeetle=state.writes_tigerbeetle,
+            writes_tigerbeetle=direction == "to_tigerbeetle",
+            backlog_direction=direction,
+            legacy=facts,
         )
 
     async def _apply_tigerbeetle_primary(
         self, state: MigrationState, op: WalletOperation
     ) -> PrimaryOutcome:
-        """Extension point (migration work): tb_primary answers from TigerBeetle and projects
-        the operation to MongoDB in reverse; complete writes TigerBeetle only."""
-        raise ConflictError(
-            f"phase {state.phase.value} (epoch {state.epoch}) of {op.wallet.ledger_pair} "
-            "writes TigerBeetle first; that write path is not implemented yet",
-            field="phase",
+        """tb_primary / complete: TigerBeetle decides (insufficient funds comes from it);
+        tb_primary then projects the operation to MongoDB through the backlog.
+
+        Idempotency spans the whole history: a transaction id MongoDB already holds is a
+        replay answered from there (TigerBeetle has no record of operations older than its
+        import). A void of such an old transaction reverses it from MongoDB's record."""
+        imported = await self._importer.ensure_imported(
+            op.wallet, WALLET_CLAIMER, record_absent=True
+        )
+        direction = answering_direction(state)
+        replay = await self._legacy.replay_of(op)
+        if replay is not None:
+            return PrimaryOutcome(
+                result=replay,
+                phase=state.phase,
+                epoch=state.epoch,
+                writes_tigerbeetle=False,
+                backlog_direction=None,
+            )
+        opening: OriginalFacts | None = None
+        if isinstance(op, Void):
+            original = await self._legacy.original_facts(op.wallet, op.original_transaction_id)
+            if original is not None and original.wallet_version <= imported:
+                opening = original
+        result = await apply_to(self._tigerbeetle, op, opening_original=opening)
+        return PrimaryOutcome(
+            result=result,
+            phase=state.phase,
+            epoch=state.epoch,
+            writes_tigerbeetle=False,
+            backlog_direction=direction,
         )
 
     @activity.defn(name=ACTIVITY_APPLY_TIGERBEETLE)
     async def apply_tigerbeetle(self, inp: ApplyTigerBeetleInput) -> ApplyTigerBeetleOutput:
-        """Apply backlog items in order. A domain error retrying cannot fix is reported as a
-        divergence and the batch goes on; anything else raises and the whole batch is retried
-        (idempotent by transaction id)."""
-        outcomes: list[TigerBeetleItemOutcome] = []
-        for item in inp.items:
-            assert item.command.wallet == inp.wallet, "backlog item of another wallet"
-            try:
-                result = await apply_to(self._tigerbeetle, item.command.op)
-            except WalletError as err:
-                if err.retryable:
-                    raise  # outage: the activity retries the batch
-                log.warning("divergence on %s %s: %s", inp.wallet, item.command.transaction_id, err)
-                outcomes.append(
-                    TigerBeetleItemOutcome(
-                        seq=item.seq,
-                        transaction_id=item.command.transaction_id,
-                        error_type=err.type_name,
-                        error_message=str(err),
-                    )
-                )
-                continue
-            outcomes.append(
-                TigerBeetleItemOutcome(
-                    seq=item.seq,
-                    transaction_id=item.command.transaction_id,
-                    replayed=result.replayed,
-                )
-            )
-        return ApplyTigerBeetleOutput(outcomes=outcomes)
+        """Apply to_tigerbeetle backlog items in order (see TigerBeetleBacklog)."""
+        return await self._backlog.apply(inp.wallet, inp.items, since_version=inp.since_version)
 
     @activity.defn(name=ACTIVITY_READ_BALANCE)
     async def read_balance(self, inp: ReadBalanceInput) -> WalletBalance:
@@ -136,6 +232,7 @@ class WalletActivities:
         return [
             self.apply_primary,
             self.apply_tigerbeetle,
+            *self._projection.all(),
             self.read_balance,
             self.read_multi_balance,
         ]

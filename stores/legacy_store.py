@@ -54,8 +54,10 @@ from walletcore.operations import (
     OperationType,
     SubtractCredit,
     Void,
+    WalletOperation,
     validate_operation,
 )
+from walletcore.write_facts import LegacyFacts, OriginalFacts
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ MULTI_BALANCE_LIMIT_MAX = 1000  # wallets of one client: (country, currency, iss
 COMMIT_ATTEMPTS_MAX = 3
 
 Document = dict[str, Any]
+Applied = tuple[OperationResult, LegacyFacts]
 
 
 class _VersionConflict(Exception):
@@ -116,7 +119,7 @@ class LegacyStore:
         Correctness never depends on it (the version check does that across processes); it
         turns a storm of write conflicts into an orderly queue."""
         assert 0 < attempts_max <= 10_000
-        self._db = db
+        self.db = db  # shared with the importer that serializes backfill with dual-writes
         self._client = db.client
         self._wallets: AsyncCollection[Any] = db[WALLETS]
         self._txns: AsyncCollection[Any] = db[WALLET_TRANSACTIONS]
@@ -155,16 +158,47 @@ class LegacyStore:
     # ---- writes ------------------------------------------------------------------------------
 
     async def add_credit(self, op: AddCredit) -> OperationResult:
-        amount_minor = self._validate(op)
-        return await self._run(op, OperationType.CREDIT, amount_minor)
+        return (await self.apply(op))[0]
 
     async def subtract_credit(self, op: SubtractCredit) -> OperationResult:
-        amount_minor = self._validate(op)
-        return await self._run(op, OperationType.DEBIT, amount_minor)
+        return (await self.apply(op))[0]
 
     async def void(self, op: Void) -> OperationResult:
-        self._validate(op)
-        return await self._run(op, OperationType.VOID, 0)
+        return (await self.apply(op))[0]
+
+    async def apply(self, op: WalletOperation) -> Applied:
+        """Any write, with the facts the TigerBeetle side of a dual-write needs (the wallet
+        version it produced, a void's original), read in the same transaction: no extra I/O."""
+        amount_minor = self._validate(op)
+        if isinstance(op, Void):
+            return await self._run(op, OperationType.VOID, 0)
+        kind = OperationType.DEBIT if isinstance(op, SubtractCredit) else OperationType.CREDIT
+        return await self._run(op, kind, amount_minor)
+
+    async def replay_of(self, op: WalletOperation) -> OperationResult | None:
+        """The stored result if `op`'s transaction id was applied here (replayed=True), None
+        if unknown; DuplicateTransactionError if the id was used for other content. Lets a
+        TigerBeetle-first write path keep idempotency over transactions older than TigerBeetle.
+        """
+        amount_minor = self._validate(op)
+        existing: Document | None = await self._txns.find_one({"_id": op.transaction_id})
+        if existing is None:
+            return None
+        kind = (
+            OperationType.VOID
+            if isinstance(op, Void)
+            else OperationType.DEBIT
+            if isinstance(op, SubtractCredit)
+            else OperationType.CREDIT
+        )
+        return self._replay(op, kind, amount_minor, existing)
+
+    async def facts_of(self, transaction_id: str) -> LegacyFacts | None:
+        """The facts of a stored transaction (backlog items recorded before they were carried)."""
+        doc = await self._txns.find_one({"_id": transaction_id})
+        if doc is None:
+            return None
+        return await self._facts(None, doc)
 
     def _validate(self, op: AddCredit | Void) -> int:
         """Everything checkable without I/O, before anything is read or written."""
@@ -173,9 +207,7 @@ class LegacyStore:
             self._ledgers.ledger_of(op.wallet.currency, op.wallet.country)
         return amount_minor
 
-    async def _run(
-        self, op: AddCredit | Void, kind: OperationType, amount_minor: int
-    ) -> OperationResult:
+    async def _run(self, op: AddCredit | Void, kind: OperationType, amount_minor: int) -> Applied:
         """Bounded optimistic-concurrency loop around one transaction attempt."""
         if self._local_locks is None:
             return await self._run_unlocked(op, kind, amount_minor)
@@ -184,7 +216,7 @@ class LegacyStore:
 
     async def _run_unlocked(
         self, op: AddCredit | Void, kind: OperationType, amount_minor: int
-    ) -> OperationResult:
+    ) -> Applied:
         try:
             async with self._client.start_session() as session:
                 for attempt in range(self._attempts_max):
@@ -211,18 +243,18 @@ class LegacyStore:
         op: AddCredit | Void,
         kind: OperationType,
         amount_minor: int,
-    ) -> OperationResult:
+    ) -> Applied:
         await session.start_transaction()
         try:
-            result = await self._apply(session, op, kind, amount_minor)
+            applied = await self._apply(session, op, kind, amount_minor)
         except BaseException:
             await _abort_quietly(session)
             raise
-        if result.replayed:  # read-only: nothing to commit
+        if applied[0].replayed:  # read-only: nothing to commit
             await _abort_quietly(session)
-            return result
+            return applied
         await _commit(session)
-        return result
+        return applied
 
     async def _apply(
         self,
@@ -230,12 +262,13 @@ class LegacyStore:
         op: AddCredit | Void,
         kind: OperationType,
         amount_minor: int,
-    ) -> OperationResult:
+    ) -> Applied:
         wallet = op.wallet
         canonical = wallet.canonical
         existing = await self._txns.find_one({"_id": op.transaction_id}, session=session)
         if existing is not None:
-            return self._replay(op, kind, amount_minor, existing)
+            replayed = self._replay(op, kind, amount_minor, existing)
+            return replayed, await self._facts(session, existing)
 
         wallet_doc = await self._wallets.find_one({"_id": canonical}, session=session)
         original: Document | None = None
@@ -317,7 +350,24 @@ class LegacyStore:
             )
             if marked.matched_count != 1:
                 raise _VersionConflict
-        return _result(txn_doc, wallet, replayed=False)
+        facts = LegacyFacts(
+            wallet_version=version + 1,
+            original=None
+            if original is None
+            else _original_facts(original, wallet.currency, voided_by=op.transaction_id),
+        )
+        return _result(txn_doc, wallet, replayed=False), facts
+
+    async def _facts(self, session: AsyncClientSession | None, doc: Document) -> LegacyFacts:
+        original: OriginalFacts | None = None
+        if doc["type"] == OperationType.VOID and doc.get("original_transaction_id"):
+            found = await self._txns.find_one(
+                {"_id": doc["original_transaction_id"]}, session=session
+            )
+            assert found is not None, "a stored void implies its original"
+            currency = WalletKey.from_canonical(doc["wallet"]).currency
+            original = _original_facts(found, currency, voided_by=found.get("voided_by"))
+        return LegacyFacts(wallet_version=int(doc["wallet_version"]), original=original)
 
     async def _voidable_original(self, session: AsyncClientSession, op: Void) -> Document:
         original: Document | None = await self._txns.find_one(
@@ -417,6 +467,13 @@ class LegacyStore:
         doc: Document | None = await self._txns.find_one({"_id": transaction_id})
         return doc
 
+    async def original_facts(self, wallet: WalletKey, transaction_id: str) -> OriginalFacts | None:
+        """A transaction of `wallet` as a void's original (None if absent or another wallet's)."""
+        doc = await self._txns.find_one({"_id": transaction_id})
+        if doc is None or doc["wallet"] != wallet.canonical:
+            return None
+        return _original_facts(doc, wallet.currency, voided_by=doc.get("voided_by"))
+
     async def get_wallet_version(self, wallet: WalletKey) -> tuple[MinorBalance, int] | None:
         """Balance and version read together from one document (consistent pair)."""
         doc = await self._wallets.find_one({"_id": wallet.canonical})
@@ -482,6 +539,18 @@ async def _commit(session: AsyncClientSession) -> None:
             if not unknown or attempt + 1 == COMMIT_ATTEMPTS_MAX:
                 raise
             log.warning("commit outcome unknown, retrying commit: %s", exc)
+
+
+def _original_facts(
+    doc: Mapping[str, Any], currency: str, *, voided_by: str | None
+) -> OriginalFacts:
+    return OriginalFacts(
+        transaction_id=doc["_id"],
+        type=OperationType(doc["type"]),
+        amount_minor=decimal128_to_minor(doc["amount"], currency, field="amount"),
+        wallet_version=int(doc["wallet_version"]),
+        voided_by=voided_by,
+    )
 
 
 def _key_of(doc: Mapping[str, Any]) -> WalletKey:

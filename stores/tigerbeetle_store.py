@@ -63,6 +63,7 @@ from walletcore.operations import (
     Void,
     validate_operation,
 )
+from walletcore.write_facts import OriginalFacts
 
 T = TypeVar("T")
 
@@ -76,7 +77,13 @@ MULTI_BALANCE_WALLETS_MAX = 1000  # wallets of one client answered by get_multi_
 TYPE_CREDIT = OperationType.CREDIT.value
 TYPE_DEBIT = OperationType.DEBIT.value
 TYPE_VOID = OperationType.VOID.value
-VOIDABLE_TYPES = frozenset({TYPE_CREDIT, TYPE_DEBIT})
+# A credit or debit older than TigerBeetle: its effect is inside the wallet's imported opening
+# balance, so no transfer of its own exists. Recorded (with transfer_id(txn), never created)
+# when such a transaction is voided, so the void is known and a second void is refused.
+IN_OPENING_SUFFIX = "_in_opening"
+TYPE_CREDIT_IN_OPENING = TYPE_CREDIT + IN_OPENING_SUFFIX
+TYPE_DEBIT_IN_OPENING = TYPE_DEBIT + IN_OPENING_SUFFIX
+VOIDABLE_TYPES = frozenset({TYPE_CREDIT, TYPE_DEBIT, TYPE_CREDIT_IN_OPENING, TYPE_DEBIT_IN_OPENING})
 
 HISTORY_TYPE_BY_CODE: dict[int, str] = {
     TransferCode.CREDIT: TYPE_CREDIT,
@@ -150,6 +157,10 @@ class TigerBeetleStore:
         self._accounts = accounts
         self._transfers = transfers
         self._ledgers = ledgers
+        # Public views for the wallet importer built over the same clients.
+        self.client = client
+        self.accounts = accounts
+        self.ledgers = ledgers
         self._system_ledgers: set[int] = set()
         # Account ids known to exist in TigerBeetle: skips one create_accounts per write.
         self._known_accounts: OrderedDict[int, None] = OrderedDict()
@@ -219,6 +230,8 @@ class TigerBeetleStore:
             self._transfers.get(op.transaction_id), self._accounts.get(wallet)
         )
         if existing is not None:  # the id is known: only an identical operation may replay
+            if existing.type == kind.value + IN_OPENING_SUFFIX:
+                return await self._replay_in_opening(existing, op, kind, amount_minor)
             _check_same_movement(existing, wallet, kind, amount_minor, tid)
         is_debit = kind is OperationType.DEBIT
         if account is None:
@@ -271,7 +284,31 @@ class TigerBeetleStore:
             )
         return _result(op.transaction_id, kind, wallet, amount_minor, balance, replayed, timestamp)
 
-    async def void(self, op: Void) -> OperationResult:
+    async def _replay_in_opening(
+        self, existing: TransferRecord, op: AddCredit, kind: OperationType, amount_minor: int
+    ) -> OperationResult:
+        """A replay of a transaction the opening balance holds. No transfer of its own exists,
+        so the balance right after it is unknown here: the current balance is answered."""
+        _check_same_movement(
+            existing.model_copy(update={"type": kind.value}), op.wallet, kind, amount_minor,
+            existing.transfer_id,
+        )  # fmt: skip
+        account = await self._accounts.get(op.wallet)
+        if account is None:
+            raise _no_account(op.wallet)
+        found = await self._tb(self._client.lookup_accounts([account.account_id]))
+        if not found:
+            raise _no_account(op.wallet)
+        return _result(op.transaction_id, kind, op.wallet, amount_minor, balance_of(found[0]),
+                       True, found[0].timestamp)  # fmt: skip
+
+    async def void(
+        self, op: Void, *, opening_original: OriginalFacts | None = None
+    ) -> OperationResult:
+        """`opening_original`: the legacy record of an original that the caller knows is inside
+        the wallet's imported opening balance (its legacy version <= the import's). Used only when
+        the Transfer Registry has no record of the original: it is then registered as
+        `<type>_in_opening` and reversed like any other."""
         validate_operation(op)
         wallet = op.wallet
         ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
@@ -280,6 +317,8 @@ class TigerBeetleStore:
             self._transfers.get(op.transaction_id),
             self._transfers.get(op.original_transaction_id),
         )
+        if original is None and opening_original is not None and existing is None:
+            original = await self._register_in_opening(op, opening_original)
         # Idempotency first, as for every write: a known transaction id replays or conflicts.
         if existing is not None and (
             existing.type != TYPE_VOID or existing.wallet != wallet or existing.transfer_id != vtid
@@ -317,7 +356,7 @@ class TigerBeetleStore:
         await self._ensure_tb_account(account)
         _check_ledger(account, ledger)
         await self.ensure_system_accounts(ledger)
-        voids_credit = original.type == TYPE_CREDIT
+        voids_credit = original.type in (TYPE_CREDIT, TYPE_CREDIT_IN_OPENING)
         if voids_credit:  # give the credit back: customer -> RESERVE
             debit_id = account.account_id
             credit_id = system_account_id(ledger, SystemAccount.RESERVE)
@@ -378,6 +417,45 @@ class TigerBeetleStore:
             balance,
             replayed or known_replay,
             timestamp,
+        )
+
+    async def _register_in_opening(self, op: Void, facts: OriginalFacts) -> TransferRecord:
+        """Record the legacy original of `op` as held by the opening balance (see void)."""
+        if facts.transaction_id != op.original_transaction_id:
+            raise InvalidInputError(
+                f"opening original {facts.transaction_id!r} is not the voided "
+                f"{op.original_transaction_id!r}",
+                field="original_transaction_id",
+            )
+        if facts.type not in (OperationType.CREDIT, OperationType.DEBIT):
+            raise NotVoidableError(
+                f"transaction {facts.transaction_id!r} is a {facts.type.value}; only credits "
+                "and debits can be voided",
+                field="original_transaction_id",
+            )
+        if facts.voided_by is not None and facts.voided_by != op.transaction_id:
+            # Voided before TigerBeetle existed: the opening balance holds the void too.
+            raise AlreadyVoidedError(
+                f"transaction {facts.transaction_id!r} was already voided by {facts.voided_by!r}",
+                field="original_transaction_id",
+            )
+        account = await self._accounts.get(op.wallet)
+        if account is None:
+            raise NotFoundError(
+                f"no transaction {op.original_transaction_id!r} in wallet {op.wallet}",
+                field="original_transaction_id",
+            )
+        return await self._transfers.record(
+            TransferRecord(
+                transaction_id=facts.transaction_id,
+                transfer_id=transfer_id(facts.transaction_id),  # never created in TigerBeetle
+                wallet=op.wallet,
+                account_id=account.account_id,
+                type=facts.type.value + IN_OPENING_SUFFIX,
+                amount_minor=facts.amount_minor,
+                reference_id=None,
+                created_at=datetime.now(UTC),
+            )
         )
 
     async def _check_funds(self, account: AccountRecord, transfer: tb.Transfer) -> None:

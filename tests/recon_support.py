@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +14,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from activities.backfill import BackfillActivities, WalletImporter
 from activities.reconciliation import ReconcileActivities, Reconciler
+from activities.wallet import TigerBeetleBacklog
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.backfill_imports import ImportLedger
@@ -24,7 +25,13 @@ from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGERS, LedgerTable
-from walletcore.operations import AddCredit, SubtractCredit, Void
+from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
+from walletcore.phases import Phase
+from workflows.wallet_models import (
+    BacklogItem,
+    TigerBeetleItemOutcome,
+    WalletCommand,
+)
 
 CURRENCIES = ("USD", "JPY", "BHD", "USDC", "BTC")  # precisions 2, 0, 3, 6, 8
 
@@ -103,22 +110,28 @@ async def void(env: Env, key: WalletKey, txn: str, original: str, *, store: Any 
 
 
 class BacklogApplier:
-    """What the wallet workflow's TigerBeetle backlog does once integrated (see the report):
-    per wallet, serialized: ensure the wallet is imported, then skip operations whose legacy
-    version the opening balance already holds, apply the rest to TigerBeetle in order."""
+    """The wallet workflow's TigerBeetle backlog (activities.wallet.TigerBeetleBacklog, the
+    one implementation) driven item by item: per wallet, serialized by the caller; ensure the
+    wallet is imported, skip operations whose legacy version the opening holds, apply the rest.
+    """
 
     def __init__(self, env: Env) -> None:
         self.env = env
+        self.backlog = TigerBeetleBacklog(env.legacy, env.tb_store, env.importer)
         self.skipped = 0
         self.applied = 0
+        self._seq = 0
 
-    async def apply(self, key: WalletKey, txn: str,
-                    write_tb: Callable[[], Awaitable[None]]) -> None:
-        imported = await self.env.importer.ensure_imported(key, "wallet-workflow")
-        doc = await self.env.legacy.get_transaction(txn)
-        assert doc is not None
-        if int(doc["wallet_version"]) <= imported:
+    async def apply(self, key: WalletKey, op: WalletOperation) -> TigerBeetleItemOutcome:
+        """`op` was applied to MongoDB already; its facts are read back from there."""
+        self._seq += 1
+        item = BacklogItem(seq=self._seq, command=WalletCommand.of(op), phase=Phase.DUAL_WRITE,
+                           epoch=0, accepted_at=datetime.now(UTC),
+                           legacy=await self.env.legacy.facts_of(op.transaction_id))
+        [outcome] = (await self.backlog.apply(key, [item])).outcomes
+        assert outcome.error_type is None, outcome
+        if outcome.in_opening:
             self.skipped += 1
-            return
-        await write_tb()
-        self.applied += 1
+        else:
+            self.applied += 1
+        return outcome

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest_asyncio
@@ -18,6 +19,7 @@ from stores.backfill_imports import ImportRecord, ImportStatus
 from stores.mongo import now_ms
 from walletcore.balances import MinorBalance
 from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.reconcile import opening_plan
 from workers.wallet_worker import workflow_runner
 from workflows.backfill import BackfillWorkflow
@@ -205,11 +207,12 @@ async def test_backfill_while_traffic_runs_counts_nothing_twice(
             async with locks[key.canonical]:  # one wallet workflow = one op at a time
                 if round_no % 2:
                     await debit(env, key, txn, amount, overdraft=False)
-                    op = lambda k=key, t=txn, a=amount: debit(env, k, t, a, store=env.tb_store)  # noqa: E731
+                    op: WalletOperation = SubtractCredit(
+                        wallet=key, transaction_id=txn, amount=Decimal(amount))
                 else:
                     await credit(env, key, txn, amount)
-                    op = lambda k=key, t=txn, a=amount: credit(env, k, t, a, store=env.tb_store)  # noqa: E731
-                await applier.apply(key, txn, op)
+                    op = AddCredit(wallet=key, transaction_id=txn, amount=Decimal(amount))
+                await applier.apply(key, op)
 
     async def all_traffic() -> None:
         for round_no in range(6):

@@ -2,10 +2,14 @@
 
 `tests/data/histories/*.json` were recorded from real runs covering credit, debit, void, a
 refused operation, a rejected update, the dual-write backlog with a divergence, continue-as-new
-and idle close. A change that makes the workflow non-deterministic for running executions fails
-here. Re-record (after an intentional, versioned change) with:
+and idle close, and the write-path switch dual_write -> tb_primary -> read_cutover (drain first,
+reverse projection). A change that makes the workflow non-deterministic for running executions
+fails here. Record the histories that are missing with:
 
     WALLETMIG_RECORD_HISTORIES=1 pytest tests/test_replay.py -k record
+
+and re-record all of them (after an intentional, versioned change) with `=all`. Histories
+recorded by older code stay: they are what running executions look like.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from walletmig.config import Settings
 from workers.wallet_worker import WORKFLOWS, workflow_runner
 
 HISTORIES = Path(__file__).parent / "data" / "histories"
-RECORD = os.environ.get("WALLETMIG_RECORD_HISTORIES") == "1"
+RECORD_MODE = os.environ.get("WALLETMIG_RECORD_HISTORIES", "")
+RECORD = RECORD_MODE in ("1", "all")
 
 
 def _files() -> list[Path]:
@@ -61,14 +66,23 @@ async def test_replay_recorded_history(path: Path) -> None:
 
 def test_histories_present() -> None:
     names = {p.stem for p in _files()}
-    expected = {"legacy_ops", "refused_ops", "dual_write_backlog", "continue_as_new", "idle_close"}
+    expected = {
+        "legacy_ops", "refused_ops", "dual_write_backlog", "continue_as_new", "idle_close",
+        "tb_primary_switch",
+    }  # fmt: skip
     assert expected <= names, f"missing recorded histories: {sorted(expected - names)}"
 
 
 # ---- recording --------------------------------------------------------------------------------
 
 
+def _wanted(name: str) -> bool:
+    return RECORD_MODE == "all" or not (HISTORIES / f"{name}.json").exists()
+
+
 async def _save(temporal: Client, name: str, wallet: WalletKey, run_id: str | None) -> None:
+    if not _wanted(name):
+        return
     handle = temporal.get_workflow_handle(wallet.workflow_id, run_id=run_id)
     history = await handle.fetch_history()
     HISTORIES.mkdir(parents=True, exist_ok=True)
@@ -118,6 +132,11 @@ async def test_record_histories(
 
 
 async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
+    if _wanted("tb_primary_switch"):
+        await _record_switch(h, temporal, unique_id)
+    if not any(_wanted(n) for n in ("legacy_ops", "refused_ops", "dual_write_backlog",
+                                     "continue_as_new", "idle_close")):
+        return
     client = h.client
     # credit, debit, void of each kind, a replay; the run then idles out.
     w = key(unique_id("legacy"))
@@ -160,3 +179,26 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
     await _save(temporal, "continue_as_new", w, first_run)
     await _wait_completed(temporal, w)
     await _save(temporal, "idle_close", w, None)  # the last run: idles out after rotating
+
+
+async def _record_switch(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
+    """dual_write -> tb_primary (the update waits for the TigerBeetle backlog: drain_first) ->
+    read_cutover (waits for the reverse projection), a void of a pre-migration credit."""
+    client = h.client
+    w = key(unique_id("switch"), DUAL_PAIR)
+    await set_phase(h.stores, DUAL_PAIR, Phase.LEGACY)
+    await client.add_credit(_c(w, "c0", "10.00"))
+    await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+    await client.add_credit(_c(w, "c1", "1.00"))  # 5 operations: one run (max_ops_per_run 6)
+    await set_phase(h.stores, DUAL_PAIR, Phase.TB_PRIMARY)
+    await asyncio.sleep(1.2)  # the migration state cache
+    await client.subtract_credit(_d(w, "d1", "0.50"))
+    await client.void(_v(w, "v0", "c0"))
+    await set_phase(h.stores, DUAL_PAIR, Phase.READ_CUTOVER)
+    await asyncio.sleep(1.2)
+    await client.add_credit(_c(w, "c4", "1.00"))
+    status = await wait_drained(client, w)
+    assert status is not None and status.divergence_count == 0 and status.mongo_applied == 2
+    await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+    await _wait_completed(temporal, w)
+    await _save(temporal, "tb_primary_switch", w, None)

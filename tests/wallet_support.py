@@ -10,14 +10,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from temporalio.client import Client
 
 from activities.wallet import WalletActivities
+from stores.backfill_imports import ImportLedger
 from walletcore.errors import NotFoundError
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
@@ -63,13 +65,20 @@ async def wallet_harness(
     tb_addresses: str | None = None,
     idle_timeout_s: float = 2.0,
     max_ops_per_run: int = 20,
+    extra_workflows: Sequence[type] = (),
+    extra_activities: Callable[[Stores], Sequence[Callable[..., Any]]] | None = None,
 ) -> AsyncIterator[WalletHarness]:
     stores = await make_stores(settings, tb_addresses=tb_addresses)
+    await ImportLedger(stores.db).ensure_indexes()
     task_queue = f"wallet-test-{uuid.uuid4().hex[:10]}"
     activities = WalletActivities(
         legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration
     )
-    worker = build_worker(temporal, settings, activities, task_queue=task_queue)
+    worker = build_worker(
+        temporal, settings, activities, task_queue=task_queue,
+        extra_workflows=extra_workflows,
+        extra_activities=extra_activities(stores) if extra_activities else (),
+    )  # fmt: skip
     client = WalletClient(
         temporal, task_queue, idle_timeout_s=idle_timeout_s, max_ops_per_run=max_ops_per_run
     )
@@ -102,7 +111,7 @@ async def balances_equal(stores: Stores, wallet: WalletKey) -> tuple[Decimal, De
     left = tuple(getattr(legacy, f) for f in fields)
     right = tuple(getattr(tb, f) for f in fields)
     assert left == right, f"{wallet}: mongodb {left} != tigerbeetle {right}"
-    return left  # type: ignore[return-value]
+    return left
 
 
 async def tb_missing(stores: Stores, wallet: WalletKey) -> bool:

@@ -1,9 +1,15 @@
 """WalletWorkflow: one entity workflow per wallet key, fed by Update-with-Start.
 
-Operations arrive as `apply` updates and run one at a time under a lock: MongoDB (the answer)
-is written by a local activity; in the dual-write phases the same operation is appended to an
-ordered backlog that lives in workflow state, and the run loop applies it to TigerBeetle in
-order, retrying without limit. The caller never waits for TigerBeetle.
+Operations arrive as `apply` updates and run one at a time under a lock: the answering store
+is written by a local activity (MongoDB up to read_cutover, TigerBeetle from tb_primary); the
+same operation is appended to ONE ordered backlog that lives in workflow state, each item
+tagged with where it goes (`to_tigerbeetle` in the dual-write phases, `to_mongodb` as
+tb_primary's reverse projection), and the run loop applies it there in order, retrying without
+limit. The caller never waits for the other store.
+
+Switching the write path: when the store that would answer is the one the backlog is still
+travelling to, the activity writes nothing (`drain_first`), the update waits for the whole
+backlog to drain and asks again, so both stores apply every operation in the same order.
 
 Why the backlog is durable: an item is appended in the same workflow task that completes the
 update, so "answered" implies "in history"; it leaves the backlog only after the TigerBeetle
@@ -31,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from walletcore.errors import StoreUnavailableError, WalletError
     from walletcore.operations import OperationResult, validate_operation
     from workflows.wallet_models import (
+        ACTIVITY_APPLY_MONGODB,
         ACTIVITY_APPLY_PRIMARY,
         ACTIVITY_APPLY_TIGERBEETLE,
         DIVERGENCES_KEPT_MAX,
@@ -40,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         ApplyPrimaryInput,
         ApplyTigerBeetleInput,
         ApplyTigerBeetleOutput,
+        BacklogDirection,
         BacklogItem,
         Divergence,
         PrimaryOutcome,
@@ -193,10 +201,22 @@ class WalletWorkflow:
         await self._continue_as_new()
 
     async def _drain_batch(self) -> None:
-        batch = self._state.backlog[:DRAIN_BATCH_MAX]
+        # One direction per batch: the head's. For a backlog with one direction only (every
+        # history recorded before tb_primary existed) this is the same head slice as before.
+        direction = self._state.backlog[0].direction
+        batch: list[BacklogItem] = []
+        for item in self._state.backlog[:DRAIN_BATCH_MAX]:
+            if item.direction != direction:
+                break
+            batch.append(item)
+        to_tb = direction == "to_tigerbeetle"
         output: ApplyTigerBeetleOutput = await workflow.execute_activity(
-            ACTIVITY_APPLY_TIGERBEETLE,
-            ApplyTigerBeetleInput(wallet=self._wallet, items=batch),
+            ACTIVITY_APPLY_TIGERBEETLE if to_tb else ACTIVITY_APPLY_MONGODB,
+            ApplyTigerBeetleInput(
+                wallet=self._wallet,
+                items=batch,
+                since_version=self._state.tracked_since_version if to_tb else None,
+            ),
             result_type=ApplyTigerBeetleOutput,
             start_to_close_timeout=TIGERBEETLE_START_TO_CLOSE,
             retry_policy=TIGERBEETLE_RETRY,
@@ -209,7 +229,10 @@ class WalletWorkflow:
         del self._state.backlog[: len(batch)]
         now = workflow.now()
         for item, outcome in zip(batch, output.outcomes, strict=True):
-            self._state.tb_applied += 1
+            if to_tb:
+                self._state.tb_applied += 1
+            else:
+                self._state.mongo_applied += 1
             if outcome.error_type is not None:
                 self._record_divergence(item, outcome.error_type, outcome.error_message or "", now)
         self._publish_details()
@@ -229,12 +252,17 @@ class WalletWorkflow:
             )
         )
         del self._state.divergences[:-DIVERGENCES_KEPT_MAX]
+        refused, accepted = (
+            ("TigerBeetle", "MongoDB") if item.direction == "to_tigerbeetle"
+            else ("MongoDB", "TigerBeetle")
+        )  # fmt: skip
         workflow.logger.warning(
-            "wallet %s: TigerBeetle refused %s %s that MongoDB accepted (%s: %s); "
-            "left for reconciliation",
+            "wallet %s: %s refused %s %s that %s accepted (%s: %s); left for reconciliation",
             self._wallet,
+            refused,
             item.command.kind.value,
             item.command.transaction_id,
+            accepted,
             error_type,
             message,
         )
@@ -260,27 +288,33 @@ class WalletWorkflow:
         recent = self._state.recent.get(txn)
         if recent is not None and recent.command == command:
             return recent.result.model_copy(update={"replayed": True})
-        try:
-            # This await would be unsafe without the lock: another update could read the
-            # wallet between our read and our write, and the backlog order would no longer
-            # be MongoDB's order.
-            outcome: PrimaryOutcome = await workflow.execute_local_activity(
-                ACTIVITY_APPLY_PRIMARY,
-                ApplyPrimaryInput(command=command),
-                result_type=PrimaryOutcome,
-                start_to_close_timeout=PRIMARY_START_TO_CLOSE,
-                schedule_to_close_timeout=PRIMARY_SCHEDULE_TO_CLOSE,
-                retry_policy=PRIMARY_RETRY,
-            )
-        except ActivityError as err:
-            raise _caller_failure(err) from None
+        outcome = await self._apply_primary(command, self._pending_direction())
+        if outcome.drain_first:
+            # The write path switched: the store that answers now must first receive every
+            # operation the other one answered. Nothing was written; drain, then ask again.
+            self._publish_details()
+            await workflow.wait_condition(lambda: not self._state.backlog or self._rotating)
+            if self._state.backlog:
+                # The run is rotating (it cancelled the drain): the client resends this update
+                # to the next run, which still carries the backlog.
+                raise ApplicationError(
+                    "wallet workflow is continuing as new; retry", type=ROTATING_ERROR_TYPE
+                )
+            outcome = await self._apply_primary(command, None)
+            assert not outcome.drain_first, "an empty backlog never needs draining"
+        result = outcome.result
+        assert result is not None, "an applied operation has a result"
         self._state.phase_seen = outcome.phase
         self._state.epoch_seen = outcome.epoch
         self._state.ops_applied += 1
         self._ops_this_run += 1
-        if outcome.writes_tigerbeetle:
-            # Appended even when MongoDB says "replayed": a crash may have hit between the
-            # MongoDB write and this point; TigerBeetle is idempotent, so a repeat is harmless.
+        direction = outcome.backlog_direction
+        if direction is None and outcome.writes_tigerbeetle:
+            direction = "to_tigerbeetle"  # recorded before backlog_direction existed
+        self._track_legacy_versions(outcome, direction)
+        if direction is not None:
+            # Appended even when the answering store says "replayed": a crash may have hit
+            # between its write and this point; the other store is idempotent too.
             self._state.backlog.append(
                 BacklogItem(
                     seq=self._state.next_seq,
@@ -288,12 +322,49 @@ class WalletWorkflow:
                     phase=outcome.phase,
                     epoch=outcome.epoch,
                     accepted_at=workflow.now(),
+                    direction=direction,
+                    legacy=outcome.legacy,
                 )
             )
             self._state.next_seq += 1
-        self._remember(command, outcome.result)
+        self._remember(command, result)
         self._publish_details()
-        return outcome.result
+        return result
+
+    def _track_legacy_versions(
+        self, outcome: PrimaryOutcome, direction: BacklogDirection | None
+    ) -> None:
+        facts = outcome.legacy
+        if facts is None or outcome.result is None or outcome.result.replayed:
+            return  # not a fresh MongoDB write: the tracked range is unchanged
+        if direction != "to_tigerbeetle":
+            self._state.tracked_since_version = None  # a MongoDB-only write: a gap
+        elif self._state.tracked_since_version is None:
+            self._state.tracked_since_version = facts.wallet_version - 1
+
+    def _pending_direction(self) -> BacklogDirection | None:
+        # Every item has the same direction except across a switch, which drains first: the
+        # tail's direction is the one a new operation could be reordered against.
+        return self._state.backlog[-1].direction if self._state.backlog else None
+
+    async def _apply_primary(
+        self, command: WalletCommand, pending: BacklogDirection | None
+    ) -> PrimaryOutcome:
+        try:
+            # This await would be unsafe without the lock: another update could read the
+            # wallet between our read and our write, and the backlog order would no longer
+            # be the answering store's order.
+            outcome: PrimaryOutcome = await workflow.execute_local_activity(
+                ACTIVITY_APPLY_PRIMARY,
+                ApplyPrimaryInput(command=command, pending_direction=pending),
+                result_type=PrimaryOutcome,
+                start_to_close_timeout=PRIMARY_START_TO_CLOSE,
+                schedule_to_close_timeout=PRIMARY_SCHEDULE_TO_CLOSE,
+                retry_policy=PRIMARY_RETRY,
+            )
+        except ActivityError as err:
+            raise _caller_failure(err) from None
+        return outcome
 
     def _remember(self, command: WalletCommand, result: OperationResult) -> None:
         recent = self._state.recent
@@ -340,6 +411,8 @@ class WalletWorkflow:
             tb_applied=self._state.tb_applied,
             divergence_count=self._state.divergence_count,
             divergences=list(self._state.divergences),
+            mongo_applied=self._state.mongo_applied,
+            backlog_direction=backlog[0].direction if backlog else None,
             phase_seen=self._state.phase_seen,
             epoch_seen=self._state.epoch_seen,
             runs=self._state.runs,
@@ -350,20 +423,21 @@ class WalletWorkflow:
         state = self._state
         phase = state.phase_seen.value if state.phase_seen else "-"
         rotating = " · **continuing as new**" if self._rotating else ""
+        direction = f" ({state.backlog[0].direction})" if state.backlog else ""
         workflow.set_current_details(
             f"**{self._wallet}** · phase `{phase}` (epoch {state.epoch_seen}) · "
-            f"ops {state.ops_applied} · TigerBeetle backlog **{len(state.backlog)}** · "
+            f"ops {state.ops_applied} · backlog **{len(state.backlog)}**{direction} · "
             f"divergences {state.divergence_count} · run {state.runs}{rotating}"
         )
 
 
 def _caller_failure(err: ActivityError) -> ApplicationError:
-    """What the caller sees when the MongoDB write failed: the domain error, unwrapped."""
+    """What the caller sees when the answering write failed: the domain error, unwrapped."""
     domain = wallet_error_from_failure(err)
     if domain is not None:
         return to_application_error(domain)
     # Timeouts or exhausted retries: nothing is known to be written; the caller may retry with
     # the same transaction id (idempotent).
     return to_application_error(
-        StoreUnavailableError(f"MongoDB write did not complete: {err.cause or err}")
+        StoreUnavailableError(f"the answering store's write did not complete: {err.cause or err}")
     )

@@ -24,10 +24,12 @@ from walletcore.operations import (
     WalletOperation,
 )
 from walletcore.phases import Phase
+from walletcore.write_facts import LegacyFacts
 
 # Activity names: the workflow refers to activities by name so it never imports store code.
 ACTIVITY_APPLY_PRIMARY = "apply_primary"
 ACTIVITY_APPLY_TIGERBEETLE = "apply_tigerbeetle"
+ACTIVITY_APPLY_MONGODB = "apply_mongodb_projection"  # tb_primary's reverse projection
 ACTIVITY_READ_BALANCE = "read_balance"
 ACTIVITY_READ_MULTI_BALANCE = "read_multi_balance"
 
@@ -102,18 +104,29 @@ class WalletCommand(_Frozen):
 
 # ---- activities ------------------------------------------------------------------------------
 
+# Where a backlog item goes: the store that did not answer the operation.
+BacklogDirection = Literal["to_tigerbeetle", "to_mongodb"]
+
 
 class ApplyPrimaryInput(_Frozen):
     command: WalletCommand
+    # Direction of the items still in the backlog (None: empty). If the store that would
+    # answer now is the one they travel to, the activity writes nothing and asks to drain.
+    pending_direction: BacklogDirection | None = None
 
 
 class PrimaryOutcome(_Frozen):
     """The answer, and the migration state it was applied under."""
 
-    result: OperationResult
+    result: OperationResult | None = None  # None only with drain_first
     phase: Phase
     epoch: int
-    writes_tigerbeetle: bool  # True: the workflow must apply the op to TigerBeetle (backlog)
+    # Histories recorded before backlog_direction existed carry only this flag:
+    # True = to_tigerbeetle. Kept equal to (backlog_direction == "to_tigerbeetle").
+    writes_tigerbeetle: bool
+    backlog_direction: BacklogDirection | None = None
+    drain_first: bool = False  # nothing written: drain the whole backlog, then call again
+    legacy: LegacyFacts | None = None  # set when MongoDB answered
 
 
 class BacklogItem(_Frozen):
@@ -122,17 +135,22 @@ class BacklogItem(_Frozen):
     phase: Phase
     epoch: int
     accepted_at: datetime
+    direction: BacklogDirection = "to_tigerbeetle"  # items recorded before tb_primary existed
+    legacy: LegacyFacts | None = None  # to_tigerbeetle: MongoDB's facts (None: read them)
 
 
 class ApplyTigerBeetleInput(_Frozen):
     wallet: WalletKey
     items: list[BacklogItem] = Field(min_length=1, max_length=DRAIN_BATCH_MAX)
+    # WalletState.tracked_since_version when the batch was sent (see there).
+    since_version: int | None = None
 
 
 class TigerBeetleItemOutcome(_Frozen):
     seq: int
     transaction_id: str
     replayed: bool = False
+    in_opening: bool = False  # skipped: the imported opening balance already holds it
     error_type: str | None = None  # a domain error retrying cannot fix: a divergence
     error_message: str | None = None
 
@@ -180,6 +198,12 @@ class WalletState(BaseModel):
     next_seq: int = 1
     ops_applied: int = 0  # operations answered (MongoDB applied), all runs
     tb_applied: int = 0  # backlog items applied to TigerBeetle, all runs
+    mongo_applied: int = 0  # reverse-projection items applied to MongoDB, all runs
+    # The legacy version after which every MongoDB-answered operation is in this backlog (or
+    # applied from it): a wallet not imported yet may be imported at this version, so its
+    # dual-write operations become TigerBeetle transfers of their own. None: unknown (an
+    # operation was answered without a backlog item since).
+    tracked_since_version: int | None = None
     divergence_count: int = 0
     divergences: list[Divergence] = Field(default_factory=list)  # the last few
     phase_seen: Phase | None = None
@@ -204,6 +228,8 @@ class WalletStatus(_Frozen):
     tb_applied: int
     divergence_count: int
     divergences: list[Divergence]
+    mongo_applied: int = 0
+    backlog_direction: BacklogDirection | None = None  # of the head item
     phase_seen: Phase | None
     epoch_seen: int | None
     runs: int
