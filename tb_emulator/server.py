@@ -4,12 +4,20 @@ Each request is decoded, logged (creates only) and executed without an `await` i
 requests are atomic and totally ordered. Its reply is held until the log is fsynced up to the
 request's position (group commit), reads included: a reply never shows state that a crash
 could lose. A restart replays the log through a fresh engine with each request's logged clock.
+
+Operators get (stderr, logger `tb_emulator.server`): one `health:` line per minute while busy
+(requests, inflight/queue depth, fsync p99 measured on the disk, reply latency, event loop lag),
+a `STALL:` warning while any request has waited more than a few seconds (and what it waits
+for), a warning with every thread's stack if the event loop stops turning, and on SIGUSR1 a
+stack dump. A dead log flusher stops the server (exit 1) rather than leaving it hung.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import faulthandler
 import functools
 import gc
 import importlib
@@ -20,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +45,13 @@ READY_PREFIX: Final = "tb_emulator ready"
 DEFAULT_ENGINE: Final = "tb_emulator.engine:make_engine"
 GC_THRESHOLD_GEN0: Final = 50_000
 OVERSIZED_BODY_MAX: Final = 4 * wire.BODY_SIZE_MAX  # Read and refused; beyond: malformed.
+DRAIN_ABOVE_BYTES: Final = 4 * wire.BODY_SIZE_MAX  # Stop reading a peer that does not read.
+REPLY_LATENCIES_KEPT: Final = 65536
+# A connection whose requests are already buffered runs them back to back (readexactly does
+# not suspend): after this long it yields, so one pipelining peer cannot hold the event loop
+# (and the flusher: the disk would idle) for seconds. Measured in the soak: loop lag 2.3 s.
+TURN_MAX_S: Final = 0.02
+SLOT_WAIT_POLL_S: Final = 1.0  # A handler waiting for an inflight slot checks its peer this often.
 
 
 class EngineLike(Protocol):
@@ -80,6 +96,20 @@ class ServerLimits:
         assert 0 < self.inflight_per_connection_max <= self.inflight_max <= 65536
 
 
+@dataclass(frozen=True)
+class HealthSettings:
+    """What the server tells its operator (stderr, `tb_emulator.server` logger)."""
+
+    summary_interval_s: float = 60.0  # One summary line at most this often, only when busy.
+    stall_warning_s: float = 5.0  # A request waiting longer (for the log or a slot): WARNING.
+    check_interval_s: float = 1.0
+    loop_watchdog: bool = False  # A thread that reports (with stacks) a blocked event loop.
+
+    def __post_init__(self) -> None:
+        assert 0 < self.check_interval_s <= self.stall_warning_s
+        assert self.check_interval_s <= self.summary_interval_s
+
+
 class EmulatorServer:
     def __init__(
         self,
@@ -89,6 +119,7 @@ class EmulatorServer:
         *,
         engine_factory: Callable[[], EngineLike] | None = None,
         limits: ServerLimits | None = None,
+        health: HealthSettings | None = None,
     ) -> None:
         self.data_file = data_file
         self.host = host
@@ -100,7 +131,7 @@ class EmulatorServer:
         self._wal: WriteAheadLog | None = None
         self._commit: GroupCommit | None = None
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.StreamWriter] = set()
+        self._connections: dict[asyncio.StreamWriter, _Connection] = {}
         self._inflight = 0
         self._inflight_released = asyncio.Event()
         self._last_clock_ns = 0
@@ -108,6 +139,20 @@ class EmulatorServer:
         self.recovered_requests = 0
         self.requests = 0
         self.fatal: BaseException | None = None
+        self.health = health or HealthSettings()
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._watchdog_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self._heartbeat = time.monotonic()  # Last tick of the monitor task (event loop alive).
+        self._stall_since: float | None = None
+        self._stall_warned = 0.0
+        self._window_started = time.monotonic()
+        self._window_requests = 0
+        self._inflight_peak = 0
+        self._loop_lag_max_s = 0.0
+        self._reply_latencies: collections.deque[float] = collections.deque(
+            maxlen=REPLY_LATENCIES_KEPT)
+        self.stall_warnings = 0
 
     # --------------------------------------------------------------------------------------
     # Lifecycle
@@ -130,6 +175,12 @@ class EmulatorServer:
             backlog=self.limits.connections_max,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._heartbeat = self._window_started = time.monotonic()
+        self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+        if self.health.loop_watchdog:
+            self._watchdog = threading.Thread(
+                target=self._watch_loop, name="tb_emulator-watchdog", daemon=True)
+            self._watchdog.start()
         logger.info(
             "recovered %d requests in %.0f ms (%d torn bytes truncated)",
             self.recovered_requests, recover_ms, self._wal.truncated_bytes,
@@ -152,6 +203,15 @@ class EmulatorServer:
             self._server.close()
         for writer in list(self._connections):
             writer.close()
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(5)
+            self._watchdog = None
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+            self._monitor_task = None
         if self._commit is not None:
             if self.fatal is None:
                 await self._commit.drain()
@@ -300,8 +360,8 @@ class EmulatorServer:
             writer.write(_error(0, 0, wire.Status.BUSY, "too many connections"))
             await _close_writer(writer)
             return
-        self._connections.add(writer)
         connection = _Connection(writer)
+        self._connections[writer] = connection
         try:
             await self._serve_connection(reader, writer, connection)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -311,7 +371,7 @@ class EmulatorServer:
         except Exception:
             logger.exception("connection handler failed")
         finally:
-            self._connections.discard(writer)
+            self._connections.pop(writer, None)
             self._inflight -= connection.inflight
             connection.inflight = 0
             self._inflight_released.set()
@@ -323,6 +383,7 @@ class EmulatorServer:
         limits = self.limits
         commit = self._commit
         assert commit is not None
+        turn_started = time.monotonic()
         while self.fatal is None:
             header = await reader.readexactly(wire.HEADER_SIZE)
             body_size, request_id, op, status, version = wire.HEADER.unpack(header)
@@ -342,10 +403,26 @@ class EmulatorServer:
                 body = b""
             else:
                 body = await reader.readexactly(body_size) if body_size else b""
-            while (connection.inflight >= limits.inflight_per_connection_max
-                   or self._inflight >= limits.inflight_max):
-                self._inflight_released.clear()
-                await self._inflight_released.wait()
+            received = time.monotonic()
+            if received - turn_started > TURN_MAX_S:
+                await asyncio.sleep(0)  # Let other connections and the flusher run.
+                received = turn_started = time.monotonic()
+            if (connection.inflight >= limits.inflight_per_connection_max
+                    or self._inflight >= limits.inflight_max):
+                connection.blocked_since = received
+                while (connection.inflight >= limits.inflight_per_connection_max
+                       or self._inflight >= limits.inflight_max):
+                    if writer.is_closing() or reader.at_eof():
+                        # Peer gone (reset, or closed with nothing more to read: its replies
+                        # would be dropped at the next read anyway): give up the wait and the
+                        # connection slot now. Else, while the server is saturated, dead
+                        # connections pile up to connections_max and new ones get BUSY.
+                        return
+                    self._inflight_released.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._inflight_released.wait(),
+                                               SLOT_WAIT_POLL_S)
+                connection.blocked_since = None
             if self.fatal is not None:
                 return
             if oversized:
@@ -355,26 +432,159 @@ class EmulatorServer:
                 reply, position = self._execute(request_id, op, memoryview(body))
             connection.inflight += 1
             self._inflight += 1
-            commit.when_durable(position, functools.partial(self._reply, connection, reply))
-            if writer.transport.get_write_buffer_size() > 4 * wire.BODY_SIZE_MAX:
+            if self._inflight > self._inflight_peak:
+                self._inflight_peak = self._inflight
+            commit.when_durable(
+                position, functools.partial(self._reply, connection, reply, received))
+            if writer.transport.get_write_buffer_size() > DRAIN_ABOVE_BYTES:
+                connection.draining_since = time.monotonic()
                 await writer.drain()
+                connection.draining_since = None
+                connection.slow_reader_warned = False
 
-    def _reply(self, connection: _Connection, reply: bytes) -> None:
+    def _reply(self, connection: _Connection, reply: bytes, received: float) -> None:
         if connection.inflight == 0:
             return  # Connection already torn down and its inflight count released.
         connection.inflight -= 1
         self._inflight -= 1
         self._inflight_released.set()
+        self._window_requests += 1
+        self._reply_latencies.append(time.monotonic() - received)
         if not connection.writer.is_closing():
             connection.writer.write(reply)
 
+    # --------------------------------------------------------------------------------------
+    # Health: periodic summary, stall warnings, event loop watchdog
+    # --------------------------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        health = self.health
+        while True:
+            await asyncio.sleep(health.check_interval_s)
+            now = time.monotonic()
+            # How late this wake-up is: time the loop spent on other work before it.
+            lag_s = now - self._heartbeat - health.check_interval_s
+            self._loop_lag_max_s = max(self._loop_lag_max_s, lag_s)
+            self._heartbeat = now
+            try:
+                self._check_stall(now)
+                if now - self._window_started >= health.summary_interval_s:
+                    self._summarize(now)
+            except Exception:
+                logger.exception("health check failed")
+
+    def _check_stall(self, now: float) -> None:
+        """WARNING while a request waits longer than stall_warning_s (for the log, or for an
+        inflight slot), at most once per stall_warning_s; INFO when it is over."""
+        commit = self._commit
+        assert commit is not None
+        log_wait_s = commit.oldest_wait_s(now)
+        blocked = [now - c.blocked_since for c in self._connections.values()
+                   if c.blocked_since is not None]
+        slot_wait_s = max(blocked, default=0.0)
+        wait_s = max(log_wait_s, slot_wait_s)
+        threshold_s = self.health.stall_warning_s
+        self._check_slow_readers(now, threshold_s)
+        if wait_s <= threshold_s:
+            if self._stall_since is not None:
+                logger.info("stall over after %.1f s", now - self._stall_since)
+                self._stall_since = None
+            return
+        if self._stall_since is None:
+            self._stall_since = now - wait_s
+        elif now - self._stall_warned < threshold_s:
+            return
+        self._stall_warned = now
+        self.stall_warnings += 1
+        sync_s = now - commit.sync_started if commit.sync_started is not None else 0.0
+        if log_wait_s > threshold_s and commit.sync_started is None:
+            resolved = commit.poke()  # Waiting for the log, yet no sync runs: lost wakeup?
+            if resolved or commit.backlog_bytes:
+                logger.error("group commit was idle with %d durable replies held and %d bytes "
+                             "unwritten (lost wakeup): woken", resolved, commit.backlog_bytes)
+        logger.warning(
+            "STALL: a request has waited %.1f s for its reply: %d waiting for the log "
+            "(oldest %.1f s, fsync running for %.1f s, %d bytes not yet written); "
+            "%d connections blocked on inflight limits (oldest %.1f s, inflight %d/%d); "
+            "%d connections", wait_s, commit.waiting, log_wait_s, sync_s,
+            commit.backlog_bytes, len(blocked), slot_wait_s, self._inflight,
+            self.limits.inflight_max, len(self._connections))
+
+    def _check_slow_readers(self, now: float, threshold_s: float) -> None:
+        """A peer that stops reading its replies only stalls itself (its handler stops
+        reading its requests), but its operator wants to know: WARNING once per episode."""
+        for connection in self._connections.values():
+            since = connection.draining_since
+            if since is None or now - since <= threshold_s or connection.slow_reader_warned:
+                continue
+            connection.slow_reader_warned = True
+            transport = connection.writer.transport
+            logger.warning(
+                "peer %s has not read its replies for %.1f s (%d bytes buffered): "
+                "its requests wait", transport.get_extra_info("peername"), now - since,
+                transport.get_write_buffer_size())
+
+    def _summarize(self, now: float) -> None:
+        commit = self._commit
+        assert commit is not None
+        elapsed_s = now - self._window_started
+        requests = self._window_requests
+        if requests:
+            syncs = sorted(commit.sync_durations)
+            replies = sorted(self._reply_latencies)
+            connections = self._connections.values()
+            slow_readers = sum(c.draining_since is not None for c in connections)
+            logger.info(
+                "health: %d requests (%.1f/s) in %.0f s; connections=%d inflight=%d "
+                "(peak %d, max %d) waiting_for_log=%d slow_readers=%d; fsyncs=%d "
+                "p99=%.1f ms max=%.1f ms; reply p50=%.1f ms p99=%.1f ms max=%.1f ms; "
+                "loop lag max=%.0f ms; log=%d bytes", requests, requests / elapsed_s, elapsed_s,
+                len(connections), self._inflight, self._inflight_peak,
+                self.limits.inflight_max, commit.waiting, slow_readers, len(syncs),
+                _percentile_ms(syncs, 0.99), _percentile_ms(syncs, 1.0),
+                _percentile_ms(replies, 0.5), _percentile_ms(replies, 0.99),
+                _percentile_ms(replies, 1.0), 1000 * self._loop_lag_max_s,
+                self._wal.size if self._wal is not None else 0)
+        commit.sync_durations.clear()
+        self._reply_latencies.clear()
+        self._window_requests = 0
+        self._inflight_peak = self._inflight
+        self._loop_lag_max_s = 0.0
+        self._window_started = now
+
+    def _watch_loop(self) -> None:
+        """Thread: if the monitor task stops ticking, the event loop is blocked (a long
+        computation, or a blocking call such as a write to a full stderr pipe): say so, with
+        every thread's stack, once per episode."""
+        threshold_s = self.health.stall_warning_s
+        reported = False
+        while not self._watchdog_stop.wait(self.health.check_interval_s):
+            lag_s = time.monotonic() - self._heartbeat
+            if lag_s > threshold_s and not reported:
+                reported = True
+                logger.warning("STALL: event loop blocked for %.1f s; stacks follow", lag_s)
+                with contextlib.suppress(Exception):
+                    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            elif lag_s <= threshold_s and reported:
+                reported = False
+                logger.info("event loop running again")
+
 
 class _Connection:
-    __slots__ = ("inflight", "writer")
+    __slots__ = ("blocked_since", "draining_since", "inflight", "slow_reader_warned", "writer")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.inflight = 0
+        self.blocked_since: float | None = None  # Waiting for an inflight slot since.
+        self.draining_since: float | None = None  # Waiting for the peer to read since.
+        self.slow_reader_warned = False
+
+
+def _percentile_ms(sorted_s: Sequence[float], fraction: float) -> float:
+    if not sorted_s:
+        return 0.0
+    return 1000 * sorted_s[min(len(sorted_s) - 1, int(fraction * len(sorted_s)))]
 
 
 def _row_count(body: memoryview, event_size: int | None) -> int:
@@ -411,6 +621,7 @@ async def serve_async(
     *,
     engine_factory: Callable[[], EngineLike] | None = None,
     limits: ServerLimits | None = None,
+    health: HealthSettings | None = None,
     on_ready: Callable[[EmulatorServer], None] | None = None,
     tune_gc: bool = False,
 ) -> int:
@@ -420,7 +631,8 @@ async def serve_async(
     it and freezing the recovered state measured 15-25 % more transfers per CPU second."""
     if tune_gc:
         gc.set_threshold(GC_THRESHOLD_GEN0, 20, 100)
-    server = EmulatorServer(data_file, host, port, engine_factory=engine_factory, limits=limits)
+    server = EmulatorServer(data_file, host, port, engine_factory=engine_factory, limits=limits,
+                            health=health)
     await server.start()
     if tune_gc:
         gc.collect()
@@ -446,12 +658,17 @@ def serve(
     *,
     engine_factory: Callable[[], EngineLike] | None = None,
     limits: ServerLimits | None = None,
+    health: HealthSettings | None = None,
     tune_gc: bool = True,
 ) -> int:
     """Blocking: serves until SIGTERM/SIGINT (the process entry point; also for
-    `walletmig dev tigerbeetle` when run in a dedicated process)."""
-    return asyncio.run(serve_async(
-        data_file, host, port, engine_factory=engine_factory, limits=limits, tune_gc=tune_gc))
+    `walletmig dev tigerbeetle` when run in a dedicated process). In a dedicated process
+    the event loop watchdog runs, and SIGUSR1 dumps every thread's stack to stderr."""
+    with contextlib.suppress(AttributeError, ValueError, RuntimeError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    health = health or HealthSettings(loop_watchdog=True)
+    return asyncio.run(serve_async(data_file, host, port, engine_factory=engine_factory,
+                                   limits=limits, health=health, tune_gc=tune_gc))
 
 
 class EmulatorProcess:

@@ -6,12 +6,16 @@ Every test starts its own emulator process(es) on free ports and stops them by P
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import struct
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import pytest
 import tigerbeetle as tb
 
 from stores.tigerbeetle_client import TimeoutClientAsync, connect_tigerbeetle
+from tb_emulator import server as server_module
 from tb_emulator import wire
 from tb_emulator.client import (
     EmulatorClientAsync,
@@ -28,8 +33,15 @@ from tb_emulator.client import (
     parse_address,
 )
 from tb_emulator.engine import make_engine
-from tb_emulator.server import EmulatorProcess, EmulatorServer
-from tb_emulator.wal import FILE_HEADER, RECORD_HEADER, WriteAheadLog
+from tb_emulator.server import EmulatorProcess, EmulatorServer, HealthSettings, ServerLimits
+from tb_emulator.wal import (
+    FILE_HEADER,
+    FILE_MAGIC,
+    FILE_VERSION,
+    RECORD_HEADER,
+    WriteAheadLog,
+    encode_record,
+)
 
 CREATED = tb.CreateTransferStatus.CREATED
 
@@ -92,9 +104,10 @@ async def test_ack_means_fsynced(data_file: str) -> None:
     synced_sizes: list[int] = []
     real_append_sync = wal.append_sync
 
-    def recording_append_sync(chunks: list[bytes]) -> None:
-        real_append_sync(chunks)  # The real write + fdatasync.
+    def recording_append_sync(chunks: list[bytes]) -> float:
+        sync_s = real_append_sync(chunks)  # The real write + fdatasync.
         synced_sizes.append(wal.size)
+        return sync_s
 
     wal.append_sync = recording_append_sync  # type: ignore[method-assign]
     client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}")
@@ -565,3 +578,277 @@ def test_raw_creates_match_object_creates() -> None:
         body = wire.pack_create_result_lists(t_ts, t_statuses)
         assert wire.unpack_create_transfer_results(body) == want_t
     assert b_raw.lookup_accounts([1, 2, 3]) == a_objects.lookup_accounts([1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------
+# Liveness: no request may wait forever (found by `python -m tb_emulator.soak`)
+# ------------------------------------------------------------------------------------------
+
+
+def _v1_body(codec: wire.ColumnCodec, objects: list[Any]) -> bytes:
+    """A v1 log body: every column block present, no (count, mask) head."""
+    blocks = []
+    for name, kind, _ in codec.fields:
+        values = [int(getattr(o, name)) for o in objects]
+        if kind == wire.U128:
+            blocks.append(array("Q", [v & wire.U64_MASK for v in values]).tobytes())
+            blocks.append(array("Q", [v >> 64 for v in values]).tobytes())
+        else:
+            blocks.append(array(kind, values).tobytes())
+    return b"".join(blocks)
+
+
+async def test_v1_data_file_is_upgraded_and_recovered(data_file: str) -> None:
+    """The report's data file (written before the v2 wire format) must still recover."""
+    big = (1 << 100) + 5  # Exercises the u128 high block.
+    records = [
+        (wire.Op.CREATE_ACCOUNTS, _v1_body(wire.ACCOUNTS, accounts(1, big))),
+        (wire.Op.CREATE_TRANSFERS, _v1_body(wire.TRANSFERS, [
+            transfer(10, 1, big, 7), transfer(11, big, 1, 2)])),
+    ]
+    with open(data_file, "wb") as f:
+        f.write(FILE_HEADER.pack(FILE_MAGIC, 1, 0))
+        for i, (op, body) in enumerate(records):
+            f.write(encode_record(1_000_000 + i, op, body))
+        f.write(b"torn")
+    for attempt in range(2):  # Upgraded once, then an ordinary v2 file.
+        server = EmulatorServer(data_file)
+        await server.start()
+        client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=5)
+        try:
+            assert server.recovered_requests == 2 + attempt
+            found = await client.lookup_accounts([1, big])
+            assert [(a.debits_posted, a.credits_posted) for a in found] == [
+                (7 + attempt, 2), (2, 7 + attempt)]
+            assert [t.amount for t in await client.lookup_transfers([10, 11])] == [7, 2]
+            if attempt == 0:
+                assert (await client.create_transfers([transfer(12, 1, big, 1)]))[0].status \
+                    == CREATED
+        finally:
+            await client.close()
+            await server.close()
+        with open(data_file, "rb") as f:
+            assert FILE_HEADER.unpack(f.read(FILE_HEADER.size))[1] == FILE_VERSION
+    assert not os.path.exists(data_file + ".upgrade")
+
+
+async def test_failing_reply_callback_does_not_stop_group_commit(data_file: str) -> None:
+    """A callback raising inside the flusher used to end its task: every later request then
+    waited forever on an idle, listening server (the reported symptom)."""
+    server = EmulatorServer(data_file)
+    await server.start()
+    commit = server._commit
+    assert commit is not None
+    client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=5)
+    try:
+        def boom() -> None:
+            raise RuntimeError("boom")
+
+        commit.when_durable(commit.written + 1, boom)  # Due with the next sync.
+        assert (await client.create_accounts(accounts(1, 2)))[0].status \
+            == tb.CreateAccountStatus.CREATED
+        assert (await client.create_transfers([transfer(5, 1, 2, 3)]))[0].status == CREATED
+        assert server.fatal is None
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_dead_flusher_stops_the_server_instead_of_hanging(data_file: str) -> None:
+    server = EmulatorServer(data_file)
+    await server.start()
+    commit = server._commit
+    assert commit is not None
+
+    class BrokenWaiters(collections.deque[Any]):
+        def popleft(self) -> Any:
+            raise RuntimeError("flusher bug")
+
+    commit._waiters = BrokenWaiters()
+    client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=2)
+    try:
+        with pytest.raises((RequestTimeoutError, ConnectionError)):
+            await client.create_accounts(accounts(1))
+        await asyncio.wait_for(server.serve_forever(), 5)  # Stopped, not hung.
+        assert isinstance(server.fatal, RuntimeError)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def _pipeline(
+    port: int, requests: list[bytes], read: bool = True
+) -> list[tuple[int, int]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"".join(requests))
+        await writer.drain()
+        replies = []
+        for _ in requests if read else ():
+            size, rid, _, status, _ = wire.HEADER.unpack(
+                await reader.readexactly(wire.HEADER_SIZE))
+            await reader.readexactly(size)
+            replies.append((rid, status))
+        return replies
+    finally:
+        writer.transport.abort()
+
+
+async def test_inflight_limits_with_group_commit_never_deadlock(data_file: str) -> None:
+    """Far more pipelined requests than the per-connection and server-wide limits, from many
+    connections, some hanging up mid-stream: every survivor gets every reply, and dead
+    connections give their slots back (a leak would block the server for good)."""
+    limits = ServerLimits(connections_max=64, inflight_per_connection_max=2, inflight_max=4)
+    server = EmulatorServer(data_file, limits=limits)
+    await server.start()
+    try:
+        async with EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=10) as client:
+            await client.create_accounts(accounts(*range(1, 11)))
+
+        def requests(conn: int, count: int) -> list[bytes]:
+            return [
+                _frame(rid, wire.Op.CREATE_TRANSFERS, wire.pack_transfers(
+                    [transfer(conn << 32 | rid, 1 + rid % 10, 1 + (rid + 1) % 10, 1)]))
+                if rid % 2 else _frame(rid, wire.Op.LOOKUP_ACCOUNTS, wire.pack_ids([1, 2]))
+                for rid in range(1, count + 1)]
+
+        jobs = [_pipeline(server.port, requests(c, 30)) for c in range(16)]
+        jobs += [_pipeline(server.port, requests(100 + c, 30), read=False) for c in range(8)]
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
+        for replies in results[:16]:
+            assert sorted(replies) == [(rid, wire.Status.OK) for rid in range(1, 31)]
+        async with EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=10) as client:
+            for _ in range(50):  # Dropped connections' handlers finish and free their slots.
+                if server._inflight == 0 and not server._connections:
+                    break
+                await asyncio.sleep(0.1)
+            assert server._inflight == 0
+            assert len(await client.lookup_accounts([1])) == 1
+    finally:
+        await server.close()
+
+
+async def test_peer_that_stops_reading_stalls_only_itself(
+    data_file: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(server_module, "DRAIN_ABOVE_BYTES", 1 << 16)
+    health = HealthSettings(stall_warning_s=0.3, check_interval_s=0.1)
+    server = EmulatorServer(data_file, health=health)
+    await server.start()
+    ids = list(range(1, 2001))
+    client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=10)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await client.create_accounts(accounts(*ids))
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        count = 200  # ~200 x 32 KiB of replies it does not read.
+        writer.write(b"".join(_frame(rid, wire.Op.LOOKUP_ACCOUNTS, wire.pack_ids(ids))
+                              for rid in range(1, count + 1)))
+        for _ in range(50):
+            if any(c.draining_since for c in server._connections.values()):
+                break
+            await asyncio.sleep(0.05)
+        assert any(c.draining_since for c in server._connections.values())
+        started = time.monotonic()
+        assert len(await client.lookup_accounts([1, 2])) == 2  # Others are served meanwhile.
+        assert await client.create_transfers([transfer(7, 1, 2, 5)])
+        assert time.monotonic() - started < 2
+        await asyncio.sleep(0.5)
+        assert "has not read its replies" in caplog.text
+        for rid in range(1, count + 1):  # Then it reads: every reply, in order.
+            size, reply_id, _, status, _ = wire.HEADER.unpack(
+                await asyncio.wait_for(reader.readexactly(wire.HEADER_SIZE), 10))
+            await reader.readexactly(size)
+            assert (reply_id, status) == (rid, wire.Status.OK)
+        writer.transport.abort()
+    finally:
+        sock.close()
+        await client.close()
+        await server.close()
+
+
+async def test_health_summary_and_stall_warnings(
+    data_file: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator sees a slow fsync as a STALL warning (and when it is over), a busy
+    server as one summary line per interval, and a blocked event loop with its stacks."""
+    caplog.set_level(logging.INFO, logger="tb_emulator")
+    health = HealthSettings(summary_interval_s=0.5, stall_warning_s=0.3, check_interval_s=0.05,
+                            loop_watchdog=True)
+    server = EmulatorServer(data_file, health=health)
+    await server.start()
+    wal = server._wal
+    assert wal is not None
+    real_append_sync = wal.append_sync
+
+    def slow_append_sync(chunks: list[bytes]) -> float:
+        time.sleep(0.8)  # A disk that stalls.
+        return 0.8 + real_append_sync(chunks)
+
+    client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=10)
+    try:
+        await client.create_accounts(accounts(1, 2))
+        wal.append_sync = slow_append_sync  # type: ignore[method-assign]
+        await client.create_transfers([transfer(3, 1, 2, 1)])
+        wal.append_sync = real_append_sync  # type: ignore[method-assign]
+        await asyncio.sleep(0.2)
+        assert "STALL: a request has waited" in caplog.text
+        assert "fsync running for" in caplog.text
+        assert "stall over after" in caplog.text
+        assert server.stall_warnings >= 1
+        await asyncio.sleep(0.6)
+        summaries = [r.message for r in caplog.records if r.message.startswith("health:")]
+        fsync_max_ms = [int(m[1]) for m in re.finditer(
+            r"fsyncs=\d+ p99=[\d.]+ ms max=(\d+)", "\n".join(summaries))]
+        assert max(fsync_max_ms, default=0) >= 800, summaries
+        time.sleep(0.6)  # Blocks the event loop the server runs on.
+        await asyncio.sleep(0.2)
+        assert "event loop blocked for" in caplog.text
+        # Idle: no more summary lines.
+        await asyncio.sleep(1.2)
+        later = [r.message for r in caplog.records if r.message.startswith("health:")]
+        assert len(later) <= len(summaries) + 1
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_reset_connections_waiting_for_a_slot_are_reaped(
+    data_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saturated server (slow disk, every inflight slot taken): peers that hang up while
+    their requests wait for a slot must not keep holding connection slots, or new clients
+    get BUSY until the backlog drains (seen in the soak)."""
+    monkeypatch.setattr(server_module, "SLOT_WAIT_POLL_S", 0.05)
+    limits = ServerLimits(connections_max=4, inflight_per_connection_max=1, inflight_max=1)
+    server = EmulatorServer(data_file, limits=limits)
+    await server.start()
+    wal = server._wal
+    assert wal is not None
+    real_append_sync = wal.append_sync
+
+    def slow_append_sync(chunks: list[bytes]) -> float:
+        time.sleep(1.5)
+        return real_append_sync(chunks)
+
+    wal.append_sync = slow_append_sync  # type: ignore[method-assign]
+    create = _frame(1, wire.Op.CREATE_ACCOUNTS, wire.pack_accounts(accounts(1)))
+    lookup = _frame(2, wire.Op.LOOKUP_ACCOUNTS, wire.pack_ids([1]))
+    try:
+        holder = asyncio.ensure_future(_pipeline(server.port, [create]))  # Takes the slot.
+        await asyncio.sleep(0.2)
+        for _ in range(3):  # Wait for a slot, then hang up.
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(lookup)
+            await asyncio.sleep(0.1)
+            writer.transport.abort()
+        await asyncio.sleep(0.3)
+        replies = await asyncio.wait_for(_pipeline(server.port, [lookup]), 10)
+        assert replies == [(2, wire.Status.OK)]  # Not (0, BUSY).
+        assert await holder == [(1, wire.Status.OK)]
+    finally:
+        wal.append_sync = real_append_sync  # type: ignore[method-assign]
+        await server.close()
