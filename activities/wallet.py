@@ -158,10 +158,14 @@ class WalletActivities:
         calls again, so both stores apply every operation in the same order."""
         op = inp.command.op
         with wallet_errors_as_application_errors():
-            state = await self._migration.resolve(op.wallet.ledger_pair)
+            state = await self._resolve(inp)
             if must_drain_first(state, inp.pending_direction):
                 return PrimaryOutcome(
-                    phase=state.phase, epoch=state.epoch, writes_tigerbeetle=False, drain_first=True
+                    phase=state.phase,
+                    epoch=state.epoch,
+                    scope=state.scope,
+                    writes_tigerbeetle=False,
+                    drain_first=True,
                 )
             if not state.mongo_answers_writes:
                 return await self._apply_tigerbeetle_primary(state, op)
@@ -171,10 +175,26 @@ class WalletActivities:
             result=result,
             phase=state.phase,
             epoch=state.epoch,
+            scope=state.scope,
             writes_tigerbeetle=direction == "to_tigerbeetle",
             backlog_direction=direction,
             legacy=facts,
         )
+
+    async def _resolve(self, inp: ApplyPrimaryInput) -> MigrationState:
+        """The wallet pair's migration state, never older than the one its workflow last
+        acted on: this process's cache may be (another worker answered before, or the cache
+        is still within its TTL of an older read)."""
+        pair = inp.command.op.wallet.ledger_pair
+        state = await self._migration.resolve(pair)
+        if not _below_floor(state, inp):
+            return state
+        state = await self._migration.resolve(pair, fresh=True)
+        assert not _below_floor(state, inp), (
+            f"migration state of {pair} went back to epoch {state.epoch} "
+            f"(the workflow acted on {inp.floor_scope} epoch {inp.floor_epoch})"
+        )
+        return state
 
     async def _apply_tigerbeetle_primary(
         self, state: MigrationState, op: WalletOperation
@@ -195,6 +215,7 @@ class WalletActivities:
                 result=replay,
                 phase=state.phase,
                 epoch=state.epoch,
+                scope=state.scope,
                 writes_tigerbeetle=False,
                 backlog_direction=None,
             )
@@ -208,6 +229,7 @@ class WalletActivities:
             result=result,
             phase=state.phase,
             epoch=state.epoch,
+            scope=state.scope,
             writes_tigerbeetle=False,
             backlog_direction=direction,
         )
@@ -236,3 +258,12 @@ class WalletActivities:
             self.read_balance,
             self.read_multi_balance,
         ]
+
+
+def _below_floor(state: MigrationState, inp: ApplyPrimaryInput) -> bool:
+    # Epochs count per scope document: a pair's first document may start below "*"'s epoch.
+    return (
+        inp.floor_epoch is not None
+        and state.scope == inp.floor_scope
+        and state.epoch < inp.floor_epoch
+    )

@@ -38,18 +38,31 @@ class MigrationStateStore:
         self._cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, MigrationState | None]] = {}
 
-    async def find(self, scope: str) -> MigrationState | None:
-        """The scope's own document (cached), or None when it has none."""
+    async def find(self, scope: str, *, fresh: bool = False) -> MigrationState | None:
+        """The scope's own document (cached unless `fresh`), or None when it has none."""
         assert scope, "scope must be a ledger pair or '*'"
         now = time.monotonic()
         cached = self._cache.get(scope)
-        if cached is not None and cached[0] > now:
+        if not fresh and cached is not None and cached[0] > now:
             return cached[1]
         doc = await self._collection.find_one({"_id": scope})
         state = None if doc is None else _state_of(doc)
+        # Concurrent misses finish in any order: a read that started before a phase change
+        # must not replace the newer state a later read already cached (answers would go
+        # back in epoch). Only while that entry is live, so a rewritten document still shows.
+        current = self._cache.get(scope)
+        after = time.monotonic()
+        if (
+            current is not None
+            and current[0] > after
+            and current[1] is not None
+            and state is not None
+            and current[1].epoch > state.epoch
+        ):
+            return current[1]
         if len(self._cache) >= CACHE_SCOPES_MAX:
             self._cache.clear()
-        self._cache[scope] = (now + self._cache_ttl_s, state)
+        self._cache[scope] = (after + self._cache_ttl_s, state)
         return state
 
     async def get(self, scope: str) -> MigrationState:
@@ -57,12 +70,14 @@ class MigrationStateStore:
         state = await self.find(scope)
         return MigrationState(scope=scope) if state is None else state
 
-    async def resolve(self, ledger_pair: str) -> MigrationState:
-        """The state a wallet of `ledger_pair` follows: its pair's document, else '*'."""
-        own = await self.find(ledger_pair)
+    async def resolve(self, ledger_pair: str, *, fresh: bool = False) -> MigrationState:
+        """The state a wallet of `ledger_pair` follows: its pair's document, else '*'.
+        `fresh` reads through the cache (and refreshes it)."""
+        own = await self.find(ledger_pair, fresh=fresh)
         if own is not None:
             return own
-        return await self.get(GLOBAL_SCOPE)
+        state = await self.find(GLOBAL_SCOPE, fresh=fresh)
+        return MigrationState(scope=GLOBAL_SCOPE) if state is None else state
 
     async def set(self, state: MigrationState) -> MigrationState:
         """Publish `state`; its epoch must be above the stored one (a stale writer is refused)."""

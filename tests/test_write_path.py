@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from wallet_support import (
     DUAL_PAIR,
@@ -194,6 +195,46 @@ async def test_switch_to_tb_primary_and_back_under_traffic(
         mongo_applied += status.mongo_applied
         assert status.tb_applied > 0
     assert mongo_applied > 0, "no operation was answered by TigerBeetle"
+
+
+async def test_rotation_commits_store_writes_before_continue_as_new(
+    harness: WalletHarness, unique_id: Callable[..., str]
+) -> None:
+    """Regression: the workflow task ending in continue-as-new holds no local activity (store
+    write). The server refuses that task when an update arrives meanwhile (UnhandledCommand):
+    its writes would stay in the store while their answers and backlog items vanish, and the
+    resent updates were applied in another order, or to the other store after a switch."""
+    h = harness
+    await switch(h, Phase.DUAL_WRITE)
+    w = key(unique_id("rot"), DUAL_PAIR)
+
+    async def caller(n: int) -> None:
+        for i in range(25):
+            await h.client.add_credit(credit(w, f"r{n}-{i}", "1.00"))
+
+    await asyncio.gather(caller(0), caller(1))  # 50 operations: at least 2 rotations (20/run)
+    await drained(h, [w])
+    await assert_same_sequence(h.stores, w)
+    run_id: str | None = None  # latest run first, then back along the continue-as-new chain
+    rotations = 0
+    for _ in range(10):
+        handle = h.client.temporal.get_workflow_handle(w.workflow_id, run_id=run_id)
+        events = (await handle.fetch_history()).events
+        last_task_commands: list[str] = []
+        for event in events:
+            name = EventType.Name(event.event_type)
+            if name == "EVENT_TYPE_WORKFLOW_TASK_COMPLETED":
+                last_task_commands = []
+            elif name == "EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW":
+                rotations += 1
+                assert "EVENT_TYPE_MARKER_RECORDED" not in last_task_commands, last_task_commands
+            else:
+                last_task_commands.append(name)
+        started = events[0].workflow_execution_started_event_attributes
+        run_id = started.continued_execution_run_id or None
+        if run_id is None:
+            break
+    assert rotations >= 2
 
 
 # ---- voids of transactions older than TigerBeetle -----------------------------------------------

@@ -16,6 +16,8 @@ update, so "answered" implies "in history"; it leaves the backlog only after the
 activity has applied it (TigerBeetle and the Transfer Registry are idempotent by transaction id,
 so an activity attempt that applied but whose completion was lost is simply applied again), and
 it travels in the continue-as-new input. A worker crash replays the history and rebuilds it.
+The reverse does not hold: a store write whose workflow task is never recorded stays written,
+so the task that continues-as-new carries no write of its own (see `_continue_as_new`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ PRIMARY_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=2),
 )
+# Ends the workflow task holding the last store writes before continue-as-new (see there).
+PATCH_COMMIT_BEFORE_ROTATING = "commit-writes-before-continue-as-new"
+COMMIT_PAUSE = timedelta(milliseconds=1)
 # TigerBeetle writes must eventually happen: unlimited attempts, capped backoff.
 TIGERBEETLE_START_TO_CLOSE = timedelta(seconds=60)  # a full batch under a saturated registry
 TIGERBEETLE_RETRY = RetryPolicy(
@@ -167,6 +172,16 @@ class WalletWorkflow:
         self._rotating = True
         self._publish_details()
         await workflow.wait_condition(workflow.all_handlers_finished)
+        if workflow.patched(PATCH_COMMIT_BEFORE_ROTATING):
+            # The last updates' store writes (local activities) must be recorded in a workflow
+            # task of their own: the server refuses a task ending in continue-as-new when an
+            # update arrived meanwhile (UnhandledCommand), and would discard their markers,
+            # answers and backlog items while the writes stay in the store. The resent update
+            # then finds the store "replayed" after later operations, or, across a switch,
+            # is written to the other store: the two stores would apply it in different
+            # orders. A timer ends this task; the next one holds only continue-as-new
+            # (the validator refuses new updates from here on).
+            await workflow.sleep(COMMIT_PAUSE)
         self._state.runs += 1
         workflow.logger.info(
             "wallet %s continues as new (run %d, backlog %d)",
@@ -289,6 +304,7 @@ class WalletWorkflow:
         if recent is not None and recent.command == command:
             return recent.result.model_copy(update={"replayed": True})
         outcome = await self._apply_primary(command, self._pending_direction())
+        self._observe(outcome)
         if outcome.drain_first:
             # The write path switched: the store that answers now must first receive every
             # operation the other one answered. Nothing was written; drain, then ask again.
@@ -301,11 +317,10 @@ class WalletWorkflow:
                     "wallet workflow is continuing as new; retry", type=ROTATING_ERROR_TYPE
                 )
             outcome = await self._apply_primary(command, None)
+            self._observe(outcome)
             assert not outcome.drain_first, "an empty backlog never needs draining"
         result = outcome.result
         assert result is not None, "an applied operation has a result"
-        self._state.phase_seen = outcome.phase
-        self._state.epoch_seen = outcome.epoch
         self._state.ops_applied += 1
         self._ops_this_run += 1
         direction = outcome.backlog_direction
@@ -342,6 +357,19 @@ class WalletWorkflow:
         elif self._state.tracked_since_version is None:
             self._state.tracked_since_version = facts.wallet_version - 1
 
+    def _observe(self, outcome: PrimaryOutcome) -> None:
+        """Remember the migration state an apply acted on; within a scope it never goes back
+        (the activity reads through a stale cache below this floor)."""
+        state = self._state
+        if outcome.scope is not None and outcome.scope == state.scope_seen:
+            assert state.epoch_seen is not None
+            assert outcome.epoch >= state.epoch_seen, (
+                f"migration state went back from epoch {state.epoch_seen} to {outcome.epoch}"
+            )
+        state.phase_seen = outcome.phase
+        state.epoch_seen = outcome.epoch
+        state.scope_seen = outcome.scope
+
     def _pending_direction(self) -> BacklogDirection | None:
         # Every item has the same direction except across a switch, which drains first: the
         # tail's direction is the one a new operation could be reordered against.
@@ -356,7 +384,12 @@ class WalletWorkflow:
             # be the answering store's order.
             outcome: PrimaryOutcome = await workflow.execute_local_activity(
                 ACTIVITY_APPLY_PRIMARY,
-                ApplyPrimaryInput(command=command, pending_direction=pending),
+                ApplyPrimaryInput(
+                    command=command,
+                    pending_direction=pending,
+                    floor_scope=self._state.scope_seen,
+                    floor_epoch=self._state.epoch_seen if self._state.scope_seen else None,
+                ),
                 result_type=PrimaryOutcome,
                 start_to_close_timeout=PRIMARY_START_TO_CLOSE,
                 schedule_to_close_timeout=PRIMARY_SCHEDULE_TO_CLOSE,

@@ -113,6 +113,10 @@ class ApplyPrimaryInput(_Frozen):
     # Direction of the items still in the backlog (None: empty). If the store that would
     # answer now is the one they travel to, the activity writes nothing and asks to drain.
     pending_direction: BacklogDirection | None = None
+    # The migration state this workflow last acted on (scope and epoch): a worker whose cache
+    # is older reads through it, so the phase a wallet follows never goes back.
+    floor_scope: str | None = None
+    floor_epoch: int | None = None
 
 
 class PrimaryOutcome(_Frozen):
@@ -121,6 +125,7 @@ class PrimaryOutcome(_Frozen):
     result: OperationResult | None = None  # None only with drain_first
     phase: Phase
     epoch: int
+    scope: str | None = None  # the migration state document's scope (None: older histories)
     # Histories recorded before backlog_direction existed carry only this flag:
     # True = to_tigerbeetle. Kept equal to (backlog_direction == "to_tigerbeetle").
     writes_tigerbeetle: bool
@@ -208,6 +213,7 @@ class WalletState(BaseModel):
     divergences: list[Divergence] = Field(default_factory=list)  # the last few
     phase_seen: Phase | None = None
     epoch_seen: int | None = None
+    scope_seen: str | None = None  # scope of epoch_seen (epochs count per scope)
     runs: int = 1
 
 
