@@ -31,6 +31,7 @@ from walletcore.rollout import in_rollout
 from walletmig.config import Settings
 from walletmig.processes import free_port
 from walletmig.read_path import ReadPathConfig, ReadRouter
+from walletmig.reads import WalletReader
 
 
 @dataclass
@@ -189,3 +190,26 @@ async def test_tb_primary_and_complete_read_tigerbeetle(env: Env,
     assert (await dead.get_balance(wallet)).source == "mongodb"  # reverse projection fallback
     await env.set_phase("USD:USA", Phase.COMPLETE, 100)
     assert (await router.get_balance(wallet)).source == "tigerbeetle"
+
+
+async def test_wallet_reader_is_the_router_without_metrics(
+    env: Env, unique_id: Callable[..., str]
+) -> None:
+    """walletmig.reads.WalletReader is ReadRouter with no metrics store: the same routing
+    (balance and history), nothing recorded, no shadow comparison started."""
+    inside = next(c for c in (unique_id("in") for _ in range(1000)) if in_rollout(c, 50))
+    outside = next(c for c in (unique_id("out") for _ in range(1000)) if not in_rollout(c, 50))
+    w_in = await make_wallet(env, unique_id, client=inside)
+    w_out = await make_wallet(env, unique_id, client=outside)
+    reader = WalletReader(env.legacy, env.tb, env.state)
+    assert isinstance(reader, ReadRouter)
+
+    await env.set_phase("USD:USA", Phase.SHADOW_READ)
+    assert (await reader.get_balance(w_in)).source == "mongodb"
+    await reader.drain()  # nothing was started
+    await env.set_phase("USD:USA", Phase.READ_CUTOVER, 50)
+    assert (await reader.get_balance(w_in)).source == "tigerbeetle"
+    assert (await reader.get_balance(w_out)).source == "mongodb"
+    assert len(await reader.history(w_in, 10)) == 1
+    assert len(await reader.history(w_out, 10)) == 1
+    assert await outcomes(env, w_in) == [] and await outcomes(env, w_out) == []

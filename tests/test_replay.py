@@ -22,7 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client, WorkflowHistory
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from wallet_support import (
@@ -68,6 +68,7 @@ def test_histories_present() -> None:
     names = {p.stem for p in _files()}
     expected = {
         "legacy_ops", "refused_ops", "dual_write_backlog", "continue_as_new", "idle_close",
+        "continue_as_new_commit_timer",
         "tb_primary_switch",
     }  # fmt: skip
     assert expected <= names, f"missing recorded histories: {sorted(expected - names)}"
@@ -134,6 +135,19 @@ async def test_record_histories(
 async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
     if _wanted("tb_primary_switch"):
         await _record_switch(h, temporal, unique_id)
+    if _wanted("continue_as_new_commit_timer"):
+        # Recorded after the `commit-writes-before-continue-as-new` patch: the rotation's
+        # writes land in a task of their own before the continue-as-new command.
+        w = key(unique_id("cant"), DUAL_PAIR)
+        await h.client.add_credit(_c(w, "seed", "100.00"))
+        first_run = await _run_id(temporal, w)
+        await asyncio.gather(*(h.client.add_credit(_c(w, f"c{i}", "1.00")) for i in range(10)))
+        handle = temporal.get_workflow_handle(w.workflow_id, run_id=first_run)
+        for _ in range(300):  # the first run's history is complete once it has rotated
+            if (await handle.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                break
+            await asyncio.sleep(0.1)
+        await _save(temporal, "continue_as_new_commit_timer", w, first_run)
     if not any(_wanted(n) for n in ("legacy_ops", "refused_ops", "dual_write_backlog",
                                      "continue_as_new", "idle_close")):
         return

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from walletmig.config import DEFAULT_STATE_DIR
+from walletmig.config import DEFAULT_STATE_DIR, ENVIRONMENT
 from walletmig.processes import (
     ProcessRecord,
     free_port,
@@ -320,10 +320,9 @@ def _tcp_ready(host: str, port: int) -> Callable[[int], bool]:
     return lambda _pid: port_accepts(host, port)
 
 
-def _worker_ready(temporal: Path, address: str, task_queue: str) -> Callable[[int], bool]:
-    def probe(pid: int) -> bool:
-        # Ready = Temporal lists a poller of this very process on the wallet task queue (the
-        # SDK's default identity is "PID@host"; pollers of earlier runs linger for minutes).
+def _worker_ready(temporal: Path, address: str, task_queues: Sequence[str]
+                  ) -> Callable[[int], bool]:
+    def polled_by(pid: int, task_queue: str) -> bool:
         out = _run_probe_command(
             [
                 str(temporal),
@@ -346,6 +345,12 @@ def _worker_ready(temporal: Path, address: str, task_queue: str) -> Callable[[in
         except (json.JSONDecodeError, AttributeError):
             return False
         return any(str(p.get("identity", "")).startswith(f"{pid}@") for p in pollers)
+
+    def probe(pid: int) -> bool:
+        # Ready = Temporal lists a poller of this very process on every task queue it serves
+        # (the SDK's default identity is "PID@host"; pollers of earlier runs linger for
+        # minutes).
+        return all(polled_by(pid, queue) for queue in task_queues)
 
     return probe
 
@@ -469,15 +474,18 @@ def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
         else "tb_emulator has no __main__ yet",
     )
 
+    # One worker process serves the wallet and the migration task queues (`walletmig worker`).
     worker_env = {**base_env, **stack_env(config)}
-    task_queue = worker_env.get("WALLET_TASK_QUEUE", "wallet")
+    task_queues = tuple(dict.fromkeys(
+        worker_env.get(name, ENVIRONMENT[name][1])
+        for name in ("WALLET_TASK_QUEUE", "MIGRATION_TASK_QUEUE")))
     specs["worker"] = ComponentSpec(
         name="worker",
         argv=(sys.executable, "-m", "walletmig", "worker"),
-        address=f"task queue {task_queue!r} on {config.temporal_address}",
+        address=f"task queues {', '.join(task_queues)} on {config.temporal_address}",
         port=None,
         data_dir=None,
-        probe=_worker_ready(temporal, config.temporal_address, task_queue),
+        probe=_worker_ready(temporal, config.temporal_address, task_queues),
         env=worker_env,
         unavailable=""
         if module_available(WORKER_MODULE)

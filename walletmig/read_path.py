@@ -10,6 +10,11 @@
   fallback is recorded. Other clients read MongoDB.
 - tb_primary: TigerBeetle answers (MongoDB, the reverse projection, is the fallback).
 - complete: TigerBeetle only.
+
+This is the one read path: `walletmig.reads.WalletReader` is an alias. Without a metrics store
+(a caller that only wants answers, e.g. a one-off CLI read) nothing is recorded and shadow
+comparisons are skipped, since nobody would see them. History follows the same routing as the
+balance.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from walletcore.balances import WalletBalance
 from walletcore.breaker import BreakerConfig, CircuitBreaker
 from walletcore.errors import NotFoundError, StoreUnavailableError
 from walletcore.keys import WalletKey
+from walletcore.operations import HistoryEntry
 from walletcore.phases import MigrationState, Phase
 from walletcore.ports import WalletStore
 from walletcore.rollout import in_rollout
@@ -65,7 +71,7 @@ class ReadRouter:
         legacy: WalletStore,
         tigerbeetle: WalletStore,
         migration: MigrationStateStore,
-        metrics: ReadMetricsStore,
+        metrics: ReadMetricsStore | None = None,
         *,
         config: ReadPathConfig | None = None,
         pending_ops: PendingOps | None = None,
@@ -109,6 +115,19 @@ class ReadRouter:
                     raise
         return await self._legacy.get_multi_balance(client_id)
 
+    async def history(self, wallet: WalletKey, limit: int = 50) -> list[HistoryEntry]:
+        """The wallet's recent transactions from the store that answers its balance reads
+        (MongoDB when TigerBeetle fails, except in complete)."""
+        state = await self._migration.resolve(wallet.ledger_pair)
+        if self._tb_answers(state, wallet.client_id):
+            try:
+                return await asyncio.wait_for(self._tb.history(wallet, limit),
+                                              self.config.tb_timeout_ms / 1000)
+            except (TimeoutError, StoreUnavailableError):
+                if state.phase == Phase.COMPLETE:
+                    raise
+        return await self._legacy.history(wallet, limit)
+
     async def drain(self) -> None:
         """Wait for background shadow comparisons (tests, shutdown)."""
         while self._shadow_tasks:
@@ -126,6 +145,8 @@ class ReadRouter:
         started = time.perf_counter()
         answer = await self._legacy.get_balance(wallet)
         mongo_ms = (time.perf_counter() - started) * 1000
+        if self._metrics is None:
+            return answer  # nobody would see the comparison
         if len(self._shadow_tasks) >= self.config.shadow_tasks_max:
             self.shadow_skipped += 1  # shed comparisons, never the answer
             return answer
@@ -140,6 +161,7 @@ class ReadRouter:
         except Exception as exc:  # a comparison must never surface to anyone
             log.exception("shadow comparison of %s failed", wallet)
             outcome, tb_ms, detail = ReadOutcome.TB_ERROR, None, f"compare: {exc}"[:300]
+        assert self._metrics is not None, "shadow comparisons run only with a metrics store"
         self._metrics.record(ReadObservation(
             scope=wallet.ledger_pair, mode=ReadMode.SHADOW, outcome=outcome, mongo_ms=mongo_ms,
             tb_ms=tb_ms, at=datetime.now(UTC), wallet=wallet.canonical, detail=detail))
@@ -208,6 +230,8 @@ class ReadRouter:
 
     def _record(self, scope: str, mode: ReadMode, outcome: ReadOutcome, wallet: WalletKey, *,
                 tb_ms: float | None = None, detail: str | None = None) -> None:
+        if self._metrics is None:
+            return
         self._metrics.record(ReadObservation(
             scope=scope, mode=mode, outcome=outcome, tb_ms=tb_ms, at=datetime.now(UTC),
             wallet=wallet.canonical, detail=detail))

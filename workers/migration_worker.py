@@ -1,41 +1,58 @@
-"""The migration worker: MigrationWorkflow and its activities on the migration task queue.
+"""The migration task queue's worker: MigrationWorkflow, BackfillWorkflow and
+ReconciliationWorkflow with their activities.
 
-Kept apart from the wallet worker so the migration can be operated (and its worker restarted)
-without touching the wallet traffic; `run_migration_worker` is what a process runs.
+Its own task queue, so the migration can be operated (and its pollers scaled) apart from the
+wallet traffic; the same `walletmig worker` process serves both queues by default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.migration import MigrationActivities
+from activities.ops import OPS_WORKFLOWS, ensure_ops_indexes, ops_activities
+from walletmig.runtime import Stores
+from workers.wallet_worker import unique_activities, workflow_runner
 from workflows.migration import MigrationWorkflow
 
-PASSTHROUGH_MODULES = ("pydantic", "pydantic_core", "annotated_types", "walletcore")
 SHUTDOWN_GRACE_S = 10.0
-MAX_CONCURRENT_ACTIVITIES = 20
+MAX_CONCURRENT_ACTIVITIES = 20  # backfill/reconcile pages are heavy: a few at a time
+
+MIGRATION_WORKFLOWS: tuple[type, ...] = (MigrationWorkflow, *OPS_WORKFLOWS)
 
 
 def migration_workflow_runner() -> SandboxedWorkflowRunner:
-    return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
-    )
+    """The same sandbox settings as the wallet workflows (one runner per process)."""
+    return workflow_runner()
 
 
-async def build_migration_worker(client: Client, db: AsyncDatabase[Any], task_queue: str,
-                                 *, archive_root: str | None = None) -> Worker:
-    del archive_root  # the archive directory travels in the workflow's config
-    activities = MigrationActivities(db)
-    await activities.ensure_indexes()
+async def migration_activities(stores: Stores) -> list[Callable[..., Any]]:
+    """Every activity of the migration queue's workflows; ensures their indexes first."""
+    migration = MigrationActivities(stores.db, stores.migration)
+    await migration.ensure_indexes()
+    await ensure_ops_indexes(stores)
+    return unique_activities([*migration.all(), *ops_activities(stores)])
+
+
+def build_migration_worker(
+    client: Client,
+    task_queue: str,
+    activities: Sequence[Callable[..., Any]],
+    *,
+    extra_workflows: Sequence[type] = (),
+) -> Worker:
     return Worker(
-        client, task_queue=task_queue, workflows=[MigrationWorkflow],
-        activities=activities.all(), workflow_runner=migration_workflow_runner(),
+        client,
+        task_queue=task_queue,
+        workflows=[*MIGRATION_WORKFLOWS, *extra_workflows],
+        activities=unique_activities(activities),
+        workflow_runner=workflow_runner(),
         max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
         graceful_shutdown_timeout=timedelta(seconds=SHUTDOWN_GRACE_S),
     )

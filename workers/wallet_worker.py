@@ -1,33 +1,29 @@
-"""The wallet worker: WalletWorkflow, the read workflows and their activities.
+"""The wallet task queue's worker: WalletWorkflow, the read workflows and their activities
+(MongoDB primary write, TigerBeetle backlog, reads, and the tb_primary reverse projection).
 
-`build_worker` wires one task queue; `run_worker` opens the stores and Temporal client from
-Settings, runs one worker per task queue and shuts down gracefully on SIGTERM/SIGINT (in-flight
-activities finish, pollers stop, clients close).
+`build_worker` wires one task queue from ready activity callables; `wallet_activities` builds
+those callables from the process's stores. The process that runs it (every task queue,
+graceful SIGTERM) is workers/process.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.ops import make_importer
 from activities.wallet import WalletActivities
 from walletmig.config import Settings
-from walletmig.runtime import make_stores
+from walletmig.runtime import Stores
 from workflows.reads import GetBalanceWorkflow, GetMultiBalanceWorkflow
 from workflows.wallet import WalletWorkflow
 
-log = logging.getLogger(__name__)
-
-TASK_QUEUES_MAX = 16
 SHUTDOWN_GRACE_S = 10.0
 # Concurrency bounds: the machine is small, the work is I/O bound (async activities).
 MAX_CONCURRENT_WORKFLOW_TASKS = 100
@@ -39,7 +35,7 @@ MAX_CONCURRENT_LOCAL_ACTIVITIES = 200
 # sandbox's runtime restrictions (no I/O, no threads, no wall clock) still apply, and
 # workflows/ imports only pure modules (models, walletcore, activities.errors).
 
-WORKFLOWS = (WalletWorkflow, GetBalanceWorkflow, GetMultiBalanceWorkflow)
+WORKFLOWS: tuple[type, ...] = (WalletWorkflow, GetBalanceWorkflow, GetMultiBalanceWorkflow)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -48,20 +44,54 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     )
 
 
+def activity_name(fn: Callable[..., Any]) -> str:
+    definition = getattr(fn, "__temporal_activity_definition", None)
+    assert definition is not None, f"{fn!r} is not an activity"
+    return str(definition.name)
+
+
+def unique_activities(activities: Iterable[Callable[..., Any]]) -> list[Callable[..., Any]]:
+    """First callable per activity name: a Worker refuses duplicates, and a class may start
+    exporting an activity another list also carries."""
+    seen: set[str] = set()
+    out: list[Callable[..., Any]] = []
+    for fn in activities:
+        name = activity_name(fn)
+        if name not in seen:
+            seen.add(name)
+            out.append(fn)
+    return out
+
+
+def wallet_activities(stores: Stores) -> list[Callable[..., Any]]:
+    """Every activity the wallet and read workflows call (writes, TigerBeetle backlog, reverse
+    projection, reads), bound to the process's stores; the backlog's backfill-import check
+    shares them too."""
+    wallet = WalletActivities(
+        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration,
+        importer=make_importer(stores),
+    )
+    return unique_activities(wallet.all())
+
+
 def build_worker(
     client: Client,
     settings: Settings,
-    activities: WalletActivities,
+    activities: WalletActivities | Sequence[Callable[..., Any]],
     *,
     task_queue: str | None = None,
     extra_workflows: Sequence[type] = (),
+    extra_activities: Sequence[Callable[..., Any]] = (),
 ) -> Worker:
-    """A worker for the wallet workflows on `task_queue` (default: settings.wallet_task_queue)."""
+    """A worker for the wallet workflows on `task_queue` (default: settings.wallet_task_queue),
+    plus `extra_workflows`/`extra_activities` (one process serving several roles on one queue).
+    """
+    callables = activities.all() if isinstance(activities, WalletActivities) else activities
     return Worker(
         client,
         task_queue=task_queue or settings.wallet_task_queue,
         workflows=[*WORKFLOWS, *extra_workflows],
-        activities=activities.all(),
+        activities=unique_activities([*callables, *extra_activities]),
         workflow_runner=workflow_runner(),
         max_concurrent_workflow_tasks=MAX_CONCURRENT_WORKFLOW_TASKS,
         max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
@@ -76,34 +106,3 @@ async def connect_temporal(settings: Settings) -> Client:
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
     )
-
-
-async def run_worker(settings: Settings, task_queues: Sequence[str] | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    queues = list(task_queues or [settings.wallet_task_queue])
-    assert 0 < len(queues) <= TASK_QUEUES_MAX, f"1..{TASK_QUEUES_MAX} task queues"
-    stores = await make_stores(settings)
-    try:
-        client = await connect_temporal(settings)
-        activities = WalletActivities(
-            legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration
-        )
-        workers = [build_worker(client, settings, activities, task_queue=q) for q in queues]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        runs = [asyncio.create_task(worker.run()) for worker in workers]
-        log.info("wallet worker polling %s on %s", ", ".join(queues), settings.temporal_address)
-        stopped = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
-        log.info("wallet worker shutting down")
-        await asyncio.gather(*(worker.shutdown() for worker in workers), return_exceptions=True)
-        for task in runs:
-            if task in done and not stopped.done():
-                task.result()  # a worker that died on its own: surface why
-        stopped.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stopped
-    finally:
-        await stores.close()

@@ -11,22 +11,16 @@ import asyncio
 import sys
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.service import RPCError
-
-from walletcore.ledgers import DEFAULT_LEDGER_TABLE
 from walletmig.commands import CommandError
 from walletmig.config import Settings
-from workflows.backfill import BackfillWorkflow, backfill_workflow_id
-from workflows.backfill_models import (
-    PAGES_PER_RUN_DEFAULT,
-    WALLETS_PER_PAGE_MAX,
-    BackfillInput,
-    BackfillProgress,
-)
+
+# Temporal, the workflow and its models load inside the handlers (fast `walletmig --help`).
+if TYPE_CHECKING:
+    from temporalio.client import Client, WorkflowHandle
+
+    from workflows.backfill_models import BackfillProgress
 
 POLL_INTERVAL_S = 1.0
 BAR_WIDTH = 30
@@ -34,6 +28,8 @@ BAR_WIDTH = 30
 
 def resolve_pairs(pairs: list[str] | None) -> list[str]:
     """Explicit pairs (validated) or every configured ledger pair, in a stable order."""
+    from walletcore.ledgers import DEFAULT_LEDGER_TABLE
+
     return list(DEFAULT_LEDGER_TABLE.parse_scope(pairs or None))
 
 
@@ -54,6 +50,8 @@ def progress_line(p: BackfillProgress) -> str:
 
 
 async def _watch(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
+    from workflows.backfill import BackfillWorkflow
+
     tty = sys.stdout.isatty()
     while True:
         progress = await handle.query(BackfillWorkflow.progress)
@@ -72,15 +70,23 @@ async def _watch(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
 
 
 async def _start(args: argparse.Namespace) -> int:
+    from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+
+    from workflows.backfill import BackfillWorkflow, backfill_workflow_id
+    from workflows.backfill_models import BackfillInput
+
     settings = Settings.from_env()
     pairs = resolve_pairs(args.pair)
     client = await connect(settings)
     workflow_id = backfill_workflow_id(args.pair or [])
+    # Unset sizes take the workflow input's defaults (one source of truth).
+    sizes = {name: value for name, value in (("page_size", args.page_size),
+                                              ("pages_per_run", args.pages_per_run))
+             if value is not None}
     run_id = args.run_id or f"backfill-{uuid.uuid4().hex[:12]}"
     handle = await client.start_workflow(
         BackfillWorkflow.run,
-        BackfillInput(run_id=run_id, pairs=pairs, page_size=args.page_size,
-                      pages_per_run=args.pages_per_run, with_history=args.with_history),
+        BackfillInput(run_id=run_id, pairs=pairs, with_history=args.with_history, **sizes),
         id=workflow_id, task_queue=settings.migration_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
@@ -94,6 +100,10 @@ async def _start(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from workflows.backfill import BackfillWorkflow, backfill_workflow_id
+
     settings = Settings.from_env()
     client = await connect(settings)
     handle = client.get_workflow_handle(backfill_workflow_id(args.pair or []))
@@ -114,10 +124,10 @@ def register(subparsers: Any) -> None:
     start = sub.add_parser("start", help="start (or attach to) the backfill of a scope")
     start.add_argument("--pair", action="append", metavar="CUR:CTRY",
                        help="ledger pair to import (repeat; default: every configured pair)")
-    start.add_argument("--page-size", type=int, default=WALLETS_PER_PAGE_MAX,
-                       help=f"wallets per page (max {WALLETS_PER_PAGE_MAX})")
-    start.add_argument("--pages-per-run", type=int, default=PAGES_PER_RUN_DEFAULT,
-                       help="pages before continue-as-new")
+    start.add_argument("--page-size", type=int, default=None,
+                       help="wallets per page (default: the largest the workflow allows)")
+    start.add_argument("--pages-per-run", type=int, default=None,
+                       help="pages before continue-as-new (default: the workflow's)")
     start.add_argument("--with-history", action="store_true",
                        help="also import the transaction log as imported transfers")
     start.add_argument("--run-id", help="name of this backfill (claims, audit)")

@@ -1,14 +1,25 @@
-"""`walletmig bench wallet-ops|tigerbeetle`: benchmarks on the embedded stack."""
+"""`walletmig bench wallet-ops|tigerbeetle|reconcile|backfill`: benchmarks on the embedded stack.
+
+The benchmark modules load inside the handlers: building the parser must stay cheap.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
 from walletmig.commands import UsageError
 from walletmig.config import Settings
+
+RECONCILE_WALLETS_DEFAULT = 100_000
+# (sub-command, help) of walletmig/bench_reconcile.py's two benchmarks.
+STORE_BENCHES = (
+    ("reconcile", "reconciliation wallets/s next to the raw reads (MongoDB cursor + "
+                  "lookup_accounts of 8189 ids)"),
+    ("backfill", "backfill wallets/s next to raw batched create_transfers"),
+)
 
 
 def register(subparsers: Any) -> None:
@@ -38,6 +49,14 @@ def register(subparsers: Any) -> None:
     tb.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of tb_emulator.bench")
     tb.set_defaults(handler=_tigerbeetle)
 
+    for kind, text in STORE_BENCHES:
+        p = benches.add_parser(kind, help=text, description=text + " (walletmig.bench_reconcile)")
+        p.add_argument("--wallets", type=int, default=RECONCILE_WALLETS_DEFAULT,
+                       help="legacy wallets to seed in a scratch pair")
+        p.add_argument("--json", action="store_true", help="print the figures as JSON "
+                                                           "(with `ratio`)")
+        p.set_defaults(handler=_store_bench, kind=kind)
+
 
 async def _wallet_ops(args: argparse.Namespace) -> int:
     from walletmig.bench_wallet_ops import BenchConfig, format_report, run_bench
@@ -54,9 +73,20 @@ async def _wallet_ops(args: argparse.Namespace) -> int:
 
 
 def _tigerbeetle(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("tb_emulator.bench") is None:
-        raise UsageError("tb_emulator.bench is not available")
     from tb_emulator.bench import main
 
     forwarded = [arg for arg in args.bench_args if arg != "--"]
     return int(main(forwarded))
+
+
+async def _store_bench(args: argparse.Namespace) -> int:
+    from walletmig.bench_reconcile import WALLETS_MAX, run_bench
+
+    if not 0 < args.wallets <= WALLETS_MAX:
+        raise UsageError(f"--wallets must be within 1..{WALLETS_MAX}")
+    figures = await run_bench(args.kind, Settings.from_env(), args.wallets)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print("\n".join(f"{name:28} {value}" for name, value in figures.items()))
+    return 0

@@ -1,55 +1,46 @@
-"""`walletmig migration start|status|advance|rollback|set-rollout|pause|resume|force-advance|
-worker`: the same Updates and Queries an engineer sends from the Temporal Web UI."""
+"""`walletmig migration start|status|advance|rollback|set-rollout|pause|resume|force-advance`:
+the same Updates and Queries an engineer sends from the Temporal Web UI. The migration
+workflow runs in `walletmig worker` (its migration task queue).
+
+Temporal and the workflow models are imported inside the handlers: `walletmig --help` and the
+other commands must not pay for them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError
-
-from walletcore.gates import GateThresholds, pct
 from walletcore.phases import Phase
-from walletcore.transitions import describe
 from walletmig.commands import CommandError, UsageError
 from walletmig.config import Settings
-from workflows.migration_models import (
-    QUERY_STATUS,
-    UPDATE_ADVANCE,
-    UPDATE_FORCE_ADVANCE,
-    UPDATE_PAUSE,
-    UPDATE_RESUME,
-    UPDATE_ROLLBACK,
-    UPDATE_SET_ROLLOUT,
-    AdvanceRequest,
-    ForceAdvanceRequest,
-    MigrationConfig,
-    MigrationInput,
-    MigrationStatus,
-    PauseRequest,
-    RollbackRequest,
-    SetRolloutRequest,
-    migration_workflow_id,
-)
+
+if TYPE_CHECKING:
+    from temporalio.client import Client, WorkflowHandle
+
+    from workflows.migration_models import MigrationStatus
 
 DEFAULT_NAME = "main"
 
 
 async def connect(settings: Settings) -> Client:
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
-                                data_converter=pydantic_data_converter)
+    from workers.wallet_worker import connect_temporal
+
+    return await connect_temporal(settings)
 
 
 def _handle(client: Client, name: str) -> WorkflowHandle[Any, MigrationStatus]:
+    from workflows.migration_models import MigrationStatus, migration_workflow_id
+
     return client.get_workflow_handle(migration_workflow_id(name), result_type=MigrationStatus)
 
 
 def render_status(status: MigrationStatus) -> str:
+    from walletcore.gates import pct
+    from walletcore.transitions import describe
+
     ev = status.evidence
     lines = [
         f"migration {status.migration_id}: {describe_status(status)} (epoch {status.epoch}, "
@@ -76,13 +67,18 @@ def render_status(status: MigrationStatus) -> str:
 
 
 def describe_status(status: MigrationStatus) -> str:
-    from walletcore.transitions import Position
+    from walletcore.transitions import Position, describe
 
     text = describe(Position(phase=status.phase, rollout_percent=status.rollout_percent))
     return text + (" [paused]" if status.paused else "")
 
 
 async def _update(args: argparse.Namespace, name: str, request: Any) -> int:
+    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.service import RPCError
+
+    from workflows.migration_models import MigrationStatus
+
     settings = Settings.from_env()
     client = await connect(settings)
     try:
@@ -104,6 +100,14 @@ def _print(args: argparse.Namespace, status: MigrationStatus) -> None:
 
 
 async def cmd_start(args: argparse.Namespace) -> int:
+    from walletcore.gates import GateThresholds
+    from workflows.migration_models import (
+        MigrationConfig,
+        MigrationInput,
+        MigrationStatus,
+        migration_workflow_id,
+    )
+
     settings = Settings.from_env()
     thresholds = GateThresholds(window_s=args.window_s,
                                 tb_primary_stable_s=args.stable_s)
@@ -122,31 +126,16 @@ async def cmd_start(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from workflows.migration_models import QUERY_STATUS, MigrationStatus
+
     client = await connect(Settings.from_env())
     try:
         status = await _handle(client, args.name).query(QUERY_STATUS, result_type=MigrationStatus)
     except RPCError as exc:
         raise CommandError(f"no migration {args.name!r}: {exc}") from None
     _print(args, status)
-    return 0
-
-
-async def cmd_worker(args: argparse.Namespace) -> int:
-    from stores.mongo import database_of, make_mongo_client
-    from workers.migration_worker import build_migration_worker
-
-    settings = Settings.from_env()
-    client = await connect(settings)
-    mongo = make_mongo_client(settings)
-    try:
-        worker = await build_migration_worker(client, database_of(mongo, settings),
-                                              settings.migration_task_queue)
-        print(f"migration worker polling {settings.migration_task_queue!r}")
-        await worker.run()
-    except asyncio.CancelledError:
-        pass
-    finally:
-        await mongo.close()
     return 0
 
 
@@ -173,7 +162,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=cmd_start)
 
     add("status", "phase, evidence and next gates").set_defaults(handler=cmd_status)
-    add("worker", "run the migration worker in this process").set_defaults(handler=cmd_worker)
 
     def with_actor(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--actor", default=None, help="who (default: $USER)")
@@ -182,34 +170,66 @@ def register(subparsers: Any) -> None:
 
     p = with_actor(add("advance", "next phase / rollout step, if the gates pass"))
     p.add_argument("--confirm", action="store_true", help="required to enter complete")
-    p.set_defaults(handler=lambda a: _update(a, UPDATE_ADVANCE, AdvanceRequest(
-        actor=_actor(a), reason=a.reason, confirm=a.confirm)))
+    p.set_defaults(handler=_advance)
 
     p = with_actor(add("force-advance", "next step past failed gates (reason required)"))
     p.add_argument("--confirm", action="store_true")
-    p.set_defaults(handler=lambda a: _force(a))
+    p.set_defaults(handler=_force)
 
     p = with_actor(add("rollback", "back to an earlier phase"))
     p.add_argument("--to", required=True, choices=[ph.value for ph in Phase])
     p.add_argument("--percent", type=int, default=None, help="rollout, for read_cutover")
-    p.set_defaults(handler=lambda a: _update(a, UPDATE_ROLLBACK, RollbackRequest(
-        actor=_actor(a), reason=a.reason, to=Phase(a.to), rollout_percent=a.percent)))
+    p.set_defaults(handler=_rollback)
 
     p = with_actor(add("set-rollout", "read-cutover percentage"))
     p.add_argument("percent", type=int)
-    p.set_defaults(handler=lambda a: _update(a, UPDATE_SET_ROLLOUT, SetRolloutRequest(
-        actor=_actor(a), reason=a.reason, percent=a.percent)))
+    p.set_defaults(handler=_set_rollout)
 
     with_actor(add("pause", "stop advancing and automatic rollback")).set_defaults(
-        handler=lambda a: _update(a, UPDATE_PAUSE, PauseRequest(actor=_actor(a),
-                                                                reason=a.reason)))
-    with_actor(add("resume", "resume")).set_defaults(
-        handler=lambda a: _update(a, UPDATE_RESUME, PauseRequest(actor=_actor(a),
-                                                                 reason=a.reason)))
+        handler=_pause)
+    with_actor(add("resume", "resume")).set_defaults(handler=_resume)
+
+
+async def _advance(args: argparse.Namespace) -> int:
+    from workflows.migration_models import UPDATE_ADVANCE, AdvanceRequest
+
+    return await _update(args, UPDATE_ADVANCE, AdvanceRequest(
+        actor=_actor(args), reason=args.reason, confirm=args.confirm))
+
+
+async def _rollback(args: argparse.Namespace) -> int:
+    from workflows.migration_models import UPDATE_ROLLBACK, RollbackRequest
+
+    return await _update(args, UPDATE_ROLLBACK, RollbackRequest(
+        actor=_actor(args), reason=args.reason, to=Phase(args.to),
+        rollout_percent=args.percent))
+
+
+async def _set_rollout(args: argparse.Namespace) -> int:
+    from workflows.migration_models import UPDATE_SET_ROLLOUT, SetRolloutRequest
+
+    return await _update(args, UPDATE_SET_ROLLOUT, SetRolloutRequest(
+        actor=_actor(args), reason=args.reason, percent=args.percent))
+
+
+async def _pause(args: argparse.Namespace) -> int:
+    from workflows.migration_models import UPDATE_PAUSE, PauseRequest
+
+    return await _update(args, UPDATE_PAUSE, PauseRequest(actor=_actor(args),
+                                                          reason=args.reason))
+
+
+async def _resume(args: argparse.Namespace) -> int:
+    from workflows.migration_models import UPDATE_RESUME, PauseRequest
+
+    return await _update(args, UPDATE_RESUME, PauseRequest(actor=_actor(args),
+                                                           reason=args.reason))
 
 
 async def _force(args: argparse.Namespace) -> int:
     if not args.reason.strip():
         raise UsageError("force-advance needs --reason")
+    from workflows.migration_models import UPDATE_FORCE_ADVANCE, ForceAdvanceRequest
+
     return await _update(args, UPDATE_FORCE_ADVANCE, ForceAdvanceRequest(
         actor=_actor(args), reason=args.reason, confirm=args.confirm))

@@ -15,41 +15,27 @@ import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from temporalio.client import (
-    Schedule,
-    ScheduleActionStartWorkflow,
-    ScheduleIntervalSpec,
-    ScheduleSpec,
-    ScheduleState,
-    ScheduleUpdate,
-    ScheduleUpdateInput,
-)
-
-from stores.mongo import database_of, make_mongo_client
-from stores.reports import ReportStore
 from walletmig.commands import CommandError, UsageError
 from walletmig.commands.backfill import connect, resolve_pairs
 from walletmig.config import Settings
-from workflows.reconciliation import ReconciliationWorkflow
-from workflows.reconciliation_models import (
-    PAGE_MAX,
-    SCHEDULE_EVERY_S_DEFAULT,
-    SCHEDULE_ID,
-    ReconcileInput,
-    ReconcileSummary,
-)
+
+# Temporal, pymongo and the workflow models load inside the handlers (fast `walletmig --help`).
+if TYPE_CHECKING:
+    from workflows.reconciliation_models import ReconcileInput, ReconcileSummary
 
 EXIT_ALERT = 3
 HISTORY_DEFAULT = 100
 
 
 def _input(args: argparse.Namespace, run_id: str) -> ReconcileInput:
+    from workflows.reconciliation_models import PAGE_MAX, ReconcileInput
+
     if args.repair and not args.reason:
         raise UsageError("--repair needs --reason (it is written to the audit log)")
     return ReconcileInput(
-        run_id=run_id, pairs=resolve_pairs(args.pair), page_size=args.page_size,
+        run_id=run_id, pairs=resolve_pairs(args.pair), page_size=args.page_size or PAGE_MAX,
         repair=args.repair, actor=args.actor, reason=args.reason,
         check_transfers=not args.skip_transfers,
     )
@@ -70,6 +56,8 @@ def summary_lines(s: ReconcileSummary) -> list[str]:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from workflows.reconciliation import ReconciliationWorkflow
+
     settings = Settings.from_env()
     client = await connect(settings)
     run_id = f"reconcile-{uuid.uuid4().hex[:12]}"
@@ -82,6 +70,21 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _schedule(args: argparse.Namespace) -> int:
+    from temporalio.client import (
+        Schedule,
+        ScheduleActionStartWorkflow,
+        ScheduleIntervalSpec,
+        ScheduleSpec,
+        ScheduleState,
+        ScheduleUpdate,
+        ScheduleUpdateInput,
+    )
+
+    from workflows.reconciliation import ReconciliationWorkflow
+    from workflows.reconciliation_models import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
+
+    args.schedule_id = args.schedule_id or SCHEDULE_ID
+    args.every_s = SCHEDULE_EVERY_S_DEFAULT if args.every_s is None else args.every_s
     settings = Settings.from_env()
     client = await connect(settings)
     handle = client.get_schedule_handle(args.schedule_id)
@@ -124,6 +127,10 @@ async def _schedule(args: argparse.Namespace) -> int:
 
 
 async def _report(args: argparse.Namespace) -> int:
+    from stores.mongo import database_of, make_mongo_client
+    from stores.reports import ReportStore
+    from workflows.reconciliation_models import ReconcileSummary
+
     settings = Settings.from_env()
     mongo = make_mongo_client(settings)
     try:
@@ -219,8 +226,8 @@ def register(subparsers: Any) -> None:
     def scope(p: argparse.ArgumentParser) -> None:
         p.add_argument("--pair", action="append", metavar="CUR:CTRY",
                        help="ledger pair (repeat; default: every configured pair)")
-        p.add_argument("--page-size", type=int, default=PAGE_MAX,
-                       help=f"wallets per page (max {PAGE_MAX})")
+        p.add_argument("--page-size", type=int, default=None,
+                       help="wallets per page (default: the largest the workflow allows)")
         p.add_argument("--skip-transfers", action="store_true",
                        help="skip the Transfer Registry check")
         p.add_argument("--repair", action="store_true",
@@ -235,9 +242,10 @@ def register(subparsers: Any) -> None:
 
     sched = sub.add_parser("schedule", help="create/update/pause the reconciliation schedule")
     scope(sched)
-    sched.add_argument("--every-s", type=int, default=SCHEDULE_EVERY_S_DEFAULT,
-                       help="interval in seconds (default 300)")
-    sched.add_argument("--schedule-id", default=SCHEDULE_ID)
+    sched.add_argument("--every-s", type=int, default=None,
+                       help="interval in seconds (default: SCHEDULE_EVERY_S_DEFAULT, 5 min)")
+    sched.add_argument("--schedule-id", default=None,
+                       help="default: SCHEDULE_ID of workflows/reconciliation_models.py")
     sched.add_argument("--note", default=None)
     action = sched.add_mutually_exclusive_group()
     action.add_argument("--pause", action="store_true")

@@ -1,4 +1,5 @@
-"""`walletmig worker [--task-queue Q ...]`: run the wallet worker until SIGTERM/SIGINT."""
+"""`walletmig worker [--task-queue Q ...]`: serve the wallet and migration task queues until
+SIGTERM/SIGINT (see workers/process.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 from typing import Any
 
+from walletmig.commands import UsageError
 from walletmig.config import Settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -14,26 +16,32 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "worker",
-        help="run the wallet worker (workflows + activities)",
-        description="Poll the wallet task queue(s) until SIGTERM/SIGINT, then shut down "
-        "gracefully. Addresses come from the environment (see walletmig/config.py).",
+        help="run the worker: wallet + migration task queues",
+        description="Serve the wallet task queue (wallet and read workflows) and the migration "
+        "task queue (migration, backfill and reconciliation workflows) until SIGTERM/SIGINT, "
+        "then shut down gracefully. Queue names and server addresses come from the "
+        "environment (WALLET_TASK_QUEUE, MIGRATION_TASK_QUEUE; see walletmig/config.py).",
     )
     parser.add_argument(
         "--task-queue",
         action="append",
         dest="task_queues",
         metavar="QUEUE",
-        help="task queue to poll (repeatable; default: WALLET_TASK_QUEUE)",
+        help="serve only this configured task queue (repeatable; default: all)",
     )
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
-    parser.set_defaults(handler=_run)
+    parser.set_defaults(handler=run)
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     # Imported here: the CLI's other commands should not pay for the Temporal worker import.
-    from workers.wallet_worker import run_worker
+    from workers.process import UnknownTaskQueueError, plan, run_worker
 
     settings = Settings.from_env()
+    try:
+        plan(settings, args.task_queues)
+    except UnknownTaskQueueError as err:
+        raise UsageError(str(err)) from None
     await run_worker(settings, args.task_queues)
     return 0

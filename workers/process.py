@@ -1,0 +1,112 @@
+"""The worker process: one `walletmig worker` serves every task queue (wallet and migration)
+or the ones asked for, and shuts down gracefully on SIGTERM/SIGINT (in-flight activities
+finish within the grace period, pollers stop, clients close).
+
+`build_workers` is also what in-process users (the demo, benchmarks) call, so they run exactly
+the wiring the deployed worker runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from walletmig.config import Settings
+from walletmig.runtime import Stores, make_stores
+from workers.migration_worker import (
+    MIGRATION_WORKFLOWS,
+    build_migration_worker,
+    migration_activities,
+)
+from workers.wallet_worker import build_worker, connect_temporal, wallet_activities
+
+log = logging.getLogger(__name__)
+
+Role = Literal["wallet", "migration"]
+ROLES: tuple[Role, ...] = ("wallet", "migration")
+TASK_QUEUES_MAX = 16
+
+
+class UnknownTaskQueueError(ValueError):
+    pass
+
+
+def task_queue_roles(settings: Settings) -> dict[Role, str]:
+    return {"wallet": settings.wallet_task_queue, "migration": settings.migration_task_queue}
+
+
+def plan(settings: Settings, task_queues: Sequence[str] | None = None) -> dict[str, set[Role]]:
+    """Task queue -> roles it serves. `task_queues` restricts to some configured queues (a
+    queue's name is set with WALLET_TASK_QUEUE / MIGRATION_TASK_QUEUE); both roles may share
+    one queue, in which case one Worker registers everything."""
+    roles = task_queue_roles(settings)
+    wanted = list(dict.fromkeys(task_queues or roles.values()))
+    assert 0 < len(wanted) <= TASK_QUEUES_MAX, f"1..{TASK_QUEUES_MAX} task queues"
+    out: dict[str, set[Role]] = {}
+    for queue in wanted:
+        served = {role for role, name in roles.items() if name == queue}
+        if not served:
+            known = ", ".join(f"{name!r} ({role})" for role, name in roles.items())
+            raise UnknownTaskQueueError(
+                f"task queue {queue!r} is not configured; known: {known} "
+                "(rename with WALLET_TASK_QUEUE / MIGRATION_TASK_QUEUE)")
+        out[queue] = served
+    return out
+
+
+async def build_workers(client: Client, settings: Settings, stores: Stores,
+                        task_queues: Sequence[str] | None = None) -> list[Worker]:
+    """One Worker per task queue in `plan`, sharing the process's stores."""
+    planned = plan(settings, task_queues)
+    wants_migration = any("migration" in roles for roles in planned.values())
+    wallet_acts: list[Callable[..., Any]] = wallet_activities(stores)
+    migration_acts = await migration_activities(stores) if wants_migration else []
+    workers: list[Worker] = []
+    for queue, roles in planned.items():
+        if "wallet" in roles:
+            both = "migration" in roles
+            workers.append(build_worker(
+                client, settings, wallet_acts, task_queue=queue,
+                extra_workflows=MIGRATION_WORKFLOWS if both else (),
+                extra_activities=migration_acts if both else ()))
+        else:
+            workers.append(build_migration_worker(client, queue, migration_acts))
+    return workers
+
+
+async def run_worker(settings: Settings, task_queues: Sequence[str] | None = None,
+                     *, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+    planned = plan(settings, task_queues)  # refuse a bad queue before opening anything
+    stores = await make_stores(settings)
+    try:
+        client = await connect_temporal(settings)
+        workers = await build_workers(client, settings, stores, list(planned))
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        runs = [asyncio.create_task(worker.run()) for worker in workers]
+        served = ", ".join(f"{q} ({'+'.join(sorted(r))})" for q, r in planned.items())
+        log.info("worker polling %s on %s", served, settings.temporal_address)
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
+        log.info("worker shutting down")
+        await asyncio.gather(*(worker.shutdown() for worker in workers), return_exceptions=True)
+        for task in runs:
+            if task in done and not stopped.done():
+                task.result()  # a worker that died on its own: surface why
+        stopped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopped
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    finally:
+        await stores.close()
