@@ -71,37 +71,23 @@ class StoreUnavailableError(WalletError):
     retryable = True
 
 
-NON_RETRYABLE_ERROR_TYPES: tuple[str, ...] = tuple(
-    cls.__name__
-    for cls in (
-        WalletError,
-        InvalidInputError,
-        InvalidAmountError,
-        UnknownCurrencyError,
-        UnknownLedgerError,
-        InsufficientFundsError,
-        DuplicateTransactionError,
-        NotFoundError,
-        AlreadyVoidedError,
-        NotVoidableError,
-        ConflictError,
-    )
+ALL_ERRORS: tuple[type[WalletError], ...] = (
+    WalletError,
+    InvalidInputError,
+    InvalidAmountError,
+    UnknownCurrencyError,
+    UnknownLedgerError,
+    InsufficientFundsError,
+    DuplicateTransactionError,
+    NotFoundError,
+    AlreadyVoidedError,
+    NotVoidableError,
+    ConflictError,
+    StoreUnavailableError,
 )
 
-ERRORS_BY_NAME: dict[str, type[WalletError]] = {
-    cls.__name__: cls
-    for cls in (
-        WalletError,
-        InvalidInputError,
-        InvalidAmountError,
-        UnknownCurrencyError,
-        UnknownLedgerError,
-        InsufficientFundsError,
-        DuplicateTransactionError,
-        NotFoundError,
-        AlreadyVoidedError,
-        NotVoidableError,
-        ConflictError,
-        StoreUnavailableError,
-    )
-}
+ERRORS_BY_NAME: dict[str, type[WalletError]] = {cls.__name__: cls for cls in ALL_ERRORS}
+
+NON_RETRYABLE_ERROR_TYPES: tuple[str, ...] = tuple(
+    cls.__name__ for cls in ALL_ERRORS if not cls.retryable
+)
