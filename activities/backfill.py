@@ -260,7 +260,8 @@ class WalletImporter:
     async def _create_accounts(self, records: list[AccountRecord], failed: dict[str, str]) -> None:
         for start in range(0, len(records), BATCH_EVENTS_MAX):
             chunk = records[start : start + BATCH_EVENTS_MAX]
-            results = await self._client.create_accounts([customer_account_of(r) for r in chunk])
+            results = await self._client.create_accounts(
+                [customer_account_of(r, self._tb_store.deployment_tag) for r in chunk])
             assert len(results) == len(chunk)
             for record, result in zip(chunk, results, strict=True):
                 if account_rule(result.status).outcome is Outcome.FAILED:

@@ -6,7 +6,8 @@ Evidence sources (all MongoDB, the stores' own collections):
 - `backfill_imports` vs `wallets`: every legacy wallet of the scope imported;
 - unapplied writes: operations accepted by the answering store since the write path last
   switched direction and not yet in the other one (legacy `wallet_transactions` vs the
-  Transfer Registry, minus what the backfill import already counted; the reverse in tb_primary).
+  Transfer Registry, minus what the backfill import already counted; the reverse in tb_primary,
+  which `complete` also waits for before it archives MongoDB).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from walletcore.gates import Evidence
 from walletcore.phases import MigrationState, Phase
 from workflows.migration_models import (
     ACTIVITY_ARCHIVE_LEGACY,
+    ACTIVITY_AWAIT_REVERSE_DRAIN,
     ACTIVITY_COLLECT_EVIDENCE,
     ACTIVITY_LOAD_STATE,
     ACTIVITY_PUBLISH_STATE,
@@ -44,6 +46,8 @@ from workflows.migration_models import (
     EvidenceRequest,
     LoadStateInput,
     PublishStateInput,
+    ReverseDrainRequest,
+    ReverseDrainResult,
 )
 
 RECONCILIATION_REPORTS = "reconciliation_reports"
@@ -58,6 +62,7 @@ SWITCH_MARGIN_S = 3.0
 UNAPPLIED_SCAN_MAX = 500_000
 LOOKUP_BATCH_MAX = 1000
 ARCHIVE_DOCS_MAX = 50_000_000
+DRAIN_POLL_S = 0.5
 
 
 def scope_wallet_regex(scope: str) -> str | None:
@@ -100,7 +105,7 @@ class MigrationActivities:
         self._audit = AuditLog(db)
         self._metrics = ReadMetricsStore(db)
         # Per-process cache: creation time up to which every operation is known applied.
-        self._applied_watermark: dict[tuple[str, str, str], datetime] = {}
+        self._applied_watermark: dict[tuple[str, str, str, str], datetime] = {}
         self._in_flight_grace_s = in_flight_grace_s
 
     async def ensure_indexes(self) -> None:
@@ -209,18 +214,34 @@ class MigrationActivities:
             return 0
         if switch_at is None:
             return None
+        if phase == Phase.TB_PRIMARY:
+            # Every operation TigerBeetle answered since the switch is owed to MongoDB: those
+            # the old epoch answered came from MongoDB and are there already.
+            return await self._count_unapplied(scopes, reverse=True, start=_utc(switch_at))
         start = _utc(switch_at) + timedelta(seconds=SWITCH_MARGIN_S)
-        reverse = phase == Phase.TB_PRIMARY
-        key = (",".join(sorted(scopes)), start.isoformat(), "rev" if reverse else "fwd")
+        return await self._count_unapplied(scopes, reverse=False, start=start)
+
+    async def _count_unapplied(
+        self, scopes: list[str], *, reverse: bool, start: datetime,
+        until: datetime | None = None,
+    ) -> int | None:
+        """Forward: legacy operations without a Transfer Registry record (minus what the
+        backfill import counted). Reverse: Transfer Registry records without a legacy
+        operation (the tb_primary reverse projection's backlog). Created in [start, until]."""
+        key = (",".join(sorted(scopes)), start.isoformat(), "rev" if reverse else "fwd",
+               "" if until is None else _utc(until).isoformat())
         start = max(start, self._applied_watermark.get(key, start))
         if reverse:
             source, other, other_key = TRANSFER_REGISTRY, WALLET_TRANSACTIONS, "_id"
         else:
             source, other, other_key = WALLET_TRANSACTIONS, TRANSFER_REGISTRY, "_id"
+        created: dict[str, Any] = {"$gte": start}
+        if until is not None:
+            created["$lte"] = _utc(until)
         cursor = (
             self._db[source]
             .find(
-                {"created_at": {"$gte": start}, **wallet_filter(scopes, "wallet")},
+                {"created_at": created, **wallet_filter(scopes, "wallet")},
                 {"_id": 1, "wallet": 1, "wallet_version": 1, "created_at": 1},
             )
             .sort("created_at", ASCENDING)
@@ -247,6 +268,22 @@ class MigrationActivities:
         elif docs:
             self._applied_watermark[key] = _utc(docs[-1]["created_at"])
         return len(missing)
+
+    @activity.defn(name=ACTIVITY_AWAIT_REVERSE_DRAIN)
+    async def await_reverse_drain(self, req: ReverseDrainRequest) -> ReverseDrainResult:
+        """complete: poll until MongoDB holds every operation TigerBeetle answered in
+        tb_primary (the wallet workflows keep draining their `to_mongodb` backlogs after the
+        switch), or until the deadline (then report what is still missing)."""
+        deadline = _utc(req.deadline)
+        polls = 0
+        while True:
+            polls += 1
+            unapplied = await self._count_unapplied(
+                req.scopes, reverse=True, start=_utc(req.switch_at), until=req.cutoff)
+            activity.heartbeat(unapplied)
+            if unapplied == 0 or datetime.now(UTC) >= deadline:
+                return ReverseDrainResult(unapplied=unapplied, polls=polls)
+            await asyncio.sleep(DRAIN_POLL_S)
 
     async def _not_in_import(self, missing: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Drop operations the backfill's opening balance already counted (legacy version <=
@@ -330,6 +367,7 @@ class MigrationActivities:
             self.collect_evidence,
             self.write_audit,
             self.archive_legacy,
+            self.await_reverse_drain,
         ]
 
 

@@ -28,7 +28,7 @@ from temporalio import activity
 
 from activities.errors import wallet_errors_as_application_errors
 from registries.account_registry import ACCOUNT_REGISTRY, AccountRegistry
-from registries.transfer_registry import TransferRegistry
+from registries.transfer_registry import TRANSFER_REGISTRY, TransferRegistry
 from stores.backfill_imports import ImportLedger, ImportStatus
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
 from stores.migration_state import MigrationStateStore
@@ -36,7 +36,13 @@ from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, u128_to_hex
 from stores.reports import MismatchDoc, ReportStore, find_in, find_keys
 from stores.tb_errors import Outcome, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
-from stores.tigerbeetle_store import TigerBeetleStore
+from stores.tigerbeetle_store import (
+    TYPE_CREDIT,
+    TYPE_CREDIT_IN_OPENING,
+    TYPE_DEBIT,
+    TYPE_DEBIT_IN_OPENING,
+    TigerBeetleStore,
+)
 from walletcore.balances import MinorBalance
 from walletcore.codes import CUSTOMER_ACCOUNT_CODE, SystemAccount, TransferCode
 from walletcore.errors import InvalidInputError
@@ -46,6 +52,7 @@ from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
 from walletcore.phases import Phase
 from walletcore.reconcile import (
     OPERATION_CODES,
+    ZERO_BALANCE,
     AccountView,
     Classification,
     ExpectedTransfer,
@@ -56,6 +63,7 @@ from walletcore.reconcile import (
     TransferView,
     Verdict,
     alerts,
+    check_absent_transfer,
     check_conservation,
     check_transfer,
     check_wallet_account,
@@ -91,6 +99,8 @@ from workflows.reconciliation_models import (
     WalletPageOutput,
 )
 
+IN_OPENING_TYPES = frozenset({TYPE_CREDIT_IN_OPENING, TYPE_DEBIT_IN_OPENING})
+CHECKED_TYPES = frozenset({TYPE_CREDIT, TYPE_DEBIT, *IN_OPENING_TYPES})  # voids: via originals
 RECENT_OPS_MAX = 32  # evidence window per differing wallet (each side)
 REPORTED_OPS_MAX = 10
 Document = dict[str, Any]
@@ -114,6 +124,17 @@ class Evidence:
     tb_only: list[OpEffect] = field(default_factory=list)
     legacy_ops: list[Document] = field(default_factory=list)
     tb_transfers: list[Document] = field(default_factory=list)
+    tb_balance: MinorBalance | None = None  # at the cut (None: no TigerBeetle account)
+
+
+@dataclass
+class TigerBeetleCut:
+    """One consistent view of a TigerBeetle account: its balance right after the transfer at
+    `timestamp` and its recent transfers up to that one (newest first)."""
+
+    balance: MinorBalance | None
+    timestamp: int
+    transfers: list[tb.Transfer]
 
 
 @dataclass
@@ -311,20 +332,18 @@ class Reconciler:
             tb_balance = None if s.account is None else _tb_balance(s.account)
             first = classify(s.balance, tb_balance, in_flight_max_age_s=max_age_s)
             if first.verdict is Verdict.MATCH:
-                self._account_findings(run_id, s, out)
-                if not any(d.subject == s.key.canonical for d in out.docs):
-                    out.matched += 1
-                else:
-                    out.real += 1
-                    out.repairable.append(s.key.canonical)
+                self._count_match(run_id, s, out)
             else:
                 differing.append((s, first))
         evidence = await self._evidence([s for s, _ in differing])
         for s, _ in differing:
             ev = evidence[s.key.canonical]
-            tb_balance = None if s.account is None else _tb_balance(s.account)
+            tb_balance = ev.tb_balance
             result = classify(s.balance, tb_balance, legacy_only=ev.legacy_only,
                               tigerbeetle_only=ev.tb_only, in_flight_max_age_s=max_age_s)
+            if result.verdict is Verdict.MATCH:  # equal on the consistent cut
+                self._count_match(run_id, s, out)
+                continue
             if result.verdict is Verdict.IN_FLIGHT:
                 out.in_flight.append(s.key.canonical)
                 continue
@@ -350,6 +369,15 @@ class Reconciler:
                 self._account_findings(run_id, s, out)
         return out
 
+    def _count_match(self, run_id: str, s: Subject, out: Evaluation) -> None:
+        """Equal balances: a match unless the registry or the account itself is wrong."""
+        self._account_findings(run_id, s, out)
+        if not any(d.subject == s.key.canonical for d in out.docs):
+            out.matched += 1
+        else:
+            out.real += 1
+            out.repairable.append(s.key.canonical)
+
     def _account_findings(self, run_id: str, s: Subject, out: Evaluation) -> None:
         ledger = self._ledgers.ledger_of(s.key.currency, s.key.country)
         registry = None if s.registry is None else RegistryView(
@@ -369,7 +397,18 @@ class Reconciler:
                                     detail=finding.detail))
 
     async def _evidence(self, subjects: list[Subject]) -> dict[str, Evidence]:
-        """Operations one store has and the other has not yet, for each differing wallet."""
+        """Operations one store has and the other has not yet, for each differing wallet, on
+        ONE consistent cut per side (traffic keeps running while we read):
+
+        - legacy: the balance and version V read together; only operations with a version in
+          (imported version, V] count (anything newer is not in that balance);
+        - TigerBeetle: the account's most recent transfers, and its balance exactly at the
+          newest of them (the account's history), so transfers and balance agree;
+        - legacy_only: legacy operations <= V whose transfer was not in TigerBeetle at the cut;
+          tb_only: transfers at the cut whose legacy operation (found by transaction id through
+          the Transfer Registry) is not among the versions <= V: the reverse projection, or
+          an operation both stores applied after the legacy snapshot.
+        """
         found: dict[str, Evidence] = {s.key.canonical: Evidence() for s in subjects}
         if not subjects:
             return found
@@ -381,7 +420,8 @@ class Reconciler:
             record = imports.get(s.key.canonical)
             imported = record.version if record and record.status is ImportStatus.DONE else 0
             cursor = self._db[WALLET_TRANSACTIONS].find(
-                {"wallet": s.key.canonical}).sort("created_at", DESCENDING).limit(RECENT_OPS_MAX)
+                {"wallet": s.key.canonical, "wallet_version": {"$lte": s.version}},
+            ).sort("created_at", DESCENDING).limit(RECENT_OPS_MAX)
             ops = [op async for op in cursor]
             ops_by_wallet[s.key.canonical] = [
                 op for op in ops if int(op["wallet_version"]) > imported]
@@ -399,16 +439,21 @@ class Reconciler:
             for op in ops:
                 derived[op["_id"]] = (void_transfer_id(op["original_transaction_id"])
                                       if op["type"] == "void" else transfer_id(op["_id"]))
-        present: set[int] = set()
+        cuts = {s.key.canonical: await self._tb_cut(s) for s in subjects}
+        in_tb: dict[int, int] = {}  # transfer id -> TigerBeetle timestamp
         id_list = list(set(derived.values()))
         for start in range(0, len(id_list), PAGE_MAX):
-            present.update(t.id for t in await self._client.lookup_transfers(
+            in_tb.update((t.id, t.timestamp) for t in await self._client.lookup_transfers(
                 id_list[start:start + PAGE_MAX]))
-        known_ids = set(derived.values())
+        twins = await self._legacy_twins(
+            [t for cut in cuts.values() for t in cut.transfers])
         for s in subjects:
-            ev = found[s.key.canonical]
-            for op in ops_by_wallet[s.key.canonical]:
-                if derived[op["_id"]] in present:
+            ev, cut = found[s.key.canonical], cuts[s.key.canonical]
+            ev.tb_balance = cut.balance
+            ops = ops_by_wallet[s.key.canonical]
+            for op in ops:
+                at = in_tb.get(derived[op["_id"]])
+                if at is not None and at <= cut.timestamp:
                     continue
                 ev.legacy_only.append(legacy_op_effect(
                     op["type"], decimal128_to_minor(op["amount"], s.key.currency,
@@ -417,52 +462,87 @@ class Reconciler:
                     age_s=_age_s(op["created_at"], now), transaction_id=op["_id"]))
             if s.account is None:
                 continue
-            transfers = await self._client.get_account_transfers(tb.AccountFilter(
-                account_id=s.account.id, user_data_128=0, user_data_64=0, user_data_32=0,
-                code=0, timestamp_min=0, timestamp_max=0, limit=RECENT_OPS_MAX,
-                flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS
-                | tb.AccountFilterFlags.REVERSED))
+            in_snapshot = {derived[op["_id"]] for op in ops}
             ev.tb_transfers = [
                 {"id": u128_to_hex(t.id), "code": t.code, "amount": t.amount,
                  "side": "credit" if t.credit_account_id == s.account.id else "debit",
-                 "timestamp": t.timestamp} for t in transfers]
-            for t in transfers:
-                if t.code in OPERATION_CODES and t.id not in known_ids \
-                        and not self._older_than_window(t, ops_by_wallet[s.key.canonical]):
-                    ev.tb_only.append(transfer_effect(
-                        customer_id=s.account.id, debit_account_id=t.debit_account_id,
-                        credit_account_id=t.credit_account_id, amount=t.amount,
-                        age_s=max(now.timestamp() - t.timestamp / 1e9, 0.0)))
+                 "timestamp": t.timestamp} for t in cut.transfers]
+            for t in cut.transfers:
+                if t.code not in OPERATION_CODES or t.id in in_snapshot:
+                    continue
+                twin_version = twins.get(t.id)
+                if twin_version is not None and twin_version <= s.version:
+                    continue  # legacy holds it at or below V (older than the window)
+                ev.tb_only.append(transfer_effect(
+                    customer_id=s.account.id, debit_account_id=t.debit_account_id,
+                    credit_account_id=t.credit_account_id, amount=t.amount,
+                    age_s=max(now.timestamp() - t.timestamp / 1e9, 0.0)))
         return found
 
-    @staticmethod
-    def _older_than_window(transfer: tb.Transfer, ops: list[Document]) -> bool:
-        """A TigerBeetle transfer older than the legacy window may have its legacy twin just
-        outside it: only transfers inside the window can prove a reverse projection."""
-        if len(ops) < RECENT_OPS_MAX:
-            return False
-        oldest = min(as_utc(op["created_at"]) for op in ops)
-        return transfer.timestamp / 1e9 < oldest.timestamp()
+    async def _tb_cut(self, s: Subject) -> TigerBeetleCut:
+        """The account's recent transfers and its balance at the newest of them."""
+        if s.account is None:
+            return TigerBeetleCut(balance=None, timestamp=0, transfers=[])
+        account_id = s.account.id
+        transfers = await self._client.get_account_transfers(tb.AccountFilter(
+            account_id=account_id, user_data_128=0, user_data_64=0, user_data_32=0,
+            code=0, timestamp_min=0, timestamp_max=0, limit=RECENT_OPS_MAX,
+            flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS
+            | tb.AccountFilterFlags.REVERSED))
+        if not transfers:
+            return TigerBeetleCut(balance=ZERO_BALANCE, timestamp=0, transfers=[])
+        newest = transfers[0].timestamp
+        balances = await self._client.get_account_balances(tb.AccountFilter(
+            account_id=account_id, user_data_128=0, user_data_64=0, user_data_32=0,
+            code=0, timestamp_min=newest, timestamp_max=newest, limit=1,
+            flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS))
+        if not balances:  # no history (never for customer accounts): the lookup's balance
+            return TigerBeetleCut(balance=_tb_balance(s.account),
+                                  timestamp=s.account.timestamp, transfers=[])
+        at = balances[0]
+        return TigerBeetleCut(
+            balance=MinorBalance.from_posted(at.credits_posted, at.debits_posted),
+            timestamp=newest, transfers=transfers)
+
+    async def _legacy_twins(self, transfers: list[tb.Transfer]) -> dict[int, int]:
+        """Transfer id -> the legacy version of the same transaction (by transaction id, via
+        the Transfer Registry), for the transfers whose legacy twin exists."""
+        hexes = sorted({u128_to_hex(t.id) for t in transfers if t.code in OPERATION_CODES})
+        if not hexes:
+            return {}
+        txn_of = {d["_id"]: hex_to_u128(d["transfer_id"]) for d in await find_in(
+            self._db[TRANSFER_REGISTRY], "transfer_id", hexes, {"transfer_id": 1})}
+        legacy = await find_in(self._db[WALLET_TRANSACTIONS], "_id", sorted(txn_of),
+                               {"wallet_version": 1})
+        return {txn_of[d["_id"]]: int(d["wallet_version"]) for d in legacy}
 
     # ---- TigerBeetle accounts and transfers -------------------------------------------------
 
     async def account_page(self, inp: AccountPageInput) -> AccountPageOutput:
+        """Customer accounts of one ledger in the run's scope. Only this deployment's (its tag
+        in user_data_64, see TigerBeetleStore) must be in its Account Registry: deployments
+        sharing a cluster (tests, demo runs, staging) own the others. The net sums every
+        customer account, because the ledger's system accounts are shared by all of them.
+        Untagged deployments (tag 0) on one cluster cannot be told apart."""
+        tag = self._tb_store.deployment_tag
         accounts = await self._client.query_accounts(tb.QueryFilter(
             user_data_128=0, user_data_64=0, user_data_32=0, ledger=inp.ledger,
             code=CUSTOMER_ACCOUNT_CODE, timestamp_min=inp.timestamp_after + 1, timestamp_max=0,
             limit=inp.limit, flags=tb.QueryFilterFlags(0)))
-        hexes = [u128_to_hex(a.id) for a in accounts]
+        ours = [a for a in accounts if a.user_data_64 == tag]
+        hexes = [u128_to_hex(a.id) for a in ours]
         registered = {d["account_id"] for d in await find_in(
             self._db[ACCOUNT_REGISTRY], "account_id", hexes, {"account_id": 1})}
         docs = [
             MismatchDoc(run_id=inp.run_id, kind=IssueKind.UNREGISTERED_TB_ACCOUNT,
                         subject=h, detail=f"customer account on ledger {inp.ledger} "
-                        "missing from the Account Registry")
+                        f"(deployment tag {tag}) missing from the Account Registry")
             for h in hexes if h not in registered
         ]
         await self._reports.add_mismatches(docs)
         return AccountPageOutput(
-            scanned=len(accounts),
+            scanned=len(ours),
+            foreign=len(accounts) - len(ours),
             net_minor=sum(a.credits_posted - a.debits_posted for a in accounts),
             last_timestamp=accounts[-1].timestamp if accounts else inp.timestamp_after,
             exhausted=len(accounts) < inp.limit,
@@ -472,14 +552,17 @@ class Reconciler:
         scope = self._ledgers.parse_scope(inp.pairs)
         records = await self._transfers.page(after=inp.after, limit=inp.limit)
         expected: list[ExpectedTransfer] = []
+        # `<type>_in_opening`: a pre-migration original the opening balance holds, registered
+        # when it was voided. Its own transfer must NOT exist (it would count it twice).
+        absent: list[ExpectedTransfer] = []
         for rec in records:
             ledger = scope.get(rec.wallet.ledger_pair)
-            if ledger is None or rec.type not in ("credit", "debit"):
+            if ledger is None or rec.type not in CHECKED_TYPES:
                 continue  # other scope, or a void: checked through its original below
             reserve = system_account_id(ledger, SystemAccount.RESERVE)
             spend = system_account_id(ledger, SystemAccount.SPEND)
-            is_credit = rec.type == "credit"
-            expected.append(ExpectedTransfer(
+            is_credit = rec.type in (TYPE_CREDIT, TYPE_CREDIT_IN_OPENING)
+            (absent if rec.type in IN_OPENING_TYPES else expected).append(ExpectedTransfer(
                 transaction_id=rec.transaction_id, id=rec.transfer_id,
                 debit_account_id=reserve if is_credit else rec.account_id,
                 credit_account_id=rec.account_id if is_credit else spend,
@@ -493,23 +576,25 @@ class Reconciler:
                     credit_account_id=reserve if is_credit else rec.account_id,
                     amount=rec.amount_minor,
                     code=int(TransferCode.CREDIT_VOID if is_credit else TransferCode.DEBIT_VOID)))
-        assert len(expected) <= PAGE_MAX
-        actual = {t.id: t for t in await self._client.lookup_transfers(
-            [e.id for e in expected])} if expected else {}
+        assert len(expected) + len(absent) <= PAGE_MAX
+        wanted = [e.id for e in (*expected, *absent)]
+        actual = {t.id: t for t in await self._client.lookup_transfers(wanted)} if wanted else {}
         docs = []
         findings: Counter[str] = Counter()
-        for e in expected:
+        checks = [(e, check_transfer) for e in expected]
+        checks += [(e, check_absent_transfer) for e in absent]
+        for e, check in checks:
             t = actual.get(e.id)
             view = None if t is None else TransferView(
                 id=t.id, debit_account_id=t.debit_account_id,
                 credit_account_id=t.credit_account_id, amount=t.amount, code=t.code)
-            for f in check_transfer(e, view):
+            for f in check(e, view):
                 findings[f.kind] += 1
                 docs.append(MismatchDoc(run_id=inp.run_id, kind=f.kind, subject=f.subject,
                                         detail=f.detail))
         await self._reports.add_mismatches(docs)
         return TransferPageOutput(
-            scanned=len(records), checked=len(expected),
+            scanned=len(records), checked=len(expected) + len(absent),
             last_key=records[-1].transaction_id if records else inp.after,
             exhausted=len(records) < inp.limit, findings=dict(findings))
 

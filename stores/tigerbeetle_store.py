@@ -104,8 +104,15 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def customer_account(record: AccountRecord, client_hash: int) -> tb.Account:
-    """The TigerBeetle account of a wallet (shared with backfill so both create the same one)."""
+def customer_account(
+    record: AccountRecord, client_hash: int, deployment_tag: int = 0
+) -> tb.Account:
+    """The TigerBeetle account of a wallet (shared with backfill so both create the same one).
+
+    `user_data_64` = the deployment tag (Settings.deployment_tag, 0 = untagged): which
+    deployment's Account Registry owns the account when several share one cluster, so
+    reconciliation checks only its own accounts."""
+    assert 0 <= deployment_tag <= U64_MAX
     flags = tb.AccountFlags.HISTORY
     if not record.allow_overdraft:
         flags |= tb.AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
@@ -115,11 +122,12 @@ def customer_account(record: AccountRecord, client_hash: int) -> tb.Account:
         code=CUSTOMER_ACCOUNT_CODE,
         flags=flags,
         user_data_128=client_hash,
+        user_data_64=deployment_tag,
     )
 
 
-def customer_account_of(record: AccountRecord) -> tb.Account:
-    return customer_account(record, reference_hash(record.wallet.client_id))
+def customer_account_of(record: AccountRecord, deployment_tag: int = 0) -> tb.Account:
+    return customer_account(record, reference_hash(record.wallet.client_id), deployment_tag)
 
 
 def system_accounts(ledger: int) -> list[tb.Account]:
@@ -152,7 +160,10 @@ class TigerBeetleStore:
         accounts: AccountRegistry,
         transfers: TransferRegistry,
         ledgers: LedgerTable = DEFAULT_LEDGER_TABLE,
+        *,
+        deployment_tag: int = 0,
     ) -> None:
+        assert 0 <= deployment_tag <= U64_MAX
         self._client = client
         self._accounts = accounts
         self._transfers = transfers
@@ -161,6 +172,7 @@ class TigerBeetleStore:
         self.client = client
         self.accounts = accounts
         self.ledgers = ledgers
+        self.deployment_tag = deployment_tag  # customer accounts' user_data_64
         self._system_ledgers: set[int] = set()
         # Account ids known to exist in TigerBeetle: skips one create_accounts per write.
         self._known_accounts: OrderedDict[int, None] = OrderedDict()
@@ -193,7 +205,8 @@ class TigerBeetleStore:
         if record.account_id in self._known_accounts:
             self._known_accounts.move_to_end(record.account_id)
             return
-        results = await self._tb(self._client.create_accounts([customer_account_of(record)]))
+        results = await self._tb(self._client.create_accounts(
+            [customer_account_of(record, self.deployment_tag)]))
         assert len(results) == 1
         rule = account_rule(results[0].status)
         if rule.outcome is Outcome.FAILED:

@@ -77,7 +77,9 @@ async def make_env(db: AsyncDatabase[Any], redis: Any, tb_client: TigerBeetleCli
     imports = ImportLedger(db)
     for store in (legacy, accounts, transfers, imports):
         await store.ensure_indexes()
-    tb_store = TigerBeetleStore(tb_client, accounts, transfers, ledgers)
+    # Its own deployment tag: the session's cluster is shared by every test's "deployment".
+    tb_store = TigerBeetleStore(tb_client, accounts, transfers, ledgers,
+                                deployment_tag=random.randint(1, 2**63))
     importer = WalletImporter(db, legacy, tb_store, tb_client, accounts, imports, ledgers)
     reports = ReportStore(db)
     await reports.ensure_indexes()

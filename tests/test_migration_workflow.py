@@ -9,6 +9,7 @@ import string
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,13 @@ from stores.audit_log import AuditLog
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletcore.gates import GateThresholds
-from walletcore.phases import Phase
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, GetBalance
+from walletcore.phases import MigrationState, Phase
+from walletmig.config import Settings
+from walletmig.runtime import open_stores
 from workers.migration_worker import migration_workflow_runner as workflow_runner
+from workers.process import run_worker
 from workflows.migration import MigrationWorkflow
 from workflows.migration_models import (
     AdvanceRequest,
@@ -37,6 +43,7 @@ from workflows.migration_models import (
     RollbackRequest,
     SetRolloutRequest,
 )
+from workflows.reads import GetBalanceWorkflow
 
 WAIT_S = 30.0
 
@@ -280,3 +287,117 @@ async def test_pause_auto_rollback_and_continue_as_new(
     entries = await AuditLog(mongo_db).list(status.migration_id)
     assert entries[-1].automatic and entries[-1].actor == "migration-workflow"
     await handle.terminate("test done")
+
+
+async def to_tb_primary(handle: WorkflowHandle[Any, MigrationStatus]) -> None:
+    while (await handle.query(MigrationWorkflow.status)).phase != Phase.TB_PRIMARY:
+        await handle.execute_update(MigrationWorkflow.force_advance,
+                                    ForceAdvanceRequest(reason="to tb_primary", actor="test"))
+
+
+async def answered_by_tigerbeetle(db: AsyncDatabase[Any], scope: str) -> tuple[str, str]:
+    """A tb_primary operation: in the Transfer Registry, not yet projected to MongoDB."""
+    currency, country = scope.split(":")
+    wallet, txn = f"c-{uuid.uuid4().hex[:6]}|{country}|{currency}|", f"t-{uuid.uuid4().hex}"
+    await db["transfer_registry"].insert_one({
+        "_id": txn, "transfer_id": uuid.uuid4().hex, "wallet": wallet, "type": "credit",
+        "created_at": datetime.now(UTC)})
+    return wallet, txn
+
+
+async def test_complete_waits_for_the_reverse_projection(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    scope = unique_scope()
+    handle = await start(temporal_client, migration_worker, scope, tmp_path)
+    await to_tb_primary(handle)
+    wallet, txn = await answered_by_tigerbeetle(mongo_db, scope)
+
+    async def gate_sees_it() -> bool:
+        view: GatesView = await handle.query(MigrationWorkflow.gates)
+        return any(g.name == "unapplied_mongodb_writes" and g.measured.startswith("1 ")
+                   for g in view.gates)
+
+    await eventually(gate_sees_it, "the reverse-projection gate to count the operation")
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.advance, AdvanceRequest(confirm=True)),
+        "gate unapplied_mongodb_writes: measured 1 (reverse projection backlog), "
+        "threshold <= 0 (FAILED)")
+    assert (await handle.query(MigrationWorkflow.status)).phase == Phase.TB_PRIMARY
+
+    # Forced past the gate: complete is published, but the archive waits for MongoDB.
+    forced = asyncio.create_task(handle.execute_update(
+        MigrationWorkflow.force_advance,
+        ForceAdvanceRequest(reason="drill", confirm=True, actor="test")))
+
+    async def completing() -> bool:
+        status: MigrationStatus = await handle.query(MigrationWorkflow.status)
+        return status.phase == Phase.COMPLETE
+
+    await eventually(completing, "complete to be published")
+    await asyncio.sleep(1.0)
+    status = await handle.query(MigrationWorkflow.status)
+    assert status.archive is None and not forced.done()  # still draining
+    # The wallet workflow's reverse projection lands: the archive is written with it.
+    await mongo_db["wallet_transactions"].insert_one({
+        "_id": txn, "wallet": wallet, "type": "credit", "wallet_version": 1,
+        "created_at": datetime.now(UTC)})
+    status = await asyncio.wait_for(forced, WAIT_S)
+    assert status.archive is not None and status.archive.unprojected_writes == 0
+    assert status.archive.transactions == 1 and txn in Path(status.archive.path).read_text()
+    history = await handle.fetch_history()
+    await Replayer(workflows=[MigrationWorkflow], workflow_runner=workflow_runner(),
+                   data_converter=temporal_client.data_converter).replay_workflow(history)
+
+
+async def test_complete_archives_after_the_drain_timeout_and_says_what_is_missing(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    scope = unique_scope()
+    handle = await start(temporal_client, migration_worker, scope, tmp_path,
+                         complete_drain_timeout_s=1.0)
+    await to_tb_primary(handle)
+    await answered_by_tigerbeetle(mongo_db, scope)  # MongoDB refused it: never arrives
+    status = await handle.execute_update(
+        MigrationWorkflow.force_advance,
+        ForceAdvanceRequest(reason="drill", confirm=True, actor="test"))
+    assert status.phase == Phase.COMPLETE and status.archive is not None
+    assert status.archive.unprojected_writes == 1
+
+
+async def test_worker_records_served_reads_as_gate_evidence(
+    temporal_client: Client, settings: Settings
+) -> None:
+    """The read workflows' activities record their observations and the worker process flushes
+    them: the migration gates see reads served through Temporal, not only direct ones."""
+    queue = f"reads-{uuid.uuid4().hex[:8]}"
+    isolated = settings.model_copy(update={
+        "mongodb_database": f"reads_{uuid.uuid4().hex[:8]}", "wallet_task_queue": queue,
+        "migration_task_queue": queue})
+    wallet = WalletKey(client_id=f"c-{uuid.uuid4().hex[:8]}", country="USA", currency="USD")
+    since = datetime.now(UTC)
+    async with open_stores(isolated) as stores:
+        await stores.legacy.add_credit(AddCredit(
+            wallet=wallet, transaction_id=f"t-{uuid.uuid4().hex}", amount=Decimal("5.00"),
+            allow_overdraft=False))
+        await stores.migration.set(MigrationState(scope="USD:USA", phase=Phase.SHADOW_READ,
+                                                  epoch=1))
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(isolated, stop=stop))
+        try:
+            balance = await temporal_client.execute_workflow(
+                GetBalanceWorkflow.run, GetBalance(wallet=wallet),
+                id=f"read-{uuid.uuid4().hex[:8]}", task_queue=queue)
+            assert balance.credit == Decimal("5.00")  # MongoDB answered (shadow_read)
+            metrics = ReadMetricsStore(stores.db)
+
+            async def recorded() -> bool:
+                summary = await metrics.summary(["USD:USA"], since)
+                return summary.tb_reads >= 1  # the shadow TigerBeetle read, compared
+
+            await eventually(recorded, "the shadow read's observation to be flushed")
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, WAIT_S)

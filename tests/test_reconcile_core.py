@@ -19,6 +19,7 @@ from walletcore.reconcile import (
     Verdict,
     alerts,
     apply_effects,
+    check_absent_transfer,
     check_conservation,
     check_transfer,
     check_wallet_account,
@@ -118,6 +119,22 @@ def test_missing_account_with_backlog_is_in_flight_and_without_is_real() -> None
     assert classify(zero, None).verdict == Verdict.REAL  # the account itself is missing
 
 
+@given(balances(), effects, effects)
+def test_both_directions_on_one_cut_are_in_flight(base: MinorBalance, behind: list[OpEffect],
+                                                   ahead: list[OpEffect]) -> None:
+    """Legacy lacks what TigerBeetle applied after the legacy snapshot, TigerBeetle lacks the
+    backlog: the difference is in flight when exactly both sets close it."""
+    legacy = apply_effects(base, behind)
+    tb = apply_effects(base, ahead)
+    result = classify(legacy, tb, legacy_only=behind, tigerbeetle_only=ahead)
+    assert result.verdict in (Verdict.MATCH, Verdict.IN_FLIGHT)
+    if result.verdict == Verdict.IN_FLIGHT and behind and ahead:
+        assert result.explained_by == "both"
+    # Only one side of the explanation: not enough.
+    if behind and ahead and legacy != tb and apply_effects(tb, behind) != legacy:
+        assert classify(legacy, tb, legacy_only=behind).verdict == Verdict.REAL
+
+
 @given(balances(), balances())
 def test_diff_balances_is_empty_iff_equal(a: MinorBalance, b: MinorBalance) -> None:
     assert (diff_balances(a, b) == []) == (a == b)
@@ -157,6 +174,10 @@ def test_transfer_checks() -> None:
     bad = same.model_copy(update={"amount": 101})
     (finding,) = check_transfer(expected, bad)
     assert finding.kind == IssueKind.TRANSFER_MISMATCH and "amount" in finding.detail
+    # A transaction held by the opening balance must have no transfer of its own.
+    assert check_absent_transfer(expected, None) == []
+    (twice,) = check_absent_transfer(expected, same)
+    assert twice.kind == IssueKind.TRANSFER_MISMATCH and "counted twice" in twice.detail
 
 
 @given(st.lists(st.integers(-10**12, 10**12), max_size=20), st.integers(0, 10**6))

@@ -4,22 +4,28 @@ found, classified and repaired. Each test has its own ledger pairs (fresh countr
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest_asyncio
+import tigerbeetle as tb
 from bson.decimal128 import Decimal128
-from recon_support import Env, credit, debit, make_env
+from recon_support import BacklogApplier, Env, credit, debit, make_env
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.store_ops import apply_to
 from registries.account_registry import ACCOUNT_REGISTRY
 from registries.transfer_registry import TransferRecord
 from stores.legacy_store import WALLETS
-from walletcore.ids import transfer_id
+from walletcore.codes import CUSTOMER_ACCOUNT_CODE
+from walletcore.ids import hash_u128, transfer_id, void_transfer_id
 from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import IssueKind
 from walletmig.commands.reconcile import render_html
@@ -183,3 +189,133 @@ async def test_seeded_corruption_found_classified_and_repaired(
     assert after.findings.get(IssueKind.MISSING_TRANSFER) == 1  # reported, never invented
     tb = await env.tb_store.get_balance(edited)
     assert str(tb.credit) == "23.00" and str(tb.historical_credit) == "35.00"
+
+
+async def test_live_traffic_during_reconciliation_has_no_real_mismatch(
+    env: Env, worker: tuple[Client, str], unique_id: UniqueId
+) -> None:
+    """Both write directions keep running while reconciliation reads: the legacy balance, its
+    recent operations and TigerBeetle are read at different moments, yet nothing is real."""
+    keys = await seed(env, unique_id, n=4)
+    await backfill_all(env)
+    applier = BacklogApplier(env)
+    stop = asyncio.Event()
+    done: list[int] = []
+
+    async def traffic(key: WalletKey, tb_first: bool) -> None:
+        rng = random.Random(key.canonical)
+        credits: list[str] = []
+        n = 0
+        while not stop.is_set():
+            n += 1
+            txn = unique_id("live")
+            op: WalletOperation
+            if credits and rng.random() < 0.2:
+                op = Void(wallet=key, transaction_id=txn,
+                          original_transaction_id=credits.pop(rng.randrange(len(credits))))
+            elif rng.random() < 0.5:
+                op = AddCredit(wallet=key, transaction_id=txn, amount=Decimal("2"),
+                               allow_overdraft=True)
+                credits.append(txn)
+            else:
+                op = SubtractCredit(wallet=key, transaction_id=txn, amount=Decimal("1"),
+                                    allow_overdraft=True)
+            if tb_first:  # tb_primary: TigerBeetle answers, the reverse projection follows
+                await apply_to(env.tb_store, op)
+                await asyncio.sleep(rng.uniform(0, 0.03))
+                await apply_to(env.legacy, op)
+            else:  # dual_write: MongoDB answers, the backlog follows
+                await apply_to(env.legacy, op)
+                await asyncio.sleep(rng.uniform(0, 0.03))
+                await applier.apply(key, op)
+            await asyncio.sleep(rng.uniform(0.02, 0.08))  # light: 2 shared cores
+        done.append(n)
+
+    tasks = [asyncio.create_task(traffic(k, i % 2 == 1)) for i, k in enumerate(keys)]
+    try:
+        await asyncio.sleep(0.3)
+        runs = [await reconcile(worker, env, page_size=2, recheck_delay_s=0.2)]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert sum(done) > 8, done  # traffic really ran during the run
+    for summary in runs:
+        assert summary.wallets == len(keys)
+        assert summary.real == 0, await env.reports.mismatches(summary.run_id)
+        assert summary.match_rate == 1.0
+        assert IssueKind.BALANCE_MISMATCH not in summary.findings
+    quiet = await reconcile(worker, env)
+    assert quiet.matched == len(keys) and quiet.real == 0 and quiet.in_flight == 0
+    assert quiet.alerts == [], quiet.alerts
+
+
+async def test_voids_of_pre_migration_transactions_are_checked(
+    env: Env, worker: tuple[Client, str], unique_id: UniqueId
+) -> None:
+    """`credit_in_opening` / `debit_in_opening` records: the original has no transfer (the
+    opening balance holds it), its void must exist like any other transfer."""
+    c, t = unique_id("c"), unique_id("t")
+    key = env.key(c)
+    await credit(env, key, f"{t}-a", "30", overdraft=True)
+    await debit(env, key, f"{t}-b", "12", overdraft=True)
+    await debit(env, key, f"{t}-c", "2", overdraft=True)
+    await backfill_all(env)
+    # tb_primary: TigerBeetle voids the pre-migration credit, the projection follows.
+    for original in (f"{t}-a", f"{t}-b"):
+        op = Void(wallet=key, transaction_id=f"{original}-void", original_transaction_id=original)
+        await apply_to(env.tb_store, op,
+                       opening_original=await env.legacy.original_facts(key, original))
+        await apply_to(env.legacy, op)
+    kinds = {r.type for r in [await env.transfers.get(f"{t}-a"), await env.transfers.get(f"{t}-b")]
+             if r is not None}
+    assert kinds == {"credit_in_opening", "debit_in_opening"}
+    clean = await reconcile(worker, env)
+    assert clean.real == 0 and clean.findings == {}, await env.reports.mismatches(clean.run_id)
+    report = await env.reports.get(clean.run_id)
+    assert report is not None and report["counts"]["transfers_checked"] >= 4
+
+    # A void recorded for a pre-migration debit whose void transfer never reached TigerBeetle.
+    record = await env.accounts.get(key)
+    assert record is not None
+    ghost = f"{t}-c"
+    await env.transfers.record(TransferRecord(
+        transaction_id=ghost, transfer_id=transfer_id(ghost), wallet=key,
+        account_id=record.account_id, type="debit_in_opening", amount_minor=200,
+        reference_id=None, created_at=datetime.now(UTC)))
+    await env.transfers.mark_voided(ghost, void_transaction_id=f"{ghost}-void",
+                                    void_transfer_id=void_transfer_id(ghost))
+    found = await reconcile(worker, env)
+    assert found.findings == {IssueKind.MISSING_TRANSFER: 1}, found.findings
+    (doc,) = [d for d in await env.reports.mismatches(found.run_id)
+              if d["kind"] == IssueKind.MISSING_TRANSFER]
+    assert doc["subject"] == f"{ghost}-void (void of {ghost})"
+
+
+async def test_accounts_of_other_deployments_are_not_unregistered(
+    env: Env, worker: tuple[Client, str], unique_id: UniqueId
+) -> None:
+    """Only this deployment's customer accounts (its tag in user_data_64) must be in its
+    Account Registry; another deployment's accounts on the same ledger are counted apart."""
+    keys = await seed(env, unique_id, n=2)
+    await backfill_all(env)
+    ledger = env.ledgers.ledger_of("USD", env.country)
+    other = (env.tb_store.deployment_tag + 1) % 2**63 or 1
+    theirs, ours = hash_u128(unique_id("theirs")), hash_u128(unique_id("ours"))
+    results = await env.tb_client.create_accounts([
+        tb.Account(id=theirs, ledger=ledger, code=CUSTOMER_ACCOUNT_CODE,
+                   flags=tb.AccountFlags.HISTORY, user_data_64=other),
+        tb.Account(id=ours, ledger=ledger, code=CUSTOMER_ACCOUNT_CODE,
+                   flags=tb.AccountFlags.HISTORY, user_data_64=env.tb_store.deployment_tag),
+    ])
+    assert all(r.status == tb.CreateAccountStatus.CREATED for r in results), results
+    summary = await reconcile(worker, env)
+    assert summary.findings == {IssueKind.UNREGISTERED_TB_ACCOUNT: 1}, summary.findings
+    (doc,) = await env.reports.mismatches(summary.run_id)
+    assert doc["subject"] == f"{ours:032x}"
+    report = await env.reports.get(summary.run_id)
+    assert report is not None
+    assert report["counts"]["tb_accounts"] == len(keys) + 1
+    assert report["counts"]["foreign_tb_accounts"] == 1 and summary.conservation_ok
+    (account,) = await env.tb_client.lookup_accounts(
+        [(await env.accounts.get(keys[0])).account_id])  # type: ignore[union-attr]
+    assert account.user_data_64 == env.tb_store.deployment_tag  # set by the backfill import

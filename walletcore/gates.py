@@ -134,6 +134,16 @@ def gate_unapplied(ev: Evidence, t: GateThresholds) -> GateResult:
                       threshold=f"<= {t.max_unapplied_writes}")
 
 
+def gate_unapplied_reverse(ev: Evidence, t: GateThresholds) -> GateResult:
+    """In tb_primary the evidence counts operations TigerBeetle answered that the reverse
+    projection has not written to MongoDB yet: complete archives MongoDB, so it must hold them."""
+    n = ev.unapplied_writes
+    passed = n is not None and n <= t.max_unapplied_writes
+    return GateResult(name="unapplied_mongodb_writes", passed=passed,
+                      measured="unknown" if n is None else f"{n} (reverse projection backlog)",
+                      threshold=f"<= {t.max_unapplied_writes}")
+
+
 def gate_reconciliation(ev: Evidence, t: GateThresholds) -> GateResult:
     rate = ev.reconciliation_match_rate
     return GateResult(
@@ -200,7 +210,7 @@ ENTRY_GATES: dict[Phase, tuple[Gate, ...]] = {
     Phase.SHADOW_READ: (gate_backfill, gate_unapplied, gate_reconciliation),
     Phase.READ_CUTOVER: (gate_shadow_match, gate_latency),
     Phase.TB_PRIMARY: (gate_full_reconciliation, gate_unapplied),
-    Phase.COMPLETE: (gate_primary_stable,),
+    Phase.COMPLETE: (gate_primary_stable, gate_unapplied_reverse),
 }
 RAISE_ROLLOUT_GATES: tuple[Gate, ...] = (gate_fallback,)
 

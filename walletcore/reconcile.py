@@ -133,7 +133,7 @@ def apply_effects(balance: MinorBalance, effects: Iterable[OpEffect]) -> MinorBa
     return MinorBalance.from_posted(credits, debits)
 
 
-Explanation = Literal["none", "backlog", "reverse_projection"]
+Explanation = Literal["none", "backlog", "reverse_projection", "both"]
 
 
 class Classification(_Frozen):
@@ -159,9 +159,11 @@ def classify(
     """Is the difference between the stores explained by operations in flight?
 
     `legacy_only`: operations MongoDB has applied and TigerBeetle has not (the dual-write
-    backlog); `tigerbeetle_only`: the reverse (the tb_primary reverse projection). A difference
-    is in flight only when applying exactly those operations closes it and none of them is
-    older than `in_flight_max_age_s` (older means a stuck backlog: a real problem).
+    backlog); `tigerbeetle_only`: the reverse (the tb_primary reverse projection, or operations
+    TigerBeetle applied after the legacy balance was read). Both are taken on the same cut as
+    the balances (see activities.reconciliation). A difference is in flight only when exactly
+    those operations close it (legacy + tigerbeetle_only == tigerbeetle + legacy_only) and none
+    of them is older than `in_flight_max_age_s` (older means a stuck backlog: a real problem).
     A missing TigerBeetle account counts as a zero balance (the backlog may create it).
     """
     assert in_flight_max_age_s > 0
@@ -169,24 +171,22 @@ def classify(
     diffs = diff_balances(legacy, tb)
     if not diffs and tigerbeetle is not None:
         return Classification(verdict=Verdict.MATCH)
-    candidates: tuple[tuple[Explanation, MinorBalance, MinorBalance, Sequence[OpEffect]], ...] = (
-        ("backlog", tb, legacy, legacy_only),
-        ("reverse_projection", legacy, tb, tigerbeetle_only),
-    )
-    for explained_by, base, target, ops in candidates:
-        if ops and apply_effects(base, ops) == target:
-            oldest_s = max(op.age_s for op in ops)
-            if oldest_s > in_flight_max_age_s:
-                return Classification(
-                    verdict=Verdict.REAL, diffs=diffs, pending_ops=len(ops),
-                    reason=f"{len(ops)} operation(s) unapplied for {oldest_s:.0f}s "
-                    f"(> {in_flight_max_age_s:.0f}s): stuck {explained_by}",
-                )
+    ops = [*legacy_only, *tigerbeetle_only]
+    if ops and apply_effects(tb, legacy_only) == apply_effects(legacy, tigerbeetle_only):
+        explained_by: Explanation = (
+            "both" if legacy_only and tigerbeetle_only
+            else "backlog" if legacy_only else "reverse_projection")
+        oldest_s = max(op.age_s for op in ops)
+        if oldest_s > in_flight_max_age_s:
             return Classification(
-                verdict=Verdict.IN_FLIGHT, diffs=diffs, explained_by=explained_by,
-                pending_ops=len(ops),
-                reason=f"{len(ops)} operation(s) in the {explained_by}",
+                verdict=Verdict.REAL, diffs=diffs, pending_ops=len(ops),
+                reason=f"{len(ops)} operation(s) unapplied for {oldest_s:.0f}s "
+                f"(> {in_flight_max_age_s:.0f}s): stuck {explained_by}",
             )
+        return Classification(
+            verdict=Verdict.IN_FLIGHT, diffs=diffs, explained_by=explained_by,
+            pending_ops=len(ops), reason=f"{len(ops)} operation(s) in the {explained_by}",
+        )
     reason = "no TigerBeetle account" if tigerbeetle is None else "balances differ"
     if tigerbeetle is None and not diffs:
         reason = "no TigerBeetle account (zero legacy balance)"
@@ -348,6 +348,16 @@ def check_transfer(expected: ExpectedTransfer, actual: TransferView | None) -> l
         return []
     return [Finding(kind=IssueKind.TRANSFER_MISMATCH, subject=expected.transaction_id,
                     detail="; ".join(wrong))]
+
+
+def check_absent_transfer(expected: ExpectedTransfer, actual: TransferView | None) -> list[Finding]:
+    """A transaction the imported opening balance already holds must have no transfer of its
+    own (it would be counted twice); its void, if any, is checked like any other transfer."""
+    if actual is None:
+        return []
+    return [Finding(kind=IssueKind.TRANSFER_MISMATCH, subject=expected.transaction_id,
+                    detail=f"transfer {expected.id:032x} exists, but the transaction is held by "
+                    "the opening balance (counted twice)")]
 
 
 # --------------------------------------------------------------------------- money conservation

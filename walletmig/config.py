@@ -30,6 +30,9 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "TB_CLUSTER_ID": ("tb_cluster_id", "0"),
     "TB_REQUEST_TIMEOUT_S": ("tb_request_timeout_s", "10"),
     "REGISTRY_CACHE_TTL_S": ("registry_cache_ttl_s", "1800"),
+    # Written to every customer account's user_data_64: deployments sharing one TigerBeetle
+    # cluster tell their accounts apart (reconciliation checks only its own). 0 = untagged.
+    "DEPLOYMENT_TAG": ("deployment_tag", "0"),
     "WALLETMIG_STATE_DIR": ("state_dir", str(DEFAULT_STATE_DIR)),
 }
 
@@ -50,6 +53,7 @@ class Settings(BaseModel):
     tb_cluster_id: int = Field(ge=0)
     tb_request_timeout_s: float = Field(gt=0, le=300)
     registry_cache_ttl_s: int = Field(gt=0, le=7 * 24 * 3600)
+    deployment_tag: int = Field(default=0, ge=0, lt=2**64)
     state_dir: Path
 
     @classmethod

@@ -72,7 +72,8 @@ async def make_stores(
         accounts=accounts,
         transfers=transfers,
         legacy=legacy,
-        tigerbeetle=TigerBeetleStore(tb_client, accounts, transfers),
+        tigerbeetle=TigerBeetleStore(tb_client, accounts, transfers,
+                                     deployment_tag=settings.deployment_tag),
         migration=MigrationStateStore(db),
     )
     if ensure_indexes:

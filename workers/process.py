@@ -2,6 +2,9 @@
 or the ones asked for, and shuts down gracefully on SIGTERM/SIGINT (in-flight activities
 finish within the grace period, pollers stop, clients close).
 
+Reads served by the read workflows' activities are recorded in the read-metrics store (the
+migration gates' evidence); the process runs its flusher and flushes once more on shutdown.
+
 `build_workers` is also what in-process users (the demo, benchmarks) call, so they run exactly
 the wiring the deployed worker runs.
 """
@@ -18,6 +21,9 @@ from typing import Any, Literal
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.ops import make_importer
+from activities.wallet import WalletActivities
+from stores.read_metrics import ReadMetricsStore
 from walletmig.config import Settings
 from walletmig.runtime import Stores, make_stores
 from workers.migration_worker import (
@@ -25,13 +31,19 @@ from workers.migration_worker import (
     build_migration_worker,
     migration_activities,
 )
-from workers.wallet_worker import build_worker, connect_temporal, wallet_activities
+from workers.wallet_worker import (
+    build_worker,
+    connect_temporal,
+    unique_activities,
+    wallet_activities,
+)
 
 log = logging.getLogger(__name__)
 
 Role = Literal["wallet", "migration"]
 ROLES: tuple[Role, ...] = ("wallet", "migration")
 TASK_QUEUES_MAX = 16
+METRICS_FLUSH_INTERVAL_S = 0.5
 
 
 class UnknownTaskQueueError(ValueError):
@@ -61,12 +73,25 @@ def plan(settings: Settings, task_queues: Sequence[str] | None = None) -> dict[s
     return out
 
 
+def _wallet_activities(stores: Stores,
+                       metrics: ReadMetricsStore | None) -> list[Callable[..., Any]]:
+    if metrics is None:
+        return wallet_activities(stores)
+    wallet = WalletActivities(
+        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration,
+        importer=make_importer(stores), metrics=metrics,
+    )
+    return unique_activities(wallet.all())
+
+
 async def build_workers(client: Client, settings: Settings, stores: Stores,
-                        task_queues: Sequence[str] | None = None) -> list[Worker]:
-    """One Worker per task queue in `plan`, sharing the process's stores."""
+                        task_queues: Sequence[str] | None = None, *,
+                        metrics: ReadMetricsStore | None = None) -> list[Worker]:
+    """One Worker per task queue in `plan`, sharing the process's stores. `metrics`: where
+    the read activities record observations (its owner runs the flusher, see run_worker)."""
     planned = plan(settings, task_queues)
     wants_migration = any("migration" in roles for roles in planned.values())
-    wallet_acts: list[Callable[..., Any]] = wallet_activities(stores)
+    wallet_acts = _wallet_activities(stores, metrics)
     migration_acts = await migration_activities(stores) if wants_migration else []
     workers: list[Worker] = []
     for queue, roles in planned.items():
@@ -86,9 +111,13 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
     """Run until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
     planned = plan(settings, task_queues)  # refuse a bad queue before opening anything
     stores = await make_stores(settings)
+    metrics = ReadMetricsStore(stores.db)
+    flusher: asyncio.Task[None] | None = None
     try:
+        await metrics.ensure_indexes()
+        flusher = asyncio.create_task(metrics.run_flusher(METRICS_FLUSH_INTERVAL_S))
         client = await connect_temporal(settings)
-        workers = await build_workers(client, settings, stores, list(planned))
+        workers = await build_workers(client, settings, stores, list(planned), metrics=metrics)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -109,4 +138,8 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     finally:
+        if flusher is not None:  # stops after flushing what the last reads recorded
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
         await stores.close()

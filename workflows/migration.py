@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.migration_models import (
         ACTIVITY_ARCHIVE_LEGACY,
+        ACTIVITY_AWAIT_REVERSE_DRAIN,
         ACTIVITY_COLLECT_EVIDENCE,
         ACTIVITY_LOAD_STATE,
         ACTIVITY_PUBLISH_STATE,
@@ -67,6 +68,8 @@ with workflow.unsafe.imports_passed_through():
         MigrationStatus,
         PauseRequest,
         PublishStateInput,
+        ReverseDrainRequest,
+        ReverseDrainResult,
         RollbackRequest,
         SetRolloutRequest,
     )
@@ -84,6 +87,11 @@ ACTIVITY_RETRY = RetryPolicy(
 )
 # Evidence is advisory: a few failed attempts keep the previous evidence and try next round.
 EVIDENCE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3)
+# complete waits for the reverse projection before archiving (histories recorded before this
+# change archive right away).
+PATCH_DRAIN_BEFORE_ARCHIVE = "complete-drains-reverse-projection"
+DRAIN_SLACK = timedelta(seconds=60)
+DRAIN_HEARTBEAT = timedelta(seconds=30)
 # Phases whose write path answers from TigerBeetle (a switch in/out of these drains first).
 TB_ANSWERS = frozenset({Phase.TB_PRIMARY, Phase.COMPLETE})
 
@@ -103,6 +111,7 @@ class MigrationWorkflow:
         self._run_actions = 0
         self._wake = False
         self._last_evidence_error: str | None = None
+        self._draining = False
 
     # ---- run loop --------------------------------------------------------------------------
 
@@ -246,19 +255,51 @@ class MigrationWorkflow:
             start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=ACTIVITY_RETRY,
         )
         if moved and target.phase == Phase.COMPLETE:
-            self._rt.archive = await workflow.execute_activity(
+            unprojected = None
+            if workflow.patched(PATCH_DRAIN_BEFORE_ARCHIVE):
+                unprojected = await self._drain_reverse_projection()
+            archive: ArchiveInfo = await workflow.execute_activity(
                 ACTIVITY_ARCHIVE_LEGACY,
                 ArchiveRequest(migration_id=self._config.migration_id,
                                scopes=self._config.scopes, archive_dir=self._config.archive_dir),
                 result_type=ArchiveInfo, start_to_close_timeout=ARCHIVE_TIMEOUT,
                 retry_policy=ACTIVITY_RETRY,
             )
+            self._rt.archive = (archive if unprojected is None else
+                                archive.model_copy(update={"unprojected_writes": unprojected}))
         self._run_actions += 1
         if moved:
             self._evidence = None  # evidence of the old position does not speak for the new one
         self._wake = True
         self._refresh_ui()
         return self.status()
+
+    async def _drain_reverse_projection(self) -> int | None:
+        """complete is published and every reader follows it, so no operation is answered
+        under tb_primary any more; wait until the wallet workflows' reverse projection has
+        written all of them to MongoDB, so that the archive holds every operation."""
+        switch_at, cutoff = self._rt.write_switch_at, self._rt.position_since
+        if switch_at is None or cutoff is None:
+            return None  # never ran tb_primary under this workflow: nothing to wait for
+        timeout = timedelta(seconds=self._config.complete_drain_timeout_s)
+        self._draining = True
+        self._refresh_ui()
+        try:
+            result: ReverseDrainResult = await workflow.execute_activity(
+                ACTIVITY_AWAIT_REVERSE_DRAIN,
+                ReverseDrainRequest(scopes=self._config.scopes, switch_at=switch_at,
+                                    cutoff=cutoff, deadline=workflow.now() + timeout),
+                result_type=ReverseDrainResult, start_to_close_timeout=timeout + DRAIN_SLACK,
+                heartbeat_timeout=DRAIN_HEARTBEAT, retry_policy=ACTIVITY_RETRY,
+            )
+        finally:
+            self._draining = False
+        if result.unapplied:
+            workflow.logger.warning(
+                "migration %s: %s operation(s) answered by TigerBeetle in tb_primary are not "
+                "in MongoDB after %s: archived without them (see reconciliation)",
+                self._config.migration_id, result.unapplied, timeout)
+        return result.unapplied
 
     async def _decide_and_apply(self, decide: Callable[[], Decision], actor: str,
                                 reason: str) -> MigrationStatus:
@@ -411,10 +452,16 @@ class MigrationWorkflow:
             lines += ["", f"**Next:** `{step}`"]
             lines += [f"- {'✅' if g.passed else '❌'} {g.reason}" for g in gates] or \
                 ["- no gates"]
+        if self._draining:
+            lines += ["", "**Completing:** waiting for the reverse projection to write every "
+                          "operation answered in tb_primary to MongoDB, then archiving"]
         if self._rt.archive is not None:
             a = self._rt.archive
             lines += ["", f"**Archive:** `{a.path}` sha256 `{a.sha256[:16]}…` "
                           f"({a.wallets} wallets, {a.transactions} transactions)"]
+            if a.unprojected_writes:
+                lines.append(f"⚠️ {a.unprojected_writes} operation(s) answered by TigerBeetle "
+                             "never reached MongoDB (divergences): not in the archive")
         if self._rt.recent_actions:
             lines += ["", "**Recent actions**"]
             for r in self._rt.recent_actions[-5:][::-1]:

@@ -86,6 +86,7 @@ class ReconciliationWorkflow:
                 limit=inp.page_size), AccountPageOutput)
             self._pages_this_run += 1
             s.counts.tb_accounts += page.scanned
+            s.counts.foreign_tb_accounts += page.foreign
             s.counts.add_findings(page.findings)
             s.customer_net[str(ledger)] = s.customer_net.get(str(ledger), 0) + page.net_minor
             s.timestamp_after = page.last_timestamp

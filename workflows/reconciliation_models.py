@@ -38,6 +38,7 @@ class Counts(BaseModel):
     max_real_diff_minor: int = 0
     findings: dict[str, int] = Field(default_factory=dict)
     tb_accounts: int = 0
+    foreign_tb_accounts: int = 0  # other deployments' accounts on the same ledgers (not checked)
     transfers_checked: int = 0
     repaired: int = 0
     repair_failed: int = 0
@@ -131,11 +132,12 @@ class AccountPageInput(_Model):
 
 
 class AccountPageOutput(_Model):
-    scanned: int
-    net_minor: int
+    scanned: int  # this deployment's customer accounts (user_data_64 = its deployment tag)
+    net_minor: int  # every customer account of the ledger (the system accounts are shared)
     last_timestamp: int
     exhausted: bool
     findings: dict[str, int]
+    foreign: int = 0  # customer accounts of other deployments sharing the ledger
 
 
 class TransferPageInput(_Model):
