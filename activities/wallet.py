@@ -23,6 +23,7 @@ from activities.store_ops import apply_to
 from stores.backfill_imports import ImportLedger
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
+from stores.read_metrics import ReadMetricsStore
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.balances import WalletBalance
 from walletcore.errors import WalletError
@@ -140,14 +141,17 @@ class WalletActivities:
         tigerbeetle: TigerBeetleStore,
         migration: MigrationStateStore,
         importer: WalletImporter | None = None,
+        metrics: ReadMetricsStore | None = None,
     ) -> None:
+        """`metrics`: where the read activities record their observations (gate evidence);
+        its owner runs the flusher (workers.process)."""
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
         self._migration = migration
         self._importer = importer or default_importer(legacy, tigerbeetle)
         self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer)
         self._projection = ReverseProjectionActivities(legacy)
-        self._reader = WalletReader(legacy, tigerbeetle, migration)
+        self._reader = WalletReader(legacy, tigerbeetle, migration, metrics)
 
     @activity.defn(name=ACTIVITY_APPLY_PRIMARY)
     async def apply_primary(self, inp: ApplyPrimaryInput) -> PrimaryOutcome:

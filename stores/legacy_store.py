@@ -6,6 +6,15 @@ concurrency), so two writers can never both apply on the same version: the loser
 write conflict or a zero match, re-reads and tries again (bounded, jittered). The transaction
 id is the `_id` of `wallet_transactions`, which makes replays detectable and duplicates
 impossible; a unique (wallet, wallet_version) index is a second guard against lost updates.
+
+Hot path: this process remembers the wallet document its last write produced (bounded cache).
+A credit or debit is then decided from that snapshot and written as a compare-and-swap: the
+update's filter holds every field the decision used (version, balances, overdraft flag), so it
+matches only a document still exactly as remembered, and the transaction insert's unique `_id`
+catches a replayed id (its error aborts the transaction, wallet update included). Two round
+trips (one bulkWrite carrying the update and the insert, then commit) instead of five; any
+surprise (no match, duplicate key, a refusal by the snapshot) forgets the snapshot and runs
+the full read-decide-write attempt. Voids and a wallet's first write always take that path.
 """
 
 from __future__ import annotations
@@ -13,17 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel, InsertOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, PyMongoError
 
 from stores.mongo import (
+    DUPLICATE_KEY_CODE,
     PAGE_LIMIT_MAX,
     TXN_ATTEMPTS_MAX,
     as_utc,
@@ -67,6 +79,12 @@ SOURCE = "mongodb"
 HISTORY_LIMIT_MAX = 8189
 MULTI_BALANCE_LIMIT_MAX = 1000  # wallets of one client: (country, currency, issuer) combos
 COMMIT_ATTEMPTS_MAX = 3
+SNAPSHOTS_MAX = 10_000  # wallets remembered per process for the compare-and-swap hot path
+# Transaction attempts in flight per process. More buys nothing (the server applies them one
+# core's worth at a time) and costs: each concurrent attempt holds its own server session, and
+# SecantusDB keeps every session that ever ran a transaction and scans them all on each
+# statement, so a wide fan-out makes every later write slower for the server's lifetime.
+SESSIONS_MAX_DEFAULT = 16
 
 Document = dict[str, Any]
 Applied = tuple[OperationResult, LegacyFacts]
@@ -74,6 +92,46 @@ Applied = tuple[OperationResult, LegacyFacts]
 
 class _VersionConflict(Exception):
     """Another writer changed the wallet (or the voided original) since this attempt read it."""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A wallet document as this process last wrote or read it: what a write decides from."""
+
+    balance: MinorBalance
+    fields: Document  # the stored Decimal128 balance fields, matched verbatim by the CAS
+    version: int
+    allow_overdraft: bool
+
+
+class _Snapshots:
+    """Bounded LRU of wallet snapshots. Never trusted alone: every use is a compare-and-swap."""
+
+    def __init__(self, limit: int = SNAPSHOTS_MAX) -> None:
+        assert 0 < limit <= 1_000_000
+        self._limit = limit
+        self._items: OrderedDict[str, _Snapshot] = OrderedDict()
+
+    def get(self, key: str) -> _Snapshot | None:
+        snap = self._items.get(key)
+        if snap is not None:
+            self._items.move_to_end(key)
+        return snap
+
+    def put(self, key: str, snap: _Snapshot) -> None:
+        current = self._items.get(key)
+        if current is not None and current.version > snap.version:
+            return  # a concurrent writer (serialize_local=False) already stored a newer one
+        self._items[key] = snap
+        self._items.move_to_end(key)
+        while len(self._items) > self._limit:
+            self._items.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class _KeyedLocks:
@@ -112,13 +170,17 @@ class LegacyStore:
         ledgers: LedgerTable | None = DEFAULT_LEDGER_TABLE,
         attempts_max: int = TXN_ATTEMPTS_MAX,
         serialize_local: bool = True,
+        sessions_max: int = SESSIONS_MAX_DEFAULT,
     ) -> None:
         """`ledgers`: reject wallets whose currency:country has no ledger, exactly as the
         TigerBeetle store does (None turns the check off for legacy-only pairs).
         `serialize_local`: queue this process's writers per wallet before the transaction.
         Correctness never depends on it (the version check does that across processes); it
-        turns a storm of write conflicts into an orderly queue."""
+        turns a storm of write conflicts into an orderly queue.
+        `sessions_max`: transaction attempts in flight in this process (see SESSIONS_MAX_DEFAULT).
+        """
         assert 0 < attempts_max <= 10_000
+        assert 0 < sessions_max <= 10_000
         self.db = db  # shared with the importer that serializes backfill with dual-writes
         self._client = db.client
         self._wallets: AsyncCollection[Any] = db[WALLETS]
@@ -126,8 +188,11 @@ class LegacyStore:
         self._ledgers = ledgers
         self._attempts_max = attempts_max
         self._local_locks = _KeyedLocks() if serialize_local else None
+        self._snapshots = _Snapshots()
+        self._sessions_gate = asyncio.Semaphore(sessions_max)
         self.conflict_retries = 0  # observability: how often optimistic concurrency retried
         self.attempts_peak = 0  # observability: most attempts one operation needed
+        self.snapshot_misses = 0  # observability: hot-path attempts that fell back to reads
 
     async def ensure_indexes(self) -> None:
         """Idempotent: same names and specs every time."""
@@ -218,18 +283,25 @@ class LegacyStore:
         self, op: AddCredit | Void, kind: OperationType, amount_minor: int
     ) -> Applied:
         try:
-            async with self._client.start_session() as session:
-                for attempt in range(self._attempts_max):
-                    try:
+            for attempt in range(self._attempts_max):
+                try:
+                    # Per attempt, so a wallet stuck in conflicts backs off without a slot.
+                    async with self._sessions_gate, self._client.start_session() as session:
+                        if kind != OperationType.VOID:
+                            fast = await self._attempt_from_snapshot(
+                                session, op, kind, amount_minor
+                            )
+                            if fast is not None:
+                                return fast
                         return await self._attempt(session, op, kind, amount_minor)
-                    except _VersionConflict:
-                        pass
-                    except PyMongoError as exc:
-                        if not is_retryable_txn_error(exc):
-                            raise
-                    self.conflict_retries += 1
-                    self.attempts_peak = max(self.attempts_peak, attempt + 2)
-                    await backoff(attempt)
+                except _VersionConflict:
+                    pass
+                except PyMongoError as exc:
+                    if not is_retryable_txn_error(exc):
+                        raise
+                self.conflict_retries += 1
+                self.attempts_peak = max(self.attempts_peak, attempt + 2)
+                await backoff(attempt)
         except PyMongoError as exc:
             raise StoreUnavailableError(f"MongoDB: {exc}", field=None) from exc
         raise StoreUnavailableError(
@@ -245,16 +317,109 @@ class LegacyStore:
         amount_minor: int,
     ) -> Applied:
         await session.start_transaction()
+        canonical = op.wallet.canonical
         try:
-            applied = await self._apply(session, op, kind, amount_minor)
+            applied, snap = await self._apply(session, op, kind, amount_minor)
         except BaseException:
             await _abort_quietly(session)
             raise
         if applied[0].replayed:  # read-only: nothing to commit
             await _abort_quietly(session)
             return applied
-        await _commit(session)
+        try:
+            await _commit(session)
+        except BaseException:
+            self._snapshots.forget(canonical)  # outcome unknown: the next write reads
+            raise
+        assert snap is not None, "a fresh write leaves a snapshot"
+        self._snapshots.put(canonical, snap)
         return applied
+
+    async def _attempt_from_snapshot(
+        self,
+        session: AsyncClientSession,
+        op: AddCredit | Void,
+        kind: OperationType,
+        amount_minor: int,
+    ) -> Applied | None:
+        """A credit or debit decided from this process's snapshot of the wallet, written as a
+        compare-and-swap. None when the snapshot cannot decide (absent, stale, the id already
+        used, or a refusal that a fresh read must confirm): the caller runs `_attempt`."""
+        assert kind in (OperationType.CREDIT, OperationType.DEBIT) and amount_minor > 0
+        wallet = op.wallet
+        canonical = wallet.canonical
+        snap = self._snapshots.get(canonical)
+        if snap is None:
+            return None
+        if kind == OperationType.DEBIT:
+            after = snap.balance.apply_debit(amount_minor)
+            if not snap.allow_overdraft and after.net_minor < 0:
+                # Refusals come from a fresh read: the id may be a replay of an applied debit.
+                return None
+        else:
+            after = snap.balance.apply_credit(amount_minor)
+        now = now_ms()
+        balance_fields = _balance_fields(after, wallet.currency)
+        version = snap.version + 1
+        txn_doc = _txn_doc(op, kind, amount_minor, balance_fields, version, now)
+        # Matches only the document the decision was computed from (also an edit that
+        # did not bump the version).
+        cas = {
+            "_id": canonical,
+            "version": snap.version,
+            "allow_overdraft": snap.allow_overdraft,
+            **snap.fields,
+        }
+        change = {"$set": {**balance_fields, "version": version, "updated_at": now}}
+        await session.start_transaction()
+        matched: bool
+        try:
+            # Both writes in one round trip (MongoDB 8 bulkWrite). Ordered: an insert error
+            # stops the batch; a zero match does not, and the abort below discards the insert.
+            written = await self._client.bulk_write(
+                [
+                    UpdateOne(cas, change, namespace=self._wallets.full_name),
+                    InsertOne(txn_doc, namespace=self._txns.full_name),
+                ],
+                session=session,
+                ordered=True,
+            )
+            matched = written.matched_count == 1 and written.inserted_count == 1
+        except (DuplicateKeyError, ClientBulkWriteException) as exc:
+            if not _only_duplicate_keys(exc):
+                self._snapshots.forget(canonical)
+                await _abort_quietly(session)
+                # The retry policy judges the server's error (a write conflict arrives wrapped).
+                cause = exc.error if isinstance(exc, ClientBulkWriteException) else None
+                if isinstance(cause, PyMongoError):
+                    raise cause from exc
+                raise
+            matched = False  # the id was used before (or a racing version): read and decide
+        except BaseException:
+            self._snapshots.forget(canonical)
+            await _abort_quietly(session)
+            raise
+        if not matched:
+            self._snapshots.forget(canonical)
+            self.snapshot_misses += 1
+            await _abort_quietly(session)
+            return None
+        try:
+            await _commit(session)
+        except BaseException:
+            self._snapshots.forget(canonical)
+            raise
+        self._snapshots.put(
+            canonical,
+            _Snapshot(
+                balance=after,
+                fields=balance_fields,
+                version=version,
+                allow_overdraft=snap.allow_overdraft,
+            ),
+        )
+        facts = LegacyFacts(wallet_version=version, original=None)
+        return _result(txn_doc, wallet, replayed=False), facts
 
     async def _apply(
         self,
@@ -262,13 +427,15 @@ class LegacyStore:
         op: AddCredit | Void,
         kind: OperationType,
         amount_minor: int,
-    ) -> Applied:
+    ) -> tuple[Applied, _Snapshot | None]:
+        """The full attempt: read, decide, write. Also the wallet snapshot it wrote (None for
+        a replay, which writes nothing)."""
         wallet = op.wallet
         canonical = wallet.canonical
         existing = await self._txns.find_one({"_id": op.transaction_id}, session=session)
         if existing is not None:
             replayed = self._replay(op, kind, amount_minor, existing)
-            return replayed, await self._facts(session, existing)
+            return (replayed, await self._facts(session, existing)), None
 
         wallet_doc = await self._wallets.find_one({"_id": canonical}, session=session)
         original: Document | None = None
@@ -328,19 +495,7 @@ class LegacyStore:
             )
             if updated.matched_count != 1:
                 raise _VersionConflict
-        txn_doc: Document = {
-            "_id": op.transaction_id,
-            "wallet": canonical,
-            "type": kind.value,
-            "amount": minor_to_decimal128(amount_minor, wallet.currency),
-            "amount_minor": int_to_bson(amount_minor),
-            "reference_id": op.reference_id,
-            "original_transaction_id": op.original_transaction_id if isinstance(op, Void) else None,
-            "voided_by": None,
-            "balance_after": balance_fields,
-            "wallet_version": version + 1,
-            "created_at": now,
-        }
+        txn_doc = _txn_doc(op, kind, amount_minor, balance_fields, version + 1, now)
         await self._txns.insert_one(txn_doc, session=session)
         if isinstance(op, Void):
             marked = await self._txns.update_one(
@@ -356,7 +511,13 @@ class LegacyStore:
             if original is None
             else _original_facts(original, wallet.currency, voided_by=op.transaction_id),
         )
-        return _result(txn_doc, wallet, replayed=False), facts
+        snap = _Snapshot(
+            balance=after,
+            fields=balance_fields,
+            version=version + 1,
+            allow_overdraft=allow_overdraft,
+        )
+        return (_result(txn_doc, wallet, replayed=False), facts), snap
 
     async def _facts(self, session: AsyncClientSession | None, doc: Document) -> LegacyFacts:
         original: OriginalFacts | None = None
@@ -539,6 +700,43 @@ async def _commit(session: AsyncClientSession) -> None:
             if not unknown or attempt + 1 == COMMIT_ATTEMPTS_MAX:
                 raise
             log.warning("commit outcome unknown, retrying commit: %s", exc)
+
+
+def _only_duplicate_keys(exc: PyMongoError) -> bool:
+    """A bulk write failed only on unique keys (anything else goes up to the retry policy)."""
+    if isinstance(exc, DuplicateKeyError):
+        return True
+    assert isinstance(exc, ClientBulkWriteException)
+    # The driver types these as WriteError; what arrives are the server's error documents.
+    errors = cast(list[Mapping[str, Any]], exc.write_errors or [])
+    return (
+        bool(errors)
+        and exc.error is None
+        and all(e.get("code") == DUPLICATE_KEY_CODE for e in errors)
+    )
+
+
+def _txn_doc(
+    op: AddCredit | Void,
+    kind: OperationType,
+    amount_minor: int,
+    balance_fields: Document,
+    wallet_version: int,
+    now: datetime,
+) -> Document:
+    return {
+        "_id": op.transaction_id,
+        "wallet": op.wallet.canonical,
+        "type": kind.value,
+        "amount": minor_to_decimal128(amount_minor, op.wallet.currency),
+        "amount_minor": int_to_bson(amount_minor),
+        "reference_id": op.reference_id,
+        "original_transaction_id": op.original_transaction_id if isinstance(op, Void) else None,
+        "voided_by": None,
+        "balance_after": balance_fields,
+        "wallet_version": wallet_version,
+        "created_at": now,
+    }
 
 
 def _original_facts(
