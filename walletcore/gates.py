@@ -136,7 +136,8 @@ def gate_unapplied(ev: Evidence, t: GateThresholds) -> GateResult:
 
 def gate_unapplied_reverse(ev: Evidence, t: GateThresholds) -> GateResult:
     """In tb_primary the evidence counts operations TigerBeetle answered that the reverse
-    projection has not written to MongoDB yet: complete archives MongoDB, so it must hold them."""
+    projection has not written to MongoDB within a short grace (stuck, not in flight):
+    complete archives MongoDB, so it must be able to receive them; it drains the rest."""
     n = ev.unapplied_writes
     passed = n is not None and n <= t.max_unapplied_writes
     return GateResult(name="unapplied_mongodb_writes", passed=passed,
