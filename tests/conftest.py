@@ -7,11 +7,22 @@ Servers start lazily: a test that only needs Redis does not pay for MongoDB.
 
 Tests isolate through unique ids (`unique_id`) and a per-session MongoDB database, never by
 wiping a server.
+
+Nothing outlives the session: SIGTERM and SIGHUP unwind pytest like Ctrl-C (so fixtures tear
+down), and an atexit hook then stops every stack this session started (by recorded PID) and
+any child process still running (Temporal dev servers, workers a test spawned).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
@@ -30,6 +41,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from walletmig import devstack
 from walletmig.config import ENVIRONMENT, Settings
+from walletmig.processes import PROC_ROOT
 
 # The dev server's own default start-up timeout (5 s) is too tight on a loaded 2-core machine.
 TEMPORAL_STARTUP_TIMEOUT_S = 60
@@ -52,18 +64,130 @@ def temporal_binary() -> str:
     return str(devstack.find_binary("temporal"))
 
 
+# ----------------------------------------------------------------------------- cleanup
+
+# Stacks this session started and has not stopped yet: the atexit hook stops them.
+_LIVE_STACKS: list[devstack.StackConfig] = []
+CHILD_STOP_TIMEOUT_S = 10.0
+CHILD_POLL_INTERVAL_S = 0.05
+INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _live_children() -> list[int]:
+    """PIDs of this process's children that still run (zombies excluded)."""
+    me = os.getpid()
+    found: list[int] = []
+    for entry in PROC_ROOT.glob("[0-9]*"):
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[1]) == me and fields[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _signal_child(pid: int, signum: int) -> None:
+    # devstack servers lead their own process group (new session): signal the group, which
+    # also reaches helpers they forked; other children get the signal alone.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def _reap(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def stop_children(timeout_s: float = CHILD_STOP_TIMEOUT_S) -> list[int]:
+    """SIGTERM every live child, SIGKILL those still running after `timeout_s`.
+
+    Returns the PIDs found running. Only children of this very process: never anything a
+    test did not start.
+    """
+    assert timeout_s > 0
+    pids = _live_children()
+    for pid in pids:
+        _signal_child(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap(pids)
+        if not set(pids) & set(_live_children()):
+            return pids
+        time.sleep(CHILD_POLL_INTERVAL_S)
+    for pid in set(pids) & set(_live_children()):
+        _signal_child(pid, signal.SIGKILL)
+    _reap(pids)
+    return pids
+
+
+def _stop_everything() -> None:
+    """atexit: the stacks not stopped by their fixture, then any child still running."""
+    while _LIVE_STACKS:
+        config = _LIVE_STACKS.pop()
+        try:
+            devstack.down(config)
+        except Exception as exc:  # keep going: the child sweep below is the backstop
+            print(f"conftest: stopping the stack in {config.state_dir} failed: {exc}",
+                  file=sys.stderr)  # fmt: skip
+    leaked = stop_children()
+    if leaked:
+        print(f"conftest: stopped stray child processes {leaked}", file=sys.stderr)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    # Unwind like Ctrl-C: pytest then tears the fixtures down and atexit runs. Later
+    # signals are ignored so they cannot cut that (bounded) cleanup short.
+    for other in INTERRUPT_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    atexit.register(_stop_everything)
+    for signum in INTERRUPT_SIGNALS:
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _interrupt)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After fixture teardown: a process still running here leaked; stop it and say so."""
+    leaked = stop_children()
+    if leaked:
+        session.config.get_terminal_writer().line(
+            f"conftest: stopped stray child processes {leaked} after the session", red=True
+        )
+
+
 # ----------------------------------------------------------------------------- servers
 
 
 @pytest.fixture(scope="session")
-def stack_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.StackConfig]:
-    """The session's embedded stack: temp state dir, free ports, the same durability settings
-    as `walletmig dev up` (MongoDB syncs on commit), stopped by PID at the end."""
-    config = devstack.StackConfig.with_free_ports(
-        tmp_path_factory.mktemp("walletmig-stack"), ready_timeout_s=120
-    )
+def stack_config(request: pytest.FixtureRequest) -> Iterator[devstack.StackConfig]:
+    """The session's embedded stack: fresh state dir, free ports, the same durability settings
+    as `walletmig dev up` (MongoDB syncs on commit), stopped by PID at the end.
+
+    The state dir is not under pytest's numbered basetemp: a concurrent pytest session may
+    delete that once its lock is released, which on an interrupted run happens before the
+    session fixtures are torn down. It is removed after a session without failures and kept
+    (with the server logs) otherwise.
+    """
+    state_dir = Path(tempfile.mkdtemp(prefix="walletmig-test-stack-"))
+    config = devstack.StackConfig.with_free_ports(state_dir, ready_timeout_s=120)
+    _LIVE_STACKS.append(config)  # from here on, an interrupted session still stops it
     yield config
     devstack.down(config)
+    _LIVE_STACKS.remove(config)
+    if request.session.testsfailed == 0:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    else:
+        print(f"\nconftest: stack state and server logs kept in {state_dir}")
 
 
 def _start(config: devstack.StackConfig, name: str) -> None:

@@ -14,6 +14,7 @@ State layout (STATE = WALLETMIG_STATE_DIR, default `.walletmig/`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import importlib.util
 import json
@@ -65,6 +66,11 @@ ENV_FILE = "env"
 LOCK_FILE = "lock"
 WORKER_MODULE = "walletmig.commands.worker"
 TB_EMULATOR_MODULE = "tb_emulator.__main__"
+SECANTUS_CONFIG_FILE = "secantusd.toml"
+# Everything is set by flags. SecantusDB 0.7 has no transaction lifetime setting (neither a
+# flag, nor this file, nor setParameter): a dead client's open transaction holds its
+# documents for the built-in 60 s, like mongod's default transactionLifetimeLimitSeconds.
+SECANTUS_CONFIG = "# Written by walletmig dev up: the server flags set everything.\n"
 PROBE_INTERVAL_S = 0.1
 PROBE_INTERVAL_MAX_S = 1.0
 PROBE_COMMAND_TIMEOUT_S = 5.0
@@ -228,6 +234,8 @@ class ComponentSpec:
     probe: Callable[[int], bool]  # one quick readiness attempt, given the PID
     env: Mapping[str, str]
     unavailable: str = ""  # non-empty: cannot run yet, the reason is shown as "skipped"
+    # Files written into data_dir before each start: file name -> text.
+    data_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def stack_env(config: StackConfig) -> dict[str, str]:
@@ -439,6 +447,10 @@ def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
             str(config.mongo_port),
             "--storage-path",
             str(state / "mongo"),
+            # An explicit config file turns off secantusd's discovery of ~/.secantus/ and
+            # /etc/secantus/ files, which would otherwise change this stack behind our back.
+            "--config",
+            str(state / "mongo" / SECANTUS_CONFIG_FILE),
             "--log-level",
             "WARNING",
             # The legacy wallet store is the source of truth: fsync every commit.
@@ -449,6 +461,7 @@ def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
         data_dir=state / "mongo",
         probe=_mongo_ready(config.mongodb_uri),
         env=base_env,
+        data_files={SECANTUS_CONFIG_FILE: SECANTUS_CONFIG},
     )
 
     specs["tigerbeetle"] = ComponentSpec(
@@ -669,6 +682,8 @@ def up(config: StackConfig, components: Sequence[str] | None = None) -> list[Com
                     continue
                 if spec.data_dir is not None:
                     spec.data_dir.mkdir(parents=True, exist_ok=True)
+                    for file_name, text in spec.data_files.items():
+                        (spec.data_dir / file_name).write_text(text)
                 records[name] = spawn(
                     spec.argv,
                     log_path=state.resolve() / "logs" / f"{name}.log",
