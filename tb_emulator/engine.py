@@ -269,22 +269,13 @@ class Engine:
             if flags & AF_LINKED and chain_start < 0:
                 chain_start = index
                 chain_mark = len(self._account_order)
-            if flags & AF_LINKED and index == count - 1:
-                status = CAS.LINKED_EVENT_CHAIN_OPEN
-            elif chain_broken:
-                status = CAS.LINKED_EVENT_FAILED
-            elif bool(flags & AF_IMPORTED) != imported_batch:
-                status = (
-                    CAS.IMPORTED_EVENT_NOT_EXPECTED
-                    if flags & AF_IMPORTED
-                    else CAS.IMPORTED_EVENT_EXPECTED
-                )
-            elif imported_batch and not 1 <= ts_in <= TIMESTAMP_MAX:
-                status = CAS.IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE
-            elif imported_batch and ts_in >= batch_ts:
-                status = CAS.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE
-            elif not imported_batch and ts_in != 0:
-                status = CAS.TIMESTAMP_MUST_BE_ZERO
+            precheck = _batch_precheck(
+                linked=bool(flags & AF_LINKED), imported=bool(flags & AF_IMPORTED),
+                last=index == count - 1, chain_broken=chain_broken,
+                imported_batch=imported_batch, ts_in=ts_in, batch_ts=batch_ts,
+            )
+            if precheck is not None:
+                status = CAS.__members__[precheck]
             else:
                 if imported_batch:
                     ts = ts_in
@@ -481,22 +472,13 @@ class Engine:
                 chain_start = index
                 chain_mark = len(self._t_id)
                 self._undo = []
-            if flags & TF_LINKED and index == count - 1:
-                status = CTS.LINKED_EVENT_CHAIN_OPEN
-            elif chain_broken:
-                status = CTS.LINKED_EVENT_FAILED
-            elif bool(flags & TF_IMPORTED) != imported_batch:
-                status = (
-                    CTS.IMPORTED_EVENT_NOT_EXPECTED
-                    if flags & TF_IMPORTED
-                    else CTS.IMPORTED_EVENT_EXPECTED
-                )
-            elif imported_batch and not 1 <= ts_in <= TIMESTAMP_MAX:
-                status = CTS.IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE
-            elif imported_batch and ts_in >= batch_ts:
-                status = CTS.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE
-            elif not imported_batch and ts_in != 0:
-                status = CTS.TIMESTAMP_MUST_BE_ZERO
+            precheck = _batch_precheck(
+                linked=bool(flags & TF_LINKED), imported=bool(flags & TF_IMPORTED),
+                last=index == count - 1, chain_broken=chain_broken,
+                imported_batch=imported_batch, ts_in=ts_in, batch_ts=batch_ts,
+            )
+            if precheck is not None:
+                status = CTS.__members__[precheck]
             else:
                 if imported_batch:
                     ts = ts_in
@@ -1110,3 +1092,24 @@ def _snapshot(record: list[Any]) -> None:
 def _set_account_flags(record: list[Any], flags: int) -> None:
     record[A_FLAGS] = flags
     record[A_FLAGS_ENUM] = ACCOUNT_FLAGS.get(flags)
+
+
+def _batch_precheck(
+    *, linked: bool, imported: bool, last: bool, chain_broken: bool,
+    imported_batch: bool, ts_in: int, batch_ts: int,
+) -> str | None:
+    """The checks every create event passes first, accounts and transfers alike, in the real
+    server's order; the name of the failing status (same name in both enums) or None."""
+    if linked and last:
+        return "LINKED_EVENT_CHAIN_OPEN"
+    if chain_broken:
+        return "LINKED_EVENT_FAILED"
+    if imported != imported_batch:
+        return "IMPORTED_EVENT_NOT_EXPECTED" if imported else "IMPORTED_EVENT_EXPECTED"
+    if imported_batch and not 1 <= ts_in <= TIMESTAMP_MAX:
+        return "IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE"
+    if imported_batch and ts_in >= batch_ts:
+        return "IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE"
+    if not imported_batch and ts_in != 0:
+        return "TIMESTAMP_MUST_BE_ZERO"
+    return None
