@@ -550,7 +550,8 @@ class Reconciler:
 
     async def transfer_page(self, inp: TransferPageInput) -> TransferPageOutput:
         scope = self._ledgers.parse_scope(inp.pairs)
-        records = await self._transfers.page(after=inp.after, limit=inp.limit)
+        page = await self._transfers.page(after=inp.after, limit=inp.limit)
+        records = page.records
         expected: list[ExpectedTransfer] = []
         # `<type>_in_opening`: a pre-migration original the opening balance holds, registered
         # when it was voided. Its own transfer must NOT exist (it would count it twice).
@@ -579,8 +580,14 @@ class Reconciler:
         assert len(expected) + len(absent) <= PAGE_MAX
         wanted = [e.id for e in (*expected, *absent)]
         actual = {t.id: t for t in await self._client.lookup_transfers(wanted)} if wanted else {}
-        docs = []
+        docs = [
+            MismatchDoc(run_id=inp.run_id, kind=IssueKind.MALFORMED_REGISTRY, subject=txn,
+                        detail=f"Transfer Registry document is not a valid record ({why})")
+            for txn, why in page.malformed
+        ]
         findings: Counter[str] = Counter()
+        if docs:
+            findings[IssueKind.MALFORMED_REGISTRY] = len(docs)
         checks = [(e, check_transfer) for e in expected]
         checks += [(e, check_absent_transfer) for e in absent]
         for e, check in checks:
@@ -594,9 +601,9 @@ class Reconciler:
                                         detail=f.detail))
         await self._reports.add_mismatches(docs)
         return TransferPageOutput(
-            scanned=len(records), checked=len(expected) + len(absent),
-            last_key=records[-1].transaction_id if records else inp.after,
-            exhausted=len(records) < inp.limit, findings=dict(findings))
+            scanned=page.scanned, checked=len(expected) + len(absent),
+            last_key=page.last_key if page.last_key is not None else inp.after,
+            exhausted=page.scanned < inp.limit, findings=dict(findings))
 
     # ---- repair -----------------------------------------------------------------------------
 

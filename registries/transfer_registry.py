@@ -7,6 +7,7 @@ the same content returns it, different content under the same id is a duplicate.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -66,6 +67,14 @@ class TransferRecord(BaseModel):
         """UTC, milliseconds: what BSON stores, so a re-read record equals the written one."""
         value = as_utc(value)
         return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+@dataclass
+class RegistryPage:
+    records: list[TransferRecord] = field(default_factory=list)
+    malformed: list[tuple[str, str]] = field(default_factory=list)  # (_id, why)
+    scanned: int = 0
+    last_key: str | None = None
 
 
 class TransferRegistry:
@@ -168,11 +177,22 @@ class TransferRegistry:
         )
         return [_record_of(doc) async for doc in cursor]
 
-    async def page(self, *, after: str | None, limit: int) -> list[TransferRecord]:
+    async def page(self, *, after: str | None, limit: int) -> RegistryPage:
+        """Records in transaction-id order after `after`. A document that is not a valid record
+        (edited behind the platform's back) is listed in `malformed`, never raised: one bad
+        document must not stop a scan of the whole registry."""
         _check_limit(limit, PAGE_LIMIT_MAX)
         query: Document = {} if after is None else {"_id": {"$gt": after}}
         cursor = self._transfers.find(query).sort("_id", ASCENDING).limit(limit)
-        return [_record_of(doc) async for doc in cursor]
+        page = RegistryPage()
+        async for doc in cursor:
+            page.last_key = str(doc["_id"])
+            page.scanned += 1
+            try:
+                page.records.append(_record_of(doc))
+            except (KeyError, TypeError, ValueError) as err:  # ValidationError is a ValueError
+                page.malformed.append((page.last_key, f"{type(err).__name__}: {err}"))
+        return page
 
 
 async def _records(cursor: AsyncCursor[Any]) -> AsyncIterator[TransferRecord]:

@@ -148,11 +148,21 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    atexit.register(_stop_everything)
+def _install_interrupt_handlers() -> None:
     for signum in INTERRUPT_SIGNALS:
         if signal.getsignal(signum) in (signal.SIG_DFL, None):
             signal.signal(signum, _interrupt)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    atexit.register(_stop_everything)
+    _install_interrupt_handlers()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Code under test may reset a handler to SIG_DFL (asyncio's remove_signal_handler does);
+    # a SIGTERM would then kill pytest without stopping the servers.
+    _install_interrupt_handlers()
 
 
 @pytest.hookimpl(trylast=True)

@@ -20,10 +20,12 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.worker import Replayer, Worker
 
 from activities.migration import BACKFILL_IMPORTS, RECONCILIATION_REPORTS, MigrationActivities
+from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.audit_log import AuditLog
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletcore.gates import GateThresholds
+from walletcore.ids import transfer_id
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, GetBalance
 from walletcore.phases import MigrationState, Phase
@@ -298,11 +300,13 @@ async def to_tb_primary(handle: WorkflowHandle[Any, MigrationStatus]) -> None:
 async def answered_by_tigerbeetle(db: AsyncDatabase[Any], scope: str) -> tuple[str, str]:
     """A tb_primary operation: in the Transfer Registry, not yet projected to MongoDB."""
     currency, country = scope.split(":")
-    wallet, txn = f"c-{uuid.uuid4().hex[:6]}|{country}|{currency}|", f"t-{uuid.uuid4().hex}"
-    await db["transfer_registry"].insert_one({
-        "_id": txn, "transfer_id": uuid.uuid4().hex, "wallet": wallet, "type": "credit",
-        "created_at": datetime.now(UTC)})
-    return wallet, txn
+    key = WalletKey(client_id=f"c-{uuid.uuid4().hex[:6]}", country=country, currency=currency)
+    txn = f"t-{uuid.uuid4().hex}"
+    await TransferRegistry(db).record(TransferRecord(
+        transaction_id=txn, transfer_id=transfer_id(txn), wallet=key,
+        account_id=random.randint(1, 2**127), type="credit", amount_minor=100,
+        created_at=datetime.now(UTC)))
+    return key.canonical, txn
 
 
 async def test_complete_waits_for_the_reverse_projection(

@@ -336,9 +336,9 @@ async def test_big_amounts_references_and_pages(
     assert await transfers.by_transfer_ids([]) == {}
     assert len(await transfers.by_reference(reference, limit=2)) == 2
     first = await transfers.page(after=prefix, limit=2)
-    assert [r.transaction_id for r in first] == txns[:2]
-    rest = await transfers.page(after=first[-1].transaction_id, limit=2)
-    assert [r.transaction_id for r in rest] == txns[2:]
+    assert [r.transaction_id for r in first.records] == txns[:2]
+    rest = await transfers.page(after=first.last_key, limit=2)
+    assert [r.transaction_id for r in rest.records] == txns[2:]
     with pytest.raises(InvalidInputError):
         await transfers.page(after=None, limit=0)
     with pytest.raises(InvalidInputError):

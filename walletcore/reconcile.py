@@ -48,6 +48,7 @@ class IssueKind(StrEnum):
     REGISTRY_WITHOUT_WALLET = "registry_without_wallet"
     MISSING_TRANSFER = "missing_transfer"
     TRANSFER_MISMATCH = "transfer_mismatch"
+    MALFORMED_REGISTRY = "malformed_registry"
     CONSERVATION = "conservation"
 
 

@@ -106,6 +106,9 @@ async def build_workers(client: Client, settings: Settings, stores: Stores,
     return workers
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 async def run_worker(settings: Settings, task_queues: Sequence[str] | None = None,
                      *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
@@ -118,10 +121,15 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
         flusher = asyncio.create_task(metrics.run_flusher(METRICS_FLUSH_INTERVAL_S))
         client = await connect_temporal(settings)
         workers = await build_workers(client, settings, stores, list(planned), metrics=metrics)
+        # Signals are ours only when the caller gave no `stop`: an embedding caller (a test, the
+        # demo) keeps its own handlers, which would otherwise end up reset to the default.
+        owns_signals = stop is None
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        if owns_signals:
+            for signum in STOP_SIGNALS:
+                loop.add_signal_handler(signum, stop.set)
         runs = [asyncio.create_task(worker.run()) for worker in workers]
         served = ", ".join(f"{q} ({'+'.join(sorted(r))})" for q, r in planned.items())
         log.info("worker polling %s on %s", served, settings.temporal_address)
@@ -135,8 +143,10 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
         stopped.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await stopped
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        if owns_signals:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, previous[signum])  # remove_* leaves SIG_DFL behind
     finally:
         if flusher is not None:  # stops after flushing what the last reads recorded
             flusher.cancel()

@@ -208,9 +208,12 @@ class MigrationWorkflow:
         source, target = decision.source, decision.target
         assert source == self._rt.position, "decision made on a stale position"
         moved = (source.phase, source.rollout_percent) != (target.phase, target.rollout_percent)
+        # Before the new state is written nobody can act on it: the earliest moment an
+        # operation can be answered under `target`.
+        published_at = workflow.now()
         if moved:
             self._rt.epoch += 1
-            now = workflow.now()
+            now = published_at
             await workflow.execute_activity(
                 ACTIVITY_PUBLISH_STATE,
                 PublishStateInput(states=[
@@ -229,7 +232,11 @@ class MigrationWorkflow:
             self._rt.position_since = workflow.now()
             if source.phase == Phase.LEGACY or (
                     (source.phase in TB_ANSWERS) != (target.phase in TB_ANSWERS)):
-                self._rt.write_switch_at = self._rt.position_since
+                # Into tb_primary, TigerBeetle may answer from the moment the state is
+                # written (what it answers is owed to MongoDB); forward switches count from
+                # when every worker follows (MongoDB-only answers before that owe nothing).
+                self._rt.write_switch_at = (published_at if target.phase == Phase.TB_PRIMARY
+                                            else self._rt.position_since)
         self._rt.audit_seq += 1
         why = clip_reason(reason.strip() or decision.reason)
         if reason.strip() and decision.reason and decision.reason != reason.strip():
@@ -257,7 +264,7 @@ class MigrationWorkflow:
         if moved and target.phase == Phase.COMPLETE:
             unprojected = None
             if workflow.patched(PATCH_DRAIN_BEFORE_ARCHIVE):
-                unprojected = await self._drain_reverse_projection()
+                unprojected = await self._drain_reverse_projection(cutoff=published_at)
             archive: ArchiveInfo = await workflow.execute_activity(
                 ACTIVITY_ARCHIVE_LEGACY,
                 ArchiveRequest(migration_id=self._config.migration_id,
@@ -274,12 +281,18 @@ class MigrationWorkflow:
         self._refresh_ui()
         return self.status()
 
-    async def _drain_reverse_projection(self) -> int | None:
+    async def _drain_reverse_projection(self, cutoff: datetime) -> int | None:
         """complete is published and every reader follows it, so no operation is answered
         under tb_primary any more; wait until the wallet workflows' reverse projection has
-        written all of them to MongoDB, so that the archive holds every operation."""
-        switch_at, cutoff = self._rt.write_switch_at, self._rt.position_since
-        if switch_at is None or cutoff is None:
+        written all of them to MongoDB, so that the archive holds every operation.
+
+        `cutoff` is when complete was published: what TigerBeetle answered before it was
+        answered under tb_primary and is owed to MongoDB; after it, an operation may have been
+        answered under complete, which owes MongoDB nothing (counting those would wait for
+        writes that never come). The few tb_primary answers of the workers' cache interval
+        after it are still projected by their wallet workflows, only not waited for here."""
+        switch_at = self._rt.write_switch_at
+        if switch_at is None or self._rt.position_since is None:
             return None  # never ran tb_primary under this workflow: nothing to wait for
         timeout = timedelta(seconds=self._config.complete_drain_timeout_s)
         self._draining = True
