@@ -25,7 +25,9 @@ from temporalio.client import Client
 from wallet_support import (
     DUAL_PAIR,
     WalletHarness,
+    assert_same_sequence,
     balances_equal,
+    imported_version,
     isolated_settings,
     key,
     set_phase,
@@ -35,8 +37,6 @@ from wallet_support import (
 
 from activities.backfill import BackfillActivities
 from activities.wallet import default_importer
-from stores.backfill_imports import ImportLedger, ImportStatus
-from stores.legacy_store import WALLET_TRANSACTIONS
 from stores.tigerbeetle_store import TYPE_CREDIT_IN_OPENING
 from walletcore.errors import AlreadyVoidedError, InsufficientFundsError, WalletError
 from walletcore.keys import WalletKey
@@ -48,7 +48,6 @@ from workflows.backfill import BackfillWorkflow
 from workflows.backfill_models import BackfillInput, BackfillProgress
 
 PAIR = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
-HISTORY_MAX = 8189
 MIGRATION_CACHE_S = 1.1
 
 
@@ -93,33 +92,6 @@ async def switch(h: WalletHarness, phase: Phase) -> None:
     """Publish `phase` and outlive the workers' migration state cache (1 s)."""
     await set_phase(h.stores, DUAL_PAIR, phase)
     await asyncio.sleep(MIGRATION_CACHE_S)
-
-
-async def imported_version(stores: Stores, wallet: WalletKey) -> int:
-    record = await ImportLedger(stores.db).get(wallet.canonical)
-    assert record is not None and record.status is ImportStatus.DONE, wallet
-    return record.version
-
-
-async def assert_same_sequence(stores: Stores, wallet: WalletKey) -> list[str]:
-    """Equal balances, and MongoDB's log after the import == TigerBeetle's history, in order,
-    each transaction once. Returns MongoDB's full log (transaction ids by version)."""
-    await balances_equal(stores, wallet)
-    docs = [
-        d async for d in stores.db[WALLET_TRANSACTIONS]
-        .find({"wallet": wallet.canonical}, {"wallet_version": 1})
-        .sort("wallet_version", 1)
-    ]  # fmt: skip
-    versions = [int(d["wallet_version"]) for d in docs]
-    assert versions == list(range(1, len(docs) + 1)), f"{wallet}: version gaps {versions}"
-    since = await imported_version(stores, wallet)
-    expected = [d["_id"] for d in docs if int(d["wallet_version"]) > since]
-    history = await stores.tigerbeetle.history(wallet, HISTORY_MAX)
-    kinds = [e.type for e in history]
-    assert kinds.count("opening") <= 2, kinds
-    applied = [e.transaction_id for e in reversed(history) if e.type != "opening"]
-    assert applied == expected, f"{wallet}: TigerBeetle {applied} != MongoDB {expected}"
-    return [d["_id"] for d in docs]
 
 
 async def drained(h: WalletHarness, wallets: list[WalletKey]) -> None:

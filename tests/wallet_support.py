@@ -19,7 +19,8 @@ from typing import Any
 from temporalio.client import Client
 
 from activities.wallet import WalletActivities
-from stores.backfill_imports import ImportLedger
+from stores.backfill_imports import ImportLedger, ImportStatus
+from stores.legacy_store import WALLET_TRANSACTIONS
 from walletcore.errors import NotFoundError
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
@@ -31,6 +32,7 @@ from workers.wallet_worker import build_worker
 from workflows.wallet_models import WalletStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TB_HISTORY_MAX = 8189  # one get_account_transfers page
 LEGACY_PAIR = ("USD", "USA")  # no migration_state document: legacy
 DUAL_PAIR = ("MXN", "MEX")  # set to dual_write by the fixtures
 
@@ -120,6 +122,33 @@ async def tb_missing(stores: Stores, wallet: WalletKey) -> bool:
     except NotFoundError:
         return True
     return False
+
+
+async def imported_version(stores: Stores, wallet: WalletKey) -> int:
+    record = await ImportLedger(stores.db).get(wallet.canonical)
+    assert record is not None and record.status is ImportStatus.DONE, wallet
+    return record.version
+
+
+async def assert_same_sequence(stores: Stores, wallet: WalletKey) -> list[str]:
+    """Equal balances, and MongoDB's log after the import == TigerBeetle's history, in order,
+    each transaction once. Returns MongoDB's full log (transaction ids by version)."""
+    await balances_equal(stores, wallet)
+    docs = [
+        d async for d in stores.db[WALLET_TRANSACTIONS]
+        .find({"wallet": wallet.canonical}, {"wallet_version": 1})
+        .sort("wallet_version", 1)
+    ]  # fmt: skip
+    versions = [int(d["wallet_version"]) for d in docs]
+    assert versions == list(range(1, len(docs) + 1)), f"{wallet}: version gaps {versions}"
+    since = await imported_version(stores, wallet)
+    expected = [d["_id"] for d in docs if int(d["wallet_version"]) > since]
+    history = await stores.tigerbeetle.history(wallet, TB_HISTORY_MAX)
+    kinds = [e.type for e in history]
+    assert kinds.count("opening") <= 2, kinds
+    applied = [e.transaction_id for e in reversed(history) if e.type != "opening"]
+    assert applied == expected, f"{wallet}: TigerBeetle {applied} != MongoDB {expected}"
+    return [d["_id"] for d in docs]
 
 
 class EmulatorProcess:

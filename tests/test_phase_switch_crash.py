@@ -1,0 +1,180 @@
+"""kill -9 of the worker in the middle of a phase switch, under traffic on the same wallets.
+
+One real worker process (`python -m walletmig worker`) serves both the migration workflow and
+the wallet workflows of an isolated database. Callers keep writing while the migration goes
+dual_write -> shadow_read -> read_cutover 100 % -> tb_primary; the worker is SIGKILLed while the
+switch into tb_primary (the write-path switch: MongoDB-answered backlogs drain to TigerBeetle,
+then TigerBeetle answers and MongoDB follows) is in flight, and a new worker takes over. The
+engineer's Update carries an id, so sending it again after the crash cannot switch twice.
+Then a rollback to read_cutover runs under the same traffic.
+
+Afterwards: every answered operation is in both stores exactly once and in the same order, the
+balances agree field by field, the migration moved exactly as asked (one audit entry per
+action, epochs in sequence) and no wallet recorded a divergence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import uuid
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+from test_worker_crash import start_worker, worker_env
+from wallet_support import DUAL_PAIR, assert_same_sequence, isolated_settings, key, wait_drained
+
+from stores.audit_log import AuditLog
+from walletcore.errors import WalletError
+from walletcore.gates import GateThresholds
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
+from walletcore.phases import Phase
+from walletmig.client import WalletClient
+from walletmig.config import Settings
+from walletmig.runtime import open_stores
+from workflows.migration import MigrationWorkflow
+from workflows.migration_models import (
+    ForceAdvanceRequest,
+    MigrationConfig,
+    MigrationInput,
+    MigrationStatus,
+    RollbackRequest,
+)
+
+SCOPE = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
+WALLETS = 8
+CALLER_PAUSE_S = 0.02
+KILL_DELAY_S = 0.3  # after the switch Update is sent: the publish / drain is under way
+RESTART_DELAY_S = 1.0
+OPS_PER_PHASE = 40  # answered operations between two steps
+UPDATE_TIMEOUT_S = 180.0
+CALLER_ATTEMPTS_MAX = 5
+
+
+def op_for(wallet: WalletKey, n: int, run_id: str) -> WalletOperation:
+    """Never refused by either store: the first credit covers every later debit."""
+    txn = f"{run_id}.{wallet.client_id}.{n}"
+    if n == 0:
+        return AddCredit(wallet=wallet, transaction_id=txn, amount=Decimal("1000.00"))
+    if n % 3 == 2:
+        return SubtractCredit(wallet=wallet, transaction_id=txn, amount=Decimal("0.75"))
+    return AddCredit(wallet=wallet, transaction_id=txn, amount=Decimal("1.10"))
+
+
+@pytest.mark.slow
+async def test_kill_9_worker_during_the_switch_to_tb_primary(
+    temporal_client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    queue = f"switch-crash-{uuid.uuid4().hex[:8]}"
+    isolated = isolated_settings(settings, "switch_crash").model_copy(
+        update={"wallet_task_queue": queue, "migration_task_queue": queue})
+    env = worker_env(isolated, queue)
+    run_id = uuid.uuid4().hex[:8]
+    wallets = [key(f"sw-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
+    client = WalletClient(temporal_client, queue, idle_timeout_s=60, max_ops_per_run=50)
+    procs: list[subprocess.Popen[bytes]] = [start_worker(env, tmp_path / "worker-1.log")]
+    answered: dict[WalletKey, list[str]] = defaultdict(list)
+    stop = asyncio.Event()
+    counter = [0]
+
+    async def caller(wallet: WalletKey) -> None:
+        n = 0
+        while not stop.is_set():
+            op = op_for(wallet, n, run_id)
+            for attempt in range(CALLER_ATTEMPTS_MAX):
+                try:
+                    await client.apply(op)
+                    break
+                except WalletError as err:  # e.g. MongoDB still locked by the killed worker
+                    if not err.retryable or attempt + 1 == CALLER_ATTEMPTS_MAX:
+                        raise
+            answered[wallet].append(op.transaction_id)
+            counter[0] += 1
+            n += 1
+            await asyncio.sleep(CALLER_PAUSE_S)
+
+    async def traffic_for(ops: int) -> None:
+        target = counter[0] + ops
+        while counter[0] < target:
+            assert not any(t.done() for t in callers), [t.exception() for t in callers if t.done()]
+            await asyncio.sleep(0.05)
+
+    cfg = MigrationConfig(
+        migration_id=f"switch-{run_id}", scopes=[SCOPE],
+        thresholds=GateThresholds(window_s=60, tb_primary_stable_s=1),
+        evidence_interval_s=0.5, archive_dir=str(tmp_path / "archive"))
+    handle: WorkflowHandle[Any, MigrationStatus] = await temporal_client.start_workflow(
+        MigrationWorkflow.run, MigrationInput(config=cfg), id=f"migration/{cfg.migration_id}",
+        task_queue=queue)
+
+    async def force(step: str) -> MigrationStatus:
+        # The Update id makes a resend after a crash the same action, never a second one.
+        return await asyncio.wait_for(handle.execute_update(
+            MigrationWorkflow.force_advance, ForceAdvanceRequest(reason=step, actor="test"),
+            id=f"{cfg.migration_id}-{step}"), UPDATE_TIMEOUT_S)
+
+    callers: list[asyncio.Task[None]] = []
+    async with open_stores(isolated) as stores:
+        try:
+            assert (await force("to-dual-write")).phase == Phase.DUAL_WRITE
+            callers = [asyncio.create_task(caller(w)) for w in wallets]
+            await traffic_for(OPS_PER_PHASE)
+            assert (await force("to-shadow-read")).phase == Phase.SHADOW_READ
+            await traffic_for(OPS_PER_PHASE // 2)
+            assert (await force("to-read-cutover")).phase == Phase.READ_CUTOVER
+            for percent in (50, 90, 100):  # force_advance walks the rollout steps
+                assert (await force(f"rollout-{percent}")).rollout_percent == percent
+            await traffic_for(OPS_PER_PHASE // 2)
+
+            switch = asyncio.create_task(force("to-tb-primary"))
+            await asyncio.sleep(KILL_DELAY_S)
+            assert not switch.done(), "the switch finished before the kill: kill earlier"
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait(timeout=10)
+            await asyncio.sleep(RESTART_DELAY_S)
+            procs.append(start_worker(env, tmp_path / "worker-2.log"))
+            assert (await switch).phase == Phase.TB_PRIMARY
+            assert (await force("to-tb-primary")).phase == Phase.TB_PRIMARY  # resent: a no-op
+            await traffic_for(OPS_PER_PHASE)
+
+            status = await asyncio.wait_for(handle.execute_update(
+                MigrationWorkflow.rollback, RollbackRequest(to=Phase.READ_CUTOVER, actor="test",
+                                                            reason="drill"),
+                id=f"{cfg.migration_id}-rollback"), UPDATE_TIMEOUT_S)
+            assert status.phase == Phase.READ_CUTOVER
+            await traffic_for(OPS_PER_PHASE // 2)
+        finally:
+            stop.set()
+            results = await asyncio.gather(*callers, return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+
+        try:
+            for wallet in wallets:
+                status_w = await wait_drained(client, wallet, timeout_s=120)
+                assert status_w is not None and status_w.divergence_count == 0, status_w
+                log = await assert_same_sequence(stores, wallet)  # same order, each once
+                assert sorted(log) == sorted(answered[wallet]), wallet  # nothing lost or extra
+            entries = await AuditLog(stores.db).list(cfg.migration_id)
+            moves = [(e.from_phase, e.to_phase) for e in entries]
+            assert moves == [
+                (Phase.LEGACY, Phase.DUAL_WRITE), (Phase.DUAL_WRITE, Phase.SHADOW_READ),
+                (Phase.SHADOW_READ, Phase.READ_CUTOVER), *[(Phase.READ_CUTOVER,) * 2] * 3,
+                (Phase.READ_CUTOVER, Phase.TB_PRIMARY), (Phase.TB_PRIMARY, Phase.READ_CUTOVER),
+            ], moves
+            epochs = [e.epoch for e in entries]
+            assert epochs == sorted(set(epochs)), epochs
+        finally:
+            await handle.terminate("test over")
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
