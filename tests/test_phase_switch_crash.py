@@ -26,8 +26,16 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
-from test_worker_crash import start_worker, worker_env
-from wallet_support import DUAL_PAIR, assert_same_sequence, isolated_settings, key, wait_drained
+from wallet_support import (
+    DUAL_PAIR,
+    assert_same_sequence,
+    isolated_settings,
+    key,
+    start_worker,
+    stop_workers,
+    wait_drained,
+    worker_env,
+)
 
 from stores.audit_log import AuditLog
 from walletcore.errors import WalletError
@@ -171,10 +179,4 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
             assert epochs == sorted(set(epochs)), epochs
         finally:
             await handle.terminate("test over")
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+            stop_workers(procs)

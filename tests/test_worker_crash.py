@@ -14,10 +14,8 @@ after it, so the test costs about the lifetime plus a few seconds, not the two a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections import defaultdict
 from decimal import Decimal
@@ -27,19 +25,21 @@ import pytest
 from temporalio.client import Client
 from wallet_support import (
     DUAL_PAIR,
-    REPO_ROOT,
     balances_equal,
     isolated_settings,
     key,
     set_phase,
+    start_worker,
+    stop_workers,
     wait_drained,
+    worker_env,
 )
 
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import Phase
 from walletmig.client import WalletClient
-from walletmig.config import ENVIRONMENT, Settings
+from walletmig.config import Settings
 from walletmig.runtime import open_stores
 
 WALLETS = 50
@@ -48,22 +48,6 @@ OPS_PER_CALLER = 20  # 50 * 1 * 20 = 1,000 operations
 KILL_AFTER_ANSWERS = 100  # a tenth: every wallet busy, 900 operations still to come
 RESTART_DELAY_S = 1.0
 TB_HISTORY_LIMIT = 8189
-
-
-def worker_env(settings: Settings, task_queue: str) -> dict[str, str]:
-    values = settings.model_dump()
-    env = dict(os.environ)
-    env.update({name: str(values[field]) for name, (field, _) in ENVIRONMENT.items()})
-    env["WALLET_TASK_QUEUE"] = task_queue
-    return env
-
-
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "walletmig", "worker", "--log-level", "WARNING"],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
 
 
 def operations(wallet: WalletKey, caller: int) -> list[WalletOperation]:
@@ -156,13 +140,7 @@ async def test_kill_9_worker_mid_stream(
                 assert credit - debit == net
         finally:
             restarter.cancel()
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+            stop_workers(procs)
 
 
 def _net(op: WalletOperation) -> Decimal:

@@ -25,7 +25,7 @@ from walletcore.errors import NotFoundError
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
 from walletmig.client import WalletClient
-from walletmig.config import Settings
+from walletmig.config import ENVIRONMENT, Settings
 from walletmig.processes import free_port, port_accepts
 from walletmig.runtime import Stores, make_stores
 from workers.wallet_worker import build_worker
@@ -149,6 +149,36 @@ async def assert_same_sequence(stores: Stores, wallet: WalletKey) -> list[str]:
     applied = [e.transaction_id for e in reversed(history) if e.type != "opening"]
     assert applied == expected, f"{wallet}: TigerBeetle {applied} != MongoDB {expected}"
     return [d["_id"] for d in docs]
+
+
+def worker_env(settings: Settings, task_queue: str) -> dict[str, str]:
+    values = settings.model_dump()
+    env = dict(os.environ)
+    env.update({name: str(values[field]) for name, (field, _) in ENVIRONMENT.items()})
+    env["WALLET_TASK_QUEUE"] = task_queue
+    return env
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "walletmig", "worker", "--log-level", "WARNING"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+WORKER_STOP_TIMEOUT_S = 20
+
+
+def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (graceful shutdown), SIGKILL if one is still running after the timeout."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 class EmulatorProcess:
