@@ -18,6 +18,7 @@ import pytest_asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.worker import Replayer, Worker
+from wallet_support import history_wanted, save_history
 
 from activities.migration import BACKFILL_IMPORTS, RECONCILIATION_REPORTS, MigrationActivities
 from registries.transfer_registry import TransferRecord, TransferRegistry
@@ -209,6 +210,8 @@ async def test_full_migration_path(
                   if p.key.name == "MigrationPhase"]
     assert phase_attr == ["complete"]
 
+    if history_wanted("migration_full_path"):
+        await save_history(handle, "migration_full_path")
     # Replay the whole history with the current code: deterministic.
     history = await handle.fetch_history()
     await Replayer(workflows=[MigrationWorkflow], workflow_runner=workflow_runner(),

@@ -29,8 +29,10 @@ from temporalio.client import Client, WorkflowHandle
 from wallet_support import (
     DUAL_PAIR,
     assert_same_sequence,
+    history_wanted,
     isolated_settings,
     key,
+    save_history,
     start_worker,
     stop_workers,
     wait_drained,
@@ -177,6 +179,8 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
             ], moves
             epochs = [e.epoch for e in entries]
             assert epochs == sorted(set(epochs)), epochs
+            if history_wanted("migration_switch_crash"):
+                await save_history(handle, "migration_switch_crash")
         finally:
             await handle.terminate("test over")
             stop_workers(procs)

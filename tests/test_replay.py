@@ -1,4 +1,5 @@
-"""Determinism guard: recorded wallet workflow histories must replay on the current code.
+"""Determinism guard: recorded wallet and migration workflow histories must replay on the
+current code.
 
 `tests/data/histories/*.json` were recorded from real runs covering credit, debit, void, a
 refused operation, a rejected update, the dual-write backlog with a divergence, continue-as-new
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -27,9 +27,13 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from wallet_support import (
     DUAL_PAIR,
+    HISTORIES,
+    RECORD_MODE,
     WalletHarness,
+    history_wanted,
     isolated_settings,
     key,
+    save_history,
     set_phase,
     wait_drained,
     wallet_harness,
@@ -40,10 +44,9 @@ from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
 from walletmig.config import Settings
+from workers.migration_worker import MIGRATION_WORKFLOWS
 from workers.wallet_worker import WORKFLOWS, workflow_runner
 
-HISTORIES = Path(__file__).parent / "data" / "histories"
-RECORD_MODE = os.environ.get("WALLETMIG_RECORD_HISTORIES", "")
 RECORD = RECORD_MODE in ("1", "all")
 
 
@@ -56,7 +59,7 @@ async def test_replay_recorded_history(path: Path) -> None:
     data = json.loads(path.read_text())
     history = WorkflowHistory.from_json(data["workflow_id"], data["history"])
     replayer = Replayer(
-        workflows=list(WORKFLOWS),
+        workflows=[*WORKFLOWS, *MIGRATION_WORKFLOWS],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(),
     )
@@ -70,6 +73,8 @@ def test_histories_present() -> None:
         "legacy_ops", "refused_ops", "dual_write_backlog", "continue_as_new", "idle_close",
         "continue_as_new_commit_timer",
         "tb_primary_switch",
+        # the migration workflow: recorded by test_migration_workflow / test_phase_switch_crash
+        "migration_full_path", "migration_switch_crash",
     }  # fmt: skip
     assert expected <= names, f"missing recorded histories: {sorted(expected - names)}"
 
@@ -77,18 +82,9 @@ def test_histories_present() -> None:
 # ---- recording --------------------------------------------------------------------------------
 
 
-def _wanted(name: str) -> bool:
-    return RECORD_MODE == "all" or not (HISTORIES / f"{name}.json").exists()
-
-
 async def _save(temporal: Client, name: str, wallet: WalletKey, run_id: str | None) -> None:
-    if not _wanted(name):
-        return
-    handle = temporal.get_workflow_handle(wallet.workflow_id, run_id=run_id)
-    history = await handle.fetch_history()
-    HISTORIES.mkdir(parents=True, exist_ok=True)
-    payload = {"workflow_id": wallet.workflow_id, "history": json.loads(history.to_json())}
-    (HISTORIES / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    if history_wanted(name):
+        await save_history(temporal.get_workflow_handle(wallet.workflow_id, run_id=run_id), name)
 
 
 async def _run_id(temporal: Client, wallet: WalletKey) -> str:
@@ -133,9 +129,9 @@ async def test_record_histories(
 
 
 async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
-    if _wanted("tb_primary_switch"):
+    if history_wanted("tb_primary_switch"):
         await _record_switch(h, temporal, unique_id)
-    if _wanted("continue_as_new_commit_timer"):
+    if history_wanted("continue_as_new_commit_timer"):
         # Recorded after the `commit-writes-before-continue-as-new` patch: the rotation's
         # writes land in a task of their own before the continue-as-new command.
         w = key(unique_id("cant"), DUAL_PAIR)
@@ -148,7 +144,7 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
                 break
             await asyncio.sleep(0.1)
         await _save(temporal, "continue_as_new_commit_timer", w, first_run)
-    if not any(_wanted(n) for n in ("legacy_ops", "refused_ops", "dual_write_backlog",
+    if not any(history_wanted(n) for n in ("legacy_ops", "refused_ops", "dual_write_backlog",
                                      "continue_as_new", "idle_close")):
         return
     client = h.client

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from activities.wallet import WalletActivities
 from stores.backfill_imports import ImportLedger, ImportStatus
@@ -33,6 +34,9 @@ from workflows.wallet_models import WalletStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TB_HISTORY_MAX = 8189  # one get_account_transfers page
+# Recorded workflow histories (tests/test_replay.py replays them all).
+HISTORIES = Path(__file__).parent / "data" / "histories"
+RECORD_MODE = os.environ.get("WALLETMIG_RECORD_HISTORIES", "")  # "1": missing ones, "all"
 LEGACY_PAIR = ("USD", "USA")  # no migration_state document: legacy
 DUAL_PAIR = ("MXN", "MEX")  # set to dual_write by the fixtures
 
@@ -89,6 +93,20 @@ async def wallet_harness(
             yield WalletHarness(stores=stores, client=client, task_queue=task_queue)
     finally:
         await stores.close()
+
+
+def history_wanted(name: str) -> bool:
+    """Record `name` now? Missing ones with RECORD_MODE=1, every one with =all."""
+    if RECORD_MODE == "all":
+        return True
+    return RECORD_MODE == "1" and not (HISTORIES / f"{name}.json").exists()
+
+
+async def save_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    history = await handle.fetch_history()
+    HISTORIES.mkdir(parents=True, exist_ok=True)
+    payload = {"workflow_id": handle.id, "history": json.loads(history.to_json())}
+    (HISTORIES / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 async def wait_drained(
