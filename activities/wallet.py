@@ -215,13 +215,21 @@ class WalletActivities:
         direction = answering_direction(state)
         replay = await self._legacy.replay_of(op)
         if replay is not None:
+            # MongoDB answered this operation under an earlier phase, but TigerBeetle may not
+            # hold it: a worker killed after that MongoDB write and before its workflow task
+            # was recorded leaves no backlog item; the resent update lands here after the
+            # switch. It goes to TigerBeetle through the backlog like any MongoDB-answered
+            # operation (the next TigerBeetle-answered one drains it first, so the order
+            # holds); TigerBeetle answers EXISTS when it has it already, and the import skips
+            # what the opening balance holds.
             return PrimaryOutcome(
                 result=replay,
                 phase=state.phase,
                 epoch=state.epoch,
                 scope=state.scope,
-                writes_tigerbeetle=False,
-                backlog_direction=None,
+                writes_tigerbeetle=True,
+                backlog_direction="to_tigerbeetle",
+                legacy=await self._legacy.facts_of(op.transaction_id),
             )
         opening: OriginalFacts | None = None
         if isinstance(op, Void):
