@@ -151,7 +151,6 @@ async def imported_version(stores: Stores, wallet: WalletKey) -> int:
 async def assert_same_sequence(stores: Stores, wallet: WalletKey) -> list[str]:
     """Equal balances, and MongoDB's log after the import == TigerBeetle's history, in order,
     each transaction once. Returns MongoDB's full log (transaction ids by version)."""
-    await balances_equal(stores, wallet)
     docs = [
         d async for d in stores.db[WALLET_TRANSACTIONS]
         .find({"wallet": wallet.canonical}, {"wallet_version": 1})
@@ -165,7 +164,14 @@ async def assert_same_sequence(stores: Stores, wallet: WalletKey) -> list[str]:
     kinds = [e.type for e in history]
     assert kinds.count("opening") <= 2, kinds
     applied = [e.transaction_id for e in reversed(history) if e.type != "opening"]
-    assert applied == expected, f"{wallet}: TigerBeetle {applied} != MongoDB {expected}"
+    if applied != expected:  # say where the two logs part, not only that they differ
+        at = next((i for i, (a, b) in enumerate(zip(applied, expected, strict=False)) if a != b),
+                  min(len(applied), len(expected)))
+        raise AssertionError(
+            f"{wallet}: logs differ at {at} (imported version {since}): TigerBeetle "
+            f"{applied[max(0, at - 2):at + 3]} != MongoDB {expected[max(0, at - 2):at + 3]} "
+            f"(lengths {len(applied)} / {len(expected)})")
+    await balances_equal(stores, wallet)
     return [d["_id"] for d in docs]
 
 
