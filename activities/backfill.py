@@ -6,6 +6,10 @@ dual-write backlogs), one `create_accounts` batch, one `lookup_accounts` batch a
 `create_transfers` batch (<= 8189 events each). Every id is deterministic, so a page that is
 retried after a crash lands on the same accounts and transfers (EXISTS) and imports nothing
 twice.
+
+`--with-history` (activities/history_import.py) imports the transaction log first; a page
+then refuses to run before that history is done, and its openings post only the residual
+(plan_to_reach from the account's posted totals, which include the history).
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 from temporalio import activity
 
+from activities.history_import import HistoryImporter
 from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
+from registries.transfer_registry import TransferRegistry
 from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
+from stores.history_import import HistoryCheckpoints, create_accounts_allowing_imported
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
 from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, now_ms, u128_to_hex
 from stores.reports import find_keys
-from stores.tb_errors import Outcome, account_rule, transfer_rule
+from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
-from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of
+from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of, system_accounts
 from walletcore.balances import MinorBalance
 from walletcore.codes import SystemAccount, TransferCode
 from walletcore.errors import InvalidInputError, StoreUnavailableError
@@ -37,6 +44,7 @@ from walletcore.reconcile import PostingPlan, plan_to_reach
 from workflows.backfill_models import (
     ACTIVITY_COUNT,
     ACTIVITY_ENSURE_IMPORTED,
+    ACTIVITY_HISTORY_PAGE,
     ACTIVITY_PAGE,
     WALLETS_PER_PAGE_MAX,
     BackfillCountInput,
@@ -45,6 +53,8 @@ from workflows.backfill_models import (
     BackfillPageOutput,
     EnsureImportedInput,
     EnsureImportedOutput,
+    HistoryPageInput,
+    HistoryPageOutput,
     ImportOutcome,
     LegacyWallet,
 )
@@ -124,6 +134,8 @@ class WalletImporter:
         self._accounts = accounts
         self._imports = imports
         self._ledgers = ledgers
+        self._history = HistoryCheckpoints(db)
+        self._system_ledgers: set[int] = set()  # system accounts known to exist
 
     async def import_wallets(
         self, wallets: Sequence[LegacyWallet], claimer: str, *, resume_own: bool = False
@@ -171,10 +183,11 @@ class WalletImporter:
         if not targets:
             return ImportOutcome(already=already, busy=busy)
 
-        records = await self._registry_records([by_key[k] for k in targets])
+        records = await self.registry_records(
+            [(by_key[k].wallet, by_key[k].allow_overdraft) for k in targets])
         failed: dict[str, str] = {}
-        for ledger in {r.ledger for r in records.values()}:
-            await self._tb_store.ensure_system_accounts(ledger)
+        for ledger in sorted({r.ledger for r in records.values()}):
+            await self._ensure_system_accounts(ledger)
         await self._create_accounts(list(records.values()), failed)
         live = [k for k in targets if k not in failed]
         accounts = await self._lookup([records[k].account_id for k in live])
@@ -220,22 +233,25 @@ class WalletImporter:
             transfers=sum(1 for o in owners if o in done),
         )
 
-    async def _registry_records(self, wallets: list[LegacyWallet]) -> dict[str, AccountRecord]:
-        """Registry records for a page: one range read, one unordered bulk insert of the
-        missing ones (nonce 0, the foundation's document format); anything that collides or
-        races falls back to AccountRegistry.get_or_create, which owns the nonce logic."""
-        keys = [w.wallet.canonical for w in wallets]
+    async def registry_records(
+        self, wallets: Sequence[tuple[WalletKey, bool]]
+    ) -> dict[str, AccountRecord]:
+        """Registry records of (wallet, allow_overdraft) pairs: one range read, one unordered
+        bulk insert of the missing ones (nonce 0, the foundation's document format); anything
+        that collides or races falls back to AccountRegistry.get_or_create, which owns the
+        nonce logic."""
+        keys = [w.canonical for w, _ in wallets]
         found = {k: _registry_record(d)
                  for k, d in (await find_keys(self._db[ACCOUNT_REGISTRY], keys)).items()}
-        missing = [w for w in wallets if w.wallet.canonical not in found]
+        missing = [(w, allow) for w, allow in wallets if w.canonical not in found]
         now = now_ms()
         docs: list[dict[str, Any]] = [{
-            "_id": w.wallet.canonical, "client_id": w.wallet.client_id,
-            "country": w.wallet.country, "currency": w.wallet.currency,
-            "issuer_type": w.wallet.issuer_type, "account_id": u128_to_hex(account_id(w.wallet)),
-            "ledger": self._ledgers.ledger_of(w.wallet.currency, w.wallet.country), "nonce": 0,
-            "allow_overdraft": w.allow_overdraft, "created_at": now,
-        } for w in missing]
+            "_id": w.canonical, "client_id": w.client_id,
+            "country": w.country, "currency": w.currency,
+            "issuer_type": w.issuer_type, "account_id": u128_to_hex(account_id(w)),
+            "ledger": self._ledgers.ledger_of(w.currency, w.country), "nonce": 0,
+            "allow_overdraft": allow, "created_at": now,
+        } for w, allow in missing]
         lost: set[int] = set()
         if docs:
             try:
@@ -247,25 +263,38 @@ class WalletImporter:
                 found[doc["_id"]] = _registry_record(doc)
         gate = asyncio.Semaphore(REGISTRY_CONCURRENCY)
 
-        async def one(w: LegacyWallet) -> AccountRecord:
+        async def one(w: tuple[WalletKey, bool]) -> AccountRecord:
             async with gate:
-                return await self._accounts.get_or_create(
-                    w.wallet, allow_overdraft=w.allow_overdraft
-                )
+                return await self._accounts.get_or_create(w[0], allow_overdraft=w[1])
 
         slow = await asyncio.gather(*(one(missing[i]) for i in sorted(lost)))
         found.update({r.wallet.canonical: r for r in slow})
         return found
 
+    async def _ensure_system_accounts(self, ledger: int) -> None:
+        """Like TigerBeetleStore.ensure_system_accounts, but an account a history import
+        created (`imported` flag) counts as existing."""
+        if ledger in self._system_ledgers:
+            return
+        accounts = system_accounts(ledger)
+        statuses = await create_accounts_allowing_imported(self._client, accounts)
+        for account, status in zip(accounts, statuses, strict=True):
+            rule = account_rule(status)
+            if rule.outcome is Outcome.FAILED:
+                raise status_error(rule, status, f"system account {account.code} of ledger "
+                                   f"{ledger}")
+        self._system_ledgers.add(ledger)
+
     async def _create_accounts(self, records: list[AccountRecord], failed: dict[str, str]) -> None:
         for start in range(0, len(records), BATCH_EVENTS_MAX):
             chunk = records[start : start + BATCH_EVENTS_MAX]
-            results = await self._client.create_accounts(
+            statuses = await create_accounts_allowing_imported(
+                self._client,
                 [customer_account_of(r, self._tb_store.deployment_tag) for r in chunk])
-            assert len(results) == len(chunk)
-            for record, result in zip(chunk, results, strict=True):
-                if account_rule(result.status).outcome is Outcome.FAILED:
-                    failed[record.wallet.canonical] = f"create account: {result.status.name}"
+            assert len(statuses) == len(chunk)
+            for record, status in zip(chunk, statuses, strict=True):
+                if account_rule(status).outcome is Outcome.FAILED:
+                    failed[record.wallet.canonical] = f"create account: {status.name}"
 
     async def _lookup(self, ids: list[int]) -> dict[int, tb.Account]:
         found: dict[int, tb.Account] = {}
@@ -357,18 +386,24 @@ class WalletImporter:
         if key in await self._imports.claim_many([claim]):
             await self._imports.mark_done(claimer, [key])
 
+    def history_importer(self) -> HistoryImporter:
+        """The --with-history importer over the same database, clients and registries."""
+        return HistoryImporter(
+            self._db, self._client, self.registry_records, TransferRegistry(self._db),
+            self._ledgers, deployment_tag=self._tb_store.deployment_tag)
+
     async def count(self, pairs: list[str]) -> dict[str, int]:
         return {pair: await self._db[WALLETS].count_documents(_pair_filter(pair)) for pair in pairs}
 
     async def page(self, inp: BackfillPageInput) -> BackfillPageOutput:
-        if inp.with_history:
-            raise InvalidInputError(
-                "--with-history is not supported yet: imported transfers must postdate their "
-                "accounts, and the ledger's system accounts already exist",
-                field="with_history",
-            )
         currency, _, country = inp.pair.partition(":")
         self._ledgers.ledger_of(currency, country)
+        if inp.with_history and not await self._history.done_for(inp.pair):
+            raise InvalidInputError(
+                f"the history of {inp.pair} is not imported yet: with --with-history the "
+                "openings come after it (they post only what the history does not hold)",
+                field="with_history",
+            )
         docs = await self._legacy.page_wallets(
             after=inp.after, limit=inp.limit, currency=currency, country=country
         )
@@ -399,6 +434,7 @@ class BackfillActivities:
 
     def __init__(self, importer: WalletImporter) -> None:
         self._importer = importer
+        self._history = importer.history_importer()
 
     @activity.defn(name=ACTIVITY_COUNT)
     async def count(self, inp: BackfillCountInput) -> BackfillCountOutput:
@@ -414,5 +450,10 @@ class BackfillActivities:
         version = await self._importer.ensure_imported(inp.wallet, inp.claimer)
         return EnsureImportedOutput(version=version)
 
+    @activity.defn(name=ACTIVITY_HISTORY_PAGE)
+    async def history_page(self, inp: HistoryPageInput) -> HistoryPageOutput:
+        activity.heartbeat(inp.pairs)
+        return await self._history.page(inp)
+
     def all(self) -> list[Any]:
-        return [self.count, self.page, self.ensure_imported]
+        return [self.count, self.page, self.ensure_imported, self.history_page]

@@ -5,11 +5,16 @@ after ledger pair; continue-as-new every `pages_per_run` pages with the cursor a
 the input, so history stays bounded however many wallets there are. Resumable: a crash retries
 the current page (idempotent), and a restarted workflow with the same id continues from the
 carried cursor. Progress: the `progress` query and the UI's current details.
+
+`with_history` (activities/history_import.py): first the scope's transaction log, page by page
+(<= 8189 imported transfers each) in one global time order, until the history checkpoint says
+done; only then the wallets, whose openings post the residual the history does not hold.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -18,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
     from workflows.backfill_models import (
         ACTIVITY_COUNT,
+        ACTIVITY_HISTORY_PAGE,
         ACTIVITY_PAGE,
         FAILED_SAMPLE_MAX,
         BackfillCountInput,
@@ -27,6 +33,8 @@ with workflow.unsafe.imports_passed_through():
         BackfillPageOutput,
         BackfillProgress,
         BackfillState,
+        HistoryPageInput,
+        HistoryPageOutput,
     )
 
 PAGE_START_TO_CLOSE = timedelta(minutes=10)
@@ -64,10 +72,24 @@ class BackfillWorkflow:
             state.totals = counted.totals
         self._publish()
         pages_this_run = 0
+        while inp.with_history and not state.history_done:
+            if pages_this_run >= inp.pages_per_run:
+                self._continue_as_new()
+            state.history = await workflow.execute_activity(
+                ACTIVITY_HISTORY_PAGE,
+                HistoryPageInput(run_id=inp.run_id, pairs=inp.pairs,
+                                 limit=inp.history_page_size),
+                result_type=HistoryPageOutput,
+                start_to_close_timeout=PAGE_START_TO_CLOSE,
+                heartbeat_timeout=PAGE_HEARTBEAT,
+                retry_policy=RETRY,
+            )
+            pages_this_run += 1
+            state.history_done = state.history.done
+            self._publish()
         while state.pair_index < len(inp.pairs):
             if pages_this_run >= inp.pages_per_run:
-                carried = state.model_copy(update={"runs": state.runs + 1})
-                workflow.continue_as_new(inp.model_copy(update={"state": carried}))
+                self._continue_as_new()
             pair = inp.pairs[state.pair_index]
             page = await workflow.execute_activity(
                 ACTIVITY_PAGE,
@@ -89,6 +111,12 @@ class BackfillWorkflow:
         state.finished_at = workflow.now()
         self._publish()
         return self.progress()
+
+    def _continue_as_new(self) -> NoReturn:
+        inp = self._input
+        assert inp is not None
+        carried = self._state.model_copy(update={"runs": self._state.runs + 1})
+        workflow.continue_as_new(inp.model_copy(update={"state": carried}))
 
     def _count(self, page: BackfillPageOutput) -> None:
         state = self._state
@@ -112,6 +140,8 @@ class BackfillWorkflow:
         total = sum(state.totals.values())
         rate = state.scanned / elapsed_s if elapsed_s > 0 else 0.0
         finished = state.pair_index >= len(inp.pairs)
+        in_history = inp.with_history and not state.history_done
+        stage = "history" if in_history else "finished" if finished else "wallets"
         remaining = max(total - state.scanned, 0)
         return BackfillProgress(
             run_id=inp.run_id, pairs=inp.pairs,
@@ -120,7 +150,7 @@ class BackfillWorkflow:
             busy=state.busy, failed=state.failed, failed_sample=dict(state.failed_sample),
             transfers=state.transfers, pages=state.pages, runs=state.runs,
             rate_per_s=rate, eta_s=(remaining / rate if rate > 0 and not finished else None),
-            elapsed_s=elapsed_s, finished=finished,
+            elapsed_s=elapsed_s, finished=finished, stage=stage, history=state.history,
         )
 
     def _publish(self) -> None:
@@ -128,8 +158,22 @@ class BackfillWorkflow:
         share = p.done / p.total if p.total else 1.0
         eta = "-" if p.eta_s is None else f"{p.eta_s:.0f}s"
         where = "finished" if p.finished else f"importing `{p.pair}`"
+        if p.stage == "history":
+            h = p.history
+            done, total = (h.scanned, h.total) if h else (0, 0)
+            reached = h.reached.isoformat() if h and h.reached else "-"
+            workflow.set_current_details(
+                f"**backfill {p.run_id}** · importing **history** · **{done}/{total}** "
+                f"transactions · reached {reached} · imported {h.imported if h else 0} · "
+                f"already {h.already if h else 0} · failed **{h.failed if h else 0}** · "
+                f"run {p.runs}")
+            return
+        history = "" if p.history is None else (
+            f" · history {p.history.imported + p.history.already}/{p.history.total} "
+            f"(failed {p.history.failed})")
         workflow.set_current_details(
             f"**backfill {p.run_id}** · {where} · **{p.done}/{p.total}** ({share:.1%}) · "
             f"{p.rate_per_s:.0f} wallets/s · ETA {eta} · imported {p.imported} · "
             f"already {p.already} · busy {p.busy} · failed **{p.failed}** · run {p.runs}"
+            f"{history}"
         )

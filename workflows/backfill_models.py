@@ -13,10 +13,13 @@ from walletcore.keys import WalletKey
 ACTIVITY_COUNT = "backfill_count"
 ACTIVITY_PAGE = "backfill_page"
 ACTIVITY_ENSURE_IMPORTED = "backfill_ensure_imported"
+ACTIVITY_HISTORY_PAGE = "backfill_history_page"
 BATCH_EVENTS_MAX = 8189  # TigerBeetle's request limit
 WALLETS_PER_PAGE_MAX = BATCH_EVENTS_MAX // 2  # two opening transfers per wallet at most
 PAGES_PER_RUN_DEFAULT = 50  # continue-as-new after this many pages: bounded history
 PAGES_PER_RUN_MAX = 1000
+HISTORY_EVENTS_PER_PAGE_MAX = BATCH_EVENTS_MAX  # one imported create_transfers batch
+HISTORY_EVENTS_PER_PAGE_DEFAULT = 4096
 FAILED_SAMPLE_MAX = 20
 
 
@@ -68,6 +71,31 @@ class BackfillPageOutput(_Model):
     exhausted: bool  # fewer wallets than the limit: the pair is done
 
 
+class HistoryPageInput(_Model):
+    """Import the next page of a scope's legacy transaction log (--with-history)."""
+
+    run_id: str = Field(min_length=1)
+    pairs: list[str] = Field(min_length=1)
+    limit: int = Field(
+        default=HISTORY_EVENTS_PER_PAGE_DEFAULT, ge=1, le=HISTORY_EVENTS_PER_PAGE_MAX)
+
+
+class HistoryPageOutput(_Model):
+    """The history import's checkpoint after the page: cumulative, exact across retries."""
+
+    done: bool
+    total: int  # scope transactions created before the cut (counted when it started)
+    scanned: int
+    imported: int  # imported transfers created
+    already: int  # found in TigerBeetle (a retried or re-run page)
+    skipped: int  # no wallet document / void of an original the history does not hold
+    failed: int  # rejected by TigerBeetle: the residual opening balance holds their effect
+    failed_sample: dict[str, str] = Field(default_factory=dict)
+    pages: int
+    cut: datetime  # transactions created at or after it reach TigerBeetle in the opening
+    reached: datetime | None = None  # created_at of the last transaction handled
+
+
 class EnsureImportedInput(_Model):
     wallet: WalletKey
     claimer: str = "wallet-workflow"
@@ -92,6 +120,8 @@ class BackfillState(BaseModel):
     transfers: int = 0
     pages: int = 0
     runs: int = 1
+    history_done: bool = False
+    history: HistoryPageOutput | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -101,7 +131,10 @@ class BackfillInput(_Model):
     pairs: list[str] = Field(description="ledger pairs (`USD:USA`) in order; empty = all")
     page_size: int = Field(default=WALLETS_PER_PAGE_MAX, ge=1, le=WALLETS_PER_PAGE_MAX)
     pages_per_run: int = Field(default=PAGES_PER_RUN_DEFAULT, ge=1, le=PAGES_PER_RUN_MAX)
-    with_history: bool = False
+    with_history: bool = Field(
+        default=False, description="first import the transaction log as imported transfers")
+    history_page_size: int = Field(
+        default=HISTORY_EVENTS_PER_PAGE_DEFAULT, ge=1, le=HISTORY_EVENTS_PER_PAGE_MAX)
     state: BackfillState | None = None
 
 
@@ -123,3 +156,5 @@ class BackfillProgress(_Model):
     eta_s: float | None
     elapsed_s: float
     finished: bool
+    stage: str = "wallets"  # "history" (--with-history, first), "wallets", "finished"
+    history: HistoryPageOutput | None = None

@@ -40,13 +40,31 @@ async def connect(settings: Settings) -> Client:
 
 
 def progress_line(p: BackfillProgress) -> str:
+    if p.stage == "history":
+        return history_line(p)
     share = p.done / p.total if p.total else 1.0
     filled = int(BAR_WIDTH * min(share, 1.0))
     eta = "done" if p.finished else ("-" if p.eta_s is None else f"ETA {p.eta_s:.0f}s")
     where = p.pair or "all pairs"
     return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share:6.1%} "
             f"{p.done}/{p.total} {p.rate_per_s:.0f} wallets/s {eta} · {where} · "
-            f"imported {p.imported} already {p.already} busy {p.busy} failed {p.failed}")
+            f"imported {p.imported} already {p.already} busy {p.busy} failed {p.failed}"
+            + ("" if p.history is None else
+               f" · history {p.history.imported + p.history.already}/{p.history.total} "
+               f"failed {p.history.failed}"))
+
+
+def history_line(p: BackfillProgress) -> str:
+    """--with-history, first stage: the transaction log as imported transfers."""
+    h = p.history
+    done, total = (h.scanned, h.total) if h else (0, 0)
+    share = done / total if total else 0.0
+    filled = int(BAR_WIDTH * min(share, 1.0))
+    reached = h.reached.isoformat(timespec="seconds") if h and h.reached else "-"
+    return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share:6.1%} history "
+            f"{done}/{total} transactions · reached {reached} · "
+            f"imported {h.imported if h else 0} already {h.already if h else 0} "
+            f"skipped {h.skipped if h else 0} failed {h.failed if h else 0}")
 
 
 async def _watch(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
@@ -66,7 +84,11 @@ async def _watch(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
         print(result.model_dump_json(indent=2))
     for key, error in result.failed_sample.items():
         print(f"failed: {key}: {error}", file=sys.stderr)
-    return 0 if result.failed == 0 else 3
+    history_failed = 0 if result.history is None else result.history.failed
+    if result.history is not None:
+        for txn, error in result.history.failed_sample.items():
+            print(f"history failed: {txn}: {error}", file=sys.stderr)
+    return 0 if result.failed == 0 and history_failed == 0 else 3
 
 
 async def _start(args: argparse.Namespace) -> int:
@@ -81,7 +103,8 @@ async def _start(args: argparse.Namespace) -> int:
     workflow_id = backfill_workflow_id(args.pair or [])
     # Unset sizes take the workflow input's defaults (one source of truth).
     sizes = {name: value for name, value in (("page_size", args.page_size),
-                                              ("pages_per_run", args.pages_per_run))
+                                              ("pages_per_run", args.pages_per_run),
+                                              ("history_page_size", args.history_page_size))
              if value is not None}
     run_id = args.run_id or f"backfill-{uuid.uuid4().hex[:12]}"
     handle = await client.start_workflow(
@@ -129,7 +152,11 @@ def register(subparsers: Any) -> None:
     start.add_argument("--pages-per-run", type=int, default=None,
                        help="pages before continue-as-new (default: the workflow's)")
     start.add_argument("--with-history", action="store_true",
-                       help="also import the transaction log as imported transfers")
+                       help="first import the transaction log as TigerBeetle imported "
+                       "transfers with their original timestamps (only while every pair is "
+                       "in phase legacy and TigerBeetle holds no normal transfer)")
+    start.add_argument("--history-page-size", type=int, default=None,
+                       help="transactions per history page (default 4096, at most 8189)")
     start.add_argument("--run-id", help="name of this backfill (claims, audit)")
     start.add_argument("--no-wait", action="store_true", help="start and return")
     start.add_argument("--json", action="store_true", help="print the final progress as JSON")

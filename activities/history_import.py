@@ -1,0 +1,495 @@
+"""`backfill start --with-history`: the legacy transaction log as TigerBeetle `imported`
+transfers with their original timestamps, before any opening balance.
+
+TigerBeetle's rules for imported events shape everything here: an imported transfer must be
+newer than EVERY transfer in the cluster and postdate both its accounts; imported accounts must
+be newer than every account; no timestamp may be shared; a batch is all imported or none. So
+the history of a scope is imported first, in one global (created_at, wallet, wallet_version)
+order, while no normal write has reached TigerBeetle yet; the normal backfill then posts only
+the residual between the legacy balance and what the history holds (plan_to_reach).
+
+Timestamps (ns): legacy transactions carry milliseconds. Each millisecond m is split in two:
+accounts take [m*1e6, m*1e6 + 500_000) and transfers [m*1e6 + 500_000, (m+1)*1e6), each
+strictly increasing from the newest one in the cluster. So an account created for a transfer
+of millisecond m is older than it, no account shares a transfer's timestamp, and
+`timestamp // 1e6` of every transfer is its legacy `created_at`.
+
+Idempotent and resumable: ids are the live path's (transfer_id / void_transfer_id), transfers
+that already exist are looked up and skipped, the last-used timestamps are read back from
+TigerBeetle on every page, and the cursor lives in `backfill_history` (stores/history_import.py).
+A transfer TigerBeetle rejects (e.g. a debit ordered before its funding credit by clock skew)
+is counted as failed: the residual opening then holds its effect, so balances stay exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import tigerbeetle as tb
+from pydantic import ValidationError
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
+
+from registries.account_registry import AccountRecord
+from registries.transfer_registry import TRANSFER_REGISTRY, TransferRecord, TransferRegistry
+from registries.transfer_registry import _doc_of as registry_doc
+from stores.history_import import (
+    HistoryCheckpoint,
+    HistoryCheckpoints,
+    HistoryCursor,
+    HistoryStatus,
+    PageCounts,
+    checkpoint_started,
+    scope_of,
+)
+from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
+from stores.migration_state import MigrationStateStore
+from stores.mongo import DUPLICATE_KEY_CODE, as_utc, decimal128_to_minor, now_ms
+from stores.reports import find_keys
+from stores.tigerbeetle_client import TigerBeetleClient
+from stores.tigerbeetle_store import (
+    TYPE_CREDIT,
+    TYPE_DEBIT,
+    TYPE_VOID,
+    customer_account_of,
+    system_accounts,
+    timestamp_to_datetime,
+)
+from walletcore.codes import SystemAccount, TransferCode
+from walletcore.errors import (
+    AlreadyVoidedError,
+    ConflictError,
+    DuplicateTransactionError,
+    InvalidInputError,
+    NotFoundError,
+)
+from walletcore.ids import reference_hash, system_account_id, transfer_id, void_transfer_id
+from walletcore.keys import WalletKey
+from walletcore.ledgers import LedgerTable
+from walletcore.phases import Phase
+from workflows.backfill_models import HistoryPageInput, HistoryPageOutput
+
+NS_PER_MS = 1_000_000
+TRANSFER_SLOT_OFFSET_NS = 500_000  # accounts below it within a millisecond, transfers above
+MARK_CONCURRENCY = 16  # void marks in flight per page (voids are a small share)
+BATCH_EVENTS_MAX = 8189
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_CTS = tb.CreateTransferStatus
+_CAS = tb.CreateAccountStatus
+# The cluster holds something newer than the history: it is too late to import it.
+TOO_LATE_TRANSFER = frozenset({
+    _CTS.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS,
+    _CTS.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_DEBIT_ACCOUNT,
+    _CTS.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_CREDIT_ACCOUNT,
+})
+Document = dict[str, Any]
+RegistryLookup = Callable[[Sequence[tuple[WalletKey, bool]]], Awaitable[dict[str, AccountRecord]]]
+
+
+def refused(reason: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"--with-history is no longer possible: {reason}. TigerBeetle accepts imported "
+        "events only when they are newer than every transfer and account already in the "
+        "cluster, so the history must be imported before dual_write or any backfill; run "
+        "the backfill without --with-history",
+        field="with_history",
+    )
+
+
+def ms_of(created_at: datetime) -> int:
+    return (as_utc(created_at) - EPOCH) // timedelta(milliseconds=1)
+
+
+def scope_regex(pairs: Sequence[str]) -> str:
+    """Canonical wallet keys (`client|COUNTRY|CURRENCY|issuer`) of the scope's pairs."""
+    alternatives = []
+    for pair in sorted(set(pairs)):
+        currency, _, country = pair.partition(":")
+        alternatives.append(re.escape(f"{country}|{currency}"))
+    return r"^[^|]+\|(?:" + "|".join(alternatives) + r")\|"
+
+
+def newest_filter() -> tb.QueryFilter:
+    return tb.QueryFilter(user_data_128=0, user_data_64=0, user_data_32=0, ledger=0, code=0,
+                          timestamp_min=0, timestamp_max=0, limit=1,
+                          flags=tb.QueryFilterFlags.REVERSED)
+
+
+@dataclass
+class _Event:
+    """One legacy transaction on its way to TigerBeetle and the Transfer Registry."""
+
+    txn: str
+    ms: int
+    account: AccountRecord
+    transfer: tb.Transfer
+    record: TransferRecord
+    original: str | None = None  # a void's original transaction id
+    timestamp: int = 0  # assigned (new) or found (existing)
+    outcome: Literal["new", "already", "failed"] = "new"
+
+
+class HistoryImporter:
+    def __init__(
+        self,
+        db: AsyncDatabase[Any],
+        client: TigerBeetleClient,
+        registry_records: RegistryLookup,
+        transfers: TransferRegistry,
+        ledgers: LedgerTable,
+        *,
+        deployment_tag: int = 0,
+    ) -> None:
+        self._db = db
+        self._client = client
+        self._registry_records = registry_records
+        self._transfers = transfers
+        self._ledgers = ledgers
+        self._deployment_tag = deployment_tag
+        self._checkpoints = HistoryCheckpoints(db)
+        self._migration = MigrationStateStore(db, cache_ttl_s=0)
+
+    @property
+    def checkpoints(self) -> HistoryCheckpoints:
+        return self._checkpoints
+
+    async def page(self, inp: HistoryPageInput) -> HistoryPageOutput:
+        """Import the next page of the scope's history (starting the import if needed)."""
+        for pair in inp.pairs:
+            currency, _, country = pair.partition(":")
+            self._ledgers.ledger_of(currency, country)  # unknown pair: clear error
+        scope = scope_of(inp.pairs)
+        checkpoint = await self._checkpoints.get(scope)
+        if checkpoint is None:
+            checkpoint = await self._start(inp, scope)
+        if checkpoint.status is HistoryStatus.DONE:
+            return _output(checkpoint)
+        await self._check_phases(inp.pairs)
+        newest_transfer_ts, newest_account_ts = await self._check_cluster()
+        docs = await self._scan(checkpoint, inp.limit)
+        counts = await self._import(docs, newest_transfer_ts, newest_account_ts)
+        after = checkpoint.after
+        if docs:
+            last = docs[-1]
+            after = HistoryCursor(created_at=as_utc(last["created_at"]), wallet=last["wallet"],
+                                  wallet_version=int(last["wallet_version"]))
+        advanced = await self._checkpoints.advance(
+            checkpoint, after, counts, done=len(docs) < inp.limit)
+        if advanced is None:  # an earlier attempt of this page got there first
+            advanced = await self._checkpoints.get(scope)
+            assert advanced is not None
+        return _output(advanced)
+
+    # ---- preconditions -----------------------------------------------------------------------
+
+    async def _start(self, inp: HistoryPageInput, scope: str) -> HistoryCheckpoint:
+        if all([await self._checkpoints.done_for(pair) for pair in inp.pairs]):
+            # Every pair's history came in with another scope's import (e.g. "all pairs"
+            # first, then one pair again): nothing to do, even once normal writes started.
+            done = checkpoint_started(scope, inp.pairs, inp.run_id, now_ms(), 0)
+            return await self._checkpoints.create(done.model_copy(
+                update={"status": HistoryStatus.DONE, "done_at": now_ms()}))
+        await self._check_phases(inp.pairs)
+        await self._check_cluster()
+        await self._checkpoints.ensure_indexes()
+        cut = now_ms()
+        total = await self._db[WALLET_TRANSACTIONS].count_documents(
+            {"wallet": {"$regex": scope_regex(inp.pairs)}, "created_at": {"$lt": cut}})
+        return await self._checkpoints.create(
+            checkpoint_started(scope, inp.pairs, inp.run_id, cut, total))
+
+    async def _check_phases(self, pairs: Sequence[str]) -> None:
+        for pair in pairs:
+            state = await self._migration.resolve(pair, fresh=True)
+            if state.phase is not Phase.LEGACY:
+                raise refused(f"ledger pair {pair} is in phase {state.phase.value} (scope "
+                              f"{state.scope}), its writes already reach TigerBeetle")
+
+    async def _check_cluster(self) -> tuple[int, int]:
+        """(newest transfer timestamp, newest account timestamp), 0 when none; refuses when
+        either is a normal (non-imported) event: nothing older can be imported after it."""
+        transfers = await self._client.query_transfers(newest_filter())
+        accounts = await self._client.query_accounts(newest_filter())
+        if transfers and not transfers[0].flags & tb.TransferFlags.IMPORTED:
+            raise refused(f"the cluster already holds transfers written normally (newest at "
+                          f"{timestamp_to_datetime(transfers[0].timestamp).isoformat()})")
+        if accounts and not accounts[0].flags & tb.AccountFlags.IMPORTED:
+            raise refused(f"the cluster already holds accounts created normally (newest at "
+                          f"{timestamp_to_datetime(accounts[0].timestamp).isoformat()})")
+        return (transfers[0].timestamp if transfers else 0,
+                accounts[0].timestamp if accounts else 0)
+
+    # ---- one page ----------------------------------------------------------------------------
+
+    async def _scan(self, checkpoint: HistoryCheckpoint, limit: int) -> list[Document]:
+        assert 1 <= limit <= BATCH_EVENTS_MAX
+        query: Document = {"wallet": {"$regex": scope_regex(checkpoint.pairs)},
+                           "created_at": {"$lt": checkpoint.cut}}
+        after = checkpoint.after
+        if after is not None:
+            at = after.created_at
+            query["$or"] = [
+                {"created_at": {"$gt": at}},
+                {"created_at": at, "wallet": {"$gt": after.wallet}},
+                {"created_at": at, "wallet": after.wallet,
+                 "wallet_version": {"$gt": after.wallet_version}},
+            ]
+        cursor = self._db[WALLET_TRANSACTIONS].find(query).sort(
+            [("created_at", 1), ("wallet", 1), ("wallet_version", 1)]).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def _import(
+        self, docs: list[Document], newest_transfer_ts: int, newest_account_ts: int
+    ) -> PageCounts:
+        if not docs:
+            return PageCounts()
+        failed: dict[str, str] = {}
+        events, skipped = await self._events(docs, failed)
+        existing = await self._existing(events, failed)
+        fresh = [e for e in events if e.outcome == "new"]
+        accounts = await self._plan_timestamps(fresh, newest_transfer_ts, newest_account_ts)
+        await self._create_accounts(accounts)
+        await self._create_transfers(fresh, failed)
+        await self._record(events, failed)
+        imported = sum(1 for e in fresh if e.outcome == "new")
+        return PageCounts(scanned=len(docs), imported=imported, already=existing,
+                          skipped=skipped, failed=failed)
+
+    async def _events(
+        self, docs: list[Document], failed: dict[str, str]
+    ) -> tuple[list[_Event], int]:
+        """The page's transactions as transfers (the live path's ids, accounts and codes)."""
+        wallets = sorted({d["wallet"] for d in docs})
+        wallet_docs = await find_keys(self._db[WALLETS], wallets, {"allow_overdraft": 1})
+        records = await self._registry_records(
+            [(WalletKey.from_canonical(k), bool(d.get("allow_overdraft")))
+             for k, d in wallet_docs.items()])
+        originals = await self._originals(docs)
+        in_page = {d["_id"] for d in docs}
+        registered = await self._transfers.get_many(
+            sorted({o for o in originals if o not in in_page}))
+        events: list[_Event] = []
+        built: set[str] = set()
+        skipped = 0
+        for doc in docs:
+            txn = str(doc["_id"])
+            record = records.get(doc["wallet"])
+            if record is None:
+                skipped += 1  # no wallet document: nothing to attach the transfer to
+                continue
+            original = doc.get("original_transaction_id") if doc["type"] == TYPE_VOID else None
+            original_type = None if original is None else originals.get(original)
+            if original is not None and (original_type not in (TYPE_CREDIT, TYPE_DEBIT) or (
+                    original not in in_page and original not in registered)):
+                skipped += 1  # a void of an original the history holds no transfer of
+                continue
+            if original is not None and original in in_page and original not in built:
+                skipped += 1  # its original was not importable
+                continue
+            try:
+                events.append(self._event(doc, record, original, original_type))
+            except (ValidationError, InvalidInputError, ConflictError) as exc:
+                failed[txn] = f"legacy transaction not importable: {exc}"
+                continue
+            built.add(txn)
+        return events, skipped
+
+    async def _originals(self, docs: list[Document]) -> dict[str, str]:
+        """Type of every voided original of the page (from the page or the legacy log)."""
+        wanted = {str(d["original_transaction_id"]) for d in docs
+                  if d["type"] == TYPE_VOID and d.get("original_transaction_id")}
+        types = {str(d["_id"]): str(d["type"]) for d in docs if d["_id"] in wanted}
+        missing = sorted(wanted - types.keys())
+        if missing:
+            found = await find_keys(self._db[WALLET_TRANSACTIONS], missing, {"type": 1})
+            types.update({k: str(d["type"]) for k, d in found.items()})
+        return types
+
+    def _event(self, doc: Document, record: AccountRecord, original: str | None,
+               original_type: str | None) -> _Event:
+        wallet = record.wallet
+        ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
+        if record.ledger != ledger:
+            raise ConflictError(f"wallet {wallet} is registered on ledger {record.ledger}, "
+                                f"its pair maps to {ledger}")
+        txn = str(doc["_id"])
+        amount_minor = decimal128_to_minor(doc["amount"], wallet.currency, field="amount")
+        reserve = system_account_id(ledger, SystemAccount.RESERVE)
+        spend = system_account_id(ledger, SystemAccount.SPEND)
+        customer = record.account_id
+        kind = str(doc["type"])
+        if kind == TYPE_CREDIT:
+            tid, dr, cr, code = transfer_id(txn), reserve, customer, TransferCode.CREDIT
+        elif kind == TYPE_DEBIT:
+            tid, dr, cr, code = transfer_id(txn), customer, spend, TransferCode.DEBIT
+        elif kind == TYPE_VOID and original is not None and original_type == TYPE_CREDIT:
+            tid, dr, cr, code = void_transfer_id(original), customer, reserve, \
+                TransferCode.CREDIT_VOID
+        elif kind == TYPE_VOID and original is not None:
+            tid, dr, cr, code = void_transfer_id(original), spend, customer, \
+                TransferCode.DEBIT_VOID
+        else:
+            raise ConflictError(f"unknown legacy transaction type {kind!r}")
+        transfer = tb.Transfer(
+            id=tid, debit_account_id=dr, credit_account_id=cr, amount=amount_minor,
+            user_data_128=reference_hash(doc.get("reference_id")), ledger=ledger,
+            code=int(code), flags=tb.TransferFlags.IMPORTED)
+        created_at = as_utc(doc["created_at"])
+        rec = TransferRecord(
+            transaction_id=txn, transfer_id=tid, wallet=wallet, account_id=customer, type=kind,
+            amount_minor=amount_minor, reference_id=doc.get("reference_id"),
+            created_at=created_at)
+        return _Event(txn=txn, ms=ms_of(created_at), account=record, transfer=transfer,
+                      record=rec, original=original)
+
+    async def _existing(self, events: list[_Event], failed: dict[str, str]) -> int:
+        """Mark the events whose transfer exists already (a retried or re-run page)."""
+        if not events:
+            return 0
+        found = {t.id: t for t in await self._client.lookup_transfers(
+            [e.transfer.id for e in events])}
+        count = 0
+        for event in events:
+            t = found.get(event.transfer.id)
+            if t is None:
+                continue
+            want = event.transfer
+            if (t.debit_account_id, t.credit_account_id, t.amount, t.code) != (
+                    want.debit_account_id, want.credit_account_id, want.amount, want.code):
+                event.outcome = "failed"
+                failed[event.txn] = f"transfer {want.id:032x} exists with other content"
+                continue
+            event.outcome, event.timestamp = "already", t.timestamp
+            count += 1
+        return count
+
+    async def _plan_timestamps(
+        self, fresh: list[_Event], last_transfer_ts: int, last_account_ts: int
+    ) -> list[tb.Account]:
+        """Timestamps for the new transfers and for the accounts they need that TigerBeetle
+        does not hold yet (returned in creation order)."""
+        if not fresh:
+            return []
+        ids = sorted({i for e in fresh
+                      for i in (e.transfer.debit_account_id, e.transfer.credit_account_id)})
+        present: set[int] = set()
+        for start in range(0, len(ids), BATCH_EVENTS_MAX):
+            present.update(a.id for a in await self._client.lookup_accounts(
+                ids[start : start + BATCH_EVENTS_MAX]))
+        planned: list[tb.Account] = []
+        for event in fresh:
+            base = event.ms * NS_PER_MS
+            wanted: list[tb.Account] = []
+            ledger = event.transfer.ledger
+            if system_account_id(ledger, SystemAccount.RESERVE) not in present:
+                wanted.extend(system_accounts(ledger))
+            if event.record.account_id not in present:
+                wanted.append(customer_account_of(event.account, self._deployment_tag))
+            for account in wanted:
+                account.timestamp = max(base, last_account_ts + 1)
+                if account.timestamp >= base + TRANSFER_SLOT_OFFSET_NS:
+                    raise refused(f"account {account.id:032x} would be created after "
+                                  f"{timestamp_to_datetime(last_account_ts).isoformat()}, "
+                                  "the newest account in the cluster")
+                account.flags |= tb.AccountFlags.IMPORTED
+                last_account_ts = account.timestamp
+                present.add(account.id)
+                planned.append(account)
+            event.timestamp = max(base + TRANSFER_SLOT_OFFSET_NS, last_transfer_ts + 1)
+            if event.timestamp >= base + NS_PER_MS:
+                raise refused(f"transaction {event.txn} of "
+                              f"{event.record.created_at.isoformat()} is older than "
+                              f"{timestamp_to_datetime(last_transfer_ts).isoformat()}, the "
+                              "newest transfer in the cluster")
+            event.transfer.timestamp = event.timestamp
+            last_transfer_ts = event.timestamp
+        return planned
+
+    async def _create_accounts(self, accounts: list[tb.Account]) -> None:
+        for start in range(0, len(accounts), BATCH_EVENTS_MAX):
+            chunk = accounts[start : start + BATCH_EVENTS_MAX]
+            results = await self._client.create_accounts(chunk)
+            assert len(results) == len(chunk)
+            for account, result in zip(chunk, results, strict=True):
+                if result.status in (_CAS.CREATED, _CAS.EXISTS):
+                    continue
+                if result.status is _CAS.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS:
+                    raise refused("an account newer than the history appeared in the cluster")
+                raise ConflictError(f"imported account {account.id:032x} (code {account.code},"
+                                    f" ledger {account.ledger}): {result.status.name}")
+
+    async def _create_transfers(self, fresh: list[_Event], failed: dict[str, str]) -> None:
+        if not fresh:
+            return
+        assert len(fresh) <= BATCH_EVENTS_MAX
+        results = await self._client.create_transfers([e.transfer for e in fresh])
+        assert len(results) == len(fresh)
+        for event, result in zip(fresh, results, strict=True):
+            status = result.status
+            if status is _CTS.CREATED:
+                continue
+            if status is _CTS.EXISTS:
+                event.outcome, event.timestamp = "already", result.timestamp
+            elif status in TOO_LATE_TRANSFER:
+                raise refused(f"TigerBeetle answered {status.name} for transaction {event.txn}")
+            else:  # e.g. EXCEEDS_CREDITS: the residual opening balance holds its effect
+                event.outcome = "failed"
+                failed[event.txn] = f"imported transfer {event.transfer.id:032x}: {status.name}"
+
+    async def _record(self, events: list[_Event], failed: dict[str, str]) -> None:
+        """Transfer Registry entries like the live path writes: originals first (one bulk
+        insert), then each void marks its original and is recorded itself."""
+        landed = [e for e in events if e.outcome != "failed"]
+        await self._record_many([e for e in landed if e.original is None], failed)
+        gate = asyncio.Semaphore(MARK_CONCURRENCY)
+
+        async def mark(event: _Event) -> _Event | None:
+            assert event.original is not None
+            async with gate:
+                try:
+                    await self._transfers.mark_voided(
+                        event.original, void_transaction_id=event.txn,
+                        void_transfer_id=event.transfer.id)
+                except (AlreadyVoidedError, NotFoundError, InvalidInputError) as exc:
+                    failed[event.txn] = f"transfer registry: {exc}"
+                    return None
+            return event
+
+        marked = await asyncio.gather(*(mark(e) for e in landed if e.original is not None))
+        await self._record_many([e for e in marked if e is not None], failed)
+
+    async def _record_many(self, events: list[_Event], failed: dict[str, str]) -> None:
+        """One unordered insert; records that exist already go through TransferRegistry.record,
+        which accepts an identical one and refuses different content."""
+        if not events:
+            return
+        records = [e.record.model_copy(
+            update={"created_at": timestamp_to_datetime(e.timestamp)}) for e in events]
+        taken: list[int] = []
+        try:
+            await self._db[TRANSFER_REGISTRY].insert_many(
+                [registry_doc(r) for r in records], ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") != DUPLICATE_KEY_CODE:
+                    raise
+                taken.append(int(error["index"]))
+        for index in taken:  # a retried page: few, and each must be the same record
+            try:
+                await self._transfers.record(records[index])
+            except (DuplicateTransactionError, ConflictError) as exc:
+                failed[events[index].txn] = f"transfer registry: {exc}"
+
+
+def _output(cp: HistoryCheckpoint) -> HistoryPageOutput:
+    return HistoryPageOutput(
+        done=cp.status is HistoryStatus.DONE, total=cp.total, scanned=cp.scanned,
+        imported=cp.imported, already=cp.already, skipped=cp.skipped, failed=cp.failed,
+        failed_sample=dict(cp.failed_sample), pages=cp.pages, cut=cp.cut,
+        reached=None if cp.after is None else cp.after.created_at)
