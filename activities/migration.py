@@ -28,6 +28,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from temporalio import activity
 
 from stores.audit_log import AuditLog
+from stores.history_import import BACKFILL_HISTORY, HistoryStatus
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore
 from walletcore.errors import ConflictError
@@ -159,6 +160,7 @@ class MigrationActivities:
             collected_at=now,
             window_s=req.window_s,
             backfill_complete=await self._backfill_complete(req.scopes),
+            history_imports_running=await self._history_imports_running(req.scopes),
             unapplied_writes=await self.unapplied_writes(
                 req.scopes, req.phase, req.write_switch_at
             ),
@@ -203,6 +205,12 @@ class MigrationActivities:
             if out["rate"] is not None and out["full_rate"] is not None:
                 break
         return out
+
+    async def _history_imports_running(self, scopes: list[str]) -> int:
+        query: dict[str, Any] = {"status": HistoryStatus.RUNNING.value}
+        if GLOBAL_SCOPE not in scopes:
+            query["pairs"] = {"$in": scopes}
+        return await self._db[BACKFILL_HISTORY].count_documents(query)
 
     async def _backfill_complete(self, scopes: list[str]) -> bool:
         wallets = await self._db[WALLETS].count_documents(pair_filter(scopes))

@@ -23,6 +23,7 @@ from wallet_support import history_wanted, save_history
 from activities.migration import BACKFILL_IMPORTS, RECONCILIATION_REPORTS, MigrationActivities
 from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.audit_log import AuditLog
+from stores.history_import import BACKFILL_HISTORY
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletcore.gates import GateThresholds
@@ -216,6 +217,31 @@ async def test_full_migration_path(
     history = await handle.fetch_history()
     await Replayer(workflows=[MigrationWorkflow], workflow_runner=workflow_runner(),
                    data_converter=temporal_client.data_converter).replay_workflow(history)
+
+
+async def test_dual_write_waits_for_a_running_history_import(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    """Imported transfers must be newer than every transfer: no dual-write may start while a
+    `backfill --with-history` of the scope runs."""
+    scope = unique_scope()
+    handle = await start(temporal_client, migration_worker, scope, tmp_path)
+    history = mongo_db[BACKFILL_HISTORY]
+    await history.insert_one({"_id": scope, "pairs": [scope], "status": "running"})
+
+    async def gate_fails() -> bool:
+        view: GatesView = await handle.query(MigrationWorkflow.gates)
+        return any(g.name == "history_import_finished" and not g.passed for g in view.gates)
+
+    await eventually(gate_fails, "the history import gate to close")
+    await expect_rejected(
+        handle.execute_update(MigrationWorkflow.advance, AdvanceRequest()),
+        "gate history_import_finished: measured 1 history import(s) running")
+    await history.update_one({"_id": scope}, {"$set": {"status": "done"}})
+    await gates_pass(handle)
+    status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
+    assert status.phase == Phase.DUAL_WRITE
 
 
 async def test_rollback_from_every_phase(

@@ -47,6 +47,9 @@ class Evidence(BaseModel):
     collected_at: datetime | None = None
     window_s: int = Field(default=0, ge=0)
     backfill_complete: bool = False
+    # `backfill --with-history` imports still running on the scope's pairs: imported transfers
+    # must be newer than every transfer, so no normal write may reach TigerBeetle before they end.
+    history_imports_running: int = Field(default=0, ge=0)
     unapplied_writes: int | None = Field(default=None, ge=0)
     # Latest reconciliation report inside the window (any kind) and the latest full one.
     reconciliation_match_rate: float | None = Field(default=None, ge=0, le=1)
@@ -156,6 +159,13 @@ def gate_reconciliation(ev: Evidence, t: GateThresholds) -> GateResult:
     )
 
 
+def gate_history_import(ev: Evidence, _t: GateThresholds) -> GateResult:
+    running = ev.history_imports_running
+    return GateResult(name="history_import_finished", passed=running == 0,
+                      measured=f"{running} history import(s) running" if running
+                      else "none running", threshold="none running")
+
+
 def gate_shadow_match(ev: Evidence, t: GateThresholds) -> GateResult:
     return _rate_at_least("shadow_match_rate", ev.shadow_match_rate, ev.shadow_compared,
                           t.min_shadow_match_rate, t.min_shadow_samples)
@@ -207,7 +217,7 @@ Gate = Callable[[Evidence, GateThresholds], GateResult]
 # Gates to enter each phase (raising the read-cutover rollout uses RAISE_ROLLOUT_GATES).
 ENTRY_GATES: dict[Phase, tuple[Gate, ...]] = {
     Phase.LEGACY: (),
-    Phase.DUAL_WRITE: (),
+    Phase.DUAL_WRITE: (gate_history_import,),
     Phase.SHADOW_READ: (gate_backfill, gate_unapplied, gate_reconciliation),
     Phase.READ_CUTOVER: (gate_shadow_match, gate_latency),
     Phase.TB_PRIMARY: (gate_full_reconciliation, gate_unapplied),
