@@ -7,7 +7,9 @@ activity takes one pydantic input model. Domain errors leave through activities.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from temporalio import activity
@@ -20,7 +22,7 @@ from activities.reverse_projection import (
     must_drain_first,
 )
 from activities.store_ops import apply_to
-from stores.backfill_imports import ImportLedger
+from stores.backfill_imports import ImportLedger, ImportStatus
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore
@@ -30,7 +32,7 @@ from walletcore.errors import WalletError
 from walletcore.keys import WalletKey
 from walletcore.operations import Void, WalletOperation
 from walletcore.phases import MigrationState
-from walletcore.write_facts import OriginalFacts
+from walletcore.write_facts import LegacyFacts, OriginalFacts
 from walletmig.reads import WalletReader
 from workflows.wallet_models import (
     ACTIVITY_APPLY_PRIMARY,
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # The claimer name of imports started by a wallet's own write path (backfill uses its run id).
 WALLET_CLAIMER = "wallet-workflow"
+IMPORTED_KNOWN_MAX = 100_000  # finished imports remembered per process (ImportedVersions)
 
 
 def default_importer(legacy: LegacyStore, tigerbeetle: TigerBeetleStore) -> WalletImporter:
@@ -78,11 +81,16 @@ class TigerBeetleBacklog:
     """
 
     def __init__(
-        self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, importer: WalletImporter
+        self,
+        legacy: LegacyStore,
+        tigerbeetle: TigerBeetleStore,
+        importer: WalletImporter,
+        imported: ImportedVersions | None = None,
     ) -> None:
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
         self._importer = importer
+        self._imported = imported or ImportedVersions(importer, ImportLedger(legacy.db))
 
     async def apply(
         self, wallet: WalletKey, items: list[BacklogItem], *, since_version: int | None = None
@@ -91,15 +99,24 @@ class TigerBeetleBacklog:
         on; anything else raises and the whole batch is retried (idempotent by transaction
         id, and a skip decision depends only on the import record, which never changes)."""
         assert 0 < len(items) <= DRAIN_BATCH_MAX
-        imported = await self._importer.ensure_imported(
-            wallet, WALLET_CLAIMER, since_version=since_version
-        )
-        outcomes: list[TigerBeetleItemOutcome] = []
+        imported = await self._imported.ensure(wallet, since_version=since_version)
+        facts_of: list[LegacyFacts | None] = []
         for item in items:
             assert item.command.wallet == wallet, "backlog item of another wallet"
             assert item.direction == "to_tigerbeetle", "reverse projection item in TB batch"
+            facts_of.append(item.legacy or await self._legacy.facts_of(item.command.transaction_id))
+        to_write = [
+            item.command.transaction_id
+            for item, facts in zip(items, facts_of, strict=True)
+            if facts is None or facts.wallet_version > imported
+        ]
+        # The registry records of the batch in one query (one wallet, one account read): each
+        # item then costs its TigerBeetle calls and its own registry insert only.
+        known = await self._tigerbeetle.known_records(wallet, to_write) if to_write else None
+        seen: set[str] = set()
+        outcomes: list[TigerBeetleItemOutcome] = []
+        for item, facts in zip(items, facts_of, strict=True):
             txn = item.command.transaction_id
-            facts = item.legacy or await self._legacy.facts_of(txn)
             if facts is not None and facts.wallet_version <= imported:
                 outcomes.append(
                     TigerBeetleItemOutcome(
@@ -110,9 +127,14 @@ class TigerBeetleBacklog:
             original = facts.original if facts is not None else None
             # An original the opening holds has no registry record: legacy is the truth.
             opening = original if original and original.wallet_version <= imported else None
+            # An id seen earlier in this batch (a resent operation) was written since the
+            # prefetch: read it again. A void reads its own records (it may mark an original
+            # of this batch), so it leaves `known` as it is.
+            prefetched = known if txn not in seen else None
+            seen.add(txn)
             try:
-                result = await apply_to(
-                    self._tigerbeetle, item.command.op, opening_original=opening
+                done = await self._tigerbeetle.replicate(
+                    item.command.op, opening_original=opening, known=prefetched
                 )
             except WalletError as err:
                 if err.retryable:
@@ -127,10 +149,45 @@ class TigerBeetleBacklog:
                     )
                 )
                 continue
+            if known is not None and done.account not in (None, known.account):
+                known = replace(known, account=done.account)  # created by this item
             outcomes.append(
-                TigerBeetleItemOutcome(seq=item.seq, transaction_id=txn, replayed=result.replayed)
+                TigerBeetleItemOutcome(seq=item.seq, transaction_id=txn, replayed=done.replayed)
             )
         return ApplyTigerBeetleOutput(outcomes=outcomes)
+
+
+class ImportedVersions:
+    """WalletImporter.ensure_imported with the finished imports remembered in this process.
+
+    A `done` import record never changes (status and version are final), so its version is
+    kept (LRU, bounded): the backlog and the tb_primary write path then skip one MongoDB read
+    per batch. Anything not done yet goes through ensure_imported every time."""
+
+    def __init__(self, importer: WalletImporter, imports: ImportLedger) -> None:
+        self._importer = importer
+        self._imports = imports
+        self._done: OrderedDict[str, int] = OrderedDict()
+
+    async def ensure(
+        self, wallet: WalletKey, *, record_absent: bool = False, since_version: int | None = None
+    ) -> int:
+        key = wallet.canonical
+        version = self._done.get(key)
+        if version is not None:
+            self._done.move_to_end(key)
+            return version
+        record = await self._imports.get(key)
+        if record is None or record.status is not ImportStatus.DONE:
+            # Not done yet: import now (or wait for the claimer); the next call reads the
+            # record again and remembers it once done.
+            return await self._importer.ensure_imported(
+                wallet, WALLET_CLAIMER, record_absent=record_absent, since_version=since_version
+            )
+        self._done[key] = record.version
+        while len(self._done) > IMPORTED_KNOWN_MAX:
+            self._done.popitem(last=False)
+        return record.version
 
 
 class WalletActivities:
@@ -149,7 +206,8 @@ class WalletActivities:
         self._tigerbeetle = tigerbeetle
         self._migration = migration
         self._importer = importer or default_importer(legacy, tigerbeetle)
-        self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer)
+        self._imported = ImportedVersions(self._importer, ImportLedger(legacy.db))
+        self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer, self._imported)
         self._projection = ReverseProjectionActivities(legacy)
         self._reader = WalletReader(legacy, tigerbeetle, migration, metrics)
 
@@ -209,9 +267,7 @@ class WalletActivities:
         Idempotency spans the whole history: a transaction id MongoDB already holds is a
         replay answered from there (TigerBeetle has no record of operations older than its
         import). A void of such an old transaction reverses it from MongoDB's record."""
-        imported = await self._importer.ensure_imported(
-            op.wallet, WALLET_CLAIMER, record_absent=True
-        )
+        imported = await self._imported.ensure(op.wallet, record_absent=True)
         direction = answering_direction(state)
         replay = await self._legacy.replay_of(op)
         if replay is not None:

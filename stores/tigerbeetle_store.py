@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -36,6 +37,7 @@ import tigerbeetle as tb
 
 from registries.account_registry import AccountRecord, AccountRegistry
 from registries.transfer_registry import TransferRecord, TransferRegistry
+from stores.history_import import create_accounts_allowing_imported
 from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletcore.balances import MinorBalance, WalletBalance
@@ -61,6 +63,7 @@ from walletcore.operations import (
     OperationType,
     SubtractCredit,
     Void,
+    WalletOperation,
     validate_operation,
 )
 from walletcore.write_facts import OriginalFacts
@@ -102,6 +105,32 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     tb.ClientClosedError,
     tb.ClientEvictedError,
 )
+
+
+@dataclass(frozen=True)
+class KnownRecords:
+    """Registry reads done once for a batch of one wallet's operations. Valid only for
+    operations whose transaction id no earlier operation of the batch used (the caller reads
+    again for a repeated id), with `account` the latest record the batch saw."""
+
+    wallet: WalletKey
+    transfers: Mapping[str, TransferRecord]
+    account: AccountRecord | None
+
+
+@dataclass(frozen=True)
+class Replicated:
+    replayed: bool
+    account: AccountRecord | None  # credits and debits: the wallet's record after the write
+
+
+@dataclass(frozen=True)
+class _Written:
+    amount_minor: int
+    account: AccountRecord | None
+    timestamp: int = 0
+    replayed: bool = False
+    result: OperationResult | None = None  # answered without a transfer (in-opening replay)
 
 
 def customer_account(
@@ -184,13 +213,14 @@ class TigerBeetleStore:
         if ledger in self._system_ledgers:
             return
         accounts = system_accounts(ledger)
-        results = await self._tb(self._client.create_accounts(accounts))
-        assert len(results) == len(accounts)
-        for account, result in zip(accounts, results, strict=True):
-            rule = account_rule(result.status)
+        # A history import (backfill --with-history) creates them `imported`: that is EXISTS.
+        statuses = await self._tb(create_accounts_allowing_imported(self._client, accounts))
+        assert len(statuses) == len(accounts)
+        for account, status in zip(accounts, statuses, strict=True):
+            rule = account_rule(status)
             if rule.outcome is Outcome.FAILED:
                 raise status_error(
-                    rule, result.status, f"system account {account.code} of ledger {ledger}"
+                    rule, status, f"system account {account.code} of ledger {ledger}"
                 )
         self._system_ledgers.add(ledger)
 
@@ -205,12 +235,11 @@ class TigerBeetleStore:
         if record.account_id in self._known_accounts:
             self._known_accounts.move_to_end(record.account_id)
             return
-        results = await self._tb(self._client.create_accounts(
-            [customer_account_of(record, self.deployment_tag)]))
-        assert len(results) == 1
-        rule = account_rule(results[0].status)
+        (status,) = await self._tb(create_accounts_allowing_imported(
+            self._client, [customer_account_of(record, self.deployment_tag)]))
+        rule = account_rule(status)
         if rule.outcome is Outcome.FAILED:
-            raise status_error(rule, results[0].status, f"account of wallet {record.wallet}")
+            raise status_error(rule, status, f"account of wallet {record.wallet}")
         self._remember_account(record.account_id)
 
     def _remember_account(self, account_id: int) -> None:
@@ -234,17 +263,65 @@ class TigerBeetleStore:
 
     async def _write_movement(self, op: AddCredit, kind: OperationType) -> OperationResult:
         """A credit or a debit; both create the wallet with the op's overdraft policy."""
+        written = await self._movement(op, kind, None)
+        if written.result is not None:
+            return written.result
+        assert written.account is not None and written.timestamp > 0
+        balance = await self._balance_at(written.account, written.timestamp)
+        return _result(
+            op.transaction_id, kind, op.wallet, written.amount_minor, balance, written.replayed,
+            written.timestamp,
+        )  # fmt: skip
+
+    async def replicate(
+        self,
+        op: WalletOperation,
+        *,
+        opening_original: OriginalFacts | None = None,
+        known: KnownRecords | None = None,
+    ) -> Replicated:
+        """Apply an operation another store already answered (the dual-write backlog): the
+        same checks and writes as add_credit / subtract_credit / void, without the balance
+        lookup no one reads. `known`: registry reads prefetched for a whole batch (see
+        KnownRecords). Returns whether it was a replay, and the wallet's account record."""
+        if isinstance(op, Void):
+            result = await self.void(op, opening_original=opening_original)
+            return Replicated(replayed=result.replayed, account=None)
+        kind = OperationType.DEBIT if isinstance(op, SubtractCredit) else OperationType.CREDIT
+        written = await self._movement(op, kind, known)
+        replayed = written.result.replayed if written.result is not None else written.replayed
+        return Replicated(replayed=replayed, account=written.account)
+
+    async def known_records(
+        self, wallet: WalletKey, transaction_ids: Sequence[str]
+    ) -> KnownRecords:
+        """One Transfer Registry query and one Account Registry read for a batch of one
+        wallet's operations (see replicate)."""
+        assert len(transaction_ids) <= BATCH_EVENTS_MAX
+        existing, account = await asyncio.gather(
+            self._transfers.get_many(transaction_ids), self._accounts.get(wallet)
+        )
+        return KnownRecords(wallet=wallet, transfers=existing, account=account)
+
+    async def _movement(
+        self, op: AddCredit, kind: OperationType, known: KnownRecords | None
+    ) -> _Written:
         amount_minor = validate_operation(op)
         assert 0 < amount_minor <= U64_MAX
         wallet = op.wallet
         ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
         tid = transfer_id(op.transaction_id)
-        existing, account = await asyncio.gather(
-            self._transfers.get(op.transaction_id), self._accounts.get(wallet)
-        )
+        if known is not None:
+            assert known.wallet == wallet, "records prefetched for another wallet"
+            existing, account = known.transfers.get(op.transaction_id), known.account
+        else:
+            existing, account = await asyncio.gather(
+                self._transfers.get(op.transaction_id), self._accounts.get(wallet)
+            )
         if existing is not None:  # the id is known: only an identical operation may replay
             if existing.type == kind.value + IN_OPENING_SUFFIX:
-                return await self._replay_in_opening(existing, op, kind, amount_minor)
+                result = await self._replay_in_opening(existing, op, kind, amount_minor)
+                return _Written(amount_minor=amount_minor, account=account, result=result)
             _check_same_movement(existing, wallet, kind, amount_minor, tid)
         is_debit = kind is OperationType.DEBIT
         if account is None:
@@ -281,7 +358,6 @@ class TigerBeetleStore:
         timestamp, replayed = await self._create_transfer(
             transfer, account, context=f"{kind.value} {op.transaction_id}"
         )
-        balance = await self._balance_at(account, timestamp)
         if existing is None:
             await self._transfers.record(
                 TransferRecord(
@@ -295,7 +371,9 @@ class TigerBeetleStore:
                     created_at=timestamp_to_datetime(timestamp),
                 )
             )
-        return _result(op.transaction_id, kind, wallet, amount_minor, balance, replayed, timestamp)
+        return _Written(
+            amount_minor=amount_minor, account=account, timestamp=timestamp, replayed=replayed
+        )
 
     async def _replay_in_opening(
         self, existing: TransferRecord, op: AddCredit, kind: OperationType, amount_minor: int

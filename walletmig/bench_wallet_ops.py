@@ -33,6 +33,8 @@ from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.phases import MigrationState, Phase
 from walletmig.client import WalletClient
 from walletmig.config import Settings
+from walletmig.devstack import read_records
+from walletmig.processes import PROC_ROOT, ProcessRecord, is_alive
 from walletmig.runtime import Stores, make_stores
 from workers.wallet_worker import build_worker, connect_temporal
 from workflows.bare import BareEntityWorkflow
@@ -57,7 +59,15 @@ class RunFigures(BaseModel):
     p95_ms: float
     p99_ms: float
     cpu_s: float  # CPU of this process (client + in-process worker) during the run
+    # CPU seconds of each server of the `dev up` stack during the run (empty: no stack state).
+    # On a shared machine these, not wall-clock ops/s, say what one operation costs.
+    server_cpu_s: dict[str, float] = {}
     drain_s: float | None = None  # dual_write: until every backlog was applied after the run
+    drain_cpu_s: float | None = None  # every process's CPU during drain_s
+
+    def cpu_ms_per_op(self) -> float:
+        """Every process's CPU (this one and the stack's servers) per operation."""
+        return (self.cpu_s + sum(self.server_cpu_s.values())) * 1000 / max(self.ops, 1)
 
 
 class BenchReport(BaseModel):
@@ -81,6 +91,32 @@ class BenchConfig:
         assert 0 < self.concurrency <= CONCURRENCY_MAX, f"--concurrency 1..{CONCURRENCY_MAX}"
 
 
+class ServerCpu:
+    """CPU time of the stack's recorded server processes (walletmig dev up), via /proc."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._records: dict[str, ProcessRecord] = {
+            name: record for name, record in read_records(state_dir).items() if is_alive(record)
+        }
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK") if PROC_ROOT.is_dir() else 100
+
+    def sample(self) -> dict[str, float]:
+        """name -> CPU seconds (user + system) so far; a vanished process is left out."""
+        out: dict[str, float] = {}
+        for name, record in self._records.items():
+            try:
+                text = (PROC_ROOT / str(record.pid) / "stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2 :].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / self._ticks_per_s
+        return out
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {name: round(after[name] - before[name], 2) for name in after if name in before}
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     assert sorted_values and 0 <= q <= 1
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
@@ -88,7 +124,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def _drive(
-    name: str, config: BenchConfig, wallets: int, call: Callable[[int, int], Awaitable[object]]
+    name: str,
+    config: BenchConfig,
+    wallets: int,
+    call: Callable[[int, int], Awaitable[object]],
+    servers: ServerCpu | None = None,
 ) -> RunFigures:
     """`config.ops` calls from `config.concurrency` callers; caller c uses wallet c % wallets."""
     latencies: list[float] = []
@@ -103,9 +143,11 @@ async def _drive(
             await call(c % wallets, i)
             latencies.append(time.perf_counter() - started)
 
+    server0 = servers.sample() if servers else {}
     cpu0, wall0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(caller(c) for c in range(config.concurrency)))
     seconds = time.perf_counter() - wall0
+    server_cpu = ServerCpu.spent(server0, servers.sample()) if servers else {}
     latencies.sort()
     return RunFigures(
         name=name,
@@ -118,6 +160,7 @@ async def _drive(
         p95_ms=round(percentile(latencies, 0.95) * 1000, 2),
         p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
         cpu_s=round(time.process_time() - cpu0, 2),
+        server_cpu_s=server_cpu,
     )
 
 
@@ -135,6 +178,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
         extra_workflows=[BareEntityWorkflow],
     )  # fmt: skip
     wallets = config.wallets or config.concurrency
+    servers = ServerCpu(isolated.state_dir)
     profiler = cProfile.Profile() if config.profile else None
     try:
         async with worker:
@@ -146,11 +190,18 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
             if profiler:
                 profiler.enable()
             runs = [
-                await _bare_run(temporal, task_queue, config, wallets, bench_id),
-                await _wallet_run("legacy", client, config, wallets, bench_id, LEGACY_PAIR),
-                await _wallet_run("dual_write", client, config, wallets, bench_id, DUAL_PAIR),
+                await _bare_run(temporal, task_queue, config, wallets, bench_id, servers),
+                await _wallet_run(
+                    "legacy", client, config, wallets, bench_id, LEGACY_PAIR, servers
+                ),
+                await _wallet_run(
+                    "dual_write", client, config, wallets, bench_id, DUAL_PAIR, servers
+                ),
             ]
+            server0, cpu0 = servers.sample(), time.process_time()
             runs[2].drain_s = await _drain_time(client, stores, wallets, bench_id)
+            drained = ServerCpu.spent(server0, servers.sample())
+            runs[2].drain_cpu_s = round(time.process_time() - cpu0 + sum(drained.values()), 2)
             if profiler:
                 profiler.disable()
     finally:
@@ -176,7 +227,12 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
 
 
 async def _bare_run(
-    temporal: Client, task_queue: str, config: BenchConfig, wallets: int, bench_id: str
+    temporal: Client,
+    task_queue: str,
+    config: BenchConfig,
+    wallets: int,
+    bench_id: str,
+    servers: ServerCpu,
 ) -> RunFigures:
     async def call(wallet: int, i: int) -> object:
         start = WithStartWorkflowOperation(
@@ -191,7 +247,7 @@ async def _bare_run(
         )
 
     await _warm_up(call, wallets)
-    return await _drive("bare", config, wallets, call)
+    return await _drive("bare", config, wallets, call, servers)
 
 
 async def _wallet_run(
@@ -201,6 +257,7 @@ async def _wallet_run(
     wallets: int,
     bench_id: str,
     pair: tuple[str, str],
+    servers: ServerCpu,
 ) -> RunFigures:
     keys = [
         WalletKey(client_id=f"bench-{bench_id}-{name}-{w}", country=pair[1], currency=pair[0])
@@ -225,7 +282,7 @@ async def _wallet_run(
         )  # fmt: skip
 
     await _warm_up(seed, wallets)
-    return await _drive(name, config, wallets, call)
+    return await _drive(name, config, wallets, call, servers)
 
 
 async def _warm_up(call: Callable[[int, int], Awaitable[object]], wallets: int) -> None:
@@ -271,6 +328,24 @@ def format_report(report: BenchReport, profile: Path | None = None) -> str:
     )
     for goal, met in report.goals.items():
         lines.append(f"  {'met ' if met else 'MISSED'} {goal}")
+    if any(r.server_cpu_s for r in report.runs):
+        names = sorted({name for r in report.runs for name in r.server_cpu_s})
+        lines.append(
+            "CPU ms per operation (this process = client + worker; the stack's servers):"
+        )
+        lines.append(f"  {'run':<11} {'all':>6} {'this':>6} " + " ".join(f"{n:>11}" for n in names))
+        for r in report.runs:
+            per_op = [r.server_cpu_s.get(n, 0.0) * 1000 / r.ops for n in names]
+            lines.append(
+                f"  {r.name:<11} {r.cpu_ms_per_op():>6.1f} {r.cpu_s * 1000 / r.ops:>6.1f} "
+                + " ".join(f"{v:>11.1f}" for v in per_op)
+            )
+        dual = report.runs[-1]
+        if dual.drain_cpu_s is not None:
+            lines.append(
+                f"  {dual.name} backlog drain after the run: {dual.drain_cpu_s:.1f} CPU s "
+                f"({dual.drain_cpu_s * 1000 / dual.ops:.1f} ms per operation)"
+            )
     if profile is not None:
         buffer = io.StringIO()
         pstats.Stats(str(profile), stream=buffer).sort_stats("cumulative").print_stats(20)
