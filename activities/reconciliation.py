@@ -15,15 +15,21 @@ of wallets), says nothing once the workflow closed, and is not what the balances
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import tigerbeetle as tb
-from pymongo import DESCENDING
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import CursorNotFound
 from temporalio import activity
 
 from activities.errors import wallet_errors_as_application_errors
@@ -54,7 +60,6 @@ from walletcore.reconcile import (
     OPERATION_CODES,
     ZERO_BALANCE,
     AccountView,
-    Classification,
     ExpectedTransfer,
     Finding,
     IssueKind,
@@ -73,6 +78,7 @@ from walletcore.reconcile import (
     match_rate,
     plan_to_reach,
     transfer_effect,
+    wallet_agrees,
 )
 from workflows.reconciliation_models import (
     ACTIVITY_ACCOUNT_PAGE,
@@ -103,19 +109,43 @@ IN_OPENING_TYPES = frozenset({TYPE_CREDIT_IN_OPENING, TYPE_DEBIT_IN_OPENING})
 CHECKED_TYPES = frozenset({TYPE_CREDIT, TYPE_DEBIT, *IN_OPENING_TYPES})  # voids: via originals
 RECENT_OPS_MAX = 32  # evidence window per differing wallet (each side)
 REPORTED_OPS_MAX = 10
+SCANS_MAX = 8  # wallet cursors kept open between pages (one per pair being reconciled)
+REGISTRY_RANGE_MAX = 2 * PAGE_MAX  # a page's registry entries plus as many orphans
 Document = dict[str, Any]
 
 
 @dataclass
 class Subject:
-    """One legacy wallet under comparison."""
+    """One legacy wallet under comparison: its balance fields as read (plain ints; the
+    MinorBalance, with its invariants, is built when a wallet needs more than the fast check,
+    whose equalities already imply those invariants)."""
 
     key: WalletKey
-    balance: MinorBalance
+    credit_minor: int
+    debit_minor: int
+    historical_credit_minor: int
     version: int
     allow_overdraft: bool
     registry: Document | None = None
     account: tb.Account | None = None
+    canonical: str = ""  # key.canonical, computed once (the hot loop uses it a lot)
+
+    def __post_init__(self) -> None:
+        if not self.canonical:
+            self.canonical = self.key.canonical
+        assert self.canonical == self.key.canonical
+
+    @classmethod
+    def of(cls, key: WalletKey, balance: MinorBalance, version: int,
+           allow_overdraft: bool) -> Subject:
+        return cls(key=key, credit_minor=balance.credit_minor, debit_minor=balance.debit_minor,
+                   historical_credit_minor=balance.historical_credit_minor, version=version,
+                   allow_overdraft=allow_overdraft)
+
+    @cached_property
+    def balance(self) -> MinorBalance:
+        return MinorBalance(credit_minor=self.credit_minor, debit_minor=self.debit_minor,
+                            historical_credit_minor=self.historical_credit_minor)
 
 
 @dataclass
@@ -169,6 +199,143 @@ def _age_s(at: datetime, now: datetime) -> float:
     return max((now - as_utc(at)).total_seconds(), 0.0)
 
 
+def _subject_of(doc: Document, currency: str) -> Subject:
+    """A `wallets` document as a Subject (what LegacyStore.page_wallets reads, minus the
+    timestamps reconciliation does not use)."""
+    key = WalletKey.from_canonical(doc["_id"])
+    assert key.client_id == doc["client_id"] and key.currency == doc["currency"] == currency
+    return Subject(
+        key=key,
+        credit_minor=decimal128_to_minor(doc["credit"], currency, field="credit"),
+        debit_minor=decimal128_to_minor(doc["debit"], currency, field="debit"),
+        historical_credit_minor=decimal128_to_minor(
+            doc["historical_credit"], currency, field="historical_credit"),
+        version=int(doc["version"]),
+        allow_overdraft=bool(doc["allow_overdraft"]),
+        canonical=doc["_id"],
+    )
+
+
+PageRead = tuple[list[Document], dict[str, Document]]  # wallets, registry entries in range
+
+
+async def registry_in_range(
+    registry: AsyncCollection[Any], ledger: int, after: str | None, last_key: str | None,
+    exhausted: bool,
+) -> dict[str, Document]:
+    """A ledger's registry entries in a page's key range (after, last_key], or (after, end)
+    on the last page: ONE bounded `(ledger, _id)` index range read gives both the page's
+    entries and the orphans. A closed range matters on servers that materialise a query's
+    whole result before applying `limit` (SecantusDB)."""
+    key_range: Document = {"$gt": after or ""}
+    if not exhausted:
+        key_range["$lte"] = last_key
+    cursor = registry.find(  # no projection: it costs SecantusDB more than it saves
+        {"ledger": ledger, "_id": key_range}).limit(REGISTRY_RANGE_MAX).batch_size(
+        REGISTRY_RANGE_MAX)
+    return {d["_id"]: d async for d in cursor}
+
+
+@dataclass
+class _Scan:
+    cursor: AsyncCursor[Any]
+    opened_s: float  # time.monotonic() when the query ran
+    ahead: asyncio.Task[PageRead] | None = None  # the next page, read meanwhile
+
+
+class WalletScans:
+    """One wallet cursor per pair, continued from page to page, one page read ahead.
+
+    Pages are contiguous: the next page starts after this page's last key. Re-running
+    `{_id > after} sort _id limit N` for every page makes a server that materialises the
+    whole result before the limit (SecantusDB does) read the rest of the pair each time:
+    quadratic in the number of wallets. So the worker keeps the open server cursor keyed by
+    (pair, last key, limit); the page that starts there continues it, and its getMore and
+    registry range read have been running while the previous page was checked (the servers
+    read while we compare). Any other `after` (a retry, another worker, a new run) opens a
+    new cursor; so does a cursor older than half the in-flight age limit: its documents may
+    be a snapshot from when it was opened, and a much older legacy read could turn in-flight
+    operations into stale ones. Bounded: at most SCANS_MAX open cursors, each holding at
+    most one page read ahead."""
+
+    def __init__(self, wallets: AsyncCollection[Any], registry: AsyncCollection[Any]) -> None:
+        self._wallets = wallets
+        self._registry = registry
+        self._open: dict[tuple[str, str, int], _Scan] = {}
+
+    async def page(
+        self, inp: WalletPageInput, currency: str, country: str, ledger: int
+    ) -> PageRead:
+        """The page's wallets (in key order) and the ledger's registry entries in its range."""
+        assert 1 <= inp.limit <= PAGE_MAX
+        scan = self._open.pop((inp.pair, inp.after or "", inp.limit), None)
+        if scan is not None and time.monotonic() - scan.opened_s > inp.in_flight_max_age_s / 2:
+            await _close(scan)
+            scan = None
+        read: PageRead | None = None
+        if scan is not None:
+            assert scan.ahead is not None
+            try:
+                read = await scan.ahead
+            except CursorNotFound:  # the server timed it out: query again
+                await _close(scan)
+            except BaseException:
+                await _close(scan)
+                raise
+        if read is None:
+            query: Document = {"currency": currency, "country": country}
+            if inp.after is not None:
+                query["_id"] = {"$gt": inp.after}
+            scan = _Scan(cursor=self._wallets.find(query).sort("_id", ASCENDING)
+                         .batch_size(inp.limit), opened_s=time.monotonic())
+            try:
+                read = await self._read(scan.cursor, inp.after, inp.limit, ledger)
+            except BaseException:
+                await _close(scan)
+                raise
+        assert scan is not None and len(read[0]) <= inp.limit
+        docs = read[0]
+        if len(docs) < inp.limit:
+            await _close(scan)
+        else:
+            last_key = docs[-1]["_id"]
+            scan.ahead = asyncio.create_task(self._read(scan.cursor, last_key, inp.limit, ledger))
+            await self._keep((inp.pair, last_key, inp.limit), scan)
+        return read
+
+    async def _read(
+        self, cursor: AsyncCursor[Any], after: str | None, limit: int, ledger: int
+    ) -> PageRead:
+        docs = await cursor.to_list(limit)
+        last_key = docs[-1]["_id"] if docs else after
+        return docs, await registry_in_range(
+            self._registry, ledger, after, last_key, exhausted=len(docs) < limit)
+
+    async def _keep(self, key: tuple[str, str, int], scan: _Scan) -> None:
+        evicted = []
+        while len(self._open) >= SCANS_MAX:
+            oldest = min(self._open, key=lambda k: self._open[k].opened_s)
+            evicted.append(self._open.pop(oldest))
+        self._open[key] = scan
+        for old in evicted:
+            await _close(old)
+
+    async def close(self) -> None:
+        while self._open:
+            await _close(self._open.popitem()[1])
+
+
+async def _close(scan: _Scan) -> None:
+    """Stop the read-ahead (its error, if any, is dropped with it) and the server cursor."""
+    ahead, scan.ahead = scan.ahead, None
+    if ahead is not None:
+        ahead.cancel()
+        await asyncio.wait([ahead])  # unlike `await ahead`, leaves our own cancellation alone
+        if not ahead.cancelled():
+            ahead.exception()  # retrieved: no "never retrieved" warning
+    await scan.cursor.close()
+
+
 class Reconciler:
     def __init__(
         self,
@@ -193,6 +360,7 @@ class Reconciler:
         self._reports = reports
         self._migration = migration
         self._ledgers = ledgers
+        self._scans = WalletScans(db[WALLETS], db[ACCOUNT_REGISTRY])
 
     # ---- start / finish ---------------------------------------------------------------------
 
@@ -259,23 +427,15 @@ class Reconciler:
     async def wallet_page(self, inp: WalletPageInput) -> WalletPageOutput:
         currency, _, country = inp.pair.partition(":")
         ledger = self._ledgers.ledger_of(currency, country)
-        docs = await self._legacy.page_wallets(
-            after=inp.after, limit=inp.limit, currency=currency, country=country)
-        subjects = [Subject(key=d["wallet"], balance=d["balance"], version=d["version"],
-                            allow_overdraft=d["allow_overdraft"]) for d in docs]
+        docs, in_range = await self._scans.page(inp, currency, country, ledger)
+        subjects = [_subject_of(d, currency) for d in docs]
         exhausted = len(docs) < inp.limit
-        last_key = docs[-1]["_id"] if docs else inp.after
-        evaluation = await self._evaluate(inp.run_id, subjects, inp.in_flight_max_age_s)
+        last_key: str | None = docs[-1]["_id"] if docs else inp.after
+        evaluation = await self._evaluate(inp.run_id, subjects, inp.in_flight_max_age_s,
+                                          registry_in_range=in_range)
         # Registry entries in this page's key range with no legacy wallet behind them.
-        key_range: Document = {"$gt": inp.after or ""}
-        if not exhausted:
-            key_range["$lte"] = last_key
-        page_keys = {s.key.canonical for s in subjects}
-        orphans = [
-            doc["_id"] async for doc in self._db[ACCOUNT_REGISTRY].find(
-                {"_id": key_range, "ledger": ledger}, {"_id": 1}).limit(PAGE_MAX)
-            if doc["_id"] not in page_keys
-        ]
+        page_keys = {s.canonical for s in subjects}
+        orphans = [key for key in in_range if key not in page_keys][:PAGE_MAX]
         for orphan in orphans:
             evaluation.findings[IssueKind.REGISTRY_WITHOUT_WALLET] += 1
             evaluation.docs.append(MismatchDoc(
@@ -307,37 +467,71 @@ class Reconciler:
             if found is None:
                 continue
             doc = await self._db[WALLETS].find_one({"_id": canonical}, {"allow_overdraft": 1})
-            subjects.append(Subject(key=key, balance=found[0], version=found[1],
-                                    allow_overdraft=bool(doc and doc["allow_overdraft"])))
+            subjects.append(Subject.of(key, found[0], found[1],
+                                       allow_overdraft=bool(doc and doc["allow_overdraft"])))
         return subjects
 
-    async def _load_tb_side(self, subjects: list[Subject]) -> None:
+    async def _load_tb_side(
+        self, subjects: list[Subject], registry_in_range: dict[str, Document] | None = None
+    ) -> None:
+        """Registry entries, then ONE lookup_accounts batch of the ids they hold."""
         assert len(subjects) <= PAGE_MAX
-        keys = [s.key.canonical for s in subjects]
-        registry = await find_keys(self._db[ACCOUNT_REGISTRY], keys)
-        ids = [hex_to_u128(d["account_id"]) for d in registry.values()]
-        accounts = {a.id: a for a in await self._client.lookup_accounts(ids)} if ids else {}
+        if not subjects:
+            return
+        registry = await self._registry_of(subjects, registry_in_range)
+        ids = {key: hex_to_u128(doc["account_id"]) for key, doc in registry.items()}
+        wanted = list(ids.values())
+        accounts = {a.id: a for a in await self._client.lookup_accounts(wanted)} if wanted else {}
         for s in subjects:
-            s.registry = registry.get(s.key.canonical)
-            if s.registry is not None:
-                s.account = accounts.get(hex_to_u128(s.registry["account_id"]))
+            s.registry = registry.get(s.canonical)
+            found_id = ids.get(s.canonical)
+            s.account = None if found_id is None else accounts.get(found_id)
+
+    async def _registry_of(
+        self, subjects: list[Subject], registry_in_range: dict[str, Document] | None
+    ) -> dict[str, Document]:
+        """Registry documents by wallet key: from the page's range read when there is one,
+        then by key for the rest (an entry with another ledger, or no range read)."""
+        registry = {} if registry_in_range is None else {
+            s.canonical: doc for s in subjects
+            if (doc := registry_in_range.get(s.canonical)) is not None}
+        missing = [s.canonical for s in subjects if s.canonical not in registry]
+        if missing:
+            registry.update(await find_keys(self._db[ACCOUNT_REGISTRY], missing))
+        return registry
 
     async def _evaluate(
-        self, run_id: str, subjects: list[Subject], max_age_s: float
+        self, run_id: str, subjects: list[Subject], max_age_s: float,
+        *, registry_in_range: dict[str, Document] | None = None,
     ) -> Evaluation:
-        await self._load_tb_side(subjects)
+        await self._load_tb_side(subjects, registry_in_range)
         out = Evaluation()
-        differing: list[tuple[Subject, Classification]] = []
+        differing: list[Subject] = []
+        ledgers: dict[tuple[str, str], int] = {}
         for s in subjects:
+            pair = (s.key.currency, s.key.country)
+            ledger = ledgers.get(pair)
+            if ledger is None:
+                ledger = ledgers[pair] = self._ledgers.ledger_of(*pair)
+            registry = s.registry
+            if wallet_agrees(  # the common case on plain values: same checks as below
+                s, expected_ledger=ledger, allow_overdraft=s.allow_overdraft,
+                registry_ledger=None if registry is None else int(registry["ledger"]),
+                registry_allow_overdraft=None if registry is None
+                else bool(registry["allow_overdraft"]),
+                account=s.account,
+            ):
+                out.matched += 1
+                continue
             tb_balance = None if s.account is None else _tb_balance(s.account)
             first = classify(s.balance, tb_balance, in_flight_max_age_s=max_age_s)
             if first.verdict is Verdict.MATCH:
                 self._count_match(run_id, s, out)
             else:
-                differing.append((s, first))
-        evidence = await self._evidence([s for s, _ in differing])
-        for s, _ in differing:
-            ev = evidence[s.key.canonical]
+                differing.append(s)
+        evidence = await self._evidence(differing)
+        for s in differing:
+            ev = evidence[s.canonical]
             tb_balance = ev.tb_balance
             result = classify(s.balance, tb_balance, legacy_only=ev.legacy_only,
                               tigerbeetle_only=ev.tb_only, in_flight_max_age_s=max_age_s)
@@ -345,10 +539,10 @@ class Reconciler:
                 self._count_match(run_id, s, out)
                 continue
             if result.verdict is Verdict.IN_FLIGHT:
-                out.in_flight.append(s.key.canonical)
+                out.in_flight.append(s.canonical)
                 continue
             out.real += 1
-            out.repairable.append(s.key.canonical)
+            out.repairable.append(s.canonical)
             out.max_real_diff_minor = max(out.max_real_diff_minor,
                                           result.max_diff_minor or s.balance.credit_minor
                                           + s.balance.debit_minor)
@@ -357,7 +551,7 @@ class Reconciler:
                 else IssueKind.MISSING_REGISTRY)
             out.findings[kind] += 1
             out.docs.append(MismatchDoc(
-                run_id=run_id, kind=kind, subject=s.key.canonical, detail=result.reason,
+                run_id=run_id, kind=kind, subject=s.canonical, detail=result.reason,
                 legacy={**(_balance_doc(s.balance) or {}), "version": s.version},
                 tigerbeetle=_balance_doc(tb_balance),
                 diffs=[{**d.model_dump(), "diff_minor": d.diff_minor} for d in result.diffs],
@@ -371,12 +565,13 @@ class Reconciler:
 
     def _count_match(self, run_id: str, s: Subject, out: Evaluation) -> None:
         """Equal balances: a match unless the registry or the account itself is wrong."""
+        docs_before = len(out.docs)
         self._account_findings(run_id, s, out)
-        if not any(d.subject == s.key.canonical for d in out.docs):
+        if len(out.docs) == docs_before:
             out.matched += 1
         else:
             out.real += 1
-            out.repairable.append(s.key.canonical)
+            out.repairable.append(s.canonical)
 
     def _account_findings(self, run_id: str, s: Subject, out: Evaluation) -> None:
         ledger = self._ledgers.ledger_of(s.key.currency, s.key.country)
@@ -385,7 +580,7 @@ class Reconciler:
             allow_overdraft=bool(s.registry["allow_overdraft"]))
         account = None if s.account is None else _account_view(s.account)
         for finding in check_wallet_account(
-            s.key.canonical, expected_ledger=ledger, allow_overdraft=s.allow_overdraft,
+            s.canonical, expected_ledger=ledger, allow_overdraft=s.allow_overdraft,
             registry=registry, account=account,
         ):
             self._add_finding(run_id, finding, out)
@@ -409,23 +604,23 @@ class Reconciler:
           the Transfer Registry) is not among the versions <= V: the reverse projection, or
           an operation both stores applied after the legacy snapshot.
         """
-        found: dict[str, Evidence] = {s.key.canonical: Evidence() for s in subjects}
+        found: dict[str, Evidence] = {s.canonical: Evidence() for s in subjects}
         if not subjects:
             return found
         now = datetime.now(UTC)
-        imports = await self._imports.get_many([s.key.canonical for s in subjects])
+        imports = await self._imports.get_many([s.canonical for s in subjects])
         ops_by_wallet: dict[str, list[Document]] = {}
         originals: set[str] = set()
         for s in subjects:
-            record = imports.get(s.key.canonical)
+            record = imports.get(s.canonical)
             imported = record.version if record and record.status is ImportStatus.DONE else 0
             cursor = self._db[WALLET_TRANSACTIONS].find(
-                {"wallet": s.key.canonical, "wallet_version": {"$lte": s.version}},
+                {"wallet": s.canonical, "wallet_version": {"$lte": s.version}},
             ).sort("created_at", DESCENDING).limit(RECENT_OPS_MAX)
             ops = [op async for op in cursor]
-            ops_by_wallet[s.key.canonical] = [
+            ops_by_wallet[s.canonical] = [
                 op for op in ops if int(op["wallet_version"]) > imported]
-            found[s.key.canonical].legacy_ops = [
+            found[s.canonical].legacy_ops = [
                 {"transaction_id": op["_id"], "type": op["type"],
                  "amount": str(op["amount"]), "version": op["wallet_version"],
                  "created_at": op["created_at"], "in_opening": int(op["wallet_version"])
@@ -439,7 +634,7 @@ class Reconciler:
             for op in ops:
                 derived[op["_id"]] = (void_transfer_id(op["original_transaction_id"])
                                       if op["type"] == "void" else transfer_id(op["_id"]))
-        cuts = {s.key.canonical: await self._tb_cut(s) for s in subjects}
+        cuts = {s.canonical: await self._tb_cut(s) for s in subjects}
         in_tb: dict[int, int] = {}  # transfer id -> TigerBeetle timestamp
         id_list = list(set(derived.values()))
         for start in range(0, len(id_list), PAGE_MAX):
@@ -448,9 +643,9 @@ class Reconciler:
         twins = await self._legacy_twins(
             [t for cut in cuts.values() for t in cut.transfers])
         for s in subjects:
-            ev, cut = found[s.key.canonical], cuts[s.key.canonical]
+            ev, cut = found[s.canonical], cuts[s.canonical]
             ev.tb_balance = cut.balance
-            ops = ops_by_wallet[s.key.canonical]
+            ops = ops_by_wallet[s.canonical]
             for op in ops:
                 at = in_tb.get(derived[op["_id"]])
                 if at is not None and at <= cut.timestamp:
@@ -615,7 +810,7 @@ class Reconciler:
         fresh = await self._evaluate(inp.run_id, subjects, inp.in_flight_max_age_s)
         still_real = set(fresh.repairable)
         for s in subjects:
-            key = s.key.canonical
+            key = s.canonical
             if key not in still_real:
                 continue  # caught up meanwhile: nothing to repair
             state = await self._migration.resolve(s.key.ledger_pair)
@@ -650,13 +845,13 @@ class Reconciler:
         transfers = []
         if plan.credit_minor:
             transfers.append(tb.Transfer(
-                id=correction_transfer_id(s.key.canonical, inp.run_id, "credit"),
+                id=correction_transfer_id(s.canonical, inp.run_id, "credit"),
                 debit_account_id=correction, credit_account_id=record.account_id,
                 amount=plan.credit_minor, user_data_64=s.version, ledger=record.ledger,
                 code=int(TransferCode.CORRECTION)))
         if plan.debit_minor:
             transfers.append(tb.Transfer(
-                id=correction_transfer_id(s.key.canonical, inp.run_id, "debit"),
+                id=correction_transfer_id(s.canonical, inp.run_id, "debit"),
                 debit_account_id=record.account_id, credit_account_id=correction,
                 amount=plan.debit_minor, user_data_64=s.version, ledger=record.ledger,
                 code=int(TransferCode.CORRECTION)))
@@ -671,7 +866,7 @@ class Reconciler:
         (after_account,) = await self._client.lookup_accounts([record.account_id])
         after = _tb_balance(after_account)
         await self._reports.audit({
-            "run_id": inp.run_id, "wallet": s.key.canonical, "actor": inp.actor,
+            "run_id": inp.run_id, "wallet": s.canonical, "actor": inp.actor,
             "reason": inp.reason, "legacy": _balance_doc(s.balance),
             "legacy_version": s.version, "tigerbeetle_before": _balance_doc(before),
             "tigerbeetle_after": _balance_doc(after),

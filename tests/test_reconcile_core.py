@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from decimal import Decimal
+
+from bson.decimal128 import Decimal128
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stores.mongo import decimal128_to_minor, decimal_to_minor_exact
 from walletcore.balances import MinorBalance
 from walletcore.codes import CUSTOMER_ACCOUNT_CODE
+from walletcore.currencies import precision_of
+from walletcore.errors import ConflictError
 from walletcore.reconcile import (
     FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS,
     FLAG_HISTORY,
@@ -29,6 +35,7 @@ from walletcore.reconcile import (
     match_rate,
     opening_plan,
     plan_to_reach,
+    wallet_agrees,
 )
 
 AMOUNT = st.integers(min_value=1, max_value=10**15)
@@ -198,3 +205,68 @@ def test_rates_and_alerts() -> None:
     assert alerts(rate=1.0, max_real_diff_minor=1) == []
     assert len(alerts(rate=1.0, max_real_diff_minor=2, findings=1,
                       conservation_failures=1)) == 3
+
+
+# ---- the fast paths agree with the exact ones ----------------------------------------------------
+
+SMALL = st.integers(0, 5)
+
+
+@st.composite
+def _balances(draw: st.DrawFn) -> MinorBalance:
+    return MinorBalance.from_posted(draw(SMALL), draw(SMALL))
+
+
+@settings(max_examples=500)
+@given(legacy=_balances(), expected=st.sampled_from([1, 2]), overdraft=st.booleans(),
+       registry=st.none() | st.tuples(st.sampled_from([1, 2]), st.booleans()),
+       account=st.none() | st.tuples(st.sampled_from([1, 2]),
+                                     st.sampled_from([CUSTOMER_ACCOUNT_CODE, 99]),
+                                     st.sampled_from([0, 2, 8, 10]), SMALL, SMALL))
+def test_wallet_agrees_is_exactly_the_full_check(
+    legacy: MinorBalance, expected: int, overdraft: bool,
+    registry: tuple[int, bool] | None, account: tuple[int, int, int, int, int] | None,
+) -> None:
+    reg = None if registry is None else RegistryView(account_id=7, ledger=registry[0],
+                                                     allow_overdraft=registry[1])
+    acc = None if account is None else AccountView(
+        id=7, ledger=account[0], code=account[1], flags=account[2], credits_posted=account[3],
+        debits_posted=account[4])
+    full = (classify(legacy, None if acc is None else acc.balance).verdict is Verdict.MATCH
+            and not check_wallet_account("w", expected_ledger=expected,
+                                         allow_overdraft=overdraft, registry=reg, account=acc))
+    fast = wallet_agrees(legacy, expected_ledger=expected, allow_overdraft=overdraft,
+                         registry_ledger=None if reg is None else reg.ledger,
+                         registry_allow_overdraft=None if reg is None else reg.allow_overdraft,
+                         account=acc)
+    assert fast == full
+
+
+def _exact_minor(value: Decimal128, currency: str) -> int | str:
+    """The reference: Decimal digits, no bit tricks; "error" where the store must refuse."""
+    minor = decimal_to_minor_exact(value.to_decimal(), precision_of(currency))
+    return "error" if minor is None or minor < 0 else minor
+
+
+def _stored_minor(value: Decimal128, currency: str) -> int | str:
+    try:
+        return decimal128_to_minor(value, currency, field="credit")
+    except ConflictError:
+        return "error"
+
+
+@settings(max_examples=2000)
+@given(coefficient=st.integers(0, 10**34 - 1), exponent=st.integers(-40, 40),
+       negative=st.booleans(), currency=st.sampled_from(["USD", "JPY", "BHD", "BTC"]))
+def test_decimal128_fast_path_is_exact(
+    coefficient: int, exponent: int, negative: bool, currency: str
+) -> None:
+    value = Decimal128(Decimal(-coefficient if negative else coefficient).scaleb(exponent))
+    assert _stored_minor(value, currency) == _exact_minor(value, currency)
+
+
+@settings(max_examples=2000)
+@given(raw=st.binary(min_size=16, max_size=16), currency=st.sampled_from(["USD", "JPY"]))
+def test_decimal128_fast_path_on_any_bits(raw: bytes, currency: str) -> None:
+    value = Decimal128.from_bid(raw)  # NaN, infinities, non-canonical encodings included
+    assert _stored_minor(value, currency) == _exact_minor(value, currency)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -315,6 +315,62 @@ def check_wallet_account(
                                  detail=f"account overdraft limit flag {limited} but wallet "
                                  f"allow_overdraft {allow_overdraft}"))
     return found
+
+
+class PostedAccount(Protocol):
+    """What wallet_agrees reads of an account: an AccountView or a client's account record."""
+
+    @property
+    def ledger(self) -> int: ...
+    @property
+    def code(self) -> int: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def credits_posted(self) -> int: ...
+    @property
+    def debits_posted(self) -> int: ...
+
+
+class LegacyBalance(Protocol):
+    """The balance fields wallet_agrees reads: a MinorBalance, or the same fields as read."""
+
+    @property
+    def credit_minor(self) -> int: ...
+    @property
+    def debit_minor(self) -> int: ...
+    @property
+    def historical_credit_minor(self) -> int: ...
+
+
+def wallet_agrees(
+    legacy: LegacyBalance,
+    *,
+    expected_ledger: int,
+    allow_overdraft: bool,
+    registry_ledger: int | None,
+    registry_allow_overdraft: bool | None,
+    account: PostedAccount | None,
+) -> bool:
+    """The common case, decided on plain values: True exactly when
+    `classify(legacy, account.balance)` is MATCH and `check_wallet_account` finds nothing
+    (same checks, field by field; the reconciliation's hot loop calls this for every wallet
+    and the model-building functions above only when it is False). The balance equalities
+    also imply MinorBalance's invariants for `legacy` (TigerBeetle's side has them)."""
+    if registry_ledger is None or account is None:
+        return False
+    net = account.credits_posted - account.debits_posted
+    return (
+        legacy.historical_credit_minor == account.credits_posted
+        and legacy.credit_minor == max(net, 0)
+        and legacy.debit_minor == max(-net, 0)
+        and registry_ledger == expected_ledger
+        and registry_allow_overdraft == allow_overdraft
+        and account.ledger == expected_ledger
+        and account.code == CUSTOMER_ACCOUNT_CODE
+        # int(): `&` on the client's IntFlag goes through the enum machinery
+        and bool(int(account.flags) & FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS) != allow_overdraft
+    )
 
 
 class TransferView(_Frozen):

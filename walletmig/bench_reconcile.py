@@ -142,9 +142,10 @@ class Bench:
         started = time.perf_counter()
         after: str | None = None
         matched = 0
+        run_id = f"bench-{uuid.uuid4().hex[:6]}"
         while True:
             page = await self.reconciler.wallet_page(WalletPageInput(
-                run_id=f"bench-{uuid.uuid4().hex[:6]}", pair=self.pair, after=after,
+                run_id=run_id, pair=self.pair, after=after,
                 limit=PAGE_MAX, in_flight_max_age_s=300))
             matched += page.matched
             after = page.last_key
