@@ -33,11 +33,9 @@ from typing import Any, Literal
 import tigerbeetle as tb
 from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from registries.account_registry import AccountRecord
-from registries.transfer_registry import TRANSFER_REGISTRY, TransferRecord, TransferRegistry
-from registries.transfer_registry import _doc_of as registry_doc
+from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.history_import import (
     HistoryCheckpoint,
     HistoryCheckpoints,
@@ -49,7 +47,7 @@ from stores.history_import import (
 )
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
 from stores.migration_state import MigrationStateStore
-from stores.mongo import DUPLICATE_KEY_CODE, as_utc, decimal128_to_minor, now_ms
+from stores.mongo import as_utc, decimal128_to_minor, now_ms
 from stores.reports import find_keys
 from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import (
@@ -64,7 +62,6 @@ from walletcore.codes import SystemAccount, TransferCode
 from walletcore.errors import (
     AlreadyVoidedError,
     ConflictError,
-    DuplicateTransactionError,
     InvalidInputError,
     NotFoundError,
 )
@@ -471,20 +468,8 @@ class HistoryImporter:
             return
         records = [e.record.model_copy(
             update={"created_at": timestamp_to_datetime(e.timestamp)}) for e in events]
-        taken: list[int] = []
-        try:
-            await self._db[TRANSFER_REGISTRY].insert_many(
-                [registry_doc(r) for r in records], ordered=False)
-        except BulkWriteError as exc:
-            for error in exc.details.get("writeErrors", []):
-                if error.get("code") != DUPLICATE_KEY_CODE:
-                    raise
-                taken.append(int(error["index"]))
-        for index in taken:  # a retried page: few, and each must be the same record
-            try:
-                await self._transfers.record(records[index])
-            except (DuplicateTransactionError, ConflictError) as exc:
-                failed[events[index].txn] = f"transfer registry: {exc}"
+        for index, why in (await self._transfers.record_many(records)).items():
+            failed[events[index].txn] = f"transfer registry: {why}"
 
 
 def _output(cp: HistoryCheckpoint) -> HistoryPageOutput:

@@ -16,9 +16,10 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from stores.mongo import (
+    DUPLICATE_KEY_CODE,
     PAGE_LIMIT_MAX,
     as_utc,
     bson_to_int,
@@ -169,6 +170,29 @@ class TransferRegistry:
             f"{transaction_id!r} was already voided by {existing.void_transaction_id!r}",
             field="original_transaction_id",
         )
+
+    async def record_many(self, records: Sequence[TransferRecord]) -> dict[int, str]:
+        """`record` for a batch: one unordered insert; the records that exist already go
+        through `record` (an identical one is fine, different content is refused). Returns
+        {index: why} for the refused ones; the others are stored."""
+        assert len(records) <= REFERENCE_LIMIT_MAX
+        if not records:
+            return {}
+        taken: list[int] = []
+        try:
+            await self._transfers.insert_many([_doc_of(r) for r in records], ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") != DUPLICATE_KEY_CODE:
+                    raise
+                taken.append(int(error["index"]))
+        refused: dict[int, str] = {}
+        for index in taken:  # a retried batch: few, and each must be the same record
+            try:
+                await self.record(records[index])
+            except (DuplicateTransactionError, ConflictError) as exc:
+                refused[index] = str(exc)
+        return refused
 
     async def by_reference(self, reference_id: str, limit: int = 100) -> list[TransferRecord]:
         _check_limit(limit, REFERENCE_LIMIT_MAX)

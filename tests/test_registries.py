@@ -271,6 +271,21 @@ async def test_record_is_idempotent_and_refuses_duplicates(
     assert await transfers.get(other) is None
 
 
+async def test_record_many_stores_new_and_refuses_changed_replays(
+    transfers: TransferRegistry, wallet: Callable[..., WalletKey], unique_id: Callable[..., str]
+) -> None:
+    w = wallet()
+    old, changed, new = (transfer(w, unique_id("t")) for _ in range(3))
+    await transfers.record(old)
+    await transfers.record(changed)
+    batch = [old, changed.model_copy(update={"amount_minor": 999}), new]
+    refused = await transfers.record_many(batch)
+    assert list(refused) == [1] and "amount_minor" in refused[1], refused
+    assert await transfers.get(new.transaction_id) == new
+    assert await transfers.get(changed.transaction_id) == changed  # unchanged
+    assert await transfers.record_many([]) == {}
+
+
 async def test_concurrent_records_of_one_transaction(
     transfers: TransferRegistry, wallet: Callable[..., WalletKey], unique_id: Callable[..., str]
 ) -> None:
