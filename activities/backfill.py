@@ -30,7 +30,7 @@ from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
 from stores.history_import import HistoryCheckpoints, create_accounts_allowing_imported
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
 from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, now_ms, u128_to_hex
-from stores.reports import find_keys
+from stores.reports import IN_CHUNK_MAX, find_keys
 from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of, system_accounts
@@ -149,20 +149,9 @@ class WalletImporter:
         by_key = {w.wallet.canonical: w for w in wallets}
         for w in wallets:
             self._ledgers.ledger_of(w.wallet.currency, w.wallet.country)  # unknown pair: fail
-        existing = await self._imports.get_many(list(by_key))
         now = now_ms()
-        targets: dict[str, tuple[int, MinorBalance]] = {}  # wallet -> (version, balance)
-        already = busy = 0
-        for key, rec in existing.items():
-            if rec.status is ImportStatus.DONE:
-                already += 1
-            elif (resume_own and rec.status is ImportStatus.CLAIMED
-                  and rec.claimed_by == claimer):
-                targets[key] = (rec.version, rec.balance)
-            elif await self._imports.take_over(rec, claimer):
-                targets[key] = (rec.version, rec.balance)  # the claim's target, not the page's
-            else:
-                busy += 1
+        # Claim first: a fresh wallet (the common case) then costs one insert and no read;
+        # only the wallets that already had a record (lost inserts) are read back, by key.
         fresh = [
             ImportRecord(
                 wallet=key,
@@ -173,13 +162,27 @@ class WalletImporter:
                 claimed_at=now,
             )
             for key, w in by_key.items()
-            if key not in existing
         ]
         won = await self._imports.claim_many(fresh)
-        busy += len(fresh) - len(won)
-        for rec in fresh:
-            if rec.wallet in won:
-                targets[rec.wallet] = (rec.version, rec.balance)
+        targets: dict[str, tuple[int, MinorBalance]] = {  # wallet -> (version, balance)
+            rec.wallet: (rec.version, rec.balance) for rec in fresh if rec.wallet in won}
+        lost = [key for key in by_key if key not in won]
+        existing = await self._imports.get_many(lost)
+        already = 0
+        busy = len(lost) - len(existing)  # deleted since the insert: left for a later page
+        for key in lost:
+            rec = existing.get(key)
+            if rec is None:
+                continue
+            if rec.status is ImportStatus.DONE:
+                already += 1
+            elif (resume_own and rec.status is ImportStatus.CLAIMED
+                  and rec.claimed_by == claimer):
+                targets[key] = (rec.version, rec.balance)
+            elif await self._imports.take_over(rec, claimer):
+                targets[key] = (rec.version, rec.balance)  # the claim's target, not the page's
+            else:
+                busy += 1
         if not targets:
             return ImportOutcome(already=already, busy=busy)
 
@@ -240,9 +243,10 @@ class WalletImporter:
         bulk insert of the missing ones (nonce 0, the foundation's document format); anything
         that collides or races falls back to AccountRegistry.get_or_create, which owns the
         nonce logic."""
-        keys = [w.canonical for w, _ in wallets]
-        found = {k: _registry_record(d)
-                 for k, d in (await find_keys(self._db[ACCOUNT_REGISTRY], keys)).items()}
+        found: dict[str, AccountRecord] = {}
+        for ledger, keys in self._keys_by_ledger(wallets).items():
+            found.update({k: _registry_record(d)
+                          for k, d in (await self._registry_find(ledger, keys)).items()})
         missing = [(w, allow) for w, allow in wallets if w.canonical not in found]
         now = now_ms()
         docs: list[dict[str, Any]] = [{
@@ -270,6 +274,25 @@ class WalletImporter:
         slow = await asyncio.gather(*(one(missing[i]) for i in sorted(lost)))
         found.update({r.wallet.canonical: r for r in slow})
         return found
+
+    def _keys_by_ledger(self, wallets: Sequence[tuple[WalletKey, bool]]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for w, _ in wallets:
+            out.setdefault(self._ledgers.ledger_of(w.currency, w.country), []).append(w.canonical)
+        return out
+
+    async def _registry_find(self, ledger: int, keys: list[str]) -> dict[str, Any]:
+        """Registry entries of `keys` (one ledger): one `(ledger, _id)` index range read for a
+        page, key lookups for a few. A bare `_id` range scans the whole collection on
+        SecantusDB. An entry this misses (another ledger) only loses the insert below and
+        goes through get_or_create."""
+        if len(keys) <= IN_CHUNK_MAX:
+            return await find_keys(self._db[ACCOUNT_REGISTRY], keys)
+        wanted = set(keys)
+        cursor = self._db[ACCOUNT_REGISTRY].find(
+            {"ledger": ledger, "_id": {"$gte": min(keys), "$lte": max(keys)}}
+        ).batch_size(len(keys))
+        return {d["_id"]: d async for d in cursor if d["_id"] in wanted}
 
     async def _ensure_system_accounts(self, ledger: int) -> None:
         """Like TigerBeetleStore.ensure_system_accounts, but an account a history import

@@ -102,9 +102,13 @@ class ImportLedger:
         assert len(wallets) <= MANY_MAX
         if not wallets:
             return {}
-        from stores.reports import find_keys
+        from stores.reports import find_in
 
-        return {key: _record_of(doc) for key, doc in (await find_keys(self._col, wallets)).items()}
+        # Key lookups in small `$in` chunks, never an `_id` range: SecantusDB answers a range
+        # by scanning the whole collection (quadratic over a backfill), a key by its index.
+        wanted = set(wallets)
+        return {doc["_id"]: _record_of(doc)
+                for doc in await find_in(self._col, "_id", wallets) if doc["_id"] in wanted}
 
     async def claim_many(self, records: list[ImportRecord]) -> set[str]:
         """Insert claims; returns the wallets whose claim is ours (others already had one)."""

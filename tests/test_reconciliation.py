@@ -15,6 +15,7 @@ import pytest_asyncio
 import tigerbeetle as tb
 from bson.decimal128 import Decimal128
 from recon_support import BacklogApplier, Env, credit, debit, make_env
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -116,12 +117,23 @@ async def test_in_flight_backlog_is_not_a_false_alarm(
     txn = unique_id("late")
     await debit(env, keys[2], txn, "3.000", overdraft=True)  # MongoDB answered... (BHD)
 
-    async def backlog_lands() -> None:  # ...and the backlog applies it a moment later
-        await asyncio.sleep(0.3)
-        await debit(env, keys[2], txn, "3.000", overdraft=True, store=env.tb_store)
-
-    summary, _ = await asyncio.gather(
-        reconcile(worker, env, recheck_delay_s=3.0), backlog_lands())
+    client, queue = worker
+    run_id = f"rc-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        ReconciliationWorkflow.run,
+        ReconcileInput(run_id=run_id, pairs=env.pairs, recheck_delay_s=3.0),
+        id=f"reconcile-test/{run_id}", task_queue=queue, execution_timeout=timedelta(minutes=5))
+    # ...and the backlog applies it while the run waits to re-check: once the first look has
+    # seen it in flight (the re-check timer started), whatever the machine's speed.
+    for _ in range(600):
+        events = [e async for e in handle.fetch_history_events()]
+        if any(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in events):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the reconciliation never waited to re-check")
+    await debit(env, keys[2], txn, "3.000", overdraft=True, store=env.tb_store)
+    summary = await handle.result()
     assert summary.real == 0 and summary.in_flight == 0
     assert summary.resolved_on_recheck == 1 and summary.matched == 3
     assert summary.alerts == []

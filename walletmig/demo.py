@@ -100,6 +100,8 @@ class DemoOptions(BaseModel):
     # TigerBeetle read is two round trips (registry cache + lookup_accounts) against MongoDB's
     # one, so the demo gates at 2.0 and says so in its report.
     max_tb_p95_ratio: float = Field(default=2.0, gt=0, le=100)
+    # How long a step waits for its gates before it is forced (and the report says so).
+    gate_wait_s: float = Field(default=GATE_WAIT_S, gt=0, le=3600)
 
 
 class StoreLatency(BaseModel):
@@ -438,7 +440,7 @@ async def run_demo(settings: Settings, options: DemoOptions,
 
             async def advance(*, confirm: bool = False) -> MigrationStatus:
                 return await _advance(handle, log, forced, sent_at, reconcile=reconcile,
-                                      confirm=confirm)
+                                      confirm=confirm, gate_wait_s=options.gate_wait_s)
 
             await mark("legacy")
             await advance()  # dual_write; the update waits out the state cache
@@ -543,14 +545,14 @@ async def run_demo(settings: Settings, options: DemoOptions,
 async def _advance(handle: WorkflowHandle[Any, MigrationStatus], log: Callable[[str], None],
                    forced: list[str], sent_at: list[float], *,
                    reconcile: Callable[[], Awaitable[float | None]] | None = None,
-                   confirm: bool = False) -> MigrationStatus:
+                   confirm: bool = False, gate_wait_s: float = GATE_WAIT_S) -> MigrationStatus:
     """Wait until the next step's gates pass (evidence refreshes every second), then advance.
 
     A failing reconciliation gate gets a fresh reconciliation run now and then, as an engineer
     would re-run it: under live traffic a run can catch a wallet mid-operation. If the gates
-    do not pass in GATE_WAIT_S, the step is forced with the failed gates as the reason: the
+    do not pass in `gate_wait_s`, the step is forced with the failed gates as the reason: the
     demo finishes and shows what went wrong, and the report's forced_steps fails it."""
-    deadline = time.monotonic() + GATE_WAIT_S
+    deadline = time.monotonic() + gate_wait_s
     failing: str | None = None
     reruns, last_rerun = 0, time.monotonic()
     while True:
