@@ -20,7 +20,6 @@ from typing import Any
 
 import tigerbeetle as tb
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 from temporalio import activity
 
 from activities.history_import import HistoryImporter
@@ -29,7 +28,14 @@ from registries.transfer_registry import TransferRegistry
 from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
 from stores.history_import import HistoryCheckpoints, create_accounts_allowing_imported
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
-from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, now_ms, u128_to_hex
+from stores.mongo import (
+    as_utc,
+    decimal128_to_minor,
+    hex_to_u128,
+    insert_new,
+    now_ms,
+    u128_to_hex,
+)
 from stores.reports import IN_CHUNK_MAX, find_keys
 from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
@@ -256,12 +262,8 @@ class WalletImporter:
             "ledger": self._ledgers.ledger_of(w.currency, w.country), "nonce": 0,
             "allow_overdraft": allow, "created_at": now,
         } for w, allow in missing]
-        lost: set[int] = set()
-        if docs:
-            try:
-                await self._db[ACCOUNT_REGISTRY].insert_many(docs, ordered=False)
-            except BulkWriteError as exc:
-                lost = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
+        # Taken meanwhile (a live write registered it): read back through get_or_create below.
+        lost = await insert_new(self._db[ACCOUNT_REGISTRY], docs)
         for i, doc in enumerate(docs):
             if i not in lost:
                 found[doc["_id"]] = _registry_record(doc)

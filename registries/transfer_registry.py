@@ -16,14 +16,14 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
 from stores.mongo import (
-    DUPLICATE_KEY_CODE,
     PAGE_LIMIT_MAX,
     as_utc,
     bson_to_int,
     hex_to_u128,
+    insert_new,
     int_to_bson,
     u128_to_hex,
 )
@@ -178,16 +178,9 @@ class TransferRegistry:
         assert len(records) <= REFERENCE_LIMIT_MAX
         if not records:
             return {}
-        taken: list[int] = []
-        try:
-            await self._transfers.insert_many([_doc_of(r) for r in records], ordered=False)
-        except BulkWriteError as exc:
-            for error in exc.details.get("writeErrors", []):
-                if error.get("code") != DUPLICATE_KEY_CODE:
-                    raise
-                taken.append(int(error["index"]))
+        taken = await insert_new(self._transfers, [_doc_of(r) for r in records])
         refused: dict[int, str] = {}
-        for index in taken:  # a retried batch: few, and each must be the same record
+        for index in sorted(taken):  # a retried batch: few, and each must be the same record
             try:
                 await self.record(records[index])
             except (DuplicateTransactionError, ConflictError) as exc:

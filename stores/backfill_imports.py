@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
-from stores.mongo import DUPLICATE_KEY_CODE, as_utc, bson_to_int, int_to_bson, now_ms
+from stores.mongo import as_utc, bson_to_int, insert_new, int_to_bson, now_ms
 from walletcore.balances import MinorBalance
 
 BACKFILL_IMPORTS = "backfill_imports"
@@ -116,14 +115,7 @@ class ImportLedger:
         assert all(r.status is ImportStatus.CLAIMED for r in records)
         if not records:
             return set()
-        lost: set[int] = set()
-        try:
-            await self._col.insert_many([_doc_of(r) for r in records], ordered=False)
-        except BulkWriteError as exc:
-            for error in exc.details.get("writeErrors", []):
-                if error.get("code") != DUPLICATE_KEY_CODE:
-                    raise
-                lost.add(int(error["index"]))
+        lost = await insert_new(self._col, [_doc_of(r) for r in records])
         return {r.wallet for i, r in enumerate(records) if i not in lost}
 
     async def take_over(

@@ -14,8 +14,9 @@ from typing import Any
 
 from bson.decimal128 import Decimal128
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.uri_parser import parse_uri
 
 from walletcore.currencies import precision_of
@@ -189,3 +190,18 @@ async def backoff(attempt: int) -> None:
     assert attempt >= 0
     ceiling_ms = min(TXN_BACKOFF_CAP_MS, TXN_BACKOFF_BASE_MS * 2 ** min(attempt, 10))
     await asyncio.sleep(random.uniform(0, ceiling_ms) / 1000)
+
+
+async def insert_new(collection: AsyncCollection[Any], docs: list[dict[str, Any]]) -> set[int]:
+    """One unordered insert; returns the indexes of the documents whose `_id` (or another
+    unique key) was taken already. Any other write error raises."""
+    if not docs:
+        return set()
+    try:
+        await collection.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != DUPLICATE_KEY_CODE for e in errors):
+            raise
+        return {int(e["index"]) for e in errors}
+    return set()
