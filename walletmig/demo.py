@@ -91,7 +91,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class DemoOptions(BaseModel):
-    wallets: int = Field(default=300, ge=3, le=WALLETS_MAX)
+    wallets: int = Field(default=2000, ge=3, le=WALLETS_MAX)
     writers: int = Field(default=8, ge=1, le=64)
     readers: int = Field(default=4, ge=1, le=64)
     phase_dwell_s: float = Field(default=5.0, ge=0.5, le=600)

@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
         "drives the migration through every phase to complete on the running stack "
         "(`walletmig dev up` first), then prints the report.")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--wallets", type=int, default=300, help="legacy wallets to seed (300)")
+    p.add_argument("--wallets", type=int, default=2000, help="legacy wallets to seed (2000)")
     p.add_argument("--writers", type=int, default=8, help="concurrent write loops (8)")
     p.add_argument("--readers", type=int, default=4, help="concurrent read loops (4)")
     p.add_argument("--dwell-s", type=float, default=5.0, help="seconds of traffic per phase")
