@@ -160,7 +160,9 @@ class MigrationActivities:
             collected_at=now,
             window_s=req.window_s,
             backfill_complete=await self._backfill_complete(req.scopes),
-            history_imports_running=await self._history_imports_running(req.scopes),
+            # Only the way out of legacy (into dual_write) is gated on it.
+            history_imports_running=await self._history_imports_running(req.scopes)
+            if req.phase == Phase.LEGACY else 0,
             unapplied_writes=await self.unapplied_writes(
                 req.scopes, req.phase, req.write_switch_at
             ),

@@ -277,7 +277,8 @@ class WalletActivities:
             # switch. It goes to TigerBeetle through the backlog like any MongoDB-answered
             # operation (the next TigerBeetle-answered one drains it first, so the order
             # holds); TigerBeetle answers EXISTS when it has it already, and the import skips
-            # what the opening balance holds.
+            # what the opening balance holds. Its facts are read when the backlog drains, not
+            # on the answer's path.
             return PrimaryOutcome(
                 result=replay,
                 phase=state.phase,
@@ -285,7 +286,6 @@ class WalletActivities:
                 scope=state.scope,
                 writes_tigerbeetle=True,
                 backlog_direction="to_tigerbeetle",
-                legacy=await self._legacy.facts_of(op.transaction_id),
             )
         opening: OriginalFacts | None = None
         if isinstance(op, Void):

@@ -126,6 +126,14 @@ async def observe(db: AsyncDatabase[Any], scope: str, mode: ReadMode, outcome: R
     await store.flush()
 
 
+async def replays_on_current_code(client: Client,
+                                  handle: WorkflowHandle[Any, MigrationStatus]) -> None:
+    """The run's whole history replays on the current code (deterministic)."""
+    await Replayer(workflows=[MigrationWorkflow], workflow_runner=workflow_runner(),
+                   data_converter=client.data_converter).replay_workflow(
+        await handle.fetch_history())
+
+
 async def expect_rejected(call: Awaitable[Any], *fragments: str) -> str:
     with pytest.raises(WorkflowUpdateFailedError) as info:
         await call
@@ -213,10 +221,7 @@ async def test_full_migration_path(
 
     if history_wanted("migration_full_path"):
         await save_history(handle, "migration_full_path")
-    # Replay the whole history with the current code: deterministic.
-    history = await handle.fetch_history()
-    await Replayer(workflows=[MigrationWorkflow], workflow_runner=workflow_runner(),
-                   data_converter=temporal_client.data_converter).replay_workflow(history)
+    await replays_on_current_code(temporal_client, handle)
 
 
 async def test_dual_write_waits_for_a_running_history_import(
@@ -379,9 +384,7 @@ async def test_complete_waits_for_the_reverse_projection(
     status = await asyncio.wait_for(forced, WAIT_S)
     assert status.archive is not None and status.archive.unprojected_writes == 0
     assert status.archive.transactions == 1 and txn in Path(status.archive.path).read_text()
-    history = await handle.fetch_history()
-    await Replayer(workflows=[MigrationWorkflow], workflow_runner=workflow_runner(),
-                   data_converter=temporal_client.data_converter).replay_workflow(history)
+    await replays_on_current_code(temporal_client, handle)
 
 
 async def test_complete_archives_after_the_drain_timeout_and_says_what_is_missing(

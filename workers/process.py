@@ -126,9 +126,10 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
         owns_signals = stop is None
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
-        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        previous: dict[int, Any] = {}
         if owns_signals:
             for signum in STOP_SIGNALS:
+                previous[signum] = signal.getsignal(signum)
                 loop.add_signal_handler(signum, stop.set)
         runs = [asyncio.create_task(worker.run()) for worker in workers]
         served = ", ".join(f"{q} ({'+'.join(sorted(r))})" for q, r in planned.items())
