@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Self
+from typing import Any, Final, NamedTuple, Self
 
 import tigerbeetle as tb
 from tigerbeetle.client import InitError
@@ -64,51 +64,47 @@ def parse_address(replica_addresses: str) -> tuple[str, int]:
 Decoder = Callable[[memoryview], Any]
 
 
-def _check_batch(events: Sequence[object]) -> int:
-    count = len(events)
-    if count > wire.BATCH_EVENTS_MAX:
-        raise tb.TooMuchDataError()
-    return count
+class Request(NamedTuple):
+    """An encoded request. Encoding converts every field first (TypeError,
+    IntegerOverflowError); the client then refuses a closed client, and only then a request
+    over the size limit (`oversized`): the real client's order."""
+
+    request_id: int
+    op: int
+    frame: bytes
+    oversized: bool
+    sent_ids: Sequence[int] | None = None  # lookup_accounts: what an echoed id column means.
 
 
-def _request(request_id: int, op: int, body: bytes) -> bytes:
-    return wire.frame(request_id, op, 0, body)
+def _request(request_id: int, op: int, body: bytes, oversized: bool) -> Request:
+    return Request(request_id, op, wire.frame(request_id, op, 0, body), oversized)
 
 
-def encode_create_accounts(request_id: int, accounts: Sequence[tb.Account]) -> bytes:
-    _check_batch(accounts)
-    return _request(request_id, wire.Op.CREATE_ACCOUNTS, wire.pack_accounts(accounts))
+def encode_create_accounts(request_id: int, accounts: Sequence[tb.Account]) -> Request:
+    return _request(request_id, wire.Op.CREATE_ACCOUNTS, wire.pack_accounts(accounts),
+                    len(accounts) > wire.BATCH_EVENTS_MAX)
 
 
-def encode_create_transfers(request_id: int, transfers: Sequence[tb.Transfer]) -> bytes:
-    _check_batch(transfers)
-    return _request(request_id, wire.Op.CREATE_TRANSFERS, wire.pack_transfers(transfers))
+def encode_create_transfers(request_id: int, transfers: Sequence[tb.Transfer]) -> Request:
+    return _request(request_id, wire.Op.CREATE_TRANSFERS, wire.pack_transfers(transfers),
+                    len(transfers) > wire.BATCH_EVENTS_MAX)
 
 
-def encode_ids(request_id: int, op: int, ids: Sequence[int]) -> bytes:
-    _check_batch(ids)
-    return _request(request_id, op, wire.pack_ids(ids))
-
-
-def encode_lookup_accounts(request_id: int, ids: Sequence[int]) -> tuple[bytes, Sequence[int]]:
-    """(frame, the ids as sent: the id column of a reply that echoes them)."""
-    _check_batch(ids)
+def encode_lookup(request_id: int, op: int, ids: Sequence[int]) -> Request:
     body, sent_ids = wire.pack_lookup_ids(ids)
-    return _request(request_id, wire.Op.LOOKUP_ACCOUNTS, body), sent_ids
+    request = _request(request_id, op, body, len(ids) > wire.BATCH_EVENTS_MAX)
+    return request._replace(sent_ids=sent_ids) if op == wire.Op.LOOKUP_ACCOUNTS else request
 
 
-def encode_account_filter(request_id: int, op: int, f: tb.AccountFilter) -> bytes:
+def encode_account_filter(request_id: int, op: int, f: tb.AccountFilter) -> Request:
+    # The real client refuses a limit it could not take the reply of, like an oversized batch.
     body = wire.pack_account_filter(f)
-    if f.limit > wire.BATCH_EVENTS_MAX:  # The real client refuses such replies up front too.
-        raise tb.TooMuchDataError()
-    return _request(request_id, op, body)
+    return _request(request_id, op, body, f.limit > wire.BATCH_EVENTS_MAX)
 
 
-def encode_query_filter(request_id: int, op: int, f: tb.QueryFilter) -> bytes:
+def encode_query_filter(request_id: int, op: int, f: tb.QueryFilter) -> Request:
     body = wire.pack_query_filter(f)
-    if f.limit > wire.BATCH_EVENTS_MAX:
-        raise tb.TooMuchDataError()
-    return _request(request_id, op, body)
+    return _request(request_id, op, body, f.limit > wire.BATCH_EVENTS_MAX)
 
 
 def _rows(size: int, decode: Decoder) -> Decoder:
@@ -132,11 +128,61 @@ DECODERS: Final[dict[int, Decoder]] = {
 }
 
 
+def _refuse(request: Request, closed: bool) -> None:
+    """What the real client refuses before sending, in its order."""
+    if closed:
+        raise tb.ClientClosedError()
+    if request.oversized:
+        raise tb.TooMuchDataError()
+
+
+class ReplyChunks:
+    """A lookup's PARTIAL reply frames, decoded as each arrives: the client decodes one chunk
+    while the server packs the next. One per request attempt (a resend starts over)."""
+
+    __slots__ = ("frames", "items", "op", "request_ids")
+
+    def __init__(self, op: int, request_ids: Sequence[int] | None) -> None:
+        self.op = op
+        self.request_ids = request_ids  # lookup_accounts: the sent ids (echoed replies).
+        self.items: list[Any] = []
+        self.frames = 0
+
+    def add(self, body: memoryview) -> None:
+        """One PARTIAL frame's body: exactly wire.LOOKUP_CHUNK_IDS of the request's ids."""
+        start = self.frames * wire.LOOKUP_CHUNK_IDS
+        self.frames += 1
+        self.items += self._decode(body, start, start + wire.LOOKUP_CHUNK_IDS)
+
+    def finish(self, body: memoryview) -> list[Any]:
+        """The last (OK) frame's body: the rest of the request's ids."""
+        self.items += self._decode(body, self.frames * wire.LOOKUP_CHUNK_IDS, None)
+        return self.items
+
+    def _decode(self, body: memoryview, start: int, end: int | None) -> list[Any]:
+        try:
+            if self.op not in LOOKUP_OPS:
+                raise wire.WireError(f"chunked reply to operation {self.op}")
+            if self.op == wire.Op.LOOKUP_TRANSFERS:
+                return wire.unpack_transfers(body)
+            ids = self.request_ids[start:end] if self.request_ids is not None else None
+            return wire.unpack_accounts(body, ids)
+        except wire.WireError as e:
+            raise EmulatorProtocolError(f"malformed reply: {e}") from e
+
+
+LOOKUP_OPS: Final = frozenset({wire.Op.LOOKUP_ACCOUNTS, wire.Op.LOOKUP_TRANSFERS})
+
+
 def decode_reply(
-    op: int, status: int, body: memoryview, request_ids: Sequence[int] | None = None
+    op: int, status: int, body: memoryview, request_ids: Sequence[int] | None = None,
+    chunks: ReplyChunks | None = None,
 ) -> Any:
-    """`request_ids`: a lookup_accounts' ids (its reply may echo them instead of sending)."""
+    """`request_ids`: a lookup_accounts' ids (its reply may echo them instead of sending).
+    `chunks`: the request's PARTIAL frames so far, if it is a lookup."""
     if status == wire.Status.OK:
+        if chunks is not None and chunks.frames:
+            return chunks.finish(body)
         try:
             if request_ids is not None:
                 assert op == wire.Op.LOOKUP_ACCOUNTS
@@ -166,6 +212,7 @@ class _AsyncConnection:
         self.reader = reader
         self.writer = writer
         self.pending: dict[int, asyncio.Future[tuple[int, int, memoryview]]] = {}
+        self.chunks: dict[int, ReplyChunks] = {}  # Lookups in flight, by request id.
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self._read_loop())
         self.closed = False
@@ -181,6 +228,9 @@ class _AsyncConnection:
                     error = ConnectionResetError("tb_emulator sent a malformed frame")
                     break
                 body = await read(body_size) if body_size else b""
+                if status == wire.Status.PARTIAL:
+                    self._add_chunk(request_id, memoryview(body))
+                    continue
                 future = self.pending.pop(request_id, None)
                 if future is not None and not future.done():
                     future.set_result((op, status, memoryview(body)))
@@ -197,6 +247,17 @@ class _AsyncConnection:
                     future.set_exception(error)
             self.pending.clear()
             self.writer.close()
+
+    def _add_chunk(self, request_id: int, body: memoryview) -> None:
+        chunks = self.chunks.get(request_id)
+        future = self.pending.get(request_id)
+        if chunks is None or future is None or future.done():
+            return  # Its caller gave up (timeout): nothing to decode for.
+        try:
+            chunks.add(body)
+        except EmulatorProtocolError as e:
+            del self.pending[request_id]
+            future.set_exception(e)
 
     async def close(self) -> None:
         self.closed = True
@@ -227,58 +288,43 @@ class EmulatorClientAsync:
     # -- the tigerbeetle.ClientAsync interface ---------------------------------------------
 
     async def create_accounts(self, accounts: list[tb.Account]) -> list[tb.CreateAccountResult]:
-        rid = self._next_id()
         result: list[tb.CreateAccountResult] = await self._submit(
-            rid, wire.Op.CREATE_ACCOUNTS, encode_create_accounts(rid, accounts))
+            encode_create_accounts(self._next_id(), accounts))
         return result
 
-    async def create_transfers(
-        self, transfers: list[tb.Transfer]
-    ) -> list[tb.CreateTransferResult]:
-        rid = self._next_id()
+    async def create_transfers(self, transfers: list[tb.Transfer]) -> list[tb.CreateTransferResult]:
         result: list[tb.CreateTransferResult] = await self._submit(
-            rid, wire.Op.CREATE_TRANSFERS, encode_create_transfers(rid, transfers))
+            encode_create_transfers(self._next_id(), transfers))
         return result
 
     async def lookup_accounts(self, accounts: list[int]) -> list[tb.Account]:
-        rid = self._next_id()
-        op = wire.Op.LOOKUP_ACCOUNTS
-        frame, sent_ids = encode_lookup_accounts(rid, accounts)
-        result: list[tb.Account] = await self._submit(rid, op, frame, sent_ids)
+        result: list[tb.Account] = await self._submit(
+            encode_lookup(self._next_id(), wire.Op.LOOKUP_ACCOUNTS, accounts))
         return result
 
     async def lookup_transfers(self, transfers: list[int]) -> list[tb.Transfer]:
-        rid = self._next_id()
-        op = wire.Op.LOOKUP_TRANSFERS
-        result: list[tb.Transfer] = await self._submit(rid, op, encode_ids(rid, op, transfers))
+        result: list[tb.Transfer] = await self._submit(
+            encode_lookup(self._next_id(), wire.Op.LOOKUP_TRANSFERS, transfers))
         return result
 
     async def get_account_transfers(self, filter: tb.AccountFilter) -> list[tb.Transfer]:
-        rid = self._next_id()
-        op = wire.Op.GET_ACCOUNT_TRANSFERS
         result: list[tb.Transfer] = await self._submit(
-            rid, op, encode_account_filter(rid, op, filter))
+            encode_account_filter(self._next_id(), wire.Op.GET_ACCOUNT_TRANSFERS, filter))
         return result
 
     async def get_account_balances(self, filter: tb.AccountFilter) -> list[tb.AccountBalance]:
-        rid = self._next_id()
-        op = wire.Op.GET_ACCOUNT_BALANCES
         result: list[tb.AccountBalance] = await self._submit(
-            rid, op, encode_account_filter(rid, op, filter))
+            encode_account_filter(self._next_id(), wire.Op.GET_ACCOUNT_BALANCES, filter))
         return result
 
     async def query_accounts(self, query_filter: tb.QueryFilter) -> list[tb.Account]:
-        rid = self._next_id()
-        op = wire.Op.QUERY_ACCOUNTS
         result: list[tb.Account] = await self._submit(
-            rid, op, encode_query_filter(rid, op, query_filter))
+            encode_query_filter(self._next_id(), wire.Op.QUERY_ACCOUNTS, query_filter))
         return result
 
     async def query_transfers(self, query_filter: tb.QueryFilter) -> list[tb.Transfer]:
-        rid = self._next_id()
-        op = wire.Op.QUERY_TRANSFERS
         result: list[tb.Transfer] = await self._submit(
-            rid, op, encode_query_filter(rid, op, query_filter))
+            encode_query_filter(self._next_id(), wire.Op.QUERY_TRANSFERS, query_filter))
         return result
 
     async def close(self) -> None:
@@ -300,13 +346,11 @@ class EmulatorClientAsync:
     # -- transport --------------------------------------------------------------------------
 
     def _next_id(self) -> int:
-        if self._closed:
-            raise tb.ClientClosedError()
         return next(self._request_ids) & wire.U64_MASK or 1
 
-    async def _submit(
-        self, request_id: int, op: int, frame: bytes, request_ids: Sequence[int] | None = None
-    ) -> Any:
+    async def _submit(self, request: Request) -> Any:
+        request_id, op, frame, _, request_ids = request
+        _refuse(request, self._closed)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         delay = RECONNECT_DELAY_MIN_S
@@ -315,6 +359,7 @@ class EmulatorClientAsync:
                 raise tb.ClientClosedError()
             future: asyncio.Future[tuple[int, int, memoryview]] | None = None
             connection: _AsyncConnection | None = None
+            chunks: ReplyChunks | None = None
             try:
                 async with asyncio.timeout_at(deadline):
                     connection = await self._connect()
@@ -322,6 +367,9 @@ class EmulatorClientAsync:
                         raise ConnectionResetError("tb_emulator connection closed")
                     future = loop.create_future()
                     connection.pending[request_id] = future
+                    chunks = ReplyChunks(op, request_ids) if op in LOOKUP_OPS else None
+                    if chunks is not None:
+                        connection.chunks[request_id] = chunks
                     connection.writer.write(frame)
                     reply_op, status, body = await future
             except TimeoutError:
@@ -344,9 +392,10 @@ class EmulatorClientAsync:
             finally:
                 if connection is not None:  # No-op when the reply arrived (reader popped it).
                     connection.pending.pop(request_id, None)
+                    connection.chunks.pop(request_id, None)
             if reply_op != op:
                 raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
-            return decode_reply(op, status, body, request_ids)
+            return decode_reply(op, status, body, request_ids, chunks)
 
     async def _connect(self) -> _AsyncConnection:
         connection = self._connection
@@ -403,55 +452,43 @@ class EmulatorClientSync:
         self._closed = False
 
     def create_accounts(self, accounts: list[tb.Account]) -> list[tb.CreateAccountResult]:
-        rid = self._next_id()
         result: list[tb.CreateAccountResult] = self._submit(
-            rid, wire.Op.CREATE_ACCOUNTS, encode_create_accounts(rid, accounts))
+            encode_create_accounts(self._next_id(), accounts))
         return result
 
     def create_transfers(self, transfers: list[tb.Transfer]) -> list[tb.CreateTransferResult]:
-        rid = self._next_id()
         result: list[tb.CreateTransferResult] = self._submit(
-            rid, wire.Op.CREATE_TRANSFERS, encode_create_transfers(rid, transfers))
+            encode_create_transfers(self._next_id(), transfers))
         return result
 
     def lookup_accounts(self, accounts: list[int]) -> list[tb.Account]:
-        rid = self._next_id()
-        op = wire.Op.LOOKUP_ACCOUNTS
-        frame, sent_ids = encode_lookup_accounts(rid, accounts)
-        result: list[tb.Account] = self._submit(rid, op, frame, sent_ids)
+        result: list[tb.Account] = self._submit(
+            encode_lookup(self._next_id(), wire.Op.LOOKUP_ACCOUNTS, accounts))
         return result
 
     def lookup_transfers(self, transfers: list[int]) -> list[tb.Transfer]:
-        rid = self._next_id()
-        op = wire.Op.LOOKUP_TRANSFERS
-        result: list[tb.Transfer] = self._submit(rid, op, encode_ids(rid, op, transfers))
+        result: list[tb.Transfer] = self._submit(
+            encode_lookup(self._next_id(), wire.Op.LOOKUP_TRANSFERS, transfers))
         return result
 
     def get_account_transfers(self, filter: tb.AccountFilter) -> list[tb.Transfer]:
-        rid = self._next_id()
-        op = wire.Op.GET_ACCOUNT_TRANSFERS
-        result: list[tb.Transfer] = self._submit(rid, op, encode_account_filter(rid, op, filter))
+        result: list[tb.Transfer] = self._submit(
+            encode_account_filter(self._next_id(), wire.Op.GET_ACCOUNT_TRANSFERS, filter))
         return result
 
     def get_account_balances(self, filter: tb.AccountFilter) -> list[tb.AccountBalance]:
-        rid = self._next_id()
-        op = wire.Op.GET_ACCOUNT_BALANCES
         result: list[tb.AccountBalance] = self._submit(
-            rid, op, encode_account_filter(rid, op, filter))
+            encode_account_filter(self._next_id(), wire.Op.GET_ACCOUNT_BALANCES, filter))
         return result
 
     def query_accounts(self, query_filter: tb.QueryFilter) -> list[tb.Account]:
-        rid = self._next_id()
-        op = wire.Op.QUERY_ACCOUNTS
         result: list[tb.Account] = self._submit(
-            rid, op, encode_query_filter(rid, op, query_filter))
+            encode_query_filter(self._next_id(), wire.Op.QUERY_ACCOUNTS, query_filter))
         return result
 
     def query_transfers(self, query_filter: tb.QueryFilter) -> list[tb.Transfer]:
-        rid = self._next_id()
-        op = wire.Op.QUERY_TRANSFERS
         result: list[tb.Transfer] = self._submit(
-            rid, op, encode_query_filter(rid, op, query_filter))
+            encode_query_filter(self._next_id(), wire.Op.QUERY_TRANSFERS, query_filter))
         return result
 
     def close(self) -> None:
@@ -466,8 +503,6 @@ class EmulatorClientSync:
         self.close()
 
     def _next_id(self) -> int:
-        if self._closed:
-            raise tb.ClientClosedError()
         return next(self._request_ids) & wire.U64_MASK or 1
 
     def _disconnect(self) -> None:
@@ -476,9 +511,9 @@ class EmulatorClientSync:
                 self._sock.close()
             self._sock = None
 
-    def _submit(
-        self, request_id: int, op: int, frame: bytes, request_ids: Sequence[int] | None = None
-    ) -> Any:
+    def _submit(self, request: Request) -> Any:
+        request_id, op, frame, _, request_ids = request
+        _refuse(request, self._closed)
         deadline = time.monotonic() + self.timeout_s
         delay = RECONNECT_DELAY_MIN_S
         with self._lock:
@@ -490,8 +525,9 @@ class EmulatorClientSync:
                     raise RequestTimeoutError(
                         f"tb_emulator {wire.Op(op).name.lower()} got no reply within "
                         f"{self.timeout_s} s from {self.host}:{self.port}")
+                chunks = ReplyChunks(op, request_ids) if op in LOOKUP_OPS else None
                 try:
-                    reply = self._roundtrip(request_id, frame, remaining)
+                    reply = self._roundtrip(request_id, frame, remaining, chunks)
                 except TimeoutError:
                     self._disconnect()  # A late reply must not be read as the next one's.
                     raise RequestTimeoutError(
@@ -505,10 +541,10 @@ class EmulatorClientSync:
                 reply_op, status, body = reply
                 if reply_op != op:
                     raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
-                return decode_reply(op, status, body, request_ids)
+                return decode_reply(op, status, body, request_ids, chunks)
 
     def _roundtrip(
-        self, request_id: int, frame: bytes, timeout_s: float
+        self, request_id: int, frame: bytes, timeout_s: float, chunks: ReplyChunks | None
     ) -> tuple[int, int, memoryview]:
         sock = self._sock
         if sock is None:
@@ -526,7 +562,11 @@ class EmulatorClientSync:
             body = bytearray(body_size)
             _recv_exactly(sock, memoryview(body))
             if reply_id == request_id:
-                return op, status, memoryview(body)
+                if status != wire.Status.PARTIAL:
+                    return op, status, memoryview(body)
+                if chunks is None:
+                    raise EmulatorProtocolError(f"chunked reply to operation {op}")
+                chunks.add(memoryview(body))
             if reply_id == 0 and status == wire.Status.BUSY:
                 raise ConnectionRefusedError("tb_emulator: too many connections")
 

@@ -111,6 +111,7 @@ from tb_emulator.engine_defs import (
     U_ACCOUNT,
     U_PENDING,
     account_tuple,
+    check_batch_size,
     lookup_keys,
     sorted_contains,
     timestamp_bounds,
@@ -120,6 +121,7 @@ from tb_emulator.engine_defs import (
     validate_query_filter,
     validate_transfers,
 )
+from tb_emulator.gc_pause import build_without_gc
 
 _get_id = itemgetter(T_ID)
 _get_amount = itemgetter(T_AMOUNT)
@@ -210,9 +212,17 @@ class Engine:
             return
         status = self._pending_status
         t_ts = self._t_ts
+        t_timeout = self._t_timeout
         while heap and heap[0][0] <= now:
-            _, ts, row = heapq.heappop(heap)
-            if row >= len(t_ts) or t_ts[row] != ts or status.get(row) != P_PENDING:
+            expires_at, ts, row = heapq.heappop(heap)
+            if (
+                row >= len(t_ts)
+                or t_ts[row] != ts
+                # A rolled-back pending frees its row and timestamp; an imported pending (no
+                # timeout, never expires) may take both, so the timeout must match too.
+                or ts + t_timeout[row] * NS_PER_S != expires_at
+                or status.get(row) != P_PENDING
+            ):
                 continue  # posted, voided, or rolled back with its chain
             status[row] = P_EXPIRED
             amount = self._t_amount[row]
@@ -864,13 +874,16 @@ class Engine:
     # -----------------------------------------------------------------------------------------
 
     def lookup_accounts(self, ids: list[int]) -> list[tb.Account]:
-        return list(starmap(tb.Account, self.lookup_accounts_raw(ids)))
+        # The raw rows are GC-tracked lists too: pause for both steps.
+        return build_without_gc(
+            len(ids), lambda: list(starmap(tb.Account, self.lookup_accounts_raw(ids))))
 
     def lookup_accounts_raw(self, ids: list[int]) -> list[list[Any]]:
         """Like ``lookup_accounts``, each row a fresh list of tb.Account's 12 field values in
         declaration order (flags as ``tb.AccountFlags``)."""
         keys = lookup_keys(ids)
         self._begin_read()
+        check_batch_size(len(keys))
         get = self._accounts.get
         return [a[:A_PUBLIC] for a in map(get, keys) if a is not None]
 
@@ -878,9 +891,8 @@ class Engine:
         """The found accounts as tb.Account's 12 field COLUMNS (flags as ints), for a columnar
         wire encoder.  ``ids`` must be u128 ints (a wire decoder's are by construction): they
         are not wrapped or type-checked like ``lookup_accounts`` does."""
-        if len(ids) > BATCH_EVENTS_MAX:
-            raise tb.TooMuchDataError()
         self._begin_read()
+        check_batch_size(len(ids))
         # Records are non-empty lists (truthy), so filter(None) drops exactly the misses.
         records = list(filter(None, map(self._accounts.get, ids)))
         if not records:
@@ -892,13 +904,15 @@ class Engine:
         return columns
 
     def lookup_transfers(self, ids: list[int]) -> list[tb.Transfer]:
-        return list(starmap(tb.Transfer, self.lookup_transfers_raw(ids)))
+        return build_without_gc(
+            len(ids), lambda: list(starmap(tb.Transfer, self.lookup_transfers_raw(ids))))
 
     def lookup_transfers_raw(self, ids: list[int]) -> list[tuple[Any, ...]]:
         """Like ``lookup_transfers``, each row a tuple of tb.Transfer's 13 field values in
         declaration order (flags as ``tb.TransferFlags``)."""
         keys = lookup_keys(ids)
         self._begin_read()
+        check_batch_size(len(keys))
         get = self._tx_index.get
         return self._transfer_rows([r for r in map(get, keys) if r is not None and r >= 0])
 
@@ -928,8 +942,8 @@ class Engine:
         if not positions:
             return []
         account_rows = self._accounts[f.account_id][A_ROWS]
-        rows = self._transfer_rows(account_rows[p] for p in positions)
-        return list(starmap(tb.Transfer, rows))
+        return build_without_gc(len(positions), lambda: list(starmap(
+            tb.Transfer, self._transfer_rows(account_rows[p] for p in positions))))
 
     def get_account_balances(self, f: tb.AccountFilter) -> list[tb.AccountBalance]:
         positions = self._scan_account(f, need_history=True)
@@ -949,6 +963,7 @@ class Engine:
         """Positions in the account's row list matching the filter, in result order."""
         validate_account_filter(f)
         self._begin_read()
+        check_batch_size(f.limit)
         flags = int(f.flags) & 0xFFFF_FFFF
         account_id = f.account_id
         if (
@@ -1055,11 +1070,13 @@ class Engine:
             rows.append(r)
             if len(rows) >= limit:
                 break
-        return list(starmap(tb.Transfer, self._transfer_rows(rows)))
+        return build_without_gc(
+            len(rows), lambda: list(starmap(tb.Transfer, self._transfer_rows(rows))))
 
     def _query_bounds(self, f: tb.QueryFilter) -> tuple[int, int] | None:
         validate_query_filter(f)
         self._begin_read()
+        check_batch_size(f.limit)
         flags = int(f.flags) & 0xFFFF_FFFF
         if f.limit == 0 or flags & ~QF_KNOWN:
             return None

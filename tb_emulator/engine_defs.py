@@ -216,24 +216,32 @@ def validate_transfers(transfers: Sequence[tb.Transfer]) -> None:
         _raise_for_fields(transfer_tuple(t), TRANSFER_FIELDS, _TRANSFER_BITS)
 
 
+# The client converts its arguments first (IntegerOverflowError / TypeError), then a closed
+# client refuses the request (ClientClosedError), and only then is the size checked
+# (TooMuchDataError): the validators below are the first step, ``check_batch_size`` the last.
+
+
 def validate_account_filter(f: tb.AccountFilter) -> None:
     for name, bits in _ACCOUNT_FILTER_FIELDS:
         _raise_for_fields((getattr(f, name),), (name,), (bits,))
-    if f.limit > BATCH_EVENTS_MAX:
-        raise tb.TooMuchDataError()
+    # flags is a c_uint32 field: any int is truncated, anything else is a TypeError.
+    _raise_for_fields((f.flags,), ("flags",), (0,))
 
 
 def validate_query_filter(f: tb.QueryFilter) -> None:
     for name, bits in _QUERY_FILTER_FIELDS:
         _raise_for_fields((getattr(f, name),), (name,), (bits,))
-    if f.limit > BATCH_EVENTS_MAX:
+    _raise_for_fields((f.flags,), ("flags",), (0,))
+
+
+def check_batch_size(count: int) -> None:
+    """More than a message's worth of events (or of filter rows) is refused."""
+    if count > BATCH_EVENTS_MAX:
         raise tb.TooMuchDataError()
 
 
 def lookup_keys(ids: list[int]) -> list[int]:
     """Ids as the client encodes them: wrapped to u128 (it does not range-check lookups)."""
-    if len(ids) > BATCH_EVENTS_MAX:
-        raise tb.TooMuchDataError()
     if not ids:
         return []
     if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) <= U128_MAX:

@@ -259,8 +259,11 @@ class EmulatorServer:
             # INTERNAL_ERROR), so continuing reproduces its state exactly.
             logger.exception("replayed request raised (as it did when first executed)")
 
-    def _execute(self, request_id: int, op: int, body: memoryview) -> tuple[bytes, int]:
-        """Returns (reply frame, log position the reply must wait for). Never awaits."""
+    def _execute(
+        self, request_id: int, op: int, body: memoryview, emit: Callable[[bytes], None]
+    ) -> tuple[bytes, int]:
+        """Returns (reply frame, log position the reply must wait for). Never awaits.
+        `emit` takes the PARTIAL frames a big lookup sends ahead of its reply frame."""
         engine = self._engine
         commit = self._commit
         assert engine is not None and commit is not None
@@ -287,7 +290,7 @@ class EmulatorServer:
                 if count:
                     commit.append(encode_record(clock_ns, op, body))
                 return _ok(request_id, op, self._run_create(op, events)), commit.written
-            return self._execute_read(request_id, op, body, engine), commit.written
+            return self._execute_read(request_id, op, body, engine, emit), commit.written
         except tb.TooMuchDataError as e:
             return _error(request_id, op, wire.Status.TOO_MUCH_DATA, str(e)), commit.written
         except WalError:
@@ -316,22 +319,20 @@ class EmulatorServer:
         return wire.pack_create_results(engine.create_accounts(events))
 
     @staticmethod
-    def _execute_read(request_id: int, op: int, body: memoryview, engine: EngineLike) -> bytes:
-        if op == wire.Op.LOOKUP_ACCOUNTS:
-            lookup_columns = getattr(engine, "lookup_accounts_columns", None)
-            if lookup_columns is not None:  # Skips building tb.Account objects only to pack them.
-                ids = wire.unpack_ids(body)
-                columns = lookup_columns(ids)
-                # All found: the id column is the request's, so the client keeps its own.
-                reply = wire.ACCOUNTS.pack_columns(columns, echo_ids=len(columns[0]) == len(ids))
-            else:
-                reply = wire.pack_accounts(engine.lookup_accounts(wire.unpack_ids(body)))
-        elif op == wire.Op.LOOKUP_TRANSFERS:
-            lookup_raw = getattr(engine, "lookup_transfers_raw", None)
-            if lookup_raw is not None:
-                reply = wire.pack_transfer_rows(lookup_raw(wire.unpack_ids(body)))
-            else:
-                reply = wire.pack_transfers(engine.lookup_transfers(wire.unpack_ids(body)))
+    def _execute_read(
+        request_id: int, op: int, body: memoryview, engine: EngineLike,
+        emit: Callable[[bytes], None],
+    ) -> bytes:
+        """Returns the reply frame; a big lookup's leading chunks go to `emit` as PARTIAL
+        frames. No await between chunks: every chunk reads the same state."""
+        if op in LOOKUP_OPS:
+            ids = wire.unpack_ids(body)
+            chunks = wire.lookup_chunks(len(ids))
+            for start, end in chunks[:-1]:
+                emit(wire.frame(request_id, op, wire.Status.PARTIAL,
+                                _lookup_reply(engine, op, ids[start:end])))
+            start, end = chunks[-1]
+            reply = _lookup_reply(engine, op, ids[start:end])
         elif op == wire.Op.GET_ACCOUNT_TRANSFERS:
             reply = wire.pack_transfers(
                 engine.get_account_transfers(wire.unpack_account_filter(body)))
@@ -429,7 +430,14 @@ class EmulatorServer:
                 reply, position = _error(request_id, op, wire.Status.TOO_MUCH_DATA,
                                          "more than 8189 events"), 0
             else:
-                reply, position = self._execute(request_id, op, memoryview(body))
+                # Nothing owed to the log: a big lookup's chunks can go out as each is packed
+                # (the client decodes one while the next is built). Else they wait with it.
+                early: list[bytes] = []
+                emit = (connection.send if commit.durable_now(commit.written)
+                        else early.append)
+                reply, position = self._execute(request_id, op, memoryview(body), emit)
+                if early:
+                    reply = b"".join([*early, reply])
             connection.inflight += 1
             self._inflight += 1
             if self._inflight > self._inflight_peak:
@@ -580,6 +588,10 @@ class _Connection:
         self.draining_since: float | None = None  # Waiting for the peer to read since.
         self.slow_reader_warned = False
 
+    def send(self, frame: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(frame)
+
 
 def _percentile_ms(sorted_s: Sequence[float], fraction: float) -> float:
     if not sorted_s:
@@ -593,6 +605,25 @@ def _row_count(body: memoryview, event_size: int | None) -> int:
     if rest:
         raise wire.WireError(f"body of {len(body)} bytes is not a multiple of {event_size}")
     return count
+
+
+LOOKUP_OPS: Final = frozenset({wire.Op.LOOKUP_ACCOUNTS, wire.Op.LOOKUP_TRANSFERS})
+
+
+def _lookup_reply(engine: EngineLike, op: int, ids: list[int]) -> bytes:
+    """One chunk of a lookup, through the engine's fast paths when it has them."""
+    if op == wire.Op.LOOKUP_ACCOUNTS:
+        lookup_columns = getattr(engine, "lookup_accounts_columns", None)
+        if lookup_columns is None:
+            return wire.pack_accounts(engine.lookup_accounts(ids))
+        # Skips building tb.Account objects only to pack them. All found: the id column is
+        # the request's, so the client keeps its own.
+        columns = lookup_columns(ids)
+        return wire.ACCOUNTS.pack_columns(columns, echo_ids=len(columns[0]) == len(ids))
+    lookup_raw = getattr(engine, "lookup_transfers_raw", None)
+    if lookup_raw is None:
+        return wire.pack_transfers(engine.lookup_transfers(ids))
+    return wire.pack_transfer_rows(lookup_raw(ids))
 
 
 def _ok(request_id: int, op: int, body: bytes) -> bytes:

@@ -274,8 +274,12 @@ class GroupCommit:
         """How long the oldest request not yet durable has been waiting (0: none)."""
         return now - self._waiters[0][2] if self._waiters else 0.0
 
+    def durable_now(self, position: int) -> bool:
+        """True when `when_durable(position, ...)` would call back at once."""
+        return position <= self.synced and not self._waiters
+
     def when_durable(self, position: int, callback: Callable[[], None]) -> None:
-        if position <= self.synced and not self._waiters:
+        if self.durable_now(position):
             callback()
         else:
             self._waiters.append((position, callback, time.monotonic()))

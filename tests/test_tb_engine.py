@@ -388,3 +388,83 @@ def test_history_rows_hold_balances_beyond_64_bits_and_follow_chain_rollback() -
     rows = engine.get_account_balances(_all_filter(2))
     assert [r.credits_posted for r in rows] == [5, 5 + 2**100]
     assert [r.timestamp for r in rows] == [t.timestamp for t in engine.lookup_transfers([1, 4])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit against the 0.17.9 server and client (each test cites its source)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rolled_back_pending_does_not_expire_an_imported_pending_reusing_its_slot() -> None:
+    # docs/reference/requests/create_transfers.md (imported_event_timeout_must_be_zero): an
+    # imported pending transfer has no timeout and never expires; it must be posted or voided.
+    # A pending transfer rolled back with its chain frees its row and its timestamp, which an
+    # imported transfer may then take (> newest transfer, < cluster time).
+    clock = FakeClock(step_ns=0)
+    engine = Engine(clock_ns=clock)
+    engine.create_accounts([tb.Account(id=i, ledger=1, code=1) for i in (1, 2)])
+    flags = tb.TransferFlags
+    rolled_back = engine.create_transfers([
+        tb.Transfer(id=10, debit_account_id=1, credit_account_id=2, amount=5, ledger=1, code=1,
+                    timeout=1, flags=flags.PENDING | flags.LINKED),
+        tb.Transfer(id=11, debit_account_id=1, credit_account_id=99, amount=5, ledger=1,
+                    code=1),
+    ])
+    assert rolled_back[0].status == tb.CreateTransferStatus.LINKED_EVENT_FAILED
+    freed_ns = rolled_back[0].timestamp
+    clock.now_ns += 1_000
+    imported = engine.create_transfers([tb.Transfer(
+        id=20, debit_account_id=1, credit_account_id=2, amount=7, ledger=1, code=1,
+        timestamp=freed_ns, flags=flags.PENDING | flags.IMPORTED,
+    )])
+    assert imported[0] == tb.CreateTransferResult(freed_ns, tb.CreateTransferStatus.CREATED)
+    clock.now_ns += 5 * 1_000_000_000  # well past the rolled-back transfer's expiry
+    assert engine.lookup_accounts([1])[0].debits_pending == 7
+    post = engine.create_transfers([tb.Transfer(id=21, pending_id=20, amount=U128_MAX,
+                                                flags=flags.POST_PENDING_TRANSFER)])
+    assert post[0].status == tb.CreateTransferStatus.CREATED
+    assert engine.lookup_accounts([1])[0].debits_posted == 7
+
+
+def test_client_errors_come_in_the_official_clients_order() -> None:
+    # tigerbeetle/client.py: _submit converts every argument (_acquire_packet: validate_uint,
+    # c_uint128.from_param, ctypes fields) before tb_client_submit, which refuses a closed
+    # client (ClientClosedError) before the request size is checked (TooMuchDataError).
+    engine = Engine(clock_ns=FakeClock())
+    too_many_ids: list[Any] = list(range(1, BATCH_EVENTS_MAX + 2))
+    big_filter = _all_filter(1)
+    big_filter.limit = BATCH_EVENTS_MAX + 1
+    big_query = _everything()
+    big_query.limit = BATCH_EVENTS_MAX + 1
+    bad_ids: list[Any] = [*too_many_ids, "1"]
+    with pytest.raises(TypeError):
+        engine.lookup_transfers(bad_ids)
+    # AccountFilter.flags / QueryFilter.flags are ctypes c_uint32 fields: a non-int is a
+    # TypeError (an out-of-range int is silently truncated).
+    bad_flags = _all_filter(1)
+    bad_flags.flags = 1.5  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        engine.get_account_transfers(bad_flags)
+    bad_query = _everything()
+    bad_query.flags = "0"  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        engine.query_transfers(bad_query)
+    engine.close()
+    for call in (
+        lambda: engine.lookup_accounts(too_many_ids),
+        lambda: engine.lookup_transfers(too_many_ids),
+        lambda: engine.get_account_transfers(big_filter),
+        lambda: engine.get_account_balances(big_filter),
+        lambda: engine.query_accounts(big_query),
+        lambda: engine.query_transfers(big_query),
+        lambda: engine.create_transfers(
+            [tb.Transfer(id=i + 1) for i in range(BATCH_EVENTS_MAX + 1)]
+        ),
+    ):
+        with pytest.raises(tb.ClientClosedError):
+            call()
+    with pytest.raises(tb.IntegerOverflowError):
+        engine.get_account_transfers(tb.AccountFilter(
+            account_id=-1, user_data_128=0, user_data_64=0, user_data_32=0, code=0,
+            timestamp_min=0, timestamp_max=0, limit=1, flags=tb.AccountFilterFlags.DEBITS,
+        ))

@@ -534,6 +534,93 @@ def test_lookup_reply_echoes_ids_only_when_all_found(emulator: EmulatorProcess) 
             assert all(type(a.id) is int for a in found)
 
 
+async def test_big_lookups_arrive_in_chunks_that_read_one_state(emulator: EmulatorProcess) -> None:
+    """A lookup of more than wire.LOOKUP_CHUNK_IDS ids is answered in PARTIAL frames. The
+    result must equal the same lookup done in one-frame pieces (order, duplicates, misses,
+    128-bit ids), and every chunk must read the same state: transfers stream between accounts
+    of the first and the last chunk meanwhile, and each lookup must still balance."""
+    base = tb.id()
+    first = [base + i for i in range(wire.LOOKUP_CHUNK_IDS)]
+    last = [base + 10_000 + i for i in range(wire.BATCH_EVENTS_MAX - 3 * wire.LOOKUP_CHUNK_IDS)]
+    middle = [base + 20_000 + i for i in range(2 * wire.LOOKUP_CHUNK_IDS)]
+    ids = first + middle + last
+    assert len(ids) == wire.BATCH_EVENTS_MAX and len(wire.lookup_chunks(len(ids))) == 4
+    client = EmulatorClientAsync(0, emulator.address, timeout_s=30)
+    writer = EmulatorClientAsync(0, emulator.address, timeout_s=30)
+    try:
+        for start in range(0, len(ids), wire.BATCH_EVENTS_MAX // 2):
+            batch = ids[start:start + wire.BATCH_EVENTS_MAX // 2]
+            assert not [r for r in await client.create_accounts(accounts(*batch))
+                        if r.status != tb.CreateAccountStatus.CREATED]
+
+        # Misses in one chunk only, a duplicate across chunks: ids are sent back for that
+        # chunk alone. The pieces stay under one chunk, so each is a single OK frame.
+        mixed = ids[:5000] + [base - 1, base - 2] + ids[5000:8000] + [ids[0]] + ids[8000:8186]
+        assert len(mixed) == wire.BATCH_EVENTS_MAX
+        pieces = [mixed[i:i + 1000] for i in range(0, len(mixed), 1000)]
+        for lookup in (client.lookup_accounts, writer.lookup_accounts):
+            whole = await lookup(mixed)
+            assert whole == [a for piece in pieces for a in await lookup(piece)]
+            assert [a.id for a in whole] == [i for i in mixed if i >= base]
+
+        stop = asyncio.Event()
+
+        async def stream_transfers() -> int:
+            tid = base + 100_000
+            while not stop.is_set():
+                batch = [transfer(tid + k, first[k % len(first)], last[k % len(last)], k + 1)
+                         for k in range(500)]
+                tid += len(batch)
+                assert not [r for r in await writer.create_transfers(batch)
+                            if r.status != CREATED]
+            return tid
+
+        streaming = asyncio.create_task(stream_transfers())
+        balanced = 0
+        for _ in range(15):
+            found = await client.lookup_accounts(ids)
+            assert [a.id for a in found] == ids
+            assert sum(a.debits_posted for a in found) == sum(a.credits_posted for a in found)
+            balanced += sum(a.debits_posted for a in found) > 0
+        stop.set()
+        await streaming
+        assert balanced > 0  # Writes did land between (and during) the lookups.
+        transfer_ids = list(range(base + 100_000, base + 100_000 + wire.BATCH_EVENTS_MAX))
+        with EmulatorClientSync(0, emulator.address) as sync:
+            transfers = sync.lookup_transfers(transfer_ids)
+            assert transfers == [t for i in range(0, len(transfer_ids), 1000)
+                                 for t in sync.lookup_transfers(transfer_ids[i:i + 1000])]
+            assert sync.lookup_accounts(mixed) == [
+                a for piece in pieces for a in sync.lookup_accounts(piece)]  # No writes now.
+    finally:
+        await client.close()
+        await writer.close()
+
+
+def test_client_errors_come_in_the_real_clients_order(emulator: EmulatorProcess) -> None:
+    """The real client converts the arguments first, then refuses a closed client, then an
+    oversized batch (tigerbeetle/client.py: _acquire_packet, then the submit status)."""
+    too_many = accounts(*range(1, wire.BATCH_EVENTS_MAX + 2))
+    bad = [*too_many[:-1], tb.Account(id=-1, ledger=1, code=1)]
+    client = EmulatorClientSync(0, emulator.address)
+    with pytest.raises(tb.IntegerOverflowError):
+        client.create_accounts(bad)
+    with pytest.raises(tb.TooMuchDataError):
+        client.create_accounts(too_many)
+    with pytest.raises(TypeError):
+        client.lookup_accounts([1.5] * (wire.BATCH_EVENTS_MAX + 1))  # type: ignore[list-item]
+    client.close()
+    with pytest.raises(tb.IntegerOverflowError):
+        client.create_accounts(bad)
+    with pytest.raises(tb.ClientClosedError):
+        client.create_accounts(too_many)
+    with pytest.raises(tb.ClientClosedError):
+        client.get_account_transfers(tb.AccountFilter(
+            account_id=1, user_data_128=0, user_data_64=0, user_data_32=0, code=0,
+            timestamp_min=0, timestamp_max=0, limit=wire.BATCH_EVENTS_MAX + 1,
+            flags=tb.AccountFilterFlags.DEBITS))
+
+
 def test_lookup_columns_wire_roundtrip() -> None:
     engine = make_engine()
     created = tb.CreateAccountStatus.CREATED
