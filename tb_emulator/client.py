@@ -73,7 +73,7 @@ class Request(NamedTuple):
     op: int
     frame: bytes
     oversized: bool
-    sent_ids: Sequence[int] | None = None  # lookup_accounts: what an echoed id column means.
+    sent_ids: Sequence[int] | None = None  # lookup_accounts: the ids as the server sees them.
 
 
 def _request(request_id: int, op: int, body: bytes, oversized: bool) -> Request:
@@ -119,7 +119,8 @@ def _rows(size: int, decode: Decoder) -> Decoder:
 DECODERS: Final[dict[int, Decoder]] = {
     wire.Op.CREATE_ACCOUNTS: wire.unpack_create_account_results,
     wire.Op.CREATE_TRANSFERS: wire.unpack_create_transfer_results,
-    wire.Op.LOOKUP_ACCOUNTS: wire.unpack_accounts,  # Columnar decoders check their sizes.
+    # LOOKUP_ACCOUNTS needs the request's ids: wire.unpack_lookup_accounts. Decoders check
+    # their sizes.
     wire.Op.LOOKUP_TRANSFERS: wire.unpack_transfers,
     wire.Op.GET_ACCOUNT_TRANSFERS: wire.unpack_transfers,
     wire.Op.GET_ACCOUNT_BALANCES: _rows(wire.BALANCE.size, wire.unpack_balances),
@@ -144,7 +145,7 @@ class ReplyChunks:
 
     def __init__(self, op: int, request_ids: Sequence[int] | None) -> None:
         self.op = op
-        self.request_ids = request_ids  # lookup_accounts: the sent ids (echoed replies).
+        self.request_ids = request_ids  # lookup_accounts: the sent ids.
         self.items: list[Any] = []
         self.frames = 0
 
@@ -165,8 +166,8 @@ class ReplyChunks:
                 raise wire.WireError(f"chunked reply to operation {self.op}")
             if self.op == wire.Op.LOOKUP_TRANSFERS:
                 return wire.unpack_transfers(body)
-            ids = self.request_ids[start:end] if self.request_ids is not None else None
-            return wire.unpack_accounts(body, ids)
+            assert self.request_ids is not None
+            return wire.unpack_lookup_accounts(body, self.request_ids[start:end])
         except wire.WireError as e:
             raise EmulatorProtocolError(f"malformed reply: {e}") from e
 
@@ -178,15 +179,15 @@ def decode_reply(
     op: int, status: int, body: memoryview, request_ids: Sequence[int] | None = None,
     chunks: ReplyChunks | None = None,
 ) -> Any:
-    """`request_ids`: a lookup_accounts' ids (its reply may echo them instead of sending).
+    """`request_ids`: a lookup_accounts' ids (a reply that finds them all leaves them out).
     `chunks`: the request's PARTIAL frames so far, if it is a lookup."""
     if status == wire.Status.OK:
         if chunks is not None and chunks.frames:
             return chunks.finish(body)
         try:
-            if request_ids is not None:
-                assert op == wire.Op.LOOKUP_ACCOUNTS
-                return wire.unpack_accounts(body, request_ids)
+            if op == wire.Op.LOOKUP_ACCOUNTS:
+                assert request_ids is not None
+                return wire.unpack_lookup_accounts(body, request_ids)
             return DECODERS[op](body)
         except wire.WireError as e:
             raise EmulatorProtocolError(f"malformed reply: {e}") from e

@@ -613,13 +613,12 @@ LOOKUP_OPS: Final = frozenset({wire.Op.LOOKUP_ACCOUNTS, wire.Op.LOOKUP_TRANSFERS
 def _lookup_reply(engine: EngineLike, op: int, ids: list[int]) -> bytes:
     """One chunk of a lookup, through the engine's fast paths when it has them."""
     if op == wire.Op.LOOKUP_ACCOUNTS:
-        lookup_columns = getattr(engine, "lookup_accounts_columns", None)
-        if lookup_columns is None:
-            return wire.pack_accounts(engine.lookup_accounts(ids))
-        # Skips building tb.Account objects only to pack them. All found: the id column is
-        # the request's, so the client keeps its own.
-        columns = lookup_columns(ids)
-        return wire.ACCOUNTS.pack_columns(columns, echo_ids=len(columns[0]) == len(ids))
+        lookup_rows = getattr(engine, "lookup_accounts_rows", None)
+        if lookup_rows is None:
+            found = engine.lookup_accounts(ids)
+            return wire.pack_lookup_accounts(found, all_found=len(found) == len(ids))
+        rows, count = lookup_rows(ids)
+        return wire.pack_lookup_rows(rows, count, all_found=count == len(ids))
     lookup_raw = getattr(engine, "lookup_transfers_raw", None)
     if lookup_raw is None:
         return wire.pack_transfers(engine.lookup_transfers(ids))

@@ -10,6 +10,10 @@ server), so the representation is chosen for what CPython does fast:
   call (`array(typecode, values)` / `array.tolist()`) and objects are built with
   `map(tb.Transfer, *columns)`: measured 15-40 % cheaper than per-row `struct.pack_into` /
   `iter_unpack` of TigerBeetle's 128-byte rows, half the bytes, and no third-party package.
+* lookup_accounts replies are rows of TigerBeetle's 128-byte Account layout: the engine keeps
+  each account packed that way, so the server joins ready rows instead of touching every field
+  of every record (the lookup was bound by that), and the client slices each field out of all
+  rows with one strided C-level copy. All found in request order: the client keeps its ids.
 * Ids are columnar too: N low halves, then N high halves (u64 each, 16 bytes per id as in
   TigerBeetle). Ids below 2**64 (the common case) convert with one `array('Q', ids)` call each
   way instead of an `int.to_bytes` per id. Filters and balances are compact `struct` rows
@@ -37,10 +41,22 @@ from typing import Any, Final, TypeVar
 import tigerbeetle as tb
 
 from tb_emulator.gc_pause import build_without_gc
+from tb_emulator.layout import (
+    ACCOUNT_ROW_SIZE,
+    CODE_U16,
+    FLAGS_U16,
+    LEDGER_U32,
+    TIMESTAMP_WORD,
+    U128_WORDS,
+    USER_DATA_32_U32,
+    USER_DATA_64_WORD,
+    WORDS_PER_ROW,
+    pack_account_row,
+)
 
 E = TypeVar("E")
 
-VERSION: Final = 4  # 3: ECHO_IDS lookup replies. 4: ids as a low and a high block.
+VERSION: Final = 5  # 4: ids as a low and a high block. 5: lookup_accounts replies as rows.
 BATCH_EVENTS_MAX: Final = 8189  # Same as the real server (1 MiB messages).
 U64_MASK: Final = (1 << 64) - 1
 U128_MASK: Final = (1 << 128) - 1
@@ -229,22 +245,11 @@ class ColumnCodec:
             return _pack_columns([[] for _ in self.kinds], self.kinds, 0)
         return _pack_columns(list(zip(*rows, strict=True)), self.kinds, len(rows))
 
-    def pack_columns(self, columns: Sequence[Sequence[Any]], echo_ids: bool = False) -> bytes:
-        """Columns of field values in declaration order (the engine's columnar lookups).
-        `echo_ids`: the id column is exactly the request's ids in order (every id found), so
-        it is left out (ECHO_IDS) and the client takes it from its own request."""
-        assert len(columns) == len(self.kinds)
-        return _pack_columns(columns, self.kinds, len(columns[0]), echo_ids)
-
-    def count(self, data: bytes | bytearray | memoryview, echo_allowed: bool = False) -> int:
+    def count(self, data: bytes | bytearray | memoryview) -> int:
         """Event count of a body; WireError unless its size matches its block mask."""
         if len(data) < COLUMNS_HEAD.size:
             raise WireError(f"columnar body of {len(data)} bytes has no head")
         count, mask = COLUMNS_HEAD.unpack_from(data)
-        if mask & ECHO_IDS:
-            if not echo_allowed or mask & 0b11:
-                raise WireError(f"columnar block mask {mask:#x}: unexpected echoed ids")
-            mask ^= ECHO_IDS
         if mask >> len(self.block_sizes):
             raise WireError(f"columnar block mask {mask:#x} has unknown blocks")
         size = COLUMNS_HEAD.size + count * sum(
@@ -260,39 +265,30 @@ class ColumnCodec:
         mask = COLUMNS_HEAD.unpack_from(data)[1]
         return list(zip(*_unpack_columns(memoryview(data), self.kinds, count, mask), strict=True))
 
-    def unpack(
-        self, data: bytes | bytearray | memoryview, request_ids: Sequence[int] | None = None
-    ) -> list[Any]:
-        """`request_ids`: the ids of the lookup this body answers, as `pack_lookup_ids`
-        returned them (an ECHO_IDS reply's id column)."""
-        count = self.count(data, echo_allowed=request_ids is not None)
+    def unpack(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        count = self.count(data)
         mask = COLUMNS_HEAD.unpack_from(data)[1]
-        columns = _unpack_columns(memoryview(data), self.kinds, count, mask & ~ECHO_IDS)
-        if mask & ECHO_IDS:
-            assert request_ids is not None
-            if len(request_ids) != count:
-                raise WireError(f"{count} echoed ids for a request of {len(request_ids)}")
-            columns[0] = request_ids
-        flags = columns[self.flags_index]
-        cache = self.flags_cache
-        columns[self.flags_index] = (
-            list(map(cache.__getitem__, flags)) if isinstance(flags, list)
-            else repeat(cache[0], count))
+        columns = _unpack_columns(memoryview(data), self.kinds, count, mask)
+        columns[self.flags_index] = _flags(self.flags_cache, columns[self.flags_index], count)
         row_type = self.row_type
         return build_without_gc(count, lambda: list(map(row_type, *columns)))
+
+
+def _flags(cache: _EnumCache[Any], values: Iterable[int], count: int) -> Iterable[Any]:
+    """A flags column as the enum the real client returns (`repeat` for an all-zero one)."""
+    if isinstance(values, list):
+        return list(map(cache.__getitem__, values))
+    return repeat(cache[0], count)
 
 
 # Columnar body: count u32 | block mask u32 | the blocks whose mask bit is set. A block of all
 # zeros is left out (bit clear): most fields of typical events are 0 (pending_id, user data,
 # timeout, timestamp, the high half of most u128s), so this skips most of the conversions.
 COLUMNS_HEAD = struct.Struct("<II")
-# Mask bit of a lookup reply whose first (id) column is the request's ids: its blocks are
-# left out (a full lookup skips splitting, sending and rebuilding 8189 u128 ids).
-ECHO_IDS: Final = 1 << 31
 
 
 def canonical_ids(ids: Sequence[int], in_range: bool = False) -> Sequence[int]:
-    """Ids as the server saw them: plain ints wrapped to u128 (like pack_ids sends them).
+    """Ids as the server sees them: plain ints wrapped to u128 (like pack_ids sends them).
     `in_range`: the caller knows every id is in [0, 2**128) (pack_ids' fast path succeeded)."""
     if set(map(type, ids)) <= {int} and (
             in_range or not ids or (min(ids) >= 0 and max(ids) <= U128_MASK)):
@@ -300,21 +296,15 @@ def canonical_ids(ids: Sequence[int], in_range: bool = False) -> Sequence[int]:
     return [int(i) & U128_MASK for i in ids]
 
 
-def _pack_columns(
-    columns: Sequence[Sequence[int]], kinds: tuple[str, ...], count: int, echo_ids: bool = False
-) -> bytes:
+def _pack_columns(columns: Sequence[Sequence[int]], kinds: tuple[str, ...], count: int) -> bytes:
     """Converting through `array` also range- and type-checks every value (OverflowError,
     TypeError), which the callers turn into the real client's exceptions."""
     parts: list[bytes] = [b""]
-    mask = ECHO_IDS if echo_ids else 0
+    mask = 0
     bit = 1
     zeros = bytes(8 * count)
     for values, kind in zip(columns, kinds, strict=True):
         blocks: tuple[bytes, ...]
-        if echo_ids and bit == 1:
-            assert kind is U128
-            bit <<= 2  # Both id blocks left out.
-            continue
         if kind is U128:
             try:
                 blocks = (array("Q", values).tobytes(), zeros)  # Fast path: all fit in u64.
@@ -384,7 +374,7 @@ TRANSFERS: Final = ColumnCodec(tb.Transfer, (
     ("ledger", "I", 32), ("code", "H", 16), ("flags", "H", 0), ("timestamp", "Q", 64),
 ), TRANSFER_FLAGS)
 assert ACCOUNTS.event_size == 124 and TRANSFERS.event_size == 128
-assert len(ACCOUNTS.block_sizes) < 31 and len(TRANSFERS.block_sizes) < 31  # ECHO_IDS is free.
+assert len(ACCOUNTS.block_sizes) <= 32 and len(TRANSFERS.block_sizes) <= 32
 CREATE_CODECS: Final[dict[int, ColumnCodec]] = {
     Op.CREATE_ACCOUNTS: ACCOUNTS, Op.CREATE_TRANSFERS: TRANSFERS,
 }
@@ -398,10 +388,74 @@ def pack_account_rows(rows: Sequence[Sequence[Any]]) -> bytes:
     return ACCOUNTS.pack_rows(rows)
 
 
-def unpack_accounts(
-    data: bytes | bytearray | memoryview, request_ids: Sequence[int] | None = None
+def unpack_accounts(data: bytes | bytearray | memoryview) -> list[tb.Account]:
+    return ACCOUNTS.unpack(data)
+
+
+# A lookup_accounts reply: count u32 | flags u32 | count rows of TigerBeetle's 128-byte
+# Account layout (tb_emulator.layout), which the engine keeps ready per account, so the server
+# only joins them. The decoder slices each field out of all rows at once (C-level strides).
+LOOKUP_HEAD: Final = struct.Struct("<II")
+ALL_FOUND: Final = 1  # flags: the rows are the request's ids in order (skip rebuilding ids).
+
+
+def pack_lookup_rows(rows: bytes, count: int, all_found: bool) -> bytes:
+    assert len(rows) == count * ACCOUNT_ROW_SIZE
+    return LOOKUP_HEAD.pack(count, ALL_FOUND if all_found else 0) + rows
+
+
+def pack_lookup_accounts(accounts: Sequence[tb.Account], all_found: bool) -> bytes:
+    """For engines without ready rows."""
+    rows = b"".join([pack_account_row(*astuple_account(a)) for a in accounts])
+    return pack_lookup_rows(rows, len(accounts), all_found)
+
+
+def astuple_account(a: tb.Account) -> tuple[Any, ...]:
+    return (a.id, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted,
+            a.user_data_128, a.user_data_64, a.user_data_32, a.ledger, a.code, a.flags,
+            a.timestamp)
+
+
+def unpack_lookup_accounts(
+    data: bytes | bytearray | memoryview, request_ids: Sequence[int]
 ) -> list[tb.Account]:
-    return ACCOUNTS.unpack(data, request_ids)
+    """`request_ids`: the lookup's ids as `pack_lookup_ids` returned them."""
+    if len(data) < LOOKUP_HEAD.size:
+        raise WireError(f"lookup reply of {len(data)} bytes has no head")
+    count, flags = LOOKUP_HEAD.unpack_from(data)
+    if len(data) != LOOKUP_HEAD.size + count * ACCOUNT_ROW_SIZE or flags & ~ALL_FOUND:
+        raise WireError(f"lookup reply of {len(data)} bytes for {count} rows, flags {flags}")
+    if flags & ALL_FOUND and count != len(request_ids):
+        raise WireError(f"{count} rows said to be all of {len(request_ids)} ids")
+    if count == 0:
+        return []
+    rows = memoryview(data)[LOOKUP_HEAD.size:]
+    words = array("Q")
+    words.frombytes(rows)
+    zeros = bytes(8 * count)
+
+    def u128(word: int) -> list[int]:
+        low = words[word::WORDS_PER_ROW]
+        high = words[word + 1::WORDS_PER_ROW]
+        if high.tobytes() == zeros:
+            return low.tolist()
+        return [lo | hi << 64 for lo, hi in zip(low.tolist(), high.tolist(), strict=True)]
+
+    u32 = array("I")
+    u32.frombytes(rows)
+    u16 = array("H")
+    u16.frombytes(rows)
+    ids = request_ids if flags & ALL_FOUND else u128(U128_WORDS["id"])
+    columns: list[Iterable[Any]] = [
+        ids, u128(U128_WORDS["debits_pending"]), u128(U128_WORDS["debits_posted"]),
+        u128(U128_WORDS["credits_pending"]), u128(U128_WORDS["credits_posted"]),
+        u128(U128_WORDS["user_data_128"]), words[USER_DATA_64_WORD::WORDS_PER_ROW].tolist(),
+        u32[USER_DATA_32_U32::2 * WORDS_PER_ROW].tolist(),
+        u32[LEDGER_U32::2 * WORDS_PER_ROW].tolist(), u16[CODE_U16::4 * WORDS_PER_ROW].tolist(),
+        _flags(ACCOUNT_FLAGS, u16[FLAGS_U16::4 * WORDS_PER_ROW].tolist(), count),
+        words[TIMESTAMP_WORD::WORDS_PER_ROW].tolist(),
+    ]
+    return build_without_gc(count, lambda: list(map(tb.Account, *columns)))
 
 
 def pack_transfers(transfers: Sequence[tb.Transfer]) -> bytes:

@@ -25,11 +25,12 @@ import tigerbeetle as tb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tb_emulator import wire
 from tb_emulator.engine import Engine
 from tb_emulator.engine_defs import BATCH_EVENTS_MAX, U128_MAX
 
-CONFORMANCE_DIR = Path("/work/shared/conformance/tigerbeetle-0.17.9")
-TRACES = sorted((CONFORMANCE_DIR / "traces").glob("*.jsonl"))
+CONFORMANCE_DIR = Path(__file__).parent / "data" / "tigerbeetle-0.17.9"  # The project's copy.
+TRACES = sorted(CONFORMANCE_DIR.glob("*.jsonl"))
 WALL_CLOCK_START_NS = 1_800_000_000_000_000_000  # ~2027, like a real server's clock
 
 
@@ -69,6 +70,35 @@ def _load_replay() -> ModuleType:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_rows_after_every_call(engine: Engine) -> None:
+    """The server answers lookup_accounts from the engine's ready rows: after every call they
+    must equal the records, and a lookup through them must equal lookup_accounts."""
+    for name in ("create_accounts", "create_transfers", "lookup_transfers",
+                 "get_account_transfers", "get_account_balances", "query_accounts",
+                 "query_transfers"):
+        call = getattr(engine, name)
+
+        def checked(arg: Any, call: Callable[[Any], Any] = call) -> Any:
+            result = call(arg)
+            assert engine.rows_are_current()
+            return result
+
+        setattr(engine, name, checked)
+    lookup = engine.lookup_accounts
+
+    def lookup_both_ways(ids: list[int]) -> list[tb.Account]:
+        result = lookup(ids)
+        if len(ids) <= BATCH_EVENTS_MAX and all(isinstance(i, int) for i in ids):
+            sent = list(wire.canonical_ids(ids))
+            rows, count = engine.lookup_accounts_rows(sent)
+            body = wire.pack_lookup_rows(rows, count, all_found=count == len(sent))
+            assert wire.unpack_lookup_accounts(body, sent) == result
+        assert engine.rows_are_current()
+        return result
+
+    engine.lookup_accounts = lookup_both_ways  # type: ignore[method-assign]
+
+
 @pytest.mark.skipif(not TRACES, reason=f"no conformance traces in {CONFORMANCE_DIR}")
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "general"])
 @pytest.mark.parametrize("trace", TRACES, ids=[t.stem for t in TRACES])
@@ -82,6 +112,7 @@ def test_trace_replays_without_mismatch(trace: Path, fast_path: bool) -> None:
     def factory() -> Engine:
         engine = _engine_with_fake_clock()
         engine.fast_path = fast_path
+        _check_rows_after_every_call(engine)
         return engine
 
     out = io.StringIO()
@@ -138,6 +169,7 @@ def _everything() -> tb.QueryFilter:
 
 def _snapshot(engine: Engine) -> dict[str, Any]:
     """Everything observable through the public API, plus the burnt ids."""
+    assert engine.rows_are_current()
     accounts = engine.query_accounts(_everything())
     return {
         "accounts": accounts,

@@ -296,7 +296,7 @@ def test_malformed_frames_get_error_replies(emulator: EmulatorProcess) -> None:
     assert [(r[0], r[2]) for r in replies] == [
         (1, S.INVALID_OPERATION), (2, S.INVALID_DATA_SIZE), (3, S.INVALID_DATA_SIZE),
         (4, S.TOO_MUCH_DATA), (5, S.TOO_MUCH_DATA), (6, S.OK)]
-    assert wire.unpack_accounts(replies[5][4], [1])[0].id == 1  # every id found: echoed
+    assert wire.unpack_lookup_accounts(replies[5][4], [1])[0].id == 1
     # Unrecoverable framing: error reply, then the server hangs up.
     for payload in (
         _frame(7, wire.Op.LOOKUP_ACCOUNTS, b"", version=99),
@@ -515,9 +515,12 @@ def test_sparse_create_results_are_exact() -> None:
         assert all(type(r.status) is tb.CreateTransferStatus for r in decoded)
 
 
-def test_lookup_reply_echoes_ids_only_when_all_found(emulator: EmulatorProcess) -> None:
-    """A lookup that finds every id leaves the id column out (ECHO_IDS); results must still
-    be exactly the real client's: canonical plain-int ids, order, duplicates, misses."""
+def test_lookup_reply_keeps_the_request_ids_only_when_all_found(
+    emulator: EmulatorProcess,
+) -> None:
+    """A lookup that finds every id (ALL_FOUND) gets its id column from the request; results
+    must still be exactly the real client's: canonical plain-int ids, order, duplicates,
+    misses."""
     with EmulatorClientSync(0, emulator.address) as client:
         client.create_accounts(accounts(1, 2, 3))
         expected = {a.id: a for a in client.lookup_accounts([1, 2, 3])}
@@ -553,9 +556,9 @@ async def test_big_lookups_arrive_in_chunks_that_read_one_state(emulator: Emulat
             assert not [r for r in await client.create_accounts(accounts(*batch))
                         if r.status != tb.CreateAccountStatus.CREATED]
 
-        # Misses in one chunk only, a duplicate across chunks: ids are sent back for that
-        # chunk alone. The pieces stay under one chunk, so each is a single OK frame.
-        mixed = ids[:5000] + [base - 1, base - 2] + ids[5000:8000] + [ids[0]] + ids[8000:8186]
+        # Misses in one chunk only (its ids come from its rows, the others' from the request),
+        # a duplicate across chunks. The pieces stay under one chunk: a single OK frame each.
+        mixed = [*ids[:5000], base - 1, base - 2, *ids[5000:8000], ids[0], *ids[8000:8186]]
         assert len(mixed) == wire.BATCH_EVENTS_MAX
         pieces = [mixed[i:i + 1000] for i in range(0, len(mixed), 1000)]
         for lookup in (client.lookup_accounts, writer.lookup_accounts):
@@ -621,24 +624,29 @@ def test_client_errors_come_in_the_real_clients_order(emulator: EmulatorProcess)
             flags=tb.AccountFilterFlags.DEBITS))
 
 
-def test_lookup_columns_wire_roundtrip() -> None:
+def test_lookup_rows_wire_roundtrip() -> None:
     engine = make_engine()
     created = tb.CreateAccountStatus.CREATED
-    assert all(r.status == created for r in engine.create_accounts(accounts(5, 6, 1 << 100)))
-    ids = [1 << 100, 5, 6, 5]
-    columns = engine.lookup_accounts_columns(ids)
-    expected = engine.lookup_accounts(ids)
-    body, sent = wire.pack_lookup_ids(ids)
-    assert wire.unpack_ids(body) == ids and sent == ids
-    assert wire.unpack_accounts(wire.ACCOUNTS.pack_columns(columns)) == expected
-    echoed = wire.ACCOUNTS.pack_columns(columns, echo_ids=True)
-    assert wire.unpack_accounts(echoed, ids) == expected
-    with pytest.raises(wire.WireError):
-        wire.unpack_accounts(echoed)  # echoed ids need the request's
-    with pytest.raises(wire.WireError):
-        wire.unpack_accounts(echoed, ids[:3])
-    with pytest.raises(wire.WireError):
-        wire.ACCOUNTS.count(echoed)  # never valid in a request
+    big = (1 << 128) - 2
+    assert all(r.status == created for r in engine.create_accounts([
+        *accounts(5, 6, 1 << 100),
+        tb.Account(id=big, user_data_128=big, user_data_64=(1 << 64) - 1,
+                   user_data_32=(1 << 32) - 1, ledger=(1 << 32) - 1, code=65535,
+                   flags=tb.AccountFlags.HISTORY | tb.AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS),
+    ]))
+    assert engine.create_transfers([transfer(1, 5, 1 << 100, (1 << 64) + 3)])[0].status == CREATED
+    for ids in ([1 << 100, 5, 6, 5, big], [5, 7, big], [9], []):
+        expected = engine.lookup_accounts(ids)
+        rows, count = engine.lookup_accounts_rows(ids)
+        all_found = count == len(ids)
+        body = wire.pack_lookup_rows(rows, count, all_found)
+        assert wire.unpack_lookup_accounts(body, ids) == expected
+        assert wire.pack_lookup_accounts(expected, all_found) == body  # engines without rows
+        assert all(isinstance(a.flags, tb.AccountFlags) and type(a.id) is int for a in expected)
+    body = wire.pack_lookup_rows(*engine.lookup_accounts_rows([5, 6]), all_found=True)
+    for bad, request in ((body, [5]), (body[:-1], [5, 6]), (body[:4] + b"\2" + body[5:], [5, 6])):
+        with pytest.raises(wire.WireError):
+            wire.unpack_lookup_accounts(bad, request)
 
 
 def test_raw_creates_match_object_creates() -> None:
