@@ -145,12 +145,15 @@ class Worker:
                 self.transfer_ids.extend(t.id for t in transfers[:50])
                 del self.transfer_ids[:-5000]
         elif kind < 0.65:
-            ids = rng.sample(self.account_ids, rng.choice((1, 10, 200)))
+            # Now and then a full batch (repeats allowed): a reply in PARTIAL chunks.
+            size = rng.choice((1, 10, 200)) if rng.random() < 0.97 else wire.BATCH_EVENTS_MAX
+            ids = rng.choices(self.account_ids, k=size)
             found = await self._timed("lookup_accounts", client.lookup_accounts(ids))
             if found is not None and len(found) != len(ids):
                 self.stats["errors"].append(f"lookup_accounts: {len(found)} of {len(ids)}")
         elif kind < 0.75 and self.transfer_ids:
-            ids = rng.sample(self.transfer_ids, min(len(self.transfer_ids), 100))
+            size = 100 if rng.random() < 0.97 else wire.BATCH_EVENTS_MAX
+            ids = rng.choices(self.transfer_ids, k=size)
             await self._timed("lookup_transfers", client.lookup_transfers(ids))
         elif kind < 0.85:
             f = tb.AccountFilter(
@@ -250,19 +253,25 @@ class Worker:
 
     async def _chaos_slow_reader(self) -> None:
         # Asks for big replies, stops reading for a while (server-side backpressure), then
-        # reads them all or hangs up.
+        # reads them all or hangs up (maybe in the middle of a chunked reply).
         reader, writer = await self._open()
         try:
             count = self.rng.randint(10, 120)
-            body = _ids_body(self.account_ids)  # 200 found accounts: ~16 KiB a reply.
+            if self.rng.random() < 0.7:
+                body = _ids_body(self.account_ids)  # 200 found accounts: ~25 KiB a reply.
+            else:  # 8189 ids: 4 frames of up to 256 KiB each.
+                count //= 10
+                body = _ids_body(self.rng.choices(self.account_ids, k=wire.BATCH_EVENTS_MAX))
             writer.write(b"".join(_frame(rid, wire.Op.LOOKUP_ACCOUNTS, body)
                                   for rid in range(1, count + 1)))
             await asyncio.sleep(self.rng.uniform(1, 8))
             if self.rng.random() < 0.3:
                 return
             async with asyncio.timeout(STALL_S):
-                for _ in range(count):
-                    await _read_frame(reader)
+                answered = 0
+                while answered < count:
+                    if (await _read_frame(reader))[2] != wire.Status.PARTIAL:
+                        answered += 1
         except TimeoutError:
             self.stats["stalls"].append("slow reader: replies missing")
         finally:
