@@ -480,7 +480,7 @@ def pack_ids(ids: Sequence[int]) -> bytes:
 
 
 def pack_lookup_ids(ids: Sequence[int]) -> tuple[bytes, Sequence[int]]:
-    """(body, the ids as the server sees them: what an ECHO_IDS reply stands for)."""
+    """(body, the ids as the server sees them: the id column of an ALL_FOUND lookup reply)."""
     try:
         # Fast path: every id in [0, 2**64); one C-level conversion, the high block is zeros.
         return array("Q", ids).tobytes() + bytes(8 * len(ids)), canonical_ids(ids, True)
