@@ -270,3 +270,11 @@ def test_decimal128_fast_path_is_exact(
 def test_decimal128_fast_path_on_any_bits(raw: bytes, currency: str) -> None:
     value = Decimal128.from_bid(raw)  # NaN, infinities, non-canonical encodings included
     assert _stored_minor(value, currency) == _exact_minor(value, currency)
+
+
+def test_walletcore_flag_copies_equal_the_clients_enums() -> None:
+    """walletcore stays free of the client library, so it copies two flag values."""
+    from tigerbeetle import AccountFlags
+
+    assert AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS == FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS
+    assert AccountFlags.HISTORY == FLAG_HISTORY
