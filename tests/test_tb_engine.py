@@ -500,3 +500,26 @@ def test_client_errors_come_in_the_official_clients_order() -> None:
             account_id=-1, user_data_128=0, user_data_64=0, user_data_32=0, code=0,
             timestamp_min=0, timestamp_max=0, limit=1, flags=tb.AccountFilterFlags.DEBITS,
         ))
+
+
+def test_stale_rows_are_packed_between_requests_or_by_the_lookup() -> None:
+    """Writes only mark account rows stale; the server packs them a slice at a time between
+    requests, and a lookup packs the stale ones it reads. Either way a lookup through the
+    rows equals lookup_accounts."""
+    engine = Engine(clock_ns=FakeClock())
+    ids = list(range(1, 301))
+    engine.create_accounts([tb.Account(id=i, ledger=1, code=1) for i in ids])
+    engine.create_transfers([
+        tb.Transfer(id=10_000 + i, debit_account_id=i, credit_account_id=301 - i, amount=i,
+                    ledger=1, code=1) for i in range(1, 151)])
+    assert engine.rows_are_current()
+    assert engine.pack_stale_rows(100) == 200  # 300 stale: 100 packed
+    assert engine.rows_are_current()
+    rows, count = engine.lookup_accounts_rows(ids[:50] + ids[250:])  # some packed, some not
+    expected = engine.lookup_accounts(ids[:50] + ids[250:])
+    assert count == len(expected) == 100
+    assert wire.unpack_lookup_accounts(wire.pack_lookup_rows(rows, count, True),
+                                       ids[:50] + ids[250:]) == expected
+    while engine.pack_stale_rows(64):
+        pass
+    assert engine.rows_are_current() and not engine._stale_rows

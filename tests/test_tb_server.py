@@ -947,3 +947,24 @@ async def test_reset_connections_waiting_for_a_slot_are_reaped(
     finally:
         wal.append_sync = real_append_sync  # type: ignore[method-assign]
         await server.close()
+
+
+async def test_idle_server_packs_the_rows_writes_left_stale(data_file: str) -> None:
+    server = EmulatorServer(data_file)
+    await server.start()
+    client = EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=10)
+    try:
+        ids = list(range(1, 601))
+        await client.create_accounts(accounts(*ids))
+        await client.create_transfers([transfer(1000 + i, i, 601 - i, i) for i in ids[:300]])
+        engine: Any = server._engine
+        assert engine._stale_rows  # Writes only mark them.
+        for _ in range(100):
+            if not engine._stale_rows:
+                break
+            await asyncio.sleep(0.02)
+        assert not engine._stale_rows and engine.rows_are_current()
+        assert [a.id for a in await client.lookup_accounts(ids)] == ids
+    finally:
+        await client.close()
+        await server.close()
