@@ -78,6 +78,18 @@ def _process_cpu_s(pid: int) -> float | None:
         return None
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs since boot (Linux /proc/stat), None elsewhere.
+    Steal is time the hypervisor gave this VM's CPUs to others: on a shared host it slows
+    every figure here, so the report says how much there was."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[7], sum(fields[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 async def _adapter_run(
     server_pid: int,
     address: str,
@@ -195,6 +207,7 @@ def run_benchmark(
     lookup_ids = random.Random(seed).sample(account_ids, min(BATCH_EVENTS_MAX, accounts))
     gc.collect()
     gc.freeze()  # The generated objects live all run long; keep the GC off them.
+    ticks_before = _cpu_ticks()
 
     directory, data_file = temp_data_file("tbemu-bench-")
     process = EmulatorProcess(data_file, startup_timeout_s=600)
@@ -218,6 +231,11 @@ def run_benchmark(
     if in_process:
         report["in_process"] = _in_process_run(account_list, batches, lookup_ids)
     gc.unfreeze()
+    ticks_after = _cpu_ticks()
+    if ticks_before is not None and ticks_after is not None:
+        steal = ticks_after[0] - ticks_before[0]
+        total = ticks_after[1] - ticks_before[1]
+        report["cpu_steal_percent"] = round(100 * steal / total, 1) if total else 0.0
     if print_results:
         _print(report)
     return report
@@ -243,7 +261,9 @@ def _print(report: dict[str, Any]) -> None:
             f"{values[key]:>30,}" if key in values else f"{'-':>30}" for _, values in columns))
     print(f"(adapter: {report['adapter']['concurrency']} batches in flight, fsync per group "
           f"commit, latency includes queueing behind the other in-flight batches; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+          + (f", CPU steal {report['cpu_steal_percent']} %" if "cpu_steal_percent" in report
+             else "") + ")")
 
 
 def main(argv: list[str] | None = None) -> int:
