@@ -15,9 +15,9 @@ server), so the representation is chosen for what CPython does fast:
   of every record (the lookup was bound by that), and the client slices each field out of all
   rows with one strided C-level copy. All found in request order: the client keeps its ids.
 * Ids are columnar too: N low halves, then N high halves (u64 each, 16 bytes per id as in
-  TigerBeetle). Ids below 2**64 (the common case) convert with one `array('Q', ids)` call each
-  way instead of an `int.to_bytes` per id. Filters and balances are compact `struct` rows
-  (TigerBeetle's reserved bytes dropped).
+  TigerBeetle). Ids below 2**64 convert with one `array('Q', ids)` call each way; wider ones
+  (`tb.id()`, hashes) with an `int.to_bytes` each and two strided slices. Filters and balances
+  are compact `struct` rows (TigerBeetle's reserved bytes dropped).
 * Create results are sparse: a CREATED event i carries timestamp `base + i`; only the other
   events are listed (index, status, timestamp). The server verifies every implicit result
   against the engine's result instead of assuming its timestamp scheme.
@@ -25,6 +25,8 @@ server), so the representation is chosen for what CPython does fast:
 Frame (both directions), little endian:
     body_size u32 | request_id u64 | operation u8 | status u8 | version u16 | body
 `request_id` lets one connection pipeline many concurrent requests; requests carry status 0.
+A lookup of more than LOOKUP_CHUNK_IDS ids is answered in several frames: PARTIAL ones of
+exactly LOOKUP_CHUNK_IDS ids each, then the rest with OK.
 """
 
 from __future__ import annotations
