@@ -431,9 +431,11 @@ def unpack_lookup_accounts(
         raise WireError(f"{count} rows said to be all of {len(request_ids)} ids")
     if count == 0:
         return []
+    # Casts and strided slices of one memoryview: no copy of the rows before `tolist`.
     rows = memoryview(data)[LOOKUP_HEAD.size:]
-    words = array("Q")
-    words.frombytes(rows)
+    words = rows.cast("Q")
+    u32 = rows.cast("I")
+    u16 = rows.cast("H")
     zeros = bytes(8 * count)
 
     def u128(word: int) -> list[int]:
@@ -443,10 +445,6 @@ def unpack_lookup_accounts(
             return low.tolist()
         return [lo | hi << 64 for lo, hi in zip(low.tolist(), high.tolist(), strict=True)]
 
-    u32 = array("I")
-    u32.frombytes(rows)
-    u16 = array("H")
-    u16.frombytes(rows)
     ids = request_ids if flags & ALL_FOUND else u128(U128_WORDS["id"])
     columns: list[Iterable[Any]] = [
         ids, u128(U128_WORDS["debits_pending"]), u128(U128_WORDS["debits_posted"]),
@@ -489,8 +487,7 @@ def pack_lookup_ids(ids: Sequence[int]) -> tuple[bytes, Sequence[int]]:
     except (OverflowError, TypeError):
         pass
     try:
-        halves = array("Q")
-        halves.frombytes(b"".join([i.to_bytes(16, "little") for i in ids]))
+        halves = memoryview(b"".join([i.to_bytes(16, "little") for i in ids])).cast("Q")
         return halves[::2].tobytes() + halves[1::2].tobytes(), canonical_ids(ids, True)
     except (OverflowError, AttributeError):
         # Like ctypes in the real client, lookups wrap ids to u128 instead of range-checking.
@@ -503,15 +500,12 @@ def pack_lookup_ids(ids: Sequence[int]) -> tuple[bytes, Sequence[int]]:
 def unpack_ids(data: bytes | bytearray | memoryview) -> list[int]:
     if len(data) % ID.size:
         raise WireError(f"ids body of {len(data)} bytes is not rows of {ID.size}")
-    half = len(data) // 2
-    view = memoryview(data)
-    low = array("Q")
-    low.frombytes(view[:half])
-    if view[half:] == bytes(half):
-        return low.tolist()
-    high = array("Q")
-    high.frombytes(view[half:])
-    return [lo | hi << 64 for lo, hi in zip(low, high, strict=True)]
+    words = memoryview(data).cast("B").cast("Q")  # No copy before `tolist`.
+    count = len(words) // 2
+    low = words[:count].tolist()
+    if words[count:].tobytes() == bytes(8 * count):
+        return low
+    return [lo | hi << 64 for lo, hi in zip(low, words[count:].tolist(), strict=True)]
 
 
 def pack_account_filter(f: tb.AccountFilter) -> bytes:
