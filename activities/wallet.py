@@ -23,7 +23,7 @@ from activities.reverse_projection import (
 )
 from activities.store_ops import apply_to
 from stores.backfill_imports import ImportLedger, ImportStatus
-from stores.legacy_store import LegacyStore
+from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore
 from stores.tigerbeetle_store import TigerBeetleStore
@@ -139,22 +139,70 @@ class TigerBeetleBacklog:
             except WalletError as err:
                 if err.retryable:
                     raise  # outage: the activity retries the batch
-                log.warning("divergence on %s %s: %s", wallet, txn, err)
-                outcomes.append(
-                    TigerBeetleItemOutcome(
-                        seq=item.seq,
-                        transaction_id=txn,
-                        error_type=err.type_name,
-                        error_message=str(err),
+                refused: WalletError | None = err
+                if facts is not None and await self._fill_gap(
+                        wallet, imported, facts.wallet_version):
+                    known = None  # the fill wrote records the prefetch does not have
+                    try:  # refused for want of what the fill applied? Once more.
+                        done = await self._tigerbeetle.replicate(
+                            item.command.op, opening_original=opening)
+                        refused = None
+                    except WalletError as again:
+                        if again.retryable:
+                            raise
+                        refused = again
+                if refused is not None:
+                    log.warning("divergence on %s %s: %s", wallet, txn, refused)
+                    outcomes.append(
+                        TigerBeetleItemOutcome(
+                            seq=item.seq,
+                            transaction_id=txn,
+                            error_type=refused.type_name,
+                            error_message=str(refused),
+                        )
                     )
-                )
-                continue
+                    continue
             if known is not None and done.account not in (None, known.account):
                 known = replace(known, account=done.account)  # created by this item
             outcomes.append(
                 TigerBeetleItemOutcome(seq=item.seq, transaction_id=txn, replayed=done.replayed)
             )
         return ApplyTigerBeetleOutput(outcomes=outcomes)
+
+
+    async def _fill_gap(self, wallet: WalletKey, imported: int, version: int) -> int:
+        """Apply to TigerBeetle, in legacy order, the operations MongoDB holds between the
+        opening (`imported`) and `version` that TigerBeetle lacks; returns how many.
+
+        Such operations exist when a worker died after a MongoDB write whose workflow task was
+        never recorded: no backlog item was made, so a later operation of the wallet can reach
+        TigerBeetle first (the lost one's resend, if any, comes after it and replays). A debit
+        that needs the lost credit is then refused; filling the gap first keeps MongoDB's
+        order. Stops at a void (its original may be in the opening: left to reconciliation)
+        and at anything TigerBeetle refuses."""
+        # The lost write is just before `version` (a crash loses the task in flight): read the
+        # newest GAP_OPERATIONS_MAX versions below it.
+        after = max(imported, version - GAP_OPERATIONS_MAX - 1)
+        movements = await self._legacy.movements_between(wallet, after, version)
+        if not movements:
+            return 0
+        known = await self._tigerbeetle.known_records(wallet, [txn for txn, _ in movements])
+        filled = 0
+        for txn, op in movements:
+            if txn in known.transfers:
+                continue
+            if op is None:
+                break
+            try:
+                await self._tigerbeetle.replicate(op)
+            except WalletError as err:
+                if err.retryable:
+                    raise
+                break
+            log.warning("wallet %s: %s was in MongoDB before version %d but not in "
+                        "TigerBeetle (no backlog item): applied first", wallet, txn, version)
+            filled += 1
+        return filled
 
 
 class ImportedVersions:

@@ -80,6 +80,7 @@ HISTORY_LIMIT_MAX = 8189
 MULTI_BALANCE_LIMIT_MAX = 1000  # wallets of one client: (country, currency, issuer) combos
 COMMIT_ATTEMPTS_MAX = 3
 SNAPSHOTS_MAX = 10_000  # wallets remembered per process for the compare-and-swap hot path
+GAP_OPERATIONS_MAX = 64  # operations one gap fill reads (see movements_between)
 # Transaction attempts in flight per process. More buys nothing (the server applies them one
 # core's worth at a time) and costs: each concurrent attempt holds its own server session, and
 # SecantusDB keeps every session that ever ran a transaction and scans them all on each
@@ -264,6 +265,37 @@ class LegacyStore:
         if doc is None:
             return None
         return await self._facts(None, doc)
+
+    async def movements_between(
+        self, wallet: WalletKey, after_version: int, before_version: int
+    ) -> list[tuple[str, AddCredit | None]]:
+        """The wallet's stored operations with after_version < wallet_version <
+        before_version, in version order, at most GAP_OPERATIONS_MAX: (transaction id, the
+        credit or debit rebuilt as its operation, or None for a void). For the dual-write
+        backlog's gap fill (activities.wallet)."""
+        assert 0 <= after_version < before_version
+        if before_version - after_version <= 1:
+            return []
+        docs = await self._txns.find({
+            "wallet": wallet.canonical,
+            "wallet_version": {"$gt": after_version, "$lt": before_version},
+        }).sort("wallet_version", ASCENDING).limit(GAP_OPERATIONS_MAX).to_list(GAP_OPERATIONS_MAX)
+        if not docs:
+            return []
+        wallet_doc = await self._wallets.find_one({"_id": wallet.canonical}, {"allow_overdraft": 1})
+        allow_overdraft = bool(wallet_doc is not None and wallet_doc.get("allow_overdraft"))
+        movements: list[tuple[str, AddCredit | None]] = []
+        for doc in docs:
+            if doc["type"] == OperationType.VOID:
+                movements.append((doc["_id"], None))
+                continue
+            amount_minor = decimal128_to_minor(doc["amount"], wallet.currency, field="amount")
+            kind = SubtractCredit if doc["type"] == OperationType.DEBIT else AddCredit
+            movements.append((doc["_id"], kind(
+                wallet=wallet, transaction_id=doc["_id"],
+                amount=from_minor(amount_minor, wallet.currency),
+                reference_id=doc.get("reference_id"), allow_overdraft=allow_overdraft)))
+        return movements
 
     def _validate(self, op: AddCredit | Void) -> int:
         """Everything checkable without I/O, before anything is read or written."""

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest_asyncio
+import tigerbeetle as tb
 from recon_support import BacklogApplier, Env, credit, debit, make_env, void
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -18,6 +19,7 @@ from temporalio.worker import Worker
 from stores.backfill_imports import ImportRecord, ImportStatus
 from stores.mongo import now_ms
 from walletcore.balances import MinorBalance
+from walletcore.ids import transfer_id
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.reconcile import opening_plan
@@ -223,3 +225,36 @@ async def test_backfill_while_traffic_runs_counts_nothing_twice(
     assert progress.failed == 0, progress.failed_sample
     assert applier.skipped + applier.applied == 6 * len(keys)
     await assert_same(env, keys)
+
+
+async def test_mongodb_write_without_a_backlog_item_is_filled_in_before_a_later_one(
+    env: Env, unique_id: UniqueId
+) -> None:
+    """A worker killed after a MongoDB write whose workflow task was never recorded leaves no
+    backlog item. A later debit that needs that credit must not be refused by TigerBeetle:
+    the backlog fills the gap from the legacy log first, in MongoDB's order, and the lost
+    operation's resend then replays."""
+    c = unique_id("c")
+    key = env.key(f"{c}-gap")
+    applier = BacklogApplier(env)
+    await credit(env, key, f"{c}-open", "5.00")
+    outcome = await applier.apply(key, AddCredit(wallet=key, transaction_id=f"{c}-open",
+                                                 amount=Decimal("5.00")))
+    assert outcome.in_opening  # imported at this version: the opening holds it
+    await credit(env, key, f"{c}-lost", "10.00")  # MongoDB only: its backlog item was lost
+    await debit(env, key, f"{c}-spend", "12.00")  # 15 available in MongoDB
+    outcome = await applier.apply(key, SubtractCredit(wallet=key, transaction_id=f"{c}-spend",
+                                                      amount=Decimal("12.00")))
+    assert not outcome.replayed
+    resent = await applier.apply(key, AddCredit(wallet=key, transaction_id=f"{c}-lost",
+                                                amount=Decimal("10.00")))
+    assert resent.replayed  # filled in already: the resend changes nothing
+    await assert_same(env, [key])
+    record = await env.accounts.get(key)
+    assert record is not None
+    transfers = await env.tb_client.get_account_transfers(tb.AccountFilter(
+        account_id=record.account_id, user_data_128=0, user_data_64=0, user_data_32=0, code=0,
+        timestamp_min=0, timestamp_max=0, limit=10,
+        flags=tb.AccountFilterFlags.DEBITS | tb.AccountFilterFlags.CREDITS))
+    order = [t.id for t in transfers]
+    assert order.index(transfer_id(f"{c}-lost")) < order.index(transfer_id(f"{c}-spend"))
