@@ -14,7 +14,7 @@ from typing import Any
 
 from temporalio import activity
 
-from activities.store_ops import apply_to
+from activities.store_ops import apply_to, refused_outcome
 from stores.legacy_store import LegacyStore
 from walletcore.errors import WalletError
 from walletcore.phases import MigrationState, Phase
@@ -79,15 +79,7 @@ class ReverseProjectionActivities:
             except WalletError as err:
                 if err.retryable:
                     raise
-                log.warning("reverse projection divergence on %s %s: %s", inp.wallet, txn, err)
-                outcomes.append(
-                    TigerBeetleItemOutcome(
-                        seq=item.seq,
-                        transaction_id=txn,
-                        error_type=err.type_name,
-                        error_message=str(err),
-                    )
-                )
+                outcomes.append(refused_outcome(item, err, "MongoDB"))
                 continue
             outcomes.append(
                 TigerBeetleItemOutcome(seq=item.seq, transaction_id=txn, replayed=result.replayed)

@@ -1,10 +1,17 @@
-"""One operation against either wallet store: the dispatch every write path shares."""
+"""One operation against either wallet store: the dispatch every write path shares, and the
+outcome of a backlog item the other store refused."""
 
 from __future__ import annotations
 
+import logging
+
+from walletcore.errors import WalletError
 from walletcore.operations import AddCredit, OperationResult, SubtractCredit, WalletOperation
 from walletcore.ports import WalletStore
 from walletcore.write_facts import OriginalFacts
+from workflows.wallet_models import BacklogItem, TigerBeetleItemOutcome
+
+log = logging.getLogger(__name__)
 
 
 async def apply_to(
@@ -22,3 +29,13 @@ async def apply_to(
         assert isinstance(store, TigerBeetleStore), "only TigerBeetle voids take an original"
         return await store.void(op, opening_original=opening_original)
     return await store.void(op)
+
+
+def refused_outcome(item: BacklogItem, err: WalletError, store: str) -> TigerBeetleItemOutcome:
+    """A backlog item `store` refused for good (a domain error retrying cannot fix): the
+    workflow records it as a divergence and reconciliation finds it."""
+    assert not err.retryable
+    log.warning("%s refused %s %s of %s: %s", store, item.command.kind.value,
+                item.command.transaction_id, item.command.wallet, err)
+    return TigerBeetleItemOutcome(seq=item.seq, transaction_id=item.command.transaction_id,
+                                  error_type=err.type_name, error_message=str(err))

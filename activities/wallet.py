@@ -21,7 +21,7 @@ from activities.reverse_projection import (
     answering_direction,
     must_drain_first,
 )
-from activities.store_ops import apply_to
+from activities.store_ops import apply_to, refused_outcome
 from stores.backfill_imports import ImportLedger, ImportStatus
 from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
 from stores.migration_state import MigrationStateStore
@@ -152,15 +152,7 @@ class TigerBeetleBacklog:
                             raise
                         refused = again
                 if refused is not None:
-                    log.warning("divergence on %s %s: %s", wallet, txn, refused)
-                    outcomes.append(
-                        TigerBeetleItemOutcome(
-                            seq=item.seq,
-                            transaction_id=txn,
-                            error_type=refused.type_name,
-                            error_message=str(refused),
-                        )
-                    )
+                    outcomes.append(refused_outcome(item, refused, "TigerBeetle"))
                     continue
             if known is not None and done.account not in (None, known.account):
                 known = replace(known, account=done.account)  # created by this item
