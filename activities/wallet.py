@@ -161,7 +161,6 @@ class TigerBeetleBacklog:
             )
         return ApplyTigerBeetleOutput(outcomes=outcomes)
 
-
     async def _fill_gap(self, wallet: WalletKey, imported: int, version: int) -> int:
         """Apply to TigerBeetle, in legacy order, the operations MongoDB holds between the
         opening (`imported`) and `version` that TigerBeetle lacks; returns how many.
@@ -185,12 +184,14 @@ class TigerBeetleBacklog:
                 continue
             if op is None:
                 break
-            try:
-                await self._tigerbeetle.replicate(op)
+            try:  # One registry read for the whole gap, like a batch (see KnownRecords).
+                done = await self._tigerbeetle.replicate(op, known=known)
             except WalletError as err:
                 if err.retryable:
                     raise
                 break
+            if done.account not in (None, known.account):
+                known = replace(known, account=done.account)  # created by this operation
             log.warning("wallet %s: %s was in MongoDB before version %d but not in "
                         "TigerBeetle (no backlog item): applied first", wallet, txn, version)
             filled += 1

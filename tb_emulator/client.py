@@ -162,17 +162,12 @@ class ReplyChunks:
 
     def _decode(self, body: memoryview, start: int, end: int | None) -> list[Any]:
         try:
-            if self.op not in LOOKUP_OPS:
-                raise wire.WireError(f"chunked reply to operation {self.op}")
             if self.op == wire.Op.LOOKUP_TRANSFERS:
                 return wire.unpack_transfers(body)
             assert self.request_ids is not None
             return wire.unpack_lookup_accounts(body, self.request_ids[start:end])
         except wire.WireError as e:
             raise EmulatorProtocolError(f"malformed reply: {e}") from e
-
-
-LOOKUP_OPS: Final = frozenset({wire.Op.LOOKUP_ACCOUNTS, wire.Op.LOOKUP_TRANSFERS})
 
 
 def decode_reply(
@@ -368,7 +363,7 @@ class EmulatorClientAsync:
                         raise ConnectionResetError("tb_emulator connection closed")
                     future = loop.create_future()
                     connection.pending[request_id] = future
-                    chunks = ReplyChunks(op, request_ids) if op in LOOKUP_OPS else None
+                    chunks = ReplyChunks(op, request_ids) if op in wire.LOOKUP_OPS else None
                     if chunks is not None:
                         connection.chunks[request_id] = chunks
                     connection.writer.write(frame)
@@ -526,7 +521,7 @@ class EmulatorClientSync:
                     raise RequestTimeoutError(
                         f"tb_emulator {wire.Op(op).name.lower()} got no reply within "
                         f"{self.timeout_s} s from {self.host}:{self.port}")
-                chunks = ReplyChunks(op, request_ids) if op in LOOKUP_OPS else None
+                chunks = ReplyChunks(op, request_ids) if op in wire.LOOKUP_OPS else None
                 try:
                     reply = self._roundtrip(request_id, frame, remaining, chunks)
                 except TimeoutError:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import struct
 from typing import Any, Final
 
+from tb_emulator.engine_defs import U64_MAX
+
 ACCOUNT_ROW: Final = struct.Struct("<12QQIIIHHQ")
 ACCOUNT_ROW_SIZE: Final = 128
 assert ACCOUNT_ROW.size == ACCOUNT_ROW_SIZE
-U64_MASK: Final = (1 << 64) - 1
 
 # Offsets of each field in a row as a sequence of u64 words, u32 words and u16 words: what a
 # decoder slices with a stride of one row (16, 32 and 64 items).
@@ -36,7 +37,7 @@ def pack_account_row(
 ) -> bytes:
     """Fields in tb.Account's declaration order (an engine record's leading slots; trailing
     slots are ignored), flags as an int."""
-    m = U64_MASK
+    m = U64_MAX
     return ACCOUNT_ROW.pack(
         account_id & m, account_id >> 64, debits_pending & m, debits_pending >> 64,
         debits_posted & m, debits_posted >> 64, credits_pending & m, credits_pending >> 64,

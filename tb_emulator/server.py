@@ -334,7 +334,7 @@ class EmulatorServer:
     ) -> bytes:
         """Returns the reply frame; a big lookup's leading chunks go to `emit` as PARTIAL
         frames. No await between chunks: every chunk reads the same state."""
-        if op in LOOKUP_OPS:
+        if op in wire.LOOKUP_OPS:
             ids = wire.unpack_ids(body)
             chunks = wire.lookup_chunks(len(ids))
             for start, end in chunks[:-1]:
@@ -630,9 +630,6 @@ def _row_count(body: memoryview, event_size: int | None) -> int:
     if rest:
         raise wire.WireError(f"body of {len(body)} bytes is not a multiple of {event_size}")
     return count
-
-
-LOOKUP_OPS: Final = frozenset({wire.Op.LOOKUP_ACCOUNTS, wire.Op.LOOKUP_TRANSFERS})
 
 
 def _lookup_reply(engine: EngineLike, op: int, ids: list[int]) -> bytes:

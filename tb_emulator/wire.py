@@ -42,6 +42,7 @@ from typing import Any, Final, TypeVar
 
 import tigerbeetle as tb
 
+from tb_emulator.engine_defs import account_tuple
 from tb_emulator.gc_pause import build_without_gc
 from tb_emulator.layout import (
     ACCOUNT_ROW_SIZE,
@@ -107,6 +108,7 @@ class Op(enum.IntEnum):
 
 
 CREATE_OPS: Final = frozenset({Op.CREATE_ACCOUNTS, Op.CREATE_TRANSFERS})
+LOOKUP_OPS: Final = frozenset({Op.LOOKUP_ACCOUNTS, Op.LOOKUP_TRANSFERS})  # chunked replies
 
 # Request event size per row-encoded operation (creates are columnar: see CREATE_CODECS).
 EVENT_SIZE: Final[dict[int, int]] = {
@@ -408,14 +410,8 @@ def pack_lookup_rows(rows: bytes, count: int, all_found: bool) -> bytes:
 
 def pack_lookup_accounts(accounts: Sequence[tb.Account], all_found: bool) -> bytes:
     """For engines without ready rows."""
-    rows = b"".join([pack_account_row(*astuple_account(a)) for a in accounts])
+    rows = b"".join([pack_account_row(*account_tuple(a)) for a in accounts])
     return pack_lookup_rows(rows, len(accounts), all_found)
-
-
-def astuple_account(a: tb.Account) -> tuple[Any, ...]:
-    return (a.id, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted,
-            a.user_data_128, a.user_data_64, a.user_data_32, a.ledger, a.code, a.flags,
-            a.timestamp)
 
 
 def unpack_lookup_accounts(
