@@ -37,9 +37,9 @@ from stores.mongo import (
     u128_to_hex,
 )
 from stores.reports import IN_CHUNK_MAX, find_keys
-from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
+from stores.tb_errors import Outcome, account_rule, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
-from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of, system_accounts
+from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of
 from walletcore.balances import MinorBalance
 from walletcore.codes import SystemAccount, TransferCode
 from walletcore.errors import InvalidInputError, StoreUnavailableError
@@ -141,7 +141,6 @@ class WalletImporter:
         self._imports = imports
         self._ledgers = ledgers
         self._history = HistoryCheckpoints(db)
-        self._system_ledgers: set[int] = set()  # system accounts known to exist
 
     async def import_wallets(
         self, wallets: Sequence[LegacyWallet], claimer: str, *, resume_own: bool = False
@@ -196,7 +195,7 @@ class WalletImporter:
             [(by_key[k].wallet, by_key[k].allow_overdraft) for k in targets])
         failed: dict[str, str] = {}
         for ledger in sorted({r.ledger for r in records.values()}):
-            await self._ensure_system_accounts(ledger)
+            await self._tb_store.ensure_system_accounts(ledger)
         await self._create_accounts(list(records.values()), failed)
         live = [k for k in targets if k not in failed]
         accounts = await self._lookup([records[k].account_id for k in live])
@@ -295,20 +294,6 @@ class WalletImporter:
             {"ledger": ledger, "_id": {"$gte": min(keys), "$lte": max(keys)}}
         ).batch_size(len(keys))
         return {d["_id"]: d async for d in cursor if d["_id"] in wanted}
-
-    async def _ensure_system_accounts(self, ledger: int) -> None:
-        """Like TigerBeetleStore.ensure_system_accounts, but an account a history import
-        created (`imported` flag) counts as existing."""
-        if ledger in self._system_ledgers:
-            return
-        accounts = system_accounts(ledger)
-        statuses = await create_accounts_allowing_imported(self._client, accounts)
-        for account, status in zip(accounts, statuses, strict=True):
-            rule = account_rule(status)
-            if rule.outcome is Outcome.FAILED:
-                raise status_error(rule, status, f"system account {account.code} of ledger "
-                                   f"{ledger}")
-        self._system_ledgers.add(ledger)
 
     async def _create_accounts(self, records: list[AccountRecord], failed: dict[str, str]) -> None:
         for start in range(0, len(records), BATCH_EVENTS_MAX):
