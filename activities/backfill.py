@@ -23,31 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from temporalio import activity
 
 from activities.history_import import HistoryImporter
-from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
-from registries.transfer_registry import TransferRegistry
-from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
-from stores.history_import import HistoryCheckpoints, create_accounts_allowing_imported
-from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
-from stores.mongo import (
-    as_utc,
-    decimal128_to_minor,
-    hex_to_u128,
-    insert_new,
-    now_ms,
-    u128_to_hex,
-)
-from stores.reports import IN_CHUNK_MAX, find_keys
-from stores.tb_errors import Outcome, account_rule, transfer_rule
-from stores.tigerbeetle_client import TigerBeetleClient
-from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of
-from walletcore.balances import MinorBalance
-from walletcore.codes import SystemAccount, TransferCode
-from walletcore.errors import InvalidInputError, StoreUnavailableError
-from walletcore.ids import account_id, opening_transfer_id, system_account_id
-from walletcore.keys import WalletKey
-from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
-from walletcore.reconcile import PostingPlan, plan_to_reach
-from workflows.backfill_models import (
+from messages.backfill import (
     ACTIVITY_COUNT,
     ACTIVITY_ENSURE_IMPORTED,
     ACTIVITY_HISTORY_PAGE,
@@ -64,6 +40,30 @@ from workflows.backfill_models import (
     ImportOutcome,
     LegacyWallet,
 )
+from mongobase.mongo import (
+    as_utc,
+    decimal128_to_minor,
+    hex_to_u128,
+    insert_new,
+    now_ms,
+    u128_to_hex,
+)
+from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
+from registries.transfer_registry import TransferRegistry
+from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
+from stores.history_import import HistoryCheckpoints, create_accounts_allowing_imported
+from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
+from stores.reports import IN_CHUNK_MAX, find_keys
+from stores.tb_errors import Outcome, account_rule, transfer_rule
+from stores.tigerbeetle_client import TigerBeetleClient
+from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of
+from walletcore.balances import MinorBalance
+from walletcore.codes import SystemAccount, TransferCode
+from walletcore.errors import InvalidInputError, StoreUnavailableError
+from walletcore.ids import account_id, opening_transfer_id, system_account_id
+from walletcore.keys import WalletKey
+from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
+from walletcore.reconcile import PostingPlan, plan_to_reach
 
 BATCH_EVENTS_MAX = 8189  # TigerBeetle's request limit
 REGISTRY_CONCURRENCY = 64  # registry get_or_create calls in flight per page

@@ -34,6 +34,8 @@ import tigerbeetle as tb
 from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
+from messages.backfill import HistoryPageInput, HistoryPageOutput
+from mongobase.mongo import as_utc, decimal128_to_minor, now_ms
 from registries.account_registry import AccountRecord
 from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.history_import import (
@@ -47,7 +49,6 @@ from stores.history_import import (
 )
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
 from stores.migration_state import MigrationStateStore
-from stores.mongo import as_utc, decimal128_to_minor, now_ms
 from stores.reports import find_keys
 from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import (
@@ -69,7 +70,6 @@ from walletcore.ids import reference_hash, system_account_id, transfer_id, void_
 from walletcore.keys import WalletKey
 from walletcore.ledgers import LedgerTable
 from walletcore.phases import Phase
-from workflows.backfill_models import HistoryPageInput, HistoryPageOutput
 
 NS_PER_MS = 1_000_000
 TRANSFER_SLOT_OFFSET_NS = 500_000  # accounts below it within a millisecond, transfers above

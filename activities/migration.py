@@ -27,14 +27,7 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio import activity
 
-from stores.audit_log import AuditLog
-from stores.history_import import BACKFILL_HISTORY, HistoryStatus
-from stores.migration_state import MigrationStateStore
-from stores.read_metrics import ReadMetricsStore
-from walletcore.errors import ConflictError
-from walletcore.gates import Evidence
-from walletcore.phases import MigrationState, Phase
-from workflows.migration_models import (
+from messages.migration import (
     ACTIVITY_ARCHIVE_LEGACY,
     ACTIVITY_AWAIT_REVERSE_DRAIN,
     ACTIVITY_COLLECT_EVIDENCE,
@@ -50,6 +43,13 @@ from workflows.migration_models import (
     ReverseDrainRequest,
     ReverseDrainResult,
 )
+from stores.audit_log import AuditLog
+from stores.history_import import BACKFILL_HISTORY, HistoryStatus
+from stores.migration_state import MigrationStateStore
+from stores.read_metrics import ReadMetricsStore
+from walletcore.errors import ConflictError
+from walletcore.gates import Evidence
+from walletcore.phases import MigrationState, Phase
 
 RECONCILIATION_REPORTS = "reconciliation_reports"
 BACKFILL_IMPORTS = "backfill_imports"

@@ -32,13 +32,37 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CursorNotFound
 from temporalio import activity
 
-from activities.errors import wallet_errors_as_application_errors
+from messages.errors import wallet_errors_as_application_errors
+from messages.reconciliation import (
+    ACTIVITY_ACCOUNT_PAGE,
+    ACTIVITY_FINISH,
+    ACTIVITY_RECHECK,
+    ACTIVITY_REPAIR,
+    ACTIVITY_START,
+    ACTIVITY_TRANSFER_PAGE,
+    ACTIVITY_WALLET_PAGE,
+    PAGE_MAX,
+    AccountPageInput,
+    AccountPageOutput,
+    FinishInput,
+    RecheckInput,
+    RecheckOutput,
+    ReconcileSummary,
+    RepairInput,
+    RepairOutput,
+    StartInput,
+    StartOutput,
+    TransferPageInput,
+    TransferPageOutput,
+    WalletPageInput,
+    WalletPageOutput,
+)
+from mongobase.mongo import as_utc, decimal128_to_minor, hex_to_u128, u128_to_hex
 from registries.account_registry import ACCOUNT_REGISTRY, AccountRegistry
 from registries.transfer_registry import TRANSFER_REGISTRY, TransferRegistry
 from stores.backfill_imports import ImportLedger, ImportStatus
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
 from stores.migration_state import MigrationStateStore
-from stores.mongo import as_utc, decimal128_to_minor, hex_to_u128, u128_to_hex
 from stores.reports import MismatchDoc, ReportStore, find_in, find_keys
 from stores.tb_errors import Outcome, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
@@ -79,30 +103,6 @@ from walletcore.reconcile import (
     plan_to_reach,
     transfer_effect,
     wallet_agrees,
-)
-from workflows.reconciliation_models import (
-    ACTIVITY_ACCOUNT_PAGE,
-    ACTIVITY_FINISH,
-    ACTIVITY_RECHECK,
-    ACTIVITY_REPAIR,
-    ACTIVITY_START,
-    ACTIVITY_TRANSFER_PAGE,
-    ACTIVITY_WALLET_PAGE,
-    PAGE_MAX,
-    AccountPageInput,
-    AccountPageOutput,
-    FinishInput,
-    RecheckInput,
-    RecheckOutput,
-    ReconcileSummary,
-    RepairInput,
-    RepairOutput,
-    StartInput,
-    StartOutput,
-    TransferPageInput,
-    TransferPageOutput,
-    WalletPageInput,
-    WalletPageOutput,
 )
 
 IN_OPENING_TYPES = frozenset({TYPE_CREDIT_IN_OPENING, TYPE_DEBIT_IN_OPENING})

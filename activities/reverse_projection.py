@@ -15,16 +15,16 @@ from typing import Any
 from temporalio import activity
 
 from activities.store_ops import apply_to, refused_outcome
-from stores.legacy_store import LegacyStore
-from walletcore.errors import WalletError
-from walletcore.phases import MigrationState, Phase
-from workflows.wallet_models import (
+from messages.wallet import (
     ACTIVITY_APPLY_MONGODB,
     ApplyTigerBeetleInput,
     ApplyTigerBeetleOutput,
     BacklogDirection,
     TigerBeetleItemOutcome,
 )
+from stores.legacy_store import LegacyStore
+from walletcore.errors import WalletError
+from walletcore.phases import MigrationState, Phase
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 
+from messages.wallet import BacklogItem, TigerBeetleItemOutcome
 from walletcore.errors import WalletError
 from walletcore.operations import AddCredit, OperationResult, SubtractCredit, WalletOperation
 from walletcore.ports import WalletStore
 from walletcore.write_facts import OriginalFacts
-from workflows.wallet_models import BacklogItem, TigerBeetleItemOutcome
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,7 @@ async def apply_to(
         return await store.subtract_credit(op)
     if isinstance(op, AddCredit):
         return await store.add_credit(op)
-    if opening_original is not None:
-        from stores.tigerbeetle_store import TigerBeetleStore
-
-        assert isinstance(store, TigerBeetleStore), "only TigerBeetle voids take an original"
-        return await store.void(op, opening_original=opening_original)
-    return await store.void(op)
+    return await store.void(op, opening_original=opening_original)
 
 
 def refused_outcome(item: BacklogItem, err: WalletError, store: str) -> TigerBeetleItemOutcome:

@@ -1,7 +1,7 @@
 """Activities of the wallet workflows: MongoDB primary write, TigerBeetle backlog, reads.
 
-Stores arrive in the constructor (opened once per worker process, see walletmig.runtime); each
-activity takes one pydantic input model. Domain errors leave through activities.errors.
+Stores arrive in the constructor (opened once per worker process, see stores.bundle); each
+activity takes one pydantic input model. Domain errors leave through messages.errors.
 """
 
 from __future__ import annotations
@@ -15,26 +15,14 @@ from typing import Any
 from temporalio import activity
 
 from activities.backfill import WalletImporter
-from activities.errors import wallet_errors_as_application_errors
 from activities.reverse_projection import (
     ReverseProjectionActivities,
     answering_direction,
     must_drain_first,
 )
 from activities.store_ops import apply_to, refused_outcome
-from stores.backfill_imports import ImportLedger, ImportStatus
-from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
-from stores.migration_state import MigrationStateStore
-from stores.read_metrics import ReadMetricsStore
-from stores.tigerbeetle_store import TigerBeetleStore
-from walletcore.balances import WalletBalance
-from walletcore.errors import WalletError
-from walletcore.keys import WalletKey
-from walletcore.operations import Void, WalletOperation
-from walletcore.phases import MigrationState
-from walletcore.write_facts import LegacyFacts, OriginalFacts
-from walletmig.reads import WalletReader
-from workflows.wallet_models import (
+from messages.errors import wallet_errors_as_application_errors
+from messages.wallet import (
     ACTIVITY_APPLY_PRIMARY,
     ACTIVITY_APPLY_TIGERBEETLE,
     ACTIVITY_READ_BALANCE,
@@ -50,6 +38,18 @@ from workflows.wallet_models import (
     ReadMultiBalanceInput,
     TigerBeetleItemOutcome,
 )
+from stores.backfill_imports import ImportLedger, ImportStatus
+from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
+from stores.migration_state import MigrationStateStore
+from stores.read_metrics import ReadMetricsStore
+from stores.tigerbeetle_store import TigerBeetleStore
+from walletclient.read_path import ReadRouter
+from walletcore.balances import WalletBalance
+from walletcore.errors import WalletError
+from walletcore.keys import WalletKey
+from walletcore.operations import Void, WalletOperation
+from walletcore.phases import MigrationState
+from walletcore.write_facts import LegacyFacts, OriginalFacts
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class WalletActivities:
         self._imported = ImportedVersions(self._importer, ImportLedger(legacy.db))
         self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer, self._imported)
         self._projection = ReverseProjectionActivities(legacy)
-        self._reader = WalletReader(legacy, tigerbeetle, migration, metrics)
+        self._reader = ReadRouter(legacy, tigerbeetle, migration, metrics)
 
     @activity.defn(name=ACTIVITY_APPLY_PRIMARY)
     async def apply_primary(self, inp: ApplyPrimaryInput) -> PrimaryOutcome:

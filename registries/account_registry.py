@@ -19,8 +19,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from mongobase.mongo import PAGE_LIMIT_MAX, as_utc, hex_to_u128, now_ms, u128_to_hex
 from registries.cache import CACHE_KEY_PREFIX, JsonCache
-from stores.mongo import PAGE_LIMIT_MAX, as_utc, hex_to_u128, now_ms, u128_to_hex
 from walletcore.errors import ConflictError, InvalidInputError
 from walletcore.ids import NONCE_MAX, U128_MAX, account_id
 from walletcore.keys import WalletKey

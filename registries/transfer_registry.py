@@ -18,7 +18,7 @@ from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from stores.mongo import (
+from mongobase.mongo import (
     PAGE_LIMIT_MAX,
     as_utc,
     bson_to_int,

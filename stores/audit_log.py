@@ -13,8 +13,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from messages.migration import AuditEntry
 from walletcore.errors import ConflictError
-from workflows.migration_models import AuditEntry
 
 MIGRATION_AUDIT = "migration_audit"
 AUDIT_LIST_LIMIT_MAX = 1000

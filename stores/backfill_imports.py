@@ -21,7 +21,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from stores.mongo import as_utc, bson_to_int, insert_new, int_to_bson, now_ms
+from mongobase.mongo import as_utc, bson_to_int, insert_new, int_to_bson, now_ms
 from walletcore.balances import MinorBalance
 
 BACKFILL_IMPORTS = "backfill_imports"

@@ -26,8 +26,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from mongobase.mongo import as_utc, now_ms
 from stores.legacy_store import WALLET_TRANSACTIONS
-from stores.mongo import as_utc, now_ms
 from stores.tigerbeetle_client import TigerBeetleClient
 
 BACKFILL_HISTORY = "backfill_history"

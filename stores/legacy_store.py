@@ -34,7 +34,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, PyMongoError
 
-from stores.mongo import (
+from mongobase.mongo import (
     DUPLICATE_KEY_CODE,
     PAGE_LIMIT_MAX,
     TXN_ATTEMPTS_MAX,
@@ -229,7 +229,11 @@ class LegacyStore:
     async def subtract_credit(self, op: SubtractCredit) -> OperationResult:
         return (await self.apply(op))[0]
 
-    async def void(self, op: Void) -> OperationResult:
+    async def void(
+        self, op: Void, *, opening_original: OriginalFacts | None = None
+    ) -> OperationResult:
+        # MongoDB holds every original itself: `opening_original` is for TigerBeetle.
+        del opening_original
         return (await self.apply(op))[0]
 
     async def apply(self, op: WalletOperation) -> Applied:

@@ -15,7 +15,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from stores.mongo import now_ms
+from mongobase.mongo import now_ms
 
 RECONCILIATION_REPORTS = "reconciliation_reports"
 RECONCILIATION_MISMATCHES = "reconciliation_mismatches"

@@ -39,8 +39,8 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from walletconfig.settings import ENVIRONMENT, Settings
 from walletmig import devstack
-from walletmig.config import ENVIRONMENT, Settings
 from walletmig.processes import PROC_ROOT
 
 # The dev server's own default start-up timeout (5 s) is too tight on a loaded 2-core machine.

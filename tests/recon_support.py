@@ -15,6 +15,11 @@ from pymongo.asynchronous.database import AsyncDatabase
 from activities.backfill import BackfillActivities, WalletImporter
 from activities.reconciliation import ReconcileActivities, Reconciler
 from activities.wallet import TigerBeetleBacklog
+from messages.wallet import (
+    BacklogItem,
+    TigerBeetleItemOutcome,
+    WalletCommand,
+)
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.backfill_imports import ImportLedger
@@ -27,11 +32,6 @@ from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGERS, LedgerTable
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import Phase
-from workflows.wallet_models import (
-    BacklogItem,
-    TigerBeetleItemOutcome,
-    WalletCommand,
-)
 
 CURRENCIES = ("USD", "JPY", "BHD", "USDC", "BTC")  # precisions 2, 0, 3, 6, 8
 

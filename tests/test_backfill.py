@@ -16,8 +16,9 @@ from recon_support import BacklogApplier, Env, credit, debit, make_env, void
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from messages.backfill import BackfillInput, BackfillProgress
+from mongobase.mongo import now_ms
 from stores.backfill_imports import ImportRecord, ImportStatus
-from stores.mongo import now_ms
 from walletcore.balances import MinorBalance
 from walletcore.ids import transfer_id
 from walletcore.keys import WalletKey
@@ -25,7 +26,6 @@ from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.reconcile import opening_plan
 from workers.wallet_worker import workflow_runner
 from workflows.backfill import BackfillWorkflow
-from workflows.backfill_models import BackfillInput, BackfillProgress
 
 UniqueId = Callable[..., str]
 
@@ -119,7 +119,7 @@ async def test_backfill_of_a_net_zero_wallet(env: Env, unique_id: UniqueId) -> N
 
 
 def _page_input(env: Env, pair: str, after: str | None) -> Any:
-    from workflows.backfill_models import BackfillPageInput
+    from messages.backfill import BackfillPageInput
 
     return BackfillPageInput(run_id=f"p-{uuid.uuid4().hex[:6]}", pair=pair, after=after,
                              limit=10)
@@ -165,7 +165,7 @@ async def _legacy_version(env: Env, key: WalletKey) -> tuple[MinorBalance, int]:
 
 
 def _legacy_wallet(key: WalletKey, balance: MinorBalance, version: int) -> Any:
-    from workflows.backfill_models import LegacyWallet
+    from messages.backfill import LegacyWallet
 
     return LegacyWallet(wallet=key, balance=balance, version=version, allow_overdraft=False)
 

@@ -19,6 +19,14 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.history_import import NS_PER_MS, ms_of, newest_filter
+from messages.backfill import (
+    BackfillInput,
+    BackfillPageInput,
+    BackfillProgress,
+    HistoryPageInput,
+    HistoryPageOutput,
+)
+from messages.reconciliation import ReconcileInput, ReconcileSummary
 from stores.history_import import BACKFILL_HISTORY, scope_of
 from stores.legacy_store import WALLET_TRANSACTIONS
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
@@ -29,15 +37,7 @@ from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
 from workers.wallet_worker import workflow_runner
 from workflows.backfill import BackfillWorkflow
-from workflows.backfill_models import (
-    BackfillInput,
-    BackfillPageInput,
-    BackfillProgress,
-    HistoryPageInput,
-    HistoryPageOutput,
-)
 from workflows.reconciliation import ReconciliationWorkflow
-from workflows.reconciliation_models import ReconcileInput, ReconcileSummary
 
 UniqueId = Callable[..., str]
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from walletmig.config import Settings
+from walletconfig.settings import Settings
 from walletmig.demo import DemoOptions, render, run_demo
 
 

@@ -22,8 +22,8 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from walletconfig.settings import ENVIRONMENT, Settings
 from walletmig import devstack
-from walletmig.config import ENVIRONMENT, Settings
 from walletmig.processes import ProcessRecord, is_alive, process_start_ticks, spawn, stop
 
 SERVERS = ["temporal", "redis", "mongo", "tigerbeetle"]

@@ -15,8 +15,8 @@ from bson.decimal128 import Decimal128
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from mongobase.mongo import decimal128_to_minor, minor_to_decimal128
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
-from stores.mongo import decimal128_to_minor, minor_to_decimal128
 from walletcore.errors import (
     AlreadyVoidedError,
     DuplicateTransactionError,

@@ -21,22 +21,7 @@ from temporalio.worker import Replayer, Worker
 from wallet_support import history_wanted, save_history
 
 from activities.migration import BACKFILL_IMPORTS, RECONCILIATION_REPORTS, MigrationActivities
-from registries.transfer_registry import TransferRecord, TransferRegistry
-from stores.audit_log import AuditLog
-from stores.history_import import BACKFILL_HISTORY
-from stores.migration_state import MigrationStateStore
-from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
-from walletcore.gates import GateThresholds
-from walletcore.ids import transfer_id
-from walletcore.keys import WalletKey
-from walletcore.operations import AddCredit, GetBalance
-from walletcore.phases import MigrationState, Phase
-from walletmig.config import Settings
-from walletmig.runtime import open_stores
-from workers.migration_worker import migration_workflow_runner as workflow_runner
-from workers.process import run_worker
-from workflows.migration import MigrationWorkflow
-from workflows.migration_models import (
+from messages.migration import (
     AdvanceRequest,
     ForceAdvanceRequest,
     GatesView,
@@ -47,6 +32,21 @@ from workflows.migration_models import (
     RollbackRequest,
     SetRolloutRequest,
 )
+from registries.transfer_registry import TransferRecord, TransferRegistry
+from stores.audit_log import AuditLog
+from stores.bundle import open_stores
+from stores.history_import import BACKFILL_HISTORY
+from stores.migration_state import MigrationStateStore
+from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
+from walletconfig.settings import Settings
+from walletcore.gates import GateThresholds
+from walletcore.ids import transfer_id
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, GetBalance
+from walletcore.phases import MigrationState, Phase
+from workers.migration_worker import migration_workflow_runner as workflow_runner
+from workers.process import run_worker
+from workflows.migration import MigrationWorkflow
 from workflows.reads import GetBalanceWorkflow
 
 WAIT_S = 30.0

@@ -39,23 +39,23 @@ from wallet_support import (
     worker_env,
 )
 
-from stores.audit_log import AuditLog
-from walletcore.errors import WalletError
-from walletcore.gates import GateThresholds
-from walletcore.keys import WalletKey
-from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
-from walletcore.phases import Phase
-from walletmig.client import WalletClient
-from walletmig.config import Settings
-from walletmig.runtime import open_stores
-from workflows.migration import MigrationWorkflow
-from workflows.migration_models import (
+from messages.migration import (
     ForceAdvanceRequest,
     MigrationConfig,
     MigrationInput,
     MigrationStatus,
     RollbackRequest,
 )
+from stores.audit_log import AuditLog
+from stores.bundle import open_stores
+from walletclient.wallet_client import WalletClient
+from walletconfig.settings import Settings
+from walletcore.errors import WalletError
+from walletcore.gates import GateThresholds
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
+from walletcore.phases import Phase
+from workflows.migration import MigrationWorkflow
 
 SCOPE = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
 WALLETS = 8

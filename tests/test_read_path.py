@@ -23,15 +23,14 @@ from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadOutcome
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
 from stores.tigerbeetle_store import TigerBeetleStore
+from walletclient.read_path import ReadPathConfig, ReadRouter
+from walletconfig.settings import Settings
 from walletcore.breaker import BreakerConfig, BreakerState
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
 from walletcore.phases import MigrationState, Phase
 from walletcore.rollout import in_rollout
-from walletmig.config import Settings
 from walletmig.processes import free_port
-from walletmig.read_path import ReadPathConfig, ReadRouter
-from walletmig.reads import WalletReader
 
 
 @dataclass
@@ -195,14 +194,13 @@ async def test_tb_primary_and_complete_read_tigerbeetle(env: Env,
 async def test_wallet_reader_is_the_router_without_metrics(
     env: Env, unique_id: Callable[..., str]
 ) -> None:
-    """walletmig.reads.WalletReader is ReadRouter with no metrics store: the same routing
+    """ReadRouter with no metrics store: the same routing
     (balance and history), nothing recorded, no shadow comparison started."""
     inside = next(c for c in (unique_id("in") for _ in range(1000)) if in_rollout(c, 50))
     outside = next(c for c in (unique_id("out") for _ in range(1000)) if not in_rollout(c, 50))
     w_in = await make_wallet(env, unique_id, client=inside)
     w_out = await make_wallet(env, unique_id, client=outside)
-    reader = WalletReader(env.legacy, env.tb, env.state)
-    assert isinstance(reader, ReadRouter)
+    reader = ReadRouter(env.legacy, env.tb, env.state)
 
     await env.set_phase("USD:USA", Phase.SHADOW_READ)
     assert (await reader.get_balance(w_in)).source == "mongodb"

@@ -8,7 +8,7 @@ from bson.decimal128 import Decimal128
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stores.mongo import decimal128_to_minor, decimal_to_minor_exact
+from mongobase.mongo import decimal128_to_minor, decimal_to_minor_exact
 from walletcore.balances import MinorBalance
 from walletcore.codes import CUSTOMER_ACCOUNT_CODE
 from walletcore.currencies import precision_of

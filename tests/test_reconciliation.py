@@ -20,6 +20,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.store_ops import apply_to
+from messages.backfill import BackfillPageInput
+from messages.reconciliation import ReconcileInput, ReconcileSummary
 from registries.account_registry import ACCOUNT_REGISTRY
 from registries.transfer_registry import TransferRecord
 from stores.legacy_store import WALLETS
@@ -31,9 +33,7 @@ from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import IssueKind
 from walletmig.commands.reconcile import render_html
 from workers.wallet_worker import workflow_runner
-from workflows.backfill_models import BackfillPageInput
 from workflows.reconciliation import ReconciliationWorkflow
-from workflows.reconciliation_models import ReconcileInput, ReconcileSummary
 
 UniqueId = Callable[..., str]
 

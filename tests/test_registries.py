@@ -16,10 +16,10 @@ import redis.asyncio
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from mongobase.mongo import u128_to_hex
 from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
 from registries.cache import CACHE_KEY_PREFIX
 from registries.transfer_registry import TRANSFER_REGISTRY, TransferRecord, TransferRegistry
-from stores.mongo import u128_to_hex
 from walletcore.errors import (
     AlreadyVoidedError,
     ConflictError,

@@ -39,11 +39,11 @@ from wallet_support import (
     wallet_harness,
 )
 
+from walletconfig.settings import Settings
 from walletcore.errors import InsufficientFundsError, InvalidAmountError
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
-from walletmig.config import Settings
 from workers.migration_worker import MIGRATION_WORKFLOWS
 from workers.wallet_worker import WORKFLOWS, workflow_runner
 

@@ -36,6 +36,9 @@ from wallet_support import (
     wallet_harness,
 )
 
+from messages.wallet import CreditRequest, WalletCommand, WalletWorkflowInput
+from walletclient.wallet_client import WalletClient
+from walletconfig.settings import Settings
 from walletcore.errors import (
     AlreadyVoidedError,
     DuplicateTransactionError,
@@ -47,10 +50,7 @@ from walletcore.errors import (
 )
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
-from walletmig.client import WalletClient
-from walletmig.config import Settings
 from workflows.wallet import WalletWorkflow
-from workflows.wallet_models import CreditRequest, WalletCommand, WalletWorkflowInput
 
 
 @pytest.fixture(scope="module")

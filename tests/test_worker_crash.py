@@ -35,12 +35,12 @@ from wallet_support import (
     worker_env,
 )
 
+from stores.bundle import open_stores
+from walletclient.wallet_client import WalletClient
+from walletconfig.settings import Settings
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import Phase
-from walletmig.client import WalletClient
-from walletmig.config import Settings
-from walletmig.runtime import open_stores
 
 WALLETS = 50
 CALLERS_PER_WALLET = 1

@@ -37,15 +37,15 @@ from wallet_support import (
 
 from activities.backfill import BackfillActivities
 from activities.wallet import default_importer
+from messages.backfill import BackfillInput, BackfillProgress
+from stores.bundle import Stores
 from stores.tigerbeetle_store import TYPE_CREDIT_IN_OPENING
+from walletconfig.settings import Settings
 from walletcore.errors import AlreadyVoidedError, InsufficientFundsError, WalletError
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
-from walletmig.config import Settings
-from walletmig.runtime import Stores
 from workflows.backfill import BackfillWorkflow
-from workflows.backfill_models import BackfillInput, BackfillProgress
 
 PAIR = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
 MIGRATION_CACHE_S = 1.1

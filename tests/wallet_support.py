@@ -20,17 +20,17 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from activities.wallet import WalletActivities
+from messages.wallet import WalletStatus
 from stores.backfill_imports import ImportLedger, ImportStatus
+from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS
+from walletclient.wallet_client import WalletClient
+from walletconfig.settings import ENVIRONMENT, Settings
 from walletcore.errors import NotFoundError
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
-from walletmig.client import WalletClient
-from walletmig.config import ENVIRONMENT, Settings
 from walletmig.processes import free_port, port_accepts
-from walletmig.runtime import Stores, make_stores
 from workers.wallet_worker import build_worker
-from workflows.wallet_models import WalletStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TB_HISTORY_MAX = 8189  # one get_account_transfers page

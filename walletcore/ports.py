@@ -13,6 +13,7 @@ from walletcore.operations import (
     SubtractCredit,
     Void,
 )
+from walletcore.write_facts import OriginalFacts
 
 
 class WalletStore(Protocol):
@@ -26,7 +27,12 @@ class WalletStore(Protocol):
 
     async def subtract_credit(self, op: SubtractCredit) -> OperationResult: ...
 
-    async def void(self, op: Void) -> OperationResult: ...
+    async def void(
+        self, op: Void, *, opening_original: OriginalFacts | None = None
+    ) -> OperationResult:
+        """`opening_original`: the legacy record of an original inside the wallet's imported
+        opening balance, for a store that may not hold that original itself (TigerBeetle)."""
+        ...
 
     async def get_balance(self, wallet: WalletKey) -> WalletBalance:
         """NotFoundError if the wallet does not exist."""

@@ -28,19 +28,19 @@ from bson.decimal128 import Decimal128
 
 from activities.backfill import WalletImporter
 from activities.reconciliation import Reconciler
+from messages.backfill import WALLETS_PER_PAGE_MAX, BackfillPageInput
+from messages.reconciliation import PAGE_MAX, WalletPageInput
+from mongobase.mongo import now_ms
 from registries.account_registry import AccountRegistry
 from stores.backfill_imports import ImportLedger
+from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLETS, LegacyStore
-from stores.mongo import now_ms
 from stores.reports import ReportStore
 from stores.tigerbeetle_store import TigerBeetleStore
+from walletconfig.settings import Settings
 from walletcore.ids import account_id, hash_u128
 from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGERS, LedgerTable
-from walletmig.config import Settings
-from walletmig.runtime import Stores, make_stores
-from workflows.backfill_models import WALLETS_PER_PAGE_MAX, BackfillPageInput
-from workflows.reconciliation_models import PAGE_MAX, WalletPageInput
 
 WALLETS_MAX = 10_000_000
 SEED_BATCH = 5000

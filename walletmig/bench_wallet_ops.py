@@ -28,14 +28,14 @@ from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.wallet import WalletActivities
+from stores.bundle import Stores, make_stores
+from walletclient.wallet_client import WalletClient
+from walletconfig.settings import Settings
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.phases import MigrationState, Phase
-from walletmig.client import WalletClient
-from walletmig.config import Settings
 from walletmig.devstack import read_records
 from walletmig.processes import PROC_ROOT, ProcessRecord, is_alive
-from walletmig.runtime import Stores, make_stores
 from workers.wallet_worker import build_worker, connect_temporal
 from workflows.bare import BareEntityWorkflow
 

@@ -40,25 +40,8 @@ from pydantic import BaseModel, Field
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from activities.migration import MigrationActivities
-from stores.backfill_imports import ImportLedger
-from stores.read_metrics import ReadMetricsStore, ReadOutcome, percentile
-from walletcore.balances import MinorBalance, WalletBalance
-from walletcore.errors import WalletError
-from walletcore.gates import GateThresholds, pct
-from walletcore.keys import WalletKey
-from walletcore.money import to_minor
-from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
-from walletcore.phases import Phase
-from walletcore.transitions import Position, describe
-from walletmig.client import WalletClient
-from walletmig.config import ENVIRONMENT, Settings
-from walletmig.read_path import PendingOps, ReadPathConfig, ReadRouter
-from walletmig.runtime import Stores, make_stores
-from workers.wallet_worker import connect_temporal
-from workflows.backfill import BackfillWorkflow
-from workflows.backfill_models import BackfillInput
-from workflows.migration import MigrationWorkflow
-from workflows.migration_models import (
+from messages.backfill import BackfillInput
+from messages.migration import (
     UPDATE_ADVANCE,
     UPDATE_FORCE_ADVANCE,
     UPDATE_ROLLBACK,
@@ -70,8 +53,25 @@ from workflows.migration_models import (
     MigrationStatus,
     RollbackRequest,
 )
+from messages.reconciliation import ReconcileInput
+from stores.backfill_imports import ImportLedger
+from stores.bundle import Stores, make_stores
+from stores.read_metrics import ReadMetricsStore, ReadOutcome, percentile
+from walletclient.read_path import PendingOps, ReadPathConfig, ReadRouter
+from walletclient.wallet_client import WalletClient
+from walletconfig.settings import ENVIRONMENT, Settings
+from walletcore.balances import MinorBalance, WalletBalance
+from walletcore.errors import WalletError
+from walletcore.gates import GateThresholds, pct
+from walletcore.keys import WalletKey
+from walletcore.money import to_minor
+from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
+from walletcore.phases import Phase
+from walletcore.transitions import Position, describe
+from workers.wallet_worker import connect_temporal
+from workflows.backfill import BackfillWorkflow
+from workflows.migration import MigrationWorkflow
 from workflows.reconciliation import ReconciliationWorkflow
-from workflows.reconciliation_models import ReconcileInput
 from workflows.wallet import WalletWorkflow
 
 PAIRS = ("USD:USA", "MXN:MEX", "EUR:ESP")

@@ -31,7 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from walletmig.config import DEFAULT_STATE_DIR, ENVIRONMENT
+from walletconfig.settings import DEFAULT_STATE_DIR, ENVIRONMENT
 from walletmig.processes import (
     ProcessRecord,
     free_port,

@@ -16,9 +16,9 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.migration import MigrationActivities
-from activities.ops import OPS_WORKFLOWS, ensure_ops_indexes, ops_activities
-from walletmig.runtime import Stores
+from stores.bundle import Stores
 from workers.wallet_worker import unique_activities, workflow_runner
+from workers.wiring import OPS_WORKFLOWS, ensure_ops_indexes, ops_activities
 from workflows.migration import MigrationWorkflow
 
 SHUTDOWN_GRACE_S = 10.0

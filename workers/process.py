@@ -21,11 +21,10 @@ from typing import Any, Literal
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.ops import make_importer
 from activities.wallet import WalletActivities
+from stores.bundle import Stores, make_stores
 from stores.read_metrics import ReadMetricsStore
-from walletmig.config import Settings
-from walletmig.runtime import Stores, make_stores
+from walletconfig.settings import Settings
 from workers.migration_worker import (
     MIGRATION_WORKFLOWS,
     build_migration_worker,
@@ -37,6 +36,7 @@ from workers.wallet_worker import (
     unique_activities,
     wallet_activities,
 )
+from workers.wiring import make_importer
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.ops import make_importer
 from activities.wallet import WalletActivities
-from walletmig.config import Settings
-from walletmig.runtime import Stores
+from stores.bundle import Stores
+from walletconfig.settings import Settings
+from workers.wiring import make_importer
 from workflows.reads import GetBalanceWorkflow, GetMultiBalanceWorkflow
 from workflows.wallet import WalletWorkflow
 
@@ -33,7 +33,7 @@ MAX_CONCURRENT_LOCAL_ACTIVITIES = 200
 # Every module is passed through the sandbox (loaded once per process, not re-executed for
 # each workflow run): profiling showed per-run re-imports costing ~100 ms of CPU per run. The
 # sandbox's runtime restrictions (no I/O, no threads, no wall clock) still apply, and
-# workflows/ imports only pure modules (models, walletcore, activities.errors).
+# workflows/ imports only pure modules (models, walletcore, messages.errors).
 #
 # The serving worker runs workflows outside the sandbox: its per-activation cost (code strings
 # exec'd for every activation and payload conversion) measured ~2 ms of worker CPU per bare

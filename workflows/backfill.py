@@ -20,8 +20,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
-    from workflows.backfill_models import (
+    from messages.backfill import (
         ACTIVITY_COUNT,
         ACTIVITY_HISTORY_PAGE,
         ACTIVITY_PAGE,
@@ -36,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         HistoryPageInput,
         HistoryPageOutput,
     )
+    from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
 
 PAGE_START_TO_CLOSE = timedelta(minutes=10)
 PAGE_HEARTBEAT = timedelta(minutes=2)

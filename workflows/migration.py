@@ -23,22 +23,7 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from walletcore.gates import Evidence, GateResult, failed_reasons, pct
-    from walletcore.phases import MigrationState, Phase
-    from walletcore.transitions import (
-        Decision,
-        Position,
-        clip_reason,
-        decide_advance,
-        decide_auto_rollback,
-        decide_pause,
-        decide_rollback,
-        decide_set_rollout,
-        describe,
-        gates_for_move,
-        next_position,
-    )
-    from workflows.migration_models import (
+    from messages.migration import (
         ACTIVITY_ARCHIVE_LEGACY,
         ACTIVITY_AWAIT_REVERSE_DRAIN,
         ACTIVITY_COLLECT_EVIDENCE,
@@ -72,6 +57,21 @@ with workflow.unsafe.imports_passed_through():
         ReverseDrainResult,
         RollbackRequest,
         SetRolloutRequest,
+    )
+    from walletcore.gates import Evidence, GateResult, failed_reasons, pct
+    from walletcore.phases import MigrationState, Phase
+    from walletcore.transitions import (
+        Decision,
+        Position,
+        clip_reason,
+        decide_advance,
+        decide_auto_rollback,
+        decide_pause,
+        decide_rollback,
+        decide_set_rollout,
+        describe,
+        gates_for_move,
+        next_position,
     )
 
 MIGRATION_PHASE = SearchAttributeKey.for_keyword("MigrationPhase")

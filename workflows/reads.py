@@ -1,7 +1,7 @@
 """Short read workflows: a balance, or every balance of a client, through Temporal.
 
 They exist so services with only a Temporal client can read; latency-sensitive readers use
-walletmig.reads.WalletReader directly. One local activity each (no extra task round trip).
+walletclient.read_path.ReadRouter directly. One local activity each (no extra task round trip).
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.errors import to_application_error, wallet_error_from_failure
-    from walletcore.balances import WalletBalance
-    from walletcore.errors import StoreUnavailableError
-    from walletcore.operations import GetBalance, GetMultiBalance
-    from workflows.wallet_models import (
+    from messages.errors import to_application_error, wallet_error_from_failure
+    from messages.wallet import (
         ACTIVITY_READ_BALANCE,
         ACTIVITY_READ_MULTI_BALANCE,
+        GET_BALANCE_WORKFLOW,
+        GET_MULTI_BALANCE_WORKFLOW,
         MultiBalance,
         ReadBalanceInput,
         ReadMultiBalanceInput,
     )
+    from walletcore.balances import WalletBalance
+    from walletcore.errors import StoreUnavailableError
+    from walletcore.operations import GetBalance, GetMultiBalance
 
 READ_START_TO_CLOSE = timedelta(seconds=10)
 READ_SCHEDULE_TO_CLOSE = timedelta(seconds=30)
@@ -39,7 +41,7 @@ def _read_failure(err: ActivityError) -> BaseException:
     return to_application_error(domain)
 
 
-@workflow.defn
+@workflow.defn(name=GET_BALANCE_WORKFLOW)
 class GetBalanceWorkflow:
     @workflow.run
     async def run(self, query: GetBalance) -> WalletBalance:
@@ -57,7 +59,7 @@ class GetBalanceWorkflow:
         return balance
 
 
-@workflow.defn
+@workflow.defn(name=GET_MULTI_BALANCE_WORKFLOW)
 class GetMultiBalanceWorkflow:
     @workflow.run
     async def run(self, query: GetMultiBalance) -> MultiBalance:

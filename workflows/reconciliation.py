@@ -17,8 +17,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
-    from workflows.reconciliation_models import (
+    from messages.reconciliation import (
         ACTIVITY_ACCOUNT_PAGE,
         ACTIVITY_FINISH,
         ACTIVITY_RECHECK,
@@ -44,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         WalletPageInput,
         WalletPageOutput,
     )
+    from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)

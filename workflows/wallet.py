@@ -31,14 +31,12 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.errors import (
+    from messages.errors import (
         invalid_input,
         to_application_error,
         wallet_error_from_failure,
     )
-    from walletcore.errors import StoreUnavailableError, WalletError
-    from walletcore.operations import OperationResult, validate_operation
-    from workflows.wallet_models import (
+    from messages.wallet import (
         ACTIVITY_APPLY_MONGODB,
         ACTIVITY_APPLY_PRIMARY,
         ACTIVITY_APPLY_TIGERBEETLE,
@@ -46,6 +44,9 @@ with workflow.unsafe.imports_passed_through():
         DRAIN_BATCH_MAX,
         RECENT_RESULTS_MAX,
         ROTATING_ERROR_TYPE,
+        WALLET_QUERY_STATUS,
+        WALLET_UPDATE_APPLY,
+        WALLET_WORKFLOW,
         ApplyPrimaryInput,
         ApplyTigerBeetleInput,
         ApplyTigerBeetleOutput,
@@ -60,6 +61,8 @@ with workflow.unsafe.imports_passed_through():
         WalletWorkflowInput,
         WalletWorkflowResult,
     )
+    from walletcore.errors import StoreUnavailableError, WalletError
+    from walletcore.operations import OperationResult, validate_operation
 
 # The MongoDB write answers the caller: bounded, so a store outage fails the update clearly
 # (StoreUnavailableError) instead of holding the caller forever.
@@ -85,7 +88,7 @@ TIGERBEETLE_RETRY = RetryPolicy(
 )
 
 
-@workflow.defn
+@workflow.defn(name=WALLET_WORKFLOW)
 class WalletWorkflow:
     @workflow.init
     def __init__(self, inp: WalletWorkflowInput) -> None:
@@ -284,7 +287,7 @@ class WalletWorkflow:
 
     # ---- operations ----------------------------------------------------------------------
 
-    @workflow.update
+    @workflow.update(name=WALLET_UPDATE_APPLY)
     async def apply(self, command: WalletCommand) -> OperationResult:
         self._pending += 1
         try:
@@ -432,7 +435,7 @@ class WalletWorkflow:
 
     # ---- observability -------------------------------------------------------------------
 
-    @workflow.query
+    @workflow.query(name=WALLET_QUERY_STATUS)
     def status(self) -> WalletStatus:
         backlog = self._state.backlog
         return WalletStatus(

@@ -13,14 +13,14 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from walletconfig.settings import Settings
 from walletmig.commands import CommandError
-from walletmig.config import Settings
 
 # Temporal, the workflow and its models load inside the handlers (fast `walletmig --help`).
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
-    from workflows.backfill_models import BackfillProgress
+    from messages.backfill import BackfillProgress
 
 POLL_INTERVAL_S = 1.0
 BAR_WIDTH = 30
@@ -94,8 +94,8 @@ async def _watch(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
 async def _start(args: argparse.Namespace) -> int:
     from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
+    from messages.backfill import BackfillInput
     from workflows.backfill import BackfillWorkflow, backfill_workflow_id
-    from workflows.backfill_models import BackfillInput
 
     settings = Settings.from_env()
     pairs = resolve_pairs(args.pair)

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from walletconfig.settings import Settings
 from walletmig.commands import UsageError
-from walletmig.config import Settings
 
 RECONCILE_WALLETS_DEFAULT = 100_000
 # (sub-command, help) of walletmig/bench_reconcile.py's two benchmarks.

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from walletmig.config import Settings
+from walletconfig.settings import Settings
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:

@@ -13,14 +13,14 @@ import getpass
 import json
 from typing import TYPE_CHECKING, Any
 
+from walletconfig.settings import Settings
 from walletcore.phases import Phase
 from walletmig.commands import CommandError, UsageError
-from walletmig.config import Settings
 
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
-    from workflows.migration_models import MigrationStatus
+    from messages.migration import MigrationStatus
 
 DEFAULT_NAME = "main"
 
@@ -32,7 +32,7 @@ async def connect(settings: Settings) -> Client:
 
 
 def _handle(client: Client, name: str) -> WorkflowHandle[Any, MigrationStatus]:
-    from workflows.migration_models import MigrationStatus, migration_workflow_id
+    from messages.migration import MigrationStatus, migration_workflow_id
 
     return client.get_workflow_handle(migration_workflow_id(name), result_type=MigrationStatus)
 
@@ -77,7 +77,7 @@ async def _update(args: argparse.Namespace, name: str, request: Any) -> int:
     from temporalio.client import WorkflowUpdateFailedError
     from temporalio.service import RPCError
 
-    from workflows.migration_models import MigrationStatus
+    from messages.migration import MigrationStatus
 
     settings = Settings.from_env()
     client = await connect(settings)
@@ -100,13 +100,13 @@ def _print(args: argparse.Namespace, status: MigrationStatus) -> None:
 
 
 async def cmd_start(args: argparse.Namespace) -> int:
-    from walletcore.gates import GateThresholds
-    from workflows.migration_models import (
+    from messages.migration import (
         MigrationConfig,
         MigrationInput,
         MigrationStatus,
         migration_workflow_id,
     )
+    from walletcore.gates import GateThresholds
 
     settings = Settings.from_env()
     thresholds = GateThresholds(window_s=args.window_s,
@@ -128,7 +128,7 @@ async def cmd_start(args: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     from temporalio.service import RPCError
 
-    from workflows.migration_models import QUERY_STATUS, MigrationStatus
+    from messages.migration import QUERY_STATUS, MigrationStatus
 
     client = await connect(Settings.from_env())
     try:
@@ -191,14 +191,14 @@ def register(subparsers: Any) -> None:
 
 
 async def _advance(args: argparse.Namespace) -> int:
-    from workflows.migration_models import UPDATE_ADVANCE, AdvanceRequest
+    from messages.migration import UPDATE_ADVANCE, AdvanceRequest
 
     return await _update(args, UPDATE_ADVANCE, AdvanceRequest(
         actor=_actor(args), reason=args.reason, confirm=args.confirm))
 
 
 async def _rollback(args: argparse.Namespace) -> int:
-    from workflows.migration_models import UPDATE_ROLLBACK, RollbackRequest
+    from messages.migration import UPDATE_ROLLBACK, RollbackRequest
 
     return await _update(args, UPDATE_ROLLBACK, RollbackRequest(
         actor=_actor(args), reason=args.reason, to=Phase(args.to),
@@ -206,21 +206,21 @@ async def _rollback(args: argparse.Namespace) -> int:
 
 
 async def _set_rollout(args: argparse.Namespace) -> int:
-    from workflows.migration_models import UPDATE_SET_ROLLOUT, SetRolloutRequest
+    from messages.migration import UPDATE_SET_ROLLOUT, SetRolloutRequest
 
     return await _update(args, UPDATE_SET_ROLLOUT, SetRolloutRequest(
         actor=_actor(args), reason=args.reason, percent=args.percent))
 
 
 async def _pause(args: argparse.Namespace) -> int:
-    from workflows.migration_models import UPDATE_PAUSE, PauseRequest
+    from messages.migration import UPDATE_PAUSE, PauseRequest
 
     return await _update(args, UPDATE_PAUSE, PauseRequest(actor=_actor(args),
                                                           reason=args.reason))
 
 
 async def _resume(args: argparse.Namespace) -> int:
-    from workflows.migration_models import UPDATE_RESUME, PauseRequest
+    from messages.migration import UPDATE_RESUME, PauseRequest
 
     return await _update(args, UPDATE_RESUME, PauseRequest(actor=_actor(args),
                                                            reason=args.reason))
@@ -229,7 +229,7 @@ async def _resume(args: argparse.Namespace) -> int:
 async def _force(args: argparse.Namespace) -> int:
     if not args.reason.strip():
         raise UsageError("force-advance needs --reason")
-    from workflows.migration_models import UPDATE_FORCE_ADVANCE, ForceAdvanceRequest
+    from messages.migration import UPDATE_FORCE_ADVANCE, ForceAdvanceRequest
 
     return await _update(args, UPDATE_FORCE_ADVANCE, ForceAdvanceRequest(
         actor=_actor(args), reason=args.reason, confirm=args.confirm))

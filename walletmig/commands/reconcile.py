@@ -17,20 +17,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from walletconfig.settings import Settings
 from walletmig.commands import CommandError, UsageError
 from walletmig.commands.backfill import connect, resolve_pairs
-from walletmig.config import Settings
 
 # Temporal, pymongo and the workflow models load inside the handlers (fast `walletmig --help`).
 if TYPE_CHECKING:
-    from workflows.reconciliation_models import ReconcileInput, ReconcileSummary
+    from messages.reconciliation import ReconcileInput, ReconcileSummary
 
 EXIT_ALERT = 3
 HISTORY_DEFAULT = 100
 
 
 def _input(args: argparse.Namespace, run_id: str) -> ReconcileInput:
-    from workflows.reconciliation_models import PAGE_MAX, ReconcileInput
+    from messages.reconciliation import PAGE_MAX, ReconcileInput
 
     if args.repair and not args.reason:
         raise UsageError("--repair needs --reason (it is written to the audit log)")
@@ -80,8 +80,8 @@ async def _schedule(args: argparse.Namespace) -> int:
         ScheduleUpdateInput,
     )
 
+    from messages.reconciliation import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
     from workflows.reconciliation import ReconciliationWorkflow
-    from workflows.reconciliation_models import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
 
     args.schedule_id = args.schedule_id or SCHEDULE_ID
     args.every_s = SCHEDULE_EVERY_S_DEFAULT if args.every_s is None else args.every_s
@@ -127,14 +127,14 @@ async def _schedule(args: argparse.Namespace) -> int:
 
 
 async def _report(args: argparse.Namespace) -> int:
-    from stores.mongo import database_of, make_mongo_client
+    from messages.reconciliation import ReconcileSummary
+    from mongobase.mongo import database_of, make_mongo_client
     from stores.reports import ReportStore
-    from workflows.reconciliation_models import ReconcileSummary
 
     settings = Settings.from_env()
-    mongo = make_mongo_client(settings)
+    mongo = make_mongo_client(settings.mongodb_uri)
     try:
-        reports = ReportStore(database_of(mongo, settings))
+        reports = ReportStore(database_of(mongo, settings.mongodb_database))
         latest = await reports.latest()
         if latest is None:
             raise CommandError("no finished reconciliation report yet (`walletmig reconcile run`)")

@@ -1,8 +1,8 @@
 """`walletmig wallet credit|debit|void|balance|balances|history`: operate one wallet.
 
 Writes go through Temporal (the wallet workflow); `balance --direct` and `history` read the
-stores directly (walletmig.reads.WalletReader). `--json` prints the result as JSON. Errors print
-one line: exit 1 for a refused operation or an unreachable server, 2 for bad input.
+stores directly (walletclient.read_path.ReadRouter). `--json` prints the result as JSON.
+Errors print one line: exit 1 for a refused operation or an unreachable server, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from walletconfig.settings import Settings
 from walletcore.balances import WalletBalance
 from walletcore.errors import InvalidInputError, WalletError
 from walletcore.keys import WalletKey
@@ -26,7 +27,6 @@ from walletcore.operations import (
     parse_input,
 )
 from walletmig.commands import CommandError, UsageError
-from walletmig.config import Settings
 
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ def _command_error(err: WalletError) -> CommandError:
 
 
 async def _wallet_client(args: argparse.Namespace) -> Any:
-    from walletmig.client import WalletClient
+    from walletclient.wallet_client import WalletClient
     from workers.wallet_worker import connect_temporal
 
     settings = Settings.from_env()
@@ -203,11 +203,11 @@ async def _history(args: argparse.Namespace) -> int:
 
 
 async def _direct(read: Any) -> Any:
-    from walletmig.reads import WalletReader
-    from walletmig.runtime import open_stores
+    from stores.bundle import open_stores
+    from walletclient.read_path import ReadRouter
 
     async with open_stores(Settings.from_env(), ensure_indexes=False) as stores:
-        reader = WalletReader(stores.legacy, stores.tigerbeetle, stores.migration)
+        reader = ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration)
         return await read(reader)
 
 

@@ -7,8 +7,8 @@ import argparse
 import logging
 from typing import Any
 
+from walletconfig.settings import Settings
 from walletmig.commands import UsageError
-from walletmig.config import Settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

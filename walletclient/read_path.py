@@ -11,7 +11,7 @@
 - tb_primary: TigerBeetle answers (MongoDB, the reverse projection, is the fallback).
 - complete: TigerBeetle only.
 
-This is the one read path: `walletmig.reads.WalletReader` is an alias. Without a metrics store
+This is the one read path (services embed it; so do the workers). Without a metrics store
 (a caller that only wants answers, e.g. a one-off CLI read) nothing is recorded and shadow
 comparisons are skipped, since nobody would see them. History follows the same routing as the
 balance.

@@ -27,6 +27,15 @@ from walletcore.phases import Phase
 from walletcore.write_facts import LegacyFacts
 
 # Activity names: the workflow refers to activities by name so it never imports store code.
+# Workflow, Update and Query names: the client library calls them by name (it never imports the
+# workflows); the workflows declare them with these names. They are the class and method
+# names they always had, so recorded histories replay.
+WALLET_WORKFLOW = "WalletWorkflow"
+WALLET_UPDATE_APPLY = "apply"
+WALLET_QUERY_STATUS = "status"
+GET_BALANCE_WORKFLOW = "GetBalanceWorkflow"
+GET_MULTI_BALANCE_WORKFLOW = "GetMultiBalanceWorkflow"
+
 ACTIVITY_APPLY_PRIMARY = "apply_primary"
 ACTIVITY_APPLY_TIGERBEETLE = "apply_tigerbeetle"
 ACTIVITY_APPLY_MONGODB = "apply_mongodb_projection"  # tb_primary's reverse projection

@@ -1,5 +1,6 @@
 """Wiring for the migration task queue's worker: the backfill and reconciliation workflows and
-their activities, built from the process's stores (walletmig.runtime.Stores)."""
+their activities, built from the process's stores (stores.bundle.Stores). Lives with the workers:
+it names workflows and activities together, which only a worker may."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 from activities.backfill import BackfillActivities, WalletImporter
 from activities.reconciliation import ReconcileActivities, Reconciler
 from stores.backfill_imports import ImportLedger
+from stores.bundle import Stores
 from stores.reports import ReportStore
-from walletmig.runtime import Stores
 from workflows.backfill import BackfillWorkflow
 from workflows.reconciliation import ReconciliationWorkflow
 

@@ -28,7 +28,22 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.errors import application_errors, wallet_error_from_failure
+from messages.errors import application_errors, wallet_error_from_failure
+from messages.wallet import (
+    BACKLOG_MAX_DEFAULT,
+    GET_BALANCE_WORKFLOW,
+    GET_MULTI_BALANCE_WORKFLOW,
+    IDLE_TIMEOUT_S_DEFAULT,
+    MAX_OPS_PER_RUN_DEFAULT,
+    ROTATING_ERROR_TYPE,
+    WALLET_QUERY_STATUS,
+    WALLET_UPDATE_APPLY,
+    WALLET_WORKFLOW,
+    MultiBalance,
+    WalletCommand,
+    WalletStatus,
+    WalletWorkflowInput,
+)
 from walletcore.balances import WalletBalance
 from walletcore.errors import StoreUnavailableError
 from walletcore.keys import WalletKey
@@ -42,17 +57,6 @@ from walletcore.operations import (
     WalletOperation,
     parse_input,
     validate_operation,
-)
-from workflows.reads import GetBalanceWorkflow, GetMultiBalanceWorkflow
-from workflows.wallet import WalletWorkflow
-from workflows.wallet_models import (
-    BACKLOG_MAX_DEFAULT,
-    IDLE_TIMEOUT_S_DEFAULT,
-    MAX_OPS_PER_RUN_DEFAULT,
-    ROTATING_ERROR_TYPE,
-    WalletCommand,
-    WalletStatus,
-    WalletWorkflowInput,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -114,8 +118,8 @@ class WalletClient:
         deadline = loop.time() + self._retry_window_s
         last_reason = ""
         for attempt in range(ATTEMPTS_MAX):
-            start = WithStartWorkflowOperation(
-                WalletWorkflow.run,
+            start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
+                WALLET_WORKFLOW,
                 self._template.model_copy(update={"wallet": op.wallet}),
                 id=op.wallet.workflow_id,
                 task_queue=self._task_queue,
@@ -123,13 +127,15 @@ class WalletClient:
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             )
             try:
-                return await self._client.execute_update_with_start_workflow(
-                    WalletWorkflow.apply,
+                result: OperationResult = await self._client.execute_update_with_start_workflow(
+                    WALLET_UPDATE_APPLY,
                     command,
                     start_workflow_operation=start,
+                    result_type=OperationResult,
                     # A fresh id per attempt: a repeat is answered by the workflow's guard.
                     id=f"{command.kind.value}:{command.transaction_id}:{uuid.uuid4().hex[:12]}",
                 )
+                return result
             except WorkflowUpdateFailedError as err:
                 await _settle(start)
                 domain = wallet_error_from_failure(err.cause)
@@ -162,21 +168,24 @@ class WalletClient:
     async def get_balance(self, wallet: WalletKey | Mapping[str, Any]) -> WalletBalance:
         query = _parse(GetBalance, {"wallet": wallet})
         try:
-            return await self._client.execute_workflow(
-                GetBalanceWorkflow.run,
+            balance: WalletBalance = await self._client.execute_workflow(
+                GET_BALANCE_WORKFLOW,
                 query,
+                result_type=WalletBalance,
                 id=f"balance/{query.wallet.canonical}/{uuid.uuid4().hex}",
                 task_queue=self._task_queue,
             )
         except WorkflowFailureError as err:
             raise _domain_or(err) from None
+        return balance
 
     async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
         query = _parse(GetMultiBalance, {"client_id": client_id})
         try:
-            result = await self._client.execute_workflow(
-                GetMultiBalanceWorkflow.run,
+            result: MultiBalance = await self._client.execute_workflow(
+                GET_MULTI_BALANCE_WORKFLOW,
                 query,
+                result_type=MultiBalance,
                 id=f"balances/{query.client_id}/{uuid.uuid4().hex}",
                 task_queue=self._task_queue,
             )
@@ -186,9 +195,10 @@ class WalletClient:
 
     async def status(self, wallet: WalletKey) -> WalletStatus | None:
         """The wallet workflow's status query (latest run), or None if it never ran."""
-        handle = self._client.get_workflow_handle_for(WalletWorkflow.run, wallet.workflow_id)
+        handle = self._client.get_workflow_handle(wallet.workflow_id)
         try:
-            return await handle.query(WalletWorkflow.status)
+            status: WalletStatus = await handle.query(WALLET_QUERY_STATUS, result_type=WalletStatus)
+            return status
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 return None

@@ -1,7 +1,9 @@
-"""Opening the stores from Settings: one function shared by worker, reader, CLI and benchmarks.
+"""Opening the stores: one function shared by worker, reader, CLI and benchmarks.
 
-`make_stores(settings)` connects MongoDB, Redis and TigerBeetle (emulator or cluster), builds
-the registries and store adapters and ensures indexes; `Stores.close()` releases the clients.
+`make_stores(params)` (any object with the `StoreParams` attributes, e.g. the process's
+`walletconfig.settings.Settings`) connects MongoDB, Redis and TigerBeetle (emulator or
+cluster), builds the registries and store adapters and ensures indexes; `Stores.close()`
+releases the clients.
 """
 
 from __future__ import annotations
@@ -9,20 +11,40 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as redis_asyncio
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from mongobase.mongo import database_of, make_mongo_client
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
-from stores.mongo import database_of, make_mongo_client
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
 from stores.tigerbeetle_store import TigerBeetleStore
-from walletmig.config import Settings
+
+
+class StoreParams(Protocol):
+    """The plain parameters the stores need: addresses, names and bounds, nothing else."""
+
+    @property
+    def mongodb_uri(self) -> str: ...
+    @property
+    def mongodb_database(self) -> str: ...
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def tb_addresses(self) -> str: ...
+    @property
+    def tb_cluster_id(self) -> int: ...
+    @property
+    def tb_request_timeout_s(self) -> float: ...
+    @property
+    def registry_cache_ttl_s(self) -> int: ...
+    @property
+    def deployment_tag(self) -> int: ...
 
 
 @dataclass
@@ -50,11 +72,11 @@ class Stores:
 
 
 async def make_stores(
-    settings: Settings, *, ensure_indexes: bool = True, tb_addresses: str | None = None
+    settings: StoreParams, *, ensure_indexes: bool = True, tb_addresses: str | None = None
 ) -> Stores:
     """Open clients and build the stores. `tb_addresses` overrides settings (tests)."""
-    mongo_client = make_mongo_client(settings)
-    db = database_of(mongo_client, settings)
+    mongo_client = make_mongo_client(settings.mongodb_uri)
+    db = database_of(mongo_client, settings.mongodb_database)
     redis = redis_asyncio.Redis.from_url(settings.redis_url)
     tb_client = connect_tigerbeetle(
         tb_addresses or settings.tb_addresses,
@@ -88,7 +110,7 @@ async def make_stores(
 
 
 @contextlib.asynccontextmanager
-async def open_stores(settings: Settings, **kwargs: Any) -> AsyncIterator[Stores]:
+async def open_stores(settings: StoreParams, **kwargs: Any) -> AsyncIterator[Stores]:
     stores = await make_stores(settings, **kwargs)
     try:
         yield stores

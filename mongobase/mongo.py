@@ -22,7 +22,6 @@ from pymongo.uri_parser import parse_uri
 from walletcore.currencies import precision_of
 from walletcore.errors import ConflictError
 from walletcore.money import from_minor
-from walletmig.config import Settings
 
 DECIMAL128_DIGITS_MAX = 34  # IEEE 754-2008 decimal128 coefficient digits
 U128_MAX = 2**128 - 1
@@ -38,21 +37,21 @@ TXN_BACKOFF_BASE_MS = 2
 TXN_BACKOFF_CAP_MS = 50
 
 
-def make_mongo_client(settings: Settings, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
-    """A client from configuration. URI options (retryWrites, journal, ...) come from the URI;
+def make_mongo_client(uri: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
+    """A client for `uri`. URI options (retryWrites, journal, ...) come from the URI;
     we only add a server selection bound when the URI has none, and tz-aware datetimes."""
-    options = parse_uri(settings.mongodb_uri)["options"]
+    options = parse_uri(uri)["options"]
     extra: dict[str, Any] = {"tz_aware": True, "appname": "walletmig"}
     if "serverSelectionTimeoutMS" not in options:
         extra["serverSelectionTimeoutMS"] = SERVER_SELECTION_TIMEOUT_MS_DEFAULT
     extra.update(kwargs)
-    return AsyncMongoClient(settings.mongodb_uri, **extra)
+    return AsyncMongoClient(uri, **extra)
 
 
 def database_of(
-    client: AsyncMongoClient[dict[str, Any]], settings: Settings
+    client: AsyncMongoClient[dict[str, Any]], name: str
 ) -> AsyncDatabase[dict[str, Any]]:
-    return client[settings.mongodb_database]
+    return client[name]
 
 
 def now_ms() -> datetime:

@@ -1,0 +1,1 @@
+"""Configuration: environment variables to settings. Imports nothing of the project."""
