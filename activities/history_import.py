@@ -70,6 +70,7 @@ from walletcore.ids import reference_hash, system_account_id, transfer_id, void_
 from walletcore.keys import WalletKey
 from walletcore.ledgers import LedgerTable
 from walletcore.phases import Phase
+from walletcore.transfer_map import operation_leg, void_code
 
 NS_PER_MS = 1_000_000
 TRANSFER_SLOT_OFFSET_NS = 500_000  # accounts below it within a millisecond, transfers above
@@ -317,24 +318,20 @@ class HistoryImporter:
                                 f"its pair maps to {ledger}")
         txn = str(doc["_id"])
         amount_minor = decimal128_to_minor(doc["amount"], wallet.currency, field="amount")
-        reserve = system_account_id(ledger, SystemAccount.RESERVE)
-        spend = system_account_id(ledger, SystemAccount.SPEND)
         customer = record.account_id
         kind = str(doc["type"])
         if kind == TYPE_CREDIT:
-            tid, dr, cr, code = transfer_id(txn), reserve, customer, TransferCode.CREDIT
+            tid, code = transfer_id(txn), TransferCode.CREDIT
         elif kind == TYPE_DEBIT:
-            tid, dr, cr, code = transfer_id(txn), customer, spend, TransferCode.DEBIT
-        elif kind == TYPE_VOID and original is not None and original_type == TYPE_CREDIT:
-            tid, dr, cr, code = void_transfer_id(original), customer, reserve, \
-                TransferCode.CREDIT_VOID
+            tid, code = transfer_id(txn), TransferCode.DEBIT
         elif kind == TYPE_VOID and original is not None:
-            tid, dr, cr, code = void_transfer_id(original), spend, customer, \
-                TransferCode.DEBIT_VOID
+            tid, code = void_transfer_id(original), void_code(original_type == TYPE_CREDIT)
         else:
             raise ConflictError(f"unknown legacy transaction type {kind!r}")
+        leg = operation_leg(ledger, customer, code)
         transfer = tb.Transfer(
-            id=tid, debit_account_id=dr, credit_account_id=cr, amount=amount_minor,
+            id=tid, debit_account_id=leg.debit_account_id,
+            credit_account_id=leg.credit_account_id, amount=amount_minor,
             user_data_128=reference_hash(doc.get("reference_id")), ledger=ledger,
             code=int(code), flags=tb.TransferFlags.IMPORTED)
         created_at = as_utc(doc["created_at"])

@@ -104,6 +104,7 @@ from walletcore.reconcile import (
     transfer_effect,
     wallet_agrees,
 )
+from walletcore.transfer_map import operation_leg, void_code
 
 IN_OPENING_TYPES = frozenset({TYPE_CREDIT_IN_OPENING, TYPE_DEBIT_IN_OPENING})
 CHECKED_TYPES = frozenset({TYPE_CREDIT, TYPE_DEBIT, *IN_OPENING_TYPES})  # voids: via originals
@@ -755,23 +756,20 @@ class Reconciler:
             ledger = scope.get(rec.wallet.ledger_pair)
             if ledger is None or rec.type not in CHECKED_TYPES:
                 continue  # other scope, or a void: checked through its original below
-            reserve = system_account_id(ledger, SystemAccount.RESERVE)
-            spend = system_account_id(ledger, SystemAccount.SPEND)
             is_credit = rec.type in (TYPE_CREDIT, TYPE_CREDIT_IN_OPENING)
+            leg = operation_leg(ledger, rec.account_id,
+                                TransferCode.CREDIT if is_credit else TransferCode.DEBIT)
             (absent if rec.type in IN_OPENING_TYPES else expected).append(ExpectedTransfer(
                 transaction_id=rec.transaction_id, id=rec.transfer_id,
-                debit_account_id=reserve if is_credit else rec.account_id,
-                credit_account_id=rec.account_id if is_credit else spend,
-                amount=rec.amount_minor,
-                code=int(TransferCode.CREDIT if is_credit else TransferCode.DEBIT)))
+                debit_account_id=leg.debit_account_id, credit_account_id=leg.credit_account_id,
+                amount=rec.amount_minor, code=int(leg.code)))
             if rec.voided and rec.void_transfer_id is not None:
+                vleg = operation_leg(ledger, rec.account_id, void_code(is_credit))
                 expected.append(ExpectedTransfer(
                     transaction_id=f"{rec.void_transaction_id} (void of {rec.transaction_id})",
-                    id=rec.void_transfer_id,
-                    debit_account_id=rec.account_id if is_credit else spend,
-                    credit_account_id=reserve if is_credit else rec.account_id,
-                    amount=rec.amount_minor,
-                    code=int(TransferCode.CREDIT_VOID if is_credit else TransferCode.DEBIT_VOID)))
+                    id=rec.void_transfer_id, debit_account_id=vleg.debit_account_id,
+                    credit_account_id=vleg.credit_account_id, amount=rec.amount_minor,
+                    code=int(vleg.code)))
         assert len(expected) + len(absent) <= PAGE_MAX
         wanted = [e.id for e in (*expected, *absent)]
         actual = {t.id: t for t in await self._client.lookup_transfers(wanted)} if wanted else {}

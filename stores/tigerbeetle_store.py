@@ -66,6 +66,7 @@ from walletcore.operations import (
     WalletOperation,
     validate_operation,
 )
+from walletcore.transfer_map import operation_leg, void_code
 from walletcore.write_facts import OriginalFacts
 
 T = TypeVar("T")
@@ -338,20 +339,16 @@ class TigerBeetleStore:
             await self._ensure_tb_account(account)
         _check_ledger(account, ledger)
         await self.ensure_system_accounts(ledger)
-        if is_debit:
-            debit_id, credit_id = account.account_id, system_account_id(ledger, SystemAccount.SPEND)
-            code = TransferCode.DEBIT
-        else:
-            debit_id = system_account_id(ledger, SystemAccount.RESERVE)
-            credit_id, code = account.account_id, TransferCode.CREDIT
+        leg = operation_leg(ledger, account.account_id,
+                            TransferCode.DEBIT if is_debit else TransferCode.CREDIT)
         transfer = tb.Transfer(
             id=tid,
-            debit_account_id=debit_id,
-            credit_account_id=credit_id,
+            debit_account_id=leg.debit_account_id,
+            credit_account_id=leg.credit_account_id,
             amount=amount_minor,
             user_data_128=reference_hash(op.reference_id),
             ledger=ledger,
-            code=int(code),
+            code=int(leg.code),
         )
         if is_debit and not account.allow_overdraft and existing is None:
             await self._check_funds(account, transfer)
@@ -448,21 +445,15 @@ class TigerBeetleStore:
         _check_ledger(account, ledger)
         await self.ensure_system_accounts(ledger)
         voids_credit = original.type in (TYPE_CREDIT, TYPE_CREDIT_IN_OPENING)
-        if voids_credit:  # give the credit back: customer -> RESERVE
-            debit_id = account.account_id
-            credit_id = system_account_id(ledger, SystemAccount.RESERVE)
-            code = TransferCode.CREDIT_VOID
-        else:  # return the spent amount: SPEND -> customer
-            debit_id = system_account_id(ledger, SystemAccount.SPEND)
-            credit_id, code = account.account_id, TransferCode.DEBIT_VOID
+        leg = operation_leg(ledger, account.account_id, void_code(voids_credit))
         transfer = tb.Transfer(
             id=vtid,
-            debit_account_id=debit_id,
-            credit_account_id=credit_id,
+            debit_account_id=leg.debit_account_id,
+            credit_account_id=leg.credit_account_id,
             amount=original.amount_minor,
             user_data_128=reference_hash(op.reference_id),
             ledger=ledger,
-            code=int(code),
+            code=int(leg.code),
         )
         if voids_credit and not account.allow_overdraft and not known_replay:
             await self._check_funds(account, transfer)
