@@ -363,136 +363,97 @@ def _worker_ready(temporal: Path, address: str, task_queues: Sequence[str]
     return probe
 
 
-def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
-    state = config.state_dir.resolve()
-    host = config.host
-    temporal = find_binary("temporal")
-    base_env = dict(os.environ)
-    specs: dict[str, ComponentSpec] = {}
-
-    temporal_argv: list[str] = [
-        str(temporal),
-        "server",
-        "start-dev",
-        "--ip",
-        host,
-        "--port",
-        str(config.temporal_port),
-        "--ui-port",
-        str(config.temporal_ui_port),
-        "--db-filename",
-        str(state / "temporal" / "temporal.db"),
+def _temporal_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) -> ComponentSpec:
+    data_dir = config.state_dir.resolve() / "temporal"
+    argv: list[str] = [
+        str(temporal), "server", "start-dev",
+        "--ip", config.host,
+        "--port", str(config.temporal_port),
+        "--ui-port", str(config.temporal_ui_port),
+        "--db-filename", str(data_dir / "temporal.db"),
         # WAL + synchronous=normal: durable across process crashes, far fewer fsyncs.
-        "--sqlite-pragma",
-        "journal_mode=wal",
-        "--sqlite-pragma",
-        "synchronous=normal",
-        "--log-level",
-        "warn",
+        "--sqlite-pragma", "journal_mode=wal",
+        "--sqlite-pragma", "synchronous=normal",
+        "--log-level", "warn",
         # Update-with-Start drives the wallet workflow; explicit so a CLI upgrade cannot
         # silently turn it off.
-        "--dynamic-config-value",
-        "frontend.enableUpdateWorkflowExecution=true",
-        "--dynamic-config-value",
-        "frontend.enableExecuteMultiOperation=true",
-    ]
+        "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true",
+        "--dynamic-config-value", "frontend.enableExecuteMultiOperation=true",
+    ]  # fmt: skip
     for name, kind in SEARCH_ATTRIBUTES.items():
-        temporal_argv += ["--search-attribute", f"{name}={kind}"]
-    specs["temporal"] = ComponentSpec(
-        name="temporal",
-        argv=tuple(temporal_argv),
-        address=config.temporal_address,
-        port=config.temporal_port,
-        data_dir=state / "temporal",
-        probe=_temporal_ready(temporal, config.temporal_address),
-        env=base_env,
-    )
+        argv += ["--search-attribute", f"{name}={kind}"]
+    return ComponentSpec(
+        name="temporal", argv=tuple(argv), address=config.temporal_address,
+        port=config.temporal_port, data_dir=data_dir,
+        probe=_temporal_ready(temporal, config.temporal_address), env=env,
+    )  # fmt: skip
 
-    specs["redis"] = ComponentSpec(
-        name="redis",
-        argv=(
-            str(find_binary("redis-server")),
-            "--port",
-            str(config.redis_port),
-            "--bind",
-            host,
-            "--dir",
-            str(state / "redis"),
-            # The cache is rebuildable: append-only file for restarts, no RDB snapshots.
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-        ),
-        address=config.redis_url,
-        port=config.redis_port,
-        data_dir=state / "redis",
-        probe=_redis_ready(host, config.redis_port),
-        env=base_env,
-    )
 
-    specs["mongo"] = ComponentSpec(
-        name="mongo",
-        argv=(
-            str(find_binary("secantusd-py")),
-            "--host",
-            host,
-            "--port",
-            str(config.mongo_port),
-            "--storage-path",
-            str(state / "mongo"),
-            # An explicit config file turns off secantusd's discovery of ~/.secantus/ and
-            # /etc/secantus/ files, which would otherwise change this stack behind our back.
-            "--config",
-            str(state / "mongo" / SECANTUS_CONFIG_FILE),
-            "--log-level",
-            "WARNING",
-            # The legacy wallet store is the source of truth: fsync every commit.
-            *(["--sync-on-commit"] if config.durable else []),
-        ),
-        address=config.mongodb_uri,
-        port=config.mongo_port,
-        data_dir=state / "mongo",
-        probe=_mongo_ready(config.mongodb_uri),
-        env=base_env,
+def _redis_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
+    data_dir = config.state_dir.resolve() / "redis"
+    argv = (
+        str(find_binary("redis-server")),
+        "--port", str(config.redis_port),
+        "--bind", config.host,
+        "--dir", str(data_dir),
+        # The cache is rebuildable: append-only file for restarts, no RDB snapshots.
+        "--save", "",
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--daemonize", "no",
+        "--loglevel", "warning",
+    )  # fmt: skip
+    return ComponentSpec(
+        name="redis", argv=argv, address=config.redis_url, port=config.redis_port,
+        data_dir=data_dir, probe=_redis_ready(config.host, config.redis_port), env=env,
+    )  # fmt: skip
+
+
+def _mongo_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
+    data_dir = config.state_dir.resolve() / "mongo"
+    argv = (
+        str(find_binary("secantusd-py")),
+        "--host", config.host,
+        "--port", str(config.mongo_port),
+        "--storage-path", str(data_dir),
+        # An explicit config file turns off secantusd's discovery of ~/.secantus/ and
+        # /etc/secantus/ files, which would otherwise change this stack behind our back.
+        "--config", str(data_dir / SECANTUS_CONFIG_FILE),
+        "--log-level", "WARNING",
+        # The legacy wallet store is the source of truth: fsync every commit.
+        *(["--sync-on-commit"] if config.durable else []),
+    )  # fmt: skip
+    return ComponentSpec(
+        name="mongo", argv=argv, address=config.mongodb_uri, port=config.mongo_port,
+        data_dir=data_dir, probe=_mongo_ready(config.mongodb_uri), env=env,
         data_files={SECANTUS_CONFIG_FILE: SECANTUS_CONFIG},
-    )
+    )  # fmt: skip
 
-    specs["tigerbeetle"] = ComponentSpec(
-        name="tigerbeetle",
-        argv=(
-            sys.executable,
-            "-m",
-            "tb_emulator",
-            "--host",
-            host,
-            "--port",
-            str(config.tb_port),
-            "--data-file",
-            str(state / "tigerbeetle" / "0_0.tbemu"),
-        ),
-        address=config.tb_addresses,
-        port=config.tb_port,
-        data_dir=state / "tigerbeetle",
-        probe=_tcp_ready(host, config.tb_port),
-        env=base_env,
-        unavailable=""
-        if module_available(TB_EMULATOR_MODULE)
+
+def _tigerbeetle_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
+    data_dir = config.state_dir.resolve() / "tigerbeetle"
+    argv = (
+        sys.executable, "-m", "tb_emulator",
+        "--host", config.host,
+        "--port", str(config.tb_port),
+        "--data-file", str(data_dir / "0_0.tbemu"),
+    )  # fmt: skip
+    return ComponentSpec(
+        name="tigerbeetle", argv=argv, address=config.tb_addresses, port=config.tb_port,
+        data_dir=data_dir, probe=_tcp_ready(config.host, config.tb_port), env=env,
+        unavailable="" if module_available(TB_EMULATOR_MODULE)
         else "tb_emulator has no __main__ yet",
-    )
+    )  # fmt: skip
 
-    # One worker process serves the wallet and the migration task queues (`walletmig worker`).
-    worker_env = {**base_env, **stack_env(config)}
+
+def _worker_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) -> ComponentSpec:
+    """One worker process serves the wallet and the migration task queues (`walletmig
+    worker`), with the stack's addresses in its environment."""
+    worker_env = {**env, **stack_env(config)}
     task_queues = tuple(dict.fromkeys(
         worker_env.get(name, ENVIRONMENT[name][1])
         for name in ("WALLET_TASK_QUEUE", "MIGRATION_TASK_QUEUE")))
-    specs["worker"] = ComponentSpec(
+    return ComponentSpec(
         name="worker",
         argv=(sys.executable, "-m", "walletmig", "worker"),
         address=f"task queues {', '.join(task_queues)} on {config.temporal_address}",
@@ -500,10 +461,22 @@ def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
         data_dir=None,
         probe=_worker_ready(temporal, config.temporal_address, task_queues),
         env=worker_env,
-        unavailable=""
-        if module_available(WORKER_MODULE)
+        unavailable="" if module_available(WORKER_MODULE)
         else "`walletmig worker` command not registered yet",
-    )
+    )  # fmt: skip
+
+
+def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
+    """Every component's launch spec, in start order (one function per component above)."""
+    temporal = find_binary("temporal")
+    base_env = dict(os.environ)
+    specs = {
+        "temporal": _temporal_spec(config, temporal, base_env),
+        "redis": _redis_spec(config, base_env),
+        "mongo": _mongo_spec(config, base_env),
+        "tigerbeetle": _tigerbeetle_spec(config, base_env),
+        "worker": _worker_spec(config, temporal, base_env),
+    }
     assert tuple(specs) == COMPONENTS
     return specs
 
@@ -654,64 +627,73 @@ def up(config: StackConfig, components: Sequence[str] | None = None) -> list[Com
     with _locked(state):
         records = read_records(state)
         _check_ports_free(config, specs, selected, records)
-        started: list[str] = []
         for phase in (SERVERS, ("worker",)):
             # Launch every server of a phase first, then wait: they boot in parallel.
+            started: list[str] = []
             for name in (n for n in phase if n in selected):
-                spec = specs[name]
-                record = records.get(name)
-                if record is not None and is_alive(record):
-                    if record.address != spec.address:
-                        raise StackError(
-                            f"{name} already runs at {record.address}, not {spec.address}; "
-                            "run `walletmig dev down` first to change ports"
-                        )
-                    results[name] = ComponentStatus(
-                        name=name,
-                        state="up",
-                        address=record.address,
-                        pid=record.pid,
-                        log_path=record.log_path,
-                        detail="already running",
-                    )
-                    continue
-                if spec.unavailable:
-                    results[name] = ComponentStatus(
-                        name=name, state="skipped", address=spec.address, detail=spec.unavailable
-                    )
-                    continue
-                if spec.data_dir is not None:
-                    spec.data_dir.mkdir(parents=True, exist_ok=True)
-                    for file_name, text in spec.data_files.items():
-                        (spec.data_dir / file_name).write_text(text)
-                records[name] = spawn(
-                    spec.argv,
-                    log_path=state.resolve() / "logs" / f"{name}.log",
-                    env=spec.env,
-                    cwd=state.resolve(),
-                    address=spec.address,
-                )
-                _write_records(state, records)  # record at once: `down` can always clean up
-                started.append(name)
+                found = _launch(config, specs[name], records)
+                if found is None:
+                    started.append(name)
+                else:
+                    results[name] = found
             deadline = time.monotonic() + config.ready_timeout_s
-            for name in (n for n in phase if n in started):
-                try:
-                    _wait_ready(specs[name], records[name], deadline)
-                except StackError:
-                    stop(records.pop(name), timeout_s=config.stop_timeout_s)
-                    _write_records(state, records)
-                    raise
-                results[name] = ComponentStatus(
-                    name=name,
-                    state="up",
-                    address=records[name].address,
-                    pid=records[name].pid,
-                    log_path=records[name].log_path,
-                    detail="started",
-                )
+            for name in started:
+                results[name] = _await_started(config, specs[name], records, deadline)
         config.save()
         _write_env_file(state, _env_from_records(config, records))
     return [results[name] for name in selected]
+
+
+def _launch(
+    config: StackConfig, spec: ComponentSpec, records: dict[str, ProcessRecord]
+) -> ComponentStatus | None:
+    """Spawn `spec` unless it already runs or cannot run; None = spawned (and recorded)."""
+    state = config.state_dir
+    record = records.get(spec.name)
+    if record is not None and is_alive(record):
+        if record.address != spec.address:
+            raise StackError(
+                f"{spec.name} already runs at {record.address}, not {spec.address}; "
+                "run `walletmig dev down` first to change ports"
+            )
+        return ComponentStatus(
+            name=spec.name, state="up", address=record.address, pid=record.pid,
+            log_path=record.log_path, detail="already running",
+        )  # fmt: skip
+    if spec.unavailable:
+        return ComponentStatus(
+            name=spec.name, state="skipped", address=spec.address, detail=spec.unavailable
+        )
+    if spec.data_dir is not None:
+        spec.data_dir.mkdir(parents=True, exist_ok=True)
+        for file_name, text in spec.data_files.items():
+            (spec.data_dir / file_name).write_text(text)
+    records[spec.name] = spawn(
+        spec.argv,
+        log_path=state.resolve() / "logs" / f"{spec.name}.log",
+        env=spec.env,
+        cwd=state.resolve(),
+        address=spec.address,
+    )
+    _write_records(state, records)  # record at once: `down` can always clean up
+    return None
+
+
+def _await_started(
+    config: StackConfig, spec: ComponentSpec, records: dict[str, ProcessRecord], deadline: float
+) -> ComponentStatus:
+    """Wait until a spawned component answers; if it does not, stop it and raise."""
+    try:
+        _wait_ready(spec, records[spec.name], deadline)
+    except StackError:
+        stop(records.pop(spec.name), timeout_s=config.stop_timeout_s)
+        _write_records(config.state_dir, records)
+        raise
+    record = records[spec.name]
+    return ComponentStatus(
+        name=spec.name, state="up", address=record.address, pid=record.pid,
+        log_path=record.log_path, detail="started",
+    )  # fmt: skip
 
 
 def _env_from_records(config: StackConfig, records: Mapping[str, ProcessRecord]) -> dict[str, str]:
