@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import tigerbeetle as tb
-from pymongo.asynchronous.database import AsyncDatabase
 from temporalio import activity
 
 from activities.history_import import HistoryImporter
@@ -40,40 +39,25 @@ from messages.backfill import (
     ImportOutcome,
     LegacyWallet,
 )
-from mongobase.mongo import (
-    as_utc,
-    decimal128_to_minor,
-    hex_to_u128,
-    insert_new,
-    now_ms,
-    u128_to_hex,
-)
-from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
-from registries.transfer_registry import TransferRegistry
+from mongobase.mongo import now_ms
+from registries.account_registry import AccountRecord
 from stores.backfill_imports import ImportLedger, ImportRecord, ImportStatus
-from stores.history_import import HistoryCheckpoints, create_accounts_allowing_imported
-from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
-from stores.reports import IN_CHUNK_MAX, find_keys
+from stores.history_import import create_accounts_allowing_imported
+from stores.legacy_store import LegacyStore
 from stores.tb_errors import Outcome, account_rule, transfer_rule
-from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import TigerBeetleStore, customer_account_of
 from walletcore.balances import MinorBalance
 from walletcore.codes import SystemAccount, TransferCode
 from walletcore.errors import InvalidInputError, StoreUnavailableError
-from walletcore.ids import account_id, opening_transfer_id, system_account_id
+from walletcore.ids import opening_transfer_id, system_account_id
 from walletcore.keys import WalletKey
-from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
 from walletcore.reconcile import PostingPlan, plan_to_reach
 
 BATCH_EVENTS_MAX = 8189  # TigerBeetle's request limit
-REGISTRY_CONCURRENCY = 64  # registry get_or_create calls in flight per page
 ENSURE_WAIT_S = 0.2
 ENSURE_WAIT_ATTEMPTS_MAX = 50  # then raise retryable: the activity retry policy takes over
 
-
-def _pair_filter(pair: str) -> dict[str, str]:
-    currency, _, country = pair.partition(":")
-    return {"currency": currency, "country": country}
+Targets = dict[str, tuple[int, MinorBalance]]  # wallet -> (legacy version, balance) to import
 
 
 def opening_transfers(record: AccountRecord, version: int, plan: PostingPlan) -> list[tb.Transfer]:
@@ -109,38 +93,35 @@ def opening_transfers(record: AccountRecord, version: int, plan: PostingPlan) ->
     return out
 
 
-def _registry_record(doc: dict[str, Any]) -> AccountRecord:
-    wallet = WalletKey.from_canonical(doc["_id"])
-    record = AccountRecord(
-        wallet=wallet, account_id=hex_to_u128(doc["account_id"]), ledger=int(doc["ledger"]),
-        nonce=int(doc["nonce"]), allow_overdraft=bool(doc["allow_overdraft"]),
-        created_at=as_utc(doc["created_at"]),
-    )
-    assert record.account_id == account_id(wallet, record.nonce), f"registry {doc['_id']}"
-    return record
-
-
 class WalletImporter:
-    """The import itself, shared by the backfill page and the wallet workflow's lazy import."""
+    """The import itself, shared by the backfill page and the wallet workflow's lazy import.
+
+    Three stores (legacy, TigerBeetle with its registries, the import claims) and the
+    --with-history importer, whose checkpoints gate the openings of a page run with history."""
 
     def __init__(
         self,
-        db: AsyncDatabase[Any],
         legacy: LegacyStore,
-        tb_store: TigerBeetleStore,
-        client: TigerBeetleClient,
-        accounts: AccountRegistry,
+        tigerbeetle: TigerBeetleStore,
         imports: ImportLedger,
-        ledgers: LedgerTable = DEFAULT_LEDGER_TABLE,
+        history: HistoryImporter,
     ) -> None:
-        self._db = db
         self._legacy = legacy
-        self._tb_store = tb_store
-        self._client = client
-        self._accounts = accounts
+        self._tb_store = tigerbeetle
+        self._client = tigerbeetle.client
+        self._accounts = tigerbeetle.accounts
+        self._ledgers = tigerbeetle.ledgers
         self._imports = imports
-        self._ledgers = ledgers
-        self._history = HistoryCheckpoints(db)
+        self._history = history
+
+    @property
+    def imports(self) -> ImportLedger:
+        return self._imports
+
+    @property
+    def history(self) -> HistoryImporter:
+        """The --with-history importer over the same stores."""
+        return self._history
 
     async def import_wallets(
         self, wallets: Sequence[LegacyWallet], claimer: str, *, resume_own: bool = False
@@ -154,9 +135,36 @@ class WalletImporter:
         by_key = {w.wallet.canonical: w for w in wallets}
         for w in wallets:
             self._ledgers.ledger_of(w.wallet.currency, w.wallet.country)  # unknown pair: fail
+        targets, already, busy = await self._claim(by_key, claimer, resume_own=resume_own)
+        if not targets:
+            return ImportOutcome(already=already, busy=busy)
+        records = await self._accounts.get_or_create_many(
+            [(by_key[k].wallet, by_key[k].allow_overdraft) for k in targets])
+        failed: dict[str, str] = {}
+        for ledger in sorted({r.ledger for r in records.values()}):
+            await self._tb_store.ensure_system_accounts(ledger)
+        await self._create_accounts(list(records.values()), failed)
+        posted, owners = await self._post_openings(targets, records, failed)
+        done = {k: v for k, v in posted.items() if k not in failed}
+        if failed:  # first: mark_done's range update must find failed claims no longer claimed
+            await self._imports.mark_failed(claimer, failed)
+        await self._imports.mark_done(claimer, sorted(done))
+        imported = [k for k, (c, d) in done.items() if c or d]
+        return ImportOutcome(
+            imported=imported,
+            already=already + len(done) - len(imported),
+            busy=busy,
+            failed=failed,
+            transfers=sum(1 for o in owners if o in done),
+        )
+
+    async def _claim(
+        self, by_key: dict[str, LegacyWallet], claimer: str, *, resume_own: bool
+    ) -> tuple[Targets, int, int]:
+        """(the wallets this call imports with their targets, already done, busy elsewhere).
+        Claim first: a fresh wallet (the common case) then costs one insert and no read; only
+        the wallets that already had a record (lost inserts) are read back, by key."""
         now = now_ms()
-        # Claim first: a fresh wallet (the common case) then costs one insert and no read;
-        # only the wallets that already had a record (lost inserts) are read back, by key.
         fresh = [
             ImportRecord(
                 wallet=key,
@@ -169,8 +177,8 @@ class WalletImporter:
             for key, w in by_key.items()
         ]
         won = await self._imports.claim_many(fresh)
-        targets: dict[str, tuple[int, MinorBalance]] = {  # wallet -> (version, balance)
-            rec.wallet: (rec.version, rec.balance) for rec in fresh if rec.wallet in won}
+        targets: Targets = {rec.wallet: (rec.version, rec.balance) for rec in fresh
+                            if rec.wallet in won}
         lost = [key for key in by_key if key not in won]
         existing = await self._imports.get_many(lost)
         already = 0
@@ -188,15 +196,13 @@ class WalletImporter:
                 targets[key] = (rec.version, rec.balance)  # the claim's target, not the page's
             else:
                 busy += 1
-        if not targets:
-            return ImportOutcome(already=already, busy=busy)
+        return targets, already, busy
 
-        records = await self.registry_records(
-            [(by_key[k].wallet, by_key[k].allow_overdraft) for k in targets])
-        failed: dict[str, str] = {}
-        for ledger in sorted({r.ledger for r in records.values()}):
-            await self._tb_store.ensure_system_accounts(ledger)
-        await self._create_accounts(list(records.values()), failed)
+    async def _post_openings(
+        self, targets: Targets, records: dict[str, AccountRecord], failed: dict[str, str]
+    ) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        """Post what brings each claimed wallet's account to its target: ((credit, debit)
+        posted per wallet, the wallet of each transfer sent). Failures land in `failed`."""
         live = [k for k in targets if k not in failed]
         accounts = await self._lookup([records[k].account_id for k in live])
         transfers: list[tb.Transfer] = []
@@ -228,72 +234,7 @@ class WalletImporter:
                 rule = transfer_rule(result.status)
                 if rule.outcome is Outcome.FAILED and owner not in failed:
                     failed[owner] = f"opening transfer {transfer.id:032x}: {result.status.name}"
-        done = {k: v for k, v in posted.items() if k not in failed}
-        if failed:  # first: mark_done's range update must find failed claims no longer claimed
-            await self._imports.mark_failed(claimer, failed)
-        await self._imports.mark_done(claimer, sorted(done))
-        imported = [k for k, (c, d) in done.items() if c or d]
-        return ImportOutcome(
-            imported=imported,
-            already=already + len(done) - len(imported),
-            busy=busy,
-            failed=failed,
-            transfers=sum(1 for o in owners if o in done),
-        )
-
-    async def registry_records(
-        self, wallets: Sequence[tuple[WalletKey, bool]]
-    ) -> dict[str, AccountRecord]:
-        """Registry records of (wallet, allow_overdraft) pairs: one range read, one unordered
-        bulk insert of the missing ones (nonce 0, the foundation's document format); anything
-        that collides or races falls back to AccountRegistry.get_or_create, which owns the
-        nonce logic."""
-        found: dict[str, AccountRecord] = {}
-        for ledger, keys in self._keys_by_ledger(wallets).items():
-            found.update({k: _registry_record(d)
-                          for k, d in (await self._registry_find(ledger, keys)).items()})
-        missing = [(w, allow) for w, allow in wallets if w.canonical not in found]
-        now = now_ms()
-        docs: list[dict[str, Any]] = [{
-            "_id": w.canonical, "client_id": w.client_id,
-            "country": w.country, "currency": w.currency,
-            "issuer_type": w.issuer_type, "account_id": u128_to_hex(account_id(w)),
-            "ledger": self._ledgers.ledger_of(w.currency, w.country), "nonce": 0,
-            "allow_overdraft": allow, "created_at": now,
-        } for w, allow in missing]
-        # Taken meanwhile (a live write registered it): read back through get_or_create below.
-        lost = await insert_new(self._db[ACCOUNT_REGISTRY], docs)
-        for i, doc in enumerate(docs):
-            if i not in lost:
-                found[doc["_id"]] = _registry_record(doc)
-        gate = asyncio.Semaphore(REGISTRY_CONCURRENCY)
-
-        async def one(w: tuple[WalletKey, bool]) -> AccountRecord:
-            async with gate:
-                return await self._accounts.get_or_create(w[0], allow_overdraft=w[1])
-
-        slow = await asyncio.gather(*(one(missing[i]) for i in sorted(lost)))
-        found.update({r.wallet.canonical: r for r in slow})
-        return found
-
-    def _keys_by_ledger(self, wallets: Sequence[tuple[WalletKey, bool]]) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        for w, _ in wallets:
-            out.setdefault(self._ledgers.ledger_of(w.currency, w.country), []).append(w.canonical)
-        return out
-
-    async def _registry_find(self, ledger: int, keys: list[str]) -> dict[str, Any]:
-        """Registry entries of `keys` (one ledger): one `(ledger, _id)` index range read for a
-        page, key lookups for a few. A bare `_id` range scans the whole collection on
-        SecantusDB. An entry this misses (another ledger) only loses the insert below and
-        goes through get_or_create."""
-        if len(keys) <= IN_CHUNK_MAX:
-            return await find_keys(self._db[ACCOUNT_REGISTRY], keys)
-        wanted = set(keys)
-        cursor = self._db[ACCOUNT_REGISTRY].find(
-            {"ledger": ledger, "_id": {"$gte": min(keys), "$lte": max(keys)}}
-        ).batch_size(len(keys))
-        return {d["_id"]: d async for d in cursor if d["_id"] in wanted}
+        return posted, owners
 
     async def _create_accounts(self, records: list[AccountRecord], failed: dict[str, str]) -> None:
         for start in range(0, len(records), BATCH_EVENTS_MAX):
@@ -347,11 +288,10 @@ class WalletImporter:
                 return 0  # nothing in legacy: every operation goes to TigerBeetle as it comes
             balance, version = current
             if since_version is not None and since_version < version:
-                earlier = await self._balance_at(key, wallet.currency, since_version)
+                earlier = await self._balance_at(wallet, since_version)
                 if earlier is not None:
                     balance, version = earlier, since_version
-            doc = await self._db[WALLETS].find_one({"_id": key}, {"allow_overdraft": 1})
-            allow_overdraft = bool(doc and doc.get("allow_overdraft"))
+            allow_overdraft = await self._legacy.overdraft_allowed(wallet)
             outcome = await self.import_wallets(
                 [
                     LegacyWallet(
@@ -373,21 +313,12 @@ class WalletImporter:
             await asyncio.sleep(ENSURE_WAIT_S)  # another importer holds a fresh claim
         raise StoreUnavailableError(f"import of {key} is still in progress elsewhere")
 
-    async def _balance_at(self, key: str, currency: str, version: int) -> MinorBalance | None:
-        """The legacy balance right after `version` (its transaction's balance_after)."""
+    async def _balance_at(self, wallet: WalletKey, version: int) -> MinorBalance | None:
+        """The legacy balance right after `version` (None: seeded without a transaction log,
+        import the current balance)."""
         if version == 0:
             return MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
-        doc = await self._db[WALLET_TRANSACTIONS].find_one(
-            {"wallet": key, "wallet_version": version}, {"balance_after": 1})
-        if doc is None:
-            return None  # seeded without a transaction log: import the current balance
-        after = doc["balance_after"]
-        return MinorBalance(
-            credit_minor=decimal128_to_minor(after["credit"], currency, field="credit"),
-            debit_minor=decimal128_to_minor(after["debit"], currency, field="debit"),
-            historical_credit_minor=decimal128_to_minor(
-                after["historical_credit"], currency, field="historical_credit"),
-        )
+        return await self._legacy.balance_after(wallet, version)
 
     async def _record_empty(self, key: str, claimer: str) -> None:
         empty = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
@@ -396,19 +327,17 @@ class WalletImporter:
         if key in await self._imports.claim_many([claim]):
             await self._imports.mark_done(claimer, [key])
 
-    def history_importer(self) -> HistoryImporter:
-        """The --with-history importer over the same database, clients and registries."""
-        return HistoryImporter(
-            self._db, self._client, self.registry_records, TransferRegistry(self._db),
-            self._ledgers, deployment_tag=self._tb_store.deployment_tag)
-
     async def count(self, pairs: list[str]) -> dict[str, int]:
-        return {pair: await self._db[WALLETS].count_documents(_pair_filter(pair)) for pair in pairs}
+        totals: dict[str, int] = {}
+        for pair in pairs:
+            currency, _, country = pair.partition(":")
+            totals[pair] = await self._legacy.count_wallets(currency=currency, country=country)
+        return totals
 
     async def page(self, inp: BackfillPageInput) -> BackfillPageOutput:
         currency, _, country = inp.pair.partition(":")
         self._ledgers.ledger_of(currency, country)
-        if inp.with_history and not await self._history.done_for(inp.pair):
+        if inp.with_history and not await self._history.checkpoints.done_for(inp.pair):
             raise InvalidInputError(
                 f"the history of {inp.pair} is not imported yet: with --with-history the "
                 "openings come after it (they post only what the history does not hold)",
@@ -444,7 +373,7 @@ class BackfillActivities:
 
     def __init__(self, importer: WalletImporter) -> None:
         self._importer = importer
-        self._history = importer.history_importer()
+        self._history = importer.history
 
     @activity.defn(name=ACTIVITY_COUNT)
     async def count(self, inp: BackfillCountInput) -> BackfillCountOutput:

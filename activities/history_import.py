@@ -24,37 +24,33 @@ is counted as failed: the residual opening then holds its effect, so balances st
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import tigerbeetle as tb
 from pydantic import ValidationError
-from pymongo.asynchronous.database import AsyncDatabase
 
 from messages.backfill import HistoryPageInput, HistoryPageOutput
-from mongobase.mongo import as_utc, decimal128_to_minor, now_ms
+from mongobase.mongo import as_utc, now_ms
 from registries.account_registry import AccountRecord
-from registries.transfer_registry import TransferRecord, TransferRegistry
+from registries.transfer_registry import TransferRecord
 from stores.history_import import (
     HistoryCheckpoint,
     HistoryCheckpoints,
-    HistoryCursor,
     HistoryStatus,
     PageCounts,
     checkpoint_started,
     scope_of,
 )
-from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
+from stores.legacy_store import LegacyStore, LoggedTransaction
 from stores.migration_state import MigrationStateStore
-from stores.reports import find_keys
-from stores.tigerbeetle_client import TigerBeetleClient
 from stores.tigerbeetle_store import (
     TYPE_CREDIT,
     TYPE_DEBIT,
     TYPE_VOID,
+    TigerBeetleStore,
     customer_account_of,
     system_accounts,
     timestamp_to_datetime,
@@ -68,7 +64,6 @@ from walletcore.errors import (
 )
 from walletcore.ids import reference_hash, system_account_id, transfer_id, void_transfer_id
 from walletcore.keys import WalletKey
-from walletcore.ledgers import LedgerTable
 from walletcore.phases import Phase
 from walletcore.transfer_map import operation_leg, void_code
 
@@ -86,8 +81,6 @@ TOO_LATE_TRANSFER = frozenset({
     _CTS.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_DEBIT_ACCOUNT,
     _CTS.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_CREDIT_ACCOUNT,
 })
-Document = dict[str, Any]
-RegistryLookup = Callable[[Sequence[tuple[WalletKey, bool]]], Awaitable[dict[str, AccountRecord]]]
 
 
 def refused(reason: str) -> InvalidInputError:
@@ -102,15 +95,6 @@ def refused(reason: str) -> InvalidInputError:
 
 def ms_of(created_at: datetime) -> int:
     return (as_utc(created_at) - EPOCH) // timedelta(milliseconds=1)
-
-
-def scope_regex(pairs: Sequence[str]) -> str:
-    """Canonical wallet keys (`client|COUNTRY|CURRENCY|issuer`) of the scope's pairs."""
-    alternatives = []
-    for pair in sorted(set(pairs)):
-        currency, _, country = pair.partition(":")
-        alternatives.append(re.escape(f"{country}|{currency}"))
-    return r"^[^|]+\|(?:" + "|".join(alternatives) + r")\|"
 
 
 def newest_filter() -> tb.QueryFilter:
@@ -134,24 +118,25 @@ class _Event:
 
 
 class HistoryImporter:
+    """Reads the legacy log (LegacyStore), writes TigerBeetle and its registries
+    (TigerBeetleStore's client and registries), keeps its cursor (HistoryCheckpoints) and
+    refuses once a pair has left phase legacy (MigrationStateStore, always read fresh)."""
+
     def __init__(
         self,
-        db: AsyncDatabase[Any],
-        client: TigerBeetleClient,
-        registry_records: RegistryLookup,
-        transfers: TransferRegistry,
-        ledgers: LedgerTable,
-        *,
-        deployment_tag: int = 0,
+        legacy: LegacyStore,
+        tigerbeetle: TigerBeetleStore,
+        checkpoints: HistoryCheckpoints,
+        migration: MigrationStateStore,
     ) -> None:
-        self._db = db
-        self._client = client
-        self._registry_records = registry_records
-        self._transfers = transfers
-        self._ledgers = ledgers
-        self._deployment_tag = deployment_tag
-        self._checkpoints = HistoryCheckpoints(db)
-        self._migration = MigrationStateStore(db, cache_ttl_s=0)
+        self._legacy = legacy
+        self._client = tigerbeetle.client
+        self._accounts = tigerbeetle.accounts
+        self._transfers = tigerbeetle.transfers
+        self._ledgers = tigerbeetle.ledgers
+        self._deployment_tag = tigerbeetle.deployment_tag
+        self._checkpoints = checkpoints
+        self._migration = migration
 
     @property
     def checkpoints(self) -> HistoryCheckpoints:
@@ -170,13 +155,11 @@ class HistoryImporter:
             return _output(checkpoint)
         await self._check_phases(inp.pairs)
         newest_transfer_ts, newest_account_ts = await self._check_cluster()
-        docs = await self._scan(checkpoint, inp.limit)
+        assert 1 <= inp.limit <= BATCH_EVENTS_MAX
+        docs = await self._legacy.log_page(
+            checkpoint.pairs, before=checkpoint.cut, after=checkpoint.after, limit=inp.limit)
         counts = await self._import(docs, newest_transfer_ts, newest_account_ts)
-        after = checkpoint.after
-        if docs:
-            last = docs[-1]
-            after = HistoryCursor(created_at=as_utc(last["created_at"]), wallet=last["wallet"],
-                                  wallet_version=int(last["wallet_version"]))
+        after = docs[-1].position if docs else checkpoint.after
         advanced = await self._checkpoints.advance(
             checkpoint, after, counts, done=len(docs) < inp.limit)
         if advanced is None:  # an earlier attempt of this page got there first
@@ -195,10 +178,10 @@ class HistoryImporter:
                 update={"status": HistoryStatus.DONE, "done_at": now_ms()}))
         await self._check_phases(inp.pairs)
         await self._check_cluster()
+        await self._legacy.ensure_log_order_index()
         await self._checkpoints.ensure_indexes()
         cut = now_ms()
-        total = await self._db[WALLET_TRANSACTIONS].count_documents(
-            {"wallet": {"$regex": scope_regex(inp.pairs)}, "created_at": {"$lt": cut}})
+        total = await self._legacy.count_log(inp.pairs, before=cut)
         return await self._checkpoints.create(
             checkpoint_started(scope, inp.pairs, inp.run_id, cut, total))
 
@@ -225,25 +208,8 @@ class HistoryImporter:
 
     # ---- one page ----------------------------------------------------------------------------
 
-    async def _scan(self, checkpoint: HistoryCheckpoint, limit: int) -> list[Document]:
-        assert 1 <= limit <= BATCH_EVENTS_MAX
-        query: Document = {"wallet": {"$regex": scope_regex(checkpoint.pairs)},
-                           "created_at": {"$lt": checkpoint.cut}}
-        after = checkpoint.after
-        if after is not None:
-            at = after.created_at
-            query["$or"] = [
-                {"created_at": {"$gt": at}},
-                {"created_at": at, "wallet": {"$gt": after.wallet}},
-                {"created_at": at, "wallet": after.wallet,
-                 "wallet_version": {"$gt": after.wallet_version}},
-            ]
-        cursor = self._db[WALLET_TRANSACTIONS].find(query).sort(
-            [("created_at", 1), ("wallet", 1), ("wallet_version", 1)]).limit(limit)
-        return [doc async for doc in cursor]
-
     async def _import(
-        self, docs: list[Document], newest_transfer_ts: int, newest_account_ts: int
+        self, docs: list[LoggedTransaction], newest_transfer_ts: int, newest_account_ts: int
     ) -> PageCounts:
         if not docs:
             return PageCounts()
@@ -260,28 +226,26 @@ class HistoryImporter:
                           skipped=skipped, failed=failed)
 
     async def _events(
-        self, docs: list[Document], failed: dict[str, str]
+        self, docs: list[LoggedTransaction], failed: dict[str, str]
     ) -> tuple[list[_Event], int]:
         """The page's transactions as transfers (the live path's ids, accounts and codes)."""
-        wallets = sorted({d["wallet"] for d in docs})
-        wallet_docs = await find_keys(self._db[WALLETS], wallets, {"allow_overdraft": 1})
-        records = await self._registry_records(
-            [(WalletKey.from_canonical(k), bool(d.get("allow_overdraft")))
-             for k, d in wallet_docs.items()])
+        policies = await self._legacy.overdraft_policies(sorted({d.wallet for d in docs}))
+        records = await self._accounts.get_or_create_many(
+            [(WalletKey.from_canonical(k), allow) for k, allow in policies.items()])
         originals = await self._originals(docs)
-        in_page = {d["_id"] for d in docs}
+        in_page = {d.transaction_id for d in docs}
         registered = await self._transfers.get_many(
             sorted({o for o in originals if o not in in_page}))
         events: list[_Event] = []
         built: set[str] = set()
         skipped = 0
         for doc in docs:
-            txn = str(doc["_id"])
-            record = records.get(doc["wallet"])
+            txn = doc.transaction_id
+            record = records.get(doc.wallet)
             if record is None:
                 skipped += 1  # no wallet document: nothing to attach the transfer to
                 continue
-            original = doc.get("original_transaction_id") if doc["type"] == TYPE_VOID else None
+            original = doc.original_transaction_id if doc.type == TYPE_VOID else None
             original_type = None if original is None else originals.get(original)
             if original is not None and (original_type not in (TYPE_CREDIT, TYPE_DEBIT) or (
                     original not in in_page and original not in registered)):
@@ -298,28 +262,27 @@ class HistoryImporter:
             built.add(txn)
         return events, skipped
 
-    async def _originals(self, docs: list[Document]) -> dict[str, str]:
+    async def _originals(self, docs: list[LoggedTransaction]) -> dict[str, str]:
         """Type of every voided original of the page (from the page or the legacy log)."""
-        wanted = {str(d["original_transaction_id"]) for d in docs
-                  if d["type"] == TYPE_VOID and d.get("original_transaction_id")}
-        types = {str(d["_id"]): str(d["type"]) for d in docs if d["_id"] in wanted}
+        wanted = {str(d.original_transaction_id) for d in docs
+                  if d.type == TYPE_VOID and d.original_transaction_id}
+        types = {d.transaction_id: d.type for d in docs if d.transaction_id in wanted}
         missing = sorted(wanted - types.keys())
         if missing:
-            found = await find_keys(self._db[WALLET_TRANSACTIONS], missing, {"type": 1})
-            types.update({k: str(d["type"]) for k, d in found.items()})
+            types.update(await self._legacy.transaction_types(missing))
         return types
 
-    def _event(self, doc: Document, record: AccountRecord, original: str | None,
+    def _event(self, doc: LoggedTransaction, record: AccountRecord, original: str | None,
                original_type: str | None) -> _Event:
         wallet = record.wallet
         ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
         if record.ledger != ledger:
             raise ConflictError(f"wallet {wallet} is registered on ledger {record.ledger}, "
                                 f"its pair maps to {ledger}")
-        txn = str(doc["_id"])
-        amount_minor = decimal128_to_minor(doc["amount"], wallet.currency, field="amount")
+        txn = doc.transaction_id
+        amount_minor = doc.amount_minor(wallet.currency)
         customer = record.account_id
-        kind = str(doc["type"])
+        kind = doc.type
         if kind == TYPE_CREDIT:
             tid, code = transfer_id(txn), TransferCode.CREDIT
         elif kind == TYPE_DEBIT:
@@ -332,12 +295,12 @@ class HistoryImporter:
         transfer = tb.Transfer(
             id=tid, debit_account_id=leg.debit_account_id,
             credit_account_id=leg.credit_account_id, amount=amount_minor,
-            user_data_128=reference_hash(doc.get("reference_id")), ledger=ledger,
+            user_data_128=reference_hash(doc.reference_id), ledger=ledger,
             code=int(code), flags=tb.TransferFlags.IMPORTED)
-        created_at = as_utc(doc["created_at"])
+        created_at = doc.created_at
         rec = TransferRecord(
             transaction_id=txn, transfer_id=tid, wallet=wallet, account_id=customer, type=kind,
-            amount_minor=amount_minor, reference_id=doc.get("reference_id"),
+            amount_minor=amount_minor, reference_id=doc.reference_id,
             created_at=created_at)
         return _Event(txn=txn, ms=ms_of(created_at), account=record, transfer=transfer,
                       record=rec, original=original)

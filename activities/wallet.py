@@ -38,7 +38,7 @@ from messages.wallet import (
     ReadMultiBalanceInput,
     TigerBeetleItemOutcome,
 )
-from stores.backfill_imports import ImportLedger, ImportStatus
+from stores.backfill_imports import ImportStatus
 from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore
@@ -56,19 +56,6 @@ log = logging.getLogger(__name__)
 # The claimer name of imports started by a wallet's own write path (backfill uses its run id).
 WALLET_CLAIMER = "wallet-workflow"
 IMPORTED_KNOWN_MAX = 100_000  # finished imports remembered per process (ImportedVersions)
-
-
-def default_importer(legacy: LegacyStore, tigerbeetle: TigerBeetleStore) -> WalletImporter:
-    """The importer over the same database and clients as the stores themselves."""
-    return WalletImporter(
-        legacy.db,
-        legacy,
-        tigerbeetle,
-        tigerbeetle.client,
-        tigerbeetle.accounts,
-        ImportLedger(legacy.db),
-        tigerbeetle.ledgers,
-    )
 
 
 class TigerBeetleBacklog:
@@ -90,7 +77,7 @@ class TigerBeetleBacklog:
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
         self._importer = importer
-        self._imported = imported or ImportedVersions(importer, ImportLedger(legacy.db))
+        self._imported = imported or ImportedVersions(importer)
 
     async def apply(
         self, wallet: WalletKey, items: list[BacklogItem], *, since_version: int | None = None
@@ -205,9 +192,9 @@ class ImportedVersions:
     kept (LRU, bounded): the backlog and the tb_primary write path then skip one MongoDB read
     per batch. Anything not done yet goes through ensure_imported every time."""
 
-    def __init__(self, importer: WalletImporter, imports: ImportLedger) -> None:
+    def __init__(self, importer: WalletImporter) -> None:
         self._importer = importer
-        self._imports = imports
+        self._imports = importer.imports
         self._done: OrderedDict[str, int] = OrderedDict()
 
     async def ensure(
@@ -238,16 +225,17 @@ class WalletActivities:
         legacy: LegacyStore,
         tigerbeetle: TigerBeetleStore,
         migration: MigrationStateStore,
-        importer: WalletImporter | None = None,
+        importer: WalletImporter,
         metrics: ReadMetricsStore | None = None,
     ) -> None:
-        """`metrics`: where the read activities record their observations (gate evidence);
+        """`importer`: the backfill's importer over the same stores (workers.wiring builds it).
+        `metrics`: where the read activities record their observations (gate evidence);
         its owner runs the flusher (workers.process)."""
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
         self._migration = migration
-        self._importer = importer or default_importer(legacy, tigerbeetle)
-        self._imported = ImportedVersions(self._importer, ImportLedger(legacy.db))
+        self._importer = importer
+        self._imported = ImportedVersions(importer)
         self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer, self._imported)
         self._projection = ReverseProjectionActivities(legacy)
         self._reader = ReadRouter(legacy, tigerbeetle, migration, metrics)

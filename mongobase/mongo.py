@@ -27,6 +27,7 @@ DECIMAL128_DIGITS_MAX = 34  # IEEE 754-2008 decimal128 coefficient digits
 U128_MAX = 2**128 - 1
 U128_HEX_CHARS = 32
 PAGE_LIMIT_MAX = 8189  # one TigerBeetle batch: pages line up with lookups/creates
+IN_CHUNK_MAX = 64  # large `$in` lists are quadratic on the embedded server; chunks are not
 SERVER_SELECTION_TIMEOUT_MS_DEFAULT = 10_000
 WRITE_CONFLICT_CODE = 112
 DUPLICATE_KEY_CODE = 11000

@@ -8,7 +8,9 @@ creation, which is what makes the Redis read-through cache safe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +21,15 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from mongobase.mongo import PAGE_LIMIT_MAX, as_utc, hex_to_u128, now_ms, u128_to_hex
+from mongobase.mongo import (
+    IN_CHUNK_MAX,
+    PAGE_LIMIT_MAX,
+    as_utc,
+    hex_to_u128,
+    insert_new,
+    now_ms,
+    u128_to_hex,
+)
 from registries.cache import CACHE_KEY_PREFIX, JsonCache
 from walletcore.errors import ConflictError, InvalidInputError
 from walletcore.ids import NONCE_MAX, U128_MAX, account_id
@@ -32,6 +42,8 @@ ACCOUNT_REGISTRY = "account_registry"
 DEFAULT_TTL_S = 1800
 CREATE_ATTEMPTS_MAX = 4 * (NONCE_MAX + 1)  # each nonce may also lose a race or two
 CLIENT_LIMIT_MAX = 8189
+MANY_MAX = PAGE_LIMIT_MAX  # wallets per get_many / create_many call (one backfill page)
+CREATE_CONCURRENCY = 64  # get_or_create calls in flight for the leftovers of create_many
 
 Document = dict[str, Any]
 
@@ -107,18 +119,7 @@ class AccountRegistry:
             if nonce > NONCE_MAX:
                 break
             candidate = account_id(wallet, nonce)
-            doc: Document = {
-                "_id": canonical,
-                "client_id": wallet.client_id,
-                "country": wallet.country,
-                "currency": wallet.currency,
-                "issuer_type": wallet.issuer_type,
-                "account_id": u128_to_hex(candidate),
-                "ledger": ledger,
-                "nonce": nonce,
-                "allow_overdraft": allow_overdraft,
-                "created_at": now_ms(),
-            }
+            doc = _doc_of(wallet, ledger, nonce, allow_overdraft, now_ms())
             try:
                 await self._accounts.insert_one(doc)
             except DuplicateKeyError:
@@ -141,6 +142,58 @@ class AccountRegistry:
         raise ConflictError(
             f"no free account id for {canonical} within nonces 0..{NONCE_MAX}", field="wallet"
         )
+
+    async def get_many(self, wallets: Sequence[WalletKey]) -> dict[str, AccountRecord]:
+        """Records of `wallets` by canonical key (absent: not registered), read past the cache.
+        Per ledger: one `(ledger, _id)` index range read for a page, one `$in` for a few. A
+        bare `_id` range scans the whole collection on SecantusDB."""
+        assert len(wallets) <= MANY_MAX
+        by_ledger: dict[int, list[str]] = {}
+        for w in wallets:
+            ledger = self._ledgers.ledger_of(w.currency, w.country)
+            by_ledger.setdefault(ledger, []).append(w.canonical)
+        found: dict[str, AccountRecord] = {}
+        for ledger, keys in by_ledger.items():
+            wanted = set(keys)
+            if len(keys) <= IN_CHUNK_MAX:
+                query: Document = {"_id": {"$in": keys}}
+            else:  # an entry of another ledger is missed: create_many then reads it back
+                query = {"ledger": ledger, "_id": {"$gte": min(keys), "$lte": max(keys)}}
+            cursor = self._accounts.find(query).batch_size(len(keys))
+            found.update({d["_id"]: _record_of(d) async for d in cursor if d["_id"] in wanted})
+        return found
+
+    async def create_many(
+        self, wallets: Sequence[tuple[WalletKey, bool]]
+    ) -> dict[str, AccountRecord]:
+        """Records of new (wallet, allow_overdraft) pairs: one unordered bulk insert at nonce
+        0 (nothing to invalidate: a missing record is never cached). A wallet whose insert
+        lost (registered meanwhile, or its nonce-0 id is taken) goes through get_or_create,
+        which owns the nonce logic."""
+        assert len(wallets) <= MANY_MAX
+        now = now_ms()
+        docs = [_doc_of(w, self._ledgers.ledger_of(w.currency, w.country), 0, allow, now)
+                for w, allow in wallets]
+        lost = await insert_new(self._accounts, docs)
+        found = {doc["_id"]: _record_of(doc) for i, doc in enumerate(docs) if i not in lost}
+        gate = asyncio.Semaphore(CREATE_CONCURRENCY)
+
+        async def one(wallet: WalletKey, allow_overdraft: bool) -> AccountRecord:
+            async with gate:
+                return await self.get_or_create(wallet, allow_overdraft=allow_overdraft)
+
+        slow = await asyncio.gather(*(one(*wallets[i]) for i in sorted(lost)))
+        found.update({r.wallet.canonical: r for r in slow})
+        return found
+
+    async def get_or_create_many(
+        self, wallets: Sequence[tuple[WalletKey, bool]]
+    ) -> dict[str, AccountRecord]:
+        """get_or_create for a page of (wallet, allow_overdraft) pairs: one read, one insert."""
+        found = await self.get_many([w for w, _ in wallets])
+        found.update(await self.create_many(
+            [(w, allow) for w, allow in wallets if w.canonical not in found]))
+        return found
 
     async def by_account_id(self, account_id: int) -> AccountRecord | None:
         if not 0 < account_id < U128_MAX:
@@ -173,6 +226,24 @@ class AccountRegistry:
 def _check_limit(limit: int, limit_max: int) -> None:
     if not 1 <= limit <= limit_max:
         raise InvalidInputError(f"must be 1..{limit_max}, got {limit}", field="limit")
+
+
+def _doc_of(
+    wallet: WalletKey, ledger: int, nonce: int, allow_overdraft: bool, created_at: datetime
+) -> Document:
+    """The registry's document format (read back by _record_of)."""
+    return {
+        "_id": wallet.canonical,
+        "client_id": wallet.client_id,
+        "country": wallet.country,
+        "currency": wallet.currency,
+        "issuer_type": wallet.issuer_type,
+        "account_id": u128_to_hex(account_id(wallet, nonce)),
+        "ledger": ledger,
+        "nonce": nonce,
+        "allow_overdraft": allow_overdraft,
+        "created_at": created_at,
+    }
 
 
 def _record_of(doc: Document) -> AccountRecord:

@@ -20,6 +20,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from mongobase.mongo import database_of, make_mongo_client
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
+from stores.backfill_imports import ImportLedger
+from stores.history_import import HistoryCheckpoints
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
@@ -60,6 +62,8 @@ class Stores:
     legacy: LegacyStore
     tigerbeetle: TigerBeetleStore
     migration: MigrationStateStore
+    imports: ImportLedger  # the backfill's claims (indexes: workers.wiring.ensure_ops_indexes)
+    history: HistoryCheckpoints  # the --with-history import's checkpoints
 
     async def close(self) -> None:
         # Each close is independent: one failing must not leak the others.
@@ -97,6 +101,8 @@ async def make_stores(
         tigerbeetle=TigerBeetleStore(tb_client, accounts, transfers,
                                      deployment_tag=settings.deployment_tag),
         migration=MigrationStateStore(db),
+        imports=ImportLedger(db),
+        history=HistoryCheckpoints(db),
     )
     if ensure_indexes:
         try:

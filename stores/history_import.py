@@ -27,11 +27,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from mongobase.mongo import as_utc, now_ms
-from stores.legacy_store import WALLET_TRANSACTIONS
+from stores.legacy_store import HistoryCursor
 from stores.tigerbeetle_client import TigerBeetleClient
 
 BACKFILL_HISTORY = "backfill_history"
-HISTORY_ORDER_INDEX = "history_order"  # wallet_transactions (created_at, wallet, wallet_version)
 FAILED_SAMPLE_MAX = 20
 BATCH_EVENTS_MAX = 8189
 
@@ -43,16 +42,6 @@ class HistoryStatus(StrEnum):
     DONE = "done"
 
 
-class HistoryCursor(BaseModel):
-    """The last legacy transaction a page handled, in scan order."""
-
-    model_config = ConfigDict(frozen=True)
-
-    created_at: datetime
-    wallet: str
-    wallet_version: int = Field(ge=0)
-
-
 class HistoryCheckpoint(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -61,7 +50,7 @@ class HistoryCheckpoint(BaseModel):
     run_id: str
     cut: datetime  # legacy transactions created at or after the cut are not imported
     status: HistoryStatus = HistoryStatus.RUNNING
-    after: HistoryCursor | None = None
+    after: HistoryCursor | None = None  # the last legacy transaction a page handled
     pages: int = Field(default=0, ge=0)
     total: int = Field(default=0, ge=0)  # scope transactions before the cut, counted at start
     scanned: int = Field(default=0, ge=0)
@@ -92,18 +81,12 @@ def scope_of(pairs: list[str]) -> str:
 
 
 class HistoryCheckpoints:
-    """The `backfill_history` collection (and the scan index on `wallet_transactions`)."""
+    """The `backfill_history` collection."""
 
     def __init__(self, db: AsyncDatabase[Any]) -> None:
         self._col: AsyncCollection[Any] = db[BACKFILL_HISTORY]
-        self._txns: AsyncCollection[Any] = db[WALLET_TRANSACTIONS]
 
     async def ensure_indexes(self) -> None:
-        """The history scan's order on the legacy log; LegacyStore.ensure_indexes does not
-        create it (only a history import needs it)."""
-        await self._txns.create_indexes([IndexModel(
-            [("created_at", ASCENDING), ("wallet", ASCENDING), ("wallet_version", ASCENDING)],
-            name=HISTORY_ORDER_INDEX)])
         await self._col.create_indexes(
             [IndexModel([("pairs", ASCENDING), ("status", ASCENDING)], name="pairs_status")])
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, DESCENDING, IndexModel, InsertOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
@@ -46,6 +48,7 @@ from mongobase.mongo import (
     minor_to_decimal128,
     now_ms,
 )
+from stores.reports import find_keys
 from walletcore.balances import MinorBalance, WalletBalance
 from walletcore.errors import (
     AlreadyVoidedError,
@@ -81,6 +84,7 @@ MULTI_BALANCE_LIMIT_MAX = 1000  # wallets of one client: (country, currency, iss
 COMMIT_ATTEMPTS_MAX = 3
 SNAPSHOTS_MAX = 10_000  # wallets remembered per process for the compare-and-swap hot path
 GAP_OPERATIONS_MAX = 64  # operations one gap fill reads (see movements_between)
+LOG_ORDER_INDEX = "history_order"  # the log in (created_at, wallet, wallet_version) order
 # Transaction attempts in flight per process. More buys nothing (the server applies them one
 # core's worth at a time) and costs: each concurrent attempt holds its own server session, and
 # SecantusDB keeps every session that ever ran a transaction and scans them all on each
@@ -89,6 +93,49 @@ SESSIONS_MAX_DEFAULT = 16
 
 Document = dict[str, Any]
 Applied = tuple[OperationResult, LegacyFacts]
+
+
+class HistoryCursor(BaseModel):
+    """A position in the legacy log's (created_at, wallet, wallet_version) order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    created_at: datetime
+    wallet: str
+    wallet_version: int = Field(ge=0)
+
+
+@dataclass(frozen=True)
+class LoggedTransaction:
+    """One `wallet_transactions` document as the history import reads it. The amount stays
+    encoded: the importer decodes it with the wallet's currency and counts a bad one as a
+    failed transaction, not a failed page."""
+
+    transaction_id: str
+    wallet: str  # canonical key
+    type: str
+    amount: Any  # Decimal128 as stored
+    reference_id: str | None
+    original_transaction_id: str | None
+    wallet_version: int
+    created_at: datetime
+
+    @property
+    def position(self) -> HistoryCursor:
+        return HistoryCursor(created_at=self.created_at, wallet=self.wallet,
+                             wallet_version=self.wallet_version)
+
+    def amount_minor(self, currency: str) -> int:
+        return decimal128_to_minor(self.amount, currency, field="amount")
+
+
+def scope_regex(pairs: Sequence[str]) -> str:
+    """Canonical wallet keys (`client|COUNTRY|CURRENCY|issuer`) of the scope's pairs."""
+    alternatives = []
+    for pair in sorted(set(pairs)):
+        currency, _, country = pair.partition(":")
+        alternatives.append(re.escape(f"{country}|{currency}"))
+    return r"^[^|]+\|(?:" + "|".join(alternatives) + r")\|"
 
 
 class _VersionConflict(Exception):
@@ -286,8 +333,7 @@ class LegacyStore:
         }).sort("wallet_version", ASCENDING).limit(GAP_OPERATIONS_MAX).to_list(GAP_OPERATIONS_MAX)
         if not docs:
             return []
-        wallet_doc = await self._wallets.find_one({"_id": wallet.canonical}, {"allow_overdraft": 1})
-        allow_overdraft = bool(wallet_doc is not None and wallet_doc.get("allow_overdraft"))
+        allow_overdraft = await self.overdraft_allowed(wallet)
         movements: list[tuple[str, AddCredit | None]] = []
         for doc in docs:
             if doc["type"] == OperationType.VOID:
@@ -659,6 +705,67 @@ class LegacyStore:
             )
         return entries
 
+    # ---- backfill reads -----------------------------------------------------------------------
+
+    async def overdraft_allowed(self, wallet: WalletKey) -> bool:
+        """The wallet's overdraft policy (False for a wallet legacy does not hold)."""
+        doc = await self._wallets.find_one({"_id": wallet.canonical}, {"allow_overdraft": 1})
+        return bool(doc is not None and doc.get("allow_overdraft"))
+
+    async def overdraft_policies(self, keys: list[str]) -> dict[str, bool]:
+        """{canonical key: allow_overdraft} of the wallets among `keys` that legacy holds."""
+        assert len(keys) <= PAGE_LIMIT_MAX
+        docs = await find_keys(self._wallets, keys, {"allow_overdraft": 1})
+        return {key: bool(doc.get("allow_overdraft")) for key, doc in docs.items()}
+
+    async def balance_after(self, wallet: WalletKey, version: int) -> MinorBalance | None:
+        """The wallet's balance right after its transaction of `version` (the stored
+        balance_after); None when the log holds no such transaction (seeded without one)."""
+        doc = await self._txns.find_one(
+            {"wallet": wallet.canonical, "wallet_version": version}, {"balance_after": 1})
+        return None if doc is None else _balance_of(doc["balance_after"], wallet.currency)
+
+    async def count_wallets(self, *, currency: str, country: str) -> int:
+        return await self._wallets.count_documents({"currency": currency, "country": country})
+
+    async def transaction_types(self, transaction_ids: list[str]) -> dict[str, str]:
+        """{transaction id: type} of the ids the log holds."""
+        assert len(transaction_ids) <= PAGE_LIMIT_MAX
+        found = await find_keys(self._txns, transaction_ids, {"type": 1})
+        return {key: str(doc["type"]) for key, doc in found.items()}
+
+    async def ensure_log_order_index(self) -> None:
+        """The history import's scan order; ensure_indexes leaves it out (only that import
+        needs it)."""
+        await self._txns.create_indexes([IndexModel(
+            [("created_at", ASCENDING), ("wallet", ASCENDING), ("wallet_version", ASCENDING)],
+            name=LOG_ORDER_INDEX)])
+
+    async def count_log(self, pairs: Sequence[str], *, before: datetime) -> int:
+        """Transactions of the pairs' wallets created before `before`."""
+        return await self._txns.count_documents(
+            {"wallet": {"$regex": scope_regex(pairs)}, "created_at": {"$lt": before}})
+
+    async def log_page(
+        self, pairs: Sequence[str], *, before: datetime, after: HistoryCursor | None, limit: int
+    ) -> list[LoggedTransaction]:
+        """The pairs' transactions created before `before`, after `after` in (created_at,
+        wallet, wallet_version) order: one page of the history import."""
+        assert 1 <= limit <= PAGE_LIMIT_MAX
+        query: Document = {"wallet": {"$regex": scope_regex(pairs)},
+                           "created_at": {"$lt": before}}
+        if after is not None:
+            at = after.created_at
+            query["$or"] = [
+                {"created_at": {"$gt": at}},
+                {"created_at": at, "wallet": {"$gt": after.wallet}},
+                {"created_at": at, "wallet": after.wallet,
+                 "wallet_version": {"$gt": after.wallet_version}},
+            ]
+        cursor = self._txns.find(query).sort(
+            [("created_at", 1), ("wallet", 1), ("wallet_version", 1)]).limit(limit)
+        return [_logged(doc) async for doc in cursor]
+
     async def get_transaction(self, transaction_id: str) -> Document | None:
         """The raw stored transaction (reconciliation and tests)."""
         doc: Document | None = await self._txns.find_one({"_id": transaction_id})
@@ -784,6 +891,19 @@ def _original_facts(
         amount_minor=decimal128_to_minor(doc["amount"], currency, field="amount"),
         wallet_version=int(doc["wallet_version"]),
         voided_by=voided_by,
+    )
+
+
+def _logged(doc: Mapping[str, Any]) -> LoggedTransaction:
+    return LoggedTransaction(
+        transaction_id=str(doc["_id"]),
+        wallet=doc["wallet"],
+        type=str(doc["type"]),
+        amount=doc["amount"],
+        reference_id=doc.get("reference_id"),
+        original_transaction_id=doc.get("original_transaction_id"),
+        wallet_version=int(doc["wallet_version"]),
+        created_at=as_utc(doc["created_at"]),
     )
 
 

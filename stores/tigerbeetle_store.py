@@ -198,9 +198,10 @@ class TigerBeetleStore:
         self._accounts = accounts
         self._transfers = transfers
         self._ledgers = ledgers
-        # Public views for the wallet importer built over the same clients.
+        # Public views for the importers (backfill, history) built over the same clients.
         self.client = client
         self.accounts = accounts
+        self.transfers = transfers
         self.ledgers = ledgers
         self.deployment_tag = deployment_tag  # customer accounts' user_data_64
         self._system_ledgers: set[int] = set()
@@ -401,49 +402,9 @@ class TigerBeetleStore:
         wallet = op.wallet
         ledger = self._ledgers.ledger_of(wallet.currency, wallet.country)
         vtid = void_transfer_id(op.original_transaction_id)
-        existing, original = await asyncio.gather(
-            self._transfers.get(op.transaction_id),
-            self._transfers.get(op.original_transaction_id),
-        )
-        if original is None and opening_original is not None and existing is None:
-            original = await self._register_in_opening(op, opening_original)
-        # Idempotency first, as for every write: a known transaction id replays or conflicts.
-        if existing is not None and (
-            existing.type != TYPE_VOID or existing.wallet != wallet or existing.transfer_id != vtid
-        ):
-            raise DuplicateTransactionError(
-                f"transaction_id {op.transaction_id!r} was already used for a different "
-                f"operation ({existing.type} on {existing.wallet})",
-                field="transaction_id",
-            )
-        if original is None or original.wallet != wallet:
-            raise NotFoundError(
-                f"no transaction {op.original_transaction_id!r} in wallet {wallet}",
-                field="original_transaction_id",
-            )
-        if original.type not in VOIDABLE_TYPES:
-            raise NotVoidableError(
-                f"transaction {op.original_transaction_id!r} is a {original.type}; only credits "
-                "and debits can be voided",
-                field="original_transaction_id",
-            )
-        if original.voided and original.void_transaction_id != op.transaction_id:
-            raise AlreadyVoidedError(
-                f"transaction {op.original_transaction_id!r} was already voided by "
-                f"{original.void_transaction_id!r}",
-                field="original_transaction_id",
-            )
+        existing, original = await self._void_records(op, vtid, opening_original)
         known_replay = existing is not None or original.voided
-        account = await self._accounts.get(wallet)
-        if account is None or account.account_id != original.account_id:
-            raise ConflictError(
-                f"wallet {wallet} in the Account Registry does not own transaction "
-                f"{op.original_transaction_id!r}",
-                field="wallet",
-            )
-        await self._ensure_tb_account(account)
-        _check_ledger(account, ledger)
-        await self.ensure_system_accounts(ledger)
+        account = await self._void_account(op, original, ledger)
         voids_credit = original.type in (TYPE_CREDIT, TYPE_CREDIT_IN_OPENING)
         leg = operation_leg(ledger, account.account_id, void_code(voids_credit))
         transfer = tb.Transfer(
@@ -469,6 +430,85 @@ class TigerBeetleStore:
                 field="original_transaction_id",
             ) from None
         balance = await self._balance_at(account, timestamp)
+        await self._register_void(op, vtid, existing, original, account, timestamp)
+        return _result(
+            op.transaction_id,
+            OperationType.VOID,
+            wallet,
+            original.amount_minor,
+            balance,
+            replayed or known_replay,
+            timestamp,
+        )
+
+    async def _void_records(
+        self, op: Void, vtid: int, opening_original: OriginalFacts | None
+    ) -> tuple[TransferRecord | None, TransferRecord]:
+        """(the void's own record if known, its original's record) once the void is allowed:
+        idempotency first, as for every write (a known transaction id replays or conflicts),
+        then the original must be this wallet's, voidable and not voided by another void."""
+        wallet = op.wallet
+        existing, original = await asyncio.gather(
+            self._transfers.get(op.transaction_id),
+            self._transfers.get(op.original_transaction_id),
+        )
+        if original is None and opening_original is not None and existing is None:
+            original = await self._register_in_opening(op, opening_original)
+        if existing is not None and (
+            existing.type != TYPE_VOID or existing.wallet != wallet or existing.transfer_id != vtid
+        ):
+            raise DuplicateTransactionError(
+                f"transaction_id {op.transaction_id!r} was already used for a different "
+                f"operation ({existing.type} on {existing.wallet})",
+                field="transaction_id",
+            )
+        if original is None or original.wallet != wallet:
+            raise NotFoundError(
+                f"no transaction {op.original_transaction_id!r} in wallet {wallet}",
+                field="original_transaction_id",
+            )
+        if original.type not in VOIDABLE_TYPES:
+            raise NotVoidableError(
+                f"transaction {op.original_transaction_id!r} is a {original.type}; only credits "
+                "and debits can be voided",
+                field="original_transaction_id",
+            )
+        if original.voided and original.void_transaction_id != op.transaction_id:
+            raise AlreadyVoidedError(
+                f"transaction {op.original_transaction_id!r} was already voided by "
+                f"{original.void_transaction_id!r}",
+                field="original_transaction_id",
+            )
+        return existing, original
+
+    async def _void_account(
+        self, op: Void, original: TransferRecord, ledger: int
+    ) -> AccountRecord:
+        """The wallet's account, which must own the original, with its TigerBeetle accounts
+        (customer and system) in place."""
+        account = await self._accounts.get(op.wallet)
+        if account is None or account.account_id != original.account_id:
+            raise ConflictError(
+                f"wallet {op.wallet} in the Account Registry does not own transaction "
+                f"{op.original_transaction_id!r}",
+                field="wallet",
+            )
+        await self._ensure_tb_account(account)
+        _check_ledger(account, ledger)
+        await self.ensure_system_accounts(ledger)
+        return account
+
+    async def _register_void(
+        self,
+        op: Void,
+        vtid: int,
+        existing: TransferRecord | None,
+        original: TransferRecord,
+        account: AccountRecord,
+        timestamp: int,
+    ) -> None:
+        """The Transfer Registry after TigerBeetle applied the void: the original's mark, then
+        the void's own record (each only if not there yet)."""
         if not original.voided:
             # Mark first, record second: of two different voids racing on one original, both
             # see TigerBeetle accept (CREATED / EXISTS of the same derived id), but only one
@@ -483,7 +523,7 @@ class TigerBeetleStore:
                 TransferRecord(
                     transaction_id=op.transaction_id,
                     transfer_id=vtid,
-                    wallet=wallet,
+                    wallet=op.wallet,
                     account_id=account.account_id,
                     type=TYPE_VOID,
                     amount_minor=original.amount_minor,
@@ -491,15 +531,6 @@ class TigerBeetleStore:
                     created_at=timestamp_to_datetime(timestamp),
                 )
             )
-        return _result(
-            op.transaction_id,
-            OperationType.VOID,
-            wallet,
-            original.amount_minor,
-            balance,
-            replayed or known_replay,
-            timestamp,
-        )
 
     async def _register_in_opening(self, op: Void, facts: OriginalFacts) -> TransferRecord:
         """Record the legacy original of `op` as held by the opening balance (see void)."""

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
@@ -42,6 +42,11 @@ from temporalio.testing import WorkflowEnvironment
 from walletconfig.settings import ENVIRONMENT, Settings
 from walletmig import devstack
 from walletmig.processes import PROC_ROOT
+
+if TYPE_CHECKING:
+    from recon_support import Env
+
+    from walletcore.keys import WalletKey
 
 # The dev server's own default start-up timeout (5 s) is too tight on a loaded 2-core machine.
 TEMPORAL_STARTUP_TIMEOUT_S = 60
@@ -368,6 +373,25 @@ def unique_id() -> Callable[..., str]:
         return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
     return make
+
+
+@pytest.fixture
+def wallet(unique_id: Callable[..., str]) -> Callable[..., WalletKey]:
+    """`wallet("MXN", "MEX")` -> a key of a fresh client (wallet_support.wallet_maker)."""
+    from wallet_support import wallet_maker  # here: only the tests using it load the platform
+
+    return wallet_maker(unique_id)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(mongo_db: AsyncDatabase[dict[str, Any]], redis_client: redis.asyncio.Redis,
+              tb_client: Any) -> Env:
+    """Real stores on the session's servers with a ledger table of the test's own
+    (recon_support.make_env): the backfill and reconciliation tests' set-up. A test module
+    may override it (test_backfill_history: a TigerBeetle of its own)."""
+    from recon_support import make_env
+
+    return await make_env(mongo_db, redis_client, tb_client)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 
 from activities.backfill import BackfillActivities, WalletImporter
+from activities.history_import import HistoryImporter
 from activities.reconciliation import ReconcileActivities, Reconciler
 from activities.wallet import TigerBeetleBacklog
 from messages.wallet import (
@@ -23,6 +24,7 @@ from messages.wallet import (
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.backfill_imports import ImportLedger
+from stores.history_import import HistoryCheckpoints
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.reports import ReportStore
@@ -80,10 +82,11 @@ async def make_env(db: AsyncDatabase[Any], redis: Any, tb_client: TigerBeetleCli
     # Its own deployment tag: the session's cluster is shared by every test's "deployment".
     tb_store = TigerBeetleStore(tb_client, accounts, transfers, ledgers,
                                 deployment_tag=random.randint(1, 2**63))
-    importer = WalletImporter(db, legacy, tb_store, tb_client, accounts, imports, ledgers)
+    migration = MigrationStateStore(db, cache_ttl_s=0)
+    history = HistoryImporter(legacy, tb_store, HistoryCheckpoints(db), migration)
+    importer = WalletImporter(legacy, tb_store, imports, history)
     reports = ReportStore(db)
     await reports.ensure_indexes()
-    migration = MigrationStateStore(db, cache_ttl_s=0)
     reconciler = Reconciler(db, legacy, tb_store, tb_client, accounts, transfers, imports,
                             reports, migration, ledgers)
     return Env(db=db, ledgers=ledgers, country=country, pairs=pairs, legacy=legacy,

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest_asyncio
 import tigerbeetle as tb
-from recon_support import BacklogApplier, Env, credit, debit, make_env, void
+from recon_support import BacklogApplier, Env, credit, debit, void
 from temporalio.client import Client
-from temporalio.worker import Worker
+from wallet_support import sandboxed_worker
 
 from messages.backfill import BackfillInput, BackfillProgress
 from mongobase.mongo import now_ms
@@ -24,24 +24,19 @@ from walletcore.ids import transfer_id
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.reconcile import opening_plan
-from workers.wallet_worker import workflow_runner
 from workflows.backfill import BackfillWorkflow
 
 UniqueId = Callable[..., str]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def env(mongo_db: Any, redis_client: Any, tb_client: Any) -> Env:
-    return await make_env(mongo_db, redis_client, tb_client)
+# `env` (the test's own stores and ledger pairs) comes from conftest.py.
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def worker(temporal_client: Client, env: Env) -> AsyncIterator[tuple[Client, str]]:
-    queue = f"backfill-test-{uuid.uuid4().hex[:8]}"
-    async with Worker(temporal_client, task_queue=queue, workflows=[BackfillWorkflow],
-                      activities=env.backfill_activities().all(),
-                      workflow_runner=workflow_runner()):
-        yield temporal_client, queue
+    async with sandboxed_worker(temporal_client, "backfill-test", [BackfillWorkflow],
+                                env.backfill_activities().all()) as served:
+        yield served
 
 
 async def run_backfill(worker: tuple[Client, str], env: Env, **kw: Any) -> BackfillProgress:

@@ -16,7 +16,7 @@ import pytest_asyncio
 import tigerbeetle as tb
 from recon_support import Env, credit, debit, make_env, void
 from temporalio.client import Client
-from temporalio.worker import Worker
+from wallet_support import sandboxed_worker
 
 from activities.history_import import NS_PER_MS, ms_of, newest_filter
 from messages.backfill import (
@@ -35,7 +35,6 @@ from walletcore.errors import InvalidInputError
 from walletcore.ids import transfer_id, void_transfer_id
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
-from workers.wallet_worker import workflow_runner
 from workflows.backfill import BackfillWorkflow
 from workflows.reconciliation import ReconciliationWorkflow
 
@@ -89,7 +88,7 @@ async def seed(env: Env, unique_id: UniqueId) -> tuple[list[WalletKey], list[str
 
 
 async def import_history(env: Env, limit: int = 4) -> HistoryPageOutput:
-    importer = env.importer.history_importer()
+    importer = env.importer.history
     run_id = f"h-{uuid.uuid4().hex[:6]}"
     for _ in range(100):
         out = await importer.page(HistoryPageInput(run_id=run_id, pairs=env.pairs, limit=limit))
@@ -175,7 +174,7 @@ async def test_rerun_is_idempotent_and_resumes_from_tigerbeetle(
     env: Env, unique_id: UniqueId
 ) -> None:
     keys, _ = await seed(env, unique_id)
-    importer = env.importer.history_importer()
+    importer = env.importer.history
     first = await importer.page(HistoryPageInput(run_id="r1", pairs=env.pairs, limit=5))
     assert not first.done and first.imported == 5
     # Checkpoint lost (e.g. the collection was dropped): a new run recomputes from TigerBeetle.
@@ -243,12 +242,10 @@ async def test_backfill_workflow_with_history(
     """The workflow: history first, then the wallets; reconciliation then finds the imported
     history exactly where the Transfer Registry says (voids included), nothing else."""
     keys, _ = await seed(env, unique_id)
-    queue = f"history-test-{uuid.uuid4().hex[:8]}"
-    async with Worker(temporal_client, task_queue=queue,
-                      workflows=[BackfillWorkflow, ReconciliationWorkflow],
-                      activities=[*env.backfill_activities().all(),
-                                  *env.reconcile_activities().all()],
-                      workflow_runner=workflow_runner()):
+    async with sandboxed_worker(
+            temporal_client, "history-test", [BackfillWorkflow, ReconciliationWorkflow],
+            [*env.backfill_activities().all(), *env.reconcile_activities().all()],
+    ) as (_, queue):
         run_id = f"bf-{uuid.uuid4().hex[:8]}"
         progress: BackfillProgress = await temporal_client.execute_workflow(
             BackfillWorkflow.run,

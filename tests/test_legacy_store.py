@@ -59,18 +59,6 @@ async def store(db: Db) -> AsyncIterator[LegacyStore]:
     yield legacy
 
 
-@pytest.fixture
-def wallet(unique_id: Callable[..., str]) -> Callable[..., WalletKey]:
-    def make(
-        currency: str = "USD", country: str = "USA", client_id: str | None = None
-    ) -> WalletKey:
-        return WalletKey(
-            client_id=client_id or unique_id("client"), country=country, currency=currency
-        )
-
-    return make
-
-
 def credit(w: WalletKey, txn: str, amount: str, **kw: Any) -> AddCredit:
     return AddCredit(wallet=w, transaction_id=txn, amount=Decimal(amount), **kw)
 

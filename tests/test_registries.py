@@ -55,18 +55,6 @@ async def transfers(db: Db) -> AsyncIterator[TransferRegistry]:
     yield registry
 
 
-@pytest.fixture
-def wallet(unique_id: Callable[..., str]) -> Callable[..., WalletKey]:
-    def make(
-        currency: str = "USD", country: str = "USA", client_id: str | None = None
-    ) -> WalletKey:
-        return WalletKey(
-            client_id=client_id or unique_id("client"), country=country, currency=currency
-        )
-
-    return make
-
-
 # ---------------------------------------------------------------------------- account registry
 
 

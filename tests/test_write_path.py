@@ -36,7 +36,6 @@ from wallet_support import (
 )
 
 from activities.backfill import BackfillActivities
-from activities.wallet import default_importer
 from messages.backfill import BackfillInput, BackfillProgress
 from stores.bundle import Stores
 from stores.tigerbeetle_store import TYPE_CREDIT_IN_OPENING
@@ -45,6 +44,7 @@ from walletcore.errors import AlreadyVoidedError, InsufficientFundsError, Wallet
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
+from workers.wiring import make_importer
 from workflows.backfill import BackfillWorkflow
 
 PAIR = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
@@ -56,7 +56,7 @@ async def harness(
     temporal_client: Client, settings: Settings, tb_addresses: str
 ) -> AsyncIterator[WalletHarness]:
     def backfill_activities(stores: Stores) -> list[Any]:
-        return BackfillActivities(default_importer(stores.legacy, stores.tigerbeetle)).all()
+        return BackfillActivities(make_importer(stores)).all()
 
     async with wallet_harness(
         temporal_client,
@@ -222,7 +222,7 @@ async def test_void_of_pre_migration_transactions(
     await h.client.subtract_credit(debit(w, "d0", "10.00"))
     await h.client.add_credit(credit(w, "c1", "5.00"))
     await switch(h, Phase.DUAL_WRITE)
-    importer = default_importer(h.stores.legacy, h.stores.tigerbeetle)
+    importer = make_importer(h.stores)
     assert await importer.ensure_imported(w, "backfill-test") == 3  # the backfill's import
     await balances_equal(h.stores, w)
 

@@ -1,4 +1,6 @@
-"""Helpers for the wallet workflow tests: an isolated store set, a worker, a TB emulator process."""
+"""Helpers shared by the tests: wallet keys, an isolated store set, workers, a TB emulator process.
+
+Fixtures built on them live in conftest.py (`wallet`, `env`)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
 
 from activities.wallet import WalletActivities
 from messages.wallet import WalletStatus
-from stores.backfill_imports import ImportLedger, ImportStatus
+from stores.backfill_imports import ImportStatus
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS
 from walletclient.wallet_client import WalletClient
@@ -30,7 +33,8 @@ from walletcore.errors import NotFoundError
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
 from walletmig.processes import free_port, port_accepts
-from workers.wallet_worker import build_worker
+from workers.wallet_worker import build_worker, workflow_runner
+from workers.wiring import make_importer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TB_HISTORY_MAX = 8189  # one get_account_transfers page
@@ -56,6 +60,33 @@ def key(client_id: str, pair: tuple[str, str] = LEGACY_PAIR) -> WalletKey:
     return WalletKey(client_id=client_id, country=pair[1], currency=pair[0])
 
 
+def wallet_maker(unique_id: Callable[..., str]) -> Callable[..., WalletKey]:
+    """make(currency="USD", country="USA", client_id=None): a wallet key, of a fresh client
+    unless `client_id` is given (the `wallet` fixture)."""
+
+    def make(
+        currency: str = "USD", country: str = "USA", client_id: str | None = None
+    ) -> WalletKey:
+        return key(client_id or unique_id("client"), (currency, country))
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def sandboxed_worker(
+    temporal: Client,
+    prefix: str,
+    workflows: Sequence[type],
+    activities: Sequence[Callable[..., Any]],
+) -> AsyncIterator[tuple[Client, str]]:
+    """A worker on a fresh task queue `<prefix>-<hex>` running `workflows` in the sandbox, as
+    the migration worker does; yields (client, task queue)."""
+    queue = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    async with Worker(temporal, task_queue=queue, workflows=list(workflows),
+                      activities=list(activities), workflow_runner=workflow_runner()):
+        yield temporal, queue
+
+
 @dataclass
 class WalletHarness:
     stores: Stores
@@ -75,10 +106,11 @@ async def wallet_harness(
     extra_activities: Callable[[Stores], Sequence[Callable[..., Any]]] | None = None,
 ) -> AsyncIterator[WalletHarness]:
     stores = await make_stores(settings, tb_addresses=tb_addresses)
-    await ImportLedger(stores.db).ensure_indexes()
+    await stores.imports.ensure_indexes()
     task_queue = f"wallet-test-{uuid.uuid4().hex[:10]}"
     activities = WalletActivities(
-        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration
+        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration,
+        importer=make_importer(stores),
     )
     worker = build_worker(
         temporal, settings, activities, task_queue=task_queue,
@@ -143,7 +175,7 @@ async def tb_missing(stores: Stores, wallet: WalletKey) -> bool:
 
 
 async def imported_version(stores: Stores, wallet: WalletKey) -> int:
-    record = await ImportLedger(stores.db).get(wallet.canonical)
+    record = await stores.imports.get(wallet.canonical)
     assert record is not None and record.status is ImportStatus.DONE, wallet
     return record.version
 

@@ -27,6 +27,7 @@ import tigerbeetle as tb
 from bson.decimal128 import Decimal128
 
 from activities.backfill import WalletImporter
+from activities.history_import import HistoryImporter
 from activities.reconciliation import Reconciler
 from messages.backfill import WALLETS_PER_PAGE_MAX, BackfillPageInput
 from messages.reconciliation import PAGE_MAX, WalletPageInput
@@ -65,8 +66,8 @@ class Bench:
         self.tb_store = TigerBeetleStore(stores.tb_client, self.accounts, stores.transfers,
                                          self.ledgers)
         self.imports = ImportLedger(db)
-        self.importer = WalletImporter(db, self.legacy, self.tb_store, stores.tb_client,
-                                       self.accounts, self.imports, self.ledgers)
+        history = HistoryImporter(self.legacy, self.tb_store, stores.history, stores.migration)
+        self.importer = WalletImporter(self.legacy, self.tb_store, self.imports, history)
         self.reconciler = Reconciler(db, self.legacy, self.tb_store, stores.tb_client,
                                      self.accounts, stores.transfers, self.imports,
                                      ReportStore(db), stores.migration, self.ledgers)

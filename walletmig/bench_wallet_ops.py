@@ -37,6 +37,7 @@ from walletcore.phases import MigrationState, Phase
 from walletmig.devstack import read_records
 from walletmig.processes import PROC_ROOT, ProcessRecord, is_alive
 from workers.wallet_worker import build_worker, connect_temporal
+from workers.wiring import make_importer
 from workflows.bare import BareEntityWorkflow
 
 OPS_MAX = 1_000_000
@@ -171,7 +172,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
     temporal = await connect_temporal(isolated)
     task_queue = f"wallet-bench-{bench_id}"
     activities = WalletActivities(
-        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration
+        legacy=stores.legacy, tigerbeetle=stores.tigerbeetle, migration=stores.migration,
+        importer=make_importer(stores),
     )
     worker = build_worker(
         temporal, isolated, activities, task_queue=task_queue,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from activities.backfill import BackfillActivities, WalletImporter
+from activities.history_import import HistoryImporter
 from activities.reconciliation import ReconcileActivities, Reconciler
 from stores.backfill_imports import ImportLedger
 from stores.bundle import Stores
@@ -18,8 +19,8 @@ OPS_WORKFLOWS: tuple[type, ...] = (BackfillWorkflow, ReconciliationWorkflow)
 
 
 def make_importer(stores: Stores) -> WalletImporter:
-    return WalletImporter(stores.db, stores.legacy, stores.tigerbeetle, stores.tb_client,
-                          stores.accounts, ImportLedger(stores.db))
+    history = HistoryImporter(stores.legacy, stores.tigerbeetle, stores.history, stores.migration)
+    return WalletImporter(stores.legacy, stores.tigerbeetle, stores.imports, history)
 
 
 def make_reconciler(stores: Stores) -> Reconciler:
