@@ -1,12 +1,13 @@
 """Activities of the migration workflow: publish state, collect gate evidence, audit, archive.
 
-Evidence sources (all MongoDB, the stores' own collections):
-- read observations (stores/read_metrics.py): shadow match rate, fallback rate, TB errors, p95s;
-- `reconciliation_reports` (written by the reconciliation workflow): latest and latest full;
-- `backfill_imports` vs `wallets`: every legacy wallet of the scope imported;
+Evidence sources (each store reads its own documents):
+- read observations (ReadMetricsStore): shadow match rate, fallback rate, TB errors, p95s;
+- reconciliation reports (ReportStore): the newest finished, full report covering the whole
+  scope inside the window (walletcore.gates.choose_report; the gates judge it);
+- backfill (LegacyStore vs ImportLedger): every legacy wallet of the scope imported;
 - unapplied writes: operations accepted by the answering store since the write path last
-  switched direction and not yet in the other one (legacy `wallet_transactions` vs the
-  Transfer Registry, minus what the backfill import already counted; the reverse in tb_primary,
+  switched direction and not yet in the other one (legacy transactions vs the Transfer
+  Registry, minus what the backfill import already counted; the reverse in tb_primary,
   which `complete` also waits for before it archives MongoDB).
 """
 
@@ -16,14 +17,12 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from bson import json_util
-from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio import activity
 
@@ -43,20 +42,19 @@ from messages.migration import (
     ReverseDrainRequest,
     ReverseDrainResult,
 )
+from mongobase.queries import Created
+from registries.transfer_registry import TransferRegistry
 from stores.audit_log import AuditLog
-from stores.history_import import BACKFILL_HISTORY, HistoryStatus
+from stores.backfill_imports import MANY_MAX, ImportLedger, ImportStatus
+from stores.history_import import HistoryCheckpoints
+from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore
+from stores.reports import ReportStore
 from walletcore.errors import ConflictError
-from walletcore.gates import Evidence
+from walletcore.gates import EVIDENCE_VERSION, Evidence, choose_report
 from walletcore.phases import MigrationState, Phase
 
-RECONCILIATION_REPORTS = "reconciliation_reports"
-BACKFILL_IMPORTS = "backfill_imports"
-WALLETS = "wallets"
-WALLET_TRANSACTIONS = "wallet_transactions"
-TRANSFER_REGISTRY = "transfer_registry"
-GLOBAL_SCOPE = "*"
 # Operations applied this close to the switch may have been answered under the old epoch
 # (readers cache the state ~1 s): they are not owed to the other store.
 SWITCH_MARGIN_S = 3.0
@@ -68,55 +66,41 @@ PROJECTION_GRACE_S = 5.0
 UNAPPLIED_SCAN_MAX = 500_000
 LOOKUP_BATCH_MAX = 1000
 ARCHIVE_DOCS_MAX = 50_000_000
+ARCHIVE_HEARTBEAT_EVERY = 1000
 DRAIN_POLL_S = 0.5
-
-
-def scope_wallet_regex(scope: str) -> str | None:
-    """Regex on canonical wallet keys (`client|country|currency|issuer`) for a ledger pair."""
-    if scope == GLOBAL_SCOPE:
-        return None
-    currency, country = scope.split(":")
-    return rf"^[^|]*\|{re.escape(country)}\|{re.escape(currency)}\|"
-
-
-def wallet_filter(scopes: list[str], field: str) -> dict[str, Any]:
-    if GLOBAL_SCOPE in scopes:
-        return {}
-    patterns = [scope_wallet_regex(s) for s in scopes]
-    return {"$or": [{field: {"$regex": p}} for p in patterns if p is not None]}
-
-
-def pair_filter(scopes: list[str]) -> dict[str, Any]:
-    """Filter on `wallets` documents (which carry currency and country fields)."""
-    if GLOBAL_SCOPE in scopes:
-        return {}
-    pairs = [s.split(":") for s in scopes]
-    return {"$or": [{"currency": cur, "country": cty} for cur, cty in pairs]}
 
 
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _archive_line(collection: str, doc: dict[str, Any]) -> bytes:
+    """One archived document: canonical extended JSON, keys sorted (a stable digest)."""
+    encoded = json.loads(json_util.dumps(doc, json_options=json_util.CANONICAL_JSON_OPTIONS))
+    return json.dumps({"collection": collection, "doc": encoded}, sort_keys=True).encode() + b"\n"
+
+
 class MigrationActivities:
+    """The stores it reads are built over `db` (each owns its collections)."""
+
     def __init__(
-        self,
-        db: AsyncDatabase[Any],
-        migration: MigrationStateStore | None = None,
-        *,
-        in_flight_grace_s: float = 0.0,
+        self, db: AsyncDatabase[Any], migration: MigrationStateStore | None = None
     ) -> None:
-        self._db = db
         self._migration = migration or MigrationStateStore(db)
         self._audit = AuditLog(db)
         self._metrics = ReadMetricsStore(db)
+        self._reports = ReportStore(db)
+        self._legacy = LegacyStore(db)
+        self._transfers = TransferRegistry(db)
+        self._imports = ImportLedger(db)
+        self._history = HistoryCheckpoints(db)
         # Per-process cache: creation time up to which every operation is known applied.
         self._applied_watermark: dict[tuple[str, str, str], datetime] = {}
-        self._in_flight_grace_s = in_flight_grace_s
 
     async def ensure_indexes(self) -> None:
         await self._audit.ensure_indexes()
         await self._metrics.ensure_indexes()
+        await self._reports.ensure_indexes()
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -157,19 +141,17 @@ class MigrationActivities:
         summary = await self._metrics.summary(req.scopes, since)
         recon = await self._reconciliation(req.scopes, now - timedelta(seconds=req.window_s))
         return Evidence(
+            evidence_version=EVIDENCE_VERSION,
             collected_at=now,
             window_s=req.window_s,
             backfill_complete=await self._backfill_complete(req.scopes),
             # Only the way out of legacy (into dual_write) is gated on it.
-            history_imports_running=await self._history_imports_running(req.scopes)
+            history_imports_running=await self._history.running_in(req.scopes)
             if req.phase == Phase.LEGACY else 0,
             unapplied_writes=await self.unapplied_writes(
                 req.scopes, req.phase, req.write_switch_at
             ),
-            reconciliation_match_rate=recon["rate"],
-            reconciliation_at=recon["at"],
-            last_full_reconciliation_match_rate=recon["full_rate"],
-            last_full_reconciliation_at=recon["full_at"],
+            **recon,
             shadow_matches=summary.counts.get("match", 0),
             shadow_mismatches=summary.counts.get("mismatch", 0),
             shadow_in_flight=summary.counts.get("in_flight", 0),
@@ -182,44 +164,19 @@ class MigrationActivities:
         )
 
     async def _reconciliation(self, scopes: list[str], since: datetime) -> dict[str, Any]:
-        """Latest report in the window, and the latest full report (any age)."""
-        reports = self._db[RECONCILIATION_REPORTS]
-        scope_match: dict[str, Any] = {}
-        if GLOBAL_SCOPE not in scopes:
-            scope_match = {"$or": [{"scope": {"$in": [*scopes, GLOBAL_SCOPE]}}, {"scope": None}]}
-        out: dict[str, Any] = {"rate": None, "at": None, "full_rate": None, "full_at": None}
-        cursor = (
-            reports.find(scope_match)
-            .sort([("finished_at", DESCENDING), ("_id", DESCENDING)])
-            .limit(50)
-        )
-        async for doc in cursor:
-            if doc.get("status", "done") != "done":
-                continue  # still running: its rate is not evidence yet
-            at = report_time(doc)
-            rate = report_rate(doc)
-            if at is None or rate is None:
-                continue
-            if out["rate"] is None and at >= since:
-                out["rate"], out["at"] = rate, at
-            if out["full_rate"] is None and report_is_full(doc):
-                out["full_rate"], out["full_at"] = rate, at
-            if out["rate"] is not None and out["full_rate"] is not None:
-                break
-        return out
-
-    async def _history_imports_running(self, scopes: list[str]) -> int:
-        query: dict[str, Any] = {"status": HistoryStatus.RUNNING.value}
-        if GLOBAL_SCOPE not in scopes:
-            query["pairs"] = {"$in": scopes}
-        return await self._db[BACKFILL_HISTORY].count_documents(query)
+        """The report the reconciliation gates judge: the newest finished, full report that
+        covers the whole scope and finished inside the window (or why there is none)."""
+        chosen, note = choose_report(await self._reports.finished_since(since), scopes, since)
+        rate = None if chosen is None else chosen.match_rate
+        at = None if chosen is None else chosen.finished_at
+        return {"reconciliation": chosen, "reconciliation_note": note,
+                "reconciliation_match_rate": rate, "reconciliation_at": at,
+                "last_full_reconciliation_match_rate": rate,
+                "last_full_reconciliation_at": at}
 
     async def _backfill_complete(self, scopes: list[str]) -> bool:
-        wallets = await self._db[WALLETS].count_documents(pair_filter(scopes))
-        imports = await self._db[BACKFILL_IMPORTS].count_documents(
-            {"status": "done", **wallet_filter(scopes, "_id")}
-        )
-        return wallets > 0 and imports >= wallets
+        wallets = await self._legacy.count_scope_wallets(scopes)
+        return wallets > 0 and await self._imports.count_done_in(scopes) >= wallets
 
     async def unapplied_writes(
         self, scopes: list[str], phase: Phase, switch_at: datetime | None
@@ -250,42 +207,25 @@ class MigrationActivities:
         # keep it out of the key (a moving `until` would otherwise grow the map without bound).
         key = (",".join(sorted(scopes)), start.isoformat(), "rev" if reverse else "fwd")
         start = max(start, self._applied_watermark.get(key, start))
-        if reverse:
-            source, other, other_key = TRANSFER_REGISTRY, WALLET_TRANSACTIONS, "_id"
-        else:
-            source, other, other_key = WALLET_TRANSACTIONS, TRANSFER_REGISTRY, "_id"
-        created: dict[str, Any] = {"$gte": start}
-        if until is not None:
-            created["$lte"] = _utc(until)
-        cursor = (
-            self._db[source]
-            .find(
-                {"created_at": created, **wallet_filter(scopes, "wallet")},
-                {"_id": 1, "wallet": 1, "wallet_version": 1, "created_at": 1},
-            )
-            .sort("created_at", ASCENDING)
-            .limit(UNAPPLIED_SCAN_MAX)
-        )
-        docs = [doc async for doc in cursor]
-        if len(docs) >= UNAPPLIED_SCAN_MAX:
+        until = None if until is None else _utc(until)
+        read = self._transfers.created_between if reverse else self._legacy.transactions_created
+        created = await read(scopes, start=start, until=until, limit=UNAPPLIED_SCAN_MAX)
+        if len(created) >= UNAPPLIED_SCAN_MAX:
             return None  # too many to count here: unknown, the gate stays closed
-        missing: list[dict[str, Any]] = []
-        for i in range(0, len(docs), LOOKUP_BATCH_MAX):
-            batch = docs[i : i + LOOKUP_BATCH_MAX]
-            ids = [d["_id"] for d in batch]
-            present = {
-                d[other_key]
-                async for d in self._db[other].find({other_key: {"$in": ids}}, {other_key: 1})
-            }
-            missing += [d for d in batch if d["_id"] not in present]
+        held = self._legacy.transactions_held if reverse else self._transfers.held
+        missing: list[Created] = []
+        for i in range(0, len(created), LOOKUP_BATCH_MAX):
+            batch = created[i : i + LOOKUP_BATCH_MAX]
+            present = await held([c.id for c in batch])
+            missing += [c for c in batch if c.id not in present]
         if missing and not reverse:
             missing = await self._not_in_import(missing)
         # Advance the watermark to just before the oldest still-missing operation.
         if missing:
-            oldest = min(_utc(d["created_at"]) for d in missing)
+            oldest = min(c.created_at for c in missing)
             self._applied_watermark[key] = max(start, oldest - timedelta(milliseconds=1))
-        elif docs:
-            self._applied_watermark[key] = _utc(docs[-1]["created_at"])
+        elif created:
+            self._applied_watermark[key] = created[-1].created_at
         return len(missing)
 
     @activity.defn(name=ACTIVITY_AWAIT_REVERSE_DRAIN)
@@ -304,23 +244,17 @@ class MigrationActivities:
                 return ReverseDrainResult(unapplied=unapplied, polls=polls)
             await asyncio.sleep(DRAIN_POLL_S)
 
-    async def _not_in_import(self, missing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _not_in_import(self, missing: list[Created]) -> list[Created]:
         """Drop operations the backfill's opening balance already counted (legacy version <=
         the imported version): the backlog skips those by design."""
-        wallets = list({d["wallet"] for d in missing})
+        wallets = sorted({c.wallet for c in missing})
         versions: dict[str, int] = {}
-        for i in range(0, len(wallets), LOOKUP_BATCH_MAX):
-            async for imp in self._db[BACKFILL_IMPORTS].find(
-                {"_id": {"$in": wallets[i : i + LOOKUP_BATCH_MAX]}, "status": "done"},
-                {"version": 1},
-            ):
-                versions[imp["_id"]] = int(imp["version"])
-        return [
-            d
-            for d in missing
-            if d.get("wallet_version") is None
-            or int(d["wallet_version"]) > versions.get(d["wallet"], -1)
-        ]
+        for i in range(0, len(wallets), MANY_MAX):
+            records = await self._imports.get_many(wallets[i : i + MANY_MAX])
+            versions.update((w, r.version) for w, r in records.items()
+                            if r.status is ImportStatus.DONE)
+        return [c for c in missing
+                if c.wallet_version is None or c.wallet_version > versions.get(c.wallet, -1)]
 
     # ---- archive ------------------------------------------------------------------------
 
@@ -336,48 +270,25 @@ class MigrationActivities:
         tmp = path.with_suffix(".tmp")
         digest = hashlib.sha256()
         counts = {WALLETS: 0, WALLET_TRANSACTIONS: 0}
-        filters: dict[str, dict[str, Any]] = {
-            WALLETS: pair_filter(req.scopes),
-            WALLET_TRANSACTIONS: wallet_filter(req.scopes, "wallet"),
-        }
         size = 0
         with tmp.open("wb") as out:
-            for name, query in filters.items():
-                cursor = self._db[name].find(query).sort("_id", ASCENDING).limit(ARCHIVE_DOCS_MAX)
-                async for doc in cursor:
-                    line = (
-                        json.dumps(
-                            {
-                                "collection": name,
-                                "doc": json.loads(
-                                    json_util.dumps(
-                                        doc, json_options=json_util.CANONICAL_JSON_OPTIONS
-                                    )
-                                ),
-                            },
-                            sort_keys=True,
-                        ).encode()
-                        + b"\n"
-                    )
-                    out.write(line)
-                    digest.update(line)
-                    size += len(line)
-                    counts[name] += 1
-                    if counts[name] % 1000 == 0:
-                        activity.heartbeat(counts)
-                        await asyncio.sleep(0)
+            async for name, doc in self._legacy.archive_documents(
+                    req.scopes, limit=ARCHIVE_DOCS_MAX):
+                line = _archive_line(name, doc)
+                out.write(line)
+                digest.update(line)
+                size += len(line)
+                counts[name] += 1
+                if counts[name] % ARCHIVE_HEARTBEAT_EVERY == 0:
+                    activity.heartbeat(counts)
+                    await asyncio.sleep(0)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(path)
         sha = digest.hexdigest()
         path.with_suffix(".sha256").write_text(f"{sha}  {path.name}\n")
-        return ArchiveInfo(
-            path=str(path.resolve()),
-            sha256=sha,
-            wallets=counts[WALLETS],
-            transactions=counts[WALLET_TRANSACTIONS],
-            bytes=size,
-        )
+        return ArchiveInfo(path=str(path.resolve()), sha256=sha, wallets=counts[WALLETS],
+                           transactions=counts[WALLET_TRANSACTIONS], bytes=size)
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -388,34 +299,3 @@ class MigrationActivities:
             self.archive_legacy,
             self.await_reverse_drain,
         ]
-
-
-# ---- reconciliation report fields (tolerant: the reconciliation workflow owns the schema) ------
-
-
-def report_time(doc: dict[str, Any]) -> datetime | None:
-    for field in ("finished_at", "completed_at", "created_at", "at", "started_at"):
-        value = doc.get(field)
-        if isinstance(value, datetime):
-            return _utc(value)
-    return None
-
-
-def report_rate(doc: dict[str, Any]) -> float | None:
-    for field in ("match_rate", "matchRate", "rate"):
-        value = doc.get(field)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            rate = float(value)
-            return rate / 100 if rate > 1 else rate
-    summary = doc.get("summary")
-    if isinstance(summary, dict):
-        return report_rate(summary)
-    return None
-
-
-def report_is_full(doc: dict[str, Any]) -> bool:
-    """A report is full unless it says it is partial (a sample or a subset of wallets)."""
-    if "full" in doc:
-        return doc["full"] is True
-    kind = doc.get("kind", doc.get("mode"))
-    return kind is None or kind in ("full", "complete", "scheduled")

@@ -6,7 +6,11 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from walletcore.reconcile import IN_FLIGHT_MAX_AGE_S_DEFAULT, MATCH_RATE_THRESHOLD_DEFAULT
+from walletcore.reconcile import (
+    IN_FLIGHT_MAX_AGE_S_DEFAULT,
+    MATCH_RATE_THRESHOLD_DEFAULT,
+    ReportKind,
+)
 
 ACTIVITY_START = "reconcile_start"
 ACTIVITY_WALLET_PAGE = "reconcile_wallet_page"
@@ -83,6 +87,7 @@ class StartInput(_Model):
     repair: bool
     actor: str | None
     reason: str | None
+    check_transfers: bool = True  # False: a partial run (its report opens no gate)
 
 
 class StartOutput(_Model):
@@ -175,19 +180,27 @@ class FinishInput(_Model):
     customer_net: dict[str, int]
     system_start: dict[str, dict[str, list[int]]]
     threshold: float
+    check_transfers: bool = True
+    repair: bool = False
 
 
 class ReconcileSummary(_Model):
+    """A finished run, as its report records it (stores.reports) and the gates read it.
+    Defaults: what summaries recorded before these fields existed meant."""
+
     run_id: str
-    pairs: list[str]
-    wallets: int
+    pairs: list[str]  # the run's scope
+    wallets: int  # legacy wallets compared
     matched: int
-    in_flight: int
+    in_flight: int  # still in flight after the re-check (apart from real and matched)
     resolved_on_recheck: int
     real: int
-    match_rate: float
-    findings: dict[str, int]
+    match_rate: float | None  # None: nothing compared ("no data", never 100 %)
+    findings: dict[str, int]  # by class (walletcore.reconcile.IssueKind), conservation included
     conservation_ok: bool
     alerts: list[str]
     repaired: int
     repair_failed: int
+    kind: str = ReportKind.CHECK.value
+    full: bool = True  # every stage ran (wallets, accounts, transfers, conservation)
+    covers_all_pairs: bool = False  # `pairs` was every pair of the deployment's ledger table

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as redis_asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +30,7 @@ from mongobase.mongo import (
     now_ms,
     u128_to_hex,
 )
+from mongobase.queries import find_in, find_keys
 from registries.cache import CACHE_KEY_PREFIX, JsonCache
 from walletcore.errors import ConflictError, InvalidInputError
 from walletcore.ids import NONCE_MAX, U128_MAX, account_id
@@ -222,6 +223,33 @@ class AccountRegistry:
     async def invalidate(self, wallet: WalletKey) -> None:
         await self._cache.delete(wallet.canonical)
 
+    # ---- reconciliation reads (raw ids, no cache: the cache may hide a missing document) -------
+
+    async def entries_in_range(
+        self, ledger: int, *, after: str | None, last_key: str | None, limit: int
+    ) -> dict[str, RegistryEntry]:
+        """A ledger's entries with keys in (after, last_key], or (after, end) when last_key is
+        None: ONE bounded `(ledger, _id)` index range read. A closed range matters on servers
+        that materialise a query's whole result before applying `limit` (SecantusDB)."""
+        assert 1 <= limit <= 2 * PAGE_LIMIT_MAX
+        key_range: Document = {"$gt": after or ""}
+        if last_key is not None:
+            key_range["$lte"] = last_key
+        cursor = self._accounts.find(  # no projection: it costs SecantusDB more than it saves
+            {"ledger": ledger, "_id": key_range}).limit(limit).batch_size(limit)
+        return {d["_id"]: _entry_of(d) async for d in cursor}
+
+    async def entries_of(self, keys: list[str]) -> dict[str, RegistryEntry]:
+        """Entries of canonical wallet keys (absent: not registered)."""
+        assert len(keys) <= PAGE_LIMIT_MAX
+        return {key: _entry_of(doc) for key, doc in (await find_keys(self._accounts, keys)).items()}
+
+    async def registered_ids(self, account_ids: list[int]) -> set[int]:
+        """The account ids among `account_ids` that some entry holds."""
+        hexes = [u128_to_hex(a) for a in account_ids]
+        docs = await find_in(self._accounts, "account_id", hexes, {"account_id": 1})
+        return {hex_to_u128(d["account_id"]) for d in docs}
+
 
 def _check_limit(limit: int, limit_max: int) -> None:
     if not 1 <= limit <= limit_max:
@@ -263,3 +291,16 @@ def _record_of(doc: Document) -> AccountRecord:
             field="account_id",
         )
     return record
+
+
+class RegistryEntry(NamedTuple):
+    """An entry as reconciliation compares it (plain values: thousands per page)."""
+
+    account_id: int
+    ledger: int
+    allow_overdraft: bool
+
+
+def _entry_of(doc: Document) -> RegistryEntry:
+    return RegistryEntry(account_id=hex_to_u128(doc["account_id"]), ledger=int(doc["ledger"]),
+                         allow_overdraft=bool(doc["allow_overdraft"]))

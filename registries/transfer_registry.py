@@ -27,6 +27,7 @@ from mongobase.mongo import (
     int_to_bson,
     u128_to_hex,
 )
+from mongobase.queries import Created, find_in, wallet_key_filter
 from walletcore.errors import (
     AlreadyVoidedError,
     ConflictError,
@@ -210,6 +211,33 @@ class TransferRegistry:
             except (KeyError, TypeError, ValueError) as err:  # ValidationError is a ValueError
                 page.malformed.append((page.last_key, f"{type(err).__name__}: {err}"))
         return page
+
+    # ---- reconciliation and migration-gate reads ----------------------------------------------
+
+    async def transactions_of(self, transfer_ids: Sequence[int]) -> dict[int, str]:
+        """{transfer id: transaction id} of the ids registered (chunked key lookups)."""
+        hexes = [u128_to_hex(t) for t in transfer_ids]
+        docs = await find_in(self._transfers, "transfer_id", hexes, {"transfer_id": 1})
+        return {hex_to_u128(d["transfer_id"]): d["_id"] for d in docs}
+
+    async def held(self, transaction_ids: list[str]) -> set[str]:
+        """The transaction ids among `transaction_ids` that have a record."""
+        docs = await find_in(self._transfers, "_id", transaction_ids, {"_id": 1})
+        return {d["_id"] for d in docs}
+
+    async def created_between(
+        self, scopes: list[str], *, start: datetime, until: datetime | None, limit: int
+    ) -> list[Created]:
+        """The scope's records created in [start, until], oldest first, at most `limit`."""
+        created: Document = {"$gte": start}
+        if until is not None:
+            created["$lte"] = until
+        cursor = self._transfers.find(
+            {"created_at": created, **wallet_key_filter(scopes, "wallet")},
+            {"_id": 1, "wallet": 1, "created_at": 1},
+        ).sort("created_at", ASCENDING).limit(limit)
+        return [Created(id=d["_id"], wallet=d["wallet"], created_at=as_utc(d["created_at"]),
+                        wallet_version=None) async for d in cursor]
 
 
 async def _records(cursor: AsyncCursor[Any]) -> AsyncIterator[TransferRecord]:

@@ -22,6 +22,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from mongobase.mongo import as_utc, bson_to_int, insert_new, int_to_bson, now_ms
+from mongobase.queries import wallet_key_filter
 from walletcore.balances import MinorBalance
 
 BACKFILL_IMPORTS = "backfill_imports"
@@ -163,3 +164,8 @@ class ImportLedger:
     async def count(self, *, status: ImportStatus | None = None) -> int:
         query: Document = {} if status is None else {"status": status.value}
         return await self._col.count_documents(query)
+
+    async def count_done_in(self, scopes: list[str]) -> int:
+        """Wallets of a migration scope (ledger pairs, or '*') imported to completion."""
+        return await self._col.count_documents(
+            {"status": ImportStatus.DONE.value, **wallet_key_filter(scopes, "_id")})

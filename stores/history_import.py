@@ -29,6 +29,7 @@ from pymongo.errors import DuplicateKeyError
 from mongobase.mongo import as_utc, now_ms
 from stores.legacy_store import HistoryCursor
 from stores.tigerbeetle_client import TigerBeetleClient
+from walletcore.gates import GLOBAL_SCOPE
 
 BACKFILL_HISTORY = "backfill_history"
 FAILED_SAMPLE_MAX = 20
@@ -138,6 +139,13 @@ class HistoryCheckpoints:
         found = await self._col.find_one(
             {"pairs": pair, "status": HistoryStatus.DONE.value}, {"_id": 1})
         return found is not None
+
+    async def running_in(self, scopes: list[str]) -> int:
+        """History imports still running on any pair of a migration scope (or any, for '*')."""
+        query: Document = {"status": HistoryStatus.RUNNING.value}
+        if GLOBAL_SCOPE not in scopes:
+            query["pairs"] = {"$in": scopes}
+        return await self._col.count_documents(query)
 
 
 def _doc_of(cp: HistoryCheckpoint) -> Document:

@@ -16,10 +16,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from walletcore.errors import ConflictError
+from walletcore.gates import GLOBAL_SCOPE as GLOBAL_SCOPE  # re-exported (read path)
 from walletcore.phases import MigrationState
 
 MIGRATION_STATE = "migration_state"
-GLOBAL_SCOPE = "*"
 CACHE_TTL_S_DEFAULT = 1.0
 CACHE_TTL_S_MAX = 60.0
 CACHE_SCOPES_MAX = 1024  # pairs are few (one per ledger); a bound keeps a typo loop harmless

@@ -3,6 +3,11 @@
 `reconciliation_reports` has one document per run (what the gates and `reconcile report` read);
 `reconciliation_mismatches` holds every real difference of a run (the report embeds the first
 few); `reconciliation_audit` records every repair: who, why, before, after, transfers.
+
+A finished report records what the gates need to judge it (walletcore.gates.ReconciliationFacts):
+its scope (`pairs`, `covers_all_pairs`), `kind` (check or repair), `full` (every stage ran),
+the wallets compared, real and still-in-flight counts, and findings by class (conservation
+included). Only this module writes or reads that shape.
 """
 
 from __future__ import annotations
@@ -10,18 +15,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from mongobase.mongo import now_ms
+from messages.reconciliation import Counts, ReconcileSummary
+from mongobase.mongo import IN_CHUNK_MAX as IN_CHUNK_MAX  # re-exported (older importers)
+from mongobase.mongo import as_utc, now_ms
+from mongobase.queries import find_in as find_in  # re-exported (older importers)
+from mongobase.queries import find_keys as find_keys
+from walletcore.gates import ReconciliationFacts
+from walletcore.reconcile import ConservationResult
 
 RECONCILIATION_REPORTS = "reconciliation_reports"
 RECONCILIATION_MISMATCHES = "reconciliation_mismatches"
 RECONCILIATION_AUDIT = "reconciliation_audit"
 EMBEDDED_MISMATCHES_MAX = 100
 HISTORY_MAX = 1000
+GATE_REPORTS_MAX = 50  # finished reports one evidence collection looks at (newest first)
 
 Document = dict[str, Any]
 
@@ -45,6 +57,19 @@ class MismatchDoc(BaseModel):
     at: datetime | None = None
 
 
+class RunOpened(BaseModel):
+    """What a run records when it starts (its report is `running` until it finishes)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pairs: list[str]
+    covers_all_pairs: bool
+    kind: str
+    full: bool
+    actor: str | None = None
+    reason: str | None = None
+
+
 class ReportStore:
     def __init__(self, db: AsyncDatabase[Any]) -> None:
         self._reports: AsyncCollection[Any] = db[RECONCILIATION_REPORTS]
@@ -52,9 +77,11 @@ class ReportStore:
         self._audit: AsyncCollection[Any] = db[RECONCILIATION_AUDIT]
 
     async def ensure_indexes(self) -> None:
-        await self._reports.create_indexes(
-            [IndexModel([("started_at", DESCENDING)], name="started_at")]
-        )
+        await self._reports.create_indexes([
+            IndexModel([("started_at", DESCENDING)], name="started_at"),
+            IndexModel([("status", ASCENDING), ("finished_at", DESCENDING)],
+                       name="status_finished_at"),
+        ])
         await self._mismatches.create_indexes(
             [IndexModel([("run_id", ASCENDING), ("kind", ASCENDING)], name="run_kind")]
         )
@@ -62,31 +89,64 @@ class ReportStore:
             [IndexModel([("wallet", ASCENDING), ("at", DESCENDING)], name="wallet_at")]
         )
 
-    async def start(self, run_id: str, fields: Document) -> None:
-        await self._reports.update_one(
+    async def start(self, run_id: str, opened: RunOpened) -> None:
+        """Open (or re-open) the run's report. A run id used again (a schedule's fixed id)
+        starts from a clean report: the previous run's mismatches are not this run's."""
+        await self._mismatches.delete_many({"run_id": run_id})
+        await self._reports.replace_one(
             {"_id": run_id},
-            {"$setOnInsert": {"started_at": now_ms(), **fields}, "$set": {"status": "running"}},
+            {**opened.model_dump(mode="python"), "started_at": now_ms(), "status": "running"},
             upsert=True,
         )
 
-    async def finish(self, run_id: str, fields: Document) -> None:
+    async def finish(
+        self, summary: ReconcileSummary, counts: Counts, *, threshold: float,
+        conservation: list[ConservationResult],
+    ) -> None:
+        """Close the report: the summary's fields (scope, kind, full, wallets, findings by
+        class, ...), the running counts, conservation per ledger, the first mismatches."""
         embedded = [
-            doc async for doc in self._mismatches.find({"run_id": run_id}, {"_id": 0})
+            doc async for doc in self._mismatches.find({"run_id": summary.run_id}, {"_id": 0})
             .limit(EMBEDDED_MISMATCHES_MAX)
         ]
         await self._reports.update_one(
-            {"_id": run_id},
-            {"$set": {**fields, "status": "done", "finished_at": now_ms(),
-                      "mismatches": embedded}},
+            {"_id": summary.run_id},
+            {"$set": {
+                **summary.model_dump(mode="python"), "counts": counts.model_dump(mode="python"),
+                "threshold": threshold, "alert": bool(summary.alerts),
+                "conservation": [c.model_dump(mode="python") for c in conservation],
+                "status": "done", "finished_at": now_ms(), "mismatches": embedded,
+            }},
             upsert=True,
         )
+
+    async def finished_since(
+        self, since: datetime, limit: int = GATE_REPORTS_MAX
+    ) -> list[ReconciliationFacts]:
+        """Finished reports whose run ended at or after `since`, newest first, as the gates
+        read them. Documents without the fields a gate needs (written before they existed, or
+        by hand) are not evidence and are left out."""
+        assert 0 < limit <= GATE_REPORTS_MAX
+        cursor = (self._reports.find({"status": "done", "finished_at": {"$gte": since}},
+                                     {"mismatches": 0, "conservation": 0, "counts": 0})
+                  .sort("finished_at", DESCENDING).limit(limit))
+        found = []
+        async for doc in cursor:
+            try:
+                found.append(ReconciliationFacts(
+                    run_id=str(doc["_id"]), finished_at=as_utc(doc["finished_at"]),
+                    scope=doc["pairs"], covers_all_pairs=doc["covers_all_pairs"],
+                    kind=doc["kind"], full=doc["full"], wallets=doc["wallets"],
+                    real=doc["real"], in_flight=doc["in_flight"], findings=doc["findings"],
+                    conservation_ok=doc["conservation_ok"]))
+            except (KeyError, TypeError, ValidationError):
+                continue
+        return found
 
     async def add_mismatches(self, docs: list[MismatchDoc]) -> None:
         """Idempotent per (run, kind, subject): a retried page rewrites the same documents."""
         if not docs:
             return
-        from pymongo import ReplaceOne
-
         ops = [
             ReplaceOne({"_id": f"{d.run_id}|{d.kind}|{d.subject}"},
                        {**d.model_dump(mode="python"), "at": d.at or now_ms()}, upsert=True)
@@ -129,41 +189,3 @@ class ReportStore:
         docs = [d async for d in cursor]
         docs.reverse()
         return docs
-
-
-IN_CHUNK_MAX = 64  # large `$in` lists are quadratic on the embedded server; chunks are not
-IN_CONCURRENCY = 8
-
-
-async def find_in(
-    collection: AsyncCollection[Any], field: str, values: list[Any],
-    projection: Document | None = None,
-) -> list[Document]:
-    """`{field: {$in: values}}` as bounded concurrent chunks (same answer, any server)."""
-    import asyncio
-
-    gate = asyncio.Semaphore(IN_CONCURRENCY)
-
-    async def chunk(part: list[Any]) -> list[Document]:
-        async with gate:
-            return [d async for d in collection.find({field: {"$in": part}}, projection)]
-
-    parts = [values[i:i + IN_CHUNK_MAX] for i in range(0, len(values), IN_CHUNK_MAX)]
-    found = await asyncio.gather(*(chunk(p) for p in parts))
-    return [doc for part in found for doc in part]
-
-
-async def find_keys(
-    collection: AsyncCollection[Any], keys: list[str], projection: Document | None = None
-) -> dict[str, Document]:
-    """Documents whose `_id` is in `keys`: one `_id` range scan when the keys are many (pages
-    are contiguous key ranges), chunked `$in` otherwise."""
-    if not keys:
-        return {}
-    wanted = set(keys)
-    if len(keys) <= IN_CHUNK_MAX:
-        docs = await find_in(collection, "_id", keys, projection)
-    else:
-        docs = [d async for d in collection.find(
-            {"_id": {"$gte": min(keys), "$lte": max(keys)}}, projection)]
-    return {d["_id"]: d for d in docs if d["_id"] in wanted}

@@ -14,7 +14,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from activities.backfill import BackfillActivities, WalletImporter
 from activities.history_import import HistoryImporter
-from activities.reconciliation import ReconcileActivities, Reconciler
+from activities.reconciliation import Books, ReconcileActivities, Reconciler
 from activities.wallet import TigerBeetleBacklog
 from messages.wallet import (
     BacklogItem,
@@ -87,8 +87,8 @@ async def make_env(db: AsyncDatabase[Any], redis: Any, tb_client: TigerBeetleCli
     importer = WalletImporter(legacy, tb_store, imports, history)
     reports = ReportStore(db)
     await reports.ensure_indexes()
-    reconciler = Reconciler(db, legacy, tb_store, tb_client, accounts, transfers, imports,
-                            reports, migration, ledgers)
+    reconciler = Reconciler(legacy, tb_store, Books(imports=imports, migration=migration,
+                                                    reports=reports))
     return Env(db=db, ledgers=ledgers, country=country, pairs=pairs, legacy=legacy,
                accounts=accounts, transfers=transfers, tb_store=tb_store, tb_client=tb_client,
                imports=imports, importer=importer, migration=migration, reports=reports,

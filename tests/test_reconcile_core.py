@@ -16,6 +16,7 @@ from walletcore.errors import ConflictError
 from walletcore.reconcile import (
     FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS,
     FLAG_HISTORY,
+    WALLET_ISSUES,
     AccountView,
     ExpectedTransfer,
     IssueKind,
@@ -32,6 +33,7 @@ from walletcore.reconcile import (
     classify,
     covered_by_opening,
     diff_balances,
+    gate_findings,
     match_rate,
     opening_plan,
     plan_to_reach,
@@ -198,13 +200,23 @@ def test_conservation(customer_nets: list[int], drift: int) -> None:
 
 
 def test_rates_and_alerts() -> None:
-    assert match_rate(0, 0) == 1.0
+    assert match_rate(0, 0) is None  # nothing compared: no data, never 100 %
     assert match_rate(10_000, 1) == 0.9999
+    assert alerts(rate=None) == []  # an empty scope is not an alert (the gates say "no data")
     assert alerts(rate=0.9999) == []
     assert len(alerts(rate=0.9998)) == 1
     assert alerts(rate=1.0, max_real_diff_minor=1) == []
     assert len(alerts(rate=1.0, max_real_diff_minor=2, findings=1,
                       conservation_failures=1)) == 3
+
+
+def test_gate_findings_leave_wallet_classes_to_the_rate() -> None:
+    found: dict[str, int] = {
+        IssueKind.BALANCE_MISMATCH: 3, IssueKind.MISSING_REGISTRY: 1,
+        IssueKind.MISSING_TRANSFER: 2, IssueKind.CONSERVATION: 1,
+        IssueKind.UNREGISTERED_TB_ACCOUNT: 0}
+    assert gate_findings(found) == {IssueKind.CONSERVATION: 1, IssueKind.MISSING_TRANSFER: 2}
+    assert all(kind in WALLET_ISSUES or gate_findings({kind: 1}) for kind in IssueKind)
 
 
 # ---- the fast paths agree with the exact ones ----------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from walletcore.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from walletcore.gates import Evidence, GateThresholds
+from walletcore.gates import EVIDENCE_VERSION, Evidence, GateThresholds, ReconciliationFacts
 from walletcore.phases import PHASE_ORDER, Phase
 from walletcore.rollout import in_rollout, rollout_bucket
 from walletcore.transitions import (
@@ -26,13 +28,17 @@ from walletcore.transitions import (
 )
 
 T = GateThresholds(tb_primary_stable_s=10)
+CLEAN_REPORT = ReconciliationFacts(
+    run_id="rc-1", finished_at=datetime(2025, 1, 1, tzinfo=UTC), scope=["USD:USA"],
+    kind="check", full=True, wallets=10_000, real=0, in_flight=0, conservation_ok=True)
 GOOD = Evidence(
-    backfill_complete=True, unapplied_writes=0, reconciliation_match_rate=1.0,
+    evidence_version=EVIDENCE_VERSION, backfill_complete=True, unapplied_writes=0,
+    reconciliation=CLEAN_REPORT, reconciliation_match_rate=1.0,
     last_full_reconciliation_match_rate=1.0, shadow_matches=10_000, shadow_mismatches=0,
     tb_reads=10_000, tb_errors=0, tb_read_p95_ms=1.0, mongo_read_p95_ms=5.0,
     cutover_reads=10_000, cutover_fallbacks=0, phase_age_s=60,
 )
-EMPTY = Evidence()
+EMPTY = Evidence(evidence_version=EVIDENCE_VERSION)
 
 positions = st.builds(
     lambda phase, rollout, paused: Position(
@@ -72,8 +78,8 @@ def test_full_advance_path_with_good_evidence() -> None:
                                "threshold >= 99.99% with >= 100 samples"),
         (Phase.SHADOW_READ, 0, "gate tb_read_p95_ratio: measured no data, threshold < 0.5"),
         (Phase.READ_CUTOVER, 10, "gate fallback_rate: measured no data over 0 cutover reads"),
-        (Phase.READ_CUTOVER, 100, "gate last_full_reconciliation: measured no data, "
-                                  "threshold = 100%"),
+        (Phase.READ_CUTOVER, 100, "gate last_full_reconciliation: measured no report in "
+                                  "the last 300s, threshold >= 100% in a finished full report"),
         (Phase.TB_PRIMARY, 100, "gate tb_primary_stable: measured 0s in tb_primary"),
     ],
 )

@@ -8,15 +8,23 @@ Missing evidence never passes a gate: "no data" is not proof of safety.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from walletcore.phases import Phase
+from walletcore.reconcile import gate_findings, match_rate
 
+GLOBAL_SCOPE = "*"  # a migration (and MigrationState) scope covering every ledger pair
 WINDOW_S_MAX = 7 * 24 * 3600
 RATE_EPSILON = 1e-12  # float rates: 9999/10000 must pass a 0.9999 threshold
+# Evidence payloads of version 1 were recorded before reconciliation evidence was a whole
+# report: recorded histories must decide their updates as they did then (replay), so the
+# reconciliation gates judge a version-1 payload by its rates alone. The evidence activity
+# always writes the current version.
+EVIDENCE_VERSION = 2
+SKIPPED_REPORTS_SHOWN_MAX = 3
 
 
 class GateThresholds(BaseModel):
@@ -39,11 +47,69 @@ class GateThresholds(BaseModel):
     auto_rollback_min_samples: int = Field(default=50, ge=1, le=10_000_000)
 
 
+class ReconciliationFacts(BaseModel):
+    """What a gate reads of one finished reconciliation report (stores.reports writes it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    finished_at: datetime
+    scope: list[str]  # the ledger pairs the run compared
+    covers_all_pairs: bool = False  # the pairs were every pair of the deployment's table
+    kind: str  # walletcore.reconcile.ReportKind
+    full: bool  # wallets, TigerBeetle accounts, Transfer Registry and conservation all checked
+    wallets: int = Field(ge=0)  # legacy wallets compared
+    real: int = Field(ge=0)  # wallets with a real difference
+    in_flight: int = Field(ge=0)  # still in flight after the re-check
+    findings: dict[str, int] = Field(default_factory=dict)  # by class, conservation included
+    conservation_ok: bool
+
+    @property
+    def match_rate(self) -> float | None:
+        return match_rate(self.wallets, self.real)
+
+    def covers(self, scopes: Sequence[str]) -> bool:
+        """Every pair of a migration's scope compared ('*': every pair of the table)."""
+        if GLOBAL_SCOPE in scopes:
+            return self.covers_all_pairs
+        return set(scopes) <= set(self.scope)
+
+    def blockers(self) -> list[str]:
+        """Why this report cannot open a gate, whatever its match rate."""
+        found = [f"{kind} {n}" for kind, n in gate_findings(self.findings).items()]
+        reasons = [f"findings: {', '.join(found)}"] if found else []
+        if not self.conservation_ok and "conservation" not in self.findings:
+            reasons.append("money not conserved")
+        if self.in_flight:
+            reasons.append(f"{self.in_flight} wallet(s) still in flight after the re-check")
+        return reasons
+
+
+def choose_report(
+    reports: Sequence[ReconciliationFacts], scopes: Sequence[str], since: datetime
+) -> tuple[ReconciliationFacts | None, str | None]:
+    """The newest finished, full report covering the whole scope since `since` (the window),
+    and when there is none, a note on the newest reports passed over and why. A newer report
+    with findings is not skipped for an older clean one: the newest covering report speaks."""
+    skipped: list[str] = []
+    for report in sorted(reports, key=lambda r: r.finished_at, reverse=True):
+        why = ("finished before the window" if report.finished_at < since
+               else "partial" if not report.full
+               else f"covers {', '.join(report.scope) or 'nothing'} only"
+               if not report.covers(scopes) else None)
+        if why is None:
+            return report, None
+        if len(skipped) < SKIPPED_REPORTS_SHOWN_MAX:
+            skipped.append(f"{report.run_id}: {why}")
+    return None, "; ".join(skipped) or None
+
+
 class Evidence(BaseModel):
     """What the evidence activity measured over the window. `None` = could not be measured."""
 
     model_config = ConfigDict(frozen=True)
 
+    evidence_version: int = Field(default=1, ge=1)  # see EVIDENCE_VERSION
     collected_at: datetime | None = None
     window_s: int = Field(default=0, ge=0)
     backfill_complete: bool = False
@@ -51,7 +117,11 @@ class Evidence(BaseModel):
     # must be newer than every transfer, so no normal write may reach TigerBeetle before they end.
     history_imports_running: int = Field(default=0, ge=0)
     unapplied_writes: int | None = Field(default=None, ge=0)
-    # Latest reconciliation report inside the window (any kind) and the latest full one.
+    # The report the reconciliation gates judge (choose_report; version 2) and, when there is
+    # none, which reports were passed over and why. The rates below are that report's (in
+    # version 1: the latest report in the window, and the latest full one of any age).
+    reconciliation: ReconciliationFacts | None = None
+    reconciliation_note: str | None = None
     reconciliation_match_rate: float | None = Field(default=None, ge=0, le=1)
     reconciliation_at: datetime | None = None
     last_full_reconciliation_match_rate: float | None = Field(default=None, ge=0, le=1)
@@ -148,8 +218,34 @@ def gate_unapplied_reverse(ev: Evidence, t: GateThresholds) -> GateResult:
                       threshold=f"<= {t.max_unapplied_writes}")
 
 
+def _report_gate(name: str, ev: Evidence, t: GateThresholds, minimum: float) -> GateResult:
+    """A reconciliation gate on the report choose_report picked: it passes only on a finished,
+    full report covering the scope inside the window, which compared at least one wallet,
+    whose match rate reaches `minimum`, with no other finding, money conserved and nothing
+    left in flight after the re-check."""
+    r = ev.reconciliation
+    threshold = (f">= {pct(minimum)} in a finished full report covering the scope in the "
+                 f"last {t.window_s}s, no other finding, nothing in flight")
+    if r is None:
+        note = f" ({ev.reconciliation_note})" if ev.reconciliation_note else ""
+        return GateResult(name=name, passed=False, threshold=threshold,
+                          measured=f"no report in the last {t.window_s}s{note}")
+    rate = r.match_rate
+    if rate is None:
+        return GateResult(name=name, passed=False, threshold=threshold,
+                          measured=f"no data: report {r.run_id} compared 0 wallets")
+    blockers = r.blockers()
+    measured = f"{pct(rate)} over {r.wallets} wallets (report {r.run_id})"
+    if blockers:
+        measured += "; " + "; ".join(blockers)
+    return GateResult(name=name, passed=not blockers and rate + RATE_EPSILON >= minimum,
+                      measured=measured, threshold=threshold)
+
+
 def gate_reconciliation(ev: Evidence, t: GateThresholds) -> GateResult:
-    rate = ev.reconciliation_match_rate
+    if ev.evidence_version >= 2:
+        return _report_gate("reconciliation_match_rate", ev, t, t.min_reconciliation_match_rate)
+    rate = ev.reconciliation_match_rate  # version 1 (recorded histories): as it was decided
     return GateResult(
         name="reconciliation_match_rate",
         passed=rate is not None and rate + RATE_EPSILON >= t.min_reconciliation_match_rate,
@@ -191,8 +287,10 @@ def gate_fallback(ev: Evidence, t: GateThresholds) -> GateResult:
                                 f"{t.min_cutover_samples} reads")
 
 
-def gate_full_reconciliation(ev: Evidence, _t: GateThresholds) -> GateResult:
-    rate = ev.last_full_reconciliation_match_rate
+def gate_full_reconciliation(ev: Evidence, t: GateThresholds) -> GateResult:
+    if ev.evidence_version >= 2:
+        return _report_gate("last_full_reconciliation", ev, t, 1.0)
+    rate = ev.last_full_reconciliation_match_rate  # version 1 (recorded histories)
     return GateResult(name="last_full_reconciliation", passed=rate is not None and rate >= 1.0,
                       measured=pct(rate), threshold="= 100%")
 

@@ -52,6 +52,22 @@ class IssueKind(StrEnum):
     CONSERVATION = "conservation"
 
 
+# Findings about one legacy wallet: such a wallet counts as `real`, so these classes are judged
+# through the match rate. Every other class (the TigerBeetle account scan, the Transfer
+# Registry, money conservation) is a finding no rate can absorb: it fails a gate by itself.
+WALLET_ISSUES = frozenset({
+    IssueKind.BALANCE_MISMATCH, IssueKind.MISSING_TB_ACCOUNT, IssueKind.MISSING_REGISTRY,
+    IssueKind.REGISTRY_MISMATCH, IssueKind.ACCOUNT_MISMATCH,
+})
+
+
+class ReportKind(StrEnum):
+    """What a reconciliation run did: only compare, or also post corrections (dual_write)."""
+
+    CHECK = "check"
+    REPAIR = "repair"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -455,24 +471,32 @@ def check_conservation(
 # --------------------------------------------------------------------------- rates and alerts
 
 
-def match_rate(compared: int, real: int) -> float:
-    """Share of compared wallets without a real difference (in-flight ones are not failures)."""
+def match_rate(compared: int, real: int) -> float | None:
+    """Share of compared wallets without a real difference (in-flight ones are not failures).
+    None when nothing was compared: "no data", never 100 % (an empty scope proves nothing)."""
     assert 0 <= real <= compared
-    return 1.0 if compared == 0 else (compared - real) / compared
+    return None if compared == 0 else (compared - real) / compared
+
+
+def gate_findings(findings: Mapping[str, int]) -> dict[str, int]:
+    """The findings that fail a gate by themselves (see WALLET_ISSUES), by class."""
+    return {kind: n for kind, n in sorted(findings.items()) if n > 0 and kind not in WALLET_ISSUES}
 
 
 def alerts(
     *,
-    rate: float,
+    rate: float | None,
     threshold: float = MATCH_RATE_THRESHOLD_DEFAULT,
     max_real_diff_minor: int = 0,
     findings: int = 0,
     conservation_failures: int = 0,
 ) -> list[str]:
-    """Human-readable alert reasons (empty when healthy)."""
-    assert 0.0 <= rate <= 1.0 and 0.0 < threshold <= 1.0
+    """Human-readable alert reasons (empty when healthy). No rate (nothing compared) is not an
+    alert: a scope without wallets yet is normal; the gates treat it as "no data"."""
+    assert rate is None or 0.0 <= rate <= 1.0
+    assert 0.0 < threshold <= 1.0
     reasons = []
-    if rate < threshold:
+    if rate is not None and rate < threshold:
         reasons.append(f"match rate {rate:.4%} below {threshold:.4%}")
     if max_real_diff_minor > UNIT_MINOR:
         reasons.append(f"a real difference of {max_real_diff_minor} minor units "

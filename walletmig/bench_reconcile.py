@@ -28,7 +28,7 @@ from bson.decimal128 import Decimal128
 
 from activities.backfill import WalletImporter
 from activities.history_import import HistoryImporter
-from activities.reconciliation import Reconciler
+from activities.reconciliation import Books, Reconciler
 from messages.backfill import WALLETS_PER_PAGE_MAX, BackfillPageInput
 from messages.reconciliation import PAGE_MAX, WalletPageInput
 from mongobase.mongo import now_ms
@@ -68,9 +68,8 @@ class Bench:
         self.imports = ImportLedger(db)
         history = HistoryImporter(self.legacy, self.tb_store, stores.history, stores.migration)
         self.importer = WalletImporter(self.legacy, self.tb_store, self.imports, history)
-        self.reconciler = Reconciler(db, self.legacy, self.tb_store, stores.tb_client,
-                                     self.accounts, stores.transfers, self.imports,
-                                     ReportStore(db), stores.migration, self.ledgers)
+        self.reconciler = Reconciler(self.legacy, self.tb_store, Books(
+            imports=self.imports, migration=stores.migration, reports=ReportStore(db)))
 
     async def seed(self) -> float:
         started = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Any
 
 from activities.backfill import BackfillActivities, WalletImporter
 from activities.history_import import HistoryImporter
-from activities.reconciliation import ReconcileActivities, Reconciler
+from activities.reconciliation import Books, ReconcileActivities, Reconciler
 from stores.backfill_imports import ImportLedger
 from stores.bundle import Stores
 from stores.reports import ReportStore
@@ -24,9 +24,9 @@ def make_importer(stores: Stores) -> WalletImporter:
 
 
 def make_reconciler(stores: Stores) -> Reconciler:
-    return Reconciler(stores.db, stores.legacy, stores.tigerbeetle, stores.tb_client,
-                      stores.accounts, stores.transfers, ImportLedger(stores.db),
-                      ReportStore(stores.db), stores.migration)
+    books = Books(imports=stores.imports, migration=stores.migration,
+                  reports=ReportStore(stores.db))
+    return Reconciler(stores.legacy, stores.tigerbeetle, books)
 
 
 async def ensure_ops_indexes(stores: Stores) -> None:

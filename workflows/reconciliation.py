@@ -6,6 +6,8 @@ wallets per pair; differences first classified, in-flight ones re-checked once a
 account must be in the registry; sums customer nets per ledger) -> transfers (every Transfer
 Registry entry must match its TigerBeetle transfer) -> finish (money conservation, match
 rate, alerts, report). Continue-as-new every `pages_per_run` pages with cursor and counters.
+The report records its scope, kind (check or repair) and whether every stage ran (full): the
+migration gates accept only a finished full report covering their scope (walletcore.gates).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         WalletPageOutput,
     )
     from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
+    from walletcore.gates import pct
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)
@@ -69,7 +72,7 @@ class ReconciliationWorkflow:
         if s.stage == "start":
             started = await self._call(ACTIVITY_START, StartInput(
                 run_id=inp.run_id, pairs=inp.pairs, repair=inp.repair, actor=inp.actor,
-                reason=inp.reason), StartOutput)
+                reason=inp.reason, check_transfers=inp.check_transfers), StartOutput)
             s.system_start = started.system
             s.stage = "wallets"
         while s.stage == "wallets":
@@ -108,9 +111,12 @@ class ReconciliationWorkflow:
             if tpage.exhausted:
                 s.stage = "finish"
             self._publish()
+        # check_transfers and repair only say what the report records (scope, kind, full):
+        # the activities' inputs, no new command (replay-compatible).
         summary = await self._call(ACTIVITY_FINISH, FinishInput(
             run_id=inp.run_id, pairs=inp.pairs, counts=s.counts, customer_net=s.customer_net,
-            system_start=s.system_start, threshold=inp.threshold), ReconcileSummary)
+            system_start=s.system_start, threshold=inp.threshold,
+            check_transfers=inp.check_transfers, repair=inp.repair), ReconcileSummary)
         s.stage = "done"
         self._publish(summary)
         return summary
@@ -185,7 +191,7 @@ class ReconciliationWorkflow:
         if summary is not None:
             alert = " · **ALERT**: " + "; ".join(summary.alerts) if summary.alerts else ""
             workflow.set_current_details(
-                f"**done** · match rate **{summary.match_rate:.4%}** · wallets "
+                f"**done** · match rate **{pct(summary.match_rate)}** · wallets "
                 f"{summary.wallets} · real {summary.real} · in flight {summary.in_flight} · "
                 f"repaired {summary.repaired}{alert}")
             return

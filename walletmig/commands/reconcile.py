@@ -41,13 +41,19 @@ def _input(args: argparse.Namespace, run_id: str) -> ReconcileInput:
     )
 
 
+def _rate(rate: float | None) -> str:
+    return "no data (nothing compared)" if rate is None else f"{rate:.4%}"
+
+
 def summary_lines(s: ReconcileSummary) -> list[str]:
     lines = [
-        f"reconciliation {s.run_id} over {', '.join(s.pairs)}",
+        f"reconciliation {s.run_id} over {', '.join(s.pairs)} ({s.kind}, "
+        f"{'full' if s.full else 'partial: no gate accepts it'})",
         f"  wallets {s.wallets} · matched {s.matched} · in flight {s.in_flight} "
         f"(resolved on re-check {s.resolved_on_recheck}) · real {s.real}",
-        f"  match rate {s.match_rate:.4%} · conservation {'ok' if s.conservation_ok else 'FAILED'}"
-        f" · repaired {s.repaired} (failed {s.repair_failed})",
+        f"  match rate {_rate(s.match_rate)} · conservation "
+        f"{'ok' if s.conservation_ok else 'FAILED'} · repaired {s.repaired} "
+        f"(failed {s.repair_failed})",
     ]
     if s.findings:
         lines.append("  findings: " + ", ".join(f"{k} {v}" for k, v in sorted(s.findings.items())))
@@ -162,7 +168,9 @@ CHART_W, CHART_H, PAD = 720, 240, 40
 
 def _chart(history: list[dict[str, Any]], threshold: float) -> str:
     """Inline SVG line chart of match rate per run (no scripts, opens anywhere)."""
-    rates = [float(d.get("match_rate", 1.0)) for d in history] or [1.0]
+    # Runs that compared nothing have no rate ("no data"): they are left out of the line.
+    history = [d for d in history if isinstance(d.get("match_rate"), int | float)]
+    rates = [float(d["match_rate"]) for d in history] or [1.0]
     low = min(min(rates), threshold) - 0.0001
     span = max(1.0 - low, 1e-6)
 
@@ -208,7 +216,7 @@ def render_html(latest: dict[str, Any], history: list[dict[str, Any]]) -> str:
 table{{border-collapse:collapse}}</style></head><body>
 <h1>Reconciliation</h1>
 <p>Latest run <b>{esc(str(latest.get('run_id', latest.get('_id'))))}</b> at
-{esc(str(latest.get('finished_at')))}: match rate <b>{float(latest.get('match_rate', 1)):.4%}</b>
+{esc(str(latest.get('finished_at')))}: match rate <b>{esc(_rate(latest.get('match_rate')))}</b>
 over {latest.get('wallets', 0)} wallets (real {latest.get('real', 0)}, in flight
 {latest.get('in_flight', 0)}, repaired {latest.get('repaired', 0)}).</p>
 <h2>Match rate history ({len(history)} runs)</h2>{_chart(history, threshold)}

@@ -1,0 +1,238 @@
+"""Comparing legacy wallets with TigerBeetle, page by page, and deciding what each difference is.
+
+Per wallet page: one MongoDB cursor page of wallets, one registry range read, ONE
+`lookup_accounts` batch (<= 8189 ids). Only wallets that differ cost more: their evidence
+(evidence.py). Every decision ("equal?", "in flight or real?") is walletcore.reconcile's.
+
+Changes when what is compared, or how a difference is recorded, changes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import tigerbeetle as tb
+
+from activities.reconciliation.evidence import Evidence, EvidenceReader
+from activities.reconciliation.scan import Subject, WalletScans, attach_tigerbeetle, subjects_of
+from messages.reconciliation import (
+    PAGE_MAX,
+    RecheckInput,
+    RecheckOutput,
+    WalletPageInput,
+    WalletPageOutput,
+)
+from registries.account_registry import RegistryEntry
+from stores.backfill_imports import ImportLedger
+from stores.legacy_store import LegacyStore
+from stores.reports import MismatchDoc, ReportStore
+from stores.tigerbeetle_store import TigerBeetleStore
+from walletcore.balances import MinorBalance
+from walletcore.keys import WalletKey
+from walletcore.reconcile import (
+    AccountView,
+    Classification,
+    IssueKind,
+    RegistryView,
+    Verdict,
+    check_wallet_account,
+    classify,
+    wallet_agrees,
+)
+
+REPORTED_OPS_MAX = 10
+Document = dict[str, Any]
+
+
+@dataclass
+class Evaluation:
+    matched: int = 0
+    real: int = 0
+    max_real_diff_minor: int = 0
+    in_flight: list[str] = field(default_factory=list)
+    repairable: list[str] = field(default_factory=list)
+    findings: Counter[str] = field(default_factory=Counter)
+    docs: list[MismatchDoc] = field(default_factory=list)
+
+    def add(self, run_id: str, kind: str, subject: str, detail: str) -> None:
+        self.findings[kind] += 1
+        self.docs.append(MismatchDoc(run_id=run_id, kind=kind, subject=subject, detail=detail))
+
+
+def balance_doc(balance: MinorBalance | None) -> Document | None:
+    if balance is None:
+        return None
+    return {"credit_minor": balance.credit_minor, "debit_minor": balance.debit_minor,
+            "historical_credit_minor": balance.historical_credit_minor}
+
+
+def tb_balance(account: tb.Account) -> MinorBalance:
+    return MinorBalance.from_posted(account.credits_posted, account.debits_posted)
+
+
+def _registry_view(entry: RegistryEntry | None) -> RegistryView | None:
+    return None if entry is None else RegistryView(
+        account_id=entry.account_id, ledger=entry.ledger, allow_overdraft=entry.allow_overdraft)
+
+
+def _account_view(account: tb.Account | None) -> AccountView | None:
+    return None if account is None else AccountView(
+        id=account.id, ledger=account.ledger, code=account.code, flags=int(account.flags),
+        credits_posted=account.credits_posted, debits_posted=account.debits_posted)
+
+
+class WalletCheck:
+    """Legacy wallets against their registry entries and TigerBeetle accounts."""
+
+    def __init__(
+        self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, imports: ImportLedger,
+        reports: ReportStore,
+    ) -> None:
+        self._legacy = legacy
+        self._client = tigerbeetle.client
+        self._accounts = tigerbeetle.accounts
+        self._ledgers = tigerbeetle.ledgers
+        self._reports = reports
+        self._scans = WalletScans(legacy, tigerbeetle.accounts)
+        self._evidence = EvidenceReader(legacy, tigerbeetle, imports)
+
+    async def wallet_page(self, inp: WalletPageInput) -> WalletPageOutput:
+        currency, _, country = inp.pair.partition(":")
+        ledger = self._ledgers.ledger_of(currency, country)
+        subjects, in_range = await self._scans.page(inp, ledger)
+        evaluation = await self.evaluate(inp.run_id, subjects, inp.in_flight_max_age_s,
+                                         in_range=in_range)
+        await self._orphans(inp, subjects, in_range, evaluation)
+        await self._reports.add_mismatches(evaluation.docs)
+        return WalletPageOutput(
+            scanned=len(subjects), last_key=subjects[-1].canonical if subjects else inp.after,
+            exhausted=len(subjects) < inp.limit, matched=evaluation.matched,
+            real=evaluation.real, max_real_diff_minor=evaluation.max_real_diff_minor,
+            in_flight=evaluation.in_flight, repairable=evaluation.repairable,
+            findings=dict(evaluation.findings),
+        )
+
+    async def _orphans(
+        self, inp: WalletPageInput, subjects: list[Subject],
+        in_range: dict[str, RegistryEntry], out: Evaluation,
+    ) -> None:
+        """Registry entries in this page's key range with no legacy wallet behind them. A
+        wallet of the pair created after its page was read may be registered by the time the
+        range is read: one whose wallet exists now is not an orphan."""
+        page_keys = {s.canonical for s in subjects}
+        orphans = [key for key in in_range if key not in page_keys][:PAGE_MAX]
+        if not orphans:
+            return
+        pair = inp.pair
+        created_since = await self._legacy.overdraft_policies(
+            [k for k in orphans if WalletKey.from_canonical(k).ledger_pair == pair])
+        for orphan in orphans:
+            if orphan not in created_since:
+                out.add(inp.run_id, IssueKind.REGISTRY_WITHOUT_WALLET, orphan,
+                        "Account Registry entry without a legacy wallet")
+
+    async def recheck(self, inp: RecheckInput) -> RecheckOutput:
+        evaluation = await self.evaluate(
+            inp.run_id, await self.subjects_of(inp.wallets), inp.in_flight_max_age_s)
+        await self._reports.add_mismatches(evaluation.docs)
+        return RecheckOutput(
+            matched=evaluation.matched, in_flight=len(evaluation.in_flight),
+            real=evaluation.real, max_real_diff_minor=evaluation.max_real_diff_minor,
+            repairable=evaluation.repairable, findings=dict(evaluation.findings))
+
+    async def subjects_of(self, wallets: list[str]) -> list[Subject]:
+        return await subjects_of(self._legacy, wallets)
+
+    async def evaluate(
+        self, run_id: str, subjects: list[Subject], max_age_s: float,
+        *, in_range: dict[str, RegistryEntry] | None = None,
+    ) -> Evaluation:
+        """Match, in flight or real, for each subject (with its findings and mismatch docs)."""
+        await attach_tigerbeetle(self._client, self._accounts, subjects, in_range)
+        out = Evaluation()
+        differing: list[Subject] = []
+        ledgers: dict[tuple[str, str], int] = {}
+        for s in subjects:
+            pair = (s.key.currency, s.key.country)
+            ledger = ledgers.get(pair)
+            if ledger is None:
+                ledger = ledgers[pair] = self._ledgers.ledger_of(*pair)
+            registry = s.registry
+            if wallet_agrees(  # the common case on plain values: same checks as below
+                s, expected_ledger=ledger, allow_overdraft=s.allow_overdraft,
+                registry_ledger=None if registry is None else registry.ledger,
+                registry_allow_overdraft=None if registry is None else registry.allow_overdraft,
+                account=s.account,
+            ):
+                out.matched += 1
+                continue
+            balance = None if s.account is None else tb_balance(s.account)
+            if classify(s.balance, balance, in_flight_max_age_s=max_age_s).verdict is Verdict.MATCH:
+                self._count_match(run_id, s, out)
+            else:
+                differing.append(s)
+        evidence = await self._evidence.collect(differing)
+        for s in differing:
+            self._judge(run_id, s, evidence[s.canonical], max_age_s, out)
+        return out
+
+    def _judge(
+        self, run_id: str, s: Subject, ev: Evidence, max_age_s: float, out: Evaluation
+    ) -> None:
+        """A wallet whose balances differ, on the consistent cut its evidence was read on."""
+        result = classify(s.balance, ev.tb_balance, legacy_only=ev.legacy_only,
+                          tigerbeetle_only=ev.tb_only, in_flight_max_age_s=max_age_s)
+        if result.verdict is Verdict.MATCH:  # equal on the consistent cut
+            self._count_match(run_id, s, out)
+            return
+        if result.verdict is Verdict.IN_FLIGHT:
+            out.in_flight.append(s.canonical)
+            return
+        out.real += 1
+        out.repairable.append(s.canonical)
+        out.max_real_diff_minor = max(out.max_real_diff_minor, result.max_diff_minor
+                                      or s.balance.credit_minor + s.balance.debit_minor)
+        kind = IssueKind.BALANCE_MISMATCH if s.account is not None else (
+            IssueKind.MISSING_TB_ACCOUNT if s.registry is not None
+            else IssueKind.MISSING_REGISTRY)
+        out.findings[kind] += 1
+        out.docs.append(_difference_doc(run_id, kind, s, ev, result))
+        if s.account is not None:
+            self._account_findings(run_id, s, out)
+
+    def _count_match(self, run_id: str, s: Subject, out: Evaluation) -> None:
+        """Equal balances: a match unless the registry or the account itself is wrong."""
+        docs_before = len(out.docs)
+        self._account_findings(run_id, s, out)
+        if len(out.docs) == docs_before:
+            out.matched += 1
+        else:
+            out.real += 1
+            out.repairable.append(s.canonical)
+
+    def _account_findings(self, run_id: str, s: Subject, out: Evaluation) -> None:
+        ledger = self._ledgers.ledger_of(s.key.currency, s.key.country)
+        for finding in check_wallet_account(
+            s.canonical, expected_ledger=ledger, allow_overdraft=s.allow_overdraft,
+            registry=_registry_view(s.registry), account=_account_view(s.account),
+        ):
+            out.add(run_id, finding.kind, finding.subject, finding.detail)
+
+    async def close(self) -> None:
+        await self._scans.close()
+
+
+def _difference_doc(
+    run_id: str, kind: str, s: Subject, ev: Evidence, result: Classification
+) -> MismatchDoc:
+    return MismatchDoc(
+        run_id=run_id, kind=kind, subject=s.canonical, detail=result.reason,
+        legacy={**(balance_doc(s.balance) or {}), "version": s.version},
+        tigerbeetle=balance_doc(ev.tb_balance),
+        diffs=[{**d.model_dump(), "diff_minor": d.diff_minor} for d in result.diffs],
+        recent_legacy_ops=ev.legacy_ops[:REPORTED_OPS_MAX],
+        recent_tb_transfers=ev.tb_transfers[:REPORTED_OPS_MAX],
+        max_diff_minor=result.max_diff_minor,
+    )
