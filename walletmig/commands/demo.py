@@ -1,7 +1,9 @@
 """`walletmig demo [--json]`: a full migration under live traffic (see walletmig/demo.py).
 
-Exit status 0 only when nothing was lost or duplicated, every wallet matches the independent
-ledger, no step had to be forced and the migration reached `complete`.
+Exit status 0 only when the report is `ok`: every acknowledged operation exactly once in both
+stores, every wallet's balance in both stores equal to the demo's ledger, no write failed
+without an answer, no step had to be forced and the migration reached `complete` (the report's
+`failures` lists what was not).
 """
 
 from __future__ import annotations
