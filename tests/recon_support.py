@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import random
 import string
+import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
+from temporalio.client import Client
 
 from activities.backfill import BackfillActivities, WalletImporter
 from activities.history_import import HistoryImporter
 from activities.reconciliation import Books, ReconcileActivities, Reconciler
 from activities.wallet import TigerBeetleBacklog
+from messages.backfill import BackfillPageInput
+from messages.reconciliation import ReconcileInput, ReconcileSummary
 from messages.wallet import (
     BacklogItem,
     TigerBeetleItemOutcome,
@@ -34,6 +38,7 @@ from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGERS, LedgerTable
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import Phase
+from workflows.reconciliation import ReconciliationWorkflow
 
 CURRENCIES = ("USD", "JPY", "BHD", "USDC", "BTC")  # precisions 2, 0, 3, 6, 8
 
@@ -93,6 +98,32 @@ async def make_env(db: AsyncDatabase[Any], redis: Any, tb_client: TigerBeetleCli
                accounts=accounts, transfers=transfers, tb_store=tb_store, tb_client=tb_client,
                imports=imports, importer=importer, migration=migration, reports=reports,
                reconciler=reconciler)
+
+
+async def backfill_all(env: Env, pairs: list[str] | None = None) -> None:
+    """Import every legacy wallet of `pairs` (default: the env's) with the real importer."""
+    for pair in pairs or env.pairs:
+        after = None
+        while True:
+            page = await env.importer.page(BackfillPageInput(
+                run_id="test-backfill", pair=pair, after=after, limit=100))
+            assert page.failed == {}
+            after = page.last_key
+            if page.exhausted:
+                break
+
+
+async def run_reconciliation(
+    worker: tuple[Client, str], pairs: list[str], **kw: Any
+) -> ReconcileSummary:
+    """One run of the real ReconciliationWorkflow over `pairs`, on `worker` (client, queue)."""
+    client, queue = worker
+    run_id = f"rc-{uuid.uuid4().hex[:8]}"
+    kw.setdefault("recheck_delay_s", 0.5)
+    summary: ReconcileSummary = await client.execute_workflow(
+        ReconciliationWorkflow.run, ReconcileInput(run_id=run_id, pairs=pairs, **kw),
+        id=f"reconcile-test/{run_id}", task_queue=queue, execution_timeout=timedelta(minutes=5))
+    return summary
 
 
 async def credit(env: Env, key: WalletKey, txn: str, amount: str, *, overdraft: bool = False,

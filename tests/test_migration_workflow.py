@@ -1,5 +1,10 @@
 """MigrationWorkflow against a real Temporal dev server and MongoDB: every action, validator
-messages, rollback from each phase, auto-rollback, pause, continue-as-new, archive, replay."""
+messages, rollback from each phase, auto-rollback, pause, continue-as-new, archive, replay.
+
+Gate evidence comes from the real reconciliation workflow over real wallets (recon_support's
+env: a ledger table of the test's own): never a hand-made report. Another pair's report, an
+empty scope, a missing transfer, a conservation failure and a difference still in flight each
+keep the reconciliation gate shut with a reason."""
 
 from __future__ import annotations
 
@@ -15,12 +20,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import tigerbeetle as tb
 from pymongo.asynchronous.database import AsyncDatabase
+from recon_support import Env, backfill_all, credit, run_reconciliation
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.worker import Replayer, Worker
-from wallet_support import history_wanted, save_history
+from temporalio.worker import Replayer
+from wallet_support import history_wanted, sandboxed_worker, save_history
 
-from activities.migration import BACKFILL_IMPORTS, RECONCILIATION_REPORTS, MigrationActivities
+from activities.migration import MigrationActivities
 from messages.migration import (
     AdvanceRequest,
     ForceAdvanceRequest,
@@ -32,6 +39,7 @@ from messages.migration import (
     RollbackRequest,
     SetRolloutRequest,
 )
+from messages.reconciliation import ReconcileSummary
 from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.audit_log import AuditLog
 from stores.bundle import open_stores
@@ -39,17 +47,22 @@ from stores.history_import import BACKFILL_HISTORY
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletconfig.settings import Settings
+from walletcore.codes import SystemAccount, TransferCode
 from walletcore.gates import GateThresholds
-from walletcore.ids import transfer_id
+from walletcore.ids import hash_u128, system_account_id, transfer_id
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, GetBalance
 from walletcore.phases import MigrationState, Phase
+from walletcore.reconcile import IssueKind
 from workers.migration_worker import migration_workflow_runner as workflow_runner
 from workers.process import run_worker
 from workflows.migration import MigrationWorkflow
 from workflows.reads import GetBalanceWorkflow
+from workflows.reconciliation import ReconciliationWorkflow
 
 WAIT_S = 30.0
+ROGUE_ACCOUNT_CODE = 999  # neither a customer nor a system account
+UniqueId = Callable[..., str]
 
 
 def unique_scope() -> str:
@@ -68,14 +81,16 @@ def thresholds(**overrides: Any) -> GateThresholds:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def migration_worker(
-    temporal_client: Client, mongo_db: AsyncDatabase[dict[str, Any]]
+    temporal_client: Client, mongo_db: AsyncDatabase[dict[str, Any]], env: Env
 ) -> AsyncIterator[str]:
-    task_queue = f"migration-test-{uuid.uuid4().hex[:8]}"
+    """The migration workflow and the real reconciliation workflow (over the env's stores, on
+    the same database the migration's evidence reads) on one task queue."""
     acts = MigrationActivities(mongo_db)
     await acts.ensure_indexes()
-    async with Worker(temporal_client, task_queue=task_queue, workflows=[MigrationWorkflow],
-                      activities=acts.all(), workflow_runner=workflow_runner()):
-        yield task_queue
+    async with sandboxed_worker(temporal_client, "migration-test",
+                                [MigrationWorkflow, ReconciliationWorkflow],
+                                [*acts.all(), *env.reconcile_activities().all()]) as (_, queue):
+        yield queue
 
 
 async def start(client: Client, task_queue: str, scope: str, tmp_path: Path,
@@ -107,14 +122,17 @@ async def gates_pass(handle: WorkflowHandle[Any, MigrationStatus]) -> None:
     await eventually(check, "gates to pass")
 
 
-async def seed_backfill_and_reconciliation(db: AsyncDatabase[Any], scope: str) -> None:
-    currency, country = scope.split(":")
-    key = f"c-{uuid.uuid4().hex[:6]}|{country}|{currency}|"
-    await db["wallets"].insert_one({"_id": key, "currency": currency, "country": country})
-    await db[BACKFILL_IMPORTS].insert_one({"_id": key, "status": "done", "version": 1})
-    await db[RECONCILIATION_REPORTS].insert_one({
-        "scope": scope, "finished_at": datetime.now(UTC), "match_rate": 1.0, "full": True,
-    })
+async def seed_and_backfill(env: Env, pair: str, unique_id: UniqueId, n: int = 2) -> None:
+    """Legacy wallets of `pair` with a credit each, imported by the real backfill."""
+    currency, country = pair.split(":")
+    for i in range(n):
+        key = WalletKey(client_id=unique_id(f"c{i}"), country=country, currency=currency)
+        await credit(env, key, unique_id("t"), "10")
+    await backfill_all(env, [pair])
+
+
+async def reconcile(queue: str, client: Client, pairs: list[str]) -> ReconcileSummary:
+    return await run_reconciliation((client, queue), pairs, recheck_delay_s=0.2)
 
 
 async def observe(db: AsyncDatabase[Any], scope: str, mode: ReadMode, outcome: ReadOutcome,
@@ -145,9 +163,9 @@ async def expect_rejected(call: Awaitable[Any], *fragments: str) -> str:
 
 async def test_full_migration_path(
     temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
-    tmp_path: Path,
+    tmp_path: Path, env: Env, unique_id: UniqueId,
 ) -> None:
-    scope = unique_scope()
+    scope = env.pairs[0]
     handle = await start(temporal_client, migration_worker, scope, tmp_path)
     state_store = MigrationStateStore(mongo_db, cache_ttl_s=0)
     audit = AuditLog(mongo_db)
@@ -168,7 +186,9 @@ async def test_full_migration_path(
     assert (await state_store.get(scope)).epoch == 1
     assert len(await audit.list(mid)) == 1
 
-    await seed_backfill_and_reconciliation(mongo_db, scope)
+    await seed_and_backfill(env, scope, unique_id)
+    clean = await reconcile(migration_worker, temporal_client, [scope])
+    assert (clean.wallets, clean.match_rate, clean.findings) == (2, 1.0, {})
     await gates_pass(handle)
     status = await handle.execute_update(MigrationWorkflow.advance,
                                          AdvanceRequest(actor="ana", reason="backfill done"))
@@ -188,7 +208,8 @@ async def test_full_migration_path(
         await gates_pass(handle)
         status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
         assert status.rollout_percent == expected
-    await gates_pass(handle)  # last full reconciliation = 100 %
+    await reconcile(migration_worker, temporal_client, [scope])  # fresh evidence, as an
+    await gates_pass(handle)  # engineer re-runs it: last full reconciliation = 100 %
     status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
     assert status.phase == Phase.TB_PRIMARY
 
@@ -222,6 +243,130 @@ async def test_full_migration_path(
     if history_wanted("migration_full_path"):
         await save_history(handle, "migration_full_path")
     await replays_on_current_code(temporal_client, handle)
+
+
+async def in_dual_write(
+    client: Client, queue: str, scope: str, tmp_path: Path
+) -> WorkflowHandle[Any, MigrationStatus]:
+    handle = await start(client, queue, scope, tmp_path)
+    status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
+    assert status.phase == Phase.DUAL_WRITE
+    return handle
+
+
+async def reconciliation_gate_shut(
+    handle: WorkflowHandle[Any, MigrationStatus], *fragments: str
+) -> None:
+    """The reconciliation gate of the next step fails for the reason in `fragments` (once the
+    evidence has seen the report), and an advance is refused with it."""
+    async def shut_for_that_reason() -> bool:
+        view: GatesView = await handle.query(MigrationWorkflow.gates)
+        gate = next(g for g in view.gates if g.name == "reconciliation_match_rate")
+        return not gate.passed and all(f in gate.measured for f in fragments)
+
+    await eventually(shut_for_that_reason, f"the reconciliation gate to say {fragments}")
+    await expect_rejected(handle.execute_update(MigrationWorkflow.advance, AdvanceRequest()),
+                          "gate reconciliation_match_rate: measured", *fragments)
+    assert (await handle.query(MigrationWorkflow.status)).phase == Phase.DUAL_WRITE
+
+
+async def test_another_pairs_report_is_not_evidence(
+    temporal_client: Client, migration_worker: str, tmp_path: Path, env: Env,
+    unique_id: UniqueId,
+) -> None:
+    scope, other = env.pairs[0], env.pairs[1]
+    handle = await in_dual_write(temporal_client, migration_worker, scope, tmp_path)
+    await seed_and_backfill(env, scope, unique_id)
+    await seed_and_backfill(env, other, unique_id)
+    theirs = await reconcile(migration_worker, temporal_client, [other])
+    assert theirs.wallets == 2 and theirs.match_rate == 1.0 and not theirs.alerts
+    await reconciliation_gate_shut(handle, "no report", f"covers {other} only")
+    # The scope's own clean report opens it: the gate is shut for the reason above only.
+    await reconcile(migration_worker, temporal_client, [scope])
+    await gates_pass(handle)
+    status = await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest())
+    assert status.phase == Phase.SHADOW_READ
+    await handle.terminate("test done")
+
+
+async def test_an_empty_scope_is_no_data(
+    temporal_client: Client, migration_worker: str, tmp_path: Path, env: Env,
+) -> None:
+    scope = env.pairs[2]  # no legacy wallet
+    handle = await in_dual_write(temporal_client, migration_worker, scope, tmp_path)
+    empty = await reconcile(migration_worker, temporal_client, [scope])
+    assert empty.wallets == 0 and empty.match_rate is None and not empty.alerts
+    await reconciliation_gate_shut(handle, f"no data: report {empty.run_id} compared 0 wallets")
+    await handle.terminate("test done")
+
+
+async def test_a_missing_transfer_keeps_the_gate_shut(
+    temporal_client: Client, migration_worker: str, tmp_path: Path, env: Env,
+    unique_id: UniqueId,
+) -> None:
+    scope = env.pairs[0]
+    handle = await in_dual_write(temporal_client, migration_worker, scope, tmp_path)
+    await seed_and_backfill(env, scope, unique_id)
+    # A Transfer Registry record whose transfer never reached TigerBeetle (real writer).
+    currency, country = scope.split(":")
+    record = await env.accounts.get_or_create(
+        WalletKey(client_id=unique_id("c"), country=country, currency=currency),
+        allow_overdraft=False)
+    ghost = unique_id("ghost")
+    await env.transfers.record(TransferRecord(
+        transaction_id=ghost, transfer_id=transfer_id(ghost), wallet=record.wallet,
+        account_id=record.account_id, type="credit", amount_minor=100,
+        created_at=datetime.now(UTC)))
+    found = await reconcile(migration_worker, temporal_client, [scope])
+    assert found.findings.get(IssueKind.MISSING_TRANSFER) == 1, found.findings
+    await reconciliation_gate_shut(handle, "findings:", "missing_transfer 1")
+    await handle.terminate("test done")
+
+
+async def test_money_not_conserved_keeps_the_gate_shut(
+    temporal_client: Client, migration_worker: str, tmp_path: Path, env: Env,
+    unique_id: UniqueId,
+) -> None:
+    """Every wallet matches, yet money left the ledger's customer and system accounts: a
+    transfer from the Reserve to an account that is neither, made behind the platform's back."""
+    scope = env.pairs[0]
+    handle = await in_dual_write(temporal_client, migration_worker, scope, tmp_path)
+    await seed_and_backfill(env, scope, unique_id)
+    currency, country = scope.split(":")
+    ledger = env.ledgers.ledger_of(currency, country)
+    rogue = hash_u128(unique_id("rogue"))
+    (created,) = await env.tb_client.create_accounts(
+        [tb.Account(id=rogue, ledger=ledger, code=ROGUE_ACCOUNT_CODE)])
+    assert created.status == tb.CreateAccountStatus.CREATED, created
+    (moved,) = await env.tb_client.create_transfers([tb.Transfer(
+        id=hash_u128(unique_id("leak")), debit_account_id=system_account_id(
+            ledger, SystemAccount.RESERVE), credit_account_id=rogue, amount=500,
+        ledger=ledger, code=int(TransferCode.CREDIT))])
+    assert moved.status == tb.CreateTransferStatus.CREATED, moved
+    found = await reconcile(migration_worker, temporal_client, [scope])
+    assert found.wallets == 2 and found.real == 0 and not found.conservation_ok
+    assert found.findings == {IssueKind.CONSERVATION: 1}
+    await reconciliation_gate_shut(handle, "100% over 2 wallets", "findings: conservation 1")
+    await handle.terminate("test done")
+
+
+async def test_a_difference_still_in_flight_keeps_the_gate_shut(
+    temporal_client: Client, migration_worker: str, tmp_path: Path, env: Env,
+    unique_id: UniqueId,
+) -> None:
+    """A legacy write whose TigerBeetle side has not landed by the re-check: in flight, not
+    real (no alert), and no gate passes until a run sees it cleared."""
+    scope = env.pairs[0]
+    handle = await in_dual_write(temporal_client, migration_worker, scope, tmp_path)
+    await seed_and_backfill(env, scope, unique_id, n=1)
+    currency, country = scope.split(":")
+    (wallet,) = [r["wallet"] for r in await env.legacy.page_wallets(
+        after=None, limit=10, currency=currency, country=country)]
+    await credit(env, wallet, unique_id("late"), "1")  # its backlog item never ran
+    found = await reconcile(migration_worker, temporal_client, [scope])
+    assert (found.in_flight, found.real, found.alerts) == (1, 0, [])
+    await reconciliation_gate_shut(handle, "1 wallet(s) still in flight after the re-check")
+    await handle.terminate("test done")
 
 
 async def test_dual_write_waits_for_a_running_history_import(

@@ -14,13 +14,19 @@ from typing import Any
 import pytest_asyncio
 import tigerbeetle as tb
 from bson.decimal128 import Decimal128
-from recon_support import BacklogApplier, Env, credit, debit, make_env
+from recon_support import (
+    BacklogApplier,
+    Env,
+    backfill_all,
+    credit,
+    debit,
+    run_reconciliation,
+)
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
-from temporalio.worker import Worker
+from wallet_support import sandboxed_worker
 
 from activities.store_ops import apply_to
-from messages.backfill import BackfillPageInput
 from messages.reconciliation import ReconcileInput, ReconcileSummary
 from registries.account_registry import ACCOUNT_REGISTRY
 from registries.transfer_registry import TransferRecord
@@ -32,45 +38,20 @@ from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperati
 from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import IssueKind
 from walletmig.commands.reconcile import render_html
-from workers.wallet_worker import workflow_runner
 from workflows.reconciliation import ReconciliationWorkflow
 
 UniqueId = Callable[..., str]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def env(mongo_db: Any, redis_client: Any, tb_client: Any) -> Env:
-    return await make_env(mongo_db, redis_client, tb_client)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
 async def worker(temporal_client: Client, env: Env) -> AsyncIterator[tuple[Client, str]]:
-    queue = f"reconcile-test-{uuid.uuid4().hex[:8]}"
-    async with Worker(temporal_client, task_queue=queue, workflows=[ReconciliationWorkflow],
-                      activities=env.reconcile_activities().all(),
-                      workflow_runner=workflow_runner()):
-        yield temporal_client, queue
+    async with sandboxed_worker(temporal_client, "reconcile-test", [ReconciliationWorkflow],
+                                env.reconcile_activities().all()) as running:
+        yield running
 
 
 async def reconcile(worker: tuple[Client, str], env: Env, **kw: Any) -> ReconcileSummary:
-    client, queue = worker
-    run_id = f"rc-{uuid.uuid4().hex[:8]}"
-    kw.setdefault("recheck_delay_s", 0.5)
-    return await client.execute_workflow(
-        ReconciliationWorkflow.run, ReconcileInput(run_id=run_id, pairs=env.pairs, **kw),
-        id=f"reconcile-test/{run_id}", task_queue=queue, execution_timeout=timedelta(minutes=5))
-
-
-async def backfill_all(env: Env) -> None:
-    for pair in env.pairs:
-        after = None
-        while True:
-            page = await env.importer.page(BackfillPageInput(
-                run_id="test-backfill", pair=pair, after=after, limit=100))
-            assert page.failed == {}
-            after = page.last_key
-            if page.exhausted:
-                break
+    return await run_reconciliation(worker, env.pairs, **kw)
 
 
 async def seed(env: Env, unique_id: UniqueId, n: int = 6) -> list[WalletKey]:
@@ -105,6 +86,10 @@ async def test_clean_run_matches_everything(
     report = await env.reports.get(summary.run_id)
     assert report is not None and report["status"] == "done"
     assert report["counts"]["tb_accounts"] == len(keys)
+    # What a gate judges: scope, kind, every stage run, wallets compared, findings by class.
+    assert (report["pairs"], report["kind"], report["full"]) == (sorted(env.pairs), "check", True)
+    assert (report["wallets"], report["in_flight"], report["findings"]) == (len(keys), 1, {})
+    assert not report["covers_all_pairs"]  # the env's pairs, not the whole default table
     page = render_html(report, await env.reports.history(10))
     assert "<svg" in page and summary.run_id in page and "polyline" in page
 
