@@ -469,8 +469,8 @@ def isolated_settings(settings: Settings, run_id: str) -> Settings:
 
 
 async def _start(settings: Settings, options: DemoOptions, stores: Stores, run_id: str,
-                 log: Callable[[str], None]) -> DemoRun:
-    """The migration workflow (in legacy), with the demo's thresholds."""
+                 ledger: Ledger, log: Callable[[str], None]) -> DemoRun:
+    """The migration workflow (in legacy), with the demo's thresholds; the phase clock starts."""
     client = await connect_temporal(settings)
     metrics = ReadMetricsStore(stores.db)
     await metrics.ensure_indexes()
@@ -482,7 +482,7 @@ async def _start(settings: Settings, options: DemoOptions, stores: Stores, run_i
         MigrationWorkflow.run, MigrationInput(config=cfg), id=f"migration/{run_id}",
         task_queue=settings.wallet_task_queue)
     return DemoRun(run_id=run_id, queue=settings.wallet_task_queue, options=options,
-                   stores=stores, client=client, metrics=metrics, handle=handle, ledger=Ledger(),
+                   stores=stores, client=client, metrics=metrics, handle=handle, ledger=ledger,
                    log=log)
 
 
@@ -524,10 +524,11 @@ async def run_demo(settings: Settings, options: DemoOptions,
     worker_log = settings.state_dir / "logs" / f"{run_id}-worker.log"
     try:
         async with worker_process(settings, worker_log) as worker:
-            run = await _start(settings, options, stores, run_id, log)
             log(f"[{run_id}] worker pid {worker.pid} (log {worker_log}); seeding "
                 f"{len(wallets)} legacy wallets over {', '.join(PAIRS)}")
-            await seed(stores, wallets, run.ledger)
+            ledger = Ledger()
+            await seed(stores, wallets, ledger)
+            run = await _start(settings, options, stores, run_id, ledger, log)
             async with _traffic(run, wallets):
                 await run_steps(run)
             final = await run.status()
