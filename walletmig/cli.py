@@ -37,6 +37,8 @@ GROUPS: tuple[str, ...] = (
     "reconcile",
     "migration",
     "demo",
+    "api",
+    "api_key",
 )
 # Exceptions that mean "a server is unreachable", recognised by class name so this module does
 # not import every client library.

@@ -1,0 +1,51 @@
+"""`create_app(settings)`: the FastAPI application of the HTTP gateway.
+
+Middleware, outermost first: the request log, the body size limit; then FastAPI's routing
+with the problem+json handlers. The lifespan opens the process's clients (gateway.state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
+from temporalio.exceptions import TemporalError
+
+from gateway.middleware import BodySizeLimit, RequestLog
+from gateway.openapi import DESCRIPTION, TITLE, VERSION, build_openapi
+from gateway.problems import install_problem_handlers
+from gateway.routers import ROUTERS
+from gateway.settings import ApiSettings
+from gateway.state import open_state
+
+# Client exceptions that may mean "a dependency is down" (gateway.problems.dependency_of
+# decides; anything else they raise is a 500 like any bug).
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (PyMongoError, RedisError, TemporalError)
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_state(settings) as state:
+            app.state.gateway = state
+            yield
+
+    app = FastAPI(
+        title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan,
+        openapi_url="/openapi.json", docs_url=None, redoc_url=None,
+    )  # fmt: skip
+    for router in ROUTERS:
+        app.include_router(router)
+    install_problem_handlers(app, DEPENDENCY_ERRORS)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.body_max_bytes)
+    app.add_middleware(RequestLog)  # added last: outermost, so it sees every answer
+
+    def openapi() -> dict[str, Any]:
+        return build_openapi(app)
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,115 @@
+"""Authentication (API keys as `Authorization: Bearer <key>`), scopes, and the per-route guard.
+
+`guard(spec)` is the one dependency every protected route declares: it authenticates the key
+(401 when missing, unknown, expired or revoked), checks the operation's scope (403) and takes
+one unit of the key's rate-limit budget for the operation's class (429). It records the caller
+on the request for the request log.
+
+Verified keys are cached in-process for `key_cache_ttl_s` (a MongoDB read per request would
+cap the read path's throughput); expiry is re-checked on every use, so only a revocation can
+lag, by at most that TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
+
+from gateway.operations import OperationSpec
+from gateway.problems import ProblemError
+from mongobase.mongo import now_ms
+from stores.api_keys import ApiKeyRecord, ApiKeyStore, key_hash
+
+CACHE_ENTRIES_MAX = 10_000
+REALM = 'Bearer realm="walletmig"'
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    bearerFormat="wmk_<key_id>_<secret>",
+    description="An API key from `walletmig api-key create`, sent as `Authorization: Bearer`.",
+)
+
+
+class Caller(BaseModel):
+    """The authenticated API key behind a request (never its secret)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    name: str
+    owner: str
+    scopes: frozenset[str]
+
+
+class Authenticator:
+    def __init__(self, store: ApiKeyStore, *, cache_ttl_s: float) -> None:
+        assert 0 <= cache_ttl_s <= 300
+        self._store = store
+        self._cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, ApiKeyRecord]] = {}
+
+    async def authenticate(self, presented: str | None) -> Caller:
+        if not presented:
+            raise _unauthorized("send an API key as `Authorization: Bearer <key>`", token=False)
+        record = await self._record(presented)
+        if record is None:
+            raise _unauthorized("unknown API key")
+        if record.revoked_at is not None:
+            raise _unauthorized("the API key was revoked")
+        if not record.usable(now_ms()):
+            raise _unauthorized("the API key expired")
+        return Caller(
+            key_id=record.key_id, name=record.name, owner=record.owner,
+            scopes=frozenset(record.scopes),
+        )  # fmt: skip
+
+    async def _record(self, presented: str) -> ApiKeyRecord | None:
+        digest = key_hash(presented)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        record = await self._store.verify(presented)
+        if record is not None and self._cache_ttl_s > 0:
+            if len(self._cache) >= CACHE_ENTRIES_MAX:
+                self._cache.clear()  # bounded; refilled by the next requests
+            self._cache[digest] = (now + self._cache_ttl_s, record)
+        return record
+
+
+def _unauthorized(detail: str, *, token: bool = True) -> ProblemError:
+    challenge = f'{REALM}, error="invalid_token"' if token else REALM
+    return ProblemError(
+        401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": challenge}
+    )
+
+
+def guard(spec: OperationSpec) -> Any:
+    """The dependency of a route serving `spec`: returns the Caller."""
+
+    async def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    ) -> Caller:
+        from gateway.state import state_of  # the state module imports this one
+
+        state = state_of(request)
+        token = None if credentials is None else credentials.credentials
+        caller = await state.authenticator.authenticate(token)
+        request.state.caller = caller
+        request.state.operation_id = spec.operation_id
+        if spec.scope.value not in caller.scopes:
+            raise ProblemError(
+                403, "forbidden", "Forbidden",
+                f"the API key lacks the scope {spec.scope.value!r} that "
+                f"{spec.operation_id} needs",
+            )  # fmt: skip
+        await state.limiter.enforce(caller.key_id, spec.op_class)
+        return caller
+
+    return Depends(check)

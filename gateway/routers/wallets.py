@@ -1,0 +1,205 @@
+"""Wallet operations: writes through the wallet workflow (walletclient.WalletClient, Temporal),
+reads through the phase-aware read path (walletclient.read_path.ReadRouter).
+
+Writes need `wallets:write` and an Idempotency-Key; reads need `wallets:read`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import Response
+
+from gateway.auth import Caller, guard
+from gateway.idempotency import IdempotencyKeyHeader, run_idempotent, transaction_id_for
+from gateway.models import (
+    HISTORY_LIMIT_MAX,
+    BalanceOut,
+    BalancesOut,
+    CreditBody,
+    HistoryEntryOut,
+    HistoryOut,
+    OperationOut,
+    VoidBody,
+    WalletOut,
+)
+from gateway.operations import (
+    ADD_CREDIT,
+    GET_BALANCE,
+    GET_BALANCES,
+    GET_HISTORY,
+    SUBTRACT_CREDIT,
+    VOID_TRANSACTION,
+    OperationSpec,
+)
+from gateway.problems import dependency_unavailable
+from gateway.state import GatewayState, state_of
+from walletcore.keys import WalletKey
+from walletcore.operations import (
+    AddCredit,
+    SubtractCredit,
+    Void,
+    WalletOperation,
+    parse_input,
+    validate_operation,
+)
+
+router = APIRouter(prefix="/v1", tags=["wallets"])
+IdempotencyKey = Annotated[str, IdempotencyKeyHeader]
+
+HISTORY_LIMIT_DEFAULT = 50
+
+
+def _key_constraints(field: str) -> dict[str, Any]:
+    """The OpenAPI constraints of a WalletKey field, from WalletKey itself (one home)."""
+    schema = WalletKey.model_json_schema()["properties"][field]
+    schema = next((s for s in schema.get("anyOf", []) if s.get("type") == "string"), schema)
+    names = {"pattern": "pattern", "maxLength": "max_length", "minLength": "min_length"}
+    return {names[k]: v for k, v in schema.items() if k in names}
+
+
+ClientId = Annotated[str, Path(description="client id", **_key_constraints("client_id"))]
+Country = Annotated[str, Path(description="ISO 3166-1 alpha-3", **_key_constraints("country"))]
+Currency = Annotated[str, Path(description="ISO 4217 or token", **_key_constraints("currency"))]
+IssuerType = Annotated[
+    str | None, Query(description="issuer type, when the wallet has one",
+                      **_key_constraints("issuer_type")),
+]  # fmt: skip
+
+
+@router.post(
+    "/wallets/credit", operation_id=ADD_CREDIT.operation_id, response_model=OperationOut,
+    summary="Add credit to a wallet (creates it on first use)",
+)  # fmt: skip
+async def add_credit(
+    request: Request,
+    body: CreditBody,
+    idempotency_key: IdempotencyKey,
+    caller: Annotated[Caller, guard(ADD_CREDIT)],
+) -> Response:
+    return await _credit_or_debit(request, caller, ADD_CREDIT, idempotency_key, body, AddCredit)
+
+
+@router.post(
+    "/wallets/debit", operation_id=SUBTRACT_CREDIT.operation_id, response_model=OperationOut,
+    summary="Subtract credit from a wallet",
+)  # fmt: skip
+async def subtract_credit(
+    request: Request,
+    body: CreditBody,
+    idempotency_key: IdempotencyKey,
+    caller: Annotated[Caller, guard(SUBTRACT_CREDIT)],
+) -> Response:
+    return await _credit_or_debit(
+        request, caller, SUBTRACT_CREDIT, idempotency_key, body, SubtractCredit
+    )
+
+
+@router.post(
+    "/wallets/void", operation_id=VOID_TRANSACTION.operation_id, response_model=OperationOut,
+    summary="Void a credit or debit",
+)  # fmt: skip
+async def void_transaction(
+    request: Request,
+    body: VoidBody,
+    idempotency_key: IdempotencyKey,
+    caller: Annotated[Caller, guard(VOID_TRANSACTION)],
+) -> Response:
+    txn = transaction_id_for(caller, idempotency_key, body.transaction_id)
+    op = parse_input(Void, {
+        "wallet": _key_of(body.wallet), "transaction_id": txn,
+        "original_transaction_id": body.original_transaction_id,
+        "reference_id": body.reference_id,
+    })  # fmt: skip
+    return await _write(request, caller, VOID_TRANSACTION, idempotency_key, body, op)
+
+
+async def _credit_or_debit(
+    request: Request, caller: Caller, spec: OperationSpec, raw_key: str, body: CreditBody,
+    model: type[AddCredit],
+) -> Response:  # fmt: skip
+    txn = transaction_id_for(caller, raw_key, body.transaction_id)
+    op = parse_input(model, {
+        "wallet": _key_of(body.wallet), "transaction_id": txn, "amount": body.amount,
+        "reference_id": body.reference_id, "description": body.description,
+        "allow_overdraft": body.allow_overdraft,
+    })  # fmt: skip
+    return await _write(request, caller, spec, raw_key, body, op)
+
+
+async def _write(
+    request: Request, caller: Caller, spec: OperationSpec, raw_key: str,
+    body: CreditBody | VoidBody, op: WalletOperation,
+) -> Response:  # fmt: skip
+    # Input errors (amount precision, ...) are answered before the key is claimed: a request
+    # that never ran records nothing (Stripe's rule).
+    validate_operation(op)
+    state = state_of(request)
+    return await run_idempotent(
+        request, state.idempotency, caller, spec, raw_key, body, op.transaction_id,
+        lambda: _apply(state, op),
+    )  # fmt: skip
+
+
+async def _apply(state: GatewayState, op: WalletOperation) -> OperationOut:
+    timeout_s = state.settings.write_timeout_s
+    try:
+        result = await asyncio.wait_for(state.wallets.apply(op), timeout_s)
+    except TimeoutError:
+        raise dependency_unavailable(
+            "temporal", f"the wallet workflow did not answer within {timeout_s:g} s; retry "
+            "with the same Idempotency-Key",
+        ) from None
+    return OperationOut.of(result)
+
+
+@router.get(
+    "/wallets/{client_id}/{country}/{currency}/balance", operation_id=GET_BALANCE.operation_id,
+    response_model=BalanceOut, summary="A wallet's balance",
+)  # fmt: skip
+async def get_balance(
+    request: Request, client_id: ClientId, country: Country, currency: Currency,
+    caller: Annotated[Caller, guard(GET_BALANCE)], issuer_type: IssuerType = None,
+) -> BalanceOut:  # fmt: skip
+    wallet = _wallet(client_id, country, currency, issuer_type)
+    return BalanceOut.of(await state_of(request).reader.get_balance(wallet))
+
+
+@router.get(
+    "/clients/{client_id}/balances", operation_id=GET_BALANCES.operation_id,
+    response_model=BalancesOut, summary="Every wallet of a client",
+)  # fmt: skip
+async def get_balances(
+    request: Request, client_id: ClientId, caller: Annotated[Caller, guard(GET_BALANCES)]
+) -> BalancesOut:
+    balances = await state_of(request).reader.get_multi_balance(client_id)
+    return BalancesOut(client_id=client_id, balances=[BalanceOut.of(b) for b in balances])
+
+
+@router.get(
+    "/wallets/{client_id}/{country}/{currency}/history", operation_id=GET_HISTORY.operation_id,
+    response_model=HistoryOut, summary="A wallet's latest transactions, newest first",
+)  # fmt: skip
+async def get_history(
+    request: Request, client_id: ClientId, country: Country, currency: Currency,
+    caller: Annotated[Caller, guard(GET_HISTORY)], issuer_type: IssuerType = None,
+    limit: Annotated[int, Query(ge=1, le=HISTORY_LIMIT_MAX)] = HISTORY_LIMIT_DEFAULT,
+) -> HistoryOut:  # fmt: skip
+    wallet = _wallet(client_id, country, currency, issuer_type)
+    entries = await state_of(request).reader.history(wallet, limit)
+    return HistoryOut(wallet=WalletOut.of(wallet),
+                      entries=[HistoryEntryOut.of(e) for e in entries])  # fmt: skip
+
+
+def _wallet(client_id: str, country: str, currency: str, issuer_type: str | None) -> WalletKey:
+    return parse_input(WalletKey, {
+        "client_id": client_id, "country": country, "currency": currency,
+        "issuer_type": issuer_type,
+    })  # fmt: skip
+
+
+def _key_of(wallet: WalletKey) -> WalletKey:
+    """The exact domain class (a WalletRef is one, but ids are built from WalletKey)."""
+    return WalletKey(**wallet.model_dump())

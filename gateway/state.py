@@ -1,0 +1,124 @@
+"""What one gateway process holds open: the stores, the Temporal client, the wallet client and
+read path, the API-key and Idempotency-Key stores, the rate limiter.
+
+Every client connects lazily, so the API starts (and /healthz answers) while a dependency is
+down; /readyz names it and requests needing it get 503. The gateway's own indexes (the
+Idempotency-Key TTL) are created at start and retried in the background until MongoDB answers.
+Reads go through walletclient.read_path.ReadRouter (phase-aware) and are recorded in the read
+metrics, like every other reader's, as the migration gates' evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from gateway.auth import Authenticator
+from gateway.ratelimit import GatewayRateLimiter
+from gateway.settings import ApiSettings
+from stores.api_keys import ApiKeyStore
+from stores.bundle import Stores, make_stores
+from stores.idempotency_keys import IdempotencyStore
+from stores.read_metrics import ReadMetricsStore
+from walletclient.read_path import ReadRouter
+from walletclient.wallet_client import WalletClient
+
+log = logging.getLogger(__name__)
+
+METRICS_FLUSH_INTERVAL_S = 0.5
+INDEX_RETRY_INTERVAL_S = 5.0
+
+
+@dataclass
+class GatewayState:
+    settings: ApiSettings
+    stores: Stores
+    temporal: Client
+    wallets: WalletClient
+    reader: ReadRouter
+    metrics: ReadMetricsStore
+    api_keys: ApiKeyStore
+    authenticator: Authenticator
+    idempotency: IdempotencyStore
+    limiter: GatewayRateLimiter
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def state_of(request: Request) -> GatewayState:
+    state = request.app.state.gateway
+    assert isinstance(state, GatewayState), "the app's lifespan has not run"
+    return state
+
+
+@contextlib.asynccontextmanager
+async def open_state(settings: ApiSettings) -> AsyncIterator[GatewayState]:
+    platform = settings.platform
+    stores = await make_stores(platform, ensure_indexes=False)
+    limiter = GatewayRateLimiter.from_limits(
+        settings.rate_limit_redis_url, strategy=settings.rate_limit_strategy,
+        money=settings.rate_limit_money, read=settings.rate_limit_read,
+        money_fail_open=settings.rate_limit_fail_open_money,
+        read_fail_open=settings.rate_limit_fail_open_read,
+    )  # fmt: skip
+    try:
+        temporal = await Client.connect(
+            platform.temporal_address, namespace=platform.temporal_namespace,
+            data_converter=pydantic_data_converter, lazy=True,
+        )  # fmt: skip
+        state = _assemble(settings, stores, temporal, limiter)
+        state.tasks.append(asyncio.create_task(state.metrics.run_flusher(METRICS_FLUSH_INTERVAL_S)))
+        state.tasks.append(asyncio.create_task(_ensure_indexes(state)))
+        try:
+            yield state
+        finally:
+            for task in state.tasks:
+                task.cancel()
+            await asyncio.gather(*state.tasks, return_exceptions=True)
+    finally:
+        await limiter.close()
+        await stores.close()
+
+
+def _assemble(
+    settings: ApiSettings, stores: Stores, temporal: Client, limiter: GatewayRateLimiter
+) -> GatewayState:
+    platform = settings.platform
+    metrics = ReadMetricsStore(stores.db)
+    api_keys = ApiKeyStore(stores.db)
+    return GatewayState(
+        settings=settings,
+        stores=stores,
+        temporal=temporal,
+        # The write's own bound is the gateway's write timeout (the request waits for it).
+        wallets=WalletClient(
+            temporal, platform.wallet_task_queue, retry_window_s=settings.write_timeout_s
+        ),
+        reader=ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics),
+        metrics=metrics,
+        api_keys=api_keys,
+        authenticator=Authenticator(api_keys, cache_ttl_s=settings.key_cache_ttl_s),
+        idempotency=IdempotencyStore(
+            stores.db, ttl_s=settings.idempotency_ttl_s, lease_s=settings.idempotency_lease_s
+        ),
+        limiter=limiter,
+    )
+
+
+async def _ensure_indexes(state: GatewayState) -> None:
+    """The gateway's indexes, retried until MongoDB answers (the API serves meanwhile)."""
+    while True:
+        try:
+            await state.idempotency.ensure_indexes()
+            await state.api_keys.ensure_indexes()
+            await state.metrics.ensure_indexes()
+            return
+        except Exception as exc:
+            log.warning("creating the gateway's indexes failed, retrying: %r", exc)
+            await asyncio.sleep(INDEX_RETRY_INTERVAL_S)

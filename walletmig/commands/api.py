@@ -1,0 +1,61 @@
+"""`walletmig api`: serve the HTTP API gateway (FastAPI on uvicorn) until SIGTERM/SIGINT.
+
+Settings come from the environment (gateway/settings.py: WALLETMIG_API_HOST, _PORT, _TLS_CERT,
+_TLS_KEY, rate limits, ...) plus the platform's (TEMPORAL_ADDRESS, MONGODB_URI, ...); `--host`
+and `--port` override. With a certificate and key it serves HTTPS only. Readiness:
+GET /readyz (200 when every dependency answers); liveness: GET /healthz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+GRACEFUL_SHUTDOWN_S = 10  # in-flight requests finish within this after SIGTERM
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "api", help="serve the HTTP API (wallets, migration status)",
+        description="Serve the HTTP API gateway on uvicorn until SIGTERM/SIGINT. Configuration: "
+        "WALLETMIG_API_* environment variables (see README, 'HTTP API').",
+    )  # fmt: skip
+    parser.add_argument("--host", help="interface (default: WALLETMIG_API_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: WALLETMIG_API_PORT or 8080)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Synchronous on purpose: uvicorn owns the event loop (uvloop when installed)."""
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    # Imported here: the CLI's other commands should not pay for FastAPI and uvicorn.
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import ApiSettings
+
+    overrides: dict[str, object] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    settings = ApiSettings.from_env(overrides=overrides)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=None if settings.tls_cert is None else str(settings.tls_cert),
+        ssl_keyfile=None if settings.tls_key is None else str(settings.tls_key),
+        lifespan="on",
+        log_config=None,  # our logging configuration above
+        access_log=False,  # gateway.access logs each request (key name, masked ids)
+        server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = uvicorn.Server(config)
+    logging.getLogger(__name__).info("serving %s (OpenAPI at /openapi.json)", settings.url)
+    server.run()
+    return 0 if server.started else 1
