@@ -237,7 +237,8 @@ def register(subparsers: Any) -> None:
         p.add_argument("--page-size", type=int, default=None,
                        help="wallets per page (default: the largest the workflow allows)")
         p.add_argument("--skip-transfers", action="store_true",
-                       help="skip the Transfer Registry check")
+                       help="skip the Transfer Registry check (a partial report: no "
+                       "migration gate accepts it)")
         p.add_argument("--repair", action="store_true",
                        help="in dual_write: fix real mismatches with Correction transfers")
         p.add_argument("--actor", default=None, help="who asks for the repair (audit)")
