@@ -52,7 +52,9 @@ def render_status(status: MigrationStatus) -> str:
             f"fallback {pct(ev.fallback_rate)}, TB errors {pct(ev.error_rate)}, "
             f"latency ratio {'-' if ev.latency_ratio is None else f'{ev.latency_ratio:.3f}'}, "
             f"unapplied {ev.unapplied_writes}, reconciliation "
-            f"{pct(ev.reconciliation_match_rate)}, backfill "
+            f"{pct(ev.reconciliation_match_rate)}"
+            f"{'' if ev.reconciliation is None else f' (report {ev.reconciliation.run_id})'}"
+            ", backfill "
             f"{'complete' if ev.backfill_complete else 'incomplete'}")
     if status.next_step is not None:
         lines.append(f"  next: {status.next_step}")
