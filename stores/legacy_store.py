@@ -27,12 +27,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, DESCENDING, IndexModel, InsertOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, PyMongoError
 
@@ -48,6 +49,7 @@ from mongobase.mongo import (
     minor_to_decimal128,
     now_ms,
 )
+from mongobase.queries import Created, find_in, pair_fields_filter, wallet_key_filter
 from stores.reports import find_keys
 from walletcore.balances import MinorBalance, WalletBalance
 from walletcore.errors import (
@@ -821,6 +823,87 @@ class LegacyStore:
         assert len(page) <= limit
         return page
 
+    # ---- reconciliation and migration-gate reads ----------------------------------------------
+
+    def pair_cursor(
+        self, currency: str, country: str, *, after: str | None, batch_size: int
+    ) -> AsyncCursor[Document]:
+        """An open server cursor over one pair's wallets in key order after `after`: the
+        reconciliation continues it page by page (decode each document with scanned_wallet)."""
+        assert 1 <= batch_size <= PAGE_LIMIT_MAX
+        query: Document = {"currency": currency, "country": country}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        return self._wallets.find(query).sort("_id", ASCENDING).batch_size(batch_size)
+
+    @staticmethod
+    def scanned_wallet(doc: Document) -> ScannedWallet:
+        """A `wallets` document read by pair_cursor, as plain ints (the hot loop's form)."""
+        currency = doc["currency"]
+        return ScannedWallet(
+            canonical=doc["_id"], client_id=doc["client_id"], currency=currency,
+            credit_minor=decimal128_to_minor(doc["credit"], currency, field="credit"),
+            debit_minor=decimal128_to_minor(doc["debit"], currency, field="debit"),
+            historical_credit_minor=decimal128_to_minor(
+                doc["historical_credit"], currency, field="historical_credit"),
+            version=int(doc["version"]), allow_overdraft=bool(doc["allow_overdraft"]))
+
+    async def wallet_state(self, wallet: WalletKey) -> tuple[MinorBalance, int, bool] | None:
+        """Balance, version and overdraft policy read together from one document."""
+        doc = await self._wallets.find_one({"_id": wallet.canonical})
+        if doc is None:
+            return None
+        return _balance_of(doc, wallet.currency), int(doc["version"]), bool(doc["allow_overdraft"])
+
+    async def recent_transactions(
+        self, wallet: str, *, max_version: int, limit: int
+    ) -> list[LoggedTransaction]:
+        """The wallet's newest transactions at or below `max_version`, newest first."""
+        assert 1 <= limit <= PAGE_LIMIT_MAX
+        cursor = self._txns.find({"wallet": wallet, "wallet_version": {"$lte": max_version}}
+                                 ).sort("created_at", DESCENDING).limit(limit)
+        return [_logged(doc) async for doc in cursor]
+
+    async def transaction_versions(self, transaction_ids: list[str]) -> dict[str, int]:
+        """{transaction id: wallet_version} of the ids the log holds (scattered ids: chunked
+        key lookups, never an `_id` range)."""
+        docs = await find_in(self._txns, "_id", transaction_ids, {"wallet_version": 1})
+        return {doc["_id"]: int(doc["wallet_version"]) for doc in docs}
+
+    async def transactions_held(self, transaction_ids: list[str]) -> set[str]:
+        """The ids among `transaction_ids` the log holds."""
+        return {doc["_id"] for doc in await find_in(self._txns, "_id", transaction_ids, {"_id": 1})}
+
+    async def count_scope_wallets(self, scopes: list[str]) -> int:
+        """Wallets of a migration scope (ledger pairs, or '*')."""
+        return await self._wallets.count_documents(pair_fields_filter(scopes))
+
+    async def transactions_created(
+        self, scopes: list[str], *, start: datetime, until: datetime | None, limit: int
+    ) -> list[Created]:
+        """The scope's transactions created in [start, until], oldest first, at most `limit`."""
+        created: Document = {"$gte": start}
+        if until is not None:
+            created["$lte"] = until
+        cursor = self._txns.find(
+            {"created_at": created, **wallet_key_filter(scopes, "wallet")},
+            {"_id": 1, "wallet": 1, "wallet_version": 1, "created_at": 1},
+        ).sort("created_at", ASCENDING).limit(limit)
+        return [Created(id=d["_id"], wallet=d["wallet"], created_at=as_utc(d["created_at"]),
+                        wallet_version=d.get("wallet_version")) async for d in cursor]
+
+    async def archive_documents(
+        self, scopes: list[str], *, limit: int
+    ) -> AsyncIterator[tuple[str, Document]]:
+        """Every wallet, then every transaction of the scope, in `_id` order, as stored:
+        (collection name, document). For the archive `complete` writes."""
+        for name, collection, query in (
+            (WALLETS, self._wallets, pair_fields_filter(scopes)),
+            (WALLET_TRANSACTIONS, self._txns, wallet_key_filter(scopes, "wallet")),
+        ):
+            async for doc in collection.find(query).sort("_id", ASCENDING).limit(limit):
+                yield name, doc
+
 
 # ---- helpers -----------------------------------------------------------------------------------
 
@@ -947,3 +1030,16 @@ def _result(txn_doc: Mapping[str, Any], wallet: WalletKey, *, replayed: bool) ->
         replayed=replayed,
         created_at=created_at,
     )
+
+
+class ScannedWallet(NamedTuple):
+    """One `wallets` document as reconciliation compares it (LegacyStore.scanned_wallet)."""
+
+    canonical: str
+    client_id: str
+    currency: str
+    credit_minor: int
+    debit_minor: int
+    historical_credit_minor: int
+    version: int
+    allow_overdraft: bool
