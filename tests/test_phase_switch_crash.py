@@ -8,9 +8,11 @@ then TigerBeetle answers and MongoDB follows) is in flight, and a new worker tak
 engineer's Update carries an id, so sending it again after the crash cannot switch twice.
 Then a rollback to read_cutover runs under the same traffic.
 
-Afterwards: every answered operation is in both stores exactly once and in the same order, the
-balances agree field by field, the migration moved exactly as asked (one audit entry per
-action, epochs in sequence) and no wallet recorded a divergence.
+Operations are in flight at the kill. Afterwards: every answered operation is in both stores
+exactly once and in the same order (TigerBeetle's own transfers on each account are exactly the
+derived ids of its answered operations), the balances agree field by field, the migration moved
+exactly as asked (one audit entry per action, epochs in sequence) and no wallet recorded a
+divergence.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from messages.migration import (
     RollbackRequest,
 )
 from stores.audit_log import AuditLog
-from stores.bundle import open_stores
+from stores.bundle import Stores, open_stores
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.errors import WalletError
@@ -55,6 +57,7 @@ from walletcore.gates import GateThresholds
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.phases import Phase
+from walletmig.demo_check import tigerbeetle_ids
 from workflows.migration import MigrationWorkflow
 
 SCOPE = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
@@ -77,6 +80,51 @@ def op_for(wallet: WalletKey, n: int, run_id: str) -> WalletOperation:
     return AddCredit(wallet=wallet, transaction_id=txn, amount=Decimal("1.10"))
 
 
+class Traffic:
+    """Callers on every wallet until `stop`; what was answered, and what is in flight."""
+
+    def __init__(self, client: WalletClient, wallets: list[WalletKey], run_id: str) -> None:
+        self.client, self.wallets, self.run_id = client, wallets, run_id
+        self.answered: dict[WalletKey, list[str]] = defaultdict(list)
+        self.in_flight: set[str] = set()  # sent, not answered yet
+        self.count = 0
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._caller(w)) for w in self.wallets]
+
+    async def _caller(self, wallet: WalletKey) -> None:
+        n = 0
+        while not self.stop.is_set():
+            op = op_for(wallet, n, self.run_id)
+            self.in_flight.add(op.transaction_id)
+            for attempt in range(CALLER_ATTEMPTS_MAX):
+                try:
+                    await self.client.apply(op)
+                    break
+                except WalletError as err:  # e.g. MongoDB still locked by the killed worker
+                    if not err.retryable or attempt + 1 == CALLER_ATTEMPTS_MAX:
+                        raise
+            self.in_flight.discard(op.transaction_id)
+            self.answered[wallet].append(op.transaction_id)
+            self.count += 1
+            n += 1
+            await asyncio.sleep(CALLER_PAUSE_S)
+
+    async def wait_for(self, ops: int) -> None:
+        target = self.count + ops
+        while self.count < target:
+            failed = [t.exception() for t in self.tasks if t.done()]
+            assert not failed, failed
+            await asyncio.sleep(0.05)
+
+    async def finish(self) -> None:
+        self.stop.set()
+        results = await asyncio.gather(*self.tasks, return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+
+
 @pytest.mark.slow
 async def test_kill_9_worker_during_the_switch_to_tb_primary(
     temporal_client: Client, settings: Settings, tmp_path: Path
@@ -89,32 +137,7 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
     wallets = [key(f"sw-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
     client = WalletClient(temporal_client, queue, idle_timeout_s=60, max_ops_per_run=50)
     procs: list[subprocess.Popen[bytes]] = [start_worker(env, tmp_path / "worker-1.log")]
-    answered: dict[WalletKey, list[str]] = defaultdict(list)
-    stop = asyncio.Event()
-    counter = [0]
-
-    async def caller(wallet: WalletKey) -> None:
-        n = 0
-        while not stop.is_set():
-            op = op_for(wallet, n, run_id)
-            for attempt in range(CALLER_ATTEMPTS_MAX):
-                try:
-                    await client.apply(op)
-                    break
-                except WalletError as err:  # e.g. MongoDB still locked by the killed worker
-                    if not err.retryable or attempt + 1 == CALLER_ATTEMPTS_MAX:
-                        raise
-            answered[wallet].append(op.transaction_id)
-            counter[0] += 1
-            n += 1
-            await asyncio.sleep(CALLER_PAUSE_S)
-
-    async def traffic_for(ops: int) -> None:
-        target = counter[0] + ops
-        while counter[0] < target:
-            assert not any(t.done() for t in callers), [t.exception() for t in callers if t.done()]
-            await asyncio.sleep(0.05)
-
+    traffic = Traffic(client, wallets, run_id)
     cfg = MigrationConfig(
         migration_id=f"switch-{run_id}", scopes=[SCOPE],
         thresholds=GateThresholds(window_s=60, tb_primary_stable_s=1),
@@ -122,65 +145,86 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
     handle: WorkflowHandle[Any, MigrationStatus] = await temporal_client.start_workflow(
         MigrationWorkflow.run, MigrationInput(config=cfg), id=f"migration/{cfg.migration_id}",
         task_queue=queue)
-
-    async def force(step: str) -> MigrationStatus:
-        # The Update id makes a resend after a crash the same action, never a second one.
-        return await asyncio.wait_for(handle.execute_update(
-            MigrationWorkflow.force_advance, ForceAdvanceRequest(reason=step, actor="test"),
-            id=f"{cfg.migration_id}-{step}"), UPDATE_TIMEOUT_S)
-
-    callers: list[asyncio.Task[None]] = []
     async with open_stores(isolated) as stores:
         try:
-            assert (await force("to-dual-write")).phase == Phase.DUAL_WRITE
-            callers = [asyncio.create_task(caller(w)) for w in wallets]
-            await traffic_for(OPS_PER_PHASE)
-            assert (await force("to-shadow-read")).phase == Phase.SHADOW_READ
-            await traffic_for(OPS_PER_PHASE // 2)
-            assert (await force("to-read-cutover")).phase == Phase.READ_CUTOVER
-            for percent in (50, 90, 100):  # force_advance walks the rollout steps
-                assert (await force(f"rollout-{percent}")).rollout_percent == percent
-            await traffic_for(OPS_PER_PHASE // 2)
-
-            switch = asyncio.create_task(force("to-tb-primary"))
-            await asyncio.sleep(KILL_DELAY_S)
-            assert not switch.done(), "the switch finished before the kill: kill earlier"
-            procs[0].send_signal(signal.SIGKILL)
-            procs[0].wait(timeout=10)
-            await asyncio.sleep(RESTART_DELAY_S)
-            procs.append(start_worker(env, tmp_path / "worker-2.log"))
-            assert (await switch).phase == Phase.TB_PRIMARY
-            assert (await force("to-tb-primary")).phase == Phase.TB_PRIMARY  # resent: a no-op
-            await traffic_for(OPS_PER_PHASE)
-
-            status = await asyncio.wait_for(handle.execute_update(
-                MigrationWorkflow.rollback, RollbackRequest(to=Phase.READ_CUTOVER, actor="test",
-                                                            reason="drill"),
-                id=f"{cfg.migration_id}-rollback"), UPDATE_TIMEOUT_S)
-            assert status.phase == Phase.READ_CUTOVER
-            await traffic_for(OPS_PER_PHASE // 2)
-        finally:
-            stop.set()
-            results = await asyncio.gather(*callers, return_exceptions=True)
-        assert not [r for r in results if isinstance(r, BaseException)], results
-
-        try:
+            try:
+                await _drive(handle, cfg.migration_id, traffic, procs, env, tmp_path)
+            finally:
+                await traffic.finish()
             for wallet in wallets:
-                status_w = await wait_drained(client, wallet, timeout_s=120)
-                assert status_w is not None and status_w.divergence_count == 0, status_w
-                log = await assert_same_sequence(stores, wallet)  # same order, each once
-                assert sorted(log) == sorted(answered[wallet]), wallet  # nothing lost or extra
-            entries = await AuditLog(stores.db).list(cfg.migration_id)
-            moves = [(e.from_phase, e.to_phase) for e in entries]
-            assert moves == [
-                (Phase.LEGACY, Phase.DUAL_WRITE), (Phase.DUAL_WRITE, Phase.SHADOW_READ),
-                (Phase.SHADOW_READ, Phase.READ_CUTOVER), *[(Phase.READ_CUTOVER,) * 2] * 3,
-                (Phase.READ_CUTOVER, Phase.TB_PRIMARY), (Phase.TB_PRIMARY, Phase.READ_CUTOVER),
-            ], moves
-            epochs = [e.epoch for e in entries]
-            assert epochs == sorted(set(epochs)), epochs
+                await _check_wallet(stores, client, wallet, traffic.answered[wallet])
+            await _check_audit(stores, cfg.migration_id)
             if history_wanted("migration_switch_crash"):
                 await save_history(handle, "migration_switch_crash")
         finally:
             await handle.terminate("test over")
             stop_workers(procs)
+
+
+async def _drive(handle: WorkflowHandle[Any, MigrationStatus], migration_id: str,
+                 traffic: Traffic, procs: list[subprocess.Popen[bytes]], env: dict[str, str],
+                 tmp_path: Path) -> None:
+    """dual_write -> ... -> tb_primary under traffic, kill -9 during the switch, rollback."""
+
+    async def force(step: str) -> MigrationStatus:
+        # The Update id makes a resend after a crash the same action, never a second one.
+        return await asyncio.wait_for(handle.execute_update(
+            MigrationWorkflow.force_advance, ForceAdvanceRequest(reason=step, actor="test"),
+            id=f"{migration_id}-{step}"), UPDATE_TIMEOUT_S)
+
+    assert (await force("to-dual-write")).phase == Phase.DUAL_WRITE
+    traffic.start()
+    await traffic.wait_for(OPS_PER_PHASE)
+    assert (await force("to-shadow-read")).phase == Phase.SHADOW_READ
+    await traffic.wait_for(OPS_PER_PHASE // 2)
+    assert (await force("to-read-cutover")).phase == Phase.READ_CUTOVER
+    for percent in (50, 90, 100):  # force_advance walks the rollout steps
+        assert (await force(f"rollout-{percent}")).rollout_percent == percent
+    await traffic.wait_for(OPS_PER_PHASE // 2)
+
+    switch = asyncio.create_task(force("to-tb-primary"))
+    await asyncio.sleep(KILL_DELAY_S)
+    assert not switch.done(), "the switch finished before the kill: kill earlier"
+    in_flight_at_kill = set(traffic.in_flight)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=10)
+    assert in_flight_at_kill, "no operation was in flight at the kill"
+    await asyncio.sleep(RESTART_DELAY_S)
+    procs.append(start_worker(env, tmp_path / "worker-2.log"))
+    assert (await switch).phase == Phase.TB_PRIMARY
+    assert (await force("to-tb-primary")).phase == Phase.TB_PRIMARY  # resent: a no-op
+    await traffic.wait_for(OPS_PER_PHASE)
+
+    status = await asyncio.wait_for(handle.execute_update(
+        MigrationWorkflow.rollback, RollbackRequest(to=Phase.READ_CUTOVER, actor="test",
+                                                    reason="drill"),
+        id=f"{migration_id}-rollback"), UPDATE_TIMEOUT_S)
+    assert status.phase == Phase.READ_CUTOVER
+    await traffic.wait_for(OPS_PER_PHASE // 2)
+    answered = {t for ids in traffic.answered.values() for t in ids}
+    assert in_flight_at_kill <= answered, "an operation in flight at the kill was never answered"
+
+
+async def _check_wallet(stores: Stores, client: WalletClient, wallet: WalletKey,
+                        answered: list[str]) -> None:
+    """Both stores hold every answered operation once, in the same order, and nothing else;
+    TigerBeetle's own transfers on the account are exactly their derived ids."""
+    status = await wait_drained(client, wallet, timeout_s=120)
+    assert status is not None and status.divergence_count == 0, status
+    log = await assert_same_sequence(stores, wallet)  # same order, each once
+    assert sorted(log) == sorted(answered), wallet  # nothing lost or extra
+    held, expected = await tigerbeetle_ids(stores, wallet, dict.fromkeys(answered))
+    assert held == expected, (wallet, len(held), len(expected))
+
+
+async def _check_audit(stores: Stores, migration_id: str) -> None:
+    """The migration moved exactly as asked: one audit entry per action, epochs in order."""
+    entries = await AuditLog(stores.db).list(migration_id)
+    moves = [(e.from_phase, e.to_phase) for e in entries]
+    assert moves == [
+        (Phase.LEGACY, Phase.DUAL_WRITE), (Phase.DUAL_WRITE, Phase.SHADOW_READ),
+        (Phase.SHADOW_READ, Phase.READ_CUTOVER), *[(Phase.READ_CUTOVER,) * 2] * 3,
+        (Phase.READ_CUTOVER, Phase.TB_PRIMARY), (Phase.TB_PRIMARY, Phase.READ_CUTOVER),
+    ], moves
+    epochs = [e.epoch for e in entries]
+    assert epochs == sorted(set(epochs)), epochs
