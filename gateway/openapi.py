@@ -33,6 +33,7 @@ _STATUS_TEXT: dict[int, str] = {
     404: "the wallet, transaction or migration does not exist",
     409: "the wallet's state refuses the operation, or the same Idempotency-Key is running",
     413: "the request body is too large",
+    415: "the request body is not application/json",
     422: "a field is invalid (named in `field`), or the Idempotency-Key was used for another "
     "request",
     429: "over the API key's rate limit for this operation class",
@@ -76,7 +77,7 @@ def _complete(operation: dict[str, Any], spec: OperationSpec) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
     statuses = [400, 401, 403, 404, 422, 429, 503]
     if spec.money_moving:
-        statuses += [409, 413]
+        statuses += [409, 413, 415]
         ok = responses.setdefault("200", {})
         ok.setdefault("headers", {})[REPLAY_HEADER] = {
             "description": "`true` when this is the stored answer of an earlier request with "

@@ -11,7 +11,8 @@ revoked key -> 401; missing scope -> 403; NotFoundError -> 404; the wallet's sta
 request (insufficient funds, duplicate transaction id, already voided, conflict) or the same
 Idempotency-Key is still running -> 409; body too large -> 413; validation (request models and
 the domain's input errors: amount, currency, ledger, not voidable) or an Idempotency-Key reused
-with another body -> 422; over the rate limit -> 429; a dependency down -> 503.
+with another body -> 422; a POST body that is not JSON -> 415; over the rate limit -> 429; a
+dependency down -> 503.
 """
 
 from __future__ import annotations
@@ -174,6 +175,12 @@ def install_problem_handlers(app: FastAPI, dependency_errors: Sequence[type[Exce
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        media_type = request.headers.get("content-type")
+        if request.method == "POST" and media_type is not None and not is_json(media_type):
+            return ProblemError(
+                415, "unsupported-media-type", "Unsupported media type",
+                f"send the body as application/json, not {media_type[:100]}",
+            ).response(request.url.path)  # fmt: skip
         return validation_problem(exc.errors()).response(request.url.path)
 
     async def on_http(request: Request, exc: Exception) -> Response:
@@ -204,6 +211,13 @@ def install_problem_handlers(app: FastAPI, dependency_errors: Sequence[type[Exce
     for cls in dependency_errors:
         app.add_exception_handler(cls, on_dependency)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def is_json(media_type: str) -> bool:
+    essence = media_type.split(";", 1)[0].strip().lower()
+    return essence == "application/json" or (
+        essence.startswith("application/") and essence.endswith("+json")
+    )
 
 
 def validation_problem(errors: Sequence[Any]) -> ProblemError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -54,8 +55,8 @@ class ApiProcess:
         return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.port}"
 
     @property
-    def verify(self) -> Any:
-        return str(self.ca_file) if self.ca_file else True
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
 
     def start(self, timeout_s: float = API_START_TIMEOUT_S) -> None:
         assert self.proc is None, "already running"
@@ -75,7 +76,8 @@ class ApiProcess:
 
     def _healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/healthz", verify=self.verify, timeout=1).status_code == 200
+            response = httpx.get(f"{self.url}/healthz", verify=self.verify, timeout=1)
+            return response.status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -99,7 +101,9 @@ class ApiProcess:
         self.proc = None
 
 
-def api_env(settings: Settings, task_queue: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def api_env(
+    settings: Settings, task_queue: str, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """The settings as environment variables, one task queue for both roles, test API vars."""
     env = worker_env(settings, task_queue)
     env["MIGRATION_TASK_QUEUE"] = task_queue
