@@ -72,6 +72,7 @@ tigerbeetle.sh: replica $replica: data file $file is missing; refusing to start.
     healthy, rebuild it from them (tigerbeetle recover), then start it again:
       docker compose stop tigerbeetle-$replica
       docker compose run --rm tigerbeetle-$replica recover
+    (one replica per machine: the service is \`tigerbeetle\` of deploy/host-tigerbeetle.yml)
   * TB_CLUSTER_ID changed since the files were formatted (the id is in the file name and in
     the file): set it back; a cluster's id never changes.
 See deploy/MULTI_HOST.md, "Replacing a TigerBeetle replica".
@@ -104,7 +105,8 @@ cmd_bootstrap() {
                 "formats a brand-new cluster. A replica that lost its data file is rebuilt with" \
                 "'recover', never formatted (deploy/MULTI_HOST.md)."
         fi
-        if [ -n "$(ls -A "$dir")" ]; then
+        # lost+found: a data directory may be the root of its own file system.
+        if [ -n "$(ls -A "$dir" | grep -vx 'lost+found' || true)" ]; then
             fail "bootstrap: $dir is not empty; refusing to format next to unknown files"
         fi
     done
