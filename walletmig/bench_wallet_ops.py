@@ -7,6 +7,12 @@ Three runs in one process, same servers, same concurrency, same wallet count:
 Each prints ops/s and p50/p95/p99 latency; ratios compare against the goals (legacy >= 80 % of
 bare throughput, dual_write <= 15 % over legacy). A worker runs in-process on a task queue of
 its own, and the stores use a database of their own (phases set here touch nothing else).
+
+Fair by construction: dual_write's timed window ends only when TigerBeetle has applied every
+operation of the run (its backlogs are empty), not when the last caller got its answer; and the
+modes run in `rounds`, each round in a rotated order (bare, legacy, dual_write; then legacy,
+dual_write, bare; ...), so no mode always runs first on a cold stack or last on a warm one. The
+figures compared are each mode's median over the rounds; every round's figures are printed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,7 +35,7 @@ from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.wallet import WalletActivities
-from stores.bundle import Stores, make_stores
+from stores.bundle import make_stores
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.keys import WalletKey
@@ -42,6 +49,8 @@ from workflows.bare import BareEntityWorkflow
 
 OPS_MAX = 1_000_000
 CONCURRENCY_MAX = 2000
+ROUNDS_MAX = 20
+MODES: tuple[str, ...] = ("bare", "legacy", "dual_write")
 LEGACY_PAIR = ("USD", "USA")
 DUAL_PAIR = ("MXN", "MEX")
 GOAL_LEGACY_OF_BARE = 0.80
@@ -51,6 +60,7 @@ DRAIN_TIMEOUT_S = 300.0
 
 class RunFigures(BaseModel):
     name: str
+    round: int | None = None  # None: the median over the rounds
     ops: int
     concurrency: int
     wallets: int
@@ -63,8 +73,9 @@ class RunFigures(BaseModel):
     # CPU seconds of each server of the `dev up` stack during the run (empty: no stack state).
     # On a shared machine these, not wall-clock ops/s, say what one operation costs.
     server_cpu_s: dict[str, float] = {}
-    drain_s: float | None = None  # dual_write: until every backlog was applied after the run
-    drain_cpu_s: float | None = None  # every process's CPU during drain_s
+    # dual_write: seconds from the last answer until TigerBeetle had applied every operation;
+    # part of `seconds` (and of ops_per_s and the CPU figures).
+    drain_s: float | None = None
 
     def cpu_ms_per_op(self) -> float:
         """Every process's CPU (this one and the stack's servers) per operation."""
@@ -72,7 +83,9 @@ class RunFigures(BaseModel):
 
 
 class BenchReport(BaseModel):
-    runs: list[RunFigures]
+    runs: list[RunFigures]  # every round's runs, in the order they ran
+    medians: list[RunFigures]  # per mode: median ops/s and latencies over the rounds
+    rounds: int
     legacy_of_bare_throughput: float
     dual_write_over_legacy_p50: float
     dual_write_over_legacy_throughput: float
@@ -86,10 +99,12 @@ class BenchConfig:
     concurrency: int = 100
     wallets: int | None = None  # default: one wallet per caller
     profile: Path | None = None
+    rounds: int = 2  # every mode once per round, the order rotated each round
 
     def __post_init__(self) -> None:
         assert 0 < self.ops <= OPS_MAX, f"--ops must be 1..{OPS_MAX}"
         assert 0 < self.concurrency <= CONCURRENCY_MAX, f"--concurrency 1..{CONCURRENCY_MAX}"
+        assert 0 < self.rounds <= ROUNDS_MAX, f"--rounds must be 1..{ROUNDS_MAX}"
 
 
 class ServerCpu:
@@ -124,14 +139,21 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+Call = Callable[[int, int], Awaitable[object]]
+
+
 async def _drive(
     name: str,
+    round_no: int,
     config: BenchConfig,
     wallets: int,
-    call: Callable[[int, int], Awaitable[object]],
-    servers: ServerCpu | None = None,
+    call: Call,
+    servers: ServerCpu,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> RunFigures:
-    """`config.ops` calls from `config.concurrency` callers; caller c uses wallet c % wallets."""
+    """`config.ops` calls from `config.concurrency` callers; caller c uses wallet c % wallets.
+    `settle` runs inside the timed window after the last answer: the run is done only when it
+    returns (dual_write: when TigerBeetle has applied everything)."""
     latencies: list[float] = []
     next_op = 0
 
@@ -144,14 +166,17 @@ async def _drive(
             await call(c % wallets, i)
             latencies.append(time.perf_counter() - started)
 
-    server0 = servers.sample() if servers else {}
+    server0 = servers.sample()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(caller(c) for c in range(config.concurrency)))
+    answered = time.perf_counter()
+    if settle is not None:
+        await settle()
     seconds = time.perf_counter() - wall0
-    server_cpu = ServerCpu.spent(server0, servers.sample()) if servers else {}
     latencies.sort()
     return RunFigures(
         name=name,
+        round=round_no,
         ops=len(latencies),
         concurrency=config.concurrency,
         wallets=wallets,
@@ -161,8 +186,35 @@ async def _drive(
         p95_ms=round(percentile(latencies, 0.95) * 1000, 2),
         p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
         cpu_s=round(time.process_time() - cpu0, 2),
-        server_cpu_s=server_cpu,
+        server_cpu_s=ServerCpu.spent(server0, servers.sample()),
+        drain_s=None if settle is None else round(time.perf_counter() - answered, 3),
     )
+
+
+def _median(name: str, runs: list[RunFigures]) -> RunFigures:
+    """One mode's figures as the median over its rounds (each figure on its own)."""
+    assert runs and all(r.name == name for r in runs)
+
+    def mid(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    servers = sorted({n for r in runs for n in r.server_cpu_s})
+    drains = [r.drain_s for r in runs if r.drain_s is not None]
+    return RunFigures(
+        name=name, round=None, ops=runs[0].ops, concurrency=runs[0].concurrency,
+        wallets=runs[0].wallets, seconds=mid([r.seconds for r in runs]),
+        ops_per_s=mid([r.ops_per_s for r in runs]), p50_ms=mid([r.p50_ms for r in runs]),
+        p95_ms=mid([r.p95_ms for r in runs]), p99_ms=mid([r.p99_ms for r in runs]),
+        cpu_s=mid([r.cpu_s for r in runs]),
+        server_cpu_s={n: mid([r.server_cpu_s.get(n, 0.0) for r in runs]) for n in servers},
+        drain_s=mid(drains) if drains else None,
+    )
+
+
+def rotated(round_no: int) -> tuple[str, ...]:
+    """The modes in round `round_no`'s order: each mode takes every place in turn."""
+    shift = round_no % len(MODES)
+    return MODES[shift:] + MODES[:shift]
 
 
 async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
@@ -179,175 +231,173 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
         temporal, isolated, activities, task_queue=task_queue,
         extra_workflows=[BareEntityWorkflow],
     )  # fmt: skip
-    wallets = config.wallets or config.concurrency
-    servers = ServerCpu(isolated.state_dir)
     profiler = cProfile.Profile() if config.profile else None
+    runs: list[RunFigures] = []
     try:
         async with worker:
             await stores.migration.set(
                 MigrationState(scope=f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}", phase=Phase.DUAL_WRITE,
                                epoch=1)
             )  # fmt: skip
-            client = WalletClient(temporal, task_queue, idle_timeout_s=120)
+            modes = _Modes(temporal, WalletClient(temporal, task_queue, idle_timeout_s=120),
+                           task_queue, config, bench_id, ServerCpu(isolated.state_dir))
             if profiler:
                 profiler.enable()
-            runs = [
-                await _bare_run(temporal, task_queue, config, wallets, bench_id, servers),
-                await _wallet_run(
-                    "legacy", client, config, wallets, bench_id, LEGACY_PAIR, servers
-                ),
-                await _wallet_run(
-                    "dual_write", client, config, wallets, bench_id, DUAL_PAIR, servers
-                ),
-            ]
-            server0, cpu0 = servers.sample(), time.process_time()
-            runs[2].drain_s = await _drain_time(client, stores, wallets, bench_id)
-            drained = ServerCpu.spent(server0, servers.sample())
-            runs[2].drain_cpu_s = round(time.process_time() - cpu0 + sum(drained.values()), 2)
+            for round_no in range(config.rounds):
+                for mode in rotated(round_no):
+                    runs.append(await modes.run(mode, round_no))
             if profiler:
                 profiler.disable()
     finally:
         await stores.close()
     if profiler and config.profile:
         profiler.dump_stats(config.profile)
-    bare, legacy, dual = runs
+    return _report(runs, config.rounds)
+
+
+def _report(runs: list[RunFigures], rounds: int) -> BenchReport:
+    medians = [_median(mode, [r for r in runs if r.name == mode]) for mode in MODES]
+    bare, legacy, dual = medians
     legacy_of_bare = legacy.ops_per_s / bare.ops_per_s
     dual_over_p50 = dual.p50_ms / legacy.p50_ms - 1
     dual_over_tput = legacy.ops_per_s / dual.ops_per_s - 1
     return BenchReport(
         runs=runs,
+        medians=medians,
+        rounds=rounds,
         legacy_of_bare_throughput=round(legacy_of_bare, 3),
         dual_write_over_legacy_p50=round(dual_over_p50, 3),
         dual_write_over_legacy_throughput=round(dual_over_tput, 3),
         goals={
             "legacy >= 80% of bare throughput": legacy_of_bare >= GOAL_LEGACY_OF_BARE,
             "dual_write <= 15% over legacy (p50)": dual_over_p50 <= GOAL_DUAL_OVER_LEGACY,
-            "dual_write <= 15% over legacy (throughput)": dual_over_tput <= GOAL_DUAL_OVER_LEGACY,
+            "dual_write <= 15% over legacy (throughput, until applied in TigerBeetle)":
+                dual_over_tput <= GOAL_DUAL_OVER_LEGACY,
         },
         host_cpus=os.cpu_count() or 0,
     )
 
 
-async def _bare_run(
-    temporal: Client,
-    task_queue: str,
-    config: BenchConfig,
-    wallets: int,
-    bench_id: str,
-    servers: ServerCpu,
-) -> RunFigures:
-    async def call(wallet: int, i: int) -> object:
-        start = WithStartWorkflowOperation(
-            BareEntityWorkflow.run,
-            120.0,
-            id=f"bench-bare/{bench_id}/{wallet}",
-            task_queue=task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        )
-        return await temporal.execute_update_with_start_workflow(
-            BareEntityWorkflow.touch, f"op-{i}", start_workflow_operation=start
-        )
+@dataclass
+class _Modes:
+    """The three modes' runs on one worker; every run warms its wallets up first."""
 
-    await _warm_up(call, wallets)
-    return await _drive("bare", config, wallets, call, servers)
+    temporal: Client
+    client: WalletClient
+    task_queue: str
+    config: BenchConfig
+    bench_id: str
+    servers: ServerCpu
+
+    @property
+    def wallets(self) -> int:
+        return self.config.wallets or self.config.concurrency
+
+    async def run(self, mode: str, round_no: int) -> RunFigures:
+        if mode == "bare":
+            return await self._bare(round_no)
+        assert mode in ("legacy", "dual_write"), mode
+        return await self._wallet(mode, LEGACY_PAIR if mode == "legacy" else DUAL_PAIR, round_no)
+
+    async def _bare(self, round_no: int) -> RunFigures:
+        async def call(wallet: int, i: int) -> object:
+            start = WithStartWorkflowOperation(
+                BareEntityWorkflow.run,
+                120.0,
+                id=f"bench-bare/{self.bench_id}/{wallet}",
+                task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            )
+            return await self.temporal.execute_update_with_start_workflow(
+                BareEntityWorkflow.touch, f"op-{round_no}-{i}", start_workflow_operation=start
+            )
+
+        await _warm_up(call, self.wallets)
+        return await _drive("bare", round_no, self.config, self.wallets, call, self.servers)
+
+    async def _wallet(self, name: str, pair: tuple[str, str], round_no: int) -> RunFigures:
+        keys = [
+            WalletKey(client_id=f"bench-{self.bench_id}-{name}-{w}", country=pair[1],
+                      currency=pair[0])
+            for w in range(self.wallets)
+        ]  # fmt: skip
+        prefix = f"bench-{self.bench_id}-{name}-r{round_no}"
+
+        async def call(wallet: int, i: int) -> object:
+            txn = f"{prefix}-{i}"
+            op: WalletOperation = (
+                SubtractCredit(wallet=keys[wallet], transaction_id=txn, amount=Decimal("0.01"))
+                if i % 3 == 2
+                else AddCredit(wallet=keys[wallet], transaction_id=txn, amount=Decimal("0.02"))
+            )
+            return await self.client.apply(op)
+
+        async def seed(wallet: int, i: int) -> object:
+            return await self.client.apply(AddCredit(
+                wallet=keys[wallet], transaction_id=f"{prefix}-seed-{wallet}",
+                amount=Decimal("1000.00")))
+
+        async def applied() -> None:
+            await _until_applied(self.client, keys)
+
+        await _warm_up(seed, self.wallets)
+        dual = pair == DUAL_PAIR
+        if dual:
+            await applied()  # the warm-up's own backlog stays out of the timed window
+        return await _drive(name, round_no, self.config, self.wallets, call, self.servers,
+                            settle=applied if dual else None)
 
 
-async def _wallet_run(
-    name: str,
-    client: WalletClient,
-    config: BenchConfig,
-    wallets: int,
-    bench_id: str,
-    pair: tuple[str, str],
-    servers: ServerCpu,
-) -> RunFigures:
-    keys = [
-        WalletKey(client_id=f"bench-{bench_id}-{name}-{w}", country=pair[1], currency=pair[0])
-        for w in range(wallets)
-    ]
-
-    async def call(wallet: int, i: int) -> object:
-        key = keys[wallet]
-        txn = f"bench-{bench_id}-{name}-{i}"
-        op: WalletOperation = (
-            SubtractCredit(wallet=key, transaction_id=txn, amount=Decimal("0.01"))
-            if i % 3 == 2
-            else AddCredit(wallet=key, transaction_id=txn, amount=Decimal("0.02"))
-        )
-        return await client.apply(op)
-
-    async def seed(wallet: int, i: int) -> object:
-        key = keys[wallet]
-        return await client.apply(
-            AddCredit(wallet=key, transaction_id=f"bench-{bench_id}-{name}-seed-{wallet}",
-                      amount=Decimal("1000.00"))
-        )  # fmt: skip
-
-    await _warm_up(seed, wallets)
-    return await _drive(name, config, wallets, call, servers)
-
-
-async def _warm_up(call: Callable[[int, int], Awaitable[object]], wallets: int) -> None:
+async def _warm_up(call: Call, wallets: int) -> None:
     """Start every entity workflow (and its worker cache entry) before timing."""
     await asyncio.gather(*(call(w, -1 - w) for w in range(wallets)))
 
 
-async def _drain_time(client: WalletClient, stores: Stores, wallets: int, bench_id: str) -> float:
-    """Seconds after the dual_write run until every wallet's backlog is empty."""
-    started = time.perf_counter()
-    keys = [
-        WalletKey(client_id=f"bench-{bench_id}-dual_write-{w}", country=DUAL_PAIR[1],
-                  currency=DUAL_PAIR[0])
-        for w in range(wallets)
-    ]  # fmt: skip
-    pending = set(range(wallets))
-    while pending and time.perf_counter() - started < DRAIN_TIMEOUT_S:
-        for w in list(pending):
-            status = await client.status(keys[w])
-            if status is None or status.backlog_length == 0:
-                pending.discard(w)
-        if pending:
-            await asyncio.sleep(0.1)
-    del stores
-    return round(time.perf_counter() - started, 3)
+async def _until_applied(client: WalletClient, keys: list[WalletKey]) -> None:
+    """Until every wallet's TigerBeetle backlog is empty (its operations are in TigerBeetle)."""
+    deadline = time.perf_counter() + DRAIN_TIMEOUT_S
+    pending = list(keys)
+    while pending:
+        statuses = await asyncio.gather(*(client.status(k) for k in pending))
+        pending = [k for k, s in zip(pending, statuses, strict=True)
+                   if s is not None and s.backlog_length > 0]
+        if not pending:
+            return
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{len(pending)} dual_write backlogs not applied in "
+                               f"{DRAIN_TIMEOUT_S:.0f} s: the figure would be meaningless")
+        await asyncio.sleep(0.05)
+
+
+def _run_line(r: RunFigures) -> str:
+    label = "median" if r.round is None else str(r.round + 1)
+    drain = "" if r.drain_s is None else f"{r.drain_s:.2f}"
+    return (f"{r.name:<11} {label:>6} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} "
+            f"{r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_s:>7.1f}  {drain}")
 
 
 def format_report(report: BenchReport, profile: Path | None = None) -> str:
     lines = [
-        f"{'run':<11} {'ops':>6} {'conc':>5} {'ops/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'p99 ms':>8} {'cpu s':>7}  drain s",
-    ]
-    for r in report.runs:
-        drain = "" if r.drain_s is None else f"{r.drain_s:.2f}"
-        lines.append(
-            f"{r.name:<11} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} {r.p50_ms:>8.1f} "
-            f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_s:>7.1f}  {drain}"
-        )
-    lines.append(
+        f"{'run':<11} {'round':>6} {'ops':>6} {'conc':>5} {'ops/s':>8} {'p50 ms':>8} "
+        f"{'p95 ms':>8} {'p99 ms':>8} {'cpu s':>7}  drain s",
+        *(_run_line(r) for r in report.runs),
+        *(_run_line(r) for r in report.medians),
+        f"({report.rounds} rounds, the order rotated each round; dual_write's window includes "
+        "the drain: until TigerBeetle had applied every operation)",
         f"legacy / bare throughput: {report.legacy_of_bare_throughput:.0%}   "
         f"dual_write over legacy: p50 {report.dual_write_over_legacy_p50:+.0%}, "
-        f"throughput {report.dual_write_over_legacy_throughput:+.0%}"
-    )
-    for goal, met in report.goals.items():
-        lines.append(f"  {'met ' if met else 'MISSED'} {goal}")
-    if any(r.server_cpu_s for r in report.runs):
-        names = sorted({name for r in report.runs for name in r.server_cpu_s})
-        lines.append(
-            "CPU ms per operation (this process = client + worker; the stack's servers):"
-        )
+        f"throughput {report.dual_write_over_legacy_throughput:+.0%}  (medians)",
+    ]
+    lines += [f"  {'met ' if met else 'MISSED'} {goal}" for goal, met in report.goals.items()]
+    names = sorted({name for r in report.medians for name in r.server_cpu_s})
+    if names:
+        lines.append("CPU ms per operation, medians (this process = client + worker; the "
+                     "stack's servers):")
         lines.append(f"  {'run':<11} {'all':>6} {'this':>6} " + " ".join(f"{n:>11}" for n in names))
-        for r in report.runs:
+        for r in report.medians:
             per_op = [r.server_cpu_s.get(n, 0.0) * 1000 / r.ops for n in names]
-            lines.append(
-                f"  {r.name:<11} {r.cpu_ms_per_op():>6.1f} {r.cpu_s * 1000 / r.ops:>6.1f} "
-                + " ".join(f"{v:>11.1f}" for v in per_op)
-            )
-        dual = report.runs[-1]
-        if dual.drain_cpu_s is not None:
-            lines.append(
-                f"  {dual.name} backlog drain after the run: {dual.drain_cpu_s:.1f} CPU s "
-                f"({dual.drain_cpu_s * 1000 / dual.ops:.1f} ms per operation)"
-            )
+            lines.append(f"  {r.name:<11} {r.cpu_ms_per_op():>6.1f} {r.cpu_s * 1000 / r.ops:>6.1f} "
+                         + " ".join(f"{v:>11.1f}" for v in per_op))
     if profile is not None:
         buffer = io.StringIO()
         pstats.Stats(str(profile), stream=buffer).sort_stats("cumulative").print_stats(20)

@@ -31,11 +31,14 @@ def register(subparsers: Any) -> None:
     ops = benches.add_parser(
         "wallet-ops",
         help="wallet operations through Temporal: bare vs legacy vs dual_write",
-        description="Runs an in-process worker; prints ops/s and p50/p95/p99 per mode.",
+        description="Runs an in-process worker; prints ops/s and p50/p95/p99 per mode and round "
+        "(dual_write timed until TigerBeetle has applied every operation).",
     )
     ops.add_argument("--ops", type=int, default=2000, help="operations per mode")
     ops.add_argument("--concurrency", type=int, default=100, help="concurrent callers")
     ops.add_argument("--wallets", type=int, default=None, help="default: one per caller")
+    ops.add_argument("--rounds", type=int, default=2,
+                     help="every mode once per round, in a rotated order (2); medians compared")
     ops.add_argument("--profile", type=Path, default=None, help="write cProfile stats here")
     ops.add_argument("--json", action="store_true", help="print the figures as JSON")
     ops.set_defaults(handler=_wallet_ops)
@@ -63,7 +66,8 @@ async def _wallet_ops(args: argparse.Namespace) -> int:
 
     try:
         config = BenchConfig(
-            ops=args.ops, concurrency=args.concurrency, wallets=args.wallets, profile=args.profile
+            ops=args.ops, concurrency=args.concurrency, wallets=args.wallets,
+            profile=args.profile, rounds=args.rounds,
         )
     except AssertionError as err:
         raise UsageError(str(err)) from None
