@@ -21,7 +21,7 @@ from typing import Any
 import tigerbeetle as tb
 from temporalio import activity
 
-from activities.history_import import HistoryImporter
+from activities.history_import import HistoryImporter, ImportBooks
 from messages.backfill import (
     ACTIVITY_COUNT,
     ACTIVITY_ENSURE_IMPORTED,
@@ -96,23 +96,20 @@ def opening_transfers(record: AccountRecord, version: int, plan: PostingPlan) ->
 class WalletImporter:
     """The import itself, shared by the backfill page and the wallet workflow's lazy import.
 
-    Three stores (legacy, TigerBeetle with its registries, the import claims) and the
-    --with-history importer, whose checkpoints gate the openings of a page run with history."""
+    Three stores: the legacy side, the TigerBeetle side (client, registries, ledger table,
+    deployment tag) and the importers' books (claims; the history's checkpoints gate a page
+    run with --with-history)."""
 
     def __init__(
-        self,
-        legacy: LegacyStore,
-        tigerbeetle: TigerBeetleStore,
-        imports: ImportLedger,
-        history: HistoryImporter,
+        self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, books: ImportBooks
     ) -> None:
         self._legacy = legacy
         self._tb_store = tigerbeetle
         self._client = tigerbeetle.client
         self._accounts = tigerbeetle.accounts
         self._ledgers = tigerbeetle.ledgers
-        self._imports = imports
-        self._history = history
+        self._imports = books.imports
+        self._history = HistoryImporter(legacy, tigerbeetle, books)
 
     @property
     def imports(self) -> ImportLedger:

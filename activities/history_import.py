@@ -36,6 +36,7 @@ from messages.backfill import HistoryPageInput, HistoryPageOutput
 from mongobase.mongo import as_utc, now_ms
 from registries.account_registry import AccountRecord
 from registries.transfer_registry import TransferRecord
+from stores.backfill_imports import ImportLedger
 from stores.history_import import (
     HistoryCheckpoint,
     HistoryCheckpoints,
@@ -103,6 +104,17 @@ def newest_filter() -> tb.QueryFilter:
                           flags=tb.QueryFilterFlags.REVERSED)
 
 
+@dataclass(frozen=True)
+class ImportBooks:
+    """What the importers consult and write beside the two sides' data: the wallets' import
+    claims, the history import's checkpoints and the published migration state (the history
+    is imported only while every pair is in phase legacy; read fresh every time)."""
+
+    imports: ImportLedger
+    history: HistoryCheckpoints
+    migration: MigrationStateStore
+
+
 @dataclass
 class _Event:
     """One legacy transaction on its way to TigerBeetle and the Transfer Registry."""
@@ -118,16 +130,11 @@ class _Event:
 
 
 class HistoryImporter:
-    """Reads the legacy log (LegacyStore), writes TigerBeetle and its registries
-    (TigerBeetleStore's client and registries), keeps its cursor (HistoryCheckpoints) and
-    refuses once a pair has left phase legacy (MigrationStateStore, always read fresh)."""
+    """Three stores: reads the legacy log, writes TigerBeetle and its registries (the
+    TigerBeetle store's client and registries), keeps its cursor in the books' checkpoints."""
 
     def __init__(
-        self,
-        legacy: LegacyStore,
-        tigerbeetle: TigerBeetleStore,
-        checkpoints: HistoryCheckpoints,
-        migration: MigrationStateStore,
+        self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, books: ImportBooks
     ) -> None:
         self._legacy = legacy
         self._client = tigerbeetle.client
@@ -135,8 +142,8 @@ class HistoryImporter:
         self._transfers = tigerbeetle.transfers
         self._ledgers = tigerbeetle.ledgers
         self._deployment_tag = tigerbeetle.deployment_tag
-        self._checkpoints = checkpoints
-        self._migration = migration
+        self._checkpoints = books.history
+        self._migration = books.migration
 
     @property
     def checkpoints(self) -> HistoryCheckpoints:

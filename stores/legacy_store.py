@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,8 +48,14 @@ from mongobase.mongo import (
     minor_to_decimal128,
     now_ms,
 )
-from mongobase.queries import Created, find_in, pair_fields_filter, wallet_key_filter
-from stores.reports import find_keys
+from mongobase.queries import (
+    Created,
+    find_in,
+    find_keys,
+    pair_fields_filter,
+    scope_wallet_regex,
+    wallet_key_filter,
+)
 from walletcore.balances import MinorBalance, WalletBalance
 from walletcore.errors import (
     AlreadyVoidedError,
@@ -132,12 +137,9 @@ class LoggedTransaction:
 
 
 def scope_regex(pairs: Sequence[str]) -> str:
-    """Canonical wallet keys (`client|COUNTRY|CURRENCY|issuer`) of the scope's pairs."""
-    alternatives = []
-    for pair in sorted(set(pairs)):
-        currency, _, country = pair.partition(":")
-        alternatives.append(re.escape(f"{country}|{currency}"))
-    return r"^[^|]+\|(?:" + "|".join(alternatives) + r")\|"
+    """One regex on canonical wallet keys for every pair of a scope (a single `$regex`: the
+    history scan keeps one query shape whatever the number of pairs)."""
+    return "|".join(f"(?:{scope_wallet_regex(pair)})" for pair in sorted(set(pairs)))
 
 
 class _VersionConflict(Exception):

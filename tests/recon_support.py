@@ -15,7 +15,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client
 
 from activities.backfill import BackfillActivities, WalletImporter
-from activities.history_import import HistoryImporter
+from activities.history_import import ImportBooks
 from activities.reconciliation import Books, ReconcileActivities, Reconciler
 from activities.wallet import TigerBeetleBacklog
 from messages.backfill import BackfillPageInput
@@ -88,8 +88,8 @@ async def make_env(db: AsyncDatabase[Any], redis: Any, tb_client: TigerBeetleCli
     tb_store = TigerBeetleStore(tb_client, accounts, transfers, ledgers,
                                 deployment_tag=random.randint(1, 2**63))
     migration = MigrationStateStore(db, cache_ttl_s=0)
-    history = HistoryImporter(legacy, tb_store, HistoryCheckpoints(db), migration)
-    importer = WalletImporter(legacy, tb_store, imports, history)
+    importer = WalletImporter(legacy, tb_store, ImportBooks(
+        imports=imports, history=HistoryCheckpoints(db), migration=migration))
     reports = ReportStore(db)
     await reports.ensure_indexes()
     reconciler = Reconciler(legacy, tb_store, Books(imports=imports, migration=migration,

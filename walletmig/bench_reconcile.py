@@ -27,7 +27,7 @@ import tigerbeetle as tb
 from bson.decimal128 import Decimal128
 
 from activities.backfill import WalletImporter
-from activities.history_import import HistoryImporter
+from activities.history_import import ImportBooks
 from activities.reconciliation import Books, Reconciler
 from messages.backfill import WALLETS_PER_PAGE_MAX, BackfillPageInput
 from messages.reconciliation import PAGE_MAX, WalletPageInput
@@ -66,8 +66,8 @@ class Bench:
         self.tb_store = TigerBeetleStore(stores.tb_client, self.accounts, stores.transfers,
                                          self.ledgers)
         self.imports = ImportLedger(db)
-        history = HistoryImporter(self.legacy, self.tb_store, stores.history, stores.migration)
-        self.importer = WalletImporter(self.legacy, self.tb_store, self.imports, history)
+        self.importer = WalletImporter(self.legacy, self.tb_store, ImportBooks(
+            imports=self.imports, history=stores.history, migration=stores.migration))
         self.reconciler = Reconciler(self.legacy, self.tb_store, Books(
             imports=self.imports, migration=stores.migration, reports=ReportStore(db)))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from activities.backfill import BackfillActivities, WalletImporter
-from activities.history_import import HistoryImporter
+from activities.history_import import ImportBooks
 from activities.reconciliation import Books, ReconcileActivities, Reconciler
 from stores.backfill_imports import ImportLedger
 from stores.bundle import Stores
@@ -19,8 +19,8 @@ OPS_WORKFLOWS: tuple[type, ...] = (BackfillWorkflow, ReconciliationWorkflow)
 
 
 def make_importer(stores: Stores) -> WalletImporter:
-    history = HistoryImporter(stores.legacy, stores.tigerbeetle, stores.history, stores.migration)
-    return WalletImporter(stores.legacy, stores.tigerbeetle, stores.imports, history)
+    books = ImportBooks(imports=stores.imports, history=stores.history, migration=stores.migration)
+    return WalletImporter(stores.legacy, stores.tigerbeetle, books)
 
 
 def make_reconciler(stores: Stores) -> Reconciler:
