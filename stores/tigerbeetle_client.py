@@ -15,6 +15,7 @@ import tigerbeetle as tb
 
 from tb_emulator.client import SCHEME as EMULATOR_SCHEME
 from tb_emulator.client import EmulatorClientAsync, RequestTimeoutError
+from walletcore import tb_limits
 
 REAL_SCHEME: Final = "tigerbeetle://"
 TIMEOUT_S_MAX: Final = 300.0
@@ -54,6 +55,12 @@ class TigerBeetleClient(Protocol):
 
     async def query_transfers(self, query_filter: tb.QueryFilter) -> list[tb.Transfer]: ...
 
+    async def request_limit_bytes(self) -> int:
+        """The cluster's request limit: what it announced if the client exposes that (the
+        emulator's adapter), else the configured TB_REQUEST_LIMIT_BYTES (the real Python client
+        keeps the announced one to itself). Size batches with walletcore.tb_limits."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -61,10 +68,18 @@ class TimeoutClientAsync:
     """The real `tigerbeetle.ClientAsync` with a per-call timeout: the real client retries
     forever while the cluster is unreachable, which would hang a workflow activity."""
 
-    def __init__(self, client: tb.ClientAsync, addresses: str, timeout_s: float) -> None:
+    def __init__(
+        self, client: tb.ClientAsync, addresses: str, timeout_s: float,
+        request_limit_bytes: int = tb_limits.REQUEST_LIMIT_BYTES_DEFAULT,
+    ) -> None:
+        assert (tb_limits.REQUEST_LIMIT_BYTES_MIN <= request_limit_bytes
+                <= tb_limits.REQUEST_LIMIT_BYTES_MAX)
         self._client = client
         self._addresses = addresses
         self.timeout_s = timeout_s
+        # Configured: tigerbeetle 0.17.9's Python client does not expose the limit the cluster
+        # announced at register (nor does libtb_client export it).
+        self._request_limit_bytes = request_limit_bytes
         # Timed-out requests keep running: cancelling one inside the real client leaves its
         # packet registered and makes close() fail its own assertion. close() completes them.
         self._abandoned: set[asyncio.Future[Any]] = set()
@@ -121,6 +136,9 @@ class TimeoutClientAsync:
     async def query_transfers(self, query_filter: tb.QueryFilter) -> list[tb.Transfer]:
         return await self._call("query_transfers", self._client.query_transfers(query_filter))
 
+    async def request_limit_bytes(self) -> int:
+        return self._request_limit_bytes
+
     async def close(self) -> None:
         abandoned = list(self._abandoned)
         try:
@@ -142,11 +160,19 @@ def is_emulator_address(addresses: str) -> bool:
 
 
 def connect_tigerbeetle(
-    addresses: str, cluster_id: int = 0, timeout_s: float = 10
+    addresses: str, cluster_id: int = 0, timeout_s: float = 10,
+    request_limit_bytes: int = tb_limits.REQUEST_LIMIT_BYTES_DEFAULT,
 ) -> TigerBeetleClient:
-    """Creates the client (both kinds connect lazily, on the first request)."""
+    """Creates the client (both kinds connect lazily, on the first request).
+    `request_limit_bytes` (TB_REQUEST_LIMIT_BYTES) is what a real cluster's client reports;
+    the emulator's adapter reports what the emulator announces instead."""
     if not 0 < timeout_s <= TIMEOUT_S_MAX:
         raise ValueError(f"timeout_s must be in (0, {TIMEOUT_S_MAX}], got {timeout_s}")
+    if not (tb_limits.REQUEST_LIMIT_BYTES_MIN <= request_limit_bytes
+            <= tb_limits.REQUEST_LIMIT_BYTES_MAX):
+        raise ValueError(
+            f"{tb_limits.REQUEST_LIMIT_SETTING} must be in {tb_limits.REQUEST_LIMIT_BYTES_MIN}.."
+            f"{tb_limits.REQUEST_LIMIT_BYTES_MAX}, got {request_limit_bytes}")
     text = addresses.strip()
     if is_emulator_address(text):
         return EmulatorClientAsync(cluster_id, text, timeout_s=timeout_s)
@@ -154,4 +180,5 @@ def connect_tigerbeetle(
         text = text[len(REAL_SCHEME):]
     if not text:
         raise ValueError("TigerBeetle addresses are empty")
-    return TimeoutClientAsync(tb.ClientAsync(cluster_id, text), text, timeout_s)
+    return TimeoutClientAsync(tb.ClientAsync(cluster_id, text), text, timeout_s,
+                              request_limit_bytes)

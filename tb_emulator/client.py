@@ -20,7 +20,7 @@ from typing import Any, Final, NamedTuple, Self
 import tigerbeetle as tb
 from tigerbeetle.client import InitError
 
-from tb_emulator import wire
+from tb_emulator import request_limit, wire
 
 DEFAULT_TIMEOUT_S: Final = 10.0
 RECONNECT_DELAY_MIN_S: Final = 0.01
@@ -67,44 +67,73 @@ Decoder = Callable[[memoryview], Any]
 class Request(NamedTuple):
     """An encoded request. Encoding converts every field first (TypeError,
     IntegerOverflowError); the client then refuses a closed client, and only then a request
-    over the size limit (`oversized`): the real client's order."""
+    that does not fit (`_refuse`): the real client's order. `events` is checked against the
+    limit the server announced at register; `oversized` (a filter's `limit` above the rows a
+    reply can hold) holds whatever the limit."""
 
     request_id: int
     op: int
     frame: bytes
-    oversized: bool
+    events: int
+    oversized: bool = False
     sent_ids: Sequence[int] | None = None  # lookup_accounts: the ids as the server sees them.
 
 
-def _request(request_id: int, op: int, body: bytes, oversized: bool) -> Request:
-    return Request(request_id, op, wire.frame(request_id, op, 0, body), oversized)
+def _request(request_id: int, op: int, body: bytes, events: int, oversized: bool = False
+             ) -> Request:
+    return Request(request_id, op, wire.frame(request_id, op, 0, body), events, oversized)
 
 
 def encode_create_accounts(request_id: int, accounts: Sequence[tb.Account]) -> Request:
     return _request(request_id, wire.Op.CREATE_ACCOUNTS, wire.pack_accounts(accounts),
-                    len(accounts) > wire.BATCH_EVENTS_MAX)
+                    len(accounts))
 
 
 def encode_create_transfers(request_id: int, transfers: Sequence[tb.Transfer]) -> Request:
     return _request(request_id, wire.Op.CREATE_TRANSFERS, wire.pack_transfers(transfers),
-                    len(transfers) > wire.BATCH_EVENTS_MAX)
+                    len(transfers))
 
 
 def encode_lookup(request_id: int, op: int, ids: Sequence[int]) -> Request:
     body, sent_ids = wire.pack_lookup_ids(ids)
-    request = _request(request_id, op, body, len(ids) > wire.BATCH_EVENTS_MAX)
+    request = _request(request_id, op, body, len(ids))
     return request._replace(sent_ids=sent_ids) if op == wire.Op.LOOKUP_ACCOUNTS else request
 
 
 def encode_account_filter(request_id: int, op: int, f: tb.AccountFilter) -> Request:
     # The real client refuses a limit it could not take the reply of, like an oversized batch.
     body = wire.pack_account_filter(f)
-    return _request(request_id, op, body, f.limit > wire.BATCH_EVENTS_MAX)
+    return _request(request_id, op, body, 1, f.limit > wire.BATCH_EVENTS_MAX)
 
 
 def encode_query_filter(request_id: int, op: int, f: tb.QueryFilter) -> Request:
     body = wire.pack_query_filter(f)
-    return _request(request_id, op, body, f.limit > wire.BATCH_EVENTS_MAX)
+    return _request(request_id, op, body, 1, f.limit > wire.BATCH_EVENTS_MAX)
+
+
+REGISTER_REQUEST_ID: Final = 0  # Never a request's id (_next_id skips 0).
+REGISTER_REPLY_SIZE_MAX: Final = 4096  # The limit, or a BUSY/error message (at most 4 KiB).
+
+
+def register_frame() -> bytes:
+    return wire.frame(REGISTER_REQUEST_ID, wire.Op.REGISTER, 0, b"")
+
+
+def register_reply(request_id: int, op: int, status: int, body: bytes | bytearray) -> int:
+    """The request limit a REGISTER reply announces. ConnectionRefusedError (an OSError: the
+    caller retries) if the server turned the connection away as busy."""
+    if request_id == 0 and status == wire.Status.BUSY:
+        raise ConnectionRefusedError("tb_emulator: too many connections")
+    if (request_id, op, status, len(body)) != (
+            REGISTER_REQUEST_ID, wire.Op.REGISTER, wire.Status.OK, wire.REGISTER_REPLY.size):
+        message = bytes(body[:200]).decode(errors="replace")
+        raise EmulatorProtocolError(
+            f"tb_emulator register failed: op={op} status={status}: {message}")
+    (limit_bytes,) = wire.REGISTER_REPLY.unpack(body)
+    if not (request_limit.REQUEST_LIMIT_BYTES_MIN <= limit_bytes
+            <= request_limit.REQUEST_LIMIT_BYTES_MAX):
+        raise EmulatorProtocolError(f"tb_emulator announced a request limit of {limit_bytes}")
+    return int(limit_bytes)
 
 
 def _rows(size: int, decode: Decoder) -> Decoder:
@@ -129,11 +158,13 @@ DECODERS: Final[dict[int, Decoder]] = {
 }
 
 
-def _refuse(request: Request, closed: bool) -> None:
-    """What the real client refuses before sending, in its order."""
+def _refuse(request: Request, closed: bool, batch_max: dict[int, int] | None) -> None:
+    """What the real client refuses before sending, in its order. `batch_max`: by operation,
+    under the limit the server announced (None before the first register: checked again once
+    connected)."""
     if closed:
         raise tb.ClientClosedError()
-    if request.oversized:
+    if request.oversized or (batch_max is not None and request.events > batch_max[request.op]):
         raise tb.TooMuchDataError()
 
 
@@ -264,7 +295,19 @@ class _AsyncConnection:
             await self.writer.wait_closed()
 
 
-class EmulatorClientAsync:
+class _Registration:
+    """What the server announced at the last register (None before the first connection)."""
+
+    announced_request_limit_bytes: int | None = None
+    _batch_max: dict[int, int] | None = None  # Most events per request, by operation.
+
+    def _registered(self, limit_bytes: int) -> None:
+        if limit_bytes != self.announced_request_limit_bytes:
+            self._batch_max = wire.batch_max_by_op(limit_bytes)
+            self.announced_request_limit_bytes = limit_bytes
+
+
+class EmulatorClientAsync(_Registration):
     """Same interface as `tigerbeetle.ClientAsync`, talking to the emulator server."""
 
     def __init__(
@@ -280,6 +323,14 @@ class EmulatorClientAsync:
         self._connect_loop: asyncio.AbstractEventLoop | None = None
         self._request_ids = itertools.count(1)
         self._closed = False
+
+    async def request_limit_bytes(self) -> int:
+        """The request limit the server announced, in bytes; connects (registers) first if
+        this client has not yet, with the timeout and reconnects of any request."""
+        if self.announced_request_limit_bytes is None:
+            await self.lookup_accounts([])  # Reads nothing; registers on the way.
+        assert self.announced_request_limit_bytes is not None
+        return self.announced_request_limit_bytes
 
     # -- the tigerbeetle.ClientAsync interface ---------------------------------------------
 
@@ -345,8 +396,8 @@ class EmulatorClientAsync:
         return next(self._request_ids) & wire.U64_MASK or 1
 
     async def _submit(self, request: Request) -> Any:
-        request_id, op, frame, _, request_ids = request
-        _refuse(request, self._closed)
+        request_id, op, frame, _, _, request_ids = request
+        _refuse(request, self._closed, self._batch_max)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         delay = RECONNECT_DELAY_MIN_S
@@ -361,6 +412,7 @@ class EmulatorClientAsync:
                     connection = await self._connect()
                     if connection.closed:  # Its reader already failed every pending request.
                         raise ConnectionResetError("tb_emulator connection closed")
+                    _refuse(request, self._closed, self._batch_max)  # Registered by now.
                     future = loop.create_future()
                     connection.pending[request_id] = future
                     chunks = ReplyChunks(op, request_ids) if op in wire.LOOKUP_OPS else None
@@ -416,6 +468,11 @@ class EmulatorClientAsync:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                self._registered(await _register_async(reader, writer))
+            except BaseException:
+                writer.transport.abort()
+                raise
             connection = _AsyncConnection(reader, writer)
             if self._closed:
                 await connection.close()
@@ -424,12 +481,35 @@ class EmulatorClientAsync:
             return connection
 
 
+
+
+async def _register_async(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """REGISTER on a fresh connection, before its reader task starts: the announced limit."""
+    writer.write(register_frame())
+    try:
+        header = await reader.readexactly(wire.HEADER_SIZE)
+        body_size, request_id, op, status, version = wire.HEADER.unpack(header)
+        _check_register_header(version, body_size)
+        body = await reader.readexactly(body_size) if body_size else b""
+    except asyncio.IncompleteReadError:  # An EOFError: make it the OSError that retries.
+        raise ConnectionResetError("tb_emulator closed the connection at register") from None
+    return register_reply(request_id, op, status, body)
+
+
+def _check_register_header(version: int, body_size: int) -> None:
+    if version != wire.VERSION:
+        raise EmulatorProtocolError(
+            f"tb_emulator speaks wire version {version}, this client {wire.VERSION}")
+    if body_size > REGISTER_REPLY_SIZE_MAX:
+        raise ConnectionResetError("tb_emulator sent a malformed frame at register")
+
+
 # ------------------------------------------------------------------------------------------
 # Sync client
 # ------------------------------------------------------------------------------------------
 
 
-class EmulatorClientSync:
+class EmulatorClientSync(_Registration):
     """Same interface as `tigerbeetle.ClientSync`. One request at a time per client
     (a lock serializes threads); for scripts, replay and conformance."""
 
@@ -446,6 +526,14 @@ class EmulatorClientSync:
         self._request_ids = itertools.count(1)
         self._header = bytearray(wire.HEADER_SIZE)
         self._closed = False
+
+    def request_limit_bytes(self) -> int:
+        """The request limit the server announced, in bytes; connects (registers) first if
+        this client has not yet, with the timeout and reconnects of any request."""
+        if self.announced_request_limit_bytes is None:
+            self.lookup_accounts([])  # Reads nothing; registers on the way.
+        assert self.announced_request_limit_bytes is not None
+        return self.announced_request_limit_bytes
 
     def create_accounts(self, accounts: list[tb.Account]) -> list[tb.CreateAccountResult]:
         result: list[tb.CreateAccountResult] = self._submit(
@@ -508,8 +596,8 @@ class EmulatorClientSync:
             self._sock = None
 
     def _submit(self, request: Request) -> Any:
-        request_id, op, frame, _, request_ids = request
-        _refuse(request, self._closed)
+        request_id, op, frame, _, _, request_ids = request
+        _refuse(request, self._closed, self._batch_max)
         deadline = time.monotonic() + self.timeout_s
         delay = RECONNECT_DELAY_MIN_S
         with self._lock:
@@ -523,7 +611,9 @@ class EmulatorClientSync:
                         f"{self.timeout_s} s from {self.host}:{self.port}")
                 chunks = ReplyChunks(op, request_ids) if op in wire.LOOKUP_OPS else None
                 try:
-                    reply = self._roundtrip(request_id, frame, remaining, chunks)
+                    sock = self._connected(remaining)
+                    _refuse(request, self._closed, self._batch_max)  # Registered by now.
+                    reply = self._roundtrip(sock, request_id, frame, remaining, chunks)
                 except TimeoutError:
                     self._disconnect()  # A late reply must not be read as the next one's.
                     raise RequestTimeoutError(
@@ -539,14 +629,31 @@ class EmulatorClientSync:
                     raise EmulatorProtocolError(f"reply operation {reply_op} != request {op}")
                 return decode_reply(op, status, body, request_ids, chunks)
 
-    def _roundtrip(
-        self, request_id: int, frame: bytes, timeout_s: float, chunks: ReplyChunks | None
-    ) -> tuple[int, int, memoryview]:
-        sock = self._sock
-        if sock is None:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
+    def _connected(self, timeout_s: float) -> socket.socket:
+        """The connection, opened and registered if there is none."""
+        if self._sock is not None:
+            return self._sock
+        sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock = sock
+            sock.sendall(register_frame())
+            header = self._header
+            _recv_exactly(sock, memoryview(header))
+            body_size, request_id, op, status, version = wire.HEADER.unpack(header)
+            _check_register_header(version, body_size)
+            body = bytearray(body_size)
+            _recv_exactly(sock, memoryview(body))
+            self._registered(register_reply(request_id, op, status, body))
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        return sock
+
+    def _roundtrip(
+        self, sock: socket.socket, request_id: int, frame: bytes, timeout_s: float,
+        chunks: ReplyChunks | None,
+    ) -> tuple[int, int, memoryview]:
         sock.settimeout(timeout_s)
         sock.sendall(frame)
         while True:

@@ -3,6 +3,8 @@
 Each `make_client()` starts a fresh emulator process (temp data file, free port) and returns an
 `EmulatorClientSync` on it; `close()` kills the process and removes the temp dir. So the traces
 exercise the whole stack: adapter, wire format, server, log and engine.
+`make_client_development` does the same with the server's `--development` request limit
+(32 KiB: the traces' largest request, 250 transfers, fits its create batch maximum of 253).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ class ConformanceClient(EmulatorClientSync):
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def make_client(engine: str | None = None, timeout_s: float = 30.0) -> ConformanceClient:
+def make_client(
+    engine: str | None = None, timeout_s: float = 30.0, development: bool = False
+) -> ConformanceClient:
     directory, data_file = temp_data_file("tbemu-conformance-")
-    process = EmulatorProcess(data_file, engine=engine)
+    process = EmulatorProcess(data_file, engine=engine, development=development)
     try:
         process.start()
     except BaseException:
@@ -41,3 +45,7 @@ def make_client(engine: str | None = None, timeout_s: float = 30.0) -> Conforman
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return ConformanceClient(process, directory, timeout_s)
+
+
+def make_client_development() -> ConformanceClient:
+    return make_client(development=True)

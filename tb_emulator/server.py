@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol
 
 import tigerbeetle as tb
 
-from tb_emulator import wire
+from tb_emulator import request_limit, wire
 from tb_emulator.wal import GroupCommit, Record, WalError, WriteAheadLog, encode_record
 
 logger = logging.getLogger("tb_emulator.server")
@@ -93,10 +93,15 @@ class ServerLimits:
     connections_max: int = 256
     inflight_per_connection_max: int = 32  # Executed, not yet replied (pipelining depth).
     inflight_max: int = 256  # Server-wide; bounds memory held by the group commit.
+    # TigerBeetle's --limit-request: announced at register; bounds every batch
+    # (tb_emulator.request_limit).
+    request_limit_bytes: int = request_limit.REQUEST_LIMIT_BYTES_DEFAULT
 
     def __post_init__(self) -> None:
         assert 0 < self.connections_max <= 65536
         assert 0 < self.inflight_per_connection_max <= self.inflight_max <= 65536
+        assert (request_limit.REQUEST_LIMIT_BYTES_MIN <= self.request_limit_bytes
+                <= request_limit.REQUEST_LIMIT_BYTES_MAX)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class EmulatorServer:
         self.host = host
         self.port = port
         self.limits = limits or ServerLimits()
+        self._batch_max = wire.batch_max_by_op(self.limits.request_limit_bytes)
+        self._register_reply = wire.REGISTER_REPLY.pack(self.limits.request_limit_bytes)
         self._engine_factory = engine_factory or load_engine_factory(DEFAULT_ENGINE)
         self._engine: EngineLike | None = None
         self._raw_creates = False
@@ -197,7 +204,8 @@ class EmulatorServer:
     def ready_line(self) -> str:
         return (
             f"{READY_PREFIX} host={self.host} port={self.port} data_file={self.data_file} "
-            f"recovered_requests={self.recovered_requests} pid={os.getpid()}"
+            f"recovered_requests={self.recovered_requests} "
+            f"request_limit_bytes={self.limits.request_limit_bytes} pid={os.getpid()}"
         )
 
     async def serve_forever(self) -> None:
@@ -279,14 +287,17 @@ class EmulatorServer:
         event_size = wire.EVENT_SIZE.get(op)
         codec = wire.CREATE_CODECS.get(op)
         if event_size is None and codec is None:
+            if op == wire.Op.REGISTER:  # Announce the request limit, as the real server does.
+                return _ok(request_id, op, self._register_reply), 0
             return _error(request_id, op, wire.Status.INVALID_OPERATION, f"operation {op}"), 0
         try:
             count = codec.count(body) if codec is not None else _row_count(body, event_size)
         except wire.WireError as e:
             return _error(request_id, op, wire.Status.INVALID_DATA_SIZE, str(e)), 0
-        if count > wire.BATCH_EVENTS_MAX:
+        if count > self._batch_max[op]:  # The client refuses these first; a peer may not.
             return _error(request_id, op, wire.Status.TOO_MUCH_DATA,
-                          f"{count} events > {wire.BATCH_EVENTS_MAX}"), 0
+                          f"{count} events > {self._batch_max[op]} (request limit "
+                          f"{self.limits.request_limit_bytes} bytes)"), 0
         if op in wire.SINGLE_EVENT_OPS and count != 1:
             return _error(request_id, op, wire.Status.INVALID_DATA_SIZE,
                           f"expected exactly one filter, got {count}"), 0
@@ -736,15 +747,22 @@ class EmulatorProcess:
         engine: str | None = None,
         log_file: str | None = None,
         startup_timeout_s: float = 60.0,
+        limit_request: int | str | None = None,
+        development: bool = False,
     ) -> None:
+        """`limit_request` / `development`: the server's `--limit-request SIZE` (bytes or
+        `32KiB`) and `--development` options."""
         self.data_file = data_file
         self.host = host
         self.port = port
         self.engine = engine
         self.log_file = log_file or data_file + ".log"
         self.startup_timeout_s = startup_timeout_s
+        self.limit_request = limit_request
+        self.development = development
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_line = ""
+        self.request_limit_bytes = 0  # As the started server reports it.
 
     @property
     def address(self) -> str:
@@ -761,6 +779,10 @@ class EmulatorProcess:
                 str(self.port), "--data-file", self.data_file]
         if self.engine:
             args += ["--engine", self.engine]
+        if self.development:
+            args.append("--development")
+        if self.limit_request is not None:
+            args += ["--limit-request", str(self.limit_request)]
         with open(self.log_file, "ab") as log:
             start_offset = log.tell()
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
@@ -774,6 +796,7 @@ class EmulatorProcess:
                         self.ready_line = raw
                         fields = dict(p.split("=", 1) for p in raw.split() if "=" in p)
                         self.port = int(fields["port"])
+                        self.request_limit_bytes = int(fields["request_limit_bytes"])
                         return self
             if self.process.poll() is not None:
                 raise RuntimeError(

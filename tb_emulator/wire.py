@@ -42,6 +42,7 @@ from typing import Any, Final, TypeVar
 
 import tigerbeetle as tb
 
+from tb_emulator import request_limit
 from tb_emulator.engine_defs import account_tuple
 from tb_emulator.gc_pause import build_without_gc
 from tb_emulator.layout import (
@@ -59,8 +60,12 @@ from tb_emulator.layout import (
 
 E = TypeVar("E")
 
-VERSION: Final = 5  # 4: ids as a low and a high block. 5: lookup_accounts replies as rows.
-BATCH_EVENTS_MAX: Final = 8189  # Same as the real server (1 MiB messages).
+# 4: ids as a low and a high block. 5: lookup_accounts replies as rows. 6: REGISTER.
+VERSION: Final = 6
+# Largest batch at the largest request limit (1 MiB), and most rows of any reply: the bound of
+# every buffer. The announced request limit may allow fewer: see batch_max_by_op.
+BATCH_EVENTS_MAX: Final = 8189
+assert BATCH_EVENTS_MAX == request_limit.ROWS_MAX
 U64_MASK: Final = (1 << 64) - 1
 U128_MASK: Final = (1 << 128) - 1
 # A lookup of more ids is answered in chunks of this many ids (PARTIAL frames, then the last
@@ -97,6 +102,9 @@ class Status(enum.IntEnum):
 
 
 class Op(enum.IntEnum):
+    # A client's first request on each connection (VSR's `register`, not a tb.Operation): the
+    # reply announces the server's request limit (REGISTER_REPLY), as the real server's does.
+    REGISTER = 2
     LOOKUP_ACCOUNTS = int(tb.Operation.LOOKUP_ACCOUNTS)
     LOOKUP_TRANSFERS = int(tb.Operation.LOOKUP_TRANSFERS)
     GET_ACCOUNT_TRANSFERS = int(tb.Operation.GET_ACCOUNT_TRANSFERS)
@@ -107,6 +115,7 @@ class Op(enum.IntEnum):
     CREATE_TRANSFERS = int(tb.Operation.CREATE_TRANSFERS)
 
 
+REGISTER_REPLY = struct.Struct("<I")  # request_limit_bytes
 CREATE_OPS: Final = frozenset({Op.CREATE_ACCOUNTS, Op.CREATE_TRANSFERS})
 LOOKUP_OPS: Final = frozenset({Op.LOOKUP_ACCOUNTS, Op.LOOKUP_TRANSFERS})  # chunked replies
 
@@ -122,6 +131,18 @@ EVENT_SIZE: Final[dict[int, int]] = {
 SINGLE_EVENT_OPS: Final = frozenset(
     {Op.GET_ACCOUNT_TRANSFERS, Op.GET_ACCOUNT_BALANCES, Op.QUERY_ACCOUNTS, Op.QUERY_TRANSFERS}
 )
+
+
+def batch_max_by_op(limit_bytes: int) -> dict[int, int]:
+    """Most events per request of each operation under a request limit, by TigerBeetle's
+    element sizes (not this wire format's): 128-byte events and filters, 16-byte ids."""
+    creates = request_limit.create_batch_max(limit_bytes)
+    lookups = request_limit.lookup_batch_max(limit_bytes)
+    batch_max: dict[int, int] = {op: creates for op in (*CREATE_OPS, *SINGLE_EVENT_OPS)}
+    batch_max.update({op: lookups for op in LOOKUP_OPS})
+    assert set(batch_max) == set(Op) - {Op.REGISTER}
+    assert all(1 <= count <= BATCH_EVENTS_MAX for count in batch_max.values())
+    return batch_max
 
 
 class WireError(Exception):

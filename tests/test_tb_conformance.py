@@ -7,7 +7,9 @@ shell command that leaves a fresh cluster listening at TB_ADDRESSES (run before 
 e.g. `TB_RESET_CMD='./reset-tigerbeetle.sh'`.
 
 The emulator variant also kills (-9) and restarts the emulator after each trace and checks that
-the recovered state (every account and transfer, with balances and timestamps) is identical.
+the recovered state (every account and transfer, with balances and timestamps) is identical,
+and replays every trace again against an emulator started with `--development` (32 KiB
+request limit).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 import tigerbeetle as tb
 
 from tb_emulator.client import SCHEME, EmulatorClientSync
+from tb_emulator.conformance import make_client
 from tb_emulator.server import EmulatorProcess
 
 DATA_DIR = Path(__file__).parent / "data" / "tigerbeetle-0.17.9"
@@ -96,6 +99,22 @@ def test_trace(trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     finally:
         process.kill()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.skipif(REAL_CLUSTER, reason="the emulator's --development request limit")
+@pytest.mark.parametrize("trace", TRACES, ids=[t.stem for t in TRACES])
+def test_trace_at_the_development_request_limit(
+    trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The traces were recorded so every request fits a `--development` (32 KiB) cluster:
+    their largest batch, 250 transfers, is under its maximum of 253."""
+    client = make_client(development=True)
+    try:
+        assert client.request_limit_bytes() == 32 * 1024
+        ok = replay.replay_file(str(trace), lambda: client, _options())  # Closes the client.
+        assert ok, capsys.readouterr().out
+    finally:
+        client.close()
 
 
 def _real_factory() -> Any:

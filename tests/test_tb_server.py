@@ -438,6 +438,28 @@ async def test_concurrent_requests_on_one_connection(emulator: EmulatorProcess) 
         await client.close()
 
 
+async def test_register_on_a_full_server_retries_until_a_slot_frees(data_file: str) -> None:
+    """A server at connections_max answers a new connection's REGISTER with BUSY: the adapter
+    reconnects until its timeout, like after any refused connection."""
+    server = EmulatorServer(data_file, limits=ServerLimits(connections_max=1))
+    await server.start()
+    address = f"127.0.0.1:{server.port}"
+    first = EmulatorClientAsync(0, address, timeout_s=5)
+    second = EmulatorClientAsync(0, address, timeout_s=0.5)
+    try:
+        assert await first.request_limit_bytes() == 1 << 20
+        with pytest.raises(RequestTimeoutError):
+            await second.request_limit_bytes()
+        assert second.announced_request_limit_bytes is None
+        await first.close()
+        second.timeout_s = 5
+        assert await second.request_limit_bytes() == 1 << 20
+    finally:
+        await first.close()
+        await second.close()
+        await server.close()
+
+
 async def test_connect_tigerbeetle_factory(emulator: EmulatorProcess) -> None:
     client = connect_tigerbeetle(f"tbemu://{emulator.address}", timeout_s=5)
     assert isinstance(client, EmulatorClientAsync)
@@ -739,6 +761,9 @@ async def test_failing_reply_callback_does_not_stop_group_commit(data_file: str)
         def boom() -> None:
             raise RuntimeError("boom")
 
+        # Registered first: its reply, like every reply, waits behind earlier waiters, and
+        # this artificial one waits for a log write that only the client's create brings.
+        await client.request_limit_bytes()
         commit.when_durable(commit.written + 1, boom)  # Due with the next sync.
         assert (await client.create_accounts(accounts(1, 2)))[0].status \
             == tb.CreateAccountStatus.CREATED

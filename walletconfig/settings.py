@@ -29,6 +29,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "TB_ADDRESSES": ("tb_addresses", "tbemu://127.0.0.1:3033"),
     "TB_CLUSTER_ID": ("tb_cluster_id", "0"),
     "TB_REQUEST_TIMEOUT_S": ("tb_request_timeout_s", "10"),
+    # The cluster's request limit in bytes (`tigerbeetle start --limit-request`): every batch
+    # is sized by it (walletcore.tb_limits). 1048576 (1 MiB) is TigerBeetle's default; a
+    # cluster started with `--development` has 32768 (32 KiB). 4096..1048576.
+    "TB_REQUEST_LIMIT_BYTES": ("tb_request_limit_bytes", "1048576"),
     "REGISTRY_CACHE_TTL_S": ("registry_cache_ttl_s", "1800"),
     # Written to every customer account's user_data_64: deployments sharing one TigerBeetle
     # cluster tell their accounts apart (reconciliation checks only its own). 0 = untagged.
@@ -52,6 +56,9 @@ class Settings(BaseModel):
     tb_addresses: str
     tb_cluster_id: int = Field(ge=0)
     tb_request_timeout_s: float = Field(gt=0, le=300)
+    # Bounds: walletcore.tb_limits.REQUEST_LIMIT_BYTES_MIN/_MAX (this layer imports nothing
+    # of the platform; tests/test_tb_limits.py checks they agree).
+    tb_request_limit_bytes: int = Field(default=1_048_576, ge=4096, le=1_048_576)
     registry_cache_ttl_s: int = Field(gt=0, le=7 * 24 * 3600)
     deployment_tag: int = Field(default=0, ge=0, lt=2**64)
     state_dir: Path
