@@ -25,9 +25,9 @@ from walletcore.operations import (
 )
 from walletcore.phases import MigrationState
 
-# A positive or zero decimal in plain notation; the currency's precision is checked by the
-# domain (walletcore.money), which names the field when it refuses.
-AMOUNT_PATTERN = r"^(0|[1-9][0-9]{0,19})(\.[0-9]{1,18})?$"
+# A positive decimal in plain notation; the currency's precision is checked by the domain
+# (walletcore.money), which names the field when it refuses.
+AMOUNT_PATTERN = r"^([1-9][0-9]{0,19}(\.[0-9]{1,18})?|0\.[0-9]{0,17}[1-9][0-9]{0,17})$"
 MONEY_PATTERN = r"^-?[0-9]+(\.[0-9]+)?$"
 HISTORY_LIMIT_MAX = 1000
 
@@ -58,9 +58,16 @@ class _Body(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
+_WALLET_EXAMPLE = {"client_id": "c-42", "country": "USA", "currency": "USD"}
+
+
 class CreditBody(_Body):
     """Add or subtract credit. `transaction_id` is optional: without it the operation's id is
     derived from your Idempotency-Key (and your key's owner)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"wallet": _WALLET_EXAMPLE, "amount": "10.50"}]}
+    )
 
     wallet: WalletRef
     amount: Amount
@@ -73,6 +80,9 @@ class CreditBody(_Body):
 
 
 class VoidBody(_Body):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"wallet": _WALLET_EXAMPLE, "original_transaction_id": "pay-1"}]})  # fmt: skip
+
     wallet: WalletRef
     original_transaction_id: TransactionId
     transaction_id: TransactionId | None = None

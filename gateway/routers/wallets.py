@@ -60,9 +60,15 @@ def _key_constraints(field: str) -> dict[str, Any]:
     return {names[k]: v for k, v in schema.items() if k in names}
 
 
-ClientId = Annotated[str, Path(description="client id", **_key_constraints("client_id"))]
-Country = Annotated[str, Path(description="ISO 3166-1 alpha-3", **_key_constraints("country"))]
-Currency = Annotated[str, Path(description="ISO 4217 or token", **_key_constraints("currency"))]
+ClientId = Annotated[
+    str, Path(description="client id", examples=["c-42"], **_key_constraints("client_id"))
+]
+Country = Annotated[
+    str, Path(description="ISO 3166-1 alpha-3", examples=["USA"], **_key_constraints("country"))
+]
+Currency = Annotated[
+    str, Path(description="ISO 4217 or token", examples=["USD"], **_key_constraints("currency"))
+]
 IssuerType = Annotated[
     str | None, Query(description="issuer type, when the wallet has one",
                       **_key_constraints("issuer_type")),
