@@ -24,7 +24,9 @@ from gateway.state import open_state
 
 # Client exceptions that may mean "a dependency is down" (gateway.problems.dependency_of
 # decides; anything else they raise is a 500 like any bug).
-DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (PyMongoError, RedisError, TemporalError)
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
+    PyMongoError, RedisError, TemporalError, RuntimeError,
+)  # fmt: skip
 
 
 def create_app(settings: ApiSettings) -> FastAPI:

@@ -49,6 +49,7 @@ TYPE_PREFIX = "urn:walletmig:problem:"
 FIELD_ERRORS_MAX = 20  # a problem lists at most this many field errors
 DETAIL_MAX = 500
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+TEMPORAL_CONNECT_FAILURE = "Failed client connect"  # temporalio's RuntimeError text
 
 
 class FieldError(BaseModel):
@@ -150,6 +151,8 @@ def store_named_in(message: str) -> str:
 
 def dependency_of(exc: BaseException) -> str | None:
     """The dependency an exception says is down, or None for anything else (a bug)."""
+    if isinstance(exc, RuntimeError) and str(exc).startswith(TEMPORAL_CONNECT_FAILURE):
+        return "temporal"  # a lazy Temporal client's first call could not connect
     module = type(exc).__module__.split(".")[0]
     if module == "pymongo":
         from pymongo.errors import ConnectionFailure, PyMongoError

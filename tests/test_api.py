@@ -499,8 +499,12 @@ async def test_rate_limit_then_success_after_retry_after(
 
 @pytest.fixture(scope="module")
 def limiter_down_api(api_settings: Settings, work_dir: Path) -> Iterator[ApiProcess]:
-    """The rate limiter's Redis is a closed port: money fails closed, reads fail open."""
-    extra = {"WALLETMIG_API_RATE_LIMIT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    """The rate limiter's Redis and Temporal are closed ports: money fails closed, reads fail
+    open, what needs Temporal is 503 naming it."""
+    extra = {
+        "WALLETMIG_API_RATE_LIMIT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+    }
     with running_api(api_settings, work_dir, name="limiter-down-api", extra=extra,
                      with_worker=False) as process:  # fmt: skip
         yield process
@@ -515,9 +519,28 @@ async def test_limiter_down_fails_closed_for_money_and_open_for_reads(
                                  json={"wallet": wallet("c-down"), "amount": "1"})
         assert assert_problem(credit, 503, "dependency-unavailable")["dependency"] == "redis"
         assert (await http.get("/v1/clients/c-down/balances")).status_code == 200
+        migration = await http.get("/v1/migrations/main")
+        assert assert_problem(migration, 503, "dependency-unavailable")["dependency"] == "temporal"
         ready = await http.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json()["dependencies"]["rate_limiter"]["state"] == "down"
+        states = {name: d["state"] for name, d in ready.json()["dependencies"].items()}
+        assert states == {"temporal": "down", "mongodb": "up", "redis": "up",
+                          "rate_limiter": "down", "tigerbeetle": "up"}  # fmt: skip
+
+
+def test_client_errors_name_the_dependency_that_is_down() -> None:
+    from pymongo.errors import DuplicateKeyError, ServerSelectionTimeoutError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from gateway.problems import dependency_of
+
+    assert dependency_of(ServerSelectionTimeoutError("no primary")) == "mongodb"
+    assert dependency_of(DuplicateKeyError("dup")) is None  # a bug, not an outage
+    assert dependency_of(RedisConnectionError("refused")) == "redis"
+    assert dependency_of(RPCError("down", RPCStatusCode.UNAVAILABLE, b"")) == "temporal"
+    assert dependency_of(RuntimeError("Failed client connect: refused")) == "temporal"
+    assert dependency_of(RuntimeError("something else")) is None
 
 
 def test_settings_env_names_are_not_the_platforms() -> None:
