@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, WithJsonSchema
 
 from walletcore.balances import WalletBalance
 from walletcore.keys import WalletKey
@@ -58,7 +58,7 @@ class _Body(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-_WALLET_EXAMPLE = {"client_id": "c-42", "country": "USA", "currency": "USD"}
+_WALLET_EXAMPLE: JsonValue = {"client_id": "c-42", "country": "USA", "currency": "USD"}
 
 
 class CreditBody(_Body):
