@@ -35,8 +35,8 @@ from walletcore.clearing import (
     ClearingRecord,
     ClearingState,
     ExternalTransaction,
+    ancestors_of,
     post_transfer_id,
-    sources_of,
 )
 from walletcore.clearing_checks import (
     REFERENCE_HOLDERS_MAX,
@@ -105,10 +105,10 @@ class ClearingStore:
             IndexModel(
                 [("counterparty", ASCENDING), ("received_at", ASCENDING)], name="party_received"
             ),
-            IndexModel(
-                [("counterparty", ASCENDING), ("reference", ASCENDING)], name="party_reference",
-                partialFilterExpression={"reference": {"$exists": True}},
-            ),
+            # One field (counterparty|reference), so many references are one chunked `$in`
+            # (an `$or` of pairs scans per branch on SecantusDB). Sparse, not partial: SecantusDB
+            # does not use a partial index for `$in`.
+            IndexModel([("ref_key", ASCENDING)], name="ref_key", sparse=True),
         ])
 
     # ---- intake ------------------------------------------------------------------------------
@@ -197,16 +197,18 @@ class ClearingStore:
     async def transition_many(
         self, target: ClearingState, changes: Sequence[StateChange]
     ) -> TransitionResult:
-        """Move each transaction to `target` from a state allowed to precede it, with its own
-        reason/timestamp: one unordered bulk write. Idempotent: one already in `target` is done.
-        Only when some did not move are their states read (to tell done from refused)."""
+        """Move each transaction to `target` from any state with a forward path to it
+        (walletcore.clearing.ancestors_of), with its own reason/timestamp: one unordered bulk
+        write. Idempotent: one already in `target` is done. Only when some did not move are
+        their states read (to tell done from refused). Costs ~2 ms per transaction on
+        SecantusDB: prefer transition_batch when a batch moves alike."""
         _check_batch(len(changes))
         ids = [c.external_id for c in changes]
         if len(set(ids)) != len(ids):
             raise InvalidInputError("an external id appears twice", field="external_ids")
         if not changes:
             return TransitionResult()
-        guard = {"$in": [s.value for s in sources_of(target)]}
+        guard = {"$in": [s.value for s in ancestors_of(target)]}
         now = now_ms()
         ops = [
             UpdateOne({"_id": c.external_id, "state": guard},
@@ -223,9 +225,10 @@ class ClearingStore:
         *, reason: str | None = None,
     ) -> int:
         """Move every transaction of the batch that is in `source` to `target` (one update_many
-        on the batch index): the fast path when a whole batch moves alike. Returns how many
-        moved; the others were elsewhere (callers read `by_batch` when that matters)."""
-        if source not in sources_of(target):
+        on the batch index, ~0.7 ms per transaction on SecantusDB): the fast path when a whole
+        batch moves alike. `source` may be any state ahead of which `target` lies. Returns how
+        many moved; the others were elsewhere (callers read `by_batch` when that matters)."""
+        if source not in ancestors_of(target):
             raise ConflictError(f"{source} cannot become {target}", field="state")
         updated = await self._txns.update_many(
             {"batch_id": batch_id, "state": source.value},
@@ -307,25 +310,15 @@ class ClearingStore:
         time, batch, position in the batch), at most REFERENCE_HOLDERS_MAX per reference.
         Keys: walletcore.clearing_checks.reference_key."""
         _check_batch(len(references))
-        unique = list(dict.fromkeys(references))
-        gate = asyncio.Semaphore(AGGREGATE_CONCURRENCY)
-
-        async def chunk(part: list[tuple[str, str]]) -> list[Document]:
-            query = {
-                "$or": [{"counterparty": party, "reference": ref} for party, ref in part],
-                "state": {"$in": [s.value for s in LIVE_STATES]},
-            }
-            projection = {"counterparty": 1, "reference": 1, "received_at": 1,
-                          "batch_id": 1, "ix": 1}
-            async with gate:
-                return [doc async for doc in self._txns.find(query, projection)]
-
-        parts = [unique[i:i + IN_CHUNK_MAX] for i in range(0, len(unique), IN_CHUNK_MAX)]
-        docs = [doc for part in await asyncio.gather(*(chunk(p) for p in parts)) for doc in part]
+        keys = list(dict.fromkeys(reference_key(party, ref) for party, ref in references))
+        projection = {"ref_key": 1, "state": 1, "received_at": 1, "batch_id": 1, "ix": 1}
+        docs = await find_in(self._txns, "ref_key", keys, projection)
+        live = {s.value for s in LIVE_STATES}
+        docs = [doc for doc in docs if doc["state"] in live]
         docs.sort(key=lambda d: (as_utc(d["received_at"]), d["batch_id"], d["ix"], d["_id"]))
         holders: dict[str, list[str]] = {}
         for doc in docs:
-            ids = holders.setdefault(reference_key(doc["counterparty"], doc["reference"]), [])
+            ids = holders.setdefault(doc["ref_key"], [])
             if len(ids) < REFERENCE_HOLDERS_MAX:
                 ids.append(doc["_id"])
         return holders
@@ -368,8 +361,9 @@ def _doc_of(txn: ExternalTransaction, batch_id: str, index: int, now: datetime) 
         "received_at": now,
         "updated_at": now,
     }
-    if txn.reference is not None:  # absent, not null: the reference index is partial
+    if txn.reference is not None:  # absent, not null: the reference index is sparse
         doc["reference"] = txn.reference
+        doc["ref_key"] = reference_key(txn.counterparty, txn.reference)
     return doc
 
 

@@ -33,6 +33,7 @@ from walletcore.clearing import (
     ExternalTransaction,
     KindLimits,
     Route,
+    ancestors_of,
     check_transition,
     external_ref,
     parse_external,
@@ -340,6 +341,15 @@ def test_states_only_move_forward() -> None:
         ClearingState.RECEIVED, ClearingState.VOIDED, ClearingState.EXPIRED}
     with pytest.raises(ConflictError):
         check_transition("e", ClearingState.VOIDED, ClearingState.POSTED)
+    # Forward jumps along a path are allowed, across branches they are not.
+    check_transition("e", ClearingState.RECEIVED, ClearingState.SETTLED)
+    assert ancestors_of(ClearingState.SETTLED) == {
+        ClearingState.RECEIVED, ClearingState.PENDING, ClearingState.POSTED}
+    for other_branch in (ClearingState.VOIDED, ClearingState.EXPIRED, ClearingState.REJECTED):
+        with pytest.raises(ConflictError):
+            check_transition("e", other_branch, ClearingState.SETTLED)
+    with pytest.raises(ConflictError):
+        check_transition("e", ClearingState.SETTLED, ClearingState.SETTLED)
 
 
 # ---- checks ---------------------------------------------------------------------------------

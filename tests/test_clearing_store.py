@@ -153,6 +153,12 @@ async def test_states_move_forward_only(
     assert settled.entry_id == entry_id_of(post_transfer_id(ids[0]))
     with pytest.raises(InvalidInputError):
         await store.transition_many(S.POSTED, [StateChange(external_id=ids[1])] * 2)
+    # A forward jump in one write (received -> settled); never from another branch.
+    jumper = make()
+    await store.record_many([jumper], batch_id)
+    jump = await store.transition_many(S.SETTLED, [StateChange(external_id=jumper.external_id),
+                                                   StateChange(external_id=ids[2])])
+    assert jump.done == [jumper.external_id] and jump.refused == {ids[2]: S.REJECTED}
 
 
 async def test_transition_batch_moves_a_whole_batch(

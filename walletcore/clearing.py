@@ -98,13 +98,28 @@ LIVE_STATES = frozenset({
 
 
 def sources_of(target: ClearingState) -> frozenset[ClearingState]:
-    """States a transaction may be in to move to `target`."""
+    """States one step before `target`."""
     return frozenset(state for state, nexts in TRANSITIONS.items() if target in nexts)
 
 
+def ancestors_of(target: ClearingState) -> frozenset[ClearingState]:
+    """States with a forward path to `target`. A writer may jump along such a path in one
+    write (e.g. received -> settled when the steps between live in a workflow's history):
+    still never backward and never across branches (a voided transaction cannot settle)."""
+    found: set[ClearingState] = set()
+    frontier = set(sources_of(target))
+    while frontier:
+        state = frontier.pop()
+        if state not in found:
+            found.add(state)
+            frontier |= sources_of(state)
+    assert target not in found, "the state graph has no cycles"
+    return frozenset(found)
+
+
 def check_transition(external_id: str, current: ClearingState, target: ClearingState) -> None:
-    """Raise ConflictError (naming external_id) for a move the state machine forbids."""
-    if target not in TRANSITIONS[current]:
+    """Raise ConflictError (naming external_id) unless `target` lies ahead of `current`."""
+    if current not in ancestors_of(target):
         raise ConflictError(
             f"{external_id!r} is {current}; cannot become {target}", field="external_id"
         )
