@@ -3,9 +3,12 @@
 One page = one MongoDB cursor page of wallets, claimed in `backfill_imports` (see
 stores/backfill_imports.py for why the claim makes the import race-free with the wallets' own
 dual-write backlogs), one `create_accounts` batch, one `lookup_accounts` batch and one
-`create_transfers` batch (<= 8189 events each). Every id is deterministic, so a page that is
-retried after a crash lands on the same accounts and transfers (EXISTS) and imports nothing
-twice.
+`create_transfers` batch. A page holds at most `BatchLimits.backfill_wallets_per_page_max`
+wallets of the connected cluster (4094 at 1 MiB, 126 at 32 KiB, 14 at 4 KiB: two opening
+transfers each fit one request), whatever size the workflow asks for; the client cuts any
+larger batch (stores.tb_batches) and keeps each wallet's linked pair in one request. Every id
+is deterministic, so a page that is retried after a crash lands on the same accounts and
+transfers (EXISTS) and imports nothing twice.
 
 `--with-history` (activities/history_import.py) imports the transaction log first; a page
 then refuses to run before that history is done, and its openings post only the residual
@@ -53,7 +56,6 @@ from walletcore.ids import opening_transfer_id, system_account_id
 from walletcore.keys import WalletKey
 from walletcore.reconcile import PostingPlan, plan_to_reach
 
-BATCH_EVENTS_MAX = 8189  # TigerBeetle's request limit
 ENSURE_WAIT_S = 0.2
 ENSURE_WAIT_ATTEMPTS_MAX = 50  # then raise retryable: the activity retry policy takes over
 
@@ -105,7 +107,8 @@ class WalletImporter:
     ) -> None:
         self._legacy = legacy
         self._tb_store = tigerbeetle
-        self._client = tigerbeetle.client
+        self._client = tigerbeetle.client  # cut to the cluster's request limit
+        self._limits = tigerbeetle.limits
         self._accounts = tigerbeetle.accounts
         self._ledgers = tigerbeetle.ledgers
         self._imports = books.imports
@@ -223,8 +226,7 @@ class WalletImporter:
             transfers.extend(batch)
             owners.extend([key] * len(batch))
             posted[key] = (plan.credit_minor, plan.debit_minor)
-        assert len(transfers) <= BATCH_EVENTS_MAX
-        if transfers:
+        if transfers:  # linked pairs stay in one request (stores.tb_batches)
             results = await self._client.create_transfers(transfers)
             assert len(results) == len(transfers)
             for owner, transfer, result in zip(owners, transfers, results, strict=True):
@@ -234,24 +236,17 @@ class WalletImporter:
         return posted, owners
 
     async def _create_accounts(self, records: list[AccountRecord], failed: dict[str, str]) -> None:
-        for start in range(0, len(records), BATCH_EVENTS_MAX):
-            chunk = records[start : start + BATCH_EVENTS_MAX]
-            statuses = await create_accounts_allowing_imported(
-                self._client,
-                [customer_account_of(r, self._tb_store.deployment_tag) for r in chunk])
-            assert len(statuses) == len(chunk)
-            for record, status in zip(chunk, statuses, strict=True):
-                if account_rule(status).outcome is Outcome.FAILED:
-                    failed[record.wallet.canonical] = f"create account: {status.name}"
+        statuses = await create_accounts_allowing_imported(
+            self._client, [customer_account_of(r, self._tb_store.deployment_tag) for r in records])
+        assert len(statuses) == len(records)
+        for record, status in zip(records, statuses, strict=True):
+            if account_rule(status).outcome is Outcome.FAILED:
+                failed[record.wallet.canonical] = f"create account: {status.name}"
 
     async def _lookup(self, ids: list[int]) -> dict[int, tb.Account]:
-        found: dict[int, tb.Account] = {}
-        for start in range(0, len(ids), BATCH_EVENTS_MAX):
-            for account in await self._client.lookup_accounts(
-                ids[start : start + BATCH_EVENTS_MAX]
-            ):
-                found[account.id] = account
-        return found
+        if not ids:
+            return {}
+        return {account.id: account for account in await self._client.lookup_accounts(ids)}
 
     async def ensure_imported(
         self,
@@ -340,8 +335,10 @@ class WalletImporter:
                 "openings come after it (they post only what the history does not hold)",
                 field="with_history",
             )
+        # The workflow's size (recorded histories keep theirs), cut to the cluster's limit.
+        limit = min(inp.limit, self._limits.backfill_wallets_per_page_max)
         docs = await self._legacy.page_wallets(
-            after=inp.after, limit=inp.limit, currency=currency, country=country
+            after=inp.after, limit=limit, currency=currency, country=country
         )
         wallets = [
             LegacyWallet(
@@ -361,7 +358,7 @@ class WalletImporter:
             busy=outcome.busy,
             failed=outcome.failed,
             transfers=outcome.transfers,
-            exhausted=len(docs) < inp.limit,
+            exhausted=len(docs) < limit,
         )
 
 

@@ -33,7 +33,7 @@ import tigerbeetle as tb
 from pydantic import ValidationError
 
 from messages.backfill import HistoryPageInput, HistoryPageOutput
-from mongobase.mongo import as_utc, now_ms
+from mongobase.mongo import PAGE_LIMIT_MAX, as_utc, now_ms
 from registries.account_registry import AccountRecord
 from registries.transfer_registry import TransferRecord
 from stores.backfill_imports import ImportLedger
@@ -71,7 +71,6 @@ from walletcore.transfer_map import operation_leg, void_code
 NS_PER_MS = 1_000_000
 TRANSFER_SLOT_OFFSET_NS = 500_000  # accounts below it within a millisecond, transfers above
 MARK_CONCURRENCY = 16  # void marks in flight per page (voids are a small share)
-BATCH_EVENTS_MAX = 8189
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _CTS = tb.CreateTransferStatus
@@ -137,7 +136,8 @@ class HistoryImporter:
         self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, books: ImportBooks
     ) -> None:
         self._legacy = legacy
-        self._client = tigerbeetle.client
+        self._client = tigerbeetle.client  # cut to the cluster's request limit
+        self._limits = tigerbeetle.limits
         self._accounts = tigerbeetle.accounts
         self._transfers = tigerbeetle.transfers
         self._ledgers = tigerbeetle.ledgers
@@ -162,13 +162,15 @@ class HistoryImporter:
             return _output(checkpoint)
         await self._check_phases(inp.pairs)
         newest_transfer_ts, newest_account_ts = await self._check_cluster()
-        assert 1 <= inp.limit <= BATCH_EVENTS_MAX
+        # The workflow's size (recorded histories keep theirs), cut to one create_transfers
+        # request of the cluster: a page's transfers are imported by one request.
+        limit = min(inp.limit, self._limits.history_events_per_page_max)
         docs = await self._legacy.log_page(
-            checkpoint.pairs, before=checkpoint.cut, after=checkpoint.after, limit=inp.limit)
+            checkpoint.pairs, before=checkpoint.cut, after=checkpoint.after, limit=limit)
         counts = await self._import(docs, newest_transfer_ts, newest_account_ts)
         after = docs[-1].position if docs else checkpoint.after
         advanced = await self._checkpoints.advance(
-            checkpoint, after, counts, done=len(docs) < inp.limit)
+            checkpoint, after, counts, done=len(docs) < limit)
         if advanced is None:  # an earlier attempt of this page got there first
             advanced = await self._checkpoints.get(scope)
             assert advanced is not None
@@ -342,10 +344,7 @@ class HistoryImporter:
             return []
         ids = sorted({i for e in fresh
                       for i in (e.transfer.debit_account_id, e.transfer.credit_account_id)})
-        present: set[int] = set()
-        for start in range(0, len(ids), BATCH_EVENTS_MAX):
-            present.update(a.id for a in await self._client.lookup_accounts(
-                ids[start : start + BATCH_EVENTS_MAX]))
+        present = {a.id for a in await self._client.lookup_accounts(ids)}
         planned: list[tb.Account] = []
         for event in fresh:
             base = event.ms * NS_PER_MS
@@ -376,22 +375,24 @@ class HistoryImporter:
         return planned
 
     async def _create_accounts(self, accounts: list[tb.Account]) -> None:
-        for start in range(0, len(accounts), BATCH_EVENTS_MAX):
-            chunk = accounts[start : start + BATCH_EVENTS_MAX]
-            results = await self._client.create_accounts(chunk)
-            assert len(results) == len(chunk)
-            for account, result in zip(chunk, results, strict=True):
-                if result.status in (_CAS.CREATED, _CAS.EXISTS):
-                    continue
-                if result.status is _CAS.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS:
-                    raise refused("an account newer than the history appeared in the cluster")
-                raise ConflictError(f"imported account {account.id:032x} (code {account.code},"
-                                    f" ledger {account.ledger}): {result.status.name}")
+        """In timestamp order: the client cuts requests in order, so each imported account is
+        still newer than every account before it."""
+        if not accounts:
+            return
+        results = await self._client.create_accounts(accounts)
+        assert len(results) == len(accounts)
+        for account, result in zip(accounts, results, strict=True):
+            if result.status in (_CAS.CREATED, _CAS.EXISTS):
+                continue
+            if result.status is _CAS.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS:
+                raise refused("an account newer than the history appeared in the cluster")
+            raise ConflictError(f"imported account {account.id:032x} (code {account.code},"
+                                f" ledger {account.ledger}): {result.status.name}")
 
     async def _create_transfers(self, fresh: list[_Event], failed: dict[str, str]) -> None:
         if not fresh:
             return
-        assert len(fresh) <= BATCH_EVENTS_MAX
+        assert len(fresh) <= PAGE_LIMIT_MAX
         results = await self._client.create_transfers([e.transfer for e in fresh])
         assert len(results) == len(fresh)
         for event, result in zip(fresh, results, strict=True):

@@ -21,7 +21,7 @@ from activities.reverse_projection import (
     must_drain_first,
 )
 from activities.store_ops import apply_to, refused_outcome
-from messages.errors import wallet_errors_as_application_errors
+from messages.errors import to_application_error, wallet_errors_as_application_errors
 from messages.wallet import (
     ACTIVITY_APPLY_PRIMARY,
     ACTIVITY_APPLY_TIGERBEETLE,
@@ -45,7 +45,7 @@ from stores.read_metrics import ReadMetricsStore
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletclient.read_path import ReadRouter
 from walletcore.balances import WalletBalance
-from walletcore.errors import WalletError
+from walletcore.errors import ConfigurationError, WalletError
 from walletcore.keys import WalletKey
 from walletcore.operations import Void, WalletOperation
 from walletcore.phases import MigrationState
@@ -124,8 +124,8 @@ class TigerBeetleBacklog:
                     item.command.op, opening_original=opening, known=prefetched
                 )
             except WalletError as err:
-                if err.retryable:
-                    raise  # outage: the activity retries the batch
+                if _stops_batch(err):
+                    raise  # outage: the activity retries the batch; configuration: see there
                 refused: WalletError | None = err
                 if facts is not None and await self._fill_gap(
                         wallet, imported, facts.wallet_version):
@@ -135,7 +135,7 @@ class TigerBeetleBacklog:
                             item.command.op, opening_original=opening)
                         refused = None
                     except WalletError as again:
-                        if again.retryable:
+                        if _stops_batch(again):
                             raise
                         refused = again
                 if refused is not None:
@@ -174,7 +174,7 @@ class TigerBeetleBacklog:
             try:  # One registry read for the whole gap, like a batch (see KnownRecords).
                 done = await self._tigerbeetle.replicate(op, known=known)
             except WalletError as err:
-                if err.retryable:
+                if _stops_batch(err):
                     raise
                 break
             if done.account not in (None, known.account):
@@ -333,8 +333,14 @@ class WalletActivities:
 
     @activity.defn(name=ACTIVITY_APPLY_TIGERBEETLE)
     async def apply_tigerbeetle(self, inp: ApplyTigerBeetleInput) -> ApplyTigerBeetleOutput:
-        """Apply to_tigerbeetle backlog items in order (see TigerBeetleBacklog)."""
-        return await self._backlog.apply(inp.wallet, inp.items, since_version=inp.since_version)
+        """Apply to_tigerbeetle backlog items in order (see TigerBeetleBacklog). A configuration
+        error fails the attempt for good (non-retryable): the workflow keeps the items, logs the
+        error and tries again after a pause, instead of retrying the activity silently."""
+        try:
+            return await self._backlog.apply(
+                inp.wallet, inp.items, since_version=inp.since_version)
+        except ConfigurationError as err:
+            raise to_application_error(err) from err
 
     @activity.defn(name=ACTIVITY_READ_BALANCE)
     async def read_balance(self, inp: ReadBalanceInput) -> WalletBalance:
@@ -355,6 +361,13 @@ class WalletActivities:
             self.read_balance,
             self.read_multi_balance,
         ]
+
+
+def _stops_batch(err: WalletError) -> bool:
+    """An error no item of the batch is at fault for: an outage (retrying helps) or a
+    configuration error (e.g. a TigerBeetle request limit set too high, an operator must act).
+    Recording it as the item's divergence would drop a good operation."""
+    return err.retryable or isinstance(err, ConfigurationError)
 
 
 def _below_floor(state: MigrationState, inp: ApplyPrimaryInput) -> bool:

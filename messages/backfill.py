@@ -1,5 +1,11 @@
 """Inputs, outputs and state of the backfill workflow and its activities (no I/O: the
-workflow imports this module)."""
+workflow imports this module).
+
+Page sizes are bounded by what fits TigerBeetle's largest request (the default 1 MiB limit):
+recorded histories carry these bounds and defaults. The activities cut a page further to the
+connected cluster's limit (walletcore.tb_limits.BatchLimits: e.g. 126 wallets at 32 KiB), and
+a page output's `exhausted` compares against the size actually read.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from walletcore.balances import MinorBalance
 from walletcore.keys import WalletKey
+from walletcore.tb_limits import BatchLimits
 
 ACTIVITY_COUNT = "backfill_count"
 ACTIVITY_PAGE = "backfill_page"
 ACTIVITY_ENSURE_IMPORTED = "backfill_ensure_imported"
 ACTIVITY_HISTORY_PAGE = "backfill_history_page"
-BATCH_EVENTS_MAX = 8189  # TigerBeetle's request limit
-WALLETS_PER_PAGE_MAX = BATCH_EVENTS_MAX // 2  # two opening transfers per wallet at most
+LARGEST_LIMITS = BatchLimits()  # the default (and largest) request limit: 1 MiB
+WALLETS_PER_PAGE_MAX = LARGEST_LIMITS.backfill_wallets_per_page_max  # 4094: two openings each
 PAGES_PER_RUN_DEFAULT = 50  # continue-as-new after this many pages: bounded history
 PAGES_PER_RUN_MAX = 1000
-HISTORY_EVENTS_PER_PAGE_MAX = BATCH_EVENTS_MAX  # one imported create_transfers batch
+HISTORY_EVENTS_PER_PAGE_MAX = LARGEST_LIMITS.history_events_per_page_max  # 8189: one create
 HISTORY_EVENTS_PER_PAGE_DEFAULT = 4096
 FAILED_SAMPLE_MAX = 20
 

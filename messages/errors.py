@@ -14,7 +14,7 @@ from typing import Any
 
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from walletcore.errors import ERRORS_BY_NAME, InvalidInputError, WalletError
+from walletcore.errors import ERRORS_BY_NAME, ConfigurationError, InvalidInputError, WalletError
 
 CAUSE_DEPTH_MAX = 16  # failure chains are short (update -> activity -> application)
 
@@ -26,10 +26,11 @@ def to_application_error(err: WalletError) -> ApplicationError:
         type=err.type_name,
         non_retryable=not err.retryable,
         # A refused operation (insufficient funds, bad input) is an answer, not an incident:
-        # benign errors are logged at DEBUG by the SDK instead of with a traceback.
+        # benign errors are logged at DEBUG by the SDK instead of with a traceback. A
+        # configuration error is an incident for the operator: logged in full.
         category=(
             ApplicationErrorCategory.UNSPECIFIED
-            if err.retryable
+            if err.retryable or isinstance(err, ConfigurationError)
             else ApplicationErrorCategory.BENIGN
         ),
     )

@@ -1,4 +1,10 @@
-"""Inputs, outputs and state of the reconciliation workflow and its activities (no I/O)."""
+"""Inputs, outputs and state of the reconciliation workflow and its activities (no I/O).
+
+Page sizes are bounded by what fits TigerBeetle's largest request (the default 1 MiB limit):
+recorded histories carry these bounds and defaults. The activities cut a page further to the
+connected cluster's limit (walletcore.tb_limits.BatchLimits: 2031 wallets, 1015 registry
+records at 32 KiB), and a page output's `exhausted` compares against the size actually read.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from walletcore.reconcile import (
     MATCH_RATE_THRESHOLD_DEFAULT,
     ReportKind,
 )
+from walletcore.tb_limits import BatchLimits
 
 ACTIVITY_START = "reconcile_start"
 ACTIVITY_WALLET_PAGE = "reconcile_wallet_page"
@@ -20,7 +27,7 @@ ACTIVITY_TRANSFER_PAGE = "reconcile_transfer_page"
 ACTIVITY_REPAIR = "reconcile_repair"
 ACTIVITY_FINISH = "reconcile_finish"
 
-PAGE_MAX = 8189  # one lookup_accounts batch
+PAGE_MAX = BatchLimits().reconcile_wallets_per_page_max  # 8189: one lookup at the largest limit
 PAGES_PER_RUN_DEFAULT = 25
 RECHECK_DELAY_S_DEFAULT = 5.0
 SCHEDULE_ID = "reconciliation-schedule"

@@ -22,11 +22,15 @@ from pymongo.uri_parser import parse_uri
 from walletcore.currencies import precision_of
 from walletcore.errors import ConflictError
 from walletcore.money import from_minor
+from walletcore.tb_limits import TB_EVENTS_MAX
 
 DECIMAL128_DIGITS_MAX = 34  # IEEE 754-2008 decimal128 coefficient digits
 U128_MAX = 2**128 - 1
 U128_HEX_CHARS = 32
-PAGE_LIMIT_MAX = 8189  # one TigerBeetle batch: pages line up with lookups/creates
+# Documents of one store call (page, get_many, insert_many): the largest TigerBeetle batch, so
+# a page can line up with a lookup or create at any request limit (callers cut it smaller by
+# walletcore.tb_limits.BatchLimits; TigerBeetle calls are cut by stores.tb_batches).
+PAGE_LIMIT_MAX = TB_EVENTS_MAX
 IN_CHUNK_MAX = 64  # large `$in` lists are quadratic on the embedded server; chunks are not
 SERVER_SELECTION_TIMEOUT_MS_DEFAULT = 10_000
 WRITE_CONFLICT_CODE = 112

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 ACCOUNT_REGISTRY = "account_registry"
 DEFAULT_TTL_S = 1800
 CREATE_ATTEMPTS_MAX = 4 * (NONCE_MAX + 1)  # each nonce may also lose a race or two
-CLIENT_LIMIT_MAX = 8189
 MANY_MAX = PAGE_LIMIT_MAX  # wallets per get_many / create_many call (one backfill page)
 CREATE_CONCURRENCY = 64  # get_or_create calls in flight for the leftovers of create_many
 
@@ -203,7 +202,7 @@ class AccountRegistry:
         return None if doc is None else _record_of(doc)
 
     async def list_by_client(self, client_id: str, limit: int = 1000) -> list[AccountRecord]:
-        _check_limit(limit, CLIENT_LIMIT_MAX)
+        _check_limit(limit, PAGE_LIMIT_MAX)
         cursor = self._accounts.find({"client_id": client_id}).sort("_id", ASCENDING).limit(limit)
         return [_record_of(doc) async for doc in cursor]
 

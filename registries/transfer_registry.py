@@ -40,7 +40,6 @@ from walletcore.keys import WalletKey
 from walletcore.operations import TRANSACTION_ID_MAX, TransactionId
 
 TRANSFER_REGISTRY = "transfer_registry"
-REFERENCE_LIMIT_MAX = 8189
 
 Document = dict[str, Any]
 
@@ -176,7 +175,7 @@ class TransferRegistry:
         """`record` for a batch: one unordered insert; the records that exist already go
         through `record` (an identical one is fine, different content is refused). Returns
         {index: why} for the refused ones; the others are stored."""
-        assert len(records) <= REFERENCE_LIMIT_MAX
+        assert len(records) <= PAGE_LIMIT_MAX
         if not records:
             return {}
         taken = await insert_new(self._transfers, [_doc_of(r) for r in records])
@@ -189,7 +188,7 @@ class TransferRegistry:
         return refused
 
     async def by_reference(self, reference_id: str, limit: int = 100) -> list[TransferRecord]:
-        _check_limit(limit, REFERENCE_LIMIT_MAX)
+        _check_limit(limit, PAGE_LIMIT_MAX)
         cursor = (
             self._transfers.find({"reference_id": reference_id}).sort("_id", ASCENDING).limit(limit)
         )

@@ -21,13 +21,13 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from mongobase.mongo import as_utc, bson_to_int, insert_new, int_to_bson, now_ms
+from mongobase.mongo import PAGE_LIMIT_MAX, as_utc, bson_to_int, insert_new, int_to_bson, now_ms
 from mongobase.queries import wallet_key_filter
 from walletcore.balances import MinorBalance
 
 BACKFILL_IMPORTS = "backfill_imports"
 CLAIM_STALE_S_DEFAULT = 120.0  # a claim older than this without completion is taken over
-MANY_MAX = 8189
+MANY_MAX = PAGE_LIMIT_MAX  # claims per call: one backfill page at most
 
 Document = dict[str, Any]
 

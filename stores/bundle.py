@@ -4,6 +4,10 @@
 `walletconfig.settings.Settings`) connects MongoDB, Redis and TigerBeetle (emulator or
 cluster), builds the registries and store adapters and ensures indexes; `Stores.close()`
 releases the clients.
+
+TigerBeetle's request limit is asked of the client once, here: the emulator announces its own,
+a real cluster's client reports the configured TB_REQUEST_LIMIT_BYTES. Every store gets the
+client cut to it (stores.tb_batches.BatchedClient) and its `BatchLimits` for page sizes.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from stores.backfill_imports import ImportLedger
 from stores.history_import import HistoryCheckpoints
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
+from stores.tb_batches import BatchedClient
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
 from stores.tigerbeetle_store import TigerBeetleStore
+from walletcore.tb_limits import BatchLimits
 
 
 class StoreParams(Protocol):
@@ -44,6 +50,8 @@ class StoreParams(Protocol):
     @property
     def tb_request_timeout_s(self) -> float: ...
     @property
+    def tb_request_limit_bytes(self) -> int: ...
+    @property
     def registry_cache_ttl_s(self) -> int: ...
     @property
     def deployment_tag(self) -> int: ...
@@ -56,7 +64,8 @@ class Stores:
     mongo_client: AsyncMongoClient[dict[str, Any]]
     db: AsyncDatabase[dict[str, Any]]
     redis: redis_asyncio.Redis
-    tb_client: TigerBeetleClient
+    tb_client: TigerBeetleClient  # cut to `limits` (a stores.tb_batches.BatchedClient)
+    limits: BatchLimits  # every TigerBeetle batch and page size under the cluster's limit
     accounts: AccountRegistry
     transfers: TransferRegistry
     legacy: LegacyStore
@@ -78,15 +87,13 @@ class Stores:
 async def make_stores(
     settings: StoreParams, *, ensure_indexes: bool = True, tb_addresses: str | None = None
 ) -> Stores:
-    """Open clients and build the stores. `tb_addresses` overrides settings (tests)."""
+    """Open clients and build the stores. `tb_addresses` overrides settings (tests).
+    Asks TigerBeetle its request limit first (the emulator answers once it is reachable)."""
+    tb_client = await connect_batched(settings, tb_addresses=tb_addresses)
+    limits = tb_client.limits
     mongo_client = make_mongo_client(settings.mongodb_uri)
     db = database_of(mongo_client, settings.mongodb_database)
     redis = redis_asyncio.Redis.from_url(settings.redis_url)
-    tb_client = connect_tigerbeetle(
-        tb_addresses or settings.tb_addresses,
-        cluster_id=settings.tb_cluster_id,
-        timeout_s=settings.tb_request_timeout_s,
-    )
     accounts = AccountRegistry(db, redis, ttl_s=settings.registry_cache_ttl_s)
     transfers = TransferRegistry(db)
     legacy = LegacyStore(db)
@@ -95,11 +102,12 @@ async def make_stores(
         db=db,
         redis=redis,
         tb_client=tb_client,
+        limits=limits,
         accounts=accounts,
         transfers=transfers,
         legacy=legacy,
         tigerbeetle=TigerBeetleStore(tb_client, accounts, transfers,
-                                     deployment_tag=settings.deployment_tag),
+                                     deployment_tag=settings.deployment_tag, limits=limits),
         migration=MigrationStateStore(db),
         imports=ImportLedger(db),
         history=HistoryCheckpoints(db),
@@ -113,6 +121,25 @@ async def make_stores(
             await stores.close()
             raise
     return stores
+
+
+async def connect_batched(
+    settings: StoreParams, *, tb_addresses: str | None = None
+) -> BatchedClient:
+    """The TigerBeetle client cut to the request limit it reports (see the module docstring)."""
+    client = connect_tigerbeetle(
+        tb_addresses or settings.tb_addresses,
+        cluster_id=settings.tb_cluster_id,
+        timeout_s=settings.tb_request_timeout_s,
+        request_limit_bytes=settings.tb_request_limit_bytes,
+    )
+    try:
+        limits = BatchLimits(request_limit_bytes=await client.request_limit_bytes())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
+    return BatchedClient(client, limits)
 
 
 @contextlib.asynccontextmanager

@@ -26,14 +26,13 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from mongobase.mongo import as_utc, now_ms
+from mongobase.mongo import PAGE_LIMIT_MAX, as_utc, now_ms
 from stores.legacy_store import HistoryCursor
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletcore.gates import GLOBAL_SCOPE
 
 BACKFILL_HISTORY = "backfill_history"
 FAILED_SAMPLE_MAX = 20
-BATCH_EVENTS_MAX = 8189
 
 Document = dict[str, Any]
 
@@ -192,8 +191,9 @@ async def create_accounts_allowing_imported(
 ) -> list[tb.CreateAccountStatus]:
     """`create_accounts` whose EXISTS_WITH_DIFFERENT_FLAGS becomes EXISTS when the stored
     account differs only by the `imported` flag (created by a history import). One extra
-    lookup, only when TigerBeetle reported that status."""
-    assert len(accounts) <= BATCH_EVENTS_MAX
+    lookup, only when TigerBeetle reported that status. `client`: cut to the cluster's request
+    limit (stores.tb_batches), so any page of accounts fits."""
+    assert len(accounts) <= PAGE_LIMIT_MAX
     if not accounts:
         return []
     results = await client.create_accounts(accounts)

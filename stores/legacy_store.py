@@ -70,6 +70,7 @@ from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
 from walletcore.money import from_minor
 from walletcore.operations import (
+    HISTORY_LIMIT_MAX,
     AddCredit,
     HistoryEntry,
     OperationResult,
@@ -86,7 +87,6 @@ log = logging.getLogger(__name__)
 WALLETS = "wallets"
 WALLET_TRANSACTIONS = "wallet_transactions"
 SOURCE = "mongodb"
-HISTORY_LIMIT_MAX = 8189
 MULTI_BALANCE_LIMIT_MAX = 1000  # wallets of one client: (country, currency, issuer) combos
 COMMIT_ATTEMPTS_MAX = 3
 SNAPSHOTS_MAX = 10_000  # wallets remembered per process for the compare-and-swap hot path

@@ -1,4 +1,5 @@
-"""TigerBeetle create statuses -> wallet domain outcomes and errors.
+"""TigerBeetle create statuses -> wallet domain outcomes and errors; a refused batch size ->
+the configuration error naming the setting (`too_much_data_error`).
 
 Both tables cover every member of the client's enums (checked at import time and by a test), so
 a status added by a client upgrade fails loudly instead of falling through to a vague error.
@@ -15,7 +16,9 @@ from types import MappingProxyType
 
 import tigerbeetle as tb
 
+from walletcore import tb_limits
 from walletcore.errors import (
+    ConfigurationError,
     ConflictError,
     DuplicateTransactionError,
     InsufficientFundsError,
@@ -284,3 +287,10 @@ def status_error(
     """The domain error for a FAILED rule; `context` names the operation for the message."""
     assert rule.outcome is Outcome.FAILED and rule.error is not None
     return rule.error(f"{context}: {rule.message} [{status.name}]", field=rule.field)
+
+
+def too_much_data_error(limit_bytes: int, operation: str, events: int) -> ConfigurationError:
+    """`TooMuchDataError` for a batch cut to `limit_bytes`: the cluster's request limit is
+    smaller than the platform was told (TB_REQUEST_LIMIT_BYTES). Non-retryable: the same
+    batch is refused every time until the setting is fixed."""
+    return ConfigurationError(tb_limits.too_much_data_message(limit_bytes, operation, events))

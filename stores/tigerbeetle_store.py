@@ -35,9 +35,11 @@ from typing import TypeVar
 
 import tigerbeetle as tb
 
+from mongobase.mongo import PAGE_LIMIT_MAX
 from registries.account_registry import AccountRecord, AccountRegistry
 from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.history_import import create_accounts_allowing_imported
+from stores.tb_batches import BatchedClient, batched
 from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletcore.balances import MinorBalance, WalletBalance
@@ -57,6 +59,7 @@ from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
 from walletcore.money import U64_MAX, from_minor
 from walletcore.operations import (
+    HISTORY_LIMIT_MAX,
     AddCredit,
     HistoryEntry,
     OperationResult,
@@ -66,15 +69,14 @@ from walletcore.operations import (
     WalletOperation,
     validate_operation,
 )
+from walletcore.tb_limits import BatchLimits
 from walletcore.transfer_map import operation_leg, void_code
 from walletcore.write_facts import OriginalFacts
 
 T = TypeVar("T")
 
 STORE_NAME = "tigerbeetle"
-BATCH_EVENTS_MAX = 8189  # TigerBeetle's largest batch (and query limit) with default config
 KNOWN_ACCOUNTS_MAX = 100_000  # accounts this process has seen exist in TigerBeetle (LRU)
-HISTORY_LIMIT_MAX = BATCH_EVENTS_MAX
 MULTI_BALANCE_WALLETS_MAX = 1000  # wallets of one client answered by get_multi_balance
 
 # Registry `type` values; "void" records carry transfer_id = void_transfer_id(original).
@@ -192,14 +194,21 @@ class TigerBeetleStore:
         ledgers: LedgerTable = DEFAULT_LEDGER_TABLE,
         *,
         deployment_tag: int = 0,
+        limits: BatchLimits | None = None,
     ) -> None:
+        """`limits`: the cluster's (stores.bundle asks the client); `client` is cut to them
+        (stores.tb_batches), so every batch the store or its importers send fits a request.
+        A client batched already brings its own limits."""
         assert 0 <= deployment_tag <= U64_MAX
-        self._client = client
+        cut: BatchedClient = batched(client, limits)
+        self._client = cut
         self._accounts = accounts
         self._transfers = transfers
         self._ledgers = ledgers
-        # Public views for the importers (backfill, history) built over the same clients.
-        self.client = client
+        # Public views for the importers (backfill, history, reconciliation) built over the
+        # same clients: they size their pages by `limits` and send through `client`.
+        self.client: TigerBeetleClient = cut
+        self.limits = cut.limits
         self.accounts = accounts
         self.transfers = transfers
         self.ledgers = ledgers
@@ -299,7 +308,7 @@ class TigerBeetleStore:
     ) -> KnownRecords:
         """One Transfer Registry query and one Account Registry read for a batch of one
         wallet's operations (see replicate)."""
-        assert len(transaction_ids) <= BATCH_EVENTS_MAX
+        assert len(transaction_ids) <= PAGE_LIMIT_MAX
         existing, account = await asyncio.gather(
             self._transfers.get_many(transaction_ids), self._accounts.get(wallet)
         )
@@ -665,11 +674,11 @@ class TigerBeetleStore:
         return WalletBalance.from_minor(wallet, balance_of(found[0]), STORE_NAME)
 
     async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
-        """Every wallet of a client: one registry query and ONE lookup_accounts batch."""
+        """Every wallet of a client: one registry query and ONE lookup_accounts batch (cut in
+        requests of lookup_batch_max ids by the client)."""
         records = await self._accounts.list_by_client(client_id, limit=MULTI_BALANCE_WALLETS_MAX)
         if not records:
             return []
-        assert len(records) <= BATCH_EVENTS_MAX
         found = await self._tb(self._client.lookup_accounts([r.account_id for r in records]))
         by_id = {account.id: account for account in found}
         balances = [

@@ -65,6 +65,12 @@ class ConflictError(WalletError):
     """A store holds state that contradicts the request (e.g. an id collision it cannot resolve)."""
 
 
+class ConfigurationError(WalletError):
+    """The deployment's configuration does not fit the servers it talks to (e.g. batches cut for
+    a larger TigerBeetle request limit than the cluster's). An operator must fix the setting
+    the message names; retrying the same request cannot succeed."""
+
+
 class StoreUnavailableError(WalletError):
     """A store did not answer in time; retrying later can succeed."""
 
@@ -83,6 +89,7 @@ ALL_ERRORS: tuple[type[WalletError], ...] = (
     AlreadyVoidedError,
     NotVoidableError,
     ConflictError,
+    ConfigurationError,
     StoreUnavailableError,
 )
 

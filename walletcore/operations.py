@@ -16,8 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from walletcore.errors import InvalidInputError
 from walletcore.keys import ID_PATTERN, WalletKey
 from walletcore.money import to_minor
+from walletcore.tb_limits import QUERY_LIMIT_MAX
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# Entries of one history answer: one TigerBeetle get_account_transfers reply (bound by the
+# reply, not by the request limit, so the same at any cluster); both stores accept it.
+HISTORY_LIMIT_MAX = QUERY_LIMIT_MAX
 
 TRANSACTION_ID_MAX = 128
 TransactionId = Annotated[
@@ -112,7 +116,7 @@ class GetMultiBalance(_Input):
 
 class HistoryQuery(_Input):
     wallet: WalletKey
-    limit: int = Field(default=50, ge=1, le=8189)
+    limit: int = Field(default=50, ge=1, le=HISTORY_LIMIT_MAX)
 
 
 class HistoryEntry(BaseModel):

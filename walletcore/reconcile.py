@@ -17,7 +17,6 @@ from walletcore.balances import MinorBalance
 from walletcore.codes import CUSTOMER_ACCOUNT_CODE, TransferCode
 from walletcore.ids import hash_u128
 
-RECONCILE_PAGE_MAX = 8189  # one lookup_accounts batch per page
 IN_FLIGHT_MAX_AGE_S_DEFAULT = 300.0  # an operation missing on one side longer than this is stuck
 UNIT_MINOR = 1  # "more than the currency's smallest unit" means a difference above 1 minor unit
 MATCH_RATE_THRESHOLD_DEFAULT = 0.9999

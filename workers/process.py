@@ -134,6 +134,10 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
         runs = [asyncio.create_task(worker.run()) for worker in workers]
         served = ", ".join(f"{q} ({'+'.join(sorted(r))})" for q, r in planned.items())
         log.info("worker polling %s on %s", served, settings.temporal_address)
+        limits = stores.limits
+        log.info("TigerBeetle request limit %d bytes: <= %d events per create, <= %d ids per "
+                 "lookup", limits.request_limit_bytes, limits.create_batch_max,
+                 limits.lookup_batch_max)
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
         log.info("worker shutting down")

@@ -1,8 +1,10 @@
 """Comparing legacy wallets with TigerBeetle, page by page, and deciding what each difference is.
 
 Per wallet page: one MongoDB cursor page of wallets, one registry range read, ONE
-`lookup_accounts` batch (<= 8189 ids). Only wallets that differ cost more: their evidence
-(evidence.py). Every decision ("equal?", "in flight or real?") is walletcore.reconcile's.
+`lookup_accounts` request: a page holds at most `BatchLimits.reconcile_wallets_per_page_max`
+wallets of the connected cluster (8189 at 1 MiB, 2031 at 32 KiB, 239 at 4 KiB), whatever size
+the workflow asks for. Only wallets that differ cost more: their evidence (evidence.py).
+Every decision ("equal?", "in flight or real?") is walletcore.reconcile's.
 
 Changes when what is compared, or how a difference is recorded, changes.
 """
@@ -92,6 +94,7 @@ class WalletCheck:
     ) -> None:
         self._legacy = legacy
         self._client = tigerbeetle.client
+        self._limits = tigerbeetle.limits
         self._accounts = tigerbeetle.accounts
         self._ledgers = tigerbeetle.ledgers
         self._reports = reports
@@ -101,6 +104,9 @@ class WalletCheck:
     async def wallet_page(self, inp: WalletPageInput) -> WalletPageOutput:
         currency, _, country = inp.pair.partition(":")
         ledger = self._ledgers.ledger_of(currency, country)
+        # The workflow's size (recorded histories keep theirs), cut to one lookup request.
+        limit = min(inp.limit, self._limits.reconcile_wallets_per_page_max)
+        inp = inp.model_copy(update={"limit": limit})
         subjects, in_range = await self._scans.page(inp, ledger)
         evaluation = await self.evaluate(inp.run_id, subjects, inp.in_flight_max_age_s,
                                          in_range=in_range)

@@ -105,11 +105,10 @@ class EvidenceReader:
         now = datetime.now(UTC)
         side = await self._legacy_side(subjects, found)
         cuts = {s.canonical: await self._tb_cut(s) for s in subjects}
-        in_tb: dict[int, int] = {}  # transfer id -> TigerBeetle timestamp
         id_list = list(set(side.derived.values()))
-        for start in range(0, len(id_list), PAGE_MAX):
-            in_tb.update((t.id, t.timestamp) for t in await self._client.lookup_transfers(
-                id_list[start:start + PAGE_MAX]))
+        # transfer id -> TigerBeetle timestamp (the client cuts the ids to its request limit)
+        in_tb = {t.id: t.timestamp for t in await self._client.lookup_transfers(id_list)
+                 } if id_list else {}
         twins = await self._legacy_twins([t for cut in cuts.values() for t in cut.transfers])
         for s in subjects:
             ev, cut = found[s.canonical], cuts[s.canonical]

@@ -12,7 +12,6 @@ from collections import Counter
 import tigerbeetle as tb
 
 from messages.reconciliation import (
-    PAGE_MAX,
     AccountPageInput,
     AccountPageOutput,
     TransferPageInput,
@@ -66,6 +65,7 @@ def _expected(
 class LedgerCheck:
     def __init__(self, tigerbeetle: TigerBeetleStore, reports: ReportStore) -> None:
         self._client = tigerbeetle.client
+        self._limits = tigerbeetle.limits
         self._accounts = tigerbeetle.accounts
         self._transfers = tigerbeetle.transfers
         self._ledgers = tigerbeetle.ledgers
@@ -102,7 +102,10 @@ class LedgerCheck:
 
     async def transfer_page(self, inp: TransferPageInput) -> TransferPageOutput:
         scope = self._ledgers.parse_scope(inp.pairs)
-        page = await self._transfers.page(after=inp.after, limit=inp.limit)
+        # The workflow's size (recorded histories keep theirs), cut so that every record's
+        # transfer and its void fit one lookup_transfers request of the cluster.
+        limit = min(inp.limit, self._limits.reconcile_transfers_per_page_max)
+        page = await self._transfers.page(after=inp.after, limit=limit)
         expected: list[ExpectedTransfer] = []
         # `<type>_in_opening`: a pre-migration original the opening balance holds, registered
         # when it was voided. Its own transfer must NOT exist (it would count it twice).
@@ -115,7 +118,7 @@ class LedgerCheck:
             (absent if rec.type in IN_OPENING_TYPES else expected).append(own)
             if void is not None:
                 expected.append(void)
-        assert len(expected) + len(absent) <= PAGE_MAX
+        assert len(expected) + len(absent) <= 2 * limit <= self._limits.lookup_batch_max
         wanted = [e.id for e in (*expected, *absent)]
         actual = {t.id: t for t in await self._client.lookup_transfers(wanted)} if wanted else {}
         findings: Counter[str] = Counter()
@@ -140,4 +143,4 @@ class LedgerCheck:
         return TransferPageOutput(
             scanned=page.scanned, checked=len(expected) + len(absent),
             last_key=page.last_key if page.last_key is not None else inp.after,
-            exhausted=page.scanned < inp.limit, findings=dict(findings))
+            exhausted=page.scanned < limit, findings=dict(findings))

@@ -148,7 +148,9 @@ def register(subparsers: Any) -> None:
     start.add_argument("--pair", action="append", metavar="CUR:CTRY",
                        help="ledger pair to import (repeat; default: every configured pair)")
     start.add_argument("--page-size", type=int, default=None,
-                       help="wallets per page (default: the largest the workflow allows)")
+                       help="wallets per page (default: the largest the workflow allows; "
+                       "the worker cuts a page to what one request of the cluster holds, "
+                       "TB_REQUEST_LIMIT_BYTES)")
     start.add_argument("--pages-per-run", type=int, default=None,
                        help="pages before continue-as-new (default: the workflow's)")
     start.add_argument("--with-history", action="store_true",
@@ -156,7 +158,9 @@ def register(subparsers: Any) -> None:
                        "transfers with their original timestamps (only while every pair is "
                        "in phase legacy and TigerBeetle holds no normal transfer)")
     start.add_argument("--history-page-size", type=int, default=None,
-                       help="transactions per history page (default 4096, at most 8189)")
+                       help="transactions per history page (default 4096; the worker cuts "
+                       "a page to one create_transfers request of the cluster, "
+                       "TB_REQUEST_LIMIT_BYTES)")
     start.add_argument("--run-id", help="name of this backfill (claims, audit)")
     start.add_argument("--no-wait", action="store_true", help="start and return")
     start.add_argument("--json", action="store_true", help="print the final progress as JSON")
