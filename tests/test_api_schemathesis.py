@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from api_support import ALL_SCOPES, ApiProcess, make_key, running_api
-from wallet_support import REPO_ROOT, isolated_settings
+from wallet_support import isolated_settings
 
 from walletconfig.settings import Settings
 
@@ -62,7 +62,8 @@ def test_schemathesis_over_the_whole_schema(api: ApiProcess, key: str, tmp_path:
         "--seed", str(SEED), "--workers", "1", "--request-timeout", "30",
         "--report", "junit", "--report-dir", str(report), "--no-color",
     ]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+    # cwd: Schemathesis keeps its example database there (.schemathesis/), not in the repo.
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
                          timeout=RUN_TIMEOUT_S)  # fmt: skip
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-12_000:]
