@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from walletcore.balances import MinorBalance
 from walletcore.codes import CUSTOMER_ACCOUNT_CODE, TransferCode
-from walletcore.ids import hash_u128
+from walletcore.ids import hash_u128, transfer_id, void_transfer_id
+from walletcore.phases import MONGO_PRIMARY_DUAL_WRITE, Phase
+from walletcore.transfer_map import operation_leg
 
 IN_FLIGHT_MAX_AGE_S_DEFAULT = 300.0  # an operation missing on one side longer than this is stuck
 UNIT_MINOR = 1  # "more than the currency's smallest unit" means a difference above 1 minor unit
@@ -49,6 +51,11 @@ class IssueKind(StrEnum):
     TRANSFER_MISMATCH = "transfer_mismatch"
     MALFORMED_REGISTRY = "malformed_registry"
     CONSERVATION = "conservation"
+    # A wallet's pending operation that no write path can be carrying (see classify):
+    UNKNOWN_TRANSFER = "unknown_transfer"  # on the account, not made by the platform
+    LOST_LEGACY_WRITE = "lost_legacy_write"  # registered, TigerBeetle has it, MongoDB lost it
+    UNAPPLIED_LEGACY_OPERATION = "unapplied_legacy_operation"  # no backlog can carry it now
+    NOT_CLEARED = "in_flight_not_cleared"  # in flight at the first read, still at the re-check
 
 
 # Findings about one legacy wallet: such a wallet counts as `real`, so these classes are judged
@@ -100,7 +107,10 @@ class OpEffect(_Frozen):
     kind: Literal["credit", "debit"]
     amount_minor: int = Field(gt=0)
     age_s: float = Field(default=0.0, ge=0.0)  # how long ago it was written on its side
-    transaction_id: str | None = None
+    transaction_id: str | None = None  # or "transfer:<hex id>" for a transfer of no record
+    # Set when no write path can be carrying it (see backlog_may_carry and
+    # reverse_projection_may_carry): the difference it makes is real, never in flight.
+    real_kind: IssueKind | None = None
 
 
 def legacy_op_effect(
@@ -110,6 +120,7 @@ def legacy_op_effect(
     original_type: str | None = None,
     age_s: float = 0.0,
     transaction_id: str | None = None,
+    real_kind: IssueKind | None = None,
 ) -> OpEffect:
     """A legacy operation's effect; a void reverses its original (credit -> debit and back)."""
     if op_type == "void":
@@ -118,20 +129,66 @@ def legacy_op_effect(
     else:
         assert op_type in ("credit", "debit"), f"unknown operation type {op_type!r}"
         kind = "credit" if op_type == "credit" else "debit"
-    return OpEffect(
-        kind=kind, amount_minor=amount_minor, age_s=age_s, transaction_id=transaction_id
-    )
+    return OpEffect(kind=kind, amount_minor=amount_minor, age_s=age_s,
+                    transaction_id=transaction_id, real_kind=real_kind)
 
 
 def transfer_effect(
     *, customer_id: int, debit_account_id: int, credit_account_id: int, amount: int,
-    age_s: float = 0.0,
+    age_s: float = 0.0, transaction_id: str | None = None, real_kind: IssueKind | None = None,
 ) -> OpEffect:
     """A TigerBeetle transfer's effect on the customer account it touches."""
     assert customer_id in (debit_account_id, credit_account_id)
     assert debit_account_id != credit_account_id
     kind: Literal["credit", "debit"] = "credit" if credit_account_id == customer_id else "debit"
-    return OpEffect(kind=kind, amount_minor=amount, age_s=age_s)
+    return OpEffect(kind=kind, amount_minor=amount, age_s=age_s, transaction_id=transaction_id,
+                    real_kind=real_kind)
+
+
+# Workers follow a newly published phase within the state cache's TTL (at most 60 s), and the
+# publisher's clock and TigerBeetle's may differ by a little.
+PHASE_SWITCH_SLACK_S = 60.0
+PHASE_CLOCK_SKEW_S = 5.0
+
+
+class PhaseWindow(_Frozen):
+    """The phase a wallet's migration scope is in, and when it was published (Unix seconds;
+    None: never published, i.e. the default legacy)."""
+
+    phase: Phase
+    since_s: float | None = None
+
+
+def backlog_may_carry(window: PhaseWindow, written_s: float) -> bool:
+    """May a legacy operation written at `written_s` (Unix s), not in TigerBeetle yet, be on the
+    dual-write backlog? In the dual-write phases, yes. In tb_primary only if MongoDB answered it
+    before the switch took effect (the backlog drains before TigerBeetle answers, and a replay
+    of such an operation is queued to TigerBeetle). In legacy nothing writes TigerBeetle and in
+    complete nothing is owed to it."""
+    if window.phase in MONGO_PRIMARY_DUAL_WRITE:
+        return True
+    if window.phase is Phase.TB_PRIMARY:
+        return window.since_s is None or written_s < window.since_s + PHASE_SWITCH_SLACK_S
+    return False
+
+
+def reverse_projection_may_carry(window: PhaseWindow, written_s: float) -> bool:
+    """May an operation TigerBeetle applied at `written_s` (Unix s), registered but not in
+    MongoDB yet, be on the reverse projection? Only if TigerBeetle answered it: in tb_primary
+    from the moment that state was published (nobody acts on a state before it is written),
+    and in complete those answered before complete was published (complete's drain)."""
+    if window.phase is Phase.TB_PRIMARY:
+        return window.since_s is None or written_s >= window.since_s - PHASE_CLOCK_SKEW_S
+    if window.phase is Phase.COMPLETE:
+        return window.since_s is None or written_s < window.since_s + PHASE_SWITCH_SLACK_S
+    return False
+
+
+def still_pending(first_pending: frozenset[str] | None, pending: Iterable[str]) -> bool:
+    """At the re-check: is an operation that was pending at the first read pending still? Then
+    the difference did not clear: real. Without the first read's record (another worker read
+    it) nothing shows it cleared, so it did not."""
+    return first_pending is None or not first_pending.isdisjoint(pending)
 
 
 ZERO_BALANCE = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
@@ -181,6 +238,9 @@ def classify(
     those operations close it (legacy + tigerbeetle_only == tigerbeetle + legacy_only) and none
     of them is older than `in_flight_max_age_s` (older means a stuck backlog: a real problem).
     A missing TigerBeetle account counts as a zero balance (the backlog may create it).
+    An operation with `real_kind` set is one no write path can be carrying (a transfer the
+    platform did not make, a lost MongoDB write, a backlog item outside the dual-write phases):
+    its difference is real whatever else closes it.
     """
     assert in_flight_max_age_s > 0
     tb = ZERO_BALANCE if tigerbeetle is None else tigerbeetle
@@ -188,6 +248,11 @@ def classify(
     if not diffs and tigerbeetle is not None:
         return Classification(verdict=Verdict.MATCH)
     ops = [*legacy_only, *tigerbeetle_only]
+    stray = sorted({str(op.real_kind) for op in ops if op.real_kind is not None})
+    if stray:
+        return Classification(
+            verdict=Verdict.REAL, diffs=diffs, pending_ops=len(ops),
+            reason=f"operation(s) no write path carries: {', '.join(stray)}")
     if ops and apply_effects(tb, legacy_only) == apply_effects(legacy, tigerbeetle_only):
         explained_by: Explanation = (
             "both" if legacy_only and tigerbeetle_only
@@ -394,6 +459,46 @@ class TransferView(_Frozen):
     credit_account_id: int
     amount: int
     code: int
+
+
+class RegisteredOperation(_Frozen):
+    """A Transfer Registry record, as far as it says what its transfer must be."""
+
+    transaction_id: str
+    transfer_id: int
+    wallet: str  # canonical key
+    account_id: int
+    type: str  # credit, debit, void (`<type>_in_opening`: never a transfer of its own)
+    amount_minor: int
+
+
+_CODES_OF_TYPE: dict[str, frozenset[TransferCode]] = {
+    "credit": frozenset({TransferCode.CREDIT}),
+    "debit": frozenset({TransferCode.DEBIT}),
+    "void": frozenset({TransferCode.CREDIT_VOID, TransferCode.DEBIT_VOID}),
+}
+
+
+def made_by_platform(
+    record: RegisteredOperation | None, transfer: TransferView, *, wallet: str, ledger: int,
+    void_of: str | None = None,
+) -> bool:
+    """Is `transfer` (on `wallet`'s account) the one the platform made for `record`? Its id is
+    the record's derived id (`transfer_id` of the transaction; a void's is
+    `void_transfer_id` of its original, checked when `void_of` names it), and its accounts,
+    code and amount are walletcore.transfer_map.operation_leg's for the record."""
+    if record is None or record.wallet != wallet or record.transfer_id != transfer.id:
+        return False
+    codes = _CODES_OF_TYPE.get(record.type)
+    if codes is None or transfer.code not in codes or transfer.amount != record.amount_minor:
+        return False
+    derived = (transfer_id(record.transaction_id) if record.type != "void"
+               else None if void_of is None else void_transfer_id(void_of))
+    if derived is not None and derived != transfer.id:
+        return False
+    leg = operation_leg(ledger, record.account_id, TransferCode(transfer.code))
+    return (transfer.debit_account_id, transfer.credit_account_id) == (
+        leg.debit_account_id, leg.credit_account_id)
 
 
 class ExpectedTransfer(_Frozen):
