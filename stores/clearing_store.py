@@ -109,6 +109,9 @@ class ClearingStore:
             # (an `$or` of pairs scans per branch on SecantusDB). Sparse, not partial: SecantusDB
             # does not use a partial index for `$in`.
             IndexModel([("ref_key", ASCENDING)], name="ref_key", sparse=True),
+            # The ledger sync and its rebuild find a posted transfer's transaction by the
+            # transfer's id (a hash of the external id, which TigerBeetle cannot carry).
+            IndexModel([("post_id", ASCENDING)], name="post_id"),
         ])
 
     # ---- intake ------------------------------------------------------------------------------
@@ -323,6 +326,18 @@ class ClearingStore:
                 ids.append(doc["_id"])
         return holders
 
+    # ---- reads by TigerBeetle transfer (the ledger sync) ---------------------------------
+
+    async def get_by_post_ids(self, post_ids: Sequence[int]) -> dict[int, ClearingRecord]:
+        """The transactions whose post transfer is one of `post_ids` (walletcore.clearing
+        post_transfer_id), keyed by that id: one chunked `$in` on the `post_id` index."""
+        _check_batch(len(post_ids))
+        if not post_ids:
+            return {}
+        keys = list(dict.fromkeys(entry_id_of(post_id) for post_id in post_ids))
+        docs = await find_in(self._txns, "post_id", keys)
+        return {int(doc["post_id"], 16): _record_of(doc) for doc in docs}
+
 
 def _check_batch(size: int) -> None:
     if size > BATCH_MAX:
@@ -357,6 +372,7 @@ def _doc_of(txn: ExternalTransaction, batch_id: str, index: int, now: datetime) 
         "occurred_at": txn.occurred_at,
         "memo": txn.memo,
         "fingerprint": txn.fingerprint,
+        "post_id": entry_id_of(post_transfer_id(txn.external_id)),
         "state": ClearingState.RECEIVED.value,
         "received_at": now,
         "updated_at": now,

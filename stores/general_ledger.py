@@ -159,6 +159,9 @@ class GeneralLedger:
         await self._entries.create_indexes([
             IndexModel([("seq", ASCENDING)], name="seq", unique=True),
             IndexModel([("postings", ASCENDING), ("seq", ASCENDING)], name="postings_seq"),
+            # TigerBeetle time order (chain order differs): rebuilding TigerBeetle imports the
+            # entries in it, reconciliation reads balances as of a timestamp.
+            IndexModel([("tb_timestamp", ASCENDING)], name="tb_timestamp"),
         ])
 
     async def drop_all(self) -> None:
@@ -467,6 +470,21 @@ class GeneralLedger:
             {"$max": {"timestamp": timestamp}, "$set": {"updated_at": now_ms()}},
             upsert=True, session=session,
         )
+
+    # ---- TigerBeetle time order --------------------------------------------------------------
+
+    async def entries_by_timestamp(
+        self, *, after_timestamp: int, limit: int, until_timestamp: int | None = None
+    ) -> list[ChainedEntry]:
+        """Entries in TigerBeetle timestamp order with after < tb_timestamp <= until (no upper
+        bound when None): what rebuilding TigerBeetle imports, oldest first."""
+        _check_limit(limit)
+        window: Document = {"$gt": after_timestamp}
+        if until_timestamp is not None:
+            window["$lte"] = until_timestamp
+        cursor = self._entries.find({"tb_timestamp": window}).sort(
+            [("tb_timestamp", ASCENDING), ("_id", ASCENDING)]).limit(limit)
+        return [_chained_of(doc) async for doc in cursor]
 
 
 # ---- documents ----------------------------------------------------------------------------
