@@ -562,3 +562,36 @@ def test_amount_strings_round_trip_exactly() -> None:
                             source="mongodb")  # fmt: skip
     assert str(zero) == "0E-8"
     assert json.loads(BalanceOut.of(balance).model_dump_json())["credit"] == "0.00000000"
+
+
+async def test_idempotency_records_lease_takeover_and_expiry(db: AsyncDatabase[Any]) -> None:
+    """The store's rules directly: claim, in progress, replay, mismatch, a dead holder's lease
+    taken over (its late answer is ignored), an expired record counts as absent; the TTL index."""
+    from stores.idempotency_keys import IDEMPOTENCY_KEYS, IdempotencyStore, record_id
+    from stores.idempotency_keys import StoredResponse as Stored
+
+    store = IdempotencyStore(db, lease_s=30)
+    await store.ensure_indexes()
+    owner, key = "owner-x", str(uuid.uuid4())
+    args = {"owner": owner, "key": key, "operation": "add_credit", "transaction_id": "t-1"}
+    first = await store.claim(**args, fingerprint="f1")
+    assert first.outcome == "acquired" and first.token
+    assert (await store.claim(**args, fingerprint="f1")).outcome == "in_progress"
+    assert (await store.claim(**args, fingerprint="f2")).outcome == "mismatch"
+    collection = db[IDEMPOTENCY_KEYS]
+    await collection.update_one({"_id": record_id(owner, key)},
+                                {"$set": {"locked_until": now_ms() - timedelta(seconds=1)}})
+    second = await store.claim(**args, fingerprint="f1")
+    assert second.outcome == "acquired" and second.taken_over and second.token != first.token
+    answer = Stored(status=200, media_type="application/json", body="{}")
+    assert not await store.complete(owner=owner, key=key, token=first.token, response=answer)
+    assert second.token is not None
+    assert await store.complete(owner=owner, key=key, token=second.token, response=answer)
+    replay = await store.claim(**args, fingerprint="f1")
+    assert replay.outcome == "replay" and replay.response == answer
+    await collection.update_one({"_id": record_id(owner, key)},
+                                {"$set": {"expires_at": now_ms() - timedelta(seconds=1)}})
+    assert (await store.claim(**args, fingerprint="f2")).outcome == "acquired"
+    ttl = [i for i in (await collection.index_information()).values()
+           if i["key"] == [("expires_at", 1)]]  # fmt: skip
+    assert ttl and ttl[0]["expireAfterSeconds"] == 0
