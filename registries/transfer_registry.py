@@ -238,6 +238,19 @@ class TransferRegistry:
         return [Created(id=d["_id"], wallet=d["wallet"], created_at=as_utc(d["created_at"]),
                         wallet_version=None) async for d in cursor]
 
+    async def records_of_transfers(self, transfer_ids: Sequence[int]) -> dict[int, TransferRecord]:
+        """{transfer id: record} of the ids registered (chunked key lookups). A document that is
+        not a valid record is left out: the transfer check reports it (malformed_registry)."""
+        docs = await find_in(self._transfers, "transfer_id", [u128_to_hex(t) for t in transfer_ids])
+        found: dict[int, TransferRecord] = {}
+        for doc in docs:
+            try:
+                record = _record_of(doc)
+            except (KeyError, TypeError, ValueError):  # ValidationError is a ValueError
+                continue
+            found[record.transfer_id] = record
+        return found
+
 
 async def _records(cursor: AsyncCursor[Any]) -> AsyncIterator[TransferRecord]:
     async for doc in cursor:

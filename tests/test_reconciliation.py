@@ -15,6 +15,7 @@ import pytest_asyncio
 import tigerbeetle as tb
 from bson.decimal128 import Decimal128
 from recon_support import (
+    CURRENCIES,
     BacklogApplier,
     Env,
     backfill_all,
@@ -26,14 +27,17 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from wallet_support import sandboxed_worker
 
+from activities.reconciliation.compare import Evaluation
 from activities.store_ops import apply_to
 from messages.reconciliation import ReconcileInput, ReconcileSummary
 from registries.account_registry import ACCOUNT_REGISTRY
 from registries.transfer_registry import TransferRecord
-from stores.legacy_store import WALLETS
+from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
+from walletcore.balances import MinorBalance
 from walletcore.codes import CUSTOMER_ACCOUNT_CODE
 from walletcore.ids import hash_u128, transfer_id, void_transfer_id
 from walletcore.keys import WalletKey
+from walletcore.money import from_minor
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import IssueKind
@@ -54,6 +58,15 @@ async def reconcile(worker: tuple[Client, str], env: Env, **kw: Any) -> Reconcil
     return await run_reconciliation(worker, env.pairs, **kw)
 
 
+async def set_phase(env: Env, phase: Phase, pairs: list[str] | None = None) -> None:
+    """Publish `phase` for `pairs` (default: every pair of the env), one epoch up: which write
+    path may carry a pending operation depends on it."""
+    for pair in pairs or env.pairs:
+        current = await env.migration.find(pair, fresh=True)
+        epoch = 1 if current is None else current.epoch + 1
+        await env.migration.set(MigrationState(scope=pair, phase=phase, epoch=epoch))
+
+
 async def seed(env: Env, unique_id: UniqueId, n: int = 6) -> list[WalletKey]:
     c, t = unique_id("c"), unique_id("t")
     keys = []
@@ -72,15 +85,14 @@ async def test_clean_run_matches_everything(
 ) -> None:
     keys = await seed(env, unique_id)
     await backfill_all(env)
+    await set_phase(env, Phase.DUAL_WRITE)
     # Live traffic after the import goes through both stores (as the backlog applies it).
-    await credit(env, keys[0], "live-" + unique_id(), "1.25")
-    txn = unique_id("live")
-    await credit(env, keys[3], txn, "2.50")  # keys[3] is USD
-    await credit(env, keys[3], txn, "2.50", store=env.tb_store)
+    for key, txn in ((keys[0], unique_id("live")), (keys[3], unique_id("live"))):  # both USD
+        await credit(env, key, txn, "2.50")
+        await credit(env, key, txn, "2.50", store=env.tb_store)
     summary = await reconcile(worker, env, page_size=4, pages_per_run=2)
-    # keys[0]'s second legacy credit never reached TigerBeetle: young, so in flight, not real
     assert summary.wallets == len(keys)
-    assert summary.real == 0 and summary.in_flight == 1, summary
+    assert summary.real == 0 and summary.in_flight == 0, summary
     assert summary.match_rate == 1.0 and summary.alerts == [], summary.alerts
     assert summary.conservation_ok
     report = await env.reports.get(summary.run_id)
@@ -88,7 +100,7 @@ async def test_clean_run_matches_everything(
     assert report["counts"]["tb_accounts"] == len(keys)
     # What a gate judges: scope, kind, every stage run, wallets compared, findings by class.
     assert (report["pairs"], report["kind"], report["full"]) == (sorted(env.pairs), "check", True)
-    assert (report["wallets"], report["in_flight"], report["findings"]) == (len(keys), 1, {})
+    assert (report["wallets"], report["in_flight"], report["findings"]) == (len(keys), 0, {})
     assert not report["covers_all_pairs"]  # the env's pairs, not the whole default table
     page = render_html(report, await env.reports.history(10))
     assert "<svg" in page and summary.run_id in page and "polyline" in page
@@ -99,6 +111,7 @@ async def test_in_flight_backlog_is_not_a_false_alarm(
 ) -> None:
     keys = await seed(env, unique_id, n=3)
     await backfill_all(env)
+    await set_phase(env, Phase.DUAL_WRITE)  # the backlog carries MongoDB's answers
     txn = unique_id("late")
     await debit(env, keys[2], txn, "3.000", overdraft=True)  # MongoDB answered... (BHD)
 
@@ -129,6 +142,7 @@ async def test_stuck_backlog_is_real(
 ) -> None:
     keys = await seed(env, unique_id, n=1)
     await backfill_all(env)
+    await set_phase(env, Phase.DUAL_WRITE)
     await credit(env, keys[0], unique_id("stuck"), "9.00")  # never reaches TigerBeetle
     await asyncio.sleep(1.2)
     summary = await reconcile(worker, env, in_flight_max_age_s=1.0)
@@ -193,8 +207,12 @@ async def test_live_traffic_during_reconciliation_has_no_real_mismatch(
 ) -> None:
     """Both write directions keep running while reconciliation reads: the legacy balance, its
     recent operations and TigerBeetle are read at different moments, yet nothing is real."""
-    keys = await seed(env, unique_id, n=4)
+    keys = await seed(env, unique_id, n=4)  # USD, JPY, BHD, USD
     await backfill_all(env)
+    # Each write path where its phase has it: USD in dual_write, JPY and BHD in tb_primary.
+    usd = env.pairs[CURRENCIES.index("USD")]
+    await set_phase(env, Phase.DUAL_WRITE, [usd])
+    await set_phase(env, Phase.TB_PRIMARY, [p for p in env.pairs if p != usd])
     applier = BacklogApplier(env)
     stop = asyncio.Event()
     done: list[int] = []
@@ -228,10 +246,12 @@ async def test_live_traffic_during_reconciliation_has_no_real_mismatch(
             await asyncio.sleep(rng.uniform(0.02, 0.08))  # light: 2 shared cores
         done.append(n)
 
-    tasks = [asyncio.create_task(traffic(k, i % 2 == 1)) for i, k in enumerate(keys)]
+    tasks = [asyncio.create_task(traffic(k, k.currency != "USD")) for k in keys]
     try:
         await asyncio.sleep(0.3)
-        runs = [await reconcile(worker, env, page_size=2, recheck_delay_s=0.2)]
+        # An operation pending at the first read must have crossed by the re-check (real if
+        # not): the delay leaves room for a loaded machine (2 shared cores).
+        runs = [await reconcile(worker, env, page_size=2, recheck_delay_s=1.0)]
     finally:
         stop.set()
         await asyncio.gather(*tasks)
@@ -316,3 +336,104 @@ async def test_accounts_of_other_deployments_are_not_unregistered(
     (account,) = await env.tb_client.lookup_accounts(
         [(await env.accounts.get(keys[0])).account_id])  # type: ignore[union-attr]
     assert account.user_data_64 == env.tb_store.deployment_tag  # set by the backfill import
+
+
+async def _judge(env: Env, key: WalletKey) -> Evaluation:
+    """One first read of one wallet (the wallet page's judgement, no re-check)."""
+    wallets = env.reconciler.wallets
+    subjects = await wallets.subjects_of([key.canonical])
+    return await wallets.evaluate(f"rc-{uuid.uuid4().hex[:8]}", subjects, 300.0)
+
+
+async def _twin_in_tigerbeetle(env: Env, txn: str, tag: str) -> int:
+    """Behind the platform's back: a second transfer moving the same money as `txn`'s, under
+    another id, created with the TigerBeetle client directly (no registry, no workflow)."""
+    (first,) = await env.tb_client.lookup_transfers([transfer_id(txn)])
+    twin = tb.Transfer(id=hash_u128(f"twin:{tag}"), debit_account_id=first.debit_account_id,
+                       credit_account_id=first.credit_account_id, amount=first.amount,
+                       ledger=first.ledger, code=first.code)
+    (result,) = await env.tb_client.create_transfers([twin])
+    assert result.status == tb.CreateTransferStatus.CREATED, result
+    return int(twin.id)
+
+
+async def _drop_mongodb_write(env: Env, key: WalletKey, txn: str, amount_minor: int) -> None:
+    """Behind the platform's back: a credit MongoDB answered is lost (its transaction document
+    and its effect on the wallet document both go)."""
+    found = await env.legacy.get_wallet_version(key)
+    assert found is not None
+    held = found[0]
+    credits = held.historical_credit_minor
+    undone = MinorBalance.from_posted(credits - amount_minor, credits - held.net_minor)
+    assert (await env.db[WALLET_TRANSACTIONS].delete_one({"_id": txn})).deleted_count == 1
+    fields = {"credit": undone.credit_minor, "debit": undone.debit_minor,
+              "historical_credit": undone.historical_credit_minor}
+    await env.db[WALLETS].update_one({"_id": key.canonical}, {"$set": {
+        name: Decimal128(from_minor(value, key.currency)) for name, value in fields.items()}})
+
+
+async def test_tampering_is_real_and_a_genuine_backlog_is_in_flight(
+    env: Env, worker: tuple[Client, str], unique_id: UniqueId
+) -> None:
+    """A pending operation is in flight only if a write path of the wallet's phase carries it:
+    a transfer the platform did not make, or a MongoDB write lost in dual_write, is real with
+    its class; a young legacy operation not drained yet is in flight, and real once a re-check
+    finds it still pending."""
+    keys = await seed(env, unique_id, n=3)  # USD, JPY, BHD
+    legacy_only = env.key(unique_id("legacy"), "USDC")
+    await credit(env, legacy_only, unique_id("t"), "5")
+    await backfill_all(env)
+    usd, jpy, bhd = (env.pairs[CURRENCIES.index(c)] for c in ("USD", "JPY", "BHD"))
+    await set_phase(env, Phase.DUAL_WRITE, [usd, bhd])  # USDC stays legacy
+    doubled, dropped, backlog = keys[0], keys[2], env.key(unique_id("backlog"))
+    doubled_txn, lost = unique_id("live"), unique_id("live")
+    for key, txn, amount in ((doubled, doubled_txn, "7"), (dropped, lost, "7.000")):
+        await credit(env, key, txn, amount, overdraft=True)  # both stores, as the backlog does
+        await credit(env, key, txn, amount, overdraft=True, store=env.tb_store)
+    twin = await _twin_in_tigerbeetle(env, doubled_txn, doubled_txn)
+    await _drop_mongodb_write(env, dropped, lost, 7000)  # BHD: 3 decimals
+    await credit(env, backlog, unique_id("seed"), "3")  # a new wallet: the backlog imports it...
+    await credit(env, backlog, (pending := unique_id("pending")), "2")  # ...not drained yet
+
+    # (a) alone: a second transfer of the same money, not the platform's.
+    found = await _judge(env, doubled)
+    assert (found.real, found.in_flight) == (1, []), found
+    assert found.findings == {IssueKind.BALANCE_MISMATCH: 1, IssueKind.UNKNOWN_TRANSFER: 1}
+    assert any(f"{twin:032x}" in d.detail for d in found.docs), found.docs
+    # (b) alone: the registered credit TigerBeetle holds, lost by MongoDB in dual_write.
+    found = await _judge(env, dropped)
+    assert (found.real, found.in_flight) == (1, []), found
+    assert found.findings == {IssueKind.BALANCE_MISMATCH: 1, IssueKind.LOST_LEGACY_WRITE: 1}
+    assert any(d.detail.startswith(lost) for d in found.docs), found.docs
+    # A genuine backlog item (no TigerBeetle account yet, even): in flight.
+    found = await _judge(env, backlog)
+    assert (found.real, found.in_flight, dict(found.findings)) == (0, [backlog.canonical], {})
+    assert pending in found.pending[backlog.canonical]
+    # The same MongoDB-only operation in phase legacy: no backlog carries it.
+    found = await _judge(env, legacy_only)
+    assert found.real == 0 and found.in_flight == [], found  # imported: nothing pending
+    await credit(env, legacy_only, unique_id("after"), "1")
+    found = await _judge(env, legacy_only)
+    assert found.real == 1 and found.findings[IssueKind.UNAPPLIED_LEGACY_OPERATION] == 1
+
+    # In tb_primary a registered transfer MongoDB lacks is the reverse projection (in flight);
+    # a transfer the platform did not make is real whatever the phase.
+    await set_phase(env, Phase.TB_PRIMARY, [jpy])
+    projected = unique_id("tbfirst")
+    await credit(env, keys[1], projected, "4", overdraft=True, store=env.tb_store)
+    found = await _judge(env, keys[1])
+    assert (found.real, found.in_flight) == (0, [keys[1].canonical]), found
+    await _twin_in_tigerbeetle(env, projected, unique_id("twin"))
+    found = await _judge(env, keys[1])
+    assert found.real == 1 and found.findings[IssueKind.UNKNOWN_TRANSFER] == 1, found
+    await credit(env, keys[1], projected, "4", overdraft=True)  # the projection lands
+
+    # The whole run: both tamperings real; the backlog item, still pending at the re-check,
+    # did not clear (real); the match rate shows them.
+    summary = await run_reconciliation(worker, [usd, jpy, bhd])
+    assert summary.in_flight == 0 and summary.real == 4, summary
+    assert summary.match_rate is not None and summary.match_rate < 1
+    assert summary.findings[IssueKind.UNKNOWN_TRANSFER] == 2, summary.findings
+    assert summary.findings[IssueKind.LOST_LEGACY_WRITE] == 1
+    assert summary.findings[IssueKind.NOT_CLEARED] == 1
+    assert summary.alerts

@@ -69,7 +69,8 @@ class Reconciler:
     deployment tag) and the run's books."""
 
     def __init__(self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, books: Books) -> None:
-        self.wallets = WalletCheck(legacy, tigerbeetle, books.imports, books.reports)
+        self.wallets = WalletCheck(legacy, tigerbeetle, books.imports, books.reports,
+                                   books.migration)
         self.ledger = LedgerCheck(tigerbeetle, books.reports)
         self.repairs = Repairer(self.wallets, tigerbeetle, books.migration, books.reports)
         self.report = RunReport(tigerbeetle, books.reports)

@@ -29,6 +29,7 @@ from messages.reconciliation import (
 from registries.account_registry import RegistryEntry
 from stores.backfill_imports import ImportLedger
 from stores.legacy_store import LegacyStore
+from stores.migration_state import MigrationStateStore
 from stores.reports import MismatchDoc, ReportStore
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.balances import MinorBalance
@@ -41,10 +42,15 @@ from walletcore.reconcile import (
     Verdict,
     check_wallet_account,
     classify,
+    still_pending,
     wallet_agrees,
 )
 
 REPORTED_OPS_MAX = 10
+# In-flight wallets whose pending operations a first read remembers for its re-check (the
+# re-check runs on this worker right after; one that does not find them judges "not cleared").
+FIRST_PENDING_MAX = 4 * PAGE_MAX
+FirstPending = dict[str, frozenset[str] | None]  # wallet -> operations pending at the first read
 Document = dict[str, Any]
 
 
@@ -54,6 +60,7 @@ class Evaluation:
     real: int = 0
     max_real_diff_minor: int = 0
     in_flight: list[str] = field(default_factory=list)
+    pending: dict[str, frozenset[str]] = field(default_factory=dict)  # of the in-flight ones
     repairable: list[str] = field(default_factory=list)
     findings: Counter[str] = field(default_factory=Counter)
     docs: list[MismatchDoc] = field(default_factory=list)
@@ -90,7 +97,7 @@ class WalletCheck:
 
     def __init__(
         self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, imports: ImportLedger,
-        reports: ReportStore,
+        reports: ReportStore, migration: MigrationStateStore,
     ) -> None:
         self._legacy = legacy
         self._client = tigerbeetle.client
@@ -99,7 +106,8 @@ class WalletCheck:
         self._ledgers = tigerbeetle.ledgers
         self._reports = reports
         self._scans = WalletScans(legacy, tigerbeetle.accounts)
-        self._evidence = EvidenceReader(legacy, tigerbeetle, imports)
+        self._evidence = EvidenceReader(legacy, tigerbeetle, imports, migration)
+        self._first_pending: dict[tuple[str, str], frozenset[str]] = {}  # (run, wallet) ->
 
     async def wallet_page(self, inp: WalletPageInput) -> WalletPageOutput:
         currency, _, country = inp.pair.partition(":")
@@ -110,6 +118,7 @@ class WalletCheck:
         subjects, in_range = await self._scans.page(inp, ledger)
         evaluation = await self.evaluate(inp.run_id, subjects, inp.in_flight_max_age_s,
                                          in_range=in_range)
+        self._remember(inp.run_id, evaluation.pending)
         await self._orphans(inp, subjects, in_range, evaluation)
         await self._reports.add_mismatches(evaluation.docs)
         return WalletPageOutput(
@@ -139,9 +148,22 @@ class WalletCheck:
                 out.add(inp.run_id, IssueKind.REGISTRY_WITHOUT_WALLET, orphan,
                         "Account Registry entry without a legacy wallet")
 
+    def _remember(self, run_id: str, pending: dict[str, frozenset[str]]) -> None:
+        """The first read's pending operations of its in-flight wallets, for the re-check
+        (bounded: the oldest are forgotten first, and then count as not cleared)."""
+        for wallet, ops in pending.items():
+            while len(self._first_pending) >= FIRST_PENDING_MAX:
+                del self._first_pending[next(iter(self._first_pending))]
+            self._first_pending[(run_id, wallet)] = ops
+
     async def recheck(self, inp: RecheckInput) -> RecheckOutput:
+        """A later read: what was in flight must have cleared. A wallet still pending one of
+        the operations the first read saw pending is real (in_flight_not_cleared); one that
+        is in flight only with operations written since stays in flight."""
+        first = {w: self._first_pending.pop((inp.run_id, w), None) for w in inp.wallets}
         evaluation = await self.evaluate(
-            inp.run_id, await self.subjects_of(inp.wallets), inp.in_flight_max_age_s)
+            inp.run_id, await self.subjects_of(inp.wallets), inp.in_flight_max_age_s,
+            first_pending=first)
         await self._reports.add_mismatches(evaluation.docs)
         return RecheckOutput(
             matched=evaluation.matched, in_flight=len(evaluation.in_flight),
@@ -154,8 +176,10 @@ class WalletCheck:
     async def evaluate(
         self, run_id: str, subjects: list[Subject], max_age_s: float,
         *, in_range: dict[str, RegistryEntry] | None = None,
+        first_pending: FirstPending | None = None,
     ) -> Evaluation:
-        """Match, in flight or real, for each subject (with its findings and mismatch docs)."""
+        """Match, in flight or real, for each subject (with its findings and mismatch docs).
+        `first_pending`: this is a re-check, and what the first read saw pending."""
         await attach_tigerbeetle(self._client, self._accounts, subjects, in_range)
         out = Evaluation()
         differing: list[Subject] = []
@@ -181,11 +205,12 @@ class WalletCheck:
                 differing.append(s)
         evidence = await self._evidence.collect(differing)
         for s in differing:
-            self._judge(run_id, s, evidence[s.canonical], max_age_s, out)
+            self._judge(run_id, s, evidence[s.canonical], max_age_s, out, first_pending)
         return out
 
     def _judge(
-        self, run_id: str, s: Subject, ev: Evidence, max_age_s: float, out: Evaluation
+        self, run_id: str, s: Subject, ev: Evidence, max_age_s: float, out: Evaluation,
+        first_pending: FirstPending | None,
     ) -> None:
         """A wallet whose balances differ, on the consistent cut its evidence was read on."""
         result = classify(s.balance, ev.tb_balance, legacy_only=ev.legacy_only,
@@ -193,9 +218,24 @@ class WalletCheck:
         if result.verdict is Verdict.MATCH:  # equal on the consistent cut
             self._count_match(run_id, s, out)
             return
-        if result.verdict is Verdict.IN_FLIGHT:
+        pending = frozenset(op.transaction_id or "" for op in (*ev.legacy_only, *ev.tb_only))
+        not_cleared = result.verdict is Verdict.IN_FLIGHT and first_pending is not None and (
+            still_pending(first_pending.get(s.canonical), pending))
+        if result.verdict is Verdict.IN_FLIGHT and not not_cleared:
             out.in_flight.append(s.canonical)
+            out.pending[s.canonical] = pending
             return
+        if not_cleared:
+            result = result.model_copy(update={
+                "verdict": Verdict.REAL,
+                "reason": f"in flight at the first read, not cleared at the re-check "
+                f"({result.reason})"})
+            out.add(run_id, IssueKind.NOT_CLEARED, s.canonical, result.reason)
+        for op in (*ev.legacy_only, *ev.tb_only):
+            if op.real_kind is not None:
+                out.add(run_id, op.real_kind, s.canonical,
+                        f"{op.transaction_id}: {op.kind} of {op.amount_minor} minor units "
+                        f"{STRAY_DETAIL.get(op.real_kind, '')}")
         out.real += 1
         out.repairable.append(s.canonical)
         out.max_real_diff_minor = max(out.max_real_diff_minor, result.max_diff_minor
@@ -228,6 +268,17 @@ class WalletCheck:
 
     async def close(self) -> None:
         await self._scans.close()
+
+
+STRAY_DETAIL: dict[IssueKind, str] = {
+    IssueKind.UNKNOWN_TRANSFER: "in TigerBeetle on the wallet's account, but not a transfer "
+    "the platform made (no Transfer Registry record of this wallet with its id, accounts, "
+    "code and amount)",
+    IssueKind.LOST_LEGACY_WRITE: "registered and in TigerBeetle, missing from MongoDB, and no "
+    "reverse projection carries it in this phase (a lost MongoDB write)",
+    IssueKind.UNAPPLIED_LEGACY_OPERATION: "in MongoDB, not in TigerBeetle, and no dual-write "
+    "backlog carries it in this phase",
+}
 
 
 def _difference_doc(

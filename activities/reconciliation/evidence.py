@@ -2,8 +2,17 @@
 
 We look at the stores' own records, not at the wallet workflows: a legacy operation (newer
 than the wallet's imported version) whose deterministic TigerBeetle transfer id does not exist
-yet is in the dual-write backlog; a TigerBeetle transfer with no legacy operation is in the
-reverse projection. If exactly those operations close the difference, and none is older than
+yet may be in the dual-write backlog; a TigerBeetle transfer with no legacy operation may be in
+the reverse projection. "May", because a write path must exist that carries it:
+- a transfer counts only if the platform made it: a Transfer Registry record of this wallet
+  under its id, with operation_leg's accounts, code and amount; any other is `unknown_transfer`;
+- a registered transfer whose legacy operation is missing is reverse projection only where
+  TigerBeetle answers (tb_primary since it was published, complete's drain): elsewhere MongoDB
+  lost a write it answered (`lost_legacy_write`); one whose legacy operation is newer than the
+  legacy snapshot was applied by both meanwhile (in flight in any phase);
+- a legacy operation missing from TigerBeetle is backlog only in the dual-write phases (and
+  tb_primary for what MongoDB answered before it): elsewhere `unapplied_legacy_operation`.
+If exactly the carried operations close the difference, and none is older than
 `in_flight_max_age_s`, the difference is in flight (walletcore.reconcile.classify decides).
 Why not query each wallet workflow's `status`: a query needs a worker to replay that workflow
 (costly for thousands of wallets), says nothing once the workflow closed, and is not what the
@@ -23,16 +32,25 @@ import tigerbeetle as tb
 from activities.reconciliation.scan import Subject
 from messages.reconciliation import PAGE_MAX
 from mongobase.mongo import IN_CHUNK_MAX, as_utc, u128_to_hex
+from registries.transfer_registry import TransferRecord
 from stores.backfill_imports import ImportLedger, ImportStatus
 from stores.legacy_store import LegacyStore, LoggedTransaction
+from stores.migration_state import MigrationStateStore
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.balances import MinorBalance
 from walletcore.ids import transfer_id, void_transfer_id
 from walletcore.reconcile import (
     OPERATION_CODES,
     ZERO_BALANCE,
+    IssueKind,
     OpEffect,
+    PhaseWindow,
+    RegisteredOperation,
+    TransferView,
+    backlog_may_carry,
     legacy_op_effect,
+    made_by_platform,
+    reverse_projection_may_carry,
     transfer_effect,
 )
 
@@ -66,6 +84,14 @@ class _LegacySide:
     derived: dict[str, int]  # transaction id -> its deterministic transfer id
 
 
+@dataclass
+class _Registered:
+    """What the Transfer Registry and the legacy log say of the transfers one side lacks."""
+
+    records: dict[int, TransferRecord]  # transfer id -> its record (registered ones)
+    versions: dict[str, int]  # the records' transaction ids the legacy log holds -> version
+
+
 def _age_s(at: datetime, now: datetime) -> float:
     return max((now - as_utc(at)).total_seconds(), 0.0)
 
@@ -90,12 +116,15 @@ class EvidenceReader:
       an operation both stores applied after the legacy snapshot."""
 
     def __init__(
-        self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, imports: ImportLedger
+        self, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, imports: ImportLedger,
+        migration: MigrationStateStore,
     ) -> None:
         self._legacy = legacy
         self._client = tigerbeetle.client
         self._transfers = tigerbeetle.transfers
+        self._ledgers = tigerbeetle.ledgers
         self._imports = imports
+        self._migration = migration
 
     async def collect(self, subjects: list[Subject]) -> dict[str, Evidence]:
         found: dict[str, Evidence] = {s.canonical: Evidence() for s in subjects}
@@ -103,27 +132,46 @@ class EvidenceReader:
             return found
         assert len(subjects) <= PAGE_MAX
         now = datetime.now(UTC)
+        windows = await self._windows(subjects)
         side = await self._legacy_side(subjects, found)
         cuts = {s.canonical: await self._tb_cut(s) for s in subjects}
         id_list = list(set(side.derived.values()))
         # transfer id -> TigerBeetle timestamp (the client cuts the ids to its request limit)
         in_tb = {t.id: t.timestamp for t in await self._client.lookup_transfers(id_list)
                  } if id_list else {}
-        twins = await self._legacy_twins([t for cut in cuts.values() for t in cut.transfers])
+        snapshots = {s.canonical: {side.derived[op.transaction_id] for op in side.ops[s.canonical]}
+                     for s in subjects}
+        registered = await self._registered([
+            t for s in subjects for t in cuts[s.canonical].transfers
+            if t.code in OPERATION_CODES and t.id not in snapshots[s.canonical]])
         for s in subjects:
             ev, cut = found[s.canonical], cuts[s.canonical]
+            window = windows[s.key.ledger_pair]
             ev.tb_balance = cut.balance
-            ops = side.ops[s.canonical]
-            for op in ops:
+            for op in side.ops[s.canonical]:
                 at = in_tb.get(side.derived[op.transaction_id])
                 if at is None or at > cut.timestamp:
+                    carried = backlog_may_carry(window, as_utc(op.created_at).timestamp())
                     ev.legacy_only.append(legacy_op_effect(
                         op.type, op.amount_minor(s.key.currency),
                         original_type=side.original_types.get(op.original_transaction_id or ""),
-                        age_s=_age_s(op.created_at, now), transaction_id=op.transaction_id))
-            in_snapshot = {side.derived[op.transaction_id] for op in ops}
-            _tigerbeetle_only(s, cut, in_snapshot, twins, ev, now)
+                        age_s=_age_s(op.created_at, now), transaction_id=op.transaction_id,
+                        real_kind=None if carried else IssueKind.UNAPPLIED_LEGACY_OPERATION))
+            ledger = self._ledgers.ledger_of(s.key.currency, s.key.country)
+            _tigerbeetle_only(s, cut, snapshots[s.canonical], registered, ev, now,
+                              window=window, ledger=ledger)
         return found
+
+    async def _windows(self, subjects: list[Subject]) -> dict[str, PhaseWindow]:
+        """Each pair's phase now, read fresh (not cached): a phase switched since the page was
+        read must not make an operation the old phase carried look stray, nor the reverse."""
+        windows: dict[str, PhaseWindow] = {}
+        for pair in sorted({s.key.ledger_pair for s in subjects}):
+            state = await self._migration.resolve(pair, fresh=True)
+            windows[pair] = PhaseWindow(
+                phase=state.phase,
+                since_s=None if state.updated_at is None else as_utc(state.updated_at).timestamp())
+        return windows
 
     async def _legacy_side(
         self, subjects: list[Subject], found: dict[str, Evidence]
@@ -181,22 +229,32 @@ class EvidenceReader:
             balance=MinorBalance.from_posted(at.credits_posted, at.debits_posted),
             timestamp=newest, transfers=transfers)
 
-    async def _legacy_twins(self, transfers: list[tb.Transfer]) -> dict[int, int]:
-        """Transfer id -> the legacy version of the same transaction (by transaction id, via
-        the Transfer Registry), for the transfers whose legacy twin exists."""
-        ids = sorted({t.id for t in transfers if t.code in OPERATION_CODES})
+    async def _registered(self, transfers: list[tb.Transfer]) -> _Registered:
+        """The Transfer Registry records of `transfers` (by transfer id) and the legacy
+        versions of the records' transactions (those the legacy log holds)."""
+        ids = sorted({t.id for t in transfers})
         if not ids:
-            return {}
-        txn_of = await self._transfers.transactions_of(ids)
-        versions = await self._legacy.transaction_versions(sorted(txn_of.values()))
-        return {tid: versions[txn] for tid, txn in txn_of.items() if txn in versions}
+            return _Registered(records={}, versions={})
+        records = await self._transfers.records_of_transfers(ids)
+        versions = await self._legacy.transaction_versions(
+            sorted({r.transaction_id for r in records.values()}))
+        return _Registered(records=records, versions=versions)
+
+
+def _registered_op(record: TransferRecord | None) -> RegisteredOperation | None:
+    return None if record is None else RegisteredOperation(
+        transaction_id=record.transaction_id, transfer_id=record.transfer_id,
+        wallet=record.wallet.canonical, account_id=record.account_id, type=record.type,
+        amount_minor=record.amount_minor)
 
 
 def _tigerbeetle_only(
-    s: Subject, cut: TigerBeetleCut, in_snapshot: set[int], twins: dict[int, int],
-    ev: Evidence, now: datetime,
+    s: Subject, cut: TigerBeetleCut, in_snapshot: set[int], registered: _Registered,
+    ev: Evidence, now: datetime, *, window: PhaseWindow, ledger: int,
 ) -> None:
-    """The cut's transfers that the legacy snapshot (versions <= V) does not hold."""
+    """The cut's transfers that the legacy snapshot (versions <= V) does not hold, each
+    judged: made by the platform? its legacy operation newer than V, or missing (carried by
+    the reverse projection, or lost)?"""
     if s.account is None:
         return
     account_id = s.account.id
@@ -207,10 +265,22 @@ def _tigerbeetle_only(
     for t in cut.transfers:
         if t.code not in OPERATION_CODES or t.id in in_snapshot:
             continue
-        twin_version = twins.get(t.id)
-        if twin_version is not None and twin_version <= s.version:
-            continue  # legacy holds it at or below V (older than the window)
+        record = registered.records.get(t.id)
+        view = TransferView(id=t.id, debit_account_id=t.debit_account_id,
+                            credit_account_id=t.credit_account_id, amount=t.amount, code=t.code)
+        real_kind: IssueKind | None = None
+        if record is None or not made_by_platform(
+                _registered_op(record), view, wallet=s.canonical, ledger=ledger):
+            real_kind, ref = IssueKind.UNKNOWN_TRANSFER, f"transfer:{u128_to_hex(t.id)}"
+        else:
+            ref = record.transaction_id
+            version = registered.versions.get(record.transaction_id)
+            if version is not None and version <= s.version:
+                continue  # legacy holds it at or below V (older than the window)
+            if version is None and not reverse_projection_may_carry(window, t.timestamp / 1e9):
+                real_kind = IssueKind.LOST_LEGACY_WRITE
         ev.tb_only.append(transfer_effect(
             customer_id=account_id, debit_account_id=t.debit_account_id,
             credit_account_id=t.credit_account_id, amount=t.amount,
-            age_s=max(now.timestamp() - t.timestamp / 1e9, 0.0)))
+            age_s=max(now.timestamp() - t.timestamp / 1e9, 0.0), transaction_id=ref,
+            real_kind=real_kind))
