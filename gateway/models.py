@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, W
 from walletcore.balances import WalletBalance
 from walletcore.keys import WalletKey
 from walletcore.operations import (
+    HISTORY_LIMIT_MAX,
     HistoryEntry,
     OperationResult,
     OperationType,
@@ -29,7 +30,9 @@ from walletcore.phases import MigrationState
 # (walletcore.money), which names the field when it refuses.
 AMOUNT_PATTERN = r"^([1-9][0-9]{0,19}(\.[0-9]{1,18})?|0\.[0-9]{0,17}[1-9][0-9]{0,17})$"
 MONEY_PATTERN = r"^-?[0-9]+(\.[0-9]+)?$"
-HISTORY_LIMIT_MAX = 1000
+# One HTTP answer's page of history; walletcore's HISTORY_LIMIT_MAX bounds one store read.
+HISTORY_PAGE_MAX = 1000
+assert HISTORY_PAGE_MAX <= HISTORY_LIMIT_MAX
 
 Amount = Annotated[
     str,

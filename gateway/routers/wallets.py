@@ -15,7 +15,7 @@ from starlette.responses import Response
 from gateway.auth import Caller, guard
 from gateway.idempotency import IdempotencyKeyHeader, run_idempotent, transaction_id_for
 from gateway.models import (
-    HISTORY_LIMIT_MAX,
+    HISTORY_PAGE_MAX,
     BalanceOut,
     BalancesOut,
     CreditBody,
@@ -191,7 +191,7 @@ async def get_balances(
 async def get_history(
     request: Request, client_id: ClientId, country: Country, currency: Currency,
     caller: Annotated[Caller, guard(GET_HISTORY)], issuer_type: IssuerType = None,
-    limit: Annotated[int, Query(ge=1, le=HISTORY_LIMIT_MAX)] = HISTORY_LIMIT_DEFAULT,
+    limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX)] = HISTORY_LIMIT_DEFAULT,
 ) -> HistoryOut:  # fmt: skip
     wallet = _wallet(client_id, country, currency, issuer_type)
     entries = await state_of(request).reader.history(wallet, limit)
