@@ -10,22 +10,29 @@ from hypothesis import strategies as st
 
 from mongobase.mongo import decimal128_to_minor, decimal_to_minor_exact
 from walletcore.balances import MinorBalance
-from walletcore.codes import CUSTOMER_ACCOUNT_CODE
+from walletcore.codes import CUSTOMER_ACCOUNT_CODE, TransferCode
 from walletcore.currencies import precision_of
 from walletcore.errors import ConflictError
+from walletcore.ids import hash_u128, transfer_id, void_transfer_id
+from walletcore.phases import Phase
 from walletcore.reconcile import (
     FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS,
     FLAG_HISTORY,
+    PHASE_CLOCK_SKEW_S,
+    PHASE_SWITCH_SLACK_S,
     WALLET_ISSUES,
     AccountView,
     ExpectedTransfer,
     IssueKind,
     OpEffect,
+    PhaseWindow,
+    RegisteredOperation,
     RegistryView,
     TransferView,
     Verdict,
     alerts,
     apply_effects,
+    backlog_may_carry,
     check_absent_transfer,
     check_conservation,
     check_transfer,
@@ -34,11 +41,15 @@ from walletcore.reconcile import (
     covered_by_opening,
     diff_balances,
     gate_findings,
+    made_by_platform,
     match_rate,
     opening_plan,
     plan_to_reach,
+    reverse_projection_may_carry,
+    still_pending,
     wallet_agrees,
 )
+from walletcore.transfer_map import operation_leg
 
 AMOUNT = st.integers(min_value=1, max_value=10**15)
 effects = st.lists(
@@ -290,3 +301,93 @@ def test_walletcore_flag_copies_equal_the_clients_enums() -> None:
 
     assert AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS == FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS
     assert AccountFlags.HISTORY == FLAG_HISTORY
+
+
+# --------------------------------------------------------------------------- which write path
+
+
+def test_a_stray_operation_makes_the_difference_real_even_when_it_closes_it() -> None:
+    """A young pending operation that closes the difference exactly is in flight only if a
+    write path carries it: with `real_kind` set (no write path does) it is real."""
+    tb = MinorBalance.from_posted(1000, 0)
+    legacy = MinorBalance.from_posted(1007 - 7, 0)
+    carried = OpEffect(kind="credit", amount_minor=7, transaction_id="t1")
+    assert classify(legacy, MinorBalance.from_posted(1007, 0),
+                    tigerbeetle_only=[carried]).verdict is Verdict.IN_FLIGHT
+    for kind in (IssueKind.UNKNOWN_TRANSFER, IssueKind.LOST_LEGACY_WRITE):
+        stray = carried.model_copy(update={"real_kind": kind})
+        result = classify(legacy, MinorBalance.from_posted(1007, 0), tigerbeetle_only=[stray])
+        assert result.verdict is Verdict.REAL and kind in result.reason
+    unapplied = carried.model_copy(update={"real_kind": IssueKind.UNAPPLIED_LEGACY_OPERATION})
+    result = classify(MinorBalance.from_posted(1007, 0), tb, legacy_only=[unapplied])
+    assert result.verdict is Verdict.REAL and result.max_diff_minor == 7
+    assert {IssueKind.UNKNOWN_TRANSFER, IssueKind.LOST_LEGACY_WRITE,
+            IssueKind.UNAPPLIED_LEGACY_OPERATION, IssueKind.NOT_CLEARED}.isdisjoint(WALLET_ISSUES)
+
+
+def test_which_phase_carries_a_pending_operation() -> None:
+    since = 1_000_000.0
+    skew, slack = PHASE_CLOCK_SKEW_S, PHASE_SWITCH_SLACK_S
+    for phase in (Phase.DUAL_WRITE, Phase.SHADOW_READ, Phase.READ_CUTOVER):
+        window = PhaseWindow(phase=phase, since_s=since)
+        assert backlog_may_carry(window, since + 10**6) and backlog_may_carry(window, 0.0)
+        assert not reverse_projection_may_carry(window, since + 1)  # MongoDB answers here
+    legacy = PhaseWindow(phase=Phase.LEGACY)
+    assert not backlog_may_carry(legacy, since) and not reverse_projection_may_carry(legacy, since)
+    primary = PhaseWindow(phase=Phase.TB_PRIMARY, since_s=since)
+    # MongoDB answered it before tb_primary took effect: still draining to TigerBeetle.
+    assert backlog_may_carry(primary, since + slack - 1)
+    assert not backlog_may_carry(primary, since + slack + 1)
+    # TigerBeetle answered it under tb_primary: the reverse projection owes it to MongoDB.
+    assert reverse_projection_may_carry(primary, since - skew + 1)
+    assert not reverse_projection_may_carry(primary, since - skew - 1)  # before: MongoDB lost it
+    complete = PhaseWindow(phase=Phase.COMPLETE, since_s=since)
+    assert not backlog_may_carry(complete, since - 1)
+    assert reverse_projection_may_carry(complete, since - 100)  # complete's drain
+    assert not reverse_projection_may_carry(complete, since + slack + 1)  # owes MongoDB nothing
+
+
+def test_made_by_platform_is_the_registry_record_and_its_leg() -> None:
+    ledger, account, wallet = 77, 12345, "c1:USA:USD:"
+    credit_id = transfer_id("t1")
+    record = RegisteredOperation(transaction_id="t1", transfer_id=credit_id, wallet=wallet,
+                                 account_id=account, type="credit", amount_minor=700)
+    leg = operation_leg(ledger, account, TransferCode.CREDIT)
+    made = TransferView(id=credit_id, debit_account_id=leg.debit_account_id,
+                        credit_account_id=leg.credit_account_id, amount=700,
+                        code=int(TransferCode.CREDIT))
+    assert made_by_platform(record, made, wallet=wallet, ledger=ledger)
+    # Same money, another id (the twin), or no record at all: not the platform's.
+    twin = made.model_copy(update={"id": hash_u128("twin")})
+    assert not made_by_platform(record, twin, wallet=wallet, ledger=ledger)
+    assert not made_by_platform(None, made, wallet=wallet, ledger=ledger)
+    assert not made_by_platform(record, made, wallet="c2:USA:USD:", ledger=ledger)
+    for wrong in ({"amount": 701}, {"code": int(TransferCode.DEBIT)},
+                  {"debit_account_id": leg.credit_account_id,
+                   "credit_account_id": leg.debit_account_id}):
+        assert not made_by_platform(record, made.model_copy(update=wrong), wallet=wallet,
+                                    ledger=ledger), wrong
+    assert not made_by_platform(record, made, wallet=wallet, ledger=ledger + 1)  # system ids
+    # Under a record whose id is not derived from its transaction: not the platform's either.
+    forged = record.model_copy(update={"transfer_id": twin.id})
+    assert not made_by_platform(forged, twin, wallet=wallet, ledger=ledger)
+    # A void: its own record, the reversing leg, the id derived from the original.
+    vid = void_transfer_id("t1")
+    void = RegisteredOperation(transaction_id="v1", transfer_id=vid, wallet=wallet,
+                               account_id=account, type="void", amount_minor=700)
+    vleg = operation_leg(ledger, account, TransferCode.CREDIT_VOID)
+    reversal = TransferView(id=vid, debit_account_id=vleg.debit_account_id,
+                            credit_account_id=vleg.credit_account_id, amount=700,
+                            code=int(TransferCode.CREDIT_VOID))
+    assert made_by_platform(void, reversal, wallet=wallet, ledger=ledger, void_of="t1")
+    assert not made_by_platform(void, reversal, wallet=wallet, ledger=ledger, void_of="t2")
+    # Held by the opening balance: never a transfer of its own.
+    opening = record.model_copy(update={"type": "credit_in_opening"})
+    assert not made_by_platform(opening, made, wallet=wallet, ledger=ledger)
+
+
+def test_a_recheck_clears_only_what_was_pending() -> None:
+    first = frozenset({"t1", "t2"})
+    assert still_pending(first, ["t2", "t3"])  # t2 pending at both reads: not cleared
+    assert not still_pending(first, ["t3"])  # only a newer one pending: still in flight
+    assert still_pending(None, ["t3"])  # the first read unknown: nothing shows it cleared
