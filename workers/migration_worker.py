@@ -15,16 +15,18 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from activities.clearing import build_clearing_activities
 from activities.migration import MigrationActivities
 from stores.bundle import Stores
 from workers.wallet_worker import unique_activities, workflow_runner
 from workers.wiring import OPS_WORKFLOWS, ensure_ops_indexes, ops_activities
+from workflows.clearing import ClearingBatchWorkflow
 from workflows.migration import MigrationWorkflow
 
 SHUTDOWN_GRACE_S = 10.0
 MAX_CONCURRENT_ACTIVITIES = 20  # backfill/reconcile pages are heavy: a few at a time
 
-MIGRATION_WORKFLOWS: tuple[type, ...] = (MigrationWorkflow, *OPS_WORKFLOWS)
+MIGRATION_WORKFLOWS: tuple[type, ...] = (MigrationWorkflow, *OPS_WORKFLOWS, ClearingBatchWorkflow)
 
 
 def migration_workflow_runner() -> SandboxedWorkflowRunner:
@@ -37,7 +39,8 @@ async def migration_activities(stores: Stores) -> list[Callable[..., Any]]:
     migration = MigrationActivities(stores.db, stores.migration)
     await migration.ensure_indexes()
     await ensure_ops_indexes(stores)
-    return unique_activities([*migration.all(), *ops_activities(stores)])
+    clearing = await build_clearing_activities(stores.db, stores.tb_client, stores.limits)
+    return unique_activities([*migration.all(), *ops_activities(stores), *clearing.all()])
 
 
 def build_migration_worker(
