@@ -354,8 +354,8 @@ async def test_a_difference_still_in_flight_keeps_the_gate_shut(
     temporal_client: Client, migration_worker: str, tmp_path: Path, env: Env,
     unique_id: UniqueId,
 ) -> None:
-    """A legacy write whose TigerBeetle side has not landed by the re-check: in flight, not
-    real (no alert), and no gate passes until a run sees it cleared."""
+    """A legacy write whose TigerBeetle side has not landed by the re-check: in flight at the
+    first read, not cleared at the re-check, so real (in_flight_not_cleared): no gate passes."""
     scope = env.pairs[0]
     handle = await in_dual_write(temporal_client, migration_worker, scope, tmp_path)
     await seed_and_backfill(env, scope, unique_id, n=1)
@@ -364,8 +364,9 @@ async def test_a_difference_still_in_flight_keeps_the_gate_shut(
         after=None, limit=10, currency=currency, country=country)]
     await credit(env, wallet, unique_id("late"), "1")  # its backlog item never ran
     found = await reconcile(migration_worker, temporal_client, [scope])
-    assert (found.in_flight, found.real, found.alerts) == (1, 0, [])
-    await reconciliation_gate_shut(handle, "1 wallet(s) still in flight after the re-check")
+    assert (found.in_flight, found.real) == (0, 1) and found.alerts, found
+    assert found.findings.get("in_flight_not_cleared") == 1, found.findings
+    await reconciliation_gate_shut(handle, "findings: in_flight_not_cleared 1")
     await handle.terminate("test done")
 
 
