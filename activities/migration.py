@@ -32,6 +32,7 @@ from messages.migration import (
     ACTIVITY_COLLECT_EVIDENCE,
     ACTIVITY_LOAD_STATE,
     ACTIVITY_PUBLISH_STATE,
+    ACTIVITY_SYNC,
     ACTIVITY_WRITE_AUDIT,
     ArchiveInfo,
     ArchiveRequest,
@@ -41,6 +42,8 @@ from messages.migration import (
     PublishStateInput,
     ReverseDrainRequest,
     ReverseDrainResult,
+    SyncRequest,
+    SyncResult,
 )
 from mongobase.queries import Created
 from registries.transfer_registry import TransferRegistry
@@ -125,6 +128,15 @@ class MigrationActivities:
                     != (state.phase, state.rollout_percent)
                 ):
                     raise  # someone else published a newer state: never overwrite it
+
+    @activity.defn(name=ACTIVITY_SYNC)
+    async def sync(self, req: SyncRequest) -> SyncResult:
+        """What is published for the scopes and the newest audit entries of the migration:
+        a workflow started again after a terminate, or reset to an earlier point, continues
+        from these (the next audit seq, the phase every worker follows)."""
+        found = [await self._migration.find(scope, fresh=True) for scope in req.scopes]
+        tail = await self._audit.list(req.migration_id, limit=req.recent_max)
+        return SyncResult(states=[s for s in found if s is not None], audit_tail=tail)
 
     # ---- audit ----------------------------------------------------------------------------------
 
@@ -298,4 +310,5 @@ class MigrationActivities:
             self.write_audit,
             self.archive_legacy,
             self.await_reverse_drain,
+            self.sync,
         ]
