@@ -9,6 +9,9 @@ State layout (STATE = WALLETMIG_STATE_DIR, default `.walletmig/`):
     STATE/env                shell exports of the stack's addresses (see load_stack_env)
     STATE/logs/<name>.log    one log per component
     STATE/temporal/ STATE/redis/ STATE/mongo/ STATE/tigerbeetle/   server data
+
+The HTTP API gateway (`walletmig api`) starts last, after the worker: it needs the servers,
+not the worker, but a caller reaching it should find the whole stack answering.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +38,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tb_emulator.request_limit import (
+    REQUEST_LIMIT_BYTES_DEFAULT,
+    REQUEST_LIMIT_BYTES_DEVELOPMENT,
+    REQUEST_LIMIT_BYTES_MAX,
+    REQUEST_LIMIT_BYTES_MIN,
+    parse_request_limit,
+)
 from walletconfig.settings import DEFAULT_STATE_DIR, ENVIRONMENT
 from walletmig.processes import (
     ProcessRecord,
@@ -42,9 +56,12 @@ from walletmig.processes import (
     stop,
 )
 
-# Start order; `down` goes in reverse. The worker needs every server, so it comes last.
+# Start order; `down` goes in reverse. The worker needs every server; the API comes last.
 SERVERS: tuple[str, ...] = ("temporal", "redis", "mongo", "tigerbeetle")
-COMPONENTS: tuple[str, ...] = (*SERVERS, "worker")
+COMPONENTS: tuple[str, ...] = (*SERVERS, "worker", "api")
+# Started phase by phase: every component of a phase is launched, then all are awaited.
+PHASES: tuple[tuple[str, ...], ...] = (SERVERS, ("worker",), ("api",))
+assert tuple(name for phase in PHASES for name in phase) == COMPONENTS
 
 # Custom search attributes the workflows upsert; registered at server start (dev and tests).
 SEARCH_ATTRIBUTES: dict[str, str] = {"MigrationPhase": "Keyword", "RolloutPercent": "Int"}
@@ -57,6 +74,9 @@ DEV_ENVIRONMENT: dict[str, tuple[str, str]] = {
     "WALLETMIG_REDIS_PORT": ("redis_port", "6380"),
     "WALLETMIG_MONGO_PORT": ("mongo_port", "27018"),
     "WALLETMIG_TB_PORT": ("tb_port", "3033"),
+    # 8090, not the API's own default 8080: that is the Temporal UI's port in production and
+    # a common local one.
+    "WALLETMIG_API_PORT": ("api_port", "8090"),
     "WALLETMIG_READY_TIMEOUT_S": ("ready_timeout_s", "90"),
 }
 
@@ -65,6 +85,7 @@ CONFIG_FILE = "stack.json"  # the ports `up` used, so later commands need no fla
 ENV_FILE = "env"
 LOCK_FILE = "lock"
 WORKER_MODULE = "walletmig.commands.worker"
+API_MODULE = "walletmig.commands.api"
 TB_EMULATOR_MODULE = "tb_emulator.__main__"
 SECANTUS_CONFIG_FILE = "secantusd.toml"
 # Everything is set by flags. SecantusDB 0.7 has no transaction lifetime setting (neither a
@@ -75,12 +96,22 @@ PROBE_INTERVAL_S = 0.1
 PROBE_INTERVAL_MAX_S = 1.0
 PROBE_COMMAND_TIMEOUT_S = 5.0
 LOCK_TIMEOUT_S = 120.0
+HTTP_PROBE_TIMEOUT_S = 2.0
+HTTP_BODY_MAX_BYTES = 64 * 1024  # /readyz answers a few hundred bytes
+# The emulator's ready line (tb_emulator.server.EmulatorServer.ready_line).
+TB_READY_LIMIT = re.compile(r"request_limit_bytes=(\d+) pid=(\d+)")
+TB_DEVELOPMENT = "development"  # `--tb-limit-request development`: what --development sets
 
 State = Literal["up", "down", "starting", "skipped", "foreign"]
 
 
 class StackError(Exception):
     """An expected failure of the dev stack (port busy, readiness timeout, missing binary)."""
+
+
+class NotReadyError(StackError):
+    """A component that was already running did not become ready within the timeout (it is
+    left running: `dev status` shows it, `dev down` stops it)."""
 
 
 class StackConfig(BaseModel):
@@ -95,6 +126,11 @@ class StackConfig(BaseModel):
     redis_port: int = Field(default=6380, gt=0, lt=65536)
     mongo_port: int = Field(default=27018, gt=0, lt=65536)
     tb_port: int = Field(default=3033, gt=0, lt=65536)
+    api_port: int = Field(default=8090, gt=0, lt=65536)
+    # The emulator's --limit-request; remembered in stack.json like the ports.
+    tb_request_limit_bytes: int = Field(
+        default=REQUEST_LIMIT_BYTES_DEFAULT, ge=REQUEST_LIMIT_BYTES_MIN, le=REQUEST_LIMIT_BYTES_MAX
+    )
     ready_timeout_s: float = Field(default=90.0, gt=0, le=900)
     stop_timeout_s: float = Field(default=15.0, gt=0, le=300)
     # False: no fsync per commit (survives process crashes, not power loss); about 3x faster
@@ -125,10 +161,12 @@ class StackConfig(BaseModel):
         return cls.model_validate(values)
 
     def save(self) -> None:
-        """Remember the ports in STATE/stack.json for later status/down/worker commands."""
+        """Remember the ports in STATE/stack.json for later status/down/worker commands. Not
+        the timeouts: one `up --timeout-s 2` must not shorten every later wait."""
         path = self.state_dir / CONFIG_FILE
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(self.model_dump_json(exclude={"state_dir"}, indent=2) + "\n")
+        unsaved = {"state_dir", "ready_timeout_s", "stop_timeout_s"}
+        temporary.write_text(self.model_dump_json(exclude=unsaved, indent=2) + "\n")
         os.replace(temporary, path)
 
     @classmethod
@@ -136,8 +174,11 @@ class StackConfig(BaseModel):
         """A config on OS-chosen free ports: for tests and parallel stacks."""
         ports = {
             name: free_port()
-            for name in ("temporal_port", "temporal_ui_port", "redis_port", "mongo_port", "tb_port")
-        }
+            for name in (
+                "temporal_port", "temporal_ui_port", "redis_port", "mongo_port", "tb_port",
+                "api_port",
+            )
+        }  # fmt: skip
         return cls.model_validate({"state_dir": state_dir, **ports, **overrides})
 
     @property
@@ -159,6 +200,21 @@ class StackConfig(BaseModel):
     @property
     def tb_addresses(self) -> str:
         return f"tbemu://{self.host}:{self.tb_port}"
+
+    def api_url(self, environ: Mapping[str, str] | None = None) -> str:
+        """HTTPS when the API's environment names a certificate (gateway.settings)."""
+        env = os.environ if environ is None else environ
+        scheme = "https" if env.get("WALLETMIG_API_TLS_CERT") else "http"
+        return f"{scheme}://{self.host}:{self.api_port}"
+
+
+def parse_tb_limit_request(text: str) -> int:
+    """`--tb-limit-request`: `development` (32KiB, as `tigerbeetle start --development`), or a
+    size the emulator's `--limit-request` takes (bytes, `32KiB`, `1MiB`). ValueError names
+    what is wrong in one line."""
+    if text.strip().lower() == TB_DEVELOPMENT:
+        return REQUEST_LIMIT_BYTES_DEVELOPMENT
+    return parse_request_limit(text)
 
 
 def mongodb_uri(host: str, port: int) -> str:
@@ -236,6 +292,8 @@ class ComponentSpec:
     unavailable: str = ""  # non-empty: cannot run yet, the reason is shown as "skipped"
     # Files written into data_dir before each start: file name -> text.
     data_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # What `status` adds about a ready component (the API's /readyz, the emulator's limit).
+    describe: Callable[[ProcessRecord], str] | None = None
 
 
 def stack_env(config: StackConfig) -> dict[str, str]:
@@ -245,6 +303,9 @@ def stack_env(config: StackConfig) -> dict[str, str]:
         "MONGODB_URI": config.mongodb_uri,
         "REDIS_URL": config.redis_url,
         "TB_ADDRESSES": config.tb_addresses,
+        # The emulator enforces it like a real cluster; the platform sizes its batches by it.
+        "TB_REQUEST_LIMIT_BYTES": str(config.tb_request_limit_bytes),
+        "WALLETMIG_API_URL": config.api_url(),
         "WALLETMIG_STATE_DIR": str(config.state_dir.resolve()),
     }
 
@@ -326,6 +387,67 @@ def _mongo_ready(uri: str) -> Callable[[int], bool]:
 
 def _tcp_ready(host: str, port: int) -> Callable[[int], bool]:
     return lambda _pid: port_accepts(host, port)
+
+
+def http_get(url: str, timeout_s: float = HTTP_PROBE_TIMEOUT_S) -> tuple[int, bytes] | None:
+    """(status, body) of GET `url`, or None when nothing answers. Our own loopback process:
+    no proxy, and a TLS certificate is not verified (the PID identifies the server)."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if url.startswith("https:"):
+        handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(url, timeout=timeout_s) as response:
+            return int(response.status), response.read(HTTP_BODY_MAX_BYTES)
+    except urllib.error.HTTPError as answered:
+        return int(answered.code), answered.read(HTTP_BODY_MAX_BYTES)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _api_ready(url: str) -> Callable[[int], bool]:
+    def probe(pid: int) -> bool:
+        # Ready = the process serves HTTP (/healthz). Its dependencies are /readyz's business:
+        # the API starts, and says what is down, while a server is down.
+        answer = http_get(f"{url}/healthz")
+        return answer is not None and answer[0] == 200
+
+    return probe
+
+
+def _api_readiness(url: str) -> Callable[[ProcessRecord], str]:
+    def describe(record: ProcessRecord) -> str:
+        answer = http_get(f"{url}/readyz")
+        if answer is None:
+            return "/readyz: no answer"
+        try:
+            report = json.loads(answer[1])
+            down = sorted(name for name, dependency in report["dependencies"].items()
+                          if dependency.get("state") != "up")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"/readyz: {answer[0]}"
+        return "ready" if answer[0] == 200 and not down else f"not ready: {', '.join(down)} down"
+
+    return describe
+
+
+def emulator_request_limit(record: ProcessRecord) -> int:
+    """The request limit a running emulator applies: its ready line in the log (what it
+    announced to clients), else its command line (--limit-request, --development)."""
+    announced: int | None = None
+    with contextlib.suppress(OSError), Path(record.log_path).open(errors="replace") as log:
+        for line in log:
+            match = TB_READY_LIMIT.search(line)
+            if match is not None and int(match.group(2)) == record.pid:
+                announced = int(match.group(1))
+    if announced is not None:
+        return announced
+    argv = list(record.argv)
+    if "--limit-request" in argv[:-1]:
+        return parse_request_limit(argv[argv.index("--limit-request") + 1])
+    if "--development" in argv:
+        return REQUEST_LIMIT_BYTES_DEVELOPMENT
+    return REQUEST_LIMIT_BYTES_DEFAULT
 
 
 def _worker_ready(temporal: Path, address: str, task_queues: Sequence[str]
@@ -437,12 +559,15 @@ def _tigerbeetle_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentS
         "--host", config.host,
         "--port", str(config.tb_port),
         "--data-file", str(data_dir / "0_0.tbemu"),
+        # Always explicit, so the command line in pids.json says it too.
+        "--limit-request", str(config.tb_request_limit_bytes),
     )  # fmt: skip
     return ComponentSpec(
         name="tigerbeetle", argv=argv, address=config.tb_addresses, port=config.tb_port,
         data_dir=data_dir, probe=_tcp_ready(config.host, config.tb_port), env=env,
         unavailable="" if module_available(TB_EMULATOR_MODULE)
         else "tb_emulator has no __main__ yet",
+        describe=lambda record: f"request limit {emulator_request_limit(record)} bytes",
     )  # fmt: skip
 
 
@@ -466,6 +591,22 @@ def _worker_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) ->
     )  # fmt: skip
 
 
+def _api_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
+    """The HTTP API gateway (`walletmig api`) on the stack's host, reaching the stack's
+    servers; WALLETMIG_API_* in the environment configure the rest (rate limits, TLS...)."""
+    api_env = {**env, **stack_env(config)}
+    url = config.api_url(api_env)
+    return ComponentSpec(
+        name="api",
+        argv=(sys.executable, "-m", "walletmig", "api",
+              "--host", config.host, "--port", str(config.api_port)),
+        address=url, port=config.api_port, data_dir=None, probe=_api_ready(url), env=api_env,
+        unavailable="" if module_available(API_MODULE)
+        else "`walletmig api` command not registered yet",
+        describe=_api_readiness(url),
+    )  # fmt: skip
+
+
 def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
     """Every component's launch spec, in start order (one function per component above)."""
     temporal = find_binary("temporal")
@@ -476,6 +617,7 @@ def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
         "mongo": _mongo_spec(config, base_env),
         "tigerbeetle": _tigerbeetle_spec(config, base_env),
         "worker": _worker_spec(config, temporal, base_env),
+        "api": _api_spec(config, base_env),
     }
     assert tuple(specs) == COMPONENTS
     return specs
@@ -617,8 +759,10 @@ def _check_ports_free(
 def up(config: StackConfig, components: Sequence[str] | None = None) -> list[ComponentStatus]:
     """Start the selected components (default: all) and wait until each is ready.
 
-    Idempotent: a component whose recorded process still runs is left alone. On failure the
-    component that failed is stopped (others stay up) and StackError names it and its log.
+    Idempotent: a component whose recorded process still runs is left alone, and reported up
+    only once it passes the readiness check `status` runs (waiting for it up to the timeout,
+    then NotReadyError; it stays running). A component that was started and does not become
+    ready is stopped (others stay up) and StackError names it and its log.
     """
     selected = _select(components)
     specs = component_specs(config)
@@ -627,16 +771,22 @@ def up(config: StackConfig, components: Sequence[str] | None = None) -> list[Com
     with _locked(state):
         records = read_records(state)
         _check_ports_free(config, specs, selected, records)
-        for phase in (SERVERS, ("worker",)):
-            # Launch every server of a phase first, then wait: they boot in parallel.
+        _check_request_limit(config, records)
+        for phase in PHASES:
+            # Launch every component of a phase first, then wait: they boot in parallel.
             started: list[str] = []
+            running: list[str] = []
             for name in (n for n in phase if n in selected):
                 found = _launch(config, specs[name], records)
                 if found is None:
                     started.append(name)
+                elif found.state == "up":
+                    running.append(name)
                 else:
                     results[name] = found
             deadline = time.monotonic() + config.ready_timeout_s
+            for name in running:
+                results[name] = _await_running(config, specs[name], records[name], deadline)
             for name in started:
                 results[name] = _await_started(config, specs[name], records, deadline)
         config.save()
@@ -644,10 +794,26 @@ def up(config: StackConfig, components: Sequence[str] | None = None) -> list[Com
     return [results[name] for name in selected]
 
 
+def _check_request_limit(config: StackConfig, records: Mapping[str, ProcessRecord]) -> None:
+    """Refuse before starting anything when the running emulator applies another request
+    limit than the one asked for: the stack's TB_REQUEST_LIMIT_BYTES would be wrong."""
+    record = records.get("tigerbeetle")
+    if record is None or not is_alive(record):
+        return
+    running = emulator_request_limit(record)
+    if running != config.tb_request_limit_bytes:
+        raise StackError(
+            f"tigerbeetle (pid {record.pid}) runs with request limit {running} bytes, not "
+            f"{config.tb_request_limit_bytes} (--tb-limit-request); run `walletmig dev down "
+            "--only tigerbeetle` first to change it"
+        )
+
+
 def _launch(
     config: StackConfig, spec: ComponentSpec, records: dict[str, ProcessRecord]
 ) -> ComponentStatus | None:
-    """Spawn `spec` unless it already runs or cannot run; None = spawned (and recorded)."""
+    """Spawn `spec` unless it already runs or cannot run; None = spawned (and recorded), a
+    status "up" = its recorded process runs (not yet checked for readiness)."""
     state = config.state_dir
     record = records.get(spec.name)
     if record is not None and is_alive(record):
@@ -679,6 +845,30 @@ def _launch(
     return None
 
 
+def _await_running(
+    config: StackConfig, spec: ComponentSpec, record: ProcessRecord, deadline: float
+) -> ComponentStatus:
+    """A component that was already running is up once it passes its readiness probe (a
+    worker whose Temporal restarted runs for a while before it polls again)."""
+    waited_from = time.monotonic()
+    ready = spec.probe(record.pid)
+    if not ready:
+        try:
+            _wait_ready(spec, record, deadline)
+        except StackError:
+            state = "exited" if not is_alive(record) else "is running but not ready"
+            raise NotReadyError(
+                f"{spec.name} (pid {record.pid}) {state} after {config.ready_timeout_s:g} s "
+                f"(not answering at {record.address}); log {record.log_path}"
+            ) from None
+    detail = "already running" if ready else (
+        f"already running, ready after {time.monotonic() - waited_from:.1f} s")
+    return ComponentStatus(
+        name=spec.name, state="up", address=record.address, pid=record.pid,
+        log_path=record.log_path, detail=detail,
+    )  # fmt: skip
+
+
 def _await_started(
     config: StackConfig, spec: ComponentSpec, records: dict[str, ProcessRecord], deadline: float
 ) -> ComponentStatus:
@@ -704,6 +894,7 @@ def _env_from_records(config: StackConfig, records: Mapping[str, ProcessRecord])
         "redis": "REDIS_URL",
         "mongo": "MONGODB_URI",
         "tigerbeetle": "TB_ADDRESSES",
+        "api": "WALLETMIG_API_URL",
     }
     for name, key in keys.items():
         if name in records:
@@ -760,6 +951,10 @@ def status(config: StackConfig) -> list[ComponentStatus]:
         record = records.get(name)
         if record is not None and is_alive(record):
             ready = spec.probe(record.pid)
+            if ready:
+                detail = "" if spec.describe is None else spec.describe(record)
+            else:
+                detail = "process running, not answering yet"
             results.append(
                 ComponentStatus(
                     name=name,
@@ -767,7 +962,7 @@ def status(config: StackConfig) -> list[ComponentStatus]:
                     address=record.address,
                     pid=record.pid,
                     log_path=record.log_path,
-                    detail="" if ready else "process running, not answering yet",
+                    detail=detail,
                 )
             )
         elif spec.unavailable and record is None:

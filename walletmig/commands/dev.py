@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 from typing import Any
 
@@ -13,6 +14,15 @@ from walletmig.commands import UsageError
 EXIT_NOT_ALL_UP = 3  # `dev status` when a component is down (as LSB `status` does)
 
 
+def _tb_limit_request(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return devstack.parse_tb_limit_request(text)
+    except ValueError as bad:
+        raise UsageError(f"--tb-limit-request: {bad}") from None
+
+
 def _stack_config(args: argparse.Namespace) -> devstack.StackConfig:
     return devstack.StackConfig.from_env(
         temporal_port=getattr(args, "temporal_port", None),
@@ -20,6 +30,8 @@ def _stack_config(args: argparse.Namespace) -> devstack.StackConfig:
         redis_port=getattr(args, "redis_port", None),
         mongo_port=getattr(args, "mongo_port", None),
         tb_port=getattr(args, "tb_port", None),
+        api_port=getattr(args, "api_port", None),
+        tb_request_limit_bytes=_tb_limit_request(getattr(args, "tb_limit_request", None)),
         ready_timeout_s=getattr(args, "timeout_s", None),
     )
 
@@ -39,6 +51,8 @@ def _components(args: argparse.Namespace) -> list[str] | None:
         )
     if getattr(args, "no_worker", False):
         selected = [name for name in selected if name != "worker"]
+    if getattr(args, "no_api", False):
+        selected = [name for name in selected if name != "api"]
     return selected
 
 
@@ -51,13 +65,21 @@ def _print_footer(config: devstack.StackConfig, statuses: list[devstack.Componen
     temporal = next((s for s in statuses if s.name == "temporal"), None)
     if temporal is not None and temporal.state == "up":
         print(f"Temporal UI  {config.temporal_ui_url}")
+    api = next((s for s in statuses if s.name == "api"), None)
+    if api is not None and api.state == "up":
+        print(f"HTTP API     {api.address}  (OpenAPI at /openapi.json; keys: walletmig api-key)")
     print(f"state        {config.state_dir.resolve()}  (logs in logs/, exports in env)")
 
 
 def _up(args: argparse.Namespace) -> int:
     config = _stack_config(args)
     started_s = time.monotonic()
-    statuses = devstack.up(config, _components(args))
+    try:
+        statuses = devstack.up(config, _components(args))
+    except devstack.NotReadyError as not_ready:
+        # Exit 3 like `dev status`: the component runs, it does not answer (yet).
+        print(f"walletmig: error: {not_ready}", file=sys.stderr)
+        return EXIT_NOT_ALL_UP
     _print_statuses(statuses)
     _print_footer(config, statuses)
     print(f"ready in {time.monotonic() - started_s:.1f} s")
@@ -95,6 +117,7 @@ def _add_port_flags(parser: argparse.ArgumentParser) -> None:
         ("--redis-port", "WALLETMIG_REDIS_PORT"),
         ("--mongo-port", "WALLETMIG_MONGO_PORT"),
         ("--tb-port", "WALLETMIG_TB_PORT"),
+        ("--api-port", "WALLETMIG_API_PORT"),
     ]
     for flag, env_name in flags:
         default = devstack.DEV_ENVIRONMENT[env_name][1]
@@ -112,10 +135,19 @@ def register(subparsers: Any) -> None:
     commands = dev.add_subparsers(dest="dev_command", metavar="ACTION", required=True)
     components_help = f"comma-separated subset of {','.join(devstack.COMPONENTS)}"
 
-    up = commands.add_parser("up", help="start every component and wait until ready")
+    up = commands.add_parser(
+        "up", help="start every component and wait until ready (exit 3: a running one is not)"
+    )
     _add_port_flags(up)
     up.add_argument("--only", help=components_help)
-    up.add_argument("--no-worker", action="store_true", help="start the servers only")
+    up.add_argument("--no-worker", action="store_true", help="do not start the worker")
+    up.add_argument("--no-api", action="store_true", help="do not start the HTTP API")
+    up.add_argument(
+        "--tb-limit-request", metavar="SIZE", default=None,
+        help="the TigerBeetle emulator's request limit, 4KiB..1MiB, or `development` (32KiB); "
+        "`dev env` exports it as TB_REQUEST_LIMIT_BYTES; remembered like the ports "
+        "(default 1MiB)",
+    )  # fmt: skip
     up.add_argument(
         "--timeout-s",
         type=float,
