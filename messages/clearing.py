@@ -287,3 +287,185 @@ class TerminalReconcileSummary(_Model):
             and not self.entries_without_transfer and self.duplicated_entries == 0
             and self.trial_balance_zero and self.chain_ok
         )
+
+
+# ---- sync, reconciliation and recovery (activities/terminal_*, workflows/terminal_sync) -----
+
+SYNC_WORKFLOW_ID = "ledger-sync/continuous"  # the one continuous sync (id reused on restart)
+SYNC_CATCH_UP_WORKFLOW_ID = "ledger-sync/catch-up"  # what the schedule starts
+SYNC_PAGE_LIMIT_DEFAULT = 4096  # transfers scanned per page (pending, post and void alike)
+SYNC_IDLE_S_DEFAULT = 5.0  # a caught-up continuous sync looks again after this (lag target 60)
+SYNC_PAGES_PER_RUN_DEFAULT = 500  # pages of one run before continue-as-new
+SYNC_PAGES_PER_RUN_MAX = 10_000
+RECONCILE_PAGE_DEFAULT = TB_BATCH_MAX
+RECONCILE_STAGES = ("start", "entries", "transfers", "holds", "finish")
+
+
+class SyncPageReport(SyncPageResult):
+    """A sync page in detail. `posted`: posted clearing transfers scanned; `existing`: those
+    the ledger held already (the pipeline settled them); `unmatched`: posted transfers without
+    a transaction in the system of reference (or with other content), hex ids, never written;
+    `lag_exact`: False when the page saw no missing post and did not reach the end, so
+    `lag_s` is an upper bound (now - the cursor)."""
+
+    posted: int = Field(default=0, ge=0)
+    existing: int = Field(default=0, ge=0)
+    unmatched: list[str] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    unmatched_count: int = Field(default=0, ge=0)
+    oldest_unmatched_ts: int = Field(default=0, ge=0, le=INT64_MAX)
+    lag_exact: bool = True
+
+
+class SyncTotals(_Model):
+    pages: int = Field(default=0, ge=0)
+    scanned: int = Field(default=0, ge=0)
+    new_entries: int = Field(default=0, ge=0)
+    unmatched: int = Field(default=0, ge=0)
+
+
+class LedgerSyncInput(_Model):
+    """LedgerSyncWorkflow: `once` stops when caught up (the schedule's catch-up run); otherwise
+    it polls every `idle_s` while caught up and continues as new every `pages_per_run` pages.
+    `cursor` is a floor carried across continue-as-new (the durable cursor is in the ledger)."""
+
+    once: bool = False
+    cursor: SyncCursor = Field(default_factory=SyncCursor)
+    limit: int = Field(default=SYNC_PAGE_LIMIT_DEFAULT, ge=1, le=TB_BATCH_MAX)
+    idle_s: float = Field(default=SYNC_IDLE_S_DEFAULT, ge=0.1, le=3600)
+    pages_per_run: int = Field(default=SYNC_PAGES_PER_RUN_DEFAULT, ge=1,
+                               le=SYNC_PAGES_PER_RUN_MAX)
+    totals: SyncTotals = Field(default_factory=SyncTotals)
+
+
+class LedgerSyncOutcome(_Model):
+    """A sync run until caught up (or out of pages): `lag_s` is the lag it found first (now -
+    the oldest posted transfer missing from the ledger; 0 when nothing was missing and it
+    reached the end)."""
+
+    cursor: SyncCursor
+    totals: SyncTotals
+    caught_up: bool
+    lag_s: float = Field(ge=0)
+    lag_exact: bool = True
+
+
+class BalanceDrift(_Model):
+    """A stored GL balance that differs from the sum of the entries below it (tampering or a
+    lost write): the balance documents no longer follow the chain."""
+
+    account: int
+    currency: str
+    stored_debits_minor: int
+    stored_credits_minor: int
+    entries_debits_minor: int
+    entries_credits_minor: int
+
+
+class TerminalReconcileState(_Model):
+    """Progress of one terminal reconciliation, passed page to page (small: sums per
+    (account, currency) key, counters and bounded samples)."""
+
+    run_id: str = Field(min_length=1, max_length=128)
+    page_size: int = Field(default=RECONCILE_PAGE_DEFAULT, ge=1, le=TB_BATCH_MAX)
+    catch_up: bool = True
+    stage: str = Field(default="start", pattern="^(start|entries|transfers|holds|finish)$")
+    started_at: datetime | None = None
+    snapshot_timestamp: int = Field(default=0, ge=0, le=INT64_MAX)  # T: the sync cursor
+    head_seq: int = Field(default=0, ge=0)  # the chain head the stored balances belong to
+    stored: dict[str, list[int]] = Field(default_factory=dict)  # key -> [debits, credits]
+    entries_sum: dict[str, list[int]] = Field(default_factory=dict)  # entries seq <= head
+    after_t: dict[str, list[int]] = Field(default_factory=dict)  # seq <= head, ts > T
+    after_seq: int = Field(default=0, ge=0)
+    chain_hash: str = Field(default="0" * 64, pattern=r"^[0-9a-f]{64}$")
+    chain_ok: bool = True
+    chain_reason: str | None = None
+    entries_checked: int = Field(default=0, ge=0)
+    after_timestamp: int = Field(default=0, ge=0, le=INT64_MAX)
+    transfers_checked: int = Field(default=0, ge=0)
+    posted_without_entry: list[str] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    posted_without_entry_count: int = Field(default=0, ge=0)
+    entries_without_transfer: list[str] = Field(
+        default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    entries_without_transfer_count: int = Field(default=0, ge=0)
+    transfer_mismatches: list[str] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    transfer_mismatch_count: int = Field(default=0, ge=0)
+    duplicated_entries: int = Field(default=0, ge=0)
+    holds_checked: int = Field(default=0, ge=0)
+    expired_holds: list[str] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    expired_hold_count: int = Field(default=0, ge=0)
+    synced_pages: int = Field(default=0, ge=0)
+
+
+class TerminalReconcileInput(_Model):
+    """TerminalReconcileWorkflow / `walletmig ledger reconcile`: `catch_up` runs the sync first
+    (bounded), then everything is compared as of the sync cursor's TigerBeetle timestamp.
+    `state`: the progress carried across continue-as-new."""
+
+    run_id: str = Field(min_length=1, max_length=128)
+    catch_up: bool = True
+    page_size: int = Field(default=RECONCILE_PAGE_DEFAULT, ge=1, le=TB_BATCH_MAX)
+    state: TerminalReconcileState | None = None
+
+
+class TerminalReconcileReport(TerminalReconcileSummary):
+    """The summary plus what it has no field for: balance documents that drifted from the
+    entries, entries whose transfer says something else, full counts behind the samples."""
+
+    snapshot_timestamp: int = Field(default=0, ge=0, le=INT64_MAX)
+    balance_drift: list[BalanceDrift] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    transfer_mismatches: list[str] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    posted_without_entry_count: int = Field(default=0, ge=0)
+    entries_without_transfer_count: int = Field(default=0, ge=0)
+    transfer_mismatch_count: int = Field(default=0, ge=0)
+    expired_hold_count: int = Field(default=0, ge=0)
+    holds_checked: int = Field(default=0, ge=0)
+    missing_mirrors: list[str] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    chain_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (super().ok and not self.balance_drift and not self.transfer_mismatches
+                and not self.missing_mirrors)
+
+
+class LedgerRebuildResult(_Model):
+    """`walletmig ledger rebuild-from-tigerbeetle`: the ledger replayed from TigerBeetle (sync
+    from cursor 0) and verified. `digest_*`: order-free digest of (entry id, content hash)
+    over every entry; `equal` compares them (None when nothing was taken before)."""
+
+    entries_before: int | None = None
+    entries_after: int = Field(ge=0)
+    digest_before: str | None = None
+    digest_after: str
+    equal: bool | None = None
+    sync: LedgerSyncOutcome
+    trial_balance_zero: bool
+    chain_ok: bool
+    reconcile_ok: bool
+    reconcile_run_id: str
+    seconds: float = Field(ge=0)
+
+    @property
+    def ok(self) -> bool:
+        return (self.trial_balance_zero and self.chain_ok and self.reconcile_ok
+                and self.equal is not False and self.sync.caught_up)
+
+
+class TigerBeetleRebuildResult(_Model):
+    """`walletmig ledger rebuild-tigerbeetle`: mirrors and posted balances imported into a
+    fresh cluster from the ledger, with the entries' timestamps, then compared."""
+
+    accounts_created: int = Field(ge=0)
+    accounts_existing: int = Field(ge=0)
+    transfers_imported: int = Field(ge=0)
+    transfers_existing: int = Field(ge=0)
+    failed: list[str] = Field(default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    failed_count: int = Field(default=0, ge=0)
+    mirrors_checked: int = Field(ge=0)
+    mismatched_accounts: list[AccountMismatch] = Field(
+        default_factory=list, max_length=REFUSED_SAMPLE_MAX)
+    seconds: float = Field(ge=0)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed_count == 0 and not self.mismatched_accounts
