@@ -231,6 +231,24 @@ def test_walletmig_is_one_image_under_an_init_and_workers_get_time_to_stop(path:
     assert cli["command"] == ["--help"] and cli["profiles"] == ["cli"]
 
 
+@pytest.mark.parametrize("path", [MAIN, HOST_FILES[2]], ids=lambda p: p.name)
+def test_api_gateway_serves_on_loopback_with_a_readiness_check(path: Path) -> None:
+    found = services(path)
+    api, worker = found["walletmig-api"], found["walletmig-worker"]
+    assert api["image"] == worker["image"] and "build" not in api, "the worker's image"
+    assert api["command"] == ["api", "--host", "0.0.0.0", "--port", "8080"]
+    assert published_ports(api) == [("127.0.0.1:${WALLETMIG_API_PUBLISHED_PORT:-8090}", "8080")]
+    assert is_long_running(api) and seconds(api["stop_grace_period"]) >= WORKER_STOP_GRACE_S_MIN
+    env, shared = environment(api), environment(worker)
+    assert {key: env[key] for key in shared} == shared, "the shared environment anchor"
+    assert set(env) - set(shared) == {"WALLETMIG_API_TLS_CERT", "WALLETMIG_API_TLS_KEY"}
+    assert env["WALLETMIG_API_TLS_CERT"] == "${WALLETMIG_API_TLS_CERT:-}"  # unset = HTTP
+    check = api["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"] and "/readyz" in check[3]
+    compile(check[3], "healthcheck", "exec")  # the image has Python, no curl
+    assert set(api["depends_on"]) <= set(worker["depends_on"])
+
+
 # ----------------------------------------------------------------------------- health
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
