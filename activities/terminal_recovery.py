@@ -144,6 +144,8 @@ class TigerBeetleRebuild:
     async def run(self) -> TigerBeetleRebuildResult:
         started = time.monotonic()
         first = await self._ledger.entries_by_timestamp(after_timestamp=0, limit=1)
+        if first:
+            await self._check_target(first[0].entry)
         await self._accounts(first[0].entry.tb_timestamp if first else 0)
         after = 0
         page_size = min(self._limits.create_batch_max, PAGE_MAX)
@@ -174,6 +176,18 @@ class TigerBeetleRebuild:
             self._target.query_accounts(query) if accounts
             else self._target.query_transfers(query))
         return rows[0].timestamp if rows else 0
+
+    async def _check_target(self, oldest: JournalEntry) -> None:
+        """Refuse before writing anything when the oldest entry can no longer be imported:
+        the cluster holds a newer transfer and not the entry's own (a resumed rebuild has)."""
+        if await self._newest(accounts=False) < oldest.tb_timestamp:
+            return
+        if await self._target.lookup_transfers([oldest.transfer_id]):
+            return
+        raise InvalidInputError(
+            "the target cluster holds transfers newer than the ledger's oldest entry: "
+            "TigerBeetle imports history only into a cluster holding nothing newer; rebuild "
+            "into a fresh cluster", field="target_addresses")
 
     async def _accounts(self, first_transfer_ts: int) -> None:
         """Missing mirrors, imported just below the oldest entry (normal when there is none)."""
@@ -253,7 +267,8 @@ class TigerBeetleRebuild:
                 self._fail(f"{transfer.id:032x}: {result.status.name}")
 
     async def _verify(self, mirrors: list[MirrorAccount]) -> list[AccountMismatch]:
-        """Every mirror's posted pair (and no pending) against its stored GL balance."""
+        """Every mirror's posted pair against its stored GL balance (a missing mirror shows
+        as -1, -1). Pending amounts are holds in flight, not books."""
         balances = {posting_key(b.account, b.currency): b for b in await self._ledger.balances()}
         found: dict[int, tb.Account] = {}
         for part in chunks([m.id for m in mirrors], self._limits.lookup_batch_max):
@@ -264,8 +279,7 @@ class TigerBeetleRebuild:
             gl_pair = (gl.debits_minor, gl.credits_minor) if gl else (0, 0)
             account = found.get(mirror.id)
             tb_pair = ((account.debits_posted, account.credits_posted) if account else (-1, -1))
-            pending = account is not None and (account.debits_pending or account.credits_pending)
-            if gl_pair != tb_pair or pending:
+            if gl_pair != tb_pair:
                 out.append(AccountMismatch(
                     account=mirror.gl_number, currency=mirror.currency,
                     gl_debits_minor=gl_pair[0], gl_credits_minor=gl_pair[1],
