@@ -39,6 +39,8 @@ GROUPS: tuple[str, ...] = (
     "demo",
     "api",
     "api_key",
+    "terminal",
+    "ledger",
 )
 # Exceptions that mean "a server is unreachable", recognised by class name so this module does
 # not import every client library.
