@@ -92,7 +92,7 @@ class MigrationConfig(_Frozen):
 # ---- updates -----------------------------------------------------------------------------------
 
 
-class _Request(_Frozen):
+class UpdateRequest(_Frozen):
     # Field order is the order the one-line answers list them in ("allowed: reason, actor").
     reason: str = Field(default="", max_length=REASON_MAX)
     actor: str = Field(default=ACTOR_UNNAMED, min_length=1, max_length=ACTOR_MAX)
@@ -100,12 +100,12 @@ class _Request(_Frozen):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
 
 
-class AdvanceRequest(_Request):
+class AdvanceRequest(UpdateRequest):
     # Strict: "yes" or "1" typed into the UI must not enter complete.
     confirm: bool = Field(default=False, strict=True, description="required to enter `complete`")
 
 
-class ForceAdvanceRequest(_Request):
+class ForceAdvanceRequest(UpdateRequest):
     reason: str = Field(min_length=1, max_length=REASON_MAX)
     confirm: bool = Field(default=False, strict=True)
 
@@ -113,7 +113,7 @@ class ForceAdvanceRequest(_Request):
 ROLLBACK_TARGETS: tuple[str, ...] = tuple(p.value for p in PHASE_ORDER if p != Phase.COMPLETE)
 
 
-class RollbackRequest(_Request):
+class RollbackRequest(UpdateRequest):
     to: Phase
     rollout_percent: int | None = Field(default=None, ge=0, le=100, strict=True)
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"to": ROLLBACK_TARGETS}
@@ -126,11 +126,11 @@ class RollbackRequest(_Request):
         return to
 
 
-class SetRolloutRequest(_Request):
+class SetRolloutRequest(UpdateRequest):
     percent: int = Field(ge=0, le=100, strict=True)
 
 
-class PauseRequest(_Request):
+class PauseRequest(UpdateRequest):
     pass
 
 
@@ -167,7 +167,7 @@ QUERY_DESCRIPTIONS: dict[str, str] = {
 
 # ---- checking an Update's input ---------------------------------------------------------------
 
-R = TypeVar("R", bound=_Request)
+R = TypeVar("R", bound=UpdateRequest)
 INPUT_SHOWN_MAX = 60  # characters of a rejected value quoted back
 INPUT_PROBLEMS_SHOWN_MAX = 3
 
@@ -196,7 +196,7 @@ def parse_update_input(update: str, model: type[R], payload: object) -> R:
             problems[:INPUT_PROBLEMS_SHOWN_MAX])) from None
 
 
-def sent_fields(request: _Request) -> dict[str, Any]:
+def sent_fields(request: UpdateRequest) -> dict[str, Any]:
     """What the caller put in the input (the audit keeps it as sent)."""
     return request.model_dump(mode="json", exclude_unset=True)
 
@@ -206,7 +206,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= INPUT_SHOWN_MAX else text[: INPUT_SHOWN_MAX - 1] + "…"
 
 
-def _problem(update: str, model: type[_Request], err: ErrorDetails) -> str:
+def _problem(update: str, model: type[UpdateRequest], err: ErrorDetails) -> str:
     field = ".".join(str(part) for part in err["loc"]) or "input"
     kind, got = err["type"], _shown(err.get("input"))
     info = model.model_fields.get(field)
@@ -446,6 +446,10 @@ class AuditEntry(_Frozen):
     evidence: dict[str, Any] | None = None
     # The Update's input as the caller sent it (None: the workflow acted by itself).
     request: dict[str, Any] | None = None
+    # The workflow's clocks after the action: a workflow started again (after a terminate) or
+    # reset continues with them (None in entries written before they were recorded).
+    position_since: datetime | None = None
+    write_switch_at: datetime | None = None
 
 
 class ArchiveRequest(_Frozen):

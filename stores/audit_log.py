@@ -1,7 +1,11 @@
 """The migration audit log (`migration_audit` collection): every accepted migration action.
 
-One document per action: who, when, from, to, evidence, reason. `_id` is
-`<migration_id>:<seq>` so a retried activity writes the same entry once.
+One document per action: who (the actor the Update named, or a marker that it named nobody),
+when, from, to, evidence, reason, the Update's input as the caller sent it (`request`), and
+the workflow's clocks after the action. `_id` is `<migration_id>:<seq>` so a retried activity
+writes the same entry once. The workflow's own entries (automatic rollback, a refused
+cancellation, adopting the published phase after a reset) name `migration-workflow` or
+`temporal cancel request` as the actor.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ class AuditLog:
             await self._collection.insert_one(doc)
         except DuplicateKeyError:
             existing = await self._collection.find_one({"_id": doc["_id"]})
-            if existing is None or existing.get("action") != entry.action or existing.get(
-                    "epoch") != entry.epoch:
+            if existing is None or (existing.get("action"), existing.get("epoch"),
+                                    existing.get("actor")) != (entry.action, entry.epoch,
+                                                               entry.actor):
                 raise ConflictError(f"audit entry {doc['_id']} already holds a different action",
                                     field="seq") from None
 

@@ -43,7 +43,6 @@ from messages.migration import (
     ForceAdvanceRequest,
     GatesView,
     MigrationConfig,
-    MigrationInput,
     MigrationStatus,
     RollbackRequest,
 )
@@ -58,6 +57,7 @@ from walletcore.gates import GateThresholds, pct
 from walletcore.keys import WalletKey
 from walletcore.phases import Phase
 from walletcore.transitions import ROLLOUT_STEPS, Position, describe
+from walletmig.commands.migration import start_migration_workflow
 from walletmig.demo_check import CheckReport, Deadlines, PhasePresence, check
 from walletmig.demo_traffic import (
     Ledger,
@@ -478,9 +478,7 @@ async def _start(settings: Settings, options: DemoOptions, stores: Stores, run_i
                           thresholds=options.thresholds(), evidence_interval_s=1.0,
                           state_cache_ttl_s=1.0,
                           archive_dir=str(settings.state_dir.resolve() / "archive"))
-    handle = await client.start_workflow(
-        MigrationWorkflow.run, MigrationInput(config=cfg), id=f"migration/{run_id}",
-        task_queue=settings.wallet_task_queue)
+    handle = await start_migration_workflow(client, cfg, task_queue=settings.wallet_task_queue)
     return DemoRun(run_id=run_id, queue=settings.wallet_task_queue, options=options,
                    stores=stores, client=client, metrics=metrics, handle=handle, ledger=ledger,
                    log=log)

@@ -8,17 +8,32 @@ nothing). An accepted step bumps the epoch, publishes MigrationState for every s
 the readers' state cache, writes the audit log, and refreshes the search attributes and the
 markdown details shown on the workflow's page. A loop collects evidence every
 `evidence_interval_s` and rolls back one phase by itself when the error or mismatch rate passes
-its threshold. The run continues-as-new after a bounded number of actions, carrying its state.
+its threshold. The run continues-as-new after a bounded number of actions or history events,
+carrying its state.
+
+The Temporal Web UI is the engineers' console (behind `PATCH_UI_CONSOLE`, so runs recorded
+before it replay as they ran):
+- Update inputs arrive loosely typed and are checked in the validator (`parse_update_input`):
+  empty Data means every default; a mistyped field or value gets one line naming the field
+  and the allowed values. Refusals say what blocks and what unblocks it, without a stack trace
+  (`Refusal`). Results begin with a one-line summary.
+- Search attributes are written only when the phase or the rollout changes; the current
+  details are markdown the UI renders (lists, PASS/FAIL words).
+- A cancellation request is refused and recorded: the phase stays, automatic rollback keeps
+  watching. A workflow started again after a terminate, or reset to an earlier point,
+  re-reads what is published and audited (`migration_sync`) and continues from there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from temporalio import workflow
+from temporalio.api.failure.v1 import ApplicationFailureInfo, Failure
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
@@ -29,11 +44,17 @@ with workflow.unsafe.imports_passed_through():
         ACTIVITY_COLLECT_EVIDENCE,
         ACTIVITY_LOAD_STATE,
         ACTIVITY_PUBLISH_STATE,
+        ACTIVITY_SYNC,
         ACTIVITY_WRITE_AUDIT,
+        ACTOR_CANCEL,
+        ACTOR_WORKFLOW,
+        QUERY_DESCRIPTIONS,
         QUERY_GATES,
         QUERY_STATUS,
         RECENT_ACTIONS_MAX,
         UPDATE_ADVANCE,
+        UPDATE_DESCRIPTIONS,
+        UPDATE_EXAMPLES,
         UPDATE_FORCE_ADVANCE,
         UPDATE_PAUSE,
         UPDATE_RESUME,
@@ -57,10 +78,19 @@ with workflow.unsafe.imports_passed_through():
         ReverseDrainResult,
         RollbackRequest,
         SetRolloutRequest,
+        SyncRequest,
+        SyncResult,
+        UpdateInputError,
+        UpdateRequest,
+        next_steps,
+        parse_update_input,
+        refusal_text,
+        sent_fields,
     )
     from walletcore.gates import Evidence, GateResult, failed_reasons, pct
     from walletcore.phases import MigrationState, Phase
     from walletcore.transitions import (
+        ActionKind,
         Decision,
         Position,
         clip_reason,
@@ -74,9 +104,11 @@ with workflow.unsafe.imports_passed_through():
         next_position,
     )
 
+R = TypeVar("R", bound=UpdateRequest)
 MIGRATION_PHASE = SearchAttributeKey.for_keyword("MigrationPhase")
 ROLLOUT_PERCENT = SearchAttributeKey.for_int("RolloutPercent")
 REJECTED_ERROR_TYPE = "TransitionRejected"
+INPUT_ERROR_TYPE = "InvalidUpdateInput"
 
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
 ARCHIVE_TIMEOUT = timedelta(minutes=30)
@@ -90,14 +122,71 @@ EVIDENCE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maxim
 # complete waits for the reverse projection before archiving (histories recorded before this
 # change archive right away).
 PATCH_DRAIN_BEFORE_ARCHIVE = "complete-drains-reverse-projection"
+# The Web UI console (module docstring): search attributes only on change, continue-as-new by
+# history length, cancellation refused, sync with what is published after a restart or reset.
+PATCH_UI_CONSOLE = "migration-ui-console"
 DRAIN_SLACK = timedelta(seconds=60)
 DRAIN_HEARTBEAT = timedelta(seconds=30)
 # Phases whose write path answers from TigerBeetle (a switch in/out of these drains first).
 TB_ANSWERS = frozenset({Phase.TB_PRIMARY, Phase.COMPLETE})
+DETAILS_ACTIONS_SHOWN = 5
+DETAILS_REASON_MAX = 160
+ACTION_VERBS = {
+    "advance": "advanced", "force_advance": "advanced (forced)", "rollback": "rolled back",
+    "set_rollout": "set rollout", "pause": "paused", "resume": "resumed",
+    "auto_rollback": "rolled back automatically", "adopt_published": "adopted the published",
+    "cancel_refused": "refused cancellation",
+}  # fmt: skip
 
 
-def _reject(reason: str) -> ApplicationError:
-    return ApplicationError(reason, type=REJECTED_ERROR_TYPE, non_retryable=True)
+class Refusal(ApplicationError):
+    """An answer, not a crash: sent without a stack trace.
+
+    The SDK's default failure converter copies the failure an error already carries
+    (`failure`) as it is instead of formatting the Python traceback into it, so the Web UI
+    shows the one-line message alone (an ApplicationError raised in a validator otherwise
+    carries the frames of this module and of the SDK)."""
+
+    def __init__(self, message: str, *, type: str) -> None:
+        super().__init__(message, type=type, non_retryable=True)
+
+    @property
+    def failure(self) -> Failure | None:
+        return Failure(message=self.message, application_failure_info=ApplicationFailureInfo(
+            type=self.type or "", non_retryable=True))
+
+
+def _reject(decision: Decision) -> Refusal:
+    return Refusal(refusal_text(decision), type=REJECTED_ERROR_TYPE)
+
+
+def _input(update: str, model: type[R], payload: object) -> R:
+    try:
+        return parse_update_input(update, model, payload)
+    except UpdateInputError as exc:
+        raise Refusal(str(exc), type=INPUT_ERROR_TYPE) from None
+
+
+def _utc(at: datetime) -> str:
+    return f"{at:%H:%M:%S} UTC"
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def _action_summary(record: ActionRecord) -> str:
+    """`advanced legacy → dual_write (epoch 1)`: the first line of an Update's result."""
+    verb = ACTION_VERBS.get(record.action, record.action)
+    src, dst = describe(record.from_position), describe(record.to_position)
+    moved = src != dst
+    text = f"{verb} {src} → {dst}" if moved else f"{verb} in {dst}"
+    return f"{text} (epoch {record.epoch})"
 
 
 @workflow.defn(name="MigrationWorkflow")
@@ -112,51 +201,107 @@ class MigrationWorkflow:
         self._wake = False
         self._last_evidence_error: str | None = None
         self._draining = False
+        self._resync_wanted = False
+        self._cancel_unrecorded = False
+        # A reset replays this run up to the reset point and then hands it a new random seed:
+        # the published phase may be ahead of what the workflow remembers from there.
+        workflow.register_random_seed_callback(self._on_new_seed)
+
+    def _on_new_seed(self, _seed: int) -> None:
+        self._resync_wanted = True
+        self._wake = True
+
+    def _console(self) -> bool:
+        """The Web UI console behaviour applies (False while replaying older histories)."""
+        return workflow.patched(PATCH_UI_CONSOLE)
 
     # ---- run loop --------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, inp: MigrationInput) -> MigrationStatus:
+        self._console()  # decided once per run, before any command
         if not self._rt.initialized:
-            await self._adopt_published_state()
+            await self._guarded(self._adopt_published_state, retry=True)
+        if self._cancel_unrecorded:
+            await self._record_cancel_refusal()
         self._refresh_ui()
         while self._rt.position.phase != Phase.COMPLETE:
-            await self._collect_evidence()
-            auto = (None if self._evidence is None else
-                    decide_auto_rollback(self._rt.position, self._evidence,
-                                         self._config.thresholds))
-            if auto is not None:
-                async with self._lock:
-                    # Re-decide under the lock: an engineer's action may have landed meanwhile.
-                    again = (None if self._evidence is None else decide_auto_rollback(
-                        self._rt.position, self._evidence, self._config.thresholds))
-                    if again is not None:
-                        self._rt.auto_rollbacks += 1
-                        await self._apply(again, actor="migration-workflow", automatic=True)
-            self._refresh_ui()
-            if self._should_continue_as_new():
-                await workflow.wait_condition(
-                    lambda: workflow.all_handlers_finished() and not self._lock.locked())
-                workflow.continue_as_new(MigrationInput(
-                    config=self._config,
-                    runtime=self._rt.model_copy(update={"runs": self._rt.runs + 1}),
-                ))
-            self._wake = False
-            with contextlib.suppress(TimeoutError):
-                await workflow.wait_condition(
-                    lambda: self._wake or self._rt.position.phase == Phase.COMPLETE,
-                    timeout=timedelta(seconds=self._config.evidence_interval_s),
-                )
-        await workflow.wait_condition(workflow.all_handlers_finished)
+            await self._guarded(self._watch_once, retry=False)
+        await self._guarded(self._handlers_finished, retry=True)
         self._refresh_ui()
         return self.status()
 
+    async def _handlers_finished(self) -> None:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+    async def _guarded(self, step: Callable[[], Awaitable[None]], *, retry: bool) -> None:
+        """Run `step`; a cancellation request is refused (recorded, the phase stays) and the
+        step runs again when `retry` (a watch round just ends early)."""
+        while True:
+            try:
+                await step()
+                return
+            except asyncio.CancelledError:
+                if not self._console():
+                    raise  # histories recorded before the console: cancelled as they were
+                await self._refuse_cancel()
+                if not retry:
+                    return
+
+    async def _watch_once(self) -> None:
+        """One round: resync after a reset, evidence, automatic rollback, UI, continue-as-new,
+        then wait for the interval or an action."""
+        if self._resync_wanted and self._console():
+            async with self._lock:
+                await self._resync()
+        await self._collect_evidence()
+        auto = (None if self._evidence is None else
+                decide_auto_rollback(self._rt.position, self._evidence, self._config.thresholds))
+        if auto is not None:
+            if self._console():  # a cancellation must not cut a phase change in half
+                await asyncio.shield(asyncio.ensure_future(self._auto_rollback()))
+            else:
+                await self._auto_rollback()
+        self._refresh_ui()
+        if self._should_continue_as_new():
+            await workflow.wait_condition(
+                lambda: workflow.all_handlers_finished() and not self._lock.locked())
+            workflow.continue_as_new(MigrationInput(
+                config=self._config,
+                runtime=self._rt.model_copy(update={"runs": self._rt.runs + 1}),
+            ))
+        self._wake = False
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(
+                lambda: self._wake or self._rt.position.phase == Phase.COMPLETE,
+                timeout=timedelta(seconds=self._config.evidence_interval_s),
+            )
+
+    async def _auto_rollback(self) -> None:
+        async with self._lock:
+            # Re-decide under the lock: an engineer's action may have landed meanwhile.
+            again = (None if self._evidence is None else decide_auto_rollback(
+                self._rt.position, self._evidence, self._config.thresholds))
+            if again is not None:
+                self._rt.auto_rollbacks += 1
+                await self._apply(again, actor=ACTOR_WORKFLOW, automatic=True)
+
     def _should_continue_as_new(self) -> bool:
-        return (self._run_actions >= self._config.actions_per_run_max
-                or workflow.info().is_continue_as_new_suggested())
+        info = workflow.info()
+        if (self._run_actions >= self._config.actions_per_run_max
+                or info.is_continue_as_new_suggested()):
+            return True
+        # Bounded whatever the server suggests: replays stay short, the UI's history small.
+        return (self._console() and info.get_current_history_length()
+                >= self._config.history_events_per_run_max)
 
     async def _adopt_published_state(self) -> None:
         """Start from what is published (a restarted migration resumes where it stands)."""
+        if self._console():
+            self._adopt(await self._sync())
+            self._rt.position_since = self._rt.position_since or workflow.now()
+            self._rt.initialized = True
+            return
         states: list[MigrationState] = await workflow.execute_activity(
             ACTIVITY_LOAD_STATE, LoadStateInput(scopes=self._config.scopes),
             result_type=list[MigrationState], start_to_close_timeout=ACTIVITY_TIMEOUT,
@@ -169,6 +314,79 @@ class MigrationWorkflow:
                                          rollout_percent=newest.rollout_percent)
         self._rt.position_since = workflow.now()
         self._rt.initialized = True
+
+    async def _sync(self) -> SyncResult:
+        result: SyncResult = await workflow.execute_activity(
+            ACTIVITY_SYNC, SyncRequest(migration_id=self._config.migration_id,
+                                       scopes=self._config.scopes),
+            result_type=SyncResult, start_to_close_timeout=ACTIVITY_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+        )
+        return result
+
+    def _adopt(self, sync: SyncResult) -> None:
+        """Take the published position, the audit's sequence and recent actions, and the
+        clocks the newest audit entry recorded (when it speaks for the published epoch)."""
+        self._rt.audit_seq = max(self._rt.audit_seq, sync.last_seq)
+        if sync.audit_tail:
+            self._rt.recent_actions = [_record_of(e) for e in sync.audit_tail][
+                -RECENT_ACTIONS_MAX:]
+        if not sync.states:
+            return
+        newest = max(sync.states, key=lambda s: s.epoch)
+        last = sync.audit_tail[-1] if sync.audit_tail else None
+        current = last is not None and (last.epoch, last.to_phase, last.to_rollout) == (
+            newest.epoch, newest.phase, newest.rollout_percent)
+        self._rt.epoch = max(s.epoch for s in sync.states)
+        self._rt.position = Position(phase=newest.phase, rollout_percent=newest.rollout_percent,
+                                     paused=current and last is not None and last.paused)
+        # Unknown clocks stay unknown: the unapplied-writes gate then reads "unknown" (shut)
+        # and the stable window starts again; never a later start that would miss writes.
+        self._rt.position_since = last.position_since if current and last else None
+        self._rt.write_switch_at = last.write_switch_at if current and last else None
+
+    async def _resync(self) -> None:
+        """After a reset (under the lock): adopt the published state if it is ahead."""
+        self._resync_wanted = False
+        sync = await self._sync()
+        self._rt.audit_seq = max(self._rt.audit_seq, sync.last_seq)
+        newest = max(sync.states, key=lambda s: s.epoch, default=None)
+        if newest is None or newest.epoch <= self._rt.epoch:
+            return
+        source, epoch = self._rt.position, self._rt.epoch
+        self._adopt(sync)
+        self._rt.position_since = self._rt.position_since or workflow.now()
+        self._evidence = None
+        await self._record(
+            "adopt_published", actor=ACTOR_WORKFLOW, source=source, target=self._rt.position,
+            automatic=True, gates=[],
+            reason=f"published epoch {newest.epoch} is ahead of this workflow's epoch {epoch} "
+                   "(reset to an earlier point): continuing from the published phase")
+        self._refresh_ui()
+
+    async def _refuse_cancel(self) -> None:
+        """A cancellation request (the Web UI's main button) leaves the migration running in
+        its phase: recorded, shown, logged. Terminate stops the workflow instead."""
+        self._rt.cancel_refusals += 1
+        workflow.logger.warning(
+            "migration %s: cancellation request refused; it keeps running in %s",
+            self._config.migration_id, describe(self._rt.position))
+        if not self._rt.initialized:
+            self._cancel_unrecorded = True  # the audit sequence is not known yet
+            return
+        await self._record_cancel_refusal()
+
+    async def _record_cancel_refusal(self) -> None:
+        self._cancel_unrecorded = False
+        async with self._lock:
+            pos = self._rt.position
+            await self._record(
+                "cancel_refused", actor=ACTOR_CANCEL, source=pos, target=pos, automatic=True,
+                gates=[],
+                reason=f"cancellation refused: the migration keeps running in {describe(pos)} "
+                       "(rollback changes the phase; Terminate stops the workflow and leaves "
+                       "the phase published)")
+        self._refresh_ui()
 
     async def _collect_evidence(self) -> None:
         now = workflow.now()
@@ -203,7 +421,8 @@ class MigrationWorkflow:
     # ---- applying a decision ----------------------------------------------------------------
 
     async def _apply(self, decision: Decision, *, actor: str, automatic: bool = False,
-                     reason: str = "") -> MigrationStatus:
+                     reason: str = "", request: dict[str, Any] | None = None
+                     ) -> MigrationStatus:
         assert decision.allowed, decision.reason
         source, target = decision.source, decision.target
         assert source == self._rt.position, "decision made on a stale position"
@@ -212,21 +431,7 @@ class MigrationWorkflow:
         # operation can be answered under `target`.
         published_at = workflow.now()
         if moved:
-            self._rt.epoch += 1
-            now = published_at
-            await workflow.execute_activity(
-                ACTIVITY_PUBLISH_STATE,
-                PublishStateInput(states=[
-                    MigrationState(scope=scope, phase=target.phase,
-                                   rollout_percent=target.rollout_percent, epoch=self._rt.epoch,
-                                   migration_id=self._config.migration_id, updated_at=now)
-                    for scope in self._config.scopes
-                ]),
-                start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=ACTIVITY_RETRY,
-            )
-            # Readers cache the state briefly: once this returns, every worker follows it.
-            if self._config.state_cache_ttl_s > 0:
-                await workflow.sleep(timedelta(seconds=self._config.state_cache_ttl_s))
+            await self._publish(target, published_at)
         self._rt.position = target
         if moved:
             self._rt.position_since = workflow.now()
@@ -237,13 +442,45 @@ class MigrationWorkflow:
                 # when every worker follows (MongoDB-only answers before that owe nothing).
                 self._rt.write_switch_at = (published_at if target.phase == Phase.TB_PRIMARY
                                             else self._rt.position_since)
-        self._rt.audit_seq += 1
         why = clip_reason(reason.strip() or decision.reason)
         if reason.strip() and decision.reason and decision.reason != reason.strip():
             why = clip_reason(f"{reason.strip()} ({decision.reason})")
+        record = await self._record(
+            decision.action.value, actor=actor, source=source, target=target, reason=why,
+            automatic=automatic, gates=[g.reason for g in decision.gates], request=request)
+        if moved and target.phase == Phase.COMPLETE:
+            await self._complete(published_at)
+        self._run_actions += 1
+        if moved:
+            self._evidence = None  # evidence of the old position does not speak for the new one
+        self._wake = True
+        self._refresh_ui()
+        return self.status().model_copy(update={"summary": _action_summary(record)})
+
+    async def _publish(self, target: Position, published_at: datetime) -> None:
+        self._rt.epoch += 1
+        await workflow.execute_activity(
+            ACTIVITY_PUBLISH_STATE,
+            PublishStateInput(states=[
+                MigrationState(scope=scope, phase=target.phase,
+                               rollout_percent=target.rollout_percent, epoch=self._rt.epoch,
+                               migration_id=self._config.migration_id, updated_at=published_at)
+                for scope in self._config.scopes
+            ]),
+            start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=ACTIVITY_RETRY,
+        )
+        # Readers cache the state briefly: once this returns, every worker follows it.
+        if self._config.state_cache_ttl_s > 0:
+            await workflow.sleep(timedelta(seconds=self._config.state_cache_ttl_s))
+
+    async def _record(self, action: str, *, actor: str, source: Position, target: Position,
+                      reason: str, automatic: bool, gates: list[str],
+                      request: dict[str, Any] | None = None) -> ActionRecord:
+        """Remember the action and write it to the audit log (who, why, the input as sent)."""
+        self._rt.audit_seq += 1
         record = ActionRecord(
-            seq=self._rt.audit_seq, at=workflow.now(), actor=actor, action=decision.action.value,
-            from_position=source, to_position=target, epoch=self._rt.epoch, reason=why,
+            seq=self._rt.audit_seq, at=workflow.now(), actor=actor, action=action,
+            from_position=source, to_position=target, epoch=self._rt.epoch, reason=reason,
             automatic=automatic,
         )
         self._rt.recent_actions = [*self._rt.recent_actions, record][-RECENT_ACTIONS_MAX:]
@@ -254,32 +491,29 @@ class MigrationWorkflow:
                 actor=actor, action=record.action, from_phase=source.phase,
                 to_phase=target.phase, from_rollout=source.rollout_percent,
                 to_rollout=target.rollout_percent, paused=target.paused, epoch=self._rt.epoch,
-                reason=why, automatic=automatic,
-                gates=[g.reason for g in decision.gates],
+                reason=reason, automatic=automatic, gates=gates,
                 evidence=None if self._evidence is None else self._evidence.model_dump(
                     mode="json"),
+                request=request, position_since=self._rt.position_since,
+                write_switch_at=self._rt.write_switch_at,
             ),
             start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=ACTIVITY_RETRY,
         )
-        if moved and target.phase == Phase.COMPLETE:
-            unprojected = None
-            if workflow.patched(PATCH_DRAIN_BEFORE_ARCHIVE):
-                unprojected = await self._drain_reverse_projection(cutoff=published_at)
-            archive: ArchiveInfo = await workflow.execute_activity(
-                ACTIVITY_ARCHIVE_LEGACY,
-                ArchiveRequest(migration_id=self._config.migration_id,
-                               scopes=self._config.scopes, archive_dir=self._config.archive_dir),
-                result_type=ArchiveInfo, start_to_close_timeout=ARCHIVE_TIMEOUT,
-                retry_policy=ACTIVITY_RETRY,
-            )
-            self._rt.archive = (archive if unprojected is None else
-                                archive.model_copy(update={"unprojected_writes": unprojected}))
-        self._run_actions += 1
-        if moved:
-            self._evidence = None  # evidence of the old position does not speak for the new one
-        self._wake = True
-        self._refresh_ui()
-        return self.status()
+        return record
+
+    async def _complete(self, published_at: datetime) -> None:
+        unprojected = None
+        if workflow.patched(PATCH_DRAIN_BEFORE_ARCHIVE):
+            unprojected = await self._drain_reverse_projection(cutoff=published_at)
+        archive: ArchiveInfo = await workflow.execute_activity(
+            ACTIVITY_ARCHIVE_LEGACY,
+            ArchiveRequest(migration_id=self._config.migration_id,
+                           scopes=self._config.scopes, archive_dir=self._config.archive_dir),
+            result_type=ArchiveInfo, start_to_close_timeout=ARCHIVE_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+        )
+        self._rt.archive = (archive if unprojected is None else
+                            archive.model_copy(update={"unprojected_writes": unprojected}))
 
     async def _drain_reverse_projection(self, cutoff: datetime) -> int | None:
         """complete is published and every reader follows it, so no operation is answered
@@ -314,16 +548,21 @@ class MigrationWorkflow:
                 self._config.migration_id, result.unapplied, timeout)
         return result.unapplied
 
-    async def _decide_and_apply(self, decide: Callable[[], Decision], actor: str,
+    async def _decide_and_apply(self, decide: Callable[[], Decision], req: UpdateRequest,
                                 reason: str) -> MigrationStatus:
         await workflow.wait_condition(lambda: self._rt.initialized)
         async with self._lock:
+            if self._resync_wanted and self._console():
+                await self._resync()  # reset just now: decide on the published position
             decision: Decision = decide()
             if not decision.allowed:  # the position changed since the validator ran
-                raise _reject(decision.reason)
-            return await self._apply(decision, actor=actor, reason=reason)
+                raise _reject(decision)
+            return await self._apply(decision, actor=req.actor, reason=reason,
+                                     request=sent_fields(req))
 
     # ---- updates ------------------------------------------------------------------------------
+    # Inputs are `Any` on purpose: the Web UI sends no payload for empty Data and whatever JSON
+    # was typed; parse_update_input answers a misfit in one line instead of a decoding failure.
 
     def _ev(self) -> Evidence:
         return self._evidence or Evidence()
@@ -332,68 +571,80 @@ class MigrationWorkflow:
         return decide_advance(self._rt.position, self._ev(), self._config.thresholds,
                               confirm=req.confirm, force=force, reason=req.reason)
 
-    @workflow.update(name=UPDATE_ADVANCE)
-    async def advance(self, req: AdvanceRequest) -> MigrationStatus:
-        return await self._decide_and_apply(
-            lambda: self._advance_decision(req, False), req.actor, req.reason)
+    @workflow.update(name=UPDATE_ADVANCE, description=UPDATE_DESCRIPTIONS[UPDATE_ADVANCE])
+    async def advance(self, req: Any = None) -> MigrationStatus:
+        r = _input(UPDATE_ADVANCE, AdvanceRequest, req)
+        return await self._decide_and_apply(lambda: self._advance_decision(r, False), r,
+                                            r.reason)
 
     @advance.validator
-    def _validate_advance(self, req: AdvanceRequest) -> None:
-        self._validate(self._advance_decision(req, False))
+    def _validate_advance(self, req: Any = None) -> None:
+        self._validate(self._advance_decision(_input(UPDATE_ADVANCE, AdvanceRequest, req),
+                                              False))
 
-    @workflow.update(name=UPDATE_FORCE_ADVANCE)
-    async def force_advance(self, req: ForceAdvanceRequest) -> MigrationStatus:
-        return await self._decide_and_apply(
-            lambda: self._advance_decision(req, True), req.actor, "")
+    @workflow.update(name=UPDATE_FORCE_ADVANCE,
+                     description=UPDATE_DESCRIPTIONS[UPDATE_FORCE_ADVANCE])
+    async def force_advance(self, req: Any = None) -> MigrationStatus:
+        r = _input(UPDATE_FORCE_ADVANCE, ForceAdvanceRequest, req)
+        return await self._decide_and_apply(lambda: self._advance_decision(r, True), r, "")
 
     @force_advance.validator
-    def _validate_force_advance(self, req: ForceAdvanceRequest) -> None:
-        self._validate(self._advance_decision(req, True))
+    def _validate_force_advance(self, req: Any = None) -> None:
+        self._validate(self._advance_decision(
+            _input(UPDATE_FORCE_ADVANCE, ForceAdvanceRequest, req), True))
 
-    @workflow.update(name=UPDATE_ROLLBACK)
-    async def rollback(self, req: RollbackRequest) -> MigrationStatus:
+    @workflow.update(name=UPDATE_ROLLBACK, description=UPDATE_DESCRIPTIONS[UPDATE_ROLLBACK])
+    async def rollback(self, req: Any = None) -> MigrationStatus:
+        r = _input(UPDATE_ROLLBACK, RollbackRequest, req)
         return await self._decide_and_apply(
-            lambda: decide_rollback(self._rt.position, req.to, req.rollout_percent),
-            req.actor, req.reason)
+            lambda: decide_rollback(self._rt.position, r.to, r.rollout_percent), r, r.reason)
 
     @rollback.validator
-    def _validate_rollback(self, req: RollbackRequest) -> None:
-        self._validate(decide_rollback(self._rt.position, req.to, req.rollout_percent))
+    def _validate_rollback(self, req: Any = None) -> None:
+        r = _input(UPDATE_ROLLBACK, RollbackRequest, req)
+        self._validate(decide_rollback(self._rt.position, r.to, r.rollout_percent))
 
-    @workflow.update(name=UPDATE_SET_ROLLOUT)
-    async def set_rollout(self, req: SetRolloutRequest) -> MigrationStatus:
+    @workflow.update(name=UPDATE_SET_ROLLOUT,
+                     description=UPDATE_DESCRIPTIONS[UPDATE_SET_ROLLOUT])
+    async def set_rollout(self, req: Any = None) -> MigrationStatus:
+        r = _input(UPDATE_SET_ROLLOUT, SetRolloutRequest, req)
         return await self._decide_and_apply(
-            lambda: decide_set_rollout(self._rt.position, req.percent, self._ev(),
-                                       self._config.thresholds), req.actor, req.reason)
+            lambda: decide_set_rollout(self._rt.position, r.percent, self._ev(),
+                                       self._config.thresholds), r, r.reason)
 
     @set_rollout.validator
-    def _validate_set_rollout(self, req: SetRolloutRequest) -> None:
-        self._validate(decide_set_rollout(self._rt.position, req.percent, self._ev(),
+    def _validate_set_rollout(self, req: Any = None) -> None:
+        r = _input(UPDATE_SET_ROLLOUT, SetRolloutRequest, req)
+        self._validate(decide_set_rollout(self._rt.position, r.percent, self._ev(),
                                           self._config.thresholds))
 
-    @workflow.update(name=UPDATE_PAUSE)
-    async def pause(self, req: PauseRequest) -> MigrationStatus:
+    @workflow.update(name=UPDATE_PAUSE, description=UPDATE_DESCRIPTIONS[UPDATE_PAUSE])
+    async def pause(self, req: Any = None) -> MigrationStatus:
+        r = _input(UPDATE_PAUSE, PauseRequest, req)
         return await self._decide_and_apply(
-            lambda: decide_pause(self._rt.position, True), req.actor, req.reason)
+            lambda: decide_pause(self._rt.position, True), r, r.reason)
 
     @pause.validator
-    def _validate_pause(self, req: PauseRequest) -> None:
+    def _validate_pause(self, req: Any = None) -> None:
+        _input(UPDATE_PAUSE, PauseRequest, req)
         self._validate(decide_pause(self._rt.position, True))
 
-    @workflow.update(name=UPDATE_RESUME)
-    async def resume(self, req: PauseRequest) -> MigrationStatus:
+    @workflow.update(name=UPDATE_RESUME, description=UPDATE_DESCRIPTIONS[UPDATE_RESUME])
+    async def resume(self, req: Any = None) -> MigrationStatus:
+        r = _input(UPDATE_RESUME, PauseRequest, req)
         return await self._decide_and_apply(
-            lambda: decide_pause(self._rt.position, False), req.actor, req.reason)
+            lambda: decide_pause(self._rt.position, False), r, r.reason)
 
     @resume.validator
-    def _validate_resume(self, req: PauseRequest) -> None:
+    def _validate_resume(self, req: Any = None) -> None:
+        _input(UPDATE_RESUME, PauseRequest, req)
         self._validate(decide_pause(self._rt.position, False))
 
     def _validate(self, decision: Decision) -> None:
         if not self._rt.initialized:
             return  # the handler waits for the published state, then decides under the lock
         if not decision.allowed:
-            raise _reject(decision.reason)
+            raise _reject(decision)
 
     # ---- queries and UI -----------------------------------------------------------------------
 
@@ -404,10 +655,11 @@ class MigrationWorkflow:
             return None, []
         return describe(target), gates_for_move(pos, target, self._ev(), self._config.thresholds)
 
-    @workflow.query(name=QUERY_STATUS)
+    @workflow.query(name=QUERY_STATUS, description=QUERY_DESCRIPTIONS[QUERY_STATUS])
     def status(self) -> MigrationStatus:
         step, gates = self._next_gates()
         return MigrationStatus(
+            summary=self._headline(markdown=False),
             migration_id=self._config.migration_id, scopes=self._config.scopes,
             phase=self._rt.position.phase, rollout_percent=self._rt.position.rollout_percent,
             paused=self._rt.position.paused, epoch=self._rt.epoch,
@@ -417,7 +669,7 @@ class MigrationWorkflow:
             run_actions=self._run_actions, runs=self._rt.runs,
         )
 
-    @workflow.query(name=QUERY_GATES)
+    @workflow.query(name=QUERY_GATES, description=QUERY_DESCRIPTIONS[QUERY_GATES])
     def gates(self) -> GatesView:
         step, gates = self._next_gates()
         return GatesView(next_step=step, all_passed=bool(gates) and not failed_reasons(gates),
@@ -425,60 +677,131 @@ class MigrationWorkflow:
 
     def _refresh_ui(self) -> None:
         pos = self._rt.position
-        workflow.upsert_search_attributes([
-            MIGRATION_PHASE.value_set(pos.phase.value),
-            ROLLOUT_PERCENT.value_set(pos.rollout_percent),
-        ])
+        if not self._console() or self._search_attributes_differ(pos):
+            workflow.upsert_search_attributes([
+                MIGRATION_PHASE.value_set(pos.phase.value),
+                ROLLOUT_PERCENT.value_set(pos.rollout_percent),
+            ])
         workflow.set_current_details(self._details_markdown())
 
-    def _details_markdown(self) -> str:
-        pos, ev = self._rt.position, self._evidence
-        lines = [
-            f"## Migration `{self._config.migration_id}`",
-            f"**Phase:** `{describe(pos)}`{' — **PAUSED**' if pos.paused else ''}  ",
-            f"**Epoch:** {self._rt.epoch} · **Scopes:** {', '.join(self._config.scopes)}  ",
-        ]
-        if ev is None:
-            lines.append("_Evidence: collecting…_" if self._last_evidence_error is None
-                         else f"_Evidence unavailable: {self._last_evidence_error}_")
+    @staticmethod
+    def _search_attributes_differ(pos: Position) -> bool:
+        """What the workflow last wrote (carried across continue-as-new by the server)."""
+        current = workflow.info().typed_search_attributes
+        return (current.get(MIGRATION_PHASE) != pos.phase.value
+                or current.get(ROLLOUT_PERCENT) != pos.rollout_percent)
+
+    def _headline(self, *, markdown: bool) -> str:
+        """Phase, rollout, paused, since, epoch, evidence age: the details' first line and the
+        status query's summary."""
+        pos, ev, now = self._rt.position, self._evidence, workflow.now()
+        phase = f"**{pos.phase.value}**" if markdown else pos.phase.value
+        parts = [phase, f"rollout {pos.rollout_percent}%",
+                 ("**PAUSED**" if markdown else "PAUSED") if pos.paused else "running"]
+        since = self._rt.position_since
+        if since is not None:
+            parts.append(f"since {_utc(since)} ({_duration((now - since).total_seconds())})")
+        parts.append(f"epoch {self._rt.epoch}")
+        if ev is not None and ev.collected_at is not None:
+            age = _duration((now - ev.collected_at).total_seconds())
+            parts.append(f"evidence {_utc(ev.collected_at)} ({age} old)")
         else:
-            ratio = ev.latency_ratio
-            lines += [
-                "",
-                "| measure | value |",
-                "|---|---|",
-                f"| shadow match rate | {pct(ev.shadow_match_rate)} "
-                f"({ev.shadow_compared} compared, {ev.shadow_in_flight} in flight) |",
-                f"| fallback rate | {pct(ev.fallback_rate)} ({ev.cutover_reads} cutover reads) |",
-                f"| TB read error rate | {pct(ev.error_rate)} ({ev.tb_reads} reads) |",
-                "| latency ratio (TB p95 / MongoDB p95) | "
-                + ("no data" if ratio is None else f"{ratio:.3f}") + " |",
-                f"| unapplied writes | "
-                f"{'unknown' if ev.unapplied_writes is None else ev.unapplied_writes} |",
-                f"| last reconciliation | {pct(ev.reconciliation_match_rate)}"
-                f"{'' if ev.reconciliation_at is None else f' at {ev.reconciliation_at:%H:%M:%S}'}"
-                f" (last full {pct(ev.last_full_reconciliation_match_rate)}) |",
-                f"| backfill | {'complete' if ev.backfill_complete else 'not complete'} |",
-            ]
-        step, gates = self._next_gates()
-        if step is not None:
-            lines += ["", f"**Next:** `{step}`"]
-            lines += [f"- {'✅' if g.passed else '❌'} {g.reason}" for g in gates] or \
-                ["- no gates"]
+            parts.append("evidence: collecting…" if self._last_evidence_error is None
+                         else "evidence unavailable")
+        return " · ".join(parts)
+
+    def _details_markdown(self) -> str:
+        """The workflow page's Current Details: lists only (the UI's renderer draws tables
+        without cell padding), blank lines around every block, PASS/FAIL as words."""
+        lines = [self._headline(markdown=True), ""]
+        if self._last_evidence_error is not None:
+            lines += [f"_Evidence unavailable: {self._last_evidence_error}_", ""]
+        lines += self._gates_markdown()
         if self._draining:
-            lines += ["", "**Completing:** waiting for the reverse projection to write every "
-                          "operation answered in tb_primary to MongoDB, then archiving"]
+            lines += ["**Completing:** waiting for the reverse projection to write every "
+                      "operation answered in tb_primary to MongoDB, then archiving", ""]
         if self._rt.archive is not None:
             a = self._rt.archive
-            lines += ["", f"**Archive:** `{a.path}` sha256 `{a.sha256[:16]}…` "
-                          f"({a.wallets} wallets, {a.transactions} transactions)"]
+            lines += [f"**Archive:** `{a.path}` sha256 `{a.sha256[:16]}…` "
+                      f"({a.wallets} wallets, {a.transactions} transactions)", ""]
             if a.unprojected_writes:
-                lines.append(f"⚠️ {a.unprojected_writes} operation(s) answered by TigerBeetle "
-                             "never reached MongoDB (divergences): not in the archive")
-        if self._rt.recent_actions:
-            lines += ["", "**Recent actions**"]
-            for r in self._rt.recent_actions[-5:][::-1]:
-                lines.append(f"- {r.at:%H:%M:%S} {r.actor}: {r.action} "
-                             f"{describe(r.from_position)} → {describe(r.to_position)} — "
-                             f"{r.reason}")
+                lines += [f"**WARNING:** {a.unprojected_writes} operation(s) answered by "
+                          "TigerBeetle never reached MongoDB (divergences): not in the "
+                          "archive", ""]
+        lines += self._evidence_markdown() + self._actions_markdown()
+        lines += [
+            f"**Act:** More Actions → Send an Update: `advance` (Data optional, e.g. "
+            f"`{UPDATE_EXAMPLES[UPDATE_ADVANCE]}`), `rollback` `{{\"to\": \"...\"}}`, "
+            "`set_rollout` `{\"percent\": 50}`, `pause`, `resume`, `force_advance` "
+            "`{\"reason\": \"...\"}`; put your name in `actor`.",
+            "",
+            f"Migration `{self._config.migration_id}` · scopes "
+            f"{', '.join(self._config.scopes)} · run {self._rt.runs}",
+        ]
         return "\n".join(lines)
+
+    def _gates_markdown(self) -> list[str]:
+        step, gates = self._next_gates()
+        if step is None:
+            return ["**Complete:** no next step.", ""]
+        failed = [g for g in gates if not g.passed]
+        verdict = (f"{len(failed)} of {len(gates)} gate(s) FAIL" if failed
+                   else "all gates PASS" if gates else "no gates")
+        lines = [f"**Next: {step}** ({verdict})", ""]
+        for g in gates:
+            line = (f"- **{'PASS' if g.passed else 'FAIL'}** {g.name}: {g.measured} "
+                    f"(threshold {g.threshold})")
+            if not g.passed:
+                hint = next_steps(Decision(action=ActionKind.ADVANCE, allowed=False,
+                                           source=self._rt.position,
+                                           target=self._rt.position, gates=[g]))
+                line += f". Next: {hint.split('; or ')[0]}"
+            lines.append(line)
+        return [*lines, ""] if gates else lines
+
+    def _evidence_markdown(self) -> list[str]:
+        ev = self._evidence
+        if ev is None:
+            return []
+        ratio = ev.latency_ratio
+        recon = pct(ev.reconciliation_match_rate)
+        if ev.reconciliation_at is not None:
+            recon += f" at {_utc(ev.reconciliation_at)}"
+        if ev.reconciliation is not None:
+            recon += f" (report {ev.reconciliation.run_id})"
+        return [
+            "**Evidence**", "",
+            f"- shadow match rate: {pct(ev.shadow_match_rate)} ({ev.shadow_compared} "
+            f"compared, {ev.shadow_in_flight} in flight)",
+            f"- fallback rate: {pct(ev.fallback_rate)} ({ev.cutover_reads} cutover reads)",
+            f"- TigerBeetle read errors: {pct(ev.error_rate)} ({ev.tb_reads} reads)",
+            "- latency ratio, TigerBeetle p95 / MongoDB p95: "
+            + ("no data" if ratio is None else f"{ratio:.3f}"),
+            "- unapplied writes: "
+            + ("unknown" if ev.unapplied_writes is None else str(ev.unapplied_writes)),
+            f"- reconciliation: {recon}",
+            f"- backfill: {'complete' if ev.backfill_complete else 'not complete'}",
+            "",
+        ]
+
+    def _actions_markdown(self) -> list[str]:
+        shown = self._rt.recent_actions[-DETAILS_ACTIONS_SHOWN:][::-1]
+        if not shown:
+            return []
+        lines = ["**Recent actions** (newest first)", ""]
+        for r in shown:
+            why = r.reason if len(r.reason) <= DETAILS_REASON_MAX else (
+                r.reason[: DETAILS_REASON_MAX - 1] + "…")
+            lines.append(f"- {_utc(r.at)} **{r.actor}**: {_action_summary(r)}: {why}")
+        return [*lines, ""]
+
+
+def _record_of(entry: AuditEntry) -> ActionRecord:
+    """An audit entry as the recent action it was (the source's pause flag is not kept)."""
+    return ActionRecord(
+        seq=entry.seq, at=entry.at, actor=entry.actor, action=entry.action,
+        from_position=Position(phase=entry.from_phase, rollout_percent=entry.from_rollout),
+        to_position=Position(phase=entry.to_phase, rollout_percent=entry.to_rollout,
+                             paused=entry.paused),
+        epoch=entry.epoch, reason=entry.reason, automatic=entry.automatic,
+    )

@@ -20,7 +20,7 @@ from walletmig.commands import CommandError, UsageError
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
-    from messages.migration import MigrationStatus
+    from messages.migration import MigrationConfig, MigrationStatus
 
 DEFAULT_NAME = "main"
 
@@ -42,10 +42,10 @@ def render_status(status: MigrationStatus) -> str:
     from walletcore.transitions import describe
 
     ev = status.evidence
-    lines = [
+    lines = [status.summary] if status.summary else []
+    lines.append(
         f"migration {status.migration_id}: {describe_status(status)} (epoch {status.epoch}, "
-        f"scopes {', '.join(status.scopes)})",
-    ]
+        f"scopes {', '.join(status.scopes)})")
     if ev is not None:
         lines.append(
             f"  shadow match {pct(ev.shadow_match_rate)} ({ev.shadow_compared} compared), "
@@ -101,13 +101,30 @@ def _print(args: argparse.Namespace, status: MigrationStatus) -> None:
         print(render_status(status))
 
 
-async def cmd_start(args: argparse.Namespace) -> int:
+async def start_migration_workflow(
+    client: Client, config: MigrationConfig, *, task_queue: str, workflow_id: str | None = None
+) -> WorkflowHandle[Any, MigrationStatus]:
+    """Start the migration workflow the way every client path does: with the summary and the
+    details the Web UI shows on its page (what it is, how to act on it)."""
     from messages.migration import (
-        MigrationConfig,
+        MIGRATION_WORKFLOW,
         MigrationInput,
         MigrationStatus,
         migration_workflow_id,
+        static_details,
+        static_summary,
     )
+
+    return await client.start_workflow(
+        MIGRATION_WORKFLOW, MigrationInput(config=config),
+        id=workflow_id or migration_workflow_id(config.migration_id), task_queue=task_queue,
+        result_type=MigrationStatus, static_summary=static_summary(config),
+        static_details=static_details(config),
+    )
+
+
+async def cmd_start(args: argparse.Namespace) -> int:
+    from messages.migration import MigrationConfig
     from walletcore.gates import GateThresholds
 
     settings = Settings.from_env()
@@ -119,12 +136,26 @@ async def cmd_start(args: argparse.Namespace) -> int:
         archive_dir=str(settings.state_dir / "archive"),
     )
     client = await connect(settings)
-    handle = await client.start_workflow(
-        "MigrationWorkflow", MigrationInput(config=config), id=migration_workflow_id(args.name),
-        task_queue=settings.migration_task_queue, result_type=MigrationStatus,
-    )
+    handle = await start_migration_workflow(client, config,
+                                            task_queue=settings.migration_task_queue)
     print(f"started {handle.id} on task queue {settings.migration_task_queue!r}")
+    link = ui_link(settings, handle.id)
+    if link is not None:
+        print(f"Web UI: {link} (status: User Metadata tab)")
     return 0
+
+
+def ui_link(settings: Settings, workflow_id: str) -> str | None:
+    """The workflow's page in the embedded stack's Web UI, when the settings point at it."""
+    from urllib.parse import quote
+
+    from walletmig import devstack
+
+    stack = devstack.StackConfig.from_env(state_dir=settings.state_dir)
+    if stack.temporal_address != settings.temporal_address:
+        return None  # another Temporal: its UI's address is not known here
+    return (f"{stack.temporal_ui_url}/namespaces/{quote(settings.temporal_namespace, safe='')}"
+            f"/workflows/{quote(workflow_id, safe='')}")
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
