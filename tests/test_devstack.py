@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,8 +29,12 @@ from walletmig import devstack
 from walletmig.processes import ProcessRecord, is_alive, process_start_ticks, spawn, stop
 
 SERVERS = ["temporal", "redis", "mongo", "tigerbeetle"]
-# The worker joins the lifecycle test once `walletmig worker` exists.
-COMPONENTS = [*SERVERS, *(["worker"] if devstack.module_available(devstack.WORKER_MODULE) else [])]
+# The worker and the API join the lifecycle test once their commands exist.
+COMPONENTS = [
+    *SERVERS,
+    *(["worker"] if devstack.module_available(devstack.WORKER_MODULE) else []),
+    *(["api"] if devstack.module_available(devstack.API_MODULE) else []),
+]
 
 
 def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -56,6 +62,9 @@ def test_up_status_idempotent_down(tmp_path: Path) -> None:
         for name in COMPONENTS:
             assert f"{name:<12} up " in shown.stdout, shown.stdout
         assert config.temporal_ui_url in shown.stdout
+        if "api" in COMPONENTS:  # its URL, and /readyz's verdict: every server is up
+            assert f"{config.api_url()} pid={pids['api']}  (ready)" in shown.stdout, shown
+            assert devstack.http_get(f"{config.api_url()}/healthz") == (200, b'{"status":"ok"}')
 
         second = devstack.up(config, COMPONENTS)
         assert {s.name: s.pid for s in second} == pids
@@ -66,7 +75,11 @@ def test_up_status_idempotent_down(tmp_path: Path) -> None:
         assert exports["MONGODB_URI"] == config.mongodb_uri
         assert exports["REDIS_URL"] == config.redis_url
         assert exports["TB_ADDRESSES"] == config.tb_addresses
+        assert exports["TB_REQUEST_LIMIT_BYTES"] == "1048576"
+        assert exports["WALLETMIG_API_URL"] == config.api_url()
 
+        if "worker" in COMPONENTS:
+            pids["temporal"] = _running_worker_is_up_only_when_it_answers(config, pids["worker"])
         records = devstack.read_records(config.state_dir)
     finally:
         stopped = devstack.down(config)
@@ -78,6 +91,66 @@ def test_up_status_idempotent_down(tmp_path: Path) -> None:
     assert after.returncode == 3, after
     for name in COMPONENTS:
         assert f"{name:<12} down " in after.stdout, after.stdout
+
+
+def _running_worker_is_up_only_when_it_answers(config: devstack.StackConfig, pid: int) -> int:
+    """Issue 16: after a Temporal restart a running worker is not "up" until it polls again.
+    A stopped (SIGSTOP) worker cannot reconnect, so `up` must wait and then fail with exit 3;
+    once it runs again, `up` waits for it and reports it up. Returns Temporal's new PID."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        devstack.down(config, ["temporal"])
+        devstack.up(config, ["temporal"])
+        refused = _cli(config.state_dir, "dev", "up", "--timeout-s", "3")
+        assert refused.returncode == 3, refused
+        (line,) = refused.stderr.strip().splitlines()
+        assert f"worker (pid {pid}) is running but not ready after 3 s" in line, line
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    waited = {s.name: s for s in devstack.up(config, COMPONENTS)}
+    assert waited["worker"].state == "up" and waited["worker"].pid == pid
+    assert waited["worker"].detail.startswith("already running"), waited["worker"]
+    assert devstack.status(config)[COMPONENTS.index("worker")].state == "up"
+    temporal_pid = waited["temporal"].pid
+    assert temporal_pid is not None
+    return temporal_pid
+
+
+def test_emulator_request_limit_is_passed_exported_and_guarded(tmp_path: Path) -> None:
+    config = devstack.StackConfig.with_free_ports(
+        tmp_path / "state", tb_request_limit_bytes=devstack.parse_tb_limit_request("32KiB"))
+    try:
+        (started,) = devstack.up(config, ["tigerbeetle"])
+        assert started.state == "up", started
+        record = devstack.read_records(config.state_dir)["tigerbeetle"]
+        assert record.argv[-2:] == ("--limit-request", "32768")
+        assert devstack.emulator_request_limit(record) == 32768  # from its ready line
+        exports = devstack.parse_env_file(config.state_dir / devstack.ENV_FILE)
+        assert exports["TB_REQUEST_LIMIT_BYTES"] == "32768"
+        assert json.loads((config.state_dir / devstack.CONFIG_FILE).read_text())[
+            "tb_request_limit_bytes"] == 32768  # later commands need no flag
+
+        other = _cli(config.state_dir, "dev", "up", "--only", "tigerbeetle",
+                     "--tb-limit-request", "1MiB")
+        assert other.returncode == 1, other
+        (line,) = other.stderr.strip().splitlines()
+        assert f"pid {record.pid}) runs with request limit 32768 bytes, not 1048576" in line
+        same = _cli(config.state_dir, "dev", "up", "--only", "tigerbeetle",
+                    "--tb-limit-request", "development")
+        assert same.returncode == 0 and "already running" in same.stdout, same
+        shown = _cli(config.state_dir, "dev", "status")
+        assert "(request limit 32768 bytes)" in shown.stdout, shown.stdout
+    finally:
+        devstack.down(config)
+
+
+def test_tb_limit_request_values() -> None:
+    assert devstack.parse_tb_limit_request("development") == 32 * 1024
+    assert devstack.parse_tb_limit_request("4KiB") == 4096
+    assert devstack.parse_tb_limit_request("1048576") == 1024 * 1024
+    for bad in ("3KiB", "2MiB", "dev", ""):
+        with pytest.raises(ValueError):
+            devstack.parse_tb_limit_request(bad)
 
 
 def test_stop_never_signals_a_reused_pid(tmp_path: Path) -> None:
@@ -130,6 +203,7 @@ def test_load_stack_env_fills_only_unset_variables(tmp_path: Path) -> None:
         ["no-such-command"],
         ["dev", "up", "--only", "temporal,bogus"],
         ["dev", "up", "--redis-port", "x"],
+        ["dev", "up", "--tb-limit-request", "3KiB"],
     ],
 )
 def test_cli_user_mistakes_exit_2_without_traceback(tmp_path: Path, args: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""`walletmig bench wallet-ops|tigerbeetle|reconcile|backfill`: benchmarks on the embedded stack.
+"""`walletmig bench wallet-ops|tigerbeetle|reconcile|backfill|api`: benchmarks on the embedded
+stack.
 
 The benchmark modules load inside the handlers: building the parser must stay cheap.
 """
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from walletconfig.settings import Settings
-from walletmig.commands import UsageError
+from walletmig.commands import CommandError, UsageError
 
 RECONCILE_WALLETS_DEFAULT = 100_000
 # (sub-command, help) of walletmig/bench_reconcile.py's two benchmarks.
@@ -60,6 +62,30 @@ def register(subparsers: Any) -> None:
                                                            "(with `ratio`)")
         p.set_defaults(handler=_store_bench, kind=kind)
 
+    _register_api(benches)
+
+
+def _register_api(benches: Any) -> None:
+    api = benches.add_parser(
+        "api",
+        help="balance reads and credits through the HTTP API next to the Python client",
+        description="The same balance read and credit through the running stack's HTTP API "
+        "(httpx, keep-alive) and through ReadRouter / WalletClient directly, rounds "
+        "alternating; prints requests/s, p50/p99 and CPU ms per request of each process "
+        "(walletmig.bench_api). Writes bench-api-* wallets into the stack's database.",
+    )  # fmt: skip
+    api.add_argument("--reads", type=int, default=5000, help="balance reads per path and round")
+    api.add_argument("--credits", type=int, default=1000, help="credits per path and round")
+    api.add_argument("--concurrency", type=int, default=32, help="concurrent callers per path")
+    api.add_argument("--wallets", type=int, default=32, help="wallets (caller c uses c %% N)")
+    api.add_argument("--rounds", type=int, default=2, help="rounds, the paths' order swapped")
+    api.add_argument("--pair", default="USD:USA", help="CURRENCY:COUNTRY of the wallets")
+    api.add_argument("--api-url", default=None,
+                     help="default: WALLETMIG_API_URL (exported by `walletmig dev up`)")
+    api.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
+    api.add_argument("--json", action="store_true", help="print the figures as JSON")
+    api.set_defaults(handler=_api_bench)
+
 
 async def _wallet_ops(args: argparse.Namespace) -> int:
     from walletmig.bench_wallet_ops import BenchConfig, format_report, run_bench
@@ -93,4 +119,29 @@ async def _store_bench(args: argparse.Namespace) -> int:
         print(json.dumps(figures))
     else:
         print("\n".join(f"{name:28} {value}" for name, value in figures.items()))
+    return 0
+
+
+async def _api_bench(args: argparse.Namespace) -> int:
+    import pydantic
+
+    from walletmig.bench_api import ApiBenchConfig, RequestFailed, format_report, run_bench
+
+    api_url = args.api_url or os.environ.get("WALLETMIG_API_URL")
+    if not api_url:
+        raise UsageError("no API URL: pass --api-url or start the stack (`walletmig dev up`)")
+    currency, _, country = args.pair.partition(":")
+    try:
+        config = ApiBenchConfig(
+            api_url=api_url.rstrip("/"), reads=args.reads, credits=args.credits,
+            concurrency=args.concurrency, wallets=args.wallets, rounds=args.rounds,
+            currency=currency, country=country, verify_tls=not args.insecure,
+        )  # fmt: skip
+    except pydantic.ValidationError as bad:
+        raise UsageError(str(bad).replace("\n", " ")) from None
+    try:
+        report = await run_bench(Settings.from_env(), config)
+    except RequestFailed as failed:
+        raise CommandError(f"bench api: {failed}") from None
+    print(report.model_dump_json(indent=2) if args.json else format_report(report))
     return 0
