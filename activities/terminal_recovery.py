@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import tigerbeetle as tb
+from pymongo.asynchronous.database import AsyncDatabase
 
-from activities.terminal_reconcile import TerminalReconciler
-from activities.terminal_sync import LedgerSync
+from activities.terminal_reconcile import TerminalReconcileActivities, TerminalReconciler
+from activities.terminal_sync import LedgerSync, TerminalSyncActivities
 from messages.clearing import (
     REFUSED_SAMPLE_MAX,
     AccountMismatch,
@@ -39,11 +42,17 @@ from messages.clearing import (
     TerminalReconcileInput,
     TigerBeetleRebuildResult,
 )
+from stores.clearing_store import ClearingStore
 from stores.general_ledger import PAGE_MAX, GeneralLedger
 from stores.history_import import create_accounts_allowing_imported
 from stores.tb_batches import chunks
+from stores.terminal_reports import (
+    KIND_LEDGER_REBUILD,
+    KIND_TIGERBEETLE_REBUILD,
+    TerminalReports,
+)
 from stores.tigerbeetle_client import TigerBeetleClient
-from walletcore.clearing import external_ref
+from walletcore.clearing import DEFAULT_CLEARING_TABLE, ClearingTable, external_ref
 from walletcore.errors import ConflictError, InvalidInputError
 from walletcore.gl_chart import ChartOfAccounts, MirrorAccount
 from walletcore.journal import ChainVerification, JournalEntry, posting_key
@@ -301,11 +310,70 @@ async def rebuild_tigerbeetle_from_ledger(
     return await TigerBeetleRebuild(ledger, target, limits=limits or BatchLimits()).run()
 
 
+
+
+# ---- one set of terminal operations over a process's stores -------------------------------
+
+
+@dataclass
+class TerminalOps:
+    """The sync, reconciler and reports over one database and one TigerBeetle client: what
+    the worker wiring, the CLI and the demo build (`terminal_ops`)."""
+
+    client: TigerBeetleClient
+    ledger: GeneralLedger
+    clearing: ClearingStore
+    reports: TerminalReports
+    sync: LedgerSync
+    reconciler: TerminalReconciler
+    limits: BatchLimits
+
+    async def ensure_indexes(self) -> None:
+        await self.ledger.ensure_indexes()
+        await self.ledger.ensure_chart()
+        await self.clearing.ensure_indexes()
+        await self.reports.ensure_indexes()
+
+    def activities(self) -> list[Callable[..., object]]:
+        """The activities LedgerSyncWorkflow and TerminalReconcileWorkflow call."""
+        return [*TerminalSyncActivities(self.sync, query_limit_max=self.limits.query_limit_max)
+                .all(), *TerminalReconcileActivities(self.reconciler).all()]
+
+    async def rebuild_ledger(self, *, drop_existing: bool, run_id: str) -> LedgerRebuildResult:
+        result = await rebuild_ledger_from_tigerbeetle(
+            self.sync, self.reconciler, drop_existing=drop_existing, run_id=run_id)
+        await self.reports.save_rebuild(KIND_LEDGER_REBUILD, run_id, result, result.ok)
+        return result
+
+    async def rebuild_tigerbeetle(
+        self, target: TigerBeetleClient, *, target_limits: BatchLimits, run_id: str,
+    ) -> TigerBeetleRebuildResult:
+        result = await rebuild_tigerbeetle_from_ledger(self.ledger, target, limits=target_limits)
+        await self.reports.save_rebuild(KIND_TIGERBEETLE_REBUILD, run_id, result, result.ok)
+        return result
+
+
+def terminal_ops(
+    db: AsyncDatabase[Any], client: TigerBeetleClient, *, limits: BatchLimits | None = None,
+    table: ClearingTable = DEFAULT_CLEARING_TABLE,
+) -> TerminalOps:
+    limits = limits or BatchLimits()
+    ledger = GeneralLedger(db, chart=table.chart)
+    clearing = ClearingStore(db)
+    reports = TerminalReports(db)
+    sync = LedgerSync(client, ledger, clearing, table=table, reports=reports)
+    reconciler = TerminalReconciler(client, sync, clearing, reports=reports, limits=limits)
+    return TerminalOps(client=client, ledger=ledger, clearing=clearing, reports=reports, sync=sync,
+                       reconciler=reconciler, limits=limits)
+
+
 __all__ = [
+    "TerminalOps",
     "TigerBeetleRebuild",
     "ledger_digest",
     "mirror_account",
     "rebuild_ledger_from_tigerbeetle",
     "rebuild_tigerbeetle_from_ledger",
+    "terminal_ops",
     "verify_whole_chain",
 ]

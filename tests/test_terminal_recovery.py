@@ -6,7 +6,11 @@ catching a tampered entry, a tampered balance document and a tampered TigerBeetl
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +29,7 @@ from activities.terminal_recovery import (
 from messages.clearing import TerminalReconcileInput
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
 from tb_emulator.server import EmulatorProcess, temp_data_file
-from walletcore.clearing import post_transfer_id
+from walletcore.clearing import DEFAULT_CLEARING_TABLE, post_transfer_id
 from walletcore.errors import InvalidInputError
 from walletcore.journal import entry_id_of
 
@@ -58,18 +62,25 @@ async def terminal(db: Db, tb_client: Any) -> AsyncIterator[Terminal]:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fresh_tb() -> AsyncIterator[TigerBeetleClient]:
-    """An empty emulator of this test's own: the cluster that replaces a lost one."""
+async def fresh_cluster() -> AsyncIterator[tuple[str, TigerBeetleClient]]:
+    """An empty emulator of this test's own, the cluster that replaces a lost one:
+    (its address, a client)."""
     directory, data_file = temp_data_file("tbemu-terminal-")
     process = EmulatorProcess(data_file)
     await asyncio.to_thread(process.start)
-    client = connect_tigerbeetle(f"tbemu://{process.address}")
+    address = f"tbemu://{process.address}"
+    client = connect_tigerbeetle(address)
     try:
-        yield client
+        yield address, client
     finally:
         await client.close()
         process.kill()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_tb(fresh_cluster: tuple[str, TigerBeetleClient]) -> TigerBeetleClient:
+    return fresh_cluster[1]
 
 
 async def test_the_ledger_is_rebuilt_from_tigerbeetle(terminal: Terminal) -> None:
@@ -188,3 +199,45 @@ async def test_rebuilding_into_a_used_cluster_is_refused(
     assert err.value.field == "target_addresses"
     mirrors = terminal.table.chart.mirrors()
     assert await fresh_tb.lookup_accounts([m.id for m in mirrors]) == []  # nothing written
+
+
+# ---- the commands ----------------------------------------------------------------------------
+
+
+def _cli(env: dict[str, str], repo_root: Any, *args: str) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "walletmig", "ledger", *args, "--json"], cwd=repo_root, env=env,
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode in (0, 3), done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+async def test_the_ledger_commands(
+    settings: Any, settings_env: dict[str, str], mongo_client: Any, tb_client: Any,
+    fresh_cluster: tuple[str, TigerBeetleClient], repo_root: Any,
+) -> None:
+    """sync --once, sync-status, reconcile and both rebuilds, as an operator runs them (the
+    default chart and the session's TigerBeetle: only this test uses ledgers 100/101)."""
+    db = mongo_client[settings.mongodb_database]
+    terminal = await make_terminal(db, tb_client, DEFAULT_CLEARING_TABLE)
+    await terminal.create_mirrors()
+    await terminal.clear([txn() for _ in range(5)] + [txn("usdc_vault_deposit", "2.5", "USDC")])
+    run = functools.partial(_cli, settings_env, repo_root)
+
+    code, synced = await asyncio.to_thread(run, "sync", "--once")
+    assert code == 0 and synced["caught_up"] and synced["totals"]["new_entries"] == 6
+    code, status = await asyncio.to_thread(run, "sync-status")
+    assert code == 0 and status["sync_lag_seconds"] == 0 and status["lag_exact"]
+    code, report = await asyncio.to_thread(run, "reconcile")
+    assert code == 0 and report["entries_checked"] == 6 and report["trial_balance_zero"]
+    code, rebuilt = await asyncio.to_thread(run, "rebuild-from-tigerbeetle", "--drop-existing")
+    assert code == 0 and rebuilt["ok"] and rebuilt["equal"] is True
+    assert rebuilt["entries_after"] == 6
+    code, imported = await asyncio.to_thread(
+        run, "rebuild-tigerbeetle", "--target-addresses", fresh_cluster[0])
+    assert code == 0 and imported["ok"] and imported["transfers_imported"] == 6
+    saved = await terminal.reports.latest_rebuild("tigerbeetle_rebuild")
+    assert saved is not None and saved["transfers_imported"] == 6
+    await db["gl_balances"].update_one({"_id": "1050:USD"}, {"$inc": {"debits_minor": 7}})
+    code, tampered = await asyncio.to_thread(run, "reconcile", "--no-catch-up")
+    assert code == 3 and tampered["balance_drift"] and not tampered["trial_balance_zero"]
