@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -144,7 +145,8 @@ async def _demo(args: argparse.Namespace) -> int:
 
     if not TRANSACTIONS_MIN <= args.transactions <= TRANSACTIONS_MAX:
         raise UsageError(f"--transactions must be within {TRANSACTIONS_MIN}..{TRANSACTIONS_MAX}")
-    console = Console(stderr=args.json)  # --json keeps stdout for the report
+    # --json keeps stdout for the report; a report piped to a file keeps its full width.
+    console = Console(stderr=args.json, width=None if sys.stdout.isatty() else 140)
     report = await run_terminal_demo(Settings.from_env(), args.transactions, console=console,
                                      seed=args.seed)
     if args.json:
