@@ -17,16 +17,19 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.clearing import build_clearing_activities
 from activities.migration import MigrationActivities
+from activities.terminal_recovery import terminal_ops
 from stores.bundle import Stores
 from workers.wallet_worker import unique_activities, workflow_runner
 from workers.wiring import OPS_WORKFLOWS, ensure_ops_indexes, ops_activities
 from workflows.clearing import ClearingBatchWorkflow
 from workflows.migration import MigrationWorkflow
+from workflows.terminal_sync import LedgerSyncWorkflow, TerminalReconcileWorkflow
 
 SHUTDOWN_GRACE_S = 10.0
 MAX_CONCURRENT_ACTIVITIES = 20  # backfill/reconcile pages are heavy: a few at a time
 
-MIGRATION_WORKFLOWS: tuple[type, ...] = (MigrationWorkflow, *OPS_WORKFLOWS, ClearingBatchWorkflow)
+MIGRATION_WORKFLOWS: tuple[type, ...] = (MigrationWorkflow, *OPS_WORKFLOWS, ClearingBatchWorkflow,
+                                          LedgerSyncWorkflow, TerminalReconcileWorkflow)
 
 
 def migration_workflow_runner() -> SandboxedWorkflowRunner:
@@ -40,7 +43,10 @@ async def migration_activities(stores: Stores) -> list[Callable[..., Any]]:
     await migration.ensure_indexes()
     await ensure_ops_indexes(stores)
     clearing = await build_clearing_activities(stores.db, stores.tb_client, stores.limits)
-    return unique_activities([*migration.all(), *ops_activities(stores), *clearing.all()])
+    terminal = terminal_ops(stores.db, stores.tb_client, limits=stores.limits)
+    await terminal.ensure_indexes()
+    return unique_activities([*migration.all(), *ops_activities(stores), *clearing.all(),
+                              *terminal.activities()])
 
 
 def build_migration_worker(
