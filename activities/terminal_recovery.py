@@ -43,6 +43,7 @@ from messages.clearing import (
     TigerBeetleRebuildResult,
 )
 from stores.clearing_store import ClearingStore
+from stores.clearing_tb import mirror_account
 from stores.general_ledger import PAGE_MAX, GeneralLedger
 from stores.history_import import create_accounts_allowing_imported
 from stores.tb_batches import chunks
@@ -67,11 +68,14 @@ _CAS = tb.CreateAccountStatus
 # ---- shared helpers ----------------------------------------------------------------------------
 
 
-def mirror_account(mirror: MirrorAccount, *, imported_at: int = 0) -> tb.Account:
-    """The TigerBeetle account of a mirror; `imported_at` > 0 imports it at that timestamp."""
-    flags = mirror.flags | (int(tb.AccountFlags.IMPORTED) if imported_at else 0)
-    return tb.Account(id=mirror.id, ledger=mirror.ledger, code=mirror.code,
-                      flags=tb.AccountFlags(flags), timestamp=imported_at)
+def imported_mirror(mirror: MirrorAccount, timestamp: int) -> tb.Account:
+    """The pipeline's mirror account (stores.clearing_tb), imported at `timestamp` (normal
+    when 0)."""
+    account = mirror_account(mirror)
+    if timestamp:
+        account.flags = tb.AccountFlags(int(account.flags) | int(tb.AccountFlags.IMPORTED))
+        account.timestamp = timestamp
+    return account
 
 
 async def ledger_digest(ledger: GeneralLedger) -> tuple[int, str]:
@@ -214,7 +218,7 @@ class TigerBeetleRebuild:
                 "the target cluster holds accounts newer than the ledger's oldest entry: "
                 "imported mirrors must predate it; rebuild into a fresh cluster",
                 field="target_addresses")
-        accounts = [mirror_account(m, imported_at=base + i if first_transfer_ts else 0)
+        accounts = [imported_mirror(m, base + i if first_transfer_ts else 0)
                     for i, m in enumerate(missing)]
         for batch in chunks(accounts, self._limits.create_batch_max):
             statuses = await create_accounts_allowing_imported(self._target, list(batch))
@@ -370,8 +374,8 @@ def terminal_ops(
 __all__ = [
     "TerminalOps",
     "TigerBeetleRebuild",
+    "imported_mirror",
     "ledger_digest",
-    "mirror_account",
     "rebuild_ledger_from_tigerbeetle",
     "rebuild_tigerbeetle_from_ledger",
     "terminal_ops",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tigerbeetle as tb
 
+from stores.history_import import create_accounts_allowing_imported
 from stores.tb_errors import account_rule, status_error
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletcore.clearing import TransferSpec
@@ -36,13 +37,14 @@ async def ensure_mirrors(client: TigerBeetleClient, chart: ChartOfAccounts) -> i
     created now; an id taken with other content raises the mapped ConflictError (the chart
     changed under existing accounts)."""
     mirrors = chart.mirrors()
-    results = await client.create_accounts([mirror_account(m) for m in mirrors])
-    assert len(results) == len(mirrors)
+    # A cluster rebuilt from the ledger holds the mirrors `imported` (the same accounts).
+    statuses = await create_accounts_allowing_imported(
+        client, [mirror_account(m) for m in mirrors])
+    assert len(statuses) == len(mirrors)
     created = 0
-    for mirror, result in zip(mirrors, results, strict=True):
-        rule = account_rule(result.status)
+    for mirror, status in zip(mirrors, statuses, strict=True):
+        rule = account_rule(status)
         if rule.error is not None:
-            raise status_error(rule, result.status,
-                               f"GL mirror {mirror.gl_number} {mirror.currency}")
-        created += result.status is tb.CreateAccountStatus.CREATED
+            raise status_error(rule, status, f"GL mirror {mirror.gl_number} {mirror.currency}")
+        created += status is tb.CreateAccountStatus.CREATED
     return created

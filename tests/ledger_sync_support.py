@@ -16,9 +16,9 @@ import tigerbeetle as tb
 from pymongo.asynchronous.database import AsyncDatabase
 
 from activities.terminal_reconcile import TerminalReconciler
-from activities.terminal_recovery import mirror_account
 from activities.terminal_sync import LedgerSync
 from stores.clearing_store import ClearingStore
+from stores.clearing_tb import ensure_mirrors, transfer_of
 from stores.general_ledger import GeneralLedger
 from stores.terminal_reports import TerminalReports
 from stores.tigerbeetle_client import TigerBeetleClient
@@ -26,7 +26,6 @@ from walletcore.clearing import (
     DEFAULT_CLEARING_TABLE,
     ClearingTable,
     ExternalTransaction,
-    TransferSpec,
     pending_spec,
     post_spec,
     settlement_entry,
@@ -42,14 +41,6 @@ def own_table() -> ClearingTable:
     base = random.randrange(10_000, 2**31, 2)
     chart = ChartOfAccounts(accounts=DEFAULT_GL_ACCOUNTS, ledgers={"USD": base, "USDC": base + 1})
     return ClearingTable(chart=chart, routes=DEFAULT_CLEARING_TABLE.routes)
-
-
-def transfer_of(spec: TransferSpec) -> tb.Transfer:
-    return tb.Transfer(
-        id=spec.id, debit_account_id=spec.debit_account_id,
-        credit_account_id=spec.credit_account_id, amount=spec.amount, pending_id=spec.pending_id,
-        user_data_128=spec.user_data_128, ledger=spec.ledger, code=spec.code,
-        flags=tb.TransferFlags(spec.flags), timeout=spec.timeout_s)
 
 
 def txn(kind: str = "ach_credit_in", amount: str = "10.00", currency: str = "USD",
@@ -73,9 +64,8 @@ class Terminal:
     reconciler: TerminalReconciler
 
     async def create_mirrors(self) -> None:
-        results = await self.client.create_accounts(
-            [mirror_account(m) for m in self.table.chart.mirrors()])
-        assert {r.status for r in results} <= {tb.CreateAccountStatus.CREATED}
+        created = await ensure_mirrors(self.client, self.table.chart)
+        assert created == len(self.table.chart.mirrors())
 
     async def create(self, transfers: list[tb.Transfer]) -> None:
         results = await self.client.create_transfers(transfers)

@@ -27,6 +27,7 @@ from activities.terminal_recovery import (
     rebuild_tigerbeetle_from_ledger,
 )
 from messages.clearing import TerminalReconcileInput
+from stores.clearing_tb import ensure_mirrors
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
 from tb_emulator.server import EmulatorProcess, temp_data_file
 from walletcore.clearing import DEFAULT_CLEARING_TABLE, post_transfer_id
@@ -148,6 +149,7 @@ async def test_tigerbeetle_is_rebuilt_from_the_ledger(
                for link in entries)
     accounts = await fresh_tb.lookup_accounts([m.id for m in mirrors])
     assert all(a.flags & tb.AccountFlags.IMPORTED for a in accounts)
+    assert await ensure_mirrors(fresh_tb, terminal.table.chart) == 0  # the pipeline's check
 
     # The ledger reconciles against the rebuilt cluster as it did against the lost one.
     rebuilt = await make_terminal(terminal.db, fresh_tb, terminal.table)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from ledger_sync_support import Terminal, make_terminal, mix, spend, transfer_of, txn
+from ledger_sync_support import Terminal, make_terminal, mix, spend, txn
 from pymongo import AsyncMongoClient
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
@@ -27,6 +27,7 @@ from messages.clearing import (
     TerminalReconcileInput,
     TerminalReconcileReport,
 )
+from stores.clearing_tb import transfer_of
 from stores.general_ledger import GeneralLedger
 from walletcore.clearing import pending_spec, post_transfer_id
 from walletcore.journal import NS_PER_S, entry_id_of
