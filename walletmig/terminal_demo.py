@@ -56,7 +56,7 @@ from walletcore.clearing import (
     KindLimits,
     Route,
 )
-from walletcore.gl_chart import DEFAULT_CHART, AccountStatus, ChartOfAccounts
+from walletcore.gl_chart import AccountStatus, ChartOfAccounts
 from workers.wallet_worker import connect_temporal, workflow_runner
 from workflows.clearing import ClearingBatchWorkflow
 
@@ -74,18 +74,25 @@ DEMO_LEDGER_MAX = 2**31
 RULE_HITS_MAX = 80  # duplicate-reference pairs: the rules' batch stays one batch
 
 
+def own_ledgers(rng: random.Random, table: ClearingTable = DEFAULT_CLEARING_TABLE,
+                extra: tuple[Route, ...] = ()) -> ClearingTable:
+    """`table`'s routes (plus `extra`) on terminal ledgers of a run's own (random, >= 10000):
+    its mirrors start from zero (funds refusals are exact) and the sync, reconciliation and
+    rebuild see only the run's transfers, however many runs the shared TigerBeetle holds."""
+    usd = rng.randrange(DEMO_LEDGER_MIN, DEMO_LEDGER_MAX)
+    chart = ChartOfAccounts(accounts=table.chart.accounts, ledgers={"USD": usd, "USDC": usd + 1})
+    return ClearingTable(chart=chart, routes=(*table.routes, *extra))
+
+
 def demo_table(rng: random.Random) -> ClearingTable:
     """The default routes plus `instant_hold` (1 s hold: expires before its checks run), on
-    terminal ledgers of the run's own: its mirrors start from zero (the funds checks are
-    exact) and the sync, reconciliation and rebuild see only this run's transfers."""
-    usd = rng.randrange(DEMO_LEDGER_MIN, DEMO_LEDGER_MAX)
-    chart = ChartOfAccounts(accounts=DEFAULT_CHART.accounts, ledgers={"USD": usd, "USDC": usd + 1})
+    ledgers of the run's own."""
     hold = Route(
         kind=INSTANT_HOLD, code=2099, debit_account=1060, credit_account=2180,
         pending_timeout_s=1, limits={"USD": KindLimits(
             amount_min=Decimal("0.01"), amount_max=Decimal("5000"), velocity_count_max=1000,
             velocity_amount_max=Decimal("1000000"))})
-    return ClearingTable(chart=chart, routes=(*DEFAULT_CLEARING_TABLE.routes, hold))
+    return own_ledgers(rng, extra=(hold,))
 
 
 class KindFigures(BaseModel):

@@ -54,6 +54,19 @@ def register(subparsers: Any) -> None:
     tb.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of tb_emulator.bench")
     tb.set_defaults(handler=_tigerbeetle)
 
+    clearing = benches.add_parser(
+        "clearing", help="credit terminal end to end vs raw two-phase TigerBeetle transfers",
+        description="walletmig/bench_clearing.py: saturation and fixed offered load, p50/p99, "
+        "CPU per transaction per process, raw pending+post batches in the same run.")
+    clearing.add_argument("--transactions", type=int, default=20_000)
+    clearing.add_argument("--batch-size", type=int, default=2000)
+    clearing.add_argument("--concurrency", type=int, default=4, help="batches in flight")
+    clearing.add_argument("--fixed-share", type=float, default=0.5,
+                          help="offered load of the fixed run, share of saturation (0: skip)")
+    clearing.add_argument("--json", action="store_true", help="tx_per_s, raw_tx_per_s, ratio, "
+                                                              "p99_ms, ...")
+    clearing.set_defaults(handler=_clearing)
+
     for kind, text in STORE_BENCHES:
         p = benches.add_parser(kind, help=text, description=text + " (walletmig.bench_reconcile)")
         p.add_argument("--wallets", type=int, default=RECONCILE_WALLETS_DEFAULT,
@@ -143,5 +156,20 @@ async def _api_bench(args: argparse.Namespace) -> int:
         report = await run_bench(Settings.from_env(), config)
     except RequestFailed as failed:
         raise CommandError(f"bench api: {failed}") from None
+    print(report.model_dump_json(indent=2) if args.json else format_report(report))
+    return 0
+
+
+async def _clearing(args: argparse.Namespace) -> int:
+    import pydantic
+
+    from walletmig.bench_clearing import ClearingBenchConfig, format_report, run_bench
+
+    try:
+        config = ClearingBenchConfig(transactions=args.transactions, batch_size=args.batch_size,
+                                     concurrency=args.concurrency, fixed_share=args.fixed_share)
+    except pydantic.ValidationError as err:
+        raise UsageError(str(err.errors()[0]["msg"])) from None
+    report = await run_bench(Settings.from_env(), config)
     print(report.model_dump_json(indent=2) if args.json else format_report(report))
     return 0
