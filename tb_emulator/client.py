@@ -291,6 +291,9 @@ class _AsyncConnection:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self.task
+        # A reader task cancelled before it ever ran never closed the writer itself; close it
+        # here, or wait_closed() waits forever (a first request refused as too big did that).
+        self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
 

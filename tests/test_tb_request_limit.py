@@ -187,6 +187,18 @@ async def test_async_adapter_refuses_without_the_server(
         await client.close()
 
 
+async def test_a_client_whose_first_request_is_refused_still_closes(
+    server: tuple[EmulatorProcess, Limit],
+) -> None:
+    """The first request on a fresh connection too big: refused, and close() returns (its
+    reader task never ran, so close() itself must close the socket)."""
+    process, limit = server
+    client = EmulatorClientAsync(0, process.address, timeout_s=5)
+    with pytest.raises(tb.TooMuchDataError):
+        await client.lookup_accounts(fresh_ids(max(limit.lookups_max, 8189) + 1))
+    await asyncio.wait_for(client.close(), 5)
+
+
 def test_sync_adapter_exposes_the_announced_limit(server: tuple[EmulatorProcess, Limit]) -> None:
     process, limit = server
     with EmulatorClientSync(0, process.address) as client:
