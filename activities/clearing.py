@@ -248,7 +248,7 @@ class ClearingActivities:
         await self._apply([void_spec(txns[v.external_id], self._table) for v in voids],
                           [v.external_id for v in voids], [v.reason for v in voids], outcome)
         if outcome.lookup:  # resolved by a post whose result we did not see: read its time
-            await self._read_posted(outcome)
+            await self._read_posted(inp.batch_id, outcome)
         return PostVoidResult(batch_id=inp.batch_id, posted=outcome.posted,
                               voided=outcome.voided, expired=outcome.expired)
 
@@ -277,6 +277,12 @@ class ClearingActivities:
             elif status is _TS.PENDING_TRANSFER_ALREADY_VOIDED:
                 outcome.voided.append(VoidItem(external_id=external_id,
                                                reason=reason or PipelineReason.ALREADY_VOIDED))
+            elif status.name.startswith("EXISTS_WITH_DIFFERENT"):
+                # Our derived id holds other content (the system of reference was lost and the
+                # id reused): posting or voiding on top could book what TigerBeetle did not.
+                raise ConflictError(
+                    f"TigerBeetle holds {external_id!r}'s transfer with other content: "
+                    f"{status.name}", field="external_id")
             elif reason is None:
                 refused.append(VoidItem(external_id=external_id,
                                         reason=reason_of(PipelineReason.POST_REFUSED, status)))
@@ -286,19 +292,20 @@ class ClearingActivities:
                     field="external_id")
         return refused
 
-    async def _read_posted(self, outcome: _Decisions) -> None:
+    async def _read_posted(self, batch_id: str, outcome: _Decisions) -> None:
         """Holds posted already (a resumed run decided otherwise): posted, with the time of
         the post transfer, which only this pipeline creates."""
         wanted = {post_transfer_id(x): x for x in outcome.lookup}
-        found = await self._client.lookup_transfers(list(wanted))
-        times = {t.id: t.timestamp for t in found}
+        found = {t.id: t for t in await self._client.lookup_transfers(list(wanted))}
+        txns = {t.external_id: t for t in await self._transactions(batch_id, outcome.lookup)}
         for transfer_id, external_id in wanted.items():
-            if transfer_id not in times:
+            post = found.get(transfer_id)
+            if post is None or post.amount != txns[external_id].amount_minor:
                 raise ConflictError(
-                    f"the hold of {external_id!r} was posted by another transfer",
+                    f"the hold of {external_id!r} was posted by another transfer or amount",
                     field="external_id")
             outcome.posted.append(PostedItem(external_id=external_id,
-                                             tb_timestamp=times[transfer_id]))
+                                             tb_timestamp=post.timestamp))
 
     # ---- settle ------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.clearing import ClearingActivities, build_clearing_activities
-from messages.clearing import TransactionOutcome
+from messages.clearing import PostVoidBatch, StepInput, TransactionOutcome, VoidItem
+from messages.clearing_pipeline import FinalizeBatch
 from stores.bundle import connect_batched
 from stores.clearing_blocklist import BlockedParties
 from stores.clearing_store import ClearingStore
@@ -494,3 +495,39 @@ async def test_kill_9_of_the_worker_mid_stream(
     finally:
         _stop(procs)
         await mongo_client.drop_database(database)
+
+
+async def test_a_resumed_run_keeps_what_tigerbeetle_did(
+    pipe: Pipeline, txn: Callable[..., ExternalTransaction], unique_id: Callable[..., str]
+) -> None:
+    """The activities alone, as a resumed run would call them with other decisions: a hold
+    posted earlier stays posted (with its post's time), one voided earlier stays voided, a
+    repeated post lands on the same transfer."""
+    posted_first, voided_first = txn("ach_credit_in", "4.00"), txn("ach_credit_in", "5.00")
+    batch = unique_id("batch")
+    await pipe.clearing.record_many([posted_first, voided_first], batch)
+    ids = [posted_first.external_id, voided_first.external_id]
+    acts = pipe.activities
+    holds = await acts.reserve(StepInput(batch_id=batch, external_ids=ids))
+    assert holds.pending == ids and not holds.rejected
+    again = await acts.reserve(StepInput(batch_id=batch, external_ids=ids))
+    assert again.expires_at_ns == holds.expires_at_ns  # EXISTS: the same holds
+    first = await acts.decide(PostVoidBatch(
+        batch_id=batch, post=[ids[0]], void=[VoidItem(external_id=ids[1], reason="velocity")]))
+    assert [p.external_id for p in first.posted] == [ids[0]]
+    flipped = await acts.decide(PostVoidBatch(
+        batch_id=batch, post=[ids[1]], void=[VoidItem(external_id=ids[0], reason="late")]))
+    assert flipped.posted == first.posted
+    assert [(v.external_id, v.reason) for v in flipped.voided] == [(ids[1], "already_voided")]
+    repeated = await acts.decide(PostVoidBatch(batch_id=batch, post=[ids[0]]))
+    assert repeated.posted == first.posted
+    final = await acts.finalize(FinalizeBatch(batch_id=batch, posted=first.posted,
+                                              rejected=flipped.voided))
+    assert (final.settled, final.rejected, final.new_entries) == (1, 1, 1)
+    replay = await acts.finalize(FinalizeBatch(batch_id=batch, posted=first.posted,
+                                               rejected=flipped.voided))
+    assert (replay.settled, replay.new_entries) == (0, 0)
+    outcomes = await pipe.client.statuses(ids)
+    await assert_settled(pipe, {ids[0]: outcomes[ids[0]]})
+    await assert_rejected(pipe, outcomes[ids[1]], "already_voided")
+    await assert_books_balanced(pipe)
