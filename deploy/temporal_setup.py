@@ -35,6 +35,7 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from walletclient.temporal_connect import TemporalTls, connect_temporal, tls_from_settings
 from walletconfig.settings import Settings
 from walletmig.devstack import SEARCH_ATTRIBUTES
 
@@ -63,7 +64,8 @@ async def custom_attributes(client: Client, namespace: str) -> dict[str, int]:
     return {name: int(kind) for name, kind in reply.custom_attributes.items()}
 
 
-async def wait_for_namespace(address: str, namespace: str, wait_s: float) -> Client:
+async def wait_for_namespace(address: str, namespace: str, wait_s: float,
+                             tls: TemporalTls | bool = False) -> Client:
     """A client once the namespace is described and its search attributes listed."""
     assert 0 < wait_s <= WAIT_S_MAX, wait_s
     deadline = time.monotonic() + wait_s
@@ -72,7 +74,7 @@ async def wait_for_namespace(address: str, namespace: str, wait_s: float) -> Cli
     while True:
         try:
             if client is None:
-                client = await Client.connect(address, namespace=namespace)
+                client = await connect_temporal(address, namespace, tls=tls)
             await client.workflow_service.describe_namespace(
                 DescribeNamespaceRequest(namespace=namespace), timeout=RPC_TIMEOUT)
             await custom_attributes(client, namespace)
@@ -122,7 +124,8 @@ async def ensure_search_attributes(client: Client, namespace: str,
 
 async def run(settings: Settings, wait_s: float) -> None:
     namespace = settings.temporal_namespace
-    client = await wait_for_namespace(settings.temporal_address, namespace, wait_s)
+    client = await wait_for_namespace(settings.temporal_address, namespace, wait_s,
+                                      tls_from_settings(settings))
     added = await ensure_search_attributes(client, namespace, SEARCH_ATTRIBUTES, wait_s)
     listed = ", ".join(f"{name}={kind}" for name, kind in SEARCH_ATTRIBUTES.items())
     verb = f"added {', '.join(added)}" if added else "nothing to add"

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from gateway.auth import Authenticator
 from gateway.ratelimit import GatewayRateLimiter
@@ -28,6 +27,7 @@ from stores.bundle import Stores, make_stores
 from stores.idempotency_keys import IdempotencyStore
 from stores.read_metrics import ReadMetricsStore
 from walletclient.read_path import ReadRouter
+from walletclient.temporal_connect import connect_from_settings
 from walletclient.wallet_client import WalletClient
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,7 @@ async def open_state(settings: ApiSettings) -> AsyncIterator[GatewayState]:
         read_fail_open=settings.rate_limit_fail_open_read,
     )  # fmt: skip
     try:
-        temporal = await Client.connect(
-            platform.temporal_address, namespace=platform.temporal_namespace,
-            data_converter=pydantic_data_converter, lazy=True,
-        )  # fmt: skip
+        temporal = await connect_from_settings(platform, lazy=True)
         state = _assemble(settings, stores, temporal, limiter)
         state.tasks.append(asyncio.create_task(state.metrics.run_flusher(METRICS_FLUSH_INTERVAL_S)))
         state.tasks.append(asyncio.create_task(_ensure_indexes(state)))

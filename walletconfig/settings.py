@@ -38,6 +38,22 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     # cluster tell their accounts apart (reconciliation checks only its own). 0 = untagged.
     "DEPLOYMENT_TAG": ("deployment_tag", "0"),
     "WALLETMIG_STATE_DIR": ("state_dir", str(DEFAULT_STATE_DIR)),
+    # TLS towards Temporal ("" = unset). TEMPORAL_TLS=true alone trusts the system's CAs;
+    # a CA file adds a private CA; a certificate + key make it mTLS.
+    "TEMPORAL_TLS": ("temporal_tls", "false"),
+    "TEMPORAL_TLS_CA": ("temporal_tls_ca", ""),
+    "TEMPORAL_TLS_CERT": ("temporal_tls_cert", ""),
+    "TEMPORAL_TLS_KEY": ("temporal_tls_key", ""),
+    "TEMPORAL_TLS_SERVER_NAME": ("temporal_tls_server_name", ""),
+    # Payload encryption keys (walletclient.payload_codec): a file and/or the keys themselves,
+    # `id:base64key` lines or JSON, newest last. Neither set = payloads are not encrypted.
+    "WALLETMIG_CODEC_KEYS_FILE": ("codec_keys_file", ""),
+    "WALLETMIG_CODEC_KEYS": ("codec_keys", ""),
+    # `walletmig codec-server`: the bearer token it requires and the Web UI origins it allows.
+    "WALLETMIG_CODEC_SERVER_TOKEN": ("codec_server_token", ""),
+    "WALLETMIG_CODEC_SERVER_CORS_ORIGINS": (
+        "codec_server_cors_origins", "http://127.0.0.1:8233,http://localhost:8233",
+    ),
 }
 
 
@@ -62,6 +78,16 @@ class Settings(BaseModel):
     registry_cache_ttl_s: int = Field(gt=0, le=7 * 24 * 3600)
     deployment_tag: int = Field(default=0, ge=0, lt=2**64)
     state_dir: Path
+    temporal_tls: bool = False
+    # Paths as strings, "" = unset: the settings round-trip through environment variables.
+    temporal_tls_ca: str = Field(default="", max_length=4096)
+    temporal_tls_cert: str = Field(default="", max_length=4096)
+    temporal_tls_key: str = Field(default="", max_length=4096)
+    temporal_tls_server_name: str = Field(default="", max_length=253)
+    codec_keys_file: str = Field(default="", max_length=4096)
+    codec_keys: str = Field(default="", max_length=65536, repr=False)  # secret: never printed
+    codec_server_token: str = Field(default="", max_length=4096, repr=False)
+    codec_server_cors_origins: str = Field(default="", max_length=4096)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
