@@ -247,8 +247,7 @@ class TerminalReconciler:
             return state.model_copy(update={"stage": "holds"})
         scan = await self._sync.scan.page(
             state.after_timestamp, state.page_size, until=state.snapshot_timestamp)
-        posts = [t for t in scan.transfers
-                 if is_posted(t) and self._table.route_by_code(t.code) is not None]
+        posts = self._sync.posts_of(scan)
         ids = [f"{t.id:032x}" for t in posts]
         held = await self._ledger.existing_entry_ids(ids)
         missing = [i for i in ids if i not in held]

@@ -171,10 +171,8 @@ class LedgerSync:
         cursor = replay_after if replay_after is not None else max(
             floor, (await self._ledger.read_cursor()).timestamp)
         scan = await self.scan.page(cursor, min(limit, QUERY_LIMIT_MAX))
-        posts = [t for t in scan.transfers
-                 if is_posted(t) and self._table.route_by_code(t.code) is not None]
-        held = await self._ledger.existing_entry_ids([entry_id_of(t.id) for t in posts])
-        missing = [t for t in posts if entry_id_of(t.id) not in held]
+        posts = self.posts_of(scan)
+        missing = await self._missing(posts, cursor, scan.last_timestamp)
         now_ns = self._clock()
         matched = await self._match(missing)
         new_entries = 0
@@ -188,6 +186,25 @@ class LedgerSync:
         if self._reports is not None:
             await self._reports.save_sync_page(report)
         return report
+
+    def posts_of(self, scan: ScanPage) -> list[tb.Transfer]:
+        """The scan's posted clearing transfers (a route's code)."""
+        return [t for t in scan.transfers
+                if is_posted(t) and self._table.route_by_code(t.code) is not None]
+
+    async def _missing(
+        self, posts: list[tb.Transfer], after: int, last: int
+    ) -> list[tb.Transfer]:
+        """The posts without an entry. First one index count of the entries in the scanned
+        time range (an entry carries its post's unique timestamp): when it equals the posts,
+        all are there (~3x cheaper than reading ids on SecantusDB, the steady state where the
+        pipeline settled everything); else the ids are read."""
+        if not posts:
+            return []
+        if await self._ledger.count_entries_between(after, last) == len(posts):
+            return []
+        held = await self._ledger.existing_entry_ids([entry_id_of(t.id) for t in posts])
+        return [t for t in posts if entry_id_of(t.id) not in held]
 
     async def _match(self, missing: list[tb.Transfer]) -> _Matched:
         """Each missing post's entry from its transaction; unknown or differing: unmatched."""
@@ -273,12 +290,9 @@ class LedgerSync:
         for _ in range(pages_max):
             now_ns = self._clock()
             scan = await self.scan.page(after, min(limit, QUERY_LIMIT_MAX))
-            posts = [t for t in scan.transfers
-                     if is_posted(t) and self._table.route_by_code(t.code) is not None]
-            held = await self._ledger.existing_entry_ids([entry_id_of(t.id) for t in posts])
-            for transfer in posts:
-                if entry_id_of(transfer.id) not in held:
-                    return max(now_ns - transfer.timestamp, 0) / NS_PER_S, True
+            missing = await self._missing(self.posts_of(scan), after, scan.last_timestamp)
+            if missing:
+                return max(now_ns - missing[0].timestamp, 0) / NS_PER_S, True
             if scan.exhausted:
                 return 0.0, True
             after = scan.last_timestamp

@@ -486,6 +486,12 @@ class GeneralLedger:
             [("tb_timestamp", ASCENDING), ("_id", ASCENDING)]).limit(limit)
         return [_chained_of(doc) async for doc in cursor]
 
+    async def count_entries_between(self, after_timestamp: int, until_timestamp: int) -> int:
+        """Entries with after < tb_timestamp <= until (one index range count: the sync's
+        cheap "all there?" before it reads ids)."""
+        return await self._entries.count_documents(
+            {"tb_timestamp": {"$gt": after_timestamp, "$lte": until_timestamp}})
+
 
 # ---- documents ----------------------------------------------------------------------------
 
