@@ -41,6 +41,7 @@ GROUPS: tuple[str, ...] = (
     "api_key",
     "terminal",
     "ledger",
+    "codec_server",
 )
 # Exceptions that mean "a server is unreachable", recognised by class name so this module does
 # not import every client library.
