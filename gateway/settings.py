@@ -4,6 +4,8 @@ Redis, TigerBeetle) plus the HTTP API's own, all from environment variables (def
 - `WALLETMIG_API_HOST` (127.0.0.1), `WALLETMIG_API_PORT` (8080): where it listens.
 - `WALLETMIG_API_TLS_CERT`, `WALLETMIG_API_TLS_KEY` (unset): PEM certificate chain and key;
   both set = HTTPS only.
+- `WALLETMIG_API_TLS_CLIENT_CA` (unset): PEM CA bundle; set = mutual TLS, every client must
+  present a certificate it signed (needs the certificate and key above).
 - `WALLETMIG_API_RATE_LIMIT_MONEY` (100/second), `WALLETMIG_API_RATE_LIMIT_READ`
   (2000/second): per API key and class, in `limits` notation (`N/second`, `N/minute`,
   `N per 10 seconds`).
@@ -28,6 +30,7 @@ Redis, TigerBeetle) plus the HTTP API's own, all from environment variables (def
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -43,6 +46,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "WALLETMIG_API_PORT": ("port", "8080"),
     "WALLETMIG_API_TLS_CERT": ("tls_cert", ""),
     "WALLETMIG_API_TLS_KEY": ("tls_key", ""),
+    "WALLETMIG_API_TLS_CLIENT_CA": ("tls_client_ca", ""),
     "WALLETMIG_API_RATE_LIMIT_MONEY": ("rate_limit_money", "100/second"),
     "WALLETMIG_API_RATE_LIMIT_READ": ("rate_limit_read", "2000/second"),
     "WALLETMIG_API_RATE_LIMIT_STRATEGY": ("rate_limit_strategy", "fixed-window"),
@@ -67,6 +71,7 @@ class ApiSettings(BaseModel):
     port: int = Field(ge=1, le=65535)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     rate_limit_money: str
     rate_limit_read: str
     rate_limit_strategy: Literal["fixed-window", "moving-window"]
@@ -90,6 +95,8 @@ class ApiSettings(BaseModel):
     def _consistent(self) -> ApiSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("WALLETMIG_API_TLS_CERT and WALLETMIG_API_TLS_KEY go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("WALLETMIG_API_TLS_CLIENT_CA (mTLS) needs WALLETMIG_API_TLS_CERT/_KEY")
         if self.idempotency_lease_s < self.write_timeout_s + LEASE_MARGIN_S:
             # A live request must never lose its Idempotency-Key to a retry's takeover.
             raise ValueError(
@@ -100,6 +107,19 @@ class ApiSettings(BaseModel):
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    def ssl_options(self) -> dict[str, object]:
+        """uvicorn.Config's TLS keyword arguments: none (HTTP), HTTPS, or HTTPS requiring a
+        client certificate signed by tls_client_ca (mTLS)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return {}
+        options: dict[str, object] = {
+            "ssl_certfile": str(self.tls_cert), "ssl_keyfile": str(self.tls_key),
+        }  # fmt: skip
+        if self.tls_client_ca is not None:
+            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+            options["ssl_ca_certs"] = str(self.tls_client_ca)
+        return options
 
     @property
     def url(self) -> str:

@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        ssl_certfile=None if settings.tls_cert is None else str(settings.tls_cert),
-        ssl_keyfile=None if settings.tls_key is None else str(settings.tls_key),
+        **settings.ssl_options(),  # type: ignore[arg-type]  # HTTPS, mTLS (gateway/settings.py)
         lifespan="on",
         log_config=None,  # our logging configuration above
         access_log=False,  # gateway.access logs each request (key name, masked ids)
