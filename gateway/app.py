@@ -1,7 +1,9 @@
 """`create_app(settings)`: the FastAPI application of the HTTP gateway.
 
 Middleware, outermost first: the request log, the body size limit; then FastAPI's routing
-with the problem+json handlers. The lifespan opens the process's clients (gateway.state).
+with the problem+json handlers. `/metrics` serves the process's Prometheus metrics (request
+counts and latency by operationId among them). The lifespan opens the process's clients
+(gateway.state).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from gateway.problems import install_problem_handlers
 from gateway.routers import ROUTERS
 from gateway.settings import ApiSettings
 from gateway.state import open_state
+from observability.exposition import RequestMetrics, metrics_asgi_app
 
 # Client exceptions that may mean "a dependency is down" (gateway.problems.dependency_of
 # decides; anything else they raise is a 500 like any bug).
@@ -44,7 +47,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.include_router(router)
     install_problem_handlers(app, DEPENDENCY_ERRORS)
     app.add_middleware(BodySizeLimit, max_bytes=settings.body_max_bytes)
+    app.add_middleware(RequestMetrics)  # requests by operationId (observability)
     app.add_middleware(RequestLog)  # added last: outermost, so it sees every answer
+    app.mount("/metrics", metrics_asgi_app())  # Prometheus scrape (not in the OpenAPI)
 
     def openapi() -> dict[str, Any]:
         return build_openapi(app)

@@ -56,6 +56,7 @@ from mongobase.queries import (
     scope_wallet_regex,
     wallet_key_filter,
 )
+from stores.store_metrics import instrument_wallet_store, operation_label
 from walletcore.balances import MinorBalance, WalletBalance
 from walletcore.errors import (
     AlreadyVoidedError,
@@ -1045,3 +1046,6 @@ class ScannedWallet(NamedTuple):
     historical_credit_minor: int
     version: int
     allow_overdraft: bool
+
+
+instrument_wallet_store(LegacyStore, SOURCE, {"apply": operation_label})

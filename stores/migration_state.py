@@ -15,6 +15,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from observability.metrics import observe_migration_state
 from walletcore.errors import ConflictError
 from walletcore.gates import GLOBAL_SCOPE as GLOBAL_SCOPE  # re-exported (read path)
 from walletcore.phases import MigrationState
@@ -72,12 +73,14 @@ class MigrationStateStore:
 
     async def resolve(self, ledger_pair: str, *, fresh: bool = False) -> MigrationState:
         """The state a wallet of `ledger_pair` follows: its pair's document, else '*'.
-        `fresh` reads through the cache (and refreshes it)."""
+        `fresh` reads through the cache (and refreshes it). The state is published as the
+        `walletmig_migration_phase` gauges: what this process acts on."""
         own = await self.find(ledger_pair, fresh=fresh)
-        if own is not None:
-            return own
-        state = await self.find(GLOBAL_SCOPE, fresh=fresh)
-        return MigrationState(scope=GLOBAL_SCOPE) if state is None else state
+        if own is None:
+            state = await self.find(GLOBAL_SCOPE, fresh=fresh)
+            own = MigrationState(scope=GLOBAL_SCOPE) if state is None else state
+        observe_migration_state(own.scope, own.phase.value, own.rollout_percent, own.epoch)
+        return own
 
     async def set(self, state: MigrationState) -> MigrationState:
         """Publish `state`; its epoch must be above the stored one (a stale writer is refused)."""
@@ -102,6 +105,8 @@ class MigrationStateStore:
             ) from None
         finally:
             self.invalidate(stamped.scope)
+        observe_migration_state(
+            stamped.scope, stamped.phase.value, stamped.rollout_percent, stamped.epoch)
         return stamped
 
     def invalidate(self, scope: str | None = None) -> None:

@@ -20,6 +20,8 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from observability.metrics import READS
+
 log = logging.getLogger(__name__)
 
 READ_OBSERVATIONS = "read_observations"
@@ -114,7 +116,9 @@ class ReadMetricsStore:
         ])
 
     def record(self, obs: ReadObservation) -> None:
-        """Buffer one observation (never blocks the read); `flush` writes the buffer."""
+        """Buffer one observation (never blocks the read); `flush` writes the buffer. Counted
+        for Prometheus too (shadow comparisons, fallbacks, circuit-open answers by scope)."""
+        READS.labels(obs.scope, obs.mode.value, obs.outcome.value).inc()
         if len(self._buffer) >= BUFFER_MAX:
             del self._buffer[0]
             self.dropped += 1

@@ -16,6 +16,9 @@ stores.bundle.make_stores hands out only this client, so no caller assumes 8189:
 - queries (`query_*`, `get_account_*`) pass through: their one filter always fits, and their
   `limit` is bound by the reply (tb_limits.QUERY_LIMIT_MAX), not by the request limit.
 
+Every request is timed (observability.metrics: walletmig_tigerbeetle_request_seconds, errors,
+in flight by operation, walletmig_tigerbeetle_up).
+
 Chunks go one after the other: creates must keep their order (imported events' timestamps,
 a credit before the debit it funds). Results are the concatenation of the chunks' results,
 exactly what one request would answer.
@@ -32,8 +35,9 @@ from typing import TypeVar
 
 import tigerbeetle as tb
 
+from observability.metrics import timed_tigerbeetle
 from stores.tb_errors import too_much_data_error
-from stores.tigerbeetle_client import TigerBeetleClient
+from stores.tigerbeetle_client import RequestTimeoutError, TigerBeetleClient
 from walletcore.tb_limits import BatchLimits
 
 E = TypeVar("E", tb.Account, tb.Transfer)
@@ -42,6 +46,9 @@ T = TypeVar("T")
 
 LINKED = 1  # AccountFlags.LINKED == TransferFlags.LINKED: bit 0 of both
 assert int(tb.AccountFlags.LINKED) == int(tb.TransferFlags.LINKED) == LINKED
+
+# A request that got no answer at all: the cluster is unreachable from this process.
+UNREACHABLE: tuple[type[BaseException], ...] = (RequestTimeoutError, ConnectionError)
 
 __all__ = ["BatchedClient", "batched", "chunks", "linked_chunks"]
 
@@ -88,8 +95,8 @@ class BatchedClient:
         self.limits = limits
 
     async def _send(self, operation: str, events: int, call: Awaitable[R]) -> R:
-        try:
-            return await call
+        try:  # every request is timed here: latency, errors, in flight by operation
+            return await timed_tigerbeetle(operation, call, UNREACHABLE)
         except tb.TooMuchDataError as exc:
             raise too_much_data_error(
                 self.limits.request_limit_bytes, operation, events) from exc

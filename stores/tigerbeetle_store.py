@@ -39,6 +39,7 @@ from mongobase.mongo import PAGE_LIMIT_MAX
 from registries.account_registry import AccountRecord, AccountRegistry
 from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.history_import import create_accounts_allowing_imported
+from stores.store_metrics import instrument_wallet_store, operation_label
 from stores.tb_batches import BatchedClient, batched
 from stores.tb_errors import Outcome, account_rule, status_error, transfer_rule
 from stores.tigerbeetle_client import TigerBeetleClient
@@ -797,3 +798,6 @@ def _result(
         replayed=replayed,
         created_at=timestamp_to_datetime(timestamp),
     )
+
+
+instrument_wallet_store(TigerBeetleStore, STORE_NAME, {"replicate": operation_label})

@@ -38,6 +38,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     # cluster tell their accounts apart (reconciliation checks only its own). 0 = untagged.
     "DEPLOYMENT_TAG": ("deployment_tag", "0"),
     "WALLETMIG_STATE_DIR": ("state_dir", str(DEFAULT_STATE_DIR)),
+    # The worker's Prometheus scrape port (/metrics; 0 = not served) and the Temporal SDK's
+    # own metrics port (schedule-to-start, slots, failures; 0 = not exported).
+    "WALLETMIG_METRICS_PORT": ("metrics_port", "0"),
+    "WALLETMIG_TEMPORAL_METRICS_PORT": ("temporal_metrics_port", "0"),
     # TLS towards Temporal ("" = unset). TEMPORAL_TLS=true alone trusts the system's CAs;
     # a CA file adds a private CA; a certificate + key make it mTLS.
     "TEMPORAL_TLS": ("temporal_tls", "false"),
@@ -78,6 +82,8 @@ class Settings(BaseModel):
     registry_cache_ttl_s: int = Field(gt=0, le=7 * 24 * 3600)
     deployment_tag: int = Field(default=0, ge=0, lt=2**64)
     state_dir: Path
+    metrics_port: int = Field(default=0, ge=0, le=65_535)
+    temporal_metrics_port: int = Field(default=0, ge=0, le=65_535)
     temporal_tls: bool = False
     # Paths as strings, "" = unset: the settings round-trip through environment variables.
     temporal_tls_ca: str = Field(default="", max_length=4096)

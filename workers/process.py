@@ -5,6 +5,11 @@ finish within the grace period, pollers stop, clients close).
 Reads served by the read workflows' activities are recorded in the read-metrics store (the
 migration gates' evidence); the process runs its flusher and flushes once more on shutdown.
 
+Metrics (observability): with WALLETMIG_METRICS_PORT set the process serves its Prometheus
+metrics on that port (`/metrics`); with WALLETMIG_TEMPORAL_METRICS_PORT the Temporal SDK
+exports its own (schedule-to-start latency, task slots, failures) on a second port. The SDK's
+exporter lives in its Rust core, outside prometheus-client's registry: hence two ports.
+
 `build_workers` is also what in-process users (the demo, benchmarks) call, so they run exactly
 the wiring the deployed worker runs.
 """
@@ -19,9 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from temporalio.client import Client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.wallet import WalletActivities
+from observability.exposition import MetricsServer, serve_metrics
 from stores.bundle import Stores, make_stores
 from stores.read_metrics import ReadMetricsStore
 from walletconfig.settings import Settings
@@ -107,6 +114,21 @@ async def build_workers(client: Client, settings: Settings, stores: Stores,
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+METRICS_BIND_ADDRESS = "0.0.0.0"  # scraped from other hosts/containers
+
+
+def start_metrics(settings: Settings) -> MetricsServer | None:
+    """The process's scrape endpoints, per the settings (none when both ports are 0). The
+    Temporal SDK's runtime must be set before the first client connects: call this first."""
+    if settings.temporal_metrics_port:
+        Runtime.set_default(Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(
+            bind_address=f"{METRICS_BIND_ADDRESS}:{settings.temporal_metrics_port}"))))
+        log.info("Temporal SDK metrics on :%d/metrics", settings.temporal_metrics_port)
+    if not settings.metrics_port:
+        return None
+    server = serve_metrics(settings.metrics_port, METRICS_BIND_ADDRESS)
+    log.info("metrics on %s", server.url)
+    return server
 
 
 async def run_worker(settings: Settings, task_queues: Sequence[str] | None = None,
@@ -116,7 +138,9 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
     stores = await make_stores(settings)
     metrics = ReadMetricsStore(stores.db)
     flusher: asyncio.Task[None] | None = None
+    metrics_server: MetricsServer | None = None
     try:
+        metrics_server = start_metrics(settings)
         await metrics.ensure_indexes()
         flusher = asyncio.create_task(metrics.run_flusher(METRICS_FLUSH_INTERVAL_S))
         client = await connect_temporal(settings)
@@ -158,3 +182,5 @@ async def run_worker(settings: Settings, task_queues: Sequence[str] | None = Non
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
         await stores.close()
+        if metrics_server is not None:
+            metrics_server.close()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from temporalio import activity
 
 from messages.reconciliation import FinishInput, ReconcileSummary, StartInput, StartOutput
+from observability.metrics import observe_reconciliation
 from stores.reports import ReportStore, RunOpened
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.codes import SystemAccount
@@ -102,6 +103,11 @@ class RunReport:
         )
         await self._reports.finish(summary, counts, threshold=inp.threshold,
                                    conservation=conservation)
+        observe_reconciliation(
+            "*" if summary.covers_all_pairs else ",".join(summary.pairs),
+            wallets=counts.wallets, match_ratio=rate,
+            findings={str(kind): n for kind, n in findings.items()},
+            conservation_ok=failures == 0)
         for reason in reasons:
             activity.logger.warning("reconciliation %s ALERT: %s", inp.run_id, reason)
         return summary

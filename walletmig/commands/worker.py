@@ -29,6 +29,10 @@ def register(subparsers: Any) -> None:
         metavar="QUEUE",
         help="serve only this configured task queue (repeatable; default: all)",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve Prometheus metrics on PORT (/metrics); default WALLETMIG_METRICS_PORT, "
+        "0 = off")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
     parser.set_defaults(handler=run)
 
@@ -38,7 +42,8 @@ async def run(args: argparse.Namespace) -> int:
     # Imported here: the CLI's other commands should not pay for the Temporal worker import.
     from workers.process import UnknownTaskQueueError, plan, run_worker
 
-    settings = Settings.from_env()
+    overrides = {} if args.metrics_port is None else {"metrics_port": args.metrics_port}
+    settings = Settings.from_env(**overrides)
     try:
         plan(settings, args.task_queues)
     except UnknownTaskQueueError as err:

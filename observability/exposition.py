@@ -1,0 +1,79 @@
+"""Where the metrics are scraped: a process's own HTTP port (workers), or `/metrics` of an
+ASGI app (the gateway), plus the gateway's request timer."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import REGISTRY, make_asgi_app, start_http_server
+
+from observability.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS
+
+__all__ = ["MetricsServer", "RequestMetrics", "metrics_asgi_app", "serve_metrics"]
+
+PORT_MAX = 65_535
+OPERATION_LABEL_MAX = 64  # operationIds are the OpenAPI's; a bound keeps labels bounded anyway
+
+
+class MetricsServer:
+    """The scrape endpoint of a process (a daemon thread); `close` stops it."""
+
+    def __init__(self, port: int, addr: str) -> None:
+        assert 0 <= port <= PORT_MAX
+        self._httpd, self._thread = start_http_server(port, addr=addr, registry=REGISTRY)
+        self.port = int(self._httpd.server_address[1])
+        self.addr = addr
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.addr in ("0.0.0.0", "") else self.addr
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> MetricsServer:
+    """Serve this process's metrics on `port` (0: a free port, see `.port`)."""
+    return MetricsServer(port, addr)
+
+
+def metrics_asgi_app() -> Any:
+    return make_asgi_app(registry=REGISTRY)
+
+
+Scope = dict[str, Any]
+Callable_ = Any
+
+
+class RequestMetrics:
+    """ASGI middleware: requests by operationId and status, latency by operationId. The
+    operationId is what the routers put in `scope["state"]["operation_id"]` (gateway.operations);
+    unmatched paths count as "unmatched", never by path (ids would become labels)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Callable_, send: Callable_) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the server answers if the app raises before responding
+
+        async def observed(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            state: dict[str, Any] = scope.get("state") or {}
+            operation = str(state.get("operation_id") or "unmatched")[:OPERATION_LABEL_MAX]
+            HTTP_REQUESTS.labels(operation, str(status)).inc()
+            HTTP_REQUEST_SECONDS.labels(operation).observe(time.perf_counter() - started)

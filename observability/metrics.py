@@ -1,0 +1,296 @@
+"""Every metric the platform exports, in one place (issue 11).
+
+Why one module: alert rules and dashboards name metrics by string; `DEFINED` (name -> label
+names) is what tests/test_alert_rules.py checks every PromQL expression against, so a renamed
+metric breaks a test instead of silently emptying a panel.
+
+Labels are bounded sets only: store names, operation names, outcomes, error class names,
+ledger-pair scopes, phases. Never a client id, a wallet or a transaction id.
+
+Some metrics are defined here for code this module's owner does not touch yet (credit
+terminal, backlog, gates, auto-rollback): their builders import the objects below and call
+them; the dashboards and alerts already name them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+__all__ = [
+    "DEFINED",
+    "PHASES",
+    "TEMPORAL_SDK_METRICS",
+    "Operation",
+    "instrument_methods",
+    "observe_migration_state",
+    "observe_reconciliation",
+    "timed_tigerbeetle",
+]
+
+# Seconds; from a cached sub-millisecond read to a request stuck behind a timeout.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+ERROR_LABEL_MAX = 64  # an exception class name longer than this is cut (bounded label values)
+
+# name -> label names, filled by _define: the set alert rules and dashboards may name.
+DEFINED: dict[str, tuple[str, ...]] = {}
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+def _define(kind: type[M], name: str, doc: str, labels: tuple[str, ...] = (),
+            **kwargs: Any) -> M:
+    assert name.startswith("walletmig_"), name
+    assert name not in DEFINED, f"metric {name} defined twice"
+    metric = kind(name, doc, labels, registry=REGISTRY, **kwargs)
+    # Counters are exposed with _total; the name a query uses is the exposed one.
+    DEFINED[f"{name}_total" if kind is Counter and not name.endswith("_total") else name] = (
+        labels)
+    return metric
+
+
+# ---- stores (MongoDB vs TigerBeetle: the wallet plan's comparison table) -------------------
+STORE_OPERATION_SECONDS = _define(
+    Histogram, "walletmig_store_operation_seconds",
+    "Latency of a wallet store's public operation (balance, balances, credit, debit, void, ...)",
+    ("store", "operation"), buckets=LATENCY_BUCKETS_S)
+WALLET_OPERATIONS = _define(
+    Counter, "walletmig_wallet_operations_total",
+    "Wallet operations applied by a store, by outcome (ok, replayed, error)",
+    ("store", "operation", "outcome"))
+WALLET_ERRORS = _define(
+    Counter, "walletmig_wallet_errors_total",
+    "Wallet store operations that raised, by exception class",
+    ("store", "operation", "error"))
+
+# ---- TigerBeetle client (stores.tb_batches.BatchedClient: every request goes through it) ---
+TB_REQUEST_SECONDS = _define(
+    Histogram, "walletmig_tigerbeetle_request_seconds",
+    "Latency of one TigerBeetle request (one chunk of a batch)", ("operation",),
+    buckets=LATENCY_BUCKETS_S)
+TB_REQUEST_ERRORS = _define(
+    Counter, "walletmig_tigerbeetle_request_errors_total",
+    "TigerBeetle requests that raised, by exception class", ("operation", "error"))
+TB_IN_FLIGHT = _define(
+    Gauge, "walletmig_tigerbeetle_requests_in_flight",
+    "TigerBeetle requests sent and not answered yet", ("operation",))
+TB_UP = _define(
+    Gauge, "walletmig_tigerbeetle_up",
+    "1 when this process's last TigerBeetle request was answered, 0 after a timeout or a "
+    "connection error (the cluster is unreachable from here)")
+
+# ---- reads (stores.read_metrics: shadow comparisons, fallbacks, circuit breaker) ----------
+READS = _define(
+    Counter, "walletmig_reads_total",
+    "Balance reads by mode (shadow, cutover, primary) and outcome (match, mismatch, in_flight, "
+    "tb_error, tb_served, fallback_error, fallback_open = circuit open)",
+    ("scope", "mode", "outcome"))
+CIRCUIT_BREAKER_OPEN = _define(
+    Gauge, "walletmig_circuit_breaker_open",
+    "1 while the read path's TigerBeetle circuit breaker is open", ("scope",))
+
+# ---- migration ----------------------------------------------------------------------------
+PHASES = ("legacy", "dual_write", "shadow_read", "read_cutover", "tb_primary", "complete")
+MIGRATION_PHASE = _define(
+    Gauge, "walletmig_migration_phase",
+    "1 for the phase a migration scope is in, 0 for the others (as this process last read it)",
+    ("migration", "phase"))
+MIGRATION_ROLLOUT_PERCENT = _define(
+    Gauge, "walletmig_migration_rollout_percent",
+    "Percent of clients whose reads TigerBeetle answers", ("migration",))
+MIGRATION_EPOCH = _define(
+    Gauge, "walletmig_migration_epoch", "Epoch of the migration state last read", ("migration",))
+MIGRATION_GATE_OK = _define(
+    Gauge, "walletmig_migration_gate_ok",
+    "1 when a gate of the next phase change is met, 0 when not", ("migration", "gate"))
+MIGRATION_AUTO_ROLLBACKS = _define(
+    Counter, "walletmig_migration_auto_rollbacks_total",
+    "Automatic rollbacks the migration workflow fired", ("migration",))
+BACKLOG_ITEMS = _define(
+    Gauge, "walletmig_backlog_items",
+    "Items waiting in the dual-write backlog (to_tigerbeetle) or the reverse projection "
+    "(to_mongodb)", ("direction",))
+BACKLOG_OLDEST_AGE_SECONDS = _define(
+    Gauge, "walletmig_backlog_oldest_age_seconds",
+    "Age of the oldest backlog item", ("direction",))
+
+# ---- reconciliation -----------------------------------------------------------------------
+RECON_LAST_RUN = _define(
+    Gauge, "walletmig_reconciliation_last_run_timestamp_seconds",
+    "Unix time the last reconciliation run of a scope finished", ("scope",))
+RECON_WALLETS = _define(
+    Gauge, "walletmig_reconciliation_wallets_checked",
+    "Wallets the last run compared", ("scope",))
+RECON_MATCH_RATIO = _define(
+    Gauge, "walletmig_reconciliation_match_ratio",
+    "Wallets without a real difference / wallets compared, of the last run that compared any",
+    ("scope",))
+RECON_FINDINGS = _define(
+    Gauge, "walletmig_reconciliation_findings",
+    "Findings of the last run by class", ("scope", "kind"))
+RECON_CONSERVATION_OK = _define(
+    Gauge, "walletmig_reconciliation_conservation_ok",
+    "1 when money was conserved on every ledger of the last run", ("scope",))
+
+# ---- credit terminal (names for the terminal's builders) ----------------------------------
+TERMINAL_TRANSACTIONS = _define(
+    Counter, "walletmig_terminal_transactions_total",
+    "Terminal transactions by kind (hold, capture, release, ...) and outcome",
+    ("kind", "outcome"))
+TERMINAL_TRANSACTION_SECONDS = _define(
+    Histogram, "walletmig_terminal_transaction_seconds",
+    "Submit-to-answer latency of a terminal transaction", ("kind",), buckets=LATENCY_BUCKETS_S)
+TERMINAL_PENDING_HOLDS = _define(
+    Gauge, "walletmig_terminal_pending_holds", "Holds pending (not captured or released)")
+LEDGER_SYNC_LAG_SECONDS = _define(
+    Gauge, "walletmig_ledger_sync_lag_seconds",
+    "Age of the oldest TigerBeetle transfer not yet synced to the general ledger")
+TRIAL_BALANCE_OK = _define(
+    Gauge, "walletmig_trial_balance_ok", "1 when the last trial balance check balanced")
+
+# ---- HTTP gateway -------------------------------------------------------------------------
+HTTP_REQUESTS = _define(
+    Counter, "walletmig_http_requests_total",
+    "HTTP requests by OpenAPI operationId and status code", ("operation", "status"))
+HTTP_REQUEST_SECONDS = _define(
+    Histogram, "walletmig_http_request_seconds",
+    "HTTP request latency by OpenAPI operationId", ("operation",), buckets=LATENCY_BUCKETS_S)
+
+# The Temporal SDK's own metrics (workers.process exports them through temporalio's
+# PrometheusConfig on WALLETMIG_TEMPORAL_METRICS_PORT), the ones the dashboards use.
+# Histograms in milliseconds (the SDK's default).
+TEMPORAL_SDK_METRICS: dict[str, tuple[str, ...]] = {
+    "temporal_workflow_task_schedule_to_start_latency": ("task_queue",),
+    "temporal_activity_schedule_to_start_latency": ("task_queue",),
+    "temporal_activity_execution_latency": ("task_queue", "activity_type"),
+    "temporal_worker_task_slots_available": ("task_queue", "worker_type"),
+    "temporal_worker_task_slots_used": ("task_queue", "worker_type"),
+    "temporal_workflow_task_execution_failed": ("task_queue",),
+    "temporal_activity_execution_failed": ("task_queue", "activity_type"),
+    "temporal_workflow_completed": ("task_queue", "workflow_type"),
+    "temporal_workflow_failed": ("task_queue", "workflow_type"),
+    "temporal_request_failure": ("operation",),
+}
+
+
+def error_label(exc: BaseException) -> str:
+    return type(exc).__name__[:ERROR_LABEL_MAX]
+
+
+# ---- timers -------------------------------------------------------------------------------
+
+# Set while a timed store operation runs: a public operation calling another (LegacyStore
+# add_credit -> apply, TigerBeetleStore replicate -> void) is counted once, as the outer one.
+_IN_OPERATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "walletmig_in_store_operation", default=False)
+
+Operation = str | Callable[[Any], str]  # a fixed name, or one derived from the first argument
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _outcome(result: Any) -> str:
+    """`replayed` when the store answered an operation it had already applied."""
+    first = result[0] if isinstance(result, tuple) and result else result
+    return "replayed" if getattr(first, "replayed", False) else "ok"
+
+
+def _timed(method: F, store: str, operation: Operation) -> F:
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _IN_OPERATION.get():
+            return await method(self, *args, **kwargs)
+        name = operation if isinstance(operation, str) else operation(args[0])
+        token = _IN_OPERATION.set(True)
+        started = time.perf_counter()
+        try:
+            result = await method(self, *args, **kwargs)
+        except Exception as exc:
+            WALLET_ERRORS.labels(store, name, error_label(exc)).inc()
+            WALLET_OPERATIONS.labels(store, name, "error").inc()
+            raise
+        finally:
+            _IN_OPERATION.reset(token)
+            STORE_OPERATION_SECONDS.labels(store, name).observe(time.perf_counter() - started)
+        WALLET_OPERATIONS.labels(store, name, _outcome(result)).inc()
+        return result
+
+    setattr(wrapper, "__walletmig_timed__", True)  # noqa: B010 (a marker, not an attribute)
+    return wrapper  # type: ignore[return-value]
+
+
+def instrument_methods(cls: type, store: str, operations: Mapping[str, Operation]) -> None:
+    """Wrap `cls`'s async methods named in `operations` (method -> operation label, or a
+    function of the first argument giving it) with the store timers. Once per class."""
+    assert operations and store
+    for method_name, operation in operations.items():
+        method = getattr(cls, method_name)
+        assert not getattr(method, "__walletmig_timed__", False), f"{method_name} wrapped twice"
+        setattr(cls, method_name, _timed(method, store, operation))
+
+
+R = TypeVar("R")
+
+
+async def timed_tigerbeetle(operation: str, call: Awaitable[R],
+                            unreachable: tuple[type[BaseException], ...]) -> R:
+    """Await one TigerBeetle request with its latency, errors and in-flight count; `unreachable`:
+    the exception classes that mean the cluster did not answer (TB_UP goes to 0)."""
+    in_flight = TB_IN_FLIGHT.labels(operation)
+    in_flight.inc()
+    started = time.perf_counter()
+    try:
+        result = await call
+    except Exception as exc:
+        TB_REQUEST_ERRORS.labels(operation, error_label(exc)).inc()
+        if isinstance(exc, unreachable):
+            TB_UP.set(0)
+        raise
+    finally:
+        in_flight.dec()
+        TB_REQUEST_SECONDS.labels(operation).observe(time.perf_counter() - started)
+    TB_UP.set(1)
+    return result
+
+
+# ---- state gauges -------------------------------------------------------------------------
+
+_LAST_STATE: dict[str, tuple[str, int, int]] = {}
+MIGRATION_SCOPES_MAX = 1024  # scopes are ledger pairs and "*": a bound keeps a typo loop harmless
+
+
+def observe_migration_state(scope: str, phase: str, rollout_percent: int, epoch: int) -> None:
+    """Publish the migration state this process acts on (cheap when unchanged: called on
+    every wallet write)."""
+    state = (phase, rollout_percent, epoch)
+    if _LAST_STATE.get(scope) == state:
+        return
+    assert phase in PHASES, phase
+    if len(_LAST_STATE) >= MIGRATION_SCOPES_MAX:
+        _LAST_STATE.clear()
+    _LAST_STATE[scope] = state
+    for name in PHASES:
+        MIGRATION_PHASE.labels(scope, name).set(1 if name == phase else 0)
+    MIGRATION_ROLLOUT_PERCENT.labels(scope).set(rollout_percent)
+    MIGRATION_EPOCH.labels(scope).set(epoch)
+
+
+def observe_reconciliation(scope: str, *, wallets: int, match_ratio: float | None,
+                           findings: Mapping[str, int], conservation_ok: bool,
+                           finished_at_s: float | None = None) -> None:
+    """The gauges of a finished run (its report is the evidence; these are for alerting)."""
+    assert wallets >= 0
+    RECON_LAST_RUN.labels(scope).set(finished_at_s if finished_at_s is not None else time.time())
+    RECON_WALLETS.labels(scope).set(wallets)
+    if match_ratio is not None:  # None is "no data", never 100 %: the last ratio stays
+        RECON_MATCH_RATIO.labels(scope).set(match_ratio)
+    for kind, count in findings.items():
+        RECON_FINDINGS.labels(scope, str(kind)).set(count)
+    RECON_CONSERVATION_OK.labels(scope).set(1 if conservation_ok else 0)
