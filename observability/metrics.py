@@ -64,7 +64,8 @@ STORE_OPERATION_SECONDS = _define(
     ("store", "operation"), buckets=LATENCY_BUCKETS_S)
 WALLET_OPERATIONS = _define(
     Counter, "walletmig_wallet_operations_total",
-    "Wallet operations applied by a store, by outcome (ok, replayed, error)",
+    "Wallet store operations by outcome: ok, replayed (answered before), refused (the "
+    "caller's error: insufficient funds, duplicate, not found, ...), error (anything else)",
     ("store", "operation", "outcome"))
 WALLET_ERRORS = _define(
     Counter, "walletmig_wallet_errors_total",
@@ -202,7 +203,8 @@ def _outcome(result: Any) -> str:
     return "replayed" if getattr(first, "replayed", False) else "ok"
 
 
-def _timed(method: F, store: str, operation: Operation) -> F:
+def _timed(method: F, store: str, operation: Operation,
+           is_refusal: Callable[[BaseException], bool]) -> F:
     @functools.wraps(method)
     async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if _IN_OPERATION.get():
@@ -214,7 +216,8 @@ def _timed(method: F, store: str, operation: Operation) -> F:
             result = await method(self, *args, **kwargs)
         except Exception as exc:
             WALLET_ERRORS.labels(store, name, error_label(exc)).inc()
-            WALLET_OPERATIONS.labels(store, name, "error").inc()
+            outcome = "refused" if is_refusal(exc) else "error"
+            WALLET_OPERATIONS.labels(store, name, outcome).inc()
             raise
         finally:
             _IN_OPERATION.reset(token)
@@ -226,14 +229,17 @@ def _timed(method: F, store: str, operation: Operation) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def instrument_methods(cls: type, store: str, operations: Mapping[str, Operation]) -> None:
+def instrument_methods(cls: type, store: str, operations: Mapping[str, Operation],
+                       is_refusal: Callable[[BaseException], bool]) -> None:
     """Wrap `cls`'s async methods named in `operations` (method -> operation label, or a
-    function of the first argument giving it) with the store timers. Once per class."""
+    function of the first argument giving it) with the store timers. Once per class.
+    `is_refusal`: an exception that is the caller's error, not the store's (the error-rate
+    alert leaves those out)."""
     assert operations and store
     for method_name, operation in operations.items():
         method = getattr(cls, method_name)
         assert not getattr(method, "__walletmig_timed__", False), f"{method_name} wrapped twice"
-        setattr(cls, method_name, _timed(method, store, operation))
+        setattr(cls, method_name, _timed(method, store, operation, is_refusal))
 
 
 R = TypeVar("R")

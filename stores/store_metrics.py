@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from observability.metrics import Operation, instrument_methods
+from walletcore.errors import ConfigurationError, WalletError
 from walletcore.operations import WalletOperation, operation_type
 
 # Method -> operation label, the same for both stores (walletcore.ports.WalletStore).
@@ -29,5 +30,12 @@ def operation_label(op: WalletOperation) -> str:
     return operation_type(op).value
 
 
+def is_refusal(exc: BaseException) -> bool:
+    """The caller's error (insufficient funds, duplicate id, unknown wallet, ...): a domain
+    error retrying cannot fix, other than a configuration error (an operator must act)."""
+    return (isinstance(exc, WalletError) and not exc.retryable
+            and not isinstance(exc, ConfigurationError))
+
+
 def instrument_wallet_store(cls: type, store: str, extra: Mapping[str, Operation]) -> None:
-    instrument_methods(cls, store, {**WALLET_STORE_OPERATIONS, **extra})
+    instrument_methods(cls, store, {**WALLET_STORE_OPERATIONS, **extra}, is_refusal)
