@@ -15,7 +15,11 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, PayloadCodec
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    PayloadCodec,
+)
 from temporalio.service import TLSConfig
 
 from walletclient.payload_codec import AesGcmPayloadCodec, load_codec
@@ -77,10 +81,15 @@ def read_pem(path: Path | None) -> bytes | None:
 
 
 def data_converter(codec: PayloadCodec | None = None) -> DataConverter:
-    """Pydantic JSON payloads, encrypted by `codec` when given."""
+    """Pydantic JSON payloads, encrypted by `codec` when given. With a codec, failure messages
+    and stack traces are encrypted too (they may name a client or an amount); the failure's
+    type stays readable, so errors are still classified without keys."""
     if codec is None:
         return pydantic_data_converter
-    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+    return dataclasses.replace(
+        pydantic_data_converter, payload_codec=codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )  # fmt: skip
 
 
 async def connect_temporal(
