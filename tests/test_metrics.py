@@ -1,0 +1,207 @@
+"""Metrics on the real stack (issue 11): a `walletmig worker` subprocess started with
+WALLETMIG_METRICS_PORT and WALLETMIG_TEMPORAL_METRICS_PORT, wallet operations sent through
+the WalletClient, both endpoints scraped.
+
+- the store counters equal the operations sent, per store, operation and outcome (a refused
+  debit is `refused`, not `error`), the latency histogram counted them too;
+- TigerBeetle requests were timed (dual-write pair) and nothing is left in flight;
+- `walletmig_migration_phase` follows a phase change (one gauge per phase label);
+- the Temporal SDK's metrics the dashboards use are exported under the names they use;
+- every sample's labels are bounded: no wallet or transaction id appears in the scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import urllib.request
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from temporalio.client import Client
+from wallet_support import (
+    DUAL_PAIR,
+    LEGACY_PAIR,
+    isolated_settings,
+    key,
+    set_phase,
+    start_worker,
+    stop_workers,
+    wait_drained,
+    worker_env,
+)
+
+from stores.bundle import open_stores
+from walletclient.wallet_client import WalletClient
+from walletconfig.settings import Settings
+from walletcore.errors import InsufficientFundsError
+from walletcore.operations import AddCredit, SubtractCredit, Void
+from walletcore.phases import Phase
+from walletmig.processes import free_port
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+CREDITS = 6
+DEBITS = 3
+VOIDS = 2
+READS = 4
+SCRAPE_TIMEOUT_S = 5
+READY_TIMEOUT_S = 60
+PHASE_WAIT_S = 30
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                timeout=SCRAPE_TIMEOUT_S) as answer:
+        text = answer.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum over the series of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, lbls), v in samples.items() if n == name and want <= lbls)
+
+
+async def wait_scrapable(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the worker exited"
+        try:
+            await asyncio.to_thread(scrape, port)
+            return
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"no metrics on port {port} after {READY_TIMEOUT_S} s")
+
+
+async def wait_phase(port: int, scope: str, phase: str) -> Samples:
+    deadline = time.monotonic() + PHASE_WAIT_S
+    while True:
+        samples = await asyncio.to_thread(scrape, port)
+        if value(samples, "walletmig_migration_phase", migration=scope, phase=phase) == 1:
+            return samples
+        assert time.monotonic() < deadline, f"{scope} never showed {phase}"
+        await asyncio.sleep(0.2)
+
+
+async def test_worker_metrics_follow_the_operations_sent(
+    temporal_client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    isolated = isolated_settings(settings, "metrics")
+    task_queue = f"metrics-{uuid.uuid4().hex[:8]}"
+    port, sdk_port = free_port(), free_port()
+    env = worker_env(isolated, task_queue)
+    env["WALLETMIG_METRICS_PORT"] = str(port)
+    env["WALLETMIG_TEMPORAL_METRICS_PORT"] = str(sdk_port)
+    run = uuid.uuid4().hex[:8]
+    legacy_wallet = key(f"metrics-{run}-legacy", LEGACY_PAIR)
+    dual_wallet = key(f"metrics-{run}-dual", DUAL_PAIR)
+    dual_scope = ":".join(DUAL_PAIR)
+    client = WalletClient(temporal_client, task_queue, idle_timeout_s=5)
+
+    async with open_stores(isolated) as stores:
+        await set_phase(stores, DUAL_PAIR, Phase.DUAL_WRITE)
+        worker = start_worker(env, tmp_path / "worker.log")
+        try:
+            await wait_scrapable(port, worker)
+            before = await asyncio.to_thread(scrape, port)
+            for wallet in (legacy_wallet, dual_wallet):
+                txn = wallet.client_id
+                for i in range(CREDITS):
+                    await client.apply(AddCredit(
+                        wallet=wallet, transaction_id=f"{txn}.c{i}", amount=Decimal("10.00")))
+                for i in range(DEBITS):
+                    await client.apply(SubtractCredit(
+                        wallet=wallet, transaction_id=f"{txn}.d{i}",
+                        amount=Decimal("1.00")))
+                for i in range(VOIDS):
+                    await client.apply(Void(
+                        wallet=wallet, transaction_id=f"{txn}.v{i}",
+                        original_transaction_id=f"{txn}.c{i}"))
+            with pytest.raises(InsufficientFundsError):
+                await client.apply(SubtractCredit(
+                    wallet=legacy_wallet, transaction_id=f"{legacy_wallet.client_id}.big",
+                    amount=Decimal("1000000.00")))
+            for _ in range(READS):
+                await client.get_balance(legacy_wallet)
+            await wait_drained(client, dual_wallet)
+            after = await asyncio.to_thread(scrape, port)
+            check_store_counts(before, after)
+            check_tigerbeetle(after)
+            assert value(after, "walletmig_migration_phase",
+                         migration=dual_scope, phase="dual_write") == 1
+            check_bounded(after, run)
+
+            # A phase change: the worker publishes it once it acts on it (next write).
+            await set_phase(stores, DUAL_PAIR, Phase.SHADOW_READ)
+            await asyncio.sleep(1.5)  # the worker's migration-state cache TTL (1 s)
+            await client.apply(AddCredit(wallet=dual_wallet, transaction_id=f"{run}.after",
+                                         amount=Decimal("1.00")))
+            moved = await wait_phase(port, dual_scope, "shadow_read")
+            assert value(moved, "walletmig_migration_phase",
+                         migration=dual_scope, phase="dual_write") == 0
+            assert sum(value(moved, "walletmig_migration_phase", migration=dual_scope, phase=p)
+                       for p in ("legacy", "dual_write", "shadow_read", "read_cutover",
+                                 "tb_primary", "complete")) == 1
+            check_temporal_sdk(await asyncio.to_thread(scrape, sdk_port))
+        finally:
+            stop_workers([worker])
+
+
+def check_store_counts(before: Samples, after: Samples) -> None:
+    def sent(store: str, operation: str, outcome: str) -> float:
+        labels = {"store": store, "operation": operation, "outcome": outcome}
+        return (value(after, "walletmig_wallet_operations_total", **labels)
+                - value(before, "walletmig_wallet_operations_total", **labels))
+
+    # MongoDB answered every write of both wallets (legacy and dual_write phases).
+    assert sent("mongodb", "credit", "ok") == 2 * CREDITS
+    assert sent("mongodb", "debit", "ok") == 2 * DEBITS
+    assert sent("mongodb", "void", "ok") == 2 * VOIDS
+    assert sent("mongodb", "debit", "refused") == 1
+    assert sent("mongodb", "debit", "error") == 0
+    assert sent("mongodb", "balance", "ok") == READS
+    # TigerBeetle applied the dual-write wallet's operations from the backlog.
+    assert sent("tigerbeetle", "credit", "ok") == CREDITS
+    assert sent("tigerbeetle", "debit", "ok") == DEBITS
+    assert sent("tigerbeetle", "void", "ok") == VOIDS
+    hist = "walletmig_store_operation_seconds_count"
+    assert (value(after, hist, store="mongodb", operation="credit")
+            - value(before, hist, store="mongodb", operation="credit")) == 2 * CREDITS
+    assert total(after, "walletmig_wallet_errors_total", store="mongodb",
+                 error="InsufficientFundsError") >= 1
+
+
+def check_tigerbeetle(after: Samples) -> None:
+    assert total(after, "walletmig_tigerbeetle_request_seconds_count",
+                 operation="create_transfers") >= CREDITS + DEBITS + VOIDS
+    assert total(after, "walletmig_tigerbeetle_requests_in_flight") == 0
+    assert value(after, "walletmig_tigerbeetle_up") == 1
+
+
+def check_bounded(after: Samples, run: str) -> None:
+    for _, labels in after:
+        for _, label_value in labels:
+            assert run not in label_value, f"an id became a label value: {label_value}"
+
+
+def check_temporal_sdk(samples: Samples) -> None:
+    names = {name for name, _ in samples}
+    for wanted in ("temporal_workflow_task_schedule_to_start_latency_bucket",
+                   "temporal_activity_schedule_to_start_latency_bucket",
+                   "temporal_activity_execution_latency_bucket",
+                   "temporal_worker_task_slots_available"):
+        assert wanted in names, f"{wanted} not exported; temporal names: " + ", ".join(
+            sorted(n for n in names if n.startswith("temporal_")))
