@@ -36,9 +36,9 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from walletclient.temporal_connect import connect_temporal, data_converter
 from walletconfig.settings import ENVIRONMENT, Settings
 from walletmig import devstack
 from walletmig.processes import PROC_ROOT
@@ -241,11 +241,11 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """A real Temporal dev server (in-memory SQLite) with the project's search attributes."""
     address = os.environ.get("TEMPORAL_ADDRESS")
     if address is not None:
-        client = await Client.connect(address, data_converter=pydantic_data_converter)
+        client = await connect_temporal(address)
         yield WorkflowEnvironment.from_client(client)
         return
     env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
         dev_server_existing_path=temporal_binary(),
         ip="127.0.0.1",
         search_attributes=_search_attribute_keys(),
@@ -272,7 +272,7 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     has no in-flight work; use `fast_forward(handle, duration)` for finer control.
     """
     env = await WorkflowEnvironment.start_time_skipping_v2(
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
         dev_server_existing_path=temporal_binary(),
         ip="127.0.0.1",
         search_attributes=_search_attribute_keys(),

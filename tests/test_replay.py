@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from wallet_support import (
     DUAL_PAIR,
@@ -39,6 +38,7 @@ from wallet_support import (
     wallet_harness,
 )
 
+from walletclient.temporal_connect import data_converter
 from walletconfig.settings import Settings
 from walletcore.errors import InsufficientFundsError, InvalidAmountError
 from walletcore.keys import WalletKey
@@ -60,7 +60,7 @@ async def test_replay_recorded_history(path: Path) -> None:
     history = WorkflowHistory.from_json(data["workflow_id"], data["history"])
     replayer = Replayer(
         workflows=[*WORKFLOWS, *MIGRATION_WORKFLOWS],
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),  # plain: the recordings are plaintext
         workflow_runner=workflow_runner(),
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
