@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 from temporalio.exceptions import TemporalError
@@ -23,7 +23,7 @@ from gateway.problems import install_problem_handlers
 from gateway.routers import ROUTERS
 from gateway.settings import ApiSettings
 from gateway.state import open_state
-from observability.exposition import RequestMetrics, metrics_asgi_app
+from observability.exposition import RequestMetrics, metrics_payload
 
 # Client exceptions that may mean "a dependency is down" (gateway.problems.dependency_of
 # decides; anything else they raise is a 500 like any bug).
@@ -49,7 +49,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.body_max_bytes)
     app.add_middleware(RequestMetrics)  # requests by operationId (observability)
     app.add_middleware(RequestLog)  # added last: outermost, so it sees every answer
-    app.mount("/metrics", metrics_asgi_app())  # Prometheus scrape (not in the OpenAPI)
+
+    @app.get("/metrics", include_in_schema=False)  # Prometheus scrape (not in the OpenAPI)
+    def metrics() -> Response:
+        body, content_type = metrics_payload()
+        return Response(body, media_type=content_type)
 
     def openapi() -> dict[str, Any]:
         return build_openapi(app)

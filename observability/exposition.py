@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import REGISTRY, make_asgi_app, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest, start_http_server
 
 from observability.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS
 
-__all__ = ["MetricsServer", "RequestMetrics", "metrics_asgi_app", "serve_metrics"]
+__all__ = ["MetricsServer", "RequestMetrics", "metrics_payload", "serve_metrics"]
 
 PORT_MAX = 65_535
 OPERATION_LABEL_MAX = 64  # operationIds are the OpenAPI's; a bound keeps labels bounded anyway
@@ -41,8 +41,9 @@ def serve_metrics(port: int, addr: str = "0.0.0.0") -> MetricsServer:
     return MetricsServer(port, addr)
 
 
-def metrics_asgi_app() -> Any:
-    return make_asgi_app(registry=REGISTRY)
+def metrics_payload() -> tuple[bytes, str]:
+    """This process's metrics in the text format, and its content type (a `/metrics` route)."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
 Scope = dict[str, Any]
@@ -51,8 +52,9 @@ Callable_ = Any
 
 class RequestMetrics:
     """ASGI middleware: requests by operationId and status, latency by operationId. The
-    operationId is what the routers put in `scope["state"]["operation_id"]` (gateway.operations);
-    unmatched paths count as "unmatched", never by path (ids would become labels)."""
+    operationId is what the auth guard put in `scope["state"]`, else the matched route's own
+    (unauthenticated routes: healthz, readyz); unmatched paths count as "unmatched", never by
+    path (ids would become labels)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -74,6 +76,7 @@ class RequestMetrics:
             await self.app(scope, receive, observed)
         finally:
             state: dict[str, Any] = scope.get("state") or {}
-            operation = str(state.get("operation_id") or "unmatched")[:OPERATION_LABEL_MAX]
+            found = state.get("operation_id") or getattr(scope.get("route"), "operation_id", None)
+            operation = str(found or "unmatched")[:OPERATION_LABEL_MAX]
             HTTP_REQUESTS.labels(operation, str(status)).inc()
             HTTP_REQUEST_SECONDS.labels(operation).observe(time.perf_counter() - started)

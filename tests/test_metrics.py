@@ -20,7 +20,9 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
+from api_support import running_api
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 from wallet_support import (
@@ -56,7 +58,10 @@ PHASE_WAIT_S = 30
 def scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                 timeout=SCRAPE_TIMEOUT_S) as answer:
-        text = answer.read().decode()
+        return parse(answer.read().decode())
+
+
+def parse(text: str) -> Samples:
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -205,3 +210,29 @@ def check_temporal_sdk(samples: Samples) -> None:
                    "temporal_worker_task_slots_available"):
         assert wanted in names, f"{wanted} not exported; temporal names: " + ", ".join(
             sorted(n for n in names if n.startswith("temporal_")))
+
+
+HEALTH_CHECKS = 3
+
+
+async def test_gateway_counts_requests_by_operation_id(settings: Settings, tmp_path: Path) -> None:
+    """The gateway's /metrics: requests by operationId and status (unauthenticated routes by
+    their route's id; an unknown path as `unmatched`, never by its path)."""
+    with running_api(isolated_settings(settings, "metrics_api"), tmp_path,
+                     with_worker=False) as api:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+            before = parse((await http.get("/metrics")).text)
+            for _ in range(HEALTH_CHECKS):
+                assert (await http.get("/healthz")).status_code == 200
+            assert (await http.get("/no/such/path-123")).status_code == 404
+            text = (await http.get("/metrics")).text
+    after = parse(text)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("walletmig_http_requests_total", operation="healthz",
+                 status="200") == HEALTH_CHECKS
+    assert moved("walletmig_http_requests_total", operation="unmatched", status="404") == 1
+    assert moved("walletmig_http_request_seconds_count", operation="healthz") == HEALTH_CHECKS
+    assert "path-123" not in text
