@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = [
@@ -39,6 +39,9 @@ LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 ERROR_LABEL_MAX = 64  # an exception class name longer than this is cut (bounded label values)
+
+# No `*_created` series: one more series per label set that no rule or panel reads.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # name -> label names, filled by _define: the set alert rules and dashboards may name.
 DEFINED: dict[str, tuple[str, ...]] = {}
@@ -87,6 +90,9 @@ TB_UP = _define(
     Gauge, "walletmig_tigerbeetle_up",
     "1 when this process's last TigerBeetle request was answered, 0 after a timeout or a "
     "connection error (the cluster is unreachable from here)")
+# NaN until the first request: an idle process (no TigerBeetle traffic yet) must not look down
+# (a comparison with NaN is false, so no alert fires on it).
+TB_UP.set(float("nan"))
 
 # ---- reads (stores.read_metrics: shadow comparisons, fallbacks, circuit breaker) ----------
 READS = _define(

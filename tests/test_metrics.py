@@ -37,6 +37,7 @@ from wallet_support import (
     worker_env,
 )
 
+from observability.metrics import DEFINED, TEMPORAL_SDK_METRICS
 from stores.bundle import open_stores
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
@@ -53,6 +54,7 @@ READS = 4
 SCRAPE_TIMEOUT_S = 5
 READY_TIMEOUT_S = 60
 PHASE_WAIT_S = 30
+HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 
 def scrape(port: int) -> Samples:
@@ -148,6 +150,7 @@ async def test_worker_metrics_follow_the_operations_sent(
             assert value(after, "walletmig_migration_phase",
                          migration=dual_scope, phase="dual_write") == 1
             check_bounded(after, run)
+            check_labels(after)
 
             # A phase change: the worker publishes it once it acts on it (next write).
             await set_phase(stores, DUAL_PAIR, Phase.SHADOW_READ)
@@ -202,8 +205,29 @@ def check_bounded(after: Samples, run: str) -> None:
             assert run not in label_value, f"an id became a label value: {label_value}"
 
 
+def check_labels(samples: Samples) -> None:
+    """Every walletmig series carries exactly the labels observability.metrics declares."""
+    seen = 0
+    for name, labels in samples:
+        if not name.startswith("walletmig_"):
+            continue
+        base = next((b for b in (name, *(name.removesuffix(s) for s in HISTOGRAM_SUFFIXES))
+                     if b in DEFINED), None)
+        assert base is not None, f"{name} is exported but not in DEFINED"
+        assert {k for k, _ in labels} - {"le"} == set(DEFINED[base]), (name, labels)
+        seen += 1
+    assert seen > 0
+
+
 def check_temporal_sdk(samples: Samples) -> None:
+    """The SDK's series carry the labels the dashboards group by (TEMPORAL_SDK_METRICS)."""
     names = {name for name, _ in samples}
+    for name, labels in samples:
+        base = next((b for b in (name, *(name.removesuffix(s) for s in HISTOGRAM_SUFFIXES))
+                     if b in TEMPORAL_SDK_METRICS), None)
+        if base is not None:
+            keys = {k for k, _ in labels}
+            assert set(TEMPORAL_SDK_METRICS[base]) <= keys, (name, keys)
     for wanted in ("temporal_workflow_task_schedule_to_start_latency_bucket",
                    "temporal_activity_schedule_to_start_latency_bucket",
                    "temporal_activity_execution_latency_bucket",
