@@ -167,6 +167,10 @@ def test_promtool_check_rules() -> None:
     done = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
                           text=True, timeout=TOOL_TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    # The rules' unit tests: they fire on the plans' thresholds, not below (alerts_test.yml).
+    done = subprocess.run([promtool, "test", "rules", str(ALERTS.with_name("alerts_test.yml"))],
+                          capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
     embedded = ROOT / "deploy" / "prometheus" / "prometheus-embedded.yml"
     done = subprocess.run([promtool, "check", "config", str(embedded)], capture_output=True,
                           text=True, timeout=TOOL_TIMEOUT_S, check=False)
