@@ -17,19 +17,23 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
 from api_support import running_api
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from recon_support import Env, backfill_all, credit, run_reconciliation
 from temporalio.client import Client
 from wallet_support import (
     DUAL_PAIR,
     LEGACY_PAIR,
     isolated_settings,
     key,
+    sandboxed_worker,
     set_phase,
     start_worker,
     stop_workers,
@@ -45,6 +49,7 @@ from walletcore.errors import InsufficientFundsError
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
 from walletmig.processes import free_port
+from workflows.reconciliation import ReconciliationWorkflow
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 CREDITS = 6
@@ -260,3 +265,30 @@ async def test_gateway_counts_requests_by_operation_id(settings: Settings, tmp_p
     assert moved("walletmig_http_requests_total", operation="unmatched", status="404") == 1
     assert moved("walletmig_http_request_seconds_count", operation="healthz") == HEALTH_CHECKS
     assert "path-123" not in text
+
+
+async def test_reconciliation_gauges_follow_the_finished_run(
+    temporal_client: Client, env: Env, unique_id: Callable[..., str]
+) -> None:
+    """A real ReconciliationWorkflow run (worker in this process, so its gauges are this
+    process's): last run time, wallets checked, match ratio and conservation of its scope."""
+    wallets = 3
+    for _ in range(wallets):
+        wallet = env.key(unique_id("metrics-recon"), "USD")
+        await credit(env, wallet, unique_id("t"), "5")
+    await backfill_all(env)
+    started = time.time()
+    async with sandboxed_worker(temporal_client, "metrics-recon", [ReconciliationWorkflow],
+                                env.reconcile_activities().all()) as running:
+        summary = await run_reconciliation(running, env.pairs)
+    scope = ",".join(summary.pairs)
+    assert summary.wallets == wallets and summary.match_rate == 1.0
+
+    def gauge(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"scope": scope})
+
+    finished = gauge("walletmig_reconciliation_last_run_timestamp_seconds")
+    assert finished is not None and started <= finished <= time.time()
+    assert gauge("walletmig_reconciliation_wallets_checked") == wallets
+    assert gauge("walletmig_reconciliation_match_ratio") == 1.0
+    assert gauge("walletmig_reconciliation_conservation_ok") == 1
