@@ -209,6 +209,26 @@ def _outcome(result: Any) -> str:
     return "replayed" if getattr(first, "replayed", False) else "ok"
 
 
+class _StoreChildren:
+    """The labelled children of one (store, operation): `labels()` takes a lock and builds a
+    key on every call, several microseconds each; resolved once, the hot path only observes."""
+
+    def __init__(self, store: str, operation: str) -> None:
+        self.seconds = STORE_OPERATION_SECONDS.labels(store, operation)
+        self.ok = WALLET_OPERATIONS.labels(store, operation, "ok")
+        self.replayed = WALLET_OPERATIONS.labels(store, operation, "replayed")
+
+
+_CHILDREN: dict[tuple[str, str], _StoreChildren] = {}
+
+
+def _children(store: str, operation: str) -> _StoreChildren:
+    found = _CHILDREN.get((store, operation))
+    if found is None:
+        found = _CHILDREN[(store, operation)] = _StoreChildren(store, operation)
+    return found
+
+
 def _timed(method: F, store: str, operation: Operation,
            is_refusal: Callable[[BaseException], bool]) -> F:
     @functools.wraps(method)
@@ -216,6 +236,7 @@ def _timed(method: F, store: str, operation: Operation,
         if _IN_OPERATION.get():
             return await method(self, *args, **kwargs)
         name = operation if isinstance(operation, str) else operation(args[0])
+        children = _children(store, name)
         token = _IN_OPERATION.set(True)
         started = time.perf_counter()
         try:
@@ -227,8 +248,8 @@ def _timed(method: F, store: str, operation: Operation,
             raise
         finally:
             _IN_OPERATION.reset(token)
-            STORE_OPERATION_SECONDS.labels(store, name).observe(time.perf_counter() - started)
-        WALLET_OPERATIONS.labels(store, name, _outcome(result)).inc()
+            children.seconds.observe(time.perf_counter() - started)
+        (children.replayed if _outcome(result) == "replayed" else children.ok).inc()
         return result
 
     setattr(wrapper, "__walletmig_timed__", True)  # noqa: B010 (a marker, not an attribute)
@@ -249,13 +270,18 @@ def instrument_methods(cls: type, store: str, operations: Mapping[str, Operation
 
 
 R = TypeVar("R")
+_TB_CHILDREN: dict[str, tuple[Any, Any]] = {}  # operation -> (in flight, seconds)
 
 
 async def timed_tigerbeetle(operation: str, call: Awaitable[R],
                             unreachable: tuple[type[BaseException], ...]) -> R:
     """Await one TigerBeetle request with its latency, errors and in-flight count; `unreachable`:
     the exception classes that mean the cluster did not answer (TB_UP goes to 0)."""
-    in_flight = TB_IN_FLIGHT.labels(operation)
+    children = _TB_CHILDREN.get(operation)
+    if children is None:  # resolved once per operation (see _StoreChildren)
+        children = _TB_CHILDREN[operation] = (
+            TB_IN_FLIGHT.labels(operation), TB_REQUEST_SECONDS.labels(operation))
+    in_flight, seconds = children
     in_flight.inc()
     started = time.perf_counter()
     try:
@@ -267,7 +293,7 @@ async def timed_tigerbeetle(operation: str, call: Awaitable[R],
         raise
     finally:
         in_flight.dec()
-        TB_REQUEST_SECONDS.labels(operation).observe(time.perf_counter() - started)
+        seconds.observe(time.perf_counter() - started)
     TB_UP.set(1)
     return result
 
