@@ -13,12 +13,12 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.wallet import WalletActivities
 from stores.bundle import Stores
+from walletclient.temporal_connect import connect_from_settings
 from walletconfig.settings import Settings
 from workers.wiring import make_importer
 from workflows.reads import GetBalanceWorkflow, GetMultiBalanceWorkflow
@@ -114,8 +114,5 @@ def build_worker(
 
 
 async def connect_temporal(settings: Settings) -> Client:
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
-    )
+    """Every process's client goes through the one connect function (TLS, payload codec)."""
+    return await connect_from_settings(settings)
