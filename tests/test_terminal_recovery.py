@@ -6,6 +6,7 @@ catching a tampered entry, a tampered balance document and a tampered TigerBeetl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import shutil
@@ -66,6 +67,21 @@ async def terminal(db: Db, tb_client: Any) -> AsyncIterator[Terminal]:
 async def fresh_cluster() -> AsyncIterator[tuple[str, TigerBeetleClient]]:
     """An empty emulator of this test's own, the cluster that replaces a lost one:
     (its address, a client)."""
+    async with _empty_cluster() as cluster:
+        yield cluster
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def source_cluster() -> AsyncIterator[tuple[str, TigerBeetleClient]]:
+    """Another empty emulator: the cluster the CLI test clears on. The default chart's ledgers
+    (100/101) are shared by every terminal test on the session's TigerBeetle, so a test that
+    counts what the CLI syncs from cursor 0 needs a cluster of its own."""
+    async with _empty_cluster() as cluster:
+        yield cluster
+
+
+@contextlib.asynccontextmanager
+async def _empty_cluster() -> AsyncIterator[tuple[str, TigerBeetleClient]]:
     directory, data_file = temp_data_file("tbemu-terminal-")
     process = EmulatorProcess(data_file)
     await asyncio.to_thread(process.start)
@@ -215,16 +231,18 @@ def _cli(env: dict[str, str], repo_root: Any, *args: str) -> tuple[int, dict[str
 
 
 async def test_the_ledger_commands(
-    settings: Any, settings_env: dict[str, str], mongo_client: Any, tb_client: Any,
+    settings_env: dict[str, str], mongo_client: Any,
+    source_cluster: tuple[str, TigerBeetleClient],
     fresh_cluster: tuple[str, TigerBeetleClient], repo_root: Any,
 ) -> None:
     """sync --once, sync-status, reconcile and both rebuilds, as an operator runs them (the
-    default chart and the session's TigerBeetle: only this test uses ledgers 100/101)."""
-    db = mongo_client[settings.mongodb_database]
-    terminal = await make_terminal(db, tb_client, DEFAULT_CLEARING_TABLE)
+    default chart, on a cluster and a database of this test's own)."""
+    db = mongo_client[f"ledger_cli_{uuid.uuid4().hex[:12]}"]
+    env = {**settings_env, "TB_ADDRESSES": source_cluster[0], "MONGODB_DATABASE": db.name}
+    terminal = await make_terminal(db, source_cluster[1], DEFAULT_CLEARING_TABLE)
     await terminal.create_mirrors()
     await terminal.clear([txn() for _ in range(5)] + [txn("usdc_vault_deposit", "2.5", "USDC")])
-    run = functools.partial(_cli, settings_env, repo_root)
+    run = functools.partial(_cli, env, repo_root)
 
     code, synced = await asyncio.to_thread(run, "sync", "--once")
     assert code == 0 and synced["caught_up"] and synced["totals"]["new_entries"] == 6
@@ -243,3 +261,4 @@ async def test_the_ledger_commands(
     await db["gl_balances"].update_one({"_id": "1050:USD"}, {"$inc": {"debits_minor": 7}})
     code, tampered = await asyncio.to_thread(run, "reconcile", "--no-catch-up")
     assert code == 3 and tampered["balance_drift"] and not tampered["trial_balance_zero"]
+    await mongo_client.drop_database(db.name)
