@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -48,6 +49,11 @@ from messages.clearing import (
 )
 from messages.clearing_pipeline import FinalizeBatch, FinalizeResult, HoldsResult, PipelineReason
 from messages.errors import wallet_errors_as_application_errors
+from observability.terminal import (
+    holds_created,
+    holds_resolved,
+    observe_terminal_transactions,
+)
 from stores.clearing_blocklist import BlockedParties
 from stores.clearing_store import ClearingStore, StateChange
 from stores.clearing_tb import ensure_mirrors, transfer_of
@@ -56,6 +62,7 @@ from stores.tb_batches import batched
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletcore.clearing import (
     DEFAULT_CLEARING_TABLE,
+    ClearingRecord,
     ClearingState,
     ClearingTable,
     ExternalTransaction,
@@ -122,7 +129,8 @@ class ClearingActivities:
         self._client = batched(tb_client, limits)
         self._blocked = blocked
         self._table = table
-        self._cache: OrderedDict[str, ExternalTransaction] = OrderedDict()
+        # external id -> (content, received time in unix seconds: the latency's start)
+        self._cache: OrderedDict[str, tuple[ExternalTransaction, float]] = OrderedDict()
         self._cache_max = cache_max
         self._mirrors_ready = False
         self._mirrors_lock = asyncio.Lock()
@@ -194,6 +202,7 @@ class ClearingActivities:
         expires_at_ns: list[int] = []
         for (external_id, spec), result in zip(specs, results, strict=True):
             if result.status in _DONE:
+                holds_created(1 if result.status is _TS.CREATED else 0)
                 held.append(external_id)
                 expires_at_ns.append(result.timestamp + spec.timeout_s * NS_PER_S)
             else:
@@ -264,6 +273,9 @@ class ClearingActivities:
         refused: list[VoidItem] = []
         for external_id, reason, result in zip(ids, reasons, results, strict=True):
             status = result.status
+            # A hold leaves pending once: CREATED here (EXISTS is a retry of this answer),
+            # or expired (TigerBeetle released it by itself).
+            holds_resolved(1 if status in (_TS.CREATED, _TS.PENDING_TRANSFER_EXPIRED) else 0)
             if status in _DONE:
                 if reason is None:
                     outcome.posted.append(PostedItem(external_id=external_id,
@@ -339,8 +351,25 @@ class ClearingActivities:
             if settled > len(inp.posted):
                 log.error("batch %s: %d settled, only %d posted", inp.batch_id, settled,
                           len(inp.posted))
+        await self._observe_answered(inp)
         return FinalizeResult(batch_id=inp.batch_id, settled=settled, new_entries=new_entries,
                               rejected=len(inp.rejected), chain_seq=chain_seq)
+
+    async def _observe_answered(self, inp: FinalizeBatch) -> None:
+        """The batch's transactions reached their final state: count them by kind and
+        outcome, with their receipt-to-answer latency (the content is cached: no read)."""
+        outcome_of = {p.external_id: "settled" for p in inp.posted}
+        outcome_of.update((v.external_id, terminal_outcome(v.reason)) for v in inp.rejected)
+        ids = list(outcome_of)
+        await self._transactions(inp.batch_id, ids)  # fills the cache for any not in it
+        now_s = time.time()
+        answered: list[tuple[str, str, float]] = []
+        for external_id in ids:
+            cached = self._cache.get(external_id)
+            if cached is not None:
+                txn, received_s = cached
+                answered.append((str(txn.kind), outcome_of[external_id], now_s - received_s))
+        observe_terminal_transactions(answered)
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -366,27 +395,37 @@ class ClearingActivities:
             else:
                 records = list((await self._clearing.get_many(missing)).values())
             for record in records:
-                self._remember(record.transaction)
+                self._remember(record)
         out: list[ExternalTransaction] = []
         for external_id in external_ids:
-            txn = self._cache.get(external_id)
-            if txn is None:
-                txn = await self._one(external_id)
-            out.append(txn)
+            cached = self._cache.get(external_id)
+            out.append(cached[0] if cached is not None else await self._one(external_id))
         return out
 
     async def _one(self, external_id: str) -> ExternalTransaction:
         record = await self._clearing.get(external_id)
         if record is None:
             raise ConflictError(f"{external_id!r} is not recorded", field="external_id")
-        self._remember(record.transaction)
+        self._remember(record)
         return record.transaction
 
-    def _remember(self, txn: ExternalTransaction) -> None:
-        self._cache[txn.external_id] = txn
+    def _remember(self, record: ClearingRecord) -> None:
+        txn = record.transaction
+        self._cache[txn.external_id] = (txn, record.received_at.timestamp())
         self._cache.move_to_end(txn.external_id)
         while len(self._cache) > self._cache_max:
             self._cache.popitem(last=False)
+
+
+def terminal_outcome(reason: str) -> str:
+    """The outcome label of a rejection: `error` when the pipeline failed (nothing the
+    transaction did), `expired` when its hold ran out, `rejected` otherwise (a check or
+    TigerBeetle refused it)."""
+    if reason.startswith(PipelineReason.PENDING_FAILED):
+        return "error"
+    if reason in (RejectReason.EXPIRED, PipelineReason.CHECKS_UNFINISHED):
+        return "expired"
+    return "rejected"
 
 
 class _Decisions:

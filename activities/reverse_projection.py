@@ -22,6 +22,7 @@ from messages.wallet import (
     BacklogDirection,
     TigerBeetleItemOutcome,
 )
+from observability.backlog import backlog_gauges
 from stores.legacy_store import LegacyStore
 from walletcore.errors import WalletError
 from walletcore.phases import MigrationState, Phase
@@ -69,6 +70,9 @@ class ReverseProjectionActivities:
         """Apply TigerBeetle-answered operations to MongoDB in order (idempotent by
         transaction id). A domain error is a divergence (reported, the batch goes on);
         an outage raises and the batch is retried."""
+        gauges = backlog_gauges()  # counted until an attempt succeeds (see observability)
+        gauges.started("to_mongodb", inp.wallet.canonical,
+                       [item.accepted_at for item in inp.items])
         outcomes: list[TigerBeetleItemOutcome] = []
         for item in inp.items:
             assert item.command.wallet == inp.wallet, "backlog item of another wallet"
@@ -84,6 +88,7 @@ class ReverseProjectionActivities:
             outcomes.append(
                 TigerBeetleItemOutcome(seq=item.seq, transaction_id=txn, replayed=result.replayed)
             )
+        gauges.applied("to_mongodb", inp.wallet.canonical)
         return ApplyTigerBeetleOutput(outcomes=outcomes)
 
     def all(self) -> list[Callable[..., Any]]:

@@ -47,6 +47,7 @@ from messages.clearing import (
     TerminalReconcileState,
 )
 from mongobase.mongo import now_ms
+from observability.terminal import observe_trial_balance
 from stores.clearing_store import ClearingStore
 from stores.general_ledger import GeneralLedger
 from stores.tb_batches import chunks
@@ -320,6 +321,8 @@ class TerminalReconciler:
                                    debits_minor=v[0], credits_minor=v[1])
                     for k, v in state.stored.items()]
         lag_s, _exact = await self._sync.measure_lag()
+        balanced = trial_balance(balances).zero
+        observe_trial_balance(balanced)
         report = TerminalReconcileReport(
             run_id=state.run_id, accounts_checked=len(mirrors),
             mismatched_accounts=mismatched[:REFUSED_SAMPLE_MAX],
@@ -327,7 +330,7 @@ class TerminalReconciler:
             posted_without_entry=state.posted_without_entry,
             entries_without_transfer=state.entries_without_transfer,
             duplicated_entries=state.duplicated_entries, expired_holds=state.expired_holds,
-            trial_balance_zero=trial_balance(balances).zero, chain_ok=chain_ok,
+            trial_balance_zero=balanced, chain_ok=chain_ok,
             sync_lag_s=lag_s, started_at=state.started_at, finished_at=now_ms(),
             snapshot_timestamp=state.snapshot_timestamp, balance_drift=drift,
             transfer_mismatches=state.transfer_mismatches,

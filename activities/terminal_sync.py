@@ -54,6 +54,7 @@ from messages.clearing import (
     SyncTotals,
 )
 from mongobase.mongo import now_ms
+from observability.terminal import observe_sync_lag
 from stores.clearing_store import ClearingStore
 from stores.general_ledger import GeneralLedger
 from stores.terminal_reports import TerminalReports
@@ -183,6 +184,7 @@ class LedgerSync:
         elif scan.last_timestamp > cursor:
             await self._ledger.advance_cursor(scan.last_timestamp)
         report = self._report(scan, posts, missing, matched, new_entries, now_ns)
+        observe_sync_lag(report.lag_s)  # an upper bound when not exact: an alert errs high
         if self._reports is not None:
             await self._reports.save_sync_page(report)
         return report
@@ -292,8 +294,11 @@ class LedgerSync:
             scan = await self.scan.page(after, min(limit, QUERY_LIMIT_MAX))
             missing = await self._missing(self.posts_of(scan), after, scan.last_timestamp)
             if missing:
-                return max(now_ns - missing[0].timestamp, 0) / NS_PER_S, True
+                lag_s = max(now_ns - missing[0].timestamp, 0) / NS_PER_S
+                observe_sync_lag(lag_s)
+                return lag_s, True
             if scan.exhausted:
+                observe_sync_lag(0.0)
                 return 0.0, True
             after = scan.last_timestamp
         return max(self._clock() - after, 0) / NS_PER_S, False

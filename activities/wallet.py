@@ -38,6 +38,7 @@ from messages.wallet import (
     ReadMultiBalanceInput,
     TigerBeetleItemOutcome,
 )
+from observability.backlog import backlog_gauges
 from stores.backfill_imports import ImportStatus
 from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
 from stores.migration_state import MigrationStateStore
@@ -336,11 +337,17 @@ class WalletActivities:
         """Apply to_tigerbeetle backlog items in order (see TigerBeetleBacklog). A configuration
         error fails the attempt for good (non-retryable): the workflow keeps the items, logs the
         error and tries again after a pause, instead of retrying the activity silently."""
+        # Counted until an attempt succeeds: a failing one leaves the batch in the backlog.
+        gauges = backlog_gauges()
+        gauges.started("to_tigerbeetle", inp.wallet.canonical,
+                       [item.accepted_at for item in inp.items])
         try:
-            return await self._backlog.apply(
+            out = await self._backlog.apply(
                 inp.wallet, inp.items, since_version=inp.since_version)
         except ConfigurationError as err:
             raise to_application_error(err) from err
+        gauges.applied("to_tigerbeetle", inp.wallet.canonical)
+        return out
 
     @activity.defn(name=ACTIVITY_READ_BALANCE)
     async def read_balance(self, inp: ReadBalanceInput) -> WalletBalance:
