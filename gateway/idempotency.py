@@ -71,16 +71,19 @@ def derived_transaction_id(owner: str, key: str) -> str:
     return DERIVED_PREFIX + digest[:DERIVED_HEX_DIGITS]
 
 
-def transaction_id_for(caller: Caller, raw_key: str, given: str | None) -> str:
-    """The operation's transaction id: the body's own, or derived from (owner, key)."""
+def transaction_id_for(
+    caller: Caller, raw_key: str, given: str | None, *, field: str = "transaction_id"
+) -> str:
+    """The operation's transaction id: the body's own, or derived from (owner, key).
+    `field`: the body field that carries it (the credit terminal's is `external_id`)."""
     if given is None:
         return derived_transaction_id(caller.owner, parse_key(raw_key))
     if given.startswith(DERIVED_PREFIX):
         raise ProblemError(
             422, "validation-error", "Invalid request",
-            f"transaction_id: the prefix {DERIVED_PREFIX!r} is reserved for ids derived from "
-            "Idempotency-Key (leave transaction_id out to get one)",
-            field="transaction_id",
+            f"{field}: the prefix {DERIVED_PREFIX!r} is reserved for ids derived from "
+            f"Idempotency-Key (leave {field.rsplit('.', 1)[-1]} out to get one)",
+            field=field,
         )  # fmt: skip
     return given
 

@@ -15,8 +15,23 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, WithJsonSchema
 
+from messages.clearing import INTAKE_BATCH_MAX, RefusedItem, TransactionOutcome
+from stores.general_ledger import PAGE_MAX as LEDGER_PAGE_MAX
+from stores.general_ledger import Statement
 from walletcore.balances import WalletBalance
-from walletcore.keys import WalletKey
+from walletcore.clearing import (
+    COUNTERPARTY_MAX,
+    REFERENCE_MAX,
+    ClearingState,
+    ExternalId,
+    ExternalTransaction,
+    KindName,
+    parse_external,
+)
+from walletcore.gl_chart import CURRENCY_PATTERN
+from walletcore.journal import CurrencyTotals, TrialBalance
+from walletcore.keys import ID_PATTERN, WalletKey
+from walletcore.money import from_minor, signed_from_minor
 from walletcore.operations import (
     HISTORY_LIMIT_MAX,
     HistoryEntry,
@@ -169,3 +184,170 @@ class PublishedState(BaseModel):
         return cls(scope=state.scope, phase=state.phase.value,
                    rollout_percent=state.rollout_percent, epoch=state.epoch,
                    updated_at=state.updated_at)  # fmt: skip
+
+
+# ---- the credit terminal ---------------------------------------------------------------------
+
+# One batch's transactions: bounded below the intake's own bound (INTAKE_BATCH_MAX); the body
+# size limit (WALLETMIG_API_BODY_MAX_BYTES, 413) may bound a batch of long items first.
+SUBMIT_BATCH_MAX = 1000
+assert SUBMIT_BATCH_MAX <= INTAKE_BATCH_MAX
+# The longest a submit waits for the outcome (the gateway's write timeout clips it further).
+SUBMIT_WAIT_S_MAX = 30.0
+# One statement page: walletcore's PAGE_MAX bounds one store read.
+STATEMENT_PAGE_MAX = 1000
+assert STATEMENT_PAGE_MAX <= LEDGER_PAGE_MAX
+MEMO_MAX = 256  # walletcore.clearing.ExternalTransaction's
+
+_TXN_EXAMPLE: dict[str, JsonValue] = {
+    "kind": "ach_credit_in", "amount": "125.00", "currency": "USD", "counterparty": "acme-llc",
+}  # fmt: skip
+
+
+class TransactionFields(_Body):
+    """An external transaction as walletcore.clearing.ExternalTransaction takes it; the kind,
+    currency and amount are checked against the routing table (422 naming the field)."""
+
+    kind: KindName = Field(description="a kind of the routing table, e.g. `ach_credit_in`")
+    amount: Amount
+    currency: str = Field(pattern=CURRENCY_PATTERN, examples=["USD"])
+    counterparty: str = Field(
+        min_length=1, max_length=COUNTERPARTY_MAX, pattern=ID_PATTERN, examples=["acme-llc"]
+    )
+    reference: str | None = Field(default=None, min_length=1, max_length=REFERENCE_MAX)
+    occurred_at: datetime | None = Field(default=None, strict=False)  # ISO 8601 in JSON
+    memo: str | None = Field(default=None, max_length=MEMO_MAX)
+
+    def transaction(self, external_id: str) -> ExternalTransaction:
+        """The domain's transaction (its errors name the field: amount precision, ...)."""
+        return parse_external({**self.model_dump(exclude_none=True), "external_id": external_id})
+
+
+class TransactionBody(TransactionFields):
+    """Submit one transaction. `external_id` is optional: without it the transaction's id is
+    derived from your Idempotency-Key (and your key's owner)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_TXN_EXAMPLE]})
+
+    external_id: ExternalId | None = None
+
+
+class BatchItem(TransactionFields):
+    external_id: ExternalId
+
+
+class BatchBody(_Body):
+    """Submit a batch: every item carries its own external id (one Idempotency-Key covers the
+    batch; the batch id is derived from it)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"transactions": [{**_TXN_EXAMPLE, "external_id": "ach-2026-0001"}]}]})  # fmt: skip
+
+    transactions: list[BatchItem] = Field(min_length=1, max_length=SUBMIT_BATCH_MAX)
+
+
+class TransactionOut(BaseModel):
+    """A transaction's state: `settled` with its journal entry, `rejected` with the reason, or
+    the state it is in while clearing."""
+
+    external_id: str
+    state: ClearingState
+    entry_id: str | None = None
+    reason: str | None = None
+    batch_id: str | None = None
+
+    @classmethod
+    def of(cls, outcome: TransactionOutcome) -> TransactionOut:
+        return cls(**outcome.model_dump())
+
+
+class RefusedOut(BaseModel):
+    external_id: str
+    error: str = Field(description="the domain error's class name, e.g. `ConflictError`")
+    field: str | None = None
+    detail: str
+
+    @classmethod
+    def of(cls, item: RefusedItem) -> RefusedOut:
+        return cls(external_id=item.external_id, error=item.error, field=item.field,
+                   detail=item.message)  # fmt: skip
+
+
+class BatchOut(BaseModel):
+    batch_id: str
+    accepted: list[str] = Field(description="external ids recorded by this batch")
+    replayed: list[str] = Field(description="external ids recorded before with the same content")
+    refused: list[RefusedOut] = Field(
+        description="external ids recorded before with other content (not recorded again)"
+    )
+    transactions: list[TransactionOut] = Field(
+        description="the accepted and replayed transactions' states (after `wait_s`)"
+    )
+
+
+# ---- the general ledger ----------------------------------------------------------------------
+
+
+class CurrencyTotalsOut(BaseModel):
+    currency: str
+    debits: Money
+    credits: Money
+    difference: Money = Field(description="debits - credits (zero when the ledger balances)")
+
+    @classmethod
+    def of(cls, totals: CurrencyTotals) -> CurrencyTotalsOut:
+        cur = totals.currency
+        return cls(currency=cur, debits=from_minor(totals.debits_minor, cur),
+                   credits=from_minor(totals.credits_minor, cur),
+                   difference=signed_from_minor(totals.difference_minor, cur))  # fmt: skip
+
+
+class TrialBalanceOut(BaseModel):
+    zero: bool = Field(description="every currency's debits equal its credits")
+    accounts: int = Field(ge=0, description="(account, currency) balances summed")
+    currencies: list[CurrencyTotalsOut]
+
+    @classmethod
+    def of(cls, trial: TrialBalance) -> TrialBalanceOut:
+        return cls(zero=trial.zero, accounts=trial.accounts,
+                   currencies=[CurrencyTotalsOut.of(t) for t in trial.currencies])  # fmt: skip
+
+
+class StatementLineOut(BaseModel):
+    seq: int = Field(description="the entry's place in the ledger's hash chain")
+    entry_id: str
+    posted_at: datetime
+    kind: str | None = None
+    external_id: str | None = None
+    debit: Money
+    credit: Money
+    memo: str | None = None
+
+
+class StatementOut(BaseModel):
+    account: int
+    currency: str
+    balance_debits: Money
+    balance_credits: Money
+    lines: list[StatementLineOut] = Field(description="chain order")
+    next_after_seq: int | None = Field(
+        description="pass as `after_seq` for the next page; null: no more"
+    )
+
+    @classmethod
+    def of(cls, statement: Statement) -> StatementOut:
+        cur = statement.currency
+        lines = [
+            StatementLineOut(
+                seq=ln.seq, entry_id=ln.entry_id, posted_at=ln.posted_at, kind=ln.kind,
+                external_id=ln.external_id, debit=from_minor(ln.debit_minor, cur),
+                credit=from_minor(ln.credit_minor, cur), memo=ln.memo,
+            )
+            for ln in statement.lines
+        ]  # fmt: skip
+        return cls(
+            account=statement.account, currency=cur, lines=lines,
+            balance_debits=from_minor(statement.balance_debits_minor, cur),
+            balance_credits=from_minor(statement.balance_credits_minor, cur),
+            next_after_seq=statement.next_after_seq,
+        )  # fmt: skip

@@ -21,7 +21,8 @@ from gateway.problems import PROBLEM_MEDIA_TYPE, Problem
 TITLE = "walletmig API"
 VERSION = "1.0.0"
 DESCRIPTION = (
-    "Wallet operations and read-only views of the wallet migration. Authenticate with "
+    "Wallet operations, the credit terminal, and read-only views of the wallet migration "
+    "and the general ledger. Authenticate with "
     "`Authorization: Bearer <API key>` (`walletmig api-key create`); each operation names the "
     "scope it needs in `x-required-scope`. Money-moving POSTs require an `Idempotency-Key`. "
     "Amounts are decimal strings. Errors are RFC 9457 problem details."
@@ -42,6 +43,14 @@ _STATUS_TEXT: dict[int, str] = {
 _RETRY_AFTER = {"description": "seconds to wait", "schema": {"type": "string",
                                                              "pattern": "^[0-9]+$"}}
 _INTEGER_HEADER = {"schema": {"type": "string", "pattern": "^[0-9]+$"}}
+# A write whose answer is not a wallet links to its own read (create, then read back).
+_LINKS: dict[str, dict[str, Any]] = {
+    "submit_transaction": {"read_get_transaction": {
+        "operationId": "get_transaction",
+        "parameters": {"external_id": "$response.body#/external_id"},
+    }},
+    "submit_transactions": {},
+}  # fmt: skip
 _WRITE_READS = {
     "get_balance": ("client_id", "country", "currency"),
     "get_history": ("client_id", "country", "currency"),
@@ -84,7 +93,9 @@ def _complete(operation: dict[str, Any], spec: OperationSpec) -> None:
             "the same Idempotency-Key",
             "schema": {"type": "string", "enum": ["true"]},
         }
-        ok["links"] = _links_to_reads()
+        links = _LINKS[spec.operation_id] if spec.operation_id in _LINKS else _links_to_reads()
+        if links:
+            ok["links"] = links
     for status in sorted(statuses):
         responses[str(status)] = _problem(status)
 

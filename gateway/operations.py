@@ -49,14 +49,21 @@ GET_BALANCE = OperationSpec("get_balance", Scope.WALLETS_READ, OperationClass.RE
 GET_BALANCES = OperationSpec("get_balances", Scope.WALLETS_READ, OperationClass.READ)
 GET_HISTORY = OperationSpec("get_history", Scope.WALLETS_READ, OperationClass.READ)
 GET_MIGRATION = OperationSpec("get_migration", Scope.MIGRATION_READ, OperationClass.READ)
-# Extension points (other areas add theirs): submit_transaction, submit_transactions
-# (terminal:submit, MONEY), get_transaction (terminal:read, READ), get_trial_balance,
-# get_statement (ledger:read, READ).
+SUBMIT_TRANSACTION = OperationSpec(
+    "submit_transaction", Scope.TERMINAL_SUBMIT, OperationClass.MONEY
+)
+SUBMIT_TRANSACTIONS = OperationSpec(
+    "submit_transactions", Scope.TERMINAL_SUBMIT, OperationClass.MONEY
+)
+GET_TRANSACTION = OperationSpec("get_transaction", Scope.TERMINAL_READ, OperationClass.READ)
+GET_TRIAL_BALANCE = OperationSpec("get_trial_balance", Scope.LEDGER_READ, OperationClass.READ)
+GET_STATEMENT = OperationSpec("get_statement", Scope.LEDGER_READ, OperationClass.READ)
 
 OPERATIONS: dict[str, OperationSpec] = {
     spec.operation_id: spec
     for spec in (
         ADD_CREDIT, SUBTRACT_CREDIT, VOID_TRANSACTION, GET_BALANCE, GET_BALANCES, GET_HISTORY,
-        GET_MIGRATION,
+        GET_MIGRATION, SUBMIT_TRANSACTION, SUBMIT_TRANSACTIONS, GET_TRANSACTION,
+        GET_TRIAL_BALANCE, GET_STATEMENT,
     )
 }  # fmt: skip

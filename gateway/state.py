@@ -24,8 +24,11 @@ from gateway.ratelimit import GatewayRateLimiter
 from gateway.settings import ApiSettings
 from stores.api_keys import ApiKeyStore
 from stores.bundle import Stores, make_stores
+from stores.clearing_store import ClearingStore
+from stores.general_ledger import GeneralLedger
 from stores.idempotency_keys import IdempotencyStore
 from stores.read_metrics import ReadMetricsStore
+from walletclient.clearing_client import ClearingClient
 from walletclient.read_path import ReadRouter
 from walletclient.temporal_connect import connect_from_settings
 from walletclient.wallet_client import WalletClient
@@ -48,6 +51,8 @@ class GatewayState:
     authenticator: Authenticator
     idempotency: IdempotencyStore
     limiter: GatewayRateLimiter
+    terminal: ClearingClient  # the credit terminal (its workflow runs on the migration queue)
+    ledger: GeneralLedger  # the terminal's general ledger (read-only here)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -89,6 +94,7 @@ def _assemble(
     platform = settings.platform
     metrics = ReadMetricsStore(stores.db)
     api_keys = ApiKeyStore(stores.db)
+    ledger = GeneralLedger(stores.db)
     return GatewayState(
         settings=settings,
         stores=stores,
@@ -105,6 +111,10 @@ def _assemble(
             stores.db, ttl_s=settings.idempotency_ttl_s, lease_s=settings.idempotency_lease_s
         ),
         limiter=limiter,
+        terminal=ClearingClient(
+            temporal, ClearingStore(stores.db), platform.migration_task_queue, ledger=ledger
+        ),
+        ledger=ledger,
     )
 
 

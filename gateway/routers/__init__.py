@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.routers import health, migration, wallets
+from gateway.routers import health, ledger, migration, terminal, wallets
 
-ROUTERS: tuple[APIRouter, ...] = (health.router, wallets.router, migration.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router, wallets.router, terminal.router, migration.router, ledger.router,
+)  # fmt: skip
