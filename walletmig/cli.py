@@ -36,6 +36,7 @@ GROUPS: tuple[str, ...] = (
     "backfill",
     "reconcile",
     "migration",
+    "watch",  # `migration watch`: adds itself to the migration group
     "demo",
     "api",
     "api_key",

@@ -77,6 +77,10 @@ DEV_ENVIRONMENT: dict[str, tuple[str, str]] = {
     # 8090, not the API's own default 8080: that is the Temporal UI's port in production and
     # a common local one.
     "WALLETMIG_API_PORT": ("api_port", "8090"),
+    # The worker's Prometheus port and its Temporal SDK metrics port (0 = not served); the
+    # API serves /metrics on its own port.
+    "WALLETMIG_DEV_METRICS_PORT": ("metrics_port", "9464"),
+    "WALLETMIG_DEV_TEMPORAL_METRICS_PORT": ("temporal_metrics_port", "9465"),
     "WALLETMIG_READY_TIMEOUT_S": ("ready_timeout_s", "90"),
 }
 
@@ -127,6 +131,8 @@ class StackConfig(BaseModel):
     mongo_port: int = Field(default=27018, gt=0, lt=65536)
     tb_port: int = Field(default=3033, gt=0, lt=65536)
     api_port: int = Field(default=8090, gt=0, lt=65536)
+    metrics_port: int = Field(default=9464, ge=0, lt=65536)  # the worker's; 0 = off
+    temporal_metrics_port: int = Field(default=9465, ge=0, lt=65536)  # 0 = off
     # The emulator's --limit-request; remembered in stack.json like the ports.
     tb_request_limit_bytes: int = Field(
         default=REQUEST_LIMIT_BYTES_DEFAULT, ge=REQUEST_LIMIT_BYTES_MIN, le=REQUEST_LIMIT_BYTES_MAX
@@ -176,7 +182,7 @@ class StackConfig(BaseModel):
             name: free_port()
             for name in (
                 "temporal_port", "temporal_ui_port", "redis_port", "mongo_port", "tb_port",
-                "api_port",
+                "api_port", "metrics_port", "temporal_metrics_port",
             )
         }  # fmt: skip
         return cls.model_validate({"state_dir": state_dir, **ports, **overrides})
@@ -206,6 +212,17 @@ class StackConfig(BaseModel):
         env = os.environ if environ is None else environ
         scheme = "https" if env.get("WALLETMIG_API_TLS_CERT") else "http"
         return f"{scheme}://{self.host}:{self.api_port}"
+
+    @property
+    def worker_metrics_ports(self) -> tuple[int, ...]:
+        """The worker's scrape ports that are on (its own, then the Temporal SDK's)."""
+        return tuple(p for p in (self.metrics_port, self.temporal_metrics_port) if p)
+
+    def metrics_urls(self, api_url: str | None = None) -> list[str]:
+        """Every scrape URL of the stack (WALLETMIG_METRICS_URLS): the worker's, the Temporal
+        SDK's, the API's /metrics."""
+        worker = [f"http://{self.host}:{port}/metrics" for port in self.worker_metrics_ports]
+        return [*worker, f"{(api_url or self.api_url()).rstrip('/')}/metrics"]
 
 
 def parse_tb_limit_request(text: str) -> int:
@@ -294,6 +311,7 @@ class ComponentSpec:
     data_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # What `status` adds about a ready component (the API's /readyz, the emulator's limit).
     describe: Callable[[ProcessRecord], str] | None = None
+    extra_ports: tuple[int, ...] = ()  # other ports it binds (the worker's metrics ports)
 
 
 def stack_env(config: StackConfig) -> dict[str, str]:
@@ -307,6 +325,7 @@ def stack_env(config: StackConfig) -> dict[str, str]:
         "TB_REQUEST_LIMIT_BYTES": str(config.tb_request_limit_bytes),
         "WALLETMIG_API_URL": config.api_url(),
         "WALLETMIG_STATE_DIR": str(config.state_dir.resolve()),
+        "WALLETMIG_METRICS_URLS": ",".join(config.metrics_urls()),
     }
 
 
@@ -574,13 +593,18 @@ def _tigerbeetle_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentS
 def _worker_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) -> ComponentSpec:
     """One worker process serves the wallet and the migration task queues (`walletmig
     worker`), with the stack's addresses in its environment."""
-    worker_env = {**env, **stack_env(config)}
+    # The flag wins over a WALLETMIG_METRICS_PORT inherited from the shell; the SDK's port
+    # has no flag: its variable is set (0 = off).
+    worker_env = {**env, **stack_env(config),
+                  "WALLETMIG_TEMPORAL_METRICS_PORT": str(config.temporal_metrics_port)}
+    metrics_flag = ("--metrics-port", str(config.metrics_port)) if config.metrics_port else ()
+    urls = config.metrics_urls()[:-1]  # the worker's (the last is the API's)
     task_queues = tuple(dict.fromkeys(
         worker_env.get(name, ENVIRONMENT[name][1])
         for name in ("WALLET_TASK_QUEUE", "MIGRATION_TASK_QUEUE")))
     return ComponentSpec(
         name="worker",
-        argv=(sys.executable, "-m", "walletmig", "worker"),
+        argv=(sys.executable, "-m", "walletmig", "worker", *metrics_flag),
         address=f"task queues {', '.join(task_queues)} on {config.temporal_address}",
         port=None,
         data_dir=None,
@@ -588,6 +612,8 @@ def _worker_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) ->
         env=worker_env,
         unavailable="" if module_available(WORKER_MODULE)
         else "`walletmig worker` command not registered yet",
+        describe=(lambda _record: f"metrics {', '.join(urls)}") if urls else None,
+        extra_ports=config.worker_metrics_ports,
     )  # fmt: skip
 
 
@@ -746,11 +772,12 @@ def _check_ports_free(
     """Fail before starting anything if a port we are about to bind is taken."""
     for name in selected:
         spec, record = specs[name], records.get(name)
-        if spec.port is None or spec.unavailable or (record is not None and is_alive(record)):
+        if spec.unavailable or (record is not None and is_alive(record)):
             continue
-        if port_accepts(config.host, spec.port):
+        ports = (*(() if spec.port is None else (spec.port,)), *spec.extra_ports)
+        for port in (p for p in ports if port_accepts(config.host, p)):
             raise StackError(
-                f"{name}: port {spec.port} on {config.host} is already in use by a process "
+                f"{name}: port {port} on {config.host} is already in use by a process "
                 "this stack did not start; pick another port (see `walletmig dev up --help`) "
                 "or stop that process"
             )
@@ -899,6 +926,7 @@ def _env_from_records(config: StackConfig, records: Mapping[str, ProcessRecord])
     for name, key in keys.items():
         if name in records:
             values[key] = records[name].address
+    values["WALLETMIG_METRICS_URLS"] = ",".join(config.metrics_urls(values["WALLETMIG_API_URL"]))
     return values
 
 

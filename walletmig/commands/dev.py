@@ -31,6 +31,8 @@ def _stack_config(args: argparse.Namespace) -> devstack.StackConfig:
         mongo_port=getattr(args, "mongo_port", None),
         tb_port=getattr(args, "tb_port", None),
         api_port=getattr(args, "api_port", None),
+        metrics_port=getattr(args, "metrics_port", None),
+        temporal_metrics_port=getattr(args, "temporal_metrics_port", None),
         tb_request_limit_bytes=_tb_limit_request(getattr(args, "tb_limit_request", None)),
         ready_timeout_s=getattr(args, "timeout_s", None),
     )
@@ -68,6 +70,10 @@ def _print_footer(config: devstack.StackConfig, statuses: list[devstack.Componen
     api = next((s for s in statuses if s.name == "api"), None)
     if api is not None and api.state == "up":
         print(f"HTTP API     {api.address}  (OpenAPI at /openapi.json; keys: walletmig api-key)")
+    scraped = [s for s in statuses if s.name in ("worker", "api") and s.state == "up"]
+    if scraped:  # what WALLETMIG_METRICS_URLS (`dev env`) lists: a Prometheus scrapes them
+        api_url = api.address if api is not None and api.state == "up" else None
+        print(f"Metrics      {', '.join(config.metrics_urls(api_url))}")
     print(f"state        {config.state_dir.resolve()}  (logs in logs/, exports in env)")
 
 
@@ -118,6 +124,8 @@ def _add_port_flags(parser: argparse.ArgumentParser) -> None:
         ("--mongo-port", "WALLETMIG_MONGO_PORT"),
         ("--tb-port", "WALLETMIG_TB_PORT"),
         ("--api-port", "WALLETMIG_API_PORT"),
+        ("--metrics-port", "WALLETMIG_DEV_METRICS_PORT"),
+        ("--temporal-metrics-port", "WALLETMIG_DEV_TEMPORAL_METRICS_PORT"),
     ]
     for flag, env_name in flags:
         default = devstack.DEV_ENVIRONMENT[env_name][1]
