@@ -213,3 +213,7 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seed", type=int, default=None, help="random seed")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(handler=_demo)
+
+    from walletmig.commands.terminal_watch import add_watch  # `terminal watch` (live view)
+
+    add_watch(commands)
