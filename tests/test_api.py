@@ -40,7 +40,8 @@ from walletmig.processes import free_port
 PROBLEM = "application/problem+json"
 OPERATION_IDS = {
     "add_credit", "subtract_credit", "void_transaction", "get_balance", "get_balances",
-    "get_history", "get_migration", "healthz", "readyz",
+    "get_history", "get_migration", "healthz", "readyz", "submit_transaction",
+    "submit_transactions", "get_transaction", "get_trial_balance", "get_statement",
 }  # fmt: skip
 
 
