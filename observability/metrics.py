@@ -31,6 +31,7 @@ __all__ = [
     "instrument_methods",
     "observe_migration_state",
     "observe_reconciliation",
+    "set_enabled",
     "timed_tigerbeetle",
 ]
 
@@ -194,6 +195,17 @@ def error_label(exc: BaseException) -> str:
 
 # ---- timers -------------------------------------------------------------------------------
 
+# False: the timers call straight through (`walletmig bench wallet-ops --metrics off|both`
+# measures what they cost). One global read per call when on.
+_ENABLED = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Switch the store and TigerBeetle timers on or off for this process (benchmarks)."""
+    global _ENABLED
+    _ENABLED = enabled
+
+
 # Set while a timed store operation runs: a public operation calling another (LegacyStore
 # add_credit -> apply, TigerBeetleStore replicate -> void) is counted once, as the outer one.
 _IN_OPERATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -233,7 +245,7 @@ def _timed(method: F, store: str, operation: Operation,
            is_refusal: Callable[[BaseException], bool]) -> F:
     @functools.wraps(method)
     async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if _IN_OPERATION.get():
+        if not _ENABLED or _IN_OPERATION.get():
             return await method(self, *args, **kwargs)
         name = operation if isinstance(operation, str) else operation(args[0])
         children = _children(store, name)
@@ -277,6 +289,8 @@ async def timed_tigerbeetle(operation: str, call: Awaitable[R],
                             unreachable: tuple[type[BaseException], ...]) -> R:
     """Await one TigerBeetle request with its latency, errors and in-flight count; `unreachable`:
     the exception classes that mean the cluster did not answer (TB_UP goes to 0)."""
+    if not _ENABLED:
+        return await call
     children = _TB_CHILDREN.get(operation)
     if children is None:  # resolved once per operation (see _StoreChildren)
         children = _TB_CHILDREN[operation] = (

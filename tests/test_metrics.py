@@ -20,14 +20,19 @@ import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from api_support import running_api
+from ledger_sync_support import make_terminal, own_table
+from ledger_sync_support import txn as sync_txn
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from pymongo import AsyncMongoClient
 from recon_support import Env, backfill_all, credit, run_reconciliation
 from temporalio.client import Client
+from temporalio.worker import Worker
 from wallet_support import (
     DUAL_PAIR,
     LEGACY_PAIR,
@@ -38,17 +43,27 @@ from wallet_support import (
     start_worker,
     stop_workers,
     wait_drained,
+    wallet_harness,
     worker_env,
 )
 
+from activities.clearing import build_clearing_activities
+from observability.exposition import serve_metrics
 from observability.metrics import DEFINED, TEMPORAL_SDK_METRICS
-from stores.bundle import open_stores
+from observability.terminal import TERMINAL_OUTCOMES, observe_sync_lag
+from stores.bundle import connect_batched, open_stores
+from stores.clearing_store import ClearingStore
+from stores.general_ledger import GeneralLedger
+from walletclient.clearing_client import ClearingClient
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.errors import InsufficientFundsError
+from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
 from walletmig.processes import free_port
+from workers.wallet_worker import workflow_runner
+from workflows.clearing import ClearingBatchWorkflow
 from workflows.reconciliation import ReconciliationWorkflow
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -169,6 +184,13 @@ async def test_worker_metrics_follow_the_operations_sent(
                        for p in ("legacy", "dual_write", "shadow_read", "read_cutover",
                                  "tb_primary", "complete")) == 1
             check_temporal_sdk(await asyncio.to_thread(scrape, sdk_port))
+
+            # The live view, once: no such migration workflow, the scope's phase from metrics.
+            shown = await watch_once(["migration", "watch", "--name", f"none-{run}"],
+                                     f"http://127.0.0.1:{port}/metrics", env)
+            assert "status unavailable" in shown, shown
+            assert any(dual_scope in line and "shadow_read" in line
+                       for line in shown.splitlines()), shown
         finally:
             stop_workers([worker])
 
@@ -292,3 +314,134 @@ async def test_reconciliation_gauges_follow_the_finished_run(
     assert gauge("walletmig_reconciliation_wallets_checked") == wallets
     assert gauge("walletmig_reconciliation_match_ratio") == 1.0
     assert gauge("walletmig_reconciliation_conservation_ok") == 1
+
+
+# ---- backlog, credit terminal, live views ----------------------------------------------------
+
+BACKLOG_WALLETS = 4
+BACKLOG_OPS = 6
+POLL_S = 0.002
+
+
+async def test_backlog_gauges_rise_under_dual_write_and_fall_to_zero_after_the_drain(
+    temporal_client: Client, settings: Settings
+) -> None:
+    """dual_write traffic through a worker in this process: while TigerBeetle lags behind
+    MongoDB (the drain activity has items it has not applied yet) the to_tigerbeetle gauges
+    are non-zero; once every backlog drained, items and age are 0."""
+    isolated = isolated_settings(settings, "metrics_backlog")
+    run = uuid.uuid4().hex[:8]
+    seen_items: list[float] = []
+    seen_age: list[float] = []
+
+    def gauge(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"direction": "to_tigerbeetle"}) or 0.0
+
+    async def poll(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            seen_items.append(gauge("walletmig_backlog_items"))
+            seen_age.append(gauge("walletmig_backlog_oldest_age_seconds"))
+            await asyncio.sleep(POLL_S)
+
+    async with wallet_harness(temporal_client, isolated) as harness:
+        await set_phase(harness.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+        wallets = [key(f"backlog-{run}-{w}", DUAL_PAIR) for w in range(BACKLOG_WALLETS)]
+        stop = asyncio.Event()
+        poller = asyncio.create_task(poll(stop))
+
+        async def traffic(wallet: WalletKey) -> None:
+            for i in range(BACKLOG_OPS):
+                await harness.client.apply(AddCredit(
+                    wallet=wallet, transaction_id=f"{wallet.client_id}.{i}",
+                    amount=Decimal("1.00")))
+
+        await asyncio.gather(*(traffic(w) for w in wallets))
+        for wallet in wallets:
+            await wait_drained(harness.client, wallet)
+        await asyncio.sleep(0.2)  # the last activity's completion reaches the workflow first
+        stop.set()
+        await poller
+    assert max(seen_items) > 0, "the backlog gauge never saw an item in flight"
+    assert max(seen_age) > 0
+    assert gauge("walletmig_backlog_items") == 0
+    assert gauge("walletmig_backlog_oldest_age_seconds") == 0
+
+
+async def test_terminal_metrics_count_what_the_pipeline_answered(
+    temporal_client: Client, mongo_client: AsyncMongoClient[dict[str, Any]],
+    settings: Settings,
+) -> None:
+    """Transactions through the real clearing pipeline (worker in this process): the counters
+    by kind and outcome grow by exactly what was sent, latency was observed for each, the
+    pending holds are back where they were, the sync lag is 0 after a drain; and `walletmig
+    terminal watch --once` shows the kinds from this process's scrape endpoint."""
+    db = mongo_client[f"walletmig_metrics_terminal_{uuid.uuid4().hex[:8]}"]
+    tb_client = await connect_batched(settings)
+    table = own_table()
+    sent = [*(sync_txn("ach_credit_in", f"{10 + i}.00") for i in range(5)),
+            *(sync_txn("stripe_settlement", "3.10") for _ in range(3))]
+    kinds = sorted({str(t.kind) for t in sent})
+
+    def counted(kind: str, outcome: str) -> float:
+        return REGISTRY.get_sample_value(
+            "walletmig_terminal_transactions_total", {"kind": kind, "outcome": outcome}) or 0.0
+
+    def latency_count(kind: str) -> float:
+        return REGISTRY.get_sample_value(
+            "walletmig_terminal_transaction_seconds_count", {"kind": kind}) or 0.0
+
+    before = {(k, o): counted(k, o) for k in kinds for o in TERMINAL_OUTCOMES}
+    before_latency = {k: latency_count(k) for k in kinds}
+    holds_before = REGISTRY.get_sample_value("walletmig_terminal_pending_holds")
+    server = serve_metrics(0, "127.0.0.1")
+    try:
+        activities = await build_clearing_activities(db, tb_client, tb_client.limits, table=table)
+        queue = f"metrics-clearing-{uuid.uuid4().hex[:8]}"
+        async with Worker(temporal_client, task_queue=queue, workflows=[ClearingBatchWorkflow],
+                          activities=activities.all(), workflow_runner=workflow_runner()):
+            ledger = GeneralLedger(db, chart=table.chart)
+            client = ClearingClient(temporal_client, ClearingStore(db), queue, ledger=ledger,
+                                    table=table)
+            assert not (await client.submit_many(sent)).refused
+            outcomes = await client.wait([t.external_id for t in sent], 60.0)
+        assert {o.state for o in outcomes.values()} == {"settled"}
+        for kind in kinds:
+            want = sum(1 for t in sent if t.kind == kind)
+            assert counted(kind, "settled") - before[(kind, "settled")] == want
+            assert latency_count(kind) - before_latency[kind] == want
+            for outcome in ("rejected", "expired", "error"):
+                assert counted(kind, outcome) == before[(kind, outcome)]
+        assert REGISTRY.get_sample_value("walletmig_terminal_pending_holds") == holds_before
+
+        observe_sync_lag(LAG_STALE_S)  # what an earlier measurement left: the drain resets it
+        terminal = await make_terminal(db, tb_client, table)
+        caught_up = await terminal.sync.run_until_caught_up()
+        assert caught_up.caught_up
+        assert REGISTRY.get_sample_value("walletmig_ledger_sync_lag_seconds") == 0
+
+        shown = await watch_once(["terminal", "watch"], server.url, {})
+        assert all(kind in shown for kind in kinds), shown
+        assert "sync lag" in shown
+    finally:
+        server.close()
+        await tb_client.close()
+        await mongo_client.drop_database(db.name)
+
+
+LAG_STALE_S = 123.0
+WATCH_TIMEOUT_S = 60
+
+
+async def watch_once(command: list[str], url: str, env: dict[str, str]) -> str:
+    """`walletmig <command> --once` against one scrape URL; its output (wide, no colours)."""
+    import os
+    import sys
+
+    full_env = {**os.environ, **env, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "walletmig", *command, "--once", "--metrics-url", url,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env)
+    out, _ = await asyncio.wait_for(proc.communicate(), WATCH_TIMEOUT_S)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    return text

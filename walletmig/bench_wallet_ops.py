@@ -13,6 +13,11 @@ operation of the run (its backlogs are empty), not when the last caller got its 
 modes run in `rounds`, each round in a rotated order (bare, legacy, dual_write; then legacy,
 dual_write, bare; ...), so no mode always runs first on a cold stack or last on a warm one. The
 figures compared are each mode's median over the rounds; every round's figures are printed.
+
+`metrics`: `on` (default; what production runs), `off` (the store and TigerBeetle timers call
+straight through: observability.metrics.set_enabled), or `both`: rounds alternate on, off, on,
+... and the report adds each mode's throughput with metrics off over on (goal: metrics cost
+<= 3 %).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.wallet import WalletActivities
+from observability.metrics import set_enabled
 from stores.bundle import make_stores
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
@@ -55,6 +61,8 @@ LEGACY_PAIR = ("USD", "USA")
 DUAL_PAIR = ("MXN", "MEX")
 GOAL_LEGACY_OF_BARE = 0.80
 GOAL_DUAL_OVER_LEGACY = 0.15
+GOAL_METRICS_COST = 0.03  # throughput lost to metrics (off over on), per mode
+METRICS_CHOICES = ("on", "off", "both")
 DRAIN_TIMEOUT_S = 300.0
 
 
@@ -76,6 +84,7 @@ class RunFigures(BaseModel):
     # dual_write: seconds from the last answer until TigerBeetle had applied every operation;
     # part of `seconds` (and of ops_per_s and the CPU figures).
     drain_s: float | None = None
+    metrics: bool = True  # the store and TigerBeetle timers were on
 
     def cpu_ms_per_op(self) -> float:
         """Every process's CPU (this one and the stack's servers) per operation."""
@@ -91,6 +100,9 @@ class BenchReport(BaseModel):
     dual_write_over_legacy_throughput: float
     goals: dict[str, bool]
     host_cpus: int
+    metrics: str = "on"
+    # `both`: per mode, median ops/s with metrics off / with metrics on - 1 (what they cost).
+    metrics_cost: dict[str, float] = {}
 
 
 @dataclass
@@ -100,8 +112,11 @@ class BenchConfig:
     wallets: int | None = None  # default: one wallet per caller
     profile: Path | None = None
     rounds: int = 2  # every mode once per round, the order rotated each round
+    metrics: str = "on"  # on, off, or both (rounds alternate: on, off, on, ...)
 
     def __post_init__(self) -> None:
+        assert self.metrics in METRICS_CHOICES, f"--metrics must be one of {METRICS_CHOICES}"
+        assert self.metrics != "both" or self.rounds >= 2, "--metrics both needs --rounds >= 2"
         assert 0 < self.ops <= OPS_MAX, f"--ops must be 1..{OPS_MAX}"
         assert 0 < self.concurrency <= CONCURRENCY_MAX, f"--concurrency 1..{CONCURRENCY_MAX}"
         assert 0 < self.rounds <= ROUNDS_MAX, f"--rounds must be 1..{ROUNDS_MAX}"
@@ -244,15 +259,39 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
             if profiler:
                 profiler.enable()
             for round_no in range(config.rounds):
+                enabled = metrics_on(config.metrics, round_no)
+                set_enabled(enabled)
                 for mode in rotated(round_no):
-                    runs.append(await modes.run(mode, round_no))
+                    run = await modes.run(mode, round_no)
+                    runs.append(run.model_copy(update={"metrics": enabled}))
             if profiler:
                 profiler.disable()
     finally:
+        set_enabled(True)
         await stores.close()
     if profiler and config.profile:
         profiler.dump_stats(config.profile)
-    return _report(runs, config.rounds)
+    report = _report(runs, config.rounds)
+    return _with_metrics_cost(report, config.metrics) if config.metrics == "both" else report
+
+
+def metrics_on(choice: str, round_no: int) -> bool:
+    """`both`: even rounds on, odd rounds off (alternating, so neither is always first)."""
+    return choice == "on" or (choice == "both" and round_no % 2 == 0)
+
+
+def _with_metrics_cost(report: BenchReport, choice: str) -> BenchReport:
+    """Each mode's median ops/s with metrics off over on, and the goal per mode."""
+    cost: dict[str, float] = {}
+    goals = dict(report.goals)
+    for mode in MODES:
+        on = [r.ops_per_s for r in report.runs if r.name == mode and r.metrics]
+        off = [r.ops_per_s for r in report.runs if r.name == mode and not r.metrics]
+        assert on and off, "both: every mode ran with metrics on and off"
+        cost[mode] = round(statistics.median(off) / statistics.median(on) - 1, 4)
+        goals[f"metrics cost <= {GOAL_METRICS_COST:.0%} throughput ({mode})"] = (
+            cost[mode] <= GOAL_METRICS_COST)
+    return report.model_copy(update={"metrics": choice, "metrics_cost": cost, "goals": goals})
 
 
 def _report(runs: list[RunFigures], rounds: int) -> BenchReport:
@@ -372,7 +411,8 @@ async def _until_applied(client: WalletClient, keys: list[WalletKey]) -> None:
 def _run_line(r: RunFigures) -> str:
     label = "median" if r.round is None else str(r.round + 1)
     drain = "" if r.drain_s is None else f"{r.drain_s:.2f}"
-    return (f"{r.name:<11} {label:>6} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} "
+    name = r.name if r.metrics or r.round is None else f"{r.name}/off"
+    return (f"{name:<11} {label:>6} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} "
             f"{r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_s:>7.1f}  {drain}")
 
 
@@ -388,6 +428,10 @@ def format_report(report: BenchReport, profile: Path | None = None) -> str:
         f"dual_write over legacy: p50 {report.dual_write_over_legacy_p50:+.0%}, "
         f"throughput {report.dual_write_over_legacy_throughput:+.0%}  (medians)",
     ]
+    if report.metrics_cost:
+        lines.append("metrics cost (median ops/s with metrics off over on; /off rows ran "
+                     "without): " + ", ".join(f"{mode} {cost:+.1%}"
+                                              for mode, cost in report.metrics_cost.items()))
     lines += [f"  {'met ' if met else 'MISSED'} {goal}" for goal, met in report.goals.items()]
     names = sorted({name for r in report.medians for name in r.server_cpu_s})
     if names:

@@ -42,6 +42,9 @@ def register(subparsers: Any) -> None:
     ops.add_argument("--rounds", type=int, default=2,
                      help="every mode once per round, in a rotated order (2); medians compared")
     ops.add_argument("--profile", type=Path, default=None, help="write cProfile stats here")
+    ops.add_argument("--metrics", choices=("on", "off", "both"), default="on",
+                     help="store/TigerBeetle timers on (default), off, or both: rounds "
+                     "alternate and the throughput cost of metrics is printed (goal <= 3 %%)")
     ops.add_argument("--json", action="store_true", help="print the figures as JSON")
     ops.set_defaults(handler=_wallet_ops)
 
@@ -106,7 +109,7 @@ async def _wallet_ops(args: argparse.Namespace) -> int:
     try:
         config = BenchConfig(
             ops=args.ops, concurrency=args.concurrency, wallets=args.wallets,
-            profile=args.profile, rounds=args.rounds,
+            profile=args.profile, rounds=args.rounds, metrics=args.metrics,
         )
     except AssertionError as err:
         raise UsageError(str(err)) from None
