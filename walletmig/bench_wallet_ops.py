@@ -103,6 +103,9 @@ class BenchReport(BaseModel):
     metrics: str = "on"
     # `both`: per mode, median ops/s with metrics off / with metrics on - 1 (what they cost).
     metrics_cost: dict[str, float] = {}
+    # `both`: per mode, this process's median CPU per operation with metrics on / off - 1 (on a
+    # shared machine wall-clock ops/s is noisy; the CPU the timers add is what they cost).
+    metrics_cpu_cost: dict[str, float] = {}
 
 
 @dataclass
@@ -283,15 +286,20 @@ def metrics_on(choice: str, round_no: int) -> bool:
 def _with_metrics_cost(report: BenchReport, choice: str) -> BenchReport:
     """Each mode's median ops/s with metrics off over on, and the goal per mode."""
     cost: dict[str, float] = {}
+    cpu_cost: dict[str, float] = {}
     goals = dict(report.goals)
     for mode in MODES:
-        on = [r.ops_per_s for r in report.runs if r.name == mode and r.metrics]
-        off = [r.ops_per_s for r in report.runs if r.name == mode and not r.metrics]
+        on = [r for r in report.runs if r.name == mode and r.metrics]
+        off = [r for r in report.runs if r.name == mode and not r.metrics]
         assert on and off, "both: every mode ran with metrics on and off"
-        cost[mode] = round(statistics.median(off) / statistics.median(on) - 1, 4)
+        cost[mode] = round(statistics.median(r.ops_per_s for r in off)
+                           / statistics.median(r.ops_per_s for r in on) - 1, 4)
+        cpu_cost[mode] = round(statistics.median(r.cpu_s / r.ops for r in on)
+                               / statistics.median(r.cpu_s / r.ops for r in off) - 1, 4)
         goals[f"metrics cost <= {GOAL_METRICS_COST:.0%} throughput ({mode})"] = (
             cost[mode] <= GOAL_METRICS_COST)
-    return report.model_copy(update={"metrics": choice, "metrics_cost": cost, "goals": goals})
+    return report.model_copy(update={"metrics": choice, "metrics_cost": cost,
+                                     "metrics_cpu_cost": cpu_cost, "goals": goals})
 
 
 def _report(runs: list[RunFigures], rounds: int) -> BenchReport:
@@ -412,13 +420,13 @@ def _run_line(r: RunFigures) -> str:
     label = "median" if r.round is None else str(r.round + 1)
     drain = "" if r.drain_s is None else f"{r.drain_s:.2f}"
     name = r.name if r.metrics or r.round is None else f"{r.name}/off"
-    return (f"{name:<11} {label:>6} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} "
+    return (f"{name:<14} {label:>6} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} "
             f"{r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_s:>7.1f}  {drain}")
 
 
 def format_report(report: BenchReport, profile: Path | None = None) -> str:
     lines = [
-        f"{'run':<11} {'round':>6} {'ops':>6} {'conc':>5} {'ops/s':>8} {'p50 ms':>8} "
+        f"{'run':<14} {'round':>6} {'ops':>6} {'conc':>5} {'ops/s':>8} {'p50 ms':>8} "
         f"{'p95 ms':>8} {'p99 ms':>8} {'cpu s':>7}  drain s",
         *(_run_line(r) for r in report.runs),
         *(_run_line(r) for r in report.medians),
@@ -432,6 +440,9 @@ def format_report(report: BenchReport, profile: Path | None = None) -> str:
         lines.append("metrics cost (median ops/s with metrics off over on; /off rows ran "
                      "without): " + ", ".join(f"{mode} {cost:+.1%}"
                                               for mode, cost in report.metrics_cost.items()))
+        lines.append("metrics CPU cost (this process's CPU per operation, on over off): "
+                     + ", ".join(f"{mode} {cost:+.1%}"
+                                 for mode, cost in report.metrics_cpu_cost.items()))
     lines += [f"  {'met ' if met else 'MISSED'} {goal}" for goal, met in report.goals.items()]
     names = sorted({name for r in report.medians for name in r.server_cpu_s})
     if names:
