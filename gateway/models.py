@@ -188,9 +188,11 @@ class PublishedState(BaseModel):
 
 # ---- the credit terminal ---------------------------------------------------------------------
 
-# One batch's transactions: bounded below the intake's own bound (INTAKE_BATCH_MAX); the body
-# size limit (WALLETMIG_API_BODY_MAX_BYTES, 413) may bound a batch of long items first.
-SUBMIT_BATCH_MAX = 1000
+# One batch's transactions, below the intake's own bound (INTAKE_BATCH_MAX) and sized to the
+# default body limit (WALLETMIG_API_BODY_MAX_BYTES, 64 KiB: ~250 items of ~256 bytes), so a
+# batch one item too long is answered 422 naming `transactions`, not 413. Items with long
+# memos may still meet the body limit first (413).
+SUBMIT_BATCH_MAX = 250
 assert SUBMIT_BATCH_MAX <= INTAKE_BATCH_MAX
 # The longest a submit waits for the outcome (the gateway's write timeout clips it further).
 SUBMIT_WAIT_S_MAX = 30.0
