@@ -31,6 +31,7 @@ from messages.migration import (
     ACTIVITY_AWAIT_REVERSE_DRAIN,
     ACTIVITY_COLLECT_EVIDENCE,
     ACTIVITY_LOAD_STATE,
+    ACTIVITY_OBSERVE,
     ACTIVITY_PUBLISH_STATE,
     ACTIVITY_SYNC,
     ACTIVITY_WRITE_AUDIT,
@@ -39,6 +40,7 @@ from messages.migration import (
     AuditEntry,
     EvidenceRequest,
     LoadStateInput,
+    Observation,
     PublishStateInput,
     ReverseDrainRequest,
     ReverseDrainResult,
@@ -173,6 +175,19 @@ class MigrationActivities:
             mongo_read_p95_ms=summary.mongo_p95_ms,
             cutover_reads=summary.cutover_reads,
             cutover_fallbacks=summary.fallbacks,
+        )
+
+    @activity.defn(name=ACTIVITY_OBSERVE)
+    async def observe(self, req: EvidenceRequest) -> Observation:
+        """The evidence of a round, the newest published epoch of the scopes and the
+        migration's last audit seq (the workflow compares them with its own)."""
+        evidence = await self.collect_evidence(req)
+        found = [await self._migration.find(scope, fresh=True) for scope in req.scopes]
+        last = await self._audit.list(req.migration_id, limit=1)
+        return Observation(
+            evidence=evidence,
+            published_epoch=max((s.epoch for s in found if s is not None), default=0),
+            last_audit_seq=last[-1].seq if last else 0,
         )
 
     async def _reconciliation(self, scopes: list[str], since: datetime) -> dict[str, Any]:
@@ -311,4 +326,5 @@ class MigrationActivities:
             self.archive_legacy,
             self.await_reverse_drain,
             self.sync,
+            self.observe,
         ]

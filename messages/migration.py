@@ -35,6 +35,7 @@ ACTIVITY_WRITE_AUDIT = "migration_write_audit"
 ACTIVITY_ARCHIVE_LEGACY = "migration_archive_legacy"
 ACTIVITY_AWAIT_REVERSE_DRAIN = "migration_await_reverse_drain"
 ACTIVITY_SYNC = "migration_sync"
+ACTIVITY_OBSERVE = "migration_observe"
 
 # Update / query names, as they appear in the Web UI.
 UPDATE_ADVANCE = "advance"
@@ -144,20 +145,22 @@ UPDATE_EXAMPLES: dict[str, str] = {
     UPDATE_PAUSE: '{"actor": "ana", "reason": "incident 123"}',
     UPDATE_RESUME: '{"actor": "ana", "reason": "incident closed"}',
 }
-UPDATE_DESCRIPTIONS: dict[str, str] = {
-    UPDATE_ADVANCE: "Next phase or rollout step if every gate passes. Data optional: "
-                    f"{UPDATE_EXAMPLES[UPDATE_ADVANCE]}; add \"confirm\": true to enter "
-                    "complete.",
-    UPDATE_FORCE_ADVANCE: "Next step past failed gates (audited). Data: "
-                          f"{UPDATE_EXAMPLES[UPDATE_FORCE_ADVANCE]} (reason required).",
-    UPDATE_ROLLBACK: f"Back to an earlier phase. Data: {UPDATE_EXAMPLES[UPDATE_ROLLBACK]}; "
-                     f"\"to\" is one of {', '.join(ROLLBACK_TARGETS)}; "
+# What each Update does (the details page lists them with their example as code, so the UI's
+# typography leaves the quotes straight for copy and paste).
+UPDATE_PURPOSES: dict[str, str] = {
+    UPDATE_ADVANCE: "Next phase or rollout step if every gate passes; add \"confirm\": true to "
+                    "enter complete.",
+    UPDATE_FORCE_ADVANCE: "Next step past failed gates (audited; reason required).",
+    UPDATE_ROLLBACK: f"Back to an earlier phase: \"to\" is one of {', '.join(ROLLBACK_TARGETS)}; "
                      "\"rollout_percent\" for read_cutover.",
-    UPDATE_SET_ROLLOUT: "Read-cutover percentage (raising it is gated). Data: "
-                        f"{UPDATE_EXAMPLES[UPDATE_SET_ROLLOUT]}.",
-    UPDATE_PAUSE: "Stop advancing and automatic rollback. Data optional: "
-                  f"{UPDATE_EXAMPLES[UPDATE_PAUSE]}.",
-    UPDATE_RESUME: f"Undo pause. Data optional: {UPDATE_EXAMPLES[UPDATE_RESUME]}.",
+    UPDATE_SET_ROLLOUT: "Read-cutover percentage (raising it is gated).",
+    UPDATE_PAUSE: "Stop advancing and automatic rollback.",
+    UPDATE_RESUME: "Undo pause.",
+}
+# The Web UI's Update list shows these as plain text under each name.
+UPDATE_DESCRIPTIONS: dict[str, str] = {
+    name: f"{UPDATE_PURPOSES[name]} Data (JSON, optional fields): {UPDATE_EXAMPLES[name]}"
+    for name in UPDATE_EXAMPLES
 }
 QUERY_DESCRIPTIONS: dict[str, str] = {
     QUERY_STATUS: "Phase, rollout, epoch, evidence, next gates and recent actions.",
@@ -305,7 +308,8 @@ def static_summary(config: MigrationConfig) -> str:
 
 def static_details(config: MigrationConfig) -> str:
     """What the workflow is and how to operate it from the Web UI (markdown)."""
-    updates = "\n".join(f"- `{name}`: {UPDATE_DESCRIPTIONS[name]}" for name in UPDATE_EXAMPLES)
+    updates = "\n".join(f"- `{name}`: {UPDATE_PURPOSES[name]} Data: `{UPDATE_EXAMPLES[name]}`"
+                        for name in UPDATE_EXAMPLES)
     return "\n".join([
         f"One workflow per migration (`{config.migration_id}`) owns the phase (legacy → "
         "dual_write → shadow_read → read_cutover 10/50/90/100 % → tb_primary → complete), "
@@ -341,6 +345,9 @@ class ActionRecord(_Frozen):
     epoch: int
     reason: str
     automatic: bool = False
+    # The Update that asked for it: a reset re-delivers the Updates after its point, and one
+    # already applied is refused instead of moving the migration twice.
+    update_id: str | None = None
 
 
 class ArchiveInfo(_Frozen):
@@ -399,6 +406,10 @@ class MigrationRuntime(BaseModel):
     runs: int = 1
     initialized: bool = False
     cancel_refusals: int = 0  # cancellation requests refused (the last one is in recent_actions)
+    # The run decided for the Web UI console behaviour (workflows.migration.PATCH_UI_CONSOLE):
+    # its continuations inherit the decision instead of recording the patch again (each
+    # patch marker also writes the TemporalChangeVersion search attribute).
+    console: bool = False
 
 
 class MigrationInput(_Frozen):
@@ -450,6 +461,7 @@ class AuditEntry(_Frozen):
     # reset continues with them (None in entries written before they were recorded).
     position_since: datetime | None = None
     write_switch_at: datetime | None = None
+    update_id: str | None = None  # the Update's id (None: the workflow acted by itself)
 
 
 class ArchiveRequest(_Frozen):
@@ -484,6 +496,16 @@ class SyncResult(_Frozen):
     @property
     def last_seq(self) -> int:
         return self.audit_tail[-1].seq if self.audit_tail else 0
+
+
+class Observation(_Frozen):
+    """One evidence round: the gate evidence and where the published state and the audit log
+    stand, so a workflow behind them (reset to an earlier point, or another writer) notices
+    within a round."""
+
+    evidence: Evidence
+    published_epoch: int = Field(ge=0)
+    last_audit_seq: int = Field(ge=0)
 
 
 class ReverseDrainResult(_Frozen):

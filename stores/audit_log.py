@@ -10,6 +10,7 @@ cancellation, adopting the published phase after a reset) name `migration-workfl
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, IndexModel
@@ -18,6 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from messages.migration import AuditEntry
+from mongobase.mongo import as_utc
 from walletcore.errors import ConflictError
 
 MIGRATION_AUDIT = "migration_audit"
@@ -59,5 +61,11 @@ class AuditLog:
             "seq", DESCENDING).limit(limit)
         docs = [doc async for doc in cursor]
         docs.reverse()
-        return [AuditEntry.model_validate({k: v for k, v in d.items() if k != "_id"})
+        return [AuditEntry.model_validate({k: _aware(v) for k, v in d.items() if k != "_id"})
                 for d in docs]
+
+
+def _aware(value: Any) -> Any:
+    """A client opened without tz_aware reads naive datetimes (UTC): the workflow subtracts
+    them from its own aware clock."""
+    return as_utc(value) if isinstance(value, datetime) else value

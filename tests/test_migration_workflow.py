@@ -1,5 +1,8 @@
 """MigrationWorkflow against a real Temporal dev server and MongoDB: every action, validator
-messages, rollback from each phase, auto-rollback, pause, continue-as-new, archive, replay.
+messages, rollback from each phase, auto-rollback, pause, continue-as-new, archive, replay;
+the Web UI console at the API level (the requests the UI's "Send an Update" dialog makes: one-
+line answers without stack traces, summaries, descriptions, details), cancellation, terminate
+and restart, reset, and an hour idle in time-skipped time (no search-attribute writes).
 
 Gate evidence comes from the real reconciliation workflow over real wallets (recon_support's
 env: a ledger table of the test's own): never a hand-made report. Another pair's report, an
@@ -9,11 +12,12 @@ keep the reconciliation gate shut with a reason."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import string
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,17 +27,39 @@ import pytest_asyncio
 import tigerbeetle as tb
 from pymongo.asynchronous.database import AsyncDatabase
 from recon_support import Env, backfill_all, credit, run_reconciliation
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.api.common.v1 import Payload, Payloads, WorkflowExecution
+from temporalio.api.enums.v1 import (
+    EventType,
+    ResetReapplyExcludeType,
+    UpdateWorkflowExecutionLifecycleStage,
+)
+from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.api.update.v1 import Input, Meta, Outcome, WaitPolicy
+from temporalio.api.update.v1 import Request as UpdateRequestProto
+from temporalio.api.workflowservice.v1 import (
+    ResetWorkflowExecutionRequest,
+    UpdateWorkflowExecutionRequest,
+)
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 from wallet_support import history_wanted, sandboxed_worker, save_history
 
 from activities.migration import MigrationActivities
 from messages.migration import (
+    ACTOR_CANCEL,
+    ACTOR_UNNAMED,
+    HISTORY_EVENTS_PER_RUN_MAX,
     AdvanceRequest,
     ForceAdvanceRequest,
     GatesView,
     MigrationConfig,
-    MigrationInput,
     MigrationStatus,
     PauseRequest,
     RollbackRequest,
@@ -54,6 +80,7 @@ from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, GetBalance
 from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import IssueKind
+from walletmig.commands.migration import start_migration_workflow
 from workers.migration_worker import migration_workflow_runner as workflow_runner
 from workers.process import run_worker
 from workflows.migration import MigrationWorkflow
@@ -95,15 +122,14 @@ async def migration_worker(
 
 async def start(client: Client, task_queue: str, scope: str, tmp_path: Path,
                 **config: Any) -> WorkflowHandle[Any, MigrationStatus]:
+    """Started as `walletmig migration start` does (summary and details for the Web UI)."""
+    config.setdefault("evidence_interval_s", 0.3)
     cfg = MigrationConfig(
-        migration_id=f"m-{uuid.uuid4().hex[:10]}", scopes=[scope],
-        thresholds=config.pop("thresholds", thresholds()), evidence_interval_s=0.3,
-        state_cache_ttl_s=0, archive_dir=str(tmp_path / "archive"), **config,
+        migration_id=config.pop("migration_id", f"m-{uuid.uuid4().hex[:10]}"), scopes=[scope],
+        thresholds=config.pop("thresholds", thresholds()), state_cache_ttl_s=0,
+        archive_dir=str(tmp_path / "archive"), **config,
     )
-    return await client.start_workflow(
-        MigrationWorkflow.run, MigrationInput(config=cfg),
-        id=f"migration/{cfg.migration_id}", task_queue=task_queue,
-    )
+    return await start_migration_workflow(client, cfg, task_queue=task_queue)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
@@ -583,3 +609,339 @@ async def test_worker_records_served_reads_as_gate_evidence(
         finally:
             stop.set()
             await asyncio.wait_for(worker, WAIT_S)
+
+
+# ---- the Web UI console ------------------------------------------------------------------------
+
+
+async def ui_update(client: Client, handle: WorkflowHandle[Any, Any], name: str,
+                    data: str | None) -> Outcome:
+    """What the Web UI's "Send an Update" dialog sends: the typed Data as one json/plain
+    payload, or no payload at all when Data is left empty; waits for the outcome."""
+    payloads = [] if data is None else [
+        Payload(metadata={"encoding": b"json/plain"}, data=data.encode())]
+    request = UpdateWorkflowExecutionRequest(
+        namespace=client.namespace, workflow_execution=WorkflowExecution(workflow_id=handle.id),
+        request=UpdateRequestProto(meta=Meta(update_id=str(uuid.uuid4()), identity="webui"),
+                                   input=Input(name=name, args=Payloads(payloads=payloads))),
+        wait_policy=WaitPolicy(lifecycle_stage=UpdateWorkflowExecutionLifecycleStage.
+                               UPDATE_WORKFLOW_EXECUTION_LIFECYCLE_STAGE_COMPLETED),
+    )
+    for _ in range(10):  # the server answers a long poll that ran out with no outcome yet
+        response = await client.workflow_service.update_workflow_execution(request)
+        if response.HasField("outcome"):
+            return response.outcome
+    raise AssertionError(f"{name}: no outcome")
+
+
+async def ui_refused(client: Client, handle: WorkflowHandle[Any, Any], name: str,
+                     data: str | None) -> str:
+    """The failure the UI shows: its message, one line, and no stack trace under it."""
+    outcome = await ui_update(client, handle, name, data)
+    assert outcome.HasField("failure"), f"{name} {data}: accepted"
+    failure = outcome.failure
+    assert failure.stack_trace == "" and not failure.HasField("cause"), failure
+    assert "\n" not in failure.message and failure.message, failure.message
+    return failure.message
+
+
+async def ui_accepted(client: Client, handle: WorkflowHandle[Any, Any], name: str,
+                      data: str | None) -> dict[str, Any]:
+    outcome = await ui_update(client, handle, name, data)
+    assert outcome.HasField("success"), outcome.failure.message
+    result: dict[str, Any] = json.loads(outcome.success.payloads[0].data)
+    assert next(iter(result)) == "summary", "the result begins with its summary"
+    return result
+
+
+async def test_web_ui_updates_answer_in_one_line(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    client = temporal_client
+    handle = await start(client, migration_worker, unique_scope(), tmp_path)
+    mid = (await handle.query(MigrationWorkflow.status)).migration_id
+
+    # Empty Data: every default. The answer starts with what happened.
+    done = await ui_accepted(client, handle, "advance", None)
+    assert done["summary"] == "advanced legacy → dual_write (epoch 1)"
+    assert done["phase"] == "dual_write"
+
+    assert await ui_refused(client, handle, "advance", '{"reson": "gates green"}') == (
+        'advance: unknown field "reson"; allowed: reason, actor, confirm')
+    assert await ui_refused(client, handle, "rollback", '{"to": "Legacy"}') == (
+        'rollback: "to" must be one of legacy, dual_write, shadow_read, read_cutover, '
+        'tb_primary (got "Legacy")')
+    assert await ui_refused(client, handle, "rollback", None) == (
+        'rollback: "to" is required, e.g. {"to": "shadow_read", "actor": "ana", '
+        '"reason": "p95 regression"}')
+    assert await ui_refused(client, handle, "set_rollout", '{"percent": 150}') == (
+        'set_rollout: "percent" must be an integer 0..100 (got 150)')
+    assert await ui_refused(client, handle, "force_advance", '{"reason": "x", "confirm": '
+                                                              '"yes"}') == (
+        'force_advance: "confirm" must be true or false (got "yes")')
+    assert await ui_refused(client, handle, "pause", '["ana"]') == (
+        'pause: Data must be a JSON object such as {"actor": "ana", "reason": "incident 123"} '
+        '(got ["ana"])')
+
+    # A refused gate: what blocks (measured, threshold) and what unblocks it, one line.
+    refused = await ui_refused(client, handle, "advance", None)
+    assert refused.startswith(
+        "advance refused: cannot advance dual_write -> shadow_read: gate backfill_complete: "
+        "measured not complete, threshold complete (FAILED)"), refused
+    assert "Next: run `walletmig backfill start`" in refused, refused
+    assert "`walletmig reconcile run`" in refused and "force_advance" in refused, refused
+
+    paused = await ui_accepted(client, handle, "pause", '{"actor": "ana", "reason": "drill"}')
+    assert paused["summary"] == "paused in dual_write (epoch 1)" and paused["paused"]
+    assert await ui_refused(client, handle, "advance", "{}") == (
+        "advance refused: migration is paused: resume it first. Next: send `resume` "
+        "(or `walletmig migration resume`)")
+    assert (await ui_accepted(client, handle, "resume", None))["summary"] == (
+        "resumed in dual_write (epoch 1)")
+
+    # The SDK client sees the same: the failure carries no stack trace.
+    with pytest.raises(WorkflowUpdateFailedError) as info:
+        await handle.execute_update("advance", {"reson": 1})
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidUpdateInput"
+    assert cause.failure is not None and cause.failure.stack_trace == ""
+
+    # The audit keeps who acted and the input as sent.
+    entries = await AuditLog(mongo_db).list(mid)
+    assert [(e.action, e.actor, e.request) for e in entries] == [
+        ("advance", ACTOR_UNNAMED, {}),
+        ("pause", "ana", {"actor": "ana", "reason": "drill"}),
+        ("resume", ACTOR_UNNAMED, {}),
+    ]
+    assert all(e.update_id for e in entries)
+    await handle.terminate("test done")
+
+
+async def test_web_ui_page_reads_well(
+    temporal_client: Client, migration_worker: str, tmp_path: Path,
+) -> None:
+    """Summary, details, descriptions and the current details as the UI gets them."""
+    handle = await start(temporal_client, migration_worker, unique_scope(), tmp_path)
+    await handle.execute_update(MigrationWorkflow.advance,
+                                AdvanceRequest(actor="ana", reason="dual write on"))
+    desc = await handle.describe()
+    mid = (await handle.query(MigrationWorkflow.status)).migration_id
+    summary, details = await desc.static_summary(), await desc.static_details()
+    assert summary is not None and mid in summary and "Current Details" in summary
+    assert details is not None and '`rollback`' in details and '"actor"' in details
+    assert "cancellation request is refused" in details
+
+    metadata: WorkflowMetadata = await handle.query("__temporal_workflow_metadata",
+                                                     result_type=WorkflowMetadata)
+    updates = {d.name: d.description for d in metadata.definition.update_definitions}
+    assert set(updates) == {"advance", "force_advance", "rollback", "set_rollout", "pause",
+                            "resume"}
+    assert all('"actor": "ana"' in text for text in updates.values()), updates
+    queries = {d.name: d.description for d in metadata.definition.query_definitions}
+    assert queries["status"] and queries["gates"]
+
+    async def collected() -> bool:
+        md: WorkflowMetadata = await handle.query("__temporal_workflow_metadata",
+                                                   result_type=WorkflowMetadata)
+        return "evidence: collecting" not in md.current_details
+
+    await eventually(collected, "the first evidence")
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    text = metadata.current_details
+    first = text.splitlines()[0]
+    for part in ("**dual_write**", "rollout 0%", "running", "since ", "epoch 1", "evidence "):
+        assert part in first, first
+    assert "**FAIL** backfill_complete: not complete (threshold complete)" in text, text
+    assert "Next: run `walletmig backfill start`" in text
+    assert "**ana**: advanced legacy → dual_write (epoch 1): dual write on" in text, text
+    assert not any(line.startswith("|") for line in text.splitlines()), "no tables"
+    # Every list is its own block (the renderer needs the blank line before it).
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("- ") and not lines[i - 1].startswith("- "):
+            assert lines[i - 1] == "", (lines[i - 1], line)
+    status = await handle.query(MigrationWorkflow.status)
+    assert status.summary.startswith("dual_write · rollout 0% · running · since ")
+    await handle.terminate("test done")
+
+
+async def test_a_cancellation_request_is_refused_and_recorded(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    handle = await start(temporal_client, migration_worker, unique_scope(), tmp_path)
+    await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest(actor="ana"))
+    await handle.cancel()
+
+    async def refused() -> bool:
+        status: MigrationStatus = await handle.query(MigrationWorkflow.status)
+        return status.recent_actions[-1].action == "cancel_refused"
+
+    await eventually(refused, "the cancellation to be refused")
+    status = await handle.query(MigrationWorkflow.status)
+    assert (status.phase, status.epoch) == (Phase.DUAL_WRITE, 1)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    audit = AuditLog(mongo_db)
+
+    async def audited() -> bool:
+        return (await audit.list(status.migration_id))[-1].action == "cancel_refused"
+
+    await eventually(audited, "the refusal in the audit log")
+    entries = await audit.list(status.migration_id)
+    assert (entries[-1].action, entries[-1].actor) == ("cancel_refused", ACTOR_CANCEL)
+    assert "keeps running in dual_write" in entries[-1].reason
+    # It still acts and still watches.
+    status = await handle.execute_update(MigrationWorkflow.pause, PauseRequest(actor="ana"))
+    assert status.paused and status.summary == "paused in dual_write (epoch 1)"
+    # The console's history (patch marker, observation rounds, sync before each action, the
+    # refused cancellation) is what running migrations look like from now on: replayed by
+    # tests/test_replay.py.
+    if history_wanted("migration_console"):
+        await save_history(handle, "migration_console")
+    await replays_on_current_code(temporal_client, handle)
+    await handle.terminate("test done")
+
+
+async def test_started_again_after_terminate_continues_the_audit(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    """Terminate leaves the phase published; a new start (same name) takes the phase, the pause
+    and the audit sequence from what is published and audited."""
+    scope, mid = unique_scope(), f"m-{uuid.uuid4().hex[:10]}"
+    handle = await start(temporal_client, migration_worker, scope, tmp_path, migration_id=mid)
+    await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest(actor="ana"))
+    await handle.execute_update(MigrationWorkflow.pause, PauseRequest(actor="ana"))
+    await handle.terminate("operator stopped it")
+    assert (await MigrationStateStore(mongo_db, cache_ttl_s=0).get(scope)).phase == (
+        Phase.DUAL_WRITE)
+
+    again = await start(temporal_client, migration_worker, scope, tmp_path, migration_id=mid)
+    status = await again.query(MigrationWorkflow.status)
+    for _ in range(100):
+        if status.epoch:
+            break
+        await asyncio.sleep(0.1)
+        status = await again.query(MigrationWorkflow.status)
+    assert (status.phase, status.epoch, status.paused) == (Phase.DUAL_WRITE, 1, True)
+    assert [a.action for a in status.recent_actions] == ["advance", "pause"]
+    await expect_rejected(again.execute_update(MigrationWorkflow.advance, AdvanceRequest()),
+                          "migration is paused")
+    status = await again.execute_update(MigrationWorkflow.resume, PauseRequest(actor="bob"))
+    assert not status.paused
+    entries = await AuditLog(mongo_db).list(mid)
+    assert [(e.seq, e.action) for e in entries] == [(1, "advance"), (2, "pause"),
+                                                    (3, "resume")]
+    await again.terminate("test done")
+
+
+async def test_a_reset_never_moves_the_phase_back_nor_twice(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    """Reset to a point before the last action, Updates reapplied (the UI's default): the
+    workflow re-reads the published phase and refuses the re-delivered Update."""
+    handle = await start(temporal_client, migration_worker, unique_scope(), tmp_path)
+    await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest(actor="ana"))
+    await asyncio.sleep(1.0)  # a few evidence rounds: workflow tasks to reset to
+    await handle.execute_update(MigrationWorkflow.force_advance,
+                                ForceAdvanceRequest(actor="ana", reason="drill"))
+    events = [e async for e in handle.fetch_history_events()]
+    first_done = next(e.event_id for e in events if e.event_type ==
+                      EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED)
+    second = [e.event_id for e in events if e.event_type ==
+              EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED][1]
+    point = next(e.event_id for e in events if first_done < e.event_id < second - 1
+                 and e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+    desc = await handle.describe()
+    await temporal_client.workflow_service.reset_workflow_execution(
+        ResetWorkflowExecutionRequest(
+            namespace=temporal_client.namespace, reason="drill", request_id=str(uuid.uuid4()),
+            workflow_execution=WorkflowExecution(workflow_id=handle.id, run_id=desc.run_id),
+            workflow_task_finish_event_id=point,
+            reset_reapply_exclude_types=[
+                ResetReapplyExcludeType.RESET_REAPPLY_EXCLUDE_TYPE_SIGNAL]))
+    latest = temporal_client.get_workflow_handle(handle.id, result_type=MigrationStatus)
+
+    async def adopted() -> bool:
+        status: MigrationStatus = await latest.query(MigrationWorkflow.status)
+        return "adopt_published" in [a.action for a in status.recent_actions]
+
+    await eventually(adopted, "the reset run to adopt the published phase")
+    await asyncio.sleep(1.0)  # the re-delivered force_advance, if any, has been answered
+    status = await latest.query(MigrationWorkflow.status)
+    assert (status.phase, status.epoch) == (Phase.SHADOW_READ, 2)
+    entries = await AuditLog(mongo_db).list(status.migration_id)
+    assert [e.action for e in entries] == ["advance", "force_advance", "adopt_published"]
+    status = await latest.execute_update(MigrationWorkflow.rollback, RollbackRequest(
+        to=Phase.DUAL_WRITE, actor="ana"))
+    assert (status.phase, status.epoch) == (Phase.DUAL_WRITE, 3)
+    await latest.terminate("test done")
+
+
+async def _chain_events(client: Client, workflow_id: str, first_run: str) -> list[list[Any]]:
+    """The events of every run from `first_run` on (following continue-as-new)."""
+    runs: list[list[Any]] = []
+    run_id = first_run
+    while len(runs) < 100:
+        handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+        runs.append([e async for e in handle.fetch_history_events()])
+        last = runs[-1][-1]
+        if last.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+            break
+        run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+    return runs
+
+
+IDLE = timedelta(hours=1)
+
+
+async def test_an_idle_hour_writes_no_search_attributes(
+    time_skipping_env: WorkflowEnvironment, mongo_db: AsyncDatabase[Any], tmp_path: Path,
+) -> None:
+    """An hour in one phase (time skipped, the default 15 s evidence interval): no search
+    attribute is written after the start, and the history is rotated before it grows."""
+    env, client = time_skipping_env, time_skipping_env.client
+    acts = MigrationActivities(mongo_db)
+    async with sandboxed_worker(client, "migration-idle", [MigrationWorkflow],
+                                acts.all()) as (_, queue):
+        with env.with_time_skipping_disabled():
+            handle = await start(client, queue, unique_scope(), tmp_path,
+                                 evidence_interval_s=15.0)
+        await eventually(lambda: _initialized(handle), "the migration to start")
+        first_run = (await handle.describe()).run_id
+        baseline = len((await _chain_events(client, handle.id, first_run))[0])
+        latest = client.get_workflow_handle(handle.id)
+        began = await env.get_current_time(latest)
+        for _ in range(10):  # a fast-forward may end at a continue-as-new: go on from there
+            elapsed = await env.get_current_time(latest) - began
+            if elapsed >= IDLE:
+                break
+            await env.fast_forward(latest, IDLE - elapsed)
+        elapsed = await env.get_current_time(latest) - began
+        runs = await _chain_events(client, handle.id, first_run)
+        await latest.terminate("test done")
+    events = [e for run in runs for e in run]
+    idle = runs[0][baseline:] + [e for run in runs[1:] for e in run]
+    writes = [e for e in idle if e.event_type ==
+              EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES]
+    rounds = [e for e in idle if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+    size_bytes = sum(e.ByteSize() for e in idle)
+    measured = (f"{len(idle)} events ({size_bytes} bytes) in {elapsed} idle, {len(runs)} "
+                f"run(s), {len(rounds)} evidence rounds, {len(writes)} search-attribute "
+                f"write(s) after the start ({len(events)} events in all)")
+    print(measured)
+    assert elapsed >= IDLE, measured
+    assert writes == [], measured  # continue-as-new carries the attributes and the patch
+    assert len(rounds) >= 200, measured  # 240 rounds of 15 s, less the activities' own time
+    assert len(runs) >= 2, measured  # rotated by history length, whatever the server says
+    assert max(len(run) for run in runs) <= HISTORY_EVENTS_PER_RUN_MAX + 20, measured
+
+
+async def _initialized(handle: WorkflowHandle[Any, MigrationStatus]) -> bool:
+    try:
+        status: MigrationStatus = await handle.query(MigrationWorkflow.status)
+    except Exception:
+        return False
+    return status.evidence is not None

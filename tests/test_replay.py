@@ -75,6 +75,8 @@ def test_histories_present() -> None:
         "tb_primary_switch",
         # the migration workflow: recorded by test_migration_workflow / test_phase_switch_crash
         "migration_full_path", "migration_switch_crash",
+        # the Web UI console (patch migration-ui-console): test_migration_workflow
+        "migration_console",
     }  # fmt: skip
     assert expected <= names, f"missing recorded histories: {sorted(expected - names)}"
 

@@ -20,8 +20,11 @@ before it replay as they ran):
 - Search attributes are written only when the phase or the rollout changes; the current
   details are markdown the UI renders (lists, PASS/FAIL words).
 - A cancellation request is refused and recorded: the phase stays, automatic rollback keeps
-  watching. A workflow started again after a terminate, or reset to an earlier point,
-  re-reads what is published and audited (`migration_sync`) and continues from there.
+  watching. A workflow started again after a terminate re-reads what is published and
+  audited (`migration_sync`) and continues from there; one reset to an earlier point notices
+  it is behind (each evidence round observes the published epoch and the audit's last seq,
+  each action syncs first) and adopts the published phase; an Update a reset re-delivers is
+  refused by its id instead of being applied twice.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any, TypeVar
 from temporalio import workflow
 from temporalio.api.failure.v1 import ApplicationFailureInfo, Failure
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from messages.migration import (
@@ -43,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         ACTIVITY_AWAIT_REVERSE_DRAIN,
         ACTIVITY_COLLECT_EVIDENCE,
         ACTIVITY_LOAD_STATE,
+        ACTIVITY_OBSERVE,
         ACTIVITY_PUBLISH_STATE,
         ACTIVITY_SYNC,
         ACTIVITY_WRITE_AUDIT,
@@ -72,6 +76,7 @@ with workflow.unsafe.imports_passed_through():
         MigrationInput,
         MigrationRuntime,
         MigrationStatus,
+        Observation,
         PauseRequest,
         PublishStateInput,
         ReverseDrainRequest,
@@ -201,19 +206,14 @@ class MigrationWorkflow:
         self._wake = False
         self._last_evidence_error: str | None = None
         self._draining = False
-        self._resync_wanted = False
+        self._behind = False  # the last observation saw a newer epoch or audit entry
         self._cancel_unrecorded = False
-        # A reset replays this run up to the reset point and then hands it a new random seed:
-        # the published phase may be ahead of what the workflow remembers from there.
-        workflow.register_random_seed_callback(self._on_new_seed)
-
-    def _on_new_seed(self, _seed: int) -> None:
-        self._resync_wanted = True
-        self._wake = True
 
     def _console(self) -> bool:
         """The Web UI console behaviour applies (False while replaying older histories)."""
-        return workflow.patched(PATCH_UI_CONSOLE)
+        if not self._rt.console:
+            self._rt.console = workflow.patched(PATCH_UI_CONSOLE)
+        return self._rt.console
 
     # ---- run loop --------------------------------------------------------------------------
 
@@ -241,20 +241,20 @@ class MigrationWorkflow:
             try:
                 await step()
                 return
-            except asyncio.CancelledError:
-                if not self._console():
+            except BaseException as exc:  # continue-as-new is a BaseException: re-raised
+                if not is_cancelled_exception(exc) or not self._console():
                     raise  # histories recorded before the console: cancelled as they were
                 await self._refuse_cancel()
                 if not retry:
                     return
 
     async def _watch_once(self) -> None:
-        """One round: resync after a reset, evidence, automatic rollback, UI, continue-as-new,
-        then wait for the interval or an action."""
-        if self._resync_wanted and self._console():
-            async with self._lock:
-                await self._resync()
+        """One round: evidence (and catching up when behind), automatic rollback, UI,
+        continue-as-new, then wait for the interval or an action."""
         await self._collect_evidence()
+        if self._behind:
+            async with self._lock:
+                await self._catch_up(await self._sync())
         auto = (None if self._evidence is None else
                 decide_auto_rollback(self._rt.position, self._evidence, self._config.thresholds))
         if auto is not None:
@@ -279,6 +279,8 @@ class MigrationWorkflow:
 
     async def _auto_rollback(self) -> None:
         async with self._lock:
+            if self._console() and await self._catch_up(await self._sync()):
+                return  # the evidence spoke for a position this workflow no longer holds
             # Re-decide under the lock: an engineer's action may have landed meanwhile.
             again = (None if self._evidence is None else decide_auto_rollback(
                 self._rt.position, self._evidence, self._config.thresholds))
@@ -345,24 +347,26 @@ class MigrationWorkflow:
         self._rt.position_since = last.position_since if current and last else None
         self._rt.write_switch_at = last.write_switch_at if current and last else None
 
-    async def _resync(self) -> None:
-        """After a reset (under the lock): adopt the published state if it is ahead."""
-        self._resync_wanted = False
-        sync = await self._sync()
-        self._rt.audit_seq = max(self._rt.audit_seq, sync.last_seq)
-        newest = max(sync.states, key=lambda s: s.epoch, default=None)
-        if newest is None or newest.epoch <= self._rt.epoch:
-            return
-        source, epoch = self._rt.position, self._rt.epoch
+    async def _catch_up(self, sync: SyncResult) -> bool:
+        """Under the lock: when what is published or audited is ahead of this workflow (it was
+        reset to an earlier point, or another writer acted), adopt it and say so. Returns
+        whether it was behind."""
+        self._behind = False
+        epoch = max((s.epoch for s in sync.states), default=0)
+        if epoch <= self._rt.epoch and sync.last_seq <= self._rt.audit_seq:
+            return False
+        source, own_epoch = self._rt.position, self._rt.epoch
         self._adopt(sync)
         self._rt.position_since = self._rt.position_since or workflow.now()
         self._evidence = None
         await self._record(
             "adopt_published", actor=ACTOR_WORKFLOW, source=source, target=self._rt.position,
             automatic=True, gates=[],
-            reason=f"published epoch {newest.epoch} is ahead of this workflow's epoch {epoch} "
-                   "(reset to an earlier point): continuing from the published phase")
+            reason=f"the published state (epoch {epoch}, audit #{sync.last_seq}) is ahead of "
+                   f"this workflow (epoch {own_epoch}; reset to an earlier point, or another "
+                   "writer): continuing from the published phase")
         self._refresh_ui()
+        return True
 
     async def _refuse_cancel(self) -> None:
         """A cancellation request (the Web UI's main button) leaves the migration running in
@@ -393,19 +397,26 @@ class MigrationWorkflow:
         since = now - timedelta(seconds=self._config.thresholds.window_s)
         if self._rt.position_since is not None and self._rt.position_since > since:
             since = self._rt.position_since
+        request = EvidenceRequest(
+            migration_id=self._config.migration_id, scopes=self._config.scopes,
+            phase=self._rt.position.phase, since=since,
+            window_s=self._config.thresholds.window_s, write_switch_at=self._write_switch_at(),
+        )
         try:
-            evidence: Evidence = await workflow.execute_activity(
-                ACTIVITY_COLLECT_EVIDENCE,
-                EvidenceRequest(
-                    migration_id=self._config.migration_id, scopes=self._config.scopes,
-                    phase=self._rt.position.phase, since=since,
-                    window_s=self._config.thresholds.window_s,
-                    write_switch_at=self._write_switch_at(),
-                ),
-                result_type=Evidence, start_to_close_timeout=ACTIVITY_TIMEOUT,
-                retry_policy=EVIDENCE_RETRY,
-            )
+            if self._console():
+                seen: Observation = await workflow.execute_activity(
+                    ACTIVITY_OBSERVE, request, result_type=Observation,
+                    start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=EVIDENCE_RETRY)
+                evidence = seen.evidence
+                self._behind = (seen.published_epoch > self._rt.epoch
+                                or seen.last_audit_seq > self._rt.audit_seq)
+            else:
+                evidence = await workflow.execute_activity(
+                    ACTIVITY_COLLECT_EVIDENCE, request, result_type=Evidence,
+                    start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=EVIDENCE_RETRY)
         except Exception as exc:  # keep the last evidence; the UI shows why it is stale
+            if is_cancelled_exception(exc) and self._console():
+                raise  # the workflow's cancellation, not the evidence's failure: refused
             self._last_evidence_error = str(exc)[:300]
             return
         self._last_evidence_error = None
@@ -421,8 +432,8 @@ class MigrationWorkflow:
     # ---- applying a decision ----------------------------------------------------------------
 
     async def _apply(self, decision: Decision, *, actor: str, automatic: bool = False,
-                     reason: str = "", request: dict[str, Any] | None = None
-                     ) -> MigrationStatus:
+                     reason: str = "", request: dict[str, Any] | None = None,
+                     update_id: str | None = None) -> MigrationStatus:
         assert decision.allowed, decision.reason
         source, target = decision.source, decision.target
         assert source == self._rt.position, "decision made on a stale position"
@@ -447,7 +458,8 @@ class MigrationWorkflow:
             why = clip_reason(f"{reason.strip()} ({decision.reason})")
         record = await self._record(
             decision.action.value, actor=actor, source=source, target=target, reason=why,
-            automatic=automatic, gates=[g.reason for g in decision.gates], request=request)
+            automatic=automatic, gates=[g.reason for g in decision.gates], request=request,
+            update_id=update_id)
         if moved and target.phase == Phase.COMPLETE:
             await self._complete(published_at)
         self._run_actions += 1
@@ -475,13 +487,14 @@ class MigrationWorkflow:
 
     async def _record(self, action: str, *, actor: str, source: Position, target: Position,
                       reason: str, automatic: bool, gates: list[str],
-                      request: dict[str, Any] | None = None) -> ActionRecord:
+                      request: dict[str, Any] | None = None,
+                      update_id: str | None = None) -> ActionRecord:
         """Remember the action and write it to the audit log (who, why, the input as sent)."""
         self._rt.audit_seq += 1
         record = ActionRecord(
             seq=self._rt.audit_seq, at=workflow.now(), actor=actor, action=action,
             from_position=source, to_position=target, epoch=self._rt.epoch, reason=reason,
-            automatic=automatic,
+            automatic=automatic, update_id=update_id,
         )
         self._rt.recent_actions = [*self._rt.recent_actions, record][-RECENT_ACTIONS_MAX:]
         await workflow.execute_activity(
@@ -495,7 +508,7 @@ class MigrationWorkflow:
                 evidence=None if self._evidence is None else self._evidence.model_dump(
                     mode="json"),
                 request=request, position_since=self._rt.position_since,
-                write_switch_at=self._rt.write_switch_at,
+                write_switch_at=self._rt.write_switch_at, update_id=update_id,
             ),
             start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=ACTIVITY_RETRY,
         )
@@ -552,13 +565,20 @@ class MigrationWorkflow:
                                 reason: str) -> MigrationStatus:
         await workflow.wait_condition(lambda: self._rt.initialized)
         async with self._lock:
-            if self._resync_wanted and self._console():
-                await self._resync()  # reset just now: decide on the published position
+            if self._console():  # decide on the published position, not a stale memory
+                await self._catch_up(await self._sync())
+            info = workflow.current_update_info()
+            uid = None if info is None else info.id
+            done = next((r for r in self._rt.recent_actions
+                         if uid is not None and r.update_id == uid), None)
+            if done is not None and self._console():  # re-delivered by a reset
+                raise Refusal(f"{done.action} already applied as audit entry #{done.seq} "
+                              f"(update {uid}): not applied twice", type=REJECTED_ERROR_TYPE)
             decision: Decision = decide()
             if not decision.allowed:  # the position changed since the validator ran
                 raise _reject(decision)
             return await self._apply(decision, actor=req.actor, reason=reason,
-                                     request=sent_fields(req))
+                                     request=sent_fields(req), update_id=uid)
 
     # ---- updates ------------------------------------------------------------------------------
     # Inputs are `Any` on purpose: the Web UI sends no payload for empty Data and whatever JSON
@@ -804,4 +824,5 @@ def _record_of(entry: AuditEntry) -> ActionRecord:
         to_position=Position(phase=entry.to_phase, rollout_percent=entry.to_rollout,
                              paused=entry.paused),
         epoch=entry.epoch, reason=entry.reason, automatic=entry.automatic,
+        update_id=entry.update_id,
     )
