@@ -68,14 +68,11 @@ class BacklogGauges:
         return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
 
-_GAUGES: BacklogGauges | None = None
-_GAUGES_LOCK = threading.Lock()
+# Made at import: a worker exports both directions at 0 before its first batch (an absent
+# series would read as "no data" on the dashboard, not as an empty backlog).
+_GAUGES = BacklogGauges()
 
 
 def backlog_gauges() -> BacklogGauges:
     """The process's one tracker (the gauges are process-wide, so is what they read)."""
-    global _GAUGES
-    with _GAUGES_LOCK:
-        if _GAUGES is None:
-            _GAUGES = BacklogGauges()
-        return _GAUGES
+    return _GAUGES
