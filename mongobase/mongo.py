@@ -19,10 +19,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.uri_parser import parse_uri
 
+from mongobase import cancel_safe
 from walletcore.currencies import precision_of
 from walletcore.errors import ConflictError
 from walletcore.money import from_minor
 from walletcore.tb_limits import TB_EVENTS_MAX
+
+# Before any client exists: a cancelled server selection must never wedge the client.
+cancel_safe.install()
 
 DECIMAL128_DIGITS_MAX = 34  # IEEE 754-2008 decimal128 coefficient digits
 U128_MAX = 2**128 - 1
@@ -32,7 +36,11 @@ U128_HEX_CHARS = 32
 # walletcore.tb_limits.BatchLimits; TigerBeetle calls are cut by stores.tb_batches).
 PAGE_LIMIT_MAX = TB_EVENTS_MAX
 IN_CHUNK_MAX = 64  # large `$in` lists are quadratic on the embedded server; chunks are not
-SERVER_SELECTION_TIMEOUT_MS_DEFAULT = 10_000
+# An unreachable MongoDB fails an operation after this (the wallet workflow retries its write
+# within 10 s, so callers hear "MongoDB: ..." inside their 15 s bound); a restarted server is
+# found again within pymongo's 0.5 s re-check. URI options win over both.
+SERVER_SELECTION_TIMEOUT_MS_DEFAULT = 5_000
+CONNECT_TIMEOUT_MS_DEFAULT = 5_000  # pymongo's own default is 20 s
 WRITE_CONFLICT_CODE = 112
 DUPLICATE_KEY_CODE = 11000
 
@@ -44,11 +52,14 @@ TXN_BACKOFF_CAP_MS = 50
 
 def make_mongo_client(uri: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
     """A client for `uri`. URI options (retryWrites, journal, ...) come from the URI;
-    we only add a server selection bound when the URI has none, and tz-aware datetimes."""
+    we only add server selection and connect bounds when the URI has none, and tz-aware
+    datetimes."""
     options = parse_uri(uri)["options"]
     extra: dict[str, Any] = {"tz_aware": True, "appname": "walletmig"}
     if "serverSelectionTimeoutMS" not in options:
         extra["serverSelectionTimeoutMS"] = SERVER_SELECTION_TIMEOUT_MS_DEFAULT
+    if "connectTimeoutMS" not in options:
+        extra["connectTimeoutMS"] = CONNECT_TIMEOUT_MS_DEFAULT
     extra.update(kwargs)
     return AsyncMongoClient(uri, **extra)
 

@@ -15,17 +15,22 @@ This is the one read path (services embed it; so do the workers). Without a metr
 (a caller that only wants answers, e.g. a one-off CLI read) nothing is recorded and shadow
 comparisons are skipped, since nobody would see them. History follows the same routing as the
 balance.
+
+MongoDB unreachable (or a read timing out there) answers StoreUnavailableError naming MongoDB,
+never a raw pymongo exception: callers retry a typed, retryable error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from stores.migration_state import GLOBAL_SCOPE, MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
@@ -60,6 +65,18 @@ def _now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
+@contextlib.contextmanager
+def mongodb_outage_as_unavailable() -> Iterator[None]:
+    """MongoDB unreachable or timing out -> StoreUnavailableError("MongoDB: ..."); other
+    pymongo errors (a bug, a bad document) stay as they are."""
+    try:
+        yield
+    except PyMongoError as exc:
+        if isinstance(exc, ConnectionFailure) or exc.timeout:
+            raise StoreUnavailableError(f"MongoDB: {exc}") from exc
+        raise
+
+
 def balance_diffs(mongo: WalletBalance, tb: WalletBalance) -> list[str]:
     return [f"{f}: mongodb {getattr(mongo, f)} tigerbeetle {getattr(tb, f)}"
             for f in COMPARED_FIELDS if getattr(mongo, f) != getattr(tb, f)]
@@ -89,6 +106,10 @@ class ReadRouter:
     # ---- public API -----------------------------------------------------------------------------
 
     async def get_balance(self, wallet: WalletKey) -> WalletBalance:
+        with mongodb_outage_as_unavailable():
+            return await self._get_balance(wallet)
+
+    async def _get_balance(self, wallet: WalletKey) -> WalletBalance:
         state = await self._migration.resolve(wallet.ledger_pair)
         phase = state.phase
         if phase in (Phase.LEGACY, Phase.DUAL_WRITE):
@@ -105,6 +126,10 @@ class ReadRouter:
 
     async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
         """A client's wallets span pairs: the global scope's state decides (no comparison)."""
+        with mongodb_outage_as_unavailable():
+            return await self._get_multi_balance(client_id)
+
+    async def _get_multi_balance(self, client_id: str) -> list[WalletBalance]:
         state = await self._migration.get(GLOBAL_SCOPE)
         if self._tb_answers(state, client_id):
             try:
@@ -118,6 +143,10 @@ class ReadRouter:
     async def history(self, wallet: WalletKey, limit: int = 50) -> list[HistoryEntry]:
         """The wallet's recent transactions from the store that answers its balance reads
         (MongoDB when TigerBeetle fails, except in complete)."""
+        with mongodb_outage_as_unavailable():
+            return await self._history(wallet, limit)
+
+    async def _history(self, wallet: WalletKey, limit: int) -> list[HistoryEntry]:
         state = await self._migration.resolve(wallet.ledger_pair)
         if self._tb_answers(state, wallet.client_id):
             try:

@@ -77,6 +77,12 @@ class StoreUnavailableError(WalletError):
     retryable = True
 
 
+class OutcomeUnknownError(StoreUnavailableError):
+    """No answer came within the caller's bound (Temporal unreachable, or the answer late): the
+    operation may or may not have been applied. Resending the same transaction id is safe:
+    every layer is idempotent by it, so the resend is applied once or answered as a replay."""
+
+
 ALL_ERRORS: tuple[type[WalletError], ...] = (
     WalletError,
     InvalidInputError,
@@ -91,6 +97,7 @@ ALL_ERRORS: tuple[type[WalletError], ...] = (
     ConflictError,
     ConfigurationError,
     StoreUnavailableError,
+    OutcomeUnknownError,
 )
 
 ERRORS_BY_NAME: dict[str, type[WalletError]] = {cls.__name__: cls for cls in ALL_ERRORS}

@@ -63,13 +63,21 @@ with workflow.unsafe.imports_passed_through():
     )
     from walletcore.errors import StoreUnavailableError, WalletError
     from walletcore.operations import OperationResult, validate_operation
+    from walletcore.phases import MONGO_PRIMARY_DUAL_WRITE, Phase
 
-# The MongoDB write answers the caller: bounded, so a store outage fails the update clearly
-# (StoreUnavailableError) instead of holding the caller forever.
-PRIMARY_START_TO_CLOSE = timedelta(seconds=10)
-# Covers MongoDB's 60 s transaction lifetime: a crashed worker's open transaction can hold
-# the wallet document that long.
-PRIMARY_SCHEDULE_TO_CLOSE = timedelta(seconds=75)
+# The write that answers the caller: bounded, so a store outage fails the update clearly
+# (StoreUnavailableError naming the store) inside the client's answer bound (walletclient's
+# RETRY_WINDOW_S_DEFAULT, 15 s) instead of holding the caller. Attempts are retried within it
+# (a MongoDB server selection gives up after 5 s: mongobase). A crashed worker's open MongoDB
+# transaction can hold the wallet for its 60 s lifetime: the update then fails after this bound
+# and the client re-sends it while its window lasts (a caller riding out such a stall passes a
+# longer window). Local activity timeouts are not in history: recorded runs replay unchanged.
+# Schedule-to-close must exceed start-to-close: with equal values the core SDK retries a
+# local activity whose attempt timed out past its schedule-to-close, for ever (measured with
+# temporalio 1.35: a hung attempt at 10 s / 10 s never timed out; at 5 s / 10 s it did at 10 s).
+PRIMARY_START_TO_CLOSE = timedelta(seconds=5)
+PRIMARY_SCHEDULE_TO_CLOSE = timedelta(seconds=10)
+assert PRIMARY_SCHEDULE_TO_CLOSE > PRIMARY_START_TO_CLOSE
 PRIMARY_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100),
     backoff_coefficient=2.0,
@@ -399,7 +407,7 @@ class WalletWorkflow:
                 retry_policy=PRIMARY_RETRY,
             )
         except ActivityError as err:
-            raise _caller_failure(err) from None
+            raise _caller_failure(err, self._state.phase_seen) from None
         return outcome
 
     def _remember(self, command: WalletCommand, result: OperationResult) -> None:
@@ -467,13 +475,18 @@ class WalletWorkflow:
         )
 
 
-def _caller_failure(err: ActivityError) -> ApplicationError:
+def _caller_failure(err: ActivityError, phase: Phase | None) -> ApplicationError:
     """What the caller sees when the answering write failed: the domain error, unwrapped."""
     domain = wallet_error_from_failure(err)
     if domain is not None:
         return to_application_error(domain)
-    # Timeouts or exhausted retries: nothing is known to be written; the caller may retry with
-    # the same transaction id (idempotent).
+    # Timeouts or exhausted retries: the outcome is not known; the caller may retry with the
+    # same transaction id (idempotent). The message starts with the store that answers in the
+    # phase last seen (callers and the HTTP gateway name the dependency from it); its own
+    # failure is lost when the bound cuts an attempt (Temporal reports only the timeout).
+    mongodb_answers = phase == Phase.LEGACY or phase in MONGO_PRIMARY_DUAL_WRITE
+    store = "the answering store" if phase is None else (
+        "MongoDB" if mongodb_answers else "TigerBeetle")  # fmt: skip
     return to_application_error(
-        StoreUnavailableError(f"the answering store's write did not complete: {err.cause or err}")
+        StoreUnavailableError(f"{store}: the write did not complete: {err.cause or err}")
     )

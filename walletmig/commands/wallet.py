@@ -1,4 +1,7 @@
-"""`walletmig wallet credit|debit|void|balance|balances|history`: operate one wallet.
+"""`walletmig wallet credit|debit|void|balance|balances|history|backlog`: operate one wallet.
+
+`backlog` shows the catch-up across running wallet workflows (operations one store answered and
+the other does not hold yet: size and the oldest item's age), e.g. after a TigerBeetle outage.
 
 Writes go through Temporal (the wallet workflow); `balance --direct` and `history` read the
 stores directly (walletclient.read_path.ReadRouter). `--json` prints the result as JSON.
@@ -76,6 +79,13 @@ def register(subparsers: Any) -> None:
     _wallet_args(sub)
     sub.add_argument("--limit", type=int, default=HISTORY_LIMIT_DEFAULT)
     sub.set_defaults(handler=_history)
+
+    sub = commands.add_parser(
+        "backlog", help="operations waiting for the other store: size and oldest age")
+    sub.add_argument("--limit", type=int,
+                     help="running wallet workflows to examine at most (default 200)")
+    _common_args(sub)
+    sub.set_defaults(handler=_backlog)
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
@@ -199,6 +209,32 @@ async def _history(args: argparse.Namespace) -> int:
     except WalletError as err:
         raise _command_error(err) from None
     _print_many(args, entries, [_describe_entry(e) for e in entries] or ["(no transactions)"])
+    return 0
+
+
+async def _backlog(args: argparse.Namespace) -> int:
+    from walletclient.wallet_client import (
+        BACKLOG_REPORT_WALLETS_DEFAULT,
+        BACKLOG_REPORT_WALLETS_MAX,
+    )
+
+    limit = BACKLOG_REPORT_WALLETS_DEFAULT if args.limit is None else args.limit
+    if not 0 < limit <= BACKLOG_REPORT_WALLETS_MAX:
+        raise UsageError(f"--limit must be within 1..{BACKLOG_REPORT_WALLETS_MAX}")
+    try:
+        report = await (await _wallet_client(args)).backlog_report(limit=limit)
+    except WalletError as err:
+        raise _command_error(err) from None
+    scope = "all" if report.listed_all else f"the first {report.running}"
+    lines = [
+        f"wallet workflows running on {report.task_queue}: {report.running} ({scope} "
+        f"examined, {report.answered} answered)",
+        f"backlog: {report.backlog_total} operations in {report.wallets_with_backlog} wallets, "
+        f"oldest {report.backlog_age_s:.1f} s",
+    ]
+    lines += [f"  {b.wallet}  {b.length} {b.direction or '-'}  oldest {b.age_s:.1f} s"
+              for b in report.oldest]
+    _print(args, report, "\n".join(lines))
     return 0
 
 
