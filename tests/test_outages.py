@@ -40,6 +40,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from wallet_support import (
     DUAL_PAIR,
+    REPO_ROOT,
     balances_equal,
     key,
     set_phase,
@@ -51,7 +52,7 @@ from wallet_support import (
 
 from stores.bundle import Stores, open_stores
 from walletclient.read_path import ReadRouter
-from walletclient.wallet_client import RETRY_WINDOW_S_DEFAULT, WalletClient
+from walletclient.wallet_client import RETRY_WINDOW_S_DEFAULT, BacklogReport, WalletClient
 from walletconfig.settings import Settings
 from walletcore.errors import OutcomeUnknownError, StoreUnavailableError, WalletError
 from walletcore.ids import transfer_id
@@ -273,6 +274,7 @@ async def test_kill_9_mongodb_temporal_redis_under_dual_write(
             _check_callers(traffic)
             for wallet in wallets:
                 await _check_wallet(stores, client, wallet, traffic.acked[wallet])
+            await _check_backlog_command(settings, queue)
         except BaseException:
             print(f"worker log {tmp_path / 'worker.log'}; stack logs {stack.state_dir / 'logs'}")
             raise
@@ -364,6 +366,19 @@ async def _check_wallet(stores: Stores, client: WalletClient, wallet: WalletKey,
     net = sum((-op.amount if isinstance(op, SubtractCredit) else op.amount for op in acked),
               Decimal(0))  # fmt: skip
     assert credit - debit == net, (wallet, credit, debit, net)
+
+
+async def _check_backlog_command(settings: Settings, queue: str) -> None:
+    """`walletmig wallet backlog`: every wallet workflow examined, nothing owed any more."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "walletmig", "wallet", "backlog", "--json", "--task-queue", queue,
+        cwd=REPO_ROOT, env=worker_env(settings, queue), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out
+    report = BacklogReport.model_validate_json(out)
+    assert report.running == WALLETS and report.answered == WALLETS and report.listed_all, report
+    assert report.backlog_total == 0 and report.backlog_age_s == 0, report
 
 
 async def test_temporal_unreachable_is_a_typed_bounded_answer() -> None:

@@ -379,6 +379,10 @@ async def test_dual_write_survives_tigerbeetle_outage(
             assert len(answered) == 15
             status = await h.client.status(wallet)
             assert status is not None and status.backlog_length >= 14, status
+            # The catch-up an operator sees (`walletmig wallet backlog`): size and oldest age.
+            report = await h.client.backlog_report()
+            assert report.backlog_total >= 14 and report.wallets_with_backlog >= 1, report
+            assert report.backlog_age_s > 0 and report.oldest[0].wallet == wallet, report
             emulator.start()
             status = await wait_drained(h.client, wallet, timeout_s=90)
             assert status is not None and status.divergence_count == 0, status

@@ -80,7 +80,9 @@ async def test_kill_9_worker_mid_stream(
     env = worker_env(isolated, task_queue)
     run_id = uuid.uuid4().hex[:8]
     wallets = [key(f"crash-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
-    client = WalletClient(temporal_client, task_queue, idle_timeout_s=60, max_ops_per_run=20)
+    # Callers ride out the killed worker's 60 s MongoDB transaction lock in one call.
+    client = WalletClient(temporal_client, task_queue, idle_timeout_s=60, max_ops_per_run=20,
+                          retry_window_s=120)
 
     async with open_stores(isolated) as stores:
         await set_phase(stores, DUAL_PAIR, Phase.DUAL_WRITE)
