@@ -18,6 +18,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from wallet_support import isolated_settings
 
 from walletconfig.settings import Settings
+from walletmig.processes import free_port
 
 PROBLEM = "application/problem+json"
 WAIT_S = 15  # below the test server's write timeout (20 s): the wait is not clipped
@@ -251,3 +252,33 @@ async def test_trial_balance_is_zero_and_a_statement_pages(
     too_many = await client.get(path, params={"limit": 1001}, headers=auth)
     assert assert_problem(too_many, 422, "validation-error")["field"] == "limit"
 
+
+
+@pytest.fixture(scope="module")
+def temporal_down_api(
+    api_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiProcess]:
+    """Temporal on a closed port (no worker): the intake records, then cannot start the batch."""
+    extra = {"TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"}
+    work_dir = tmp_path_factory.mktemp("api-terminal-down")
+    with running_api(api_settings, work_dir, name="temporal-down-api", extra=extra,
+                     with_worker=False) as process:  # fmt: skip
+        yield process
+
+
+async def test_temporal_down_is_503_naming_it_and_the_key_is_released(
+    temporal_down_api: ApiProcess, keys: dict[str, str]
+) -> None:
+    async with httpx.AsyncClient(base_url=temporal_down_api.url, timeout=60) as http:
+        external_id, idem = xid(), str(uuid.uuid4())
+        body = txn(external_id)
+        for _ in range(2):  # the retry runs again (not 409, not a replay of the 503)
+            down = await http.post("/v1/terminal/transactions", json=body,
+                                   headers=headers(keys["full"], idem))  # fmt: skip
+            problem = assert_problem(down, 503, "dependency-unavailable")
+            assert problem["dependency"] == "temporal" and "Retry-After" in down.headers
+        recorded = await http.get(f"/v1/terminal/transactions/{external_id}",
+                                  headers=bearer(keys["full"]))  # fmt: skip
+        assert recorded.status_code == 200 and recorded.json()["state"] == "received"
+        trial = await http.get("/v1/ledger/trial-balance", headers=bearer(keys["full"]))
+        assert trial.status_code == 200, trial.text
