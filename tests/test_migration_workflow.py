@@ -897,6 +897,8 @@ async def _chain_events(client: Client, workflow_id: str, first_run: str) -> lis
 IDLE = timedelta(hours=1)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # ~240 real evidence activities: about 1 s each with time skipping
 async def test_an_idle_hour_writes_no_search_attributes(
     time_skipping_env: WorkflowEnvironment, mongo_db: AsyncDatabase[Any], tmp_path: Path,
 ) -> None:

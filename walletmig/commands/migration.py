@@ -87,7 +87,8 @@ async def _update(args: argparse.Namespace, name: str, request: Any) -> int:
         status = await _handle(client, args.name).execute_update(
             name, request, result_type=MigrationStatus)
     except WorkflowUpdateFailedError as exc:
-        raise CommandError(f"{name} rejected: {exc.cause}") from None
+        # The workflow's answer is one line that already names the Update and the next step.
+        raise CommandError(str(exc.cause)) from None
     except RPCError as exc:
         raise CommandError(f"{name} failed: {exc}") from None
     _print(args, status)
