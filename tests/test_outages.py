@@ -73,7 +73,9 @@ ANSWER_SLACK_S = 5.0  # event-loop and process scheduling on a loaded 2-core mac
 STEADY_S = 3.0
 # Longer than the workflow's 10 s write bound: the calls in flight at the kill hear of it.
 MONGO_OUTAGE_S = 12.0
-TEMPORAL_OUTAGE_S = 4.0  # plus its restart: mostly inside the window, the client re-sends
+# Longer than the window: calls in flight end in OutcomeUnknownError; resent after the restart
+# they are applied once (most come back as replays: they had been applied).
+TEMPORAL_OUTAGE_S = 16.0
 REDIS_OUTAGE_S = 3.0
 RECOVERY_ANSWERS = 20  # acknowledged writes after a restart before the next kill
 RECOVERY_TIMEOUT_S = 90.0
@@ -113,6 +115,7 @@ class Traffic:
     stage: str = "steady"
     stages: list[tuple[str, float]] = field(default_factory=lambda: [("steady", time.monotonic())])
     answered: int = 0
+    replayed: set[str] = field(default_factory=set)  # acknowledged as already applied
     calls: list[Call] = field(default_factory=list)
     acked: dict[WalletKey, list[Op]] = field(default_factory=lambda: defaultdict(list))
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -156,6 +159,8 @@ class Traffic:
             self.calls.append(
                 Call(stage, "write", op.transaction_id, started, time.monotonic(), None))
             assert result.transaction_id == op.transaction_id
+            if result.replayed:
+                self.replayed.add(op.transaction_id)
             self.acked[op.wallet].append(op)
             self.answered += 1
             return
@@ -307,7 +312,8 @@ def _check_callers(traffic: Traffic) -> None:
                       for c in calls)  # fmt: skip
     slowest = max(c.elapsed_s for c in calls)
     print(f"\ncalls by (stage, kind, outcome): {dict(summary)}; slowest {slowest:.1f} s; "
-          f"client re-sends {traffic.client.retries}; writes acknowledged {traffic.answered}")
+          f"client re-sends {traffic.client.retries}; writes acknowledged {traffic.answered}, "
+          f"{len(traffic.replayed)} of them as replays")
     for c in calls:
         if c.error is not None:
             print(f"  {c.stage} {c.kind} {c.elapsed_s:.1f} s {type(c.error).__name__}: "
@@ -327,12 +333,13 @@ def _check_callers(traffic: Traffic) -> None:
     reads_named = [c for c in mongo if c.kind == "read" and c.error is not None
                    and str(c.error).startswith("MongoDB")]  # fmt: skip
     assert reads_named, "no read on the stores was told MongoDB was unavailable"
-    # Temporal's outage was felt (calls waited) and ridden out inside the bound; a write that
-    # did not fit is an OutcomeUnknownError, never an RPCError.
-    temporal = traffic.during("temporal down") + traffic.during("temporal restarting")
-    assert max(c.elapsed_s for c in temporal) >= TEMPORAL_OUTAGE_S / 2, "outage not felt"
-    assert all(isinstance(c.error, OutcomeUnknownError) for c in temporal
-               if c.kind == "write" and c.error is not None), [repr(c.error) for c in temporal]
+    # Temporal's outage outlasted the window: the writes in flight were told the outcome is
+    # unknown (OutcomeUnknownError, never an RPCError), and resent later they were applied once.
+    temporal = [c for c in traffic.during("temporal down") if c.kind == "write"]
+    unknown = [c for c in temporal if isinstance(c.error, OutcomeUnknownError)]
+    assert unknown, [(c.elapsed_s, repr(c.error)) for c in temporal]
+    assert all(c.error is None or isinstance(c.error, OutcomeUnknownError)
+               for c in temporal), [repr(c.error) for c in temporal]
     redis = [c for c in calls if c.stage.startswith("redis") and c.error is not None]
     # The same transaction id succeeded on a later resend, every time.
     acked = {op.transaction_id for ops in traffic.acked.values() for op in ops}
