@@ -253,15 +253,11 @@ class MigrationWorkflow:
         continue-as-new, then wait for the interval or an action."""
         await self._collect_evidence()
         if self._behind:
-            async with self._lock:
-                await self._catch_up(await self._sync())
+            await self._shielded(self._locked_catch_up)
         auto = (None if self._evidence is None else
                 decide_auto_rollback(self._rt.position, self._evidence, self._config.thresholds))
         if auto is not None:
-            if self._console():  # a cancellation must not cut a phase change in half
-                await asyncio.shield(asyncio.ensure_future(self._auto_rollback()))
-            else:
-                await self._auto_rollback()
+            await self._shielded(self._auto_rollback)
         self._refresh_ui()
         if self._should_continue_as_new():
             await workflow.wait_condition(
@@ -276,6 +272,18 @@ class MigrationWorkflow:
                 lambda: self._wake or self._rt.position.phase == Phase.COMPLETE,
                 timeout=timedelta(seconds=self._config.evidence_interval_s),
             )
+
+    async def _shielded(self, step: Callable[[], Awaitable[None]]) -> None:
+        """A cancellation request must not cut a state change in half (published but not
+        audited): the step runs to its end; the request is refused after it."""
+        if self._console():
+            await asyncio.shield(asyncio.ensure_future(step()))
+        else:
+            await step()  # histories recorded before the console: as they ran
+
+    async def _locked_catch_up(self) -> None:
+        async with self._lock:
+            await self._catch_up(await self._sync())
 
     async def _auto_rollback(self) -> None:
         async with self._lock:
