@@ -7,6 +7,8 @@ units and read back digit by digit, so what was stored is what is read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,6 +16,7 @@ from typing import Any
 
 from bson.decimal128 import Decimal128
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
@@ -24,6 +27,8 @@ from walletcore.currencies import precision_of
 from walletcore.errors import ConflictError
 from walletcore.money import from_minor
 from walletcore.tb_limits import TB_EVENTS_MAX
+
+log = logging.getLogger(__name__)
 
 # Before any client exists: a cancelled server selection must never wedge the client.
 cancel_safe.install()
@@ -220,3 +225,28 @@ async def insert_new(collection: AsyncCollection[Any], docs: list[dict[str, Any]
             raise
         return {int(e["index"]) for e in errors}
     return set()
+
+
+# ---- transactions -------------------------------------------------------------------------
+
+COMMIT_ATTEMPTS_MAX = 3  # retries of a commit whose outcome is unknown (the commit is idempotent)
+
+
+async def abort_quietly(session: AsyncClientSession) -> None:
+    """Abort the session's transaction if one is open; an abort that fails changes nothing."""
+    if session.in_transaction:
+        with contextlib.suppress(PyMongoError):
+            await session.abort_transaction()
+
+
+async def commit(session: AsyncClientSession) -> None:
+    """Commit, retrying only an unknown outcome (commit is idempotent on the server)."""
+    for attempt in range(COMMIT_ATTEMPTS_MAX):
+        try:
+            await session.commit_transaction()
+            return
+        except PyMongoError as exc:
+            unknown = exc.has_error_label("UnknownTransactionCommitResult")
+            if not unknown or attempt + 1 == COMMIT_ATTEMPTS_MAX:
+                raise
+            log.warning("commit outcome unknown, retrying commit: %s", exc)

@@ -24,7 +24,6 @@ refuses an int64 overflow instead of rounding; a currency's precision is fixed
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,9 +41,11 @@ from messages.clearing import SyncCursor
 from mongobase.mongo import (
     DUPLICATE_KEY_CODE,
     TXN_ATTEMPTS_MAX,
+    abort_quietly,
     as_utc,
     backoff,
     bson_to_int,
+    commit,
     insert_new,
     is_retryable_txn_error,
     now_ms,
@@ -81,7 +82,6 @@ CURSOR_ID = "tigerbeetle"
 ENTRIES_MAX = 8189  # one post_entries call: one TigerBeetle batch of posted transfers
 PAGE_MAX = 8189
 BALANCES_MAX = 65_536  # GL_ACCOUNTS_MAX x currencies: all of them fit one read
-COMMIT_ATTEMPTS_MAX = 3
 SECONDS_PER_NS = 1e-9
 
 Document = dict[str, Any]
@@ -289,9 +289,9 @@ class GeneralLedger:
                 await self._apply_balances(session, entries)
             if cursor_timestamp is not None:
                 await self._advance_cursor(session, cursor_timestamp)
-            await _commit(session)
+            await commit(session)
         except BaseException:
-            await _abort_quietly(session)
+            await abort_quietly(session)
             raise
         return chained, new_head
 
@@ -567,20 +567,3 @@ def _store_error(exc: PyMongoError) -> Exception:
     return StoreUnavailableError(f"MongoDB: {exc}", field=None)
 
 
-async def _abort_quietly(session: AsyncClientSession) -> None:
-    if session.in_transaction:
-        with contextlib.suppress(PyMongoError):
-            await session.abort_transaction()
-
-
-async def _commit(session: AsyncClientSession) -> None:
-    """Commit, retrying only an unknown outcome (commit is idempotent on the server)."""
-    for attempt in range(COMMIT_ATTEMPTS_MAX):
-        try:
-            await session.commit_transaction()
-            return
-        except PyMongoError as exc:
-            unknown = exc.has_error_label("UnknownTransactionCommitResult")
-            if not unknown or attempt + 1 == COMMIT_ATTEMPTS_MAX:
-                raise
-            log.warning("ledger commit outcome unknown, retrying commit: %s", exc)

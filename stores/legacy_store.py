@@ -40,8 +40,10 @@ from mongobase.mongo import (
     DUPLICATE_KEY_CODE,
     PAGE_LIMIT_MAX,
     TXN_ATTEMPTS_MAX,
+    abort_quietly,
     as_utc,
     backoff,
+    commit,
     decimal128_to_minor,
     int_to_bson,
     is_retryable_txn_error,
@@ -89,7 +91,6 @@ WALLETS = "wallets"
 WALLET_TRANSACTIONS = "wallet_transactions"
 SOURCE = "mongodb"
 MULTI_BALANCE_LIMIT_MAX = 1000  # wallets of one client: (country, currency, issuer) combos
-COMMIT_ATTEMPTS_MAX = 3
 SNAPSHOTS_MAX = 10_000  # wallets remembered per process for the compare-and-swap hot path
 GAP_OPERATIONS_MAX = 64  # operations one gap fill reads (see movements_between)
 LOG_ORDER_INDEX = "history_order"  # the log in (created_at, wallet, wallet_version) order
@@ -407,13 +408,13 @@ class LegacyStore:
         try:
             applied, snap = await self._apply(session, op, kind, amount_minor)
         except BaseException:
-            await _abort_quietly(session)
+            await abort_quietly(session)
             raise
         if applied[0].replayed:  # read-only: nothing to commit
-            await _abort_quietly(session)
+            await abort_quietly(session)
             return applied
         try:
-            await _commit(session)
+            await commit(session)
         except BaseException:
             self._snapshots.forget(canonical)  # outcome unknown: the next write reads
             raise
@@ -474,7 +475,7 @@ class LegacyStore:
         except (DuplicateKeyError, ClientBulkWriteException) as exc:
             if not _only_duplicate_keys(exc):
                 self._snapshots.forget(canonical)
-                await _abort_quietly(session)
+                await abort_quietly(session)
                 # The retry policy judges the server's error (a write conflict arrives wrapped).
                 cause = exc.error if isinstance(exc, ClientBulkWriteException) else None
                 if isinstance(cause, PyMongoError):
@@ -483,15 +484,15 @@ class LegacyStore:
             matched = False  # the id was used before (or a racing version): read and decide
         except BaseException:
             self._snapshots.forget(canonical)
-            await _abort_quietly(session)
+            await abort_quietly(session)
             raise
         if not matched:
             self._snapshots.forget(canonical)
             self.snapshot_misses += 1
-            await _abort_quietly(session)
+            await abort_quietly(session)
             return None
         try:
-            await _commit(session)
+            await commit(session)
         except BaseException:
             self._snapshots.forget(canonical)
             raise
@@ -909,25 +910,6 @@ class LegacyStore:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-async def _abort_quietly(session: AsyncClientSession) -> None:
-    if session.in_transaction:
-        with contextlib.suppress(PyMongoError):
-            await session.abort_transaction()
-
-
-async def _commit(session: AsyncClientSession) -> None:
-    """Commit, retrying only an unknown outcome (commit is idempotent on the server)."""
-    for attempt in range(COMMIT_ATTEMPTS_MAX):
-        try:
-            await session.commit_transaction()
-            return
-        except PyMongoError as exc:
-            unknown = exc.has_error_label("UnknownTransactionCommitResult")
-            if not unknown or attempt + 1 == COMMIT_ATTEMPTS_MAX:
-                raise
-            log.warning("commit outcome unknown, retrying commit: %s", exc)
 
 
 def _only_duplicate_keys(exc: PyMongoError) -> bool:
