@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
+# The one rule for identifiers every entry point accepts (client ids, issuer types, transaction
+# and reference ids): ASCII letters and digits first, then only `_ . : @ -`. No `$` (MongoDB
+# operators), no whitespace or control characters, no non-ASCII (lone surrogates, non-UTF-8
+# arguments), so an identifier can never reach a query as anything but a plain string.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]*$"
+ID_MAX = 128  # bytes == characters: the pattern admits ASCII only
+Identifier = Annotated[str, Field(min_length=1, max_length=ID_MAX, pattern=ID_PATTERN)]
+# Free text (descriptions): any printable character; control characters (NUL, newlines, ESC)
+# are refused so logs and documents stay one line per value.
+FREE_TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 
 class WalletKey(BaseModel):
@@ -12,10 +23,10 @@ class WalletKey(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
-    client_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
+    client_id: Identifier
     country: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 3166-1 alpha-3")
     currency: str = Field(pattern=r"^[A-Z]{3,5}$", description="ISO 4217 or token code")
-    issuer_type: str | None = Field(default=None, max_length=64, pattern=ID_PATTERN)
+    issuer_type: Identifier | None = Field(default=None, max_length=64)
 
     @property
     def canonical(self) -> str:

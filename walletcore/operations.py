@@ -14,7 +14,7 @@ from typing import Annotated, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from walletcore.errors import InvalidInputError
-from walletcore.keys import ID_PATTERN, WalletKey
+from walletcore.keys import FREE_TEXT_PATTERN, ID_MAX, Identifier, WalletKey
 from walletcore.money import to_minor
 from walletcore.tb_limits import QUERY_LIMIT_MAX
 
@@ -23,10 +23,10 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 # reply, not by the request limit, so the same at any cluster); both stores accept it.
 HISTORY_LIMIT_MAX = QUERY_LIMIT_MAX
 
-TRANSACTION_ID_MAX = 128
-TransactionId = Annotated[
-    str, Field(min_length=1, max_length=TRANSACTION_ID_MAX, pattern=ID_PATTERN)
-]
+TRANSACTION_ID_MAX = ID_MAX
+TransactionId = Identifier
+DESCRIPTION_MAX = 512
+Description = Annotated[str, Field(max_length=DESCRIPTION_MAX, pattern=FREE_TEXT_PATTERN)]
 
 
 class OperationType(StrEnum):
@@ -43,8 +43,8 @@ class AddCredit(_Input):
     wallet: WalletKey
     transaction_id: TransactionId
     amount: Decimal = Field(description="positive, at most the currency's decimals")
-    reference_id: str | None = Field(default=None, max_length=128)
-    description: str | None = Field(default=None, max_length=512)
+    reference_id: Identifier | None = None
+    description: Description | None = None
     allow_overdraft: bool = Field(
         default=False, description="wallet policy, applied when this creates the wallet"
     )
@@ -62,7 +62,7 @@ class Void(_Input):
     wallet: WalletKey
     transaction_id: TransactionId = Field(description="idempotency key of this void request")
     original_transaction_id: TransactionId
-    reference_id: str | None = Field(default=None, max_length=128)
+    reference_id: Identifier | None = None
 
 
 WalletOperation = AddCredit | SubtractCredit | Void
@@ -111,7 +111,7 @@ class GetBalance(_Input):
 
 
 class GetMultiBalance(_Input):
-    client_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
+    client_id: Identifier
 
 
 class HistoryQuery(_Input):
