@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import shutil
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -35,8 +33,11 @@ from recon_support import Env, credit, debit, make_env, void
 from temporalio.client import Client, WorkflowFailureError
 from wallet_support import (
     DUAL_PAIR,
+    REQUEST_LIMITS,
+    RequestLimit,
     balances_equal,
     isolated_settings,
+    limited_emulator,
     sandboxed_worker,
     set_phase,
     wait_drained,
@@ -49,7 +50,7 @@ from messages.reconciliation import ReconcileInput, ReconcileSummary
 from stores.bundle import connect_batched
 from stores.tb_batches import BatchedClient
 from stores.tigerbeetle_client import connect_tigerbeetle
-from tb_emulator.server import EmulatorProcess, temp_data_file
+from tb_emulator.server import EmulatorProcess
 from walletconfig.settings import Settings
 from walletcore.codes import CUSTOMER_ACCOUNT_CODE
 from walletcore.errors import ConfigurationError
@@ -67,33 +68,16 @@ UPDATES_IN_FLIGHT = 8  # one wallet workflow: Temporal allows 10 in-flight updat
 WORKFLOW_TIMEOUT = timedelta(minutes=2)
 
 
-@dataclass(frozen=True)
-class Limit:
-    name: str
-    options: dict[str, Any]  # EmulatorProcess options: the server's command line.
-    limit_bytes: int
-    creates_max: int
-    lookups_max: int
-
-
-LIMITS = [
-    Limit("32KiB", {"development": True}, 32 << 10, 253, 2031),
-    Limit("4KiB", {"limit_request": "4KiB"}, 4 << 10, 29, 239),
-]
+Limit = RequestLimit
+LIMITS = [limit for limit in REQUEST_LIMITS if limit.name in ("32KiB", "4KiB")]
 
 
 @pytest.fixture(params=LIMITS, ids=[limit.name for limit in LIMITS])
-def emulator(request: pytest.FixtureRequest) -> Iterable[tuple[EmulatorProcess, Limit]]:
+def emulator(request: pytest.FixtureRequest) -> Iterator[tuple[EmulatorProcess, Limit]]:
     """A fresh emulator at the limit (a history import needs a cluster of its own)."""
     limit: Limit = request.param
-    directory, data_file = temp_data_file(f"tbemu-{limit.name}-")
-    process = EmulatorProcess(data_file, **limit.options).start()
-    try:
-        assert process.request_limit_bytes == limit.limit_bytes
+    with limited_emulator(limit) as process:
         yield process, limit
-    finally:
-        process.kill()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def emulator_address(process: EmulatorProcess) -> str:

@@ -16,18 +16,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tigerbeetle as tb
+from wallet_support import REQUEST_LIMITS, RequestLimit, limited_emulator
 
 from stores.tigerbeetle_client import TimeoutClientAsync, connect_tigerbeetle
 from tb_emulator import request_limit, wire
@@ -39,35 +38,15 @@ ROWS = 300  # Rows a query returns: 37.5 KiB of 128-byte rows, more than 32 KiB.
 _ids = itertools.count(1)
 
 
-@dataclass(frozen=True)
-class Limit:
-    name: str
-    options: dict[str, Any]  # EmulatorProcess options: the server's command line.
-    limit_bytes: int
-    creates_max: int
-    lookups_max: int
-
-
-LIMITS = [
-    Limit("1MiB", {}, 1 << 20, 8189, 8189),  # The default: no option.
-    Limit("32KiB", {"development": True}, 32 << 10, 253, 2031),
-    Limit("4KiB", {"limit_request": "4KiB"}, 4 << 10, 29, 239),
-]
+Limit = RequestLimit
+LIMITS = REQUEST_LIMITS
 
 
 @pytest.fixture(scope="module", params=LIMITS, ids=[limit.name for limit in LIMITS])
-def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[EmulatorProcess, Limit]]:
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[EmulatorProcess, Limit]]:
     limit: Limit = request.param
-    directory = tmp_path_factory.mktemp(f"tbemu-{limit.name}")
-    process = EmulatorProcess(str(directory / "data.tbemu"), **limit.options).start()
-    try:
-        assert process.request_limit_bytes == limit.limit_bytes
+    with limited_emulator(limit) as process:
         yield process, limit
-    finally:
-        process.kill()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def fresh_ids(count: int) -> list[int]:

@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +28,7 @@ from messages.wallet import WalletStatus
 from stores.backfill_imports import ImportStatus
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS
+from tb_emulator import server as tb_server
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import ENVIRONMENT, Settings
 from walletcore.errors import NotFoundError
@@ -274,3 +276,36 @@ class EmulatorProcess:
     def stop(self) -> None:
         if self.proc is not None:
             self.kill()
+
+
+@dataclass(frozen=True)
+class RequestLimit:
+    """A TigerBeetle request limit the emulator can run at, and the real client's maxima there
+    (issue 13's measurements)."""
+
+    name: str
+    options: dict[str, Any]  # tb_emulator.server.EmulatorProcess options: its command line.
+    limit_bytes: int
+    creates_max: int
+    lookups_max: int
+
+
+REQUEST_LIMITS = [
+    RequestLimit("1MiB", {}, 1 << 20, 8189, 8189),  # The default: no option.
+    RequestLimit("32KiB", {"development": True}, 32 << 10, 253, 2031),
+    RequestLimit("4KiB", {"limit_request": "4KiB"}, 4 << 10, 29, 239),
+]
+
+
+@contextlib.contextmanager
+def limited_emulator(limit: RequestLimit) -> Iterator[tb_server.EmulatorProcess]:
+    """A fresh emulator process at the limit, in a temp dir of its own; killed by PID and the dir
+    removed on exit."""
+    directory, data_file = tb_server.temp_data_file(f"tbemu-{limit.name}-")
+    process = tb_server.EmulatorProcess(data_file, **limit.options).start()
+    try:
+        assert process.request_limit_bytes == limit.limit_bytes
+        yield process
+    finally:
+        process.kill()
+        shutil.rmtree(directory, ignore_errors=True)
