@@ -10,10 +10,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import pytest_asyncio
+from api_support import make_key, running_api
+from wallet_support import isolated_settings
 
 from walletcore.errors import InvalidInputError
 from walletcore.keys import ID_MAX, WalletKey
@@ -168,3 +174,86 @@ def test_cli_void_refuses_an_operator_shaped_original() -> None:
     assert done.returncode == 2, done
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "original_transaction_id:" in lines[0], lines
+
+
+# ----------------------------------------------------------------------------- the HTTP API
+
+API_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("wallet.client_id", "credit", {"wallet": {**WALLET, "client_id": {"$gt": ""}}}),
+    ("wallet.client_id", "credit", {"wallet": {**WALLET, "client_id": "$where"}}),
+    ("wallet.client_id", "credit", {"wallet": {**WALLET, "client_id": "a\u0000b"}}),
+    ("wallet.country", "credit", {"wallet": {**WALLET, "country": {"$ne": None}}}),
+    ("wallet.currency", "credit", {"wallet": {**WALLET, "currency": "MX\nN"}}),
+    ("wallet.issuer_type", "credit", {"wallet": {**WALLET, "issuer_type": "$where"}}),
+    ("transaction_id", "credit", {"transaction_id": "x" * 5_000}),
+    ("transaction_id", "credit", {"transaction_id": {"$gt": ""}}),
+    ("reference_id", "credit", {"reference_id": "$where"}),
+    ("reference_id", "credit", {"reference_id": "r\n1"}),
+    ("description", "credit", {"description": "evil\u001b[2J"}),
+    ("original_transaction_id", "void", {"original_transaction_id": {"$gt": ""}}),
+    ("original_transaction_id", "void", {"original_transaction_id": "a$where"}),
+]
+# Lone surrogates cannot be encoded by a JSON library that writes UTF-8; send them as the JSON
+# escape `\ud800`, which is what a hostile client would do.
+SURROGATE_BODY = (
+    b'{"wallet": {"client_id": "\\ud800", "country": "MEX", "currency": "MXN"}, "amount": "1"}'
+)
+
+
+@pytest.fixture(scope="module")
+def abuse_settings(settings: Any) -> Any:
+    return isolated_settings(settings, "abuse")
+
+
+@pytest.fixture(scope="module")
+def abuse_api(abuse_settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    # No worker: a refused input must never reach one.
+    work_dir = tmp_path_factory.mktemp("abuse")
+    with running_api(abuse_settings, work_dir, with_worker=False) as process:
+        yield process
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def abuse_key(mongo_client: Any, abuse_settings: Any) -> str:
+    db = mongo_client[abuse_settings.mongodb_database]
+    return await make_key(db, "abuse", ["wallets:read", "wallets:write"], owner="abuse")
+
+
+def _api_body(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    if kind == "void":
+        return {"wallet": WALLET, "original_transaction_id": "t-1", **fields}
+    return {"wallet": WALLET, "amount": "1.00", **fields}
+
+
+def _assert_field_problem(response: Any, field: str) -> None:
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["field"] == field, body
+    assert "Traceback" not in response.text
+
+
+async def test_api_refuses_abuse_naming_the_field(abuse_api: Any, abuse_key: str) -> None:
+    headers = {"Authorization": f"Bearer {abuse_key}"}
+    async with httpx.AsyncClient(base_url=abuse_api.url, timeout=60) as http:
+        for field, kind, fields in API_CASES:
+            response = await http.post(
+                f"/v1/wallets/{kind}", json=_api_body(kind, fields),
+                headers={**headers, "Idempotency-Key": str(uuid.uuid4())},
+            )  # fmt: skip
+            _assert_field_problem(response, field)
+        surrogate = await http.post(
+            "/v1/wallets/credit", content=SURROGATE_BODY,
+            headers={**headers, "Idempotency-Key": str(uuid.uuid4()),
+                     "Content-Type": "application/json"},
+        )  # fmt: skip
+        assert surrogate.status_code in (400, 422), surrogate.text
+        assert "Traceback" not in surrogate.text
+        # Beyond the body limit the API refuses before parsing anything.
+        huge = await http.post(
+            "/v1/wallets/credit", json=_api_body("credit", {"reference_id": "x" * 100_000}),
+            headers={**headers, "Idempotency-Key": str(uuid.uuid4())},
+        )  # fmt: skip
+        assert huge.status_code == 413, huge.text
+        path = await http.get("/v1/wallets/%24where/MEX/MXN/balance", headers=headers)
+        _assert_field_problem(path, "client_id")
