@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.problems import IDEMPOTENCY_HEADER, ProblemError
+from observability.exposition import ResponseStatus
 
 access_log = logging.getLogger("gateway.access")
 
@@ -78,19 +79,12 @@ class RequestLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # what the server answers if the app raises before responding
-
-        async def observed(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        status = ResponseStatus(send)
         try:
-            await self.app(scope, receive, observed)
+            await self.app(scope, receive, status.send)
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
-            access_log.info("%s", _line(scope, status, elapsed_ms))
+            access_log.info("%s", _line(scope, status.code, elapsed_ms))
 
 
 def _line(scope: Scope, status: int, elapsed_ms: float) -> str:
