@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Header, Request
 from pydantic import BaseModel
@@ -57,6 +57,8 @@ IdempotencyKeyHeader: Any = Header(  # use as Annotated[str, IdempotencyKeyHeade
     ),
     examples=["8e03978e-40d5-43e8-bc93-6894a57f9324"],
 )
+# The header parameter every write route takes (one declaration for all routers).
+IdempotencyKey = Annotated[str, IdempotencyKeyHeader]
 
 
 def parse_key(raw: str) -> str:

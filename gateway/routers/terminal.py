@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from gateway.auth import Caller, guard
 from gateway.idempotency import (
-    IdempotencyKeyHeader,
+    IdempotencyKey,
     derived_transaction_id,
     parse_key,
     run_idempotent,
@@ -54,7 +54,6 @@ from walletcore.errors import WalletError
 from walletcore.keys import ID_PATTERN
 
 router = APIRouter(prefix="/v1/terminal", tags=["terminal"])
-IdempotencyKey = Annotated[str, IdempotencyKeyHeader]
 WaitS = Annotated[
     float,
     Query(

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
 from gateway.auth import Caller, guard
-from gateway.idempotency import IdempotencyKeyHeader, run_idempotent, transaction_id_for
+from gateway.idempotency import IdempotencyKey, run_idempotent, transaction_id_for
 from gateway.models import (
     HISTORY_PAGE_MAX,
     BalanceOut,
@@ -47,7 +47,6 @@ from walletcore.operations import (
 )
 
 router = APIRouter(prefix="/v1", tags=["wallets"])
-IdempotencyKey = Annotated[str, IdempotencyKeyHeader]
 
 HISTORY_LIMIT_DEFAULT = 50
 
