@@ -44,11 +44,13 @@ UPDATE_ROLLBACK = "rollback"
 UPDATE_SET_ROLLOUT = "set_rollout"
 UPDATE_PAUSE = "pause"
 UPDATE_RESUME = "resume"
+UPDATE_APPROVE = "approve"
 QUERY_STATUS = "status"
 QUERY_GATES = "gates"
 
 SCOPES_MAX = 64
 ACTOR_MAX = 128
+APPROVALS_MAX = 1  # one second engineer; more would need a list of approvers per request
 REASON_MAX = 500
 RECENT_ACTIONS_MAX = 20
 ACTIONS_PER_RUN_MAX = 200  # continue-as-new after this many accepted actions (or when suggested)
@@ -88,6 +90,10 @@ class MigrationConfig(_Frozen):
                                             le=24 * 3600)
     history_events_per_run_max: int = Field(default=HISTORY_EVENTS_PER_RUN_MAX, ge=200,
                                             le=40_000)
+    # Four eyes: how many engineers other than the requester approve a `force_advance` or an
+    # entry into `complete` before it runs. 0 (the default) keeps what recorded histories,
+    # fixtures and the demo did; `walletmig migration start` asks for 1 (see its --help).
+    approvals_required: int = Field(default=0, ge=0, le=APPROVALS_MAX)
 
 
 # ---- updates -----------------------------------------------------------------------------------
@@ -135,6 +141,22 @@ class PauseRequest(UpdateRequest):
     pass
 
 
+class ApproveRequest(UpdateRequest):
+    """A second engineer approves the pending request; `actor` must differ from its requester."""
+
+
+class PendingApproval(_Frozen):
+    """A gated request (force_advance, entry into complete) waiting for a second engineer."""
+
+    update: str  # UPDATE_ADVANCE or UPDATE_FORCE_ADVANCE
+    request: dict[str, Any]  # the input as sent (sent_fields), decided again when approved
+    actor: str
+    reason: str
+    seq: int  # the audit entry that recorded the request
+    from_position: Position
+    to_position: Position
+
+
 # One example per Update, as typed into the Web UI's Data field (all fields optional unless
 # the example says otherwise).
 UPDATE_EXAMPLES: dict[str, str] = {
@@ -144,6 +166,7 @@ UPDATE_EXAMPLES: dict[str, str] = {
     UPDATE_SET_ROLLOUT: '{"percent": 50, "actor": "ana", "reason": "fallbacks flat"}',
     UPDATE_PAUSE: '{"actor": "ana", "reason": "incident 123"}',
     UPDATE_RESUME: '{"actor": "ana", "reason": "incident closed"}',
+    UPDATE_APPROVE: '{"actor": "bob", "reason": "checked the evidence"}',
 }
 # What each Update does (the details page lists them with their example as code, so the UI's
 # typography leaves the quotes straight for copy and paste).
@@ -156,6 +179,7 @@ UPDATE_PURPOSES: dict[str, str] = {
     UPDATE_SET_ROLLOUT: "Read-cutover percentage (raising it is gated).",
     UPDATE_PAUSE: "Stop advancing and automatic rollback.",
     UPDATE_RESUME: "Undo pause.",
+    UPDATE_APPROVE: "Run the pending force_advance or complete (four eyes: another engineer).",
 }
 # The Web UI's Update list shows these as plain text under each name.
 UPDATE_DESCRIPTIONS: dict[str, str] = {
@@ -380,6 +404,7 @@ class MigrationStatus(_Frozen):
     auto_rollbacks: int
     run_actions: int
     runs: int
+    pending_approval: PendingApproval | None = None  # four eyes: what awaits `approve`
 
 
 class GatesView(_Frozen):
@@ -410,6 +435,7 @@ class MigrationRuntime(BaseModel):
     # its continuations inherit the decision instead of recording the patch again (each
     # patch marker also writes the TemporalChangeVersion search attribute).
     console: bool = False
+    pending_approval: PendingApproval | None = None
 
 
 class MigrationInput(_Frozen):

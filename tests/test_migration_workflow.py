@@ -57,6 +57,7 @@ from messages.migration import (
     ACTOR_UNNAMED,
     HISTORY_EVENTS_PER_RUN_MAX,
     AdvanceRequest,
+    ApproveRequest,
     ForceAdvanceRequest,
     GatesView,
     MigrationConfig,
@@ -575,6 +576,73 @@ async def test_complete_archives_after_the_drain_timeout_and_says_what_is_missin
     assert status.archive.unprojected_writes == 1
 
 
+async def asked_and_approved(
+    handle: WorkflowHandle[Any, MigrationStatus], req: ForceAdvanceRequest, approver: str
+) -> MigrationStatus:
+    """Four eyes: `req.actor` asks, nothing moves, `approver` approves and it runs."""
+    before = await handle.query(MigrationWorkflow.status)
+    asked = await handle.execute_update(MigrationWorkflow.force_advance, req)
+    assert asked.pending_approval is not None and asked.pending_approval.actor == req.actor
+    assert (asked.phase, asked.epoch) == (before.phase, before.epoch), "ran unapproved"
+    assert "awaits approval" in asked.summary, asked.summary
+    done: MigrationStatus = await handle.execute_update(
+        MigrationWorkflow.approve, ApproveRequest(actor=approver, reason="looked at it"))
+    assert done.pending_approval is None and done.epoch == before.epoch + 1
+    return done
+
+
+async def test_four_eyes_on_force_advance_and_complete(
+    temporal_client: Client, migration_worker: str, mongo_db: AsyncDatabase[Any],
+    tmp_path: Path,
+) -> None:
+    scope = unique_scope()
+    handle = await start(temporal_client, migration_worker, scope, tmp_path,
+                         approvals_required=1, complete_drain_timeout_s=1.0)
+    mid = (await handle.query(MigrationWorkflow.status)).migration_id
+    await expect_rejected(handle.execute_update(
+        MigrationWorkflow.approve, ApproveRequest(actor="bob")), "nothing awaits approval")
+    asked = await handle.execute_update(
+        MigrationWorkflow.force_advance, ForceAdvanceRequest(actor="ana", reason="drill"))
+    assert asked.phase == Phase.LEGACY and asked.pending_approval is not None
+    # The requester cannot approve their own request, nor can nobody; a second one waits.
+    await expect_rejected(handle.execute_update(
+        MigrationWorkflow.approve, ApproveRequest(actor="ana")),
+        "approve refused: ana asked for force_advance", "another engineer must approve it")
+    await expect_rejected(handle.execute_update(MigrationWorkflow.approve, {}),
+                          "name the approver")
+    await expect_rejected(handle.execute_update(
+        MigrationWorkflow.force_advance, ForceAdvanceRequest(actor="carl", reason="me too")),
+        "already awaits `approve`")
+    await asyncio.sleep(1.0)  # evidence rounds pass: an unapproved request never runs
+    status = await handle.query(MigrationWorkflow.status)
+    assert (status.phase, status.epoch) == (Phase.LEGACY, 0)
+    done = await handle.execute_update(MigrationWorkflow.approve, ApproveRequest(actor="bob"))
+    assert (done.phase, done.epoch) == (Phase.DUAL_WRITE, 1)
+    while (await handle.query(MigrationWorkflow.status)).phase != Phase.TB_PRIMARY:
+        await asked_and_approved(handle, ForceAdvanceRequest(actor="ana", reason="drill"), "bob")
+
+    # complete: ana cannot approve her own; it does not run until bob does.
+    asked = await handle.execute_update(MigrationWorkflow.force_advance, ForceAdvanceRequest(
+        actor="ana", reason="finish", confirm=True))
+    assert asked.phase == Phase.TB_PRIMARY and asked.pending_approval is not None
+    await expect_rejected(handle.execute_update(
+        MigrationWorkflow.approve, ApproveRequest(actor="ana")), "another engineer")
+    await asyncio.sleep(1.0)
+    assert (await handle.query(MigrationWorkflow.status)).phase == Phase.TB_PRIMARY
+    done = await handle.execute_update(MigrationWorkflow.approve, ApproveRequest(actor="bob"))
+    assert done.phase == Phase.COMPLETE and done.archive is not None
+
+    entries = await AuditLog(mongo_db).list(mid)
+    requested = [e for e in entries if e.action == "approval_requested"]
+    applied = [e for e in entries if e.action == "force_advance"]
+    assert len(requested) == len(applied) == 8
+    assert all(e.actor == "ana" and e.from_phase == e.to_phase for e in requested)
+    assert all(e.actor == "ana" and "approved by bob" in e.reason for e in applied)
+    assert all(e.request is not None and e.request["approved_by"] == "bob" for e in applied)
+    assert applied[-1].to_phase == Phase.COMPLETE
+    await replays_on_current_code(temporal_client, handle)
+
+
 async def test_worker_records_served_reads_as_gate_evidence(
     temporal_client: Client, settings: Settings
 ) -> None:
@@ -736,8 +804,10 @@ async def test_web_ui_page_reads_well(
                                                      result_type=WorkflowMetadata)
     updates = {d.name: d.description for d in metadata.definition.update_definitions}
     assert set(updates) == {"advance", "force_advance", "rollback", "set_rollout", "pause",
-                            "resume"}
-    assert all('"actor": "ana"' in text for text in updates.values()), updates
+                            "resume", "approve"}
+    # approve's example names another engineer than the requests' (four eyes).
+    assert all('"actor": "ana"' in text for name, text in updates.items() if name != "approve")
+    assert '"actor": "bob"' in updates["approve"], updates
     queries = {d.name: d.description for d in metadata.definition.query_definitions}
     assert queries["status"] and queries["gates"]
 

@@ -51,12 +51,14 @@ with workflow.unsafe.imports_passed_through():
         ACTIVITY_SYNC,
         ACTIVITY_WRITE_AUDIT,
         ACTOR_CANCEL,
+        ACTOR_UNNAMED,
         ACTOR_WORKFLOW,
         QUERY_DESCRIPTIONS,
         QUERY_GATES,
         QUERY_STATUS,
         RECENT_ACTIONS_MAX,
         UPDATE_ADVANCE,
+        UPDATE_APPROVE,
         UPDATE_DESCRIPTIONS,
         UPDATE_EXAMPLES,
         UPDATE_FORCE_ADVANCE,
@@ -66,6 +68,7 @@ with workflow.unsafe.imports_passed_through():
         UPDATE_SET_ROLLOUT,
         ActionRecord,
         AdvanceRequest,
+        ApproveRequest,
         ArchiveInfo,
         ArchiveRequest,
         AuditEntry,
@@ -78,6 +81,7 @@ with workflow.unsafe.imports_passed_through():
         MigrationStatus,
         Observation,
         PauseRequest,
+        PendingApproval,
         PublishStateInput,
         ReverseDrainRequest,
         ReverseDrainResult,
@@ -130,6 +134,10 @@ PATCH_DRAIN_BEFORE_ARCHIVE = "complete-drains-reverse-projection"
 # The Web UI console (module docstring): search attributes only on change, continue-as-new by
 # history length, cancellation refused, sync with what is published after a restart or reset.
 PATCH_UI_CONSOLE = "migration-ui-console"
+# Four eyes (MigrationConfig.approvals_required): force_advance and entering complete wait for
+# a second engineer's `approve`. Asked only when the config requires approvals, which no
+# recorded history does, so they replay unchanged.
+PATCH_FOUR_EYES = "four-eyes"
 DRAIN_SLACK = timedelta(seconds=60)
 DRAIN_HEARTBEAT = timedelta(seconds=30)
 # Phases whose write path answers from TigerBeetle (a switch in/out of these drains first).
@@ -141,6 +149,7 @@ ACTION_VERBS = {
     "set_rollout": "set rollout", "pause": "paused", "resume": "resumed",
     "auto_rollback": "rolled back automatically", "adopt_published": "adopted the published",
     "cancel_refused": "refused cancellation",
+    "approval_requested": "asked for approval",
 }  # fmt: skip
 
 
@@ -585,8 +594,89 @@ class MigrationWorkflow:
             decision: Decision = decide()
             if not decision.allowed:  # the position changed since the validator ran
                 raise _reject(decision)
+            if self._needs_approval(decision):
+                return await self._request_approval(decision, req, reason, uid)
             return await self._apply(decision, actor=req.actor, reason=reason,
                                      request=sent_fields(req), update_id=uid)
+
+    # ---- four eyes ----------------------------------------------------------------------------
+
+    def _needs_approval(self, decision: Decision) -> bool:
+        """force_advance skips gates and complete cannot be undone: both need a second engineer
+        when the migration asks for it (patched: see PATCH_FOUR_EYES)."""
+        gated = decision.action.value == UPDATE_FORCE_ADVANCE or (
+            decision.target.phase == Phase.COMPLETE and decision.source.phase != Phase.COMPLETE)
+        return (gated and self._config.approvals_required > 0
+                and workflow.patched(PATCH_FOUR_EYES))
+
+    async def _request_approval(self, decision: Decision, req: UpdateRequest, reason: str,
+                                uid: str | None) -> MigrationStatus:
+        """Record who asked and why; nothing moves until another engineer approves."""
+        pending = self._rt.pending_approval
+        if pending is not None:
+            raise Refusal(f"{decision.action.value} refused: {pending.update} by {pending.actor} "
+                          f"(audit #{pending.seq}) already awaits `approve`",
+                          type=REJECTED_ERROR_TYPE)
+        update = decision.action.value
+        why = clip_reason(f"{update} to {describe(decision.target)} awaits another engineer's "
+                          f"approve: {reason.strip() or req.reason or decision.reason}")
+        record = await self._record(
+            "approval_requested", actor=req.actor, source=decision.source,
+            target=decision.source, reason=why, automatic=False,
+            gates=[g.reason for g in decision.gates], request=sent_fields(req), update_id=uid)
+        self._rt.pending_approval = PendingApproval(
+            update=update, request=sent_fields(req), actor=req.actor, reason=req.reason,
+            seq=record.seq, from_position=decision.source, to_position=decision.target)
+        self._refresh_ui()
+        return self.status().model_copy(update={"summary": (
+            f"{update} to {describe(decision.target)} awaits approval by an engineer other "
+            f"than {req.actor} (audit #{record.seq}): send `approve`")})
+
+    def _check_approver(self, r: ApproveRequest) -> PendingApproval:
+        pending = self._rt.pending_approval
+        if pending is None:
+            raise Refusal("approve refused: nothing awaits approval", type=REJECTED_ERROR_TYPE)
+        if r.actor == ACTOR_UNNAMED:
+            raise Refusal('approve refused: name the approver, e.g. {"actor": "bob"}',
+                          type=REJECTED_ERROR_TYPE)
+        if r.actor == pending.actor:
+            raise Refusal(f"approve refused: {pending.actor} asked for {pending.update} "
+                          f"(audit #{pending.seq}); another engineer must approve it",
+                          type=REJECTED_ERROR_TYPE)
+        return pending
+
+    @workflow.update(name=UPDATE_APPROVE, description=UPDATE_DESCRIPTIONS[UPDATE_APPROVE])
+    async def approve(self, req: Any = None) -> MigrationStatus:
+        r = _input(UPDATE_APPROVE, ApproveRequest, req)
+        await workflow.wait_condition(lambda: self._rt.initialized)
+        async with self._lock:
+            pending = self._check_approver(r)
+            self._rt.pending_approval = None  # approved or stale: either way it is used up
+            force = pending.update == UPDATE_FORCE_ADVANCE
+            asked: AdvanceRequest | ForceAdvanceRequest = (
+                ForceAdvanceRequest if force else AdvanceRequest).model_validate(pending.request)
+            decision = self._advance_decision(asked, force)
+            if not decision.allowed:
+                raise _reject(decision)
+            if (decision.source, decision.target) != (pending.from_position,
+                                                      pending.to_position):
+                raise Refusal(f"approve refused: the migration moved since audit #{pending.seq}; "
+                              f"{pending.actor} must ask again", type=REJECTED_ERROR_TYPE)
+            info = workflow.current_update_info()
+            approval = f"approved by {r.actor}" + (f": {r.reason.strip()}" if r.reason.strip()
+                                                  else "")
+            return await self._apply(
+                decision, actor=pending.actor,
+                reason=f"{pending.reason.strip() or decision.reason}; {approval}",
+                request={**pending.request, "approved_by": r.actor,
+                         "approval_reason": r.reason, "approval_of": pending.seq},
+                update_id=None if info is None else info.id)
+
+    @approve.validator
+    def _validate_approve(self, req: Any = None) -> None:
+        r = _input(UPDATE_APPROVE, ApproveRequest, req)
+        if self._rt.initialized:
+            self._check_approver(r)
 
     # ---- updates ------------------------------------------------------------------------------
     # Inputs are `Any` on purpose: the Web UI sends no payload for empty Data and whatever JSON
@@ -695,6 +785,7 @@ class MigrationWorkflow:
             next_gates=gates, next_step=step, recent_actions=self._rt.recent_actions,
             archive=self._rt.archive, auto_rollbacks=self._rt.auto_rollbacks,
             run_actions=self._run_actions, runs=self._rt.runs,
+            pending_approval=self._rt.pending_approval,
         )
 
     @workflow.query(name=QUERY_GATES, description=QUERY_DESCRIPTIONS[QUERY_GATES])

@@ -1,5 +1,5 @@
-"""`walletmig migration start|status|advance|rollback|set-rollout|pause|resume|force-advance`:
-the same Updates and Queries an engineer sends from the Temporal Web UI. The migration
+"""`walletmig migration start|status|advance|rollback|set-rollout|pause|resume|force-advance|
+approve`: the same Updates and Queries an engineer sends from the Temporal Web UI. The migration
 workflow runs in `walletmig worker` (its migration task queue).
 
 Temporal and the workflow models are imported inside the handlers: `walletmig --help` and the
@@ -63,6 +63,10 @@ def render_status(status: MigrationStatus) -> str:
         lines.append(f"  #{action.seq} {action.at:%H:%M:%S} {action.actor} {action.action}: "
                      f"{describe(action.from_position)} -> {describe(action.to_position)} "
                      f"({action.reason})")
+    if status.pending_approval is not None:
+        p = status.pending_approval
+        lines.append(f"  awaiting approve: {p.update} to {describe(p.to_position)} asked by "
+                     f"{p.actor} (audit #{p.seq}): {p.reason}")
     if status.archive is not None:
         lines.append(f"  archive {status.archive.path} sha256 {status.archive.sha256}")
     return "\n".join(lines)
@@ -135,6 +139,7 @@ async def cmd_start(args: argparse.Namespace) -> int:
         migration_id=args.name, scopes=args.scope or ["*"], thresholds=thresholds,
         evidence_interval_s=args.interval_s,
         archive_dir=str(settings.state_dir / "archive"),
+        approvals_required=args.approvals_required,
     )
     client = await connect(settings)
     handle = await start_migration_workflow(client, config,
@@ -193,6 +198,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window-s", type=int, default=300, help="gate evidence window")
     p.add_argument("--interval-s", type=float, default=15.0, help="evidence refresh interval")
     p.add_argument("--stable-s", type=int, default=600, help="tb_primary stable window")
+    # Four eyes by default for migrations engineers start: force-advance and complete are the
+    # steps that skip the gates or cannot be undone (the workflow model's default stays 0 so
+    # recorded histories, fixtures and the demo keep their behaviour).
+    p.add_argument("--approvals-required", type=int, default=1, choices=[0, 1],
+                   help="approvals by another engineer before force-advance or complete runs")
     p.set_defaults(handler=cmd_start)
 
     add("status", "phase, evidence and next gates").set_defaults(handler=cmd_status)
@@ -222,6 +232,8 @@ def register(subparsers: Any) -> None:
     with_actor(add("pause", "stop advancing and automatic rollback")).set_defaults(
         handler=_pause)
     with_actor(add("resume", "resume")).set_defaults(handler=_resume)
+    with_actor(add("approve", "run the pending force-advance or complete (another engineer)")
+               ).set_defaults(handler=_approve)
 
 
 async def _advance(args: argparse.Namespace) -> int:
@@ -267,3 +279,10 @@ async def _force(args: argparse.Namespace) -> int:
 
     return await _update(args, UPDATE_FORCE_ADVANCE, ForceAdvanceRequest(
         actor=_actor(args), reason=args.reason, confirm=args.confirm))
+
+
+async def _approve(args: argparse.Namespace) -> int:
+    from messages.migration import UPDATE_APPROVE, ApproveRequest
+
+    return await _update(args, UPDATE_APPROVE, ApproveRequest(actor=_actor(args),
+                                                              reason=args.reason))
