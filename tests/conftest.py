@@ -349,13 +349,13 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def tb_client(tb_addresses: str) -> AsyncIterator[Any]:
-    """A TigerBeetle client (emulator or real cluster, from TB_ADDRESSES), cluster 0."""
-    try:
-        from stores.tigerbeetle_client import connect_tigerbeetle
-    except ImportError as exc:
-        pytest.skip(f"stores.tigerbeetle_client not available: {exc}")
-    client = connect_tigerbeetle(tb_addresses, cluster_id=0)
+async def tb_client(tb_addresses: str, settings: Settings) -> AsyncIterator[Any]:
+    """A TigerBeetle client (emulator or real cluster, from TB_ADDRESSES), cluster 0, cut to
+    the cluster's request limit like the processes' (stores.bundle.connect_batched): the suite
+    also runs against clusters started with --development or --limit-request."""
+    from stores.bundle import connect_batched
+
+    client = await connect_batched(settings, tb_addresses=tb_addresses)
     try:
         yield client
     finally:
