@@ -71,7 +71,7 @@ from walletmig.demo_traffic import (
 )
 from workers.wallet_worker import connect_temporal
 from workflows.backfill import BackfillWorkflow
-from workflows.migration import MigrationWorkflow
+from workflows.migration import REJECTED_ERROR_TYPE, MigrationWorkflow
 from workflows.reconciliation import ReconciliationWorkflow
 
 PAIRS = ("USD:USA", "MXN:MEX", "EUR:ESP")
@@ -380,14 +380,17 @@ async def run_steps(run: DemoRun, steps: tuple[Step, ...] = STEPS) -> None:
 # ---------------------------------------------------------------------------- migration calls
 
 
-async def advance_when_green(run: DemoRun, *, confirm: bool = False) -> MigrationStatus:
+async def advance_when_green(
+    run: DemoRun, *, confirm: bool = False, deadline: float | None = None
+) -> MigrationStatus:
     """Wait until the next step's gates pass (evidence refreshes every second), then advance.
 
     A failing reconciliation gate gets a fresh reconciliation run now and then, as an engineer
     would re-run it: under live traffic a run can catch a wallet mid-operation. If the gates
     do not pass in `gate_wait_s`, the step is forced with the failed gates as the reason: the
     demo finishes and shows what went wrong, and the report's forced_steps fails it."""
-    deadline = time.monotonic() + run.options.gate_wait_s
+    if deadline is None:
+        deadline = time.monotonic() + run.options.gate_wait_s
     failing: str | None = None
     reruns, last_rerun = 0, time.monotonic()
     while True:
@@ -408,9 +411,19 @@ async def advance_when_green(run: DemoRun, *, confirm: bool = False) -> Migratio
         await asyncio.sleep(0.5)
     run.sent_at.append(time.monotonic())
     if failing is None:
-        status: MigrationStatus = await run.handle.execute_update(
-            UPDATE_ADVANCE, AdvanceRequest(actor="demo", reason="gates green", confirm=confirm),
-            result_type=MigrationStatus)
+        try:
+            status: MigrationStatus = await run.handle.execute_update(
+                UPDATE_ADVANCE,
+                AdvanceRequest(actor="demo", reason="gates green", confirm=confirm),
+                result_type=MigrationStatus)
+        except WorkflowUpdateFailedError as err:
+            # Live traffic moved the evidence between the gates query and the advance (e.g.
+            # new writes in the TigerBeetle backlog): refused, so wait for green again.
+            refused = getattr(err.cause, "type", None) == REJECTED_ERROR_TYPE
+            if not refused or time.monotonic() > deadline:
+                raise
+            run.log(f"  advance refused, gates moved: {err.cause}"[:300])
+            return await advance_when_green(run, confirm=confirm, deadline=deadline)
     else:
         text = f"FORCED to {view.next_step}: {failing}"
         run.log(f"  {text}")
