@@ -25,6 +25,7 @@ from walletcore.ids import hash_u128, transfer_id
 from walletcore.keys import WalletKey
 from walletcore.money import from_minor
 from walletcore.phases import MigrationState, Phase
+from walletcore.reconcile import REGISTRATION_GRACE_S
 from walletmig.demo import (
     DemoOptions,
     isolated_settings,
@@ -115,6 +116,9 @@ async def _apply_twice_in_tigerbeetle(stores: Stores, txn: str, tag: str) -> int
                        ledger=first.ledger, code=first.code)
     (result,) = await stores.tb_client.create_transfers([twin])
     assert result.status == tb.CreateTransferStatus.CREATED, result
+    # Past the grace a registration may take to follow its transfer: from now on it is
+    # judged as what it is, a transfer the platform did not make.
+    await asyncio.sleep(REGISTRATION_GRACE_S + 0.5)
     return int(twin.id)
 
 

@@ -40,7 +40,7 @@ from walletcore.keys import WalletKey
 from walletcore.money import from_minor
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import MigrationState, Phase
-from walletcore.reconcile import IssueKind
+from walletcore.reconcile import REGISTRATION_GRACE_S, IssueKind
 from walletmig.commands.reconcile import render_html
 from workflows.reconciliation import ReconciliationWorkflow
 
@@ -354,6 +354,9 @@ async def _twin_in_tigerbeetle(env: Env, txn: str, tag: str) -> int:
                        ledger=first.ledger, code=first.code)
     (result,) = await env.tb_client.create_transfers([twin])
     assert result.status == tb.CreateTransferStatus.CREATED, result
+    # Past the grace a registration may take to follow its transfer: from now on it is
+    # judged as what it is, a transfer the platform did not make.
+    await asyncio.sleep(REGISTRATION_GRACE_S + 0.5)
     return int(twin.id)
 
 

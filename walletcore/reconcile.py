@@ -20,6 +20,10 @@ from walletcore.phases import MONGO_PRIMARY_DUAL_WRITE, Phase
 from walletcore.transfer_map import operation_leg
 
 IN_FLIGHT_MAX_AGE_S_DEFAULT = 300.0  # an operation missing on one side longer than this is stuck
+# The write path creates a TigerBeetle transfer, then registers it in the Transfer Registry:
+# a read between the two sees an unregistered transfer. Younger than this, it is in flight
+# (the re-check must see it registered); older, a transfer the platform did not make is real.
+REGISTRATION_GRACE_S = 3.0
 UNIT_MINOR = 1  # "more than the currency's smallest unit" means a difference above 1 minor unit
 MATCH_RATE_THRESHOLD_DEFAULT = 0.9999
 

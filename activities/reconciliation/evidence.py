@@ -41,6 +41,7 @@ from walletcore.balances import MinorBalance
 from walletcore.ids import transfer_id, void_transfer_id
 from walletcore.reconcile import (
     OPERATION_CODES,
+    REGISTRATION_GRACE_S,
     ZERO_BALANCE,
     IssueKind,
     OpEffect,
@@ -269,7 +270,10 @@ def _tigerbeetle_only(
         view = TransferView(id=t.id, debit_account_id=t.debit_account_id,
                             credit_account_id=t.credit_account_id, amount=t.amount, code=t.code)
         real_kind: IssueKind | None = None
-        if record is None or not made_by_platform(
+        age_s = max(now.timestamp() - t.timestamp / 1e9, 0.0)
+        if record is None and age_s < REGISTRATION_GRACE_S:
+            ref = f"transfer:{u128_to_hex(t.id)}"  # its registration may still be on its way
+        elif record is None or not made_by_platform(
                 _registered_op(record), view, wallet=s.canonical, ledger=ledger):
             real_kind, ref = IssueKind.UNKNOWN_TRANSFER, f"transfer:{u128_to_hex(t.id)}"
         else:
@@ -282,5 +286,4 @@ def _tigerbeetle_only(
         ev.tb_only.append(transfer_effect(
             customer_id=account_id, debit_account_id=t.debit_account_id,
             credit_account_id=t.credit_account_id, amount=t.amount,
-            age_s=max(now.timestamp() - t.timestamp / 1e9, 0.0), transaction_id=ref,
-            real_kind=real_kind))
+            age_s=age_s, transaction_id=ref, real_kind=real_kind))
