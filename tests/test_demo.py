@@ -12,8 +12,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import tigerbeetle as tb
 from bson.decimal128 import Decimal128
+from wallet_support import twin_in_tigerbeetle
 
 from messages.reconciliation import ReconcileSummary
 from stores.bundle import Stores, make_stores
@@ -21,11 +21,9 @@ from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.balances import MinorBalance
-from walletcore.ids import hash_u128, transfer_id
 from walletcore.keys import WalletKey
 from walletcore.money import from_minor
 from walletcore.phases import MigrationState, Phase
-from walletcore.reconcile import REGISTRATION_GRACE_S
 from walletmig.demo import (
     DemoOptions,
     isolated_settings,
@@ -107,21 +105,6 @@ async def _drained(client: WalletClient, wallets: list[WalletKey]) -> None:
             await asyncio.sleep(0.2)
 
 
-async def _apply_twice_in_tigerbeetle(stores: Stores, txn: str, tag: str) -> int:
-    """A second transfer moving the same money as `txn`'s, under another id, created with the
-    TigerBeetle client directly (no registry, no workflow)."""
-    (first,) = await stores.tb_client.lookup_transfers([transfer_id(txn)])
-    twin = tb.Transfer(id=hash_u128(f"tamper:{tag}"), debit_account_id=first.debit_account_id,
-                       credit_account_id=first.credit_account_id, amount=first.amount,
-                       ledger=first.ledger, code=first.code)
-    (result,) = await stores.tb_client.create_transfers([twin])
-    assert result.status == tb.CreateTransferStatus.CREATED, result
-    # Past the grace a registration may take to follow its transfer: from now on it is
-    # judged as what it is, a transfer the platform did not make.
-    await asyncio.sleep(REGISTRATION_GRACE_S + 0.5)
-    return int(twin.id)
-
-
 async def _drop_mongodb_write(stores: Stores, wallet: WalletKey, txn: str, amount: int) -> None:
     """Undo one credit in MongoDB by hand: its transaction document and its effect on the
     wallet document both go."""
@@ -182,7 +165,7 @@ async def test_checker_fails_on_a_double_in_tigerbeetle_and_a_dropped_mongodb_wr
             assert _reconciliation_clean(
                 await run_reconciliation(temporal, queue, run_id, "before", pairs))
 
-            extra = await _apply_twice_in_tigerbeetle(stores, twice[0].transaction_id, run_id)
+            extra = await twin_in_tigerbeetle(stores.tb_client, twice[0].transaction_id, run_id)
             await _drop_mongodb_write(stores, wallets[1], dropped[0].transaction_id,
                                       dropped[1].amount_minor)
             found = await check(stores, ledger, wallets)

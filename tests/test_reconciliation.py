@@ -25,7 +25,7 @@ from recon_support import (
 )
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
-from wallet_support import sandboxed_worker
+from wallet_support import sandboxed_worker, twin_in_tigerbeetle
 
 from activities.reconciliation.compare import Evaluation
 from activities.store_ops import apply_to
@@ -40,7 +40,7 @@ from walletcore.keys import WalletKey
 from walletcore.money import from_minor
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import MigrationState, Phase
-from walletcore.reconcile import REGISTRATION_GRACE_S, IssueKind
+from walletcore.reconcile import IssueKind
 from walletmig.commands.reconcile import render_html
 from workflows.reconciliation import ReconciliationWorkflow
 
@@ -345,21 +345,6 @@ async def _judge(env: Env, key: WalletKey) -> Evaluation:
     return await wallets.evaluate(f"rc-{uuid.uuid4().hex[:8]}", subjects, 300.0)
 
 
-async def _twin_in_tigerbeetle(env: Env, txn: str, tag: str) -> int:
-    """Behind the platform's back: a second transfer moving the same money as `txn`'s, under
-    another id, created with the TigerBeetle client directly (no registry, no workflow)."""
-    (first,) = await env.tb_client.lookup_transfers([transfer_id(txn)])
-    twin = tb.Transfer(id=hash_u128(f"twin:{tag}"), debit_account_id=first.debit_account_id,
-                       credit_account_id=first.credit_account_id, amount=first.amount,
-                       ledger=first.ledger, code=first.code)
-    (result,) = await env.tb_client.create_transfers([twin])
-    assert result.status == tb.CreateTransferStatus.CREATED, result
-    # Past the grace a registration may take to follow its transfer: from now on it is
-    # judged as what it is, a transfer the platform did not make.
-    await asyncio.sleep(REGISTRATION_GRACE_S + 0.5)
-    return int(twin.id)
-
-
 async def _drop_mongodb_write(env: Env, key: WalletKey, txn: str, amount_minor: int) -> None:
     """Behind the platform's back: a credit MongoDB answered is lost (its transaction document
     and its effect on the wallet document both go)."""
@@ -393,7 +378,7 @@ async def test_tampering_is_real_and_a_genuine_backlog_is_in_flight(
     for key, txn, amount in ((doubled, doubled_txn, "7"), (dropped, lost, "7.000")):
         await credit(env, key, txn, amount, overdraft=True)  # both stores, as the backlog does
         await credit(env, key, txn, amount, overdraft=True, store=env.tb_store)
-    twin = await _twin_in_tigerbeetle(env, doubled_txn, doubled_txn)
+    twin = await twin_in_tigerbeetle(env.tb_client, doubled_txn, doubled_txn)
     await _drop_mongodb_write(env, dropped, lost, 7000)  # BHD: 3 decimals
     await credit(env, backlog, unique_id("seed"), "3")  # a new wallet: the backlog imports it...
     await credit(env, backlog, (pending := unique_id("pending")), "2")  # ...not drained yet
@@ -426,7 +411,7 @@ async def test_tampering_is_real_and_a_genuine_backlog_is_in_flight(
     await credit(env, keys[1], projected, "4", overdraft=True, store=env.tb_store)
     found = await _judge(env, keys[1])
     assert (found.real, found.in_flight) == (0, [keys[1].canonical]), found
-    await _twin_in_tigerbeetle(env, projected, unique_id("twin"))
+    await twin_in_tigerbeetle(env.tb_client, projected, unique_id("twin"))
     found = await _judge(env, keys[1])
     assert found.real == 1 and found.findings[IssueKind.UNKNOWN_TRANSFER] == 1, found
     await credit(env, keys[1], projected, "4", overdraft=True)  # the projection lands

@@ -20,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import tigerbeetle as tb
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
@@ -32,8 +33,10 @@ from tb_emulator import server as tb_server
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import ENVIRONMENT, Settings
 from walletcore.errors import NotFoundError
+from walletcore.ids import hash_u128, transfer_id
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
+from walletcore.reconcile import REGISTRATION_GRACE_S
 from walletmig.processes import free_port, port_accepts
 from workers.wallet_worker import build_worker, workflow_runner
 from workers.wiring import make_importer
@@ -309,3 +312,18 @@ def limited_emulator(limit: RequestLimit) -> Iterator[tb_server.EmulatorProcess]
     finally:
         process.kill()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def twin_in_tigerbeetle(client: Any, txn: str, tag: str) -> int:
+    """Behind the platform's back: a second transfer moving the same money as `txn`'s, under
+    another id, created with the TigerBeetle client directly (no registry, no workflow). Returns
+    once it is past the grace a registration may take (walletcore.reconcile): from then on it is
+    judged as what it is, a transfer the platform did not make."""
+    (first,) = await client.lookup_transfers([transfer_id(txn)])
+    twin = tb.Transfer(id=hash_u128(f"twin:{tag}"), debit_account_id=first.debit_account_id,
+                       credit_account_id=first.credit_account_id, amount=first.amount,
+                       ledger=first.ledger, code=first.code)
+    (result,) = await client.create_transfers([twin])
+    assert result.status == tb.CreateTransferStatus.CREATED, result
+    await asyncio.sleep(REGISTRATION_GRACE_S + 0.5)
+    return int(twin.id)
