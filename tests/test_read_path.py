@@ -4,6 +4,7 @@ shadow comparisons (match / mismatch / in-flight), sticky cutover, fallback and 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ from typing import Any
 
 import pytest_asyncio
 import redis.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from observability.exposition import serve_metrics
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.legacy_store import LegacyStore
@@ -211,3 +214,40 @@ async def test_wallet_reader_is_the_router_without_metrics(
     assert len(await reader.history(w_in, 10)) == 1
     assert len(await reader.history(w_out, 10)) == 1
     assert await outcomes(env, w_in) == [] and await outcomes(env, w_out) == []
+
+
+def scraped_breaker_open(url: str) -> float:
+    """`walletmig_circuit_breaker_open{scope="*"}` as a scrape of this process sees it."""
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    found = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == "walletmig_circuit_breaker_open" and s.labels == {"scope": "*"}]
+    assert len(found) == 1, found  # one series: the label set is bounded
+    return found[0]
+
+
+async def test_breaker_state_is_exported(env: Env, unique_id: Callable[..., str]) -> None:
+    """Every breaker state change moves the gauge: closed 0, open 1, half open 1 (reads still
+    fall back but for the probe), closed again 0 once a probe succeeds."""
+    inside = next(c for c in (unique_id("in") for _ in range(1000)) if in_rollout(c, 50))
+    wallet = await make_wallet(env, unique_id, client=inside)
+    await env.set_phase("USD:USA", Phase.READ_CUTOVER, 50)
+    server = serve_metrics(0, "127.0.0.1")
+    try:
+        broken = env.router(dead=True, tb_timeout_ms=300,
+                            breaker=BreakerConfig(failure_threshold=2, open_ms=500))
+        assert await asyncio.to_thread(scraped_breaker_open, server.url) == 0
+        for _ in range(2):
+            assert (await broken.get_balance(wallet)).source == "mongodb"
+        assert broken.breaker.state == BreakerState.OPEN
+        assert await asyncio.to_thread(scraped_breaker_open, server.url) == 1
+
+        # TigerBeetle reachable again (the same router, the live cluster): after open_ms the
+        # half-open probe succeeds and the breaker closes.
+        broken._tb = env.tb
+        await asyncio.sleep(0.6)
+        assert (await broken.get_balance(wallet)).source == "tigerbeetle"
+        assert broken.breaker.state.value == "closed"
+        assert await asyncio.to_thread(scraped_breaker_open, server.url) == 0
+    finally:
+        server.close()

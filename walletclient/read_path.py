@@ -32,10 +32,11 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from observability.metrics import CIRCUIT_BREAKER_OPEN
 from stores.migration_state import GLOBAL_SCOPE, MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletcore.balances import WalletBalance
-from walletcore.breaker import BreakerConfig, CircuitBreaker
+from walletcore.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from walletcore.errors import NotFoundError, StoreUnavailableError
 from walletcore.keys import WalletKey
 from walletcore.operations import HistoryEntry
@@ -99,6 +100,7 @@ class ReadRouter:
         self._metrics = metrics
         self.config = config or ReadPathConfig()
         self.breaker = CircuitBreaker(self.config.breaker)
+        self._publish_breaker()  # exported at 0 from the start: an absent series reads as no data
         self._pending_ops = pending_ops
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_skipped = 0
@@ -226,11 +228,37 @@ class ReadRouter:
                 return ReadOutcome.IN_FLIGHT, tb_ms, first
         return ReadOutcome.MISMATCH, tb_ms, first[:300]
 
+    # ---- circuit breaker (walletcore.breaker has no I/O: the gauge is published here) --------
+
+    def _publish_breaker(self) -> None:
+        """`walletmig_circuit_breaker_open{scope="*"}`: 1 while the breaker is open or half open
+        (reads fall back to MongoDB but for the probes), 0 when closed. One breaker guards every
+        ledger pair of this router (TigerBeetle is one cluster), so its scope label is the
+        global scope: a bounded label set of one value."""
+        CIRCUIT_BREAKER_OPEN.labels(GLOBAL_SCOPE).set(
+            0 if self.breaker.state == BreakerState.CLOSED else 1)
+
+    def _breaker_allows(self) -> bool:
+        before = self.breaker.state
+        allowed = self.breaker.allow(_now_ms())
+        if self.breaker.state != before:  # open -> half open
+            self._publish_breaker()
+        return allowed
+
+    def _breaker_result(self, ok: bool) -> None:
+        before = self.breaker.state
+        if ok:
+            self.breaker.record_success(_now_ms())
+        else:
+            self.breaker.record_failure(_now_ms())
+        if self.breaker.state != before:  # closed/half open -> open, half open -> closed
+            self._publish_breaker()
+
     # ---- TigerBeetle with fallback ----------------------------------------------------------
 
     async def _tb_with_fallback(self, wallet: WalletKey, mode: ReadMode) -> WalletBalance:
         scope = wallet.ledger_pair
-        if not self.breaker.allow(_now_ms()):
+        if not self._breaker_allows():
             answer = await self._legacy.get_balance(wallet)
             self._record(scope, mode, ReadOutcome.FALLBACK_OPEN, wallet, detail="circuit open")
             return answer
@@ -240,19 +268,19 @@ class ReadRouter:
                                             self.config.tb_timeout_ms / 1000)
         except NotFoundError:
             # Not a health problem of TigerBeetle: MongoDB decides whether the wallet exists.
-            self.breaker.record_success(_now_ms())
+            self._breaker_result(ok=True)
             answer = await self._legacy.get_balance(wallet)
             self._record(scope, mode, ReadOutcome.FALLBACK_ERROR, wallet,
                          detail="NotFoundError in TigerBeetle")
             return answer
         except Exception as exc:
-            self.breaker.record_failure(_now_ms())
+            self._breaker_result(ok=False)
             log.warning("TigerBeetle read of %s failed (%s): MongoDB answers", wallet, exc)
             answer = await self._legacy.get_balance(wallet)
             self._record(scope, mode, ReadOutcome.FALLBACK_ERROR, wallet,
                          detail=f"{type(exc).__name__}: {exc}"[:300])
             return answer
-        self.breaker.record_success(_now_ms())
+        self._breaker_result(ok=True)
         self._record(scope, mode, ReadOutcome.TB_SERVED, wallet,
                      tb_ms=(time.perf_counter() - started) * 1000)
         return answer
