@@ -48,6 +48,7 @@ from messages.migration import (
     SyncResult,
 )
 from mongobase.queries import Created
+from observability.metrics import count_auto_rollback, observe_gates
 from registries.transfer_registry import TransferRegistry
 from stores.audit_log import AuditLog
 from stores.backfill_imports import MANY_MAX, ImportLedger, ImportStatus
@@ -59,6 +60,7 @@ from stores.reports import ReportStore
 from walletcore.errors import ConflictError
 from walletcore.gates import EVIDENCE_VERSION, Evidence, choose_report
 from walletcore.phases import MigrationState, Phase
+from walletcore.transitions import ActionKind, gates_for_move, next_position
 
 # Operations applied this close to the switch may have been answered under the old epoch
 # (readers cache the state ~1 s): they are not owed to the other store.
@@ -83,6 +85,21 @@ def _archive_line(collection: str, doc: dict[str, Any]) -> bytes:
     """One archived document: canonical extended JSON, keys sorted (a stable digest)."""
     encoded = json.loads(json_util.dumps(doc, json_options=json_util.CANONICAL_JSON_OPTIONS))
     return json.dumps({"collection": collection, "doc": encoded}, sort_keys=True).encode() + b"\n"
+
+
+def _observe_gates(req: EvidenceRequest, evidence: Evidence, now: datetime) -> None:
+    """The next step's gates judged as the workflow judges them (the same walletcore rules on
+    the same evidence, phase age included) for walletmig_migration_gate_ok: the workflow
+    itself cannot export a metric (deterministic, replayed)."""
+    if req.position is None or req.thresholds is None:
+        return  # a workflow scheduled before it sent them
+    if req.position_since is not None:
+        age_s = max(0.0, (now - _utc(req.position_since)).total_seconds())
+        evidence = evidence.model_copy(update={"phase_age_s": age_s})
+    target = next_position(req.position)
+    results = ([] if target is None else
+               gates_for_move(req.position, target, evidence, req.thresholds))
+    observe_gates(req.migration_id, {r.name: r.passed for r in results})
 
 
 class MigrationActivities:
@@ -144,7 +161,15 @@ class MigrationActivities:
 
     @activity.defn(name=ACTIVITY_WRITE_AUDIT)
     async def write_audit(self, entry: AuditEntry) -> None:
+        """Also counts an automatic rollback (walletmig_migration_auto_rollbacks_total) once:
+        a retried attempt finding its entry already recorded does not count it again."""
+        counts = entry.action == ActionKind.AUTO_ROLLBACK.value
+        if counts:
+            newest = await self._audit.list(entry.migration_id, limit=1)
+            counts = not newest or newest[-1].seq < entry.seq
         await self._audit.record(entry)
+        if counts:
+            count_auto_rollback(entry.migration_id)
 
     # ---- evidence -------------------------------------------------------------------------------
 
@@ -154,7 +179,7 @@ class MigrationActivities:
         since = _utc(req.since)
         summary = await self._metrics.summary(req.scopes, since)
         recon = await self._reconciliation(req.scopes, now - timedelta(seconds=req.window_s))
-        return Evidence(
+        evidence = Evidence(
             evidence_version=EVIDENCE_VERSION,
             collected_at=now,
             window_s=req.window_s,
@@ -176,6 +201,8 @@ class MigrationActivities:
             cutover_reads=summary.cutover_reads,
             cutover_fallbacks=summary.fallbacks,
         )
+        _observe_gates(req, evidence, now)
+        return evidence
 
     @activity.defn(name=ACTIVITY_OBSERVE)
     async def observe(self, req: EvidenceRequest) -> Observation:

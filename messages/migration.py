@@ -463,6 +463,12 @@ class EvidenceRequest(_Frozen):
     # When the write path last switched direction (entered dual_write or tb_primary):
     # operations since then are the ones that must reach the other store.
     write_switch_at: datetime | None = None
+    # Where the migration stands and its thresholds: the activity judges the next step's gates
+    # on the evidence it collected for the gate gauges (issue 11). None from a workflow
+    # scheduled before they were sent: no gauges.
+    position: Position | None = None
+    position_since: datetime | None = None
+    thresholds: GateThresholds | None = None
 
 
 class AuditEntry(_Frozen):

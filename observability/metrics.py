@@ -7,9 +7,10 @@ metric breaks a test instead of silently emptying a panel.
 Labels are bounded sets only: store names, operation names, outcomes, error class names,
 ledger-pair scopes, phases. Never a client id, a wallet or a transaction id.
 
-Some metrics are defined here for code this module's owner does not touch yet (credit
-terminal, backlog, gates, auto-rollback): their builders import the objects below and call
-them; the dashboards and alerts already name them.
+Some metrics are set by the code that knows the values (credit terminal, backlog): their
+builders import the objects below and call them. Gate and auto-rollback metrics are set by
+activities.migration (observe_gates, count_auto_rollback): the workflow decides, its
+activities see every decision's evidence and the audit entry of every automatic rollback.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ __all__ = [
     "PHASES",
     "TEMPORAL_SDK_METRICS",
     "Operation",
+    "count_auto_rollback",
     "instrument_methods",
+    "observe_gates",
     "observe_migration_state",
     "observe_reconciliation",
     "set_enabled",
@@ -332,6 +335,35 @@ def observe_migration_state(scope: str, phase: str, rollout_percent: int, epoch:
         MIGRATION_PHASE.labels(scope, name).set(1 if name == phase else 0)
     MIGRATION_ROLLOUT_PERCENT.labels(scope).set(rollout_percent)
     MIGRATION_EPOCH.labels(scope).set(epoch)
+
+
+# migration id -> gate names its gauges hold now (the gates of its next step).
+_GATES: dict[str, frozenset[str]] = {}
+MIGRATIONS_MAX = 256  # migrations this process reports gates of; the oldest is dropped past it
+
+
+def observe_gates(migration: str, passed: Mapping[str, bool]) -> None:
+    """The gates of a migration's next step as last judged (1 met, 0 not). A gate of an
+    earlier step is removed, not left at its last value: the panel shows what blocks now.
+    Also exports the migration's auto-rollback counter at 0 (an alert's `increase()` needs
+    the series before its first increment)."""
+    assert migration
+    previous = _GATES.pop(migration, frozenset())
+    for gate in previous - passed.keys():
+        MIGRATION_GATE_OK.remove(migration, gate)
+    if len(_GATES) >= MIGRATIONS_MAX:  # a migration finished long ago: its gauges go
+        oldest = next(iter(_GATES))
+        for gate in _GATES.pop(oldest):
+            MIGRATION_GATE_OK.remove(oldest, gate)
+    _GATES[migration] = frozenset(passed)
+    for gate, ok in passed.items():
+        MIGRATION_GATE_OK.labels(migration, gate).set(1 if ok else 0)
+    MIGRATION_AUTO_ROLLBACKS.labels(migration)
+
+
+def count_auto_rollback(migration: str) -> None:
+    assert migration
+    MIGRATION_AUTO_ROLLBACKS.labels(migration).inc()
 
 
 def observe_reconciliation(scope: str, *, wallets: int, match_ratio: float | None,

@@ -7,17 +7,22 @@ the WalletClient, both endpoints scraped.
 - TigerBeetle requests were timed (dual-write pair) and nothing is left in flight;
 - `walletmig_migration_phase` follows a phase change (one gauge per phase label);
 - the Temporal SDK's metrics the dashboards use are exported under the names they use;
-- every sample's labels are bounded: no wallet or transaction id appears in the scrape.
+- every sample's labels are bounded: no wallet or transaction id appears in the scrape;
+- a migration workflow on that worker: its next step's gates as gauges (met / not met, an
+  earlier step's gates removed), an automatic rollback counted once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import string
 import subprocess
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -48,19 +53,23 @@ from wallet_support import (
 )
 
 from activities.clearing import build_clearing_activities
+from messages.migration import ForceAdvanceRequest, MigrationConfig, MigrationStatus
 from observability.exposition import serve_metrics
 from observability.metrics import DEFINED, TEMPORAL_SDK_METRICS
 from observability.terminal import TERMINAL_OUTCOMES, observe_sync_lag
 from stores.bundle import connect_batched, open_stores
 from stores.clearing_store import ClearingStore
 from stores.general_ledger import GeneralLedger
+from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletclient.clearing_client import ClearingClient
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.errors import InsufficientFundsError
+from walletcore.gates import GateThresholds
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void
 from walletcore.phases import Phase
+from walletmig.commands.migration import start_migration_workflow
 from walletmig.processes import free_port
 from workers.wallet_worker import workflow_runner
 from workflows.clearing import ClearingBatchWorkflow
@@ -261,6 +270,85 @@ def check_temporal_sdk(samples: Samples) -> None:
                    "temporal_worker_task_slots_available"):
         assert wanted in names, f"{wanted} not exported; temporal names: " + ", ".join(
             sorted(n for n in names if n.startswith("temporal_")))
+
+
+FAILED_READS = 30  # cutover reads that fell back: 100 % TigerBeetle errors, >= min samples
+GATE_WAIT_S = 60
+
+
+async def wait_scraped(port: int, what: str, check: Callable[[Samples], bool]) -> Samples:
+    deadline = time.monotonic() + GATE_WAIT_S
+    while True:
+        samples = await asyncio.to_thread(scrape, port)
+        if check(samples):
+            return samples
+        assert time.monotonic() < deadline, f"never scraped {what}"
+        await asyncio.sleep(0.3)
+
+
+def gates_of(samples: Samples, migration: str) -> dict[str, float]:
+    return {dict(labels)["gate"]: v for (name, labels), v in samples.items()
+            if name == "walletmig_migration_gate_ok" and ("migration", migration) in labels}
+
+
+async def test_migration_gates_and_auto_rollback_are_exported(
+    temporal_client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """A migration workflow served by a `walletmig worker` subprocess: each evidence round
+    exports its next step's gates (legacy -> dual_write: history import finished, met); forced
+    to read_cutover 10 %, then TigerBeetle failing every cutover read: the automatic rollback
+    to shadow_read is counted once, and the gauges are shadow_read's next gates, not
+    read_cutover's (fallback_rate removed)."""
+    isolated = isolated_settings(settings, "metrics_gates")
+    run = uuid.uuid4().hex[:8]
+    letters = "".join(random.choices(string.ascii_uppercase, k=8))
+    scope = f"{letters[:5]}:{letters[5:]}"  # a scope nobody else migrates
+    migration = f"metrics-gates-{run}"
+    port = free_port()
+    env = worker_env(isolated, f"metrics-w-{run}")
+    env["MIGRATION_TASK_QUEUE"] = queue = f"metrics-m-{run}"
+    env["WALLETMIG_METRICS_PORT"] = str(port)
+    config = MigrationConfig(
+        migration_id=migration, scopes=[scope], evidence_interval_s=0.3, state_cache_ttl_s=0,
+        archive_dir=str(tmp_path / "archive"),
+        thresholds=GateThresholds(window_s=120, min_shadow_samples=20, min_cutover_samples=20,
+                                  auto_rollback_min_samples=20))
+    worker = start_worker(env, tmp_path / "worker.log")
+    async with open_stores(isolated) as stores:
+        try:
+            await wait_scrapable(port, worker)
+            handle = await start_migration_workflow(temporal_client, config, task_queue=queue)
+            first = await wait_scraped(port, "the legacy step's gate",
+                                       lambda s: bool(gates_of(s, migration)))
+            assert gates_of(first, migration) == {"history_import_finished": 1}
+            assert value(first, "walletmig_migration_auto_rollbacks_total",
+                         migration=migration) == 0  # exported before its first increment
+            for _ in range(3):
+                await handle.execute_update("force_advance", ForceAdvanceRequest(
+                    reason="metrics test", actor="bob"))
+            cutover = await wait_scraped(port, "read_cutover's gate",
+                                         lambda s: "fallback_rate" in gates_of(s, migration))
+            assert set(gates_of(cutover, migration)) == {"fallback_rate"}
+
+            reads = ReadMetricsStore(stores.db)
+            for _ in range(FAILED_READS):
+                reads.record(ReadObservation(
+                    scope=scope, mode=ReadMode.CUTOVER, outcome=ReadOutcome.FALLBACK_ERROR,
+                    tb_ms=1.0, mongo_ms=2.0, at=datetime.now(UTC)))
+            await reads.flush()
+            after = await wait_scraped(port, "the automatic rollback", lambda s: value(
+                s, "walletmig_migration_auto_rollbacks_total", migration=migration) >= 1)
+            shadow = await wait_scraped(port, "shadow_read's gates", lambda s: gates_of(
+                s, migration).keys() == {"shadow_match_rate", "tb_read_p95_ratio"})
+            assert value(shadow, "walletmig_migration_auto_rollbacks_total",
+                         migration=migration) == 1
+            assert all(v in (0, 1) for v in gates_of(after, migration).values())
+            status = await handle.query("status", result_type=MigrationStatus)
+            assert status.phase == "shadow_read" and status.auto_rollbacks == 1
+            check_labels(shadow)
+            await handle.terminate("test done")
+        finally:
+            stop_workers([worker])
 
 
 HEALTH_CHECKS = 3

@@ -418,6 +418,8 @@ class MigrationWorkflow:
             migration_id=self._config.migration_id, scopes=self._config.scopes,
             phase=self._rt.position.phase, since=since,
             window_s=self._config.thresholds.window_s, write_switch_at=self._write_switch_at(),
+            position=self._rt.position, position_since=self._rt.position_since,
+            thresholds=self._config.thresholds,
         )
         try:
             if self._console():
