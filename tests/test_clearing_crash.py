@@ -1,0 +1,271 @@
+"""Faults on the credit terminal (issue 14): kill -9 of the TigerBeetle emulator and of the
+MongoDB server (SecantusDB) in the middle of a stream of terminal submissions, and the
+double-entry invariant as a property of walletcore's pure clearing functions.
+
+The stream: two callers send batches of 40 mixed transactions (settling kinds in USD and USDC,
+and per 20 an amount over the limit, a blocked counterparty, a reservation TigerBeetle refuses
+for lack of funds and a duplicate reference), 400 in all plus the batch sent right before the
+kill. The server is SIGKILLed with batches in flight (asserted: accepted, not final at the
+kill), kept down a few seconds while the callers go on (resending the same batch while MongoDB
+is down, as the client's contract asks), and restarted on the same port and data dir.
+
+Afterwards, read independently (tests/clearing_support.py: TigerBeetle's `lookup_transfers` on
+the derived ids and `lookup_accounts` on the mirrors, the ledger's collections directly): every
+accepted transaction ended exactly as expected (settled, or rejected with its reason), its
+TigerBeetle transfers match (hold + post, hold + void, or nothing), each posted transfer has
+exactly one journal entry and no entry is doubled, the trial balance is zero, the stored
+balances and the mirrors' posted balances equal the entries, and no hold is left pending.
+The same external ids resent concurrently under other batch ids are replays (one transfer,
+one entry); other content under a used id is a ConflictError.
+
+The module's servers are its own (clearing_support.private_stack), never the session's: they
+get killed. Temporal is the session's.
+
+The clearing worker's kill -9: test_clearing_pipeline.py::test_kill_9_of_the_worker_mid_stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+from clearing_support import (
+    FINAL,
+    Stream,
+    Submitted,
+    Terminal,
+    check_books,
+    kill_9,
+    open_batches,
+    private_stack,
+    records_caught_up,
+    restart,
+    stages,
+    submit_until_recorded,
+    terminal,
+    wait_final,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from temporalio.client import Client
+
+from stores.bundle import connect_batched
+from stores.tb_batches import BatchedClient
+from walletconfig.settings import Settings
+from walletcore.clearing import (
+    DEFAULT_CLEARING_TABLE,
+    ExternalTransaction,
+    pending_spec,
+    post_spec,
+    settlement_entry,
+    void_spec,
+)
+from walletcore.journal import AccountBalance, balance_deltas, trial_balance
+from walletcore.money import from_minor
+from walletmig import devstack
+
+BATCH_SIZE = 40
+CALLERS = 2
+BATCHES_PER_CALLER = 5  # 400 transactions, plus the batch sent at the kill
+BEFORE_KILL = 2  # each caller's batches sent before the kill; the rest during and after
+DOWN_S = 3.0
+SUBMIT_TIMEOUT_S = 60.0
+FINAL_WAIT_S = 90.0
+UNDER_WAY_WAIT_S = 60.0
+BLOCKED = "evil-bank-crash"
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[devstack.StackConfig]:
+    with private_stack(["mongo", "tigerbeetle"], "clearing-crash") as config:
+        yield config
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def tb_client(stack: devstack.StackConfig) -> AsyncIterator[BatchedClient]:
+    """A client of the private emulator (reconnects across its restart)."""
+    settings = Settings.from_env(
+        temporal_address="127.0.0.1:1", mongodb_uri=stack.mongodb_uri,
+        mongodb_database="unused", redis_url="redis://127.0.0.1:1",
+        tb_addresses=stack.tb_addresses, state_dir=stack.state_dir)
+    client = await connect_batched(settings)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@dataclass
+class KillReport:
+    """What was in flight at the kill and what the callers saw."""
+
+    open_ids: int
+    open_batches: int
+    stages: Counter[str]
+    restart_s: float
+    kill_batch: list[ExternalTransaction]
+
+
+async def _stream_through_kill(
+    term: Terminal, stream: Stream, stack: devstack.StackConfig, server: str,
+    out: Submitted, *, snapshot_after_kill: bool,
+) -> KillReport:
+    """Callers send their first batches; once an outcome is final (the pipeline runs), one
+    more batch is sent and `server` is SIGKILLed at once (that batch, at least, is in
+    flight); the callers send the rest during the outage and after the restart."""
+    killed = asyncio.Event()
+    report: list[KillReport] = []
+
+    async def caller(n: int) -> None:
+        for b in range(BATCHES_PER_CALLER):
+            if b == BEFORE_KILL:
+                await killed.wait()
+            batch = stream.batch(n * BATCHES_PER_CALLER + b, BATCH_SIZE)
+            await submit_until_recorded(term, batch, out, timeout_s=SUBMIT_TIMEOUT_S)
+            await asyncio.sleep(0.2)
+
+    async def crash() -> None:
+        deadline = time.monotonic() + UNDER_WAY_WAIT_S
+        while True:
+            outcomes = await term.client.statuses(out.accepted)
+            if any(o.state in FINAL for o in outcomes.values()):
+                break
+            assert time.monotonic() < deadline, "no outcome final: the pipeline does not run"
+            await asyncio.sleep(0.1)
+        kill_batch = stream.batch(CALLERS * BATCHES_PER_CALLER, BATCH_SIZE)
+        await submit_until_recorded(term, kill_batch, out, timeout_s=SUBMIT_TIMEOUT_S)
+        if not snapshot_after_kill:  # MongoDB is about to die: read what is open now
+            in_flight = await open_batches(term, out.accepted)
+        kill_9(stack, server)
+        if snapshot_after_kill:
+            in_flight = await open_batches(term, out.accepted)
+        killed.set()
+        seen = await stages(term, list(in_flight))
+        await asyncio.sleep(DOWN_S)
+        took = await restart(stack, server)
+        report.append(KillReport(open_ids=sum(map(len, in_flight.values())),
+                                 open_batches=len(in_flight), stages=seen, restart_s=took,
+                                 kill_batch=kill_batch))
+
+    await asyncio.gather(crash(), *(caller(n) for n in range(CALLERS)))
+    (kill,) = report
+    assert kill.open_ids > 0, "nothing was in flight at the kill"
+    return kill
+
+
+async def _resend_concurrently(term: Terminal, kill_batch: list[ExternalTransaction]) -> None:
+    """The batch sent at the kill, twice more at once under other batch ids: all replays
+    (recorded once, by its own batch); one id with other content: a ConflictError."""
+    results = await asyncio.gather(*(term.client.submit_many(kill_batch) for _ in range(2)))
+    for result in results:
+        assert not result.accepted and not result.refused, result
+        assert {r.external_id for r in result.replayed} == {t.external_id for t in kill_batch}
+    changed = kill_batch[0].model_copy(update={"amount": kill_batch[0].amount + 1})
+    refused = await term.client.submit_many([changed])
+    assert [(r.external_id, r.error, r.field) for r in refused.refused] == [
+        (changed.external_id, "ConflictError", "external_id")]
+
+
+async def _run(term: Terminal, stack: devstack.StackConfig, server: str, *,
+               snapshot_after_kill: bool) -> None:
+    stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
+    out = Submitted()
+    started = time.monotonic()
+    kill = await _stream_through_kill(term, stream, stack, server, out,
+                                      snapshot_after_kill=snapshot_after_kill)
+    await _resend_concurrently(term, kill.kill_batch)
+    outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
+    assert len(outcomes) == (CALLERS * BATCHES_PER_CALLER + 1) * BATCH_SIZE
+    books = await check_books(term, stream, out.accepted, outcomes)
+    counts = await records_caught_up(term, len(outcomes), books.settled)
+    print(f"\n{server} kill -9: in flight at the kill {kill.open_ids} transactions in "
+          f"{kill.open_batches} batches, workflow stages {dict(kill.stages)}; restart "
+          f"{kill.restart_s:.1f} s; submit attempts {out.attempts} for {len(out.batches)} "
+          f"batches, errors while down {dict(out.errors)}; outcomes: settled {books.settled}, "
+          f"rejected {dict(books.rejected)}; entries {books.entries}, posted transfers "
+          f"{books.posted_transfers}; records {dict(counts)}; "
+          f"{time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.slow
+async def test_kill_9_of_tigerbeetle_mid_stream(
+    temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
+) -> None:
+    """While the emulator is down, intake goes on (MongoDB and Temporal are up) and the
+    batches' TigerBeetle steps retry; the restarted emulator (its log replayed) holds every
+    hold and post it acknowledged, and the pipeline resumes where each batch stopped."""
+    async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
+        await _run(term, stack, "tigerbeetle", snapshot_after_kill=True)
+
+
+@pytest.mark.slow
+async def test_kill_9_of_mongodb_mid_stream(
+    temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
+) -> None:
+    """While MongoDB is down, intake fails and the callers resend the same batch (same batch
+    id) until it is recorded; the batches' store and ledger steps retry; a ledger transaction
+    cut by the kill leaves nothing (the entries and balances commit together or not)."""
+    async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
+        await _run(term, stack, "mongo", snapshot_after_kill=False)
+
+
+# ---- the double-entry invariant over random batches (pure walletcore) -----------------------
+
+TABLE = DEFAULT_CLEARING_TABLE
+ROUTES = [(r.kind, c) for r in TABLE.routes for c in r.currencies]
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[tuple[ExternalTransaction, bool]]:
+    """Transactions of random kinds, currencies and amounts within their limits, each posted
+    (True) or voided (False)."""
+    count = draw(st.integers(min_value=1, max_value=60))
+    out: list[tuple[ExternalTransaction, bool]] = []
+    for index in range(count):
+        kind, currency = draw(st.sampled_from(ROUTES))
+        limits = TABLE.limits(kind, currency)
+        minor = draw(st.integers(min_value=limits.amount_min, max_value=limits.amount_max))
+        txn = ExternalTransaction(
+            external_id=f"prop-{index}", kind=kind, currency=currency,
+            amount=from_minor(minor, currency), counterparty=f"party-{index % 3}")
+        out.append((txn, draw(st.booleans())))
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches())
+def test_posted_transfers_and_entries_keep_double_entry(
+    batch: list[tuple[ExternalTransaction, bool]],
+) -> None:
+    """Per transaction, the hold, the post and the void move the same amount between the
+    same mirrors; the posted ones' entries balance per currency, move exactly the route's
+    accounts, and their balances equal what the post transfers do to the mirrors (the
+    reconciliation's premise); voided ones leave no trace in the books."""
+    posted = [t for t, post in batch if post]
+    mirror_posted: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for txn, post in batch:
+        hold, done = pending_spec(txn, TABLE), (post_spec if post else void_spec)(txn, TABLE)
+        assert done.pending_id == hold.id and done.amount == hold.amount == txn.amount_minor
+        assert (done.debit_account_id, done.credit_account_id, done.ledger) == (
+            hold.debit_account_id, hold.credit_account_id, hold.ledger)
+        assert hold.debit_account_id != hold.credit_account_id
+        if post:
+            mirror_posted[done.debit_account_id][0] += done.amount
+            mirror_posted[done.credit_account_id][1] += done.amount
+    entries = [settlement_entry(t, TABLE, 10**18 + i) for i, t in enumerate(posted)]
+    deltas = balance_deltas(entries)
+    balances = [AccountBalance(account=a, currency=c, debits_minor=d, credits_minor=cr)
+                for (a, c), (d, cr) in deltas.items()]
+    assert trial_balance(balances).zero
+    assert len({e.entry_id for e in entries}) == len(entries)
+    by_mirror = {TABLE.chart.mirror(a, c).id: [d, cr] for (a, c), (d, cr) in deltas.items()}
+    assert by_mirror == dict(mirror_posted)
+    for currency in {t.currency for t in posted}:
+        moved = sum(t.amount_minor for t in posted if t.currency == currency)
+        assert sum(d for (_, c), (d, _) in deltas.items() if c == currency) == moved
