@@ -101,7 +101,8 @@ def _assemble(
         temporal=temporal,
         # The write's own bound is the gateway's write timeout (the request waits for it).
         wallets=WalletClient(
-            temporal, platform.wallet_task_queue, retry_window_s=settings.write_timeout_s
+            temporal, platform.wallet_task_queue, id_key=platform.id_key(),
+            retry_window_s=settings.write_timeout_s,
         ),
         reader=ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics),
         metrics=metrics,

@@ -4,15 +4,23 @@ The registry is the authority for account ids. The id is account_id(key, nonce) 
 nonce 0; a unique index on `account_id` detects a collision with another wallet, and the
 registry then tries the next nonce and records the one that won. Records never change after
 creation, which is what makes the Redis read-through cache safe.
+
+Reads of an account by wallet (`read_account`, the TigerBeetle balance read) skip the registry
+trip: the id of a wallet seen before is remembered in process (immutable, so never stale), and a
+wallet not seen yet is looked up at its derived id (nonce 0) WHILE the registry is asked; the
+derived answer is used only when the registry's record says nonce 0. So the answer always comes
+from the id the registry recorded (correct under collisions) and costs one TigerBeetle round
+trip, the registry's running beside it only on a wallet's first read in the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import redis.asyncio as redis_asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,8 +52,19 @@ DEFAULT_TTL_S = 1800
 CREATE_ATTEMPTS_MAX = 4 * (NONCE_MAX + 1)  # each nonce may also lose a race or two
 MANY_MAX = PAGE_LIMIT_MAX  # wallets per get_many / create_many call (one backfill page)
 CREATE_CONCURRENCY = 64  # get_or_create calls in flight for the leftovers of create_many
+# Wallet -> account id remembered for reads (~250 bytes each: ~16 MB); beyond it, least recent out.
+READ_IDS_MAX = 65_536
 
 Document = dict[str, Any]
+T = TypeVar("T")
+
+
+class AccountRead(NamedTuple, Generic[T]):
+    """What `read_account` found: registered False = the registry has no such wallet; found None
+    = registered, but the lookup found nothing (its account not created yet)."""
+
+    registered: bool
+    found: T | None
 
 
 class AccountRecord(BaseModel):
@@ -71,6 +90,7 @@ class AccountRegistry:
         self._accounts: AsyncCollection[Any] = db[ACCOUNT_REGISTRY]
         self._cache = JsonCache(cache, prefix=CACHE_KEY_PREFIX, ttl_s=ttl_s)
         self._ledgers = ledgers
+        self._read_ids: OrderedDict[str, int] = OrderedDict()  # canonical -> id (read_account)
 
     @property
     def cache(self) -> JsonCache:
@@ -105,6 +125,35 @@ class AccountRegistry:
         record = _record_of(doc)
         await self._cache.set(canonical, record.model_dump_json())
         return record
+
+    async def read_account(self, wallet: WalletKey,
+                           lookup: Callable[[int], Awaitable[T | None]]) -> AccountRead[T]:
+        """`lookup(account id)` of the wallet's account in ONE round trip of `lookup` (see the
+        module docstring): the remembered id, else the derived id beside the registry read."""
+        canonical = wallet.canonical
+        known = self._read_ids.get(canonical)
+        if known is not None:
+            self._read_ids.move_to_end(canonical)
+            return AccountRead(True, await lookup(known))
+        derived = account_id(wallet, 0)
+        record, speculative = await asyncio.gather(
+            self.get(wallet), lookup(derived), return_exceptions=True)
+        if isinstance(record, BaseException):
+            raise record  # the registry is the authority: without it there is no answer
+        if record is None:
+            return AccountRead(False, None)  # the derived lookup's outcome does not matter
+        self._remember_id(record)
+        if record.account_id != derived:  # a collision: the derived id is another wallet's
+            return AccountRead(True, await lookup(record.account_id))
+        if isinstance(speculative, BaseException):
+            raise speculative
+        return AccountRead(True, speculative)
+
+    def _remember_id(self, record: AccountRecord) -> None:
+        self._read_ids[record.wallet.canonical] = record.account_id
+        self._read_ids.move_to_end(record.wallet.canonical)
+        while len(self._read_ids) > READ_IDS_MAX:
+            self._read_ids.popitem(last=False)
 
     async def get_or_create(self, wallet: WalletKey, *, allow_overdraft: bool) -> AccountRecord:
         """The wallet's record, creating it on first use. `allow_overdraft` applies only at
@@ -220,6 +269,7 @@ class AccountRegistry:
         return [_record_of(doc) async for doc in cursor]
 
     async def invalidate(self, wallet: WalletKey) -> None:
+        self._read_ids.pop(wallet.canonical, None)
         await self._cache.delete(wallet.canonical)
 
     # ---- reconciliation reads (raw ids, no cache: the cache may hide a missing document) -------

@@ -666,13 +666,18 @@ class TigerBeetleStore:
     # ---- reads -----------------------------------------------------------------------------
 
     async def get_balance(self, wallet: WalletKey) -> WalletBalance:
-        account = await self._accounts.get(wallet)
-        if account is None:
+        async def lookup(account_id: int) -> tb.Account | None:
+            found = await self._tb(self._client.lookup_accounts([account_id]))
+            return found[0] if found else None
+
+        # One TigerBeetle round trip, no registry trip once the wallet was read here
+        # (AccountRegistry.read_account: the registry's id, collisions included).
+        read = await self._accounts.read_account(wallet, lookup)
+        if not read.registered:
             raise NotFoundError(f"wallet {wallet} does not exist", field="wallet")
-        found = await self._tb(self._client.lookup_accounts([account.account_id]))
-        if not found:
+        if read.found is None:
             raise _no_account(wallet)
-        return WalletBalance.from_minor(wallet, balance_of(found[0]), STORE_NAME)
+        return WalletBalance.from_minor(wallet, balance_of(read.found), STORE_NAME)
 
     async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
         """Every wallet of a client: one registry query and ONE lookup_accounts batch (cut in

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -50,6 +51,11 @@ if TYPE_CHECKING:
 
 # The dev server's own default start-up timeout (5 s) is too tight on a loaded 2-core machine.
 TEMPORAL_STARTUP_TIMEOUT_S = 60
+
+# The wallet id key (walletcore.wallet_ids): one per session, set before any Settings is read, so
+# every client, worker and `walletmig` subprocess of the session computes the same workflow ids.
+# A key from `walletmig dev env` (WALLETMIG_ID_HASH_KEY_FILE) wins: the stack it names uses it.
+os.environ.setdefault("WALLETMIG_ID_HASH_KEY", secrets.token_hex(32))
 
 
 def _search_attribute_keys() -> list[SearchAttributeKey[Any]]:

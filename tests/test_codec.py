@@ -142,7 +142,8 @@ async def test_history_holds_no_customer_data_in_the_clear(
         assert result.credit == Decimal(amount)
         balance = await harness.client.get_balance(wallet)
         assert balance.credit == Decimal(amount)
-    plain_handle = temporal_client.get_workflow_handle(wallet.workflow_id)  # no codec
+    # Without the codec: what anyone who can reach Temporal sees.
+    plain_handle = temporal_client.get_workflow_handle(harness.client.workflow_id(wallet))
     history = await plain_handle.fetch_history()
     seen = 0
     for event in history.events:
@@ -156,7 +157,7 @@ async def test_history_holds_no_customer_data_in_the_clear(
             assert client_id.encode() not in payload.data and amount.encode() not in payload.data
     assert seen >= 2, "the wallet workflow's input and update carried payloads"
     # With the codec the same history reads back.
-    decoded = await encrypted.get_workflow_handle(wallet.workflow_id).fetch_history()
+    decoded = await encrypted.get_workflow_handle(plain_handle.id).fetch_history()
     assert decoded.events
 
 

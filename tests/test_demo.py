@@ -144,7 +144,7 @@ async def test_checker_fails_on_a_double_in_tigerbeetle_and_a_dropped_mongodb_wr
     try:
         async with worker_process(isolated, tmp_path / "worker.log"):
             temporal = await connect_temporal(isolated)
-            client = WalletClient(temporal, queue)
+            client = WalletClient(temporal, queue, id_key=isolated.id_key())
             await seed(stores, wallets, ledger)  # legacy: the backfill imports these
             await stores.migration.set(MigrationState(scope=TAMPER_PAIR, phase=Phase.DUAL_WRITE,
                                                       epoch=1))

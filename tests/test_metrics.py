@@ -145,7 +145,7 @@ async def test_worker_metrics_follow_the_operations_sent(
     legacy_wallet = key(f"metrics-{run}-legacy", LEGACY_PAIR)
     dual_wallet = key(f"metrics-{run}-dual", DUAL_PAIR)
     dual_scope = ":".join(DUAL_PAIR)
-    client = WalletClient(temporal_client, task_queue, idle_timeout_s=5)
+    client = WalletClient(temporal_client, task_queue, id_key=settings.id_key(), idle_timeout_s=5)
 
     async with open_stores(isolated) as stores:
         await set_phase(stores, DUAL_PAIR, Phase.DUAL_WRITE)

@@ -43,6 +43,7 @@ from wallet_support import (
     REPO_ROOT,
     balances_equal,
     key,
+    session_id_key,
     set_phase,
     start_worker,
     stop_workers,
@@ -263,7 +264,7 @@ async def test_kill_9_mongodb_temporal_redis_under_dual_write(
     )  # fmt: skip
     queue = f"outages-{run}"
     temporal = await Client.connect(stack.temporal_address, data_converter=pydantic_data_converter)
-    client = WalletClient(temporal, queue, idle_timeout_s=300)
+    client = WalletClient(temporal, queue, id_key=session_id_key(), idle_timeout_s=300)
     wallets = [key(f"outage-{run}-{n}", DUAL_PAIR) for n in range(WALLETS)]
     async with open_stores(settings) as stores:
         await set_phase(stores, DUAL_PAIR, Phase.DUAL_WRITE)
@@ -396,7 +397,8 @@ async def test_temporal_unreachable_is_a_typed_bounded_answer() -> None:
     window_s = 2.0
     temporal = await Client.connect(f"127.0.0.1:{free_port()}", lazy=True,
                                     data_converter=pydantic_data_converter)  # fmt: skip
-    client = WalletClient(temporal, "nowhere", retry_window_s=window_s)
+    client = WalletClient(temporal, "nowhere", id_key=session_id_key(),
+                          retry_window_s=window_s)
     wallet = key("unreachable", DUAL_PAIR)
     calls = {
         "apply": client.apply(AddCredit(wallet=wallet, transaction_id="t1", amount=CREDIT)),

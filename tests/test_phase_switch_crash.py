@@ -35,6 +35,7 @@ from wallet_support import (
     isolated_settings,
     key,
     save_history,
+    session_id_key,
     start_worker,
     stop_workers,
     wait_drained,
@@ -136,7 +137,8 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
     run_id = uuid.uuid4().hex[:8]
     wallets = [key(f"sw-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
     # Callers ride out the killed worker's 60 s MongoDB transaction lock in one call.
-    client = WalletClient(temporal_client, queue, idle_timeout_s=60, max_ops_per_run=50,
+    client = WalletClient(temporal_client, queue, id_key=session_id_key(), idle_timeout_s=60,
+                          max_ops_per_run=50,
                           retry_window_s=120)
     procs: list[subprocess.Popen[bytes]] = [start_worker(env, tmp_path / "worker-1.log")]
     traffic = Traffic(client, wallets, run_id)

@@ -18,17 +18,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from mongobase.mongo import u128_to_hex
 from observability.exposition import serve_metrics
-from registries.account_registry import AccountRegistry
+from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.legacy_store import LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.read_metrics import ReadMetricsStore, ReadOutcome
 from stores.tigerbeetle_client import TigerBeetleClient, connect_tigerbeetle
-from stores.tigerbeetle_store import TigerBeetleStore
+from stores.tigerbeetle_store import TigerBeetleStore, customer_account
 from walletclient.read_path import ReadPathConfig, ReadRouter
 from walletconfig.settings import Settings
 from walletcore.breaker import BreakerConfig, BreakerState
+from walletcore.ids import account_id
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
 from walletcore.phases import MigrationState, Phase
@@ -251,3 +253,39 @@ async def test_breaker_state_is_exported(env: Env, unique_id: Callable[..., str]
         assert await asyncio.to_thread(scraped_breaker_open, server.url) == 0
     finally:
         server.close()
+
+
+async def test_tb_read_is_right_under_an_account_id_collision(
+    env: Env, unique_id: Callable[..., str], mongo_db: AsyncDatabase[dict[str, Any]],
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """The balance read looks up the derived id (nonce 0) beside the registry read: when another
+    wallet holds that id (a collision: this wallet got nonce 1), the registry's id answers, not
+    the squatter's account. Cold (a fresh registry) and warm (the id remembered)."""
+    wallet = WalletKey(client_id=unique_id("col"), country="USA", currency="USD")
+    squatter = WalletKey(client_id=unique_id("sq"), country="USA", currency="USD")
+    taken = account_id(wallet, 0)
+    ledger = (await env.tb.accounts.get_or_create(
+        WalletKey(client_id=unique_id("lg"), country="USA", currency="USD"),
+        allow_overdraft=False)).ledger
+    forged = AccountRecord(wallet=squatter, account_id=taken, ledger=ledger, nonce=0,
+                           allow_overdraft=True, created_at=datetime.now(UTC))
+    await mongo_db[ACCOUNT_REGISTRY].insert_one({
+        "_id": squatter.canonical, "client_id": squatter.client_id, "country": "USA",
+        "currency": "USD", "issuer_type": None, "account_id": u128_to_hex(taken),
+        "ledger": ledger, "nonce": 0, "allow_overdraft": True, "created_at": forged.created_at})
+    try:
+        # The squatter's account at the derived id, empty, under a deployment tag of its own
+        # (reconciliation of this deployment never looks at it).
+        (status,) = await env.tb.client.create_accounts([customer_account(forged, 1, 0x5C0A7)])
+        assert status.status.name == "CREATED", status
+        await env.tb.add_credit(AddCredit(wallet=wallet, transaction_id=unique_id("tx"),
+                                          amount=Decimal("10.00")))
+        assert (await env.tb.accounts.get(wallet)).nonce == 1  # type: ignore[union-attr]
+        cold = TigerBeetleStore(env.tb.client, AccountRegistry(mongo_db, redis_client),
+                                env.tb.transfers)
+        for _ in range(2):  # cold, then warm (the id remembered)
+            assert (await cold.get_balance(wallet)).credit == Decimal("10.00")
+    finally:
+        await mongo_db[ACCOUNT_REGISTRY].delete_one({"_id": squatter.canonical})
+        await env.tb.accounts.invalidate(squatter)

@@ -36,6 +36,7 @@ from wallet_support import (
     set_phase,
     wait_drained,
     wallet_harness,
+    workflow_id_of,
 )
 
 from walletclient.temporal_connect import data_converter
@@ -86,21 +87,22 @@ def test_histories_present() -> None:
 
 async def _save(temporal: Client, name: str, wallet: WalletKey, run_id: str | None) -> None:
     if history_wanted(name):
-        await save_history(temporal.get_workflow_handle(wallet.workflow_id, run_id=run_id), name)
+        handle = temporal.get_workflow_handle(workflow_id_of(wallet), run_id=run_id)
+        await save_history(handle, name)
 
 
 async def _run_id(temporal: Client, wallet: WalletKey) -> str:
-    described = await temporal.get_workflow_handle(wallet.workflow_id).describe()
+    described = await temporal.get_workflow_handle(workflow_id_of(wallet)).describe()
     return described.run_id
 
 
 async def _wait_completed(temporal: Client, wallet: WalletKey, timeout_s: float = 30) -> None:
-    handle = temporal.get_workflow_handle(wallet.workflow_id)
+    handle = temporal.get_workflow_handle(workflow_id_of(wallet))
     for _ in range(int(timeout_s * 10)):
         if (await handle.describe()).status.name == "COMPLETED":
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"{wallet.workflow_id} did not complete")
+    raise AssertionError(f"{workflow_id_of(wallet)} did not complete")
 
 
 def _c(w: WalletKey, txn: str, amount: str, **kw: object) -> AddCredit:
@@ -140,7 +142,7 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
         await h.client.add_credit(_c(w, "seed", "100.00"))
         first_run = await _run_id(temporal, w)
         await asyncio.gather(*(h.client.add_credit(_c(w, f"c{i}", "1.00")) for i in range(10)))
-        handle = temporal.get_workflow_handle(w.workflow_id, run_id=first_run)
+        handle = temporal.get_workflow_handle(workflow_id_of(w), run_id=first_run)
         for _ in range(300):  # the first run's history is complete once it has rotated
             if (await handle.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
                 break

@@ -229,7 +229,7 @@ async def test_bad_input_rejected_by_validator(
         start = WithStartWorkflowOperation(
             WalletWorkflow.run,
             WalletWorkflowInput(wallet=wallet, idle_timeout_s=2, max_ops_per_run=20),
-            id=wallet.workflow_id,
+            id=harness.client.workflow_id(wallet),
             task_queue=harness.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
@@ -241,7 +241,7 @@ async def test_bad_input_rejected_by_validator(
         assert isinstance(cause, ApplicationError)
         assert cause.type in ("InvalidAmountError", "InvalidInputError")
         assert cause.details and cause.details[0]["field"] == field
-    handle = temporal_client.get_workflow_handle(wallet.workflow_id)
+    handle = temporal_client.get_workflow_handle(harness.client.workflow_id(wallet))
     history = await handle.fetch_history()
     accepted = [
         e
@@ -304,13 +304,13 @@ async def test_void_paths(harness: WalletHarness, unique_id: Callable[..., str])
 
 
 async def wait_closed(client: WalletClient, wallet: Any, timeout_s: float = 30) -> None:
-    handle = client.temporal.get_workflow_handle(wallet.workflow_id)
+    handle = client.temporal.get_workflow_handle(client.workflow_id(wallet))
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
         if (await handle.describe()).status.name == "COMPLETED":
             return
         await asyncio.sleep(0.2)
-    raise AssertionError(f"{wallet.workflow_id} did not close when idle")
+    raise AssertionError(f"{client.workflow_id(wallet)} did not close when idle")
 
 
 async def test_idle_close_and_continue_as_new_race_updates(

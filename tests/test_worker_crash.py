@@ -30,6 +30,7 @@ from wallet_support import (
     balances_equal,
     isolated_settings,
     key,
+    session_id_key,
     set_phase,
     start_worker,
     stop_workers,
@@ -81,7 +82,8 @@ async def test_kill_9_worker_mid_stream(
     run_id = uuid.uuid4().hex[:8]
     wallets = [key(f"crash-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
     # Callers ride out the killed worker's 60 s MongoDB transaction lock in one call.
-    client = WalletClient(temporal_client, task_queue, idle_timeout_s=60, max_ops_per_run=20,
+    client = WalletClient(temporal_client, task_queue, id_key=session_id_key(), idle_timeout_s=60,
+                          max_ops_per_run=20,
                           retry_window_s=120)
 
     async with open_stores(isolated) as stores:

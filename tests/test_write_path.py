@@ -190,7 +190,7 @@ async def test_rotation_commits_store_writes_before_continue_as_new(
     run_id: str | None = None  # latest run first, then back along the continue-as-new chain
     rotations = 0
     for _ in range(10):
-        handle = h.client.temporal.get_workflow_handle(w.workflow_id, run_id=run_id)
+        handle = h.client.temporal.get_workflow_handle(h.client.workflow_id(w), run_id=run_id)
         events = (await handle.fetch_history()).events
         last_task_commands: list[str] = []
         for event in events:

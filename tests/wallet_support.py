@@ -37,6 +37,7 @@ from walletcore.ids import hash_u128, transfer_id
 from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import REGISTRATION_GRACE_S
+from walletcore.wallet_ids import wallet_workflow_id
 from walletmig.processes import free_port, port_accepts
 from workers.wallet_worker import build_worker, workflow_runner
 from workers.wiring import make_importer
@@ -99,6 +100,16 @@ class WalletHarness:
     task_queue: str
 
 
+def session_id_key() -> bytes:
+    """The session's wallet id key (tests/conftest.py sets WALLETMIG_ID_HASH_KEY)."""
+    return Settings.from_env().id_key()
+
+
+def workflow_id_of(wallet: WalletKey) -> str:
+    """A wallet's workflow id under the session's key (what WalletClient.workflow_id says)."""
+    return wallet_workflow_id(session_id_key(), wallet)
+
+
 @contextlib.asynccontextmanager
 async def wallet_harness(
     temporal: Client,
@@ -123,7 +134,8 @@ async def wallet_harness(
         extra_activities=extra_activities(stores) if extra_activities else (),
     )  # fmt: skip
     client = WalletClient(
-        temporal, task_queue, idle_timeout_s=idle_timeout_s, max_ops_per_run=max_ops_per_run
+        temporal, task_queue, id_key=settings.id_key(), idle_timeout_s=idle_timeout_s,
+        max_ops_per_run=max_ops_per_run,
     )
     try:
         async with worker:

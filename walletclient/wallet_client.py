@@ -18,6 +18,9 @@ The workflow's guard and the stores' idempotency by transaction id make every re
 no accepted update is dropped and none is applied twice. Callers never see a temporalio RPCError
 or transport exception: a request Temporal refuses for good (permission, unknown namespace) is a
 ConfigurationError. Reads and the status query are bounded and typed the same way.
+
+Workflow ids name no customer: the client is built with the deployment's id key and derives
+every wallet workflow id (and read workflow id) from it (walletcore.wallet_ids, `workflow_id`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from walletcore.operations import (
     parse_input,
     validate_operation,
 )
+from walletcore.wallet_ids import check_id_key, client_ref, wallet_ref, wallet_workflow_id
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -165,6 +169,7 @@ class WalletClient:
         client: Client,
         task_queue: str,
         *,
+        id_key: bytes,
         idle_timeout_s: float = IDLE_TIMEOUT_S_DEFAULT,
         max_ops_per_run: int = MAX_OPS_PER_RUN_DEFAULT,
         backlog_max: int = BACKLOG_MAX_DEFAULT,
@@ -174,6 +179,9 @@ class WalletClient:
         assert 0 < retry_window_s <= RETRY_WINDOW_S_MAX
         self._client = client
         self._task_queue = task_queue
+        # The deployment's id key (walletconfig: WALLETMIG_ID_HASH_KEY_FILE): every process of
+        # one deployment must hold the same one, or they address different workflows.
+        self._id_key = check_id_key(id_key)
         self._retry_window_s = retry_window_s
         # Validated once: a bad configuration fails at construction, not on the first call.
         self._template = WalletWorkflowInput(
@@ -192,6 +200,10 @@ class WalletClient:
     def retry_window_s(self) -> float:
         return self._retry_window_s
 
+    def workflow_id(self, wallet: WalletKey) -> str:
+        """The wallet's entity workflow id: a keyed hash, no client id in it."""
+        return wallet_workflow_id(self._id_key, wallet)
+
     # ---- writes --------------------------------------------------------------------------
 
     async def add_credit(self, op: AddCredit | Mapping[str, Any]) -> OperationResult:
@@ -206,7 +218,7 @@ class WalletClient:
     async def apply(self, op: WalletOperation) -> OperationResult:
         validate_operation(op)  # InvalidInputError / InvalidAmountError naming the field
         command = WalletCommand.of(op)
-        what = f"{command.kind.value} {command.transaction_id} on {op.wallet.workflow_id}"
+        what = f"{command.kind.value} {command.transaction_id} on {self.workflow_id(op.wallet)}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry_window_s
         reason = "no attempt was made"
@@ -252,7 +264,7 @@ class WalletClient:
         start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
             WALLET_WORKFLOW,
             self._template.model_copy(update={"wallet": op.wallet}),
-            id=op.wallet.workflow_id,
+            id=self.workflow_id(op.wallet),
             task_queue=self._task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
@@ -301,14 +313,14 @@ class WalletClient:
                 GET_BALANCE_WORKFLOW,
                 query,
                 result_type=WalletBalance,
-                id=f"balance/{query.wallet.canonical}/{uuid.uuid4().hex}",
+                id=f"balance/{wallet_ref(self._id_key, query.wallet)}/{uuid.uuid4().hex}",
                 task_queue=self._task_queue,
                 execution_timeout=self._read_workflow_timeout(),
                 rpc_timeout=timedelta(seconds=remaining_s),
             )
             return balance
 
-        return await self._read(f"balance of {query.wallet.canonical}", read)
+        return await self._read(f"balance of {self.workflow_id(query.wallet)}", read)
 
     async def get_multi_balance(self, client_id: str) -> list[WalletBalance]:
         query = _parse(GetMultiBalance, {"client_id": client_id})
@@ -318,18 +330,20 @@ class WalletClient:
                 GET_MULTI_BALANCE_WORKFLOW,
                 query,
                 result_type=MultiBalance,
-                id=f"balances/{query.client_id}/{uuid.uuid4().hex}",
+                id=f"balances/{client_ref(self._id_key, query.client_id)}/{uuid.uuid4().hex}",
                 task_queue=self._task_queue,
                 execution_timeout=self._read_workflow_timeout(),
                 rpc_timeout=timedelta(seconds=remaining_s),
             )
             return result.balances
 
-        return await self._read(f"balances of client {query.client_id}", read)
+        who = client_ref(self._id_key, query.client_id)
+        return await self._read(f"balances of client {who}", read)
 
     async def status(self, wallet: WalletKey) -> WalletStatus | None:
         """The wallet workflow's status query (latest run), or None if it never ran."""
-        handle = self._client.get_workflow_handle(wallet.workflow_id)
+        workflow_id = self.workflow_id(wallet)
+        handle = self._client.get_workflow_handle(workflow_id)
 
         async def ask(remaining_s: float) -> WalletStatus | None:
             try:
@@ -343,7 +357,7 @@ class WalletClient:
                     return None
                 raise
 
-        return await self._read(f"status of {wallet.workflow_id}", ask)
+        return await self._read(f"status of {workflow_id}", ask)
 
     async def backlog_report(
         self, *, limit: int = BACKLOG_REPORT_WALLETS_DEFAULT

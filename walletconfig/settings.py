@@ -58,7 +58,29 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "WALLETMIG_CODEC_SERVER_CORS_ORIGINS": (
         "codec_server_cors_origins", "http://127.0.0.1:8233,http://localhost:8233",
     ),
+    # The wallet id key (walletcore.wallet_ids): wallet workflow ids are a keyed hash of the
+    # wallet key, so Temporal never shows a client id. A file holding the key as hex (the file
+    # wins), or the hex itself; >= 32 bytes. Every process of one deployment needs the same key;
+    # `walletmig dev up` creates one in the state dir. Neither set = processes that address
+    # wallet workflows (gateway, CLI, demo, benchmarks) refuse to start.
+    "WALLETMIG_ID_HASH_KEY_FILE": ("id_hash_key_file", ""),
+    "WALLETMIG_ID_HASH_KEY": ("id_hash_key", ""),
 }
+
+# walletcore.wallet_ids.ID_KEY_BYTES_MIN/_MAX (this layer imports nothing of the platform;
+# tests/test_wallet_ids.py checks they agree).
+ID_KEY_BYTES_MIN = 32
+ID_KEY_BYTES_MAX = 1024
+ID_KEY_FILE_BYTES_MAX = 2 * ID_KEY_BYTES_MAX + 64  # hex, a newline, a comment-free file
+ID_KEY_MISSING = (
+    "no wallet id key: set WALLETMIG_ID_HASH_KEY_FILE (a file holding >= 32 random bytes as hex, "
+    "e.g. `openssl rand -hex 32`) or WALLETMIG_ID_HASH_KEY; `walletmig dev up` creates one "
+    "(`eval \"$(walletmig dev env)\"` exports it)"
+)
+
+
+class IdKeyConfigError(ValueError):
+    """The wallet id key is missing or malformed: one line saying which setting to fix."""
 
 
 class Settings(BaseModel):
@@ -94,6 +116,10 @@ class Settings(BaseModel):
     codec_keys: str = Field(default="", max_length=65536, repr=False)  # secret: never printed
     codec_server_token: str = Field(default="", max_length=4096, repr=False)
     codec_server_cors_origins: str = Field(default="", max_length=4096)
+    id_hash_key_file: str = Field(default="", max_length=4096)
+    id_hash_key: str = Field(  # secret: never printed
+        default="", max_length=2 * ID_KEY_BYTES_MAX, pattern=r"^([0-9a-fA-F]{2})*$", repr=False
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -103,3 +129,30 @@ class Settings(BaseModel):
         }
         values.update(overrides)
         return cls.model_validate(values)
+
+    def id_key(self) -> bytes:
+        """The wallet id key (the file's when both are set), or IdKeyConfigError in one line.
+        Read when a process builds its WalletClient, i.e. at its start."""
+        if self.id_hash_key_file:
+            path = Path(self.id_hash_key_file)
+            try:
+                size = path.stat().st_size
+                if size > ID_KEY_FILE_BYTES_MAX:
+                    raise IdKeyConfigError(f"WALLETMIG_ID_HASH_KEY_FILE {path}: {size} bytes, "
+                                           "not a hex key file")
+                text, source = path.read_text().strip(), f"WALLETMIG_ID_HASH_KEY_FILE {path}"
+            except OSError as err:
+                raise IdKeyConfigError(
+                    f"WALLETMIG_ID_HASH_KEY_FILE {path}: {err.strerror or err}") from None
+        elif self.id_hash_key:
+            text, source = self.id_hash_key, "WALLETMIG_ID_HASH_KEY"
+        else:
+            raise IdKeyConfigError(ID_KEY_MISSING)
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            raise IdKeyConfigError(f"{source}: not a hex string") from None
+        if not ID_KEY_BYTES_MIN <= len(key) <= ID_KEY_BYTES_MAX:
+            raise IdKeyConfigError(f"{source}: {len(key)} bytes; a key of "
+                                   f"{ID_KEY_BYTES_MIN}..{ID_KEY_BYTES_MAX} bytes is needed")
+        return key

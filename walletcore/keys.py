@@ -30,12 +30,9 @@ class WalletKey(BaseModel):
 
     @property
     def canonical(self) -> str:
-        """Stable text form used for hashing and ids: fields joined by '|'."""
+        """Stable text form used for hashing and ids: fields joined by '|'. It names a customer:
+        Temporal never sees it in the clear (walletcore.wallet_ids: the keyed-hash workflow id)."""
         return "|".join((self.client_id, self.country, self.currency, self.issuer_type or ""))
-
-    @property
-    def workflow_id(self) -> str:
-        return f"wallet/{self.canonical}"
 
     @property
     def ledger_pair(self) -> str:

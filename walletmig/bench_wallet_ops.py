@@ -257,7 +257,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
                 MigrationState(scope=f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}", phase=Phase.DUAL_WRITE,
                                epoch=1)
             )  # fmt: skip
-            modes = _Modes(temporal, WalletClient(temporal, task_queue, idle_timeout_s=120),
+            modes = _Modes(temporal, WalletClient(temporal, task_queue, id_key=settings.id_key(),
+                                                        idle_timeout_s=120),
                            task_queue, config, bench_id, ServerCpu(isolated.state_dir))
             if profiler:
                 profiler.enable()

@@ -200,6 +200,7 @@ class DemoRun:
     options: DemoOptions
     stores: Stores
     client: Client
+    wallet_client: WalletClient  # with the deployment's wallet id key
     metrics: ReadMetricsStore
     handle: WorkflowHandle[Any, MigrationStatus]
     ledger: Ledger
@@ -494,7 +495,8 @@ async def _start(settings: Settings, options: DemoOptions, stores: Stores, run_i
     handle = await start_migration_workflow(client, cfg, task_queue=settings.wallet_task_queue)
     return DemoRun(run_id=run_id, queue=settings.wallet_task_queue, options=options,
                    stores=stores, client=client, metrics=metrics, handle=handle, ledger=ledger,
-                   log=log)
+                   log=log, wallet_client=WalletClient(client, settings.wallet_task_queue,
+                                                       id_key=settings.id_key()))
 
 
 @contextlib.asynccontextmanager
@@ -504,8 +506,8 @@ async def _traffic(run: DemoRun, wallets: list[WalletKey]) -> AsyncIterator[None
     router = ReadRouter(run.stores.legacy, run.stores.tigerbeetle, run.stores.migration,
                         run.metrics, config=ReadPathConfig(tb_timeout_ms=2000,
                                                            recheck_delay_ms=250, rechecks_max=4),
-                        pending_ops=backlog_of(run.client))
-    wallet_client = WalletClient(run.client, run.queue)
+                        pending_ops=backlog_of(run.wallet_client))
+    wallet_client = run.wallet_client
     tasks = [asyncio.create_task(writer(wallet_client, wallets, run.ledger, stop))
              for _ in range(run.options.writers)]
     tasks += [asyncio.create_task(reader(router, wallets, run.ledger, stop))

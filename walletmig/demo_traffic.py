@@ -24,8 +24,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from temporalio.client import Client
-
 from stores.bundle import Stores
 from stores.read_metrics import percentile
 from walletclient.read_path import PendingOps, ReadRouter
@@ -220,14 +218,14 @@ async def reader(router: ReadRouter, wallets: list[WalletKey], ledger: Ledger,
         await asyncio.sleep(0.005)
 
 
-def backlog_of(client: Client) -> PendingOps:
+def backlog_of(client: WalletClient) -> PendingOps:
     """Operations still in a wallet's backlog (its workflow's status query): a shadow
     difference they explain is in flight, not a mismatch. Unknown counts as none."""
 
     async def pending(wallet: WalletKey) -> int:
         try:
-            status = await client.get_workflow_handle(wallet.workflow_id).query(
-                WalletWorkflow.status)
+            handle = client.temporal.get_workflow_handle(client.workflow_id(wallet))
+            status = await handle.query(WalletWorkflow.status)
         except Exception:
             return 0
         return int(status.backlog_length)

@@ -1,4 +1,9 @@
-"""`walletmig wallet credit|debit|void|balance|balances|history|backlog`: operate one wallet.
+"""`walletmig wallet credit|debit|void|balance|balances|history|backlog|workflow-id`: operate one
+wallet.
+
+`workflow-id` prints a wallet's workflow id (`wallet/<keyed hash>`: Temporal never shows a client
+id) for engineers looking a wallet up in the Web UI or `temporal workflow describe`; it needs the
+deployment's id key (WALLETMIG_ID_HASH_KEY_FILE / WALLETMIG_ID_HASH_KEY), not Temporal.
 
 `backlog` shows the catch-up across running wallet workflows (operations one store answered and
 the other does not hold yet: size and the oldest item's age), e.g. after a TigerBeetle outage.
@@ -17,7 +22,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from walletconfig.settings import Settings
+from walletconfig.settings import IdKeyConfigError, Settings
 from walletcore.balances import WalletBalance
 from walletcore.errors import InvalidInputError, WalletError
 from walletcore.keys import WalletKey
@@ -81,6 +86,11 @@ def register(subparsers: Any) -> None:
     sub.set_defaults(handler=_history)
 
     sub = commands.add_parser(
+        "workflow-id", help="a wallet's workflow id (keyed hash) for the Web UI / temporal CLI")
+    _wallet_args(sub)
+    sub.set_defaults(handler=_workflow_id)
+
+    sub = commands.add_parser(
         "backlog", help="operations waiting for the other store: size and oldest age")
     sub.add_argument("--limit", type=int,
                      help="running wallet workflows to examine at most (default 200)")
@@ -94,10 +104,10 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _wallet_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--client", required=True, help="client id")
+    parser.add_argument("--client", "--client-id", required=True, help="client id")
     parser.add_argument("--country", required=True, help="ISO 3166-1 alpha-3, e.g. USA")
     parser.add_argument("--currency", required=True, help="e.g. USD")
-    parser.add_argument("--issuer", help="issuer type (optional)")
+    parser.add_argument("--issuer", "--issuer-type", help="issuer type (optional)")
     _common_args(parser)
 
 
@@ -132,8 +142,28 @@ async def _wallet_client(args: argparse.Namespace) -> Any:
     from workers.wallet_worker import connect_temporal
 
     settings = Settings.from_env()
+    id_key = _id_key(settings)  # before connecting: a missing key is the clearer error
     temporal = await connect_temporal(settings)
-    return WalletClient(temporal, args.task_queue or settings.wallet_task_queue)
+    return WalletClient(temporal, args.task_queue or settings.wallet_task_queue, id_key=id_key)
+
+
+def _id_key(settings: Settings) -> bytes:
+    try:
+        return settings.id_key()
+    except IdKeyConfigError as err:
+        raise CommandError(str(err)) from None
+
+
+def _workflow_id(args: argparse.Namespace) -> int:
+    from walletcore.wallet_ids import wallet_workflow_id
+
+    wallet = _wallet(args)
+    workflow_id = wallet_workflow_id(_id_key(Settings.from_env()), wallet)
+    if args.json:
+        print(json.dumps({"workflow_id": workflow_id}))
+    else:
+        print(workflow_id)
+    return 0
 
 
 async def _write(args: argparse.Namespace) -> int:
