@@ -304,7 +304,8 @@ async def _opened(settings: Settings, config: ApiBenchConfig, run_id: str
                 trust_env=False,
             ) as http:  # fmt: skip
                 temporal = await connect_temporal(settings)
-                yield stores, http, WalletClient(temporal, settings.wallet_task_queue)
+                yield stores, http, WalletClient(
+                    temporal, settings.wallet_task_queue, id_key=settings.id_key())
         finally:
             await api_keys.revoke(issued.record.key_id)
     finally:
