@@ -43,6 +43,7 @@ GROUPS: tuple[str, ...] = (
     "terminal",
     "ledger",
     "codec_server",
+    "audit",
 )
 # Exceptions that mean "a server is unreachable", recognised by class name so this module does
 # not import every client library.

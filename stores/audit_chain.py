@@ -1,0 +1,484 @@
+"""The audit chain: money-moving requests and migration changes in an append-only log that
+cannot be edited silently.
+
+Chains (one per writer kind, each with its own head):
+- `api` and `cli` in `audit_records`: one document per money-moving request (the HTTP API's
+  add_credit / subtract_credit / void_transaction / submit_transaction(s), the CLI's wallet and
+  terminal money commands), written *before* the operation runs: a request whose record cannot
+  be written is refused (503) and never runs unaudited.
+- `migration:<id>` in `migration_audit` (stores.audit_log): the migration workflow's entries,
+  chained in place, so the documents the workflow reads back are the ones verified.
+- `audit_heads`: `_id` = chain name, the collection, the last `chain_seq` and `hash`.
+
+Every chained document carries `chain`, `chain_seq` (1, 2, ...), `prev_hash` (the previous
+document's `hash`, GENESIS_HASH for the first) and `hash` = walletcore.journal.chain_hash(
+prev_hash, chain_seq, sha256(canonical form)), the general ledger's link rule. The canonical
+form is sorted-key compact JSON of every stored field but `prev_hash` and `hash` (times at
+BSON's millisecond resolution, UTC). Editing any field of any document breaks its hash; deleting
+one leaves a gap in `chain_seq` (or, for the last, a head beyond the last document); both are
+named by `walletmig audit verify`. Deleting a whole chain *and* its head is not detectable from
+inside the database (anchor the heads elsewhere for that: see the README).
+
+Who: `actor` is the API key's name or the engineer (never a secret); wallets appear as their
+account id (hex), never their client id; terminal counterparties are left out.
+
+Throughput (group commit): one MongoDB transaction per append would serialise every request
+on the chain head. An AuditAppender batches the records that arrive while the previous batch
+commits (or within `linger_ms`) into one transaction (read head, compare-and-swap it, insert
+the batch); each request awaits its batch's commit before it proceeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections import deque
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from bson.decimal128 import Decimal128
+from pydantic import BaseModel, ConfigDict, Field
+from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from mongobase.mongo import (
+    DUPLICATE_KEY_CODE,
+    abort_quietly,
+    backoff,
+    commit,
+    is_retryable_txn_error,
+    now_ms,
+    u128_to_hex,
+)
+from walletcore.errors import StoreUnavailableError
+from walletcore.ids import account_id
+from walletcore.journal import ChainHead, chain_hash
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
+
+log = logging.getLogger(__name__)
+
+AUDIT_RECORDS = "audit_records"
+AUDIT_HEADS = "audit_heads"
+MIGRATION_AUDIT = "migration_audit"  # stores.audit_log's collection (chained in place)
+CHAINED_COLLECTIONS = (AUDIT_RECORDS, MIGRATION_AUDIT)
+CHAIN_API = "api"
+CHAIN_CLI = "cli"
+MIGRATION_CHAIN_PREFIX = "migration:"
+CHAIN_NAME_MAX = 160
+BATCH_MAX = 256  # records per transaction (group commit)
+PENDING_MAX = 10_000  # records waiting for a batch; beyond it appends are refused (503)
+LINGER_MS_DEFAULT = 2.0
+ATTEMPTS_MAX = 100  # transaction attempts per batch (write conflicts with other processes)
+PAGE_MAX = 1000  # documents per verify read
+CHAINS_MAX = 10_000  # chains one verify walks
+TERMINAL_ITEMS_MAX = 250  # transactions listed in one terminal record (gateway's batch max)
+CANONICAL_BYTES_MAX = 1_000_000
+HASH_FIELDS = ("prev_hash", "hash")
+
+
+def migration_chain(migration_id: str) -> str:
+    return f"{MIGRATION_CHAIN_PREFIX}{migration_id}"
+
+
+def record_id(chain: str, seq: int) -> str:
+    return f"{chain}:{seq:012d}"
+
+
+# ---- the canonical form ------------------------------------------------------------------------
+
+
+def storable(value: Any) -> Any:
+    """`value` as it is stored and read back unchanged: times UTC at millisecond resolution,
+    enums as their values, decimals as plain strings, tuples as lists."""
+    if isinstance(value, dict):
+        return {str(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    if isinstance(value, datetime):
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return aware.replace(microsecond=aware.microsecond // 1000 * 1000)
+    if isinstance(value, Enum):
+        return storable(value.value)
+    if isinstance(value, Decimal128):
+        return format(value.to_decimal(), "f")
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    assert value is None or isinstance(value, (str, int, float, bool)), type(value)
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return storable(value).isoformat(timespec="milliseconds")
+    raise TypeError(f"not canonical: {type(value).__name__}")
+
+
+def content_hash(doc: dict[str, Any]) -> str:
+    """sha256 of the canonical form: every field but the link fields, sorted-key JSON."""
+    body = {k: storable(v) for k, v in doc.items() if k not in HASH_FIELDS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=_json_default)  # fmt: skip
+    encoded = text.encode()
+    assert len(encoded) <= CANONICAL_BYTES_MAX, "an audit record is bounded"
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def link(head: ChainHead, chain: str, docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`docs` chained after `head`, in order (an `_id` is given when the document has none)."""
+    assert 0 < len(chain) <= CHAIN_NAME_MAX
+    linked: list[dict[str, Any]] = []
+    prev_hash, seq = head.hash, head.seq
+    for doc in docs:
+        seq += 1
+        stored = {**storable(doc), "chain": chain, "chain_seq": seq, "prev_hash": prev_hash}
+        stored.setdefault("_id", record_id(chain, seq))
+        stored["hash"] = chain_hash(prev_hash, seq, content_hash(stored))
+        prev_hash = stored["hash"]
+        linked.append(stored)
+    return linked
+
+
+# ---- what a record says ------------------------------------------------------------------------
+
+
+def wallet_subject(wallet: WalletKey) -> str:
+    """A wallet as the audit names it: its account id (hex), never its client id."""
+    return u128_to_hex(account_id(wallet))
+
+
+def wallet_operation_record(
+    op: WalletOperation, *, source: str, actor: str, operation: str,
+    caller: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The record of a wallet write request (credit, debit, void)."""
+    record: dict[str, Any] = {
+        "at": now_ms(), "source": source, "actor": actor, "operation": operation,
+        "transaction_id": op.transaction_id, "account": wallet_subject(op.wallet),
+        "ledger": op.wallet.ledger_pair, **(caller or {}),
+    }  # fmt: skip
+    if isinstance(op, (AddCredit, SubtractCredit)):
+        record["amount"] = format(op.amount, "f")
+    if isinstance(op, Void):
+        record["original_transaction_id"] = op.original_transaction_id
+    return record
+
+
+def terminal_record(
+    items: Sequence[tuple[str, str, str, Decimal]], *, source: str, actor: str, operation: str,
+    batch_id: str | None, caller: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The record of a credit-terminal submit: (external_id, kind, currency, amount) per
+    transaction (counterparties, references and memos left out)."""
+    assert 0 < len(items) <= TERMINAL_ITEMS_MAX
+    return {
+        "at": now_ms(), "source": source, "actor": actor, "operation": operation,
+        "batch_id": batch_id, **(caller or {}),
+        "transactions": [
+            {"external_id": ext, "kind": kind, "currency": cur, "amount": format(amount, "f")}
+            for ext, kind, cur, amount in items
+        ],
+    }  # fmt: skip
+
+
+# ---- the chain store ---------------------------------------------------------------------------
+
+
+class RecordExistsError(Exception):
+    """An insert met a document with the same `_id` (the caller decides: replay or conflict)."""
+
+
+class _HeadMovedError(Exception):
+    """Another writer extended the chain since this attempt read its head: retry."""
+
+
+class ChainReport(BaseModel):
+    """One chain's walk: `ok` False at the first broken link, which `bad_id`/`bad_seq` name."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chain: str
+    collection: str
+    checked: int = Field(ge=0)
+    head_seq: int = Field(ge=0)
+    ok: bool
+    bad_seq: int | None = None
+    bad_id: str | None = None
+    reason: str | None = None
+
+
+class AuditVerification(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    ok: bool
+    chains: list[ChainReport]
+    problems: list[str] = Field(default_factory=list)  # outside any chain's walk
+
+
+class AuditChain:
+    """The chained collections and their heads."""
+
+    def __init__(self, db: AsyncDatabase[Any], *, attempts_max: int = ATTEMPTS_MAX) -> None:
+        assert 1 <= attempts_max <= 10_000
+        self._db = db
+        self._client = db.client
+        self._heads: AsyncCollection[Any] = db[AUDIT_HEADS]
+        self._attempts_max = attempts_max
+        self.conflict_retries = 0  # observability
+
+    async def ensure_indexes(self) -> None:
+        for name in CHAINED_COLLECTIONS:
+            await self._db[name].create_indexes(
+                [IndexModel([("chain", ASCENDING), ("chain_seq", ASCENDING)])])
+
+    async def append(
+        self, collection: str, chain: str, docs: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Chain `docs` after the head and insert them, in one transaction; retries write
+        conflicts (bounded, jittered). RecordExistsError when a document's `_id` exists."""
+        assert collection in CHAINED_COLLECTIONS and 0 < len(docs) <= BATCH_MAX
+        for attempt in range(self._attempts_max):
+            try:
+                async with self._client.start_session() as session:
+                    return await self._append_attempt(session, collection, chain, docs)
+            except _HeadMovedError:
+                pass
+            except PyMongoError as exc:
+                if not is_retryable_txn_error(exc):
+                    raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
+            self.conflict_retries += 1
+            await backoff(attempt)
+        raise StoreUnavailableError(
+            f"MongoDB (audit log): chain {chain!r} still conflicting after "
+            f"{self._attempts_max} attempts",
+            field=None,
+        )
+
+    async def _append_attempt(
+        self, session: AsyncClientSession, collection: str, chain: str,
+        docs: Sequence[dict[str, Any]],
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        await session.start_transaction()
+        try:
+            head = await self.head(chain, session)
+            linked = link(head, chain, docs)
+            new_head = ChainHead(seq=linked[-1]["chain_seq"], hash=linked[-1]["hash"])
+            await self._swap_head(session, chain, collection, head, new_head)
+            await self._insert(session, collection, linked)
+            await commit(session)
+        except BaseException:
+            await abort_quietly(session)
+            raise
+        return linked
+
+    async def head(self, chain: str, session: AsyncClientSession | None = None) -> ChainHead:
+        doc = await self._heads.find_one({"_id": chain}, session=session)
+        return ChainHead() if doc is None else ChainHead(seq=int(doc["seq"]), hash=doc["hash"])
+
+    async def _swap_head(
+        self, session: AsyncClientSession, chain: str, collection: str, old: ChainHead,
+        new: ChainHead,
+    ) -> None:  # fmt: skip
+        """Compare-and-swap on the head's seq; the first append creates it (a concurrent
+        creator makes that a duplicate key, which retries)."""
+        updated = await self._heads.update_one(
+            {"_id": chain, "seq": old.seq},
+            {"$set": {"seq": new.seq, "hash": new.hash, "collection": collection,
+                      "updated_at": now_ms()}},
+            upsert=old.seq == 0, session=session,
+        )  # fmt: skip
+        if updated.matched_count == 0 and updated.upserted_id is None:
+            raise _HeadMovedError()
+
+    async def _insert(
+        self, session: AsyncClientSession, collection: str, linked: list[dict[str, Any]]
+    ) -> None:
+        try:
+            await self._db[collection].insert_many(linked, ordered=True, session=session)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if errors and all(e.get("code") == DUPLICATE_KEY_CODE for e in errors):
+                raise RecordExistsError(str(errors[0].get("keyValue"))) from exc
+            raise
+
+    # ---- verify ----------------------------------------------------------------------------
+
+    async def verify(self, *, page: int = PAGE_MAX, chains_max: int = CHAINS_MAX
+                     ) -> AuditVerification:  # fmt: skip
+        """Walk every chain from its first document to its head, in pages of `page`."""
+        assert 1 <= page <= PAGE_MAX and 1 <= chains_max <= CHAINS_MAX
+        heads = await self._heads.find({}).sort("_id", ASCENDING).to_list(chains_max + 1)
+        problems: list[str] = []
+        if len(heads) > chains_max:
+            problems.append(f"more than {chains_max} chains: only the first were walked")
+        reports = [await self._walk(doc, page) for doc in heads[:chains_max]]
+        problems += await self._outside_chains({str(d["_id"]) for d in heads})
+        ok = not problems and all(r.ok for r in reports)
+        return AuditVerification(ok=ok, chains=reports, problems=problems)
+
+    async def _walk(self, head_doc: dict[str, Any], page: int) -> ChainReport:
+        chain, collection = str(head_doc["_id"]), str(head_doc.get("collection"))
+        head = ChainHead(seq=int(head_doc["seq"]), hash=str(head_doc["hash"]))
+        if collection not in CHAINED_COLLECTIONS:
+            return ChainReport(chain=chain, collection=collection, checked=0, head_seq=head.seq,
+                               ok=False, reason=f"the head names {collection!r}")  # fmt: skip
+        prev, checked = ChainHead(), 0
+        fault: tuple[int, str | None, str] | None = None
+        while fault is None and prev.seq < head.seq:
+            cursor = self._db[collection].find(
+                {"chain": chain, "chain_seq": {"$gt": prev.seq, "$lte": head.seq}}
+            ).sort("chain_seq", ASCENDING).limit(page)
+            docs = await cursor.to_list(page)
+            if not docs:
+                break
+            for doc in docs:
+                fault = _link_fault(prev, doc)
+                if fault is not None:
+                    break
+                prev = ChainHead(seq=int(doc["chain_seq"]), hash=str(doc["hash"]))
+                checked += 1
+        if fault is None and prev != head:
+            missing = prev.seq + 1
+            fault = (missing, _expected_id(collection, chain, missing),
+                     f"documents {missing}..{head.seq} missing (the head says {head.seq}, the "
+                     f"last document is {prev.seq})")  # fmt: skip
+        report = ChainReport(chain=chain, collection=collection, checked=checked,
+                             head_seq=head.seq, ok=fault is None)  # fmt: skip
+        if fault is None:
+            return report
+        return report.model_copy(update={"bad_seq": fault[0], "bad_id": fault[1],
+                                         "reason": fault[2]})  # fmt: skip
+
+    async def _outside_chains(self, chains: set[str]) -> list[str]:
+        """Documents no head accounts for: chained under an unknown chain, or not chained."""
+        problems = []
+        for name in CHAINED_COLLECTIONS:
+            collection = self._db[name]
+            found = await collection.distinct("chain")
+            for chain in sorted(str(c) for c in found if c is not None)[:CHAINS_MAX]:
+                if chain not in chains:
+                    problems.append(f"{name}: chain {chain!r} has documents but no head")
+            loose = await collection.find_one({"chain": {"$exists": False}}, {"_id": 1})
+            if loose is not None:
+                count = await collection.count_documents({"chain": {"$exists": False}})
+                problems.append(f"{name}: {count} document(s) outside any chain, e.g. "
+                                f"{loose['_id']!r}")  # fmt: skip
+        return problems
+
+
+def _expected_id(collection: str, chain: str, seq: int) -> str | None:
+    return record_id(chain, seq) if collection == AUDIT_RECORDS else None
+
+
+def _link_fault(prev: ChainHead, doc: dict[str, Any]) -> tuple[int, str | None, str] | None:
+    """(bad seq, bad id, reason) when `doc` does not follow `prev`."""
+    seq, doc_id = int(doc.get("chain_seq", -1)), str(doc.get("_id"))
+    if seq != prev.seq + 1:
+        return prev.seq + 1, None, (f"document {prev.seq + 1} missing (after {prev.seq} comes "
+                                    f"{seq}, {doc_id!r})")  # fmt: skip
+    if doc.get("prev_hash") != prev.hash:
+        return seq, doc_id, f"{doc_id!r}: prev_hash is not the hash of document {prev.seq}"
+    try:
+        recomputed = chain_hash(str(doc["prev_hash"]), seq, content_hash(doc))
+    except (AssertionError, TypeError, ValueError, KeyError) as err:
+        return seq, doc_id, f"{doc_id!r}: not canonical ({err})"
+    if doc.get("hash") != recomputed:
+        return seq, doc_id, f"{doc_id!r}: content changed (hash does not match)"
+    return None
+
+
+# ---- group commit ------------------------------------------------------------------------------
+
+
+class AuditAppender:
+    """One process's appender to one chain of `audit_records`: records arriving while a batch
+    commits (or within `linger_ms` of the first) are committed together; `append` returns once
+    its record's batch is committed (its chain_seq)."""
+
+    def __init__(
+        self, chain: AuditChain, name: str, *, linger_ms: float = LINGER_MS_DEFAULT,
+        batch_max: int = BATCH_MAX, pending_max: int = PENDING_MAX,
+    ) -> None:  # fmt: skip
+        assert 0 <= linger_ms <= 1000 and 1 <= batch_max <= BATCH_MAX
+        assert batch_max <= pending_max <= PENDING_MAX
+        self._chain = chain
+        self._name = name
+        self._linger_s = linger_ms / 1000
+        self._batch_max = batch_max
+        self._pending_max = pending_max
+        self._pending: deque[tuple[dict[str, Any], asyncio.Future[int]]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # observability: transactions committed
+        self.records = 0  # observability: records committed
+
+    def start(self) -> asyncio.Task[None]:
+        """The committing task (the owner cancels it at shutdown)."""
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._run(), name=f"audit-appender-{self._name}")
+        return self._task
+
+    async def append(self, record: dict[str, Any]) -> int:
+        if len(self._pending) >= self._pending_max:
+            raise StoreUnavailableError(
+                f"MongoDB (audit log): {self._pending_max} records await a commit", field=None
+            )
+        self.start()
+        assert self._wake is not None
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, future))
+        self._wake.set()
+        return await future
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._linger_s > 0:
+                await asyncio.sleep(self._linger_s)
+            while self._pending:
+                count = min(self._batch_max, len(self._pending))
+                batch = [self._pending.popleft() for _ in range(count)]
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[int]]]) -> None:
+        try:
+            linked = await self._chain.append(AUDIT_RECORDS, self._name, [r for r, _ in batch])
+        except Exception as exc:  # every waiter gets the failure; the task goes on
+            log.warning("audit batch of %d record(s) failed: %r", len(batch), exc)
+            # A refused batch (e.g. RecordExistsError: the head was removed behind the chain's
+            # back) is an outage of the audit log: the request is not run unaudited.
+            error = exc if isinstance(exc, StoreUnavailableError) else StoreUnavailableError(
+                f"MongoDB (audit log): the batch was refused: {exc!r}", field=None)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.batches += 1
+        self.records += len(batch)
+        for (_, future), stored in zip(batch, linked, strict=True):
+            if not future.done():
+                future.set_result(int(stored["chain_seq"]))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(
+                    StoreUnavailableError("MongoDB (audit log): closed", field=None))
+
