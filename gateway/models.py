@@ -30,10 +30,11 @@ from walletcore.clearing import (
 )
 from walletcore.gl_chart import CURRENCY_PATTERN
 from walletcore.journal import CurrencyTotals, TrialBalance
-from walletcore.keys import ID_PATTERN, WalletKey
+from walletcore.keys import FREE_TEXT_PATTERN, ID_PATTERN, Identifier, WalletKey
 from walletcore.money import from_minor, signed_from_minor
 from walletcore.operations import (
     HISTORY_LIMIT_MAX,
+    Description,
     HistoryEntry,
     OperationResult,
     OperationType,
@@ -90,8 +91,8 @@ class CreditBody(_Body):
     wallet: WalletRef
     amount: Amount
     transaction_id: TransactionId | None = None
-    reference_id: str | None = Field(default=None, min_length=1, max_length=128)
-    description: str | None = Field(default=None, max_length=512)
+    reference_id: Identifier | None = None  # the domain's id rule: no `$`, no control chars
+    description: Description | None = None  # printable text only (walletcore.operations)
     allow_overdraft: bool = Field(
         default=False, description="wallet policy, applied when this operation creates it"
     )
@@ -104,7 +105,7 @@ class VoidBody(_Body):
     wallet: WalletRef
     original_transaction_id: TransactionId
     transaction_id: TransactionId | None = None
-    reference_id: str | None = Field(default=None, min_length=1, max_length=128)
+    reference_id: Identifier | None = None
 
 
 class WalletOut(BaseModel):
@@ -216,9 +217,13 @@ class TransactionFields(_Body):
     counterparty: str = Field(
         min_length=1, max_length=COUNTERPARTY_MAX, pattern=ID_PATTERN, examples=["acme-llc"]
     )
-    reference: str | None = Field(default=None, min_length=1, max_length=REFERENCE_MAX)
+    # Free text, printable only (walletcore.keys.FREE_TEXT_PATTERN): a control character is
+    # refused with a 422 naming the field, as for a wallet operation's description.
+    reference: str | None = Field(
+        default=None, min_length=1, max_length=REFERENCE_MAX, pattern=FREE_TEXT_PATTERN
+    )
     occurred_at: datetime | None = Field(default=None, strict=False)  # ISO 8601 in JSON
-    memo: str | None = Field(default=None, max_length=MEMO_MAX)
+    memo: str | None = Field(default=None, max_length=MEMO_MAX, pattern=FREE_TEXT_PATTERN)
 
     def transaction(self, external_id: str) -> ExternalTransaction:
         """The domain's transaction (its errors name the field: amount precision, ...)."""

@@ -59,6 +59,7 @@ from mongobase.mongo import (
     now_ms,
     u128_to_hex,
 )
+from walletcore.clearing import ExternalTransaction
 from walletcore.errors import StoreUnavailableError
 from walletcore.ids import account_id
 from walletcore.journal import ChainHead, chain_hash
@@ -174,18 +175,19 @@ def wallet_operation_record(
 
 
 def terminal_record(
-    items: Sequence[tuple[str, str, str, Decimal]], *, source: str, actor: str, operation: str,
+    txns: Sequence[ExternalTransaction], *, source: str, actor: str, operation: str,
     batch_id: str | None, caller: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The record of a credit-terminal submit: (external_id, kind, currency, amount) per
-    transaction (counterparties, references and memos left out)."""
-    assert 0 < len(items) <= TERMINAL_ITEMS_MAX
+    """The record of a credit-terminal submit: each transaction's external id, kind, currency
+    and amount (counterparties, references and memos left out: they may name a customer)."""
+    assert 0 < len(txns) <= TERMINAL_ITEMS_MAX
     return {
         "at": now_ms(), "source": source, "actor": actor, "operation": operation,
         "batch_id": batch_id, **(caller or {}),
         "transactions": [
-            {"external_id": ext, "kind": kind, "currency": cur, "amount": format(amount, "f")}
-            for ext, kind, cur, amount in items
+            {"external_id": t.external_id, "kind": t.kind, "currency": t.currency,
+             "amount": format(t.amount, "f")}
+            for t in txns
         ],
     }  # fmt: skip
 

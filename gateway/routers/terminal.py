@@ -28,6 +28,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
+from gateway.audit import SOURCE_API, audit, caller_fields
 from gateway.auth import Caller, guard
 from gateway.idempotency import (
     IdempotencyKey,
@@ -48,6 +49,7 @@ from gateway.operations import GET_TRANSACTION, SUBMIT_TRANSACTION, SUBMIT_TRANS
 from gateway.problems import ProblemError, dependency_unavailable, domain_problem
 from gateway.state import GatewayState, state_of
 from messages.clearing import IntakeResult, TransactionOutcome
+from stores.audit_chain import terminal_record
 from walletclient.clearing_client import error_of
 from walletcore.clearing import EXTERNAL_ID_MAX, ClearingTable, ExternalTransaction
 from walletcore.errors import WalletError
@@ -88,6 +90,7 @@ async def submit_transaction(
     batch_id = _batch_id(caller, idempotency_key)
 
     async def execute() -> TransactionOut:
+        await audit(request, _record(caller, SUBMIT_TRANSACTION.operation_id, [txn], batch_id))
         result, outcomes = await _submit(state, [txn], batch_id, wait_s)
         if result.refused:  # a conflict: recorded before with other content
             raise error_of(result.refused[0])
@@ -115,6 +118,7 @@ async def submit_transactions(
     batch_id = _batch_id(caller, idempotency_key)
 
     async def execute() -> BatchOut:
+        await audit(request, _record(caller, SUBMIT_TRANSACTIONS.operation_id, txns, batch_id))
         result, outcomes = await _submit(state, txns, batch_id, wait_s)
         return BatchOut(
             batch_id=result.batch_id, accepted=result.accepted,
@@ -142,6 +146,14 @@ async def get_transaction(
         raise ProblemError(404, "not-found", "Not found", f"no transaction {external_id!r}",
                            field="external_id")  # fmt: skip
     return TransactionOut.of(outcome)
+
+
+def _record(
+    caller: Caller, operation: str, txns: Sequence[ExternalTransaction], batch_id: str
+) -> dict[str, object]:
+    """The audit record of a submit (gateway.audit), written before the intake records it."""
+    return terminal_record(txns, source=SOURCE_API, actor=caller.name, operation=operation,
+                           batch_id=batch_id, caller=caller_fields(caller))  # fmt: skip
 
 
 def _batch_id(caller: Caller, raw_key: str) -> str:

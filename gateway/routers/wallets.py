@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
+from gateway.audit import SOURCE_API, audit, caller_fields
 from gateway.auth import Caller, guard
 from gateway.idempotency import IdempotencyKey, run_idempotent, transaction_id_for
 from gateway.models import (
@@ -36,6 +37,7 @@ from gateway.operations import (
 )
 from gateway.problems import dependency_unavailable
 from gateway.state import GatewayState, state_of
+from stores.audit_chain import wallet_operation_record
 from walletcore.keys import WalletKey
 from walletcore.operations import (
     AddCredit,
@@ -142,9 +144,15 @@ async def _write(
     # that never ran records nothing (Stripe's rule).
     validate_operation(op)
     state = state_of(request)
+    record = wallet_operation_record(op, source=SOURCE_API, actor=caller.name,
+                                     operation=spec.operation_id, caller=caller_fields(caller))
+
+    async def execute() -> OperationOut:
+        await audit(request, record)  # audited before it runs (never run unaudited)
+        return await _apply(state, op)
+
     return await run_idempotent(
-        request, state.idempotency, caller, spec, raw_key, body, op.transaction_id,
-        lambda: _apply(state, op),
+        request, state.idempotency, caller, spec, raw_key, body, op.transaction_id, execute,
     )  # fmt: skip
 
 

@@ -1,0 +1,43 @@
+"""The gateway's audit records: every money-moving request that runs (not replays, not requests
+refused before they run) is appended to the `api` chain (stores/audit_chain.py) before the
+operation starts, naming the API key (name, id, owner; never the secret).
+
+One AuditAppender per process (group commit: requests arriving together share one MongoDB
+transaction), created at the first write; its task is cancelled with the app's other tasks.
+An audit log that cannot be written answers 503 naming MongoDB (the Idempotency-Key is
+released: the retry runs), so nothing moves money unaudited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+
+from gateway.auth import Caller
+from gateway.state import state_of
+from stores.audit_chain import CHAIN_API, AuditAppender, AuditChain
+
+SOURCE_API = "api"
+
+
+def caller_fields(caller: Caller) -> dict[str, str]:
+    """Who sent the request, as the audit names it (the key's name is the `actor`)."""
+    return {"key_id": caller.key_id, "owner": caller.owner}
+
+
+def _appender(request: Request) -> AuditAppender:
+    app_state = request.app.state
+    appender = getattr(app_state, "audit_appender", None)
+    if appender is None:
+        state = state_of(request)
+        appender = AuditAppender(AuditChain(state.stores.db), CHAIN_API)
+        state.tasks.append(appender.start())
+        app_state.audit_appender = appender
+    assert isinstance(appender, AuditAppender)
+    return appender
+
+
+async def audit(request: Request, record: dict[str, Any]) -> int:
+    """Append `record` and wait for its batch's commit; its chain_seq."""
+    return await _appender(request).append(record)
