@@ -32,6 +32,7 @@ SERVERS = ["temporal", "redis", "mongo", "tigerbeetle"]
 # The worker and the API join the lifecycle test once their commands exist.
 COMPONENTS = [
     *SERVERS,
+    devstack.CODEC_SERVER,
     *(["worker"] if devstack.module_available(devstack.WORKER_MODULE) else []),
     *(["api"] if devstack.module_available(devstack.API_MODULE) else []),
 ]
@@ -77,6 +78,8 @@ def test_up_status_idempotent_down(tmp_path: Path) -> None:
         assert exports["TB_ADDRESSES"] == config.tb_addresses
         assert exports["TB_REQUEST_LIMIT_BYTES"] == "1048576"
         assert exports["WALLETMIG_API_URL"] == config.api_url()
+        check_metrics_urls(config, shown.stdout, exports)
+        check_secrets_and_codec_server(config, exports)
 
         if "worker" in COMPONENTS:
             pids["temporal"] = _running_worker_is_up_only_when_it_answers(config, pids["worker"])
@@ -91,6 +94,64 @@ def test_up_status_idempotent_down(tmp_path: Path) -> None:
     assert after.returncode == 3, after
     for name in COMPONENTS:
         assert f"{name:<12} down " in after.stdout, after.stdout
+
+
+def check_metrics_urls(config: devstack.StackConfig, status: str,
+                       exports: dict[str, str]) -> None:
+    """Every scrape URL of the stack (worker, Temporal SDK, API) in `dev status` and in
+    `dev env`'s WALLETMIG_METRICS_URLS (issue 11)."""
+    urls = exports["WALLETMIG_METRICS_URLS"].split(",")
+    assert urls == config.metrics_urls(exports["WALLETMIG_API_URL"])
+    assert len(urls) == len(config.worker_metrics_ports) + 1
+    (line,) = [x for x in status.splitlines() if x.startswith("Metrics")]
+    assert all(url in line for url in urls), line
+
+
+def check_secrets_and_codec_server(config: devstack.StackConfig,
+                                   exports: dict[str, str]) -> None:
+    """Issue 12: `up` made the key files (0600 in a 0700 directory), exports their paths (never
+    a key), starts the codec server with its token (401 without it, 200 with it or with the
+    browser session cookie) and the Web UI pointed at it."""
+    import base64
+
+    import httpx
+
+    from walletmig.codec_server import SESSION_COOKIE
+
+    keys = config.keys_dir
+    assert keys.stat().st_mode & 0o777 == 0o700
+    for name in (devstack.CODEC_KEYS_FILE, devstack.ID_HASH_KEY_FILE, devstack.CODEC_TOKEN_FILE):
+        assert (keys / name).stat().st_mode & 0o777 == 0o600, name
+    assert exports["WALLETMIG_CODEC_KEYS_FILE"] == str(keys / devstack.CODEC_KEYS_FILE)
+    assert exports["WALLETMIG_ID_HASH_KEY_FILE"] == str(keys / devstack.ID_HASH_KEY_FILE)
+    assert len(bytes.fromhex((keys / devstack.ID_HASH_KEY_FILE).read_text().strip())) == 32
+    env_text = (config.state_dir / devstack.ENV_FILE).read_text()
+    token = devstack.codec_token(config)
+    for secret in (token, (keys / devstack.CODEC_KEYS_FILE).read_text().split(":")[1].strip(),
+                   (keys / devstack.ID_HASH_KEY_FILE).read_text().strip()):
+        assert secret not in env_text
+    records = devstack.read_records(config.state_dir)
+    assert token not in " ".join(records[devstack.CODEC_SERVER].argv)
+    temporal_argv = list(records["temporal"].argv)
+    assert temporal_argv[temporal_argv.index("--ui-codec-endpoint") + 1] == config.codec_url
+
+    plain = {"payloads": [{"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
+                           "data": base64.b64encode(b'"hello"').decode()}]}
+    with httpx.Client(base_url=config.codec_url, timeout=10) as http:
+        assert http.post("/encode", json=plain).status_code == 401
+        sealed = http.post("/encode", json=plain, headers={"Authorization": f"Bearer {token}"})
+        assert sealed.status_code == 200, sealed.text
+        assert http.post("/login", data={"token": "wrong"}).status_code == 401
+        signed_in = http.post("/login", data={"token": token})
+        assert signed_in.status_code == 200 and token not in signed_in.headers["set-cookie"]
+        assert "HttpOnly" in signed_in.headers["set-cookie"]
+        cookie = http.cookies[SESSION_COOKIE]
+    with httpx.Client(base_url=config.codec_url, timeout=10,
+                      cookies={SESSION_COOKIE: cookie}) as browser:
+        opened = browser.post("/decode", json=sealed.json())
+        assert opened.status_code == 200 and opened.json() == plain
+    ui = devstack.http_get(f"{config.temporal_ui_url}/api/v1/settings")
+    assert ui is not None and config.codec_url in ui[1].decode(), ui
 
 
 def _running_worker_is_up_only_when_it_answers(config: devstack.StackConfig, pid: int) -> int:

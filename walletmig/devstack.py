@@ -8,6 +8,9 @@ State layout (STATE = WALLETMIG_STATE_DIR, default `.walletmig/`):
     STATE/pids.json          recorded processes (PID + kernel start time, argv, address, log)
     STATE/env                shell exports of the stack's addresses (see load_stack_env)
     STATE/logs/<name>.log    one log per component
+    STATE/keys/              secrets `up` generates once (0600, never printed nor logged):
+                             codec-keys (payload encryption), id-hash-key (wallet workflow
+                             ids), codec-server-token (the codec server's access token)
     STATE/temporal/ STATE/redis/ STATE/mongo/ STATE/tigerbeetle/   server data
 
 The HTTP API gateway (`walletmig api`) starts last, after the worker: it needs the servers,
@@ -23,6 +26,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import ssl
@@ -58,9 +62,10 @@ from walletmig.processes import (
 
 # Start order; `down` goes in reverse. The worker needs every server; the API comes last.
 SERVERS: tuple[str, ...] = ("temporal", "redis", "mongo", "tigerbeetle")
-COMPONENTS: tuple[str, ...] = (*SERVERS, "worker", "api")
+CODEC_SERVER = "codec-server"  # decrypts payloads for the Temporal Web UI (started with it)
+COMPONENTS: tuple[str, ...] = (*SERVERS, CODEC_SERVER, "worker", "api")
 # Started phase by phase: every component of a phase is launched, then all are awaited.
-PHASES: tuple[tuple[str, ...], ...] = (SERVERS, ("worker",), ("api",))
+PHASES: tuple[tuple[str, ...], ...] = ((*SERVERS, CODEC_SERVER), ("worker",), ("api",))
 assert tuple(name for phase in PHASES for name in phase) == COMPONENTS
 
 # Custom search attributes the workflows upsert; registered at server start (dev and tests).
@@ -81,6 +86,8 @@ DEV_ENVIRONMENT: dict[str, tuple[str, str]] = {
     # API serves /metrics on its own port.
     "WALLETMIG_DEV_METRICS_PORT": ("metrics_port", "9464"),
     "WALLETMIG_DEV_TEMPORAL_METRICS_PORT": ("temporal_metrics_port", "9465"),
+    # `walletmig codec-server` beside the Web UI (whose codec endpoint it is).
+    "WALLETMIG_DEV_CODEC_PORT": ("codec_port", "8234"),
     "WALLETMIG_READY_TIMEOUT_S": ("ready_timeout_s", "90"),
 }
 
@@ -92,6 +99,17 @@ WORKER_MODULE = "walletmig.commands.worker"
 API_MODULE = "walletmig.commands.api"
 TB_EMULATOR_MODULE = "tb_emulator.__main__"
 SECANTUS_CONFIG_FILE = "secantusd.toml"
+KEYS_DIR = "keys"
+CODEC_KEYS_FILE = "codec-keys"
+ID_HASH_KEY_FILE = "id-hash-key"
+CODEC_TOKEN_FILE = "codec-server-token"
+CODEC_KEY_ID = "dev1"  # the generated key's id (rotation: add a line, the last one encrypts)
+ID_HASH_KEY_BYTES = 32
+CODEC_TOKEN_BYTES = 32
+# Secrets given inline: never passed to a process of the stack (its files are the keys), so
+# an exported WALLETMIG_CODEC_KEYS cannot make the stack's processes disagree on the key.
+INLINE_SECRETS = ("WALLETMIG_CODEC_KEYS", "WALLETMIG_ID_HASH_KEY", "WALLETMIG_CODEC_SERVER_TOKEN")
+CODEC_MODULE = "walletmig.commands.codec_server"
 # Everything is set by flags. SecantusDB 0.7 has no transaction lifetime setting (neither a
 # flag, nor this file, nor setParameter): a dead client's open transaction holds its
 # documents for the built-in 60 s, like mongod's default transactionLifetimeLimitSeconds.
@@ -133,6 +151,7 @@ class StackConfig(BaseModel):
     api_port: int = Field(default=8090, gt=0, lt=65536)
     metrics_port: int = Field(default=9464, ge=0, lt=65536)  # the worker's; 0 = off
     temporal_metrics_port: int = Field(default=9465, ge=0, lt=65536)  # 0 = off
+    codec_port: int = Field(default=8234, gt=0, lt=65536)
     # The emulator's --limit-request; remembered in stack.json like the ports.
     tb_request_limit_bytes: int = Field(
         default=REQUEST_LIMIT_BYTES_DEFAULT, ge=REQUEST_LIMIT_BYTES_MIN, le=REQUEST_LIMIT_BYTES_MAX
@@ -182,7 +201,7 @@ class StackConfig(BaseModel):
             name: free_port()
             for name in (
                 "temporal_port", "temporal_ui_port", "redis_port", "mongo_port", "tb_port",
-                "api_port", "metrics_port", "temporal_metrics_port",
+                "api_port", "metrics_port", "temporal_metrics_port", "codec_port",
             )
         }  # fmt: skip
         return cls.model_validate({"state_dir": state_dir, **ports, **overrides})
@@ -194,6 +213,14 @@ class StackConfig(BaseModel):
     @property
     def temporal_ui_url(self) -> str:
         return f"http://{self.host}:{self.temporal_ui_port}"
+
+    @property
+    def codec_url(self) -> str:
+        return f"http://{self.host}:{self.codec_port}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir.resolve() / KEYS_DIR
 
     @property
     def mongodb_uri(self) -> str:
@@ -314,9 +341,53 @@ class ComponentSpec:
     extra_ports: tuple[int, ...] = ()  # other ports it binds (the worker's metrics ports)
 
 
+def ensure_secrets(config: StackConfig) -> None:
+    """Create the stack's secret files once (a file already there is kept: the stack's Temporal
+    history is encrypted with it, its wallet workflow ids are hashed with it). 0600 in a 0700
+    directory; written to a temporary name and renamed, so a crash never leaves half a key."""
+    from walletclient.payload_codec import new_key_line
+
+    directory = config.keys_dir
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    wanted: dict[str, Callable[[], str]] = {
+        CODEC_KEYS_FILE: lambda: new_key_line(CODEC_KEY_ID),
+        ID_HASH_KEY_FILE: lambda: secrets.token_hex(ID_HASH_KEY_BYTES),
+        CODEC_TOKEN_FILE: lambda: secrets.token_urlsafe(CODEC_TOKEN_BYTES),
+    }
+    for name, make in wanted.items():
+        path = directory / name
+        if path.is_file():
+            continue
+        temporary = path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(make() + "\n")
+        os.replace(temporary, path)
+
+
+def secret_env(config: StackConfig) -> dict[str, str]:
+    """Where every process of the stack (and `dev env`) finds the keys: file paths only, the
+    secrets stay in their 0600 files."""
+    return {
+        "WALLETMIG_CODEC_KEYS_FILE": str(config.keys_dir / CODEC_KEYS_FILE),
+        "WALLETMIG_ID_HASH_KEY_FILE": str(config.keys_dir / ID_HASH_KEY_FILE),
+    }
+
+
+def codec_token(config: StackConfig) -> str:
+    return (config.keys_dir / CODEC_TOKEN_FILE).read_text().strip()
+
+
+def without_inline_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in INLINE_SECRETS}
+
+
 def stack_env(config: StackConfig) -> dict[str, str]:
     """Environment variables that point walletmig at this stack (written to STATE/env)."""
     return {
+        **secret_env(config),
+        "WALLETMIG_CODEC_URL": config.codec_url,
         "TEMPORAL_ADDRESS": config.temporal_address,
         "MONGODB_URI": config.mongodb_uri,
         "REDIS_URL": config.redis_url,
@@ -520,6 +591,9 @@ def _temporal_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) 
         # silently turn it off.
         "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true",
         "--dynamic-config-value", "frontend.enableExecuteMultiOperation=true",
+        # The Web UI asks the codec server to decrypt what it shows (README, "Payload
+        # encryption": the engineer signs in to the codec server once per browser).
+        "--ui-codec-endpoint", config.codec_url,
     ]  # fmt: skip
     for name, kind in SEARCH_ATTRIBUTES.items():
         argv += ["--search-attribute", f"{name}={kind}"]
@@ -590,6 +664,29 @@ def _tigerbeetle_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentS
     )  # fmt: skip
 
 
+def _codec_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
+    """`walletmig codec-server` with the stack's keys and token (from its environment, never
+    its command line: pids.json and `ps` show argv), CORS for the stack's Web UI."""
+    ui = config.temporal_ui_url
+    local_ui = f"http://localhost:{config.temporal_ui_port}"
+    codec_env = {**env, **secret_env(config),
+                 "WALLETMIG_CODEC_SERVER_CORS_ORIGINS": f"{ui},{local_ui}"}
+    token_file = config.keys_dir / CODEC_TOKEN_FILE
+    with contextlib.suppress(OSError):  # `status` on a stack never started has no token yet
+        codec_env["WALLETMIG_CODEC_SERVER_TOKEN"] = codec_token(config)
+    return ComponentSpec(
+        name=CODEC_SERVER,
+        argv=(sys.executable, "-m", "walletmig", "codec-server", "--host", config.host,
+              "--port", str(config.codec_port), "--log-level", "WARNING"),
+        address=config.codec_url, port=config.codec_port, data_dir=None,
+        probe=_tcp_ready(config.host, config.codec_port), env=codec_env,
+        unavailable="" if module_available(CODEC_MODULE)
+        else "`walletmig codec-server` command not registered yet",
+        describe=lambda _record: (f"Web UI codec endpoint; token in {token_file}, "
+                                  f"browser sign-in {config.codec_url}/login"),
+    )  # fmt: skip
+
+
 def _worker_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) -> ComponentSpec:
     """One worker process serves the wallet and the migration task queues (`walletmig
     worker`), with the stack's addresses in its environment."""
@@ -636,12 +733,13 @@ def _api_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
 def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
     """Every component's launch spec, in start order (one function per component above)."""
     temporal = find_binary("temporal")
-    base_env = dict(os.environ)
+    base_env = without_inline_secrets(os.environ)
     specs = {
         "temporal": _temporal_spec(config, temporal, base_env),
         "redis": _redis_spec(config, base_env),
         "mongo": _mongo_spec(config, base_env),
         "tigerbeetle": _tigerbeetle_spec(config, base_env),
+        CODEC_SERVER: _codec_spec(config, base_env),
         "worker": _worker_spec(config, temporal, base_env),
         "api": _api_spec(config, base_env),
     }
@@ -792,10 +890,11 @@ def up(config: StackConfig, components: Sequence[str] | None = None) -> list[Com
     ready is stopped (others stay up) and StackError names it and its log.
     """
     selected = _select(components)
-    specs = component_specs(config)
     state = config.state_dir
     results: dict[str, ComponentStatus] = {}
     with _locked(state):
+        ensure_secrets(config)  # before the specs: the codec server's env carries the token
+        specs = component_specs(config)
         records = read_records(state)
         _check_ports_free(config, specs, selected, records)
         _check_request_limit(config, records)
@@ -922,6 +1021,7 @@ def _env_from_records(config: StackConfig, records: Mapping[str, ProcessRecord])
         "mongo": "MONGODB_URI",
         "tigerbeetle": "TB_ADDRESSES",
         "api": "WALLETMIG_API_URL",
+        CODEC_SERVER: "WALLETMIG_CODEC_URL",
     }
     for name, key in keys.items():
         if name in records:

@@ -33,6 +33,7 @@ def _stack_config(args: argparse.Namespace) -> devstack.StackConfig:
         api_port=getattr(args, "api_port", None),
         metrics_port=getattr(args, "metrics_port", None),
         temporal_metrics_port=getattr(args, "temporal_metrics_port", None),
+        codec_port=getattr(args, "codec_port", None),
         tb_request_limit_bytes=_tb_limit_request(getattr(args, "tb_limit_request", None)),
         ready_timeout_s=getattr(args, "timeout_s", None),
     )
@@ -66,7 +67,8 @@ def _print_statuses(statuses: list[devstack.ComponentStatus]) -> None:
 def _print_footer(config: devstack.StackConfig, statuses: list[devstack.ComponentStatus]) -> None:
     temporal = next((s for s in statuses if s.name == "temporal"), None)
     if temporal is not None and temporal.state == "up":
-        print(f"Temporal UI  {config.temporal_ui_url}")
+        print(f"Temporal UI  {config.temporal_ui_url}  (payloads decrypted by {config.codec_url}"
+              f" once signed in at {config.codec_url}/login)")
     api = next((s for s in statuses if s.name == "api"), None)
     if api is not None and api.state == "up":
         print(f"HTTP API     {api.address}  (OpenAPI at /openapi.json; keys: walletmig api-key)")
@@ -126,6 +128,7 @@ def _add_port_flags(parser: argparse.ArgumentParser) -> None:
         ("--api-port", "WALLETMIG_API_PORT"),
         ("--metrics-port", "WALLETMIG_DEV_METRICS_PORT"),
         ("--temporal-metrics-port", "WALLETMIG_DEV_TEMPORAL_METRICS_PORT"),
+        ("--codec-port", "WALLETMIG_DEV_CODEC_PORT"),
     ]
     for flag, env_name in flags:
         default = devstack.DEV_ENVIRONMENT[env_name][1]
