@@ -20,6 +20,8 @@ class Scope(StrEnum):
     TERMINAL_SUBMIT = "terminal:submit"
     TERMINAL_READ = "terminal:read"
     MIGRATION_READ = "migration:read"
+    MIGRATION_OPERATE = "migration:operate"  # the migration workflow's Updates but `approve`
+    MIGRATION_APPROVE = "migration:approve"  # four eyes: `approve` (another key's request)
     LEDGER_READ = "ledger:read"
 
 
@@ -56,6 +58,30 @@ SUBMIT_TRANSACTIONS = OperationSpec(
     "submit_transactions", Scope.TERMINAL_SUBMIT, OperationClass.MONEY
 )
 GET_TRANSACTION = OperationSpec("get_transaction", Scope.TERMINAL_READ, OperationClass.READ)
+# Migration control: Updates of the migration workflow. The MONEY class on purpose: limited
+# tightly, failing closed, and an Idempotency-Key (a retried `advance` must not move twice;
+# the key also derives the Temporal Update id, which the server deduplicates).
+ADVANCE_MIGRATION = OperationSpec(
+    "advance_migration", Scope.MIGRATION_OPERATE, OperationClass.MONEY
+)
+FORCE_ADVANCE_MIGRATION = OperationSpec(
+    "force_advance_migration", Scope.MIGRATION_OPERATE, OperationClass.MONEY
+)
+ROLLBACK_MIGRATION = OperationSpec(
+    "rollback_migration", Scope.MIGRATION_OPERATE, OperationClass.MONEY
+)
+SET_MIGRATION_ROLLOUT = OperationSpec(
+    "set_migration_rollout", Scope.MIGRATION_OPERATE, OperationClass.MONEY
+)
+PAUSE_MIGRATION = OperationSpec("pause_migration", Scope.MIGRATION_OPERATE, OperationClass.MONEY)
+RESUME_MIGRATION = OperationSpec("resume_migration", Scope.MIGRATION_OPERATE, OperationClass.MONEY)
+APPROVE_MIGRATION = OperationSpec(
+    "approve_migration", Scope.MIGRATION_APPROVE, OperationClass.MONEY
+)
+MIGRATION_CONTROL = (
+    ADVANCE_MIGRATION, FORCE_ADVANCE_MIGRATION, ROLLBACK_MIGRATION, SET_MIGRATION_ROLLOUT,
+    PAUSE_MIGRATION, RESUME_MIGRATION, APPROVE_MIGRATION,
+)  # fmt: skip
 GET_TRIAL_BALANCE = OperationSpec("get_trial_balance", Scope.LEDGER_READ, OperationClass.READ)
 GET_STATEMENT = OperationSpec("get_statement", Scope.LEDGER_READ, OperationClass.READ)
 
@@ -64,6 +90,6 @@ OPERATIONS: dict[str, OperationSpec] = {
     for spec in (
         ADD_CREDIT, SUBTRACT_CREDIT, VOID_TRANSACTION, GET_BALANCE, GET_BALANCES, GET_HISTORY,
         GET_MIGRATION, SUBMIT_TRANSACTION, SUBMIT_TRANSACTIONS, GET_TRANSACTION,
-        GET_TRIAL_BALANCE, GET_STATEMENT,
+        GET_TRIAL_BALANCE, GET_STATEMENT, *MIGRATION_CONTROL,
     )
 }  # fmt: skip
