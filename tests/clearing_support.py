@@ -44,6 +44,8 @@ from walletcore.clearing import (
     ClearingState,
     ClearingTable,
     ExternalTransaction,
+    KindLimits,
+    Route,
     pending_transfer_id,
     post_transfer_id,
     void_transfer_id,
@@ -106,13 +108,20 @@ async def restart(stack: devstack.StackConfig, name: str) -> float:
 # ---- the pipeline on it ----------------------------------------------------------------------
 
 
+SHORT_HOLD = "crash_short_hold"  # a 1 s hold: never enough for the checks, it expires
+
+
 def private_table() -> ClearingTable:
-    """The default routes on ledgers of the caller's own: the mirrors start from zero, so
-    their balances must equal this run's ledger exactly."""
+    """The default routes on ledgers of the caller's own (the mirrors start from zero, so
+    their balances must equal this run's ledger exactly), and SHORT_HOLD."""
     usd = random.randrange(10_000, 2**31)
     chart = ChartOfAccounts(accounts=DEFAULT_CLEARING_TABLE.chart.accounts,
                             ledgers={"USD": usd, "USDC": usd + 1})
-    return ClearingTable(chart=chart, routes=DEFAULT_CLEARING_TABLE.routes)
+    limits = {"USD": KindLimits(amount_min=Decimal("0.01"), amount_max=Decimal("1000"),
+                                velocity_count_max=1000, velocity_amount_max=Decimal("100000"))}
+    short = Route(kind=SHORT_HOLD, code=2911, debit_account=6100, credit_account=2300,
+                  pending_timeout_s=1, limits=limits)
+    return ClearingTable(chart=chart, routes=(*DEFAULT_CLEARING_TABLE.routes, short))
 
 
 @dataclass
@@ -170,8 +179,8 @@ class Stream:
 
     def batch(self, index: int, size: int) -> list[ExternalTransaction]:
         """`size` (a multiple of CYCLE) transactions: mostly settling kinds, and per CYCLE an
-        amount over the limit, a blocked party, a reservation beyond the funds and a
-        duplicate reference (its first holder settles)."""
+        amount over the limit, a blocked party, a reservation beyond the funds, a duplicate
+        reference (its first holder settles) and a hold that expires."""
         assert size % CYCLE == 0
         out: list[ExternalTransaction] = []
         for n in range(size):
@@ -191,6 +200,8 @@ class Stream:
             elif slot == 11:  # 2180 holds far less USDC than this: TigerBeetle refuses it
                 kind, currency, amount, expect = "usdc_vault_withdrawal", "USDC", \
                     Decimal("250000"), "pending_refused:exceeds_credits"
+            elif slot == 19:  # its hold expires: reported, never posted
+                kind, currency, expect = SHORT_HOLD, "USD", "expired"
             elif slot in (15, 16):
                 kind, currency, party = "ach_credit_in", "USD", f"p-{self.run}-{index}-{n - slot}"
                 fields["reference"] = f"TRACE-{self.run}-{index}-{n - slot}"

@@ -4,10 +4,11 @@ double-entry invariant as a property of walletcore's pure clearing functions.
 
 The stream: two callers send batches of 40 mixed transactions (settling kinds in USD and USDC,
 and per 20 an amount over the limit, a blocked counterparty, a reservation TigerBeetle refuses
-for lack of funds and a duplicate reference), 400 in all plus the batch sent right before the
-kill. The server is SIGKILLed with batches in flight (asserted: accepted, not final at the
-kill), kept down a few seconds while the callers go on (resending the same batch while MongoDB
-is down, as the client's contract asks), and restarted on the same port and data dir.
+for lack of funds, a duplicate reference and a 1 s hold that expires), 400 in all plus the
+batch sent right before each kill. The server is SIGKILLed twice (the second time once the
+pipeline runs again) with batches in flight (asserted: accepted, not final at the kill), kept
+down a few seconds while the callers go on (resending the same batch while MongoDB is down,
+as the client's contract asks), and restarted on the same port and data dir.
 
 Afterwards, read independently (tests/clearing_support.py: TigerBeetle's `lookup_transfers` on
 the derived ids and `lookup_accounts` on the mirrors, the ledger's collections directly): every
@@ -72,8 +73,8 @@ from walletmig import devstack
 
 BATCH_SIZE = 40
 CALLERS = 2
-BATCHES_PER_CALLER = 5  # 400 transactions, plus the batch sent at the kill
-BEFORE_KILL = 2  # each caller's batches sent before the kill; the rest during and after
+BATCHES_PER_CALLER = 5  # 400 transactions, plus the batch sent at each kill
+KILLS = 2  # the second once the pipeline runs again after the first
 DOWN_S = 3.0
 SUBMIT_TIMEOUT_S = 60.0
 FINAL_WAIT_S = 90.0
@@ -103,7 +104,7 @@ async def tb_client(stack: devstack.StackConfig) -> AsyncIterator[BatchedClient]
 
 @dataclass
 class KillReport:
-    """What was in flight at the kill and what the callers saw."""
+    """What was in flight at one kill."""
 
     open_ids: int
     open_batches: int
@@ -111,52 +112,68 @@ class KillReport:
     restart_s: float
     kill_batch: list[ExternalTransaction]
 
+    def line(self) -> str:
+        return (f"{self.open_ids} transactions in {self.open_batches} batches in flight "
+                f"(stages {dict(self.stages)}), restarted in {self.restart_s:.1f} s")
 
-async def _stream_through_kill(
+
+async def _under_way(term: Terminal, ids: list[str]) -> None:
+    """Until one of `ids` is final: the pipeline runs (again)."""
+    deadline = time.monotonic() + UNDER_WAY_WAIT_S
+    while True:
+        outcomes = await term.client.statuses(ids)
+        if any(o.state in FINAL for o in outcomes.values()):
+            return
+        assert time.monotonic() < deadline, "no outcome final: the pipeline does not run"
+        await asyncio.sleep(0.1)
+
+
+async def _stream_through_kills(
     term: Terminal, stream: Stream, stack: devstack.StackConfig, server: str,
     out: Submitted, *, snapshot_after_kill: bool,
-) -> KillReport:
-    """Callers send their first batches; once an outcome is final (the pipeline runs), one
-    more batch is sent and `server` is SIGKILLed at once (that batch, at least, is in
-    flight); the callers send the rest during the outage and after the restart."""
-    killed = asyncio.Event()
-    report: list[KillReport] = []
+) -> list[KillReport]:
+    """Callers send their batches in KILLS + 1 waves. Before each kill, once an outcome of
+    the last wave is final (the pipeline runs), one more batch is sent and `server` is
+    SIGKILLed at once (that batch, at least, is in flight); the next wave goes out during the
+    outage, the restart follows DOWN_S later."""
+    kills_done = [asyncio.Event() for _ in range(KILLS)]
+    reports: list[KillReport] = []
 
     async def caller(n: int) -> None:
         for b in range(BATCHES_PER_CALLER):
-            if b == BEFORE_KILL:
-                await killed.wait()
+            wave = min(b * (KILLS + 1) // BATCHES_PER_CALLER, KILLS)
+            if wave:
+                await kills_done[wave - 1].wait()
             batch = stream.batch(n * BATCHES_PER_CALLER + b, BATCH_SIZE)
             await submit_until_recorded(term, batch, out, timeout_s=SUBMIT_TIMEOUT_S)
             await asyncio.sleep(0.2)
 
-    async def crash() -> None:
-        deadline = time.monotonic() + UNDER_WAY_WAIT_S
-        while True:
-            outcomes = await term.client.statuses(out.accepted)
-            if any(o.state in FINAL for o in outcomes.values()):
-                break
-            assert time.monotonic() < deadline, "no outcome final: the pipeline does not run"
-            await asyncio.sleep(0.1)
-        kill_batch = stream.batch(CALLERS * BATCHES_PER_CALLER, BATCH_SIZE)
+    async def crash(k: int) -> None:
+        await _under_way(term, out.accepted)
+        kill_batch = stream.batch(CALLERS * BATCHES_PER_CALLER + k, BATCH_SIZE)
         await submit_until_recorded(term, kill_batch, out, timeout_s=SUBMIT_TIMEOUT_S)
         if not snapshot_after_kill:  # MongoDB is about to die: read what is open now
             in_flight = await open_batches(term, out.accepted)
         kill_9(stack, server)
         if snapshot_after_kill:
             in_flight = await open_batches(term, out.accepted)
-        killed.set()
+        kills_done[k].set()
         seen = await stages(term, list(in_flight))
         await asyncio.sleep(DOWN_S)
         took = await restart(stack, server)
-        report.append(KillReport(open_ids=sum(map(len, in_flight.values())),
-                                 open_batches=len(in_flight), stages=seen, restart_s=took,
-                                 kill_batch=kill_batch))
+        reports.append(KillReport(open_ids=sum(map(len, in_flight.values())),
+                                  open_batches=len(in_flight), stages=seen, restart_s=took,
+                                  kill_batch=kill_batch))
 
-    await asyncio.gather(crash(), *(caller(n) for n in range(CALLERS)))
-    (kill,) = report
-    assert kill.open_ids > 0, "nothing was in flight at the kill"
-    return kill
+    async def crashes() -> None:
+        for k in range(KILLS):
+            await crash(k)
+
+    await asyncio.gather(crashes(), *(caller(n) for n in range(CALLERS)))
+    assert len(reports) == KILLS
+    for report in reports:
+        assert report.open_ids > 0, "nothing was in flight at a kill"
+    return reports
 
 
 async def _resend_concurrently(term: Terminal, kill_batch: list[ExternalTransaction]) -> None:
@@ -177,19 +194,19 @@ async def _run(term: Terminal, stack: devstack.StackConfig, server: str, *,
     stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
     out = Submitted()
     started = time.monotonic()
-    kill = await _stream_through_kill(term, stream, stack, server, out,
-                                      snapshot_after_kill=snapshot_after_kill)
-    await _resend_concurrently(term, kill.kill_batch)
+    kills = await _stream_through_kills(term, stream, stack, server, out,
+                                        snapshot_after_kill=snapshot_after_kill)
+    for kill in kills:
+        await _resend_concurrently(term, kill.kill_batch)
     outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
-    assert len(outcomes) == (CALLERS * BATCHES_PER_CALLER + 1) * BATCH_SIZE
+    assert len(outcomes) == (CALLERS * BATCHES_PER_CALLER + KILLS) * BATCH_SIZE
     books = await check_books(term, stream, out.accepted, outcomes)
     counts = await records_caught_up(term, len(outcomes), books.settled)
-    print(f"\n{server} kill -9: in flight at the kill {kill.open_ids} transactions in "
-          f"{kill.open_batches} batches, workflow stages {dict(kill.stages)}; restart "
-          f"{kill.restart_s:.1f} s; submit attempts {out.attempts} for {len(out.batches)} "
-          f"batches, errors while down {dict(out.errors)}; outcomes: settled {books.settled}, "
-          f"rejected {dict(books.rejected)}; entries {books.entries}, posted transfers "
-          f"{books.posted_transfers}; records {dict(counts)}; "
+    print(f"\n{server} kill -9 x{KILLS}: " + "; ".join(k.line() for k in kills))
+    print(f"  submit attempts {out.attempts} for {len(out.batches)} batches, errors while "
+          f"down {dict(out.errors)}; outcomes: settled {books.settled}, rejected "
+          f"{dict(books.rejected)}; entries {books.entries}, posted transfers "
+          f"{books.posted_transfers}; records {({s.value: n for s, n in counts.items() if n})}; "
           f"{time.monotonic() - started:.1f} s")
 
 
