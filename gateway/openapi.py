@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from gateway.idempotency import REPLAY_HEADER
-from gateway.operations import OPERATIONS, OperationSpec
+from gateway.operations import MIGRATION_CONTROL, OPERATIONS, OperationSpec
 from gateway.problems import PROBLEM_MEDIA_TYPE, Problem
 
 TITLE = "walletmig API"
@@ -50,6 +50,9 @@ _LINKS: dict[str, dict[str, Any]] = {
         "parameters": {"external_id": "$response.body#/external_id"},
     }},
     "submit_transactions": {},
+    **{spec.operation_id: {"read_get_migration": {
+        "operationId": "get_migration", "parameters": {"name": "$request.path.name"},
+    }} for spec in MIGRATION_CONTROL},  # a migration Update links to the migration's status
 }  # fmt: skip
 _WRITE_READS = {
     "get_balance": ("client_id", "country", "currency"),
