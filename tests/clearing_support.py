@@ -227,7 +227,7 @@ class Submitted:
 async def submit_until_recorded(
     term: Terminal, batch: list[ExternalTransaction], out: Submitted, *,
     timeout_s: float, pause_s: float = 0.5,
-) -> None:
+) -> str:
     """The caller's contract: resend the same batch (same batch id) until it is recorded.
     Accepted: recorded now, or by an earlier attempt whose answer was lost (replayed in the
     batch's own id)."""
@@ -248,6 +248,7 @@ async def submit_until_recorded(
     assert sorted(mine) == sorted(t.external_id for t in batch), result
     out.accepted.extend(mine)
     out.batches[batch_id] = mine
+    return batch_id
 
 
 async def open_batches(term: Terminal, ids: Sequence[str]) -> dict[str, list[str]]:
@@ -269,6 +270,22 @@ async def stages(term: Terminal, batch_ids: Sequence[str]) -> Counter[str]:
         except Exception as err:  # not started yet, or the query timed out
             seen[f"unknown:{type(err).__name__}"] += 1
     return seen
+
+
+async def reach_stage(term: Terminal, batch_id: str, wanted: str, timeout_s: float) -> str:
+    """Poll the batch workflow's stage until it is `wanted` (or later, or `timeout_s`
+    passed); returns the stage it was last seen in."""
+    order = ("received", "pending", "checks", "post_void", "expiring", "settle", "done")
+    assert wanted in order
+    deadline = time.monotonic() + timeout_s
+    stage = "received"
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # not started yet
+            stage = await term.client.stage(batch_id)
+        if order.index(stage) >= order.index(wanted):
+            break
+        await asyncio.sleep(0.01)
+    return stage
 
 
 async def wait_final(term: Terminal, ids: Sequence[str], timeout_s: float

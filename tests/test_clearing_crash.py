@@ -45,6 +45,7 @@ from clearing_support import (
     kill_9,
     open_batches,
     private_stack,
+    reach_stage,
     records_caught_up,
     restart,
     stages,
@@ -79,6 +80,7 @@ DOWN_S = 3.0
 SUBMIT_TIMEOUT_S = 60.0
 FINAL_WAIT_S = 90.0
 UNDER_WAY_WAIT_S = 60.0
+STAGE_WAIT_S = 15.0  # the last batch before a kill reaches the kill's target stage
 BLOCKED = "evil-bank-crash"
 
 
@@ -111,10 +113,12 @@ class KillReport:
     stages: Counter[str]
     restart_s: float
     kill_batch: list[ExternalTransaction]
+    kill_batch_stage: str
 
     def line(self) -> str:
         return (f"{self.open_ids} transactions in {self.open_batches} batches in flight "
-                f"(stages {dict(self.stages)}), restarted in {self.restart_s:.1f} s")
+                f"(stages {dict(self.stages)}; the last batch's at the kill: "
+                f"{self.kill_batch_stage}), restarted in {self.restart_s:.1f} s")
 
 
 async def _under_way(term: Terminal, ids: list[str]) -> None:
@@ -130,12 +134,14 @@ async def _under_way(term: Terminal, ids: list[str]) -> None:
 
 async def _stream_through_kills(
     term: Terminal, stream: Stream, stack: devstack.StackConfig, server: str,
-    out: Submitted, *, snapshot_after_kill: bool,
+    out: Submitted, *, snapshot_after_kill: bool, targets: tuple[str, ...],
 ) -> list[KillReport]:
     """Callers send their batches in KILLS + 1 waves. Before each kill, once an outcome of
     the last wave is final (the pipeline runs), one more batch is sent and `server` is
-    SIGKILLed at once (that batch, at least, is in flight); the next wave goes out during the
-    outage, the restart follows DOWN_S later."""
+    SIGKILLed as soon as that batch's workflow reached the kill's target stage (that batch, at
+    least, is in flight); the next wave goes out during the outage, the restart follows
+    DOWN_S later."""
+    assert len(targets) == KILLS
     kills_done = [asyncio.Event() for _ in range(KILLS)]
     reports: list[KillReport] = []
 
@@ -151,7 +157,9 @@ async def _stream_through_kills(
     async def crash(k: int) -> None:
         await _under_way(term, out.accepted)
         kill_batch = stream.batch(CALLERS * BATCHES_PER_CALLER + k, BATCH_SIZE)
-        await submit_until_recorded(term, kill_batch, out, timeout_s=SUBMIT_TIMEOUT_S)
+        batch_id = await submit_until_recorded(term, kill_batch, out,
+                                               timeout_s=SUBMIT_TIMEOUT_S)
+        at_kill = await reach_stage(term, batch_id, targets[k], STAGE_WAIT_S)
         if not snapshot_after_kill:  # MongoDB is about to die: read what is open now
             in_flight = await open_batches(term, out.accepted)
         kill_9(stack, server)
@@ -163,7 +171,7 @@ async def _stream_through_kills(
         took = await restart(stack, server)
         reports.append(KillReport(open_ids=sum(map(len, in_flight.values())),
                                   open_batches=len(in_flight), stages=seen, restart_s=took,
-                                  kill_batch=kill_batch))
+                                  kill_batch=kill_batch, kill_batch_stage=at_kill))
 
     async def crashes() -> None:
         for k in range(KILLS):
@@ -190,12 +198,13 @@ async def _resend_concurrently(term: Terminal, kill_batch: list[ExternalTransact
 
 
 async def _run(term: Terminal, stack: devstack.StackConfig, server: str, *,
-               snapshot_after_kill: bool) -> None:
+               snapshot_after_kill: bool, targets: tuple[str, ...]) -> None:
     stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
     out = Submitted()
     started = time.monotonic()
     kills = await _stream_through_kills(term, stream, stack, server, out,
-                                        snapshot_after_kill=snapshot_after_kill)
+                                        snapshot_after_kill=snapshot_after_kill,
+                                        targets=targets)
     for kill in kills:
         await _resend_concurrently(term, kill.kill_batch)
     outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
@@ -218,7 +227,8 @@ async def test_kill_9_of_tigerbeetle_mid_stream(
     batches' TigerBeetle steps retry; the restarted emulator (its log replayed) holds every
     hold and post it acknowledged, and the pipeline resumes where each batch stopped."""
     async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
-        await _run(term, stack, "tigerbeetle", snapshot_after_kill=True)
+        await _run(term, stack, "tigerbeetle", snapshot_after_kill=True,
+                   targets=("pending", "post_void"))
 
 
 @pytest.mark.slow
@@ -229,7 +239,8 @@ async def test_kill_9_of_mongodb_mid_stream(
     id) until it is recorded; the batches' store and ledger steps retry; a ledger transaction
     cut by the kill leaves nothing (the entries and balances commit together or not)."""
     async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
-        await _run(term, stack, "mongo", snapshot_after_kill=False)
+        await _run(term, stack, "mongo", snapshot_after_kill=False,
+                   targets=("checks", "settle"))
 
 
 # ---- the double-entry invariant over random batches (pure walletcore) -----------------------
