@@ -1,10 +1,12 @@
 """Payload encryption: the AES-256-GCM codec (round trip, rotation, tamper detection), a real
 wallet worker and client with the codec on whose raw history holds no client id or amount in
-the clear, and the codec server (decodes with the token, 401 without)."""
+the clear (not in workflow ids either: keyed hashes, walletcore.wallet_ids), and the codec
+server (decodes with the token, 401 without)."""
 
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -109,8 +111,8 @@ def test_keys_load_from_a_file_or_the_environment(tmp_path: Path) -> None:
 
 def payloads_in(message: Message) -> Iterator[tuple[str, Payload]]:
     """Every Payload anywhere in a history event (with its field path), except search
-    attributes: those are indexed by the server and never encoded (keyed ids are issue 12's
-    next step)."""
+    attributes: those are indexed by the server and never encoded (they hold no customer data:
+    the raw-bytes check in the test below covers them)."""
     for field, value in message.ListFields():
         if field.name == "search_attributes" or field.message_type is None:
             continue
@@ -142,8 +144,27 @@ async def test_history_holds_no_customer_data_in_the_clear(
         assert result.credit == Decimal(amount)
         balance = await harness.client.get_balance(wallet)
         assert balance.credit == Decimal(amount)
-    # Without the codec: what anyone who can reach Temporal sees.
-    plain_handle = temporal_client.get_workflow_handle(harness.client.workflow_id(wallet))
+        assert [b.credit for b in await harness.client.get_multi_balance(client_id)] == [
+            Decimal(amount)]
+        workflow_id = harness.client.workflow_id(wallet)
+        # Without the codec: what anyone who can reach Temporal sees.
+        plain_handle = temporal_client.get_workflow_handle(workflow_id)
+        described = await plain_handle.describe()  # search attributes, memo, summaries
+        assert client_id.encode() not in described.raw_description.SerializeToString()
+        # The Web UI's current details come from a query answered through the codec.
+        meta = await encrypted.get_workflow_handle(workflow_id).query(
+            "__temporal_workflow_metadata")
+        assert client_id not in str(meta), meta
+        read_ids = [w.id async for w in temporal_client.list_workflows(
+            f"TaskQueue = '{harness.task_queue}'")]  # fmt: skip
+    assert re.fullmatch(r"wallet/[0-9a-f]{32}", workflow_id), workflow_id
+    assert len(read_ids) >= 2, read_ids  # the wallet's workflow and its read workflows
+    for read_id in read_ids:
+        assert client_id not in read_id, read_id
+        history = await temporal_client.get_workflow_handle(read_id).fetch_history()
+        for event in history.events:  # every byte of the raw history, payloads included
+            raw = event.SerializeToString()
+            assert client_id.encode() not in raw and amount.encode() not in raw, (read_id, event)
     history = await plain_handle.fetch_history()
     seen = 0
     for event in history.events:
@@ -154,10 +175,9 @@ async def test_history_holds_no_customer_data_in_the_clear(
             marker = event.marker_recorded_event_attributes.marker_name
             assert payload.metadata.get("encoding") == ENCODING or marker.startswith("core_"), (
                 name, marker, payload.data[:200])
-            assert client_id.encode() not in payload.data and amount.encode() not in payload.data
     assert seen >= 2, "the wallet workflow's input and update carried payloads"
     # With the codec the same history reads back.
-    decoded = await encrypted.get_workflow_handle(plain_handle.id).fetch_history()
+    decoded = await encrypted.get_workflow_handle(workflow_id).fetch_history()
     assert decoded.events
 
 

@@ -76,7 +76,13 @@ from walletcore.operations import (
     parse_input,
     validate_operation,
 )
-from walletcore.wallet_ids import check_id_key, client_ref, wallet_ref, wallet_workflow_id
+from walletcore.wallet_ids import (
+    check_id_key,
+    client_ref,
+    transaction_ref,
+    wallet_ref,
+    wallet_workflow_id,
+)
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -204,6 +210,9 @@ class WalletClient:
         """The wallet's entity workflow id: a keyed hash, no client id in it."""
         return wallet_workflow_id(self._id_key, wallet)
 
+    def _transaction_ref(self, command: WalletCommand) -> str:
+        return transaction_ref(self._id_key, command.transaction_id)
+
     # ---- writes --------------------------------------------------------------------------
 
     async def add_credit(self, op: AddCredit | Mapping[str, Any]) -> OperationResult:
@@ -277,7 +286,8 @@ class WalletClient:
                     start_workflow_operation=start,
                     result_type=OperationResult,
                     # A fresh id per attempt: a repeat is answered by the workflow's guard.
-                    id=f"{command.kind.value}:{command.transaction_id}:{uuid.uuid4().hex[:12]}",
+                    # The transaction id is hashed: Update ids are stored in the clear.
+                    id=f"{command.kind.value}:{self._transaction_ref(command)}:{uuid.uuid4().hex[:12]}",
                     rpc_timeout=timedelta(seconds=remaining_s),
                 )
             return result

@@ -1,7 +1,8 @@
 """Keyed-hash identifiers: what Temporal sees instead of a customer's client id.
 
 A wallet workflow's id is `wallet/<HMAC-SHA256(id_key, "wallet|" + canonical key), first 32 hex>`,
-and the multi-balance read workflow of a client uses `HMAC(id_key, "client|" + client_id)`. The
+the multi-balance read workflow of a client uses `HMAC(id_key, "client|" + client_id)` and a write's
+Update id `HMAC(id_key, "transaction|" + transaction_id)`. The
 id key is a deployment secret (WALLETMIG_ID_HASH_KEY_FILE / WALLETMIG_ID_HASH_KEY, walletconfig):
 without it nobody can link a workflow id, a Web UI row or a log line to a client, while every
 process holding it (WalletClient in the gateway, CLI, demo, benchmarks) computes the same ids.
@@ -27,6 +28,7 @@ ID_HASH_HEX_CHARS = 32
 # Domain separation: one key, distinct id spaces that can never collide with each other.
 _WALLET_CONTEXT = b"wallet|"
 _CLIENT_CONTEXT = b"client|"
+_TRANSACTION_CONTEXT = b"transaction|"
 WALLET_WORKFLOW_PREFIX = "wallet/"
 
 
@@ -65,3 +67,10 @@ def client_ref(key: bytes, client_id: str) -> str:
     """A client's pseudonym (32 hex) for ids naming a client, e.g. the multi-balance read."""
     assert client_id, "client_id is required"
     return _mac_hex(key, _CLIENT_CONTEXT, client_id)
+
+
+def transaction_ref(key: bytes, transaction_id: str) -> str:
+    """A transaction id's pseudonym (32 hex) for Update ids: a caller's transaction id may embed
+    customer data, and Update ids are stored in the clear; attempts of one transaction share it."""
+    assert transaction_id, "transaction_id is required"
+    return _mac_hex(key, _TRANSACTION_CONTEXT, transaction_id)
