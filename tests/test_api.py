@@ -42,6 +42,8 @@ OPERATION_IDS = {
     "add_credit", "subtract_credit", "void_transaction", "get_balance", "get_balances",
     "get_history", "get_migration", "healthz", "readyz", "submit_transaction",
     "submit_transactions", "get_transaction", "get_trial_balance", "get_statement",
+    "advance_migration", "force_advance_migration", "rollback_migration",
+    "set_migration_rollout", "pause_migration", "resume_migration", "approve_migration",
 }  # fmt: skip
 
 
