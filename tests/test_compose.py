@@ -57,6 +57,9 @@ DUMMY_ENV = {
     "MONGO_ROOT_USER": "root", "MONGO_ROOT_PASSWORD": "dummy-root",
     "MONGO_APP_USER": "app", "MONGO_APP_PASSWORD": "dummy-app",
     "REDIS_PASSWORD": "dummy-redis", "TEMPORAL_DB_PASSWORD": "dummy-pg",
+    "WALLETMIG_CODEC_SERVER_TOKEN": "dummy-token-0123456789",
+    "WALLETMIG_CODEC_KEYS_PATH": "/etc/walletmig/codec-keys",
+    "WALLETMIG_ID_HASH_KEY_PATH": "/etc/walletmig/id-hash-key",
     # per-host files
     "TB_REPLICA": "0", "TB_ADDRESSES": "127.0.0.1:3000,127.0.0.1:3001,127.0.0.1:3002",
     "TB_DATA_DIR": "/srv/tigerbeetle", "MONGO_DATA_DIR": "/srv/mongodb",
@@ -247,6 +250,36 @@ def test_api_gateway_serves_on_loopback_with_a_readiness_check(path: Path) -> No
     assert check[:3] == ["CMD", "python", "-c"] and "/readyz" in check[3]
     compile(check[3], "healthcheck", "exec")  # the image has Python, no curl
     assert set(api["depends_on"]) <= set(worker["depends_on"])
+
+
+@pytest.mark.parametrize("path", [MAIN, HOST_FILES[2]], ids=lambda p: p.name)
+def test_web_ui_decrypts_through_the_codec_server_and_keys_are_files(path: Path) -> None:
+    """Issue 12: the UI's codec endpoint is the codec server's published port (the browser
+    calls it, with its session cookie); the codec server holds only the payload keys and its
+    token; every other walletmig service reads both keys from compose secrets (files)."""
+    found, top = services(path), load(path)
+    ui, codec = environment(found["temporal-ui"]), found["walletmig-codec-server"]
+    port = "${WALLETMIG_CODEC_PUBLISHED_PORT:-8234}"
+    assert ui["TEMPORAL_CODEC_ENDPOINT"] == f"http://localhost:{port}"
+    assert ui["TEMPORAL_CODEC_INCLUDE_CREDENTIALS"] == "true"
+    assert published_ports(codec) == [(f"127.0.0.1:{port}", "8234")]
+    assert codec["command"][:5] == ["codec-server", "--host", "0.0.0.0", "--port", "8234"]
+    env = environment(codec)
+    assert REQUIRED_REF.match(env["WALLETMIG_CODEC_SERVER_TOKEN"])
+    assert env["WALLETMIG_CODEC_KEYS_FILE"] == "/run/secrets/walletmig-codec-keys"
+    assert "${TEMPORAL_UI_PORT:-8080}" in env["WALLETMIG_CODEC_SERVER_CORS_ORIGINS"]
+    assert not {"MONGODB_URI", "REDIS_URL", "WALLETMIG_ID_HASH_KEY_FILE"} & set(env)
+    assert codec["secrets"] == ["walletmig-codec-keys"] and codec["networks"] == ["codec"]
+    for name in ("walletmig-codec-keys", "walletmig-id-hash-key"):
+        assert REQUIRED_REF.match(top["secrets"][name]["file"]), name
+    for name, service in walletmig_services(path).items():
+        if name == "walletmig-codec-server":
+            continue
+        env = environment(service)
+        assert env["WALLETMIG_CODEC_KEYS_FILE"] == "/run/secrets/walletmig-codec-keys", name
+        assert env["WALLETMIG_ID_HASH_KEY_FILE"] == "/run/secrets/walletmig-id-hash-key", name
+        assert service["secrets"] == ["walletmig-codec-keys", "walletmig-id-hash-key"], name
+        assert not {"WALLETMIG_CODEC_KEYS", "WALLETMIG_ID_HASH_KEY"} & set(env), name
 
 
 # ----------------------------------------------------------------------------- health
