@@ -30,7 +30,8 @@ def refused_outcome(item: BacklogItem, err: WalletError, store: str) -> TigerBee
     """A backlog item `store` refused for good (a domain error retrying cannot fix): the
     workflow records it as a divergence and reconciliation finds it."""
     assert not err.retryable
-    log.warning("%s refused %s %s of %s: %s", store, item.command.kind.value,
-                item.command.transaction_id, item.command.wallet, err)
+    # No wallet key in logs (issue 12: it carries the client id); the transaction id is enough.
+    log.warning("%s refused %s %s (pair %s): %s", store, item.command.kind.value,
+                item.command.transaction_id, item.command.wallet.ledger_pair, err)
     return TigerBeetleItemOutcome(seq=item.seq, transaction_id=item.command.transaction_id,
                                   error_type=err.type_name, error_message=str(err))

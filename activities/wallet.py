@@ -15,6 +15,7 @@ from typing import Any
 from temporalio import activity
 
 from activities.backfill import WalletImporter
+from activities.outbox_drain import DrainerStarter, OutboxActivities
 from activities.reverse_projection import (
     ReverseProjectionActivities,
     answering_direction,
@@ -42,6 +43,7 @@ from observability.backlog import backlog_gauges
 from stores.backfill_imports import ImportStatus
 from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
 from stores.migration_state import MigrationStateStore
+from stores.outbox import OutboxIntent, outbox_shard
 from stores.read_metrics import ReadMetricsStore
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletclient.read_path import ReadRouter
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 # The claimer name of imports started by a wallet's own write path (backfill uses its run id).
 WALLET_CLAIMER = "wallet-workflow"
 IMPORTED_KNOWN_MAX = 100_000  # finished imports remembered per process (ImportedVersions)
+# The dual-write TigerBeetle side goes to the transactional outbox (stores.outbox) rather
+# than the workflow's backlog. False: the backlog path of every earlier release.
+OUTBOX_DEFAULT = True
+OUTBOX_CLEAR_KNOWN_MAX = 100_000  # (wallet, scope, epoch) seen with no pending outbox record
 
 
 class TigerBeetleBacklog:
@@ -180,8 +186,9 @@ class TigerBeetleBacklog:
                 break
             if done.account not in (None, known.account):
                 known = replace(known, account=done.account)  # created by this operation
-            log.warning("wallet %s: %s was in MongoDB before version %d but not in "
-                        "TigerBeetle (no backlog item): applied first", wallet, txn, version)
+            log.warning("account %s: %s was in MongoDB before version %d but not in "
+                        "TigerBeetle (no backlog item): applied first",
+                        known.account.account_id if known.account else "-", txn, version)
             filled += 1
         return filled
 
@@ -228,10 +235,11 @@ class WalletActivities:
         migration: MigrationStateStore,
         importer: WalletImporter,
         metrics: ReadMetricsStore | None = None,
+        outbox: bool = OUTBOX_DEFAULT,
     ) -> None:
         """`importer`: the backfill's importer over the same stores (workers.wiring builds it).
         `metrics`: where the read activities record their observations (gate evidence);
-        its owner runs the flusher (workers.process)."""
+        its owner runs the flusher (workers.process). `outbox`: see OUTBOX_DEFAULT."""
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
         self._migration = migration
@@ -240,6 +248,12 @@ class WalletActivities:
         self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer, self._imported)
         self._projection = ReverseProjectionActivities(legacy)
         self._reader = ReadRouter(legacy, tigerbeetle, migration, metrics)
+        self._outbox_on = outbox
+        self._outbox = OutboxActivities(legacy.outbox, self._backlog)
+        self._drainers = DrainerStarter()
+        # A wallet whose outbox was seen empty under a TigerBeetle-answering state: no record
+        # can be added under that same state (only MongoDB-answered writes make them).
+        self._outbox_clear: OrderedDict[tuple[str, str | None, int], None] = OrderedDict()
 
     @activity.defn(name=ACTIVITY_APPLY_PRIMARY)
     async def apply_primary(self, inp: ApplyPrimaryInput) -> PrimaryOutcome:
@@ -260,9 +274,19 @@ class WalletActivities:
                     drain_first=True,
                 )
             if not state.mongo_answers_writes:
+                pending = await self._outbox_pending(state, op.wallet)
+                if pending:
+                    # MongoDB answered operations whose TigerBeetle side is still in the
+                    # outbox: TigerBeetle must apply them before it answers a new one.
+                    return PrimaryOutcome(
+                        phase=state.phase, epoch=state.epoch, scope=state.scope,
+                        writes_tigerbeetle=False, drain_first=True, outbox_pending=pending)
                 return await self._apply_tigerbeetle_primary(state, op)
-            result, facts = await self._legacy.apply(op)
-        direction = answering_direction(state)
+            direction = answering_direction(state)
+            intent = self._outbox_intent(inp, state, direction)
+            result, facts = await self._legacy.apply(op, outbox=intent)
+            if intent is not None:
+                await self._outbox_written(intent, result.replayed, facts)
         return PrimaryOutcome(
             result=result,
             phase=state.phase,
@@ -271,7 +295,42 @@ class WalletActivities:
             writes_tigerbeetle=direction == "to_tigerbeetle",
             backlog_direction=direction,
             legacy=facts,
+            outbox=intent is not None,
         )
+
+    def _outbox_intent(
+        self, inp: ApplyPrimaryInput, state: MigrationState, direction: str | None
+    ) -> OutboxIntent | None:
+        """The outbox takes the TigerBeetle side when it is on, the workflow knows the outbox
+        path, and its backlog holds nothing for TigerBeetle (those must be applied first: an
+        outbox record would otherwise reach TigerBeetle before them)."""
+        if not (self._outbox_on and inp.outbox_ok and direction == "to_tigerbeetle"
+                and inp.pending_direction is None):
+            return None
+        return OutboxIntent(command=inp.command, phase=state.phase, epoch=state.epoch,
+                            since_version=inp.since_version)
+
+    async def _outbox_written(
+        self, intent: OutboxIntent, replayed: bool, facts: LegacyFacts
+    ) -> None:
+        if replayed:
+            # MongoDB held it already; its first write may predate the outbox (then it has no
+            # record): make sure one exists. An existing record is left as it is.
+            await self._legacy.outbox.ensure(intent, facts)
+        await self._drainers.ensure(outbox_shard(intent.command.wallet.canonical))
+
+    async def _outbox_pending(self, state: MigrationState, wallet: WalletKey) -> int:
+        """The wallet's pending outbox records (0 once seen empty under this state)."""
+        key = (wallet.canonical, state.scope, state.epoch)
+        if key in self._outbox_clear:
+            self._outbox_clear.move_to_end(key)
+            return 0
+        pending = await self._legacy.outbox.pending_count(wallet)
+        if pending == 0:
+            self._outbox_clear[key] = None
+            while len(self._outbox_clear) > OUTBOX_CLEAR_KNOWN_MAX:
+                self._outbox_clear.popitem(last=False)
+        return pending
 
     async def _resolve(self, inp: ApplyPrimaryInput) -> MigrationState:
         """The wallet pair's migration state, never older than the one its workflow last
@@ -365,6 +424,7 @@ class WalletActivities:
             self.apply_primary,
             self.apply_tigerbeetle,
             *self._projection.all(),
+            *self._outbox.all(),
             self.read_balance,
             self.read_multi_balance,
         ]

@@ -41,6 +41,11 @@ ACTIVITY_APPLY_TIGERBEETLE = "apply_tigerbeetle"
 ACTIVITY_APPLY_MONGODB = "apply_mongodb_projection"  # tb_primary's reverse projection
 ACTIVITY_READ_BALANCE = "read_balance"
 ACTIVITY_READ_MULTI_BALANCE = "read_multi_balance"
+# The transactional outbox (stores.outbox): the wallet workflow asks how many of its records
+# are still pending (local activity); the shard drainers apply them to TigerBeetle.
+ACTIVITY_OUTBOX_PENDING = "outbox_pending"
+ACTIVITY_DRAIN_OUTBOX = "drain_outbox_shard"
+OUTBOX_DRAIN_WORKFLOW = "OutboxDrainWorkflow"
 
 # Validator rejection while a run is about to continue-as-new: the client retries it and lands
 # on the next run. Not a walletcore error: callers never see it.
@@ -126,6 +131,10 @@ class ApplyPrimaryInput(_Frozen):
     # is older reads through it, so the phase a wallet follows never goes back.
     floor_scope: str | None = None
     floor_epoch: int | None = None
+    # The workflow takes the outbox path (workflow.patched): a dual-write operation's TigerBeetle
+    # side may then go to the outbox in the legacy write's transaction instead of the backlog.
+    outbox_ok: bool = False
+    since_version: int | None = None  # WalletState.tracked_since_version (outbox records)
 
 
 class PrimaryOutcome(_Frozen):
@@ -141,6 +150,11 @@ class PrimaryOutcome(_Frozen):
     backlog_direction: BacklogDirection | None = None
     drain_first: bool = False  # nothing written: drain the whole backlog, then call again
     legacy: LegacyFacts | None = None  # set when MongoDB answered
+    # The TigerBeetle side is in the outbox (written with the legacy write): no backlog item.
+    outbox: bool = False
+    # With drain_first: the wallet's outbox records still pending (the drainers apply them;
+    # the workflow asks again after a pause). 0: drain_first is about the backlog.
+    outbox_pending: int = Field(default=0, ge=0)
 
 
 class BacklogItem(_Frozen):
@@ -171,6 +185,32 @@ class TigerBeetleItemOutcome(_Frozen):
 
 class ApplyTigerBeetleOutput(_Frozen):
     outcomes: list[TigerBeetleItemOutcome]
+
+
+class OutboxPendingInput(_Frozen):
+    wallet: WalletKey
+
+
+class OutboxPendingOutput(_Frozen):
+    pending: int = Field(ge=0)
+
+
+class OutboxDrainInput(_Frozen):
+    """The input of one shard drainer workflow (workflows.outbox)."""
+
+    shard: int = Field(ge=0)
+    shards: int = Field(ge=1, le=64)
+
+
+class DrainOutboxInput(_Frozen):
+    shard: int = Field(ge=0)
+    shards: int = Field(ge=1, le=64)
+    run_s: float = Field(gt=0, le=3600)  # the activity returns after this (then runs again)
+
+
+class DrainOutboxOutput(_Frozen):
+    applied: int = Field(ge=0)
+    passes: int = Field(ge=0)
 
 
 class ReadBalanceInput(_Frozen):
@@ -211,7 +251,7 @@ class WalletState(BaseModel):
     recent: dict[str, RecentResult] = Field(default_factory=dict)  # insertion-ordered, bounded
     next_seq: int = 1
     ops_applied: int = 0  # operations answered (MongoDB applied), all runs
-    tb_applied: int = 0  # backlog items applied to TigerBeetle, all runs
+    tb_applied: int = 0  # backlog items and outbox records seen applied to TigerBeetle, all runs
     mongo_applied: int = 0  # reverse-projection items applied to MongoDB, all runs
     # The legacy version after which every MongoDB-answered operation is in this backlog (or
     # applied from it): a wallet not imported yet may be imported at this version, so its
@@ -224,6 +264,10 @@ class WalletState(BaseModel):
     epoch_seen: int | None = None
     scope_seen: str | None = None  # scope of epoch_seen (epochs count per scope)
     runs: int = 1
+    # Operations of this wallet whose TigerBeetle side is in the outbox, not seen applied yet
+    # (the count the last check read, plus those written since), and since when.
+    outbox_unconfirmed: int = 0
+    outbox_since: datetime | None = None
 
 
 class WalletWorkflowInput(_Frozen):
@@ -249,6 +293,7 @@ class WalletStatus(_Frozen):
     epoch_seen: int | None
     runs: int
     rotating: bool
+    outbox_unconfirmed: int = 0  # included in backlog_length
 
 
 class WalletWorkflowResult(_Frozen):

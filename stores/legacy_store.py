@@ -58,6 +58,7 @@ from mongobase.queries import (
     scope_wallet_regex,
     wallet_key_filter,
 )
+from stores.outbox import Outbox, OutboxIntent
 from stores.store_metrics import instrument_wallet_store, operation_label
 from walletcore.balances import MinorBalance, WalletBalance
 from walletcore.errors import (
@@ -238,6 +239,8 @@ class LegacyStore:
         self._client = db.client
         self._wallets: AsyncCollection[Any] = db[WALLETS]
         self._txns: AsyncCollection[Any] = db[WALLET_TRANSACTIONS]
+        # The dual-write outbox: written in the same transaction as the legacy write.
+        self.outbox = Outbox(db)
         self._ledgers = ledgers
         self._attempts_max = attempts_max
         self._local_locks = _KeyedLocks() if serialize_local else None
@@ -272,6 +275,7 @@ class LegacyStore:
                 ),
             ]
         )
+        await self.outbox.ensure_indexes()
 
     # ---- writes ------------------------------------------------------------------------------
 
@@ -288,14 +292,18 @@ class LegacyStore:
         del opening_original
         return (await self.apply(op))[0]
 
-    async def apply(self, op: WalletOperation) -> Applied:
+    async def apply(self, op: WalletOperation, *, outbox: OutboxIntent | None = None) -> Applied:
         """Any write, with the facts the TigerBeetle side of a dual-write needs (the wallet
-        version it produced, a void's original), read in the same transaction: no extra I/O."""
+        version it produced, a void's original), read in the same transaction: no extra I/O.
+        `outbox`: a fresh write also inserts its TigerBeetle-bound record (stores.outbox) in
+        the same transaction: committed together or not at all. A replay writes nothing."""
         amount_minor = self._validate(op)
+        if outbox is not None:
+            assert outbox.command.op == op, "outbox intent of another operation"
         if isinstance(op, Void):
-            return await self._run(op, OperationType.VOID, 0)
+            return await self._run(op, OperationType.VOID, 0, outbox)
         kind = OperationType.DEBIT if isinstance(op, SubtractCredit) else OperationType.CREDIT
-        return await self._run(op, kind, amount_minor)
+        return await self._run(op, kind, amount_minor, outbox)
 
     async def replay_of(self, op: WalletOperation) -> OperationResult | None:
         """The stored result if `op`'s transaction id was applied here (replayed=True), None
@@ -359,15 +367,19 @@ class LegacyStore:
             self._ledgers.ledger_of(op.wallet.currency, op.wallet.country)
         return amount_minor
 
-    async def _run(self, op: AddCredit | Void, kind: OperationType, amount_minor: int) -> Applied:
+    async def _run(
+        self, op: AddCredit | Void, kind: OperationType, amount_minor: int,
+        outbox: OutboxIntent | None = None,
+    ) -> Applied:
         """Bounded optimistic-concurrency loop around one transaction attempt."""
         if self._local_locks is None:
-            return await self._run_unlocked(op, kind, amount_minor)
+            return await self._run_unlocked(op, kind, amount_minor, outbox)
         async with self._local_locks.hold(op.wallet.canonical):
-            return await self._run_unlocked(op, kind, amount_minor)
+            return await self._run_unlocked(op, kind, amount_minor, outbox)
 
     async def _run_unlocked(
-        self, op: AddCredit | Void, kind: OperationType, amount_minor: int
+        self, op: AddCredit | Void, kind: OperationType, amount_minor: int,
+        outbox: OutboxIntent | None,
     ) -> Applied:
         try:
             for attempt in range(self._attempts_max):
@@ -376,11 +388,11 @@ class LegacyStore:
                     async with self._sessions_gate, self._client.start_session() as session:
                         if kind != OperationType.VOID:
                             fast = await self._attempt_from_snapshot(
-                                session, op, kind, amount_minor
+                                session, op, kind, amount_minor, outbox
                             )
                             if fast is not None:
                                 return fast
-                        return await self._attempt(session, op, kind, amount_minor)
+                        return await self._attempt(session, op, kind, amount_minor, outbox)
                 except _VersionConflict:
                     pass
                 except PyMongoError as exc:
@@ -402,11 +414,14 @@ class LegacyStore:
         op: AddCredit | Void,
         kind: OperationType,
         amount_minor: int,
+        outbox: OutboxIntent | None = None,
     ) -> Applied:
         await session.start_transaction()
         canonical = op.wallet.canonical
         try:
             applied, snap = await self._apply(session, op, kind, amount_minor)
+            if outbox is not None and not applied[0].replayed:
+                await self.outbox.insert_in(session, outbox.document(applied[1], now_ms()))
         except BaseException:
             await abort_quietly(session)
             raise
@@ -428,6 +443,7 @@ class LegacyStore:
         op: AddCredit | Void,
         kind: OperationType,
         amount_minor: int,
+        outbox: OutboxIntent | None = None,
     ) -> Applied | None:
         """A credit or debit decided from this process's snapshot of the wallet, written as a
         compare-and-swap. None when the snapshot cannot decide (absent, stale, the id already
@@ -458,20 +474,24 @@ class LegacyStore:
             **snap.fields,
         }
         change = {"$set": {**balance_fields, "version": version, "updated_at": now}}
+        facts = LegacyFacts(wallet_version=version, original=None)
+        writes: list[UpdateOne | InsertOne[Document]] = [
+            UpdateOne(cas, change, namespace=self._wallets.full_name),
+            InsertOne(txn_doc, namespace=self._txns.full_name),
+        ]
+        if outbox is not None:  # the TigerBeetle-bound record, same transaction
+            writes.append(InsertOne(outbox.document(facts, now), namespace=self.outbox.namespace))
         await session.start_transaction()
         matched: bool
         try:
-            # Both writes in one round trip (MongoDB 8 bulkWrite). Ordered: an insert error
+            # All writes in one round trip (MongoDB 8 bulkWrite). Ordered: an insert error
             # stops the batch; a zero match does not, and the abort below discards the insert.
             written = await self._client.bulk_write(
-                [
-                    UpdateOne(cas, change, namespace=self._wallets.full_name),
-                    InsertOne(txn_doc, namespace=self._txns.full_name),
-                ],
+                writes,
                 session=session,
                 ordered=True,
             )
-            matched = written.matched_count == 1 and written.inserted_count == 1
+            matched = written.matched_count == 1 and written.inserted_count == len(writes) - 1
         except (DuplicateKeyError, ClientBulkWriteException) as exc:
             if not _only_duplicate_keys(exc):
                 self._snapshots.forget(canonical)
@@ -505,7 +525,6 @@ class LegacyStore:
                 allow_overdraft=snap.allow_overdraft,
             ),
         )
-        facts = LegacyFacts(wallet_version=version, original=None)
         return _result(txn_doc, wallet, replayed=False), facts
 
     async def _apply(

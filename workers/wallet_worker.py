@@ -21,6 +21,7 @@ from stores.bundle import Stores
 from walletclient.temporal_connect import connect_from_settings
 from walletconfig.settings import Settings
 from workers.wiring import make_importer
+from workflows.outbox import OutboxDrainWorkflow
 from workflows.reads import GetBalanceWorkflow, GetMultiBalanceWorkflow
 from workflows.wallet import WalletWorkflow
 
@@ -43,7 +44,10 @@ MAX_CONCURRENT_LOCAL_ACTIVITIES = 200
 # non-deterministic call added to a workflow still fails there.
 SERVE_SANDBOXED = False
 
-WORKFLOWS: tuple[type, ...] = (WalletWorkflow, GetBalanceWorkflow, GetMultiBalanceWorkflow)
+# OutboxDrainWorkflow: the dual-write outbox's shard drainers run beside the wallets they drain
+# for (the write path starts them: activities.outbox_drain).
+WORKFLOWS: tuple[type, ...] = (
+    WalletWorkflow, GetBalanceWorkflow, GetMultiBalanceWorkflow, OutboxDrainWorkflow)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:

@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         ACTIVITY_APPLY_MONGODB,
         ACTIVITY_APPLY_PRIMARY,
         ACTIVITY_APPLY_TIGERBEETLE,
+        ACTIVITY_OUTBOX_PENDING,
         DIVERGENCES_KEPT_MAX,
         DRAIN_BATCH_MAX,
         RECENT_RESULTS_MAX,
@@ -53,6 +54,8 @@ with workflow.unsafe.imports_passed_through():
         BacklogDirection,
         BacklogItem,
         Divergence,
+        OutboxPendingInput,
+        OutboxPendingOutput,
         PrimaryOutcome,
         RecentResult,
         WalletCommand,
@@ -94,6 +97,22 @@ TIGERBEETLE_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=10),
     maximum_attempts=0,
 )
+# The transactional outbox (stores.outbox): a dual-write operation's TigerBeetle side is
+# written with its MongoDB write; the shard drainers (workflows.outbox) apply it. Runs that
+# recorded no marker (every history before it) keep the backlog path.
+PATCH_OUTBOX = "outbox-write-path"
+# The run checks how many of its outbox records are still pending once it has been quiet this
+# long after its last one (then backing off): one timer and one local activity per quiet
+# period, not per operation. Until they are seen applied the status counts them in
+# backlog_length and the run does not close (observers read "drained" from it).
+OUTBOX_CHECK_AFTER = timedelta(seconds=1)
+OUTBOX_CHECK_MAX = timedelta(seconds=10)
+# tb_primary waiting for the wallet's outbox records (drain_first): the pause between asks,
+# growing to the max, and how long an update waits before it fails (nothing was written; the
+# client retries within its window).
+OUTBOX_DRAIN_POLL = timedelta(milliseconds=50)
+OUTBOX_DRAIN_POLL_MAX = timedelta(seconds=1)
+OUTBOX_DRAIN_WAIT_MAX = timedelta(seconds=10)
 
 
 @workflow.defn(name=WALLET_WORKFLOW)
@@ -112,6 +131,9 @@ class WalletWorkflow:
         self._last_activity_at = workflow.now()
         self._rotating = False  # set once this run decided to continue-as-new
         self._idle_timer: asyncio.Task[None] | None = None
+        self._check_timer: asyncio.Task[None] | None = None  # next outbox check
+        self._check_wait = OUTBOX_CHECK_AFTER
+        self._check_at = workflow.now() + OUTBOX_CHECK_AFTER
 
     # ---- run loop ------------------------------------------------------------------------
 
@@ -123,6 +145,8 @@ class WalletWorkflow:
                 await self._drain_or_rotate()
             elif self._should_continue_as_new():
                 await self._continue_as_new()
+            elif self._check_due():
+                await self._check_outbox()
             elif self._idle():
                 # No await between the check and the return: no update can be accepted in
                 # between. Updates the server admitted meanwhile are failed by the server and
@@ -145,27 +169,98 @@ class WalletWorkflow:
             if self._idle_timer is None or self._idle_timer.done():
                 self._idle_timer = asyncio.create_task(workflow.sleep(remaining))
             timer = self._idle_timer
+            self._arm_check()
             await workflow.wait_condition(
                 lambda: bool(self._state.backlog) or self._should_continue_as_new() or timer.done()
+                or self._check_wanted()
             )
         else:
             # Idle time is up but updates are still running: wait for them to finish (their
             # completion restarts the idle period).
+            self._arm_check()
             await workflow.wait_condition(
                 lambda: (
                     bool(self._state.backlog)
                     or self._should_continue_as_new()
                     or (self._pending == 0 and workflow.all_handlers_finished())
+                    or self._check_wanted()
                 )
             )
 
     def _idle(self) -> bool:
         return (
             not self._state.backlog
+            and self._state.outbox_unconfirmed == 0
             and self._pending == 0
             and workflow.all_handlers_finished()
             and self._idle_remaining() <= timedelta(0)
         )
+
+    # ---- outbox check (runs with records in the outbox only) ------------------------------
+
+    def _quiet(self) -> bool:
+        return self._pending == 0 and workflow.all_handlers_finished()
+
+    def _check_remaining(self) -> timedelta:
+        return max(self._check_at - workflow.now(), timedelta(0))
+
+    def _check_due(self) -> bool:
+        return (self._state.outbox_unconfirmed > 0 and self._quiet()
+                and self._check_remaining() <= timedelta(0))
+
+    def _check_wanted(self) -> bool:
+        """Wake the loop: a check is due, or one must be scheduled (no timer running)."""
+        timer = self._check_timer
+        return (self._state.outbox_unconfirmed > 0 and self._quiet()
+                and (self._check_remaining() <= timedelta(0) or timer is None or timer.done()))
+
+    def _arm_check(self) -> None:
+        """One durable timer at a time, started only while quiet (a busy wallet starts at most
+        one per OUTBOX_CHECK_AFTER)."""
+        if self._state.outbox_unconfirmed == 0 or not self._quiet():
+            return
+        remaining = self._check_remaining()
+        if remaining > timedelta(0) and (self._check_timer is None or self._check_timer.done()):
+            self._check_timer = asyncio.create_task(workflow.sleep(remaining))
+
+    async def _check_outbox(self) -> None:
+        try:
+            out: OutboxPendingOutput = await workflow.execute_local_activity(
+                ACTIVITY_OUTBOX_PENDING,
+                OutboxPendingInput(wallet=self._wallet),
+                result_type=OutboxPendingOutput,
+                start_to_close_timeout=PRIMARY_START_TO_CLOSE,
+                schedule_to_close_timeout=PRIMARY_SCHEDULE_TO_CLOSE,
+                retry_policy=PRIMARY_RETRY,
+            )
+            pending = out.pending
+        except ActivityError as err:
+            workflow.logger.warning("%s: outbox check failed: %s",
+                                    workflow.info().workflow_id, err)
+            pending = self._state.outbox_unconfirmed
+        self._outbox_seen(pending)
+        if pending == 0:
+            self._check_wait = OUTBOX_CHECK_AFTER
+        else:
+            self._check_wait = min(self._check_wait * 2, OUTBOX_CHECK_MAX)
+        self._check_at = workflow.now() + self._check_wait
+        self._publish_details()
+
+    def _outbox_seen(self, pending: int) -> None:
+        """The wallet has `pending` records in the outbox: the others were applied."""
+        state = self._state
+        state.tb_applied += max(state.outbox_unconfirmed - pending, 0)
+        state.outbox_unconfirmed = pending
+        if pending == 0:
+            state.outbox_since = None
+
+    def _outbox_written(self) -> None:
+        state = self._state
+        if state.outbox_unconfirmed == 0:
+            state.outbox_since = workflow.now()
+        state.outbox_unconfirmed += 1
+        self._check_wait = OUTBOX_CHECK_AFTER
+        self._check_at = workflow.now() + OUTBOX_CHECK_AFTER
 
     def _idle_remaining(self) -> timedelta:
         idle = timedelta(seconds=self._input.idle_timeout_s)
@@ -195,8 +290,8 @@ class WalletWorkflow:
             await workflow.sleep(COMMIT_PAUSE)
         self._state.runs += 1
         workflow.logger.info(
-            "wallet %s continues as new (run %d, backlog %d)",
-            self._wallet,
+            "%s continues as new (run %d, backlog %d)",
+            workflow.info().workflow_id,
             self._state.runs,
             len(self._state.backlog),
         )
@@ -218,7 +313,8 @@ class WalletWorkflow:
                 # Unreachable with unlimited retries, but if a non-retryable failure ever comes
                 # back, the items stay in the backlog and are tried again after a pause; failing
                 # the workflow would lose them.
-                workflow.logger.error("wallet %s: TigerBeetle drain failed: %s", self._wallet, err)
+                workflow.logger.error("%s: TigerBeetle drain failed: %s",
+                                      workflow.info().workflow_id, err)
                 await workflow.sleep(TIGERBEETLE_RETRY.maximum_interval or timedelta(seconds=10))
             return
         drain.cancel()
@@ -283,8 +379,8 @@ class WalletWorkflow:
             else ("MongoDB", "TigerBeetle")
         )  # fmt: skip
         workflow.logger.warning(
-            "wallet %s: %s refused %s %s that %s accepted (%s: %s); left for reconciliation",
-            self._wallet,
+            "%s: %s refused %s %s that %s accepted (%s: %s); left for reconciliation",
+            workflow.info().workflow_id,
             refused,
             item.command.kind.value,
             item.command.transaction_id,
@@ -317,19 +413,7 @@ class WalletWorkflow:
         outcome = await self._apply_primary(command, self._pending_direction())
         self._observe(outcome)
         if outcome.drain_first:
-            # The write path switched: the store that answers now must first receive every
-            # operation the other one answered. Nothing was written; drain, then ask again.
-            self._publish_details()
-            await workflow.wait_condition(lambda: not self._state.backlog or self._rotating)
-            if self._state.backlog:
-                # The run is rotating (it cancelled the drain): the client resends this update
-                # to the next run, which still carries the backlog.
-                raise ApplicationError(
-                    "wallet workflow is continuing as new; retry", type=ROTATING_ERROR_TYPE
-                )
-            outcome = await self._apply_primary(command, None)
-            self._observe(outcome)
-            assert not outcome.drain_first, "an empty backlog never needs draining"
+            outcome = await self._drain_then_apply(command, outcome)
         result = outcome.result
         assert result is not None, "an applied operation has a result"
         self._state.ops_applied += 1
@@ -338,7 +422,12 @@ class WalletWorkflow:
         if direction is None and outcome.writes_tigerbeetle:
             direction = "to_tigerbeetle"  # recorded before backlog_direction existed
         self._track_legacy_versions(outcome, direction)
-        if direction is not None:
+        if outcome.outbox:
+            # Its TigerBeetle side was committed with the MongoDB write (stores.outbox): the
+            # drainers apply it. Nothing to carry here, only to count until seen applied.
+            assert direction == "to_tigerbeetle", "only dual-write operations use the outbox"
+            self._outbox_written()
+        elif direction is not None:
             # Appended even when the answering store says "replayed": a crash may have hit
             # between its write and this point; the other store is idempotent too.
             self._state.backlog.append(
@@ -356,6 +445,40 @@ class WalletWorkflow:
         self._remember(command, result)
         self._publish_details()
         return result
+
+    async def _drain_then_apply(
+        self, command: WalletCommand, outcome: PrimaryOutcome
+    ) -> PrimaryOutcome:
+        """The write path switched: the store that answers now must first receive every
+        operation the other one answered. Nothing was written; wait until they are applied,
+        then ask again (as often as the answer is drain_first)."""
+        poll = OUTBOX_DRAIN_POLL
+        waited = timedelta(0)
+        while outcome.drain_first:
+            self._publish_details()
+            if outcome.outbox_pending:
+                # In the outbox: the shard drainers apply them, not this run. Ask again after a
+                # pause, for a bounded time (nothing was written: the client retries).
+                if waited >= OUTBOX_DRAIN_WAIT_MAX:
+                    raise to_application_error(StoreUnavailableError(
+                        f"TigerBeetle has not applied this wallet's {outcome.outbox_pending} "
+                        "earlier operations yet; retry"))
+                await workflow.sleep(poll)
+                waited += poll
+                poll = min(poll * 2, OUTBOX_DRAIN_POLL_MAX)
+            else:
+                await workflow.wait_condition(lambda: not self._state.backlog or self._rotating)
+                if self._state.backlog:
+                    # The run is rotating (it cancelled the drain): the client resends this
+                    # update to the next run, which still carries the backlog.
+                    raise ApplicationError(
+                        "wallet workflow is continuing as new; retry", type=ROTATING_ERROR_TYPE
+                    )
+            outcome = await self._apply_primary(command, self._pending_direction())
+            self._observe(outcome)
+        if outcome.phase in (Phase.TB_PRIMARY, Phase.COMPLETE):
+            self._outbox_seen(0)  # the activity saw none pending
+        return outcome
 
     def _track_legacy_versions(
         self, outcome: PrimaryOutcome, direction: BacklogDirection | None
@@ -400,6 +523,8 @@ class WalletWorkflow:
                     pending_direction=pending,
                     floor_scope=self._state.scope_seen,
                     floor_epoch=self._state.epoch_seen if self._state.scope_seen else None,
+                    outbox_ok=workflow.patched(PATCH_OUTBOX),
+                    since_version=self._state.tracked_since_version,
                 ),
                 result_type=PrimaryOutcome,
                 start_to_close_timeout=PRIMARY_START_TO_CLOSE,
@@ -436,7 +561,7 @@ class WalletWorkflow:
         if len(self._state.backlog) + self._pending >= self._input.backlog_max:
             raise to_application_error(
                 StoreUnavailableError(
-                    f"TigerBeetle backlog of wallet {self._wallet} is full "
+                    "this wallet's TigerBeetle backlog is full "
                     f"({len(self._state.backlog)} operations); retry later"
                 )
             )
@@ -446,10 +571,14 @@ class WalletWorkflow:
     @workflow.query(name=WALLET_QUERY_STATUS)
     def status(self) -> WalletStatus:
         backlog = self._state.backlog
+        unconfirmed = self._state.outbox_unconfirmed
+        oldest = [t for t in (backlog[0].accepted_at if backlog else None,
+                              self._state.outbox_since if unconfirmed else None) if t]
         return WalletStatus(
             wallet=self._wallet,
-            backlog_length=len(backlog),
-            oldest_backlog_at=backlog[0].accepted_at if backlog else None,
+            backlog_length=len(backlog) + unconfirmed,
+            outbox_unconfirmed=unconfirmed,
+            oldest_backlog_at=min(oldest) if oldest else None,
             ops_applied=self._state.ops_applied,
             ops_this_run=self._ops_this_run,
             tb_applied=self._state.tb_applied,
@@ -468,9 +597,11 @@ class WalletWorkflow:
         phase = state.phase_seen.value if state.phase_seen else "-"
         rotating = " · **continuing as new**" if self._rotating else ""
         direction = f" ({state.backlog[0].direction})" if state.backlog else ""
+        outbox = f" · outbox {state.outbox_unconfirmed}" if state.outbox_unconfirmed else ""
+        # The workflow id, not the wallet key: the key carries the client id (issue 12).
         workflow.set_current_details(
-            f"**{self._wallet}** · phase `{phase}` (epoch {state.epoch_seen}) · "
-            f"ops {state.ops_applied} · backlog **{len(state.backlog)}**{direction} · "
+            f"**{workflow.info().workflow_id}** · phase `{phase}` (epoch {state.epoch_seen}) · "
+            f"ops {state.ops_applied} · backlog **{len(state.backlog)}**{direction}{outbox} · "
             f"divergences {state.divergence_count} · run {state.runs}{rotating}"
         )
 
