@@ -135,8 +135,8 @@ class ReadRouter:
         state = await self._migration.get(GLOBAL_SCOPE)
         if self._tb_answers(state, client_id):
             try:
-                return await asyncio.wait_for(self._tb.get_multi_balance(client_id),
-                                              self.config.tb_timeout_ms / 1000)
+                async with asyncio.timeout(self.config.tb_timeout_ms / 1000):
+                    return await self._tb.get_multi_balance(client_id)
             except (TimeoutError, StoreUnavailableError):
                 if state.phase == Phase.COMPLETE:
                     raise
@@ -152,8 +152,8 @@ class ReadRouter:
         state = await self._migration.resolve(wallet.ledger_pair)
         if self._tb_answers(state, wallet.client_id):
             try:
-                return await asyncio.wait_for(self._tb.history(wallet, limit),
-                                              self.config.tb_timeout_ms / 1000)
+                async with asyncio.timeout(self.config.tb_timeout_ms / 1000):
+                    return await self._tb.history(wallet, limit)
             except (TimeoutError, StoreUnavailableError):
                 if state.phase == Phase.COMPLETE:
                     raise
@@ -264,8 +264,10 @@ class ReadRouter:
             return answer
         started = time.perf_counter()
         try:
-            answer = await asyncio.wait_for(self._tb.get_balance(wallet),
-                                            self.config.tb_timeout_ms / 1000)
+            # asyncio.timeout, not wait_for: no task per read (wait_for wraps the read in one,
+            # a loop iteration and ~0.1 ms of CPU more on the hot path).
+            async with asyncio.timeout(self.config.tb_timeout_ms / 1000):
+                answer = await self._tb.get_balance(wallet)
         except NotFoundError:
             # Not a health problem of TigerBeetle: MongoDB decides whether the wallet exists.
             self._breaker_result(ok=True)

@@ -79,6 +79,20 @@ def register(subparsers: Any) -> None:
         p.set_defaults(handler=_store_bench, kind=kind)
 
     _register_api(benches)
+    _register_reads(benches)
+
+
+def _register_reads(benches: Any) -> None:
+    reads = benches.add_parser(
+        "reads", help="balance and all-balances reads: router MongoDB vs TigerBeetle vs raw",
+        description="ReadRouter reads from MongoDB and from TigerBeetle next to a raw find_one "
+        "and a raw lookup_accounts, at each reader count, one run (walletmig.bench_reads).")
+    reads.add_argument("--clients", type=int, default=100, help="clients (2 wallets each)")
+    reads.add_argument("--reads", type=int, default=2000, help="reads per path, count, round")
+    reads.add_argument("--readers", default="1,100", help="concurrent reader counts")
+    reads.add_argument("--rounds", type=int, default=2, help="rounds, the paths' order rotated")
+    reads.add_argument("--json", action="store_true", help="print the figures as JSON")
+    reads.set_defaults(handler=_reads)
 
 
 def _register_api(benches: Any) -> None:
@@ -160,6 +174,24 @@ async def _api_bench(args: argparse.Namespace) -> int:
     except RequestFailed as failed:
         raise CommandError(f"bench api: {failed}") from None
     print(report.model_dump_json(indent=2) if args.json else format_report(report))
+    return 0
+
+
+async def _reads(args: argparse.Namespace) -> int:
+    import pydantic
+
+    from walletmig.bench_reads import ReadsConfig, print_report, run_reads_bench
+
+    try:
+        config = ReadsConfig(clients=args.clients, reads=args.reads, rounds=args.rounds,
+                             readers=tuple(int(r) for r in args.readers.split(",")))
+    except (ValueError, pydantic.ValidationError) as bad:
+        raise UsageError(f"bench reads: {bad}".replace("\n", " ")) from None
+    report = await run_reads_bench(Settings.from_env(), config)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print_report(report)
     return 0
 
 
