@@ -12,6 +12,9 @@ import argparse
 import logging
 from typing import Any
 
+from walletconfig.settings import IdKeyConfigError
+from walletmig.commands import CommandError
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 GRACEFUL_SHUTDOWN_S = 10  # in-flight requests finish within this after SIGTERM
 
@@ -43,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     if args.port:
         overrides["port"] = args.port
     settings = ApiSettings.from_env(overrides=overrides)
+    try:  # the wallet id key: refused in one line here, not in a lifespan traceback
+        settings.platform.id_key()
+    except IdKeyConfigError as err:
+        raise CommandError(str(err)) from None
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
