@@ -33,6 +33,7 @@ from stores.audit_log import AuditLog, audit_id
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
 from walletcore.phases import Phase
+from walletmig.processes import free_port
 
 CLI_TIMEOUT_S = 120
 APPENDS = 400
@@ -151,3 +152,30 @@ async def test_migration_audit_is_chained_in_place(db: AsyncDatabase[Any]) -> No
     await db[AUDIT_HEADS].delete_one({"_id": migration_chain(mid)})
     result = await chain.verify()
     assert not result.ok and "no head" in " ".join(result.problems)
+
+
+async def test_cli_money_commands_are_audited_before_they_run(
+    db: AsyncDatabase[Any], settings_env: dict[str, str]
+) -> None:
+    """The record names the engineer and is written before Temporal is reached (here: nobody
+    listens, so the credit itself fails); a refused input records nothing."""
+    env = {**settings_env, "MONGODB_DATABASE": db.name,
+           "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"}  # fmt: skip
+    wallet = ["--client", "client-cli", "--country", "USA", "--currency", "USD"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "walletmig", "wallet", "credit", *wallet, "--amount", "1.001",
+         "--txn", "t-cli-0", "--actor", "ana"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert await db[AUDIT_RECORDS].count_documents({}) == 0
+    subprocess.run(
+        [sys.executable, "-m", "walletmig", "wallet", "credit", *wallet, "--amount", "1.50",
+         "--txn", "t-cli-1", "--actor", "ana"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+    )  # fmt: skip
+    record = await db[AUDIT_RECORDS].find_one({"transaction_id": "t-cli-1"})
+    assert record is not None, "audited before the write was attempted"
+    assert (record["chain"], record["actor"], record["source"]) == ("cli", "ana", "cli")
+    assert "client-cli" not in json.dumps(record, default=str)
+    assert (await AuditChain(db).verify()).ok

@@ -89,6 +89,7 @@ async def _submit(args: argparse.Namespace) -> int:
         "currency": args.currency, "counterparty": args.counterparty,
         "reference": args.reference, "memo": args.memo,
     }
+    await _audited(args, body)
     async with open_terminal(Settings.from_env()) as terminal:
         try:
             outcome = await terminal.client.submit(body, wait_s=args.wait_s)
@@ -97,6 +98,22 @@ async def _submit(args: argparse.Namespace) -> int:
         except WalletError as err:
             raise CommandError(f"{type(err).__name__}: {err}") from None
     return _print_outcome(outcome, args.json)
+
+
+async def _audited(args: argparse.Namespace, body: dict[str, Any]) -> None:
+    """The audit record (stores/audit_chain.py, chain `cli`) before the submit runs."""
+    from stores.audit_chain import terminal_record
+    from walletcore.clearing import parse_external
+    from walletcore.errors import InvalidInputError
+    from walletmig.commands.audit import cli_actor, cli_audit
+
+    try:
+        txn = parse_external({k: v for k, v in body.items() if v is not None})
+    except InvalidInputError as err:
+        raise UsageError(str(err)) from None
+    record = terminal_record([txn], source="cli", actor=cli_actor(args.actor),
+                             operation="terminal submit", batch_id=None)  # fmt: skip
+    await cli_audit(Settings.from_env(), record)
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -184,6 +201,8 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--wait-s", type=float, default=WAIT_S_DEFAULT,
                         help=f"wait this long for the outcome ({WAIT_S_DEFAULT:.0f}; 0: don't)")
     submit.add_argument("--json", action="store_true")
+    submit.add_argument("--actor", help="who submits, for the audit log (default: "
+                        "$WALLETMIG_ACTOR, else the login name)")  # fmt: skip
     submit.set_defaults(handler=_submit)
 
     status = commands.add_parser("status", help="the outcome of an external id")

@@ -36,6 +36,8 @@ from walletcore.operations import (
 )
 from walletmig.commands import CommandError, UsageError
 
+ACTOR_HELP = "who runs this, for the audit log (default: $WALLETMIG_ACTOR, else the login name)"
+
 T = TypeVar("T")
 
 HISTORY_LIMIT_DEFAULT = 20
@@ -58,6 +60,7 @@ def register(subparsers: Any) -> None:
         sub.add_argument(
             "--allow-overdraft", action="store_true", help="wallet policy when this creates it"
         )
+        sub.add_argument("--actor", help=ACTOR_HELP)
         sub.set_defaults(handler=_write, kind=name)
 
     sub = commands.add_parser("void", help="void a credit or debit")
@@ -65,6 +68,7 @@ def register(subparsers: Any) -> None:
     sub.add_argument("--txn", required=True, help="transaction id of this void")
     sub.add_argument("--original-txn", required=True, help="transaction id to void")
     sub.add_argument("--reference", help="reference id")
+    sub.add_argument("--actor", help=ACTOR_HELP)
     sub.set_defaults(handler=_write, kind="void")
 
     sub = commands.add_parser("balance", help="one wallet's balance")
@@ -196,6 +200,7 @@ async def _write(args: argparse.Namespace) -> int:
                 },
             )
         )
+    await _audited(args, op)
     client = await _wallet_client(args)
     try:
         result: OperationResult = await client.apply(op)
@@ -203,6 +208,19 @@ async def _write(args: argparse.Namespace) -> int:
         raise _command_error(err) from None
     _print(args, result, _describe_result(result))
     return 0
+
+
+async def _audited(args: argparse.Namespace, op: AddCredit | SubtractCredit | Void) -> None:
+    """The audit record (stores/audit_chain.py, chain `cli`) before the write runs (after the
+    input checks: a refused input records nothing)."""
+    from stores.audit_chain import wallet_operation_record
+    from walletcore.operations import validate_operation
+    from walletmig.commands.audit import cli_actor, cli_audit
+
+    _checked(lambda: validate_operation(op))
+    record = wallet_operation_record(op, source="cli", actor=cli_actor(args.actor),
+                                     operation=f"wallet {args.kind}")  # fmt: skip
+    await cli_audit(Settings.from_env(), record)
 
 
 async def _balance(args: argparse.Namespace) -> int:
