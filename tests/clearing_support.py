@@ -109,11 +109,13 @@ async def restart(stack: devstack.StackConfig, name: str) -> float:
 
 
 SHORT_HOLD = "crash_short_hold"  # a 1 s hold: never enough for the checks, it expires
+MID_HOLD = "crash_mid_hold"  # enough for the checks, not for an outage of TigerBeetle
+MID_HOLD_S = 10
 
 
 def private_table() -> ClearingTable:
     """The default routes on ledgers of the caller's own (the mirrors start from zero, so
-    their balances must equal this run's ledger exactly), and SHORT_HOLD."""
+    their balances must equal this run's ledger exactly), SHORT_HOLD and MID_HOLD."""
     usd = random.randrange(10_000, 2**31)
     chart = ChartOfAccounts(accounts=DEFAULT_CLEARING_TABLE.chart.accounts,
                             ledgers={"USD": usd, "USDC": usd + 1})
@@ -121,7 +123,9 @@ def private_table() -> ClearingTable:
                                 velocity_count_max=1000, velocity_amount_max=Decimal("100000"))}
     short = Route(kind=SHORT_HOLD, code=2911, debit_account=6100, credit_account=2300,
                   pending_timeout_s=1, limits=limits)
-    return ClearingTable(chart=chart, routes=(*DEFAULT_CLEARING_TABLE.routes, short))
+    mid = Route(kind=MID_HOLD, code=2912, debit_account=6100, credit_account=2300,
+                pending_timeout_s=MID_HOLD_S, limits=limits)
+    return ClearingTable(chart=chart, routes=(*DEFAULT_CLEARING_TABLE.routes, short, mid))
 
 
 @dataclass

@@ -33,11 +33,14 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 
 import pytest
 import pytest_asyncio
 from clearing_support import (
     FINAL,
+    MID_HOLD,
+    MID_HOLD_S,
     Stream,
     Submitted,
     Terminal,
@@ -242,6 +245,43 @@ async def test_kill_9_of_mongodb_mid_stream(
     async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
         await _run(term, stack, "mongo", snapshot_after_kill=False,
                    targets=("checks", "settle"))
+
+
+@pytest.mark.slow
+async def test_tigerbeetle_down_past_the_holds_timeout(
+    temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
+) -> None:
+    """The emulator dies while a batch's checks run and stays down longer than some of its
+    holds' timeout (MID_HOLD, 10 s): after the restart those posts meet expired holds and are
+    reported `expired` (never posted, no entry); the batch's long holds are posted and settle.
+    Nothing stays pending."""
+    stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
+    batch = stream.batch(0, BATCH_SIZE)
+    for n in range(0, BATCH_SIZE, 2):  # every other one on a 10 s hold
+        txn = batch[n].model_copy(update={"kind": MID_HOLD, "currency": "USD",
+                                          "amount": Decimal("2.50")})
+        batch[n] = stream.txns[txn.external_id] = txn
+        stream.expected[txn.external_id] = "expired"
+    started = time.monotonic()
+    async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
+        out = Submitted()
+        batch_id = await submit_until_recorded(term, batch, out, timeout_s=SUBMIT_TIMEOUT_S)
+        at_kill = await reach_stage(term, batch_id, "checks", STAGE_WAIT_S)
+        kill_9(stack, "tigerbeetle")
+        killed_at = time.monotonic()
+        assert at_kill == "checks", f"killed in stage {at_kill}: the posts may have landed"
+        await asyncio.sleep(MID_HOLD_S + 2)
+        took = await restart(stack, "tigerbeetle")
+        outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
+        final_after_s = time.monotonic() - killed_at
+        books = await check_books(term, stream, out.accepted, outcomes)
+        await records_caught_up(term, len(outcomes), books.settled)
+    print(f"\ntigerbeetle down {MID_HOLD_S + 2} s from stage {at_kill} (restart {took:.1f} s): "
+          f"all final {final_after_s:.1f} s after the kill; settled {books.settled}, rejected "
+          f"{dict(books.rejected)}; {time.monotonic() - started:.1f} s")
+    mid = [x for x, t in stream.txns.items() if t.kind == MID_HOLD]
+    assert len(mid) == BATCH_SIZE // 2
+    assert {outcomes[x].reason for x in mid} == {"expired"}
 
 
 OUTAGE_ANSWER_MAX_S = 15.0  # the client's server selection (5 s) plus scheduling slack
