@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import pydantic
 
+from walletconfig.settings import IdKeyConfigError
 from walletmig.commands import CommandError
 from walletmig.devstack import StackError, load_stack_env
 
@@ -146,7 +147,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CommandError, StackError, pydantic.ValidationError, OSError) as exc:
+    # IdKeyConfigError: no wallet id key (WALLETMIG_ID_HASH_KEY_FILE), one line at start.
+    except (CommandError, StackError, pydantic.ValidationError, OSError, IdKeyConfigError) as exc:
         if args.debug:
             traceback.print_exc()
         if isinstance(exc, CommandError):
