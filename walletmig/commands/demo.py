@@ -26,7 +26,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=stream, flush=True)
 
-    report = await run_demo(Settings.from_env(), options, log)
+    settings = Settings.from_env()
+    settings.id_key()  # no wallet id key: one line now, not after the stack's servers start
+    report = await run_demo(settings, options, log)
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
