@@ -61,6 +61,7 @@ from hypothesis import strategies as st
 from temporalio.client import Client
 
 from stores.bundle import connect_batched
+from stores.clearing_store import ClearingStore
 from stores.tb_batches import BatchedClient
 from walletconfig.settings import Settings
 from walletcore.clearing import (
@@ -282,6 +283,45 @@ async def test_tigerbeetle_down_past_the_holds_timeout(
     mid = [x for x, t in stream.txns.items() if t.kind == MID_HOLD]
     assert len(mid) == BATCH_SIZE // 2
     assert {outcomes[x].reason for x in mid} == {"expired"}
+
+
+async def test_the_same_ids_raced_in_overlapping_batches_settle_once(
+    temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
+) -> None:
+    """Eight submits at once: a batch three times under its own batch id (a caller's retries
+    racing its first attempt), twice under other ids, a batch overlapping it twice, and other
+    content for two of its ids. Each id is accepted by exactly one call; other content is a
+    ConflictError for whichever content lost the race; afterwards one transfer and one entry
+    per settled id, carrying the winning content, and the books balance."""
+    stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
+    base = stream.batch(0, BATCH_SIZE)
+    overlap = [*base[10:20], *stream.batch(1, 20)]
+    changed = [t.model_copy(update={"amount": t.amount + 1}) for t in (base[0], base[5])]
+    async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
+        own = f"b-{uuid.uuid4().hex}"
+        sends: list[list[ExternalTransaction]] = [base] * 5 + [overlap] * 2 + [changed]
+        batch_ids: list[str | None] = [own] * 3 + [None] * 5
+        results = await asyncio.gather(*(term.client.submit_many(b, batch_id=i)
+                                         for b, i in zip(sends, batch_ids, strict=True)))
+        accepted = Counter(x for r in results for x in r.accepted)
+        ids = list(dict.fromkeys(t.external_id for b in sends for t in b))
+        assert set(accepted) == set(ids) and set(accepted.values()) == {1}, accepted
+        refusals = [(r.external_id, r.error, r.field) for res in results for r in res.refused]
+        assert {x for x, _, _ in refusals} <= {t.external_id for t in changed}, refusals
+        assert {(e, f) for _, e, f in refusals} <= {("ConflictError", "external_id")}
+        records = await ClearingStore(term.db).get_many(ids)
+        for txn in changed:  # the content recorded first won; every other sender was refused
+            winner = records[txn.external_id].transaction
+            stream.txns[txn.external_id] = winner
+            losers = sum(1 for b in sends for t in b
+                         if t.external_id == txn.external_id and t.amount != winner.amount)
+            assert sum(1 for x, _, _ in refusals if x == txn.external_id) == losers
+        outcomes = await wait_final(term, ids, FINAL_WAIT_S)
+        books = await check_books(term, stream, ids, outcomes)
+        await records_caught_up(term, len(outcomes), books.settled)
+    winners = {t.external_id: str(stream.txns[t.external_id].amount) for t in changed}
+    print(f"\nraced: {len(ids)} ids, {len(refusals)} conflicts, winners {winners}; "
+          f"settled {books.settled}, rejected {dict(books.rejected)}")
 
 
 OUTAGE_ANSWER_MAX_S = 15.0  # the client's server selection (5 s) plus scheduling slack
