@@ -159,14 +159,18 @@ def _id_key(settings: Settings) -> bytes:
 
 
 def _workflow_id(args: argparse.Namespace) -> int:
+    """The wallet's workflow id, and its Web UI page when the settings point at the dev stack."""
     from walletcore.wallet_ids import wallet_workflow_id
+    from walletmig.commands.migration import ui_link
 
     wallet = _wallet(args)
-    workflow_id = wallet_workflow_id(_id_key(Settings.from_env()), wallet)
+    settings = Settings.from_env()
+    workflow_id = wallet_workflow_id(_id_key(settings), wallet)
+    link = ui_link(settings, workflow_id)
     if args.json:
-        print(json.dumps({"workflow_id": workflow_id}))
+        print(json.dumps({"workflow_id": workflow_id, "web_ui": link}))
     else:
-        print(workflow_id)
+        print(workflow_id if link is None else f"{workflow_id}\nWeb UI: {link}")
     return 0
 
 
