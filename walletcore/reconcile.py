@@ -176,6 +176,21 @@ def backlog_may_carry(window: PhaseWindow, written_s: float) -> bool:
     return False
 
 
+def legacy_op_may_be_in_flight(
+    window: PhaseWindow, written_s: float, *, outbox_state: str | None, in_tigerbeetle: bool
+) -> bool:
+    """May a legacy operation TigerBeetle did not hold at the cut be on its way there?
+    With a transactional outbox record (written with the legacy operation, stores.outbox) the
+    record says it: in flight iff still `pending` (an `applied` one that TigerBeetle lacks is
+    real). The record must be read before TigerBeetle is: a record applied in between is then
+    seen in TigerBeetle (`in_tigerbeetle`: applied after the cut, in flight by the usual rule).
+    Without a record (written through the workflow backlog, or before the outbox existed):
+    backlog_may_carry."""
+    if outbox_state is None or in_tigerbeetle:
+        return backlog_may_carry(window, written_s)
+    return outbox_state == "pending"
+
+
 def reverse_projection_may_carry(window: PhaseWindow, written_s: float) -> bool:
     """May an operation TigerBeetle applied at `written_s` (Unix s), registered but not in
     MongoDB yet, be on the reverse projection? Only if TigerBeetle answered it: in tb_primary

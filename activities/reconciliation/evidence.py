@@ -10,7 +10,8 @@ the reverse projection. "May", because a write path must exist that carries it:
   TigerBeetle answers (tb_primary since it was published, complete's drain): elsewhere MongoDB
   lost a write it answered (`lost_legacy_write`); one whose legacy operation is newer than the
   legacy snapshot was applied by both meanwhile (in flight in any phase);
-- a legacy operation missing from TigerBeetle is backlog only in the dual-write phases (and
+- a legacy operation missing from TigerBeetle with a transactional outbox record is in flight
+  iff that record is pending; without one it is backlog only in the dual-write phases (and
   tb_primary for what MongoDB answered before it): elsewhere `unapplied_legacy_operation`.
 If exactly the carried operations close the difference, and none is older than
 `in_flight_max_age_s`, the difference is in flight (walletcore.reconcile.classify decides).
@@ -48,8 +49,8 @@ from walletcore.reconcile import (
     PhaseWindow,
     RegisteredOperation,
     TransferView,
-    backlog_may_carry,
     legacy_op_effect,
+    legacy_op_may_be_in_flight,
     made_by_platform,
     reverse_projection_may_carry,
     transfer_effect,
@@ -136,6 +137,8 @@ class EvidenceReader:
         windows = await self._windows(subjects)
         side = await self._legacy_side(subjects, found)
         cuts = {s.canonical: await self._tb_cut(s) for s in subjects}
+        # Outbox records before TigerBeetle (see legacy_op_may_be_in_flight).
+        outbox_states = await self._legacy.outbox.states_of(list(side.derived))
         id_list = list(set(side.derived.values()))
         # transfer id -> TigerBeetle timestamp (the client cuts the ids to its request limit)
         in_tb = {t.id: t.timestamp for t in await self._client.lookup_transfers(id_list)
@@ -152,7 +155,10 @@ class EvidenceReader:
             for op in side.ops[s.canonical]:
                 at = in_tb.get(side.derived[op.transaction_id])
                 if at is None or at > cut.timestamp:
-                    carried = backlog_may_carry(window, as_utc(op.created_at).timestamp())
+                    carried = legacy_op_may_be_in_flight(
+                        window, as_utc(op.created_at).timestamp(),
+                        outbox_state=outbox_states.get(op.transaction_id),
+                        in_tigerbeetle=at is not None)
                     ev.legacy_only.append(legacy_op_effect(
                         op.type, op.amount_minor(s.key.currency),
                         original_type=side.original_types.get(op.original_transaction_id or ""),

@@ -1,0 +1,231 @@
+"""The transactional outbox of the dual-write phases (stores.outbox, activities.outbox_drain),
+against the real servers: the legacy write and its record are committed together or not at
+all (a writer killed with SIGKILL mid-stream), the drainer applies many wallets per pass each
+in its legacy order (a debit needing the credit before it), and a drainer that died after
+TigerBeetle and before marking its records is simply run again (each transfer once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from wallet_support import (
+    DUAL_PAIR,
+    REPO_ROOT,
+    assert_same_sequence,
+    isolated_settings,
+    key,
+    worker_env,
+)
+
+from activities.outbox_drain import OutboxDrainer
+from activities.wallet import TigerBeetleBacklog
+from messages.wallet import WalletCommand
+from stores.bundle import Stores, make_stores
+from stores.legacy_store import WALLET_TRANSACTIONS
+from stores.outbox import APPLIED, OUTBOX_SHARDS, PENDING, WALLET_OUTBOX, OutboxIntent, outbox_shard
+from walletconfig.settings import Settings
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
+from walletcore.phases import Phase
+from walletcore.reconcile import PhaseWindow, legacy_op_may_be_in_flight
+from workers.wiring import make_importer
+
+KILLS = 3
+ANSWERS_BEFORE_KILL = 15
+
+# A writer process: legacy writes with their outbox record, one wallet, printing each answer.
+WRITER = """
+import asyncio, sys
+from decimal import Decimal
+from messages.wallet import WalletCommand
+from stores.bundle import make_stores
+from stores.outbox import OutboxIntent
+from walletconfig.settings import Settings
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit, SubtractCredit, Void
+from walletcore.phases import Phase
+
+async def main() -> None:
+    stores = await make_stores(Settings.from_env(), tb_addresses=sys.argv[2])
+    client = sys.argv[1]
+    wallet = WalletKey(client_id=client, country="MEX", currency="MXN")
+    i = 0
+    while True:
+        i += 1
+        txn = f"{client}.{i}"
+        if i % 5 == 4:
+            op = Void(wallet=wallet, transaction_id=txn, original_transaction_id=f"{client}.{i-1}")
+        elif i % 2:
+            op = AddCredit(wallet=wallet, transaction_id=txn, amount=Decimal("2.00"))
+        else:
+            op = SubtractCredit(wallet=wallet, transaction_id=txn, amount=Decimal("1.00"))
+        intent = OutboxIntent(command=WalletCommand.of(op), phase=Phase.DUAL_WRITE, epoch=1,
+                              since_version=None)
+        await stores.legacy.apply(op, outbox=intent)
+        print(txn, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stores(settings: Settings, tb_addresses: str) -> AsyncIterator[Stores]:
+    opened = await make_stores(isolated_settings(settings, "outbox"), tb_addresses=tb_addresses)
+    await opened.imports.ensure_indexes()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def intent(op: WalletOperation) -> OutboxIntent:
+    return OutboxIntent(command=WalletCommand.of(op), phase=Phase.DUAL_WRITE, epoch=1,
+                        since_version=None)
+
+
+async def write(stores: Stores, op: WalletOperation) -> None:
+    await stores.legacy.apply(op, outbox=intent(op))
+
+
+def drainer(stores: Stores) -> tuple[OutboxDrainer, TigerBeetleBacklog]:
+    applier = TigerBeetleBacklog(stores.legacy, stores.tigerbeetle, make_importer(stores))
+    return OutboxDrainer(stores.legacy.outbox, applier), applier
+
+
+def wallet_ops(wallet: WalletKey) -> list[WalletOperation]:
+    """A debit that only the credit before it funds, and a void: order matters."""
+    c = wallet.client_id
+    return [
+        AddCredit(wallet=wallet, transaction_id=f"{c}.1", amount=Decimal("10.00")),
+        SubtractCredit(wallet=wallet, transaction_id=f"{c}.2", amount=Decimal("10.00")),
+        AddCredit(wallet=wallet, transaction_id=f"{c}.3", amount=Decimal("4.00")),
+        Void(wallet=wallet, transaction_id=f"{c}.4", original_transaction_id=f"{c}.2"),
+        SubtractCredit(wallet=wallet, transaction_id=f"{c}.5", amount=Decimal("14.00")),
+    ]
+
+
+async def drain_all(d: OutboxDrainer, stores: Stores) -> None:
+    deadline = time.monotonic() + 60
+    while await stores.legacy.outbox.pending_total() > 0:
+        assert time.monotonic() < deadline, "outbox not drained"
+        for shard in range(OUTBOX_SHARDS):
+            await d.drain_pass(shard)
+
+
+@pytest.mark.slow
+async def test_a_killed_writer_leaves_the_legacy_write_and_its_record_together_or_neither(
+    settings: Settings, tb_addresses: str, stores: Stores, tmp_path: Path
+) -> None:
+    env = worker_env(settings.model_copy(update={"mongodb_database": stores.db.name}), "-")
+    run = uuid.uuid4().hex[:8]
+    answered: dict[str, list[str]] = {}
+    for n in range(KILLS):
+        client = f"atomic-{run}-{n}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, client, tb_addresses], cwd=REPO_ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=(tmp_path / f"writer-{n}.log").open("wb"))
+        assert proc.stdout is not None
+        lines: list[str] = []
+        target = ANSWERS_BEFORE_KILL + random.randrange(10)
+        while len(lines) < target:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            assert line, f"writer {n} stopped: see {tmp_path}"
+            lines.append(line.decode().strip())
+        await asyncio.sleep(random.random() * 0.01)  # somewhere inside a write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        answered[client] = lines
+    for client, lines in answered.items():
+        canonical = key(client, DUAL_PAIR).canonical
+        legacy = {d["_id"] for d in await stores.db[WALLET_TRANSACTIONS].find(
+            {"wallet": canonical}, {"_id": 1}).to_list(None)}
+        outbox = {d["_id"] for d in await stores.db[WALLET_OUTBOX].find(
+            {"wallet": canonical}, {"_id": 1}).to_list(None)}
+        assert set(lines) <= legacy, client  # every answer was committed ...
+        assert legacy == outbox, (client, legacy ^ outbox)  # ... with its record, and no other
+
+
+async def test_a_pass_applies_many_wallets_each_in_legacy_order(stores: Stores) -> None:
+    run = uuid.uuid4().hex[:8]
+    # More wallets than shards: some shard holds two or more of them.
+    wallets = [key(f"order-{run}-{n}", DUAL_PAIR) for n in range(OUTBOX_SHARDS * 2)]
+    plans = [wallet_ops(w) for w in wallets]
+    for step in range(len(plans[0])):  # interleaved across wallets, as live traffic is
+        for plan in plans:
+            await write(stores, plan[step])
+    shared = max(range(OUTBOX_SHARDS),
+                 key=lambda s: sum(outbox_shard(w.canonical) == s for w in wallets))
+    in_shard = [w for w in wallets if outbox_shard(w.canonical) == shared]
+    assert len(in_shard) >= 2
+    d, _ = drainer(stores)
+    applied = await d.drain_pass(shared)  # one pass: every wallet of the shard, in order
+    assert applied == len(in_shard) * len(plans[0])
+    await drain_all(d, stores)
+    docs = await stores.db[WALLET_OUTBOX].find(
+        {"wallet": {"$in": [w.canonical for w in wallets]}}).to_list(None)
+    assert len(docs) == len(wallets) * len(plans[0])
+    assert all(doc["state"] == APPLIED and "error_type" not in doc for doc in docs), docs
+    for wallet in wallets:
+        await assert_same_sequence(stores, wallet)
+
+
+async def test_a_drainer_that_died_before_marking_applies_again_once(stores: Stores) -> None:
+    run = uuid.uuid4().hex[:8]
+    wallets = [key(f"resume-{run}-{n}", DUAL_PAIR) for n in range(3)]
+    for wallet in wallets:
+        for op in wallet_ops(wallet):
+            await write(stores, op)
+    d, applier = drainer(stores)
+    # What a drainer killed between TigerBeetle and the mark leaves: applied, still pending.
+    for wallet in wallets:
+        records = [r for r in await stores.legacy.outbox.pending_page(
+            outbox_shard(wallet.canonical)) if r.wallet == wallet]
+        half = records[: len(records) // 2 + 1]
+        await applier.apply(wallet, [r.as_backlog_item() for r in half],
+                            since_version=half[0].since_version)
+        assert await stores.legacy.outbox.pending_count(wallet) == len(records)
+    await drain_all(d, stores)
+    for wallet in wallets:
+        assert await stores.legacy.outbox.pending_count(wallet) == 0
+        await assert_same_sequence(stores, wallet)  # each transfer once, in order
+
+
+async def test_a_replay_never_rewrites_a_record(stores: Stores) -> None:
+    wallet = key(f"replay-{uuid.uuid4().hex[:8]}", DUAL_PAIR)
+    op = AddCredit(wallet=wallet, transaction_id=f"{wallet.client_id}.1", amount=Decimal("1"))
+    await write(stores, op)
+    result, facts = await stores.legacy.apply(op, outbox=intent(op))
+    assert result.replayed
+    assert not await stores.legacy.outbox.ensure(intent(op), facts)  # there already
+    d, _ = drainer(stores)
+    await drain_all(d, stores)
+    assert not await stores.legacy.outbox.ensure(intent(op), facts)
+    doc = await stores.db[WALLET_OUTBOX].find_one({"_id": op.transaction_id})
+    assert doc is not None and doc["state"] == APPLIED
+    assert await stores.db[WALLET_OUTBOX].count_documents({"state": PENDING,
+                                                            "wallet": wallet.canonical}) == 0
+
+
+def test_in_flight_iff_the_outbox_record_is_pending() -> None:
+    window = PhaseWindow(phase=Phase.DUAL_WRITE, since_s=0.0)
+    now = time.time()
+    assert legacy_op_may_be_in_flight(window, now, outbox_state=PENDING, in_tigerbeetle=False)
+    assert not legacy_op_may_be_in_flight(window, now, outbox_state=APPLIED, in_tigerbeetle=False)
+    # Applied after TigerBeetle's cut: in flight as ever; no record: the backlog rule.
+    assert legacy_op_may_be_in_flight(window, now, outbox_state=APPLIED, in_tigerbeetle=True)
+    assert legacy_op_may_be_in_flight(window, now, outbox_state=None, in_tigerbeetle=False)
+    legacy = PhaseWindow(phase=Phase.LEGACY)
+    assert not legacy_op_may_be_in_flight(legacy, now, outbox_state=None, in_tigerbeetle=False)
+    assert legacy_op_may_be_in_flight(legacy, now, outbox_state=PENDING, in_tigerbeetle=False)
