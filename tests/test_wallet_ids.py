@@ -83,8 +83,9 @@ def test_the_key_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
 
 
 async def test_cli_and_client_compute_the_same_id(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    monkeypatch.setenv("WALLETMIG_STATE_DIR", str(tmp_path))  # no dev stack's env file to load
     monkeypatch.delenv("WALLETMIG_ID_HASH_KEY_FILE", raising=False)
     monkeypatch.setenv("WALLETMIG_ID_HASH_KEY", KEY_A.hex())
     argv = ["wallet", "workflow-id", "--client-id", "alice-42", "--country", "MEX",
@@ -92,7 +93,9 @@ async def test_cli_and_client_compute_the_same_id(
     assert cli.run(argv) == 0
     printed = capsys.readouterr().out.splitlines()[0]  # then the Web UI link, on the dev stack
     assert cli.run([*argv, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["workflow_id"] == printed
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["workflow_id"] == printed
+    assert answer["web_ui"] is None or answer["web_ui"].endswith(printed.replace("/", "%2F"))
     temporal = await Client.connect("127.0.0.1:1", lazy=True)  # never reached
     client = WalletClient(temporal, "wallet", id_key=Settings.from_env().id_key())
     assert client.workflow_id(WALLET) == printed == ids.wallet_workflow_id(KEY_A, WALLET)
