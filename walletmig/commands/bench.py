@@ -116,6 +116,20 @@ def _register_api(benches: Any) -> None:
     api.add_argument("--json", action="store_true", help="print the figures as JSON")
     api.set_defaults(handler=_api_bench)
 
+    timers = benches.add_parser(
+        "metrics",
+        help="CPU the store/TigerBeetle timers add per wallet operation (goal <= 3 %%)",
+        description="Times the metric timers on vs off in interleaved rounds, then runs one "
+        "`bench wallet-ops` round to count timed calls and CPU per wallet operation "
+        "(walletmig.bench_metrics).",
+    )
+    timers.add_argument("--calls", type=int, default=200_000, help="calls per round and kind")
+    timers.add_argument("--rounds", type=int, default=10, help="on/off round pairs")
+    timers.add_argument("--ops", type=int, default=400, help="wallet operations per mode")
+    timers.add_argument("--concurrency", type=int, default=50, help="concurrent callers")
+    timers.add_argument("--json", action="store_true", help="print the figures as JSON")
+    timers.set_defaults(handler=_metrics_bench)
+
 
 async def _wallet_ops(args: argparse.Namespace) -> int:
     from walletmig.bench_wallet_ops import BenchConfig, format_report, run_bench
@@ -129,6 +143,19 @@ async def _wallet_ops(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     report = await run_bench(Settings.from_env(), config)
     print(report.model_dump_json(indent=2) if args.json else format_report(report, args.profile))
+    return 0
+
+
+async def _metrics_bench(args: argparse.Namespace) -> int:
+    from walletmig.bench_metrics import MetricsBenchConfig, format_report, run_metrics_bench
+
+    try:
+        config = MetricsBenchConfig(calls=args.calls, rounds=args.rounds, ops=args.ops,
+                                    concurrency=args.concurrency)
+    except AssertionError as err:
+        raise UsageError(str(err)) from None
+    report = await run_metrics_bench(Settings.from_env(), config)
+    print(report.model_dump_json(indent=2) if args.json else format_report(report))
     return 0
 
 
