@@ -74,6 +74,8 @@ def test_histories_present() -> None:
         "legacy_ops", "refused_ops", "dual_write_backlog", "continue_as_new", "idle_close",
         "continue_as_new_commit_timer",
         "tb_primary_switch",
+        # the dual-write outbox (patch outbox-write-path): no backlog, a quiet-period check
+        "outbox_dual_write",
         # the migration workflow: recorded by test_migration_workflow / test_phase_switch_crash
         "migration_full_path", "migration_switch_crash",
         # the Web UI console (patch migration-ui-console): test_migration_workflow
@@ -133,6 +135,8 @@ async def test_record_histories(
 
 
 async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
+    if history_wanted("outbox_dual_write"):
+        await _record_outbox(h, temporal, unique_id)
     if history_wanted("tb_primary_switch"):
         await _record_switch(h, temporal, unique_id)
     if history_wanted("continue_as_new_commit_timer"):
@@ -193,6 +197,23 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
     await _save(temporal, "continue_as_new", w, first_run)
     await _wait_completed(temporal, w)
     await _save(temporal, "idle_close", w, None)  # the last run: idles out after rotating
+
+
+async def _record_outbox(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
+    """dual_write through the transactional outbox (patch outbox-write-path): the operations'
+    TigerBeetle side goes with their MongoDB write; the run checks its records once quiet,
+    then idles out."""
+    await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+    await asyncio.sleep(1.1)  # past the workers' migration state cache
+    w = key(unique_id("outbox"), DUAL_PAIR)
+    await h.client.add_credit(_c(w, "c1", "10.00"))
+    await h.client.subtract_credit(_d(w, "d1", "2.50"))
+    await h.client.void(_v(w, "v1", "d1"))
+    await h.client.add_credit(_c(w, "c2", "1.00"))
+    status = await wait_drained(h.client, w)
+    assert status is not None and status.tb_applied == 4 and status.divergence_count == 0, status
+    await _wait_completed(temporal, w)
+    await _save(temporal, "outbox_dual_write", w, None)
 
 
 async def _record_switch(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
