@@ -7,6 +7,7 @@ activity takes one pydantic input model. Domain errors leave through messages.er
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -61,7 +62,8 @@ WALLET_CLAIMER = "wallet-workflow"
 IMPORTED_KNOWN_MAX = 100_000  # finished imports remembered per process (ImportedVersions)
 # The dual-write TigerBeetle side goes to the transactional outbox (stores.outbox) rather
 # than the workflow's backlog. False: the backlog path of every earlier release.
-OUTBOX_DEFAULT = True
+# WALLETMIG_OUTBOX=off switches it off for a process (the benchmarks' before/after runs).
+OUTBOX_DEFAULT = os.environ.get("WALLETMIG_OUTBOX", "on").lower() != "off"
 OUTBOX_CLEAR_KNOWN_MAX = 100_000  # (wallet, scope, epoch) seen with no pending outbox record
 
 
