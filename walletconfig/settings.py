@@ -86,7 +86,8 @@ class IdKeyConfigError(ValueError):
 class Settings(BaseModel):
     """Every external address and tunable the platform reads at start-up."""
 
-    model_config = ConfigDict(frozen=True)
+    # A refused value is never echoed in the error: some are secrets (keys, tokens).
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     temporal_address: str
     temporal_namespace: str
