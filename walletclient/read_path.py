@@ -201,8 +201,8 @@ class ReadRouter:
                             ) -> tuple[ReadOutcome, float | None, str | None]:
         started = time.perf_counter()
         try:
-            tb = await asyncio.wait_for(self._tb.get_balance(wallet),
-                                        self.config.shadow_timeout_ms / 1000)
+            async with asyncio.timeout(self.config.shadow_timeout_ms / 1000):
+                tb = await self._tb.get_balance(wallet)  # timed like MongoDB's: no extra task
         except NotFoundError:
             tb = None  # the backlog may not have created the account yet
         except Exception as exc:
@@ -218,8 +218,8 @@ class ReadRouter:
             await asyncio.sleep(self.config.recheck_delay_ms / 1000)
             try:
                 again_mongo = await self._legacy.get_balance(wallet)
-                again_tb = await asyncio.wait_for(self._tb.get_balance(wallet),
-                                                  self.config.shadow_timeout_ms / 1000)
+                async with asyncio.timeout(self.config.shadow_timeout_ms / 1000):
+                    again_tb = await self._tb.get_balance(wallet)
             except NotFoundError:
                 continue
             except Exception as exc:
