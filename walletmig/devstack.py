@@ -677,7 +677,7 @@ def _codec_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
     return ComponentSpec(
         name=CODEC_SERVER,
         argv=(sys.executable, "-m", "walletmig", "codec-server", "--host", config.host,
-              "--port", str(config.codec_port), "--log-level", "WARNING"),
+              "--port", str(config.codec_port)),  # INFO: its start line names the key ids
         address=config.codec_url, port=config.codec_port, data_dir=None,
         probe=_tcp_ready(config.host, config.codec_port), env=codec_env,
         unavailable="" if module_available(CODEC_MODULE)
