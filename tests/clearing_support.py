@@ -111,11 +111,13 @@ async def restart(stack: devstack.StackConfig, name: str) -> float:
 SHORT_HOLD = "crash_short_hold"  # a 1 s hold: never enough for the checks, it expires
 MID_HOLD = "crash_mid_hold"  # enough for the checks, not for an outage of TigerBeetle
 MID_HOLD_S = 10
+LONG_HOLD = "crash_long_hold"  # time for the checks after a MongoDB outage of MID_HOLD_S
+LONG_HOLD_S = 40
 
 
 def private_table() -> ClearingTable:
     """The default routes on ledgers of the caller's own (the mirrors start from zero, so
-    their balances must equal this run's ledger exactly), SHORT_HOLD and MID_HOLD."""
+    their balances must equal this run's ledger exactly), and the SHORT, MID and LONG holds."""
     usd = random.randrange(10_000, 2**31)
     chart = ChartOfAccounts(accounts=DEFAULT_CLEARING_TABLE.chart.accounts,
                             ledgers={"USD": usd, "USDC": usd + 1})
@@ -125,7 +127,10 @@ def private_table() -> ClearingTable:
                   pending_timeout_s=1, limits=limits)
     mid = Route(kind=MID_HOLD, code=2912, debit_account=6100, credit_account=2300,
                 pending_timeout_s=MID_HOLD_S, limits=limits)
-    return ClearingTable(chart=chart, routes=(*DEFAULT_CLEARING_TABLE.routes, short, mid))
+    long = Route(kind=LONG_HOLD, code=2913, debit_account=6100, credit_account=2300,
+                 pending_timeout_s=LONG_HOLD_S, limits=limits)
+    return ClearingTable(chart=chart,
+                         routes=(*DEFAULT_CLEARING_TABLE.routes, short, mid, long))
 
 
 @dataclass
@@ -290,6 +295,17 @@ async def reach_stage(term: Terminal, batch_id: str, wanted: str, timeout_s: flo
             break
         await asyncio.sleep(0.01)
     return stage
+
+
+async def wait_holds(term: Terminal, ids: Sequence[str], timeout_s: float) -> float:
+    """Poll TigerBeetle until every id's hold exists (the pending step has read its batch
+    and reserved); returns the seconds waited."""
+    started = time.monotonic()
+    wanted = [pending_transfer_id(x) for x in ids]
+    while len(await lookup(term.tb, wanted)) < len(wanted):
+        assert time.monotonic() - started < timeout_s, "the holds were not created"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
 
 
 async def wait_final(term: Terminal, ids: Sequence[str], timeout_s: float

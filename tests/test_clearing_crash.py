@@ -39,6 +39,8 @@ import pytest
 import pytest_asyncio
 from clearing_support import (
     FINAL,
+    LONG_HOLD,
+    LONG_HOLD_S,
     MID_HOLD,
     MID_HOLD_S,
     Stream,
@@ -55,6 +57,7 @@ from clearing_support import (
     submit_until_recorded,
     terminal,
     wait_final,
+    wait_holds,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -283,6 +286,55 @@ async def test_tigerbeetle_down_past_the_holds_timeout(
     mid = [x for x, t in stream.txns.items() if t.kind == MID_HOLD]
     assert len(mid) == BATCH_SIZE // 2
     assert {outcomes[x].reason for x in mid} == {"expired"}
+
+
+@pytest.mark.slow
+async def test_mongodb_down_while_the_checks_run(
+    temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
+) -> None:
+    """MongoDB dies once a batch's holds exist (its checks, which read MongoDB, come next)
+    and stays down longer than half the batch's holds (MID_HOLD, 10 s); the other half hold
+    LONG_HOLD_S (40 s). The MID holds expire (reported `expired`, never posted). The LONG ones
+    have ~20 s left when MongoDB is back: their checks could run in time, so they should
+    settle. The books balance either way."""
+    stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
+    batch = [ExternalTransaction(external_id=f"{stream.run}-{n}", kind=kind,
+                                 amount=Decimal("3.25"), currency="USD",
+                                 counterparty=f"p-{stream.run}-{n}")
+             for n, kind in enumerate([MID_HOLD, LONG_HOLD] * (BATCH_SIZE // 2))]
+    for txn in batch:
+        stream.txns[txn.external_id] = txn
+        stream.expected[txn.external_id] = "expired" if txn.kind == MID_HOLD else "settled"
+    started = time.monotonic()
+    async with terminal(temporal_client, stack.mongodb_uri, tb_client) as term:
+        out = Submitted()
+        batch_id = await submit_until_recorded(term, batch, out, timeout_s=SUBMIT_TIMEOUT_S)
+        # The holds exist: the pending step read the batch; its checks need MongoDB next.
+        await wait_holds(term, out.accepted, STAGE_WAIT_S)
+        kill_9(stack, "mongo")
+        at_kill = await term.client.stage(batch_id)
+        assert at_kill in ("pending", "checks"), f"killed in stage {at_kill}"
+        await asyncio.sleep(MID_HOLD_S + 2)
+        took = await restart(stack, "mongo")
+        outcomes = await wait_final(term, out.accepted, LONG_HOLD_S + FINAL_WAIT_S)
+        long_ids = [t.external_id for t in batch if t.kind == LONG_HOLD]
+        long_outcomes = Counter(outcomes[x].reason or outcomes[x].state for x in long_ids)
+        for x in long_ids:  # the books are checked against what happened
+            if outcomes[x].reason == "expired":
+                stream.expected[x] = "expired"
+        books = await check_books(term, stream, out.accepted, outcomes)
+        await records_caught_up(term, len(outcomes), books.settled)
+    print(f"\nmongodb down {MID_HOLD_S + 2} s from stage {at_kill} (restart {took:.1f} s): "
+          f"MID holds {dict(Counter(outcomes[x].reason for x in outcomes if x not in long_ids))}"
+          f", LONG holds {dict(long_outcomes)}; {time.monotonic() - started:.1f} s")
+    assert {outcomes[x].reason for x in outcomes if x not in long_ids} == {"expired"}
+    if long_outcomes != {"settled": len(long_ids)}:
+        pytest.xfail(
+            "workflows/clearing.py bounds a batch's checks by its earliest expiry and, when "
+            "they fail, leaves every hold of the batch to expire: one short hold plus a "
+            f"MongoDB outage expired holds that had time left ({dict(long_outcomes)}). Fix: "
+            "after a failed checks attempt, re-split the holds by time left and check again "
+            "those with CHECK_BUDGET_MIN left (each bounded by its own earliest expiry).")
 
 
 async def test_the_same_ids_raced_in_overlapping_batches_settle_once(
