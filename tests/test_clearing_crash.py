@@ -376,6 +376,40 @@ async def test_the_same_ids_raced_in_overlapping_batches_settle_once(
           f"settled {books.settled}, rejected {dict(books.rejected)}")
 
 
+async def test_a_submitter_killed_between_recording_and_starting(
+    temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
+) -> None:
+    """Two batches recorded as `submit_many` records them, by submitters that die before
+    starting their workflows. One is resent by its own submitter (same batch id): it starts
+    and settles. The other's ids, resent at once by another caller under another batch id,
+    are replays of a young owner (left alone: its submitter may still start it) and stay
+    `received` until `resume` starts the owner's batch. Each id ends once, the books balance."""
+    stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
+    first, second = stream.batch(0, 20), stream.batch(1, 20)
+    async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
+        store = ClearingStore(term.db)
+        first_id, second_id = f"b-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
+        for batch, batch_id in ((first, first_id), (second, second_id)):
+            recorded = await store.record_many(batch, batch_id)  # ... and the submitter dies
+            assert len(recorded.new) == len(batch)
+        again = await term.client.submit_many(first, batch_id=first_id)
+        assert not again.accepted and {r.batch_id for r in again.replayed} == {first_id}
+        other = await term.client.submit_many(second)
+        assert not other.accepted and {r.batch_id for r in other.replayed} == {second_id}
+        first_ids = [t.external_id for t in first]
+        second_ids = [t.external_id for t in second]
+        await wait_final(term, first_ids, FINAL_WAIT_S)
+        await asyncio.sleep(2.0)
+        waiting = await term.client.statuses(second_ids)
+        assert {o.state for o in waiting.values()} == {"received"}, "no one started it"
+        assert await term.client.resume(older_than_s=0) == [second_id]
+        assert await term.client.resume(older_than_s=0) == []  # running: left alone
+        ids = [*first_ids, *second_ids]
+        outcomes = await wait_final(term, ids, FINAL_WAIT_S)
+        books = await check_books(term, stream, ids, outcomes)
+        await records_caught_up(term, len(outcomes), books.settled)
+
+
 OUTAGE_ANSWER_MAX_S = 15.0  # the client's server selection (5 s) plus scheduling slack
 
 
