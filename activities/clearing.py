@@ -7,15 +7,16 @@ into the general ledger (workflows/clearing.py runs them in order).
                account statuses), walletcore.clearing_checks.run_checks
     post_void  post the passed, void the failed (a refused post is voided instead)
     settle     posted -> journal entries in one ledger transaction; then the final states:
-               rejected (with reasons) per id, then the rest of the batch settled in one update
+               rejected (with reasons) per id, then the posted listed as settled on the batch
+               document (one write: ClearingStore.settle_batch)
 
 Idempotent by construction: every transfer id derives from the external id
 (walletcore.clearing), so a retried activity or a resumed workflow lands on the same transfers
 (TigerBeetle answers EXISTS only for identical content: anything else is a per-transaction
 refusal with its status as the reason) and on the same journal entries (the entry id is the
-post transfer's id). The store is written twice per transaction in all (the intake insert and
-the final state): the states between live in the workflow's history (~1 ms per document update
-on the embedded MongoDB).
+post transfer's id). A settled transaction's document is written once (the intake insert): the
+states between live in the workflow's history and `settled` on its batch's document (~1.1 ms
+per document update on the embedded MongoDB, twice an insert); only rejections move per id.
 
 Every create goes through the client cut to the cluster's request limit (BatchLimits:
 8189 events at 1 MiB, 253 at 32 KiB), so a batch of any size is chunked, in order.
@@ -344,15 +345,16 @@ class ClearingActivities:
                 sample = dict(list(moved.refused.items())[:5])
                 raise ConflictError(f"cannot reject {len(moved.refused)} transactions: {sample}",
                                     field="external_id")
-        settled = 0
-        if inp.posted:
-            settled = await self._clearing.transition_batch(
-                inp.batch_id, ClearingState.RECEIVED, ClearingState.SETTLED)
-            if settled > len(inp.posted):
-                log.error("batch %s: %d settled, only %d posted", inp.batch_id, settled,
-                          len(inp.posted))
+        # Settled: listed on the batch document (one write; the transaction documents stay
+        # as recorded), which also closes the batch when nothing of it is open any more.
+        settled = await self._clearing.settle_batch(
+            inp.batch_id, [p.external_id for p in inp.posted])
+        if settled.refused:  # the entries are written: report, do not retry forever
+            log.error("batch %s: %d posted transactions could not settle: %s", inp.batch_id,
+                      len(settled.refused), dict(list(settled.refused.items())[:5]))
         await self._observe_answered(inp)
-        return FinalizeResult(batch_id=inp.batch_id, settled=settled, new_entries=new_entries,
+        return FinalizeResult(batch_id=inp.batch_id, settled=settled.settled,
+                              new_entries=new_entries,
                               rejected=len(inp.rejected), chain_seq=chain_seq)
 
     async def _observe_answered(self, inp: FinalizeBatch) -> None:

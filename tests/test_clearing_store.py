@@ -185,6 +185,53 @@ async def test_transition_batch_moves_a_whole_batch(
     assert counts[S.POSTED] >= 4 and set(counts) == set(ClearingState)
 
 
+async def test_settle_batch_lists_settled_without_writing_them(
+    store: ClearingStore, db: Db, make: Callable[..., ExternalTransaction],
+    unique_id: Callable[..., str],
+) -> None:
+    """Settled = listed on the batch document; the transaction documents stay as recorded,
+    every reader sees `settled`, nothing moves them on, and the batch closes when all of it is
+    final (a late intake into a closed batch opens it again)."""
+    batch_id = unique_id("batch")
+    txns = [make() for _ in range(4)]
+    ids = [t.external_id for t in txns]
+    await store.record_many(txns, batch_id)
+    assert ids[0] in {r.external_id for r in await store.find_by_state(S.RECEIVED, 8189)}
+    await store.transition_many(S.REJECTED, [StateChange(external_id=ids[3], reason="r")])
+    counts_before = await store.count_by_state()
+    first = await store.settle_batch(batch_id, ids[:2])
+    assert first.settled == 2 and not first.refused and not first.closed  # ids[2] is open
+    again = await store.settle_batch(batch_id, ids[:2])
+    assert again.settled == 2 and not again.closed  # idempotent
+    stored = await db["clearing_transactions"].find_one({"_id": ids[0]})
+    assert stored is not None and stored["state"] == "received"  # never written
+    record = await store.get(ids[0])
+    assert record is not None and record.state is S.SETTLED
+    assert record.entry_id == entry_id_of(post_transfer_id(ids[0]))
+    assert [r.state for r in await store.by_batch(batch_id)] == [S.SETTLED] * 2 + [
+        S.RECEIVED, S.REJECTED]
+    assert [r.external_id for r in await store.by_batch(batch_id, state=S.RECEIVED)] == [ids[2]]
+    assert [r.external_id for r in await store.by_batch(batch_id, state=S.SETTLED)] == ids[:2]
+    # Settled is final: no guard that lets `received` through moves it.
+    refused = await store.transition_many(S.REJECTED, [StateChange(external_id=ids[0])])
+    assert refused.refused == {ids[0]: S.SETTLED} and refused.changed == 0
+    assert await store.transition_batch(batch_id, S.RECEIVED, S.PENDING) == 1  # ids[2] only
+    last = await store.settle_batch(batch_id, [ids[2], ids[3]])
+    assert last.settled == 1 and last.refused == {ids[3]: S.REJECTED} and last.closed
+    assert batch_id not in {r.batch_id for r in await store.find_by_state(S.RECEIVED, 8189)}
+    counts = await store.count_by_state()
+    assert counts[S.SETTLED] == counts_before[S.SETTLED] + 3
+    # A pure replay leaves the batch closed; a late new transaction opens it again.
+    await store.record_many(txns[:1], batch_id)
+    assert (await db["clearing_batches"].find_one({"_id": batch_id}) or {})["open"] is False
+    late = make()
+    await store.record_many([late], batch_id)
+    assert [r.external_id for r in await store.find_by_state(S.RECEIVED, 8189)
+            if r.batch_id == batch_id] == [late.external_id]
+    with pytest.raises(InvalidInputError):
+        await store.find_by_state(S.SETTLED, 10)
+
+
 async def test_velocity_counts_live_transactions_in_the_window(
     store: ClearingStore, make: Callable[..., ExternalTransaction], unique_id: Callable[..., str]
 ) -> None:
