@@ -7,13 +7,15 @@ through the Python client directly, in one run, on a running stack (`walletmig d
 Both paths reach the same servers and the same worker (the stack's `walletmig worker` on
 WALLET_TASK_QUEUE): the direct path is what a Python service embedding walletclient pays, the
 API path adds HTTP, the API key, the rate limiter and the Idempotency-Key record. The API is
-driven by an httpx async client with keep-alive connections, one per concurrent caller.
+driven by a load generator process of its own (walletmig.bench_http_load: pre-built HTTP/1.1
+requests over keep-alive connections, one per concurrent caller), so its CPU is measured apart
+(`load`) and does not compete with the direct path's client inside this process (`bench`).
 
 Fair by construction: every round runs the four (kind, path) runs with the paths' order
 swapped each round, on wallets seeded and warmed up through both paths first; the figures
 compared are each run's median over the rounds. CPU per request comes from /proc for every
-process of the stack (`pids.json`: the API, the worker, the servers) and for this process
-(the load generator, which is also the direct path's client).
+process of the stack (`pids.json`: the API, the worker, the servers), for this process (the
+direct path's client) and for the load generator (its own process_time).
 
 It writes into the stack's own database: wallets `bench-api-<run>-<n>` of one pair (in the
 pair's current phase), and an API key that is revoked at the end. Meant for a dev stack.
@@ -23,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import json
 import os
 import statistics
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,7 +37,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from stores.api_keys import ApiKeyStore
@@ -44,6 +47,7 @@ from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
+from walletmig.bench_http_load import LoadPlan, LoadRequest, LoadResult
 from walletmig.bench_wallet_ops import ServerCpu, percentile
 from workers.wallet_worker import connect_temporal
 
@@ -54,10 +58,10 @@ ROUNDS_MAX = 20
 GOAL_READ_RATIO = 0.70  # API reads/s >= 70 % of the direct read path's
 GOAL_CREDIT_RATIO = 0.80  # API credits/s >= 80 % of the direct client's
 GOAL_API_READS_PER_S = 1000.0
-HTTP_TIMEOUT_S = 60.0
+LOAD_START_TIMEOUT_S = 60.0  # the load generator's start and connections
+LOAD_RESULT_BYTES_MAX = 64 * 1024 * 1024  # its result line (every latency)
 CREDIT_AMOUNT = Decimal("0.01")
 SEED_AMOUNT = Decimal("100.00")
-FAILURES_SHOWN_MAX = 5
 METRICS_FLUSH_INTERVAL_S = 0.5  # as the gateway's (gateway/state.py)
 
 Kind = Literal["read", "credit"]
@@ -115,51 +119,108 @@ class RequestFailed(Exception):
 class _Paths:
     """The two ways to the same operations, on the same wallets."""
 
-    http: httpx.AsyncClient
+    api: ApiTarget
     reader: ReadRouter
     wallets: WalletClient
     keys: list[WalletKey]
     run_id: str
 
-    async def read(self, path: PathName, wallet: int) -> None:
-        key = self.keys[wallet]
-        if path == "direct":
-            await self.reader.get_balance(key)
-            return
-        url = f"/v1/wallets/{key.client_id}/{key.country}/{key.currency}/balance"
-        _check(await self.http.get(url))
+    async def read(self, wallet: int) -> None:
+        await self.reader.get_balance(self.keys[wallet])
 
-    async def credit(self, path: PathName, wallet: int, name: str) -> None:
+    async def credit(self, wallet: int, name: str) -> None:
+        await self.wallets.apply(AddCredit(
+            wallet=self.keys[wallet], transaction_id=f"{self.run_id}-{name}",
+            amount=CREDIT_AMOUNT))  # fmt: skip
+
+    def api_read(self, wallet: int) -> LoadRequest:
         key = self.keys[wallet]
-        if path == "direct":
-            await self.wallets.apply(AddCredit(
-                wallet=key, transaction_id=f"{self.run_id}-{name}", amount=CREDIT_AMOUNT))
-            return
+        return LoadRequest(
+            method="GET", path=f"/v1/wallets/{key.client_id}/{key.country}/{key.currency}/balance"
+        )
+
+    def api_credit(self, wallet: int, name: str) -> LoadRequest:
+        key = self.keys[wallet]
         body = {"wallet": {"client_id": key.client_id, "country": key.country,
-                           "currency": key.currency}, "amount": str(CREDIT_AMOUNT)}
-        answer = await self.http.post("/v1/wallets/credit", json=body,
-                                      headers={"Idempotency-Key": f"{self.run_id}-{name}"})
-        _check(answer)
+                           "currency": key.currency}, "amount": str(CREDIT_AMOUNT)}  # fmt: skip
+        return LoadRequest(method="POST", path="/v1/wallets/credit", body=json.dumps(body),
+                           headers={"Idempotency-Key": f"{self.run_id}-{name}"})  # fmt: skip
 
 
-def _check(answer: httpx.Response) -> None:
-    if answer.status_code == 429:
+@dataclass(frozen=True)
+class ApiTarget:
+    base_url: str
+    key: str  # the run's API key (revoked at the end)
+    verify_tls: bool
+    concurrency: int
+
+
+async def run_load(
+    target: ApiTarget, requests: list[LoadRequest], servers: ServerCpu
+) -> tuple[LoadResult, dict[str, float]]:
+    """`requests` sent by the load generator process (walletmig.bench_http_load); answers its
+    result and the stack's processes' CPU seconds over its timed window."""
+    plan = LoadPlan(
+        base_url=target.base_url, concurrency=min(target.concurrency, len(requests)),
+        headers={"Authorization": f"Bearer {target.key}"}, requests=requests,
+        verify_tls=target.verify_tls,
+    )  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as plan_file:
+        plan_file.write(plan.model_dump_json())
+        plan_file.flush()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "walletmig.bench_http_load", plan_file.name,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=LOAD_RESULT_BYTES_MAX,
+        )  # fmt: skip
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            ready = await asyncio.wait_for(child.stdout.readline(), LOAD_START_TIMEOUT_S)
+            if ready != b"ready\n":
+                raise RequestFailed(f"the load generator did not start: {ready[:300]!r}")
+            server0 = servers.sample()
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+            line = await child.stdout.readline()
+            spent = ServerCpu.spent(server0, servers.sample())
+            await child.wait()
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    if child.returncode != 0 or not line:
+        raise RequestFailed(f"the load generator exited with {child.returncode}")
+    result = LoadResult.model_validate_json(line)
+    _check(result)
+    return result, spent
+
+
+def _check(result: LoadResult) -> None:
+    if "429" in result.statuses:
         raise RequestFailed(
-            f"429 from the API's rate limiter ({answer.headers.get('RateLimit-Policy', '?')}): "
-            "start the API with higher WALLETMIG_API_RATE_LIMIT_READ / _MONEY for a benchmark "
-            "(`walletmig dev down --only api`, then `WALLETMIG_API_RATE_LIMIT_MONEY=100000/second "
-            "WALLETMIG_API_RATE_LIMIT_READ=100000/second walletmig dev up`)")
-    if answer.status_code != 200:
-        raise RequestFailed(f"{answer.request.method} {answer.request.url.path}: "
-                            f"{answer.status_code} {answer.text[:300]}")
+            "429 from the API's rate limiter: start the API with higher "
+            "WALLETMIG_API_RATE_LIMIT_READ / _MONEY for a benchmark (`walletmig dev down --only "
+            "api`, then `WALLETMIG_API_RATE_LIMIT_MONEY=100000/second "
+            "WALLETMIG_API_RATE_LIMIT_READ=100000/second walletmig dev up`)")  # fmt: skip
+    if set(result.statuses) != {"200"}:
+        raise RequestFailed(f"answers {result.statuses}: {result.failures}")
 
 
 async def _drive(paths: _Paths, kind: Kind, path: PathName, round_no: int, count: int,
                  concurrency: int, servers: ServerCpu) -> PathFigures:
-    """`count` requests from `concurrency` callers; caller c uses wallet c % wallets."""
+    """`count` requests from `concurrency` callers; caller c uses wallet c % wallets (the
+    API path: request i goes to wallet i % wallets, the same spread)."""
+    wallets = len(paths.keys)
+    if path == "api":
+        requests = [paths.api_read(i % wallets) if kind == "read"
+                    else paths.api_credit(i % wallets, f"api-r{round_no}-{i}")
+                    for i in range(count)]  # fmt: skip
+        bench0 = time.process_time()
+        result, spent = await run_load(paths.api, requests, servers)
+        cpu_s = {"bench": time.process_time() - bench0, "load": result.cpu_s, **spent}
+        return _figures(kind, path, round_no, result.latencies_s, result.seconds, cpu_s)
     latencies: list[float] = []
     next_request = 0
-    wallets = len(paths.keys)
 
     async def caller(c: int) -> None:
         nonlocal next_request
@@ -168,9 +229,9 @@ async def _drive(paths: _Paths, kind: Kind, path: PathName, round_no: int, count
             next_request += 1
             started = time.perf_counter()
             if kind == "read":
-                await paths.read(path, c % wallets)
+                await paths.read(c % wallets)
             else:
-                await paths.credit(path, c % wallets, f"{path}-r{round_no}-{i}")
+                await paths.credit(c % wallets, f"direct-r{round_no}-{i}")
             latencies.append(time.perf_counter() - started)
 
     server0, cpu0 = servers.sample(), time.process_time()
@@ -179,6 +240,11 @@ async def _drive(paths: _Paths, kind: Kind, path: PathName, round_no: int, count
     seconds = time.perf_counter() - wall0
     cpu_s = {"bench": time.process_time() - cpu0, **ServerCpu.spent(server0, servers.sample())}
     latencies.sort()
+    return _figures(kind, path, round_no, latencies, seconds, cpu_s)
+
+
+def _figures(kind: Kind, path: PathName, round_no: int, latencies: list[float], seconds: float,
+             cpu_s: dict[str, float]) -> PathFigures:
     return PathFigures(
         kind=kind, path=path, round=round_no, requests=len(latencies),
         seconds=round(seconds, 3), requests_per_s=round(len(latencies) / seconds, 1),
@@ -239,13 +305,13 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
                       currency=config.currency) for w in range(config.wallets)]  # fmt: skip
     servers = ServerCpu(settings.state_dir)
     runs: list[PathFigures] = []
-    async with _opened(settings, config, run_id) as (stores, http, wallets):
+    async with _opened(settings, config, run_id) as (stores, target, wallets):
         metrics = ReadMetricsStore(stores.db)  # the gateway records reads too (gate evidence)
         flusher = asyncio.create_task(metrics.run_flusher(METRICS_FLUSH_INTERVAL_S))
         try:
             reader = ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics)
-            paths = _Paths(http=http, reader=reader, wallets=wallets, keys=keys, run_id=run_id)
-            await _warm_up(paths, config.concurrency)
+            paths = _Paths(api=target, reader=reader, wallets=wallets, keys=keys, run_id=run_id)
+            await _warm_up(paths, config.concurrency, servers)
             for round_no in range(config.rounds):
                 for kind in KINDS:
                     count = config.reads if kind == "read" else config.credits
@@ -258,7 +324,7 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
     return _report(config, runs)
 
 
-async def _warm_up(paths: _Paths, concurrency: int) -> None:
+async def _warm_up(paths: _Paths, concurrency: int, servers: ServerCpu) -> None:
     """Create every wallet (a seed credit), then one read and one credit per wallet through
     each path: workflows, caches, connections and the API's key cache are warm before timing."""
     gate = asyncio.Semaphore(concurrency)
@@ -270,13 +336,11 @@ async def _warm_up(paths: _Paths, concurrency: int) -> None:
         await asyncio.gather(*(one(w) for w in range(len(paths.keys))))
 
     await each(lambda w: _seed(paths, w))
-    for path in ("api", "direct"):
-        await each(functools.partial(paths.read, path))
-        await each(functools.partial(_warm_credit, paths, path))
-
-
-async def _warm_credit(paths: _Paths, path: PathName, wallet: int) -> None:
-    await paths.credit(path, wallet, f"{path}-warm-{wallet}")
+    wallets = range(len(paths.keys))
+    await run_load(paths.api, [paths.api_read(w) for w in wallets], servers)
+    await run_load(paths.api, [paths.api_credit(w, f"api-warm-{w}") for w in wallets], servers)
+    await each(paths.read)
+    await each(lambda w: paths.credit(w, f"direct-warm-{w}"))
 
 
 async def _seed(paths: _Paths, wallet: int) -> None:
@@ -287,25 +351,19 @@ async def _seed(paths: _Paths, wallet: int) -> None:
 
 @contextlib.asynccontextmanager
 async def _opened(settings: Settings, config: ApiBenchConfig, run_id: str
-                  ) -> AsyncIterator[tuple[Stores, httpx.AsyncClient, WalletClient]]:
-    """The stores, an API key for this run (revoked at the end), the HTTP client with one
-    keep-alive connection per caller, and the wallet client."""
+                  ) -> AsyncIterator[tuple[Stores, ApiTarget, WalletClient]]:
+    """The stores, an API key for this run (revoked at the end) and the wallet client."""
     stores = await make_stores(settings, ensure_indexes=False)
     try:
         api_keys = ApiKeyStore(stores.db)
         issued = await api_keys.create(name=run_id, owner=run_id,
                                        scopes=["wallets:read", "wallets:write"])
         try:
-            limits = httpx.Limits(max_connections=config.concurrency,
-                                  max_keepalive_connections=config.concurrency)
-            async with httpx.AsyncClient(
-                base_url=config.api_url, limits=limits, timeout=HTTP_TIMEOUT_S,
-                headers={"Authorization": f"Bearer {issued.key}"}, verify=config.verify_tls,
-                trust_env=False,
-            ) as http:  # fmt: skip
-                temporal = await connect_temporal(settings)
-                yield stores, http, WalletClient(
-                    temporal, settings.wallet_task_queue, id_key=settings.id_key())
+            target = ApiTarget(base_url=config.api_url, key=issued.key,
+                               verify_tls=config.verify_tls, concurrency=config.concurrency)
+            temporal = await connect_temporal(settings)
+            yield stores, target, WalletClient(
+                temporal, settings.wallet_task_queue, id_key=settings.id_key())
         finally:
             await api_keys.revoke(issued.record.key_id)
     finally:
@@ -321,7 +379,7 @@ def _run_line(r: PathFigures, names: list[str]) -> str:
 
 def format_report(report: ApiBenchReport) -> str:
     names = sorted({n for r in report.medians for n in r.cpu_ms_per_request},
-                   key=lambda n: (n != "bench", n != "api", n != "worker", n))
+                   key=lambda n: (n != "bench", n != "load", n != "api", n != "worker", n))
     lines = [
         f"API {report.api_url}, pair {report.pair}, {report.concurrency} concurrent callers on "
         f"{report.wallets} wallets, {report.rounds} rounds (paths' order swapped each round), "

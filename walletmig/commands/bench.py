@@ -100,7 +100,8 @@ def _register_api(benches: Any) -> None:
         "api",
         help="balance reads and credits through the HTTP API next to the Python client",
         description="The same balance read and credit through the running stack's HTTP API "
-        "(httpx, keep-alive) and through ReadRouter / WalletClient directly, rounds "
+        "(a load generator process, raw HTTP/1.1 keep-alive) and through ReadRouter / "
+        "WalletClient directly, rounds "
         "alternating; prints requests/s, p50/p99 and CPU ms per request of each process "
         "(walletmig.bench_api). Writes bench-api-* wallets into the stack's database.",
     )  # fmt: skip
