@@ -297,6 +297,15 @@ async def reach_stage(term: Terminal, batch_id: str, wanted: str, timeout_s: flo
     return stage
 
 
+async def open_holds(tb_client: BatchedClient, ids: Sequence[str]) -> int:
+    """How many of `ids` have a hold in TigerBeetle with neither its post nor its void."""
+    found = set(await lookup(tb_client, [f(x) for x in ids for f in
+                                         (pending_transfer_id, post_transfer_id,
+                                          void_transfer_id)]))
+    return sum(1 for x in ids if pending_transfer_id(x) in found
+               and post_transfer_id(x) not in found and void_transfer_id(x) not in found)
+
+
 async def wait_holds(term: Terminal, ids: Sequence[str], timeout_s: float) -> float:
     """Poll TigerBeetle until every id's hold exists (the pending step has read its batch
     and reserved); returns the seconds waited."""

@@ -49,6 +49,7 @@ from clearing_support import (
     check_books,
     kill_9,
     open_batches,
+    open_holds,
     private_stack,
     reach_stage,
     records_caught_up,
@@ -122,11 +123,13 @@ class KillReport:
     restart_s: float
     kill_batch: list[ExternalTransaction]
     kill_batch_stage: str
+    open_holds: int  # of the open transactions: holds neither posted nor voided yet
 
     def line(self) -> str:
         return (f"{self.open_ids} transactions in {self.open_batches} batches in flight "
                 f"(stages {dict(self.stages)}; the last batch's at the kill: "
-                f"{self.kill_batch_stage}), restarted in {self.restart_s:.1f} s")
+                f"{self.kill_batch_stage}; {self.open_holds} of them held in TigerBeetle, "
+                f"unresolved), restarted in {self.restart_s:.1f} s")
 
 
 async def _under_way(term: Terminal, ids: list[str]) -> None:
@@ -175,11 +178,16 @@ async def _stream_through_kills(
             in_flight = await open_batches(term, out.accepted)
         kills_done[k].set()
         seen = await stages(term, list(in_flight))
+        open_ids = [x for ids in in_flight.values() for x in ids]
+        if server != "tigerbeetle":
+            holds = await open_holds(term.tb, open_ids)
         await asyncio.sleep(DOWN_S)
         took = await restart(stack, server)
-        reports.append(KillReport(open_ids=sum(map(len, in_flight.values())),
-                                  open_batches=len(in_flight), stages=seen, restart_s=took,
-                                  kill_batch=kill_batch, kill_batch_stage=at_kill))
+        if server == "tigerbeetle":  # what the restarted emulator holds of the batches
+            holds = await open_holds(term.tb, open_ids)
+        reports.append(KillReport(open_ids=len(open_ids), open_batches=len(in_flight),
+                                  stages=seen, restart_s=took, kill_batch=kill_batch,
+                                  kill_batch_stage=at_kill, open_holds=holds))
 
     async def crashes() -> None:
         for k in range(KILLS):
