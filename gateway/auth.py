@@ -6,12 +6,14 @@ one unit of the key's rate-limit budget for the operation's class (429). It reco
 on the request for the request log.
 
 Verified keys are cached in-process for `key_cache_ttl_s` (a MongoDB read per request would
-cap the read path's throughput); expiry is re-checked on every use, so only a revocation can
-lag, by at most that TTL.
+cap the read path's throughput), with the Caller built once per fill; expiry is re-checked on
+every use, so only a revocation can lag, by at most that TTL (plus the one refill read in
+flight). Concurrent requests that miss share one refill read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -46,40 +48,64 @@ class Caller(BaseModel):
     scopes: frozenset[str]
 
 
+_Entry = tuple[ApiKeyRecord, Caller]
+
+
 class Authenticator:
     def __init__(self, store: ApiKeyStore, *, cache_ttl_s: float) -> None:
         assert 0 <= cache_ttl_s <= 300
         self._store = store
         self._cache_ttl_s = cache_ttl_s
-        self._cache: dict[str, tuple[float, ApiKeyRecord]] = {}
+        self._cache: dict[str, tuple[float, _Entry]] = {}
+        self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
 
     async def authenticate(self, presented: str | None) -> Caller:
         if not presented:
             raise _unauthorized("send an API key as `Authorization: Bearer <key>`", token=False)
-        record = await self._record(presented)
-        if record is None:
+        entry = await self._entry(presented)
+        if entry is None:
             raise _unauthorized("unknown API key")
+        record, caller = entry
         if record.revoked_at is not None:
             raise _unauthorized("the API key was revoked")
-        if not record.usable(now_ms()):
+        if record.expires_at is not None and not record.usable(now_ms()):
             raise _unauthorized("the API key expired")
-        return Caller(
+        return caller
+
+    async def _entry(self, presented: str) -> _Entry | None:
+        """The key's record and its Caller (built once per cache fill, not per request)."""
+        digest = key_hash(presented)
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        # One MongoDB read per key and expiry, however many requests missed together (a
+        # refill under load used to send one read per concurrent request). Shielded: a
+        # cancelled request does not cancel the read the others wait for.
+        loading = self._loading.get(digest)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(presented, digest))
+            self._loading[digest] = loading
+            loading.add_done_callback(lambda done: self._loaded(digest, done))
+        return await asyncio.shield(loading)
+
+    async def _load(self, presented: str, digest: str) -> _Entry | None:
+        record = await self._store.verify(presented)
+        if record is None:
+            return None
+        caller = Caller(
             key_id=record.key_id, name=record.name, owner=record.owner,
             scopes=frozenset(record.scopes),
         )  # fmt: skip
-
-    async def _record(self, presented: str) -> ApiKeyRecord | None:
-        digest = key_hash(presented)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        record = await self._store.verify(presented)
-        if record is not None and self._cache_ttl_s > 0:
+        if self._cache_ttl_s > 0:
             if len(self._cache) >= CACHE_ENTRIES_MAX:
                 self._cache.clear()  # bounded; refilled by the next requests
-            self._cache[digest] = (now + self._cache_ttl_s, record)
-        return record
+            self._cache[digest] = (time.monotonic() + self._cache_ttl_s, (record, caller))
+        return record, caller
+
+    def _loaded(self, digest: str, done: asyncio.Future[_Entry | None]) -> None:
+        self._loading.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every waiter may have been cancelled
 
 
 def _unauthorized(detail: str, *, token: bool = True) -> ProblemError:

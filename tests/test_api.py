@@ -598,3 +598,40 @@ async def test_idempotency_records_lease_takeover_and_expiry(db: AsyncDatabase[A
     ttl = [i for i in (await collection.index_information()).values()
            if i["key"] == [("expires_at", 1)]]  # fmt: skip
     assert ttl and ttl[0]["expireAfterSeconds"] == 0
+
+
+async def test_rate_limiter_batches_hold_the_limit_across_processes(
+    api_settings: Settings,
+) -> None:
+    """Two limiters (two gateway processes) on one Redis, units taken in batches (1 % of the
+    limit): together they admit exactly the limit in a window, then 429 with the headers."""
+    from gateway.operations import OperationClass
+    from gateway.problems import ProblemError
+    from gateway.ratelimit import GatewayRateLimiter
+
+    def limiter(read: str) -> GatewayRateLimiter:
+        return GatewayRateLimiter.from_limits(
+            api_settings.redis_url, strategy="fixed-window", money="100/second", read=read,
+            money_fail_open=False, read_fail_open=False,
+        )  # fmt: skip
+
+    processes = [limiter("400/minute"), limiter("400/minute")]
+    assert processes[0].policy(OperationClass.READ).batch == 4
+    assert processes[0].policy(OperationClass.MONEY).batch == 1  # < 200: unit by unit
+    key_id = f"k-{uuid.uuid4().hex[:12]}"
+    admitted, refused = 0, []
+    try:
+        for i in range(600):
+            try:
+                await processes[i % 2].enforce(key_id, OperationClass.READ)
+                admitted += 1
+            except ProblemError as over:
+                refused.append(over)
+    finally:
+        for each in processes:
+            await each.close()
+    # Each process spends its batch's units before asking Redis again, so nothing is lost
+    # when both keep asking; Redis never hands out more than the limit per window.
+    assert admitted == 400 and len(refused) == 200
+    assert refused[0].problem.status == 429
+    assert refused[0].headers["RateLimit-Limit"] == "400"
