@@ -5,7 +5,8 @@ double-entry invariant as a property of walletcore's pure clearing functions.
 The stream: two callers send batches of 40 mixed transactions (settling kinds in USD and USDC,
 and per 20 an amount over the limit, a blocked counterparty, a reservation TigerBeetle refuses
 for lack of funds, a duplicate reference and a 1 s hold that expires), 400 in all plus the
-batch sent right before each kill. The server is SIGKILLed twice (the second time once the
+batches sent right before the kills (40, then 400: a long TigerBeetle request or ledger
+transaction to cut). The server is SIGKILLed twice (the second time once the
 pipeline runs again) with batches in flight (asserted: accepted, not final at the kill), kept
 down a few seconds while the callers go on (resending the same batch while MongoDB is down,
 as the client's contract asks), and restarted on the same port and data dir.
@@ -83,8 +84,11 @@ from walletmig import devstack
 
 BATCH_SIZE = 40
 CALLERS = 2
-BATCHES_PER_CALLER = 5  # 400 transactions, plus the batch sent at each kill
+BATCHES_PER_CALLER = 5  # 400 transactions, plus the batch sent at each kill (440 more)
 KILLS = 2  # the second once the pipeline runs again after the first
+# The batch sent right before each kill; the second is large, so its TigerBeetle request
+# (post_void) or ledger transaction (settle) lasts long enough to be cut.
+KILL_BATCH_SIZES = (BATCH_SIZE, 400)
 DOWN_S = 3.0
 SUBMIT_TIMEOUT_S = 60.0
 FINAL_WAIT_S = 90.0
@@ -167,7 +171,7 @@ async def _stream_through_kills(
 
     async def crash(k: int) -> None:
         await _under_way(term, out.accepted)
-        kill_batch = stream.batch(CALLERS * BATCHES_PER_CALLER + k, BATCH_SIZE)
+        kill_batch = stream.batch(CALLERS * BATCHES_PER_CALLER + k, KILL_BATCH_SIZES[k])
         batch_id = await submit_until_recorded(term, kill_batch, out,
                                                timeout_s=SUBMIT_TIMEOUT_S)
         at_kill = await reach_stage(term, batch_id, targets[k], STAGE_WAIT_S)
@@ -224,7 +228,7 @@ async def _run(term: Terminal, stack: devstack.StackConfig, server: str, *,
     for kill in kills:
         await _resend_concurrently(term, kill.kill_batch)
     outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
-    assert len(outcomes) == (CALLERS * BATCHES_PER_CALLER + KILLS) * BATCH_SIZE
+    assert len(outcomes) == CALLERS * BATCHES_PER_CALLER * BATCH_SIZE + sum(KILL_BATCH_SIZES)
     books = await check_books(term, stream, out.accepted, outcomes)
     counts = await records_caught_up(term, len(outcomes), books.settled)
     print(f"\n{server} kill -9 x{KILLS}: " + "; ".join(k.line() for k in kills))
