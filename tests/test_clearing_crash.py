@@ -20,6 +20,11 @@ balances and the mirrors' posted balances equal the entries, and no hold is left
 The same external ids resent concurrently under other batch ids are replays (one transfer,
 one entry); other content under a used id is a ConflictError.
 
+Also: TigerBeetle down past some holds' timeout (reported expired), MongoDB down while the
+checks are due (xfail: holds with time left expire too), ids raced in overlapping batches, a
+submitter killed between recording and starting, a typed error from intake while MongoDB is
+down (xfail: pymongo's errors reach the caller).
+
 The module's servers are its own (clearing_support.private_stack), never the session's: they
 get killed. Temporal is the session's.
 
