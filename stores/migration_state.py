@@ -7,6 +7,7 @@ every write asks; `epoch` (monotonic per scope) lets callers tell which state th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,10 @@ class MigrationStateStore:
         self._collection: AsyncCollection[Any] = db[MIGRATION_STATE]
         self._cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, MigrationState | None]] = {}
+        # One cache refill per scope in flight: when the entry expires under load, every
+        # concurrent caller would otherwise send its own find_one (a herd each second that
+        # put MongoDB's latency into the tail of TigerBeetle reads). Callers that miss join it.
+        self._refills: dict[str, asyncio.Task[MigrationState | None]] = {}
 
     async def find(self, scope: str, *, fresh: bool = False) -> MigrationState | None:
         """The scope's own document (cached unless `fresh`), or None when it has none."""
@@ -46,6 +51,17 @@ class MigrationStateStore:
         cached = self._cache.get(scope)
         if not fresh and cached is not None and cached[0] > now:
             return cached[1]
+        if fresh:
+            return await self._read(scope)  # must start after the call: never joins
+        refill = self._refills.get(scope)
+        if refill is None or refill.get_loop() is not asyncio.get_running_loop():
+            refill = asyncio.ensure_future(self._read(scope))
+            self._refills[scope] = refill
+            refill.add_done_callback(lambda _: self._refills.pop(scope, None))
+        # shield: a caller cancelled (its deadline) must not cancel the others' refill.
+        return await asyncio.shield(refill)
+
+    async def _read(self, scope: str) -> MigrationState | None:
         doc = await self._collection.find_one({"_id": scope})
         state = None if doc is None else _state_of(doc)
         # Concurrent misses finish in any order: a read that started before a phase change
