@@ -214,3 +214,25 @@ def verify(api: ApiProcess) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout)
 
 
+
+
+async def test_terminal_batch_is_audited_without_counterparties(
+    client: httpx.AsyncClient, keys: dict[str, str], db: AsyncDatabase[Any]
+) -> None:
+    items = [{"kind": "ach_credit_in", "amount": f"{n}.25", "currency": "USD",
+              "counterparty": f"acme-{n}", "external_id": f"x-{uuid.uuid4().hex[:10]}",
+              "memo": "rent"} for n in (1, 2)]  # fmt: skip
+    answer = await client.post("/v1/terminal/batches", json={"transactions": items},
+                               headers=headers(keys["payments"]))  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    record = await db[AUDIT_RECORDS].find_one({"batch_id": answer.json()["batch_id"]})
+    assert record is not None and record["operation"] == "submit_transactions"
+    assert record["actor"] == "payments"
+    assert [(t["external_id"], t["amount"]) for t in record["transactions"]] == [
+        (i["external_id"], i["amount"]) for i in items]
+    text = json.dumps(record, default=str)
+    assert "acme-" not in text and "rent" not in text
+    # A memo with a control character is refused naming the field (nothing recorded).
+    bad = await client.post("/v1/terminal/transactions", headers=headers(keys["payments"]),
+                            json={**items[0], "external_id": "x-bad-memo", "memo": "a\u001bb"})
+    assert problem(bad, 422, "validation-error")["field"] == "memo"
