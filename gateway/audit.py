@@ -17,6 +17,8 @@ from starlette.requests import Request
 from gateway.auth import Caller
 from gateway.state import state_of
 from stores.audit_chain import CHAIN_API, AuditAppender, AuditChain
+from walletcore.keys import WalletKey
+from walletcore.wallet_ids import wallet_ref
 
 SOURCE_API = "api"
 
@@ -36,6 +38,18 @@ def _appender(request: Request) -> AuditAppender:
         app_state.audit_appender = appender
     assert isinstance(appender, AuditAppender)
     return appender
+
+
+def wallet_ref_of(request: Request, wallet: WalletKey) -> str:
+    """The wallet's keyed pseudonym (the one its workflow id carries), with the id key the
+    process's WalletClient was built with (read once, at the first write)."""
+    app_state = request.app.state
+    key = getattr(app_state, "audit_id_key", None)
+    if key is None:
+        key = state_of(request).settings.platform.id_key()
+        app_state.audit_id_key = key
+    assert isinstance(key, bytes)
+    return wallet_ref(key, wallet)
 
 
 async def audit(request: Request, record: dict[str, Any]) -> int:

@@ -33,10 +33,12 @@ from stores.audit_log import AuditLog, audit_id
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
 from walletcore.phases import Phase
+from walletcore.wallet_ids import wallet_ref
 from walletmig.processes import free_port
 
 CLI_TIMEOUT_S = 120
 APPENDS = 400
+ID_KEY = bytes(range(32))  # a test id key (walletcore.wallet_ids)
 
 
 @pytest.fixture
@@ -47,8 +49,10 @@ def db(mongo_client: Any) -> AsyncDatabase[Any]:
 def credit_record(n: int) -> dict[str, Any]:
     op = AddCredit(wallet=WalletKey(client_id=f"client-{n}", country="USA", currency="USD"),
                    transaction_id=f"t-{n}", amount=Decimal("1.50"))  # fmt: skip
-    return wallet_operation_record(op, source="api", actor="svc-payments", operation="add_credit",
-                                   caller={"key_id": "k1", "owner": "payments"})  # fmt: skip
+    return wallet_operation_record(
+        op, wallet_ref=wallet_ref(ID_KEY, op.wallet), source="api", actor="svc-payments",
+        operation="add_credit", caller={"key_id": "k1", "owner": "payments"},
+    )  # fmt: skip
 
 
 def verify_cli(settings_env: dict[str, str], db: AsyncDatabase[Any]) -> tuple[int, dict[str, Any]]:
@@ -79,7 +83,9 @@ async def test_group_commit_batches_concurrent_appends_without_forking(
     assert batches < APPENDS / 4, f"{batches} transactions for {APPENDS} records"
     stored = await db[AUDIT_RECORDS].find_one({"_id": record_id(CHAIN_API, 1)})
     assert stored is not None and stored["actor"] == "svc-payments"
-    assert "client-" not in json.dumps(stored, default=str)  # the account id, never the client id
+    assert "client-" not in json.dumps(stored, default=str)  # the keyed pseudonym only
+    assert stored["wallet"] == wallet_ref(ID_KEY, WalletKey(client_id="client-0", country="USA",
+                                                             currency="USD"))  # fmt: skip
     code, report = verify_cli(settings_env, db)
     assert code == 0 and report["ok"], report
     assert report["chains"][0]["checked"] == APPENDS
@@ -179,3 +185,15 @@ async def test_cli_money_commands_are_audited_before_they_run(
     assert (record["chain"], record["actor"], record["source"]) == ("cli", "ana", "cli")
     assert "client-cli" not in json.dumps(record, default=str)
     assert (await AuditChain(db).verify()).ok
+
+
+async def test_two_writers_with_stale_cached_heads_never_fork(db: AsyncDatabase[Any]) -> None:
+    """Each AuditChain caches the head it last wrote; another writer moving the head makes the
+    compare-and-swap fail, and the retry re-reads it."""
+    first, second = AuditChain(db), AuditChain(db)
+    for n in range(6):
+        writer = first if n % 2 == 0 else second
+        (stored,) = await writer.append(AUDIT_RECORDS, "two", [credit_record(n)])
+        assert stored["chain_seq"] == n + 1
+    result = await first.verify()
+    assert result.ok and [c.checked for c in result.chains] == [6]

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
-from gateway.audit import SOURCE_API, audit, caller_fields
+from gateway.audit import SOURCE_API, audit, caller_fields, wallet_ref_of
 from gateway.auth import Caller, guard
 from gateway.idempotency import IdempotencyKey, run_idempotent, transaction_id_for
 from gateway.models import (
@@ -144,8 +144,10 @@ async def _write(
     # that never ran records nothing (Stripe's rule).
     validate_operation(op)
     state = state_of(request)
-    record = wallet_operation_record(op, source=SOURCE_API, actor=caller.name,
-                                     operation=spec.operation_id, caller=caller_fields(caller))
+    record = wallet_operation_record(
+        op, wallet_ref=wallet_ref_of(request, op.wallet), source=SOURCE_API, actor=caller.name,
+        operation=spec.operation_id, caller=caller_fields(caller),
+    )  # fmt: skip
 
     async def execute() -> OperationOut:
         await audit(request, record)  # audited before it runs (never run unaudited)

@@ -219,12 +219,16 @@ async def _audited(args: argparse.Namespace, op: AddCredit | SubtractCredit | Vo
     input checks: a refused input records nothing)."""
     from stores.audit_chain import wallet_operation_record
     from walletcore.operations import validate_operation
+    from walletcore.wallet_ids import wallet_ref
     from walletmig.commands.audit import cli_actor, cli_audit
 
     _checked(lambda: validate_operation(op))
-    record = wallet_operation_record(op, source="cli", actor=cli_actor(args.actor),
-                                     operation=f"wallet {args.kind}")  # fmt: skip
-    await cli_audit(Settings.from_env(), record)
+    settings = Settings.from_env()
+    record = wallet_operation_record(
+        op, wallet_ref=wallet_ref(_id_key(settings), op.wallet), source="cli",
+        actor=cli_actor(args.actor), operation=f"wallet {args.kind}",
+    )  # fmt: skip
+    await cli_audit(settings, record)
 
 
 async def _balance(args: argparse.Namespace) -> int:
