@@ -53,6 +53,7 @@ from wallet_support import (
 )
 
 from activities.clearing import build_clearing_activities
+from activities.outbox_drain import RUN_S_DEFAULT
 from messages.migration import ForceAdvanceRequest, MigrationConfig, MigrationStatus
 from observability.exposition import serve_metrics
 from observability.metrics import DEFINED, TEMPORAL_SDK_METRICS
@@ -192,7 +193,6 @@ async def test_worker_metrics_follow_the_operations_sent(
             assert sum(value(moved, "walletmig_migration_phase", migration=dual_scope, phase=p)
                        for p in ("legacy", "dual_write", "shadow_read", "read_cutover",
                                  "tb_primary", "complete")) == 1
-            check_temporal_sdk(await asyncio.to_thread(scrape, sdk_port))
 
             # The live view, once: no such migration workflow, the scope's phase from metrics.
             shown = await watch_once(["migration", "watch", "--name", f"none-{run}"],
@@ -200,6 +200,7 @@ async def test_worker_metrics_follow_the_operations_sent(
             assert "status unavailable" in shown, shown
             assert any(dual_scope in line and "shadow_read" in line
                        for line in shown.splitlines()), shown
+            await wait_temporal_sdk(sdk_port)
         finally:
             stop_workers([worker])
 
@@ -253,6 +254,23 @@ def check_labels(samples: Samples) -> None:
         assert {k for k, _ in labels} - {"le"} == set(DEFINED[base]), (name, labels)
         seen += 1
     assert seen > 0
+
+
+# The outbox's drain activity runs this long per attempt (activities.outbox_drain): the SDK's
+# activity execution latency appears once the first one completes.
+SDK_WAIT_S = RUN_S_DEFAULT + 30
+
+
+async def wait_temporal_sdk(port: int) -> None:
+    deadline = time.monotonic() + SDK_WAIT_S
+    while True:
+        try:
+            check_temporal_sdk(await asyncio.to_thread(scrape, port))
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(1.0)
 
 
 def check_temporal_sdk(samples: Samples) -> None:
