@@ -435,7 +435,12 @@ class AuditAppender:
         self.records = 0  # observability: records committed
 
     def start(self) -> asyncio.Task[None]:
-        """The committing task (the owner cancels it at shutdown)."""
+        """The committing task (the owner cancels it at shutdown). A task that died of a bug is
+        replaced (logged), so waiters are never left without a committer."""
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            log.error("audit appender %s stopped: %r; restarting", self._name,
+                      self._task.exception())  # fmt: skip
+            self._task = None
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name=f"audit-appender-{self._name}")
