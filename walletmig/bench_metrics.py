@@ -194,7 +194,8 @@ async def run_metrics_bench(settings: Settings, config: MetricsBenchConfig) -> M
     before = _counter_sums()
     wallets = config.concurrency  # bench wallet-ops' default: one wallet per caller
     report = await run_bench(settings, BenchConfig(
-        ops=config.ops, concurrency=config.concurrency, rounds=1, metrics="on"))
+        ops=config.ops, concurrency=config.concurrency, rounds=1, metrics="on",
+        modes=("bare", "legacy", "dual_write")))  # mode_costs splits the calls of these two
     after = _counter_sums()
     moved = {k: after[k] - before[k] for k in after}
     # Each mode also warms up one operation per wallet before its timed run.
