@@ -28,7 +28,6 @@ from temporalio.exceptions import CancelledError as TemporalCancelledError
 
 from messages.wallet import (
     ACTIVITY_DRAIN_OUTBOX,
-    ACTIVITY_OUTBOX_PENDING,
     DRAIN_BATCH_MAX,
     OUTBOX_DRAIN_WORKFLOW,
     ApplyTigerBeetleOutput,
@@ -36,8 +35,6 @@ from messages.wallet import (
     DrainOutboxInput,
     DrainOutboxOutput,
     OutboxDrainInput,
-    OutboxPendingInput,
-    OutboxPendingOutput,
 )
 from observability.backlog import backlog_gauges
 from stores.outbox import OUTBOX_SHARDS, Outbox, OutboxRecord
@@ -148,11 +145,6 @@ class OutboxActivities:
         self._outbox = outbox
         self._drainer = OutboxDrainer(outbox, applier)
 
-    @activity.defn(name=ACTIVITY_OUTBOX_PENDING)
-    async def outbox_pending(self, inp: OutboxPendingInput) -> OutboxPendingOutput:
-        """The wallet's records not applied yet (the wallet workflow's check)."""
-        return OutboxPendingOutput(pending=await self._outbox.pending_count(inp.wallet))
-
     @activity.defn(name=ACTIVITY_DRAIN_OUTBOX)
     async def drain_outbox_shard(self, inp: DrainOutboxInput) -> DrainOutboxOutput:
         """Drain the shard for `run_s` (then return: the workflow runs the next attempt), or
@@ -189,4 +181,4 @@ class OutboxActivities:
         return DrainOutboxOutput(applied=applied, passes=passes)
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.outbox_pending, self.drain_outbox_shard]
+        return [self.drain_outbox_shard]

@@ -41,9 +41,7 @@ ACTIVITY_APPLY_TIGERBEETLE = "apply_tigerbeetle"
 ACTIVITY_APPLY_MONGODB = "apply_mongodb_projection"  # tb_primary's reverse projection
 ACTIVITY_READ_BALANCE = "read_balance"
 ACTIVITY_READ_MULTI_BALANCE = "read_multi_balance"
-# The transactional outbox (stores.outbox): the wallet workflow asks how many of its records
-# are still pending (local activity); the shard drainers apply them to TigerBeetle.
-ACTIVITY_OUTBOX_PENDING = "outbox_pending"
+# The transactional outbox (stores.outbox): the shard drainers apply its records to TigerBeetle.
 ACTIVITY_DRAIN_OUTBOX = "drain_outbox_shard"
 OUTBOX_DRAIN_WORKFLOW = "OutboxDrainWorkflow"
 
@@ -187,14 +185,6 @@ class ApplyTigerBeetleOutput(_Frozen):
     outcomes: list[TigerBeetleItemOutcome]
 
 
-class OutboxPendingInput(_Frozen):
-    wallet: WalletKey
-
-
-class OutboxPendingOutput(_Frozen):
-    pending: int = Field(ge=0)
-
-
 class OutboxDrainInput(_Frozen):
     """The input of one shard drainer workflow (workflows.outbox)."""
 
@@ -251,7 +241,7 @@ class WalletState(BaseModel):
     recent: dict[str, RecentResult] = Field(default_factory=dict)  # insertion-ordered, bounded
     next_seq: int = 1
     ops_applied: int = 0  # operations answered (MongoDB applied), all runs
-    tb_applied: int = 0  # backlog items and outbox records seen applied to TigerBeetle, all runs
+    tb_applied: int = 0  # backlog items applied to TigerBeetle, all runs (not the outbox's)
     mongo_applied: int = 0  # reverse-projection items applied to MongoDB, all runs
     # The legacy version after which every MongoDB-answered operation is in this backlog (or
     # applied from it): a wallet not imported yet may be imported at this version, so its
@@ -264,10 +254,9 @@ class WalletState(BaseModel):
     epoch_seen: int | None = None
     scope_seen: str | None = None  # scope of epoch_seen (epochs count per scope)
     runs: int = 1
-    # Operations of this wallet whose TigerBeetle side is in the outbox, not seen applied yet
-    # (the count the last check read, plus those written since), and since when.
-    outbox_unconfirmed: int = 0
-    outbox_since: datetime | None = None
+    # Operations whose TigerBeetle side went to the transactional outbox, all runs (whether
+    # they are applied is the outbox's to say: Outbox.pending_count).
+    outbox_ops: int = 0
 
 
 class WalletWorkflowInput(_Frozen):
@@ -293,7 +282,7 @@ class WalletStatus(_Frozen):
     epoch_seen: int | None
     runs: int
     rotating: bool
-    outbox_unconfirmed: int = 0  # included in backlog_length
+    outbox_ops: int = 0  # not in backlog_length: see WalletState.outbox_ops
 
 
 class WalletWorkflowResult(_Frozen):

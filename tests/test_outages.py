@@ -352,7 +352,8 @@ async def _check_wallet(stores: Stores, client: WalletClient, wallet: WalletKey,
                         acked: list[Op]) -> None:
     """Independent of the platform's report: each acknowledged operation once in MongoDB and
     once in TigerBeetle, nothing else, and both balances equal to the callers' ledger."""
-    status = await wait_drained(client, wallet, timeout_s=DRAIN_TIMEOUT_S)
+    status = await wait_drained(client, wallet, timeout_s=DRAIN_TIMEOUT_S,
+                                outbox=stores.legacy.outbox)
     assert status is None or status.divergence_count == 0, status
     ids = sorted(op.transaction_id for op in acked)
     assert len(set(ids)) == len(ids)

@@ -216,7 +216,7 @@ async def _check_wallet(stores: Stores, client: WalletClient, wallet: WalletKey,
                         answered: list[str]) -> None:
     """Both stores hold every answered operation once, in the same order, and nothing else;
     TigerBeetle's own transfers on the account are exactly their derived ids."""
-    status = await wait_drained(client, wallet, timeout_s=120)
+    status = await wait_drained(client, wallet, timeout_s=120, outbox=stores.legacy.outbox)
     assert status is not None and status.divergence_count == 0, status
     log = await assert_same_sequence(stores, wallet)  # same order, each once
     assert sorted(log) == sorted(answered), wallet  # nothing lost or extra

@@ -74,7 +74,7 @@ def test_histories_present() -> None:
         "legacy_ops", "refused_ops", "dual_write_backlog", "continue_as_new", "idle_close",
         "continue_as_new_commit_timer",
         "tb_primary_switch",
-        # the dual-write outbox (patch outbox-write-path): no backlog, a quiet-period check
+        # the dual-write outbox (patch outbox-write-path): no backlog item, no activity
         "outbox_dual_write",
         # the migration workflow: recorded by test_migration_workflow / test_phase_switch_crash
         "migration_full_path", "migration_switch_crash",
@@ -201,8 +201,8 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
 
 async def _record_outbox(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
     """dual_write through the transactional outbox (patch outbox-write-path): the operations'
-    TigerBeetle side goes with their MongoDB write; the run checks its records once quiet,
-    then idles out."""
+    TigerBeetle side goes with their MongoDB write (no backlog, no activity); the run idles
+    out."""
     await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
     await asyncio.sleep(1.1)  # past the workers' migration state cache
     w = key(unique_id("outbox"), DUAL_PAIR)
@@ -211,7 +211,7 @@ async def _record_outbox(h: WalletHarness, temporal: Client, unique_id: Callable
     await h.client.void(_v(w, "v1", "d1"))
     await h.client.add_credit(_c(w, "c2", "1.00"))
     status = await wait_drained(h.client, w)
-    assert status is not None and status.tb_applied == 4 and status.divergence_count == 0, status
+    assert status is not None and status.outbox_ops == 4 and status.divergence_count == 0, status
     await _wait_completed(temporal, w)
     await _save(temporal, "outbox_dual_write", w, None)
 

@@ -142,7 +142,7 @@ async def _check_wallet(
     """MongoDB holds exactly the answered operations; TigerBeetle holds exactly their derived
     transfers (set equality, read from TigerBeetle itself); the balances agree and equal the
     operations' net."""
-    status = await wait_drained(client, wallet, timeout_s=120)
+    status = await wait_drained(client, wallet, timeout_s=120, outbox=stores.legacy.outbox)
     assert status is not None and status.divergence_count == 0, status
     docs = (
         await stores.db["wallet_transactions"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -29,6 +30,7 @@ from messages.wallet import WalletStatus
 from stores.backfill_imports import ImportStatus
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS
+from stores.outbox import Outbox
 from tb_emulator import server as tb_server
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import ENVIRONMENT, Settings
@@ -137,6 +139,7 @@ async def wallet_harness(
         temporal, task_queue, id_key=settings.id_key(), idle_timeout_s=idle_timeout_s,
         max_ops_per_run=max_ops_per_run,
     )
+    _OUTBOX_OF[client] = stores.legacy.outbox  # wait_drained reads it
     try:
         async with worker:
             yield WalletHarness(stores=stores, client=client, task_queue=task_queue)
@@ -158,15 +161,23 @@ async def save_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
     (HISTORIES / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
+# The transactional outbox of each harness's stores, by its client (see wait_drained).
+_OUTBOX_OF: weakref.WeakKeyDictionary[WalletClient, Outbox] = weakref.WeakKeyDictionary()
+
+
 async def wait_drained(
-    client: WalletClient, wallet: WalletKey, timeout_s: float = 60.0
+    client: WalletClient, wallet: WalletKey, timeout_s: float = 60.0,
+    *, outbox: Outbox | None = None,
 ) -> WalletStatus | None:
-    """Poll the status query until the TigerBeetle backlog is empty (or the run closed)."""
+    """Poll the status query until the TigerBeetle backlog is empty (or the run closed) and
+    the wallet's transactional outbox records are applied (`outbox`, default: the harness's)."""
+    outbox = outbox or _OUTBOX_OF.get(client)
     deadline = time.monotonic() + timeout_s
     status = None
     while time.monotonic() < deadline:
         status = await client.status(wallet)
-        if status is None or status.backlog_length == 0:
+        if (status is None or status.backlog_length == 0) and (
+                outbox is None or await outbox.pending_count(wallet) == 0):
             return status
         await asyncio.sleep(0.1)
     raise AssertionError(f"backlog of {wallet} not drained in {timeout_s} s: {status}")

@@ -46,6 +46,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from activities.wallet import WalletActivities
 from observability.metrics import set_enabled
 from stores.bundle import make_stores
+from stores.outbox import Outbox
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.keys import WalletKey
@@ -253,6 +254,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
     bench_id = uuid.uuid4().hex[:8]
     isolated = settings.model_copy(update={"mongodb_database": f"walletmig_bench_{bench_id}"})
     stores = await make_stores(isolated)
+    _OUTBOX[:] = [stores.legacy.outbox]  # dual_write's drain: the outbox too (H7, issue 18)
     temporal = await connect_temporal(isolated)
     task_queue = f"wallet-bench-{bench_id}"
     activities = WalletActivities(
@@ -427,6 +429,9 @@ async def _warm_up(call: Call, wallets: int) -> None:
     await asyncio.gather(*(call(w, -1 - w) for w in range(wallets)))
 
 
+_OUTBOX: list[Outbox] = []
+
+
 async def _until_applied(client: WalletClient, keys: list[WalletKey]) -> None:
     """Until every wallet's backlog is empty: dual_write's operations are in TigerBeetle,
     tb_primary's in MongoDB (the reverse projection)."""
@@ -436,7 +441,7 @@ async def _until_applied(client: WalletClient, keys: list[WalletKey]) -> None:
         statuses = await asyncio.gather(*(client.status(k) for k in pending))
         pending = [k for k, s in zip(pending, statuses, strict=True)
                    if s is not None and s.backlog_length > 0]
-        if not pending:
+        if not pending and not any([await o.pending_total() for o in _OUTBOX]):
             return
         if time.perf_counter() > deadline:
             raise RuntimeError(f"{len(pending)} backlogs not applied in "

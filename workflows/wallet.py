@@ -40,7 +40,6 @@ with workflow.unsafe.imports_passed_through():
         ACTIVITY_APPLY_MONGODB,
         ACTIVITY_APPLY_PRIMARY,
         ACTIVITY_APPLY_TIGERBEETLE,
-        ACTIVITY_OUTBOX_PENDING,
         DIVERGENCES_KEPT_MAX,
         DRAIN_BATCH_MAX,
         RECENT_RESULTS_MAX,
@@ -54,8 +53,6 @@ with workflow.unsafe.imports_passed_through():
         BacklogDirection,
         BacklogItem,
         Divergence,
-        OutboxPendingInput,
-        OutboxPendingOutput,
         PrimaryOutcome,
         RecentResult,
         WalletCommand,
@@ -101,12 +98,9 @@ TIGERBEETLE_RETRY = RetryPolicy(
 # written with its MongoDB write; the shard drainers (workflows.outbox) apply it. Runs that
 # recorded no marker (every history before it) keep the backlog path.
 PATCH_OUTBOX = "outbox-write-path"
-# The run checks how many of its outbox records are still pending once it has been quiet this
-# long after its last one (then backing off): one timer and one local activity per quiet
-# period, not per operation. Until they are seen applied the status counts them in
-# backlog_length and the run does not close (observers read "drained" from it).
-OUTBOX_CHECK_AFTER = timedelta(seconds=1)
-OUTBOX_CHECK_MAX = timedelta(seconds=10)
+# The run never waits for its outbox records (no timer, no activity per operation): whether
+# they are in TigerBeetle is a fact of the store (Outbox.pending_count), read by whoever needs
+# it: the tb_primary switch below, reconciliation, the gate, the benchmark, the tests.
 # tb_primary waiting for the wallet's outbox records (drain_first): the pause between asks,
 # growing to the max, and how long an update waits before it fails (nothing was written; the
 # client retries within its window).
@@ -131,9 +125,6 @@ class WalletWorkflow:
         self._last_activity_at = workflow.now()
         self._rotating = False  # set once this run decided to continue-as-new
         self._idle_timer: asyncio.Task[None] | None = None
-        self._check_timer: asyncio.Task[None] | None = None  # next outbox check
-        self._check_wait = OUTBOX_CHECK_AFTER
-        self._check_at = workflow.now() + OUTBOX_CHECK_AFTER
 
     # ---- run loop ------------------------------------------------------------------------
 
@@ -145,8 +136,6 @@ class WalletWorkflow:
                 await self._drain_or_rotate()
             elif self._should_continue_as_new():
                 await self._continue_as_new()
-            elif self._check_due():
-                await self._check_outbox()
             elif self._idle():
                 # No await between the check and the return: no update can be accepted in
                 # between. Updates the server admitted meanwhile are failed by the server and
@@ -169,98 +158,27 @@ class WalletWorkflow:
             if self._idle_timer is None or self._idle_timer.done():
                 self._idle_timer = asyncio.create_task(workflow.sleep(remaining))
             timer = self._idle_timer
-            self._arm_check()
             await workflow.wait_condition(
                 lambda: bool(self._state.backlog) or self._should_continue_as_new() or timer.done()
-                or self._check_wanted()
             )
         else:
             # Idle time is up but updates are still running: wait for them to finish (their
             # completion restarts the idle period).
-            self._arm_check()
             await workflow.wait_condition(
                 lambda: (
                     bool(self._state.backlog)
                     or self._should_continue_as_new()
                     or (self._pending == 0 and workflow.all_handlers_finished())
-                    or self._check_wanted()
                 )
             )
 
     def _idle(self) -> bool:
         return (
             not self._state.backlog
-            and self._state.outbox_unconfirmed == 0
             and self._pending == 0
             and workflow.all_handlers_finished()
             and self._idle_remaining() <= timedelta(0)
         )
-
-    # ---- outbox check (runs with records in the outbox only) ------------------------------
-
-    def _quiet(self) -> bool:
-        return self._pending == 0 and workflow.all_handlers_finished()
-
-    def _check_remaining(self) -> timedelta:
-        return max(self._check_at - workflow.now(), timedelta(0))
-
-    def _check_due(self) -> bool:
-        return (self._state.outbox_unconfirmed > 0 and self._quiet()
-                and self._check_remaining() <= timedelta(0))
-
-    def _check_wanted(self) -> bool:
-        """Wake the loop: a check is due, or one must be scheduled (no timer running)."""
-        timer = self._check_timer
-        return (self._state.outbox_unconfirmed > 0 and self._quiet()
-                and (self._check_remaining() <= timedelta(0) or timer is None or timer.done()))
-
-    def _arm_check(self) -> None:
-        """One durable timer at a time, started only while quiet (a busy wallet starts at most
-        one per OUTBOX_CHECK_AFTER)."""
-        if self._state.outbox_unconfirmed == 0 or not self._quiet():
-            return
-        remaining = self._check_remaining()
-        if remaining > timedelta(0) and (self._check_timer is None or self._check_timer.done()):
-            self._check_timer = asyncio.create_task(workflow.sleep(remaining))
-
-    async def _check_outbox(self) -> None:
-        try:
-            out: OutboxPendingOutput = await workflow.execute_local_activity(
-                ACTIVITY_OUTBOX_PENDING,
-                OutboxPendingInput(wallet=self._wallet),
-                result_type=OutboxPendingOutput,
-                start_to_close_timeout=PRIMARY_START_TO_CLOSE,
-                schedule_to_close_timeout=PRIMARY_SCHEDULE_TO_CLOSE,
-                retry_policy=PRIMARY_RETRY,
-            )
-            pending = out.pending
-        except ActivityError as err:
-            workflow.logger.warning("%s: outbox check failed: %s",
-                                    workflow.info().workflow_id, err)
-            pending = self._state.outbox_unconfirmed
-        self._outbox_seen(pending)
-        if pending == 0:
-            self._check_wait = OUTBOX_CHECK_AFTER
-        else:
-            self._check_wait = min(self._check_wait * 2, OUTBOX_CHECK_MAX)
-        self._check_at = workflow.now() + self._check_wait
-        self._publish_details()
-
-    def _outbox_seen(self, pending: int) -> None:
-        """The wallet has `pending` records in the outbox: the others were applied."""
-        state = self._state
-        state.tb_applied += max(state.outbox_unconfirmed - pending, 0)
-        state.outbox_unconfirmed = pending
-        if pending == 0:
-            state.outbox_since = None
-
-    def _outbox_written(self) -> None:
-        state = self._state
-        if state.outbox_unconfirmed == 0:
-            state.outbox_since = workflow.now()
-        state.outbox_unconfirmed += 1
-        self._check_wait = OUTBOX_CHECK_AFTER
-        self._check_at = workflow.now() + OUTBOX_CHECK_AFTER
 
     def _idle_remaining(self) -> timedelta:
         idle = timedelta(seconds=self._input.idle_timeout_s)
@@ -426,7 +344,7 @@ class WalletWorkflow:
             # Its TigerBeetle side was committed with the MongoDB write (stores.outbox): the
             # drainers apply it. Nothing to carry here, only to count until seen applied.
             assert direction == "to_tigerbeetle", "only dual-write operations use the outbox"
-            self._outbox_written()
+            self._state.outbox_ops += 1
         elif direction is not None:
             # Appended even when the answering store says "replayed": a crash may have hit
             # between its write and this point; the other store is idempotent too.
@@ -476,8 +394,6 @@ class WalletWorkflow:
                     )
             outcome = await self._apply_primary(command, self._pending_direction())
             self._observe(outcome)
-        if outcome.phase in (Phase.TB_PRIMARY, Phase.COMPLETE):
-            self._outbox_seen(0)  # the activity saw none pending
         return outcome
 
     def _track_legacy_versions(
@@ -571,14 +487,11 @@ class WalletWorkflow:
     @workflow.query(name=WALLET_QUERY_STATUS)
     def status(self) -> WalletStatus:
         backlog = self._state.backlog
-        unconfirmed = self._state.outbox_unconfirmed
-        oldest = [t for t in (backlog[0].accepted_at if backlog else None,
-                              self._state.outbox_since if unconfirmed else None) if t]
         return WalletStatus(
             wallet=self._wallet,
-            backlog_length=len(backlog) + unconfirmed,
-            outbox_unconfirmed=unconfirmed,
-            oldest_backlog_at=min(oldest) if oldest else None,
+            backlog_length=len(backlog),
+            outbox_ops=self._state.outbox_ops,
+            oldest_backlog_at=backlog[0].accepted_at if backlog else None,
             ops_applied=self._state.ops_applied,
             ops_this_run=self._ops_this_run,
             tb_applied=self._state.tb_applied,
@@ -597,7 +510,7 @@ class WalletWorkflow:
         phase = state.phase_seen.value if state.phase_seen else "-"
         rotating = " · **continuing as new**" if self._rotating else ""
         direction = f" ({state.backlog[0].direction})" if state.backlog else ""
-        outbox = f" · outbox {state.outbox_unconfirmed}" if state.outbox_unconfirmed else ""
+        outbox = f" · via outbox {state.outbox_ops}" if state.outbox_ops else ""
         # The workflow id, not the wallet key: the key carries the client id (issue 12).
         workflow.set_current_details(
             f"**{workflow.info().workflow_id}** · phase `{phase}` (epoch {state.epoch_seen}) · "
