@@ -1,15 +1,19 @@
 """WalletWorkflow: one entity workflow per wallet key, fed by Update-with-Start.
 
 Operations arrive as `apply` updates and run one at a time under a lock: the answering store
-is written by a local activity (MongoDB up to read_cutover, TigerBeetle from tb_primary); the
-same operation is appended to ONE ordered backlog that lives in workflow state, each item
-tagged with where it goes (`to_tigerbeetle` in the dual-write phases, `to_mongodb` as
-tb_primary's reverse projection), and the run loop applies it there in order, retrying without
-limit. The caller never waits for the other store.
+is written by a local activity (MongoDB up to read_cutover, TigerBeetle from tb_primary). In
+the dual-write phases the MongoDB write also commits the operation's record in the
+transactional outbox (stores.outbox; runs with the `outbox-write-path` patch): the shard
+drainers (workflows.outbox) apply it to TigerBeetle, and this run carries nothing for it.
+Otherwise the operation is appended to ONE ordered backlog that lives in workflow state, each
+item tagged with where it goes (`to_tigerbeetle`: dual-writes of runs without the outbox,
+`to_mongodb`: tb_primary's reverse projection), and the run loop applies it there in order,
+retrying without limit. The caller never waits for the other store.
 
-Switching the write path: when the store that would answer is the one the backlog is still
-travelling to, the activity writes nothing (`drain_first`), the update waits for the whole
-backlog to drain and asks again, so both stores apply every operation in the same order.
+Switching the write path: when the store that would answer is the one the backlog (or the
+wallet's outbox records) is still travelling to, the activity writes nothing (`drain_first`),
+the update waits for the backlog to drain (for the outbox: asks again after a growing pause)
+and asks again, so both stores apply every operation in the same order.
 
 Why the backlog is durable: an item is appended in the same workflow task that completes the
 update, so "answered" implies "in history"; it leaves the backlog only after the TigerBeetle
