@@ -353,7 +353,7 @@ class ClearingActivities:
             log.error("batch %s: %d posted transactions could not settle: %s", inp.batch_id,
                       len(settled.refused), dict(list(settled.refused.items())[:5]))
         await self._observe_answered(inp)
-        return FinalizeResult(batch_id=inp.batch_id, settled=settled.settled,
+        return FinalizeResult(batch_id=inp.batch_id, settled=settled.changed,
                               new_entries=new_entries,
                               rejected=len(inp.rejected), chain_seq=chain_seq)
 

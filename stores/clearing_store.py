@@ -105,10 +105,11 @@ class RecordBatch:
 @dataclass
 class SettleResult:
     """What settle_batch did: `settled` of the given ids are settled now (by this call or an
-    earlier one), `refused` id -> state for those that cannot settle, `closed` whether every
-    transaction of the batch is final now."""
+    earlier one; `changed` by this call), `refused` id -> state for those that cannot settle,
+    `closed` whether every transaction of the batch is final now."""
 
     settled: int = 0
+    changed: int = 0
     refused: dict[str, ClearingState | None] = field(default_factory=dict)
     closed: bool = False
 
@@ -364,11 +365,13 @@ class ClearingStore:
             docs = await self._txns.find({"batch_id": batch_id}, {"state": 1}).to_list(None)
             states = {d["_id"]: ClearingState(d["state"]) for d in docs}
             result, to_list, to_move = _settle_plan(wanted, states, listed)
+            moved_n = 0
             if to_move:
                 moved = await self.transition_many(
                     ClearingState.SETTLED, [StateChange(external_id=x) for x in to_move])
                 result.refused.update(moved.refused)
                 result.settled += len(moved.done)
+                moved_n = moved.changed
                 states.update((x, ClearingState.SETTLED) for x in moved.done)
             now_listed = listed | set(to_list)
             result.closed = all(
@@ -381,6 +384,7 @@ class ClearingStore:
             written = await self._batches.update_one(
                 {"_id": batch_id, "parts": batch["parts"]}, update)
             if written.matched_count == 1:
+                result.changed = len(to_list) + moved_n
                 return result
         raise StoreUnavailableError(f"batch {batch_id} kept changing while it settled",
                                     field="batch_id")

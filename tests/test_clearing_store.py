@@ -200,9 +200,10 @@ async def test_settle_batch_lists_settled_without_writing_them(
     await store.transition_many(S.REJECTED, [StateChange(external_id=ids[3], reason="r")])
     counts_before = await store.count_by_state()
     first = await store.settle_batch(batch_id, ids[:2])
-    assert first.settled == 2 and not first.refused and not first.closed  # ids[2] is open
+    assert first.settled == first.changed == 2 and not first.refused
+    assert not first.closed  # ids[2] is open
     again = await store.settle_batch(batch_id, ids[:2])
-    assert again.settled == 2 and not again.closed  # idempotent
+    assert again.settled == 2 and again.changed == 0 and not again.closed  # idempotent
     stored = await db["clearing_transactions"].find_one({"_id": ids[0]})
     assert stored is not None and stored["state"] == "received"  # never written
     record = await store.get(ids[0])
@@ -217,7 +218,8 @@ async def test_settle_batch_lists_settled_without_writing_them(
     assert refused.refused == {ids[0]: S.SETTLED} and refused.changed == 0
     assert await store.transition_batch(batch_id, S.RECEIVED, S.PENDING) == 1  # ids[2] only
     last = await store.settle_batch(batch_id, [ids[2], ids[3]])
-    assert last.settled == 1 and last.refused == {ids[3]: S.REJECTED} and last.closed
+    assert last.settled == last.changed == 1 and last.refused == {ids[3]: S.REJECTED}
+    assert last.closed
     assert batch_id not in {r.batch_id for r in await store.find_by_state(S.RECEIVED, 8189)}
     counts = await store.count_by_state()
     assert counts[S.SETTLED] == counts_before[S.SETTLED] + 3

@@ -20,6 +20,7 @@ their PIDs), over the saturation run.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import uuid
@@ -184,6 +185,7 @@ async def run_bench(settings: Settings, config: ClearingBenchConfig) -> Clearing
     if not servers.sample():
         notes.append("no stack processes recorded under the state dir: server CPU not measured")
     raw_tx_per_s = round(config.transactions / raw_seconds, 1)
+    notes.extend(_bounds(cpu_s, config.transactions))
     return ClearingBenchReport(
         tx_per_s=saturation.tx_per_s, raw_tx_per_s=raw_tx_per_s,
         ratio=round(saturation.tx_per_s / raw_tx_per_s, 4), p50_ms=saturation.p50_ms,
@@ -193,6 +195,19 @@ async def run_bench(settings: Settings, config: ClearingBenchConfig) -> Clearing
                        for name, value in cpu_s.items()},
         batch_size=config.batch_size, concurrency=config.concurrency,
         database=settings.mongodb_database, notes=notes)
+
+
+def _bounds(cpu_s: dict[str, float], transactions: int) -> list[str]:
+    """What each process's CPU per transaction allows at most (one core each; all of them
+    share the host's cores): the smallest is what bounds the terminal."""
+    ceilings = {name: transactions / seconds for name, seconds in cpu_s.items() if seconds > 0}
+    if not ceilings:
+        return []
+    name = min(ceilings, key=lambda n: ceilings[n])
+    total_ms = sum(cpu_s.values()) * 1000 / transactions
+    return [f"{name} CPU bounds the terminal at ~{ceilings[name]:,.0f} tx/s (one core); all "
+            f"processes together spend {total_ms:.2f} ms CPU per transaction "
+            f"(~{(os.cpu_count() or 1) * 1000 / total_ms:,.0f} tx/s on {os.cpu_count()} cores)"]
 
 
 def format_report(r: ClearingBenchReport) -> str:
