@@ -173,10 +173,12 @@ class ClearingStore:
             # New transactions: open again, in case the batch closed during the insert (its
             # compare-and-swap on `parts` loses to this bump when it read before it).
             await self._open_batch(batch_id, now)
-        elif before is not None and not before["open"]:
-            # A pure replay of a closed batch: nothing of it changed, close it again (unless
-            # another intake bumped `parts` since).
-            await self._batches.update_one({"_id": batch_id, "parts": before["parts"] + 1},
+        elif before is None or not before["open"]:
+            # Only replays, into a batch that was closed or new: it owns nothing open (a new one
+            # owns nothing), close it again unless another intake bumped `parts` since. Left
+            # open, such batches would crowd the open ones find_by_state reads.
+            parts = 1 if before is None else before["parts"] + 1
+            await self._batches.update_one({"_id": batch_id, "parts": parts},
                                            {"$set": {"open": False}})
         existing = await self.get_many([txns[i].external_id for i in sorted(taken)])
         result = RecordBatch()

@@ -223,9 +223,13 @@ async def test_settle_batch_lists_settled_without_writing_them(
     assert batch_id not in {r.batch_id for r in await store.find_by_state(S.RECEIVED, 8189)}
     counts = await store.count_by_state()
     assert counts[S.SETTLED] == counts_before[S.SETTLED] + 3
-    # A pure replay leaves the batch closed; a late new transaction opens it again.
+    # A pure replay leaves the batch closed (and a batch of replays only is closed at once);
+    # a late new transaction opens it again.
     await store.record_many(txns[:1], batch_id)
     assert (await db["clearing_batches"].find_one({"_id": batch_id}) or {})["open"] is False
+    replays = unique_id("batch")
+    assert (await store.record_many(txns[:2], replays)).records[0].batch_id == batch_id
+    assert (await db["clearing_batches"].find_one({"_id": replays}) or {})["open"] is False
     late = make()
     await store.record_many([late], batch_id)
     assert [r.external_id for r in await store.find_by_state(S.RECEIVED, 8189)
