@@ -9,7 +9,8 @@ request passes and a warning is logged; the default for reads).
 
 Units taken in batches (fixed window only): a Redis round trip per request cost ~15 % of the
 API's CPU on the read path, so a process takes `batch` units of a (key, class) budget at once
-(one `INCRBY`+`EXPIRE` script call of the `limits` storage) and spends them locally. A batch is
+(one `INCRBY`+`EXPIRE` script call of the `limits` storage) and spends them locally; requests
+that find the batch empty together share one refill. A batch is
 1 % of the limit (at most BATCH_MAX, at least 1: a limit under 200 per window is counted unit
 by unit, exactly as before) and is dropped one window after it was taken. What that changes,
 with P gateway processes serving one key:
@@ -23,6 +24,8 @@ The moving window stays exact (one Redis call per request).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import time
@@ -43,6 +46,7 @@ REDIS_TIMEOUT_S = 1.0  # a limiter that waits longer than this is treated as dow
 KEY_PREFIX = "walletmig-api-rl"
 BATCH_FRACTION = 0.01  # of the limit, per Redis round trip (see the module docstring)
 BATCH_MAX = 64
+REFILL_ROUNDS_MAX = 4  # then unit by unit: a request never waits on others' refills forever
 LOCAL_ENTRIES_MAX = 10_000  # (key, class) batches held; cleared when full (refilled from Redis)
 
 
@@ -54,6 +58,9 @@ class ClassPolicy:
     @property
     def batch(self) -> int:
         return max(1, min(BATCH_MAX, int(self.item.amount * BATCH_FRACTION)))
+
+
+_Slot = tuple[str, OperationClass]  # (API key id, class): one budget
 
 
 @dataclass
@@ -84,7 +91,8 @@ class GatewayRateLimiter:
             FixedWindowRateLimiter(storage) if self._batched else MovingWindowRateLimiter(storage)
         )
         self._policies = policies
-        self._batches: dict[tuple[str, OperationClass], _Batch] = {}
+        self._batches: dict[_Slot, _Batch] = {}
+        self._refills: dict[_Slot, asyncio.Future[int]] = {}
         self.failures = 0  # observability: checks Redis could not answer
 
     @classmethod
@@ -103,12 +111,13 @@ class GatewayRateLimiter:
     async def enforce(self, key_id: str, op_class: OperationClass) -> None:
         """Take one unit of the key's budget for the class, or raise 429 (or 503)."""
         policy = self._policies[op_class]
-        if self._batched and self._spend_local(key_id, op_class):
+        slot = (key_id, op_class)
+        if self._batched and self._spend_local(slot):
             return
         # Bounded by the pool's socket timeouts (no asyncio.wait_for: a task per request cost
         # measurable CPU on the read path).
         try:
-            if await self._take(policy, key_id, op_class):
+            if await self._take(policy, slot):
                 return
             stats = await self._limiter.get_window_stats(policy.item, key_id, op_class.value)
         except Exception as exc:  # the storage's errors (wrapped) and timeouts alike
@@ -121,31 +130,53 @@ class GatewayRateLimiter:
             ) from None
         raise self._over_limit(policy.item, stats.reset_time, stats.remaining, op_class)
 
-    def _spend_local(self, key_id: str, op_class: OperationClass) -> bool:
-        batch = self._batches.get((key_id, op_class))
+    def _spend_local(self, slot: _Slot) -> bool:
+        batch = self._batches.get(slot)
         if batch is None or batch.left <= 0 or batch.until <= time.monotonic():
             return False
         batch.left -= 1
         return True
 
-    async def _take(self, policy: ClassPolicy, key_id: str, op_class: OperationClass) -> bool:
-        """One unit for this request (and, fixed window, the rest of a batch for the next)."""
-        if not self._batched or policy.batch == 1:
-            return await self._limiter.hit(policy.item, key_id, op_class.value)
+    async def _take(self, policy: ClassPolicy, slot: _Slot) -> bool:
+        """One unit for this request: from a batch (fixed window), else unit by unit."""
+        key_id, op_class = slot
+        if self._batched and policy.batch > 1:
+            # Requests that find the batch empty together share one refill (one Redis call,
+            # not one each); a request the refill left without a unit waits for the next.
+            for _ in range(REFILL_ROUNDS_MAX):
+                refill = self._refills.get(slot)
+                if refill is None:
+                    refill = asyncio.ensure_future(self._refill(policy, slot))
+                    self._refills[slot] = refill
+                    refill.add_done_callback(functools.partial(self._refilled, slot))
+                if await asyncio.shield(refill) == 0:
+                    return False  # the window is spent
+                if self._spend_local(slot):
+                    return True
+        # Unit by unit on the same counter (limits < 200 per window, moving window, or a
+        # request that lost every refill round to others).
+        return await self._limiter.hit(policy.item, key_id, op_class.value)
+
+    async def _refill(self, policy: ClassPolicy, slot: _Slot) -> int:
+        """Take up to a batch of units from Redis into the slot's local batch; how many."""
         item, want = policy.item, policy.batch
         # The limits library's own counter (same key and expiry as FixedWindowRateLimiter.hit),
         # so get_window_stats and the 429 headers read it as before.
-        count = await self._storage.incr(item.key_for(key_id, op_class.value), item.get_expiry(),
-                                         amount=want)  # fmt: skip
+        count = await self._storage.incr(item.key_for(slot[0], slot[1].value),
+                                         item.get_expiry(), amount=want)  # fmt: skip
         granted = max(0, min(want, item.amount - (count - want)))
-        if granted == 0:
-            return False
         assert count - want + granted <= item.amount, "never more than the limit per window"
-        if len(self._batches) >= LOCAL_ENTRIES_MAX:
-            self._batches.clear()  # bounded; unspent units are lost (under-admission only)
-        until = time.monotonic() + item.get_expiry()
-        self._batches[key_id, op_class] = _Batch(left=granted - 1, until=until)
-        return True
+        if granted > 0:
+            if len(self._batches) >= LOCAL_ENTRIES_MAX:
+                self._batches.clear()  # bounded; unspent units are lost (under-admission)
+            # Replaces an empty or expired batch (refills run only then, one at a time).
+            self._batches[slot] = _Batch(left=granted, until=time.monotonic() + item.get_expiry())
+        return granted
+
+    def _refilled(self, slot: _Slot, done: asyncio.Future[int]) -> None:
+        self._refills.pop(slot, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every waiter may have been cancelled
 
     @staticmethod
     def _over_limit(

@@ -635,3 +635,13 @@ async def test_rate_limiter_batches_hold_the_limit_across_processes(
     assert admitted == 400 and len(refused) == 200
     assert refused[0].problem.status == 429
     assert refused[0].headers["RateLimit-Limit"] == "400"
+    # Concurrent requests that find the batch empty share refills (not one Redis batch each).
+    together, other_key = limiter("400/minute"), f"k-{uuid.uuid4().hex[:12]}"
+    try:
+        await asyncio.gather(*(together.enforce(other_key, OperationClass.READ)
+                               for _ in range(40)))  # fmt: skip
+        stats = await together._limiter.get_window_stats(
+            together.policy(OperationClass.READ).item, other_key, OperationClass.READ.value)
+    finally:
+        await together.close()
+    assert 400 - stats.remaining <= 40 + 4, "40 requests took at most one batch too many"
