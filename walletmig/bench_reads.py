@@ -305,7 +305,8 @@ def print_report(report: ReadsReport, console: Console | None = None) -> None:
                             f"{report.config.reads} reads each")
         for column in ("path", "reads/s", "p50 ms", "p95 ms", "p99 ms", "CPU ms/read this",
                        *(f"{n} CPU ms/read" for n in names)):
-            table.add_column(column, justify="left" if column == "path" else "right")
+            path = column == "path"
+            table.add_column(column, justify="left" if path else "right", no_wrap=path)
         for m in (m for m in report.medians if m.readers == readers):
             table.add_row(m.path, f"{m.reads_per_s:.0f}", f"{m.p50_ms:.2f}", f"{m.p95_ms:.2f}",
                           f"{m.p99_ms:.2f}", f"{m.cpu_ms_per_read:.3f}",
