@@ -14,10 +14,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from gateway.auth import bearer
 from gateway.idempotency import REPLAY_HEADER
 from gateway.operations import MIGRATION_CONTROL, OPERATIONS, OperationSpec
 from gateway.problems import PROBLEM_MEDIA_TYPE, Problem
 
+SECURITY_SCHEME = "ApiKey"  # bearer.scheme_name
 TITLE = "walletmig API"
 VERSION = "1.0.0"
 DESCRIPTION = (
@@ -68,7 +70,13 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         title=TITLE, version=VERSION, openapi_version="3.1.0", description=DESCRIPTION,
         routes=app.routes,
     )  # fmt: skip
-    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    components = schema.setdefault("components", {})
+    # gateway.auth.guard reads the bearer token itself (no HTTPBearer dependency): its scheme
+    # is declared here, on every guarded operation (_complete).
+    components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = bearer.model.model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
+    schemas = components.setdefault("schemas", {})
     problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(problem.pop("$defs", {}))
     schemas["Problem"] = problem
@@ -84,6 +92,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def _complete(operation: dict[str, Any], spec: OperationSpec) -> None:
+    operation["security"] = [{SECURITY_SCHEME: []}]
     operation["x-required-scope"] = spec.scope.value
     operation["x-rate-limit-class"] = spec.op_class.value
     responses: dict[str, Any] = operation.setdefault("responses", {})
