@@ -37,15 +37,17 @@ from messages.wallet import (
     OutboxDrainInput,
 )
 from observability.backlog import backlog_gauges
-from stores.outbox import OUTBOX_SHARDS, Outbox, OutboxRecord
-from walletcore.errors import WalletError
+from stores.outbox import OUTBOX_SHARDS, PAGE_MAX, Outbox, OutboxRecord
 from walletcore.keys import WalletKey
 
 log = logging.getLogger(__name__)
 
 WALLETS_IN_FLIGHT = 16  # wallets of one pass applied at once (each wallet in its own order)
-IDLE_POLL_MIN_S = 0.02  # the first pause once the shard is empty: a new record waits ~this
-IDLE_POLL_MAX_S = 0.25  # the pause grows to this while nothing comes (4 queries/s per shard)
+# The pause after a pass that found less than a page: records gather into the next pass's
+# batch (polling right away cost MongoDB several queries per operation at one caller), and a
+# new record waits about this long. It grows to the max while nothing comes (2 polls/s/shard).
+IDLE_POLL_MIN_S = 0.05
+IDLE_POLL_MAX_S = 0.5
 ERROR_PAUSE_S = 1.0  # after an outage (TigerBeetle or MongoDB unreachable): try again
 ENSURE_EVERY_S = 30.0  # a process re-checks that a shard's drainer runs at most this often
 RUN_S_DEFAULT = 60.0  # one activity attempt drains this long, then the workflow runs another
@@ -161,21 +163,22 @@ class OutboxActivities:
         try:
             while time.monotonic() < deadline and not shutdown.done():
                 activity.heartbeat(applied)
+                pause = IDLE_POLL_MIN_S
                 try:
                     n = await self._drainer.drain_pass(inp.shard, _beat)
-                except (WalletError, OSError, ConnectionError, TimeoutError) as err:
-                    log.warning("outbox shard %d: pass failed, retrying: %s", inp.shard, err)
-                    n, idle_s = 0, ERROR_PAUSE_S
-                except Exception as err:  # pymongo errors and the like: the same
+                except Exception as err:  # an outage (TigerBeetle, MongoDB): pause, try again
                     log.warning("outbox shard %d: pass failed, retrying: %r", inp.shard, err)
-                    n, idle_s = 0, ERROR_PAUSE_S
+                    n, pause = 0, ERROR_PAUSE_S
                 passes += 1
                 applied += n
-                if n:
+                if n >= PAGE_MAX:
+                    continue  # a full page: more are waiting
+                if n == 0 and pause < ERROR_PAUSE_S:
+                    pause = idle_s
+                    idle_s = min(idle_s * 2, IDLE_POLL_MAX_S)
+                else:
                     idle_s = IDLE_POLL_MIN_S
-                    continue
-                await asyncio.wait([shutdown], timeout=idle_s)
-                idle_s = min(idle_s * 2, IDLE_POLL_MAX_S)
+                await asyncio.wait([shutdown], timeout=pause)
         finally:
             shutdown.cancel()
         return DrainOutboxOutput(applied=applied, passes=passes)

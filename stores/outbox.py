@@ -48,8 +48,9 @@ OUTBOX_SHARDS = 4
 PENDING = "pending"
 APPLIED = "applied"
 PAGE_MAX = 2048  # records one drainer pass reads (bounded memory and pass time)
-PENDING_INDEX = "pending_by_shard"  # (state, shard, wallet, wallet_version): a pass's page
-WALLET_INDEX = "pending_by_wallet"  # (wallet, state): one wallet's pending count
+# (state, shard, wallet, wallet_version): a pass's page, and one wallet's pending records (its
+# shard is known). The only secondary index: every insert and mark maintains it.
+PENDING_INDEX = "pending_by_shard"
 
 Document = dict[str, Any]
 
@@ -136,7 +137,6 @@ class Outbox:
         await self.collection.create_indexes([
             IndexModel([("state", ASCENDING), ("shard", ASCENDING), ("wallet", ASCENDING),
                         ("wallet_version", ASCENDING)], name=PENDING_INDEX),
-            IndexModel([("wallet", ASCENDING), ("state", ASCENDING)], name=WALLET_INDEX),
         ])
 
     async def insert_in(self, session: AsyncClientSession, doc: Document) -> None:
@@ -182,8 +182,9 @@ class Outbox:
                 for txn, (kind, message) in refused.items()])
 
     async def pending_count(self, wallet: WalletKey) -> int:
+        canonical = wallet.canonical
         return await self.collection.count_documents(
-            {"wallet": wallet.canonical, "state": PENDING})
+            {"state": PENDING, "shard": outbox_shard(canonical), "wallet": canonical})
 
     async def pending_of(self, transaction_ids: Sequence[str]) -> set[str]:
         """Which of `transaction_ids` have a pending record."""
