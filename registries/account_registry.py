@@ -41,7 +41,7 @@ from mongobase.mongo import (
 from mongobase.queries import find_in, find_keys
 from registries.cache import CACHE_KEY_PREFIX, JsonCache
 from walletcore.errors import ConflictError, InvalidInputError
-from walletcore.ids import NONCE_MAX, U128_MAX, account_id
+from walletcore.ids import NONCE_MAX, U128_MAX, account_id, wallet_log_name
 from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LEDGER_MAX, LedgerTable
 
@@ -113,7 +113,8 @@ class AccountRegistry:
             try:
                 record = AccountRecord.model_validate_json(cached)
             except ValidationError as exc:  # never trust a mangled entry: drop it, read Mongo
-                log.warning("discarding unreadable cache entry for %s: %s", canonical, exc)
+                log.warning("discarding unreadable cache entry for %s: %s", wallet_log_name(wallet),
+                            type(exc).__name__)
                 await self._cache.delete(canonical)
             else:
                 if record.wallet.canonical == canonical:
@@ -179,9 +180,9 @@ class AccountRegistry:
                 if holder is not None and holder["_id"] != canonical:
                     log.warning(
                         "account id collision: %s nonce %d is held by %s; trying nonce %d",
-                        canonical,
+                        wallet_log_name(wallet),
                         nonce,
-                        holder["_id"],
+                        wallet_log_name(WalletKey.from_canonical(holder["_id"])),
                         nonce + 1,
                     )
                     nonce += 1

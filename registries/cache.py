@@ -79,19 +79,19 @@ class JsonCache:
             async with asyncio.timeout(self._timeout_s):
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
-            self._degraded(action, name, exc)
+            self._degraded(action, exc)
             return None
 
-    def _degraded(self, action: str, name: str, exc: Exception) -> None:
+    def _degraded(self, action: str, exc: Exception) -> None:
         self.failures += 1
         now = time.monotonic()
         self._bypass_until = now + self._bypass_s
         if now - self._warned_at >= WARN_INTERVAL_S:
             self._warned_at = now
             log.warning(
-                "registry cache %s %s failed, reading MongoDB instead (%d failures so far): %r",
+                # The entry's name is left out: it holds a wallet key (a client id).
+                "registry cache %s failed, reading MongoDB instead (%d failures so far): %r",
                 action,
-                self.key(name),
                 self.failures,
                 exc,
             )

@@ -38,6 +38,7 @@ from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, Rea
 from walletcore.balances import WalletBalance
 from walletcore.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from walletcore.errors import NotFoundError, StoreUnavailableError
+from walletcore.ids import wallet_log_name
 from walletcore.keys import WalletKey
 from walletcore.operations import HistoryEntry
 from walletcore.phases import MigrationState, Phase
@@ -190,7 +191,7 @@ class ReadRouter:
         try:
             outcome, tb_ms, detail = await self._compare_once(wallet, mongo)
         except Exception as exc:  # a comparison must never surface to anyone
-            log.exception("shadow comparison of %s failed", wallet)
+            log.exception("shadow comparison of %s failed", wallet_log_name(wallet))
             outcome, tb_ms, detail = ReadOutcome.TB_ERROR, None, f"compare: {exc}"[:300]
         assert self._metrics is not None, "shadow comparisons run only with a metrics store"
         self._metrics.record(ReadObservation(
@@ -277,7 +278,8 @@ class ReadRouter:
             return answer
         except Exception as exc:
             self._breaker_result(ok=False)
-            log.warning("TigerBeetle read of %s failed (%s): MongoDB answers", wallet, exc)
+            log.warning("TigerBeetle read of %s failed (%s): MongoDB answers",
+                        wallet_log_name(wallet), exc)
             answer = await self._legacy.get_balance(wallet)
             self._record(scope, mode, ReadOutcome.FALLBACK_ERROR, wallet,
                          detail=f"{type(exc).__name__}: {exc}"[:300])

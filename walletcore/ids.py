@@ -30,6 +30,12 @@ def account_id(key: WalletKey, nonce: int = 0) -> int:
     return hash_u128(f"account:{key.canonical}{suffix}")
 
 
+def wallet_log_name(key: WalletKey) -> str:
+    """How logs and errors outside payloads name a wallet: its (nonce-0) account id, never the
+    client id (issue 12: no customer identifier in the clear outside encrypted payloads)."""
+    return f"account {account_id(key):032x}"
+
+
 def system_account_id(ledger: int, account: SystemAccount) -> int:
     return hash_u128(f"system:{ledger}:{account.name}")
 
