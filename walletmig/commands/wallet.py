@@ -290,8 +290,19 @@ async def _backlog(args: argparse.Namespace) -> int:
     ]
     lines += [f"  {b.wallet}  {b.length} {b.direction or '-'}  oldest {b.age_s:.1f} s"
               for b in report.oldest]
+    if not args.json:  # dual-write's TigerBeetle side waits in the outbox, not in workflows (H7)
+        lines.append(await _outbox_line())
     _print(args, report, "\n".join(lines))
     return 0
+
+
+async def _outbox_line() -> str:
+    from stores.bundle import open_stores
+
+    async with open_stores(Settings.from_env(), ensure_indexes=False) as stores:
+        total, wallets, oldest = await stores.legacy.outbox.pending_summary()
+    since = f", oldest written {oldest:%Y-%m-%d %H:%M:%S} UTC" if oldest else ""
+    return f"outbox (dual-write, to TigerBeetle): {total} operations in {wallets} wallets{since}"
 
 
 async def _direct(read: Any) -> Any:
