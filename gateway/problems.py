@@ -198,11 +198,11 @@ def install_problem_handlers(app: FastAPI, dependency_errors: Sequence[type[Exce
         name = dependency_of(exc)
         if name is None:
             return await on_unexpected(request, exc)
-        log.warning("%s %s: %s unavailable: %r", request.method, request.url.path, name, exc)
+        log.warning("%s %s: %s unavailable: %r", request.method, _route_of(request), name, exc)
         return dependency_unavailable(name, type(exc).__name__).response(request.url.path)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        log.error("%s %s failed", request.method, _route_of(request), exc_info=exc)
         return ProblemError(
             500, "internal-error", "Internal error", "the request failed unexpectedly"
         ).response(request.url.path)
@@ -268,3 +268,10 @@ def http_problem(exc: StarletteHTTPException) -> ProblemError:
     slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
     detail = exc.detail if isinstance(exc.detail, str) else title
     return ProblemError(exc.status_code, slug, title, detail, headers=exc.headers)
+
+
+def _route_of(request: Request) -> str:
+    """The route template for log lines: a path's values can hold client ids (issue 12); the
+    access log masks them (middleware.masked_path), these lines name the route only."""
+    template = getattr(request.scope.get("route"), "path_format", None)
+    return str(template) if template is not None else "<unmatched route>"
