@@ -47,6 +47,7 @@ IN_CHUNK_MAX = 64  # large `$in` lists are quadratic on the embedded server; chu
 SERVER_SELECTION_TIMEOUT_MS_DEFAULT = 5_000
 CONNECT_TIMEOUT_MS_DEFAULT = 5_000  # pymongo's own default is 20 s
 WRITE_CONFLICT_CODE = 112
+INTERNAL_ERROR_CODE = 1  # see CommitConflictError
 DUPLICATE_KEY_CODE = 11000
 
 # Bounded optimistic-concurrency retries: attempts and a capped, fully jittered backoff.
@@ -192,10 +193,22 @@ def bson_to_int(value: object) -> int:
 # ---- transaction retry policy ----------------------------------------------------------------
 
 
+class CommitConflictError(PyMongoError):
+    """The server answered the commit with InternalError (code 1): SecantusDB's storage engine
+    found a conflict between concurrent transactions at commit ("transaction requires
+    rollback") and rolled the transaction back, without the TransientTransactionError label a
+    MongoDB server would add. Seen under load in `bench clearing` (it failed a batch's settle for
+    good) and in the demo's live writes. Retrying is safe: nothing was written, and every
+    transaction here re-reads its state on the next attempt (replay, conflict, apply)."""
+
+
 def is_retryable_txn_error(exc: PyMongoError) -> bool:
-    """Write conflicts, transient transaction errors and duplicate keys raced by a concurrent
-    writer: a fresh attempt re-reads the state and decides again (replay, conflict, apply)."""
+    """Write conflicts, transient transaction errors, commit conflicts and duplicate keys raced
+    by a concurrent writer: a fresh attempt re-reads the state and decides again (replay,
+    conflict, apply)."""
     if exc.has_error_label("TransientTransactionError"):
+        return True
+    if isinstance(exc, CommitConflictError):
         return True
     if isinstance(exc, DuplicateKeyError):
         return True
@@ -246,6 +259,8 @@ async def commit(session: AsyncClientSession) -> None:
             await session.commit_transaction()
             return
         except PyMongoError as exc:
+            if isinstance(exc, OperationFailure) and exc.code == INTERNAL_ERROR_CODE:
+                raise CommitConflictError(str(exc)) from exc
             unknown = exc.has_error_label("UnknownTransactionCommitResult")
             if not unknown or attempt + 1 == COMMIT_ATTEMPTS_MAX:
                 raise

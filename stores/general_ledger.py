@@ -35,7 +35,7 @@ from pymongo import ASCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from messages.clearing import SyncCursor
 from mongobase.mongo import (
@@ -131,15 +131,6 @@ class _EntriesExist(Exception):
     """A posting transaction met entry ids that are in the ledger already."""
 
 
-class _CommitConflict(Exception):
-    """SecantusDB answered the commit with InternalError (code 1): WiredTiger found a conflict
-    between concurrent operations at commit ("transaction requires rollback") and rolled the
-    transaction back, but the error carries no TransientTransactionError label. Seen under load
-    in `bench clearing` (it failed a batch's settle for good). Retrying is safe: nothing was
-    written, and if it were, the next attempt finds the entries (content-checked) and skips."""
-
-
-INTERNAL_ERROR_CODE = 1
 
 
 class GeneralLedger:
@@ -255,8 +246,6 @@ class GeneralLedger:
                 result.existing.extend(known)
                 pending = [e for e in pending if e.entry_id not in known]
                 continue  # no backoff: the next attempt writes less
-            except _CommitConflict as exc:
-                log.warning("ledger commit refused by a storage conflict, retrying: %s", exc)
             except PyMongoError as exc:
                 if not is_retryable_txn_error(exc):
                     raise _store_error(exc) from exc
@@ -302,12 +291,7 @@ class GeneralLedger:
                 await self._apply_balances(session, entries)
             if cursor_timestamp is not None:
                 await self._advance_cursor(session, cursor_timestamp)
-            try:
-                await commit(session)
-            except OperationFailure as exc:
-                if exc.code == INTERNAL_ERROR_CODE:
-                    raise _CommitConflict(str(exc)) from exc
-                raise
+            await commit(session)  # a commit conflict is retryable (mongobase)
         except BaseException:
             await abort_quietly(session)
             raise
