@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,12 +20,18 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 from pymongo.uri_parser import parse_uri
 
 from mongobase import cancel_safe
 from walletcore.currencies import precision_of
-from walletcore.errors import ConflictError
+from walletcore.errors import ConflictError, StoreUnavailableError
 from walletcore.money import from_minor
 from walletcore.tb_limits import TB_EVENTS_MAX
 
@@ -188,6 +195,17 @@ def bson_to_int(value: object) -> int:
     if isinstance(value, str) and value.isdigit():
         return int(value)
     raise ConflictError(f"stored value {value!r} is not an integer")
+
+
+@contextlib.contextmanager
+def mongodb_outage_as_unavailable() -> Iterator[None]:
+    """Where a store's caller is a client library's user: MongoDB unreachable (no server, a
+    dropped connection, a network timeout) is the retryable StoreUnavailableError naming
+    MongoDB, like every other store answers, never a raw pymongo error."""
+    try:
+        yield
+    except ConnectionFailure as exc:
+        raise StoreUnavailableError(f"MongoDB: {exc}", field=None) from exc
 
 
 # ---- transaction retry policy ----------------------------------------------------------------

@@ -38,6 +38,7 @@ from messages.clearing import (
     TransactionOutcome,
 )
 from messages.clearing_pipeline import batch_workflow_id
+from mongobase.mongo import mongodb_outage_as_unavailable
 from stores.clearing_store import FIND_LIMIT_MAX, ClearingStore
 from stores.general_ledger import GeneralLedger
 from walletcore.clearing import (
@@ -100,6 +101,12 @@ class ClearingClient:
         valid, refused = self._validated(txns)
         if not valid:
             return IntakeResult(batch_id=batch_id, refused=refused)
+        with mongodb_outage_as_unavailable():
+            return await self._record_and_start(valid, refused, batch_id)
+
+    async def _record_and_start(
+        self, valid: list[ExternalTransaction], refused: list[RefusedItem], batch_id: str,
+    ) -> IntakeResult:
         recorded = await self._clearing.record_many(valid, batch_id)
         refused.extend(
             RefusedItem(external_id=x, error=err.type_name, field=err.field,
@@ -207,6 +214,10 @@ class ClearingClient:
 
     async def statuses(self, external_ids: Sequence[str]) -> dict[str, TransactionOutcome]:
         """Outcomes of the recorded ids among `external_ids` (unknown ids are absent)."""
+        with mongodb_outage_as_unavailable():
+            return await self._statuses(external_ids)
+
+    async def _statuses(self, external_ids: Sequence[str]) -> dict[str, TransactionOutcome]:
         records = await self._clearing.get_many(list(external_ids))
         open_ids = [x for x, r in records.items() if r.state not in FINAL_STATES]
         entries: set[str] = set()
