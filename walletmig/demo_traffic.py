@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from stores.bundle import Stores
+from stores.outbox import Outbox
 from stores.read_metrics import percentile
 from walletclient.read_path import PendingOps, ReadRouter
 from walletclient.wallet_client import WalletClient
@@ -218,17 +219,20 @@ async def reader(router: ReadRouter, wallets: list[WalletKey], ledger: Ledger,
         await asyncio.sleep(0.005)
 
 
-def backlog_of(client: WalletClient) -> PendingOps:
-    """Operations still in a wallet's backlog (its workflow's status query): a shadow
-    difference they explain is in flight, not a mismatch. Unknown counts as none."""
+def backlog_of(client: WalletClient, outbox: Outbox) -> PendingOps:
+    """Operations still on their way to the other store: the wallet workflow's backlog (its
+    status query; tb_primary's reverse projection) plus the wallet's pending dual-write outbox
+    records. A shadow difference they explain is in flight, not a mismatch. Unknown counts as
+    none."""
 
     async def pending(wallet: WalletKey) -> int:
         try:
             handle = client.temporal.get_workflow_handle(client.workflow_id(wallet))
             status = await handle.query(WalletWorkflow.status)
+            backlog = int(status.backlog_length)
         except Exception:
-            return 0
-        return int(status.backlog_length)
+            backlog = 0
+        return backlog + await outbox.pending_count(wallet)
 
     return pending
 
