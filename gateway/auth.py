@@ -126,23 +126,30 @@ def bearer_token(request: Request) -> str | None:
     return credential
 
 
+async def authorize(request: Request, spec: OperationSpec) -> Caller:
+    """Authenticate the request's key (401), check `spec`'s scope (403), take a rate-limit
+    unit (429); record the caller for the request log. A plain call: `guard` wraps it as a
+    dependency, and a lean route (gateway.routers.wallets.BalanceRoute) calls it directly."""
+    from gateway.state import state_of  # the state module imports this one
+
+    state = state_of(request)
+    caller = await state.authenticator.authenticate(bearer_token(request))
+    request.state.caller = caller
+    request.state.operation_id = spec.operation_id
+    if spec.scope.value not in caller.scopes:
+        raise ProblemError(
+            403, "forbidden", "Forbidden",
+            f"the API key lacks the scope {spec.scope.value!r} that "
+            f"{spec.operation_id} needs",
+        )  # fmt: skip
+    await state.limiter.enforce(caller.key_id, spec.op_class)
+    return caller
+
+
 def guard(spec: OperationSpec) -> Any:
     """The dependency of a route serving `spec`: returns the Caller."""
 
     async def check(request: Request) -> Caller:
-        from gateway.state import state_of  # the state module imports this one
-
-        state = state_of(request)
-        caller = await state.authenticator.authenticate(bearer_token(request))
-        request.state.caller = caller
-        request.state.operation_id = spec.operation_id
-        if spec.scope.value not in caller.scopes:
-            raise ProblemError(
-                403, "forbidden", "Forbidden",
-                f"the API key lacks the scope {spec.scope.value!r} that "
-                f"{spec.operation_id} needs",
-            )  # fmt: skip
-        await state.limiter.enforce(caller.key_id, spec.op_class)
-        return caller
+        return await authorize(request, spec)
 
     return Depends(check)

@@ -7,13 +7,17 @@ Writes need `wallets:write` and an Idempotency-Key; reads need `wallets:read`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import Response
 
 from gateway.audit import SOURCE_API, audit, caller_fields, wallet_ref_of
-from gateway.auth import Caller, guard
+from gateway.auth import Caller, authorize, guard
 from gateway.idempotency import IdempotencyKey, run_idempotent, transaction_id_for
 from gateway.models import (
     HISTORY_PAGE_MAX,
@@ -170,16 +174,63 @@ async def _apply(state: GatewayState, op: WalletOperation) -> OperationOut:
     return OperationOut.of(result)
 
 
-@router.get(
-    "/wallets/{client_id}/{country}/{currency}/balance", operation_id=GET_BALANCE.operation_id,
-    response_model=BalanceOut, summary="A wallet's balance",
-)  # fmt: skip
 async def get_balance(
     request: Request, client_id: ClientId, country: Country, currency: Currency,
     caller: Annotated[Caller, guard(GET_BALANCE)], issuer_type: IssuerType = None,
 ) -> BalanceOut:  # fmt: skip
+    # The OpenAPI signature of get_balance (no docstring: it would become the description);
+    # BalanceRoute serves requests with serve_balance, which must stay equivalent.
     wallet = _wallet(client_id, country, currency, issuer_type)
     return BalanceOut.of(await state_of(request).reader.get_balance(wallet))
+
+
+class _BalanceParams(BaseModel):
+    """get_balance's path and query parameters with the constraints FastAPI's Path/Query
+    declare above (no whitespace stripping, as FastAPI validates them)."""
+
+    client_id: str = Field(**_key_constraints("client_id"))
+    country: str = Field(**_key_constraints("country"))
+    currency: str = Field(**_key_constraints("currency"))
+    issuer_type: str | None = Field(default=None, **_key_constraints("issuer_type"))
+
+
+_QUERY_PARAMS = frozenset({"issuer_type"})
+
+
+async def serve_balance(request: Request) -> Response:
+    """get_balance without FastAPI's per-request dependency solving and response-model
+    pass (about a fifth of the API's CPU per read): the guard as a plain call first (401/403/
+    429 before 422, as the dependency ran before parameter validation), the parameters
+    validated by one pydantic model (422 with the same `path.`/`query.` fields), the body
+    serialised once. Same status codes, body, problem+json errors and access log line."""
+    await authorize(request, GET_BALANCE)
+    params = {**request.path_params, "issuer_type": request.query_params.get("issuer_type")}
+    try:
+        checked = _BalanceParams.model_validate(params)
+    except ValidationError as exc:
+        raise RequestValidationError([
+            {**error, "loc": ("query" if error["loc"][0] in _QUERY_PARAMS else "path",
+                              *error["loc"])}
+            for error in exc.errors()
+        ]) from None  # fmt: skip
+    wallet = _wallet(checked.client_id, checked.country, checked.currency, checked.issuer_type)
+    balance = BalanceOut.of(await state_of(request).reader.get_balance(wallet))
+    return Response(balance.model_dump_json(), media_type="application/json")
+
+
+class BalanceRoute(APIRoute):
+    """get_balance's route: FastAPI's schema from the signature above, serve_balance per
+    request (the hottest route: balance reads)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return serve_balance
+
+
+router.add_api_route(
+    "/wallets/{client_id}/{country}/{currency}/balance", get_balance, methods=["GET"],
+    operation_id=GET_BALANCE.operation_id, response_model=BalanceOut,
+    summary="A wallet's balance", route_class_override=BalanceRoute,
+)  # fmt: skip
 
 
 @router.get(
