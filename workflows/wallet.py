@@ -471,7 +471,9 @@ class WalletWorkflow:
             )
         if command.wallet != self._wallet:
             raise invalid_input(
-                f"wallet {command.wallet} does not belong to workflow of {self._wallet}",
+                # No wallet key in the text: failure messages may be stored in the clear
+                # where no payload codec is configured (issue 12).
+                f"the command's wallet does not belong to {workflow.info().workflow_id}",
                 "wallet",
             )
         try:
