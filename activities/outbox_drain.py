@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from temporalio import activity
@@ -36,9 +38,22 @@ from messages.wallet import (
     DrainOutboxOutput,
     OutboxDrainInput,
 )
+from mongobase.mongo import PAGE_LIMIT_MAX
 from observability.backlog import backlog_gauges
+from registries.account_registry import AccountRecord
+from registries.transfer_registry import TransferRecord
 from stores.outbox import OUTBOX_SHARDS, PAGE_MAX, Outbox, OutboxRecord
+from stores.tigerbeetle_store import BatchedMovement, TigerBeetleStore
+from walletcore.errors import WalletError
+from walletcore.ids import transfer_id
 from walletcore.keys import WalletKey
+from walletcore.operations import (
+    AddCredit,
+    OperationType,
+    SubtractCredit,
+    Void,
+    validate_operation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +65,9 @@ IDLE_POLL_MIN_S = 0.05
 IDLE_POLL_MAX_S = 0.5
 ERROR_PAUSE_S = 1.0  # after an outage (TigerBeetle or MongoDB unreachable): try again
 ENSURE_EVERY_S = 30.0  # a process re-checks that a shard's drainer runs at most this often
+# The batched fast path (OutboxBatcher); `WALLETMIG_OUTBOX_BATCHED=off`: every record goes the
+# per-record path, as before it existed (per process, read at import).
+BATCHED_DEFAULT = os.environ.get("WALLETMIG_OUTBOX_BATCHED", "on").lower() != "off"
 RUN_S_DEFAULT = 60.0  # one activity attempt drains this long, then the workflow runs another
 
 
@@ -64,12 +82,196 @@ class _Applier(Protocol):
     ) -> ApplyTigerBeetleOutput: ...
 
 
-class OutboxDrainer:
-    """One pass over a shard's pending records (see the module docstring)."""
+class _Imported(Protocol):
+    async def ensure(self, wallet: WalletKey, *, record_absent: bool = False,
+                     since_version: int | None = None) -> int: ...
 
-    def __init__(self, outbox: Outbox, applier: _Applier) -> None:
+
+@dataclass
+class _Plan:
+    """One wallet's records of a pass, split: `done` need nothing from TigerBeetle (inside
+    the opening balance, or registered already: a re-run), `moves` go in the batch, `rest`
+    (from the first record the batch cannot take, in order) to the per-record path."""
+
+    done: list[OutboxRecord] = field(default_factory=list)
+    moves: list[tuple[OutboxRecord, BatchedMovement]] = field(default_factory=list)
+    rest: list[OutboxRecord] = field(default_factory=list)
+
+
+def _movement(record: OutboxRecord, account: AccountRecord) -> BatchedMovement | None:
+    """The record as a batched credit or debit, or None (a void, an invalid amount)."""
+    op = record.command.op
+    if isinstance(op, Void) or not isinstance(op, AddCredit):
+        return None
+    kind = OperationType.DEBIT if isinstance(op, SubtractCredit) else OperationType.CREDIT
+    try:
+        validate_operation(op)
+    except WalletError:
+        return None
+    return BatchedMovement(op=op, kind=kind, account=account)
+
+
+def _registered_same(known: TransferRecord, move: BatchedMovement) -> bool:
+    """The registry holds this very movement (written after TigerBeetle: it is applied)."""
+    return (known.wallet == move.op.wallet and known.type == move.kind.value
+            and known.amount_minor == validate_operation(move.op)
+            and known.transfer_id == transfer_id(move.op.transaction_id))
+
+
+class OutboxBatcher:
+    """The fast path of a pass: the common records of MANY wallets in one create_transfers
+    request (stores.tb_batches cuts it at the cluster's request limit), each wallet's in its
+    legacy order inside it (TigerBeetle applies a request's events in order), registered in
+    one Transfer Registry write, marked in one update. Taken: credits and debits past the
+    wallet's imported version on a registered account, up to the wallet's first record it
+    cannot take (a void, an unregistered wallet, a debit the funds pre-check refuses, any
+    result other than created/EXISTS); that record and the wallet's later ones of the pass go
+    the per-record path (TigerBeetleBacklog), after the batch, so each wallet keeps its order.
+
+    Funds: a debit of a wallet without overdraft that TigerBeetle refuses (EXCEEDS_CREDITS)
+    burns its id, so every such debit is checked first against one lookup of the accounts,
+    counting the earlier movements of the same wallet in the batch. Cheap bound first (the
+    batch's debits only, no credits); if it does not hold, the wallet's transfers TigerBeetle
+    already holds (a re-run after a crash: already in the balance) are looked up and left out
+    of the count. A debit still short goes the per-record path with the wallets' rest."""
+
+    def __init__(self, outbox: Outbox, tigerbeetle: TigerBeetleStore, imported: _Imported) -> None:
+        self._outbox = outbox
+        self._tigerbeetle = tigerbeetle
+        self._imported = imported
+
+    async def apply(
+        self, by_wallet: dict[str, list[OutboxRecord]]
+    ) -> tuple[int, dict[str, list[OutboxRecord]]]:
+        """(records applied and marked, each wallet's rest for the per-record path)."""
+        plans = await self._plans(by_wallet)
+        await self._funds_check(plans)
+        moves = [move for plan in plans.values() for _, move in plan.moves]
+        ok = await self._tigerbeetle.create_movements(moves) if moves else []
+        cursor = 0
+        for plan in plans.values():
+            taken = ok[cursor:cursor + len(plan.moves)]
+            cursor += len(plan.moves)
+            cut = taken.index(False) if False in taken else len(taken)
+            plan.done.extend(record for record, _ in plan.moves[:cut])
+            plan.rest[:0] = [record for record, _ in plan.moves[cut:]]
+            plan.moves = []
+        assert cursor == len(moves)
+        done = [r.transaction_id for plan in plans.values() for r in plan.done]
+        await self._outbox.mark_applied(done)
+        rest = {w: plan.rest for w, plan in plans.items() if plan.rest}
+        assert len(done) + sum(len(rs) for rs in rest.values()) == sum(
+            len(rs) for rs in by_wallet.values())
+        return len(done), rest
+
+    async def _plans(self, by_wallet: dict[str, list[OutboxRecord]]) -> dict[str, _Plan]:
+        """Each wallet's split before the funds check (see _Plan)."""
+        gate = asyncio.Semaphore(WALLETS_IN_FLIGHT)
+
+        async def imported_of(records: list[OutboxRecord]) -> int:
+            async with gate:  # the same import claim as the per-record path (at since_version)
+                return await self._imported.ensure(
+                    records[0].wallet, since_version=records[0].since_version)
+
+        versions = await asyncio.gather(*(imported_of(rs) for rs in by_wallet.values()))
+        imported = dict(zip(by_wallet, versions, strict=True))
+        accounts = await self._tigerbeetle.batch_accounts(
+            [rs[0].wallet for rs in by_wallet.values()])
+        wanted = [r.transaction_id for w, rs in by_wallet.items() if w in accounts
+                  for r in rs if r.wallet_version > imported[w]]
+        known: dict[str, TransferRecord] = {}
+        for start in range(0, len(wanted), PAGE_LIMIT_MAX):
+            known.update(await self._tigerbeetle.transfers.get_many(
+                wanted[start:start + PAGE_LIMIT_MAX]))
+        plans: dict[str, _Plan] = {}
+        for canonical, records in by_wallet.items():
+            plan = plans[canonical] = _Plan()
+            account = accounts.get(canonical)
+            for index, record in enumerate(records):
+                if record.wallet_version <= imported[canonical]:
+                    plan.done.append(record)  # in the opening balance (as the slow path)
+                    continue
+                move = _movement(record, account) if account is not None else None
+                registered = known.get(record.transaction_id)
+                same = (move is not None and registered is not None
+                        and _registered_same(registered, move))
+                if same and not plan.moves:
+                    plan.done.append(record)  # applied and registered by a run that died
+                    continue
+                if move is None or (registered is not None and not same):
+                    plan.rest = records[index:]
+                    break
+                plan.moves.append((record, move))
+        return plans
+
+    async def _funds_check(self, plans: dict[str, _Plan]) -> None:
+        """Cut each wallet's moves at its first debit the balance may not cover (see the
+        class docstring): only debits of accounts without overdraft are checked."""
+        checked = [p for p in plans.values()
+                   if p.moves and not p.moves[0][1].account.allow_overdraft
+                   and any(m.kind is OperationType.DEBIT for _, m in p.moves)]
+        if not checked:
+            return
+        spendable = await self._tigerbeetle.spendable_minor(
+            [p.moves[0][1].account for p in checked])
+        unsure = [p for p in checked if not _covers(p, spendable, count_credits=False)]
+        held: set[int] = set()
+        if unsure:
+            ids = [transfer_id(r.transaction_id) for p in unsure for r, _ in p.moves]
+            held = await self._tigerbeetle.existing_transfers(ids)
+        for plan in unsure:
+            _cut_at_shortfall(plan, spendable, held)
+
+
+def _covers(plan: _Plan, spendable: dict[int, int], *, count_credits: bool) -> bool:
+    """Every debit of the plan covered, counting the batch's earlier debits (and credits if
+    `count_credits`: only valid when none of them is in TigerBeetle already)."""
+    account = plan.moves[0][1].account
+    available = spendable.get(account.account_id)
+    if available is None:
+        return False
+    for _, move in plan.moves:
+        amount = validate_operation(move.op)
+        if move.kind is OperationType.CREDIT:
+            available += amount if count_credits else 0
+        elif available < amount:
+            return False
+        else:
+            available -= amount
+    return True
+
+
+def _cut_at_shortfall(plan: _Plan, spendable: dict[int, int], held: set[int]) -> None:
+    """Move the plan's first uncovered debit and everything after it to `rest`. A transfer
+    TigerBeetle holds already is in `spendable` (a re-run): it is not counted again."""
+    available = spendable.get(plan.moves[0][1].account.account_id)
+    cut = 0 if available is None else len(plan.moves)
+    for index, (record, move) in enumerate(plan.moves if available is not None else []):
+        assert available is not None
+        amount = validate_operation(move.op)
+        if transfer_id(record.transaction_id) in held:
+            continue
+        if move.kind is OperationType.CREDIT:
+            available += amount
+        elif available < amount:
+            cut = index
+            break
+        else:
+            available -= amount
+    plan.rest[:0] = [r for r, _ in plan.moves[cut:]]
+    plan.moves = plan.moves[:cut]
+
+
+class OutboxDrainer:
+    """One pass over a shard's pending records (see the module docstring). `batcher`: the
+    fast path (OutboxBatcher) tried first; None: every record goes the per-record path."""
+
+    def __init__(
+        self, outbox: Outbox, applier: _Applier, batcher: OutboxBatcher | None = None
+    ) -> None:
         self._outbox = outbox
         self._applier = applier
+        self._batcher = batcher
 
     async def drain_pass(self, shard: int, beat: Callable[[], None] = lambda: None) -> int:
         records = await self._outbox.pending_page(shard)
@@ -78,6 +280,12 @@ class OutboxDrainer:
         by_wallet: dict[str, list[OutboxRecord]] = {}
         for record in records:
             by_wallet.setdefault(record.wallet.canonical, []).append(record)
+        batched = 0
+        if self._batcher is not None:
+            batched, by_wallet = await self._batcher.apply(by_wallet)
+            beat()
+        if not by_wallet:
+            return batched
         gate = asyncio.Semaphore(WALLETS_IN_FLIGHT)
 
         async def one(wallet_records: list[OutboxRecord]) -> int:
@@ -89,7 +297,7 @@ class OutboxDrainer:
         failures = [d for d in done if isinstance(d, BaseException)]
         if failures:
             raise failures[0]  # the others' marks are kept; this wallet's rest stays pending
-        return sum(d for d in done if isinstance(d, int))
+        return batched + sum(d for d in done if isinstance(d, int))
 
     async def _wallet(self, records: list[OutboxRecord], beat: Callable[[], None]) -> int:
         """One wallet's records, in legacy order, a batch at a time; stops at an error (the
@@ -143,9 +351,10 @@ class DrainerStarter:
 
 
 class OutboxActivities:
-    def __init__(self, outbox: Outbox, applier: _Applier) -> None:
+    def __init__(self, outbox: Outbox, applier: _Applier, *,
+                 batcher: OutboxBatcher | None = None) -> None:
         self._outbox = outbox
-        self._drainer = OutboxDrainer(outbox, applier)
+        self._drainer = OutboxDrainer(outbox, applier, batcher)
 
     @activity.defn(name=ACTIVITY_DRAIN_OUTBOX)
     async def drain_outbox_shard(self, inp: DrainOutboxInput) -> DrainOutboxOutput:

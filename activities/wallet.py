@@ -16,7 +16,8 @@ from typing import Any
 from temporalio import activity
 
 from activities.backfill import WalletImporter
-from activities.outbox_drain import DrainerStarter, OutboxActivities
+from activities.outbox_drain import BATCHED_DEFAULT as OUTBOX_BATCHED_DEFAULT
+from activities.outbox_drain import DrainerStarter, OutboxActivities, OutboxBatcher
 from activities.reverse_projection import (
     ReverseProjectionActivities,
     answering_direction,
@@ -251,7 +252,8 @@ class WalletActivities:
         self._projection = ReverseProjectionActivities(legacy)
         self._reader = ReadRouter(legacy, tigerbeetle, migration, metrics)
         self._outbox_on = outbox
-        self._outbox = OutboxActivities(legacy.outbox, self._backlog)
+        self._outbox = OutboxActivities(legacy.outbox, self._backlog, batcher=OutboxBatcher(
+            legacy.outbox, tigerbeetle, self._imported) if OUTBOX_BATCHED_DEFAULT else None)
         self._drainers = DrainerStarter()
         # A wallet whose outbox was seen empty under a TigerBeetle-answering state: no record
         # can be added under that same state (only MongoDB-answered writes make them).

@@ -36,7 +36,7 @@ from typing import TypeVar
 import tigerbeetle as tb
 
 from mongobase.mongo import PAGE_LIMIT_MAX
-from registries.account_registry import AccountRecord, AccountRegistry
+from registries.account_registry import MANY_MAX, AccountRecord, AccountRegistry
 from registries.transfer_registry import TransferRecord, TransferRegistry
 from stores.history_import import create_accounts_allowing_imported
 from stores.store_metrics import instrument_wallet_store, operation_label
@@ -54,6 +54,7 @@ from walletcore.errors import (
     NotFoundError,
     NotVoidableError,
     StoreUnavailableError,
+    UnknownLedgerError,
 )
 from walletcore.ids import reference_hash, system_account_id, transfer_id, void_transfer_id
 from walletcore.keys import WalletKey
@@ -135,6 +136,34 @@ class _Written:
     timestamp: int = 0
     replayed: bool = False
     result: OperationResult | None = None  # answered without a transfer (in-opening replay)
+
+
+@dataclass(frozen=True)
+class BatchedMovement:
+    """A credit or a debit of a batch of many wallets' movements (create_movements)."""
+
+    op: AddCredit  # or SubtractCredit (its subclass)
+    kind: OperationType
+    account: AccountRecord  # the wallet's registered account (batch_accounts)
+
+
+def movement_transfer(op: AddCredit, kind: OperationType, account: AccountRecord) -> tb.Transfer:
+    """The one construction of a credit's or a debit's transfer (walletcore.transfer_map's
+    leg): the per-operation path and the outbox drainer's batches send the same transfer, so
+    a batch re-run of a per-operation write (or the reverse) is EXISTS, never EXISTS_WITH_*."""
+    assert kind in (OperationType.CREDIT, OperationType.DEBIT), kind
+    amount_minor = validate_operation(op)
+    code = TransferCode.DEBIT if kind is OperationType.DEBIT else TransferCode.CREDIT
+    leg = operation_leg(account.ledger, account.account_id, code)
+    return tb.Transfer(
+        id=transfer_id(op.transaction_id),
+        debit_account_id=leg.debit_account_id,
+        credit_account_id=leg.credit_account_id,
+        amount=amount_minor,
+        user_data_128=reference_hash(op.reference_id),
+        ledger=account.ledger,
+        code=int(leg.code),
+    )
 
 
 def customer_account(
@@ -350,17 +379,8 @@ class TigerBeetleStore:
             await self._ensure_tb_account(account)
         _check_ledger(account, ledger)
         await self.ensure_system_accounts(ledger)
-        leg = operation_leg(ledger, account.account_id,
-                            TransferCode.DEBIT if is_debit else TransferCode.CREDIT)
-        transfer = tb.Transfer(
-            id=tid,
-            debit_account_id=leg.debit_account_id,
-            credit_account_id=leg.credit_account_id,
-            amount=amount_minor,
-            user_data_128=reference_hash(op.reference_id),
-            ledger=ledger,
-            code=int(leg.code),
-        )
+        transfer = movement_transfer(op, kind, account)
+        assert transfer.id == tid and transfer.amount == amount_minor
         if is_debit and not account.allow_overdraft and existing is None:
             await self._check_funds(account, transfer)
         timestamp, replayed = await self._create_transfer(
@@ -382,6 +402,87 @@ class TigerBeetleStore:
         return _Written(
             amount_minor=amount_minor, account=account, timestamp=timestamp, replayed=replayed
         )
+
+    # ---- batches of many wallets' movements (the outbox drainer's fast path) -------------
+
+    async def batch_accounts(self, wallets: Sequence[WalletKey]) -> dict[str, AccountRecord]:
+        """The registered accounts of `wallets` (by canonical key) whose TigerBeetle account
+        exists (the ones this process has not seen are created in one request, EXISTS is
+        fine), with their ledgers' system accounts. Left out: unregistered wallets, unknown
+        pairs, a ledger other than the pair's, an account TigerBeetle refuses: the
+        per-operation path handles (and explains) those."""
+        assert len(wallets) <= MANY_MAX
+        known_pairs = []
+        for wallet in wallets:
+            try:
+                self._ledgers.ledger_of(wallet.currency, wallet.country)
+            except UnknownLedgerError:
+                continue
+            known_pairs.append(wallet)
+        records = await self._accounts.get_many(known_pairs)
+        found = {
+            canonical: record for canonical, record in records.items()
+            if record.ledger == self._ledgers.ledger_of(record.wallet.currency,
+                                                        record.wallet.country)
+        }
+        unseen = [r for r in found.values() if r.account_id not in self._known_accounts]
+        if unseen:
+            statuses = await self._tb(create_accounts_allowing_imported(
+                self._client, [customer_account_of(r, self.deployment_tag) for r in unseen]))
+            assert len(statuses) == len(unseen)
+            for record, status in zip(unseen, statuses, strict=True):
+                if account_rule(status).outcome is Outcome.FAILED:
+                    del found[record.wallet.canonical]
+                else:
+                    self._remember_account(record.account_id)
+        for ledger in sorted({r.ledger for r in found.values()}):
+            await self.ensure_system_accounts(ledger)
+        return found
+
+    async def spendable_minor(self, accounts: Sequence[AccountRecord]) -> dict[int, int]:
+        """account id -> posted credits - posted debits - pending debits, one lookup for all:
+        a batch's funds pre-check (see _check_funds). Absent: TigerBeetle has no such account."""
+        found = await self._tb(self._client.lookup_accounts([a.account_id for a in accounts]))
+        return {a.id: a.credits_posted - a.debits_posted - a.debits_pending for a in found}
+
+    async def existing_transfers(self, transfer_ids: Sequence[int]) -> set[int]:
+        """Which of `transfer_ids` TigerBeetle holds (lookups cut at the request limit)."""
+        found = await self._tb(self._client.lookup_transfers(list(transfer_ids)))
+        return {t.id for t in found}
+
+    async def create_movements(self, moves: Sequence[BatchedMovement]) -> list[bool]:
+        """Create the transfers of `moves` (many wallets) in this order in as few requests as
+        the cluster's limit allows (TigerBeetle applies a request's events in order), then
+        register the ones it created or had (EXISTS: identical fields) in one Transfer
+        Registry write. Per move: True if it is in both. False: any other result (the
+        caller's per-operation path decides, and says why), or the registry refused it.
+        The caller funds-checks debits first (an EXCEEDS_CREDITS burns the id)."""
+        transfers = [movement_transfer(m.op, m.kind, m.account) for m in moves]
+        results = await self._tb(self._client.create_transfers(transfers))
+        assert len(results) == len(moves)
+        records: list[TransferRecord] = []
+        where: list[int] = []
+        for index, (move, transfer, result) in enumerate(
+                zip(moves, transfers, results, strict=True)):
+            if result.status in (tb.CreateTransferStatus.DEBIT_ACCOUNT_NOT_FOUND,
+                                 tb.CreateTransferStatus.CREDIT_ACCOUNT_NOT_FOUND):
+                self._forget_accounts(transfer.ledger, move.account.account_id)
+            if transfer_rule(result.status).outcome is Outcome.FAILED:
+                continue
+            assert result.timestamp > 0
+            records.append(TransferRecord(
+                transaction_id=move.op.transaction_id, transfer_id=transfer.id,
+                wallet=move.op.wallet, account_id=move.account.account_id,
+                type=move.kind.value, amount_minor=transfer.amount,
+                reference_id=move.op.reference_id,
+                created_at=timestamp_to_datetime(result.timestamp)))
+            where.append(index)
+        done = [False] * len(moves)
+        for start in range(0, len(records), PAGE_LIMIT_MAX):
+            refused = await self._transfers.record_many(records[start:start + PAGE_LIMIT_MAX])
+            for offset in range(min(PAGE_LIMIT_MAX, len(records) - start)):
+                done[where[start + offset]] = offset not in refused
+        return done
 
     async def _replay_in_opening(
         self, existing: TransferRecord, op: AddCredit, kind: OperationType, amount_minor: int

@@ -8,18 +8,21 @@ TigerBeetle and before marking its records is simply run again (each transfer on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
+import tigerbeetle as tb
 from wallet_support import (
     DUAL_PAIR,
     REPO_ROOT,
@@ -29,12 +32,14 @@ from wallet_support import (
     worker_env,
 )
 
-from activities.outbox_drain import OutboxDrainer
-from activities.wallet import TigerBeetleBacklog
+from activities.outbox_drain import OutboxBatcher, OutboxDrainer
+from activities.wallet import ImportedVersions, TigerBeetleBacklog
 from messages.wallet import WalletCommand
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS
 from stores.outbox import APPLIED, OUTBOX_SHARDS, PENDING, WALLET_OUTBOX, OutboxIntent, outbox_shard
+from stores.tb_batches import BatchedClient
+from stores.tigerbeetle_client import TigerBeetleClient
 from walletconfig.settings import Settings
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
@@ -99,9 +104,16 @@ async def write(stores: Stores, op: WalletOperation) -> None:
     await stores.legacy.apply(op, outbox=intent(op))
 
 
-def drainer(stores: Stores) -> tuple[OutboxDrainer, TigerBeetleBacklog]:
-    applier = TigerBeetleBacklog(stores.legacy, stores.tigerbeetle, make_importer(stores))
-    return OutboxDrainer(stores.legacy.outbox, applier), applier
+def drainer(
+    stores: Stores, *, batched: bool = True
+) -> tuple[OutboxDrainer, TigerBeetleBacklog]:
+    """The drainer the worker builds (activities.wallet): the batched fast path first, the
+    per-record path (`TigerBeetleBacklog`) for the rest; `batched=False`: per record only."""
+    importer = make_importer(stores)
+    imported = ImportedVersions(importer)
+    applier = TigerBeetleBacklog(stores.legacy, stores.tigerbeetle, importer, imported)
+    batcher = OutboxBatcher(stores.legacy.outbox, stores.tigerbeetle, imported)
+    return OutboxDrainer(stores.legacy.outbox, applier, batcher if batched else None), applier
 
 
 def wallet_ops(wallet: WalletKey) -> list[WalletOperation]:
@@ -122,6 +134,41 @@ async def drain_all(d: OutboxDrainer, stores: Stores) -> None:
         assert time.monotonic() < deadline, "outbox not drained"
         for shard in range(OUTBOX_SHARDS):
             await d.drain_pass(shard)
+
+
+# A drainer process killed with SIGKILL inside its batch: argv = TB addresses, where to stop
+# ("registry": TigerBeetle created, nothing registered; "mark": registered, nothing marked),
+# shard. It prints "stopped" there and waits to be killed.
+BATCH_CRASHER = """
+import asyncio, sys
+from activities.outbox_drain import OutboxBatcher, OutboxDrainer
+from activities.wallet import ImportedVersions, TigerBeetleBacklog
+from stores.bundle import make_stores
+from walletconfig.settings import Settings
+from workers.wiring import make_importer
+
+async def main() -> None:
+    stores = await make_stores(Settings.from_env(), tb_addresses=sys.argv[1])
+    importer = make_importer(stores)
+    imported = ImportedVersions(importer)
+    outbox = stores.legacy.outbox
+    drainer = OutboxDrainer(
+        outbox, TigerBeetleBacklog(stores.legacy, stores.tigerbeetle, importer, imported),
+        OutboxBatcher(outbox, stores.tigerbeetle, imported))
+
+    async def stop(*args: object, **kwargs: object) -> None:
+        print("stopped", flush=True)
+        await asyncio.sleep(3600)
+
+    if sys.argv[2] == "registry":
+        stores.tigerbeetle.transfers.record_many = stop
+    else:
+        outbox.mark_applied = stop
+    await drainer.drain_pass(int(sys.argv[3]))
+    print("finished without stopping", flush=True)
+
+asyncio.run(main())
+"""
 
 
 @pytest.mark.slow
@@ -229,3 +276,125 @@ def test_in_flight_iff_the_outbox_record_is_pending() -> None:
     legacy = PhaseWindow(phase=Phase.LEGACY)
     assert not legacy_op_may_be_in_flight(legacy, now, outbox_state=None, in_tigerbeetle=False)
     assert legacy_op_may_be_in_flight(legacy, now, outbox_state=PENDING, in_tigerbeetle=False)
+
+
+class CountingClient:
+    """The real TigerBeetle client, counting the create_transfers requests that reach it
+    (after BatchedClient cut them at the request limit)."""
+
+    def __init__(self, inner: TigerBeetleClient) -> None:
+        self.inner = inner
+        self.create_requests = 0
+        self.create_events = 0
+
+    async def create_transfers(
+        self, transfers: list[tb.Transfer]
+    ) -> list[tb.CreateTransferResult]:
+        self.create_requests += 1
+        self.create_events += len(transfers)
+        return await self.inner.create_transfers(transfers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def counting(stores: Stores) -> Iterator[CountingClient]:
+    cut = stores.tigerbeetle.client
+    assert isinstance(cut, BatchedClient)
+    inner = cut.client
+    counter = CountingClient(inner)
+    cut.client = cast(TigerBeetleClient, counter)
+    try:
+        yield counter
+    finally:
+        cut.client = inner
+
+
+def movement_ops(wallet: WalletKey) -> list[WalletOperation]:
+    """Credits and debits only (the batch's records); each debit needs the credit before it
+    (in TigerBeetle's order inside one request). Ends at 2.00."""
+    c = wallet.client_id
+    return [
+        AddCredit(wallet=wallet, transaction_id=f"{c}.1", amount=Decimal("10.00")),
+        SubtractCredit(wallet=wallet, transaction_id=f"{c}.2", amount=Decimal("10.00")),
+        AddCredit(wallet=wallet, transaction_id=f"{c}.3", amount=Decimal("4.00")),
+        SubtractCredit(wallet=wallet, transaction_id=f"{c}.4", amount=Decimal("3.00")),
+        AddCredit(wallet=wallet, transaction_id=f"{c}.5", amount=Decimal("1.00")),
+    ]
+
+
+async def write_interleaved(stores: Stores, plans: list[list[WalletOperation]]) -> None:
+    for step in range(len(plans[0])):  # interleaved across wallets, as live traffic is
+        for plan in plans:
+            await write(stores, plan[step])
+
+
+async def assert_drained_in_order(stores: Stores, wallets: list[WalletKey]) -> None:
+    docs = await stores.db[WALLET_OUTBOX].find(
+        {"wallet": {"$in": [w.canonical for w in wallets]}}).to_list(None)
+    assert docs and all(d["state"] == APPLIED and "error_type" not in d for d in docs), docs
+    for wallet in wallets:
+        await assert_same_sequence(stores, wallet)  # each transfer once, in order
+        balance = await stores.tigerbeetle.get_balance(wallet)
+        assert balance.credit == Decimal("2.00"), (wallet, balance)
+
+
+BATCH_WALLETS = 48
+
+
+async def test_a_pass_batches_many_wallets_in_few_requests_each_in_order(
+    settings: Settings, tb_addresses: str
+) -> None:
+    own = await make_stores(isolated_settings(settings, "outbox_batch"), tb_addresses=tb_addresses)
+    await own.imports.ensure_indexes()
+    try:
+        run = uuid.uuid4().hex[:8]
+        wallets = [key(f"batch-{run}-{n}", DUAL_PAIR) for n in range(BATCH_WALLETS)]
+        plans = [movement_ops(w) for w in wallets]
+        await write_interleaved(own, plans)
+        d, _ = drainer(own)
+        with counting(own) as requests:
+            applied = sum([await d.drain_pass(shard) for shard in range(OUTBOX_SHARDS)])
+        records = sum(len(p) for p in plans)
+        assert applied == records  # one pass per shard: everything
+        # Per record this took `records` requests; batched: one per shard's pass.
+        assert requests.create_requests <= OUTBOX_SHARDS, vars(requests)
+        assert requests.create_events == records, vars(requests)
+        assert await own.legacy.outbox.pending_total() == 0
+        await assert_drained_in_order(own, wallets)
+    finally:
+        await own.close()
+
+
+@pytest.mark.parametrize("stop_at", ["registry", "mark"])
+async def test_a_drainer_killed_inside_its_batch_applies_nothing_twice(
+    settings: Settings, tb_addresses: str, stores: Stores, tmp_path: Path, stop_at: str
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    wallets = [key(f"kill-{stop_at}-{run}-{n}", DUAL_PAIR) for n in range(OUTBOX_SHARDS * 3)]
+    shard = max(range(OUTBOX_SHARDS),
+                key=lambda s: sum(outbox_shard(w.canonical) == s for w in wallets))
+    wallets = [w for w in wallets if outbox_shard(w.canonical) == shard]
+    await write_interleaved(stores, [movement_ops(w) for w in wallets])
+    env = worker_env(settings.model_copy(update={"mongodb_database": stores.db.name}), "-")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BATCH_CRASHER, tb_addresses, stop_at, str(shard)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=(tmp_path / "crasher.log").open("wb"))
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+        assert line.strip() == b"stopped", (line, (tmp_path / "crasher.log").read_text())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    pending = await stores.legacy.outbox.pending_of(
+        [op.transaction_id for w in wallets for op in movement_ops(w)])
+    assert len(pending) == len(wallets) * 5  # TigerBeetle has them; the outbox says pending
+    d, _ = drainer(stores)
+    with counting(stores) as requests:
+        await drain_all(d, stores)
+    if stop_at == "mark":  # registered: known applied without asking TigerBeetle again
+        assert requests.create_events == 0, vars(requests)
+    await assert_drained_in_order(stores, wallets)
