@@ -17,14 +17,23 @@ compared are each run's median over the rounds. CPU per request comes from /proc
 process of the stack (`pids.json`: the API, the worker, the servers), for this process (the
 direct path's client) and for the load generator (its own process_time).
 
-It writes into the stack's own database: wallets `bench-api-<run>-<n>` of one pair (in the
-pair's current phase), and an API key that is revoked at the end. Meant for a dev stack.
+Reads run on two pairs, so both stores that can answer a balance are measured in the same
+run: the `--pair` (USD:USA, legacy or dual_write on a dev stack: MongoDB answers) and the pair
+bench wallet-ops uses for tb_primary (walletmig.bench_wallet_ops.TB_PRIMARY_PAIR, EUR:ESP:
+TigerBeetle answers, MongoDB follows). The read goals are judged per store; credits run on
+`--pair` only. Which store answered is checked on the warm-up reads (WalletBalance.source).
+
+It writes into the stack's own database: wallets `bench-api-<run>-<n>` of both pairs, an API
+key that is revoked at the end, and, when EUR:ESP has no migration state yet, that pair's
+state set to tb_primary (left so: later runs reuse it; a pair in another phase is refused).
+Meant for a dev stack.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import statistics
@@ -38,6 +47,8 @@ from decimal import Decimal
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
 
 from stores.api_keys import ApiKeyStore
 from stores.bundle import Stores, make_stores
@@ -47,8 +58,9 @@ from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
+from walletcore.phases import MigrationState, Phase
 from walletmig.bench_http_load import LoadPlan, LoadRequest, LoadResult
-from walletmig.bench_wallet_ops import ServerCpu, percentile
+from walletmig.bench_wallet_ops import TB_PRIMARY_PAIR, ServerCpu, percentile
 from workers.wallet_worker import connect_temporal
 
 REQUESTS_MAX = 1_000_000
@@ -63,6 +75,8 @@ LOAD_RESULT_BYTES_MAX = 64 * 1024 * 1024  # its result line (every latency)
 CREDIT_AMOUNT = Decimal("0.01")
 SEED_AMOUNT = Decimal("100.00")
 METRICS_FLUSH_INTERVAL_S = 0.5  # as the gateway's (gateway/state.py)
+PHASE_VISIBLE_S = 1.5  # a published phase reaches the API process within its cache TTL (1 s)
+TABLE_WIDTH = 200  # rich would cut a piped table to 80 columns
 
 Kind = Literal["read", "credit"]
 PathName = Literal["api", "direct"]
@@ -80,12 +94,21 @@ class ApiBenchConfig(BaseModel):
     rounds: int = Field(default=2, ge=1, le=ROUNDS_MAX)
     country: str = "USA"
     currency: str = "USD"
+    tb_currency: str = TB_PRIMARY_PAIR[0]  # the pair set to tb_primary (TigerBeetle answers)
+    tb_country: str = TB_PRIMARY_PAIR[1]
     verify_tls: bool = True
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(currency, country) of the reads' pairs: `--pair` first (credits run on it)."""
+        return (self.currency, self.country), (self.tb_currency, self.tb_country)
 
 
 class PathFigures(BaseModel):
     kind: Kind
     path: PathName
+    pair: str  # CURRENCY:COUNTRY of the wallets
+    source: str  # the store that answered the pair's reads: mongodb or tigerbeetle
     round: int | None = None  # None: the median over the rounds
     requests: int
     seconds: float
@@ -99,13 +122,15 @@ class PathFigures(BaseModel):
 
 class ApiBenchReport(BaseModel):
     api_url: str
-    pair: str
+    pair: str  # the credits' pair (and the first reads' pair)
+    sources: dict[str, str]  # pair -> the store that answered its reads
     concurrency: int
     wallets: int
     rounds: int
     runs: list[PathFigures]
     medians: list[PathFigures]
-    read_ratio: float  # API reads/s over direct reads/s (medians)
+    read_ratios: dict[str, float]  # per store: API reads/s over direct reads/s (medians)
+    api_reads_per_s: dict[str, float]  # per store: the API's reads/s (median)
     credit_ratio: float
     goals: dict[str, bool]
     host_cpus: int
@@ -117,30 +142,35 @@ class RequestFailed(Exception):
 
 @dataclass
 class _Paths:
-    """The two ways to the same operations, on the same wallets."""
+    """The two ways to the same operations, on the same wallets (per pair)."""
 
     api: ApiTarget
     reader: ReadRouter
     wallets: WalletClient
-    keys: list[WalletKey]
+    keys: dict[str, list[WalletKey]]  # pair -> its wallets; the first pair takes the credits
     run_id: str
 
-    async def read(self, wallet: int) -> None:
-        await self.reader.get_balance(self.keys[wallet])
+    @property
+    def credit_pair(self) -> str:
+        return next(iter(self.keys))
 
-    async def credit(self, wallet: int, name: str) -> None:
+    async def read(self, pair: str, wallet: int) -> str:
+        """The read's answering store (mongodb or tigerbeetle)."""
+        return (await self.reader.get_balance(self.keys[pair][wallet])).source
+
+    async def credit(self, pair: str, wallet: int, name: str) -> None:
         await self.wallets.apply(AddCredit(
-            wallet=self.keys[wallet], transaction_id=f"{self.run_id}-{name}",
+            wallet=self.keys[pair][wallet], transaction_id=f"{self.run_id}-{name}",
             amount=CREDIT_AMOUNT))  # fmt: skip
 
-    def api_read(self, wallet: int) -> LoadRequest:
-        key = self.keys[wallet]
+    def api_read(self, pair: str, wallet: int) -> LoadRequest:
+        key = self.keys[pair][wallet]
         return LoadRequest(
             method="GET", path=f"/v1/wallets/{key.client_id}/{key.country}/{key.currency}/balance"
         )
 
-    def api_credit(self, wallet: int, name: str) -> LoadRequest:
-        key = self.keys[wallet]
+    def api_credit(self, pair: str, wallet: int, name: str) -> LoadRequest:
+        key = self.keys[pair][wallet]
         body = {"wallet": {"client_id": key.client_id, "country": key.country,
                            "currency": key.currency}, "amount": str(CREDIT_AMOUNT)}  # fmt: skip
         return LoadRequest(method="POST", path="/v1/wallets/credit", body=json.dumps(body),
@@ -206,19 +236,28 @@ def _check(result: LoadResult) -> None:
         raise RequestFailed(f"answers {result.statuses}: {result.failures}")
 
 
-async def _drive(paths: _Paths, kind: Kind, path: PathName, round_no: int, count: int,
-                 concurrency: int, servers: ServerCpu) -> PathFigures:
+@dataclass(frozen=True)
+class _Run:
+    kind: Kind
+    path: PathName
+    pair: str
+    source: str
+    round_no: int
+
+
+async def _drive(paths: _Paths, run: _Run, count: int, concurrency: int, servers: ServerCpu
+                 ) -> PathFigures:  # fmt: skip
     """`count` requests from `concurrency` callers; caller c uses wallet c % wallets (the
     API path: request i goes to wallet i % wallets, the same spread)."""
-    wallets = len(paths.keys)
-    if path == "api":
-        requests = [paths.api_read(i % wallets) if kind == "read"
-                    else paths.api_credit(i % wallets, f"api-r{round_no}-{i}")
+    wallets = len(paths.keys[run.pair])
+    if run.path == "api":
+        requests = [paths.api_read(run.pair, i % wallets) if run.kind == "read"
+                    else paths.api_credit(run.pair, i % wallets, f"api-r{run.round_no}-{i}")
                     for i in range(count)]  # fmt: skip
         bench0 = time.process_time()
         result, spent = await run_load(paths.api, requests, servers)
         cpu_s = {"bench": time.process_time() - bench0, "load": result.cpu_s, **spent}
-        return _figures(kind, path, round_no, result.latencies_s, result.seconds, cpu_s)
+        return _figures(run, result.latencies_s, result.seconds, cpu_s)
     latencies: list[float] = []
     next_request = 0
 
@@ -228,10 +267,10 @@ async def _drive(paths: _Paths, kind: Kind, path: PathName, round_no: int, count
             i = next_request
             next_request += 1
             started = time.perf_counter()
-            if kind == "read":
-                await paths.read(c % wallets)
+            if run.kind == "read":
+                await paths.read(run.pair, c % wallets)
             else:
-                await paths.credit(c % wallets, f"direct-r{round_no}-{i}")
+                await paths.credit(run.pair, c % wallets, f"direct-r{run.round_no}-{i}")
             latencies.append(time.perf_counter() - started)
 
     server0, cpu0 = servers.sample(), time.process_time()
@@ -240,14 +279,15 @@ async def _drive(paths: _Paths, kind: Kind, path: PathName, round_no: int, count
     seconds = time.perf_counter() - wall0
     cpu_s = {"bench": time.process_time() - cpu0, **ServerCpu.spent(server0, servers.sample())}
     latencies.sort()
-    return _figures(kind, path, round_no, latencies, seconds, cpu_s)
+    return _figures(run, latencies, seconds, cpu_s)
 
 
-def _figures(kind: Kind, path: PathName, round_no: int, latencies: list[float], seconds: float,
-             cpu_s: dict[str, float]) -> PathFigures:
+def _figures(run: _Run, latencies: list[float], seconds: float, cpu_s: dict[str, float]
+             ) -> PathFigures:  # fmt: skip
     return PathFigures(
-        kind=kind, path=path, round=round_no, requests=len(latencies),
-        seconds=round(seconds, 3), requests_per_s=round(len(latencies) / seconds, 1),
+        kind=run.kind, path=run.path, pair=run.pair, source=run.source, round=run.round_no,
+        requests=len(latencies), seconds=round(seconds, 3),
+        requests_per_s=round(len(latencies) / seconds, 1),
         p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
         p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
         cpu_ms_per_request={name: round(value * 1000 / len(latencies), 3)
@@ -256,40 +296,49 @@ def _figures(kind: Kind, path: PathName, round_no: int, latencies: list[float], 
 
 
 def _median(runs: list[PathFigures]) -> PathFigures:
-    assert runs and len({(r.kind, r.path) for r in runs}) == 1
+    assert runs and len({(r.kind, r.pair, r.path) for r in runs}) == 1
 
     def mid(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
     names = sorted({n for r in runs for n in r.cpu_ms_per_request})
-    return PathFigures(
-        kind=runs[0].kind, path=runs[0].path, round=None, requests=runs[0].requests,
-        seconds=mid([r.seconds for r in runs]),
+    return runs[0].model_copy(update=dict(
+        round=None, seconds=mid([r.seconds for r in runs]),
         requests_per_s=mid([r.requests_per_s for r in runs]),
         p50_ms=mid([r.p50_ms for r in runs]), p99_ms=mid([r.p99_ms for r in runs]),
         cpu_ms_per_request={n: mid([r.cpu_ms_per_request.get(n, 0.0) for r in runs])
                             for n in names},
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
-def _report(config: ApiBenchConfig, runs: list[PathFigures]) -> ApiBenchReport:
-    medians = {(k, p): _median([r for r in runs if (r.kind, r.path) == (k, p)])
-               for k in KINDS for p in ("api", "direct")}  # fmt: skip
-    read_ratio = medians["read", "api"].requests_per_s / medians["read", "direct"].requests_per_s
-    credit_ratio = (medians["credit", "api"].requests_per_s
-                    / medians["credit", "direct"].requests_per_s)
-    api_reads = medians["read", "api"].requests_per_s
+def _report(config: ApiBenchConfig, sources: dict[str, str], runs: list[PathFigures]
+            ) -> ApiBenchReport:  # fmt: skip
+    groups: dict[tuple[str, str, str], list[PathFigures]] = {}
+    for r in runs:
+        groups.setdefault((r.kind, r.pair, r.path), []).append(r)
+    medians = {key: _median(group) for key, group in groups.items()}
+    credit_pair = f"{config.currency}:{config.country}"
+
+    def ratio(kind: str, pair: str) -> float:
+        api, direct = medians[kind, pair, "api"], medians[kind, pair, "direct"]
+        return round(api.requests_per_s / direct.requests_per_s, 3)
+
+    read_ratios = {sources[pair]: ratio("read", pair) for pair in sources}
+    api_reads = {sources[pair]: medians["read", pair, "api"].requests_per_s for pair in sources}
+    credit_ratio = ratio("credit", credit_pair)
+    goals: dict[str, bool] = {}
+    for source in read_ratios:
+        goals[f"reads via {source}: API >= {GOAL_READ_RATIO:.0%} of direct reads/s"] = (
+            read_ratios[source] >= GOAL_READ_RATIO)
+        goals[f"reads via {source}: API >= {GOAL_API_READS_PER_S:.0f}/s"] = (
+            api_reads[source] >= GOAL_API_READS_PER_S)
+    goals[f"API credits >= {GOAL_CREDIT_RATIO:.0%} of direct credits/s"] = (
+        credit_ratio >= GOAL_CREDIT_RATIO)
     return ApiBenchReport(
-        api_url=config.api_url, pair=f"{config.currency}:{config.country}",
+        api_url=config.api_url, pair=credit_pair, sources=sources,
         concurrency=config.concurrency, wallets=config.wallets, rounds=config.rounds,
-        runs=runs, medians=list(medians.values()),
-        read_ratio=round(read_ratio, 3), credit_ratio=round(credit_ratio, 3),
-        goals={
-            f"API reads >= {GOAL_READ_RATIO:.0%} of direct reads/s": read_ratio >= GOAL_READ_RATIO,
-            f"API credits >= {GOAL_CREDIT_RATIO:.0%} of direct credits/s":
-                credit_ratio >= GOAL_CREDIT_RATIO,
-            f"API reads >= {GOAL_API_READS_PER_S:.0f}/s": api_reads >= GOAL_API_READS_PER_S,
-        },
+        runs=runs, medians=list(medians.values()), read_ratios=read_ratios,
+        api_reads_per_s=api_reads, credit_ratio=credit_ratio, goals=goals,
         host_cpus=os.cpu_count() or 0,
     )  # fmt: skip
 
@@ -301,51 +350,78 @@ def rotated(round_no: int) -> tuple[PathName, PathName]:
 
 async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchReport:
     run_id = f"bench-api-{uuid.uuid4().hex[:8]}"
-    keys = [WalletKey(client_id=f"{run_id}-{w}", country=config.country,
-                      currency=config.currency) for w in range(config.wallets)]  # fmt: skip
+    keys = {f"{currency}:{country}": [
+        WalletKey(client_id=f"{run_id}-{w}", country=country, currency=currency)
+        for w in range(config.wallets)] for currency, country in config.pairs}  # fmt: skip
     servers = ServerCpu(settings.state_dir)
     runs: list[PathFigures] = []
     async with _opened(settings, config, run_id) as (stores, target, wallets):
+        await _tb_primary(stores, f"{config.tb_currency}:{config.tb_country}")
         metrics = ReadMetricsStore(stores.db)  # the gateway records reads too (gate evidence)
         flusher = asyncio.create_task(metrics.run_flusher(METRICS_FLUSH_INTERVAL_S))
         try:
             reader = ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics)
             paths = _Paths(api=target, reader=reader, wallets=wallets, keys=keys, run_id=run_id)
-            await _warm_up(paths, config.concurrency, servers)
+            sources = await _warm_up(paths, config.concurrency, servers)
             for round_no in range(config.rounds):
-                for kind in KINDS:
+                for kind, pair in [*(("read", p) for p in keys), ("credit", paths.credit_pair)]:
                     count = config.reads if kind == "read" else config.credits
                     for path in rotated(round_no):
-                        runs.append(await _drive(paths, kind, path, round_no, count,
-                                                 config.concurrency, servers))
+                        run = _Run(kind, path, pair, sources[pair], round_no)  # type: ignore[arg-type]
+                        runs.append(await _drive(paths, run, count, config.concurrency, servers))
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
-    return _report(config, runs)
+    return _report(config, sources, runs)
 
 
-async def _warm_up(paths: _Paths, concurrency: int, servers: ServerCpu) -> None:
+async def _tb_primary(stores: Stores, scope: str) -> None:
+    """`scope` in tb_primary, as bench wallet-ops sets its TB_PRIMARY_PAIR (there on a database
+    of its own; here on the stack's: only a pair without a migration state is set, and left
+    so for later runs; a pair mid-migration is refused rather than moved)."""
+    state = await stores.migration.find(scope, fresh=True)
+    if state is None:
+        await stores.migration.set(MigrationState(
+            scope=scope, phase=Phase.TB_PRIMARY, epoch=1, rollout_percent=100))  # fmt: skip
+        await asyncio.sleep(PHASE_VISIBLE_S)  # the API and the worker cache the phase
+    elif state.phase not in (Phase.TB_PRIMARY, Phase.COMPLETE):
+        raise RequestFailed(f"pair {scope} is in phase {state.phase.value}: bench api needs it "
+                            "in tb_primary (or without a migration state)")  # fmt: skip
+
+
+async def _warm_up(paths: _Paths, concurrency: int, servers: ServerCpu) -> dict[str, str]:
     """Create every wallet (a seed credit), then one read and one credit per wallet through
-    each path: workflows, caches, connections and the API's key cache are warm before timing."""
+    each path: workflows, caches, connections and the API's key cache are warm before timing.
+    Answers the store that answered each pair's reads (one store per pair, checked)."""
     gate = asyncio.Semaphore(concurrency)
+    answered: dict[str, set[str]] = {pair: set() for pair in paths.keys}
 
-    async def each(call: Callable[[int], Awaitable[None]]) -> None:
+    async def each(pair: str, call: Callable[[int], Awaitable[object]]) -> None:
         async def one(w: int) -> None:
             async with gate:
                 await call(w)
-        await asyncio.gather(*(one(w) for w in range(len(paths.keys))))
+        await asyncio.gather(*(one(w) for w in range(len(paths.keys[pair]))))
 
-    await each(lambda w: _seed(paths, w))
-    wallets = range(len(paths.keys))
-    await run_load(paths.api, [paths.api_read(w) for w in wallets], servers)
-    await run_load(paths.api, [paths.api_credit(w, f"api-warm-{w}") for w in wallets], servers)
-    await each(paths.read)
-    await each(lambda w: paths.credit(w, f"direct-warm-{w}"))
+    async def read(pair: str, w: int) -> None:
+        answered[pair].add(await paths.read(pair, w))
+
+    for pair, keys in paths.keys.items():
+        await each(pair, lambda w, pair=pair: _seed(paths, pair, w))  # type: ignore[misc]
+        await run_load(paths.api, [paths.api_read(pair, w) for w in range(len(keys))], servers)
+        await each(pair, lambda w, pair=pair: read(pair, w))  # type: ignore[misc]
+    credit_pair, wallets = paths.credit_pair, range(len(paths.keys[paths.credit_pair]))
+    await run_load(paths.api, [paths.api_credit(credit_pair, w, f"api-warm-{w}")
+                               for w in wallets], servers)  # fmt: skip
+    await each(credit_pair, lambda w: paths.credit(credit_pair, w, f"direct-warm-{w}"))
+    for pair, stores in answered.items():
+        if len(stores) != 1:
+            raise RequestFailed(f"pair {pair}'s reads were answered by {sorted(stores)}")
+    return {pair: stores.pop() for pair, stores in answered.items()}
 
 
-async def _seed(paths: _Paths, wallet: int) -> None:
+async def _seed(paths: _Paths, pair: str, wallet: int) -> None:
     await paths.wallets.apply(AddCredit(
-        wallet=paths.keys[wallet], transaction_id=f"{paths.run_id}-seed-{wallet}",
+        wallet=paths.keys[pair][wallet], transaction_id=f"{paths.run_id}-seed-{pair}-{wallet}",
         amount=SEED_AMOUNT))
 
 
@@ -370,26 +446,35 @@ async def _opened(settings: Settings, config: ApiBenchConfig, run_id: str
         await stores.close()
 
 
-def _run_line(r: PathFigures, names: list[str]) -> str:
-    label = "median" if r.round is None else str(r.round + 1)
-    cpu = " ".join(f"{r.cpu_ms_per_request.get(n, 0.0):>7.2f}" for n in names)
-    return (f"{r.kind:<7} {r.path:<7} {label:>6} {r.requests:>7} {r.requests_per_s:>9.1f} "
-            f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f}  {cpu}")
-
-
 def format_report(report: ApiBenchReport) -> str:
+    """Rich tables (rendered to text): the medians per pair, then every round, then goals."""
     names = sorted({n for r in report.medians for n in r.cpu_ms_per_request},
                    key=lambda n: (n != "bench", n != "load", n != "api", n != "worker", n))
-    lines = [
-        f"API {report.api_url}, pair {report.pair}, {report.concurrency} concurrent callers on "
-        f"{report.wallets} wallets, {report.rounds} rounds (paths' order swapped each round), "
-        f"{report.host_cpus} CPUs",
-        f"{'kind':<7} {'path':<7} {'round':>6} {'reqs':>7} {'req/s':>9} {'p50 ms':>8} "
-        f"{'p99 ms':>8}  CPU ms/request: " + " ".join(f"{n:>7}" for n in names),
-        *(_run_line(r, names) for r in report.runs),
-        *(_run_line(r, names) for r in report.medians),
-        f"API / direct throughput (medians): reads {report.read_ratio:.0%}, "
-        f"credits {report.credit_ratio:.0%}",
-    ]
-    lines += [f"  {'met ' if met else 'MISSED'} {goal}" for goal, met in report.goals.items()]
-    return "\n".join(lines)
+    buffer = io.StringIO()
+    out = Console(file=buffer, width=TABLE_WIDTH, force_terminal=False)
+    out.print(
+        f"API {report.api_url}, {report.concurrency} concurrent callers on {report.wallets} "
+        f"wallets per pair, {report.rounds} rounds (paths' order swapped each round), "
+        f"{report.host_cpus} CPUs; reads answered by: "
+        + ", ".join(f"{pair} {source}" for pair, source in report.sources.items())
+    )  # fmt: skip
+    for title, rows in (("medians", report.medians), ("every round", report.runs)):
+        table = Table(title=f"{title} (columns after p99: CPU ms per request of each process)")
+        for column in ("kind", "pair (store)", "path", "round", "reqs", "req/s", "p50 ms",
+                       "p99 ms", *names):
+            table.add_column(column, justify="left" if column in ("kind", "path") else "right",
+                             no_wrap=True)  # fmt: skip
+        for r in rows:
+            table.add_row(
+                r.kind, f"{r.pair} ({r.source})", r.path,
+                "median" if r.round is None else str(r.round + 1), str(r.requests),
+                f"{r.requests_per_s:.1f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+                *(f"{r.cpu_ms_per_request.get(n, 0.0):.3f}" for n in names),
+            )  # fmt: skip
+        out.print(table)
+    ratios = ", ".join(f"{source} {ratio:.0%}" for source, ratio in report.read_ratios.items())
+    out.print(f"API / direct throughput (medians): reads via {ratios}; "
+              f"credits {report.credit_ratio:.0%}")  # fmt: skip
+    for goal, met in report.goals.items():
+        out.print(f"  {'met   ' if met else 'MISSED'} {goal}")
+    return buffer.getvalue().rstrip("\n")
