@@ -23,7 +23,7 @@ one entry); other content under a used id is a ConflictError.
 Also: TigerBeetle down past some holds' timeout (reported expired), MongoDB down while the
 checks are due (xfail: holds with time left expire too), ids raced in overlapping batches, a
 submitter killed between recording and starting, a typed error from intake while MongoDB is
-down (xfail: pymongo's errors reach the caller).
+down.
 
 The module's servers are its own (clearing_support.private_stack), never the session's: they
 get killed. Temporal is the session's.
@@ -234,6 +234,8 @@ async def _run(term: Terminal, stack: devstack.StackConfig, server: str, *,
         await _resend_concurrently(term, kill.kill_batch)
     outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
     assert len(outcomes) == CALLERS * BATCHES_PER_CALLER * BATCH_SIZE + sum(KILL_BATCH_SIZES)
+    # Callers hear of an outage as the retryable walletcore error, never a pymongo one.
+    assert set(out.errors) <= {"StoreUnavailableError"}, out.errors
     books = await check_books(term, stream, out.accepted, outcomes)
     counts = await records_caught_up(term, len(outcomes), books.settled)
     print(f"\n{server} kill -9 x{KILLS}: " + "; ".join(k.line() for k in kills))
@@ -430,11 +432,6 @@ async def test_a_submitter_killed_between_recording_and_starting(
 OUTAGE_ANSWER_MAX_S = 15.0  # the client's server selection (5 s) plus scheduling slack
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "ClearingClient lets pymongo's AutoReconnect / ServerSelectionTimeoutError reach its "
-    "callers while MongoDB is down (the wallet client answers StoreUnavailableError); the "
-    "fix: stores/clearing_store.py maps a PyMongoError without a server code to "
-    "StoreUnavailableError('MongoDB: ...'), as stores/general_ledger.py (_store_error) does"))
 async def test_intake_during_a_mongodb_outage_is_a_typed_retryable_error(
     temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
 ) -> None:
