@@ -9,6 +9,8 @@ counts and latency by operationId among them). The lifespan opens the process's 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +34,9 @@ DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
     PyMongoError, RedisError, TemporalError, RuntimeError,
 )  # fmt: skip
 
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVEL_ENV = "WALLETMIG_API_LOG_LEVEL"  # set by `walletmig api` for its worker processes
 
 NO_NATIVE_TELEMETRY: TelemetryConfig = {
     "tracing": False, "metrics": False, "logs": False, "operation_spans": False,
@@ -70,3 +75,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's app factory in each worker process of `walletmig api --workers N` (spawned:
+    they inherit the environment, not the parent's logging or objects)."""
+    logging.basicConfig(level=os.environ.get(LOG_LEVEL_ENV, "INFO"), format=LOG_FORMAT)
+    return create_app(ApiSettings.from_env())

@@ -25,6 +25,8 @@ Redis, TigerBeetle) plus the HTTP API's own, all from environment variables (def
   revocation takes effect within it (0 = no cache).
 - `WALLETMIG_API_DEPENDENCY_TIMEOUT_S` (2): bound on each /readyz probe and on the migration
   status query.
+- `WALLETMIG_API_WORKERS` (1): uvicorn worker processes sharing the port (`walletmig api
+  --workers`); one process uses one core at most, and a balance read costs it ~0.8 ms of CPU.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "WALLETMIG_API_IDEMPOTENCY_LEASE_S": ("idempotency_lease_s", "45"),
     "WALLETMIG_API_KEY_CACHE_TTL_S": ("key_cache_ttl_s", "5"),
     "WALLETMIG_API_DEPENDENCY_TIMEOUT_S": ("dependency_timeout_s", "2"),
+    "WALLETMIG_API_WORKERS": ("workers", "1"),
 }
+WORKERS_MAX = 16
 LEASE_MARGIN_S = 5.0  # a live request finishes (or times out) this long before its lease ends
 
 
@@ -84,6 +88,7 @@ class ApiSettings(BaseModel):
     idempotency_lease_s: float = Field(ge=1, le=3600)
     key_cache_ttl_s: float = Field(ge=0, le=300)
     dependency_timeout_s: float = Field(gt=0, le=60)
+    workers: int = Field(default=1, ge=1, le=WORKERS_MAX)
 
     @field_validator("rate_limit_money", "rate_limit_read")
     @classmethod

@@ -44,6 +44,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +77,7 @@ CREDIT_AMOUNT = Decimal("0.01")
 SEED_AMOUNT = Decimal("100.00")
 METRICS_FLUSH_INTERVAL_S = 0.5  # as the gateway's (gateway/state.py)
 PHASE_VISIBLE_S = 1.5  # a published phase reaches the API process within its cache TTL (1 s)
+CHILDREN_MAX = 64  # the API's worker processes counted
 TABLE_WIDTH = 200  # rich would cut a piped table to 80 columns
 
 Kind = Literal["read", "credit"]
@@ -134,6 +136,35 @@ class ApiBenchReport(BaseModel):
     credit_ratio: float
     goals: dict[str, bool]
     host_cpus: int
+
+
+class StackCpu(ServerCpu):
+    """ServerCpu, the API counted with its worker processes (`walletmig api --workers N`:
+    the recorded pid is uvicorn's supervisor, the requests are served by its children)."""
+
+    def sample(self) -> dict[str, float]:
+        out = super().sample()
+        record = self._records.get("api")
+        if record is not None and "api" in out:
+            out["api"] += sum(_cpu_s(pid, self._ticks_per_s) for pid in _children(record.pid))
+        return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()][:CHILDREN_MAX]
+
+
+def _cpu_s(pid: int, ticks_per_s: float) -> float:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0  # exited between the two reads
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
 
 
 class RequestFailed(Exception):
@@ -353,7 +384,7 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
     keys = {f"{currency}:{country}": [
         WalletKey(client_id=f"{run_id}-{w}", country=country, currency=currency)
         for w in range(config.wallets)] for currency, country in config.pairs}  # fmt: skip
-    servers = ServerCpu(settings.state_dir)
+    servers = StackCpu(settings.state_dir)
     runs: list[PathFigures] = []
     async with _opened(settings, config, run_id) as (stores, target, wallets):
         await _tb_primary(stores, f"{config.tb_currency}:{config.tb_country}")

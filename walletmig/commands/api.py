@@ -15,7 +15,6 @@ from typing import Any
 from walletconfig.settings import IdKeyConfigError
 from walletmig.commands import CommandError
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 GRACEFUL_SHUTDOWN_S = 10  # in-flight requests finish within this after SIGTERM
 
 
@@ -28,16 +27,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--host", help="interface (default: WALLETMIG_API_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: WALLETMIG_API_PORT or 8080)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+    parser.add_argument("--workers", type=int,
+                        help="worker processes (default: WALLETMIG_API_WORKERS or 1)")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Synchronous on purpose: uvicorn owns the event loop (uvloop when installed)."""
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     # Imported here: the CLI's other commands should not pay for FastAPI and uvicorn.
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import LOG_FORMAT, create_app
+
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     from gateway.settings import ApiSettings
 
     overrides: dict[str, object] = {}
@@ -45,11 +47,15 @@ def run(args: argparse.Namespace) -> int:
         overrides["host"] = args.host
     if args.port:
         overrides["port"] = args.port
+    if args.workers:
+        overrides["workers"] = args.workers
     settings = ApiSettings.from_env(overrides=overrides)
     try:  # the wallet id key: refused in one line here, not in a lifespan traceback
         settings.platform.id_key()
     except IdKeyConfigError as err:
         raise CommandError(str(err)) from None
+    if settings.workers > 1:
+        return _run_workers(settings, args.log_level)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -65,3 +71,27 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info("serving %s (OpenAPI at /openapi.json)", settings.url)
     server.run()
     return 0 if server.started else 1
+
+
+def _run_workers(settings: Any, log_level: str) -> int:
+    """`settings.workers` uvicorn processes on one socket, each building its app from the
+    environment (gateway.app.app_from_env): the command line's overrides go there first."""
+    import os
+
+    import uvicorn
+
+    from gateway.app import LOG_LEVEL_ENV
+
+    os.environ.update({
+        "WALLETMIG_API_HOST": settings.host, "WALLETMIG_API_PORT": str(settings.port),
+        "WALLETMIG_API_WORKERS": str(settings.workers), LOG_LEVEL_ENV: log_level,
+    })  # fmt: skip
+    logging.getLogger(__name__).info("serving %s with %d workers", settings.url, settings.workers)
+    uvicorn.run(
+        "gateway.app:app_from_env", factory=True, workers=settings.workers,
+        host=settings.host, port=settings.port,
+        **settings.ssl_options(),
+        lifespan="on", log_config=None, access_log=False, server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )  # fmt: skip
+    return 0
