@@ -1,10 +1,13 @@
 """The outbox drainers' activity: apply pending `wallet_outbox` records to TigerBeetle.
 
 One long-lived, heartbeating activity per shard (workflows.outbox runs it again and again):
-each pass reads a page of the shard's pending records in (wallet, wallet_version) order,
-applies each wallet's records in that order through the one TigerBeetle apply code
+each pass reads a page of the shard's pending records in (wallet, wallet_version) order. The
+common ones (credits and debits of imported, registered wallets) of MANY wallets go in one
+batch (OutboxBatcher: one create_transfers request cut at the cluster's limit, each wallet's in
+order inside it, one registry write, one mark); from a wallet's first record the batch cannot
+take, its records go through the one per-record TigerBeetle apply code
 (activities.wallet.TigerBeetleBacklog: registry, voids, opening-balance skips, funds pre-check,
-the backfill claim at `since_version`), many wallets at once, then marks them applied. Applying
+the backfill claim at `since_version`), many wallets at once, then are marked applied. Applying
 is idempotent (derived transfer ids, registry by transaction id), so a pass that dies after
 TigerBeetle and before the mark is simply applied again by the next one. Nothing here costs
 the Temporal server per operation: one activity per shard per RUN_S.
