@@ -376,6 +376,35 @@ async def test_validation_problems_name_the_field(
     assert assert_problem(limit, 422, "validation-error")["field"] == "limit"
 
 
+async def test_lean_balance_route_answers_as_fastapi_routes_do(
+    client: httpx.AsyncClient, keys: dict[str, str], api: ApiProcess
+) -> None:
+    """get_balance is served without FastAPI's parameter solving (gateway.routers.wallets.
+    BalanceRoute): its problems must match get_history's, which FastAPI validates, for the
+    same wallet path (fields, locations, details), and auth still comes before validation."""
+    auth = bearer(keys["full"])
+    for wallet_path, query in (("c-v/usa/USD", ""), ("c%20v/USA/USD", ""),
+                               ("c-v/USA/USD", "?issuer_type=%20x"),
+                               ("c-v/USA/toolong", "?issuer_type=-x")):  # fmt: skip
+        lean = await client.get(f"/v1/wallets/{wallet_path}/balance{query}", headers=auth)
+        routed = await client.get(f"/v1/wallets/{wallet_path}/history{query}", headers=auth)
+        problem = assert_problem(lean, 422, "validation-error")
+        expected = assert_problem(routed, 422, "validation-error")
+        assert (problem["field"], problem["errors"]) == (expected["field"], expected["errors"])
+    anonymous = await client.get("/v1/wallets/c-v/usa/USD/balance")
+    assert_problem(anonymous, 401, "unauthorized")
+    writer_only = await client.get("/v1/wallets/c-v/usa/USD/balance",
+                                     headers=bearer(keys["writer"]))  # fmt: skip
+    assert_problem(writer_only, 403, "forbidden")
+    cid = f"client-{uuid.uuid4().hex}"
+    missing = await client.get(f"/v1/wallets/{cid}/USA/USD/balance", headers=auth)
+    assert_problem(missing, 404, "not-found")
+    await asyncio.sleep(0.2)
+    log = api.log_path.read_text()
+    line = next(x for x in log.splitlines() if f"/v1/wallets/cl***{cid[-2:]}/USA/USD/balance" in x)
+    assert "op=get_balance status=404" in line and " key=full(" in line
+
+
 async def test_malformed_json_and_oversized_bodies(
     client: httpx.AsyncClient, keys: dict[str, str]
 ) -> None:
@@ -645,3 +674,27 @@ async def test_rate_limiter_batches_hold_the_limit_across_processes(
     finally:
         await together.close()
     assert 400 - stats.remaining <= 40 + 4, "40 requests took at most one batch too many"
+
+
+async def test_workers_share_the_port_and_log_every_request(
+    api_settings: Settings, work_dir: Path, keys: dict[str, str]
+) -> None:
+    """`WALLETMIG_API_WORKERS=2` (`walletmig api --workers 2`): two uvicorn processes serve
+    the port, each with the access log, and SIGTERM to the supervisor stops both."""
+    extra = {"WALLETMIG_API_WORKERS": "2"}
+    with running_api(api_settings, work_dir, name="workers-api", extra=extra,
+                     with_worker=False) as process:  # fmt: skip
+        assert process.proc is not None
+        children = Path(f"/proc/{process.proc.pid}/task/{process.proc.pid}/children")
+        pids = [int(pid) for pid in children.read_text().split()  # not the resource tracker
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(pids) == 2, pids
+        async with httpx.AsyncClient(base_url=process.url, headers=bearer(keys["reader"])) as http:
+            answers = await asyncio.gather(*(http.get("/v1/clients/c-workers/balances")
+                                             for _ in range(20)))  # fmt: skip
+        assert {a.status_code for a in answers} == {200}
+        await asyncio.sleep(0.2)
+        log = process.log_path.read_text()
+        assert log.count("op=get_balances status=200") == 20
+        assert all(f"Started server process [{pid}]" in log for pid in pids)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
