@@ -575,7 +575,8 @@ def _worker_ready(temporal: Path, address: str, task_queues: Sequence[str]
     return probe
 
 
-def _temporal_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) -> ComponentSpec:
+def _temporal_spec(config: StackConfig, temporal: Path, env: Mapping[str, str], *,
+                   codec_ui: bool = True) -> ComponentSpec:
     data_dir = config.state_dir.resolve() / "temporal"
     argv: list[str] = [
         str(temporal), "server", "start-dev",
@@ -591,10 +592,13 @@ def _temporal_spec(config: StackConfig, temporal: Path, env: Mapping[str, str]) 
         # silently turn it off.
         "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true",
         "--dynamic-config-value", "frontend.enableExecuteMultiOperation=true",
-        # The Web UI asks the codec server to decrypt what it shows (README, "Payload
-        # encryption": the engineer signs in to the codec server once per browser).
-        "--ui-codec-endpoint", config.codec_url,
     ]  # fmt: skip
+    if codec_ui:
+        # The Web UI asks the codec server to decrypt what it shows (README, "Payload
+        # encryption": the engineer signs in to the codec server once per browser). Left out
+        # when the codec server is not started with Temporal (`--only temporal`): the UI would
+        # fail every Update it sends on an endpoint nobody serves.
+        argv += ["--ui-codec-endpoint", config.codec_url]
     for name, kind in SEARCH_ATTRIBUTES.items():
         argv += ["--search-attribute", f"{name}={kind}"]
     return ComponentSpec(
@@ -730,12 +734,12 @@ def _api_spec(config: StackConfig, env: Mapping[str, str]) -> ComponentSpec:
     )  # fmt: skip
 
 
-def component_specs(config: StackConfig) -> dict[str, ComponentSpec]:
+def component_specs(config: StackConfig, *, codec_ui: bool = True) -> dict[str, ComponentSpec]:
     """Every component's launch spec, in start order (one function per component above)."""
     temporal = find_binary("temporal")
     base_env = without_inline_secrets(os.environ)
     specs = {
-        "temporal": _temporal_spec(config, temporal, base_env),
+        "temporal": _temporal_spec(config, temporal, base_env, codec_ui=codec_ui),
         "redis": _redis_spec(config, base_env),
         "mongo": _mongo_spec(config, base_env),
         "tigerbeetle": _tigerbeetle_spec(config, base_env),
@@ -894,7 +898,7 @@ def up(config: StackConfig, components: Sequence[str] | None = None) -> list[Com
     results: dict[str, ComponentStatus] = {}
     with _locked(state):
         ensure_secrets(config)  # before the specs: the codec server's env carries the token
-        specs = component_specs(config)
+        specs = component_specs(config, codec_ui=CODEC_SERVER in selected)
         records = read_records(state)
         _check_ports_free(config, specs, selected, records)
         _check_request_limit(config, records)
