@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from pymongo.asynchronous.database import AsyncDatabase
-from wallet_support import REPO_ROOT, start_worker, stop_workers, worker_env
+from wallet_support import (
+    REPO_ROOT,
+    isolated_settings,
+    start_worker,
+    stop_workers,
+    worker_env,
+)
 
 from stores.api_keys import ApiKeyStore
 from walletconfig.settings import Settings
@@ -154,3 +161,25 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def api_module_fixtures(name: str) -> tuple[Any, Any, Any]:
+    """The `api_settings`, `api` and `db` module fixtures of a test file that runs its own API
+    process on isolated settings (database and task queues named after `name`). Assign them
+    to those three names at module level."""
+
+    @pytest.fixture(scope="module")
+    def api_settings(settings: Settings) -> Settings:
+        return isolated_settings(settings, name)
+
+    @pytest.fixture(scope="module")
+    def api(api_settings: Settings,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+        with running_api(api_settings, tmp_path_factory.mktemp(name)) as process:
+            yield process
+
+    @pytest.fixture(scope="module")
+    def db(mongo_client: Any, api_settings: Settings) -> AsyncDatabase[Any]:
+        return mongo_client[api_settings.mongodb_database]  # type: ignore[no-any-return]
+
+    return api_settings, api, db

@@ -10,40 +10,26 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
-from api_support import ALL_SCOPES, ApiProcess, bearer, make_key, running_api
+from api_support import ALL_SCOPES, ApiProcess, api_module_fixtures, bearer, make_key
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client
-from wallet_support import REPO_ROOT, isolated_settings
+from wallet_support import REPO_ROOT
 
 from messages.migration import MigrationConfig, MigrationInput, migration_workflow_id
 from stores.audit_chain import AUDIT_RECORDS, CHAIN_API, MIGRATION_AUDIT
-from walletconfig.settings import Settings
 
 PROBLEM = "application/problem+json"
 CLI_TIMEOUT_S = 120
 OPERATE = ["migration:operate", "migration:read"]
 
 
-@pytest.fixture(scope="module")
-def api_settings(settings: Settings) -> Settings:
-    return isolated_settings(settings, "apimig")
-
-
-@pytest.fixture(scope="module")
-def api(api_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
-    with running_api(api_settings, tmp_path_factory.mktemp("apimig")) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def db(mongo_client: Any, api_settings: Settings) -> AsyncDatabase[Any]:
-    return mongo_client[api_settings.mongodb_database]  # type: ignore[no-any-return]
+api_settings, api, db = api_module_fixtures("apimig")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

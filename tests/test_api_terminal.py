@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from api_support import ALL_SCOPES, ApiProcess, bearer, make_key, running_api
+from api_support import ALL_SCOPES, ApiProcess, api_module_fixtures, bearer, make_key, running_api
 from pymongo.asynchronous.database import AsyncDatabase
-from wallet_support import isolated_settings
 
 from walletconfig.settings import Settings
 from walletmig.processes import free_port
@@ -26,20 +25,7 @@ KIND = "ach_credit_in"  # debits 1050 ACH-Settlement-Account, credits 2180 Direc
 DEBIT_ACCOUNT = 1050
 
 
-@pytest.fixture(scope="module")
-def api_settings(settings: Settings) -> Settings:
-    return isolated_settings(settings, "api_term")
-
-
-@pytest.fixture(scope="module")
-def api(api_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
-    with running_api(api_settings, tmp_path_factory.mktemp("api-terminal")) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def db(mongo_client: Any, api_settings: Settings) -> AsyncDatabase[Any]:
-    return mongo_client[api_settings.mongodb_database]  # type: ignore[no-any-return]
+api_settings, api, db = api_module_fixtures("api_term")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
