@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -355,11 +355,17 @@ class DrainerStarter:
         self._ensured[key] = now
 
 
+# Another pass each drain loop turn runs after the shard's own (H4's hook: tb_primary's
+# reverse projection, activities.reverse_outbox): (shard, beat) -> records it handled.
+ExtraPass = Callable[[int, Callable[[], None]], Awaitable[int]]
+
+
 class OutboxActivities:
     def __init__(self, outbox: Outbox, applier: _Applier, *,
-                 batcher: OutboxBatcher | None = None) -> None:
+                 batcher: OutboxBatcher | None = None, reverse: ExtraPass | None = None) -> None:
         self._outbox = outbox
         self._drainer = OutboxDrainer(outbox, applier, batcher)
+        self._reverse = reverse
 
     @activity.defn(name=ACTIVITY_DRAIN_OUTBOX)
     async def drain_outbox_shard(self, inp: DrainOutboxInput) -> DrainOutboxOutput:
@@ -380,6 +386,8 @@ class OutboxActivities:
                 pause = IDLE_POLL_MIN_S
                 try:
                     n = await self._drainer.drain_pass(inp.shard, _beat)
+                    if self._reverse is not None:
+                        n += await self._reverse(inp.shard, _beat)
                 except Exception as err:  # an outage (TigerBeetle, MongoDB): pause, try again
                     log.warning("outbox shard %d: pass failed, retrying: %r", inp.shard, err)
                     n, pause = 0, ERROR_PAUSE_S
