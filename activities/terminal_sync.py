@@ -28,6 +28,13 @@ code) is `unmatched`: never written, counted, kept in the sync status, reported 
 reconciliation as posted without entry. The sync does not move transaction states: the
 pipeline's batch owns them (its final update finds the entry and settles).
 
+**Resume.** The catch-up run (the Temporal Schedule's, `once`) also starts the workflows of
+batches left `received` by a submitter that died between recording and starting
+(`resume_received`: ClearingClient.resume, the oldest batches first, at most `batches_max` a
+run, on this activity's task queue, where the batch workflows run too). Idempotent: the
+workflow id derives from the batch id and a running workflow is never started twice, so a
+resume racing a late submitter starts one workflow.
+
 **Lag.** `sync_lag_seconds` = now - the oldest posted transfer not yet in the ledger. A page
 measures it exactly when it finds a missing post (the oldest missing one is the first after
 the cursor) or reaches the end (0, or the oldest unmatched transfer); otherwise it is bounded
@@ -44,10 +51,13 @@ import tigerbeetle as tb
 from temporalio import activity
 
 from messages.clearing import (
+    ACTIVITY_RESUME_RECEIVED,
     ACTIVITY_SYNC_PAGE,
     REFUSED_SAMPLE_MAX,
     SYNC_PAGE_LIMIT_DEFAULT,
     LedgerSyncOutcome,
+    ResumeReceivedInput,
+    ResumeReceivedReport,
     SyncCursor,
     SyncPageInput,
     SyncPageReport,
@@ -59,6 +69,7 @@ from stores.clearing_store import ClearingStore
 from stores.general_ledger import GeneralLedger
 from stores.terminal_reports import TerminalReports
 from stores.tigerbeetle_client import TigerBeetleClient
+from walletclient.clearing_client import OWNER_GRACE_S, ClearingClient
 from walletcore.clearing import (
     DEFAULT_CLEARING_TABLE,
     TRANSFER_FLAG_PENDING,
@@ -160,6 +171,10 @@ class LedgerSync:
     @property
     def table(self) -> ClearingTable:
         return self._table
+
+    @property
+    def clearing(self) -> ClearingStore:
+        return self._clearing
 
     async def page(
         self, floor: int = 0, limit: int = SYNC_PAGE_LIMIT_DEFAULT, *,
@@ -311,7 +326,8 @@ def add_page(totals: SyncTotals, page: SyncPageReport) -> SyncTotals:
 
 
 class TerminalSyncActivities:
-    """The sync page as a Temporal activity (LedgerSyncWorkflow calls it by name)."""
+    """The sync page and the resume as Temporal activities (LedgerSyncWorkflow calls them by
+    name)."""
 
     def __init__(self, sync: LedgerSync, *, query_limit_max: int = QUERY_LIMIT_MAX) -> None:
         self._sync = sync
@@ -321,5 +337,16 @@ class TerminalSyncActivities:
     async def sync_page(self, inp: SyncPageInput) -> SyncPageReport:
         return await self._sync.page(inp.cursor.timestamp, min(inp.limit, self._limit_max))
 
+    @activity.defn(name=ACTIVITY_RESUME_RECEIVED)
+    async def resume_received(self, inp: ResumeReceivedInput) -> ResumeReceivedReport:
+        """Start the batches left `received` (module docstring, Resume) with the worker's own
+        Temporal client, on this activity's task queue."""
+        clearing = ClearingClient(activity.client(), self._sync.clearing,
+                                  activity.info().task_queue, table=self._sync.table)
+        older_than_s = OWNER_GRACE_S if inp.older_than_s is None else inp.older_than_s
+        started = await clearing.resume(older_than_s=older_than_s,
+                                        batches_max=inp.batches_max)
+        return ResumeReceivedReport(started=started)
+
     def all(self) -> list[Callable[..., object]]:
-        return [self.sync_page]
+        return [self.sync_page, self.resume_received]

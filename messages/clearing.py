@@ -41,6 +41,7 @@ ACTIVITY_CONFIRM = "terminal_confirm"
 ACTIVITY_SYNC_PAGE = "ledger_sync_page"
 ACTIVITY_RECONCILE_PAGE = "terminal_reconcile_page"
 ACTIVITY_RECONCILE_FINISH = "terminal_reconcile_finish"
+ACTIVITY_RESUME_RECEIVED = "terminal_resume_received"
 
 SYNC_SCHEDULE_ID = "ledger-sync-schedule"
 SYNC_EVERY_S_DEFAULT = 300  # the plan's catch-up sync (the continuous sync runs meanwhile)
@@ -299,6 +300,11 @@ SYNC_PAGES_PER_RUN_DEFAULT = 500  # pages of one run before continue-as-new
 SYNC_PAGES_PER_RUN_MAX = 10_000
 RECONCILE_PAGE_DEFAULT = TB_BATCH_MAX
 RECONCILE_STAGES = ("start", "entries", "transfers", "holds", "finish")
+# The catch-up run resumes batches left `received` (a submitter died between recording and
+# starting): at most this many per run, so one run stays short.
+RESUME_BATCHES_PER_RUN_DEFAULT = 100
+RESUME_BATCHES_PER_RUN_MAX = 1000
+RESUME_OLDER_THAN_S_MAX = 7 * 86_400.0
 
 
 class SyncPageReport(SyncPageResult):
@@ -323,10 +329,24 @@ class SyncTotals(_Model):
     unmatched: int = Field(default=0, ge=0)
 
 
+class ResumeReceivedInput(_Model):
+    """Start the workflows of at most `batches_max` batches whose transactions are `received`
+    longer than `older_than_s` (None: the client's owner grace, OWNER_GRACE_S)."""
+
+    older_than_s: float | None = Field(default=None, ge=0, le=RESUME_OLDER_THAN_S_MAX)
+    batches_max: int = Field(default=RESUME_BATCHES_PER_RUN_DEFAULT, ge=1,
+                             le=RESUME_BATCHES_PER_RUN_MAX)
+
+
+class ResumeReceivedReport(_Model):
+    started: list[str] = Field(default_factory=list, max_length=RESUME_BATCHES_PER_RUN_MAX)
+
+
 class LedgerSyncInput(_Model):
     """LedgerSyncWorkflow: `once` stops when caught up (the schedule's catch-up run); otherwise
     it polls every `idle_s` while caught up and continues as new every `pages_per_run` pages.
-    `cursor` is a floor carried across continue-as-new (the durable cursor is in the ledger)."""
+    `cursor` is a floor carried across continue-as-new (the durable cursor is in the ledger).
+    A `once` run first resumes batches a dead submitter left `received` (`resume`; None: not)."""
 
     once: bool = False
     cursor: SyncCursor = Field(default_factory=SyncCursor)
@@ -335,6 +355,7 @@ class LedgerSyncInput(_Model):
     pages_per_run: int = Field(default=SYNC_PAGES_PER_RUN_DEFAULT, ge=1,
                                le=SYNC_PAGES_PER_RUN_MAX)
     totals: SyncTotals = Field(default_factory=SyncTotals)
+    resume: ResumeReceivedInput | None = Field(default_factory=ResumeReceivedInput)
 
 
 class LedgerSyncOutcome(_Model):
@@ -347,6 +368,7 @@ class LedgerSyncOutcome(_Model):
     caught_up: bool
     lag_s: float = Field(ge=0)
     lag_exact: bool = True
+    resumed: list[str] = Field(default_factory=list, max_length=RESUME_BATCHES_PER_RUN_MAX)
 
 
 class BalanceDrift(_Model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -32,6 +33,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.clearing import build_clearing_activities
+from activities.terminal_sync import LedgerSync, TerminalSyncActivities
 from messages.clearing import TransactionOutcome
 from mongobase.mongo import bson_to_int, make_mongo_client
 from stores.clearing_blocklist import BlockedParties
@@ -56,12 +58,34 @@ from walletmig import devstack
 from walletmig.processes import is_alive
 from workers.wallet_worker import workflow_runner
 from workflows.clearing import ClearingBatchWorkflow
+from workflows.terminal_sync import LedgerSyncWorkflow
 
 Db = AsyncDatabase[dict[str, Any]]
 KILL_WAIT_S = 10.0
 LOOKUP_CHUNK = 2000  # ids per lookup: well under any request limit
 SETTLED, REJECTED = ClearingState.SETTLED.value, ClearingState.REJECTED.value
 FINAL = frozenset({SETTLED, REJECTED})
+
+
+# Recorded histories of the terminal's workflows (ClearingBatchWorkflow, LedgerSyncWorkflow):
+# test_clearing_crash.py::test_replay_recorded_clearing_history replays each with today's code.
+# WALLETMIG_RECORD_HISTORIES=1 records the missing ones (=all: every one), as tests/test_replay.
+CLEARING_HISTORIES = Path(__file__).parent / "data" / "clearing_histories"
+RECORD_MODE = os.environ.get("WALLETMIG_RECORD_HISTORIES", "")
+
+
+async def record_history(temporal: Client, workflow_id: str, name: str) -> bool:
+    """Save the workflow's history as CLEARING_HISTORIES/<name>.json when recording is on
+    (missing ones with RECORD_MODE=1, every one with =all). True when saved."""
+    path = CLEARING_HISTORIES / f"{name}.json"
+    if not (RECORD_MODE == "all" or (RECORD_MODE == "1" and not path.exists())):
+        return False
+    handle = temporal.get_workflow_handle(workflow_id)
+    history = await handle.fetch_history()
+    CLEARING_HISTORIES.mkdir(parents=True, exist_ok=True)
+    payload = {"workflow_id": workflow_id, "history": json.loads(history.to_json())}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return True
 
 
 # ---- a private stack -----------------------------------------------------------------------
@@ -158,9 +182,14 @@ async def terminal(temporal: Client, mongodb_uri: str, tb: BatchedClient,
         for party in blocked:
             await BlockedParties(db).block(party, "sanctions")
         queue = f"clearing-crash-{uuid.uuid4().hex[:8]}"
-        async with Worker(temporal, task_queue=queue, workflows=[ClearingBatchWorkflow],
-                          activities=activities.all(), workflow_runner=workflow_runner()):
-            ledger = GeneralLedger(db, chart=table.chart)
+        ledger = GeneralLedger(db, chart=table.chart)
+        # The catch-up sync too (what the Temporal Schedule starts): it resumes batches left
+        # `received`, on its own task queue, like the migration worker serves both.
+        sync = LedgerSync(tb, ledger, ClearingStore(db), table=table)
+        async with Worker(temporal, task_queue=queue,
+                          workflows=[ClearingBatchWorkflow, LedgerSyncWorkflow],
+                          activities=[*activities.all(), *TerminalSyncActivities(sync).all()],
+                          workflow_runner=workflow_runner()):
             client = ClearingClient(temporal, ClearingStore(db), queue, ledger=ledger,
                                     table=table)
             yield Terminal(client, db, tb, table, queue)

@@ -21,9 +21,10 @@ The same external ids resent concurrently under other batch ids are replays (one
 one entry); other content under a used id is a ConflictError.
 
 Also: TigerBeetle down past some holds' timeout (reported expired), MongoDB down while the
-checks are due (xfail: holds with time left expire too), ids raced in overlapping batches, a
-submitter killed between recording and starting, a typed error from intake while MongoDB is
-down.
+checks are due (the short holds expire, those with time left are checked again and settle),
+ids raced in overlapping batches, a submitter killed between recording and starting (the
+catch-up sync's run resumes its batch), a typed error from intake while MongoDB is down, and
+the terminal's recorded workflow histories replayed with today's code.
 
 The module's servers are its own (clearing_support.private_stack), never the session's: they
 get killed. Temporal is the session's.
@@ -34,16 +35,20 @@ The clearing worker's kill -9: test_clearing_pipeline.py::test_kill_9_of_the_wor
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from clearing_support import (
+    CLEARING_HISTORIES,
     FINAL,
     LONG_HOLD,
     LONG_HOLD_S,
@@ -58,6 +63,7 @@ from clearing_support import (
     open_holds,
     private_stack,
     reach_stage,
+    record_history,
     records_caught_up,
     restart,
     stages,
@@ -68,11 +74,15 @@ from clearing_support import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer
 
+from messages.clearing import LedgerSyncInput, LedgerSyncOutcome, ResumeReceivedInput
+from messages.clearing_pipeline import batch_workflow_id
 from stores.bundle import connect_batched
 from stores.clearing_store import ClearingStore
 from stores.tb_batches import BatchedClient
+from walletclient.temporal_connect import data_converter
 from walletconfig.settings import Settings
 from walletcore.clearing import (
     DEFAULT_CLEARING_TABLE,
@@ -86,6 +96,9 @@ from walletcore.errors import StoreUnavailableError
 from walletcore.journal import AccountBalance, balance_deltas, trial_balance
 from walletcore.money import from_minor
 from walletmig import devstack
+from workers.wallet_worker import workflow_runner
+from workflows.clearing import ClearingBatchWorkflow
+from workflows.terminal_sync import LedgerSyncWorkflow
 
 BATCH_SIZE = 40
 CALLERS = 2
@@ -313,9 +326,10 @@ async def test_mongodb_down_while_the_checks_run(
 ) -> None:
     """MongoDB dies once a batch's holds exist (its checks, which read MongoDB, come next)
     and stays down longer than half the batch's holds (MID_HOLD, 10 s); the other half hold
-    LONG_HOLD_S (40 s). The MID holds expire (reported `expired`, never posted). The LONG ones
-    have ~20 s left when MongoDB is back: their checks could run in time, so they should
-    settle. The books balance either way."""
+    LONG_HOLD_S (40 s). The first checks attempt, bounded by the MID holds' expiry, fails; the
+    MID holds expire (reported `expired`, never posted); the LONG ones, ~25 s left, are
+    checked again (workflows/clearing.py PATCH_RECHECK) once MongoDB is back, and settle. The
+    books balance."""
     stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
     batch = [ExternalTransaction(external_id=f"{stream.run}-{n}", kind=kind,
                                  amount=Decimal("3.25"), currency="USD",
@@ -336,24 +350,21 @@ async def test_mongodb_down_while_the_checks_run(
         await asyncio.sleep(MID_HOLD_S + 2)
         took = await restart(stack, "mongo")
         outcomes = await wait_final(term, out.accepted, LONG_HOLD_S + FINAL_WAIT_S)
+        await temporal_client.get_workflow_handle(batch_workflow_id(batch_id)).result()
+        await record_history(temporal_client, batch_workflow_id(batch_id),
+                             "clearing_checks_failed")
         long_ids = [t.external_id for t in batch if t.kind == LONG_HOLD]
         long_outcomes = Counter(outcomes[x].reason or outcomes[x].state for x in long_ids)
-        for x in long_ids:  # the books are checked against what happened
-            if outcomes[x].reason == "expired":
-                stream.expected[x] = "expired"
+        mid_outcomes = Counter(outcomes[x].reason or outcomes[x].state
+                               for x in outcomes if x not in long_ids)
+        print(f"\nmongodb down {MID_HOLD_S + 2} s from stage {at_kill} (restart {took:.1f} "
+              f"s): MID holds {dict(mid_outcomes)}, LONG holds {dict(long_outcomes)}; "
+              f"{time.monotonic() - started:.1f} s")
+        assert mid_outcomes == {"expired": len(long_ids)}, mid_outcomes
+        assert long_outcomes == {"settled": len(long_ids)}, (
+            f"holds with time left after the outage did not settle: {dict(long_outcomes)}")
         books = await check_books(term, stream, out.accepted, outcomes)
         await records_caught_up(term, len(outcomes), books.settled)
-    print(f"\nmongodb down {MID_HOLD_S + 2} s from stage {at_kill} (restart {took:.1f} s): "
-          f"MID holds {dict(Counter(outcomes[x].reason for x in outcomes if x not in long_ids))}"
-          f", LONG holds {dict(long_outcomes)}; {time.monotonic() - started:.1f} s")
-    assert {outcomes[x].reason for x in outcomes if x not in long_ids} == {"expired"}
-    if long_outcomes != {"settled": len(long_ids)}:
-        pytest.xfail(
-            "workflows/clearing.py bounds a batch's checks by its earliest expiry and, when "
-            "they fail, leaves every hold of the batch to expire: one short hold plus a "
-            f"MongoDB outage expired holds that had time left ({dict(long_outcomes)}). Fix: "
-            "after a failed checks attempt, re-split the holds by time left and check again "
-            "those with CHECK_BUDGET_MIN left (each bounded by its own earliest expiry).")
 
 
 async def test_the_same_ids_raced_in_overlapping_batches_settle_once(
@@ -402,7 +413,10 @@ async def test_a_submitter_killed_between_recording_and_starting(
     starting their workflows. One is resent by its own submitter (same batch id): it starts
     and settles. The other's ids, resent at once by another caller under another batch id,
     are replays of a young owner (left alone: its submitter may still start it) and stay
-    `received` until `resume` starts the owner's batch. Each id ends once, the books balance."""
+    `received` until the catch-up sync's run (what the Temporal Schedule starts, no manual
+    `resume`) starts the owner's batch; a second run, the manual `resume` and the owner's
+    submitter coming back late start nothing more (one run of the batch's workflow). Each id
+    ends once, the books balance."""
     stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
     first, second = stream.batch(0, 20), stream.batch(1, 20)
     async with terminal(temporal_client, stack.mongodb_uri, tb_client, [BLOCKED]) as term:
@@ -418,15 +432,35 @@ async def test_a_submitter_killed_between_recording_and_starting(
         first_ids = [t.external_id for t in first]
         second_ids = [t.external_id for t in second]
         await wait_final(term, first_ids, FINAL_WAIT_S)
+        await temporal_client.get_workflow_handle(batch_workflow_id(first_id)).result()
+        await record_history(temporal_client, batch_workflow_id(first_id), "clearing_batch")
         await asyncio.sleep(2.0)
         waiting = await term.client.statuses(second_ids)
         assert {o.state for o in waiting.values()} == {"received"}, "no one started it"
-        assert await term.client.resume(older_than_s=0) == [second_id]
-        assert await term.client.resume(older_than_s=0) == []  # running: left alone
+        assert await _catch_up(temporal_client, term, "first") == [second_id]
+        handle = temporal_client.get_workflow_handle(batch_workflow_id(second_id))
+        run_id = (await handle.describe()).run_id
+        assert await _catch_up(temporal_client, term, "second") == []  # running: left alone
+        assert await term.client.resume(older_than_s=0) == []
+        late = await term.client.submit_many(second, batch_id=second_id)  # its submitter
+        assert not late.accepted and {r.batch_id for r in late.replayed} == {second_id}
+        assert (await handle.describe()).run_id == run_id, "the batch was started twice"
         ids = [*first_ids, *second_ids]
         outcomes = await wait_final(term, ids, FINAL_WAIT_S)
         books = await check_books(term, stream, ids, outcomes)
         await records_caught_up(term, len(outcomes), books.settled)
+
+
+async def _catch_up(temporal: Client, term: Terminal, run: str) -> list[str]:
+    """One catch-up sync run as the Temporal Schedule starts it (LedgerSyncWorkflow, `once`),
+    resuming batches `received` for any time: the batches it started."""
+    outcome: LedgerSyncOutcome = await temporal.execute_workflow(
+        LedgerSyncWorkflow.run,
+        LedgerSyncInput(once=True, resume=ResumeReceivedInput(older_than_s=0)),
+        id=f"sync-catch-up-{term.queue}-{run}", task_queue=term.queue,
+        execution_timeout=timedelta(minutes=2))
+    assert outcome.caught_up
+    return outcome.resumed
 
 
 OUTAGE_ANSWER_MAX_S = 15.0  # the client's server selection (5 s) plus scheduling slack
@@ -469,6 +503,33 @@ async def test_intake_during_a_mongodb_outage_is_a_typed_retryable_error(
         await submit_until_recorded(term, batch, out, timeout_s=SUBMIT_TIMEOUT_S)
         outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
         assert {o.state for o in outcomes.values()} == {"settled"}, outcomes
+
+
+# ---- recorded histories of the terminal's workflows ----------------------------------------
+
+
+def _histories() -> list[Path]:
+    return sorted(CLEARING_HISTORIES.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", _histories(), ids=lambda p: p.stem)
+async def test_replay_recorded_clearing_history(path: Path) -> None:
+    """Histories recorded by this module and test_terminal_sync (WALLETMIG_RECORD_HISTORIES=1)
+    before each workflow change replay with today's code: clearing_checks_failed (the checks
+    timed out, every hold left to expire: before PATCH_RECHECK), clearing_batch (a batch that
+    settled), ledger_sync_once (a catch-up run before PATCH_RESUME_RECEIVED)."""
+    data = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(data["workflow_id"], data["history"])
+    replayer = Replayer(workflows=[ClearingBatchWorkflow, LedgerSyncWorkflow],
+                        data_converter=data_converter(), workflow_runner=workflow_runner())
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure!r}"
+
+
+def test_clearing_histories_present() -> None:
+    names = {p.stem for p in _histories()}
+    expected = {"clearing_checks_failed", "clearing_batch", "ledger_sync_once"}
+    assert expected <= names, f"missing recorded histories: {sorted(expected - names)}"
 
 
 # ---- the double-entry invariant over random batches (pure walletcore) -----------------------

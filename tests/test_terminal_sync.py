@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from clearing_support import record_history
 from ledger_sync_support import Terminal, make_terminal, mix, spend, txn
 from pymongo import AsyncMongoClient
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -196,6 +197,7 @@ async def test_sync_and_reconcile_workflows(terminal: Terminal, temporal_client:
             id=f"sync-once-{queue}", task_queue=queue,
             execution_timeout=timedelta(minutes=2))
         assert once.caught_up and once.totals.new_entries == 12 and once.totals.pages >= 5
+        await record_history(temporal_client, f"sync-once-{queue}", "ledger_sync_once")
 
         # The continuous sync: later posts land without anyone asking, then it idles.
         handle = await temporal_client.start_workflow(

@@ -195,14 +195,17 @@ class ClearingClient:
         return await self._start(batch_id, open_ids, reuse=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
 
     async def resume(self, *, older_than_s: float = OWNER_GRACE_S,
-                     limit: int = FIND_LIMIT_MAX) -> list[str]:
-        """Every batch with transactions `received` longer than `older_than_s`: started again
-        where its workflow is not running. Returns the batches started."""
+                     limit: int = FIND_LIMIT_MAX,
+                     batches_max: int = RESUME_BATCHES_MAX) -> list[str]:
+        """Every batch (the oldest `batches_max`) with transactions `received` longer than
+        `older_than_s`: started again where its workflow is not running. Returns the batches
+        started."""
+        assert 1 <= batches_max <= RESUME_BATCHES_MAX
         before = datetime.now(UTC) - timedelta(seconds=older_than_s)
         stuck = await self._clearing.find_by_state(ClearingState.RECEIVED, limit,
                                                    received_before=before)
         started: list[str] = []
-        for batch_id in list(dict.fromkeys(r.batch_id for r in stuck))[:RESUME_BATCHES_MAX]:
+        for batch_id in list(dict.fromkeys(r.batch_id for r in stuck))[:batches_max]:
             if await self.resume_batch(batch_id):
                 started.append(batch_id)
         return started

@@ -13,6 +13,14 @@ is too short or runs out, the holds are left to TigerBeetle: the workflow sleeps
 expiry and voids them, which TigerBeetle answers `pending_transfer_expired` (reported as
 `expired`; a hold not yet released is voided with `checks_unfinished`). Nothing is posted
 without its checks.
+
+Re-checks (patch PATCH_RECHECK): when a checks attempt ran out of time (MongoDB down, say),
+the holds are split again by the time they have left; those with CHECK_BUDGET_MIN or more are
+checked again, bounded by their own earliest expiry, and only the others are left to expire.
+Why: one short hold in a batch bounds the first attempt, and without this an outage longer
+than the short hold expired every hold of the batch, also those with time to spare. Each
+failed round leaves the earliest hold with less than POST_MARGIN (< CHECK_BUDGET_MIN), so it
+drops out: the rounds are bounded by the batch's distinct expiries (and RECHECK_ROUNDS_MAX).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, RetryState, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from messages.clearing import (
@@ -58,6 +66,10 @@ CHECKS_ATTEMPT_MAX = timedelta(seconds=60)
 CHECK_BUDGET_MIN = timedelta(seconds=5)
 POST_MARGIN = timedelta(seconds=2)
 EXPIRY_MARGIN = timedelta(seconds=1)  # after the last expiry, before voiding what is left
+# Histories recorded before it leave every hold of a batch to expire after a failed checks
+# attempt; with it, the holds with time left are checked again (module docstring).
+PATCH_RECHECK = "clearing-recheck-holds-with-time-left"
+RECHECK_ROUNDS_MAX = 16  # checks attempts per batch (each failed one drops >= 1 hold)
 
 T = TypeVar("T")
 
@@ -96,15 +108,24 @@ class ClearingBatchWorkflow:
             return await self._finish(inp.batch_id, [], refused)
         rejected: list[VoidItem] = list(holds.rejected)
         posted: list[PostedItem] = []
-        in_time, late = self._split(holds)
-        if in_time:
+        expiry = dict(zip(holds.pending, holds.expires_at_ns, strict=True))
+        in_time, late = _split(holds.pending, expiry)
+        for _ in range(RECHECK_ROUNDS_MAX):
+            if not in_time:
+                break
             self._stage = "checks"
-            decided = await self._check_and_decide(inp.batch_id, in_time, holds)
-            if decided is None:
-                late.extend(in_time)
-            else:
+            decided = await self._check_and_decide(inp.batch_id, in_time, expiry)
+            if isinstance(decided, PostVoidResult):
                 posted.extend(decided.posted)
                 rejected.extend(_rejections(decided))
+                in_time = []
+            elif _out_of_time(decided) and workflow.patched(PATCH_RECHECK):
+                in_time, short = _split(in_time, expiry)  # re-check those with time left
+                late.extend(short)
+            else:
+                late.extend(in_time)
+                in_time = []
+        late.extend(in_time)  # out of rounds: left to expire
         if late:
             self._stage = "expiring"
             expired = await self._let_expire(inp.batch_id, late, holds)
@@ -112,22 +133,11 @@ class ClearingBatchWorkflow:
             rejected.extend(_rejections(expired))
         return await self._finish(inp.batch_id, posted, rejected)
 
-    def _split(self, holds: HoldsResult) -> tuple[list[str], list[str]]:
-        """Holds with enough time left for the checks, and the others."""
-        now_ns = _now_ns()
-        budget_ns = _ns(CHECK_BUDGET_MIN)
-        in_time: list[str] = []
-        late: list[str] = []
-        for external_id, expires_ns in zip(holds.pending, holds.expires_at_ns, strict=True):
-            (in_time if expires_ns - now_ns >= budget_ns else late).append(external_id)
-        return in_time, late
-
     async def _check_and_decide(
-        self, batch_id: str, ids: list[str], holds: HoldsResult
-    ) -> PostVoidResult | None:
-        """Checks bounded by the earliest expiry among `ids`, then post/void. None when the
-        checks could not finish in time (the holds are left to expire)."""
-        expiry = dict(zip(holds.pending, holds.expires_at_ns, strict=True))
+        self, batch_id: str, ids: list[str], expiry: dict[str, int]
+    ) -> PostVoidResult | ActivityError:
+        """Checks bounded by the earliest expiry among `ids`, then post/void. The checks'
+        error when they could not finish (in time, or at all): nothing was decided."""
         left_ns = min(expiry[x] for x in ids) - _now_ns() - _ns(POST_MARGIN)
         budget = timedelta(milliseconds=max(left_ns // NS_PER_MS, 1))
         try:
@@ -137,10 +147,11 @@ class ClearingBatchWorkflow:
                 start_to_close_timeout=min(budget, CHECKS_ATTEMPT_MAX),
                 heartbeat_timeout=STEP_HEARTBEAT, retry_policy=RETRY,
             )
-        except ActivityError:
-            workflow.logger.warning("batch %s: checks did not finish before the holds' "
-                                    "timeout; %d holds left to expire", batch_id, len(ids))
-            return None
+        except ActivityError as err:
+            workflow.logger.warning("batch %s: checks of %d holds did not finish before the "
+                                    "earliest one's timeout (%s)", batch_id, len(ids),
+                                    _cause_type(err))
+            return err
         self._stage = "post_void"
         batch = PostVoidBatch(batch_id=batch_id, post=checked.passed, void=checked.failed)
         return await self._step(ACTIVITY_POST_VOID, batch, PostVoidResult)
@@ -175,6 +186,23 @@ class ClearingBatchWorkflow:
             heartbeat_timeout=STEP_HEARTBEAT, retry_policy=RETRY,
         )
         return result
+
+
+def _split(ids: list[str], expiry: dict[str, int]) -> tuple[list[str], list[str]]:
+    """`ids` with enough time left for the checks (CHECK_BUDGET_MIN), and the others."""
+    now_ns = _now_ns()
+    budget_ns = _ns(CHECK_BUDGET_MIN)
+    in_time: list[str] = []
+    late: list[str] = []
+    for external_id in ids:
+        (in_time if expiry[external_id] - now_ns >= budget_ns else late).append(external_id)
+    return in_time, late
+
+
+def _out_of_time(err: ActivityError) -> bool:
+    """The checks ran out of their budget (retrying, e.g. MongoDB down): worth another round
+    for the holds with time left. A non-retryable failure would only fail again."""
+    return err.retry_state is RetryState.TIMEOUT or isinstance(err.cause, TimeoutError)
 
 
 def _rejections(result: PostVoidResult) -> list[VoidItem]:

@@ -8,6 +8,12 @@ up it sleeps `idle_s` (a durable timer) and looks again, and continues as new ev
 returns. Both may run at once: the cursor only moves forward and entries are idempotent by
 transfer id, so two syncs write each entry once.
 
+The catch-up run first resumes the batches a dead submitter left `received` (activity
+`terminal_resume_received`, bounded by `inp.resume`; patch PATCH_RESUME_RECEIVED, so runs
+recorded before it replay). Why here: it is the one periodic job of the terminal, and without
+it such a batch waited for a replay of one of its ids or a manual `walletmig terminal resume`.
+A failing resume is logged and left to the next run: it never holds up the sync.
+
 TerminalReconcileWorkflow: the reconciliation's stages as activities (`terminal_reconcile_page`
 until the state reaches `finish`, then `terminal_reconcile_finish`, which saves the report),
 continuing as new every RECONCILE_PAGES_PER_RUN pages with its state.
@@ -19,16 +25,19 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from messages.clearing import (
         ACTIVITY_RECONCILE_FINISH,
         ACTIVITY_RECONCILE_PAGE,
+        ACTIVITY_RESUME_RECEIVED,
         ACTIVITY_SYNC_PAGE,
         LEDGER_SYNC_WORKFLOW,
         TERMINAL_RECONCILE_WORKFLOW,
         LedgerSyncInput,
         LedgerSyncOutcome,
+        ResumeReceivedReport,
         SyncPageInput,
         SyncPageReport,
         SyncTotals,
@@ -39,6 +48,12 @@ with workflow.unsafe.imports_passed_through():
     from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
 
 PAGE_TIMEOUT = timedelta(minutes=5)
+PATCH_RESUME_RECEIVED = "ledger-sync-resume-received"
+RESUME_TIMEOUT = timedelta(minutes=2)  # <= 1000 batches: a read and a start RPC each
+RESUME_RETRY = RetryPolicy(  # a few tries; the next scheduled run tries again
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10), maximum_attempts=3,
+)
 RECONCILE_PAGES_PER_RUN = 500
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
@@ -66,6 +81,11 @@ class LedgerSyncWorkflow:
     async def run(self, inp: LedgerSyncInput) -> LedgerSyncOutcome:
         cursor, totals = inp.cursor, inp.totals
         lag: float | None = None
+        resumed: list[str] = []
+        first_run = totals.pages == 0  # not a continue-as-new of this catch-up
+        if inp.once and first_run and inp.resume is not None and workflow.patched(
+                PATCH_RESUME_RECEIVED):
+            resumed = await self._resume(inp)
         for _ in range(inp.pages_per_run):
             page = await workflow.execute_activity(
                 ACTIVITY_SYNC_PAGE, SyncPageInput(cursor=cursor, limit=inp.limit),
@@ -82,11 +102,26 @@ class LedgerSyncWorkflow:
             if page.exhausted:
                 if inp.once:
                     return LedgerSyncOutcome(cursor=cursor, totals=totals, caught_up=True,
-                                             lag_s=lag if lag is not None else 0.0)
+                                             lag_s=lag if lag is not None else 0.0,
+                                             resumed=resumed)
                 await workflow.sleep(timedelta(seconds=inp.idle_s))
             if workflow.info().is_continue_as_new_suggested():
                 break
         workflow.continue_as_new(inp.model_copy(update={"cursor": cursor, "totals": totals}))
+
+    async def _resume(self, inp: LedgerSyncInput) -> list[str]:
+        """The batches the resume started; none when it failed (logged)."""
+        assert inp.resume is not None
+        try:
+            report: ResumeReceivedReport = await workflow.execute_activity(
+                ACTIVITY_RESUME_RECEIVED, inp.resume, result_type=ResumeReceivedReport,
+                start_to_close_timeout=RESUME_TIMEOUT, retry_policy=RESUME_RETRY)
+        except ActivityError as err:
+            workflow.logger.warning("resume of batches left received failed: %s", err.cause)
+            return []
+        if report.started:
+            workflow.logger.info("resumed %d batches left received", len(report.started))
+        return report.started
 
 
 @workflow.defn(name=TERMINAL_RECONCILE_WORKFLOW)
