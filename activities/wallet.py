@@ -18,6 +18,7 @@ from temporalio import activity
 from activities.backfill import WalletImporter
 from activities.outbox_drain import BATCHED_DEFAULT as OUTBOX_BATCHED_DEFAULT
 from activities.outbox_drain import DrainerStarter, OutboxActivities, OutboxBatcher
+from activities.reverse_outbox import ReverseOutboxDrainer
 from activities.reverse_projection import (
     ReverseProjectionActivities,
     answering_direction,
@@ -52,7 +53,7 @@ from walletclient.read_path import ReadRouter
 from walletcore.balances import WalletBalance
 from walletcore.errors import ConfigurationError, WalletError
 from walletcore.keys import WalletKey
-from walletcore.operations import Void, WalletOperation
+from walletcore.operations import OperationResult, Void, WalletOperation
 from walletcore.phases import MigrationState
 from walletcore.write_facts import LegacyFacts, OriginalFacts
 
@@ -65,7 +66,12 @@ IMPORTED_KNOWN_MAX = 100_000  # finished imports remembered per process (Importe
 # than the workflow's backlog. False: the backlog path of every earlier release.
 # WALLETMIG_OUTBOX=off switches it off for a process (the benchmarks' before/after runs).
 OUTBOX_DEFAULT = os.environ.get("WALLETMIG_OUTBOX", "on").lower() != "off"
-OUTBOX_CLEAR_KNOWN_MAX = 100_000  # (wallet, scope, epoch) seen with no pending outbox record
+# tb_primary's reverse projection through the outbox too (intent recorded before the
+# TigerBeetle write, activities.reverse_outbox) rather than `to_mongodb` backlog items.
+# WALLETMIG_REVERSE_OUTBOX=on switches it on for a process (off until the suite has run it).
+REVERSE_OUTBOX_DEFAULT = os.environ.get("WALLETMIG_REVERSE_OUTBOX", "off").lower() == "on"
+# (wallet, scope, epoch) seen with no outbox record pending towards the store answering there
+OUTBOX_CLEAR_KNOWN_MAX = 100_000
 
 
 class TigerBeetleBacklog:
@@ -239,10 +245,12 @@ class WalletActivities:
         importer: WalletImporter,
         metrics: ReadMetricsStore | None = None,
         outbox: bool = OUTBOX_DEFAULT,
+        reverse_outbox: bool = REVERSE_OUTBOX_DEFAULT,
     ) -> None:
         """`importer`: the backfill's importer over the same stores (workers.wiring builds it).
         `metrics`: where the read activities record their observations (gate evidence);
-        its owner runs the flusher (workers.process). `outbox`: see OUTBOX_DEFAULT."""
+        its owner runs the flusher (workers.process). `outbox`: see OUTBOX_DEFAULT;
+        `reverse_outbox`: see REVERSE_OUTBOX_DEFAULT."""
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
         self._migration = migration
@@ -252,11 +260,18 @@ class WalletActivities:
         self._projection = ReverseProjectionActivities(legacy)
         self._reader = ReadRouter(legacy, tigerbeetle, migration, metrics)
         self._outbox_on = outbox
+        self._reverse_on = reverse_outbox
+        # The drainers run the reverse pass whatever this process writes: records of other
+        # processes (or of an earlier run of this one) are drained by the shard's one drainer.
+        reverse = ReverseOutboxDrainer(legacy.outbox, legacy, tigerbeetle)
         self._outbox = OutboxActivities(legacy.outbox, self._backlog, batcher=OutboxBatcher(
-            legacy.outbox, tigerbeetle, self._imported) if OUTBOX_BATCHED_DEFAULT else None)
+            legacy.outbox, tigerbeetle, self._imported) if OUTBOX_BATCHED_DEFAULT else None,
+            reverse=reverse.drain_pass)
         self._drainers = DrainerStarter()
-        # A wallet whose outbox was seen empty under a TigerBeetle-answering state: no record
-        # can be added under that same state (only MongoDB-answered writes make them).
+        # A wallet whose outbox was seen with nothing pending towards the store that answers
+        # under a state: no such record can be added under that same state (records towards
+        # TigerBeetle come only from MongoDB-answered writes, towards MongoDB only from
+        # TigerBeetle-answered ones).
         self._outbox_clear: OrderedDict[tuple[str, str | None, int], None] = OrderedDict()
 
     @activity.defn(name=ACTIVITY_APPLY_PRIMARY)
@@ -277,15 +292,15 @@ class WalletActivities:
                     writes_tigerbeetle=False,
                     drain_first=True,
                 )
+            pending = await self._outbox_pending(state, op.wallet)
+            if pending:
+                # The other store answered operations still in the outbox on their way to the
+                # store that answers now: it must apply them before it answers a new one.
+                return PrimaryOutcome(
+                    phase=state.phase, epoch=state.epoch, scope=state.scope,
+                    writes_tigerbeetle=False, drain_first=True, outbox_pending=pending)
             if not state.mongo_answers_writes:
-                pending = await self._outbox_pending(state, op.wallet)
-                if pending:
-                    # MongoDB answered operations whose TigerBeetle side is still in the
-                    # outbox: TigerBeetle must apply them before it answers a new one.
-                    return PrimaryOutcome(
-                        phase=state.phase, epoch=state.epoch, scope=state.scope,
-                        writes_tigerbeetle=False, drain_first=True, outbox_pending=pending)
-                return await self._apply_tigerbeetle_primary(state, op)
+                return await self._apply_tigerbeetle_primary(inp, state, op)
             direction = answering_direction(state)
             intent = self._outbox_intent(inp, state, direction)
             result, facts = await self._legacy.apply(op, outbox=intent)
@@ -324,12 +339,15 @@ class WalletActivities:
         await self._drainers.ensure(outbox_shard(intent.command.wallet.canonical))
 
     async def _outbox_pending(self, state: MigrationState, wallet: WalletKey) -> int:
-        """The wallet's pending outbox records (0 once seen empty under this state)."""
+        """The wallet's outbox records pending towards the store that answers under `state`
+        (0 once seen none under this state)."""
         key = (wallet.canonical, state.scope, state.epoch)
         if key in self._outbox_clear:
             self._outbox_clear.move_to_end(key)
             return 0
-        pending = await self._legacy.outbox.pending_count(wallet)
+        outbox = self._legacy.outbox
+        pending = await (outbox.pending_to_mongodb(wallet) if state.mongo_answers_writes
+                         else outbox.pending_to_tigerbeetle(wallet))
         if pending == 0:
             self._outbox_clear[key] = None
             while len(self._outbox_clear) > OUTBOX_CLEAR_KNOWN_MAX:
@@ -352,10 +370,11 @@ class WalletActivities:
         return state
 
     async def _apply_tigerbeetle_primary(
-        self, state: MigrationState, op: WalletOperation
+        self, inp: ApplyPrimaryInput, state: MigrationState, op: WalletOperation
     ) -> PrimaryOutcome:
         """tb_primary / complete: TigerBeetle decides (insufficient funds comes from it);
-        tb_primary then projects the operation to MongoDB through the backlog.
+        tb_primary then projects the operation to MongoDB: through the reverse outbox (its
+        intent recorded before the TigerBeetle write, see _write_tigerbeetle), else the backlog.
 
         Idempotency spans the whole history: a transaction id MongoDB already holds is a
         replay answered from there (TigerBeetle has no record of operations older than its
@@ -385,7 +404,9 @@ class WalletActivities:
             original = await self._legacy.original_facts(op.wallet, op.original_transaction_id)
             if original is not None and original.wallet_version <= imported:
                 opening = original
-        result = await apply_to(self._tigerbeetle, op, opening_original=opening)
+        intent = (self._reverse_on and inp.reverse_outbox_ok and direction == "to_mongodb"
+                  and inp.pending_direction is None)  # backlog items first (none to MongoDB)
+        result = await self._write_tigerbeetle(inp, state, opening, intent=intent)
         return PrimaryOutcome(
             result=result,
             phase=state.phase,
@@ -393,7 +414,31 @@ class WalletActivities:
             scope=state.scope,
             writes_tigerbeetle=False,
             backlog_direction=direction,
+            outbox=intent,
         )
+
+    async def _write_tigerbeetle(
+        self, inp: ApplyPrimaryInput, state: MigrationState, opening: OriginalFacts | None,
+        *, intent: bool,
+    ) -> OperationResult:
+        """The TigerBeetle write; with `intent`, its MongoDB-bound record first (stores.outbox
+        intend_to_mongodb): once TigerBeetle holds the transfer, the record is there to say
+        MongoDB is owed it, whatever crashes after. A refusal withdraws a record this call
+        inserted (nothing is owed); an outage leaves it pending (the retry re-arms it; the
+        drainer abandons it if no transfer ever comes)."""
+        op = inp.command.op
+        outbox = self._legacy.outbox
+        inserted = intent and await outbox.intend_to_mongodb(inp.command, state.phase,
+                                                             state.epoch)
+        try:
+            result = await apply_to(self._tigerbeetle, op, opening_original=opening)
+        except WalletError as err:
+            if inserted and not err.retryable:
+                await outbox.withdraw_to_mongodb(op.transaction_id)
+            raise
+        if intent:
+            await self._drainers.ensure(outbox_shard(op.wallet.canonical))
+        return result
 
     @activity.defn(name=ACTIVITY_APPLY_TIGERBEETLE)
     async def apply_tigerbeetle(self, inp: ApplyTigerBeetleInput) -> ApplyTigerBeetleOutput:

@@ -133,6 +133,10 @@ class ApplyPrimaryInput(_Frozen):
     # side may then go to the outbox in the legacy write's transaction instead of the backlog.
     outbox_ok: bool = False
     since_version: int | None = None  # WalletState.tracked_since_version (outbox records)
+    # The workflow takes the reverse outbox path (workflow.patched): a tb_primary operation's
+    # MongoDB side may then be recorded as intent before the TigerBeetle write (stores.outbox,
+    # wallet_outbox_to_mongodb) instead of a `to_mongodb` backlog item.
+    reverse_outbox_ok: bool = False
 
 
 class PrimaryOutcome(_Frozen):
@@ -148,10 +152,13 @@ class PrimaryOutcome(_Frozen):
     backlog_direction: BacklogDirection | None = None
     drain_first: bool = False  # nothing written: drain the whole backlog, then call again
     legacy: LegacyFacts | None = None  # set when MongoDB answered
-    # The TigerBeetle side is in the outbox (written with the legacy write): no backlog item.
+    # The other store's side is in the outbox: no backlog item. backlog_direction says which:
+    # to_tigerbeetle (written with the legacy write) or to_mongodb (tb_primary: the intent
+    # recorded before the TigerBeetle write).
     outbox: bool = False
-    # With drain_first: the wallet's outbox records still pending (the drainers apply them;
-    # the workflow asks again after a pause). 0: drain_first is about the backlog.
+    # With drain_first: the wallet's outbox records still pending towards the store that
+    # would answer (the drainers apply them; the workflow asks again after a pause).
+    # 0: drain_first is about the backlog.
     outbox_pending: int = Field(default=0, ge=0)
 
 
@@ -257,6 +264,8 @@ class WalletState(BaseModel):
     # Operations whose TigerBeetle side went to the transactional outbox, all runs (whether
     # they are applied is the outbox's to say: Outbox.pending_count).
     outbox_ops: int = 0
+    # tb_primary operations whose MongoDB side went to the reverse outbox, all runs.
+    reverse_outbox_ops: int = 0
 
 
 class WalletWorkflowInput(_Frozen):
@@ -283,6 +292,7 @@ class WalletStatus(_Frozen):
     runs: int
     rotating: bool
     outbox_ops: int = 0  # not in backlog_length: see WalletState.outbox_ops
+    reverse_outbox_ops: int = 0  # not in backlog_length either
 
 
 class WalletWorkflowResult(_Frozen):

@@ -450,6 +450,12 @@ class TigerBeetleStore:
         found = await self._tb(self._client.lookup_transfers(list(transfer_ids)))
         return {t.id for t in found}
 
+    async def transfer_timestamps(self, transfer_ids: Sequence[int]) -> dict[int, int]:
+        """transfer id -> TigerBeetle timestamp, for the ids it holds (one lookup, cut at the
+        request limit): the order TigerBeetle applied them in (the reverse projection's)."""
+        found = await self._tb(self._client.lookup_transfers(list(transfer_ids)))
+        return {t.id: t.timestamp for t in found}
+
     async def create_movements(self, moves: Sequence[BatchedMovement]) -> list[bool]:
         """Create the transfers of `moves` (many wallets) in this order in as few requests as
         the cluster's limit allows (TigerBeetle applies a request's events in order), then

@@ -33,18 +33,29 @@ from wallet_support import (
 )
 
 from activities.outbox_drain import OutboxBatcher, OutboxDrainer
+from activities.reverse_outbox import ReverseOutboxDrainer
+from activities.store_ops import apply_to
 from activities.wallet import ImportedVersions, TigerBeetleBacklog
 from messages.wallet import WalletCommand
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS
-from stores.outbox import APPLIED, OUTBOX_SHARDS, PENDING, WALLET_OUTBOX, OutboxIntent, outbox_shard
+from stores.outbox import (
+    ABANDONED,
+    APPLIED,
+    OUTBOX_SHARDS,
+    PENDING,
+    WALLET_OUTBOX,
+    OutboxIntent,
+    outbox_shard,
+)
 from stores.tb_batches import BatchedClient
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletconfig.settings import Settings
+from walletcore.errors import WalletError
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import Phase
-from walletcore.reconcile import PhaseWindow, legacy_op_may_be_in_flight
+from walletcore.reconcile import PhaseWindow, legacy_op_may_be_in_flight, tb_op_may_be_in_flight
 from workers.wiring import make_importer
 
 KILLS = 3
@@ -130,7 +141,7 @@ def wallet_ops(wallet: WalletKey) -> list[WalletOperation]:
 
 async def drain_all(d: OutboxDrainer, stores: Stores) -> None:
     deadline = time.monotonic() + 60
-    while await stores.legacy.outbox.pending_total() > 0:
+    while await stores.legacy.outbox.collection.count_documents({"state": PENDING}) > 0:
         assert time.monotonic() < deadline, "outbox not drained"
         for shard in range(OUTBOX_SHARDS):
             await d.drain_pass(shard)
@@ -398,3 +409,103 @@ async def test_a_drainer_killed_inside_its_batch_applies_nothing_twice(
     if stop_at == "mark":  # registered: known applied without asking TigerBeetle again
         assert requests.create_events == 0, vars(requests)
     await assert_drained_in_order(stores, wallets)
+
+
+# ---- tb_primary's reverse projection (wallet_outbox_to_mongodb, activities.reverse_outbox) ----
+
+
+async def tb_primary_write(stores: Stores, op: WalletOperation, *, crash: bool = False) -> bool:
+    """What the tb_primary write path does (activities.wallet._write_tigerbeetle): the
+    MongoDB-bound intent first, then TigerBeetle; a refusal withdraws the record this call
+    inserted. `crash`: stop between the two (a worker killed there). True if TB holds it."""
+    outbox = stores.legacy.outbox
+    await ImportedVersions(make_importer(stores)).ensure(op.wallet, record_absent=True)
+    inserted = await outbox.intend_to_mongodb(WalletCommand.of(op), Phase.TB_PRIMARY, 1)
+    if crash:
+        return False
+    try:
+        await apply_to(stores.tigerbeetle, op)
+    except WalletError as err:
+        assert not err.retryable
+        if inserted:
+            await outbox.withdraw_to_mongodb(op.transaction_id)
+        return False
+    return True
+
+
+async def reverse_drain_all(d: ReverseOutboxDrainer, stores: Stores, wallet: WalletKey) -> None:
+    shard = outbox_shard(wallet.canonical)
+    deadline = time.monotonic() + 60
+    while await stores.legacy.outbox.pending_to_mongodb(wallet) > 0:
+        assert time.monotonic() < deadline, "reverse outbox not drained"
+        await d.drain_pass(shard)
+
+
+async def test_reverse_intent_first_applied_in_tigerbeetle_order(stores: Stores) -> None:
+    """Each wallet's records reach MongoDB in TigerBeetle's order (a debit needing the credit
+    before it, a void); a refused write leaves no record; an intent whose TigerBeetle write
+    never came stays pending while it may still come, is abandoned after, and a retry of the
+    operation re-arms it and it is applied like any other."""
+    outbox = stores.legacy.outbox
+    run = uuid.uuid4().hex[:8]
+    wallets = [key(f"rev-{run}-{n}", DUAL_PAIR) for n in range(3)]
+    plans = [wallet_ops(w) for w in wallets]
+    for step in range(len(plans[0])):  # interleaved across wallets, as live traffic is
+        for plan in plans:
+            assert await tb_primary_write(stores, plan[step])
+    w = wallets[0]
+    c = w.client_id
+    refused = SubtractCredit(wallet=w, transaction_id=f"{c}.big", amount=Decimal("1000.00"))
+    assert not await tb_primary_write(stores, refused)  # insufficient funds: no record
+    assert await outbox.reverse_states_of([refused.transaction_id]) == {}
+    lost = AddCredit(wallet=w, transaction_id=f"{c}.lost", amount=Decimal("7.00"))
+    await tb_primary_write(stores, lost, crash=True)
+    patient = ReverseOutboxDrainer(outbox, stores.legacy, stores.tigerbeetle)
+    for wallet in wallets:
+        await patient.drain_pass(outbox_shard(wallet.canonical))
+    assert await outbox.reverse_states_of([lost.transaction_id]) == {lost.transaction_id: PENDING}
+    hasty = ReverseOutboxDrainer(outbox, stores.legacy, stores.tigerbeetle, abandon_after_s=1e-6)
+    assert await hasty.drain_pass(outbox_shard(w.canonical)) >= 1
+    assert await outbox.reverse_states_of([lost.transaction_id]) == {
+        lost.transaction_id: ABANDONED}
+    for wallet in wallets:  # nothing of the lost one in either store
+        await assert_same_sequence(stores, wallet)
+    assert await tb_primary_write(stores, lost)  # the caller's retry: re-armed, then written
+    await reverse_drain_all(patient, stores, w)
+    log = await assert_same_sequence(stores, w)
+    assert log[-1] == lost.transaction_id
+    docs = await outbox.to_mongodb.find(
+        {"wallet": {"$in": [x.canonical for x in wallets]}}).to_list(None)
+    assert len(docs) == len(wallets) * len(plans[0]) + 1
+    assert all(d["state"] == APPLIED and "error_type" not in d for d in docs), docs
+
+
+async def test_a_reverse_drainer_that_died_before_marking_applies_again_once(
+    stores: Stores,
+) -> None:
+    outbox = stores.legacy.outbox
+    wallet = key(f"rev-resume-{uuid.uuid4().hex[:8]}", DUAL_PAIR)
+    ops = wallet_ops(wallet)
+    for op in ops:
+        assert await tb_primary_write(stores, op)
+    for op in ops[:3]:  # applied to MongoDB by a drainer killed before its mark
+        await apply_to(stores.legacy, op)
+    assert await outbox.pending_to_mongodb(wallet) == len(ops)
+    assert await outbox.pending_count(wallet) == len(ops)  # both directions are counted
+    await reverse_drain_all(ReverseOutboxDrainer(outbox, stores.legacy, stores.tigerbeetle),
+                            stores, wallet)
+    await assert_same_sequence(stores, wallet)  # each once, in order
+
+
+def test_a_tigerbeetle_transfer_is_in_flight_iff_its_reverse_record_is_pending() -> None:
+    now = time.time()
+    for phase in Phase:  # the record says it, whatever the phase
+        window = PhaseWindow(phase=phase, since_s=now - 10)
+        assert tb_op_may_be_in_flight(window, now, reverse_state=PENDING)
+        assert not tb_op_may_be_in_flight(window, now, reverse_state=APPLIED)
+        assert not tb_op_may_be_in_flight(window, now, reverse_state=ABANDONED)
+    # No record (the workflow backlog): the phase rule, as before.
+    primary = PhaseWindow(phase=Phase.TB_PRIMARY, since_s=now - 10)
+    assert tb_op_may_be_in_flight(primary, now, reverse_state=None)
+    dual = PhaseWindow(phase=Phase.DUAL_WRITE, since_s=now - 10)
+    assert not tb_op_may_be_in_flight(dual, now, reverse_state=None)

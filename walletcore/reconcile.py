@@ -203,6 +203,20 @@ def reverse_projection_may_carry(window: PhaseWindow, written_s: float) -> bool:
     return False
 
 
+def tb_op_may_be_in_flight(
+    window: PhaseWindow, written_s: float, *, reverse_state: str | None
+) -> bool:
+    """May a registered TigerBeetle transfer applied at `written_s`, whose legacy operation
+    MongoDB lacks, be on its way to MongoDB? With a reverse outbox record (tb_primary's intent,
+    recorded before the TigerBeetle write: stores.outbox) the record says it: in flight iff
+    still `pending` (applied or abandoned and MongoDB lacks it: real). The record must be read
+    before MongoDB is: a record applied in between is then seen in MongoDB. Without a record
+    (the workflow backlog, or before the reverse outbox existed): reverse_projection_may_carry."""
+    if reverse_state is None:
+        return reverse_projection_may_carry(window, written_s)
+    return reverse_state == "pending"
+
+
 def still_pending(first_pending: frozenset[str] | None, pending: Iterable[str]) -> bool:
     """At the re-check: is an operation that was pending at the first read pending still? Then
     the difference did not clear: real. Without the first read's record (another worker read

@@ -5,10 +5,14 @@ is written by a local activity (MongoDB up to read_cutover, TigerBeetle from tb_
 the dual-write phases the MongoDB write also commits the operation's record in the
 transactional outbox (stores.outbox; runs with the `outbox-write-path` patch): the shard
 drainers (workflows.outbox) apply it to TigerBeetle, and this run carries nothing for it.
+In tb_primary (runs with the `reverse-outbox-write-path` patch) the TigerBeetle write is
+preceded by its MongoDB-bound intent record (stores.outbox, `wallet_outbox_to_mongodb`), which
+the same drainers apply to MongoDB (activities.reverse_outbox): nothing to carry here either.
 Otherwise the operation is appended to ONE ordered backlog that lives in workflow state, each
 item tagged with where it goes (`to_tigerbeetle`: dual-writes of runs without the outbox,
-`to_mongodb`: tb_primary's reverse projection), and the run loop applies it there in order,
-retrying without limit. The caller never waits for the other store.
+`to_mongodb`: tb_primary's reverse projection of runs without the reverse outbox), and the run
+loop applies it there in order, retrying without limit. The caller never waits for the other
+store.
 
 Switching the write path: when the store that would answer is the one the backlog (or the
 wallet's outbox records) is still travelling to, the activity writes nothing (`drain_first`),
@@ -108,6 +112,9 @@ PATCH_OUTBOX = "outbox-write-path"
 # tb_primary waiting for the wallet's outbox records (drain_first): the pause between asks,
 # growing to the max, and how long an update waits before it fails (nothing was written; the
 # client retries within its window).
+# tb_primary's reverse projection the same way, intent recorded first (stores.outbox,
+# activities.reverse_outbox). Runs without the marker keep `to_mongodb` backlog items.
+PATCH_REVERSE_OUTBOX = "reverse-outbox-write-path"
 OUTBOX_DRAIN_POLL = timedelta(milliseconds=50)
 OUTBOX_DRAIN_POLL_MAX = timedelta(seconds=1)
 OUTBOX_DRAIN_WAIT_MAX = timedelta(seconds=10)
@@ -345,10 +352,14 @@ class WalletWorkflow:
             direction = "to_tigerbeetle"  # recorded before backlog_direction existed
         self._track_legacy_versions(outcome, direction)
         if outcome.outbox:
-            # Its TigerBeetle side was committed with the MongoDB write (stores.outbox): the
-            # drainers apply it. Nothing to carry here, only to count until seen applied.
-            assert direction == "to_tigerbeetle", "only dual-write operations use the outbox"
-            self._state.outbox_ops += 1
+            # Its other side is in the outbox (stores.outbox): committed with the MongoDB
+            # write, or (tb_primary) recorded as intent before the TigerBeetle write. The
+            # drainers apply it. Nothing to carry here, only to count.
+            if direction == "to_mongodb":
+                self._state.reverse_outbox_ops += 1
+            else:
+                assert direction == "to_tigerbeetle", "an outbox operation goes somewhere"
+                self._state.outbox_ops += 1
         elif direction is not None:
             # Appended even when the answering store says "replayed": a crash may have hit
             # between its write and this point; the other store is idempotent too.
@@ -382,8 +393,9 @@ class WalletWorkflow:
                 # In the outbox: the shard drainers apply them, not this run. Ask again after a
                 # pause, for a bounded time (nothing was written: the client retries).
                 if waited >= OUTBOX_DRAIN_WAIT_MAX:
+                    behind = "MongoDB" if _mongodb_answers(outcome.phase) else "TigerBeetle"
                     raise to_application_error(StoreUnavailableError(
-                        f"TigerBeetle has not applied this wallet's {outcome.outbox_pending} "
+                        f"{behind} has not applied this wallet's {outcome.outbox_pending} "
                         "earlier operations yet; retry"))
                 await workflow.sleep(poll)
                 waited += poll
@@ -445,6 +457,7 @@ class WalletWorkflow:
                     floor_epoch=self._state.epoch_seen if self._state.scope_seen else None,
                     outbox_ok=workflow.patched(PATCH_OUTBOX),
                     since_version=self._state.tracked_since_version,
+                    reverse_outbox_ok=workflow.patched(PATCH_REVERSE_OUTBOX),
                 ),
                 result_type=PrimaryOutcome,
                 start_to_close_timeout=PRIMARY_START_TO_CLOSE,
@@ -497,6 +510,7 @@ class WalletWorkflow:
             wallet=self._wallet,
             backlog_length=len(backlog),
             outbox_ops=self._state.outbox_ops,
+            reverse_outbox_ops=self._state.reverse_outbox_ops,
             oldest_backlog_at=backlog[0].accepted_at if backlog else None,
             ops_applied=self._state.ops_applied,
             ops_this_run=self._ops_this_run,
@@ -516,7 +530,8 @@ class WalletWorkflow:
         phase = state.phase_seen.value if state.phase_seen else "-"
         rotating = " · **continuing as new**" if self._rotating else ""
         direction = f" ({state.backlog[0].direction})" if state.backlog else ""
-        outbox = f" · via outbox {state.outbox_ops}" if state.outbox_ops else ""
+        via = state.outbox_ops + state.reverse_outbox_ops
+        outbox = f" · via outbox {via}" if via else ""
         # The workflow id, not the wallet key: the key carries the client id (issue 12).
         workflow.set_current_details(
             f"**{workflow.info().workflow_id}** · phase `{phase}` (epoch {state.epoch_seen}) · "
@@ -534,9 +549,12 @@ def _caller_failure(err: ActivityError, phase: Phase | None) -> ApplicationError
     # same transaction id (idempotent). The message starts with the store that answers in the
     # phase last seen (callers and the HTTP gateway name the dependency from it); its own
     # failure is lost when the bound cuts an attempt (Temporal reports only the timeout).
-    mongodb_answers = phase == Phase.LEGACY or phase in MONGO_PRIMARY_DUAL_WRITE
     store = "the answering store" if phase is None else (
-        "MongoDB" if mongodb_answers else "TigerBeetle")  # fmt: skip
+        "MongoDB" if _mongodb_answers(phase) else "TigerBeetle")  # fmt: skip
     return to_application_error(
         StoreUnavailableError(f"{store}: the write did not complete: {err.cause or err}")
     )
+
+
+def _mongodb_answers(phase: Phase) -> bool:
+    return phase == Phase.LEGACY or phase in MONGO_PRIMARY_DUAL_WRITE

@@ -6,9 +6,11 @@ yet may be in the dual-write backlog; a TigerBeetle transfer with no legacy oper
 the reverse projection. "May", because a write path must exist that carries it:
 - a transfer counts only if the platform made it: a Transfer Registry record of this wallet
   under its id, with operation_leg's accounts, code and amount; any other is `unknown_transfer`;
-- a registered transfer whose legacy operation is missing is reverse projection only where
-  TigerBeetle answers (tb_primary since it was published, complete's drain): elsewhere MongoDB
-  lost a write it answered (`lost_legacy_write`); one whose legacy operation is newer than the
+- a registered transfer whose legacy operation is missing and that has a reverse outbox record
+  (tb_primary's intent) is in flight iff that record is pending; without one it is reverse
+  projection only where TigerBeetle answers (tb_primary since it was published, complete's
+  drain): elsewhere MongoDB lost a write it answered (`lost_legacy_write`); one whose legacy
+  operation is newer than the
   legacy snapshot was applied by both meanwhile (in flight in any phase);
 - a legacy operation missing from TigerBeetle with a transactional outbox record is in flight
   iff that record is pending; without one it is backlog only in the dual-write phases (and
@@ -52,7 +54,7 @@ from walletcore.reconcile import (
     legacy_op_effect,
     legacy_op_may_be_in_flight,
     made_by_platform,
-    reverse_projection_may_carry,
+    tb_op_may_be_in_flight,
     transfer_effect,
 )
 
@@ -92,6 +94,8 @@ class _Registered:
 
     records: dict[int, TransferRecord]  # transfer id -> its record (registered ones)
     versions: dict[str, int]  # the records' transaction ids the legacy log holds -> version
+    # the records' transaction ids with a reverse outbox record -> its state (read first)
+    reverse_states: dict[str, str] = field(default_factory=dict)
 
 
 def _age_s(at: datetime, now: datetime) -> float:
@@ -243,9 +247,11 @@ class EvidenceReader:
         if not ids:
             return _Registered(records={}, versions={})
         records = await self._transfers.records_of_transfers(ids)
-        versions = await self._legacy.transaction_versions(
-            sorted({r.transaction_id for r in records.values()}))
-        return _Registered(records=records, versions=versions)
+        txns = sorted({r.transaction_id for r in records.values()})
+        # Reverse outbox records before the legacy log (see tb_op_may_be_in_flight).
+        reverse_states = await self._legacy.outbox.reverse_states_of(txns)
+        versions = await self._legacy.transaction_versions(txns)
+        return _Registered(records=records, versions=versions, reverse_states=reverse_states)
 
 
 def _registered_op(record: TransferRecord | None) -> RegisteredOperation | None:
@@ -287,7 +293,9 @@ def _tigerbeetle_only(
             version = registered.versions.get(record.transaction_id)
             if version is not None and version <= s.version:
                 continue  # legacy holds it at or below V (older than the window)
-            if version is None and not reverse_projection_may_carry(window, t.timestamp / 1e9):
+            if version is None and not tb_op_may_be_in_flight(
+                    window, t.timestamp / 1e9,
+                    reverse_state=registered.reverse_states.get(record.transaction_id)):
                 real_kind = IssueKind.LOST_LEGACY_WRITE
         ev.tb_only.append(transfer_effect(
             customer_id=account_id, debit_account_id=t.debit_account_id,
