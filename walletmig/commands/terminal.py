@@ -3,7 +3,8 @@
     submit   one transaction through the whole flow (waits up to --wait-s for the outcome)
     status   the outcome of an external id (settled with its entry, rejected with its reason)
     block / unblock   the blocked-counterparty list the checks read
-    resume   start the workflows of batches left `received` (a submitter died mid-way)
+    resume   start the workflows of batches left `received` (a submitter died mid-way) now;
+             the catch-up sync Schedule (`walletmig ledger sync`) does it every 5 minutes
     demo     a realistic mix end to end, per kind counts and latencies, then the final checks
 
 The workflows run on the migration task queue (`walletmig worker` serves it; `walletmig dev up`
@@ -218,7 +219,9 @@ def register(subparsers: Any) -> None:
             p.add_argument("--reason", default=None)
         p.set_defaults(handler=_block, unblock=name == "unblock", reason=None)
 
-    resume = commands.add_parser("resume", help="start workflows of batches left received")
+    resume = commands.add_parser(
+        "resume", help="start workflows of batches left received now (the catch-up sync "
+                       "Schedule of `walletmig ledger sync` does it every 5 min)")
     resume.add_argument("--older-than-s", type=float, default=60.0)
     resume.set_defaults(handler=_resume)
 
