@@ -36,6 +36,7 @@ from wallet_support import (
 )
 
 from activities.backfill import BackfillActivities
+from activities.wallet import REVERSE_OUTBOX_DEFAULT
 from messages.backfill import BackfillInput, BackfillProgress
 from stores.bundle import Stores
 from stores.tigerbeetle_store import TYPE_CREDIT_IN_OPENING
@@ -155,7 +156,7 @@ async def test_switch_to_tb_primary_and_back_under_traffic(
     callers = [caller(w, n) for w in wallets for n in range(2)]
     await asyncio.gather(phases(), *callers)
     await drained(h, wallets)
-    mongo_applied = 0
+    mongo_applied = reverse_outbox_ops = 0
     for w in wallets:
         log = await assert_same_sequence(h.stores, w)
         expected = [_txn(w, "pre-c"), _txn(w, "pre-d")]
@@ -165,8 +166,12 @@ async def test_switch_to_tb_primary_and_back_under_traffic(
         status = await h.client.status(w)
         assert status is not None and status.divergence_count == 0, status
         mongo_applied += status.mongo_applied + status.reverse_outbox_ops  # backlog or outbox
+        reverse_outbox_ops += status.reverse_outbox_ops
         assert status.tb_applied + status.outbox_ops > 0  # the backlog or the outbox
     assert mongo_applied > 0, "no operation was answered by TigerBeetle"
+    # With the reverse outbox on (activities.wallet REVERSE_OUTBOX_DEFAULT), tb_primary's
+    # MongoDB side went through it.
+    assert reverse_outbox_ops > 0 or not REVERSE_OUTBOX_DEFAULT
 
 
 async def test_rotation_commits_store_writes_before_continue_as_new(
