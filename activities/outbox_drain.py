@@ -43,12 +43,13 @@ from messages.wallet import (
 )
 from mongobase.mongo import PAGE_LIMIT_MAX
 from observability.backlog import backlog_gauges
+from observability.metrics import observe_store_batch
 from registries.account_registry import AccountRecord
 from registries.transfer_registry import TransferRecord
 from stores.outbox import OUTBOX_SHARDS, PAGE_MAX, Outbox, OutboxRecord
-from stores.tigerbeetle_store import BatchedMovement, TigerBeetleStore
+from stores.tigerbeetle_store import STORE_NAME, BatchedMovement, TigerBeetleStore
 from walletcore.errors import WalletError
-from walletcore.ids import transfer_id
+from walletcore.ids import transfer_id, wallet_log_name
 from walletcore.keys import WalletKey
 from walletcore.operations import (
     AddCredit,
@@ -68,11 +69,11 @@ IDLE_POLL_MIN_S = 0.05
 IDLE_POLL_MAX_S = 0.5
 ERROR_PAUSE_S = 1.0  # after an outage (TigerBeetle or MongoDB unreachable): try again
 ENSURE_EVERY_S = 30.0  # a process re-checks that a shard's drainer runs at most this often
-# The batched fast path (OutboxBatcher), opt-in with `WALLETMIG_OUTBOX_BATCHED=on`: off by default
-# since the final suite run (the demo forced a gate on 2 unapplied writes with it on, and it does not
-# feed the backlog gauges yet); off: every record goes the
-# per-record path, as before it existed (per process, read at import).
-BATCHED_DEFAULT = os.environ.get("WALLETMIG_OUTBOX_BATCHED", "off").lower() == "on"
+# The batched fast path (OutboxBatcher) is on unless `WALLETMIG_OUTBOX_BATCHED=off`: off, every
+# record goes the per-record path, as before it existed (per process, read at import; the
+# benchmarks' before/after runs).
+BATCHED_DEFAULT = os.environ.get("WALLETMIG_OUTBOX_BATCHED", "on").lower() != "off"
+TO_TIGERBEETLE = "to_tigerbeetle"  # the backlog gauges' direction of the outbox's records
 RUN_S_DEFAULT = 60.0  # one activity attempt drains this long, then the workflow runs another
 
 
@@ -101,6 +102,7 @@ class _Plan:
     done: list[OutboxRecord] = field(default_factory=list)
     moves: list[tuple[OutboxRecord, BatchedMovement]] = field(default_factory=list)
     rest: list[OutboxRecord] = field(default_factory=list)
+    registered: list[OperationType] = field(default_factory=list)  # of `done`: a dead run's
 
 
 def _movement(record: OutboxRecord, account: AccountRecord) -> BatchedMovement | None:
@@ -146,44 +148,72 @@ class OutboxBatcher:
         self._imported = imported
 
     async def apply(
-        self, by_wallet: dict[str, list[OutboxRecord]]
+        self, by_wallet: dict[str, list[OutboxRecord]], beat: Callable[[], None] = lambda: None
     ) -> tuple[int, dict[str, list[OutboxRecord]]]:
         """(records applied and marked, each wallet's rest for the per-record path)."""
-        plans = await self._plans(by_wallet)
+        plans = await self._plans(by_wallet, beat)
         await self._funds_check(plans)
         moves = [move for plan in plans.values() for _, move in plan.moves]
+        started = time.perf_counter()
         ok = await self._tigerbeetle.create_movements(moves) if moves else []
+        elapsed_s = time.perf_counter() - started
+        beat()
+        created: dict[OperationType, int] = dict.fromkeys(OperationType, 0)
         cursor = 0
         for plan in plans.values():
             taken = ok[cursor:cursor + len(plan.moves)]
             cursor += len(plan.moves)
             cut = taken.index(False) if False in taken else len(taken)
+            for _, move in plan.moves[:cut]:
+                created[move.kind] += 1
             plan.done.extend(record for record, _ in plan.moves[:cut])
             plan.rest[:0] = [record for record, _ in plan.moves[cut:]]
             plan.moves = []
         assert cursor == len(moves)
         done = [r.transaction_id for plan in plans.values() for r in plan.done]
         await self._outbox.mark_applied(done)
+        _observe(created, [kind for p in plans.values() for kind in p.registered], elapsed_s)
         rest = {w: plan.rest for w, plan in plans.items() if plan.rest}
         assert len(done) + sum(len(rs) for rs in rest.values()) == sum(
             len(rs) for rs in by_wallet.values())
         return len(done), rest
 
-    async def _plans(self, by_wallet: dict[str, list[OutboxRecord]]) -> dict[str, _Plan]:
-        """Each wallet's split before the funds check (see _Plan)."""
+    async def _imported_versions(
+        self, by_wallet: dict[str, list[OutboxRecord]], beat: Callable[[], None]
+    ) -> dict[str, int | None]:
+        """Each wallet's imported version, importing the ones not imported yet (the same
+        import claim as the per-record path, at the first record's since_version), a
+        heartbeat after each (many fresh imports outlast the heartbeat timeout). None: the
+        import failed; the per-record path takes the wallet's records (and says why) without
+        stopping the batch of the others."""
         gate = asyncio.Semaphore(WALLETS_IN_FLIGHT)
 
-        async def imported_of(records: list[OutboxRecord]) -> int:
-            async with gate:  # the same import claim as the per-record path (at since_version)
-                return await self._imported.ensure(
-                    records[0].wallet, since_version=records[0].since_version)
+        async def imported_of(records: list[OutboxRecord]) -> int | None:
+            async with gate:
+                try:
+                    return await self._imported.ensure(
+                        records[0].wallet, since_version=records[0].since_version)
+                except (asyncio.CancelledError, TemporalCancelledError):
+                    raise
+                except Exception as err:  # the per-record path raises it (and the pass retries)
+                    log.info("outbox: import of %s left to the per-record path: %r",
+                             wallet_log_name(records[0].wallet), err)
+                    return None
+                finally:
+                    beat()
 
         versions = await asyncio.gather(*(imported_of(rs) for rs in by_wallet.values()))
-        imported = dict(zip(by_wallet, versions, strict=True))
+        return dict(zip(by_wallet, versions, strict=True))
+
+    async def _plans(
+        self, by_wallet: dict[str, list[OutboxRecord]], beat: Callable[[], None]
+    ) -> dict[str, _Plan]:
+        """Each wallet's split before the funds check (see _Plan)."""
+        imported = await self._imported_versions(by_wallet, beat)
         accounts = await self._tigerbeetle.batch_accounts(
-            [rs[0].wallet for rs in by_wallet.values()])
+            [rs[0].wallet for w, rs in by_wallet.items() if imported[w] is not None])
         wanted = [r.transaction_id for w, rs in by_wallet.items() if w in accounts
-                  for r in rs if r.wallet_version > imported[w]]
+                  for r in rs if r.wallet_version > (imported[w] or 0)]
         known: dict[str, TransferRecord] = {}
         for start in range(0, len(wanted), PAGE_LIMIT_MAX):
             known.update(await self._tigerbeetle.transfers.get_many(
@@ -191,9 +221,13 @@ class OutboxBatcher:
         plans: dict[str, _Plan] = {}
         for canonical, records in by_wallet.items():
             plan = plans[canonical] = _Plan()
+            version = imported[canonical]
+            if version is None:
+                plan.rest = records
+                continue
             account = accounts.get(canonical)
             for index, record in enumerate(records):
-                if record.wallet_version <= imported[canonical]:
+                if record.wallet_version <= version:
                     plan.done.append(record)  # in the opening balance (as the slow path)
                     continue
                 move = _movement(record, account) if account is not None else None
@@ -201,7 +235,9 @@ class OutboxBatcher:
                 same = (move is not None and registered is not None
                         and _registered_same(registered, move))
                 if same and not plan.moves:
+                    assert move is not None
                     plan.done.append(record)  # applied and registered by a run that died
+                    plan.registered.append(move.kind)
                     continue
                 if move is None or (registered is not None and not same):
                     plan.rest = records[index:]
@@ -226,6 +262,17 @@ class OutboxBatcher:
             held = await self._tigerbeetle.existing_transfers(ids)
         for plan in unsure:
             _cut_at_shortfall(plan, spendable, held)
+
+
+def _observe(created: dict[OperationType, int], registered: list[OperationType],
+             elapsed_s: float) -> None:
+    """The store series the per-record path feeds through TigerBeetleStore.replicate
+    (walletmig_wallet_operations_total, walletmig_store_operation_seconds): each movement
+    the batch created (or found: EXISTS) `ok`, a record a dead run had applied and registered
+    `replayed` (the per-record path answers it as a replay), each at the batch's time."""
+    for kind, count in created.items():
+        observe_store_batch(STORE_NAME, kind.value, ok=count,
+                            replayed=registered.count(kind), seconds=elapsed_s)
 
 
 def _covers(plan: _Plan, spendable: dict[int, int], *, count_credits: bool) -> bool:
@@ -287,8 +334,16 @@ class OutboxDrainer:
             by_wallet.setdefault(record.wallet.canonical, []).append(record)
         batched = 0
         if self._batcher is not None:
-            batched, by_wallet = await self._batcher.apply(by_wallet)
-            beat()
+            # The backlog gauges (observability.backlog) count what a drain holds from the
+            # moment it starts on it until it is applied; a pass that fails leaves its
+            # wallets counted (the age keeps growing: the BacklogAgeGrowing alert).
+            gauges = backlog_gauges()
+            for canonical, wallet_records in by_wallet.items():
+                gauges.started(TO_TIGERBEETLE, canonical, [r.created_at for r in wallet_records])
+            batched, rest = await self._batcher.apply(by_wallet, beat)
+            for canonical in by_wallet.keys() - rest.keys():
+                gauges.applied(TO_TIGERBEETLE, canonical)
+            by_wallet = rest
         if not by_wallet:
             return batched
         gate = asyncio.Semaphore(WALLETS_IN_FLIGHT)
@@ -314,13 +369,13 @@ class OutboxDrainer:
         applied = 0
         for start in range(0, len(records), DRAIN_BATCH_MAX):
             batch = records[start:start + DRAIN_BATCH_MAX]
-            gauges.started("to_tigerbeetle", wallet.canonical, [r.created_at for r in batch])
+            gauges.started(TO_TIGERBEETLE, wallet.canonical, [r.created_at for r in batch])
             out = await self._applier.apply(
                 wallet, [r.as_backlog_item() for r in batch], since_version=batch[0].since_version)
             refused = {o.transaction_id: (o.error_type, o.error_message or "")
                        for o in out.outcomes if o.error_type is not None}
             await self._outbox.mark_applied([r.transaction_id for r in batch], refused)
-            gauges.applied("to_tigerbeetle", wallet.canonical)
+            gauges.applied(TO_TIGERBEETLE, wallet.canonical)
             applied += len(batch)
             beat()
         return applied

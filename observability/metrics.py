@@ -34,6 +34,7 @@ __all__ = [
     "observe_gates",
     "observe_migration_state",
     "observe_reconciliation",
+    "observe_store_batch",
     "set_enabled",
     "timed_tigerbeetle",
 ]
@@ -282,6 +283,24 @@ def instrument_methods(cls: type, store: str, operations: Mapping[str, Operation
         method = getattr(cls, method_name)
         assert not getattr(method, "__walletmig_timed__", False), f"{method_name} wrapped twice"
         setattr(cls, method_name, _timed(method, store, operation, is_refusal))
+
+
+BATCH_OPERATIONS_MAX = 1_000_000  # one call's operations (bounds the per-operation observe loop)
+
+
+def observe_store_batch(store: str, operation: str, *, ok: int, replayed: int,
+                        seconds: float) -> None:
+    """Operations a store applied in ONE call for many (the outbox drainer's batch): counted as
+    the timed public operations count theirs, one by one, each observed at the call's time
+    (each of them waited that long), so the series read the same whichever path applied them."""
+    assert ok >= 0 and replayed >= 0 and ok + replayed <= BATCH_OPERATIONS_MAX
+    if not _ENABLED or ok + replayed == 0:
+        return
+    children = _children(store, operation)
+    for _ in range(ok + replayed):
+        children.seconds.observe(seconds)
+    children.ok.inc(ok)
+    children.replayed.inc(replayed)
 
 
 R = TypeVar("R")
