@@ -286,6 +286,43 @@ async def test_tb_read_is_right_under_an_account_id_collision(
                                 env.tb.transfers)
         for _ in range(2):  # cold, then warm (the id remembered)
             assert (await cold.get_balance(wallet)).credit == Decimal("10.00")
+        # Prefetched ids: only derived (nonce 0) ones are taken; the collided wallet (and the
+        # squatter, whose recorded id is not its own derived id) keep the registry path.
+        fresh = AccountRegistry(mongo_db, redis_client)
+        assert await fresh.remember_pair("USD:USA") > 0
+        assert not fresh.remembers(wallet) and not fresh.remembers(squatter)
+        prefetched = TigerBeetleStore(env.tb.client, fresh, env.tb.transfers)
+        assert (await prefetched.get_balance(wallet)).credit == Decimal("10.00")
     finally:
         await mongo_db[ACCOUNT_REGISTRY].delete_one({"_id": squatter.canonical})
         await env.tb.accounts.invalidate(squatter)
+
+
+async def test_router_prefetches_a_pairs_ids_once_tigerbeetle_is_read(
+    env: Env, unique_id: Callable[..., str], mongo_db: AsyncDatabase[dict[str, Any]],
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """The first read of a pair in a phase that reads TigerBeetle starts one background load of
+    the pair's account ids (AccountRegistry.remember_pair): a wallet never read before is then
+    answered without a registry read. Not in the phases where only MongoDB is read."""
+    read, unread = (await make_wallet(env, unique_id)), (await make_wallet(env, unique_id))
+    registry = AccountRegistry(mongo_db, redis_client)
+    tb = TigerBeetleStore(env.tb.client, registry, env.tb.transfers)
+    calls: list[str] = []
+
+    async def prefetch(pair: str) -> int:
+        calls.append(pair)
+        return await registry.remember_pair(pair)
+
+    router = ReadRouter(env.legacy, tb, env.state, env.metrics, pending_ops=None,
+                        prefetch_ids=prefetch)
+    await env.set_phase("USD:USA", Phase.DUAL_WRITE)
+    await router.get_balance(read)
+    await router.drain()
+    assert calls == [] and not registry.remembers(unread)
+    await env.set_phase("USD:USA", Phase.SHADOW_READ)
+    for _ in range(3):
+        assert (await router.get_balance(read)).source == "mongodb"
+    await router.drain()
+    assert calls == ["USD:USA"] and registry.remembers(unread)
+    assert (await tb.get_balance(unread)).credit == Decimal("10.00")

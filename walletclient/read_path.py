@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 
 COMPARED_FIELDS = ("credit", "debit", "historical_credit")
 PendingOps = Callable[[WalletKey], Awaitable[int]]
+# Loads a ledger pair's account ids for TigerBeetle reads ahead of them
+# (registries.account_registry.AccountRegistry.remember_pair).
+PrefetchIds = Callable[[str], Awaitable[int]]
+PREFETCH_PAIRS_MAX = 1024  # ledger pairs one router prefetches (the ledger table is far smaller)
+TB_READ_PHASES = frozenset({Phase.SHADOW_READ, Phase.READ_CUTOVER, Phase.TB_PRIMARY,
+                            Phase.COMPLETE})
 
 
 class ReadPathConfig(BaseModel):
@@ -94,7 +100,11 @@ class ReadRouter:
         *,
         config: ReadPathConfig | None = None,
         pending_ops: PendingOps | None = None,
+        prefetch_ids: PrefetchIds | None = None,
     ) -> None:
+        """`prefetch_ids(pair)`: run once per ledger pair, in the background, the first time
+        the pair's phase reads TigerBeetle: its account ids are then known before the reads
+        that need them (one TigerBeetle round trip from a wallet's first read on)."""
         self._legacy = legacy
         self._tb = tigerbeetle
         self._migration = migration
@@ -105,6 +115,9 @@ class ReadRouter:
         self._pending_ops = pending_ops
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_skipped = 0
+        self._prefetch_ids = prefetch_ids
+        self._prefetched: set[str] = set()  # pairs whose prefetch was started
+        self._prefetch_tasks: set[asyncio.Task[None]] = set()
 
     # ---- public API -----------------------------------------------------------------------------
 
@@ -115,6 +128,8 @@ class ReadRouter:
     async def _get_balance(self, wallet: WalletKey) -> WalletBalance:
         state = await self._migration.resolve(wallet.ledger_pair)
         phase = state.phase
+        if phase in TB_READ_PHASES:
+            self._prefetch(wallet.ledger_pair)
         if phase in (Phase.LEGACY, Phase.DUAL_WRITE):
             return await self._legacy.get_balance(wallet)
         if phase == Phase.SHADOW_READ:
@@ -161,9 +176,29 @@ class ReadRouter:
         return await self._legacy.history(wallet, limit)
 
     async def drain(self) -> None:
-        """Wait for background shadow comparisons (tests, shutdown)."""
-        while self._shadow_tasks:
-            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+        """Wait for background shadow comparisons and id prefetches (tests, shutdown)."""
+        while self._shadow_tasks or self._prefetch_tasks:
+            await asyncio.gather(*self._shadow_tasks, *self._prefetch_tasks,
+                                 return_exceptions=True)
+
+    def _prefetch(self, pair: str) -> None:
+        """Start `prefetch_ids(pair)` once per pair (off the read's path; a failure is logged
+        and costs only speed: reads then ask the registry themselves)."""
+        if (self._prefetch_ids is None or pair in self._prefetched
+                or len(self._prefetched) >= PREFETCH_PAIRS_MAX):
+            return
+        self._prefetched.add(pair)
+        task = asyncio.create_task(self._run_prefetch(self._prefetch_ids, pair))
+        self._prefetch_tasks.add(task)
+        task.add_done_callback(self._prefetch_tasks.discard)
+
+    @staticmethod
+    async def _run_prefetch(prefetch: PrefetchIds, pair: str) -> None:
+        try:
+            await prefetch(pair)
+        except Exception as exc:  # the reads stay correct without it
+            log.warning("prefetching TigerBeetle account ids of %s failed: %s", pair,
+                        type(exc).__name__)
 
     def _tb_answers(self, state: MigrationState, client_id: str) -> bool:
         if state.phase in (Phase.TB_PRIMARY, Phase.COMPLETE):

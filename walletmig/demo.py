@@ -509,8 +509,8 @@ async def _traffic(run: DemoRun, wallets: list[WalletKey]) -> AsyncIterator[None
     router = ReadRouter(run.stores.legacy, run.stores.tigerbeetle, run.stores.migration,
                         run.metrics, config=ReadPathConfig(tb_timeout_ms=2000,
                                                            recheck_delay_ms=250, rechecks_max=4),
-                        pending_ops=backlog_of(run.wallet_client,
-                                                           run.stores.legacy.outbox))
+                        pending_ops=backlog_of(run.wallet_client, run.stores.legacy.outbox),
+                        prefetch_ids=run.stores.accounts.remember_pair)
     wallet_client = run.wallet_client
     tasks = [asyncio.create_task(writer(wallet_client, wallets, run.ledger, stop))
              for _ in range(run.options.writers)]
