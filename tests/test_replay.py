@@ -4,8 +4,9 @@ current code.
 `tests/data/histories/*.json` were recorded from real runs covering credit, debit, void, a
 refused operation, a rejected update, the dual-write backlog with a divergence, continue-as-new
 and idle close, and the write-path switch dual_write -> tb_primary -> read_cutover (drain first,
-reverse projection). A change that makes the workflow non-deterministic for running executions
-fails here. Record the histories that are missing with:
+reverse projection; `tb_primary_reverse_outbox`: the same through the reverse outbox). A change
+that makes the workflow non-deterministic for running executions fails here. Record the
+histories that are missing with:
 
     WALLETMIG_RECORD_HISTORIES=1 pytest tests/test_replay.py -k record
 
@@ -139,6 +140,8 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
         await _record_outbox(h, temporal, unique_id)
     if history_wanted("tb_primary_switch"):
         await _record_switch(h, temporal, unique_id)
+    if history_wanted("tb_primary_reverse_outbox"):
+        await _record_reverse_outbox(h, temporal, unique_id)
     if history_wanted("continue_as_new_commit_timer"):
         # Recorded after the `commit-writes-before-continue-as-new` patch: the rotation's
         # writes land in a task of their own before the continue-as-new command.
@@ -214,6 +217,36 @@ async def _record_outbox(h: WalletHarness, temporal: Client, unique_id: Callable
     assert status is not None and status.outbox_ops == 4 and status.divergence_count == 0, status
     await _wait_completed(temporal, w)
     await _save(temporal, "outbox_dual_write", w, None)
+
+
+async def _record_reverse_outbox(
+    h: WalletHarness, temporal: Client, unique_id: Callable[..., str]
+) -> None:
+    """As tb_primary_switch, with tb_primary's MongoDB side through the reverse outbox (patch
+    reverse-outbox-write-path; recorded with WALLETMIG_REVERSE_OUTBOX=on): no `to_mongodb`
+    backlog item, no activity; the rollback's MongoDB answer waits for the wallet's pending
+    reverse records (drain_first with outbox_pending) when the drainer has not applied them."""
+    from activities.wallet import REVERSE_OUTBOX_DEFAULT
+    assert REVERSE_OUTBOX_DEFAULT, "record with WALLETMIG_REVERSE_OUTBOX=on"
+    client = h.client
+    w = key(unique_id("revout"), DUAL_PAIR)
+    await set_phase(h.stores, DUAL_PAIR, Phase.LEGACY)
+    await client.add_credit(_c(w, "c0", "10.00"))
+    await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+    await client.add_credit(_c(w, "c1", "1.00"))
+    await set_phase(h.stores, DUAL_PAIR, Phase.TB_PRIMARY)
+    await asyncio.sleep(1.2)  # the migration state cache
+    await client.subtract_credit(_d(w, "d1", "0.50"))
+    await client.void(_v(w, "v0", "c0"))
+    await set_phase(h.stores, DUAL_PAIR, Phase.READ_CUTOVER)
+    await asyncio.sleep(1.2)
+    await client.add_credit(_c(w, "c4", "1.00"))
+    status = await wait_drained(client, w)
+    assert status is not None and status.divergence_count == 0, status
+    assert status.reverse_outbox_ops == 2 and status.mongo_applied == 0, status
+    await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+    await _wait_completed(temporal, w)
+    await _save(temporal, "tb_primary_reverse_outbox", w, None)
 
 
 async def _record_switch(h: WalletHarness, temporal: Client, unique_id: Callable[..., str]) -> None:
