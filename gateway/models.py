@@ -147,6 +147,21 @@ class BalanceOut(BaseModel):
     def of(cls, balance: WalletBalance) -> BalanceOut:
         return cls(**{**balance.model_dump(), "wallet": WalletOut.of(balance.wallet)})
 
+    @classmethod
+    def trusted(cls, balance: WalletBalance) -> BalanceOut:
+        """`of` without validating again what the domain model already validated (the read
+        path's hot answer: the two validations were a measurable share of a read's CPU).
+        Serialises byte for byte as `of` (tests/test_api.py)."""
+        key = balance.wallet
+        wallet = WalletOut.model_construct(
+            client_id=key.client_id, country=key.country, currency=key.currency,
+            issuer_type=key.issuer_type,
+        )  # fmt: skip
+        return cls.model_construct(
+            wallet=wallet, credit=balance.credit, debit=balance.debit,
+            historical_credit=balance.historical_credit, source=balance.source,
+        )  # fmt: skip
+
 
 class BalancesOut(BaseModel):
     client_id: str
