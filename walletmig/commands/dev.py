@@ -1,17 +1,34 @@
-"""`walletmig dev up|down|status|env`: the embedded stack for local development."""
+"""`walletmig dev up|down|status|env`: the embedded stack for local development.
+
+Besides the processes, `dev up` ensures the stack's Temporal Schedules (`DEV_SCHEDULES`: the
+terminal's catch-up ledger sync, which also resumes batches a dead submitter left `received`,
+and the wallet reconciliation), created or updated in place keeping their paused state, as
+`walletmig ledger sync` and `walletmig reconcile schedule` write them; `dev status` lists them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import shlex
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from walletmig import devstack
 from walletmig.commands import UsageError
 
+if TYPE_CHECKING:
+    from temporalio.client import Client
+
+    from walletconfig.settings import Settings
+    from walletmig.commands.schedules import ScheduleRow
+
 EXIT_NOT_ALL_UP = 3  # `dev status` when a component is down (as LSB `status` does)
+# What `dev up` ensures once Temporal is up (ids: messages.clearing.SYNC_SCHEDULE_ID and
+# messages.reconciliation.SCHEDULE_ID; asserted in _ensure_schedules).
+DEV_SCHEDULES: tuple[str, ...] = ("ledger-sync-schedule", "reconciliation-schedule")
 
 
 def _tb_limit_request(text: str | None) -> int | None:
@@ -79,6 +96,49 @@ def _print_footer(config: devstack.StackConfig, statuses: list[devstack.Componen
     print(f"state        {config.state_dir.resolve()}  (logs in logs/, exports in env)")
 
 
+def _stack_settings(config: devstack.StackConfig) -> Settings:
+    """The settings the stack's worker runs with (the shell's environment without inline
+    secrets, then STATE/env): a schedule's input is encoded with the stack's codec key and
+    lands on the worker's migration task queue."""
+    from walletconfig.settings import Settings
+
+    environ = {**devstack.without_inline_secrets(os.environ),
+               **devstack.parse_env_file(config.state_dir / devstack.ENV_FILE)}
+    return Settings.from_env(environ)
+
+
+async def _connect(config: devstack.StackConfig) -> tuple[Client, Settings]:
+    from walletmig.commands.backfill import connect
+
+    settings = _stack_settings(config)
+    return await connect(settings), settings
+
+
+async def _ensure_schedules(config: devstack.StackConfig) -> list[tuple[ScheduleRow, str]]:
+    """Ensure DEV_SCHEDULES with their commands' defaults; each with "created"/"updated"."""
+    from messages.clearing import SYNC_EVERY_S_DEFAULT, SYNC_PAGE_LIMIT_DEFAULT, SYNC_SCHEDULE_ID
+    from messages.reconciliation import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
+    from walletmig.commands.ledger_ops import ensure_sync_schedule
+    from walletmig.commands.reconcile import ensure_reconcile_schedule, scheduled_input
+    from walletmig.commands.schedules import describe_schedules
+
+    assert DEV_SCHEDULES == (SYNC_SCHEDULE_ID, SCHEDULE_ID), DEV_SCHEDULES
+    client, settings = await _connect(config)
+    queue = settings.migration_task_queue
+    verbs = {
+        SYNC_SCHEDULE_ID: await ensure_sync_schedule(
+            client, queue, SYNC_EVERY_S_DEFAULT, SYNC_PAGE_LIMIT_DEFAULT),
+        SCHEDULE_ID: await ensure_reconcile_schedule(
+            client, queue, scheduled_input(), every_s=SCHEDULE_EVERY_S_DEFAULT),
+    }
+    rows = await describe_schedules(client, list(DEV_SCHEDULES))
+    return [(row, verbs[row.schedule_id]) for row in rows if row.schedule_id in verbs]
+
+
+def _temporal_up(statuses: list[devstack.ComponentStatus]) -> bool:
+    return any(s.name == "temporal" and s.state == "up" for s in statuses)
+
+
 def _up(args: argparse.Namespace) -> int:
     config = _stack_config(args)
     started_s = time.monotonic()
@@ -90,6 +150,14 @@ def _up(args: argparse.Namespace) -> int:
         return EXIT_NOT_ALL_UP
     _print_statuses(statuses)
     _print_footer(config, statuses)
+    if _temporal_up(statuses):
+        try:
+            ensured = asyncio.run(_ensure_schedules(config))
+        except Exception as failed:  # the processes run; the stack is not fully operating
+            print(f"walletmig: error: schedules not ensured: {failed}", file=sys.stderr)
+            return EXIT_NOT_ALL_UP
+        for row, verb in ensured:
+            print(f"{row.line()}  ({verb})")
     print(f"ready in {time.monotonic() - started_s:.1f} s")
     return 0
 
@@ -105,8 +173,30 @@ def _status(args: argparse.Namespace) -> int:
     statuses = devstack.status(config)
     _print_statuses(statuses)
     _print_footer(config, statuses)
+    if _temporal_up(statuses):
+        _print_schedules(config)
     all_up = all(item.state in ("up", "skipped") for item in statuses)
     return 0 if all_up else EXIT_NOT_ALL_UP
+
+
+def _print_schedules(config: devstack.StackConfig) -> None:
+    """Every schedule of the namespace (DEV_SCHEDULES first); one that `dev up` ensures and
+    is missing is named, since the stack then is not fully operating."""
+    from walletmig.commands.schedules import describe_schedules
+
+    async def rows() -> list[ScheduleRow]:
+        client, _settings = await _connect(config)
+        return await describe_schedules(client, list(DEV_SCHEDULES))
+
+    try:
+        found = asyncio.run(rows())
+    except Exception as failed:  # status reports; it does not fail on a Temporal hiccup
+        print(f"schedules    not readable: {failed}")
+        return
+    for row in found:
+        print(row.line())
+    for missing in sorted(set(DEV_SCHEDULES) - {row.schedule_id for row in found}):
+        print(f"schedule     {missing:<24} MISSING (`walletmig dev up` creates it)")
 
 
 def _env(args: argparse.Namespace) -> int:

@@ -125,20 +125,25 @@ async def _sync_on_temporal(args: argparse.Namespace) -> int:
 
 async def ensure_sync_schedule(client: Any, task_queue: str, every_s: int, limit: int) -> str:
     """Create (or update in place, keeping its paused state) the catch-up schedule: a
-    LedgerSyncWorkflow with `once` every `every_s` seconds; overlapping runs are skipped."""
+    LedgerSyncWorkflow with `once` every `every_s` seconds; overlapping runs are skipped.
+
+    Each run first resumes the terminal's batches left `received` by a submitter that died
+    before starting their workflow (activity `terminal_resume_received`, batches older than
+    OWNER_GRACE_S, the oldest 100), then writes the entries of posts the pipeline left
+    without one. `walletmig ledger sync` and `walletmig dev up` call it."""
     from temporalio.client import (
         Schedule,
         ScheduleActionStartWorkflow,
         ScheduleIntervalSpec,
         ScheduleSpec,
         ScheduleState,
-        ScheduleUpdate,
-        ScheduleUpdateInput,
     )
 
     from messages.clearing import SYNC_CATCH_UP_WORKFLOW_ID, SYNC_SCHEDULE_ID, LedgerSyncInput
+    from walletmig.commands.schedules import upsert_schedule
     from workflows.terminal_sync import LedgerSyncWorkflow
 
+    assert every_s > 0, every_s
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
             LedgerSyncWorkflow.run, LedgerSyncInput(once=True, limit=limit),
@@ -147,19 +152,7 @@ async def ensure_sync_schedule(client: Any, task_queue: str, every_s: int, limit
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every_s))]),
         state=ScheduleState(note="walletmig ledger sync: catch-up"),
     )
-    try:
-        await client.create_schedule(SYNC_SCHEDULE_ID, schedule)
-        return "created"
-    except Exception as exc:  # already exists: update in place
-        if "already" not in str(exc).lower():
-            raise
-
-    def update(inp: ScheduleUpdateInput) -> ScheduleUpdate:
-        schedule.state = inp.description.schedule.state
-        return ScheduleUpdate(schedule=schedule)
-
-    await client.get_schedule_handle(SYNC_SCHEDULE_ID).update(update)
-    return "updated"
+    return await upsert_schedule(client, SYNC_SCHEDULE_ID, schedule)
 
 
 async def _sync_status(args: argparse.Namespace) -> int:

@@ -75,19 +75,48 @@ async def _run(args: argparse.Namespace) -> int:
     return EXIT_ALERT if summary.alerts else 0
 
 
-async def _schedule(args: argparse.Namespace) -> int:
+async def ensure_reconcile_schedule(
+    client: Any, task_queue: str, inp: ReconcileInput, *, every_s: int,
+    schedule_id: str | None = None, note: str | None = None,
+) -> str:
+    """Create (or update in place, keeping its paused state) the schedule that starts
+    ReconciliationWorkflow with `inp` every `every_s` seconds (`reconcile schedule` and
+    `walletmig dev up`, which passes the defaults: every pair, SCHEDULE_EVERY_S_DEFAULT)."""
     from temporalio.client import (
         Schedule,
         ScheduleActionStartWorkflow,
         ScheduleIntervalSpec,
         ScheduleSpec,
         ScheduleState,
-        ScheduleUpdate,
-        ScheduleUpdateInput,
     )
 
-    from messages.reconciliation import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
+    from messages.reconciliation import SCHEDULE_ID
+    from walletmig.commands.schedules import upsert_schedule
     from workflows.reconciliation import ReconciliationWorkflow
+
+    assert every_s > 0, every_s
+    schedule_id = schedule_id or SCHEDULE_ID
+    action = ScheduleActionStartWorkflow(
+        ReconciliationWorkflow.run, inp, id=f"reconcile/{schedule_id}", task_queue=task_queue,
+        execution_timeout=timedelta(hours=6),
+    )
+    schedule = Schedule(
+        action=action,
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every_s))]),
+        state=ScheduleState(note=note or "walletmig reconcile schedule"),
+    )
+    return await upsert_schedule(client, schedule_id, schedule)
+
+
+def scheduled_input(pairs: list[str] | None = None) -> ReconcileInput:
+    """What a scheduled run compares: `pairs` (default every configured pair), no repair."""
+    from messages.reconciliation import PAGE_MAX, ReconcileInput
+
+    return ReconcileInput(run_id="scheduled", pairs=resolve_pairs(pairs), page_size=PAGE_MAX)
+
+
+async def _schedule(args: argparse.Namespace) -> int:
+    from messages.reconciliation import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
 
     args.schedule_id = args.schedule_id or SCHEDULE_ID
     args.every_s = SCHEDULE_EVERY_S_DEFAULT if args.every_s is None else args.every_s
@@ -104,29 +133,9 @@ async def _schedule(args: argparse.Namespace) -> int:
         return 0
     if args.every_s <= 0:
         raise UsageError("--every-s must be positive")
-    action = ScheduleActionStartWorkflow(
-        ReconciliationWorkflow.run, _input(args, "scheduled"),
-        id=f"reconcile/{args.schedule_id}", task_queue=settings.migration_task_queue,
-        execution_timeout=timedelta(hours=6),
-    )
-    schedule = Schedule(
-        action=action,
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=args.every_s))]),
-        state=ScheduleState(note=args.note or "walletmig reconcile schedule"),
-    )
-    try:
-        await client.create_schedule(args.schedule_id, schedule)
-        verb = "created"
-    except Exception as exc:  # already exists: update in place (keeps its paused state)
-        if "already" not in str(exc).lower():
-            raise
-
-        def update(inp: ScheduleUpdateInput) -> ScheduleUpdate:
-            schedule.state = inp.description.schedule.state
-            return ScheduleUpdate(schedule=schedule)
-
-        await handle.update(update)
-        verb = "updated"
+    verb = await ensure_reconcile_schedule(
+        client, settings.migration_task_queue, _input(args, "scheduled"), every_s=args.every_s,
+        schedule_id=args.schedule_id, note=args.note)
     print(f"schedule {args.schedule_id} {verb}: reconciliation every {args.every_s}s "
           f"over {', '.join(resolve_pairs(args.pair))}")
     return 0
