@@ -36,7 +36,7 @@ from gateway.auth import Caller
 from gateway.operations import OperationSpec
 from gateway.problems import IDEMPOTENCY_HEADER, ProblemError, domain_problem
 from mongobase.mongo import now_ms
-from stores.idempotency_keys import Claim, IdempotencyStore, StoredResponse
+from stores.idempotency_keys import Claim, IdempotencyStore, KeyedRequest, StoredResponse
 from walletcore.errors import WalletError
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,11 @@ async def run_idempotent(
 ) -> Response:
     """Claim the key, then replay, refuse, or run `execute` and record its answer."""
     assert spec.money_moving
-    key = parse_key(raw_key)
-    claim = await store.claim(
-        owner=caller.owner, key=key, operation=spec.operation_id,
+    keyed = KeyedRequest(
+        owner=caller.owner, key=parse_key(raw_key), operation=spec.operation_id,
         fingerprint=fingerprint(spec.operation_id, body), transaction_id=transaction_id,
     )  # fmt: skip
+    claim = await store.claim(keyed)
     request.state.idempotency = claim.outcome
     if claim.outcome == "replay":
         assert claim.response is not None
@@ -130,7 +130,7 @@ async def run_idempotent(
     if claim.outcome == "in_progress":
         raise _in_progress(claim)
     assert claim.token is not None and claim.transaction_id == transaction_id
-    return await _run(request, store, caller, key, claim.token, execute)
+    return await _run(request, store, keyed, claim.token, execute)
 
 
 def _in_progress(claim: Claim) -> ProblemError:
@@ -145,7 +145,7 @@ def _in_progress(claim: Claim) -> ProblemError:
 
 
 async def _run(
-    request: Request, store: IdempotencyStore, caller: Caller, key: str, token: str,
+    request: Request, store: IdempotencyStore, keyed: KeyedRequest, token: str,
     execute: Callable[[], Awaitable[BaseModel]],
 ) -> Response:  # fmt: skip
     try:
@@ -154,26 +154,26 @@ async def _run(
     except WalletError as err:
         problem = domain_problem(err)
         if problem.problem.status >= 500:  # a store is down: no final answer yet
-            await _release(store, caller, key, token)
+            await _release(store, keyed, token)
             raise problem from None
         response = problem.response(request.url.path)
     except BaseException:
-        await _release(store, caller, key, token)
+        await _release(store, keyed, token)
         raise
     stored = StoredResponse(
         status=response.status_code, media_type=str(response.media_type),
         body=bytes(response.body).decode(),
     )  # fmt: skip
     try:
-        await store.complete(owner=caller.owner, key=key, token=token, response=stored)
+        await store.complete(keyed, token=token, response=stored)
     except Exception as exc:
-        # The answer stands; the record stays in progress until its lease ends, then a retry
-        # runs again under the same transaction id and the stores replay it.
+        # The answer stands; the key stays leased until its lease ends, then a retry runs
+        # again under the same transaction id and the stores replay it.
         log.warning("recording the answer of an Idempotency-Key failed: %r", exc)
     return response
 
 
-async def _release(store: IdempotencyStore, caller: Caller, key: str, token: str) -> None:
+async def _release(store: IdempotencyStore, keyed: KeyedRequest, token: str) -> None:
     # Shielded: a cancelled request still lets go of its key (else retries wait for the lease).
     with contextlib.suppress(Exception):
-        await asyncio.shield(store.release(owner=caller.owner, key=key, token=token))
+        await asyncio.shield(store.release(keyed, token=token))

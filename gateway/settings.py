@@ -20,7 +20,8 @@ Redis, TigerBeetle) plus the HTTP API's own, all from environment variables (def
 - `WALLETMIG_API_IDEMPOTENCY_TTL_S` (86400): Idempotency-Key records are kept this long
   (at least 24 h).
 - `WALLETMIG_API_IDEMPOTENCY_LEASE_S` (45): a request still in progress after this (its
-  process died) may be taken over by a retry; at least the write timeout + 5 s.
+  process died) may be taken over by a retry (the key's Redis lease ends); at least the write
+  timeout + 5 s.
 - `WALLETMIG_API_KEY_CACHE_TTL_S` (5): verified API keys are cached this long, so a
   revocation takes effect within it (0 = no cache).
 - `WALLETMIG_API_DEPENDENCY_TIMEOUT_S` (2): bound on each /readyz probe and on the migration

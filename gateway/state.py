@@ -109,7 +109,8 @@ def _assemble(
         api_keys=api_keys,
         authenticator=Authenticator(api_keys, cache_ttl_s=settings.key_cache_ttl_s),
         idempotency=IdempotencyStore(
-            stores.db, ttl_s=settings.idempotency_ttl_s, lease_s=settings.idempotency_lease_s
+            stores.db, stores.redis, ttl_s=settings.idempotency_ttl_s,
+            lease_s=settings.idempotency_lease_s,
         ),
         limiter=limiter,
         terminal=ClearingClient(

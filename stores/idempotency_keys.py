@@ -1,22 +1,33 @@
-"""Idempotency-Key records of the HTTP gateway (`idempotency_keys` collection).
+"""Idempotency-Key records of the HTTP gateway: a lease in Redis while a request runs, one
+MongoDB document (`idempotency_keys` collection) per (owner, key) once it has its final answer.
 
-One document per (owner, key): the request's fingerprint, the transaction id the operation
-runs under, and, once it finished, the response to replay (status and body, byte for byte).
-A request first *claims* its key:
+The document holds the request's fingerprint, the transaction id the operation ran under and
+the response to replay (status and body, byte for byte). It is written once, by one insert,
+when the answer is known: a key used to cost an insert (claim) and an update (complete), ~3.5
+ms of the MongoDB server's CPU per credit; now an indexed point read and one insert. While a
+request runs, its key is held by a Redis lease (`SET NX PX`: token, fingerprint and
+transaction id; it ends after `lease_s` by itself). A request first *claims* its key:
 
-- no record: it is inserted `in_progress` with a lease and a random token: the caller runs;
-- a record with another fingerprint: `mismatch` (the key was used for another request);
-- `done`: `replay` the stored response;
-- `in_progress` with a live lease: `in_progress` (the first is still running);
-- `in_progress` whose lease ran out (its process died): the caller takes it over (new token)
-  and runs again. That is safe because the operation's transaction id is fixed by the record
-  (derived from owner and key, or the body's own): the stores answer the repeat as a replay.
+- the lease is held by another request: `mismatch` when that request's fingerprint differs,
+  else `in_progress` (it is still running, or its process died and the lease has not ended);
+- the lease is taken, and the key already has its final document (the lease of a finished
+  request was released): `mismatch` or `replay` of the stored response; the lease is let go;
+- the lease is taken and no document: `acquired`: the caller runs. After a dead holder's
+  lease ended that runs the operation again, which is safe because its transaction id is
+  fixed by (owner, key) or the body (and a body with another id is a `mismatch`): the stores
+  answer the repeat as a replay.
 
-Only the token holder completes or releases a record, so a request that lost its lease to a
-takeover cannot overwrite the newer attempt's answer. Records expire by a TTL index on
-`expires_at` (expireAfterSeconds=0: each document carries its own expiry, so the retention is
-a setting and changing it needs no index rebuild); a record found past its expiry before the
-TTL monitor removed it counts as absent.
+The lease is taken before the document is read, so an answer recorded before the lease was
+released is always seen. Only the token holder releases a lease (compare and delete); the
+first final answer inserted wins (a holder whose lease ran out and a later attempt ran the
+same transaction id; the later one's insert finds the first and keeps it). When Redis loses a
+lease (a restart without persistence), a concurrent retry may run the same transaction id
+twice at once: the stores' idempotency still applies it once. Redis down: claims fail (503,
+as the rate limiter of money-moving requests fails closed by default).
+
+Documents expire by a TTL index on `expires_at` (expireAfterSeconds=0: each document carries
+its own expiry, so the retention is a setting); one found past its expiry before the TTL
+monitor removed it counts as absent.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 
+import redis.asyncio as redis_asyncio
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
@@ -41,13 +53,18 @@ TTL_S_MAX = 30 * 24 * 3600
 LEASE_S_MIN = 1.0
 LEASE_S_MAX = 3600.0
 RESPONSE_BODY_MAX = 256 * 1024  # bytes of a stored response: far above any gateway answer
-CLAIM_ATTEMPTS_MAX = 4  # each lost race means another request changed the record meanwhile
+CLAIM_ATTEMPTS_MAX = 4  # each lost race means another request changed the lease meanwhile
 TOKEN_BYTES = 16
+LEASE_PREFIX = "walletmig-idem:"  # Redis key of a lease: the prefix and the record's _id
+# Compare and delete: only the lease's holder lets go of it.
+RELEASE_SCRIPT = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+    "return 0"
+)
 
 
 class RecordState(StrEnum):
-    IN_PROGRESS = "in_progress"
-    DONE = "done"
+    DONE = "done"  # every document is final (in progress is a Redis lease)
 
 
 class StoredResponse(BaseModel):
@@ -58,8 +75,24 @@ class StoredResponse(BaseModel):
     body: str = Field(max_length=RESPONSE_BODY_MAX)
 
 
+class KeyedRequest(BaseModel):
+    """One request under an Idempotency-Key: whose key, and what it asks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    owner: str
+    key: str
+    operation: str
+    fingerprint: str  # hex digest of the operation and its canonical body
+    transaction_id: str
+
+    @property
+    def record_id(self) -> str:
+        return record_id(self.owner, self.key)
+
+
 class Claim(BaseModel):
-    """The outcome of `claim`. `token` is set when the caller owns the record (acquired);
+    """The outcome of `claim`. `token` is set when the caller holds the lease (acquired);
     `response` for a replay; `locked_until` for in_progress."""
 
     model_config = ConfigDict(frozen=True)
@@ -67,7 +100,6 @@ class Claim(BaseModel):
     outcome: Literal["acquired", "replay", "mismatch", "in_progress"]
     transaction_id: str
     token: str | None = None
-    taken_over: bool = False
     response: StoredResponse | None = None
     locked_until: datetime | None = None
 
@@ -80,90 +112,106 @@ def record_id(owner: str, key: str) -> str:
 
 class IdempotencyStore:
     def __init__(
-        self, db: AsyncDatabase[Any], *, ttl_s: int = TTL_S_MIN, lease_s: float = 60.0
-    ) -> None:
+        self, db: AsyncDatabase[Any], redis: redis_asyncio.Redis, *, ttl_s: int = TTL_S_MIN,
+        lease_s: float = 60.0,
+    ) -> None:  # fmt: skip
         assert TTL_S_MIN <= ttl_s <= TTL_S_MAX, "keys are kept at least 24 h"
         assert LEASE_S_MIN <= lease_s <= LEASE_S_MAX
         self._collection: AsyncCollection[Any] = db[IDEMPOTENCY_KEYS]
+        self._redis = redis
+        self._release = redis.register_script(RELEASE_SCRIPT)
         self._ttl = timedelta(seconds=ttl_s)
-        self._lease = timedelta(seconds=lease_s)
+        self._lease_ms = int(lease_s * 1000)
 
     async def ensure_indexes(self) -> None:
         await self._collection.create_indexes(
             [IndexModel([("expires_at", 1)], expireAfterSeconds=0)]
         )
 
-    async def claim(
-        self, *, owner: str, key: str, operation: str, fingerprint: str, transaction_id: str
-    ) -> Claim:
+    async def claim(self, request: KeyedRequest) -> Claim:
         """See the module docstring. Bounded: after CLAIM_ATTEMPTS_MAX lost races the request
         is told the key is in progress (a retry sorts it out)."""
-        _id = record_id(owner, key)
-        doc: dict[str, Any] | None = None
+        lease_key = LEASE_PREFIX + request.record_id
         for _ in range(CLAIM_ATTEMPTS_MAX):
-            now = now_ms()
             token = secrets.token_hex(TOKEN_BYTES)
-            fresh = {
-                "_id": _id, "owner": owner, "key": key, "operation": operation,
-                "fingerprint": fingerprint, "transaction_id": transaction_id,
-                "state": RecordState.IN_PROGRESS.value, "token": token,
-                "locked_until": now + self._lease, "created_at": now,
-                "expires_at": now + self._ttl, "response": None,
-            }  # fmt: skip
-            try:
-                await self._collection.insert_one(fresh)
-                return Claim(outcome="acquired", transaction_id=transaction_id, token=token)
-            except DuplicateKeyError:
-                pass
-            doc = await self._collection.find_one({"_id": _id})
-            if doc is None:
-                continue  # released or expired between our insert and read
-            if as_utc(doc["expires_at"]) <= now:  # the TTL monitor has not run yet
-                await self._collection.delete_one({"_id": _id, "token": doc["token"]})
-                continue
-            claim = await self._existing(doc, fingerprint, now, token)
-            if claim is not None:
-                return claim
-        locked = None if doc is None else as_utc(doc["locked_until"])
-        return Claim(outcome="in_progress", transaction_id=transaction_id, locked_until=locked)
-
-    async def _existing(
-        self, doc: dict[str, Any], fingerprint: str, now: datetime, token: str
-    ) -> Claim | None:
-        """The claim an existing record gives, or None when a takeover lost a race."""
-        txn = str(doc["transaction_id"])
-        if doc["fingerprint"] != fingerprint:
-            return Claim(outcome="mismatch", transaction_id=txn)
-        if doc["state"] == RecordState.DONE.value:
-            response = StoredResponse.model_validate(doc["response"])
-            return Claim(outcome="replay", transaction_id=txn, response=response)
-        locked_until = as_utc(doc["locked_until"])
-        if locked_until > now:
-            return Claim(outcome="in_progress", transaction_id=txn, locked_until=locked_until)
-        # The holder's lease ran out (its process died or hung): take the record over.
-        taken = await self._collection.update_one(
-            {"_id": doc["_id"], "token": doc["token"], "state": RecordState.IN_PROGRESS.value},
-            {"$set": {"token": token, "locked_until": now + self._lease}},
+            mine = _lease_value(token, request)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(lease_key, mine, nx=True, px=self._lease_ms)
+                pipe.get(lease_key)
+                pipe.pttl(lease_key)
+                acquired, holder, left_ms = await pipe.execute()
+            if not acquired:
+                if holder is None:
+                    continue  # the holder let go between our SET and GET
+                text = holder if isinstance(holder, str) else bytes(holder).decode()
+                return _held(request, text, int(left_ms))
+            final = await self._final(request.record_id)
+            if final is None:
+                return Claim(
+                    outcome="acquired", transaction_id=request.transaction_id, token=token
+                )
+            await self._release(keys=[lease_key], args=[mine])
+            return _answered(request, final)
+        locked = now_ms() + timedelta(milliseconds=self._lease_ms)
+        return Claim(
+            outcome="in_progress", transaction_id=request.transaction_id, locked_until=locked
         )
-        if taken.modified_count != 1:
+
+    async def _final(self, _id: str) -> dict[str, Any] | None:
+        """The key's final document, None when there is none (or only an expired one)."""
+        doc: dict[str, Any] | None = await self._collection.find_one({"_id": _id})
+        if doc is None:
             return None
-        return Claim(outcome="acquired", transaction_id=txn, token=token, taken_over=True)
+        if as_utc(doc["expires_at"]) <= now_ms():  # the TTL monitor has not run yet
+            await self._collection.delete_one({"_id": _id, "expires_at": doc["expires_at"]})
+            return None
+        return doc
 
     async def complete(
-        self, *, owner: str, key: str, token: str, response: StoredResponse
+        self, request: KeyedRequest, *, token: str, response: StoredResponse
     ) -> bool:
-        """Record the final response; False when the token no longer holds the record."""
-        done = await self._collection.update_one(
-            {"_id": record_id(owner, key), "token": token,
-             "state": RecordState.IN_PROGRESS.value},
-            {"$set": {"state": RecordState.DONE.value, "response": response.model_dump(),
-                      "completed_at": now_ms()}},
-        )  # fmt: skip
-        return done.modified_count == 1
+        """Record the final response (one insert) and let go of the lease; False when another
+        attempt's answer was recorded first (it stands)."""
+        now = now_ms()
+        try:
+            await self._collection.insert_one({
+                "_id": request.record_id, "owner": request.owner, "key": request.key,
+                "operation": request.operation, "fingerprint": request.fingerprint,
+                "transaction_id": request.transaction_id, "state": RecordState.DONE.value,
+                "response": response.model_dump(), "completed_at": now,
+                "expires_at": now + self._ttl,
+            })  # fmt: skip
+            recorded = True
+        except DuplicateKeyError:
+            recorded = False
+        await self.release(request, token=token)
+        return recorded
 
-    async def release(self, *, owner: str, key: str, token: str) -> None:
-        """Forget an attempt that produced no final answer (a dependency was down): the next
-        retry runs the operation again under the same transaction id."""
-        await self._collection.delete_one(
-            {"_id": record_id(owner, key), "token": token, "state": RecordState.IN_PROGRESS.value}
-        )
+    async def release(self, request: KeyedRequest, *, token: str) -> None:
+        """Let go of the lease (a dependency was down, or the answer is recorded): the next
+        retry claims the key at once. A lease another attempt holds now is left alone."""
+        lease_key = LEASE_PREFIX + request.record_id
+        await self._release(keys=[lease_key], args=[_lease_value(token, request)])
+
+
+def _lease_value(token: str, request: KeyedRequest) -> str:
+    # Newline-separated: fingerprints are hex and transaction ids admit no control characters.
+    return f"{token}\n{request.fingerprint}\n{request.transaction_id}"
+
+
+def _held(request: KeyedRequest, holder: str, left_ms: int) -> Claim:
+    """The claim a lease held by another request gives."""
+    _, fingerprint, transaction_id = holder.split("\n", 2)
+    if fingerprint != request.fingerprint:
+        return Claim(outcome="mismatch", transaction_id=transaction_id)
+    locked_until = now_ms() + timedelta(milliseconds=max(0, left_ms))
+    return Claim(outcome="in_progress", transaction_id=transaction_id, locked_until=locked_until)
+
+
+def _answered(request: KeyedRequest, doc: dict[str, Any]) -> Claim:
+    """The claim a final document gives."""
+    transaction_id = str(doc["transaction_id"])
+    if doc["fingerprint"] != request.fingerprint:
+        return Claim(outcome="mismatch", transaction_id=transaction_id)
+    response = StoredResponse.model_validate(doc["response"])
+    return Claim(outcome="replay", transaction_id=transaction_id, response=response)

@@ -379,9 +379,10 @@ async def test_validation_problems_name_the_field(
 async def test_lean_balance_route_answers_as_fastapi_routes_do(
     client: httpx.AsyncClient, keys: dict[str, str], api: ApiProcess
 ) -> None:
-    """get_balance is served without FastAPI's parameter solving (gateway.routers.wallets.
-    BalanceRoute): its problems must match get_history's, which FastAPI validates, for the
-    same wallet path (fields, locations, details), and auth still comes before validation."""
+    """get_balance is served without FastAPI's routing and parameter solving (gateway.fastpath,
+    gateway.routers.wallets.BalanceRoute): its problems must match get_history's, which
+    FastAPI validates, for the same wallet path (fields, locations, details), and auth still
+    comes before validation."""
     auth = bearer(keys["full"])
     for wallet_path, query in (("c-v/usa/USD", ""), ("c%20v/USA/USD", ""),
                                ("c-v/USA/USD", "?issuer_type=%20x"),
@@ -403,6 +404,13 @@ async def test_lean_balance_route_answers_as_fastapi_routes_do(
     log = api.log_path.read_text()
     line = next(x for x in log.splitlines() if f"/v1/wallets/cl***{cid[-2:]}/USA/USD/balance" in x)
     assert "op=get_balance status=404" in line and " key=full(" in line
+    # Answered in front of FastAPI's routing (gateway.fastpath), still behind the body limit
+    # and counted in the metrics by operationId.
+    big = await client.request("GET", f"/v1/wallets/{cid}/USA/USD/balance", headers=auth,
+                               content=b"x" * 70_000)  # fmt: skip
+    assert_problem(big, 413, "payload-too-large")
+    metrics = (await client.get("/metrics")).text
+    assert 'operation="get_balance",status="404"' in metrics
 
 
 async def test_malformed_json_and_oversized_bodies(
@@ -594,39 +602,66 @@ def test_amount_strings_round_trip_exactly() -> None:
                             source="mongodb")  # fmt: skip
     assert str(zero) == "0E-8"
     assert json.loads(BalanceOut.of(balance).model_dump_json())["credit"] == "0.00000000"
+    # The read path's unvalidated construction serialises byte for byte as the validated one.
+    issued = WalletKey(client_id="c", country="USA", currency="BTC", issuer_type="bank")
+    for wallet in (key, issued):
+        shown = balance.model_copy(update={"wallet": wallet})
+        assert BalanceOut.trusted(shown).model_dump_json() == BalanceOut.of(shown).model_dump_json()
 
 
-async def test_idempotency_records_lease_takeover_and_expiry(db: AsyncDatabase[Any]) -> None:
-    """The store's rules directly: claim, in progress, replay, mismatch, a dead holder's lease
-    taken over (its late answer is ignored), an expired record counts as absent; the TTL index."""
-    from stores.idempotency_keys import IDEMPOTENCY_KEYS, IdempotencyStore, record_id
+async def test_idempotency_records_lease_takeover_and_expiry(
+    db: AsyncDatabase[Any], api_settings: Settings
+) -> None:
+    """The store's rules directly: claim (a Redis lease), in progress, mismatch while running,
+    a dead holder's lease ended and the key taken (its late release and answer change nothing),
+    one final document written once and replayed, an expired document counts as absent."""
+    import redis.asyncio as redis_asyncio
+
+    from stores.idempotency_keys import (
+        IDEMPOTENCY_KEYS,
+        LEASE_PREFIX,
+        IdempotencyStore,
+        KeyedRequest,
+        record_id,
+    )
     from stores.idempotency_keys import StoredResponse as Stored
 
-    store = IdempotencyStore(db, lease_s=30)
-    await store.ensure_indexes()
-    owner, key = "owner-x", str(uuid.uuid4())
-    args = {"owner": owner, "key": key, "operation": "add_credit", "transaction_id": "t-1"}
-    first = await store.claim(**args, fingerprint="f1")
-    assert first.outcome == "acquired" and first.token
-    assert (await store.claim(**args, fingerprint="f1")).outcome == "in_progress"
-    assert (await store.claim(**args, fingerprint="f2")).outcome == "mismatch"
-    collection = db[IDEMPOTENCY_KEYS]
-    await collection.update_one({"_id": record_id(owner, key)},
-                                {"$set": {"locked_until": now_ms() - timedelta(seconds=1)}})
-    second = await store.claim(**args, fingerprint="f1")
-    assert second.outcome == "acquired" and second.taken_over and second.token != first.token
-    answer = Stored(status=200, media_type="application/json", body="{}")
-    assert not await store.complete(owner=owner, key=key, token=first.token, response=answer)
-    assert second.token is not None
-    assert await store.complete(owner=owner, key=key, token=second.token, response=answer)
-    replay = await store.claim(**args, fingerprint="f1")
-    assert replay.outcome == "replay" and replay.response == answer
-    await collection.update_one({"_id": record_id(owner, key)},
-                                {"$set": {"expires_at": now_ms() - timedelta(seconds=1)}})
-    assert (await store.claim(**args, fingerprint="f2")).outcome == "acquired"
-    ttl = [i for i in (await collection.index_information()).values()
-           if i["key"] == [("expires_at", 1)]]  # fmt: skip
-    assert ttl and ttl[0]["expireAfterSeconds"] == 0
+    redis = redis_asyncio.Redis.from_url(api_settings.redis_url)
+    try:
+        store = IdempotencyStore(db, redis, lease_s=30)
+        await store.ensure_indexes()
+        owner, key = "owner-x", str(uuid.uuid4())
+        asked = KeyedRequest(owner=owner, key=key, operation="add_credit", fingerprint="f1",
+                             transaction_id="t-1")  # fmt: skip
+        other = asked.model_copy(update={"fingerprint": "f2"})
+        first = await store.claim(asked)
+        assert first.outcome == "acquired" and first.token
+        running = await store.claim(asked)
+        assert running.outcome == "in_progress" and running.locked_until is not None
+        assert (await store.claim(other)).outcome == "mismatch"
+        await redis.delete(LEASE_PREFIX + record_id(owner, key))  # the holder died, lease ended
+        second = await store.claim(asked)
+        assert second.outcome == "acquired" and second.token and second.token != first.token
+        await store.release(asked, token=first.token)  # the dead holder's: changes nothing
+        assert (await store.claim(asked)).outcome == "in_progress"
+        answer = Stored(status=200, media_type="application/json", body="{}")
+        assert await store.complete(asked, token=second.token, response=answer)
+        late = Stored(status=409, media_type="application/problem+json", body="{}")
+        assert not await store.complete(asked, token=first.token, response=late)
+        replay = await store.claim(asked)
+        assert replay.outcome == "replay" and replay.response == answer
+        assert (await store.claim(other)).outcome == "mismatch"
+        collection = db[IDEMPOTENCY_KEYS]
+        assert await collection.count_documents({"_id": record_id(owner, key)}) == 1
+        assert await redis.exists(LEASE_PREFIX + record_id(owner, key)) == 0
+        await collection.update_one({"_id": record_id(owner, key)},
+                                    {"$set": {"expires_at": now_ms() - timedelta(seconds=1)}})
+        assert (await store.claim(other)).outcome == "acquired"
+        ttl = [i for i in (await collection.index_information()).values()
+               if i["key"] == [("expires_at", 1)]]  # fmt: skip
+        assert ttl and ttl[0]["expireAfterSeconds"] == 0
+    finally:
+        await redis.aclose()
 
 
 async def test_rate_limiter_batches_hold_the_limit_across_processes(
