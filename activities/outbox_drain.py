@@ -170,9 +170,11 @@ class OutboxBatcher:
             plan.rest[:0] = [record for record, _ in plan.moves[cut:]]
             plan.moves = []
         assert cursor == len(moves)
+        # Counted when TigerBeetle and the registry hold them, before the mark (as the
+        # per-record path's replicate counts): a reader seeing them marked sees them counted.
+        _observe(created, [kind for p in plans.values() for kind in p.registered], elapsed_s)
         done = [r.transaction_id for plan in plans.values() for r in plan.done]
         await self._outbox.mark_applied(done)
-        _observe(created, [kind for p in plans.values() for kind in p.registered], elapsed_s)
         rest = {w: plan.rest for w, plan in plans.items() if plan.rest}
         assert len(done) + sum(len(rs) for rs in rest.values()) == sum(
             len(rs) for rs in by_wallet.values())

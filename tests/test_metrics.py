@@ -173,7 +173,7 @@ async def test_worker_metrics_follow_the_operations_sent(
                     amount=Decimal("1000000.00")))
             for _ in range(READS):
                 await client.get_balance(legacy_wallet)
-            await wait_drained(client, dual_wallet)
+            await wait_drained(client, dual_wallet, outbox=stores.legacy.outbox)
             after = await asyncio.to_thread(scrape, port)
             check_store_counts(before, after)
             check_tigerbeetle(after)
@@ -230,8 +230,10 @@ def check_store_counts(before: Samples, after: Samples) -> None:
 
 
 def check_tigerbeetle(after: Samples) -> None:
+    # The outbox drainer's batch sends a pass's credits and debits in one request: fewer
+    # requests than operations (the per-operation counts are check_store_counts').
     assert total(after, "walletmig_tigerbeetle_request_seconds_count",
-                 operation="create_transfers") >= CREDITS + DEBITS + VOIDS
+                 operation="create_transfers") >= 1
     assert total(after, "walletmig_tigerbeetle_requests_in_flight") == 0
     assert value(after, "walletmig_tigerbeetle_up") == 1
 
