@@ -2,6 +2,9 @@
 
 The workflow runs on the migration task queue; its id is derived from the scope, so starting
 the same scope twice attaches to the running backfill instead of starting a second one.
+While it runs (`start`, `status --watch`): a rich progress bar on a terminal (transient), a
+plain line at most every PLAIN_EVERY_S otherwise; then one plain summary line (`progress_line`)
+or, with --json, the final progress as JSON.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +23,15 @@ from walletmig.commands import CommandError
 
 # Temporal, the workflow and its models load inside the handlers (fast `walletmig --help`).
 if TYPE_CHECKING:
+    from rich.console import Console
     from temporalio.client import Client, WorkflowHandle
 
     from messages.backfill import BackfillProgress
 
 POLL_INTERVAL_S = 1.0
-BAR_WIDTH = 30
+# Not a terminal (a log, a pipe, a test): a plain progress line at most this often (a backfill
+# of millions of wallets runs for hours), then the final summary line.
+PLAIN_EVERY_S = 60.0
 
 
 def resolve_pairs(pairs: list[str] | None) -> list[str]:
@@ -40,48 +48,114 @@ async def connect(settings: Settings) -> Client:
 
 
 def progress_line(p: BackfillProgress) -> str:
+    """One plain line (no bar: on a terminal rich draws it): `backfill status`, a log's
+    periodic line and the final summary."""
     if p.stage == "history":
-        return history_line(p)
-    share = p.done / p.total if p.total else 1.0
-    filled = int(BAR_WIDTH * min(share, 1.0))
+        return f"history {_share(*_history_counts(p))} · {history_detail(p)}"
     eta = "done" if p.finished else ("-" if p.eta_s is None else f"ETA {p.eta_s:.0f}s")
     where = p.pair or "all pairs"
-    return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share:6.1%} "
-            f"{p.done}/{p.total} {p.rate_per_s:.0f} wallets/s {eta} · {where} · "
-            f"imported {p.imported} already {p.already} busy {p.busy} failed {p.failed}"
+    return f"wallets {_share(p.done, p.total)} · {where} · {wallets_detail(p)} · {eta}"
+
+
+def _share(done: int, total: int) -> str:
+    return f"{done / total if total else 1.0:6.1%} {done}/{total}"
+
+
+def _history_counts(p: BackfillProgress) -> tuple[int, int]:
+    return (p.history.scanned, p.history.total) if p.history else (0, 0)
+
+
+def wallets_detail(p: BackfillProgress) -> str:
+    return (f"imported {p.imported} already {p.already} busy {p.busy} failed {p.failed}"
             + ("" if p.history is None else
                f" · history {p.history.imported + p.history.already}/{p.history.total} "
-               f"failed {p.history.failed}"))
+               f"failed {p.history.failed}")
+            + f" · {p.rate_per_s:.0f} wallets/s")
 
 
-def history_line(p: BackfillProgress) -> str:
+def history_detail(p: BackfillProgress) -> str:
     """--with-history, first stage: the transaction log as imported transfers."""
     h = p.history
-    done, total = (h.scanned, h.total) if h else (0, 0)
-    share = done / total if total else 0.0
-    filled = int(BAR_WIDTH * min(share, 1.0))
     reached = h.reached.isoformat(timespec="seconds") if h and h.reached else "-"
-    return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share:6.1%} history "
-            f"{done}/{total} transactions · reached {reached} · "
-            f"imported {h.imported if h else 0} already {h.already if h else 0} "
-            f"skipped {h.skipped if h else 0} failed {h.failed if h else 0}")
+    return (f"reached {reached} · imported {h.imported if h else 0} already "
+            f"{h.already if h else 0} skipped {h.skipped if h else 0} failed "
+            f"{h.failed if h else 0}")
+
+
+async def _poll(handle: WorkflowHandle[Any, Any], show: Callable[[BackfillProgress], None]
+                ) -> None:
+    """Query the progress every POLL_INTERVAL_S and `show` it, until the workflow finished."""
+    from workflows.backfill import BackfillWorkflow
+
+    while True:
+        progress: BackfillProgress = await handle.query(BackfillWorkflow.progress)
+        show(progress)
+        if progress.finished:
+            return
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+async def _follow(handle: WorkflowHandle[Any, Any], console: Console) -> None:
+    """A terminal: a rich progress bar per stage (history, wallets), gone when it finishes."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+    )
+    from rich.table import Column
+
+    # The counts are cut at the terminal's edge (one line that rewrites itself, not a wrap).
+    detail = TextColumn("{task.fields[detail]}",
+                        table_column=Column(no_wrap=True, overflow="ellipsis"))
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+               MofNCompleteColumn(), detail)
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("backfill", total=None, detail="")
+
+        def show(p: BackfillProgress) -> None:
+            if p.stage == "history":
+                done, total = _history_counts(p)
+                bar.update(task, description="history", completed=done, total=total,
+                           detail=history_detail(p))
+            else:
+                eta = "" if p.eta_s is None else f" · ETA {p.eta_s:.0f}s"
+                bar.update(task, description=p.pair or "wallets", completed=p.done,
+                           total=p.total, detail=wallets_detail(p) + eta)
+
+        await _poll(handle, show)
+
+
+async def _log(handle: WorkflowHandle[Any, Any], console: Console) -> None:
+    """Not a terminal: a plain line at most every PLAIN_EVERY_S (the first at once)."""
+    printed_at: float | None = None
+
+    def show(p: BackfillProgress) -> None:
+        nonlocal printed_at
+        now = time.monotonic()
+        if not p.finished and (printed_at is None or now - printed_at >= PLAIN_EVERY_S):
+            console.print(progress_line(p), soft_wrap=True, highlight=False, markup=False)
+            printed_at = now
+
+    await _poll(handle, show)
 
 
 async def _watch(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
-    from workflows.backfill import BackfillWorkflow
+    from rich.console import Console
 
-    tty = sys.stdout.isatty()
-    while True:
-        progress = await handle.query(BackfillWorkflow.progress)
-        if not as_json:
-            end = "\r" if tty and not progress.finished else "\n"
-            print(progress_line(progress), end=end, flush=True)
-        if progress.finished:
-            break
-        await asyncio.sleep(POLL_INTERVAL_S)
+    console = Console()
+    if as_json:
+        await _poll(handle, lambda _progress: None)
+    elif console.is_terminal:
+        await _follow(handle, console)
+    else:
+        await _log(handle, console)
     result: BackfillProgress = await handle.result()
     if as_json:
         print(result.model_dump_json(indent=2))
+    else:  # the one line that stays: the bar was transient
+        console.print(progress_line(result), soft_wrap=True, highlight=False, markup=False)
     for key, error in result.failed_sample.items():
         print(f"failed: {key}: {error}", file=sys.stderr)
     history_failed = 0 if result.history is None else result.history.failed
