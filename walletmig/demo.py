@@ -94,14 +94,15 @@ class DemoOptions(BaseModel):
     writers: int = Field(default=8, ge=1, le=64)
     readers: int = Field(default=4, ge=1, le=64)
     phase_dwell_s: float = Field(default=5.0, ge=0.5, le=600)
-    # Latency gate: TigerBeetle read p95 < ratio x MongoDB's. The plan's 0.5 is for production
-    # servers. A TigerBeetle read is one round trip now (registries.account_registry
-    # read_account), but on the embedded stack both servers are Python processes and the demo's
-    # traffic shares the cores: the p95 of both sides is mostly event-loop and CPU wait, which
-    # pulls the ratio towards 1 (measured 0.61 and 0.50 at load average 12 on 2 cores; its served
-    # reads: TigerBeetle p95 0.13-0.4x MongoDB's). So the demo gates at 2.0 and says so in
-    # its report; `--tb-p95-ratio 0.5` runs the plan's gate.
-    max_tb_p95_ratio: float = Field(default=2.0, gt=0, le=100)
+    # Latency gate: TigerBeetle read p95 < ratio x MongoDB's, the plan's 0.5 (GateThresholds).
+    # It used to be loosened to 2.0 here: the shadow TigerBeetle reads of shadow_read's first
+    # seconds were each wallet's first read in this process (a registry read beside the
+    # lookup: TigerBeetle p95 above MongoDB's), and the back-to-back readers left this process
+    # CPU-bound, so both p95s measured its run queue. Now the router prefetches a pair's ids
+    # (ReadRouter prefetch_ids) and the readers are paced (demo_traffic.READ_EVERY_S). The
+    # gate can still fail (then the step is forced and the run fails): on a host loaded far
+    # beyond its cores both p95s are scheduling waits and the ratio drifts towards 1.
+    max_tb_p95_ratio: float = Field(default=GateThresholds().max_tb_p95_ratio, gt=0, le=100)
     # How long a step waits for its gates before it is forced (and the report says so).
     gate_wait_s: float = Field(default=GATE_WAIT_S, gt=0, le=3600)
 
