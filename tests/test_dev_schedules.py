@@ -78,5 +78,11 @@ async def test_dev_up_ensures_the_schedules_in_place_and_status_shows_them(
         assert paused is not None and paused[1] == "PAUSED", shown.stdout
         assert active is not None and active[1] == "active", shown.stdout
         assert re.fullmatch(r"\d\d:\d\d:\d\d", active[2]), shown.stdout  # its next run, UTC
+
+        # `reconcile schedule` writes the same schedule through the same rule.
+        custom = _cli(config.state_dir, "reconcile", "schedule", "--every-s", "120")
+        assert "schedule reconciliation-schedule updated" in custom.stdout, custom
+        recon = await client.get_schedule_handle(SCHEDULE_ID).describe()
+        assert [i.every for i in recon.schedule.spec.intervals] == [timedelta(seconds=120)]
     finally:
         devstack.down(config)
