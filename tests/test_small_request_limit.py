@@ -5,7 +5,7 @@ and at 4 KiB (`--limit-request 4KiB`), and drives the real flows with more event
 request holds there (creates: 253 / 29, lookups: 2031 / 239):
 
 - the client cuts batches to the announced limit without splitting a linked chain;
-- backfill --with-history then reconciliation, every wallet exact;
+- backfill --with-history then reconciliation, every wallet exact (at 4 KiB: HISTORY_LIMITS);
 - a small live migration through the wallet workflow: legacy, a dual-write drain of many
   operations of one wallet next to a backfill, reconciliation, tb_primary's reverse projection;
 - a worker told a larger limit than the cluster's fails the backfill at once with a
@@ -70,6 +70,12 @@ WORKFLOW_TIMEOUT = timedelta(minutes=2)
 
 Limit = RequestLimit
 LIMITS = [limit for limit in REQUEST_LIMITS if limit.name in ("32KiB", "4KiB")]
+# The history import runs at the smaller limit only: at 32 KiB, "more wallets than one lookup"
+# takes 2,051 wallets and ~40 s (~130 s at load 20) to prove the same page cutting 259 wallets
+# prove at 4 KiB (the same activities, cut by BatchLimits; more cuts per page at 4 KiB). The
+# 32 KiB numbers stay proven by the client test, the backfill at 32 KiB by the live migration
+# and the misconfiguration tests.
+HISTORY_LIMITS = [limit for limit in LIMITS if limit.name == "4KiB"]
 
 
 @pytest.fixture(params=LIMITS, ids=[limit.name for limit in LIMITS])
@@ -224,6 +230,8 @@ async def customer_net_minor(env: Env, pair: str) -> tuple[int, int]:
     return len(rows), sum(a.credits_posted - a.debits_posted for a in rows)
 
 
+@pytest.mark.parametrize("emulator", HISTORY_LIMITS, ids=[x.name for x in HISTORY_LIMITS],
+                         indirect=True)
 async def test_backfill_with_history_then_reconciliation(
     env: Env, temporal_client: Client, unique_id: UniqueId
 ) -> None:
