@@ -653,7 +653,11 @@ async def test_idempotency_records_lease_takeover_and_expiry(
         assert (await store.claim(other)).outcome == "mismatch"
         collection = db[IDEMPOTENCY_KEYS]
         assert await collection.count_documents({"_id": record_id(owner, key)}) == 1
-        assert await redis.exists(LEASE_PREFIX + record_id(owner, key)) == 0
+        # The finished request left its lease to end: meeting it, a claim reads the answer.
+        assert await redis.exists(LEASE_PREFIX + record_id(owner, key)) == 1
+        await redis.delete(LEASE_PREFIX + record_id(owner, key))
+        assert (await store.claim(asked)).outcome == "replay"
+        assert await redis.exists(LEASE_PREFIX + record_id(owner, key)) == 0  # let go
         await collection.update_one({"_id": record_id(owner, key)},
                                     {"$set": {"expires_at": now_ms() - timedelta(seconds=1)}})
         assert (await store.claim(other)).outcome == "acquired"
