@@ -68,8 +68,8 @@ IMPORTED_KNOWN_MAX = 100_000  # finished imports remembered per process (Importe
 OUTBOX_DEFAULT = os.environ.get("WALLETMIG_OUTBOX", "on").lower() != "off"
 # tb_primary's reverse projection through the outbox too (intent recorded before the
 # TigerBeetle write, activities.reverse_outbox) rather than `to_mongodb` backlog items.
-# WALLETMIG_REVERSE_OUTBOX=on switches it on for a process (off until the suite has run it).
-REVERSE_OUTBOX_DEFAULT = os.environ.get("WALLETMIG_REVERSE_OUTBOX", "off").lower() == "on"
+# WALLETMIG_REVERSE_OUTBOX=off switches it off for a process (the benchmarks' before runs).
+REVERSE_OUTBOX_DEFAULT = os.environ.get("WALLETMIG_REVERSE_OUTBOX", "on").lower() != "off"
 # (wallet, scope, epoch) seen with no outbox record pending towards the store answering there
 OUTBOX_CLEAR_KNOWN_MAX = 100_000
 
