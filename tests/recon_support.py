@@ -41,6 +41,21 @@ from walletcore.phases import Phase
 from workflows.reconciliation import ReconciliationWorkflow
 
 CURRENCIES = ("USD", "JPY", "BHD", "USDC", "BTC")  # precisions 2, 0, 3, 6, 8
+# Country codes handed out this session: every env of a session shares its MongoDB database,
+# so two envs with one country would reconcile each other's wallets (a random pick of 26^3
+# collided about once a run over the suite's ~100 envs).
+_COUNTRIES_USED: set[str] = set()
+COUNTRY_DRAWS_MAX = 1000
+
+
+def fresh_country() -> str:
+    """A three-letter country code no other env of this session has."""
+    for _ in range(COUNTRY_DRAWS_MAX):
+        country = "".join(random.choices(string.ascii_uppercase, k=3))
+        if country not in _COUNTRIES_USED:
+            _COUNTRIES_USED.add(country)
+            return country
+    raise AssertionError(f"no unused country code in {COUNTRY_DRAWS_MAX} draws")
 
 
 @dataclass
@@ -71,7 +86,7 @@ class Env:
 
 
 async def make_env(db: AsyncDatabase[Any], redis: Any, tb_client: TigerBeetleClient) -> Env:
-    country = "".join(random.choices(string.ascii_uppercase, k=3))
+    country = fresh_country()
     base = random.randint(10_000, 2**31)
     mapping = dict(DEFAULT_LEDGERS)
     pairs = [f"{c}:{country}" for c in CURRENCIES]
