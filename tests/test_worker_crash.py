@@ -1,4 +1,6 @@
-"""kill -9 the wallet worker in the middle of a dual-write stream; a new worker finishes it.
+"""kill -9 the wallet worker in the middle of a dual-write stream (and of a tb_primary one:
+TigerBeetle answers, MongoDB follows through the reverse outbox, intent recorded first); a new
+worker finishes it.
 
 The worker is a real subprocess (`python -m walletmig worker`). 1,000 operations across 50
 wallets from 50 concurrent callers; the worker is SIGKILLed after a tenth of them were
@@ -73,8 +75,10 @@ def operations(wallet: WalletKey, caller: int) -> list[WalletOperation]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("phase", [Phase.DUAL_WRITE, Phase.TB_PRIMARY], ids=lambda p: p.value)
 async def test_kill_9_worker_mid_stream(
-    temporal_client: Client, settings: Settings, tb_addresses: str, tmp_path: Path
+    temporal_client: Client, settings: Settings, tb_addresses: str, tmp_path: Path,
+    phase: Phase,
 ) -> None:
     isolated = isolated_settings(settings, "wallet_crash")
     task_queue = f"wallet-crash-{uuid.uuid4().hex[:8]}"
@@ -87,7 +91,7 @@ async def test_kill_9_worker_mid_stream(
                           retry_window_s=120)
 
     async with open_stores(isolated) as stores:
-        await set_phase(stores, DUAL_PAIR, Phase.DUAL_WRITE)
+        await set_phase(stores, DUAL_PAIR, phase)
         worker = start_worker(env, tmp_path / "worker-1.log")
         procs = [worker]  # everything started here is stopped in `finally`, even on failure
         answered: dict[WalletKey, list[str]] = defaultdict(list)
