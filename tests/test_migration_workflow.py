@@ -493,6 +493,14 @@ async def test_pause_auto_rollback_and_continue_as_new(
     last = status.recent_actions[-1]
     assert last.automatic and last.action == "auto_rollback"
     assert "error rate 100% over 30 reads" in last.reason
+
+    # The status shows the action as soon as it is decided; its audit entry is written by an
+    # activity right after (fresh7 under load read the log in between).
+    async def audited() -> bool:
+        entries = await AuditLog(mongo_db).list(status.migration_id)
+        return entries[-1].seq == last.seq
+
+    await eventually(audited, "the automatic rollback's audit entry")
     entries = await AuditLog(mongo_db).list(status.migration_id)
     assert entries[-1].automatic and entries[-1].actor == "migration-workflow"
     await handle.terminate("test done")
