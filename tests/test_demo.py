@@ -18,6 +18,7 @@ from wallet_support import twin_in_tigerbeetle
 from messages.reconciliation import ReconcileSummary
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
+from stores.outbox import Outbox
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.balances import MinorBalance
@@ -97,11 +98,16 @@ async def test_demo_small(settings: Settings) -> None:
     assert "relaxed gate thresholds" in text and "lost_operations: 0" in text
 
 
-async def _drained(client: WalletClient, wallets: list[WalletKey]) -> None:
+async def _drained(client: WalletClient, outbox: Outbox, wallets: list[WalletKey]) -> None:
+    """Until no wallet has an operation on its way to TigerBeetle: neither in its workflow's
+    backlog nor pending in the transactional outbox (dual_write's path)."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     for wallet in wallets:
         while (status := await client.status(wallet)) is not None and status.backlog_length:
             assert time.monotonic() < deadline, f"backlog of {wallet} not drained: {status}"
+            await asyncio.sleep(0.2)
+        while pending := await outbox.pending_count(wallet):
+            assert time.monotonic() < deadline, f"{pending} outbox records of {wallet} pending"
             await asyncio.sleep(0.2)
 
 
@@ -157,7 +163,7 @@ async def test_checker_fails_on_a_double_in_tigerbeetle_and_a_dropped_mongodb_wr
             twice, dropped = [credit(w, Decimal(7), ledger) for w in wallets[:2]]
             assert await send(client, *twice, ledger) and await send(client, *dropped, ledger)
             await run_backfill(temporal, queue, run_id, pairs)
-            await _drained(client, wallets)
+            await _drained(client, stores.legacy.outbox, wallets)
 
             clean = await check(stores, ledger, wallets)
             assert clean.failures() == [], clean
