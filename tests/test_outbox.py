@@ -33,6 +33,8 @@ from wallet_support import (
 )
 
 from activities.outbox_drain import OutboxBatcher, OutboxDrainer
+from activities.reconciliation.evidence import EvidenceReader
+from activities.reconciliation.scan import attach_tigerbeetle, subjects_of
 from activities.reverse_outbox import ReverseOutboxDrainer
 from activities.store_ops import apply_to
 from activities.wallet import ImportedVersions, TigerBeetleBacklog
@@ -55,7 +57,13 @@ from walletcore.errors import WalletError
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import Phase
-from walletcore.reconcile import PhaseWindow, legacy_op_may_be_in_flight, tb_op_may_be_in_flight
+from walletcore.reconcile import (
+    IssueKind,
+    OpEffect,
+    PhaseWindow,
+    legacy_op_may_be_in_flight,
+    tb_op_may_be_in_flight,
+)
 from workers.wiring import make_importer
 
 KILLS = 3
@@ -509,3 +517,30 @@ def test_a_tigerbeetle_transfer_is_in_flight_iff_its_reverse_record_is_pending()
     assert tb_op_may_be_in_flight(primary, now, reverse_state=None)
     dual = PhaseWindow(phase=Phase.DUAL_WRITE, since_s=now - 10)
     assert not tb_op_may_be_in_flight(dual, now, reverse_state=None)
+
+
+async def test_reconciliation_reads_a_pending_reverse_record_as_in_flight(stores: Stores) -> None:
+    """A TigerBeetle transfer MongoDB lacks: in flight while its reverse record is pending
+    (whatever the phase window says), lost_legacy_write once the record is applied (where the
+    phase rule alone may call it reverse projection)."""
+    outbox = stores.legacy.outbox
+    wallet = key(f"rev-recon-{uuid.uuid4().hex[:8]}", DUAL_PAIR)
+    first, owed = wallet_ops(wallet)[:2]
+    assert await tb_primary_write(stores, first)
+    await reverse_drain_all(ReverseOutboxDrainer(outbox, stores.legacy, stores.tigerbeetle),
+                            stores, wallet)  # the wallet exists in MongoDB: a subject
+    assert await tb_primary_write(stores, owed)  # in TigerBeetle; its record pending
+    reader = EvidenceReader(stores.legacy, stores.tigerbeetle, stores.imports, stores.migration)
+
+    async def owed_effect() -> OpEffect:
+        subjects = await subjects_of(stores.legacy, [wallet.canonical])
+        await attach_tigerbeetle(stores.tb_client, stores.accounts, subjects)
+        (effect,) = (await reader.collect(subjects))[wallet.canonical].tb_only
+        assert effect.transaction_id == owed.transaction_id
+        return effect
+
+    assert (await owed_effect()).real_kind is None
+    await outbox.mark_reverse([owed.transaction_id])  # "applied", yet MongoDB lacks it
+    assert (await owed_effect()).real_kind is IssueKind.LOST_LEGACY_WRITE
+    await apply_to(stores.legacy, owed)  # leave the stores equal
+    await assert_same_sequence(stores, wallet)
