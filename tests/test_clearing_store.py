@@ -14,7 +14,7 @@ import pytest_asyncio
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from stores.clearing_store import ClearingStore, StateChange
+from stores.clearing_store import VELOCITY_CHUNK_MAX, ClearingStore, StateChange
 from walletcore.clearing import (
     DEFAULT_CLEARING_TABLE,
     ClearingState,
@@ -263,6 +263,25 @@ async def test_velocity_counts_live_transactions_in_the_window(
     assert everything[query.key].count == 5
     later = await store.velocity([query], now=now + timedelta(hours=2), exclude_batch=None)
     assert query.key not in later
+
+
+async def test_velocity_over_many_counterparties_spans_chunks(
+    store: ClearingStore, make: Callable[..., ExternalTransaction], unique_id: Callable[..., str]
+) -> None:
+    """More counterparties than one aggregate takes (VELOCITY_CHUNK_MAX): every one is
+    counted once, with its own amount, in order of the intake (a batch read sorts by `ix`)."""
+    parties = [unique_id("party") for _ in range(VELOCITY_CHUNK_MAX * 2 + 5)]
+    history = [make(counterparty=p, amount=Decimal(i + 1)) for i, p in enumerate(parties)]
+    batch_id = unique_id("batch")
+    await store.record_many(history, batch_id)
+    assert [r.external_id for r in await store.by_batch(batch_id)] == [
+        t.external_id for t in history]
+    queries = [VelocityQuery(kind="ach_credit_in", counterparty=p, currency="USD",
+                             window_s=3600) for p in parties]
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    windows = await store.velocity(queries, now=now, exclude_batch=None)
+    assert [(windows[q.key].count, windows[q.key].amount_minor) for q in queries] == [
+        (1, (i + 1) * 100) for i in range(len(parties))]
 
 
 async def test_reference_holders_feed_the_duplicate_check(

@@ -20,16 +20,20 @@ their PIDs), over the saturation run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import tigerbeetle as tb
 from pydantic import BaseModel, Field
 
-from messages.clearing import INTAKE_BATCH_MAX
+from messages.clearing import INTAKE_BATCH_MAX, PostVoidBatch, StepInput
+from messages.clearing_pipeline import FinalizeBatch
+from stores.clearing_store import ClearingStore
 from stores.clearing_tb import transfer_of
 from walletclient.clearing_client import ClearingClient
 from walletconfig.settings import Settings
@@ -41,6 +45,8 @@ TRANSACTIONS_MAX = 1_000_000
 BATCH_TIMEOUT_S = 600.0
 KIND = "ach_credit_in"  # asset debited, liability credited: no balance limit can refuse it
 PARTIES = 10_000  # counterparties: 50 transactions each per hour before velocity refuses
+STEP_BATCHES_MAX = 16
+STEPS = ("intake", "pending", "checks", "post_void", "settle")
 
 
 class ClearingBenchConfig(BaseModel):
@@ -49,6 +55,8 @@ class ClearingBenchConfig(BaseModel):
     concurrency: int = Field(default=4, ge=1, le=64)
     fixed_share: float = Field(default=0.5, ge=0.0, le=1.0,
                                description="offered load of the fixed run, share of saturation")
+    step_batches: int = Field(default=2, ge=0, le=STEP_BATCHES_MAX,
+                              description="batches run step by step, alone, for the CPU per step")
 
 
 class RunFigures(BaseModel):
@@ -73,6 +81,9 @@ class ClearingBenchReport(BaseModel):
     raw_transactions: int
     raw_seconds: float
     cpu_ms_per_tx: dict[str, float]
+    # step -> process -> CPU ms per transaction, from batches run one step at a time, alone
+    # (no other batch in flight): where each process's CPU goes.
+    step_cpu_ms_per_tx: dict[str, dict[str, float]] = Field(default_factory=dict)
     batch_size: int
     concurrency: int
     database: str
@@ -158,6 +169,58 @@ async def _raw_two_phase(stack: DemoStack, table: ClearingTable, count: int,
     return time.monotonic() - started
 
 
+class _StepMeter:
+    """CPU per step and process, summed over the batches run step by step."""
+
+    def __init__(self, servers: ServerCpu) -> None:
+        self._servers = servers
+        self.spent_s: dict[str, dict[str, float]] = {step: {} for step in STEPS}
+
+    @contextlib.asynccontextmanager
+    async def step(self, name: str) -> AsyncIterator[None]:
+        cpu0, server0 = time.process_time(), self._servers.sample()
+        yield
+        spent = {"bench (client + worker)": time.process_time() - cpu0,
+                 **ServerCpu.spent(server0, self._servers.sample())}
+        into = self.spent_s[name]
+        for process, seconds in spent.items():
+            into[process] = into.get(process, 0.0) + seconds
+
+    def per_tx_ms(self, transactions: int) -> dict[str, dict[str, float]]:
+        return {step: {process: round(s * 1000 / transactions, 3)
+                       for process, s in spent.items()}
+                for step, spent in self.spent_s.items()}
+
+
+async def _step_costs(stack: DemoStack, stream: _Stream, config: ClearingBenchConfig,
+                      servers: ServerCpu) -> dict[str, dict[str, float]]:
+    """`step_batches` batches through the pipeline's steps called one after the other in this
+    process (the activities' code, no workflow), nothing else in flight, CPU sampled around
+    each step: intake (record_many), pending, checks, post_void, settle (entries + states)."""
+    meter = _StepMeter(servers)
+    store = ClearingStore(stack.db)
+    acts = stack.activities
+    for _ in range(config.step_batches):
+        txns = stream.batch(config.batch_size)
+        batch_id = f"steps-{uuid.uuid4().hex}"
+        ids = [t.external_id for t in txns]
+        async with meter.step("intake"):
+            recorded = await store.record_many(txns, batch_id)
+        assert len(recorded.new) == len(txns)
+        async with meter.step("pending"):
+            holds = await acts.reserve(StepInput(batch_id=batch_id, external_ids=ids))
+        async with meter.step("checks"):
+            checked = await acts.check(StepInput(batch_id=batch_id, external_ids=holds.pending))
+        async with meter.step("post_void"):
+            decided = await acts.decide(PostVoidBatch(batch_id=batch_id, post=checked.passed,
+                                                      void=checked.failed))
+        async with meter.step("settle"):
+            await acts.finalize(FinalizeBatch(
+                batch_id=batch_id, posted=decided.posted,
+                rejected=[*holds.rejected, *decided.voided]))
+    return meter.per_tx_ms(max(1, config.step_batches * config.batch_size))
+
+
 async def run_bench(settings: Settings, config: ClearingBenchConfig) -> ClearingBenchReport:
     run_id = f"bclr-{uuid.uuid4().hex[:8]}"
     settings = settings.model_copy(update={
@@ -180,6 +243,7 @@ async def run_bench(settings: Settings, config: ClearingBenchConfig) -> Clearing
             offered = saturation.tx_per_s * config.fixed_share
             runs.append(await _run("fixed load", stack.client, stream, config,
                                    max(config.transactions // 2, config.batch_size), offered))
+        steps = await _step_costs(stack, stream, config, servers)
         raw_seconds = await _raw_two_phase(stack, table, config.transactions, run_id)
     del warm
     if not servers.sample():
@@ -193,6 +257,7 @@ async def run_bench(settings: Settings, config: ClearingBenchConfig) -> Clearing
         raw_seconds=round(raw_seconds, 3),
         cpu_ms_per_tx={name: round(value * 1000 / config.transactions, 3)
                        for name, value in cpu_s.items()},
+        step_cpu_ms_per_tx=steps if config.step_batches else {},
         batch_size=config.batch_size, concurrency=config.concurrency,
         database=settings.mongodb_database, notes=notes)
 
@@ -221,5 +286,8 @@ def format_report(r: ClearingBenchReport) -> str:
                      f"{run.p99_ms:>7.0f} ms  settled {run.settled} rejected {run.rejected}")
     lines.append("  CPU ms per transaction: " + ", ".join(
         f"{name} {value:.2f}" for name, value in r.cpu_ms_per_tx.items()))
+    for step, spent in r.step_cpu_ms_per_tx.items():
+        lines.append(f"  step {step:<10} CPU ms per transaction: " + ", ".join(
+            f"{name} {value:.3f}" for name, value in spent.items()))
     lines += [f"  note: {note}" for note in r.notes]
     return "\n".join(lines)
