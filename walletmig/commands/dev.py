@@ -107,7 +107,8 @@ def _stack_settings(config: devstack.StackConfig) -> Settings:
     return Settings.from_env(environ)
 
 
-async def _connect(config: devstack.StackConfig) -> tuple[Client, Settings]:
+async def stack_client(config: devstack.StackConfig) -> tuple[Client, Settings]:
+    """A Temporal client of the stack as its worker sees it (codec keys), and its settings."""
     from walletmig.commands.backfill import connect
 
     settings = _stack_settings(config)
@@ -123,7 +124,7 @@ async def _ensure_schedules(config: devstack.StackConfig) -> list[tuple[Schedule
     from walletmig.commands.schedules import describe_schedules
 
     assert DEV_SCHEDULES == (SYNC_SCHEDULE_ID, SCHEDULE_ID), DEV_SCHEDULES
-    client, settings = await _connect(config)
+    client, settings = await stack_client(config)
     queue = settings.migration_task_queue
     verbs = {
         SYNC_SCHEDULE_ID: await ensure_sync_schedule(
@@ -185,7 +186,7 @@ def _print_schedules(config: devstack.StackConfig) -> None:
     from walletmig.commands.schedules import describe_schedules
 
     async def rows() -> list[ScheduleRow]:
-        client, _settings = await _connect(config)
+        client, _settings = await stack_client(config)
         return await describe_schedules(client, list(DEV_SCHEDULES))
 
     try:
