@@ -29,6 +29,7 @@ EXIT_NOT_ALL_UP = 3  # `dev status` when a component is down (as LSB `status` do
 # What `dev up` ensures once Temporal is up (ids: messages.clearing.SYNC_SCHEDULE_ID and
 # messages.reconciliation.SCHEDULE_ID; asserted in _ensure_schedules).
 DEV_SCHEDULES: tuple[str, ...] = ("ledger-sync-schedule", "reconciliation-schedule")
+SCHEDULES_TIMEOUT_S = 30.0  # bound on writing or reading them (Temporal answered its probe)
 
 
 def _tb_limit_request(text: str | None) -> int | None:
@@ -153,9 +154,11 @@ def _up(args: argparse.Namespace) -> int:
     _print_footer(config, statuses)
     if _temporal_up(statuses):
         try:
-            ensured = asyncio.run(_ensure_schedules(config))
+            ensured = asyncio.run(asyncio.wait_for(_ensure_schedules(config),
+                                                   SCHEDULES_TIMEOUT_S))
         except Exception as failed:  # the processes run; the stack is not fully operating
-            print(f"walletmig: error: schedules not ensured: {failed}", file=sys.stderr)
+            print(f"walletmig: error: schedules not ensured: {type(failed).__name__} {failed}",
+                  file=sys.stderr)
             return EXIT_NOT_ALL_UP
         for row, verb in ensured:
             print(f"{row.line()}  ({verb})")
@@ -190,9 +193,9 @@ def _print_schedules(config: devstack.StackConfig) -> None:
         return await describe_schedules(client, list(DEV_SCHEDULES))
 
     try:
-        found = asyncio.run(rows())
+        found = asyncio.run(asyncio.wait_for(rows(), SCHEDULES_TIMEOUT_S))
     except Exception as failed:  # status reports; it does not fail on a Temporal hiccup
-        print(f"schedules    not readable: {failed}")
+        print(f"schedules    not readable: {type(failed).__name__} {failed}")
         return
     for row in found:
         print(row.line())
