@@ -104,7 +104,10 @@ def _assemble(
             temporal, platform.wallet_task_queue, id_key=platform.id_key(),
             retry_window_s=settings.write_timeout_s,
         ),
-        reader=ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics),
+        # A pair's account ids are loaded once it reads TigerBeetle (bounded by the registry's
+        # read map): a wallet's first read through the API needs no registry round trip.
+        reader=ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics,
+                          prefetch_ids=stores.accounts.remember_pair),
         metrics=metrics,
         api_keys=api_keys,
         authenticator=Authenticator(api_keys, cache_ttl_s=settings.key_cache_ttl_s),
