@@ -258,7 +258,8 @@ class WalletActivities:
         self._imported = ImportedVersions(importer)
         self._backlog = TigerBeetleBacklog(legacy, tigerbeetle, self._importer, self._imported)
         self._projection = ReverseProjectionActivities(legacy)
-        self._reader = ReadRouter(legacy, tigerbeetle, migration, metrics)
+        self._reader = ReadRouter(legacy, tigerbeetle, migration, metrics,
+                                  prefetch_ids=tigerbeetle.accounts.remember_pair)
         self._outbox_on = outbox
         self._reverse_on = reverse_outbox
         # The drainers run the reverse pass whatever this process writes: records of other
