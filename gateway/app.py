@@ -78,7 +78,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     # Last: the hot reads (LeanRoutes) are answered in front of the routing, with the same
     # middleware and handlers as above (gateway.fastpath).
-    app.enable_fast_routes(body_max_bytes=settings.body_max_bytes)
+    app.enable_fast_routes()
     return app
 
 

@@ -11,8 +11,8 @@ dependency solving. `GatewayApp` (the FastAPI application itself) answers the re
   and only when no other route could answer the path (checked at start,
   `_no_other_route_matches`); anything else goes through FastAPI as before;
 - served by the route's own handler (`LeanRoute.serve`: auth, scope, rate limit, parameters),
-  wrapped in the same RequestLog, RequestMetrics and BodySizeLimit middleware instances'
-  classes as the application (same log line with masked ids, same metrics, same 413);
+  wrapped in the application's own user middleware, built from `user_middleware` in its
+  order with its options (same log line with masked ids, same metrics, same 413);
 - errors answered by the application's own exception handlers (problem+json, same statuses).
 
 The OpenAPI document is unchanged: a LeanRoute is an APIRoute, declared as usual.
@@ -30,9 +30,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from gateway.middleware import BodySizeLimit, RequestLog
-from observability.exposition import RequestMetrics
 
 FAST_ROUTES_MAX = 8  # a handful of hot reads; each request tries at most this many regexes
 
@@ -56,8 +53,8 @@ class GatewayApp(FastAPI):
     _fast: list[tuple[re.Pattern[str], LeanRoute]] | None = None
     _fast_app: ASGIApp | None = None
 
-    def enable_fast_routes(self, *, body_max_bytes: int) -> None:
-        """Call once, after every route and exception handler is installed."""
+    def enable_fast_routes(self) -> None:
+        """Call once, after every route, exception handler and middleware is installed."""
         routes = _flat_routes(self.routes)
         fast = [] if routes is None else [
             (route.path_regex, route) for route in routes
@@ -65,9 +62,12 @@ class GatewayApp(FastAPI):
         ]  # fmt: skip
         assert len(fast) <= FAST_ROUTES_MAX
         self._fast = fast
-        # The application's own middleware, in its order (gateway.app): outermost first.
-        metered: Any = RequestMetrics(BodySizeLimit(self._serve_fast, max_bytes=body_max_bytes))
-        self._fast_app = RequestLog(metered)
+        # The application's own user middleware with its own options, wrapped as Starlette
+        # wraps them (user_middleware is outermost first): one home for their order.
+        app: Any = self._serve_fast
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        self._fast_app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._fast and scope["type"] == "http" and scope["method"] == "GET":

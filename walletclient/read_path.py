@@ -220,10 +220,11 @@ class ReadRouter:
         started after MongoDB's reply, the TigerBeetle reads were sampled at the moments this
         process was busiest (MongoDB's replies come in bursts after its stalls) and measured
         ~2x the p95 of the same reads answering in read_cutover."""
-        if self._metrics is None or len(self._shadow_tasks) >= self.config.shadow_tasks_max:
-            if self._metrics is not None:
-                self.shadow_skipped += 1  # shed comparisons, never the answer
+        if self._metrics is None:
             return await self._legacy.get_balance(wallet)  # nobody would see the comparison
+        if len(self._shadow_tasks) >= self.config.shadow_tasks_max:
+            self.shadow_skipped += 1  # shed comparisons, never the answer
+            return await self._legacy.get_balance(wallet)
         tb_read = asyncio.create_task(self._read_tb_timed(wallet))
         started = time.perf_counter()
         try:

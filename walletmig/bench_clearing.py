@@ -218,7 +218,8 @@ async def _step_costs(stack: DemoStack, stream: _Stream, config: ClearingBenchCo
             await acts.finalize(FinalizeBatch(
                 batch_id=batch_id, posted=decided.posted,
                 rejected=[*holds.rejected, *decided.voided]))
-    return meter.per_tx_ms(max(1, config.step_batches * config.batch_size))
+    assert config.step_batches > 0
+    return meter.per_tx_ms(config.step_batches * config.batch_size)
 
 
 async def run_bench(settings: Settings, config: ClearingBenchConfig) -> ClearingBenchReport:
@@ -243,7 +244,7 @@ async def run_bench(settings: Settings, config: ClearingBenchConfig) -> Clearing
             offered = saturation.tx_per_s * config.fixed_share
             runs.append(await _run("fixed load", stack.client, stream, config,
                                    max(config.transactions // 2, config.batch_size), offered))
-        steps = await _step_costs(stack, stream, config, servers)
+        steps = await _step_costs(stack, stream, config, servers) if config.step_batches else {}
         raw_seconds = await _raw_two_phase(stack, table, config.transactions, run_id)
     del warm
     if not servers.sample():
@@ -257,7 +258,7 @@ async def run_bench(settings: Settings, config: ClearingBenchConfig) -> Clearing
         raw_seconds=round(raw_seconds, 3),
         cpu_ms_per_tx={name: round(value * 1000 / config.transactions, 3)
                        for name, value in cpu_s.items()},
-        step_cpu_ms_per_tx=steps if config.step_batches else {},
+        step_cpu_ms_per_tx=steps,
         batch_size=config.batch_size, concurrency=config.concurrency,
         database=settings.mongodb_database, notes=notes)
 

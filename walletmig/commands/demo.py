@@ -19,8 +19,10 @@ from walletconfig.settings import Settings
 async def cmd_demo(args: argparse.Namespace) -> int:
     from walletmig.demo import DemoOptions, render, run_demo
 
+    # The latency gate's default is DemoOptions' (the plan's, walletcore GateThresholds).
+    ratio = {} if args.tb_p95_ratio is None else {"max_tb_p95_ratio": args.tb_p95_ratio}
     options = DemoOptions(wallets=args.wallets, writers=args.writers, readers=args.readers,
-                          phase_dwell_s=args.dwell_s, max_tb_p95_ratio=args.tb_p95_ratio)
+                          phase_dwell_s=args.dwell_s, **ratio)
     stream = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the report
 
     def log(line: str) -> None:
@@ -47,7 +49,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--writers", type=int, default=8, help="concurrent write loops (8)")
     p.add_argument("--readers", type=int, default=4, help="concurrent read loops (4)")
     p.add_argument("--dwell-s", type=float, default=5.0, help="seconds of traffic per phase")
-    p.add_argument("--tb-p95-ratio", type=float, default=0.5,
-                   help="latency gate: TigerBeetle read p95 below this x MongoDB's (default "
-                        "0.5, the plan's)")
+    p.add_argument("--tb-p95-ratio", type=float, default=None,
+                   help="latency gate: TigerBeetle read p95 below this x MongoDB's (default: "
+                        "the plan's gate, 0.5)")
     p.set_defaults(handler=cmd_demo)

@@ -1,6 +1,6 @@
 """`walletmig dev up|down|status|env`: the embedded stack for local development.
 
-Besides the processes, `dev up` ensures the stack's Temporal Schedules (`DEV_SCHEDULES`: the
+Besides the processes, `dev up` ensures the stack's Temporal Schedules (`dev_schedules()`: the
 terminal's catch-up ledger sync, which also resumes batches a dead submitter left `received`,
 and the wallet reconciliation), created or updated in place keeping their paused state, as
 `walletmig ledger sync` and `walletmig reconcile schedule` write them; `dev status` lists them.
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from walletmig.commands.schedules import ScheduleRow
 
 EXIT_NOT_ALL_UP = 3  # `dev status` when a component is down (as LSB `status` does)
-# What `dev up` ensures once Temporal is up (ids: messages.clearing.SYNC_SCHEDULE_ID and
-# messages.reconciliation.SCHEDULE_ID; asserted in _ensure_schedules).
-DEV_SCHEDULES: tuple[str, ...] = ("ledger-sync-schedule", "reconciliation-schedule")
 SCHEDULES_TIMEOUT_S = 30.0  # bound on writing or reading them (Temporal answered its probe)
 
 
@@ -97,6 +94,15 @@ def _print_footer(config: devstack.StackConfig, statuses: list[devstack.Componen
     print(f"state        {config.state_dir.resolve()}  (logs in logs/, exports in env)")
 
 
+def dev_schedules() -> list[str]:
+    """The schedule ids `dev up` ensures once Temporal is up (imported late: the CLI's start
+    does not load the message modules)."""
+    from messages.clearing import SYNC_SCHEDULE_ID
+    from messages.reconciliation import SCHEDULE_ID
+
+    return [SYNC_SCHEDULE_ID, SCHEDULE_ID]
+
+
 def _stack_settings(config: devstack.StackConfig) -> Settings:
     """The settings the stack's worker runs with (the shell's environment without inline
     secrets, then STATE/env): a schedule's input is encoded with the stack's codec key and
@@ -110,21 +116,20 @@ def _stack_settings(config: devstack.StackConfig) -> Settings:
 
 async def stack_client(config: devstack.StackConfig) -> tuple[Client, Settings]:
     """A Temporal client of the stack as its worker sees it (codec keys), and its settings."""
-    from walletmig.commands.backfill import connect
+    from workers.wallet_worker import connect_temporal
 
     settings = _stack_settings(config)
-    return await connect(settings), settings
+    return await connect_temporal(settings), settings
 
 
 async def _ensure_schedules(config: devstack.StackConfig) -> list[tuple[ScheduleRow, str]]:
-    """Ensure DEV_SCHEDULES with their commands' defaults; each with "created"/"updated"."""
+    """Ensure dev_schedules() with their commands' defaults; each with "created"/"updated"."""
     from messages.clearing import SYNC_EVERY_S_DEFAULT, SYNC_PAGE_LIMIT_DEFAULT, SYNC_SCHEDULE_ID
     from messages.reconciliation import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
     from walletmig.commands.ledger_ops import ensure_sync_schedule
     from walletmig.commands.reconcile import ensure_reconcile_schedule, scheduled_input
     from walletmig.commands.schedules import describe_schedules
 
-    assert DEV_SCHEDULES == (SYNC_SCHEDULE_ID, SCHEDULE_ID), DEV_SCHEDULES
     client, settings = await stack_client(config)
     queue = settings.migration_task_queue
     verbs = {
@@ -133,7 +138,7 @@ async def _ensure_schedules(config: devstack.StackConfig) -> list[tuple[Schedule
         SCHEDULE_ID: await ensure_reconcile_schedule(
             client, queue, scheduled_input(), every_s=SCHEDULE_EVERY_S_DEFAULT),
     }
-    rows = await describe_schedules(client, list(DEV_SCHEDULES))
+    rows = await describe_schedules(client, list(verbs))
     return [(row, verbs[row.schedule_id]) for row in rows if row.schedule_id in verbs]
 
 
@@ -184,13 +189,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _print_schedules(config: devstack.StackConfig) -> None:
-    """Every schedule of the namespace (DEV_SCHEDULES first); one that `dev up` ensures and
+    """Every schedule of the namespace (dev_schedules() first); one that `dev up` ensures and
     is missing is named, since the stack then is not fully operating."""
     from walletmig.commands.schedules import describe_schedules
 
     async def rows() -> list[ScheduleRow]:
         client, _settings = await stack_client(config)
-        return await describe_schedules(client, list(DEV_SCHEDULES))
+        return await describe_schedules(client, dev_schedules())
 
     try:
         found = asyncio.run(asyncio.wait_for(rows(), SCHEDULES_TIMEOUT_S))
@@ -199,7 +204,7 @@ def _print_schedules(config: devstack.StackConfig) -> None:
         return
     for row in found:
         print(row.line())
-    for missing in sorted(set(DEV_SCHEDULES) - {row.schedule_id for row in found}):
+    for missing in sorted(set(dev_schedules()) - {row.schedule_id for row in found}):
         print(f"schedule     {missing:<24} MISSING (`walletmig dev up` creates it)")
 
 
