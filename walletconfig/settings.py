@@ -67,6 +67,40 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "WALLETMIG_ID_HASH_KEY": ("id_hash_key", ""),
 }
 
+# Settings that may come from a file instead: `NAME_FILE=/path` (docker's `*_FILE` convention,
+# e.g. a compose secret under /run/secrets) wins over `NAME`. For values that carry a credential
+# (URIs with a password, tokens) or must be identical across a deployment (the cluster id), so
+# that docker-compose.yml never interpolates them. WALLETMIG_CODEC_KEYS_FILE and
+# WALLETMIG_ID_HASH_KEY_FILE are read where they are used (their own parsers and errors).
+FILE_SUFFIX = "_FILE"
+FILE_VARIANTS = ("MONGODB_URI", "REDIS_URL", "TB_CLUSTER_ID", "WALLETMIG_CODEC_SERVER_TOKEN")
+SETTING_FILE_BYTES_MAX = 64 * 1024  # a URI or a token, not a document
+assert all(name in ENVIRONMENT for name in FILE_VARIANTS)
+
+
+class SettingFileError(OSError):
+    """A `*_FILE` setting names a file that is missing, unreadable, empty or too large: one
+    line naming the variable and the path (an OSError: the CLI prints those as one line)."""
+
+
+def read_setting_file(name: str, path_text: str) -> str:
+    """The stripped text of `name`'s file, or SettingFileError. The value is never echoed."""
+    path = Path(path_text)
+    try:
+        size = path.stat().st_size
+        if size > SETTING_FILE_BYTES_MAX:
+            raise SettingFileError(f"{name} {path}: {size} bytes, more than "
+                                   f"{SETTING_FILE_BYTES_MAX}")
+        text = path.read_text().strip()
+    except SettingFileError:
+        raise
+    except OSError as err:
+        raise SettingFileError(f"{name} {path}: {err.strerror or err}") from None
+    if not text:
+        raise SettingFileError(f"{name} {path}: the file is empty")
+    return text
+
+
 # walletcore.wallet_ids.ID_KEY_BYTES_MIN/_MAX (this layer imports nothing of the platform;
 # tests/test_wallet_ids.py checks they agree).
 ID_KEY_BYTES_MIN = 32
@@ -128,6 +162,10 @@ class Settings(BaseModel):
         values: dict[str, object] = {
             field: env.get(name, default) for name, (field, default) in ENVIRONMENT.items()
         }
+        for name in FILE_VARIANTS:
+            file_name = name + FILE_SUFFIX
+            if env.get(file_name):
+                values[ENVIRONMENT[name][0]] = read_setting_file(file_name, env[file_name])
         values.update(overrides)
         return cls.model_validate(values)
 
