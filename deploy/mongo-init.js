@@ -6,15 +6,41 @@
 // Environment: MONGO_MEMBERS (host:port,... in member id order), MONGO_REPLICA_SET,
 // MONGO_ROOT_USER / MONGO_ROOT_PASSWORD (created by the mongo image on mongo-0's first start),
 // MONGO_APP_USER / MONGO_APP_PASSWORD / MONGODB_DATABASE (the user the workers connect as:
-// readWrite on their database only).
+// readWrite on their database only). Each of them may instead name a file in NAME_FILE (a
+// compose secret under /run/secrets), which wins: docker-compose.yml passes the passwords so.
 
 const PRIMARY_WAIT_S_MAX = 120;
 const NOT_YET_INITIALIZED = 94;
 
+const SECRET_FILE_BYTES_MAX = 4096;
+
+function fromFile(variable, path) {
+  const fs = require("fs");
+  let stat = null;
+  try {
+    stat = fs.statSync(path);
+  } catch (error) {
+    throw new Error(`mongo-init: ${variable} ${path} is missing (deploy/make-secrets.sh)`);
+  }
+  if (!stat.isFile() || stat.size > SECRET_FILE_BYTES_MAX) {
+    throw new Error(`mongo-init: ${variable} ${path} is not a file of at most ` +
+                    `${SECRET_FILE_BYTES_MAX} bytes`);
+  }
+  const value = fs.readFileSync(path, "utf8").trim();
+  if (!value) {
+    throw new Error(`mongo-init: ${variable} ${path} is empty (deploy/make-secrets.sh)`);
+  }
+  return value;
+}
+
 function required(name) {
+  const file = process.env[`${name}_FILE`];
+  if (file) {
+    return fromFile(`${name}_FILE`, file);
+  }
   const value = process.env[name];
   if (!value) {
-    throw new Error(`mongo-init: ${name} is required`);
+    throw new Error(`mongo-init: ${name} (or ${name}_FILE) is required`);
   }
   return value;
 }

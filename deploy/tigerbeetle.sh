@@ -11,7 +11,8 @@
 # data file. A fresh file forgets the operations that replica acknowledged, so it may nack them
 # in a view change and the cluster can lose committed transfers. `recover` is the safe rebuild.
 #
-# Environment: TB_CLUSTER_ID (decimal u128, not 0), TB_ADDRESSES (every replica's IP:port, the
+# Environment: TB_CLUSTER_ID (decimal u128, not 0; or TB_CLUSTER_ID_FILE, a file holding it, which
+# wins: docker-compose.yml's compose secret tb-cluster-id), TB_ADDRESSES (every replica's IP:port, the
 # same order everywhere; the replica count is their number), TB_REPLICA (this replica's index),
 # TB_CACHE_GRID (start), TB_DATA_ROOT (default /data: replica N's volume at /data/N),
 # TB_BINARY (default /tigerbeetle).
@@ -29,6 +30,13 @@ fail() {
 }
 
 check_cluster_id() {
+    if [ -n "${TB_CLUSTER_ID_FILE:-}" ]; then
+        file="$TB_CLUSTER_ID_FILE"
+        [ -f "$file" ] || fail "TB_CLUSTER_ID_FILE $file is missing or not a file (deploy/make-secrets.sh)"
+        [ "$(wc -c <"$file")" -le 64 ] || fail "TB_CLUSTER_ID_FILE $file: more than 64 bytes"
+        TB_CLUSTER_ID=$(tr -d ' \t\r\n' <"$file")
+        [ -n "$TB_CLUSTER_ID" ] || fail "TB_CLUSTER_ID_FILE $file is empty (deploy/make-secrets.sh)"
+    fi
     id="${TB_CLUSTER_ID:-}"
     case "$id" in
         '' | *[!0-9]*) fail "TB_CLUSTER_ID must be a decimal 128-bit number, got '$id'" ;;
