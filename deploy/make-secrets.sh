@@ -23,7 +23,8 @@ app_user="${MONGO_APP_USER:-walletmig}"
 members="${MONGO_MEMBERS:-mongo-0:27017,mongo-1:27017,mongo-2:27017}"
 redis_host="${REDIS_HOST:-redis}"
 NAMES="tb-cluster-id mongo-root-password mongo-app-password mongodb-uri redis-password redis-url
-temporal-db-password walletmig-codec-keys walletmig-id-hash-key walletmig-codec-server-token"
+temporal-db-password walletmig-codec-keys walletmig-id-hash-key walletmig-codec-server-token
+grafana-admin-password"
 
 fail() {
     echo "make-secrets.sh: $*" >&2
