@@ -3,14 +3,17 @@ operating rules of TigerBeetle, Temporal and MongoDB that issue 19 lists.
 
 Static checks parse the files with PyYAML (merge keys resolved, as compose does); `compose
 config -q` runs when docker-compose (v1) or the `docker compose` plugin is installed (Debian:
-`apt-get install docker-compose`) and is skipped, saying so, otherwise. The deploy scripts run for
-real: tigerbeetle.sh's refusals, temporal_setup.py against the session's Temporal dev server,
-worker_health.py against the session's servers.
+`apt-get install docker-compose`) and is skipped, saying so, otherwise: docker-compose.yml with
+no variable at all (every secret is a file, compose `secrets:`), the per-host files with their
+per-host values only. The deploy scripts run for real: tigerbeetle.sh's refusals, make-secrets.sh
+and secret-env.sh, Redis reading its password from the file, temporal_setup.py against the
+session's Temporal dev server, worker_health.py against the session's servers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import socket
@@ -48,23 +51,26 @@ WORKER_STOP_GRACE_S_MIN = 30
 TB_MEMORY_BYTES_MIN = 6 * 2**30  # TigerBeetle's hardware docs: >= 6 GiB per replica
 LONG_RUNNING = {"unless-stopped", "always"}
 REQUIRED_REF = re.compile(r"^\$\{[A-Z0-9_]+:\?[^}]*\}$")
-SECRET_KEY = re.compile(r"PASSWORD|PASSWD|PWD|SECRET|TOKEN|_AUTH$")
+SECRET_KEY = re.compile(r"PASSWORD|PASSWD|PWD|SECRET|TOKEN|_AUTH$|_URI$|_URL$|CLUSTER_ID")
 URI_USERINFO = re.compile(r"://([^/@\s]*)@")
 DEFAULT_REF = re.compile(r"^\$\{[A-Z0-9_]+:-([^}]*)\}$")
-# Dummy values for every required variable: `config` only interpolates, it connects to nothing.
+MAKE_SECRETS = ROOT / "deploy" / "make-secrets.sh"
+SECRET_ENV = ROOT / "deploy" / "secret-env.sh"
+SECRETS_DIR = ROOT / "deploy" / "secrets"
+RUN_SECRETS = "/run/secrets/"
+# Where each file's secrets live: deploy/secrets, relative to the project directory (the
+# directory of the first compose file), or WALLETMIG_SECRETS_DIR. A path, never a value.
+OVERLAY = ROOT / "deploy" / "observability.yml"  # an overlay: paths relative to the main file's
+SECRET_SOURCES = {
+    **{path: "${WALLETMIG_SECRETS_DIR:-./deploy/secrets}/" for path in (MAIN, OVERLAY)},
+    **{path: "${WALLETMIG_SECRETS_DIR:-./secrets}/" for path in HOST_FILES},
+}
+# The per-host files' own required values (none is a secret; docker-compose.yml has none):
+# `config` only interpolates, it connects to nothing.
 DUMMY_ENV = {
-    "TB_CLUSTER_ID": "170141183460469231731687303715884105727",
-    "MONGO_ROOT_USER": "root", "MONGO_ROOT_PASSWORD": "dummy-root",
-    "MONGO_APP_USER": "app", "MONGO_APP_PASSWORD": "dummy-app",
-    "REDIS_PASSWORD": "dummy-redis", "TEMPORAL_DB_PASSWORD": "dummy-pg",
-    "WALLETMIG_CODEC_SERVER_TOKEN": "dummy-token-0123456789",
-    "WALLETMIG_CODEC_KEYS_PATH": "/etc/walletmig/codec-keys",
-    "WALLETMIG_ID_HASH_KEY_PATH": "/etc/walletmig/id-hash-key",
-    # per-host files
     "TB_REPLICA": "0", "TB_ADDRESSES": "127.0.0.1:3000,127.0.0.1:3001,127.0.0.1:3002",
     "TB_DATA_DIR": "/srv/tigerbeetle", "MONGO_DATA_DIR": "/srv/mongodb",
     "MONGO_KEYFILE": "/etc/walletmig/mongo.key", "MONGO_MEMBERS": "localhost:27017",
-    "MONGODB_URI": "mongodb://app:dummy-app@localhost:27017/?replicaSet=rs0&authSource=admin",
 }
 
 
@@ -160,14 +166,19 @@ def test_temporal_frontend_is_not_published_and_every_port_is_loopback(path: Pat
 # ----------------------------------------------------------------------------- TigerBeetle
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
-def test_cluster_id_is_required_everywhere(path: Path) -> None:
-    text = path.read_text()
-    assert "TB_CLUSTER_ID:-" not in text, "the cluster id must never default (0 is for tests)"
+def test_cluster_id_is_a_file_everywhere(path: Path) -> None:
+    """Chosen once per deployment and never defaulted (0 is for tests): the tb-cluster-id file,
+    which the replicas (tigerbeetle.sh) and the workers (TB_CLUSTER_ID_FILE) read at start."""
+    assert "${TB_CLUSTER_ID" not in path.read_text(), "never a variable, never a default"
+    users = 0
     for name, service in services(path).items():
-        value = environment(service).get("TB_CLUSTER_ID")
-        if value is not None:
-            assert REQUIRED_REF.match(value), f"{name}: TB_CLUSTER_ID={value!r}"
-            assert value.startswith("${TB_CLUSTER_ID:?"), name
+        env = environment(service)
+        assert "TB_CLUSTER_ID" not in env, name
+        if "TB_CLUSTER_ID_FILE" in env:
+            assert env["TB_CLUSTER_ID_FILE"] == RUN_SECRETS + "tb-cluster-id", name
+            assert "tb-cluster-id" in service["secrets"], name
+            users += 1
+    assert users > 0 or path.name == "host-mongod.yml"
 
 
 def test_address_list_is_defined_once_and_matches_the_fixed_ips() -> None:
@@ -265,20 +276,24 @@ def test_web_ui_decrypts_through_the_codec_server_and_keys_are_files(path: Path)
     assert published_ports(codec) == [(f"127.0.0.1:{port}", "8234")]
     assert codec["command"][:5] == ["codec-server", "--host", "0.0.0.0", "--port", "8234"]
     env = environment(codec)
-    assert REQUIRED_REF.match(env["WALLETMIG_CODEC_SERVER_TOKEN"])
-    assert env["WALLETMIG_CODEC_KEYS_FILE"] == "/run/secrets/walletmig-codec-keys"
+    assert env["WALLETMIG_CODEC_SERVER_TOKEN_FILE"] == RUN_SECRETS + "walletmig-codec-server-token"
+    assert env["WALLETMIG_CODEC_KEYS_FILE"] == RUN_SECRETS + "walletmig-codec-keys"
     assert "${TEMPORAL_UI_PORT:-8080}" in env["WALLETMIG_CODEC_SERVER_CORS_ORIGINS"]
-    assert not {"MONGODB_URI", "REDIS_URL", "WALLETMIG_ID_HASH_KEY_FILE"} & set(env)
-    assert codec["secrets"] == ["walletmig-codec-keys"] and codec["networks"] == ["codec"]
+    assert not {"MONGODB_URI_FILE", "REDIS_URL_FILE", "WALLETMIG_ID_HASH_KEY_FILE"} & set(env)
+    assert codec["secrets"] == ["walletmig-codec-keys", "walletmig-codec-server-token"]
+    assert codec["networks"] == ["codec"]
     for name in ("walletmig-codec-keys", "walletmig-id-hash-key"):
-        assert REQUIRED_REF.match(top["secrets"][name]["file"]), name
+        assert top["secrets"][name]["file"] == SECRET_SOURCES[path] + name
     for name, service in walletmig_services(path).items():
         if name == "walletmig-codec-server":
             continue
         env = environment(service)
-        assert env["WALLETMIG_CODEC_KEYS_FILE"] == "/run/secrets/walletmig-codec-keys", name
-        assert env["WALLETMIG_ID_HASH_KEY_FILE"] == "/run/secrets/walletmig-id-hash-key", name
-        assert service["secrets"] == ["walletmig-codec-keys", "walletmig-id-hash-key"], name
+        assert env["WALLETMIG_CODEC_KEYS_FILE"] == RUN_SECRETS + "walletmig-codec-keys", name
+        assert env["WALLETMIG_ID_HASH_KEY_FILE"] == RUN_SECRETS + "walletmig-id-hash-key", name
+        assert env["MONGODB_URI_FILE"] == RUN_SECRETS + "mongodb-uri", name
+        assert env["REDIS_URL_FILE"] == RUN_SECRETS + "redis-url", name
+        assert service["secrets"] == ["walletmig-codec-keys", "walletmig-id-hash-key",
+                                      "mongodb-uri", "redis-url", "tb-cluster-id"], name
         assert not {"WALLETMIG_CODEC_KEYS", "WALLETMIG_ID_HASH_KEY"} & set(env), name
 
 
@@ -313,21 +328,30 @@ def test_every_service_rotates_its_logs(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- credentials
 
-@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
-def test_no_literal_passwords(path: Path) -> None:
+@pytest.mark.parametrize("path", list(SECRET_SOURCES), ids=lambda p: p.name)
+def test_secrets_are_files_never_values(path: Path) -> None:
+    """No credential is a literal, a default or an interpolated variable: every one is a
+    compose secret (a file under deploy/secrets or WALLETMIG_SECRETS_DIR) that the service
+    mounts and reads from /run/secrets, by name (`*_FILE`) or by a script."""
+    top = load(path).get("secrets") or {}
+    for secret, spec in top.items():
+        assert set(spec) == {"file"}, f"{secret}: a file, never `environment:`"
+        assert spec["file"] == SECRET_SOURCES[path] + secret, secret
     for name, service in services(path).items():
+        mounted = set(service.get("secrets") or [])
+        assert mounted <= set(top), f"{name} mounts undefined secrets"
         for key, value in environment(service).items():
             if SECRET_KEY.search(key):
-                assert REQUIRED_REF.match(value), f"{name}: {key} must be ${{VAR:?...}}"
-        everything = list(strings(service))
-        for text in everything:
-            for userinfo in URI_USERINFO.findall(text):
-                for part in re.split(r":(?![^{]*\})", userinfo):  # not the `:?` inside ${}
-                    assert part == "" or REQUIRED_REF.match(part), f"{name}: {text!r}"
-        command = service.get("command") or []
-        if "--requirepass" in command:
-            secret = command[command.index("--requirepass") + 1]
-            assert REQUIRED_REF.match(secret), name
+                assert key.endswith("_FILE") and value.startswith(RUN_SECRETS), \
+                    f"{name}: {key}={value!r} must be a *_FILE naming /run/secrets/..."
+        for text in strings(service):
+            assert not URI_USERINFO.search(text), f"{name}: credentials in a URI: {text!r}"
+            assert "--requirepass" not in text, f"{name}: a password on a command line"
+            for used in re.findall(re.escape(RUN_SECRETS) + r"([a-z0-9-]+)", text):
+                assert used in mounted, f"{name} reads {used} without mounting it"
+    text = path.read_text()
+    for word in ("PASSWORD:?", "TOKEN:?", "PASSWORD:-", "TOKEN:-", "_PATH:?"):
+        assert word not in text, f"{path.name}: {word} (secrets are files, not variables)"
 
 
 def test_stores_require_authentication() -> None:
@@ -338,13 +362,16 @@ def test_stores_require_authentication() -> None:
         assert "--keyFile" in service["command"], name
         assert "--wiredTigerCacheSizeGB" in service["command"], name
         assert "mem_limit" in service, name
-    with_root = [name for name, s in mongods.items() if "MONGO_INITDB_ROOT_PASSWORD" in
+    with_root = [name for name, s in mongods.items() if "MONGO_INITDB_ROOT_PASSWORD_FILE" in
                  environment(s)]
     assert with_root == ["mongo-0"], "root user on the initiating member only"
-    worker = environment(found["walletmig-worker"])
-    assert "authSource=admin" in worker["MONGODB_URI"]
-    assert worker["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
-    assert "--maxmemory" in found["redis"]["command"]
+    assert "authSource=admin" in MAKE_SECRETS.read_text(), "the app user lives in admin"
+    redis_script = found["redis"]["command"][-1]
+    assert "requirepass" in redis_script and "--maxmemory " in redis_script
+    assert found["redis"]["secrets"] == ["redis-password"]
+    init = environment(found["mongo-init"])
+    assert init["MONGO_APP_PASSWORD_FILE"] == RUN_SECRETS + "mongo-app-password"
+    assert init["MONGO_ROOT_PASSWORD_FILE"] == RUN_SECRETS + "mongo-root-password"
 
 
 def test_temporal_keeps_retention_and_no_test_attributes_and_setup_is_bounded() -> None:
@@ -388,7 +415,7 @@ def test_dockerfile_installs_every_package_as_a_non_root_user() -> None:
         assert (ROOT / path).exists(), path
         hits = [p for p in ignored if fnmatch(path, p) or fnmatch(path, p.removeprefix("**/"))]
         assert not hits, f".dockerignore excludes {path}: {hits}"
-    for unwanted in (".git", ".venv", ".walletmig", "tests"):
+    for unwanted in (".git", ".venv", ".walletmig", "tests", "deploy/secrets"):
         assert unwanted in ignored, f".dockerignore must exclude {unwanted}"
 
 
@@ -435,22 +462,58 @@ def compose_command() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
-def test_compose_config_validates(path: Path) -> None:
+def compose_config(command: list[str], files: list[Path], env: dict[str, str],
+                   cwd: Path) -> subprocess.CompletedProcess[str]:
+    args = [part for path in files for part in ("-f", str(path))]
+    return subprocess.run([*command, *args, "config", "-q"], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=COMPOSE_TIMEOUT_S, check=False)
+
+
+def copy_tree(tmp_path: Path, files: list[Path]) -> list[Path]:
+    """The compose files in a temporary project directory: no .env file of the checkout (nor
+    a deploy/secrets/ with files in it) can make `config` pass."""
+    copies = []
+    for path in files:
+        copy = tmp_path / path.relative_to(ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+        copies.append(copy)
+    return copies
+
+
+def test_compose_config_validates_with_no_variable_at_all(tmp_path: Path) -> None:
+    """The developers' guide's plain `docker-compose config -q`: no variable, no .env file, no
+    secret file (compose checks a secret's file only when a container starts)."""
     command = compose_command()
     if command is None:
+        print("SKIP: no docker compose / docker-compose: `config -q` not run")
         pytest.skip("neither `docker compose` nor docker-compose is installed: static checks "
                     "only (apt-get install docker-compose to run `config -q`)")
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", **DUMMY_ENV}
-    done = subprocess.run([*command, "-f", str(path), "config", "-q"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=COMPOSE_TIMEOUT_S, check=False)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for files in ([MAIN], [MAIN, OVERLAY]):
+        done = compose_config(command, copy_tree(tmp_path, files), env, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout == "", done.stdout[-3000:]
+    assert not (tmp_path / "deploy" / "secrets").exists(), "config created no secret file"
+
+
+@pytest.mark.parametrize("path", HOST_FILES, ids=lambda p: p.name)
+def test_host_compose_files_validate_with_their_per_host_values(
+        tmp_path: Path, path: Path) -> None:
+    command = compose_command()
+    if command is None:
+        print("SKIP: no docker compose / docker-compose: `config -q` not run")
+        pytest.skip("neither `docker compose` nor docker-compose is installed: static checks "
+                    "only (apt-get install docker-compose to run `config -q`)")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **DUMMY_ENV}
+    [copy] = copy_tree(tmp_path, [path])
+    done = compose_config(command, [copy], env, copy.parent)
     assert done.returncode == 0, done.stderr[-3000:]
-    del env["TB_CLUSTER_ID"]
-    missing = subprocess.run([*command, "-f", str(path), "config", "-q"], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=COMPOSE_TIMEOUT_S,
-                             check=False)
-    if path.name != "host-mongod.yml":  # the only file without TigerBeetle
-        assert missing.returncode != 0 and "TB_CLUSTER_ID" in missing.stderr
+    required = sorted(set(re.findall(r"\$\{([A-Z0-9_]+):\?", path.read_text())))
+    assert required and set(required) <= set(DUMMY_ENV), required
+    del env[required[0]]  # a per-host value left unset fails, naming it
+    missing = compose_config(command, [copy], env, copy.parent)
+    assert missing.returncode != 0 and required[0] in missing.stderr
 
 
 # ----------------------------------------------------------------------------- deploy scripts
