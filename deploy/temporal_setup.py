@@ -36,7 +36,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from walletclient.temporal_connect import TemporalTls, connect_temporal, tls_from_settings
-from walletconfig.settings import Settings
+from walletconfig.settings import SettingFileError, Settings
 from walletmig.devstack import SEARCH_ATTRIBUTES
 
 WAIT_S_DEFAULT = 300.0
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--wait-s must be in (0, {WAIT_S_MAX:.0f}]")
     try:
         asyncio.run(run(Settings.from_env(), args.wait_s))
-    except (SetupError, RPCError) as err:
+    except (SetupError, RPCError, SettingFileError) as err:  # SettingFileError: a secret file
         print(f"temporal-setup: {err}", file=sys.stderr)
         return 1
     return 0

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from pymongo.uri_parser import parse_uri
 
-from walletconfig.settings import Settings
+from walletconfig.settings import SettingFileError, Settings
 
 CONNECT_TIMEOUT_S = 2.0
 ENDPOINTS_MAX = 16
@@ -99,7 +99,12 @@ async def problems_of(groups: Sequence[Group]) -> list[str]:
 
 
 def main() -> int:
-    problems = asyncio.run(problems_of(groups_of(Settings.from_env())))
+    try:
+        settings = Settings.from_env()
+    except SettingFileError as err:  # a missing or empty secret file: one line naming it
+        print(f"worker-health: {err}", file=sys.stderr)
+        return 1
+    problems = asyncio.run(problems_of(groups_of(settings)))
     for problem in problems:
         print(f"worker-health: {problem}", file=sys.stderr)
     return 1 if problems else 0

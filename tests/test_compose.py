@@ -13,12 +13,14 @@ session's Temporal dev server, worker_health.py against the session's servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 from google.protobuf.duration_pb2 import Duration
 from temporalio.api.enums.v1 import IndexedValueType
@@ -36,7 +39,9 @@ from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from walletmig.devstack import SEARCH_ATTRIBUTES
+from walletclient.payload_codec import load_codec
+from walletconfig.settings import FILE_SUFFIX, FILE_VARIANTS, SettingFileError, Settings
+from walletmig.devstack import SEARCH_ATTRIBUTES, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "docker-compose.yml"
@@ -574,6 +579,23 @@ def test_recover_refuses_to_overwrite_an_existing_data_file(tmp_path: Path) -> N
     assert done.returncode == 1 and "exists" in done.stderr
 
 
+def test_replica_reads_the_cluster_id_file_and_names_a_missing_one(tmp_path: Path) -> None:
+    (tmp_path / "0").mkdir()
+    id_file = tmp_path / "tb-cluster-id"
+    id_file.write_text("12345\n")
+    common = {"TB_ADDRESSES": DUMMY_ENV["TB_ADDRESSES"], "TB_REPLICA": "0",
+              "TB_CACHE_GRID": "1GiB", "TB_DATA_ROOT": str(tmp_path),
+              "TB_BINARY": str(tmp_path / "never-run")}
+    done = run_tb("start", TB_CLUSTER_ID_FILE=str(id_file), **common)
+    assert done.returncode == 1 and "12345_0.tigerbeetle is missing" in done.stderr, done.stderr
+    for bad in (tmp_path / "absent", tmp_path / "empty"):
+        if bad.name == "empty":
+            bad.write_text("\n")
+        done = run_tb("start", TB_CLUSTER_ID_FILE=str(bad), **common)
+        assert done.returncode == 1 and f"TB_CLUSTER_ID_FILE {bad}" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_tigerbeetle_health_is_a_tcp_check() -> None:
     if shutil.which("nc") is None:
         pytest.skip("no nc on this machine (the tigerbeetle image has busybox nc)")
@@ -659,3 +681,149 @@ def test_worker_health_passes_against_live_servers_and_names_what_is_down(
            "TB_ADDRESSES": f"127.0.0.1:{closed},127.0.0.1:{closed},127.0.0.1:{free_port()}"}
     down = run_python("worker_health.py", env)
     assert down.returncode == 1 and "tigerbeetle: 0 of 3" in down.stderr, down.stderr
+
+
+# ----------------------------------------------------------------------------- secret files
+
+def declared_secrets() -> set[str]:
+    return {name for path in SECRET_SOURCES for name in load(path).get("secrets") or {}}
+
+
+def make_secrets(secrets_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    sh = shutil.which("dash") or shutil.which("sh")
+    assert sh is not None
+    env = {"PATH": "/usr/bin:/bin", "WALLETMIG_SECRETS_DIR": str(secrets_dir)}
+    return subprocess.run([sh, str(MAKE_SECRETS), *args], env=env, capture_output=True,
+                          text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
+
+
+def test_secret_files_are_neither_committed_nor_built() -> None:
+    ignore = [line for line in (SECRETS_DIR / ".gitignore").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert ignore == ["*", "!.gitignore", "!README.md"]
+    tracked = subprocess.run(["git", "ls-files", str(SECRETS_DIR)], cwd=ROOT, text=True,
+                             capture_output=True, timeout=SCRIPT_TIMEOUT_S, check=True).stdout
+    assert {Path(line).name for line in tracked.split()} <= {".gitignore", "README.md"}
+    readme = (SECRETS_DIR / "README.md").read_text()
+    for name in declared_secrets():
+        assert f"| {name} |" in readme, f"deploy/secrets/README.md: document {name}"
+
+
+def test_make_secrets_creates_every_declared_secret_once_and_usable(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    absent = make_secrets(secrets_dir, "--check")
+    assert absent.returncode == 1 and "tb-cluster-id" in absent.stderr
+    first = make_secrets(secrets_dir)
+    assert first.returncode == 0, first.stderr
+    made = {path.name: path.read_text() for path in secrets_dir.iterdir()}
+    assert set(made) == declared_secrets(), "make-secrets.sh makes what the files declare"
+    assert secrets_dir.stat().st_mode & 0o777 == 0o700
+    assert all((secrets_dir / name).stat().st_mode & 0o777 == 0o444 for name in made)
+    again = make_secrets(secrets_dir)
+    assert again.returncode == 0 and again.stdout.count("kept") == len(made), again.stderr
+    kept = {path.name: path.read_text() for path in secrets_dir.iterdir()}
+    assert kept == made, "an existing file is never rewritten"
+    assert make_secrets(secrets_dir, "--check").returncode == 0
+    # What the walletmig processes read from them (the services' *_FILE paths, here).
+    env = {"MONGODB_URI_FILE": str(secrets_dir / "mongodb-uri"),
+           "REDIS_URL_FILE": str(secrets_dir / "redis-url"),
+           "TB_CLUSTER_ID_FILE": str(secrets_dir / "tb-cluster-id"),
+           "WALLETMIG_CODEC_SERVER_TOKEN_FILE": str(secrets_dir / "walletmig-codec-server-token"),
+           "WALLETMIG_ID_HASH_KEY_FILE": str(secrets_dir / "walletmig-id-hash-key")}
+    settings = Settings.from_env(env)
+    assert 0 < settings.tb_cluster_id < 2**128
+    assert made["mongo-app-password"].strip() in settings.mongodb_uri
+    assert "authSource=admin" in settings.mongodb_uri
+    assert settings.redis_url == f"redis://:{made['redis-password'].strip()}@redis:6379/0"
+    assert len(settings.id_key()) == 32 and len(settings.codec_server_token) == 64
+    assert load_codec(secrets_dir / "walletmig-codec-keys") is not None
+    # An emptied file is named by --check and never silently replaced.
+    victim = secrets_dir / "redis-url"
+    victim.chmod(0o600)
+    victim.write_text("")
+    check = make_secrets(secrets_dir, "--check")
+    assert check.returncode == 1 and str(victim) in check.stderr
+    refused = make_secrets(secrets_dir)
+    assert refused.returncode == 1 and str(victim) in refused.stderr
+
+
+@pytest.mark.parametrize("variable", FILE_VARIANTS)
+def test_walletmig_stops_at_start_naming_a_missing_or_empty_secret_file(
+        tmp_path: Path, variable: str) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for path in (tmp_path / "absent", empty):
+        name = variable + FILE_SUFFIX
+        with pytest.raises(SettingFileError, match=f"^{name} {re.escape(str(path))}: "):
+            Settings.from_env({name: str(path)})
+    # The production process itself: one line, no traceback, before connecting anything.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "WALLETMIG_STATE_DIR": str(tmp_path),
+           variable + FILE_SUFFIX: str(tmp_path / "absent")}
+    done = subprocess.run([sys.executable, "-m", "walletmig", "worker"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"walletmig: error: {variable}{FILE_SUFFIX} "
+                                   f"{tmp_path / 'absent'}: No such file or directory")
+
+
+def test_secret_env_exports_a_file_and_names_a_missing_or_empty_one(tmp_path: Path) -> None:
+    sh = shutil.which("dash") or shutil.which("sh")
+    assert sh is not None
+    secret = tmp_path / "pwd"
+    secret.write_text("s3cret\n")
+    (tmp_path / "empty").write_text("")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sh, str(SECRET_ENV), *args], env={"PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                              check=False)
+
+    ok = run(f"POSTGRES_PWD={secret}", "--", sh, "-c", 'printf "[%s]" "$POSTGRES_PWD"')
+    assert (ok.returncode, ok.stdout) == (0, "[s3cret]"), ok.stderr
+    for path in (tmp_path / "absent", tmp_path / "empty", tmp_path):
+        done = run(f"POSTGRES_PWD={path}", "--", "true")
+        assert done.returncode == 1 and "POSTGRES_PWD: secret " in done.stderr, done.stderr
+        assert f"{path} is" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert run("--", "true").returncode == 1 and run(f"X={secret}").returncode == 1
+
+
+def test_redis_takes_its_password_from_the_secret_file_on_stdin(tmp_path: Path) -> None:
+    """docker-compose.yml's redis command, run for real with the venv's redis-server in place of
+    the image's entrypoint: the password comes from the file, never from a command line."""
+    script = services(MAIN)["redis"]["command"][-1].replace("$$", "$")
+    script = script.replace('"${REDIS_MAXMEMORY:-1gb}"', "64mb")
+    secret = tmp_path / "redis-password"
+    script = script.replace(RUN_SECRETS + "redis-password", str(secret))
+    assert "${" not in script and RUN_SECRETS not in script
+    port = free_port()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    entrypoint = bin_dir / "docker-entrypoint.sh"  # the image's: drops to the redis user
+    entrypoint.write_text(f'#!/bin/sh\nshift\nexec "{find_binary("redis-server")}" --port {port} '
+                          f'--bind 127.0.0.1 --dir "{tmp_path}" --save "" "$@"\n')
+    entrypoint.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    sh = shutil.which("dash") or shutil.which("sh")
+    assert sh is not None
+    missing = subprocess.run([sh, "-c", script], env=env, capture_output=True, text=True,
+                             timeout=SCRIPT_TIMEOUT_S, check=False)
+    assert missing.returncode == 1 and str(secret) in missing.stderr, missing.stderr
+    password = "0123456789abcdef" * 4
+    secret.write_text(password + "\n")
+    server = subprocess.Popen([sh, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, password=password, socket_timeout=2)
+        for _ in range(100):
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            time.sleep(0.1)
+        assert client.ping() and client.config_get("maxmemory") == {"maxmemory": str(64 * 2**20)}
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=2).set("k", "v")
+        assert password not in Path(f"/proc/{server.pid}/cmdline").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=SCRIPT_TIMEOUT_S)
