@@ -21,7 +21,9 @@ the migration in `complete`; the gate thresholds the demo relaxes are listed in 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import os
 import random
 import time
 import uuid
@@ -57,6 +59,7 @@ from walletcore.gates import GateThresholds, pct
 from walletcore.keys import WalletKey
 from walletcore.phases import Phase
 from walletcore.transitions import ROLLOUT_STEPS, Position, describe
+from walletmig.bench_wallet_ops import ServerCpu
 from walletmig.commands.migration import start_migration_workflow
 from walletmig.demo_check import CheckReport, Deadlines, PhasePresence, check
 from walletmig.demo_traffic import (
@@ -64,6 +67,7 @@ from walletmig.demo_traffic import (
     backlog_of,
     demo_wallets,
     ms_of,
+    process_cpu_s,
     reader,
     seed,
     worker_process,
@@ -87,6 +91,13 @@ DRAIN_WAIT_S = 120.0
 # are scarce in a few seconds of demo traffic, and tb_primary's dwell is the demo's own.
 DEMO_MIN_SHADOW_SAMPLES = 50
 DEMO_MIN_CUTOVER_SAMPLES = 30
+# Issue 18's baseline: `make demo` showed wallet writes at p95 0.8-1.15 s in every phase; the
+# goal is a write p95 at least 3x lower at the same traffic (default writers and readers).
+BASELINE_WRITE_P95_MS_WORST = 1150.0
+BASELINE_WRITE_P95_MS_BEST = 800.0
+GOAL_WRITE_P95_FACTOR = 3.0
+# The dev stack's servers a demo write or read touches (CPU per write in each phase report).
+STACK_SERVERS = ("temporal", "mongo", "tigerbeetle", "redis")
 
 
 class DemoOptions(BaseModel):
@@ -134,6 +145,16 @@ class PhaseReport(BaseModel):
     writes_failed: int  # no domain answer
     write_p50_ms: float | None
     write_p95_ms: float | None
+    writes_per_s: float = 0.0  # acknowledged: with closed-loop writers, p50 ~ writers / this
+    # The phase's first writes to a wallet (each started its workflow) and the others.
+    first_writes: int = 0
+    first_write_p95_ms: float | None = None
+    later_write_p95_ms: float | None = None
+    # CPU over the phase per acknowledged write: this process ("demo": writers, readers, the
+    # router), the demo's worker, and the dev stack's servers (shared with other work).
+    cpu_ms_per_write: dict[str, float] = Field(default_factory=dict)
+    demo_cpu_pct: float | None = None  # this process's CPU, % of one core: is it the limit?
+    load_avg_1m: float | None = None  # the host's, at the phase's end
     reads: int
     reads_by_store: dict[str, StoreLatency]  # which store answered, and how fast
     shadow_compared: int
@@ -169,6 +190,13 @@ class DemoReport(BaseModel):
     archive: str | None
     audit_entries: int
     notes: list[str]
+    # Write latency against issue 18's baseline (the worst phase's p95 decides the goal).
+    write_p95_ms_worst_phase: float | None = None
+    write_p95_ms_median_phase: float | None = None
+    write_p95_baseline_ms: tuple[float, float] = (BASELINE_WRITE_P95_MS_BEST,
+                                                  BASELINE_WRITE_P95_MS_WORST)
+    write_p95_lower_by: float | None = None  # baseline worst / this run's worst phase
+    goals: dict[str, bool] = Field(default_factory=dict)  # reported, not part of `ok`
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -193,6 +221,23 @@ class DemoReport(BaseModel):
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+@dataclass
+class CpuClock:
+    """CPU seconds so far of the processes a demo write touches (per-phase CPU per write)."""
+
+    worker_pid: int  # the demo's own `walletmig worker`
+    servers: ServerCpu  # the dev stack's recorded servers
+
+    def sample(self) -> dict[str, float]:
+        out = {"demo": time.process_time()}
+        worker = process_cpu_s(self.worker_pid)
+        if worker is not None:
+            out["demo worker"] = worker
+        stack = self.servers.sample()
+        out.update({name: stack[name] for name in STACK_SERVERS if name in stack})
+        return out
 
 
 @dataclass
@@ -222,6 +267,8 @@ class DemoRun:
     phase_start: float = field(default_factory=time.monotonic)
     phase_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
     counters: tuple[int, int, int, int] = (0, 0, 0, 0)
+    cpu: CpuClock | None = None
+    cpu_at: dict[str, float] = field(default_factory=dict)  # the phase's start sample
 
     async def status(self) -> MigrationStatus:
         status: MigrationStatus = await self.handle.query(MigrationWorkflow.status)
@@ -243,21 +290,30 @@ class DemoRun:
         await self.metrics.flush()
         now_wall = datetime.now(UTC)
         summary = await self.metrics.summary(list(PAIRS), self.phase_wall, until=now_wall)
-        writes_ms, reads_ms = self.ledger.take_latencies()
+        taken = self.ledger.take_latencies()
         ledger = self.ledger
         now = (ledger.writes_ok, ledger.writes_rejected, ledger.writes_failed, ledger.reads)
         before = self.counters
         matches = summary.count(ReadOutcome.MATCH)
         compared = matches + summary.count(ReadOutcome.MISMATCH)
+        seconds = time.monotonic() - self.phase_start
+        later = sorted(taken.writes)
+        for first in taken.first_writes:  # each one is also in writes
+            later.pop(bisect.bisect_left(later, first))
         p = PhaseReport(
-            position=position, seconds=round(time.monotonic() - self.phase_start, 1),
+            position=position, seconds=round(seconds, 1),
             writes_ok=now[0] - before[0], writes_rejected=now[1] - before[1],
             writes_failed=now[2] - before[2],
-            write_p50_ms=ms_of(writes_ms, 0.5), write_p95_ms=ms_of(writes_ms, 0.95),
+            write_p50_ms=ms_of(taken.writes, 0.5), write_p95_ms=ms_of(taken.writes, 0.95),
+            writes_per_s=round((now[0] - before[0]) / max(seconds, 1e-3), 1),
+            first_writes=len(taken.first_writes),
+            first_write_p95_ms=ms_of(taken.first_writes, 0.95),
+            later_write_p95_ms=ms_of(later, 0.95),
+            **self._phase_cpu(now[0] - before[0], seconds),
             reads=now[3] - before[3],
             reads_by_store={store: StoreLatency(reads=len(ms), p50_ms=ms_of(ms, 0.5),
                                                 p95_ms=ms_of(ms, 0.95))
-                            for store, ms in sorted(reads_ms.items())},
+                            for store, ms in sorted(taken.reads.items())},
             shadow_compared=compared,
             shadow_match_rate=matches / compared if compared else None,
             shadow_in_flight=summary.count(ReadOutcome.IN_FLIGHT),
@@ -268,9 +324,25 @@ class DemoRun:
         ledger.phase_index = len(self.phases)  # writes from here on belong to the next report
         self.phase_start, self.phase_wall, self.counters = time.monotonic(), now_wall, now
         stores_text = ", ".join(f"{s} p95 {v.p95_ms}ms" for s, v in p.reads_by_store.items())
-        self.log(f"  {position:<20} writes {p.writes_ok:>5} (p95 {p.write_p95_ms}ms), "
+        self.log(f"  {position:<20} writes {p.writes_ok:>5} ({p.writes_per_s}/s, p50 "
+                 f"{p.write_p50_ms}ms, p95 {p.write_p95_ms}ms), "
                  f"reads {p.reads:>5} [{stores_text}], shadow {pct(p.shadow_match_rate)}, "
                  f"fallback {pct(p.fallback_rate)}")
+
+    def _phase_cpu(self, writes: int, seconds: float) -> dict[str, Any]:
+        """The phase's CPU per write by process, this process's share of a core, host load;
+        restarts the CPU clock."""
+        if self.cpu is None:
+            return {}
+        now = self.cpu.sample()
+        spent = ServerCpu.spent(self.cpu_at, now)
+        self.cpu_at = now
+        return {
+            "cpu_ms_per_write": {name: round(s * 1000 / writes, 2) for name, s in spent.items()}
+            if writes else {},
+            "demo_cpu_pct": round(100 * spent.get("demo", 0.0) / max(seconds, 1e-3), 1),
+            "load_avg_1m": round(os.getloadavg()[0], 1),
+        }
 
 
 # ---------------------------------------------------------------------------- the steps
@@ -487,7 +559,7 @@ def isolated_settings(settings: Settings, run_id: str) -> Settings:
 
 
 async def _start(settings: Settings, options: DemoOptions, stores: Stores, run_id: str,
-                 ledger: Ledger, log: Callable[[str], None]) -> DemoRun:
+                 ledger: Ledger, log: Callable[[str], None], worker_pid: int) -> DemoRun:
     """The migration workflow (in legacy), with the demo's thresholds; the phase clock starts."""
     client = await connect_temporal(settings)
     metrics = ReadMetricsStore(stores.db)
@@ -497,10 +569,12 @@ async def _start(settings: Settings, options: DemoOptions, stores: Stores, run_i
                           state_cache_ttl_s=1.0,
                           archive_dir=str(settings.state_dir.resolve() / "archive"))
     handle = await start_migration_workflow(client, cfg, task_queue=settings.wallet_task_queue)
+    cpu = CpuClock(worker_pid, ServerCpu(settings.state_dir))
     return DemoRun(run_id=run_id, queue=settings.wallet_task_queue, options=options,
                    stores=stores, client=client, metrics=metrics, handle=handle, ledger=ledger,
                    log=log, wallet_client=WalletClient(client, settings.wallet_task_queue,
-                                                       id_key=settings.id_key()))
+                                                       id_key=settings.id_key()),
+                   cpu=cpu, cpu_at=cpu.sample())
 
 
 @contextlib.asynccontextmanager
@@ -546,7 +620,7 @@ async def run_demo(settings: Settings, options: DemoOptions,
                 f"{len(wallets)} legacy wallets over {', '.join(PAIRS)}")
             ledger = Ledger()
             await seed(stores, wallets, ledger)
-            run = await _start(settings, options, stores, run_id, ledger, log)
+            run = await _start(settings, options, stores, run_id, ledger, log, worker.pid)
             async with _traffic(run, wallets):
                 await run_steps(run)
             final = await run.status()
@@ -574,6 +648,12 @@ def _report(run: DemoRun, settings: Settings, final: MigrationStatus, checked: C
         phases[at] = phases[at].model_copy(update={"presence": merged})
     archive = final.archive
     s = (checked.mongodb, checked.tigerbeetle)
+    write_p95s = sorted(p.write_p95_ms for p in phases if p.write_p95_ms is not None)
+    worst = write_p95s[-1] if write_p95s else None
+    lower_by = None if not worst else round(BASELINE_WRITE_P95_MS_WORST / worst, 2)
+    goal = (f"write p95 in every phase <= 1/{GOAL_WRITE_P95_FACTOR:g} of issue 18's "
+            f"{BASELINE_WRITE_P95_MS_WORST:g} ms (<= "
+            f"{BASELINE_WRITE_P95_MS_WORST / GOAL_WRITE_P95_FACTOR:.0f} ms)")
     return DemoReport(
         run_id=run.run_id, database=settings.mongodb_database, wallets=checked.wallets,
         phases=phases, refused_advance=run.refused, rollback=run.rollback,
@@ -591,6 +671,13 @@ def _report(run: DemoRun, settings: Settings, final: MigrationStatus, checked: C
         reconciliation_before_complete=run.recon_before_complete,
         archive=None if archive is None else f"{archive.path} sha256 {archive.sha256}",
         audit_entries=audit,
+        write_p95_ms_worst_phase=worst,
+        write_p95_ms_median_phase=write_p95s[len(write_p95s) // 2] if write_p95s else None,
+        write_p95_lower_by=lower_by,
+        goals={goal: lower_by is not None and lower_by >= GOAL_WRITE_P95_FACTOR,
+               "every gate passed with the plan's latency gate (no forced step)": (
+                   not run.forced and "max_tb_p95_ratio" not in
+                   relaxed_thresholds(run.options.thresholds()))},
         notes=[*run.notes, f"{len(run.recon_rates)} reconciliation runs (re-run while a "
                            "reconciliation gate did not pass)"],
     )
@@ -608,17 +695,44 @@ def _phase_line(p: PhaseReport) -> str:
     tb = p.reads_by_store.get("tigerbeetle")
     seen = p.presence
     return (f"{p.position:<22}{p.seconds:>6.1f}{p.writes_ok:>7}{p.writes_rejected:>5}"
-            f"{p.writes_failed:>5}{_ms(p.write_p95_ms):>8}{p.reads:>7}"
+            f"{p.writes_failed:>5}{_ms(p.write_p50_ms):>8}{_ms(p.write_p95_ms):>8}{p.reads:>7}"
             f"{_ms(mongo.p95_ms if mongo else None):>10}{_ms(tb.p95_ms if tb else None):>8}"
             f"{pct(p.shadow_match_rate):>9}{pct(p.fallback_rate):>9}"
             f"{seen.missing_in_mongodb:>6}{seen.missing_in_tigerbeetle:>6}"
             f"{seen.twice_in_tigerbeetle:>5}")
 
 
+def _write_lines(report: DemoReport) -> list[str]:
+    """Where the write latency comes from, per phase, and the goal against issue 18's."""
+    names = sorted({n for p in report.phases for n in p.cpu_ms_per_write},
+                   key=lambda n: (n not in ("demo", "demo worker"), n))
+    lines = [f"{'writes':<22}{'w/s':>6}{'first':>6}{'1st p95':>8}{'later p95':>10}"
+             + "".join(f"{n[:11]:>12}" for n in names) + f"{'demo CPU':>9}{'load':>6}"]
+    for p in report.phases:
+        lines.append(
+            f"{p.position:<22}{p.writes_per_s:>6.1f}{p.first_writes:>6}"
+            f"{_ms(p.first_write_p95_ms):>8}{_ms(p.later_write_p95_ms):>10}"
+            + "".join(f"{_ms(p.cpu_ms_per_write.get(n)):>12}" for n in names)
+            + f"{'-' if p.demo_cpu_pct is None else f'{p.demo_cpu_pct:.0f}%':>9}"
+            f"{_ms(p.load_avg_1m):>6}")
+    best, worst = report.write_p95_baseline_ms
+    lower_by = report.write_p95_lower_by
+    lines += [
+        "(w/s: acknowledged writes per second; first: writes that started their wallet's "
+        "workflow; CPU columns: ms per acknowledged write; demo CPU: this process, % of one "
+        "core; load: the host's 1-minute load average)",
+        f"write p95: worst phase {_ms(report.write_p95_ms_worst_phase)} ms, median phase "
+        f"{_ms(report.write_p95_ms_median_phase)} ms; issue 18's baseline {best:g}-{worst:g} ms"
+        f" in every phase: {'-' if lower_by is None else lower_by}x lower than its worst",
+    ]
+    lines += [f"goal {'met' if met else 'MISSED'}: {goal}" for goal, met in report.goals.items()]
+    return lines
+
+
 def render(report: DemoReport) -> str:
     c = report.check
     lines = [f"demo {report.run_id}: {report.wallets} wallets, database {report.database}",
-             f"{'phase':<22}{'secs':>6}{'writes':>7}{'rej':>5}{'fail':>5}{'w p95':>8}"
+             f"{'phase':<22}{'secs':>6}{'writes':>7}{'rej':>5}{'fail':>5}{'w p50':>8}{'w p95':>8}"
              f"{'reads':>7}{'mongo p95':>10}{'tb p95':>8}{'match':>9}{'fallback':>9}"
              f"{'lostM':>6}{'lostT':>6}{'2xT':>5}"]
     lines += [_phase_line(p) for p in report.phases]
@@ -626,6 +740,7 @@ def render(report: DemoReport) -> str:
         "(latencies in ms, as the demo's callers saw them; reads split by the store that "
         "answered; lostM/lostT/2xT: the phase's acknowledged writes missing from MongoDB, "
         "missing from TigerBeetle, twice in TigerBeetle at the end)",
+        *_write_lines(report),
         "relaxed gate thresholds (demo value, plan value): "
         + (", ".join(f"{k} {v}" for k, v in report.relaxed_thresholds.items()) or "none"),
         f"refused advance: {report.refused_advance}",

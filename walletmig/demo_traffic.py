@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from stores.bundle import Stores
 from stores.outbox import Outbox
@@ -67,6 +67,15 @@ class SentOp:
     phase_index: int  # the demo's phase report that was open when it was sent
 
 
+class Latencies(NamedTuple):
+    """One phase's latencies in ms: every acknowledged write, the first writes of a wallet
+    among them, and the reads by the store that answered."""
+
+    writes: list[float]
+    first_writes: list[float]
+    reads: dict[str, list[float]]
+
+
 @dataclass
 class Ledger:
     """What the traffic generator did and was told: the record the checker trusts."""
@@ -81,13 +90,17 @@ class Ledger:
     writes_rejected: int = 0  # domain refusals (insufficient funds, already voided, ...)
     writes_failed: int = 0  # no domain answer
     write_ms: list[float] = field(default_factory=list)
+    # Acknowledged writes that were the first the demo sent to their wallet: each started
+    # the wallet's workflow (Update-with-Start creating it), costlier than an update.
+    first_write_ms: list[float] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)  # wallets a live write was sent to
     read_ms: dict[str, list[float]] = field(default_factory=dict)  # answering store -> ms
     reads: int = 0
 
-    def take_latencies(self) -> tuple[list[float], dict[str, list[float]]]:
-        writes, reads = self.write_ms, self.read_ms
-        self.write_ms, self.read_ms = [], {}
-        return writes, reads
+    def take_latencies(self) -> Latencies:
+        taken = Latencies(self.write_ms, self.first_write_ms, self.read_ms)
+        self.write_ms, self.first_write_ms, self.read_ms = [], [], {}
+        return taken
 
     def applied(self) -> dict[str, SentOp]:
         """Every operation a store was told to hold: seed data and acknowledged live writes."""
@@ -179,6 +192,8 @@ def _timed(sent: SentOp, started: float, finished: float) -> SentOp:
 async def send(client: WalletClient, op: WalletOperation, sent: SentOp, ledger: Ledger) -> bool:
     """Apply one operation through its wallet workflow and record what the caller was told:
     acknowledged (True), refused by the domain, or failed without an answer (ambiguous)."""
+    first = sent.wallet not in ledger.written
+    ledger.written.add(sent.wallet)
     started = time.monotonic()
     try:
         await client.apply(op)
@@ -202,6 +217,8 @@ async def send(client: WalletClient, op: WalletOperation, sent: SentOp, ledger: 
     ledger.writes_ok += 1
     if len(ledger.write_ms) < LATENCY_SAMPLES_MAX:
         ledger.write_ms.append((finished - started) * 1000)
+        if first:
+            ledger.first_write_ms.append((finished - started) * 1000)
     return True
 
 
@@ -252,6 +269,16 @@ def worker_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update({name: str(values[name_field]) for name, (name_field, _) in ENVIRONMENT.items()})
     return env
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) `pid` has used so far (/proc); None if gone or not Linux."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.asynccontextmanager
