@@ -1,10 +1,12 @@
-"""kill -9 the wallet worker in the middle of a dual-write stream (and of a tb_primary one:
-TigerBeetle answers, MongoDB follows through the reverse outbox, intent recorded first); a new
-worker finishes it.
+"""kill -9 the wallet worker in the middle of a dual-write stream and of a tb_primary one
+(TigerBeetle answers, MongoDB follows through the reverse outbox, intent recorded first); a new
+worker finishes both.
 
-The worker is a real subprocess (`python -m walletmig worker`). 1,000 operations across 50
-wallets from 50 concurrent callers; the worker is SIGKILLed after a tenth of them were
-answered and a new one is started a moment later. Afterwards every accepted operation exists
+The worker is a real subprocess (`python -m walletmig worker`). Per phase, 1,000 operations
+across 50 wallets from 50 concurrent callers, the two phases on two currency pairs of one
+stream: one worker serves both, so one kill lands in the middle of both. It is SIGKILLed after
+a tenth of all operations were answered and a new one is started a moment later. Afterwards,
+for each phase (one test each, asserting on the shared run), every accepted operation exists
 exactly once in MongoDB and in TigerBeetle (the set of transfers on each account equals the
 derived ids of its answered operations), operations were in flight when the worker died, and
 the two stores agree field by field.
@@ -12,7 +14,7 @@ the two stores agree field by field.
 The killed worker's open MongoDB transactions keep their wallets locked until the server's
 transaction lifetime (60 s, not configurable on SecantusDB 0.7) aborts them: those wallets
 stall that long. Killing early lets the rest of the stream run during the stall instead of
-after it, so the test costs about the lifetime plus a few seconds, not the two added up.
+after it, and running both phases in one stream pays that stall once, not once per phase.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from temporalio.client import Client
 from wallet_support import (
     DUAL_PAIR,
@@ -48,11 +53,16 @@ from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperati
 from walletcore.phases import Phase
 from walletmig.demo_check import tigerbeetle_ids
 
-WALLETS = 50
+# Each phase on a pair of its own: the phase is a pair's, and one worker serves both.
+PHASE_PAIRS: dict[Phase, tuple[str, str]] = {Phase.DUAL_WRITE: DUAL_PAIR,
+                                             Phase.TB_PRIMARY: ("EUR", "ESP")}
+WALLETS = 50  # per phase
 CALLERS_PER_WALLET = 1
-OPS_PER_CALLER = 20  # 50 * 1 * 20 = 1,000 operations
-KILL_AFTER_ANSWERS = 100  # a tenth: every wallet busy, 900 operations still to come
+OPS_PER_CALLER = 20  # 50 * 1 * 20 = 1,000 operations per phase
+TOTAL_OPS = len(PHASE_PAIRS) * WALLETS * CALLERS_PER_WALLET * OPS_PER_CALLER
+KILL_AFTER_ANSWERS = TOTAL_OPS // 10  # every wallet busy, nine tenths still to come
 RESTART_DELAY_S = 1.0
+STREAM_TIMEOUT_S = 600
 
 
 def operations(wallet: WalletKey, caller: int) -> list[WalletOperation]:
@@ -74,70 +84,109 @@ def operations(wallet: WalletKey, caller: int) -> list[WalletOperation]:
     return ops
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase", [Phase.DUAL_WRITE, Phase.TB_PRIMARY], ids=lambda p: p.value)
-async def test_kill_9_worker_mid_stream(
-    temporal_client: Client, settings: Settings, tb_addresses: str, tmp_path: Path,
-    phase: Phase,
-) -> None:
+@dataclass
+class CrashRun:
+    """What the shared stream left: the stores and client to check it with (the restarted
+    worker still runs, to drain), who was answered, and what the worker held when it died."""
+
+    stores: Stores
+    client: WalletClient
+    wallets: dict[Phase, list[WalletKey]]
+    answered: dict[WalletKey, list[str]] = field(default_factory=lambda: defaultdict(list))
+    in_flight: dict[str, WalletKey] = field(default_factory=dict)  # sent, not answered yet
+    in_flight_at_kill: dict[str, WalletKey] = field(default_factory=dict)
+    answered_at_kill: list[int] = field(default_factory=list)
+
+    def answered_count(self) -> int:
+        return sum(map(len, self.answered.values()))
+
+
+async def _stream(run: CrashRun, worker: subprocess.Popen[bytes],
+                  restart: asyncio.Future[subprocess.Popen[bytes]],
+                  env: dict[str, str], log_dir: pytest.TempPathFactory) -> None:
+    """Every caller of both phases at once; the worker killed after KILL_AFTER_ANSWERS answers
+    and a new one started (set into `restart`, for the fixture to stop)."""
+    killed = asyncio.Event()
+
+    async def caller(wallet: WalletKey, n: int) -> None:
+        for op in operations(wallet, n):
+            run.in_flight[op.transaction_id] = wallet
+            result = await run.client.apply(op)
+            del run.in_flight[op.transaction_id]
+            assert result.transaction_id == op.transaction_id
+            run.answered[wallet].append(op.transaction_id)
+            if run.answered_count() >= KILL_AFTER_ANSWERS:
+                killed.set()
+
+    killed_s = 0.0
+
+    async def crash_and_restart() -> None:
+        nonlocal killed_s
+        await killed.wait()
+        killed_s = time.monotonic() - started
+        run.answered_at_kill.append(run.answered_count())
+        run.in_flight_at_kill.update(run.in_flight)  # the worker holds these when it dies
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        await asyncio.sleep(RESTART_DELAY_S)
+        restart.set_result(start_worker(env, log_dir.mktemp("worker-2") / "worker.log"))
+
+    started = time.monotonic()
+    restarter = asyncio.create_task(crash_and_restart())
+    try:
+        callers = [caller(w, n) for ws in run.wallets.values() for w in ws
+                   for n in range(CALLERS_PER_WALLET)]
+        await asyncio.wait_for(asyncio.gather(*callers), timeout=STREAM_TIMEOUT_S)
+        await restarter
+    finally:
+        restarter.cancel()
+    print(f"\nworker killed after {run.answered_at_kill} answers ({killed_s:.1f} s), "
+          f"{len(run.in_flight_at_kill)} in flight; {run.answered_count()} answered in "
+          f"{time.monotonic() - started:.1f} s")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def crash_run(temporal_client: Client, settings: Settings, tb_addresses: str,
+                    tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[CrashRun]:
+    """The one stream both phases' tests assert on (the kill and the restart included)."""
     isolated = isolated_settings(settings, "wallet_crash")
     task_queue = f"wallet-crash-{uuid.uuid4().hex[:8]}"
     env = worker_env(isolated, task_queue)
     run_id = uuid.uuid4().hex[:8]
-    wallets = [key(f"crash-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
     # Callers ride out the killed worker's 60 s MongoDB transaction lock in one call.
     client = WalletClient(temporal_client, task_queue, id_key=session_id_key(), idle_timeout_s=60,
-                          max_ops_per_run=20,
-                          retry_window_s=120)
-
+                          max_ops_per_run=20, retry_window_s=120)
+    wallets = {phase: [key(f"crash-{run_id}-{phase.value}-{n}", pair) for n in range(WALLETS)]
+               for phase, pair in PHASE_PAIRS.items()}
     async with open_stores(isolated) as stores:
-        await set_phase(stores, DUAL_PAIR, phase)
-        worker = start_worker(env, tmp_path / "worker-1.log")
-        procs = [worker]  # everything started here is stopped in `finally`, even on failure
-        answered: dict[WalletKey, list[str]] = defaultdict(list)
-        in_flight: set[str] = set()  # sent, not answered yet
-        in_flight_at_kill: set[str] = set()
-        answered_at_kill: list[int] = []
-        killed = asyncio.Event()
-
-        async def caller(wallet: WalletKey, n: int) -> None:
-            for op in operations(wallet, n):
-                in_flight.add(op.transaction_id)
-                result = await client.apply(op)
-                in_flight.discard(op.transaction_id)
-                assert result.transaction_id == op.transaction_id
-                answered[wallet].append(op.transaction_id)
-                if sum(map(len, answered.values())) >= KILL_AFTER_ANSWERS:
-                    killed.set()
-
-        async def crash_and_restart() -> subprocess.Popen[bytes]:
-            await killed.wait()
-            answered_at_kill.append(sum(map(len, answered.values())))
-            in_flight_at_kill.update(in_flight)  # the worker holds these when it dies
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(timeout=10)
-            await asyncio.sleep(RESTART_DELAY_S)
-            restarted = start_worker(env, tmp_path / "worker-2.log")
-            procs.append(restarted)
-            return restarted
-
-        restarter = asyncio.create_task(crash_and_restart())
+        for phase, pair in PHASE_PAIRS.items():
+            await set_phase(stores, pair, phase)
+        worker = start_worker(env, tmp_path_factory.mktemp("worker-1") / "worker.log")
+        restart: asyncio.Future[subprocess.Popen[bytes]] = asyncio.Future()
         try:
-            callers = [caller(w, n) for w in wallets for n in range(CALLERS_PER_WALLET)]
-            await asyncio.wait_for(asyncio.gather(*callers), timeout=600)
-            await restarter
-            total = WALLETS * CALLERS_PER_WALLET * OPS_PER_CALLER
-            assert sum(map(len, answered.values())) == total
-            (at_kill,) = answered_at_kill
-            assert at_kill < total // 2, f"killed after {at_kill} answers: not mid-stream"
-            assert in_flight_at_kill, "no operation was in flight at the kill"
-            every = {t for ids in answered.values() for t in ids}
-            assert in_flight_at_kill <= every  # each was answered after the restart ...
-            for wallet in wallets:  # ... and, like every other, is in both stores once
-                await _check_wallet(stores, client, wallet, answered[wallet])
-        finally:
-            restarter.cancel()
-            stop_workers(procs)
+            run = CrashRun(stores=stores, client=client, wallets=wallets)
+            await _stream(run, worker, restart, env, tmp_path_factory)
+            yield run
+        finally:  # everything started here is stopped, even on failure
+            stop_workers([worker, *([restart.result()] if restart.done() else [])])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the first test also pays for the shared stream
+@pytest.mark.parametrize("phase", list(PHASE_PAIRS), ids=lambda p: p.value)
+async def test_kill_9_worker_mid_stream(crash_run: CrashRun, phase: Phase) -> None:
+    run = crash_run
+    assert run.answered_count() == TOTAL_OPS
+    (at_kill,) = run.answered_at_kill
+    assert at_kill < TOTAL_OPS // 2, f"killed after {at_kill} answers: not mid-stream"
+    wallets = run.wallets[phase]
+    mine = set(wallets)
+    held = {t for t, wallet in run.in_flight_at_kill.items() if wallet in mine}
+    assert held, f"no {phase.value} operation was in flight at the kill"
+    every = {t for w in wallets for t in run.answered[w]}
+    assert held <= every  # each was answered after the restart ...
+    for wallet in wallets:  # ... and, like every other, is in both stores once
+        await _check_wallet(run.stores, run.client, wallet, run.answered[wallet])
 
 
 async def _check_wallet(
