@@ -74,6 +74,9 @@ create() {
     for name in $NAMES; do
         file="$dir/$name"
         if [ -e "$file" ]; then
+            # Docker creates a missing bind-mount source as a directory: `up` ran first.
+            [ ! -d "$file" ] || fail "$file is a directory (made by docker when \`up\` ran" \
+                "before this script): remove it (rmdir) and run again"
             [ -f "$file" ] && [ -s "$file" ] || fail "$file exists but is not a non-empty file"
             echo "make-secrets.sh: kept    $file"
             continue
