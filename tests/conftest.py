@@ -45,6 +45,7 @@ from walletmig import devstack
 from walletmig.processes import PROC_ROOT
 
 if TYPE_CHECKING:
+    from demo_support import DemoRun
     from recon_support import Env
 
     from walletcore.keys import WalletKey
@@ -209,6 +210,28 @@ def stack_config(request: pytest.FixtureRequest) -> Iterator[devstack.StackConfi
         shutil.rmtree(state_dir, ignore_errors=True)
     else:
         print(f"\nconftest: stack state and server logs kept in {state_dir}")
+
+
+@pytest.fixture(scope="session")
+def demo_run(request: pytest.FixtureRequest) -> Iterator[DemoRun]:
+    """One `walletmig demo` on a dev stack of its own, API and codec server used meanwhile,
+    the stack down again (tests/demo_support.py): test_demo asserts on its report and
+    test_no_secrets scans its logs, so the suite's slowest set-up runs once. Its directory
+    (logs, the demo's outputs) is removed after a session without failures."""
+    from demo_support import run_demo_on_a_stack
+
+    root = Path(tempfile.mkdtemp(prefix="walletmig-demo-run-"))
+    config = devstack.StackConfig.with_free_ports(root / "state", ready_timeout_s=120)
+    _LIVE_STACKS.append(config)  # an interrupted session still stops it
+    try:
+        run = run_demo_on_a_stack(config, root)
+    finally:
+        _LIVE_STACKS.remove(config)
+    yield run
+    if request.session.testsfailed == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"\nconftest: the demo run's stack state and logs kept in {root}")
 
 
 def _start(config: devstack.StackConfig, name: str) -> None:
