@@ -4,8 +4,14 @@ Collections (this store alone touches them):
 - `gl_accounts`: the chart's accounts (`_id` = GL number) with their status;
 - `gl_entries`: immutable journal entries, `_id` = the entry id (the posted TigerBeetle
   transfer's id in 32 hex digits), so an entry can exist once; each carries `seq`, `prev_hash`
-  and `hash` (walletcore.journal's chain) and `postings` (`account:currency` keys, indexed
-  with seq for statements);
+  and `hash` (walletcore.journal's chain) and `postings` (`account:currency` keys). No
+  secondary index: on SecantusDB each one costs 0.1-0.2 ms of server CPU per inserted entry;
+- `gl_entry_blocks`: the entries' index, one document per `post_entries` call (a block of
+  consecutive seqs): `_id` = first seq, `last`, the entry ids in seq order, their TigerBeetle
+  timestamps (`ts`, `ts_min`, `ts_max`) and, per posting key, the offsets of the entries that
+  touch it. Chain order, statements and TigerBeetle time order read blocks, then entries by
+  `_id`. Ledgers written before blocks existed get blocks built by `ensure_indexes`
+  (`_index_legacy_entries`), which then drops the entries' old indexes;
 - `gl_balances`: posted debits and credits per `account:currency`, changed in the same
   MongoDB transaction as the entries that move them;
 - `gl_chain`: the chain head (`_id` "head": seq, hash). Every posting transaction updates it
@@ -28,7 +34,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pymongo import ASCENDING, IndexModel, UpdateOne
@@ -64,6 +70,7 @@ from walletcore.journal import (
     TrialBalance,
     balance_deltas,
     extend_chain,
+    posted_at_of,
     posting_key,
     trial_balance,
     verify_segment,
@@ -76,7 +83,11 @@ GL_ENTRIES = "gl_entries"
 GL_BALANCES = "gl_balances"
 GL_CHAIN = "gl_chain"
 GL_SYNC = "gl_sync"
-ALL_COLLECTIONS = (GL_ACCOUNTS, GL_ENTRIES, GL_BALANCES, GL_CHAIN, GL_SYNC)
+GL_BLOCKS = "gl_entry_blocks"
+ALL_COLLECTIONS = (GL_ACCOUNTS, GL_ENTRIES, GL_BALANCES, GL_CHAIN, GL_SYNC, GL_BLOCKS)
+# The entries' indexes before blocks (session 7): dropped once their entries are in blocks.
+LEGACY_ENTRY_INDEXES = ("seq", "postings_seq", "tb_timestamp")
+LEGACY_BLOCKS_MAX = 100_000  # ensure_indexes: blocks built per call (x 8189 entries)
 HEAD_ID = "head"
 CURSOR_ID = "tigerbeetle"
 ENTRIES_MAX = 8189  # one post_entries call: one TigerBeetle batch of posted transfers
@@ -148,6 +159,7 @@ class GeneralLedger:
         self._balances: AsyncCollection[Any] = db[GL_BALANCES]
         self._chain: AsyncCollection[Any] = db[GL_CHAIN]
         self._sync: AsyncCollection[Any] = db[GL_SYNC]
+        self._blocks: AsyncCollection[Any] = db[GL_BLOCKS]
         self._postable = {
             (a.number, currency) for a in chart.accounts for currency in a.currencies
         }
@@ -158,13 +170,54 @@ class GeneralLedger:
         return self._chart
 
     async def ensure_indexes(self) -> None:
-        await self._entries.create_indexes([
-            IndexModel([("seq", ASCENDING)], name="seq", unique=True),
-            IndexModel([("postings", ASCENDING), ("seq", ASCENDING)], name="postings_seq"),
+        await self._blocks.create_indexes([
+            # Blocks are consecutive and disjoint: `last` order is chain order. Unique, with
+            # the `_id` (first seq), it is the second guard against a fork after the head's
+            # compare-and-swap.
+            IndexModel([("last", ASCENDING)], name="last", unique=True),
+            IndexModel([("postings", ASCENDING), ("last", ASCENDING)], name="postings_last"),
             # TigerBeetle time order (chain order differs): rebuilding TigerBeetle imports the
-            # entries in it, reconciliation reads balances as of a timestamp.
-            IndexModel([("tb_timestamp", ASCENDING)], name="tb_timestamp"),
+            # entries in it, the sync counts a page's entries, reconciliation reads as of a time.
+            IndexModel([("ts_max", ASCENDING)], name="ts_max"),
         ])
+        await self._index_legacy_entries()
+
+    async def _index_legacy_entries(self) -> None:
+        """Blocks for entries written before blocks existed (they carry `seq` and the old
+        indexes): the seqs below the first block written by `post_entries`, read through the
+        old `seq` index, in blocks that stop at a gap (blocks are consecutive). Idempotent
+        (block `_id`s are their first seqs: a concurrent indexer's duplicate is skipped);
+        the old indexes are dropped once every legacy entry is in a block."""
+        existing = {ix["name"] async for ix in await self._entries.list_indexes()}
+        legacy = [name for name in LEGACY_ENTRY_INDEXES if name in existing]
+        if not legacy:
+            return
+        native = await self._blocks.find_one({"legacy": {"$ne": True}}, sort=[("last", 1)])
+        until = (await self._read_head()).seq if native is None else int(native["_id"]) - 1
+        done = await self._blocks.find_one({"legacy": True}, sort=[("last", -1)])
+        after = 0 if done is None else int(done["last"])
+        for _ in range(LEGACY_BLOCKS_MAX):
+            if after >= until:
+                break
+            cursor = self._entries.find(
+                {"seq": {"$gt": after, "$lte": until}},
+                {"seq": 1, "tb_timestamp": 1, "postings": 1},
+            ).sort("seq", ASCENDING).limit(ENTRIES_MAX)
+            rows = [_BlockRow(int(d["seq"]), d["_id"], bson_to_int(d["tb_timestamp"]),
+                              tuple(d.get("postings", ()))) async for d in cursor]
+            if not rows:
+                break
+            run = [rows[0]]
+            for row in rows[1:]:
+                if row.seq != run[-1].seq + 1:
+                    break  # a gap (a deleted entry): the next block starts after it
+                run.append(row)
+            await insert_new(self._blocks, [{**_block_doc(run, now_ms()), "legacy": True}])
+            after = run[-1].seq
+        else:
+            return  # more than LEGACY_BLOCKS_MAX blocks: the next ensure_indexes goes on
+        for name in legacy:
+            await self._entries.drop_index(name)
 
     async def drop_all(self) -> None:
         """Drop every collection of the ledger (the rebuild-from-TigerBeetle test and command
@@ -327,6 +380,11 @@ class GeneralLedger:
             if errors and all(e.get("code") == DUPLICATE_KEY_CODE for e in errors):
                 raise _EntriesExist() from exc
             raise
+        # Their index: one document for the whole call (a duplicate `_id`/`last` is a fork the
+        # head's compare-and-swap missed: DuplicateKeyError, retried on the new head).
+        rows = [_BlockRow(link.seq, link.entry.entry_id, link.entry.tb_timestamp,
+                          tuple(link.entry.postings)) for link in chained]
+        await self._blocks.insert_one(_block_doc(rows, now), session=session)
 
     async def _apply_balances(
         self, session: AsyncClientSession, entries: list[JournalEntry]
@@ -377,8 +435,42 @@ class GeneralLedger:
     async def entries_page(self, *, after_seq: int, limit: int) -> list[ChainedEntry]:
         """Entries in chain order after `after_seq` (reconciliation, rebuilding TigerBeetle)."""
         _check_limit(limit)
-        cursor = self._entries.find({"seq": {"$gt": after_seq}}).sort("seq", ASCENDING)
-        return [_chained_of(doc) async for doc in cursor.limit(limit)]
+        docs = await self._docs_of(await self._seq_ids(after_seq, limit))
+        return [_chained_of(doc) for doc in docs if doc is not None]
+
+    async def _seq_ids(
+        self, after_seq: int, limit: int, *, posting: str | None = None,
+        since: datetime | None = None, until: datetime | None = None,
+    ) -> list[str]:
+        """Up to `limit` entry ids in chain order after `after_seq` (touching `posting`, posted
+        in [since, until), when given), from the blocks."""
+        query: Document = {"last": {"$gt": after_seq}}
+        if posting is not None:
+            query["postings"] = posting
+        ids: list[str] = []
+        cursor = self._blocks.find(query).sort("last", ASCENDING)
+        try:
+            async for block in cursor:
+                first, block_ids, stamps = int(block["_id"]), block["ids"], block["ts"]
+                offsets = (range(len(block_ids)) if posting is None
+                           else block["by_posting"].get(posting, []))
+                for offset in offsets:
+                    posted_at = posted_at_of(bson_to_int(stamps[offset]))
+                    if first + offset <= after_seq or (since is not None and posted_at < since):
+                        continue
+                    if until is not None and posted_at >= until:
+                        continue
+                    ids.append(block_ids[offset])
+                    if len(ids) == limit:
+                        return ids
+        finally:
+            await cursor.close()
+        return ids
+
+    async def _docs_of(self, ids: list[str]) -> list[Document | None]:
+        """The entries of `ids`, in that order (None: the entry is not there)."""
+        found = {doc["_id"]: doc for doc in await find_in(self._entries, "_id", ids)}
+        return [found.get(entry_id) for entry_id in ids]
 
     async def balances(self) -> list[AccountBalance]:
         cursor = self._balances.find({}).sort("_id", ASCENDING).limit(BALANCES_MAX)
@@ -402,16 +494,10 @@ class GeneralLedger:
         """The account's entries in one currency, posted in [since, until), chain order."""
         _check_limit(limit)
         balance = await self.balance(account, currency)
-        query: Document = {"postings": posting_key(account, currency), "seq": {"$gt": after_seq}}
-        window: Document = {}
-        if since is not None:
-            window["$gte"] = since
-        if until is not None:
-            window["$lt"] = until
-        if window:
-            query["posted_at"] = window
-        cursor = self._entries.find(query).sort("seq", ASCENDING).limit(limit)
-        lines = [_statement_line(_chained_of(doc), account, currency) async for doc in cursor]
+        ids = await self._seq_ids(after_seq, limit, posting=posting_key(account, currency),
+                                  since=since, until=until)
+        lines = [_statement_line(_chained_of(doc), account, currency)
+                 for doc in await self._docs_of(ids) if doc is not None]
         return Statement(
             account=account, currency=currency, lines=lines,
             balance_debits_minor=balance.debits_minor, balance_credits_minor=balance.credits_minor,
@@ -425,14 +511,17 @@ class GeneralLedger:
         _check_limit(limit)
         start = ChainHead()
         if after_seq > 0:
-            before = await self._entries.find_one({"seq": after_seq})
-            if before is None:
+            before_ids = await self._seq_ids(after_seq - 1, 1)
+            before = None if not before_ids else (await self._docs_of(before_ids))[0]
+            if before is None or before.get("seq") != after_seq:
                 return ChainVerification(ok=False, checked=0, last=ChainHead(seq=after_seq),
                                          first_bad_seq=after_seq, reason="entry missing")
             start = ChainHead(seq=after_seq, hash=before["hash"])
-        cursor = self._entries.find({"seq": {"$gt": after_seq}}).sort("seq", ASCENDING)
+        ids = await self._seq_ids(after_seq, limit)
+        # A missing entry is skipped (as an index scan would): the hash of the next one fails.
+        docs = [doc for doc in await self._docs_of(ids) if doc is not None]
         segment: list[ChainedEntry] = []
-        async for doc in cursor.limit(limit):
+        for doc in docs:
             try:
                 segment.append(_chained_of(doc))
             except (ValidationError, KeyError, TypeError, ValueError, ConflictError) as err:
@@ -442,7 +531,7 @@ class GeneralLedger:
                 return ChainVerification(ok=False, checked=len(segment), last=checked.last,
                                          first_bad_seq=doc.get("seq"), reason=f"invalid: {err}")
         result = verify_segment(start, segment)
-        if result.ok and len(segment) < limit:
+        if result.ok and len(ids) < limit:
             head = await self._read_head()
             if head != result.last:
                 return result.model_copy(update={
@@ -481,18 +570,35 @@ class GeneralLedger:
         """Entries in TigerBeetle timestamp order with after < tb_timestamp <= until (no upper
         bound when None): what rebuilding TigerBeetle imports, oldest first."""
         _check_limit(limit)
-        window: Document = {"$gt": after_timestamp}
-        if until_timestamp is not None:
-            window["$lte"] = until_timestamp
-        cursor = self._entries.find({"tb_timestamp": window}).sort(
-            [("tb_timestamp", ASCENDING), ("_id", ASCENDING)]).limit(limit)
-        return [_chained_of(doc) async for doc in cursor]
+        until = INT64_MAX if until_timestamp is None else until_timestamp
+        # Blocks overlapping the window, by their earliest time: once `limit` entries are
+        # found and the next block starts after the limit-th, no later block can add one.
+        metas = sorted(
+            [(bson_to_int(m["ts_min"]), int(m["_id"])) async for m in self._blocks.find(
+                {"ts_max": {"$gt": after_timestamp}, "ts_min": {"$lte": until}}, {"ts_min": 1})])
+        found: list[tuple[int, str]] = []
+        for ts_min, block_id in metas:
+            if len(found) >= limit and ts_min > found[limit - 1][0]:
+                break
+            block = await self._blocks.find_one({"_id": block_id}, {"ids": 1, "ts": 1})
+            if block is None:
+                continue
+            found.extend((ts, entry_id) for ts, entry_id in _stamped(block)
+                         if after_timestamp < ts <= until)
+            found.sort()
+        ids = [entry_id for _, entry_id in found[:limit]]
+        return [_chained_of(doc) for doc in await self._docs_of(ids) if doc is not None]
 
     async def count_entries_between(self, after_timestamp: int, until_timestamp: int) -> int:
-        """Entries with after < tb_timestamp <= until (one index range count: the sync's
-        cheap "all there?" before it reads ids)."""
-        return await self._entries.count_documents(
-            {"tb_timestamp": {"$gt": after_timestamp, "$lte": until_timestamp}})
+        """Entries with after < tb_timestamp <= until, counted in the blocks that overlap the
+        range (the sync's cheap "all there?" before it reads ids)."""
+        blocks = self._blocks.find(
+            {"ts_max": {"$gt": after_timestamp}, "ts_min": {"$lte": until_timestamp}},
+            {"ids": 1, "ts": 1})
+        return sum([
+            sum(1 for ts, _ in _stamped(block) if after_timestamp < ts <= until_timestamp)
+            async for block in blocks
+        ])
 
 
 # ---- documents ----------------------------------------------------------------------------
@@ -523,6 +629,33 @@ def _entry_doc(link: ChainedEntry, now: datetime) -> Document:
         "postings": entry.postings,
         "recorded_at": now,
     }
+
+
+class _BlockRow(NamedTuple):
+    seq: int
+    entry_id: str
+    tb_timestamp: int
+    postings: tuple[str, ...]
+
+
+def _block_doc(rows: Sequence[_BlockRow], now: datetime) -> Document:
+    """The index document of consecutive entries (`rows` in seq order, at least one)."""
+    assert rows and all(row.seq == rows[0].seq + i for i, row in enumerate(rows))
+    by_posting: dict[str, list[int]] = {}
+    for offset, row in enumerate(rows):
+        for key in row.postings:
+            by_posting.setdefault(key, []).append(offset)
+    stamps = [row.tb_timestamp for row in rows]
+    return {
+        "_id": rows[0].seq, "last": rows[-1].seq, "ids": [row.entry_id for row in rows],
+        "ts": stamps, "ts_min": min(stamps), "ts_max": max(stamps),
+        "postings": sorted(by_posting), "by_posting": by_posting, "recorded_at": now,
+    }
+
+
+def _stamped(block: Document) -> list[tuple[int, str]]:
+    return [(bson_to_int(ts), entry_id)
+            for ts, entry_id in zip(block["ts"], block["ids"], strict=True)]
 
 
 def _chained_of(doc: Document) -> ChainedEntry:

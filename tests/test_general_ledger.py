@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from pymongo import AsyncMongoClient
+from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from stores.general_ledger import GL_ACCOUNTS, GL_CHAIN, GL_ENTRIES, GeneralLedger
+from stores.general_ledger import GL_ACCOUNTS, GL_BLOCKS, GL_CHAIN, GL_ENTRIES, GeneralLedger
 from walletcore.clearing import DEFAULT_CLEARING_TABLE, ExternalTransaction, settlement_entry
 from walletcore.errors import ConflictError, InvalidInputError
 from walletcore.gl_chart import DEFAULT_CHART, AccountStatus
@@ -224,3 +224,34 @@ async def test_drop_all_leaves_an_empty_ledger(ledger: GeneralLedger) -> None:
     assert await ledger.existing_entry_ids([entry(1).entry_id, entry(2).entry_id]) == {
         entry(1).entry_id}
     assert [c.seq for c in await ledger.entries_page(after_seq=0, limit=10)] == [1]
+
+
+async def test_entries_written_before_blocks_get_blocks(ledger: GeneralLedger, db: Db) -> None:
+    """A ledger of the old layout (entries with their own seq, postings and time indexes, no
+    block documents), upgraded while a new writer already posts: ensure_indexes indexes the
+    old entries in blocks (stopping at a gap), drops the old indexes, and every read serves
+    both."""
+    await ledger.post_entries([entry(i) for i in range(1, 7)])
+    await db[GL_BLOCKS].delete_many({})  # the entries as the old code left them
+    await db[GL_ENTRIES].create_index([("seq", ASCENDING)], name="seq", unique=True)
+    await db[GL_ENTRIES].create_index(
+        [("postings", ASCENDING), ("seq", ASCENDING)], name="postings_seq")
+    await db[GL_ENTRIES].create_index([("tb_timestamp", ASCENDING)], name="tb_timestamp")
+    await db[GL_ENTRIES].delete_one({"seq": 4})  # a gap: a block stops before it
+    await ledger.post_entries([entry(7, amount="2.00"), entry(8)])  # new code, before upgrade
+    await ledger.ensure_indexes()
+    await ledger.ensure_indexes()  # idempotent
+    blocks = await db[GL_BLOCKS].find({}).sort("_id", ASCENDING).to_list(None)
+    assert [(b["_id"], b["last"], b.get("legacy", False)) for b in blocks] == [
+        (1, 3, True), (5, 6, True), (7, 8, False)]
+    names = {ix["name"] async for ix in await db[GL_ENTRIES].list_indexes()}
+    assert names == {"_id_"}
+    assert [c.seq for c in await ledger.entries_page(after_seq=2, limit=10)] == [3, 5, 6, 7, 8]
+    statement = await ledger.statement(1050, "USD", after_seq=4, limit=2)
+    assert [line.seq for line in statement.lines] == [5, 6] and statement.next_after_seq == 6
+    stamped = await ledger.entries_by_timestamp(after_timestamp=TS + 3_000_000, limit=10)
+    assert [c.seq for c in stamped] == [5, 6, 7, 8]
+    assert await ledger.count_entries_between(TS, TS + 8_000_000) == 7  # 4 is gone
+    gap = await ledger.verify_chain()
+    assert not gap.ok and gap.first_bad_seq == 5
+    assert (await ledger.verify_chain(after_seq=5)).ok

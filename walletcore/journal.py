@@ -85,8 +85,7 @@ class JournalEntry(BaseModel):
 
     @property
     def posted_at(self) -> datetime:
-        """The transfer's TigerBeetle time, at BSON's millisecond resolution."""
-        return EPOCH + timedelta(milliseconds=self.tb_timestamp // NS_PER_MS)
+        return posted_at_of(self.tb_timestamp)
 
     @cached_property
     def content_hash(self) -> str:
@@ -103,6 +102,11 @@ class JournalEntry(BaseModel):
     def postings(self) -> list[str]:
         """`account:currency` keys the entry touches (what a statement looks up)."""
         return sorted({posting_key(line.account, line.currency) for line in self.lines})
+
+
+def posted_at_of(tb_timestamp: int) -> datetime:
+    """A TigerBeetle time (ns) as an entry's `posted_at`, at BSON's millisecond resolution."""
+    return EPOCH + timedelta(milliseconds=tb_timestamp // NS_PER_MS)
 
 
 def entry_id_of(transfer_id: int) -> str:
