@@ -288,12 +288,12 @@ async def test_tigerbeetle_down_past_the_holds_timeout(
     temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
 ) -> None:
     """The emulator dies while a batch's checks run and stays down longer than some of its
-    holds' timeout (MID_HOLD, 10 s): after the restart those posts meet expired holds and are
+    holds' timeout (MID_HOLD, 6 s): after the restart those posts meet expired holds and are
     reported `expired` (never posted, no entry); the batch's long holds are posted and settle.
     Nothing stays pending."""
     stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
     batch = stream.batch(0, BATCH_SIZE)
-    for n in range(0, BATCH_SIZE, 2):  # every other one on a 10 s hold
+    for n in range(0, BATCH_SIZE, 2):  # every other one on a MID_HOLD_S hold
         txn = batch[n].model_copy(update={"kind": MID_HOLD, "currency": "USD",
                                           "amount": Decimal("2.50")})
         batch[n] = stream.txns[txn.external_id] = txn
@@ -325,9 +325,9 @@ async def test_mongodb_down_while_the_checks_run(
     temporal_client: Client, stack: devstack.StackConfig, tb_client: BatchedClient,
 ) -> None:
     """MongoDB dies once a batch's holds exist (its checks, which read MongoDB, come next)
-    and stays down longer than half the batch's holds (MID_HOLD, 10 s); the other half hold
+    and stays down longer than half the batch's holds (MID_HOLD, 6 s); the other half hold
     LONG_HOLD_S (40 s). The first checks attempt, bounded by the MID holds' expiry, fails; the
-    MID holds expire (reported `expired`, never posted); the LONG ones, ~25 s left, are
+    MID holds expire (reported `expired`, never posted); the LONG ones, ~30 s left, are
     checked again (workflows/clearing.py PATCH_RECHECK) once MongoDB is back, and settle. The
     books balance."""
     stream = Stream(run=uuid.uuid4().hex[:8], blocked_party=BLOCKED)
