@@ -6,6 +6,7 @@ activity takes one pydantic input model. Domain errors leave through messages.er
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import OrderedDict
@@ -382,7 +383,9 @@ class WalletActivities:
         import). A void of such an old transaction reverses it from MongoDB's record."""
         imported = await self._imported.ensure(op.wallet, record_absent=True)
         direction = answering_direction(state)
-        replay = await self._legacy.replay_of(op)
+        intent = (self._reverse_on and inp.reverse_outbox_ok and direction == "to_mongodb"
+                  and inp.pending_direction is None)  # backlog items first (none to MongoDB)
+        replay, inserted = await self._replay_or_intent(inp, state, intent=intent)
         if replay is not None:
             # MongoDB answered this operation under an earlier phase, but TigerBeetle may not
             # hold it: a worker killed after that MongoDB write and before its workflow task
@@ -405,9 +408,7 @@ class WalletActivities:
             original = await self._legacy.original_facts(op.wallet, op.original_transaction_id)
             if original is not None and original.wallet_version <= imported:
                 opening = original
-        intent = (self._reverse_on and inp.reverse_outbox_ok and direction == "to_mongodb"
-                  and inp.pending_direction is None)  # backlog items first (none to MongoDB)
-        result = await self._write_tigerbeetle(inp, state, opening, intent=intent)
+        result = await self._write_tigerbeetle(inp, opening, intent=intent, inserted=inserted)
         return PrimaryOutcome(
             result=result,
             phase=state.phase,
@@ -418,19 +419,42 @@ class WalletActivities:
             outbox=intent,
         )
 
+    async def _replay_or_intent(
+        self, inp: ApplyPrimaryInput, state: MigrationState, *, intent: bool
+    ) -> tuple[OperationResult | None, bool]:
+        """MongoDB's answer if it holds the operation already (a replay), and, with `intent`,
+        the operation's MongoDB-bound record (stores.outbox intend_to_mongodb; True: this call
+        inserted it). Both round trips in one wait (issue 18: the tb_primary answer's path).
+        A replay, or a failed check, withdraws a record this call inserted: nothing is
+        written to TigerBeetle for it (a drainer that saw it meanwhile finds no transfer, or
+        applies one TigerBeetle already had, a MongoDB replay)."""
+        op = inp.command.op
+        if not intent:
+            return await self._legacy.replay_of(op), False
+        outbox = self._legacy.outbox
+        replay, inserted = await asyncio.gather(
+            self._legacy.replay_of(op),
+            outbox.intend_to_mongodb(inp.command, state.phase, state.epoch),
+            return_exceptions=True)
+        if isinstance(inserted, BaseException):
+            raise inserted  # nothing was inserted (the replay check only read)
+        if replay is not None and inserted:
+            await outbox.withdraw_to_mongodb(op.transaction_id)
+        if isinstance(replay, BaseException):
+            raise replay
+        return replay, inserted
+
     async def _write_tigerbeetle(
-        self, inp: ApplyPrimaryInput, state: MigrationState, opening: OriginalFacts | None,
-        *, intent: bool,
+        self, inp: ApplyPrimaryInput, opening: OriginalFacts | None, *, intent: bool,
+        inserted: bool,
     ) -> OperationResult:
-        """The TigerBeetle write; with `intent`, its MongoDB-bound record first (stores.outbox
-        intend_to_mongodb): once TigerBeetle holds the transfer, the record is there to say
-        MongoDB is owed it, whatever crashes after. A refusal withdraws a record this call
-        inserted (nothing is owed); an outage leaves it pending (the retry re-arms it; the
-        drainer abandons it if no transfer ever comes)."""
+        """The TigerBeetle write; with `intent`, its MongoDB-bound record is already there
+        (_replay_or_intent): once TigerBeetle holds the transfer, the record says MongoDB is
+        owed it, whatever crashes after. A refusal withdraws a record this call inserted
+        (nothing is owed); an outage leaves it pending (the retry re-arms it; the drainer
+        abandons it if no transfer ever comes)."""
         op = inp.command.op
         outbox = self._legacy.outbox
-        inserted = intent and await outbox.intend_to_mongodb(inp.command, state.phase,
-                                                             state.epoch)
         try:
             result = await apply_to(self._tigerbeetle, op, opening_original=opening)
         except WalletError as err:
