@@ -24,6 +24,8 @@ from walletcore.phases import MigrationState
 MIGRATION_STATE = "migration_state"
 CACHE_TTL_S_DEFAULT = 1.0
 CACHE_TTL_S_MAX = 60.0
+# A read in the last half of an entry's life refreshes it in the background (see find).
+REFRESH_AHEAD_FRACTION = 0.5
 CACHE_SCOPES_MAX = 1024  # pairs are few (one per ledger); a bound keeps a typo loop harmless
 
 
@@ -50,16 +52,31 @@ class MigrationStateStore:
         now = time.monotonic()
         cached = self._cache.get(scope)
         if not fresh and cached is not None and cached[0] > now:
+            if cached[0] - now < self._cache_ttl_s * REFRESH_AHEAD_FRACTION:
+                # Refresh ahead, in the background: no caller waits for the read when the
+                # entry runs out (at one caller every write of the second after it did:
+                # issue 18's p95). The entry is still served only until it expires.
+                self._refill(scope)
             return cached[1]
         if fresh:
             return await self._read(scope)  # must start after the call: never joins
+        # shield: a caller cancelled (its deadline) must not cancel the others' refill.
+        return await asyncio.shield(self._refill(scope))
+
+    def _refill(self, scope: str) -> asyncio.Future[MigrationState | None]:
+        """The scope's read in flight, started if none is (one per scope)."""
         refill = self._refills.get(scope)
         if refill is None or refill.get_loop() is not asyncio.get_running_loop():
             refill = asyncio.ensure_future(self._read(scope))
             self._refills[scope] = refill
-            refill.add_done_callback(lambda _: self._refills.pop(scope, None))
-        # shield: a caller cancelled (its deadline) must not cancel the others' refill.
-        return await asyncio.shield(refill)
+            refill.add_done_callback(lambda done: self._refill_done(scope, done))
+        return refill
+
+    def _refill_done(self, scope: str, done: asyncio.Future[MigrationState | None]) -> None:
+        if self._refills.get(scope) is done:
+            del self._refills[scope]
+        if not done.cancelled():
+            done.exception()  # a failed background refresh: the next expired read retries
 
     async def _read(self, scope: str) -> MigrationState | None:
         doc = await self._collection.find_one({"_id": scope})
