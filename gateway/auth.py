@@ -120,7 +120,12 @@ def bearer_token(request: Request) -> str | None:
     here rather than through HTTPBearer as a sub-dependency (a dependency level per request,
     measurable on the read path); gateway.openapi declares the `bearer` scheme on every
     guarded operation instead."""
-    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    raw = b""
+    for name, value in request.scope["headers"]:  # the first one, as Headers.get answers
+        if name == b"authorization":  # ASGI servers lower-case header names (Headers relies
+            raw = value  # on it too); no Headers object per request
+            break
+    scheme, _, credential = bytes(raw).decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not credential:
         return None
     return credential

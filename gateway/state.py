@@ -20,6 +20,7 @@ from starlette.requests import Request
 from temporalio.client import Client
 
 from gateway.auth import Authenticator
+from gateway.coalesce import CoalescedLookups
 from gateway.ratelimit import GatewayRateLimiter
 from gateway.settings import ApiSettings
 from stores.api_keys import ApiKeyStore
@@ -28,6 +29,7 @@ from stores.clearing_store import ClearingStore
 from stores.general_ledger import GeneralLedger
 from stores.idempotency_keys import IdempotencyStore
 from stores.read_metrics import ReadMetricsStore
+from stores.tigerbeetle_store import TigerBeetleStore
 from walletclient.clearing_client import ClearingClient
 from walletclient.read_path import ReadRouter
 from walletclient.temporal_connect import connect_from_settings
@@ -105,9 +107,11 @@ def _assemble(
             retry_window_s=settings.write_timeout_s,
         ),
         # A pair's account ids are loaded once it reads TigerBeetle (bounded by the registry's
-        # read map): a wallet's first read through the API needs no registry round trip.
-        reader=ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics,
-                          prefetch_ids=stores.accounts.remember_pair),
+        # read map): a wallet's first read through the API needs no registry round trip. Its
+        # TigerBeetle store is the bundle's over the same client and registries, with the
+        # concurrent reads' account lookups sent as one request (gateway.coalesce).
+        reader=ReadRouter(stores.legacy, _coalesced_reads(settings, stores), stores.migration,
+                          metrics, prefetch_ids=stores.accounts.remember_pair),
         metrics=metrics,
         api_keys=api_keys,
         authenticator=Authenticator(api_keys, cache_ttl_s=settings.key_cache_ttl_s),
@@ -121,6 +125,13 @@ def _assemble(
         ),
         ledger=ledger,
     )
+
+
+def _coalesced_reads(settings: ApiSettings, stores: Stores) -> TigerBeetleStore:
+    return TigerBeetleStore(
+        CoalescedLookups(stores.tb_client, stores.limits), stores.accounts, stores.transfers,
+        deployment_tag=settings.platform.deployment_tag, limits=stores.limits,
+    )  # fmt: skip
 
 
 async def _ensure_indexes(state: GatewayState) -> None:

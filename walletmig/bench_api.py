@@ -136,6 +136,9 @@ class ApiBenchReport(BaseModel):
     credit_ratio: float
     goals: dict[str, bool]
     host_cpus: int
+    # The host's 1-minute load average at the start and at the end (/proc/loadavg): the
+    # throughput goals are judged on a host others may share, so the report says how busy.
+    load_avg: tuple[float, float] = (0.0, 0.0)
 
 
 class StackCpu(ServerCpu):
@@ -386,6 +389,7 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
         for w in range(config.wallets)] for currency, country in config.pairs}  # fmt: skip
     servers = StackCpu(settings.state_dir)
     runs: list[PathFigures] = []
+    load_start = _load_avg()
     async with _opened(settings, config, run_id) as (stores, target, wallets):
         await _tb_primary(stores, f"{config.tb_currency}:{config.tb_country}")
         metrics = ReadMetricsStore(stores.db)  # the gateway records reads too (gate evidence)
@@ -403,7 +407,15 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
-    return _report(config, sources, runs)
+    report = _report(config, sources, runs)
+    return report.model_copy(update={"load_avg": (load_start, _load_avg())})
+
+
+def _load_avg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 async def _tb_primary(stores: Stores, scope: str) -> None:
@@ -486,7 +498,8 @@ def format_report(report: ApiBenchReport) -> str:
     out.print(
         f"API {report.api_url}, {report.concurrency} concurrent callers on {report.wallets} "
         f"wallets per pair, {report.rounds} rounds (paths' order swapped each round), "
-        f"{report.host_cpus} CPUs; reads answered by: "
+        f"{report.host_cpus} CPUs (load average {report.load_avg[0]:.1f} at the start, "
+        f"{report.load_avg[1]:.1f} at the end); reads answered by: "
         + ", ".join(f"{pair} {source}" for pair, source in report.sources.items())
     )  # fmt: skip
     for title, rows in (("medians", report.medians), ("every round", report.runs)):

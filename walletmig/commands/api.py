@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: the CLI's other commands should not pay for FastAPI and uvicorn.
     import uvicorn
 
-    from gateway.app import LOG_FORMAT, create_app
+    from gateway.app import configure_logging, create_app
 
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    configure_logging(args.log_level)
     from gateway.settings import ApiSettings
 
     overrides: dict[str, object] = {}

@@ -1,0 +1,75 @@
+"""The gateway's per-request savings keep behaviour: gateway.coalesce.CoalescedLookups against
+the real TigerBeetle server of the test stack (concurrent lookups go as one request, each
+caller gets its own rows in its own order, a cancelled caller leaves the others' answer
+intact), and the access log's second-cached time stamp (the same text as logging's)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import pytest
+import tigerbeetle as tb
+
+from gateway.app import LOG_FORMAT, SecondCachedFormatter
+from gateway.coalesce import CoalescedLookups
+
+LEDGER = 9_017  # a ledger of this test's own
+CODE = 17
+
+
+async def _accounts(tb_client: Any, count: int) -> list[int]:
+    ids = [random.getrandbits(120) + 1 for _ in range(count)]
+    results = await tb_client.create_accounts(
+        [tb.Account(id=i, ledger=LEDGER, code=CODE) for i in ids])
+    assert [r.status for r in results] == [tb.CreateAccountStatus.CREATED] * count, results
+    return ids
+
+
+async def test_concurrent_lookups_share_one_request(tb_client: Any) -> None:
+    ids = await _accounts(tb_client, 6)
+    missing = random.getrandbits(120) + 1
+    client = CoalescedLookups(tb_client.client, tb_client.limits)
+    asks = [[ids[0]], [ids[1], ids[2]], [ids[3], missing, ids[4]], [ids[2], ids[0]], [missing]]
+    answers = await asyncio.gather(*(client.lookup_accounts(ask) for ask in asks))
+    assert client.requests == 1 and client.lookups == len(asks)
+    for ask, rows in zip(asks, answers, strict=True):
+        assert [row.id for row in rows] == [i for i in ask if i != missing]
+        assert all(row.ledger == LEDGER for row in rows)
+    # The same answers as the plain client's, one request each.
+    for ask, rows in zip(asks, answers, strict=True):
+        assert await tb_client.lookup_accounts(ask) == rows
+    assert await client.lookup_accounts([]) == []
+    # Lookups of later loop passes go in later batches.
+    assert [r.id for r in await client.lookup_accounts([ids[5]])] == [ids[5]]
+    assert client.requests == 2
+
+
+async def test_a_cancelled_caller_leaves_the_batch_to_the_others(tb_client: Any) -> None:
+    ids = await _accounts(tb_client, 2)
+    client = CoalescedLookups(tb_client.client, tb_client.limits)
+    first = asyncio.ensure_future(client.lookup_accounts([ids[0]]))
+    second = asyncio.ensure_future(client.lookup_accounts([ids[1]]))
+    await asyncio.sleep(0)  # both joined the batch
+    first.cancel()
+    rows = await second
+    assert [row.id for row in rows] == [ids[1]]
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert client.requests == 1
+
+
+
+def test_second_cached_log_time_is_loggings_text() -> None:
+    plain, cached = logging.Formatter(LOG_FORMAT), SecondCachedFormatter(LOG_FORMAT)
+    base = 1_796_574_599.0
+    for offset in (0.0, 0.001, 0.5, 0.999, 1.0, 1.25, 61.75, 86_400.5, 0.1):  # back in time too
+        record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, "GET %s", ("/x",),
+                                   None)  # fmt: skip
+        record.created = base + offset
+        record.msecs = int((record.created - int(record.created)) * 1000)
+        assert cached.format(record) == plain.format(record)
+    record.created = base
+    assert cached.formatTime(record, "%H") == plain.formatTime(record, "%H")
