@@ -140,7 +140,7 @@ async def _stream(run: CrashRun, worker: subprocess.Popen[bytes],
         await restarter
     finally:
         restarter.cancel()
-    print(f"\nworker killed after {run.answered_at_kill} answers ({killed_s:.1f} s), "
+    print(f"\nworker killed after {sum(run.answered_at_kill)} answers ({killed_s:.1f} s), "
           f"{len(run.in_flight_at_kill)} in flight; {run.answered_count()} answered in "
           f"{time.monotonic() - started:.1f} s")
 
