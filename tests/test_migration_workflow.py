@@ -972,19 +972,25 @@ async def _chain_events(client: Client, workflow_id: str, first_run: str) -> lis
     return runs
 
 
-# Every idle round is the same code path (evidence, UI refresh, timer): a quarter of an hour
-# at the default interval is 60 rounds. With the smallest history bound the config allows, the
-# run rotates every ~17 rounds, so the window crosses 3+ continue-as-new, each of which must
-# carry the search attributes without writing them again. (An hour at the default 2,000-event
-# bound took 240 real evidence activities, ~155 s, for 2 runs; closing.md's figure.)
-IDLE = timedelta(minutes=15)
+# Every idle round is the same code path (evidence, UI refresh, timer), each a real evidence
+# activity. With the smallest history bound the config allows, the run rotates every ~17
+# rounds (~4.5 min at the default interval): the test skips time a minute at a time until the
+# chain has IDLE_RUNS_MIN runs (each continue-as-new must carry the search attributes without
+# writing them again), then IDLE_AFTER_LAST_RUN more so the last run's own rounds are in the
+# history too: 10 min, 40 rounds (seen), instead of a fixed quarter of an hour (50-60). (An
+# hour at the default 2,000-event bound took 240 real evidence activities, ~155 s, for 2 runs;
+# closing.md's figure.)
+IDLE_STEP = timedelta(minutes=1)
+IDLE_AFTER_LAST_RUN = timedelta(minutes=1)
+IDLE_MAX = timedelta(minutes=20)  # the bound: 3 runs take ~9 min at 15 s a round
+IDLE_MIN = timedelta(minutes=6)  # the third run began after 8-9 min (seen): margin below
 IDLE_HISTORY_EVENTS_PER_RUN_MAX = 200  # MigrationConfig's minimum
-IDLE_ROUNDS_MIN = 40  # 60 rounds of 15 s, less the activities' own time (50 seen at load 10)
+IDLE_ROUNDS_MIN = 30  # 2 x 17 rounds rotate twice, less the activities' own time
 IDLE_RUNS_MIN = 3
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)  # ~60 real evidence activities: under 1 s each with time skipping
+@pytest.mark.timeout(300)  # ~40 real evidence activities: under 1 s each with time skipping
 async def test_idle_rounds_write_no_search_attributes(
     time_skipping_env: WorkflowEnvironment, mongo_db: AsyncDatabase[Any], tmp_path: Path,
 ) -> None:
@@ -1004,11 +1010,16 @@ async def test_idle_rounds_write_no_search_attributes(
         baseline = len((await _chain_events(client, handle.id, first_run))[0])
         latest = client.get_workflow_handle(handle.id)
         began = await env.get_current_time(latest)
-        for _ in range(20):  # a fast-forward may end at a continue-as-new: go on from there
+        seen = {first_run}
+        until = IDLE_MAX
+        for _ in range(100):  # a fast-forward may end at a continue-as-new: go on from there
             elapsed = await env.get_current_time(latest) - began
-            if elapsed >= IDLE:
+            if elapsed >= until:
                 break
-            await env.fast_forward(latest, IDLE - elapsed)
+            await env.fast_forward(latest, min(IDLE_STEP, until - elapsed))
+            seen.add((await latest.describe()).run_id)
+            if len(seen) >= IDLE_RUNS_MIN and until == IDLE_MAX:  # the last run: a bit more
+                until = await env.get_current_time(latest) - began + IDLE_AFTER_LAST_RUN
         elapsed = await env.get_current_time(latest) - began
         runs = await _chain_events(client, handle.id, first_run)
         await latest.terminate("test done")
@@ -1022,7 +1033,7 @@ async def test_idle_rounds_write_no_search_attributes(
                 f"run(s), {len(rounds)} evidence rounds, {len(writes)} search-attribute "
                 f"write(s) after the start ({len(events)} events in all)")
     print(measured)
-    assert elapsed >= IDLE, measured
+    assert elapsed >= IDLE_MIN, measured
     assert writes == [], measured  # continue-as-new carries the attributes and the patch
     assert len(rounds) >= IDLE_ROUNDS_MIN, measured
     assert len(runs) >= IDLE_RUNS_MIN, measured  # rotated by history length, not the server
