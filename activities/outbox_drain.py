@@ -46,7 +46,14 @@ from observability.backlog import backlog_gauges
 from observability.metrics import observe_store_batch
 from registries.account_registry import AccountRecord
 from registries.transfer_registry import TransferRecord
-from stores.outbox import OUTBOX_SHARDS, PAGE_MAX, Outbox, OutboxRecord
+from stores.outbox import (
+    OUTBOX_SHARDS,
+    PAGE_MAX,
+    TO_MONGODB,
+    TO_TIGERBEETLE,
+    Outbox,
+    OutboxRecord,
+)
 from stores.tigerbeetle_store import STORE_NAME, BatchedMovement, TigerBeetleStore
 from walletcore.errors import WalletError
 from walletcore.ids import transfer_id, wallet_log_name
@@ -62,18 +69,27 @@ from walletcore.operations import (
 log = logging.getLogger(__name__)
 
 WALLETS_IN_FLIGHT = 16  # wallets of one pass applied at once (each wallet in its own order)
-# The pause after a pass that found less than a page: records gather into the next pass's
-# batch (polling right away cost MongoDB several queries per operation at one caller), and a
-# new record waits about this long. It grows to the max while nothing comes (2 polls/s/shard).
+# Polls cost MongoDB CPU (a page query ~0.5 ms on SecantusDB even when empty, plus the pass's
+# registry read and mark), so a drain loop queries when it has a reason to:
+# - a write of this process woke it (DrainerStarter.ensure after each record, ShardWakeups):
+#   it waits GATHER_S more first, so one pass takes the burst (a pass's fixed cost spread over
+#   its records), and passes only the directions this process wrote (Outbox.written_since);
+# - its last pass found records (more may be coming, from any process): again after GATHER_S;
+# - else a fallback poll of both directions (records of other processes), IDLE_POLL_MIN_S
+#   doubling to IDLE_POLL_MAX_S while nothing comes (2 polls/s/shard/direction when idle).
+# A new record so waits about GATHER_S (this process) or up to IDLE_POLL_MAX_S (another).
+GATHER_S = 0.2
 IDLE_POLL_MIN_S = 0.05
 IDLE_POLL_MAX_S = 0.5
+# A record handed to MongoDB this long before a pass may commit only after it: its
+# direction stays due until then (a slower commit waits for the fallback poll).
+COMMIT_SLACK_S = 1.0
 ERROR_PAUSE_S = 1.0  # after an outage (TigerBeetle or MongoDB unreachable): try again
 ENSURE_EVERY_S = 30.0  # a process re-checks that a shard's drainer runs at most this often
 # The batched fast path (OutboxBatcher) is on unless `WALLETMIG_OUTBOX_BATCHED=off`: off, every
 # record goes the per-record path, as before it existed (per process, read at import; the
 # benchmarks' before/after runs).
 BATCHED_DEFAULT = os.environ.get("WALLETMIG_OUTBOX_BATCHED", "on").lower() != "off"
-TO_TIGERBEETLE = "to_tigerbeetle"  # the backlog gauges' direction of the outbox's records
 RUN_S_DEFAULT = 60.0  # one activity attempt drains this long, then the workflow runs another
 
 
@@ -383,6 +399,68 @@ class OutboxDrainer:
         return applied
 
 
+class _Bell:
+    """One drain loop's wake-up: rung by every write of its shard in this process (kept until
+    the loop takes it), and the future its idle wait is on (if it waits)."""
+
+    def __init__(self) -> None:
+        self.rung = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def ring(self) -> None:
+        self.rung = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def take(self) -> bool:
+        rung, self.rung = self.rung, False
+        return rung
+
+
+class ShardWakeups:
+    """Process-local wake-ups of the drain loops: a write path that has just written a
+    shard's record (DrainerStarter.ensure: after the commit, or after the TigerBeetle write)
+    rings the bell of every drain loop of that shard running in this process, instead of the
+    record waiting for the loop's next poll. A hint only: the polls still find every record.
+    Bells of another event loop (tests run many) are left alone."""
+
+    def __init__(self) -> None:
+        self._bells: dict[int, list[_Bell]] = {}
+
+    def notify(self, shard: int) -> None:
+        loop = asyncio.get_running_loop()
+        for bell in self._bells.get(shard, ()):
+            if bell.waiter is None or bell.waiter.get_loop() is loop:
+                bell.ring()
+
+    def register(self, shard: int) -> _Bell:
+        bell = _Bell()
+        self._bells.setdefault(shard, []).append(bell)
+        return bell
+
+    def unregister(self, shard: int, bell: _Bell) -> None:
+        self._bells[shard].remove(bell)
+
+    @staticmethod
+    async def wait(bell: _Bell, timeout_s: float, stop: asyncio.Future[Any]) -> bool:
+        """Until the bell rings (at once if it rang since its last take), `stop` is done or
+        `timeout_s` passed: True if it rang (taken)."""
+        assert timeout_s > 0 and bell.waiter is None
+        if bell.take():
+            return True
+        bell.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait([bell.waiter, stop], timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            bell.waiter.cancel()
+            bell.waiter = None
+        return bell.take()
+
+
+WAKEUPS = ShardWakeups()  # one per process: the write paths' and drain loops' meeting point
+
+
 class DrainerStarter:
     """Starts a shard's drainer workflow if it is not running (idempotent: USE_EXISTING),
     at most once per ENSURE_EVERY_S per (task queue, shard) in this process."""
@@ -392,7 +470,10 @@ class DrainerStarter:
         self._ensured: dict[tuple[str, int], float] = {}
 
     async def ensure(self, shard: int) -> None:
+        """Called after each record the write path wrote: wakes this process's drain loop of
+        the shard (if any runs here), then makes sure a drainer runs somewhere."""
         assert 0 <= shard < self._shards
+        WAKEUPS.notify(shard)
         info = activity.info()
         key = (info.task_queue, shard)
         now = time.monotonic()
@@ -427,40 +508,100 @@ class OutboxActivities:
     @activity.defn(name=ACTIVITY_DRAIN_OUTBOX)
     async def drain_outbox_shard(self, inp: DrainOutboxInput) -> DrainOutboxOutput:
         """Drain the shard for `run_s` (then return: the workflow runs the next attempt), or
-        until the worker shuts down. Outages pause and go on: nothing is lost by waiting."""
+        until the worker shuts down. Outages pause and go on: nothing is lost by waiting.
+        When to query: see GATHER_S."""
         assert inp.shard < inp.shards
         deadline = time.monotonic() + inp.run_s
-        applied = passes = 0
-        idle_s = IDLE_POLL_MIN_S
+        bell = WAKEUPS.register(inp.shard)
+        loop = _ShardLoop(self._outbox, inp.shard, self._passes(), bell)
         shutdown = asyncio.ensure_future(activity.wait_for_worker_shutdown())
 
         def _beat() -> None:
-            activity.heartbeat(applied + passes)
+            activity.heartbeat(loop.applied + loop.passes)
 
         try:
             while time.monotonic() < deadline and not shutdown.done():
-                activity.heartbeat(applied)
-                pause = IDLE_POLL_MIN_S
-                try:
-                    n = await self._drainer.drain_pass(inp.shard, _beat)
-                    if self._reverse is not None:
-                        n += await self._reverse(inp.shard, _beat)
-                except Exception as err:  # an outage (TigerBeetle, MongoDB): pause, try again
-                    log.warning("outbox shard %d: pass failed, retrying: %r", inp.shard, err)
-                    n, pause = 0, ERROR_PAUSE_S
-                passes += 1
-                applied += n
-                if n >= PAGE_MAX:
-                    continue  # a full page: more are waiting
-                if n == 0 and pause < ERROR_PAUSE_S:
-                    pause = idle_s
-                    idle_s = min(idle_s * 2, IDLE_POLL_MAX_S)
-                else:
-                    idle_s = IDLE_POLL_MIN_S
-                await asyncio.wait([shutdown], timeout=pause)
+                activity.heartbeat(loop.applied)
+                pause_s = await loop.turn(_beat)
+                if pause_s is None:  # nothing due soon: until a write wakes it, or its poll
+                    await loop.idle(shutdown)
+                elif pause_s > 0:
+                    await asyncio.wait([shutdown], timeout=pause_s)
         finally:
             shutdown.cancel()
-        return DrainOutboxOutput(applied=applied, passes=passes)
+            WAKEUPS.unregister(inp.shard, bell)
+        return DrainOutboxOutput(applied=loop.applied, passes=loop.passes)
+
+    def _passes(self) -> dict[str, ExtraPass]:
+        passes: dict[str, ExtraPass] = {TO_TIGERBEETLE: self._drainer.drain_pass}
+        if self._reverse is not None:
+            passes[TO_MONGODB] = self._reverse
+        return passes
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.drain_outbox_shard]
+
+
+class _ShardLoop:
+    """One drain activity's state for its shard: which direction to query at each turn and
+    how long to wait after it (see GATHER_S)."""
+
+    def __init__(self, outbox: Outbox, shard: int, passes: dict[str, ExtraPass],
+                 bell: _Bell) -> None:
+        assert passes and set(passes) <= {TO_TIGERBEETLE, TO_MONGODB}
+        self._outbox = outbox
+        self._shard = shard
+        self._passes = passes
+        self._bell = bell
+        self._found = dict.fromkeys(passes, False)  # the direction's last pass handled records
+        self._started = dict.fromkeys(passes, float("-inf"))  # its last pass's start
+        self._poll_all = True  # the first turn, and after an idle poll's timeout or an error
+        self._idle_s = IDLE_POLL_MIN_S
+        self.applied = 0
+        self.passes = 0
+
+    def _due(self, direction: str, rung: bool) -> bool:
+        """Query `direction` now? After a pass that found records (more may be coming, from
+        any process), or when this process wrote one since (or just before: its commit may
+        have come after) its last pass and said so (the bell), or at the fallback poll."""
+        return self._poll_all or self._found[direction] or (rung and self._outbox.written_since(
+            direction, self._shard, self._started[direction] - COMMIT_SLACK_S))
+
+    async def turn(self, beat: Callable[[], None]) -> float | None:
+        """The due directions' passes; then the pause before the next turn (0: at once, a
+        full page; None: idle)."""
+        started = time.monotonic()
+        rung = self._bell.take()
+        due = [d for d in self._passes if self._due(d, rung)]
+        self._poll_all = False
+        full = False
+        for direction in due:
+            try:
+                n = await self._passes[direction](self._shard, beat)
+            except Exception as err:  # an outage (TigerBeetle, MongoDB): pause, try again
+                log.warning("outbox shard %d: %s pass failed, retrying: %r",
+                            self._shard, direction, err)
+                self._poll_all = True
+                return ERROR_PAUSE_S
+            self.passes += 1
+            self.applied += n
+            self._found[direction] = n > 0
+            self._started[direction] = started
+            full = full or n >= PAGE_MAX
+        if full:
+            return 0.0  # a full page: more are waiting
+        if any(self._found.values()) or self._bell.rung:
+            self._idle_s = IDLE_POLL_MIN_S
+            return GATHER_S  # records came or are coming: gather the next pass's batch
+        return None
+
+    async def idle(self, stop: asyncio.Future[Any]) -> None:
+        """Until this process writes a record of the shard (then GATHER_S more, so the pass
+        takes the burst), or the fallback poll of both directions is due."""
+        if await WAKEUPS.wait(self._bell, self._idle_s, stop):
+            self._bell.ring()  # taken by the wait: the next turn's
+            self._idle_s = IDLE_POLL_MIN_S
+            await asyncio.wait([stop], timeout=GATHER_S)
+        else:
+            self._idle_s = min(self._idle_s * 2, IDLE_POLL_MAX_S)
+            self._poll_all = True

@@ -37,6 +37,7 @@ applied_at, error_type/error_message (MongoDB refused it: a divergence).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,6 +74,9 @@ PAGE_MAX = 2048  # records one drainer pass reads (bounded memory and pass time)
 PENDING_INDEX = "pending_by_shard"
 # The reverse records' page: (state, shard, wallet, created_at).
 REVERSE_PENDING_INDEX = "reverse_pending_by_shard"
+# The two directions of a shard's records (the drain loop's names for its two passes).
+TO_TIGERBEETLE = "to_tigerbeetle"
+TO_MONGODB = "to_mongodb"
 
 Document = dict[str, Any]
 
@@ -174,6 +178,19 @@ class Outbox:
     def __init__(self, db: AsyncDatabase[Any]) -> None:
         self.collection: AsyncCollection[Any] = db[WALLET_OUTBOX]
         self.to_mongodb: AsyncCollection[Any] = db[WALLET_OUTBOX_TO_MONGODB]
+        # (direction, shard) -> time.monotonic() of this process's last record written there:
+        # the drain loop polls a direction that had no local write only at its fallback pace
+        # (a hint, never a guarantee: records of other processes are found by that poll).
+        self._written_at: dict[tuple[str, int], float] = {}
+
+    def _wrote(self, direction: str, canonical: str) -> None:
+        self._written_at[(direction, outbox_shard(canonical))] = time.monotonic()
+
+    def written_since(self, direction: str, shard: int, moment: float) -> bool:
+        """Did this process write a `direction` record of `shard` at or after `moment`
+        (time.monotonic())? Written means handed to MongoDB: it may commit later."""
+        assert direction in (TO_TIGERBEETLE, TO_MONGODB)
+        return self._written_at.get((direction, shard), float("-inf")) >= moment
 
     @property
     def namespace(self) -> str:
@@ -192,6 +209,7 @@ class Outbox:
     async def insert_in(self, session: AsyncClientSession, doc: Document) -> None:
         """Inside the legacy write's transaction (its `_id` is the transaction id, which the
         legacy insert of the same transaction already proved new)."""
+        self._wrote(TO_TIGERBEETLE, doc["wallet"])
         await self.collection.insert_one(doc, session=session)
 
     async def ensure(self, intent: OutboxIntent, facts: LegacyFacts) -> bool:
@@ -199,6 +217,7 @@ class Outbox:
         whose first write had none: written before the outbox was on). Never touches an
         existing record. True if it was inserted."""
         doc = intent.document(facts, now_ms())
+        self._wrote(TO_TIGERBEETLE, doc["wallet"])
         result = await self.collection.update_one(
             {"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)
         return result.upserted_id is not None
@@ -256,6 +275,7 @@ class Outbox:
         left as it is (a replay)."""
         canonical = command.wallet.canonical
         now = now_ms()
+        self._wrote(TO_MONGODB, canonical)
         try:
             result = await self.to_mongodb.update_one(
                 {"_id": command.transaction_id, "state": {"$ne": APPLIED}},
