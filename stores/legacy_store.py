@@ -810,6 +810,19 @@ class LegacyStore:
             return None
         return _balance_of(doc, wallet.currency), int(doc["version"])
 
+    async def get_wallet_versions(
+        self, wallets: Sequence[WalletKey]
+    ) -> dict[str, tuple[MinorBalance, int]]:
+        """get_wallet_version of many wallets in one find, by canonical key (absent: no
+        entry); for readers that coalesce concurrent reads (gateway.coalesce)."""
+        by_key = {wallet.canonical: wallet for wallet in wallets}
+        assert len(by_key) <= PAGE_LIMIT_MAX
+        found: dict[str, tuple[MinorBalance, int]] = {}
+        async for doc in self._wallets.find({"_id": {"$in": list(by_key)}}):
+            key = str(doc["_id"])
+            found[key] = _balance_of(doc, by_key[key].currency), int(doc["version"])
+        return found
+
     async def page_wallets(
         self,
         *,
