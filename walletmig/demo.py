@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import os
 import random
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -87,6 +88,12 @@ RECONCILIATION_GATES = frozenset({"reconciliation_match_rate", "last_full_reconc
 RECONCILE_RERUNS_MAX = 4
 RECONCILE_RERUN_EVERY_S = 3.0
 DRAIN_WAIT_S = 120.0
+# The demo's worker answers the migration workflow's status query before traffic starts: on a
+# loaded host its start (imports, connections) took ~20 s, and writes sent meanwhile waited
+# out the wallet client's 15 s window and failed without an answer (3 in a small demo at load
+# 21), failing the run for what was only a worker not started yet.
+WORKER_READY_WAIT_S = 120.0
+WORKER_READY_POLL_S = 0.25
 # The demo's gate thresholds where they differ from the plan's (GateThresholds()): samples
 # are scarce in a few seconds of demo traffic, and tb_primary's dwell is the demo's own.
 DEMO_MIN_SHADOW_SAMPLES = 50
@@ -592,6 +599,26 @@ async def _start(settings: Settings, options: DemoOptions, stores: Stores, run_i
                    cpu=cpu, cpu_at=cpu.sample())
 
 
+async def _worker_ready(run: DemoRun, worker: subprocess.Popen[bytes]) -> None:
+    """Until the demo's worker answers the migration workflow's status query (it then polls
+    the task queue the wallet workflows use too); the phase clocks start after it."""
+    started = time.monotonic()
+    while True:
+        try:
+            await run.status()
+            break
+        except Exception as exc:  # the query fails until a worker has run the first task
+            if worker.poll() is not None:
+                raise RuntimeError(f"the demo's worker exited ({worker.returncode})") from exc
+            if time.monotonic() - started > WORKER_READY_WAIT_S:
+                raise
+            await asyncio.sleep(WORKER_READY_POLL_S)
+    run.log(f"  worker ready after {time.monotonic() - started:.1f} s")
+    assert run.cpu is not None
+    run.phase_start, run.phase_wall, run.cpu_at = (
+        time.monotonic(), datetime.now(UTC), run.cpu.sample())
+
+
 @contextlib.asynccontextmanager
 async def _traffic(run: DemoRun, wallets: list[WalletKey]) -> AsyncIterator[None]:
     """Writers and readers for as long as the block runs, and the read metrics flusher."""
@@ -636,6 +663,7 @@ async def run_demo(settings: Settings, options: DemoOptions,
             ledger = Ledger()
             await seed(stores, wallets, ledger)
             run = await _start(settings, options, stores, run_id, ledger, log, worker.pid)
+            await _worker_ready(run, worker)
             async with _traffic(run, wallets):
                 await run_steps(run)
             final = await run.status()
