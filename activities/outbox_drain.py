@@ -70,19 +70,18 @@ log = logging.getLogger(__name__)
 
 WALLETS_IN_FLIGHT = 16  # wallets of one pass applied at once (each wallet in its own order)
 # Polls cost MongoDB CPU (a page query ~0.5 ms on SecantusDB even when empty, plus the pass's
-# registry read and mark), so a drain loop queries when it has a reason to:
-# - a write of this process woke it (DrainerStarter.ensure after each record, ShardWakeups):
-#   it waits GATHER_S more first, so one pass takes the burst (a pass's fixed cost spread over
-#   its records), and passes only the directions this process wrote (Outbox.written_since);
-# - its last pass found records (more may be coming, from any process): again after GATHER_S;
-# - else a fallback poll of both directions (records of other processes), IDLE_POLL_MIN_S
-#   doubling to IDLE_POLL_MAX_S while nothing comes (2 polls/s/shard/direction when idle).
-# A new record so waits about GATHER_S (this process) or up to IDLE_POLL_MAX_S (another).
+# account and registry reads and its mark), so a drain loop queries when it has a reason to:
+# - a write of this process rang its bell (DrainerStarter.ensure after each record's commit or
+#   TigerBeetle write, ShardWakeups): it waits GATHER_S more first, so one pass takes the burst
+#   (a pass's fixed cost spread over its records), and passes only the directions this
+#   process wrote since its last pass of them (Outbox.written_since);
+# - a full page: the next one at once;
+# - else every IDLE_POLL_S a poll of both directions (other processes' records: they wait up
+#   to that, as they did for an idle loop before).
 GATHER_S = 0.2
-IDLE_POLL_MIN_S = 0.05
-IDLE_POLL_MAX_S = 0.5
+IDLE_POLL_S = 0.5
 # A record handed to MongoDB this long before a pass may commit only after it: its
-# direction stays due until then (a slower commit waits for the fallback poll).
+# direction stays due (when the bell rings) until then.
 COMMIT_SLACK_S = 1.0
 ERROR_PAUSE_S = 1.0  # after an outage (TigerBeetle or MongoDB unreachable): try again
 ENSURE_EVERY_S = 30.0  # a process re-checks that a shard's drainer runs at most this often
@@ -553,18 +552,15 @@ class _ShardLoop:
         self._shard = shard
         self._passes = passes
         self._bell = bell
-        self._found = dict.fromkeys(passes, False)  # the direction's last pass handled records
-        self._started = dict.fromkeys(passes, float("-inf"))  # its last pass's start
+        self._started = dict.fromkeys(passes, float("-inf"))  # each direction's last pass
         self._poll_all = True  # the first turn, and after an idle poll's timeout or an error
-        self._idle_s = IDLE_POLL_MIN_S
         self.applied = 0
         self.passes = 0
 
     def _due(self, direction: str, rung: bool) -> bool:
-        """Query `direction` now? After a pass that found records (more may be coming, from
-        any process), or when this process wrote one since (or just before: its commit may
-        have come after) its last pass and said so (the bell), or at the fallback poll."""
-        return self._poll_all or self._found[direction] or (rung and self._outbox.written_since(
+        """Query `direction` now? At the poll, or when the bell rang and this process wrote
+        one of its records since (or just before: its commit may come after) its last pass."""
+        return self._poll_all or (rung and self._outbox.written_since(
             direction, self._shard, self._started[direction] - COMMIT_SLACK_S))
 
     async def turn(self, beat: Callable[[], None]) -> float | None:
@@ -585,23 +581,15 @@ class _ShardLoop:
                 return ERROR_PAUSE_S
             self.passes += 1
             self.applied += n
-            self._found[direction] = n > 0
             self._started[direction] = started
             full = full or n >= PAGE_MAX
-        if full:
-            return 0.0  # a full page: more are waiting
-        if any(self._found.values()) or self._bell.rung:
-            self._idle_s = IDLE_POLL_MIN_S
-            return GATHER_S  # records came or are coming: gather the next pass's batch
-        return None
+        return 0.0 if full else None  # a full page: more are waiting
 
     async def idle(self, stop: asyncio.Future[Any]) -> None:
         """Until this process writes a record of the shard (then GATHER_S more, so the pass
-        takes the burst), or the fallback poll of both directions is due."""
-        if await WAKEUPS.wait(self._bell, self._idle_s, stop):
+        takes the burst), or the poll of both directions is due."""
+        if await WAKEUPS.wait(self._bell, IDLE_POLL_S, stop):
             self._bell.ring()  # taken by the wait: the next turn's
-            self._idle_s = IDLE_POLL_MIN_S
             await asyncio.wait([stop], timeout=GATHER_S)
         else:
-            self._idle_s = min(self._idle_s * 2, IDLE_POLL_MAX_S)
             self._poll_all = True
