@@ -2,14 +2,16 @@
 (TigerBeetle answers, MongoDB follows through the reverse outbox, intent recorded first); a new
 worker finishes both.
 
-The worker is a real subprocess (`python -m walletmig worker`). Per phase, 1,000 operations
-across 50 wallets from 50 concurrent callers, the two phases on two currency pairs of one
-stream: one worker serves both, so one kill lands in the middle of both. It is SIGKILLed after
-a tenth of all operations were answered and a new one is started a moment later. Afterwards,
-for each phase (one test each, asserting on the shared run), every accepted operation exists
-exactly once in MongoDB and in TigerBeetle (the set of transfers on each account equals the
-derived ids of its answered operations), operations were in flight when the worker died, and
-the two stores agree field by field.
+The worker is a real subprocess (`python -m walletmig worker`). 1,000 operations across 50
+wallets from 50 concurrent callers, half of them in each phase: the two phases on two currency
+pairs of one stream, so one worker serves both and one kill lands in the middle of both (50
+callers at once, as when each phase had a stream of its own: 100 at once timed workflow tasks
+out on a host loaded far beyond its 2 cores). It is SIGKILLed after a tenth of all operations
+were answered and a new one is started a moment later. Afterwards, for each phase (one test
+each, asserting on the shared run), every accepted operation exists exactly once in MongoDB and
+in TigerBeetle (the set of transfers on each account equals the derived ids of its answered
+operations), operations were in flight when the worker died, and the two stores agree field by
+field.
 
 The killed worker's open MongoDB transactions keep their wallets locked until the server's
 transaction lifetime (60 s, not configurable on SecantusDB 0.7) aborts them: those wallets
@@ -56,9 +58,9 @@ from walletmig.demo_check import tigerbeetle_ids
 # Each phase on a pair of its own: the phase is a pair's, and one worker serves both.
 PHASE_PAIRS: dict[Phase, tuple[str, str]] = {Phase.DUAL_WRITE: DUAL_PAIR,
                                              Phase.TB_PRIMARY: ("EUR", "ESP")}
-WALLETS = 50  # per phase
+WALLETS = 25  # per phase: 50 callers in all
 CALLERS_PER_WALLET = 1
-OPS_PER_CALLER = 20  # 50 * 1 * 20 = 1,000 operations per phase
+OPS_PER_CALLER = 20  # 25 * 1 * 20 = 500 operations per phase, 1,000 in all
 TOTAL_OPS = len(PHASE_PAIRS) * WALLETS * CALLERS_PER_WALLET * OPS_PER_CALLER
 KILL_AFTER_ANSWERS = TOTAL_OPS // 10  # every wallet busy, nine tenths still to come
 RESTART_DELAY_S = 1.0
