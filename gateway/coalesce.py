@@ -1,33 +1,95 @@
-"""Account lookups of concurrent balance reads sent to TigerBeetle as one request.
+"""Concurrent balance reads sent to their store as one request.
 
-The gateway serves many callers at once; each balance read TigerBeetle answers used to send a
-`lookup_accounts` of one id: the client's encode, send, reply and decode, a timed request,
-and a request the cluster (the emulator: a process of its own) parses, per read. A process
-that answers many readers pays that per batch instead: `CoalescedLookups` is the bundle's
-BatchedClient whose `lookup_accounts` calls made in one pass of the event loop (the requests
-uvicorn read in that pass reach their TigerBeetle read together) go as one request of every
-id they asked, cut to the cluster's request limit as before; each caller gets the rows of its
-own ids, in its order, as its own request would have answered (an id not found: no row).
+The gateway serves many callers at once; each balance read used to send a request of one
+key: a TigerBeetle `lookup_accounts` of one id (the client's encode, send, reply and decode,
+a timed request, and a request the cluster, a process of its own, parses), or a MongoDB
+`find_one` (pymongo's command round trip, and the server's). A process that answers many
+readers pays that per batch instead: the reads that ask in one pass of the event loop (the
+requests uvicorn read in that pass reach their store read together) go as one request of
+every key they asked, and each caller gets its own answer, as its own request would have.
+
+- `CoalescedLookups`: the bundle's BatchedClient whose `lookup_accounts` calls are coalesced
+  (one lookup of every id, cut to the cluster's request limit as before; each caller gets
+  the rows of its own ids, in its order; an id not found: no row).
+- `CoalescedLegacyReads`: a LegacyStore whose `get_wallet_version` (what its get_balance
+  reads) is coalesced into `get_wallet_versions` (one `find` with `$in` on `_id`: each
+  wallet's balance and version still come from its one document).
 
 What it changes: a read waits at most one more loop pass (the batch leaves from a task
-scheduled by the first lookup of the pass); a failed request fails every lookup of its batch
-with the same error (each would have failed alike: one cluster, one connection); a caller
-that is cancelled (its read's timeout) leaves the others' request running. A lone read pays
-a future and a task more (~20 us) than before. Only lookups are coalesced: creates keep their
-order and their own requests (stores.tb_batches).
+scheduled by the first read of the pass); a failed request fails every read of its batch
+with the same error (each would have failed alike: one server, one connection pool); a
+caller that is cancelled (its read's timeout) leaves the others' request running; a lone
+read pays a future and a task more (~20 us). Only reads are coalesced: writes keep their
+order and their own requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import tigerbeetle as tb
 
+from stores.legacy_store import LegacyStore
 from stores.tb_batches import BatchedClient, batched
 from stores.tigerbeetle_client import TigerBeetleClient
+from walletcore.balances import MinorBalance
+from walletcore.keys import WalletKey
 from walletcore.tb_limits import BatchLimits
 
-PENDING_MAX = 4096  # lookups waiting for one batch; past it a lookup goes alone (bounded)
+PENDING_MAX = 4096  # reads waiting for one batch; past it a read goes alone (bounded)
+LEGACY_BATCH_MAX = 256  # wallets per MongoDB find (mongobase.PAGE_LIMIT_MAX bounds it too)
+
+_Version = tuple[MinorBalance, int]  # a wallet's balance and version (one document)
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class PassBatcher(Generic[K, V]):
+    """Keys asked in one loop pass fetched together: `fetch(keys)` answers a dict of the keys
+    found (each key once, in first-asked order); each caller gets its own keys' entries."""
+
+    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
+        self._fetch = fetch
+        self._pending: list[tuple[list[K], asyncio.Future[dict[K, V]]]] = []
+        self._sending: set[asyncio.Task[None]] = set()  # referenced until done
+        self.requests = 0  # observability and tests: batches fetched
+        self.reads = 0  # reads answered through a batch
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= PENDING_MAX
+
+    async def get(self, keys: list[K]) -> dict[K, V]:
+        assert keys and not self.full
+        future: asyncio.Future[dict[K, V]] = asyncio.get_running_loop().create_future()
+        if not self._pending:  # the first of this pass: its task fetches the batch next pass
+            task = asyncio.ensure_future(self._send_pending())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        self._pending.append((keys, future))
+        # A cancelled caller cancels its own future only; _send_pending skips it.
+        return await future
+
+    async def _send_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        assert 0 < len(batch) <= PENDING_MAX
+        keys = list(dict.fromkeys(k for asked, _ in batch for k in asked))  # once, in order
+        try:
+            found = await self._fetch(keys)
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise  # cancellation (shutdown): the callers got it too
+            return
+        self.requests += 1
+        self.reads += len(batch)
+        for asked, future in batch:
+            if not future.done():
+                future.set_result({k: found[k] for k in asked if k in found})
 
 
 class CoalescedLookups(BatchedClient):
@@ -37,39 +99,34 @@ class CoalescedLookups(BatchedClient):
     def __init__(self, client: TigerBeetleClient, limits: BatchLimits | None = None) -> None:
         cut = batched(client, limits)
         super().__init__(cut.client, cut.limits)
-        self._pending: list[tuple[list[int], asyncio.Future[list[tb.Account]]]] = []
-        self._sending: set[asyncio.Task[None]] = set()  # referenced until done
-        self.requests = 0  # observability and tests: batches sent
-        self.lookups = 0  # lookups answered through a batch
+        self.batcher: PassBatcher[int, tb.Account] = PassBatcher(self._lookup_by_id)
+
+    async def _lookup_by_id(self, ids: list[int]) -> dict[int, tb.Account]:
+        return {row.id: row for row in await super().lookup_accounts(ids)}
 
     async def lookup_accounts(self, accounts: list[int]) -> list[tb.Account]:
-        if not accounts or len(self._pending) >= PENDING_MAX:
+        if not accounts or self.batcher.full:
             return await super().lookup_accounts(accounts)
-        future: asyncio.Future[list[tb.Account]] = asyncio.get_running_loop().create_future()
-        if not self._pending:  # the first of this pass: its task sends the batch next pass
-            task = asyncio.ensure_future(self._send_pending())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-        self._pending.append((list(accounts), future))
-        # A cancelled caller cancels its own future only; _send_pending skips it.
-        return await future
+        by_id = await self.batcher.get(list(accounts))
+        return [by_id[i] for i in accounts if i in by_id]
 
-    async def _send_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        assert 0 < len(batch) <= PENDING_MAX
-        ids = list(dict.fromkeys(i for asked, _ in batch for i in asked))  # once, in order
-        try:
-            rows = await super().lookup_accounts(ids)
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise  # cancellation (shutdown): the callers got it too
-            return
-        self.requests += 1
-        self.lookups += len(batch)
-        by_id = {row.id: row for row in rows}
-        for asked, future in batch:
-            if not future.done():
-                future.set_result([by_id[i] for i in asked if i in by_id])
+
+class CoalescedLegacyReads(LegacyStore):
+    """The legacy store (same arguments), its wallet reads coalesced per loop pass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batcher: PassBatcher[WalletKey, _Version] = PassBatcher(self._versions)
+
+    async def _versions(self, wallets: list[WalletKey]) -> dict[WalletKey, _Version]:
+        found: dict[WalletKey, _Version] = {}
+        for start in range(0, len(wallets), LEGACY_BATCH_MAX):
+            chunk = wallets[start:start + LEGACY_BATCH_MAX]
+            by_key = await self.get_wallet_versions(chunk)
+            found.update({w: by_key[w.canonical] for w in chunk if w.canonical in by_key})
+        return found
+
+    async def get_wallet_version(self, wallet: WalletKey) -> tuple[MinorBalance, int] | None:
+        if self.batcher.full:
+            return await super().get_wallet_version(wallet)
+        return (await self.batcher.get([wallet])).get(wallet)

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from temporalio.client import Client
 
 from gateway.auth import Authenticator
-from gateway.coalesce import CoalescedLookups
+from gateway.coalesce import CoalescedLegacyReads, CoalescedLookups
 from gateway.ratelimit import GatewayRateLimiter
 from gateway.settings import ApiSettings
 from stores.api_keys import ApiKeyStore
@@ -109,9 +109,11 @@ def _assemble(
         # A pair's account ids are loaded once it reads TigerBeetle (bounded by the registry's
         # read map): a wallet's first read through the API needs no registry round trip. Its
         # TigerBeetle store is the bundle's over the same client and registries, with the
-        # concurrent reads' account lookups sent as one request (gateway.coalesce).
-        reader=ReadRouter(stores.legacy, _coalesced_reads(settings, stores), stores.migration,
-                          metrics, prefetch_ids=stores.accounts.remember_pair),
+        # concurrent reads' account lookups sent as one request, and its legacy store the
+        # bundle's (same database, defaults) with concurrent wallet reads sent as one find
+        # (gateway.coalesce).
+        reader=ReadRouter(CoalescedLegacyReads(stores.db), _coalesced_reads(settings, stores),
+                          stores.migration, metrics, prefetch_ids=stores.accounts.remember_pair),
         metrics=metrics,
         api_keys=api_keys,
         authenticator=Authenticator(api_keys, cache_ttl_s=settings.key_cache_ttl_s),

@@ -1,20 +1,26 @@
 """The gateway's per-request savings keep behaviour: gateway.coalesce.CoalescedLookups against
-the real TigerBeetle server of the test stack (concurrent lookups go as one request, each
-caller gets its own rows in its own order, a cancelled caller leaves the others' answer
-intact), and the access log's second-cached time stamp (the same text as logging's)."""
+the real TigerBeetle and MongoDB servers of the test stack (concurrent lookups go as one
+request, each caller gets its own rows in its own order, a cancelled caller leaves the
+others' answer intact; concurrent legacy balance reads go as one find, same answers), and
+the access log's second-cached time stamp (the same text as logging's)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import pytest
 import tigerbeetle as tb
 
 from gateway.app import LOG_FORMAT, SecondCachedFormatter
-from gateway.coalesce import CoalescedLookups
+from gateway.coalesce import CoalescedLegacyReads, CoalescedLookups
+from stores.legacy_store import LegacyStore
+from walletcore.keys import WalletKey
+from walletcore.operations import AddCredit
 
 LEDGER = 9_017  # a ledger of this test's own
 CODE = 17
@@ -34,7 +40,7 @@ async def test_concurrent_lookups_share_one_request(tb_client: Any) -> None:
     client = CoalescedLookups(tb_client.client, tb_client.limits)
     asks = [[ids[0]], [ids[1], ids[2]], [ids[3], missing, ids[4]], [ids[2], ids[0]], [missing]]
     answers = await asyncio.gather(*(client.lookup_accounts(ask) for ask in asks))
-    assert client.requests == 1 and client.lookups == len(asks)
+    assert client.batcher.requests == 1 and client.batcher.reads == len(asks)
     for ask, rows in zip(asks, answers, strict=True):
         assert [row.id for row in rows] == [i for i in ask if i != missing]
         assert all(row.ledger == LEDGER for row in rows)
@@ -44,7 +50,7 @@ async def test_concurrent_lookups_share_one_request(tb_client: Any) -> None:
     assert await client.lookup_accounts([]) == []
     # Lookups of later loop passes go in later batches.
     assert [r.id for r in await client.lookup_accounts([ids[5]])] == [ids[5]]
-    assert client.requests == 2
+    assert client.batcher.requests == 2
 
 
 async def test_a_cancelled_caller_leaves_the_batch_to_the_others(tb_client: Any) -> None:
@@ -58,7 +64,7 @@ async def test_a_cancelled_caller_leaves_the_batch_to_the_others(tb_client: Any)
     assert [row.id for row in rows] == [ids[1]]
     with pytest.raises(asyncio.CancelledError):
         await first
-    assert client.requests == 1
+    assert client.batcher.requests == 1
 
 
 
@@ -73,3 +79,21 @@ def test_second_cached_log_time_is_loggings_text() -> None:
         assert cached.format(record) == plain.format(record)
     record.created = base
     assert cached.formatTime(record, "%H") == plain.formatTime(record, "%H")
+
+
+async def test_concurrent_legacy_reads_share_one_find(
+    mongo_db: Any, wallet: Callable[..., WalletKey]
+) -> None:
+    plain, coalesced = LegacyStore(mongo_db), CoalescedLegacyReads(mongo_db)
+    keys = [wallet("USD", "USA") for _ in range(4)]
+    for n, key in enumerate(keys[:3]):
+        await plain.add_credit(AddCredit(wallet=key, transaction_id=f"{key.client_id}-seed",
+                                         amount=Decimal(n + 1)))  # fmt: skip
+    asks = [keys[0], keys[1], keys[2], keys[0], keys[3]]  # keys[3]: no such wallet
+    answers = await asyncio.gather(*(coalesced.get_wallet_version(k) for k in asks))
+    assert coalesced.batcher.requests == 1 and coalesced.batcher.reads == len(asks)
+    assert answers == [await plain.get_wallet_version(k) for k in asks]
+    assert answers[-1] is None and answers[0] is not None
+    balances = await asyncio.gather(*(coalesced.get_balance(k) for k in keys[:3]))
+    assert balances == [await plain.get_balance(k) for k in keys[:3]]
+    assert coalesced.batcher.requests == 2
