@@ -52,7 +52,11 @@ SERVE_SANDBOXED = False
 # bare 11.3 -> 9.2 ms. What it gives up: the SDK's 2 s deadlock detector, which only reports
 # (never preempts) a workflow that blocks its thread; ours do no I/O and take no locks, and
 # the replay test still runs them sandboxed. Sandboxed serving keeps the thread pool.
-SERVE_INLINE = True
+# Off: the gain is inside this host's noise (bare's p50 moved 18.1 -> 20.4 and 12.6 -> 10.7 ms
+# in two runs) and `debug_mode` is a debugging switch: it drops the deadlock detector and
+# installs a breakpoint hook in a production process. A workflow that blocked would then stall
+# every activity of the worker's loop instead of being reported.
+SERVE_INLINE = False
 
 # OutboxDrainWorkflow: the dual-write outbox's shard drainers run beside the wallets they drain
 # for (the write path starts them: activities.outbox_drain).
