@@ -60,6 +60,13 @@ ENSURE_WAIT_S = 0.2
 ENSURE_WAIT_ATTEMPTS_MAX = 50  # then raise retryable: the activity retry policy takes over
 
 Targets = dict[str, tuple[int, MinorBalance]]  # wallet -> (legacy version, balance) to import
+EMPTY = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
+
+
+def _own_empty_claim(record: ImportRecord, claimer: str) -> bool:
+    """`claimer`'s claim of an empty import at version 0, not completed (_record_empty's)."""
+    return (record.status is ImportStatus.CLAIMED and record.claimed_by == claimer
+            and record.version == 0 and record.balance == EMPTY)
 
 
 def opening_transfers(record: AccountRecord, version: int, plan: PostingPlan) -> list[tb.Transfer]:
@@ -214,6 +221,13 @@ class WalletImporter:
             if account is None:
                 failed[key] = "account missing after create_accounts"
                 continue
+            if version == 0 and target == EMPTY:
+                # An empty claim (a wallet recorded absent from legacy, or held at version 0):
+                # the opening holds no operation, so whatever TigerBeetle holds came as
+                # transfers of their own (tb_primary answered them before this claim was done,
+                # and legacy's projection of them must not be imported a second time).
+                posted[key] = (0, 0)
+                continue
             plan = plan_to_reach(account.credits_posted, account.debits_posted, target)
             if plan is None:
                 failed[key] = (
@@ -273,8 +287,11 @@ class WalletImporter:
             if record is not None and record.status is ImportStatus.DONE:
                 return record.version
             current = await self._legacy.get_wallet_version(wallet)
-            if current is None and record_absent and record is None:
-                await self._record_empty(key, claimer)
+            if current is None and record_absent and (
+                    record is None or _own_empty_claim(record, claimer)):
+                # Done before the caller writes TigerBeetle: a claim left CLAIMED would later
+                # be resumed against legacy's projection of what TigerBeetle answered.
+                await self._record_empty(key, claimer, record)
                 continue  # won or lost the claim: the record says which version
             if current is None:
                 return 0  # nothing in legacy: every operation goes to TigerBeetle as it comes
@@ -309,15 +326,20 @@ class WalletImporter:
         """The legacy balance right after `version` (None: seeded without a transaction log,
         import the current balance)."""
         if version == 0:
-            return MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
+            return EMPTY
         return await self._legacy.balance_after(wallet, version)
 
-    async def _record_empty(self, key: str, claimer: str) -> None:
-        empty = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
-        claim = ImportRecord(wallet=key, version=0, balance=empty, status=ImportStatus.CLAIMED,
-                             claimed_by=claimer, claimed_at=now_ms())
-        if key in await self._imports.claim_many([claim]):
-            await self._imports.mark_done(claimer, [key])
+    async def _record_empty(self, key: str, claimer: str, record: ImportRecord | None) -> None:
+        """Record a wallet legacy does not hold as imported at version 0. `record`: our own
+        empty claim already there, left CLAIMED by an attempt cancelled (its timeout) between
+        claim and completion; the wallet's writes are serialized, so that attempt is dead and
+        its claim is completed here (mark_done matches only our CLAIMED record)."""
+        if record is None:
+            claim = ImportRecord(wallet=key, version=0, balance=EMPTY, claimed_by=claimer,
+                                 status=ImportStatus.CLAIMED, claimed_at=now_ms())
+            if key not in await self._imports.claim_many([claim]):
+                return  # lost: the winner's record says which version
+        await self._imports.mark_done(claimer, [key])
 
     async def count(self, pairs: list[str]) -> dict[str, int]:
         totals: dict[str, int] = {}

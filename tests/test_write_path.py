@@ -36,11 +36,14 @@ from wallet_support import (
 )
 
 from activities.backfill import BackfillActivities
-from activities.wallet import REVERSE_OUTBOX_DEFAULT
+from activities.wallet import REVERSE_OUTBOX_DEFAULT, WALLET_CLAIMER
 from messages.backfill import BackfillInput, BackfillProgress
+from mongobase.mongo import now_ms
+from stores.backfill_imports import BACKFILL_IMPORTS, ImportRecord, ImportStatus
 from stores.bundle import Stores
 from stores.tigerbeetle_store import TYPE_CREDIT_IN_OPENING
 from walletconfig.settings import Settings
+from walletcore.balances import MinorBalance
 from walletcore.errors import AlreadyVoidedError, InsufficientFundsError, WalletError
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void
@@ -323,3 +326,41 @@ async def test_backfill_concurrent_with_workflow_traffic(
     for w, n in zip(wallets, applied, strict=True):
         log = await assert_same_sequence(h.stores, w)
         assert len(log) == 2 + n
+
+
+# ---- a tb_primary write retried after its attempt timed out --------------------------------
+
+
+async def test_new_wallet_in_tb_primary_retried_after_a_timed_out_attempt(
+    harness: WalletHarness, unique_id: Callable[..., str]
+) -> None:
+    """A new wallet's first tb_primary write claims an empty import (version 0) before writing
+    TigerBeetle. An attempt cancelled by its timeout between that claim and its completion
+    leaves the claim CLAIMED; the write may still land in TigerBeetle (a retry, or the
+    cancelled attempt itself) and the reverse outbox then gives legacy the wallet at version 1.
+    The retry must not import legacy's projection over it ("TigerBeetle already holds more
+    than legacy version 0"): the claim is the wallet's, empty, and stays version 0."""
+    h = harness
+    await switch(h, Phase.TB_PRIMARY)
+    w = key(unique_id("tbnew"), DUAL_PAIR)
+    empty = MinorBalance(credit_minor=0, debit_minor=0, historical_credit_minor=0)
+    claim = ImportRecord(wallet=w.canonical, version=0, balance=empty,
+                         status=ImportStatus.CLAIMED, claimed_by=WALLET_CLAIMER,
+                         claimed_at=now_ms())  # fmt: skip
+    # What the timed-out attempt left: its claim, never marked done.
+    assert await h.stores.imports.claim_many([claim]) == {w.canonical}
+    await h.client.add_credit(credit(w, "c0", "500.00"))
+    assert await imported_version(h.stores, w) == 0  # completed before the TigerBeetle write
+    # The other order: TigerBeetle holds the credit while the claim is still CLAIMED (the
+    # cancelled attempt's write landed), and legacy holds its projection (version 1).
+    await h.stores.db[BACKFILL_IMPORTS].update_one(
+        {"_id": w.canonical}, {"$set": {"status": ImportStatus.CLAIMED.value, "done_at": None}})
+    await drained(h, [w])
+    assert (await h.stores.legacy.get_wallet_version(w) or (None, 0))[1] == 1
+    await h.client.add_credit(credit(w, "c0", "500.00"))  # the caller's retry: a replay
+    await h.client.add_credit(credit(w, "c1", "1.00"))
+    await h.client.subtract_credit(debit(w, "d0", "2.00"))
+    await drained(h, [w])
+    assert await imported_version(h.stores, w) == 0
+    log = await assert_same_sequence(h.stores, w)
+    assert log == [_txn(w, "c0"), _txn(w, "c1"), _txn(w, "d0")]
