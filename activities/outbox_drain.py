@@ -71,16 +71,16 @@ log = logging.getLogger(__name__)
 WALLETS_IN_FLIGHT = 16  # wallets of one pass applied at once (each wallet in its own order)
 # Polls cost MongoDB CPU (a page query ~0.5 ms on SecantusDB even when empty, plus the pass's
 # account and registry reads and its mark), so a drain loop queries when it has a reason to:
-# - a write of this process rang its bell (DrainerStarter.ensure after each record's commit or
-#   TigerBeetle write, ShardWakeups): it waits GATHER_S more first, so one pass takes the burst
-#   (a pass's fixed cost spread over its records), and passes only the directions this
-#   process wrote since its last pass of them (Outbox.written_since);
-# - a full page: the next one at once;
-# - else every IDLE_POLL_S a poll of both directions (other processes' records: they wait up
-#   to that, as they did for an idle loop before).
+# - every IDLE_POLL_S, each direction (other processes' records, and this process's
+#   dual-write records: a pass then takes ~0.5 s of them, ~20 at 40 writes/s, where the 50 ms
+#   re-polls took ~2; no answer waits for them, a switch to tb_primary up to IDLE_POLL_S more);
+# - a tb_primary write of this process rang its bell (DrainerStarter.ensure after the
+#   TigerBeetle write, ShardWakeups) and noted its intent (Outbox.written_since): the reverse
+#   direction GATHER_S later, so one pass takes the burst;
+# - a full page: the next one at once.
 GATHER_S = 0.2
 IDLE_POLL_S = 0.5
-# A record handed to MongoDB this long before a pass may commit only after it: its
+# An intent noted this long before a pass may have its TigerBeetle write only after it: its
 # direction stays due (when the bell rings) until then.
 COMMIT_SLACK_S = 1.0
 ERROR_PAUSE_S = 1.0  # after an outage (TigerBeetle or MongoDB unreachable): try again
@@ -557,18 +557,21 @@ class _ShardLoop:
         self.applied = 0
         self.passes = 0
 
-    def _due(self, direction: str, rung: bool) -> bool:
-        """Query `direction` now? At the poll, or when the bell rang and this process wrote
-        one of its records since (or just before: its commit may come after) its last pass."""
-        return self._poll_all or (rung and self._outbox.written_since(
-            direction, self._shard, self._started[direction] - COMMIT_SLACK_S))
+    def _due(self, direction: str, rung: bool, now: float) -> bool:
+        """Query `direction` now? At the poll (also while bells of the other direction keep
+        the loop from idling: no direction waits longer than IDLE_POLL_S), or when the bell
+        rang and this process wrote one of its records since (or just before: its commit may
+        come after) its last pass."""
+        return (self._poll_all or now - self._started[direction] >= IDLE_POLL_S
+                or (rung and self._outbox.written_since(
+                    direction, self._shard, self._started[direction] - COMMIT_SLACK_S)))
 
     async def turn(self, beat: Callable[[], None]) -> float | None:
         """The due directions' passes; then the pause before the next turn (0: at once, a
         full page; None: idle)."""
         started = time.monotonic()
         rung = self._bell.take()
-        due = [d for d in self._passes if self._due(d, rung)]
+        due = [d for d in self._passes if self._due(d, rung, started)]
         self._poll_all = False
         full = False
         for direction in due:

@@ -179,8 +179,11 @@ class Outbox:
         self.collection: AsyncCollection[Any] = db[WALLET_OUTBOX]
         self.to_mongodb: AsyncCollection[Any] = db[WALLET_OUTBOX_TO_MONGODB]
         # (direction, shard) -> time.monotonic() of this process's last record written there:
-        # the drain loop polls a direction that had no local write only at its fallback pace
+        # the drain loop polls a direction that had no local write only at its poll's pace
         # (a hint, never a guarantee: records of other processes are found by that poll).
+        # Only reverse intents are noted: dual-write records go with the legacy write (its
+        # bulkWrite, not insert_in) and are drained at the poll's pace on purpose (see
+        # activities.outbox_drain GATHER_S).
         self._written_at: dict[tuple[str, int], float] = {}
 
     def _wrote(self, direction: str, canonical: str) -> None:
@@ -209,7 +212,6 @@ class Outbox:
     async def insert_in(self, session: AsyncClientSession, doc: Document) -> None:
         """Inside the legacy write's transaction (its `_id` is the transaction id, which the
         legacy insert of the same transaction already proved new)."""
-        self._wrote(TO_TIGERBEETLE, doc["wallet"])
         await self.collection.insert_one(doc, session=session)
 
     async def ensure(self, intent: OutboxIntent, facts: LegacyFacts) -> bool:
@@ -217,7 +219,6 @@ class Outbox:
         whose first write had none: written before the outbox was on). Never touches an
         existing record. True if it was inserted."""
         doc = intent.document(facts, now_ms())
-        self._wrote(TO_TIGERBEETLE, doc["wallet"])
         result = await self.collection.update_one(
             {"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)
         return result.upserted_id is not None
