@@ -245,7 +245,9 @@ class AccountRegistry:
                 query: Document = {"_id": {"$in": keys}}
             else:  # an entry of another ledger is missed: create_many then reads it back
                 query = {"ledger": ledger, "_id": {"$gte": min(keys), "$lte": max(keys)}}
-            cursor = self._accounts.find(query).batch_size(len(keys))
+            # One more than asked: a first batch of exactly len(keys) documents leaves the
+            # cursor open, and its close costs another round trip (a getMore) every call.
+            cursor = self._accounts.find(query).batch_size(len(keys) + 1)
             found.update({d["_id"]: _record_of(d) async for d in cursor if d["_id"] in wanted})
         return found
 
