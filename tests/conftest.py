@@ -82,6 +82,7 @@ def temporal_binary() -> str:
 _LIVE_STACKS: list[devstack.StackConfig] = []
 CHILD_STOP_TIMEOUT_S = 10.0
 CHILD_POLL_INTERVAL_S = 0.05
+SESSION_CHECK_TIMEOUT_MS = 900_000  # the shared MongoDB client's checks: see mongo_client
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -353,7 +354,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def mongo_client(mongodb_uri: str) -> AsyncIterator[AsyncMongoClient[dict[str, Any]]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb_uri)
+    # The session's event loop stands still while sync tests and fixtures run (the shared
+    # demo run: 90 s and more). A server check in flight then finds its deadline passed when
+    # the loop resumes, marks the server unknown and cancels the next test's operations
+    # (pymongo _OperationCancelled). Polled checks (none in flight between them) with a
+    # deadline longer than any sync stretch keep the shared client usable across them.
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongodb_uri, serverMonitoringMode="poll", connectTimeoutMS=SESSION_CHECK_TIMEOUT_MS)
     try:
         yield client
     finally:
