@@ -12,8 +12,9 @@ every key they asked, and each caller gets its own answer, as its own request wo
   (one lookup of every id, cut to the cluster's request limit as before; each caller gets
   the rows of its own ids, in its order; an id not found: no row).
 - `CoalescedLegacyReads`: a LegacyStore whose `get_wallet_version` (what its get_balance
-  reads) is coalesced into `get_wallet_versions` (one `find` with `$in` on `_id`: each
-  wallet's balance and version still come from its one document).
+  reads) is coalesced into `get_wallet_versions` (`find` with `$in` on `_id`, in
+  mongobase.queries.find_in's chunks: each wallet's balance and version still come from its
+  one document).
 
 What it changes: a read waits at most one more loop pass (the batch leaves from a task
 scheduled by the first read of the pass); a failed request fails every read of its batch
@@ -39,7 +40,6 @@ from walletcore.keys import WalletKey
 from walletcore.tb_limits import BatchLimits
 
 PENDING_MAX = 4096  # reads waiting for one batch; past it a read goes alone (bounded)
-LEGACY_BATCH_MAX = 256  # wallets per MongoDB find (mongobase.PAGE_LIMIT_MAX bounds it too)
 
 _Version = tuple[MinorBalance, int]  # a wallet's balance and version (one document)
 K = TypeVar("K")
@@ -119,12 +119,8 @@ class CoalescedLegacyReads(LegacyStore):
         self.batcher: PassBatcher[WalletKey, _Version] = PassBatcher(self._versions)
 
     async def _versions(self, wallets: list[WalletKey]) -> dict[WalletKey, _Version]:
-        found: dict[WalletKey, _Version] = {}
-        for start in range(0, len(wallets), LEGACY_BATCH_MAX):
-            chunk = wallets[start:start + LEGACY_BATCH_MAX]
-            by_key = await self.get_wallet_versions(chunk)
-            found.update({w: by_key[w.canonical] for w in chunk if w.canonical in by_key})
-        return found
+        by_key = await self.get_wallet_versions(wallets)
+        return {w: by_key[w.canonical] for w in wallets if w.canonical in by_key}
 
     async def get_wallet_version(self, wallet: WalletKey) -> tuple[MinorBalance, int] | None:
         if self.batcher.full:

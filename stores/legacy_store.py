@@ -813,12 +813,12 @@ class LegacyStore:
     async def get_wallet_versions(
         self, wallets: Sequence[WalletKey]
     ) -> dict[str, tuple[MinorBalance, int]]:
-        """get_wallet_version of many wallets in one find, by canonical key (absent: no
-        entry); for readers that coalesce concurrent reads (gateway.coalesce)."""
+        """get_wallet_version of many wallets by `_id` (find_in's bounded `$in` chunks), by
+        canonical key (absent: no entry); for readers that coalesce concurrent reads
+        (gateway.coalesce)."""
         by_key = {wallet.canonical: wallet for wallet in wallets}
-        assert len(by_key) <= PAGE_LIMIT_MAX
         found: dict[str, tuple[MinorBalance, int]] = {}
-        async for doc in self._wallets.find({"_id": {"$in": list(by_key)}}):
+        for doc in await find_in(self._wallets, "_id", list(by_key)):
             key = str(doc["_id"])
             found[key] = _balance_of(doc, by_key[key].currency), int(doc["version"])
         return found

@@ -85,20 +85,24 @@ class SettingFileError(OSError):
 
 def read_setting_file(name: str, path_text: str) -> str:
     """The stripped text of `name`'s file, or SettingFileError. The value is never echoed."""
-    path = Path(path_text)
+    text = read_small_file(name, Path(path_text), SETTING_FILE_BYTES_MAX)
+    if not text:
+        raise SettingFileError(f"{name} {path_text}: the file is empty")
+    return text
+
+
+def read_small_file(name: str, path: Path, bytes_max: int) -> str:
+    """The stripped text of a configuration file of at most `bytes_max` bytes, or
+    SettingFileError in one line naming `name` and the path (the value is never echoed)."""
     try:
         size = path.stat().st_size
-        if size > SETTING_FILE_BYTES_MAX:
-            raise SettingFileError(f"{name} {path}: {size} bytes, more than "
-                                   f"{SETTING_FILE_BYTES_MAX}")
-        text = path.read_text().strip()
+        if size > bytes_max:
+            raise SettingFileError(f"{name} {path}: {size} bytes, more than {bytes_max}")
+        return path.read_text().strip()
     except SettingFileError:
         raise
     except OSError as err:
         raise SettingFileError(f"{name} {path}: {err.strerror or err}") from None
-    if not text:
-        raise SettingFileError(f"{name} {path}: the file is empty")
-    return text
 
 
 # walletcore.wallet_ids.ID_KEY_BYTES_MIN/_MAX (this layer imports nothing of the platform;
@@ -175,14 +179,10 @@ class Settings(BaseModel):
         if self.id_hash_key_file:
             path = Path(self.id_hash_key_file)
             try:
-                size = path.stat().st_size
-                if size > ID_KEY_FILE_BYTES_MAX:
-                    raise IdKeyConfigError(f"WALLETMIG_ID_HASH_KEY_FILE {path}: {size} bytes, "
-                                           "not a hex key file")
-                text, source = path.read_text().strip(), f"WALLETMIG_ID_HASH_KEY_FILE {path}"
-            except OSError as err:
-                raise IdKeyConfigError(
-                    f"WALLETMIG_ID_HASH_KEY_FILE {path}: {err.strerror or err}") from None
+                text = read_small_file("WALLETMIG_ID_HASH_KEY_FILE", path, ID_KEY_FILE_BYTES_MAX)
+            except SettingFileError as err:
+                raise IdKeyConfigError(str(err)) from None
+            source = f"WALLETMIG_ID_HASH_KEY_FILE {path}"
         elif self.id_hash_key:
             text, source = self.id_hash_key, "WALLETMIG_ID_HASH_KEY"
         else:

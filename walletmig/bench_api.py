@@ -62,6 +62,7 @@ from walletcore.operations import AddCredit
 from walletcore.phases import MigrationState, Phase
 from walletmig.bench_http_load import LoadPlan, LoadRequest, LoadResult
 from walletmig.bench_wallet_ops import TB_PRIMARY_PAIR, ServerCpu, percentile
+from walletmig.processes import process_cpu_s
 from workers.wallet_worker import connect_temporal
 
 REQUESTS_MAX = 1_000_000
@@ -136,7 +137,7 @@ class ApiBenchReport(BaseModel):
     credit_ratio: float
     goals: dict[str, bool]
     host_cpus: int
-    # The host's 1-minute load average at the start and at the end (/proc/loadavg): the
+    # The host's 1-minute load average at the start and at the end: the
     # throughput goals are judged on a host others may share, so the report says how busy.
     load_avg: tuple[float, float] = (0.0, 0.0)
 
@@ -149,7 +150,7 @@ class StackCpu(ServerCpu):
         out = super().sample()
         record = self._records.get("api")
         if record is not None and "api" in out:
-            out["api"] += sum(_cpu_s(pid, self._ticks_per_s) for pid in _children(record.pid))
+            out["api"] += sum(process_cpu_s(pid) or 0.0 for pid in _children(record.pid))
         return out
 
 
@@ -159,15 +160,6 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(child) for child in text.split()][:CHILDREN_MAX]
-
-
-def _cpu_s(pid: int, ticks_per_s: float) -> float:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0  # exited between the two reads
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / ticks_per_s
 
 
 class RequestFailed(Exception):
@@ -412,10 +404,7 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
 
 
 def _load_avg() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    return os.getloadavg()[0]
 
 
 async def _tb_primary(stores: Stores, scope: str) -> None:

@@ -53,7 +53,7 @@ from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, WalletOperation
 from walletcore.phases import MigrationState, Phase
 from walletmig.devstack import read_records
-from walletmig.processes import PROC_ROOT, ProcessRecord, is_alive
+from walletmig.processes import ProcessRecord, is_alive, process_cpu_s
 from workers.wallet_worker import build_worker, connect_temporal
 from workers.wiring import make_importer
 from workflows.bare import BareEntityWorkflow
@@ -147,18 +147,14 @@ class ServerCpu:
         self._records: dict[str, ProcessRecord] = {
             name: record for name, record in read_records(state_dir).items() if is_alive(record)
         }
-        self._ticks_per_s = os.sysconf("SC_CLK_TCK") if PROC_ROOT.is_dir() else 100
 
     def sample(self) -> dict[str, float]:
         """name -> CPU seconds (user + system) so far; a vanished process is left out."""
         out: dict[str, float] = {}
         for name, record in self._records.items():
-            try:
-                text = (PROC_ROOT / str(record.pid) / "stat").read_text()
-            except OSError:
-                continue
-            fields = text[text.rindex(")") + 2 :].split()
-            out[name] = (int(fields[11]) + int(fields[12])) / self._ticks_per_s
+            cpu_s = process_cpu_s(record.pid)
+            if cpu_s is not None:
+                out[name] = cpu_s
         return out
 
     @staticmethod

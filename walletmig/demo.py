@@ -68,12 +68,12 @@ from walletmig.demo_traffic import (
     backlog_of,
     demo_wallets,
     ms_of,
-    process_cpu_s,
     reader,
     seed,
     worker_process,
     writer,
 )
+from walletmig.processes import process_cpu_s
 from workers.wallet_worker import connect_temporal
 from workflows.backfill import BackfillWorkflow
 from workflows.migration import REJECTED_ERROR_TYPE, MigrationWorkflow

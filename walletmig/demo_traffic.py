@@ -271,16 +271,6 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) `pid` has used so far (/proc); None if gone or not Linux."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.asynccontextmanager
 async def worker_process(settings: Settings, log_path: Path
                          ) -> AsyncIterator[subprocess.Popen[bytes]]:

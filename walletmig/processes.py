@@ -45,6 +45,14 @@ def _read_stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) `pid` has used so far; None if gone or not Linux."""
+    fields = _read_stat(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def process_start_ticks(pid: int) -> int | None:
     """Kernel start time of `pid` in clock ticks since boot (None if absent or not Linux)."""
     fields = _read_stat(pid)
