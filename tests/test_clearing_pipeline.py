@@ -383,7 +383,6 @@ async def test_a_batch_larger_than_one_request_is_chunked(
 CRASH_BATCHES = 12
 CRASH_BATCH_SIZE = 150
 CRASH_SUBMITTERS = 3
-KILL_AFTER_FINAL = 150  # outcomes seen before the kill: the stream is under way
 CRASH_WAIT_S = 150.0  # the killed worker's ledger transaction may hold the head for 60 s
 
 
@@ -434,30 +433,35 @@ async def test_kill_9_of_the_worker_mid_stream(
     procs = [_start_worker(env, tmp_path / "worker-1.log")]
     accepted: list[str] = []
     open_at_kill: list[str] = []
-    killed = asyncio.Event()
+    under_way = asyncio.Event()
 
     async def submitter(mine: list[list[ExternalTransaction]]) -> None:
         for index, batch in enumerate(mine):
             if index == len(mine) // 2:
-                await killed.wait()  # the second half goes to the restarted worker
+                # The second half starts once outcomes arrive, so the kill always finds work in
+                # flight (a quick host had settled the whole first half before the kill's poll).
+                await under_way.wait()
             result = await client.submit_many(batch)
             assert not result.refused and len(result.accepted) == len(batch)
             accepted.extend(result.accepted)
             await asyncio.sleep(0.2)
 
     async def crash() -> None:
-        """Kill once some outcomes are final (the stream is under way), restart soon after."""
-        for _ in range(600):
-            done = await client.wait(accepted[:KILL_AFTER_FINAL], 0)
-            if any(o.state in ("settled", "rejected") for o in done.values()):
-                break
-            await asyncio.sleep(0.1)
+        """Kill once some outcomes are final (the stream is under way) while others are open,
+        restart soon after."""
+        for _ in range(1200):
+            done = await client.wait(list(accepted), 0)
+            final = [o.state in ("settled", "rejected") for o in done.values()]
+            if any(final):
+                under_way.set()
+                if not all(final):
+                    break
+            await asyncio.sleep(0.05)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(timeout=10)
         at_kill = await client.wait(list(accepted), 0)
         open_at_kill.extend(x for x, o in at_kill.items()
                             if o.state not in ("settled", "rejected"))
-        killed.set()
         await asyncio.sleep(1.0)
         procs.append(_start_worker(env, tmp_path / "worker-2.log"))
 
