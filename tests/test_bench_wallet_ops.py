@@ -32,3 +32,24 @@ def test_latency_goal_only_at_one_caller_and_modes_may_be_left_out() -> None:
     report = _report(runs, BenchConfig(ops=100, concurrency=8, rounds=1,
                                        modes=("bare", "legacy")))
     assert report.goals == {"legacy >= 80% of bare throughput": True}
+
+
+def test_each_run_is_judged_against_the_bare_runs_bracketing_it() -> None:
+    # Bare's own throughput moves 4x between rounds (a shared host): each run is divided by
+    # the bare runs next to it in time, and the goal takes the median of those ratios.
+    runs = [figures("bare", 100, 10), figures("legacy", 90, 10), figures("dual_write", 70, 10),
+            figures("bare", 100, 10), figures("legacy", 20, 10), figures("bare", 25, 10),
+            figures("dual_write", 20, 10), figures("legacy", 21, 10), figures("bare", 25, 10),
+            figures("dual_write", 15, 10)]
+    report = _report(runs, BenchConfig(ops=100, concurrency=8, rounds=3,
+                                       modes=("bare", "legacy", "dual_write")))
+    # legacy: 90/100, 20/62.5 (between bare 100 and 25), 21/25; dual_write: 70/100, 20/25,
+    # 15/25 (the last bare run only: none after it).
+    assert report.of_bare_by_round == {"legacy": [0.9, 0.32, 0.84],
+                                       "dual_write": [0.7, 0.8, 0.6]}
+    assert report.of_bare_throughput == {"legacy": 0.84, "dual_write": 0.7}
+    assert report.legacy_of_bare_throughput == 0.84
+    assert report.goals == {"legacy >= 80% of bare throughput": True,
+                            "dual_write >= 75% of bare throughput": False}
+    assert all(r.of_bare is None for r in report.runs if r.name == "bare")
+    assert report.cpu_ms_per_op["legacy"] == {"this": 1.0, "all": 1.0}
