@@ -36,7 +36,9 @@ CLI_TIMEOUT_S = 120
 # sharing two cores with the test itself: on a loaded machine it flaps and each flap costs a
 # forced step's wait. It is covered by the migration workflow's tests; here it is opened
 # (--tb-p95-ratio 100) so the run checks the migration itself.
-DEMO_ARGS = ("--wallets", "150", "--writers", "3", "--readers", "2", "--dwell-s", "1.5",
+# Writes open loop at 8/s (the demo's default traffic mode, at a rate near what the former 3
+# closed-loop writers made here).
+DEMO_ARGS = ("--wallets", "150", "--write-rate", "8", "--readers", "2", "--dwell-s", "1.5",
              "--tb-p95-ratio", "100")
 
 

@@ -44,6 +44,8 @@ LATENCY_SAMPLES_MAX = 100_000  # per phase and kind; beyond that, sampling stops
 # run queue (a TigerBeetle lookup the emulator answers in 0.1 ms showed p50 5-9 ms), not the
 # stores. The latency gate compares the stores.
 READ_EVERY_S = 0.04
+WRITE_RATE_MAX_PER_S = 1_000.0  # open-loop traffic's offered rate, at most
+IN_FLIGHT_MAX = 1_000  # open-loop traffic's bound on writes in flight, at most
 SEED_CONCURRENCY = 16
 SEED_OPS_PER_WALLET_MAX = 3
 WORKER_STOP_S = 20.0
@@ -89,6 +91,13 @@ class Ledger:
     writes_ok: int = 0
     writes_rejected: int = 0  # domain refusals (insufficient funds, already voided, ...)
     writes_failed: int = 0  # no domain answer
+    # Open-loop traffic (open_loop_writer): writes whose scheduled start found every in-flight
+    # slot taken (they started late; their latency still counts from the scheduled start),
+    # and scheduled writes never sent because the traffic stopped while they waited for one.
+    writes_late: int = 0
+    writes_unsent: int = 0
+    # Latency of an acknowledged write: from its scheduled start in open-loop traffic (the
+    # wait for a slot counts: no coordinated omission), else from its send.
     write_ms: list[float] = field(default_factory=list)
     # Acknowledged writes that were the first the demo sent to their wallet: each started
     # the wallet's workflow (Update-with-Start creating it), costlier than an update.
@@ -189,12 +198,17 @@ def _timed(sent: SentOp, started: float, finished: float) -> SentOp:
                   started, finished, sent.phase_index)
 
 
-async def send(client: WalletClient, op: WalletOperation, sent: SentOp, ledger: Ledger) -> bool:
+async def send(client: WalletClient, op: WalletOperation, sent: SentOp, ledger: Ledger, *,
+               scheduled: float | None = None) -> bool:
     """Apply one operation through its wallet workflow and record what the caller was told:
-    acknowledged (True), refused by the domain, or failed without an answer (ambiguous)."""
+    acknowledged (True), refused by the domain, or failed without an answer (ambiguous).
+    `scheduled` (time.monotonic()): when open-loop traffic meant to start it; its latency
+    counts from there."""
     first = sent.wallet not in ledger.written
     ledger.written.add(sent.wallet)
     started = time.monotonic()
+    assert scheduled is None or scheduled <= started
+    since = started if scheduled is None else scheduled
     try:
         await client.apply(op)
     except WalletError as err:
@@ -216,9 +230,9 @@ async def send(client: WalletClient, op: WalletOperation, sent: SentOp, ledger: 
         ledger.voided.add(sent.original)
     ledger.writes_ok += 1
     if len(ledger.write_ms) < LATENCY_SAMPLES_MAX:
-        ledger.write_ms.append((finished - started) * 1000)
+        ledger.write_ms.append((finished - since) * 1000)
         if first:
-            ledger.first_write_ms.append((finished - started) * 1000)
+            ledger.first_write_ms.append((finished - since) * 1000)
     return True
 
 
@@ -228,6 +242,51 @@ async def writer(client: WalletClient, wallets: list[WalletKey], ledger: Ledger,
     while not stop.is_set():
         op, sent = next_op(random.choice(wallets), ledger)
         await send(client, op, sent, ledger)
+
+
+async def open_loop_writer(client: WalletClient, wallets: list[WalletKey], ledger: Ledger,
+                           stop: asyncio.Event, *, rate_per_s: float, in_flight_max: int
+                           ) -> None:
+    """Random writes at a fixed offered rate until `stop`: the i-th write is scheduled at
+    start + i / rate_per_s whatever the answers do (open loop), at most `in_flight_max` at
+    once. A write whose scheduled start finds every slot taken is counted late and starts as
+    soon as one frees; its latency counts from the scheduled start, so a saturated stack shows
+    as latency, not as a lower rate (closed-loop writers only ever measure their own queue).
+    Writes in flight at `stop` finish; one still waiting for a slot is counted unsent."""
+    assert 0 < rate_per_s <= WRITE_RATE_MAX_PER_S and 1 <= in_flight_max <= IN_FLIGHT_MAX
+    slots = asyncio.Semaphore(in_flight_max)
+    running: set[asyncio.Task[bool]] = set()
+
+    async def one(op: WalletOperation, sent: SentOp, scheduled: float) -> bool:
+        try:
+            return await send(client, op, sent, ledger, scheduled=scheduled)
+        finally:
+            slots.release()
+
+    start, index = time.monotonic(), 0
+    try:
+        while not stop.is_set():
+            scheduled = start + index / rate_per_s
+            index += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, scheduled - time.monotonic()))
+            if stop.is_set():
+                break
+            if slots.locked():
+                ledger.writes_late += 1
+            await slots.acquire()
+            if stop.is_set():  # stopped while it waited for a slot: never sent
+                slots.release()
+                ledger.writes_unsent += 1
+                break
+            op, sent = next_op(random.choice(wallets), ledger)
+            task = asyncio.create_task(one(op, sent, scheduled))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running, return_exceptions=True)
+    finally:
+        for task in running:  # cancelled (a failing run): do not wait for writes in flight
+            task.cancel()
 
 
 async def reader(router: ReadRouter, wallets: list[WalletKey], ledger: Ledger,
