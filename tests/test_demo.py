@@ -9,18 +9,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bson.decimal128 import Decimal128
 from demo_support import DemoRun
+from pymongo.asynchronous.database import AsyncDatabase
 from wallet_support import twin_in_tigerbeetle
 
 from messages.reconciliation import ReconcileSummary
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
 from stores.outbox import Outbox
+from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.balances import MinorBalance
@@ -190,3 +194,45 @@ async def test_checker_fails_on_a_double_in_tigerbeetle_and_a_dropped_mongodb_wr
             assert summary.findings.get("unknown_transfer") == 1, summary.findings
     finally:
         await stores.close()
+
+
+async def test_read_summary_reads_only_newer_observations_and_equals_a_full_read(
+        mongo_db: AsyncDatabase[dict[str, Any]]) -> None:
+    # The gate evidence's open-ended window keeps what it read (older than
+    # SUMMARY_SETTLED_S) and reads only newer observations, after MongoDB counts the kept
+    # range the same; an observation flushed late into the kept range makes it read it all.
+    # Every answer equals a full read of the same window (until= reads without keeping).
+    scope = f"T{uuid.uuid4().hex[:8]}:TST"
+    metrics = ReadMetricsStore(mongo_db)
+    await metrics.ensure_indexes()
+    now = datetime.now(UTC)
+    since = now - timedelta(seconds=300)
+    far = now + timedelta(days=1)
+
+    def obs(age_s: float, outcome: ReadOutcome, tb: float, mongo: float) -> ReadObservation:
+        return ReadObservation(scope=scope, mode=ReadMode.SHADOW, outcome=outcome, tb_ms=tb,
+                               mongo_ms=mongo, at=now - timedelta(seconds=age_s))
+
+    for i in range(60):
+        metrics.record(obs(200 - i, ReadOutcome.MATCH, 1.0 + i, 10.0 + i))
+    metrics.record(obs(400, ReadOutcome.MISMATCH, 99.0, 99.0))  # outside the window
+    await metrics.flush()
+    first = await metrics.summary([scope], since)
+    assert first == await metrics.summary([scope], since, until=far)
+    assert first.counts == {"match": 60} and metrics.settled_reuses == 0
+    metrics.record(obs(1, ReadOutcome.IN_FLIGHT, 500.0, 5.0))  # newer than the kept part
+    await metrics.flush()
+    second = await metrics.summary([scope], since)
+    assert metrics.settled_reuses == 1
+    assert second == await metrics.summary([scope], since, until=far)
+    assert second.counts == {"match": 60, "in_flight": 1}
+    metrics.record(obs(150, ReadOutcome.MISMATCH, 7.0, 7.0))  # late, inside the kept range
+    await metrics.flush()
+    third = await metrics.summary([scope], since)
+    assert metrics.settled_reuses == 1  # the count differed: read it all again
+    assert third == await metrics.summary([scope], since, until=far)
+    assert third.counts == {"match": 60, "in_flight": 1, "mismatch": 1}
+    later = since + timedelta(seconds=150)  # the window slid: the kept rows are cut
+    fourth = await metrics.summary([scope], later)
+    assert metrics.settled_reuses == 2
+    assert fourth == await metrics.summary([scope], later, until=far)
