@@ -15,7 +15,9 @@ the WalletClient, both endpoints scraped.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import string
 import subprocess
 import time
@@ -63,6 +65,7 @@ from stores.bundle import connect_batched, open_stores
 from stores.clearing_store import ClearingStore
 from stores.general_ledger import GeneralLedger
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
+from tb_emulator.server import EmulatorProcess
 from walletclient.clearing_client import ClearingClient
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
@@ -457,51 +460,62 @@ async def test_reconciliation_gauges_follow_the_finished_run(
 
 BACKLOG_WALLETS = 4
 BACKLOG_OPS = 6
-POLL_S = 0.002
+BACKLOG_WAIT_S = 60.0
+
+
+async def wait_gauges(gauge: Callable[[str], float], what: str,
+                      check: Callable[[float, float], bool]) -> None:
+    """Until check(items, oldest age) holds, at most BACKLOG_WAIT_S."""
+    deadline = time.monotonic() + BACKLOG_WAIT_S
+    while not check(gauge("walletmig_backlog_items"),
+                    gauge("walletmig_backlog_oldest_age_seconds")):
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
 
 
 async def test_backlog_gauges_rise_under_dual_write_and_fall_to_zero_after_the_drain(
-    temporal_client: Client, settings: Settings
+    temporal_client: Client, settings: Settings, tmp_path: Path
 ) -> None:
     """dual_write traffic through a worker in this process: while TigerBeetle lags behind
     MongoDB (the drain activity has items it has not applied yet) the to_tigerbeetle gauges
-    are non-zero; once every backlog drained, items and age are 0."""
+    are non-zero; once every backlog drained, items and age are 0.
+
+    TigerBeetle (an emulator of the test's own) is stopped (SIGSTOP) while the traffic runs,
+    so the drain holds its batches until it is continued: the lag is there by construction
+    (a poll of the gauges while a quick TigerBeetle applied every batch could miss it)."""
     isolated = isolated_settings(settings, "metrics_backlog")
     run = uuid.uuid4().hex[:8]
-    seen_items: list[float] = []
-    seen_age: list[float] = []
 
     def gauge(name: str) -> float:
         return REGISTRY.get_sample_value(name, {"direction": "to_tigerbeetle"}) or 0.0
 
-    async def poll(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            seen_items.append(gauge("walletmig_backlog_items"))
-            seen_age.append(gauge("walletmig_backlog_oldest_age_seconds"))
-            await asyncio.sleep(POLL_S)
+    emulator = EmulatorProcess(str(tmp_path / "backlog.tbemu")).start()
+    try:
+        async with wallet_harness(temporal_client, isolated,
+                                  tb_addresses=f"tbemu://{emulator.address}") as harness:
+            await set_phase(harness.stores, DUAL_PAIR, Phase.DUAL_WRITE)
+            wallets = [key(f"backlog-{run}-{w}", DUAL_PAIR) for w in range(BACKLOG_WALLETS)]
 
-    async with wallet_harness(temporal_client, isolated) as harness:
-        await set_phase(harness.stores, DUAL_PAIR, Phase.DUAL_WRITE)
-        wallets = [key(f"backlog-{run}-{w}", DUAL_PAIR) for w in range(BACKLOG_WALLETS)]
-        stop = asyncio.Event()
-        poller = asyncio.create_task(poll(stop))
+            async def traffic(wallet: WalletKey) -> None:
+                for i in range(BACKLOG_OPS):
+                    await harness.client.apply(AddCredit(
+                        wallet=wallet, transaction_id=f"{wallet.client_id}.{i}",
+                        amount=Decimal("1.00")))
 
-        async def traffic(wallet: WalletKey) -> None:
-            for i in range(BACKLOG_OPS):
-                await harness.client.apply(AddCredit(
-                    wallet=wallet, transaction_id=f"{wallet.client_id}.{i}",
-                    amount=Decimal("1.00")))
-
-        await asyncio.gather(*(traffic(w) for w in wallets))
-        for wallet in wallets:
-            await wait_drained(harness.client, wallet)
-        await asyncio.sleep(0.2)  # the last activity's completion reaches the workflow first
-        stop.set()
-        await poller
-    assert max(seen_items) > 0, "the backlog gauge never saw an item in flight"
-    assert max(seen_age) > 0
-    assert gauge("walletmig_backlog_items") == 0
-    assert gauge("walletmig_backlog_oldest_age_seconds") == 0
+            os.kill(emulator.pid, signal.SIGSTOP)
+            try:
+                await asyncio.gather(*(traffic(w) for w in wallets))
+                await wait_gauges(gauge, "the backlog gauges never saw an item in flight",
+                                  lambda items, age_s: items > 0 and age_s > 0)
+            finally:
+                os.kill(emulator.pid, signal.SIGCONT)
+            for wallet in wallets:
+                await wait_drained(harness.client, wallet)
+            # The outbox marks a batch applied a moment before the drain un-counts it.
+            await wait_gauges(gauge, "the backlog gauges stayed above 0 after the drain",
+                              lambda items, age_s: items == 0 and age_s == 0)
+    finally:
+        emulator.kill()
 
 
 async def test_terminal_metrics_count_what_the_pipeline_answered(
