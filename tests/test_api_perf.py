@@ -2,7 +2,9 @@
 the real TigerBeetle and MongoDB servers of the test stack (concurrent lookups go as one
 request, each caller gets its own rows in its own order, a cancelled caller leaves the
 others' answer intact; concurrent legacy balance reads go as one find, same answers), and
-the access log's second-cached time stamp (the same text as logging's)."""
+the access log's second-cached time stamp (the same text as logging's), and uvicorn with the
+gateway's HeadHoldingHttpToolsProtocol (head and body in one write) answering the same bytes,
+a streamed body's head still sent before its body exists."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import tigerbeetle as tb
 
 from gateway.app import LOG_FORMAT, SecondCachedFormatter
 from gateway.coalesce import CoalescedLegacyReads, CoalescedLookups
+from gateway.http_protocol import HeadHoldingHttpToolsProtocol
 from stores.legacy_store import LegacyStore
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
+from walletmig.processes import free_port
 
 LEDGER = 9_017  # a ledger of this test's own
 CODE = 17
@@ -97,3 +101,58 @@ async def test_concurrent_legacy_reads_share_one_find(
     balances = await asyncio.gather(*(coalesced.get_balance(k) for k in keys[:3]))
     assert balances == [await plain.get_balance(k) for k in keys[:3]]
     assert coalesced.batcher.requests == 2
+
+
+SERVER_START_S = 10.0
+ANSWER_S = 5.0  # a held head would hang the stream below: bounded, a failure instead
+
+
+async def test_head_holding_protocol_answers_the_same_bytes() -> None:
+    import uvicorn
+
+    head_seen = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope["path"]
+        if path == "/plain":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"5")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"hello"})
+        elif path == "/empty":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        else:  # /stream: chunked; its body exists only once the client has read the head
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await head_seen.wait()
+            await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+            await send({"type": "http.response.body", "body": b"cd"})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=HeadHoldingHttpToolsProtocol, lifespan="off",
+        log_config=None, access_log=False, server_header=False, date_header=False,
+    ))  # fmt: skip
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(SERVER_START_S):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(ANSWER_S):
+            for path, answer in (
+                ("/plain", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"),
+                ("/empty", b"HTTP/1.1 204 No Content\r\n\r\n"),
+                ("/plain", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"),
+            ):  # one keep-alive connection
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert await reader.readexactly(len(answer)) == answer
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            head_seen.set()
+            body = b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"
+            assert await reader.readexactly(len(body)) == body
+        writer.close()
+    finally:
+        server.should_exit = True
+        await serving

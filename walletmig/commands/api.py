@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import configure_logging, create_app
+    from gateway.http_protocol import HeadHoldingHttpToolsProtocol
 
     configure_logging(args.log_level)
     from gateway.settings import ApiSettings
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         **settings.ssl_options(),  # type: ignore[arg-type]  # HTTPS, mTLS (gateway/settings.py)
+        http=HeadHoldingHttpToolsProtocol,  # a response's head and body in one write
         lifespan="on",
         log_config=None,  # our logging configuration above
         access_log=False,  # gateway.access logs each request (key name, masked ids)
@@ -81,6 +83,7 @@ def _run_workers(settings: Any, log_level: str) -> int:
     import uvicorn
 
     from gateway.app import LOG_LEVEL_ENV
+    from gateway.http_protocol import HeadHoldingHttpToolsProtocol
 
     os.environ.update({
         "WALLETMIG_API_HOST": settings.host, "WALLETMIG_API_PORT": str(settings.port),
@@ -90,7 +93,7 @@ def _run_workers(settings: Any, log_level: str) -> int:
     uvicorn.run(
         "gateway.app:app_from_env", factory=True, workers=settings.workers,
         host=settings.host, port=settings.port,
-        **settings.ssl_options(),
+        **settings.ssl_options(), http=HeadHoldingHttpToolsProtocol,
         lifespan="on", log_config=None, access_log=False, server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )  # fmt: skip
