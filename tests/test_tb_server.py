@@ -14,9 +14,10 @@ import shutil
 import signal
 import socket
 import struct
+import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,16 @@ from tb_emulator.wal import (
 )
 
 CREATED = tb.CreateTransferStatus.CREATED
+STATE_WAIT_S = 15.0  # a state the server reaches in well under a second, on a loaded host too
+
+
+async def until(check: Callable[[], bool], what: str, timeout_s: float = STATE_WAIT_S) -> None:
+    """Until `check()` holds (the server's tasks run meanwhile), at most `timeout_s`: a test
+    waits for the state it asserts, not for a fixed time a loaded host may need more of."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -867,17 +878,15 @@ async def test_peer_that_stops_reading_stalls_only_itself(
         count = 200  # ~200 x 32 KiB of replies it does not read.
         writer.write(b"".join(_frame(rid, wire.Op.LOOKUP_ACCOUNTS, wire.pack_ids(ids))
                               for rid in range(1, count + 1)))
-        for _ in range(50):
-            if any(c.draining_since for c in server._connections.values()):
-                break
-            await asyncio.sleep(0.05)
-        assert any(c.draining_since for c in server._connections.values())
+        await until(lambda: any(c.draining_since for c in server._connections.values()),
+                    "the peer's connection to drain")
         started = time.monotonic()
         assert len(await client.lookup_accounts([1, 2])) == 2  # Others are served meanwhile.
         assert await client.create_transfers([transfer(7, 1, 2, 5)])
-        assert time.monotonic() - started < 2
-        await asyncio.sleep(0.5)
-        assert "has not read its replies" in caplog.text
+        # Stalled behind the peer they would time out (10 s); served, they take milliseconds
+        # (the bound leaves a loaded host room).
+        assert time.monotonic() - started < 5
+        await until(lambda: "has not read its replies" in caplog.text, "the stall warning")
         for rid in range(1, count + 1):  # Then it reads: every reply, in order.
             size, reply_id, _, status, _ = wire.HEADER.unpack(
                 await asyncio.wait_for(reader.readexactly(wire.HEADER_SIZE), 10))
@@ -914,23 +923,25 @@ async def test_health_summary_and_stall_warnings(
         wal.append_sync = slow_append_sync  # type: ignore[method-assign]
         await client.create_transfers([transfer(3, 1, 2, 1)])
         wal.append_sync = real_append_sync  # type: ignore[method-assign]
-        await asyncio.sleep(0.2)
-        assert "STALL: a request has waited" in caplog.text
-        assert "fsync running for" in caplog.text
-        assert "stall over after" in caplog.text
+        await until(lambda: all(line in caplog.text for line in (
+            "STALL: a request has waited", "fsync running for", "stall over after")),
+            "the stall's warnings")
         assert server.stall_warnings >= 1
-        await asyncio.sleep(0.6)
-        summaries = [r.message for r in caplog.records if r.message.startswith("health:")]
-        fsync_max_ms = [int(m[1]) for m in re.finditer(
-            r"fsyncs=\d+ p99=[\d.]+ ms max=(\d+)", "\n".join(summaries))]
-        assert max(fsync_max_ms, default=0) >= 800, summaries
+
+        def summaries() -> list[str]:
+            return [r.message for r in caplog.records if r.message.startswith("health:")]
+
+        def fsync_max_ms() -> int:
+            return max((int(m[1]) for m in re.finditer(
+                r"fsyncs=\d+ p99=[\d.]+ ms max=(\d+)", "\n".join(summaries()))), default=0)
+
+        await until(lambda: fsync_max_ms() >= 800, "a summary with the slow fsync")
+        seen = len(summaries())
         time.sleep(0.6)  # Blocks the event loop the server runs on.
-        await asyncio.sleep(0.2)
-        assert "event loop blocked for" in caplog.text
+        await until(lambda: "event loop blocked for" in caplog.text, "the watchdog's warning")
         # Idle: no more summary lines.
         await asyncio.sleep(1.2)
-        later = [r.message for r in caplog.records if r.message.startswith("health:")]
-        assert len(later) <= len(summaries) + 1
+        assert len(summaries()) <= seen + 1
     finally:
         await client.close()
         await server.close()
@@ -949,9 +960,12 @@ async def test_reset_connections_waiting_for_a_slot_are_reaped(
     wal = server._wal
     assert wal is not None
     real_append_sync = wal.append_sync
+    disk_back = threading.Event()
 
     def slow_append_sync(chunks: list[bytes]) -> float:
-        time.sleep(1.5)
+        # A disk that stalls until the test has checked the reaping: the holder keeps the
+        # slot meanwhile by construction (a fixed stall could end first on a loaded host).
+        assert disk_back.wait(STATE_WAIT_S), "the test never released the disk"
         return real_append_sync(chunks)
 
     wal.append_sync = slow_append_sync  # type: ignore[method-assign]
@@ -959,17 +973,23 @@ async def test_reset_connections_waiting_for_a_slot_are_reaped(
     lookup = _frame(2, wire.Op.LOOKUP_ACCOUNTS, wire.pack_ids([1]))
     try:
         holder = asyncio.ensure_future(_pipeline(server.port, [create]))  # Takes the slot.
-        await asyncio.sleep(0.2)
+        await until(lambda: server._inflight == 1, "the holder's request to take the slot")
         for _ in range(3):  # Wait for a slot, then hang up.
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(lookup)
             await asyncio.sleep(0.1)
             writer.transport.abort()
-        await asyncio.sleep(0.3)
-        replies = await asyncio.wait_for(_pipeline(server.port, [lookup]), 10)
+        # The hung-up peers are reaped while the holder still has the slot (the disk stalls).
+        await until(lambda: len(server._connections) == 1, "the hung-up peers to be reaped")
+        waiting = asyncio.ensure_future(_pipeline(server.port, [lookup]))
+        await until(lambda: len(server._connections) == 2 or waiting.done(),
+                    "the new client's connection (or its answer)")
+        disk_back.set()
+        replies = await asyncio.wait_for(waiting, 10)
         assert replies == [(2, wire.Status.OK)]  # Not (0, BUSY).
         assert await holder == [(1, wire.Status.OK)]
     finally:
+        disk_back.set()
         wal.append_sync = real_append_sync  # type: ignore[method-assign]
         await server.close()
 
