@@ -49,12 +49,12 @@ from stores.legacy_store import GAP_OPERATIONS_MAX, LegacyStore
 from stores.migration_state import MigrationStateStore
 from stores.outbox import OutboxIntent, outbox_shard
 from stores.read_metrics import ReadMetricsStore
-from stores.tigerbeetle_store import TigerBeetleStore
+from stores.tigerbeetle_store import KnownRecords, TigerBeetleStore
 from walletclient.read_path import ReadRouter
 from walletcore.balances import WalletBalance
 from walletcore.errors import ConfigurationError, WalletError
 from walletcore.keys import WalletKey
-from walletcore.operations import OperationResult, Void, WalletOperation
+from walletcore.operations import AddCredit, OperationResult, SubtractCredit, Void, WalletOperation
 from walletcore.phases import MigrationState
 from walletcore.write_facts import LegacyFacts, OriginalFacts
 
@@ -385,7 +385,7 @@ class WalletActivities:
         direction = answering_direction(state)
         intent = (self._reverse_on and inp.reverse_outbox_ok and direction == "to_mongodb"
                   and inp.pending_direction is None)  # backlog items first (none to MongoDB)
-        replay, inserted = await self._replay_or_intent(inp, state, intent=intent)
+        replay, inserted, known = await self._replay_or_intent(inp, state, intent=intent)
         if replay is not None:
             # MongoDB answered this operation under an earlier phase, but TigerBeetle may not
             # hold it: a worker killed after that MongoDB write and before its workflow task
@@ -408,7 +408,8 @@ class WalletActivities:
             original = await self._legacy.original_facts(op.wallet, op.original_transaction_id)
             if original is not None and original.wallet_version <= imported:
                 opening = original
-        result = await self._write_tigerbeetle(inp, opening, intent=intent, inserted=inserted)
+        result = await self._write_tigerbeetle(
+            inp, opening, intent=intent, inserted=inserted, known=known)
         return PrimaryOutcome(
             result=result,
             phase=state.phase,
@@ -421,32 +422,43 @@ class WalletActivities:
 
     async def _replay_or_intent(
         self, inp: ApplyPrimaryInput, state: MigrationState, *, intent: bool
-    ) -> tuple[OperationResult | None, bool]:
+    ) -> tuple[OperationResult | None, bool, KnownRecords | None]:
         """MongoDB's answer if it holds the operation already (a replay), and, with `intent`,
         the operation's MongoDB-bound record (stores.outbox intend_to_mongodb; True: this call
-        inserted it). Both round trips in one wait (issue 18: the tb_primary answer's path).
-        A replay, or a failed check, withdraws a record this call inserted: nothing is
-        written to TigerBeetle for it (a drainer that saw it meanwhile finds no transfer, or
-        applies one TigerBeetle already had, a MongoDB replay)."""
+        inserted it), and (credits and debits) the registry records the TigerBeetle write
+        reads first (TigerBeetleStore.known_records). All round trips in one wait (issue 18:
+        the tb_primary answer's path; the registry reads were a sequential round trip after
+        the others). A replay, or a failed check, withdraws a record this call inserted:
+        nothing is written to TigerBeetle for it (a drainer that saw it meanwhile finds no
+        transfer, or applies one TigerBeetle already had, a MongoDB replay)."""
         op = inp.command.op
-        if not intent:
-            return await self._legacy.replay_of(op), False
         outbox = self._legacy.outbox
-        replay, inserted = await asyncio.gather(
+        reads = asyncio.gather(
             self._legacy.replay_of(op),
-            outbox.intend_to_mongodb(inp.command, state.phase, state.epoch),
+            self._known_records(op),
+            outbox.intend_to_mongodb(inp.command, state.phase, state.epoch) if intent
+            else _nothing_inserted(),
             return_exceptions=True)
+        replay, known, inserted = await reads
         if isinstance(inserted, BaseException):
-            raise inserted  # nothing was inserted (the replay check only read)
-        if replay is not None and inserted:
+            raise inserted  # nothing was inserted (the other two only read)
+        failed = next((r for r in (replay, known) if isinstance(r, BaseException)), None)
+        if (replay is not None or failed is not None) and inserted:
             await outbox.withdraw_to_mongodb(op.transaction_id)
-        if isinstance(replay, BaseException):
-            raise replay
-        return replay, inserted
+        if failed is not None:
+            raise failed
+        assert not isinstance(replay, BaseException) and not isinstance(known, BaseException)
+        return replay, inserted, known
+
+    async def _known_records(self, op: WalletOperation) -> KnownRecords | None:
+        """A credit's or debit's registry records (a void reads its own: see void)."""
+        if isinstance(op, Void):
+            return None
+        return await self._tigerbeetle.known_records(op.wallet, [op.transaction_id])
 
     async def _write_tigerbeetle(
         self, inp: ApplyPrimaryInput, opening: OriginalFacts | None, *, intent: bool,
-        inserted: bool,
+        inserted: bool, known: KnownRecords | None = None,
     ) -> OperationResult:
         """The TigerBeetle write; with `intent`, its MongoDB-bound record is already there
         (_replay_or_intent): once TigerBeetle holds the transfer, the record says MongoDB is
@@ -456,7 +468,7 @@ class WalletActivities:
         op = inp.command.op
         outbox = self._legacy.outbox
         try:
-            result = await apply_to(self._tigerbeetle, op, opening_original=opening)
+            result = await _tigerbeetle_write(self._tigerbeetle, op, opening, known)
         except WalletError as err:
             if inserted and not err.retryable:
                 await outbox.withdraw_to_mongodb(op.transaction_id)
@@ -502,6 +514,24 @@ class WalletActivities:
             self.read_balance,
             self.read_multi_balance,
         ]
+
+
+async def _nothing_inserted() -> bool:
+    return False
+
+
+async def _tigerbeetle_write(
+    store: TigerBeetleStore, op: WalletOperation, opening: OriginalFacts | None,
+    known: KnownRecords | None,
+) -> OperationResult:
+    """The answering TigerBeetle write, with the registry records read beforehand (if any)."""
+    if known is None:
+        return await apply_to(store, op, opening_original=opening)
+    # SubtractCredit subclasses AddCredit: test it first.
+    if isinstance(op, SubtractCredit):
+        return await store.subtract_credit(op, known=known)
+    assert isinstance(op, AddCredit), "a void reads its own records"
+    return await store.add_credit(op, known=known)
 
 
 def _stops_batch(err: WalletError) -> bool:

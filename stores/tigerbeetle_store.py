@@ -136,6 +136,7 @@ class _Written:
     timestamp: int = 0
     replayed: bool = False
     result: OperationResult | None = None  # answered without a transfer (in-opening replay)
+    record: TransferRecord | None = None  # its registry record, left to the caller to write
 
 
 @dataclass(frozen=True)
@@ -296,19 +297,39 @@ class TigerBeetleStore:
 
     # ---- writes ----------------------------------------------------------------------------
 
-    async def add_credit(self, op: AddCredit) -> OperationResult:
-        return await self._write_movement(op, OperationType.CREDIT)
+    async def add_credit(
+        self, op: AddCredit, *, known: KnownRecords | None = None
+    ) -> OperationResult:
+        return await self._write_movement(op, OperationType.CREDIT, known)
 
-    async def subtract_credit(self, op: SubtractCredit) -> OperationResult:
-        return await self._write_movement(op, OperationType.DEBIT)
+    async def subtract_credit(
+        self, op: SubtractCredit, *, known: KnownRecords | None = None
+    ) -> OperationResult:
+        return await self._write_movement(op, OperationType.DEBIT, known)
 
-    async def _write_movement(self, op: AddCredit, kind: OperationType) -> OperationResult:
-        """A credit or a debit; both create the wallet with the op's overdraft policy."""
-        written = await self._movement(op, kind, None)
+    async def _write_movement(
+        self, op: AddCredit, kind: OperationType, known: KnownRecords | None
+    ) -> OperationResult:
+        """A credit or a debit; both create the wallet with the op's overdraft policy.
+        `known`: the registry reads done beforehand (known_records of this one operation;
+        the tb_primary write path reads them beside its other checks)."""
+        written = await self._movement(op, kind, known, defer_record=True)
         if written.result is not None:
             return written.result
         assert written.account is not None and written.timestamp > 0
-        balance = await self._balance_at(written.account, written.timestamp)
+        # The registry insert (MongoDB) and the balance read (TigerBeetle) in one wait: both
+        # follow the transfer, neither needs the other (issue 18: the tb_primary answer).
+        balance_read = self._balance_at(written.account, written.timestamp)
+        if written.record is None:
+            balance = await balance_read
+        else:
+            recorded, read = await asyncio.gather(self._transfers.record(written.record),
+                                                  balance_read, return_exceptions=True)
+            for outcome in (recorded, read):  # both finished: the record's error first
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert not isinstance(read, BaseException)
+            balance = read
         return _result(
             op.transaction_id, kind, op.wallet, written.amount_minor, balance, written.replayed,
             written.timestamp,
@@ -345,7 +366,8 @@ class TigerBeetleStore:
         return KnownRecords(wallet=wallet, transfers=existing, account=account)
 
     async def _movement(
-        self, op: AddCredit, kind: OperationType, known: KnownRecords | None
+        self, op: AddCredit, kind: OperationType, known: KnownRecords | None,
+        *, defer_record: bool = False,
     ) -> _Written:
         amount_minor = validate_operation(op)
         assert 0 < amount_minor <= U64_MAX
@@ -386,22 +408,21 @@ class TigerBeetleStore:
         timestamp, replayed = await self._create_transfer(
             transfer, account, context=f"{kind.value} {op.transaction_id}"
         )
-        if existing is None:
-            await self._transfers.record(
-                TransferRecord(
-                    transaction_id=op.transaction_id,
-                    transfer_id=tid,
-                    wallet=wallet,
-                    account_id=account.account_id,
-                    type=kind.value,
-                    amount_minor=amount_minor,
-                    reference_id=op.reference_id,
-                    created_at=timestamp_to_datetime(timestamp),
-                )
-            )
-        return _Written(
-            amount_minor=amount_minor, account=account, timestamp=timestamp, replayed=replayed
+        record = None if existing is not None else TransferRecord(
+            transaction_id=op.transaction_id,
+            transfer_id=tid,
+            wallet=wallet,
+            account_id=account.account_id,
+            type=kind.value,
+            amount_minor=amount_minor,
+            reference_id=op.reference_id,
+            created_at=timestamp_to_datetime(timestamp),
         )
+        if record is not None and not defer_record:
+            await self._transfers.record(record)
+            record = None
+        return _Written(amount_minor=amount_minor, account=account, timestamp=timestamp,
+                        replayed=replayed, record=record)
 
     # ---- batches of many wallets' movements (the outbox drainer's fast path) -------------
 
