@@ -922,7 +922,18 @@ async def test_a_reset_never_moves_the_phase_back_nor_twice(
     workflow re-reads the published phase and refuses the re-delivered Update."""
     handle = await start(temporal_client, migration_worker, unique_scope(), tmp_path)
     await handle.execute_update(MigrationWorkflow.advance, AdvanceRequest(actor="ana"))
-    await asyncio.sleep(1.0)  # a few evidence rounds: workflow tasks to reset to
+
+    async def task_to_reset_to() -> bool:
+        """An evidence round's workflow task completed after the advance (a fixed wait could
+        pass without one on a loaded host: the reset point below would not exist)."""
+        events = [e async for e in handle.fetch_history_events()]
+        done = [e.event_id for e in events if e.event_type ==
+                EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED]
+        return bool(done) and any(
+            e.event_id > done[0] and e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+            for e in events)
+
+    await eventually(task_to_reset_to, "a workflow task after the advance")
     await handle.execute_update(MigrationWorkflow.force_advance,
                                 ForceAdvanceRequest(actor="ana", reason="drill"))
     events = [e async for e in handle.fetch_history_events()]
