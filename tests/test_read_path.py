@@ -130,15 +130,27 @@ async def test_shadow_match_mismatch_and_in_flight(env: Env,
     docs = [d async for d in env.metrics._collection.find({"wallet": ahead.canonical})]
     assert "credit: mongodb 11.00 tigerbeetle 10.00" in docs[0]["detail"]
 
-    # TigerBeetle catches up during the re-check: in flight, not a mismatch.
+    # TigerBeetle catches up during the re-check: in flight, not a mismatch. The backlog
+    # applies the operation once the first look has seen the lag (the router asks its pending
+    # operations then: none), so it lands between the look and the re-check by construction (a
+    # fixed pause could fall before the look or after the last re-check on a loaded host).
     lagging = await make_wallet(env, unique_id)
     op = AddCredit(wallet=lagging, transaction_id=unique_id("tx"), amount=Decimal("2.50"))
     await env.legacy.add_credit(op)
-    slow = env.router(recheck_delay_ms=200, rechecks_max=3)
+    looks: list[WalletKey] = []
+
+    async def backlog_applies_after_the_look(wallet: WalletKey) -> int:
+        looks.append(wallet)
+        if len(looks) == 1:
+            await env.tb.add_credit(op)
+        return 0
+
+    slow = ReadRouter(env.legacy, env.tb, env.state, env.metrics,
+                      config=ReadPathConfig(recheck_delay_ms=50, rechecks_max=1),
+                      pending_ops=backlog_applies_after_the_look)
     await slow.get_balance(lagging)
-    await asyncio.sleep(0.05)
-    await env.tb.add_credit(op)  # the backlog applies it
     await slow.drain()
+    assert looks == [lagging]  # the first look differed, the re-check matched
     assert await outcomes(env, lagging) == ["in_flight"]
 
     # A pending-backlog oracle classifies at once.
