@@ -12,10 +12,16 @@ requests over keep-alive connections, one per concurrent caller), so its CPU is 
 (`load`) and does not compete with the direct path's client inside this process (`bench`).
 
 Fair by construction: every round runs the four (kind, path) runs with the paths' order
-swapped each round, on wallets seeded and warmed up through both paths first; the figures
-compared are each run's median over the rounds. CPU per request comes from /proc for every
-process of the stack (`pids.json`: the API, the worker, the servers), for this process (the
-direct path's client) and for the load generator (its own process_time).
+swapped each round, on wallets seeded and warmed up through both paths first; the ratios
+judged are the median over the rounds of each round's API / direct ratio (the two runs of a
+round are side by side: a host whose load moves between rounds moves both). CPU per request
+comes from /proc for every process of the stack (`pids.json`: the API with its worker
+processes, the worker, the servers), for this process (the direct path's client) and for the
+load generator (its own process_time). A run's CPU is sampled once its deferred work is
+stored: the read observations both read paths buffer (flushed every 0.5 s, as the gate
+evidence) are flushed by the direct path, and waited for one flush interval after an API run,
+so no run is charged for the previous one's (its throughput window still ends at its last
+answer, for both paths alike). The report names how many API processes served.
 
 Reads run on two pairs, so both stores that can answer a balance are measured in the same
 run: the `--pair` (USD:USA, legacy or dual_write on a dev stack: MongoDB answers) and the pair
@@ -78,6 +84,7 @@ CREDIT_AMOUNT = Decimal("0.01")
 SEED_AMOUNT = Decimal("100.00")
 METRICS_FLUSH_INTERVAL_S = 0.5  # as the gateway's (gateway/state.py)
 PHASE_VISIBLE_S = 1.5  # a published phase reaches the API process within its cache TTL (1 s)
+API_SETTLE_S = METRICS_FLUSH_INTERVAL_S + 0.2  # the API's observation flush after a run
 CHILDREN_MAX = 64  # the API's worker processes counted
 TABLE_WIDTH = 200  # rich would cut a piped table to 80 columns
 
@@ -132,9 +139,12 @@ class ApiBenchReport(BaseModel):
     rounds: int
     runs: list[PathFigures]
     medians: list[PathFigures]
-    read_ratios: dict[str, float]  # per store: API reads/s over direct reads/s (medians)
+    # Per store: the median over the rounds of API reads/s over direct reads/s in that round.
+    read_ratios: dict[str, float]
     api_reads_per_s: dict[str, float]  # per store: the API's reads/s (median)
-    credit_ratio: float
+    credit_ratio: float  # the median over the rounds, as the reads'
+    round_ratios: dict[str, list[float]] = {}  # "read via <store>" / "credit" -> each round's
+    api_processes: int = 1  # uvicorn processes serving the API (`walletmig api --workers`)
     goals: dict[str, bool]
     host_cpus: int
     # The host's 1-minute load average at the start and at the end: the
@@ -152,6 +162,11 @@ class StackCpu(ServerCpu):
         if record is not None and "api" in out:
             out["api"] += sum(process_cpu_s(pid) or 0.0 for pid in _children(record.pid))
         return out
+
+    def api_processes(self) -> int:
+        """The processes that serve requests: uvicorn's workers, or the one process."""
+        record = self._records.get("api")
+        return 0 if record is None else max(1, len(_children(record.pid)))
 
 
 def _children(pid: int) -> list[int]:
@@ -172,6 +187,7 @@ class _Paths:
 
     api: ApiTarget
     reader: ReadRouter
+    metrics: ReadMetricsStore  # the direct reads' observations (buffered, as the API's)
     wallets: WalletClient
     keys: dict[str, list[WalletKey]]  # pair -> its wallets; the first pair takes the credits
     run_id: str
@@ -212,10 +228,11 @@ class ApiTarget:
 
 
 async def run_load(
-    target: ApiTarget, requests: list[LoadRequest], servers: ServerCpu
+    target: ApiTarget, requests: list[LoadRequest], servers: ServerCpu, settle_s: float = 0.0
 ) -> tuple[LoadResult, dict[str, float]]:
     """`requests` sent by the load generator process (walletmig.bench_http_load); answers its
-    result and the stack's processes' CPU seconds over its timed window."""
+    result and the stack's processes' CPU seconds from its start to `settle_s` after its last
+    answer (the API's deferred writes)."""
     plan = LoadPlan(
         base_url=target.base_url, concurrency=min(target.concurrency, len(requests)),
         headers={"Authorization": f"Bearer {target.key}"}, requests=requests,
@@ -238,6 +255,7 @@ async def run_load(
             child.stdin.write(b"go\n")
             await child.stdin.drain()
             line = await child.stdout.readline()
+            await asyncio.sleep(settle_s)
             spent = ServerCpu.spent(server0, servers.sample())
             await child.wait()
         finally:
@@ -281,7 +299,7 @@ async def _drive(paths: _Paths, run: _Run, count: int, concurrency: int, servers
                     else paths.api_credit(run.pair, i % wallets, f"api-r{run.round_no}-{i}")
                     for i in range(count)]  # fmt: skip
         bench0 = time.process_time()
-        result, spent = await run_load(paths.api, requests, servers)
+        result, spent = await run_load(paths.api, requests, servers, API_SETTLE_S)
         cpu_s = {"bench": time.process_time() - bench0, "load": result.cpu_s, **spent}
         return _figures(run, result.latencies_s, result.seconds, cpu_s)
     latencies: list[float] = []
@@ -303,6 +321,7 @@ async def _drive(paths: _Paths, run: _Run, count: int, concurrency: int, servers
     wall0 = time.perf_counter()
     await asyncio.gather(*(caller(c) for c in range(concurrency)))
     seconds = time.perf_counter() - wall0
+    await paths.metrics.flush()  # its observations, charged to this run (not the next)
     cpu_s = {"bench": time.process_time() - cpu0, **ServerCpu.spent(server0, servers.sample())}
     latencies.sort()
     return _figures(run, latencies, seconds, cpu_s)
@@ -344,11 +363,19 @@ def _report(config: ApiBenchConfig, sources: dict[str, str], runs: list[PathFigu
         groups.setdefault((r.kind, r.pair, r.path), []).append(r)
     medians = {key: _median(group) for key, group in groups.items()}
     credit_pair = f"{config.currency}:{config.country}"
+    by_round = {(r.kind, r.pair, r.path, r.round): r for r in runs}
 
-    def ratio(kind: str, pair: str) -> float:
-        api, direct = medians[kind, pair, "api"], medians[kind, pair, "direct"]
-        return round(api.requests_per_s / direct.requests_per_s, 3)
+    def per_round(kind: Kind, pair: str) -> list[float]:
+        """API / direct throughput of each round (its two runs side by side)."""
+        return [round(by_round[kind, pair, "api", n].requests_per_s
+                      / by_round[kind, pair, "direct", n].requests_per_s, 3)
+                for n in range(config.rounds)]  # fmt: skip
 
+    def ratio(kind: Kind, pair: str) -> float:
+        return round(statistics.median(per_round(kind, pair)), 3)
+
+    round_ratios = {f"read via {sources[pair]}": per_round("read", pair) for pair in sources}
+    round_ratios["credit"] = per_round("credit", credit_pair)
     read_ratios = {sources[pair]: ratio("read", pair) for pair in sources}
     api_reads = {sources[pair]: medians["read", pair, "api"].requests_per_s for pair in sources}
     credit_ratio = ratio("credit", credit_pair)
@@ -364,7 +391,8 @@ def _report(config: ApiBenchConfig, sources: dict[str, str], runs: list[PathFigu
         api_url=config.api_url, pair=credit_pair, sources=sources,
         concurrency=config.concurrency, wallets=config.wallets, rounds=config.rounds,
         runs=runs, medians=list(medians.values()), read_ratios=read_ratios,
-        api_reads_per_s=api_reads, credit_ratio=credit_ratio, goals=goals,
+        api_reads_per_s=api_reads, credit_ratio=credit_ratio, round_ratios=round_ratios,
+        goals=goals,
         host_cpus=os.cpu_count() or 0,
     )  # fmt: skip
 
@@ -388,7 +416,8 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
         flusher = asyncio.create_task(metrics.run_flusher(METRICS_FLUSH_INTERVAL_S))
         try:
             reader = ReadRouter(stores.legacy, stores.tigerbeetle, stores.migration, metrics)
-            paths = _Paths(api=target, reader=reader, wallets=wallets, keys=keys, run_id=run_id)
+            paths = _Paths(api=target, reader=reader, metrics=metrics, wallets=wallets,
+                           keys=keys, run_id=run_id)  # fmt: skip
             sources = await _warm_up(paths, config.concurrency, servers)
             for round_no in range(config.rounds):
                 for kind, pair in [*(("read", p) for p in keys), ("credit", paths.credit_pair)]:
@@ -400,7 +429,8 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
     report = _report(config, sources, runs)
-    return report.model_copy(update={"load_avg": (load_start, _load_avg())})
+    return report.model_copy(update={
+        "load_avg": (load_start, _load_avg()), "api_processes": servers.api_processes()})
 
 
 def _load_avg() -> float:
@@ -485,7 +515,9 @@ def format_report(report: ApiBenchReport) -> str:
     buffer = io.StringIO()
     out = Console(file=buffer, width=TABLE_WIDTH, force_terminal=False)
     out.print(
-        f"API {report.api_url}, {report.concurrency} concurrent callers on {report.wallets} "
+        f"API {report.api_url} ({report.api_processes} process"
+        f"{'es' if report.api_processes != 1 else ''}), {report.concurrency} concurrent "
+        f"callers on {report.wallets} "
         f"wallets per pair, {report.rounds} rounds (paths' order swapped each round), "
         f"{report.host_cpus} CPUs (load average {report.load_avg[0]:.1f} at the start, "
         f"{report.load_avg[1]:.1f} at the end); reads answered by: "
@@ -506,8 +538,10 @@ def format_report(report: ApiBenchReport) -> str:
             )  # fmt: skip
         out.print(table)
     ratios = ", ".join(f"{source} {ratio:.0%}" for source, ratio in report.read_ratios.items())
-    out.print(f"API / direct throughput (medians): reads via {ratios}; "
+    out.print(f"API / direct throughput (median of the rounds' ratios): reads via {ratios}; "
               f"credits {report.credit_ratio:.0%}")  # fmt: skip
+    for name, values in report.round_ratios.items():
+        out.print(f"  {name} by round: " + ", ".join(f"{v:.0%}" for v in values))
     for goal, met in report.goals.items():
         out.print(f"  {'met   ' if met else 'MISSED'} {goal}")
     return buffer.getvalue().rstrip("\n")
