@@ -961,6 +961,13 @@ async def test_a_reset_never_moves_the_phase_back_nor_twice(
     await asyncio.sleep(1.0)  # the re-delivered force_advance, if any, has been answered
     status = await latest.query(MigrationWorkflow.status)
     assert (status.phase, status.epoch) == (Phase.SHADOW_READ, 2)
+
+    # The status shows the adoption once decided; an activity writes its audit entry after.
+    async def adoption_audited() -> bool:
+        entries = await AuditLog(mongo_db).list(status.migration_id)
+        return bool(entries) and entries[-1].action == "adopt_published"
+
+    await eventually(adoption_audited, "the adoption's audit entry")
     entries = await AuditLog(mongo_db).list(status.migration_id)
     assert [e.action for e in entries] == ["advance", "force_advance", "adopt_published"]
     status = await latest.execute_update(MigrationWorkflow.rollback, RollbackRequest(
