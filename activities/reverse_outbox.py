@@ -10,7 +10,13 @@ move dual-writes to TigerBeetle) run one pass of this after theirs.
 A pass: the shard's pending records (one page), one TigerBeetle lookup of their derived
 transfer ids. A record whose transfer exists is owed to MongoDB: each wallet's are applied in
 TigerBeetle's order (the transfers' timestamps: TigerBeetle answered them, MongoDB follows in
-the same order), many wallets at once, then marked in one update. A record whose transfer does
+the same order). Batched (the default; WALLETMIG_REVERSE_OUTBOX_BATCHED=off turns it off per
+process): the credits and debits of MANY wallets go in one MongoDB transaction together with
+their marks (LegacyStore.apply_reverse_batch, up to its BATCH_OPERATIONS_MAX), so a record is
+marked iff its write committed. A wallet's records from the first one the batch does not decide
+(a void, a replay, an uncovered debit, an unknown wallet; or all of them when the transaction
+did not commit) go one by one after it, as before: each in its own transaction, many wallets
+at once, then marked in one update. A record whose transfer does
 not exist is being written (left pending) or was never written: abandoned after
 stores.outbox.ABANDON_AFTER_S since its write path last armed it (a retry re-arms it; a write
 landing later than that is what reconciliation then reports: `lost_legacy_write`). Applying is
@@ -21,21 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from activities.store_ops import apply_to
 from observability.backlog import backlog_gauges
-from stores.legacy_store import LegacyStore
+from observability.metrics import observe_store_batch
+from stores.legacy_store import BATCH_OPERATIONS_MAX, SOURCE, LegacyStore
 from stores.outbox import ABANDON_AFTER_S, Outbox, ReverseRecord
 from stores.tigerbeetle_store import TigerBeetleStore
 from walletcore.errors import WalletError
 from walletcore.ids import transfer_id, void_transfer_id
-from walletcore.operations import Void, WalletOperation
+from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 
 log = logging.getLogger(__name__)
 
 WALLETS_IN_FLIGHT = 16  # wallets of one pass applied to MongoDB at once (each in its order)
+BATCHED_DEFAULT = os.environ.get("WALLETMIG_REVERSE_OUTBOX_BATCHED", "on").lower() != "off"
+Chain = list[ReverseRecord]  # one wallet's owed records, in TigerBeetle's order
 
 
 def derived_transfer_id(op: WalletOperation) -> int:
@@ -43,6 +54,17 @@ def derived_transfer_id(op: WalletOperation) -> int:
     if isinstance(op, Void):
         return void_transfer_id(op.original_transaction_id)
     return transfer_id(op.transaction_id)
+
+
+def _batchable_head(chain: Chain) -> list[AddCredit]:
+    """The chain's credits and debits before its first void, at most a batch's worth."""
+    head: list[AddCredit] = []
+    for record in chain[:BATCH_OPERATIONS_MAX]:
+        op = record.command.op
+        if isinstance(op, Void):
+            break
+        head.append(op)
+    return head
 
 
 def _as_utc(moment: datetime) -> datetime:
@@ -54,9 +76,11 @@ class ReverseOutboxDrainer:
 
     def __init__(
         self, outbox: Outbox, legacy: LegacyStore, tigerbeetle: TigerBeetleStore, *,
-        abandon_after_s: float = ABANDON_AFTER_S,
+        abandon_after_s: float = ABANDON_AFTER_S, batched: bool | None = None,
     ) -> None:
+        """`batched`: None = BATCHED_DEFAULT (read when built)."""
         assert abandon_after_s > 0
+        self._batched = BATCHED_DEFAULT if batched is None else batched
         self._outbox = outbox
         self._legacy = legacy
         self._tigerbeetle = tigerbeetle
@@ -82,23 +106,69 @@ class ReverseOutboxDrainer:
                 log.warning("reverse outbox: %s has no TigerBeetle transfer %.0f s after its "
                             "intent: abandoned", record.transaction_id, age_s)
         beat()
+        chains = [[r for _, r in sorted(rs, key=lambda pair: (pair[0], pair[1].created_at))]
+                  for rs in owed.values()]
+        batched = 0
+        if self._batched:
+            batched, chains = await self._batch(chains, beat)
         applied: list[str] = []
         refused: dict[str, tuple[str, str]] = {}
         gate = asyncio.Semaphore(WALLETS_IN_FLIGHT)
 
-        async def one(wallet_records: list[tuple[int, ReverseRecord]]) -> None:
+        async def one(chain: Chain) -> None:
             async with gate:
-                await self._wallet([r for _, r in sorted(
-                    wallet_records, key=lambda pair: (pair[0], pair[1].created_at))],
-                    applied, refused)
+                await self._wallet(chain, applied, refused)
 
-        done = await asyncio.gather(*(one(rs) for rs in owed.values()), return_exceptions=True)
+        done = await asyncio.gather(*(one(c) for c in chains if c), return_exceptions=True)
         await self._outbox.mark_reverse(applied, refused)  # the others' marks are kept
         beat()
         failures = [d for d in done if isinstance(d, BaseException)]
         if failures:
             raise failures[0]  # that wallet's rest stays pending, in order
-        return len(applied) + abandoned
+        return batched + len(applied) + abandoned
+
+    async def _batch(
+        self, chains: list[Chain], beat: Callable[[], None]
+    ) -> tuple[int, list[Chain]]:
+        """Each chain's credits and debits up to its first void, many wallets per MongoDB
+        transaction (with their marks). Returns the records applied and marked, and each
+        chain's rest for the one-by-one path (in order, after what was committed)."""
+        heads = [_batchable_head(chain) for chain in chains]
+        rests: list[Chain] = [chain[len(head):] for chain, head in zip(chains, heads, strict=True)]
+        order = [i for i, head in enumerate(heads) if head]
+        done = 0
+        while order:
+            chunk: list[int] = []
+            size = 0
+            while order and size + len(heads[order[0]]) <= BATCH_OPERATIONS_MAX:
+                size += len(heads[order[0]])
+                chunk.append(order.pop(0))
+            done += await self._one_batch([chains[i] for i in chunk],
+                                          [heads[i] for i in chunk], rests, chunk)
+            beat()
+        return done, rests
+
+    async def _one_batch(self, chains: list[Chain], heads: list[list[AddCredit]],
+                         rests: list[Chain], at: list[int]) -> int:
+        gauges = backlog_gauges()
+        for chain in chains:
+            gauges.started("to_mongodb", chain[0].wallet.canonical, [r.created_at for r in chain])
+        started = time.perf_counter()
+        counts = await self._legacy.apply_reverse_batch(heads)
+        elapsed_s = time.perf_counter() - started
+        if counts is None:  # nothing committed: every record one by one
+            counts = [0] * len(chains)
+        written = {"credit": 0, "debit": 0}
+        for index, chain, head, count in zip(at, chains, heads, counts, strict=True):
+            assert 0 <= count <= len(head)
+            rests[index] = chain[count:]
+            for op in head[:count]:
+                written["debit" if isinstance(op, SubtractCredit) else "credit"] += 1
+            if not rests[index]:
+                gauges.applied("to_mongodb", chain[0].wallet.canonical)
+        for kind, count in written.items():
+            observe_store_batch(SOURCE, kind, ok=count, replayed=0, seconds=elapsed_s)
+        return sum(counts)
 
     async def _wallet(
         self, records: list[ReverseRecord], applied: list[str],

@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING, DESCENDING, IndexModel, InsertOne, UpdateOne
+from pymongo import ASCENDING, DESCENDING, IndexModel, InsertOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
@@ -69,6 +69,7 @@ from walletcore.errors import (
     NotFoundError,
     NotVoidableError,
     StoreUnavailableError,
+    WalletError,
 )
 from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
@@ -100,6 +101,9 @@ LOG_ORDER_INDEX = "history_order"  # the log in (created_at, wallet, wallet_vers
 # SecantusDB keeps every session that ever ran a transaction and scans them all on each
 # statement, so a wide fan-out makes every later write slower for the server's lifetime.
 SESSIONS_MAX_DEFAULT = 16
+# Operations one batched reverse-projection transaction writes (apply_reverse_batch): bounds
+# the transaction's size and how long it holds its wallets' documents.
+BATCH_OPERATIONS_MAX = 512
 
 Document = dict[str, Any]
 Applied = tuple[OperationResult, LegacyFacts]
@@ -157,6 +161,17 @@ class _Snapshot:
     fields: Document  # the stored Decimal128 balance fields, matched verbatim by the CAS
     version: int
     allow_overdraft: bool
+
+
+@dataclass
+class _ChainPlan:
+    """One wallet's part of a batched reverse-projection transaction (apply_reverse_batch)."""
+
+    canonical: str
+    version: int  # the wallet's version as read (the compare-and-swap's condition)
+    count: int  # operations written (the chain's first `count`)
+    docs: list[Document]  # their wallet_transactions documents, in order
+    snapshot: _Snapshot | None  # the wallet after them
 
 
 class _Snapshots:
@@ -527,6 +542,131 @@ class LegacyStore:
             ),
         )
         return _result(txn_doc, wallet, replayed=False), facts
+
+    async def apply_reverse_batch(
+        self, chains: Sequence[Sequence[AddCredit]]
+    ) -> list[int] | None:
+        """tb_primary's reverse projection, batched (activities.reverse_outbox): many wallets'
+        credits and debits (each chain one wallet's, in TigerBeetle's order) written in ONE
+        transaction together with their `wallet_outbox_to_mongodb` marks: a record is marked
+        iff its write committed, so a crash anywhere applies nothing twice and loses nothing.
+        Per chain, how many of its first operations were written: a chain stops before an
+        operation the batch does not decide (an id already stored: a replay or a duplicate; a
+        debit the balance does not cover without overdraft; an unknown wallet); the caller
+        applies the rest one by one (`apply`), after this commits. None: nothing was written (a
+        concurrent write to one of the wallets, a record no longer pending, a retryable error):
+        the caller applies every chain one by one, as before."""
+        assert sum(len(c) for c in chains) <= BATCH_OPERATIONS_MAX
+        assert len({c[0].wallet.canonical for c in chains if c}) == len([c for c in chains if c])
+        try:
+            async with self._sessions_gate, self._client.start_session() as session:
+                await session.start_transaction()
+                try:
+                    planned = await self._plan_chains(session, chains)
+                    written = await self._write_planned(session, planned)
+                except BaseException:
+                    await abort_quietly(session)
+                    raise
+                if not written:
+                    await abort_quietly(session)
+                    return [0] * len(chains)
+                await commit(session)
+        except (_VersionConflict, ClientBulkWriteException, DuplicateKeyError):
+            self._forget_chains(chains)
+            return None
+        except PyMongoError as exc:
+            self._forget_chains(chains)
+            if is_retryable_txn_error(exc):
+                return None
+            raise StoreUnavailableError(f"MongoDB: {exc}", field=None) from exc
+        for plan in planned:
+            if plan.count and plan.snapshot is not None:
+                self._snapshots.put(plan.canonical, plan.snapshot)
+        return [p.count for p in planned]
+
+    def _forget_chains(self, chains: Sequence[Sequence[AddCredit]]) -> None:
+        for chain in chains:
+            if chain:
+                self._snapshots.forget(chain[0].wallet.canonical)
+
+    async def _plan_chains(
+        self, session: AsyncClientSession, chains: Sequence[Sequence[AddCredit]]
+    ) -> list[_ChainPlan]:
+        """Each chain's decidable prefix from the wallets and ids as this transaction reads
+        them (two reads for the whole batch)."""
+        ids = [op.transaction_id for chain in chains for op in chain]
+        canonicals = [chain[0].wallet.canonical for chain in chains if chain]
+        stored = {d["_id"] for d in await self._txns.find(
+            {"_id": {"$in": ids}}, {"_id": 1}, session=session).to_list(None)}
+        wallets = {d["_id"]: d for d in await self._wallets.find(
+            {"_id": {"$in": canonicals}}, session=session).to_list(None)}
+        now = now_ms()
+        plans: list[_ChainPlan] = []
+        for chain in chains:
+            wallet_doc = wallets.get(chain[0].wallet.canonical) if chain else None
+            plans.append(self._plan_chain(chain, wallet_doc, stored, now))
+        return plans
+
+    def _plan_chain(
+        self, chain: Sequence[AddCredit], wallet_doc: Document | None, stored: set[str],
+        now: datetime,
+    ) -> _ChainPlan:
+        if wallet_doc is None:  # unknown wallet (or an empty chain): one by one
+            return _ChainPlan(canonical="", version=0, count=0, docs=[], snapshot=None)
+        wallet = chain[0].wallet
+        balance = _balance_of(wallet_doc, wallet.currency)
+        version = int(wallet_doc["version"])
+        allow_overdraft = bool(wallet_doc["allow_overdraft"])
+        fields = _balance_fields(balance, wallet.currency)
+        docs: list[Document] = []
+        for op in chain:
+            assert not isinstance(op, Void) and op.wallet.canonical == wallet.canonical
+            if op.transaction_id in stored:
+                break  # a replay or a duplicate id: the one-by-one path decides
+            try:
+                amount_minor = self._validate(op)
+            except WalletError:
+                break  # refused: the one-by-one path records the refusal
+            debit = isinstance(op, SubtractCredit)
+            after = balance.apply_debit(amount_minor) if debit else balance.apply_credit(
+                amount_minor)
+            if debit and not allow_overdraft and after.net_minor < 0:
+                break  # the one-by-one path reads afresh and refuses (a divergence)
+            balance, fields = after, _balance_fields(after, wallet.currency)
+            kind = OperationType.DEBIT if debit else OperationType.CREDIT
+            docs.append(_txn_doc(op, kind, amount_minor, fields, version + len(docs) + 1, now))
+        snapshot = _Snapshot(balance=balance, fields=fields, version=version + len(docs),
+                             allow_overdraft=allow_overdraft)
+        return _ChainPlan(canonical=wallet.canonical, version=version, count=len(docs),
+                          docs=docs, snapshot=snapshot)
+
+    async def _write_planned(
+        self, session: AsyncClientSession, plans: list[_ChainPlan]
+    ) -> bool:
+        """One bulkWrite: each planned wallet's compare-and-swap to its last balance, its
+        transaction documents, the records' marks. False: nothing planned. Raises
+        _VersionConflict when a wallet moved or a record is no longer pending."""
+        writes: list[UpdateOne | UpdateMany | InsertOne[Document]] = []
+        applied: list[str] = []
+        for plan in (p for p in plans if p.count):
+            assert plan.snapshot is not None
+            last = plan.docs[-1]
+            writes.append(UpdateOne(
+                {"_id": plan.canonical, "version": plan.version},
+                {"$set": {**last["balance_after"], "version": last["wallet_version"],
+                          "updated_at": last["created_at"]}},
+                namespace=self._wallets.full_name))
+            writes += [InsertOne(doc, namespace=self._txns.full_name) for doc in plan.docs]
+            applied += [doc["_id"] for doc in plan.docs]
+        if not applied:
+            return False
+        wallets = len(writes) - len(applied)
+        writes += self.outbox.reverse_marks(applied, now_ms())
+        result = await self._client.bulk_write(writes, session=session, ordered=True)
+        if (result.matched_count != wallets + len(applied)
+                or result.inserted_count != len(applied)):
+            raise _VersionConflict
+        return True
 
     async def _apply(
         self,

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo import ASCENDING, IndexModel, UpdateMany, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -318,6 +318,17 @@ class Outbox:
                     "state": APPLIED, "applied_at": now, "error_type": kind,
                     "error_message": message}})
                 for txn, (kind, message) in refused.items()])
+
+    def reverse_marks(self, applied: Sequence[str], now: datetime) -> list[UpdateMany]:
+        """`mark_reverse`'s update for `applied` as client bulkWrite models (namespaced): the
+        legacy store commits them in the transaction that applies those records
+        (LegacyStore.apply_reverse_batch), so a record is marked iff it was applied. Each
+        matches only pending records: the caller compares the matched count."""
+        ids = list(applied)
+        return [UpdateMany({"_id": {"$in": ids[start:start + IN_CHUNK_MAX]}, "state": PENDING},
+                           {"$set": {"state": APPLIED, "applied_at": now}},
+                           namespace=self.to_mongodb.full_name)
+                for start in range(0, len(ids), IN_CHUNK_MAX)]
 
     async def abandon_reverse(self, record: ReverseRecord) -> bool:
         """No TigerBeetle write happened for it: abandoned, unless a write path re-armed it

@@ -53,7 +53,7 @@ from stores.outbox import (
 from stores.tb_batches import BatchedClient
 from stores.tigerbeetle_client import TigerBeetleClient
 from walletconfig.settings import Settings
-from walletcore.errors import WalletError
+from walletcore.errors import StoreUnavailableError, WalletError
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit, SubtractCredit, Void, WalletOperation
 from walletcore.phases import Phase
@@ -544,3 +544,119 @@ async def test_reconciliation_reads_a_pending_reverse_record_as_in_flight(stores
     assert (await owed_effect()).real_kind is IssueKind.LOST_LEGACY_WRITE
     await apply_to(stores.legacy, owed)  # leave the stores equal
     await assert_same_sequence(stores, wallet)
+
+
+async def tb_primary_wallets(stores: Stores, label: str, count: int) -> list[WalletKey]:
+    """`count` wallets of one shard that MongoDB holds already (a first tb_primary credit,
+    drained), so their next records can go in a batched transaction."""
+    run = uuid.uuid4().hex[:8]
+    wallets = [key(f"{label}-{run}-{n}", DUAL_PAIR) for n in range(count * OUTBOX_SHARDS)]
+    shard = max(range(OUTBOX_SHARDS),
+                key=lambda s: sum(outbox_shard(w.canonical) == s for w in wallets))
+    wallets = [w for w in wallets if outbox_shard(w.canonical) == shard][:count]
+    drainer = ReverseOutboxDrainer(stores.legacy.outbox, stores.legacy, stores.tigerbeetle)
+    for w in wallets:
+        assert await tb_primary_write(stores, AddCredit(
+            wallet=w, transaction_id=f"{w.client_id}.0", amount=Decimal("1.00")))
+        await reverse_drain_all(drainer, stores, w)
+    return wallets
+
+
+async def test_a_reverse_batch_applies_and_marks_many_wallets_in_one_transaction(
+    stores: Stores,
+) -> None:
+    """Each wallet's credits and debits in one transaction with their marks (a record is
+    marked iff its write committed); an id already stored stops its chain for the one-by-one
+    path; a record no longer pending writes nothing at all; the drainer does the rest (the
+    voids) after, each wallet in TigerBeetle's order."""
+    outbox = stores.legacy.outbox
+    wallets = await tb_primary_wallets(stores, "rev-batch", 4)
+    plans = [wallet_ops(w) for w in wallets]
+    for step in range(len(plans[0])):
+        for plan in plans:
+            assert await tb_primary_write(stores, plan[step])
+    heads = [[cast(AddCredit, op) for op in plan[:3]] for plan in plans]  # before the void
+    await outbox.mark_reverse([plans[0][0].transaction_id])  # no longer pending
+    assert await stores.legacy.apply_reverse_batch(heads) is None  # nothing written
+    assert not await stores.legacy.transactions_held([op.transaction_id for op in heads[1]])
+    await outbox.to_mongodb.update_one({"_id": plans[0][0].transaction_id},
+                                       {"$set": {"state": PENDING}})
+    await apply_to(stores.legacy, plans[1][0])  # a drainer died before its mark
+    assert await stores.legacy.apply_reverse_batch(heads) == [3, 0, 3, 3]
+    states = await outbox.reverse_states_of([op.transaction_id for plan in plans for op in plan])
+    for n, plan in enumerate(plans):
+        assert [states[op.transaction_id] for op in plan] == (
+            [PENDING] * 5 if n == 1 else [APPLIED] * 3 + [PENDING] * 2)
+    drainer = ReverseOutboxDrainer(outbox, stores.legacy, stores.tigerbeetle)
+    await drainer.drain_pass(outbox_shard(wallets[0].canonical))
+    for wallet in wallets:
+        assert await outbox.pending_to_mongodb(wallet) == 0
+        await assert_same_sequence(stores, wallet)  # each once, in TigerBeetle's order
+    docs = await outbox.to_mongodb.find(
+        {"wallet": {"$in": [w.canonical for w in wallets]}}).to_list(None)
+    assert all(d["state"] == APPLIED and "error_type" not in d for d in docs), docs
+
+
+# A reverse drainer process killed with SIGKILL inside its batched transaction (its writes
+# sent, the commit not): argv = TB addresses, shard. Prints "stopped" there and waits.
+REVERSE_CRASHER = """
+import asyncio, sys
+import stores.legacy_store as legacy_module
+from activities.reverse_outbox import ReverseOutboxDrainer
+from stores.bundle import make_stores
+from walletconfig.settings import Settings
+
+async def main() -> None:
+    stores = await make_stores(Settings.from_env(), tb_addresses=sys.argv[1])
+
+    async def stop(*args: object, **kwargs: object) -> None:
+        print("stopped", flush=True)
+        await asyncio.sleep(3600)
+
+    legacy_module.commit = stop  # type: ignore[assignment]
+    drainer = ReverseOutboxDrainer(stores.legacy.outbox, stores.legacy, stores.tigerbeetle)
+    await drainer.drain_pass(int(sys.argv[2]))
+    print("finished without stopping", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_a_reverse_drainer_killed_inside_its_batch_applies_each_once(
+    settings: Settings, tb_addresses: str, stores: Stores, tmp_path: Path
+) -> None:
+    outbox = stores.legacy.outbox
+    wallets = await tb_primary_wallets(stores, "rev-kill", 3)
+    plans = [movement_ops(w) for w in wallets]
+    for step in range(len(plans[0])):
+        for plan in plans:
+            assert await tb_primary_write(stores, plan[step])
+    shard = outbox_shard(wallets[0].canonical)
+    env = worker_env(settings.model_copy(update={"mongodb_database": stores.db.name}), "-")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REVERSE_CRASHER, tb_addresses, str(shard)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=(tmp_path / "crasher.log").open("wb"))
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+        assert line.strip() == b"stopped", (line, (tmp_path / "crasher.log").read_text())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    ids = [op.transaction_id for plan in plans for op in plan]
+    states = await outbox.reverse_states_of(ids)
+    assert states == dict.fromkeys(ids, PENDING)  # nothing committed, nothing marked
+    assert not await stores.legacy.transactions_held(ids)
+    # The killed process's transaction still holds its wallets until the server expires it
+    # (60 s, as mongod's transactionLifetimeLimitSeconds): passes fail as conflicting until
+    # then, and the drain loop runs them again, as here.
+    drainer = ReverseOutboxDrainer(outbox, stores.legacy, stores.tigerbeetle)
+    deadline = time.monotonic() + 180
+    while set((await outbox.reverse_states_of(ids)).values()) != {APPLIED}:
+        assert time.monotonic() < deadline, "the killed drainer's wallets stayed blocked"
+        with contextlib.suppress(StoreUnavailableError):
+            await drainer.drain_pass(shard)
+    for wallet in wallets:
+        await assert_same_sequence(stores, wallet)  # each once, in order
