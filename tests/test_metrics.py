@@ -553,8 +553,13 @@ async def test_terminal_metrics_count_what_the_pipeline_answered(
             ledger = GeneralLedger(db, chart=table.chart)
             client = ClearingClient(temporal_client, ClearingStore(db), queue, ledger=ledger,
                                     table=table)
-            assert not (await client.submit_many(sent)).refused
+            intake = await client.submit_many(sent)
+            assert not intake.refused
             outcomes = await client.wait([t.external_id for t in sent], 60.0)
+            # The outcomes read settled once the ledger has their entries; the settle activity
+            # counts them just after: its batch workflow's end is when the counters are final
+            # (and this worker must not shut down, cancelling it, before).
+            await client.batch_outcome(intake.batch_id, 60.0)
         assert {o.state for o in outcomes.values()} == {"settled"}
         for kind in kinds:
             want = sum(1 for t in sent if t.kind == kind)
