@@ -426,9 +426,10 @@ class WalletActivities:
         """MongoDB's answer if it holds the operation already (a replay), and, with `intent`,
         the operation's MongoDB-bound record (stores.outbox intend_to_mongodb; True: this call
         inserted it), and (credits and debits) the registry records the TigerBeetle write
-        reads first (TigerBeetleStore.known_records). All round trips in one wait (issue 18:
-        the tb_primary answer's path; the registry reads were a sequential round trip after
-        the others). A replay, or a failed check, withdraws a record this call inserted:
+        reads first, with a debit's funds check (TigerBeetleStore.known_for_movement). All
+        round trips in one wait (issue 18: the tb_primary answer's path; the registry reads
+        and the funds check were round trips after the others). A replay, or a failed check
+        (insufficient funds included), withdraws a record this call inserted:
         nothing is written to TigerBeetle for it (a drainer that saw it meanwhile finds no
         transfer, or applies one TigerBeetle already had, a MongoDB replay)."""
         op = inp.command.op
@@ -442,7 +443,12 @@ class WalletActivities:
         replay, known, inserted = await reads
         if isinstance(inserted, BaseException):
             raise inserted  # nothing was inserted (the other two only read)
-        failed = next((r for r in (replay, known) if isinstance(r, BaseException)), None)
+        if isinstance(replay, BaseException):
+            failed: BaseException | None = replay
+        elif replay is not None:
+            failed, known = None, None  # answered from MongoDB: the TigerBeetle reads are moot
+        else:
+            failed = known if isinstance(known, BaseException) else None
         if (replay is not None or failed is not None) and inserted:
             await outbox.withdraw_to_mongodb(op.transaction_id)
         if failed is not None:
@@ -451,10 +457,11 @@ class WalletActivities:
         return replay, inserted, known
 
     async def _known_records(self, op: WalletOperation) -> KnownRecords | None:
-        """A credit's or debit's registry records (a void reads its own: see void)."""
+        """A credit's or debit's registry records, and a debit's funds check (a refusal
+        withdraws the intent like any failed check); a void reads its own (see void)."""
         if isinstance(op, Void):
             return None
-        return await self._tigerbeetle.known_records(op.wallet, [op.transaction_id])
+        return await self._tigerbeetle.known_for_movement(op)
 
     async def _write_tigerbeetle(
         self, inp: ApplyPrimaryInput, opening: OriginalFacts | None, *, intent: bool,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -121,6 +121,7 @@ class KnownRecords:
     wallet: WalletKey
     transfers: Mapping[str, TransferRecord]
     account: AccountRecord | None
+    funds_checked: bool = False  # one debit's funds check done with the reads (see there)
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,21 @@ class TigerBeetleStore:
         )
         return KnownRecords(wallet=wallet, transfers=existing, account=account)
 
+    async def known_for_movement(self, op: AddCredit) -> KnownRecords:
+        """known_records of one credit or debit and, for a debit of a registered wallet with
+        no overdraft whose account this process has seen in TigerBeetle, the funds check the
+        write would do after them (`funds_checked`: the write skips it). The tb_primary answer
+        waits for all of it beside its MongoDB checks (issue 18: was a round trip after)."""
+        known = await self.known_records(op.wallet, [op.transaction_id])
+        account = known.account
+        if (not isinstance(op, SubtractCredit) or account is None or account.allow_overdraft
+                or op.transaction_id in known.transfers
+                or account.account_id not in self._known_accounts):
+            return known
+        _check_ledger(account, self._ledgers.ledger_of(op.wallet.currency, op.wallet.country))
+        await self._check_funds(account, movement_transfer(op, OperationType.DEBIT, account))
+        return replace(known, funds_checked=True)
+
     async def _movement(
         self, op: AddCredit, kind: OperationType, known: KnownRecords | None,
         *, defer_record: bool = False,
@@ -403,7 +419,8 @@ class TigerBeetleStore:
         await self.ensure_system_accounts(ledger)
         transfer = movement_transfer(op, kind, account)
         assert transfer.id == tid and transfer.amount == amount_minor
-        if is_debit and not account.allow_overdraft and existing is None:
+        checked = known is not None and known.funds_checked and known.account == account
+        if is_debit and not account.allow_overdraft and existing is None and not checked:
             await self._check_funds(account, transfer)
         timestamp, replayed = await self._create_transfer(
             transfer, account, context=f"{kind.value} {op.transaction_id}"
