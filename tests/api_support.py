@@ -31,7 +31,9 @@ from stores.api_keys import ApiKeyStore
 from walletconfig.settings import Settings
 from walletmig.processes import free_port, log_tail
 
-API_START_TIMEOUT_S = 60.0
+# A deadline, not a duration: `--workers 2` spawns two processes that import everything again;
+# on the shared 2-core host at load ~25 they were still starting after 60 s (session 8).
+API_START_TIMEOUT_S = 180.0
 API_STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.1
 ALL_SCOPES = ["wallets:read", "wallets:write", "terminal:submit", "terminal:read",

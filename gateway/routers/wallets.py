@@ -203,7 +203,9 @@ async def serve_balance(request: Request) -> Response:
     validated by one pydantic model (422 with the same `path.`/`query.` fields), the body
     serialised once. Same status codes, body, problem+json errors and access log line."""
     await authorize(request, GET_BALANCE)
-    params = {**request.path_params, "issuer_type": request.query_params.get("issuer_type")}
+    # No query string (the usual read): no QueryParams parse (~3 % of the read's CPU).
+    issuer_type = request.query_params.get("issuer_type") if request.scope["query_string"] else None
+    params = {**request.path_params, "issuer_type": issuer_type}
     try:
         checked = _BalanceParams.model_validate(params)
     except ValidationError as exc:
