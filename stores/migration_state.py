@@ -46,13 +46,16 @@ class MigrationStateStore:
         # put MongoDB's latency into the tail of TigerBeetle reads). Callers that miss join it.
         self._refills: dict[str, asyncio.Task[MigrationState | None]] = {}
 
-    async def find(self, scope: str, *, fresh: bool = False) -> MigrationState | None:
-        """The scope's own document (cached unless `fresh`), or None when it has none."""
+    async def find(
+        self, scope: str, *, fresh: bool = False, ahead: bool = True
+    ) -> MigrationState | None:
+        """The scope's own document (cached unless `fresh`), or None when it has none.
+        `ahead=False`: no refresh ahead from this read (another read's refresh brings it)."""
         assert scope, "scope must be a ledger pair or '*'"
         now = time.monotonic()
         cached = self._cache.get(scope)
         if not fresh and cached is not None and cached[0] > now:
-            if cached[0] - now < self._cache_ttl_s * REFRESH_AHEAD_FRACTION:
+            if ahead and cached[0] - now < self._cache_ttl_s * REFRESH_AHEAD_FRACTION:
                 # Refresh ahead, in the background: no caller waits for the read when the
                 # entry runs out (at one caller every write of the second after it did:
                 # issue 18's p95). The entry is still served only until it expires.
@@ -79,13 +82,28 @@ class MigrationStateStore:
             done.exception()  # a failed background refresh: the next expired read retries
 
     async def _read(self, scope: str) -> MigrationState | None:
-        doc = await self._collection.find_one({"_id": scope})
+        # A pair's read brings '*' along in the same query: resolve asks for '*' right after
+        # whenever the pair has no document of its own (most pairs), which was a second
+        # round trip on a write that found the cache expired (issue 18), and a second
+        # background refresh per second.
+        scopes = [scope] if scope == GLOBAL_SCOPE else [scope, GLOBAL_SCOPE]
+        cursor = self._collection.find({"_id": {"$in": scopes}})
+        docs = {doc["_id"]: doc for doc in await cursor.to_list(length=len(scopes))}
+        after = time.monotonic()
+        if len(self._cache) >= CACHE_SCOPES_MAX:
+            self._cache.clear()
+        states = [self._cached(s, docs.get(s), after) for s in scopes]
+        return states[0]
+
+    def _cached(
+        self, scope: str, doc: dict[str, Any] | None, after: float
+    ) -> MigrationState | None:
+        """Cache what a read found for `scope` (finished at `after`); the state to use."""
         state = None if doc is None else _state_of(doc)
         # Concurrent misses finish in any order: a read that started before a phase change
         # must not replace the newer state a later read already cached (answers would go
         # back in epoch). Only while that entry is live, so a rewritten document still shows.
         current = self._cache.get(scope)
-        after = time.monotonic()
         if (
             current is not None
             and current[0] > after
@@ -94,8 +112,6 @@ class MigrationStateStore:
             and current[1].epoch > state.epoch
         ):
             return current[1]
-        if len(self._cache) >= CACHE_SCOPES_MAX:
-            self._cache.clear()
         self._cache[scope] = (after + self._cache_ttl_s, state)
         return state
 
@@ -110,7 +126,8 @@ class MigrationStateStore:
         `walletmig_migration_phase` gauges: what this process acts on."""
         own = await self.find(ledger_pair, fresh=fresh)
         if own is None:
-            state = await self.find(GLOBAL_SCOPE, fresh=fresh)
+            # Cached by the pair's read (see _read), which also refreshes it ahead.
+            state = await self.find(GLOBAL_SCOPE, fresh=fresh, ahead=False)
             own = MigrationState(scope=GLOBAL_SCOPE) if state is None else state
         observe_migration_state(own.scope, own.phase.value, own.rollout_percent, own.epoch)
         return own
