@@ -480,7 +480,14 @@ async def test_pause_auto_rollback_and_continue_as_new(
                           "already paused")
     # TigerBeetle failing: 30 of 30 cutover reads fell back. Paused = no automatic action.
     await observe(mongo_db, scope, ReadMode.CUTOVER, ReadOutcome.FALLBACK_ERROR, 30)
-    await asyncio.sleep(1.0)
+
+    async def failures_seen() -> bool:
+        """An evidence round measured them (a fixed wait could end before one on a loaded
+        host, and prove nothing): unpaused, that round would have rolled back."""
+        evidence = (await handle.query(MigrationWorkflow.status)).evidence
+        return evidence is not None and evidence.cutover_fallbacks >= 30
+
+    await eventually(failures_seen, "an evidence round to see the failed reads")
     assert (await handle.query(MigrationWorkflow.status)).phase == Phase.READ_CUTOVER
     await handle.execute_update(MigrationWorkflow.resume, PauseRequest(actor="bob"))
 
