@@ -141,6 +141,19 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
         await asyncio.sleep(0.2)
 
 
+async def evidence_rounds_pass(handle: WorkflowHandle[Any, MigrationStatus]) -> None:
+    """Until the workflow has run an evidence round that started after this call (what a check
+    that nothing happened meanwhile needs: a fixed wait may see none on a loaded host)."""
+    since = datetime.now(UTC)
+
+    async def newer() -> bool:
+        status: MigrationStatus = await handle.query(MigrationWorkflow.status)
+        at = status.evidence.collected_at if status.evidence is not None else None
+        return at is not None and at > since
+
+    await eventually(newer, "an evidence round")
+
+
 async def gates_pass(handle: WorkflowHandle[Any, MigrationStatus]) -> None:
     async def check() -> bool:
         view: GatesView = await handle.query(MigrationWorkflow.gates)
@@ -628,7 +641,7 @@ async def test_four_eyes_on_force_advance_and_complete(
     await expect_rejected(handle.execute_update(
         MigrationWorkflow.force_advance, ForceAdvanceRequest(actor="carl", reason="me too")),
         "already awaits `approve`")
-    await asyncio.sleep(1.0)  # evidence rounds pass: an unapproved request never runs
+    await evidence_rounds_pass(handle)  # an unapproved request never runs
     status = await handle.query(MigrationWorkflow.status)
     assert (status.phase, status.epoch) == (Phase.LEGACY, 0)
     done = await handle.execute_update(MigrationWorkflow.approve, ApproveRequest(actor="bob"))
@@ -642,7 +655,7 @@ async def test_four_eyes_on_force_advance_and_complete(
     assert asked.phase == Phase.TB_PRIMARY and asked.pending_approval is not None
     await expect_rejected(handle.execute_update(
         MigrationWorkflow.approve, ApproveRequest(actor="ana")), "another engineer")
-    await asyncio.sleep(1.0)
+    await evidence_rounds_pass(handle)
     assert (await handle.query(MigrationWorkflow.status)).phase == Phase.TB_PRIMARY
     done = await handle.execute_update(MigrationWorkflow.approve, ApproveRequest(actor="bob"))
     assert done.phase == Phase.COMPLETE and done.archive is not None
