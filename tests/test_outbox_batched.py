@@ -6,7 +6,8 @@ the unapplied-writes count is 0 and both stores hold the same log; the count lea
 writes younger than the gates' grace (a write in flight is not unapplied); a wallet whose
 import is held elsewhere does not stop the batch of the others; the batch feeds the backlog
 gauges and the store operation series as the per-record path does; and what batching
-saves, measured side by side (create_transfers requests and drainer CPU per record).
+saves, measured side by side (create_transfers requests and drainer CPU per record; also
+tb_primary's reverse projection batched in MongoDB transactions vs one by one).
 """
 
 from __future__ import annotations
@@ -22,12 +23,21 @@ from decimal import Decimal
 import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
-from test_outbox import counting, drain_all, drainer, movement_ops, write, write_interleaved
+from test_outbox import (
+    counting,
+    drain_all,
+    drainer,
+    movement_ops,
+    tb_primary_write,
+    write,
+    write_interleaved,
+)
 from wallet_support import DUAL_PAIR, assert_same_sequence, isolated_settings, key
 
 from activities.backfill import ENSURE_WAIT_ATTEMPTS_MAX, ENSURE_WAIT_S
 from activities.migration import IN_FLIGHT_GRACE_S, SWITCH_MARGIN_S, MigrationActivities
 from activities.outbox_drain import BATCHED_DEFAULT
+from activities.reverse_outbox import ReverseOutboxDrainer
 from messages.backfill import BackfillPageInput
 from mongobase.mongo import now_ms
 from stores.backfill_imports import ImportRecord, ImportStatus
@@ -298,3 +308,50 @@ async def test_batched_vs_per_record_requests_and_cpu_per_record(
     print("\n".join(f"{name}: {req:.4f} create_transfers requests per record, "
                     f"{cpu:.3f} ms drainer CPU per record" for name, (req, cpu) in figures.items()))
     assert figures["batched"][0] * 50 < figures["per record"][0], figures
+
+
+@pytest.mark.slow
+async def test_reverse_batched_vs_one_by_one_cpu_per_record(
+    settings: Settings, tb_addresses: str
+) -> None:
+    """tb_primary's reverse projection side by side in one run, same servers: the same 400
+    records of 100 wallets (MongoDB holds each already) drained one by one and batched
+    (printed: this process's CPU per record; `walletmig bench wallet-ops` and the stack's
+    server CPU tell the rest); both leave each wallet's log equal in both stores."""
+    figures: dict[str, float] = {}
+    for batched in (False, True):
+        stores = await make_stores(isolated_settings(settings, "reverse_measure"),
+                                   tb_addresses=tb_addresses)
+        await stores.imports.ensure_indexes()
+        try:
+            run = uuid.uuid4().hex[:8]
+            wallets = [key(f"rmeasure-{run}-{n}", DUAL_PAIR) for n in range(MEASURE_WALLETS)]
+            d = ReverseOutboxDrainer(stores.legacy.outbox, stores.legacy, stores.tigerbeetle,
+                                     batched=batched)
+            await asyncio.gather(*(tb_primary_write(stores, AddCredit(
+                wallet=w, transaction_id=f"{w.client_id}.0", amount=Decimal(100)))
+                for w in wallets))
+            await _reverse_drain(d, stores)
+            for step in range(1, 5):  # one write per wallet at a time, wallets at once
+                kind = SubtractCredit if step % 2 == 0 else AddCredit
+                await asyncio.gather(*(tb_primary_write(stores, kind(
+                    wallet=w, transaction_id=f"{w.client_id}.{step}", amount=Decimal(1)))
+                    for w in wallets))
+            cpu = time.process_time()
+            await _reverse_drain(d, stores)
+            figures["batched" if batched else "one by one"] = (
+                (time.process_time() - cpu) * 1000 / (MEASURE_WALLETS * 4))
+            for wallet in wallets[:10]:
+                await assert_same_sequence(stores, wallet)
+        finally:
+            await stores.close()
+    print("\n".join(f"reverse {name}: {cpu:.3f} ms drainer CPU per record"
+                    for name, cpu in figures.items()))
+
+
+async def _reverse_drain(d: ReverseOutboxDrainer, stores: Stores) -> None:
+    deadline = time.monotonic() + DRAIN_DEADLINE_S
+    while await stores.legacy.outbox.pending_total() > 0:
+        assert time.monotonic() < deadline, "reverse outbox not drained"
+        for shard in range(OUTBOX_SHARDS):
+            await d.drain_pass(shard)
