@@ -71,7 +71,9 @@ CALLERS = 4
 # bound, so a MongoDB outage is answered by the workflow ("MongoDB: ...") before it gives up.
 WINDOW_S = RETRY_WINDOW_S_DEFAULT
 ANSWER_SLACK_S = 5.0  # event-loop and process scheduling on a loaded 2-core machine
-STEADY_S = 3.0
+# Acknowledged writes before the first kill and after the last restart (a count, not a time:
+# a fixed pause is too short on a loaded host and idle on a quick one).
+STEADY_ANSWERS = 40
 # Longer than the workflow's 10 s write bound: the calls in flight at the kill hear of it.
 MONGO_OUTAGE_S = 12.0
 # Longer than the window: calls in flight end in OutcomeUnknownError; resent after the restart
@@ -291,12 +293,12 @@ async def test_kill_9_mongodb_temporal_redis_under_dual_write(
 async def _chaos(traffic: Traffic, stack: devstack.StackConfig) -> None:
     traffic.start()
     try:
-        await asyncio.sleep(STEADY_S)
+        await traffic.progress(STEADY_ANSWERS, RECOVERY_TIMEOUT_S)  # under way: then a kill
         await outage(traffic, stack, "mongo", MONGO_OUTAGE_S)
         await outage(traffic, stack, "temporal", TEMPORAL_OUTAGE_S)
         await outage(traffic, stack, "redis", REDIS_OUTAGE_S)
         traffic.enter("steady again")
-        await asyncio.sleep(STEADY_S)
+        await traffic.progress(STEADY_ANSWERS, RECOVERY_TIMEOUT_S)
     finally:
         traffic.stop.set()
         _, pending = await asyncio.wait(traffic.tasks, timeout=FINISH_TIMEOUT_S)
