@@ -193,7 +193,7 @@ class PhaseReport(BaseModel):
     write_p95_ms: float | None
     writes_per_s: float = 0.0  # acknowledged: with closed-loop writers, p50 ~ writers / this
     # Open loop: writes sent this phase (answered any way) per second, against the offered
-    # rate; and those that started late because every in-flight slot was taken.
+    # rate; and those due while every in-flight slot was taken (they started late).
     writes_sent_per_s: float = 0.0
     writes_late: int = 0
     # The phase's first writes to a wallet (each started its workflow) and the others.
@@ -244,8 +244,8 @@ class DemoReport(BaseModel):
     traffic: str = ""  # open loop at what rate and bound, or closed loop with how many writers
     write_rate_offered_per_s: float | None = None  # open loop; None: closed loop
     writes_sent_per_s: float | None = None  # achieved: writes sent (answered any way) / s
-    writes_late: int = 0  # open loop: started late, every in-flight slot taken
-    writes_unsent: int = 0  # open loop: still waiting for a slot when the traffic stopped
+    writes_late: int = 0  # open loop: due while every in-flight slot was taken
+    writes_unsent: int = 0  # open loop: due when the traffic stopped, never sent
     baseline_writes_per_s: float = BASELINE_WRITES_PER_S
     write_p95_ms_worst_phase: float | None = None
     write_p95_ms_median_phase: float | None = None
@@ -842,14 +842,14 @@ def _write_lines(report: DemoReport) -> list[str]:
     lower_by, median_by = report.write_p95_lower_by, report.write_p95_median_lower_by
     lines += [
         "(w/s: acknowledged writes per second; sent/s: writes sent, answered any way; late: "
-        "open loop, started after every in-flight slot was taken (latency counts from the "
-        "scheduled start); first: writes that started their wallet's workflow; CPU columns: "
-        "ms per acknowledged write; demo CPU: this process, % of one core; load: the host's "
-        "1-minute load average)",
+        "open loop, due while every in-flight slot was taken (latency counts from the "
+        "scheduled start, as for every open-loop write); first: writes that "
+        "started their wallet's workflow; CPU columns: ms per acknowledged write; demo CPU: "
+        "this process, % of one core; load: the host's 1-minute load average)",
         f"traffic: {report.traffic}; achieved {report.writes_sent_per_s} writes/s sent, "
-        f"{report.writes_late} late, {report.writes_unsent} unsent at the stop; issue 18's "
-        f"baseline ~{report.baseline_writes_per_s:g} writes/s ({BASELINE_WRITERS} closed-loop "
-        "writers, estimated: walletmig/demo.py BASELINE_WRITES_PER_S)",
+        f"{report.writes_late} late, {report.writes_unsent} due and unsent at the stop; "
+        f"issue 18's baseline ~{report.baseline_writes_per_s:g} writes/s ({BASELINE_WRITERS} "
+        "closed-loop writers, estimated: walletmig/demo.py BASELINE_WRITES_PER_S)",
         f"write p95: worst phase {_ms(report.write_p95_ms_worst_phase)} ms, median phase "
         f"{_ms(report.write_p95_ms_median_phase)} ms; issue 18's baseline {best:g}-{worst:g} ms"
         f" in every phase: worst {'-' if lower_by is None else lower_by}x lower than its worst, "

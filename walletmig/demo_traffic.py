@@ -91,9 +91,9 @@ class Ledger:
     writes_ok: int = 0
     writes_rejected: int = 0  # domain refusals (insufficient funds, already voided, ...)
     writes_failed: int = 0  # no domain answer
-    # Open-loop traffic (open_loop_writer): writes whose scheduled start found every in-flight
-    # slot taken (they started late; their latency still counts from the scheduled start),
-    # and scheduled writes never sent because the traffic stopped while they waited for one.
+    # Open-loop traffic (open_loop_writer): writes that came due while every in-flight slot
+    # was taken (they started late; their latency still counts from the scheduled start), and
+    # writes due when the traffic stopped but never sent (they waited for a slot).
     writes_late: int = 0
     writes_unsent: int = 0
     # Latency of an acknowledged write: from its scheduled start in open-loop traffic (the
@@ -249,10 +249,10 @@ async def open_loop_writer(client: WalletClient, wallets: list[WalletKey], ledge
                            ) -> None:
     """Random writes at a fixed offered rate until `stop`: the i-th write is scheduled at
     start + i / rate_per_s whatever the answers do (open loop), at most `in_flight_max` at
-    once. A write whose scheduled start finds every slot taken is counted late and starts as
-    soon as one frees; its latency counts from the scheduled start, so a saturated stack shows
-    as latency, not as a lower rate (closed-loop writers only ever measure their own queue).
-    Writes in flight at `stop` finish; one still waiting for a slot is counted unsent."""
+    once. A write whose scheduled start finds every slot taken starts as soon as one frees
+    (counted late); its latency counts from the scheduled start, so a saturated stack shows as
+    latency, not as a lower rate (closed-loop writers only ever measure their own queue).
+    Writes in flight at `stop` finish; those due by then and not sent are counted unsent."""
     assert 0 < rate_per_s <= WRITE_RATE_MAX_PER_S and 1 <= in_flight_max <= IN_FLIGHT_MAX
     slots = asyncio.Semaphore(in_flight_max)
     running: set[asyncio.Task[bool]] = set()
@@ -263,26 +263,31 @@ async def open_loop_writer(client: WalletClient, wallets: list[WalletKey], ledge
         finally:
             slots.release()
 
-    start, index = time.monotonic(), 0
+    start, index = time.monotonic(), 0  # index: writes sent so far
+    slot_at = start  # when the last write got its slot
     try:
         while not stop.is_set():
             scheduled = start + index / rate_per_s
-            index += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, scheduled - time.monotonic()))
             if stop.is_set():
                 break
-            if slots.locked():
-                ledger.writes_late += 1
+            # Due while the bound was full: now, or while the last write waited for its slot.
+            late = slots.locked() or slot_at > scheduled
             await slots.acquire()
-            if stop.is_set():  # stopped while it waited for a slot: never sent
+            slot_at = time.monotonic()
+            if stop.is_set():  # stopped while it waited for a slot
                 slots.release()
-                ledger.writes_unsent += 1
                 break
+            ledger.writes_late += late
+            index += 1
             op, sent = next_op(random.choice(wallets), ledger)
             task = asyncio.create_task(one(op, sent, scheduled))
             running.add(task)
             task.add_done_callback(running.discard)
+        # Due by now (scheduled at or before it) and never sent: reported, not dropped.
+        due = int((time.monotonic() - start) * rate_per_s) + 1
+        ledger.writes_unsent += max(0, due - index)
         await asyncio.gather(*running, return_exceptions=True)
     finally:
         for task in running:  # cancelled (a failing run): do not wait for writes in flight
