@@ -164,9 +164,19 @@ class StackCpu(ServerCpu):
         return out
 
     def api_processes(self) -> int:
-        """The processes that serve requests: uvicorn's workers, or the one process."""
+        """The processes that serve requests: uvicorn's spawned workers (not multiprocessing's
+        resource tracker, its other child), or the one process."""
         record = self._records.get("api")
-        return 0 if record is None else max(1, len(_children(record.pid)))
+        if record is None:
+            return 0
+        return max(1, sum(_is_spawned_worker(pid) for pid in _children(record.pid)))
+
+
+def _is_spawned_worker(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _children(pid: int) -> list[int]:
