@@ -156,3 +156,26 @@ async def test_head_holding_protocol_answers_the_same_bytes() -> None:
     finally:
         server.should_exit = True
         await serving
+
+
+def test_bench_api_judges_the_median_of_the_rounds_ratios() -> None:
+    from walletmig.bench_api import ApiBenchConfig, PathFigures, _report
+
+    config = ApiBenchConfig(api_url="http://x", rounds=3)
+    pairs = {"USD:USA": "mongodb", "EUR:ESP": "tigerbeetle"}
+    # Per round: (API reads/s, direct reads/s); the host's load moves both between rounds.
+    by_round = [(800.0, 1000.0), (200.0, 800.0), (450.0, 500.0)]  # 80 %, 25 %, 90 %
+    runs = [
+        PathFigures(kind=kind, path=path, pair=pair, source=source, round=n, requests=100,
+                    seconds=1.0, requests_per_s=rates[path == "direct"], p50_ms=1.0, p99_ms=2.0)
+        for n, rates in enumerate(by_round)
+        for pair, source in pairs.items()
+        for kind in ("read", "credit")
+        for path in ("api", "direct")
+        if kind == "read" or pair == "USD:USA"
+    ]  # fmt: skip
+    report = _report(config, pairs, runs)
+    assert report.round_ratios["read via tigerbeetle"] == [0.8, 0.25, 0.9]
+    assert report.read_ratios == {"mongodb": 0.8, "tigerbeetle": 0.8}
+    assert report.credit_ratio == 0.8  # not the ratio of medians (450 / 800 = 56 %)
+    assert report.api_reads_per_s["tigerbeetle"] == 450.0
