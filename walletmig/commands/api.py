@@ -3,7 +3,8 @@
 Settings come from the environment (gateway/settings.py: WALLETMIG_API_HOST, _PORT, _TLS_CERT,
 _TLS_KEY, rate limits, ...) plus the platform's (TEMPORAL_ADDRESS, MONGODB_URI, ...); `--host`
 and `--port` override. With a certificate and key it serves HTTPS only. Readiness:
-GET /readyz (200 when every dependency answers); liveness: GET /healthz.
+GET /readyz (200 when every dependency answers); liveness: GET /healthz. uvicorn serves it with
+the gateway's HeadHoldingHttpToolsProtocol (each answer's head and body in one write).
 """
 
 from __future__ import annotations
