@@ -64,7 +64,10 @@ from workflows.migration import MigrationWorkflow
 SCOPE = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
 WALLETS = 8
 CALLER_PAUSE_S = 0.02
-KILL_DELAY_S = 0.3  # after the switch Update is sent: the publish / drain is under way
+# After the switch Update is sent: the publish / drain is under way. A quick host can finish the
+# switch first: then it is rolled back and sent again with the next, shorter delay.
+KILL_DELAYS_S = (0.3, 0.1, 0.02)
+KILL_IN_FLIGHT_WAIT_S = 5.0  # for a caller's operation to be in flight at the kill
 RESTART_DELAY_S = 1.0
 OPS_PER_PHASE = 40  # answered operations between two steps
 UPDATE_TIMEOUT_S = 180.0
@@ -152,15 +155,15 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
     async with open_stores(isolated) as stores:
         try:
             try:
-                in_flight_at_kill = await _drive(handle, cfg.migration_id, traffic, procs, env,
-                                                 tmp_path)
+                in_flight_at_kill, early = await _drive(handle, cfg.migration_id, traffic,
+                                                        procs, env, tmp_path)
             finally:
                 await traffic.finish()  # every caller's last operation answered
             answered = {t for ids in traffic.answered.values() for t in ids}
             assert in_flight_at_kill <= answered, in_flight_at_kill - answered
             for wallet in wallets:
                 await _check_wallet(stores, client, wallet, traffic.answered[wallet])
-            await _check_audit(stores, cfg.migration_id)
+            await _check_audit(stores, cfg.migration_id, early)
             if history_wanted("migration_switch_crash"):
                 await save_history(handle, "migration_switch_crash")
         finally:
@@ -170,9 +173,9 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
 
 async def _drive(handle: WorkflowHandle[Any, MigrationStatus], migration_id: str,
                  traffic: Traffic, procs: list[subprocess.Popen[bytes]], env: dict[str, str],
-                 tmp_path: Path) -> set[str]:
+                 tmp_path: Path) -> tuple[set[str], int]:
     """dual_write -> ... -> tb_primary under traffic, kill -9 during the switch, rollback.
-    Returns the operations in flight at the kill."""
+    Returns the operations in flight at the kill and how many switches ended before it."""
 
     async def force(step: str) -> MigrationStatus:
         # The Update id makes a resend after a crash the same action, never a second one.
@@ -190,26 +193,51 @@ async def _drive(handle: WorkflowHandle[Any, MigrationStatus], migration_id: str
         assert (await force(f"rollout-{percent}")).rollout_percent == percent
     await traffic.wait_for(OPS_PER_PHASE // 2)
 
-    switch = asyncio.create_task(force("to-tb-primary"))
-    await asyncio.sleep(KILL_DELAY_S)
-    assert not switch.done(), "the switch finished before the kill: kill earlier"
-    in_flight_at_kill = set(traffic.in_flight)
-    procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait(timeout=10)
-    assert in_flight_at_kill, "no operation was in flight at the kill"
+    async def rollback(name: str) -> None:
+        status = await asyncio.wait_for(handle.execute_update(
+            MigrationWorkflow.rollback, RollbackRequest(to=Phase.READ_CUTOVER, actor="test",
+                                                        reason=name),
+            id=f"{migration_id}-{name}"), UPDATE_TIMEOUT_S)
+        assert status.phase == Phase.READ_CUTOVER
+
+    for early, delay_s in enumerate(KILL_DELAYS_S):
+        step = f"to-tb-primary-{early}"
+        switch = asyncio.create_task(force(step))
+        await asyncio.sleep(delay_s)
+        in_flight_at_kill = await _kill_with_work_in_flight(traffic, switch, procs[0])
+        if in_flight_at_kill:
+            break
+        assert (await switch).phase == Phase.TB_PRIMARY  # finished before the kill
+        await rollback(f"early-{early}")
+        await traffic.wait_for(OPS_PER_PHASE // 4)
+    else:
+        pytest.fail(f"the switch finished before the kill {len(KILL_DELAYS_S)} times")
     await asyncio.sleep(RESTART_DELAY_S)
     procs.append(start_worker(env, tmp_path / "worker-2.log"))
     assert (await switch).phase == Phase.TB_PRIMARY
-    assert (await force("to-tb-primary")).phase == Phase.TB_PRIMARY  # resent: a no-op
+    assert (await force(step)).phase == Phase.TB_PRIMARY  # resent: a no-op
     await traffic.wait_for(OPS_PER_PHASE)
 
-    status = await asyncio.wait_for(handle.execute_update(
-        MigrationWorkflow.rollback, RollbackRequest(to=Phase.READ_CUTOVER, actor="test",
-                                                    reason="drill"),
-        id=f"{migration_id}-rollback"), UPDATE_TIMEOUT_S)
-    assert status.phase == Phase.READ_CUTOVER
+    await rollback("drill")
     await traffic.wait_for(OPS_PER_PHASE // 2)
-    return in_flight_at_kill
+    return in_flight_at_kill, early
+
+
+async def _kill_with_work_in_flight(traffic: Traffic, switch: asyncio.Task[MigrationStatus],
+                                    worker: subprocess.Popen[bytes]) -> set[str]:
+    """SIGKILL the worker while the switch and some caller's operation are both in flight
+    (checked and killed with no await between: the set is exact); empty, and no kill, when the
+    switch ended first."""
+    for _ in range(int(KILL_IN_FLIGHT_WAIT_S / 0.001)):
+        if switch.done():
+            return set()
+        if traffic.in_flight:
+            in_flight_at_kill = set(traffic.in_flight)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+            return in_flight_at_kill
+        await asyncio.sleep(0.001)
+    raise AssertionError("no operation was in flight before the switch ended")
 
 
 async def _check_wallet(stores: Stores, client: WalletClient, wallet: WalletKey,
@@ -224,14 +252,16 @@ async def _check_wallet(stores: Stores, client: WalletClient, wallet: WalletKey,
     assert held == expected, (wallet, len(held), len(expected))
 
 
-async def _check_audit(stores: Stores, migration_id: str) -> None:
-    """The migration moved exactly as asked: one audit entry per action, epochs in order."""
+async def _check_audit(stores: Stores, migration_id: str, early: int) -> None:
+    """The migration moved exactly as asked: one audit entry per action, epochs in order
+    (`early` switches ended before the kill and were rolled back)."""
     entries = await AuditLog(stores.db).list(migration_id)
     moves = [(e.from_phase, e.to_phase) for e in entries]
     assert moves == [
         (Phase.LEGACY, Phase.DUAL_WRITE), (Phase.DUAL_WRITE, Phase.SHADOW_READ),
         (Phase.SHADOW_READ, Phase.READ_CUTOVER), *[(Phase.READ_CUTOVER,) * 2] * 3,
-        (Phase.READ_CUTOVER, Phase.TB_PRIMARY), (Phase.TB_PRIMARY, Phase.READ_CUTOVER),
+        *[(Phase.READ_CUTOVER, Phase.TB_PRIMARY), (Phase.TB_PRIMARY, Phase.READ_CUTOVER)]
+        * (early + 1),
     ], moves
     epochs = [e.epoch for e in entries]
     assert epochs == sorted(set(epochs)), epochs
