@@ -36,7 +36,7 @@ CLI_TIMEOUT_S = 120
 # sharing two cores with the test itself: on a loaded machine it flaps and each flap costs a
 # forced step's wait. It is covered by the migration workflow's tests; here it is opened
 # (--tb-p95-ratio 100) so the run checks the migration itself.
-# Writes open loop at 5/s (the demo's default traffic mode, at a small rate: writes the host
+# Writes open loop at 5/s (covers the --write-rate mode, at a small rate: writes the host
 # cannot carry wait for one of the bounded in-flight slots and only add latency).
 DEMO_ARGS = ("--wallets", "150", "--write-rate", "5", "--readers", "2", "--dwell-s", "1.5",
              "--tb-p95-ratio", "100")

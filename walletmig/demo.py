@@ -110,7 +110,7 @@ GOAL_WRITE_P95_FACTOR = 3.0
 # 8 closed-loop writers with no think time (`writer`: the next write when the last one was
 # answered) and 4 readers; its report printed per phase writes and seconds but no rate, and
 # no run's figures were kept. Little's law puts 8 writers at writes/s = 8 / mean latency. A
-# closed-loop run this session (session 8, `demo --closed-loop`, 13 phases) measured p95 /
+# closed-loop run this session (session 8, `demo`, 13 phases) measured p95 /
 # (8 / writes sent per s) at 1.6-2.8, median 2.0: the baseline's 0.8-1.15 s p95 is a mean of
 # 0.29-0.72 s, i.e. 11-28 writes/s, and its middle phase (p95 ~1.0 s at 2.0) 16 writes/s, the
 # open-loop default. An estimate, not a recorded figure: the report prints the offered and
@@ -136,10 +136,11 @@ STACK_SERVERS = ("temporal", "mongo", "tigerbeetle", "redis")
 class DemoOptions(BaseModel):
     wallets: int = Field(default=2000, ge=3, le=WALLETS_MAX)
     writers: int = Field(default=BASELINE_WRITERS, ge=1, le=64)  # closed loop only
-    # Open-loop traffic's offered writes/s (demo_traffic.open_loop_writer); None: closed loop,
-    # `writers` loops each sending its next write when the last one was answered.
-    write_rate_per_s: float | None = Field(default=BASELINE_WRITES_PER_S, gt=0,
-                                           le=WRITE_RATE_MAX_PER_S)
+    # Open-loop traffic's offered writes/s (demo_traffic.open_loop_writer); None (the default):
+    # closed loop, `writers` loops each sending its next write when the last one was answered.
+    # Closed loop by default: the baseline's own load generator, and a host that cannot carry
+    # an offered rate never builds an unbounded queue of late writes in `make demo`.
+    write_rate_per_s: float | None = Field(default=None, gt=0, le=WRITE_RATE_MAX_PER_S)
     writes_in_flight_max: int = Field(default=WRITES_IN_FLIGHT_MAX, ge=1, le=IN_FLIGHT_MAX)
     readers: int = Field(default=4, ge=1, le=64)
     phase_dwell_s: float = Field(default=5.0, ge=0.5, le=600)

@@ -22,8 +22,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     # The latency gate's default is DemoOptions' (the plan's, walletcore GateThresholds).
     ratio = {} if args.tb_p95_ratio is None else {"max_tb_p95_ratio": args.tb_p95_ratio}
     rate = {} if args.write_rate is None else {"write_rate_per_s": args.write_rate}
-    if args.closed_loop:
-        rate = {"write_rate_per_s": None}
     options = DemoOptions(wallets=args.wallets, writers=args.writers, readers=args.readers,
                           phase_dwell_s=args.dwell_s, **ratio, **rate)
     stream = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the report
@@ -50,11 +48,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--wallets", type=int, default=2000, help="legacy wallets to seed (2000)")
     p.add_argument("--write-rate", type=float, default=None,
-                   help="open-loop writes/s offered (default: issue 18's baseline traffic, "
-                        "walletmig/demo.py BASELINE_WRITES_PER_S)")
-    p.add_argument("--closed-loop", action="store_true",
-                   help="closed-loop writers instead (--writers loops, each writing when its "
-                        "last write was answered)")
+                   help="open-loop writes/s offered instead of the closed-loop writers "
+                        "(issue 18's baseline traffic is ~16: walletmig/demo.py "
+                        "BASELINE_WRITES_PER_S)")
     p.add_argument("--writers", type=int, default=8, help="closed-loop write loops (8)")
     p.add_argument("--readers", type=int, default=4, help="concurrent read loops (4)")
     p.add_argument("--dwell-s", type=float, default=5.0, help="seconds of traffic per phase")
