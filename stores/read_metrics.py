@@ -1,19 +1,17 @@
-"""Read-path observations (`read_observations` collection) and their windowed summary.
+"""Read-path observations (`read_observation_blocks` collection) and their windowed summary.
 
 The read router records one observation per shadow comparison or TigerBeetle-routed read:
 which store answered, the outcome, and both durations. The migration workflow's evidence
 activity summarises a window of them into gate evidence. Writes are buffered and flushed in
-batches, off the answer's critical path.
+batches, off the answer's critical path, as blocks: one document per scope per batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -26,18 +24,15 @@ from observability.metrics import READS
 
 log = logging.getLogger(__name__)
 
-READ_OBSERVATIONS = "read_observations"
+READ_OBSERVATIONS = "read_observations"  # one document per observation (before blocks)
+READ_OBSERVATION_BLOCKS = "read_observation_blocks"  # one document per scope per flush batch
 BUFFER_MAX = 10_000  # observations kept while MongoDB is slow; beyond that, drop the oldest
+# Observations per flush batch, so rows per block at most: 1,000 rows with a 300-character
+# detail each stay far below BSON's 16 MiB document limit (~0.4 MB), and a summary filters at
+# most that many rows outside its range in each block straddling one of its bounds.
 FLUSH_BATCH_MAX = 1_000
-SUMMARY_LIMIT_MAX = 200_000  # observations read per summary (newest first)
+SUMMARY_LIMIT_MAX = 200_000  # observations read per summary (oldest first)
 GLOBAL_SCOPE = "*"
-# The open-ended summary (the gate evidence's sliding window, every few seconds) keeps what
-# it read older than this in process and reads only newer observations next time (see
-# ReadMetricsStore.summary): re-reading the whole 300 s window each round cost the demo's
-# MongoDB 200-460 ms of CPU per evidence round. Observations are flushed in batches (every
-# 0.5 s in the router's processes), so the newest seconds are re-read every time.
-SUMMARY_SETTLED_S = 5.0
-SUMMARY_WINDOWS_MAX = 16  # cached windows (one per scope list) per store object
 
 # (at, outcome, tb_ms, mongo_ms) of one observation, as a summary needs it.
 Row = tuple[datetime, str, float | None, float | None]
@@ -114,16 +109,6 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[int(rank) - 1]
 
 
-@dataclass
-class _SettledWindow:
-    """Observations of one scope list with `at` in [since, until), read before: `rows`
-    sorted by `at`. Valid only while MongoDB still counts exactly len(rows) in that range."""
-
-    since: datetime
-    until: datetime
-    rows: list[Row] = field(default_factory=list)
-
-
 def _summarise(rows: list[Row]) -> ReadSummary:
     counts: dict[str, int] = {}
     tb_ms: list[float] = []
@@ -148,23 +133,27 @@ def _as_utc(value: datetime) -> datetime:
 
 
 def _bson_time(value: datetime) -> datetime:
-    """`value` in UTC, cut to whole milliseconds as BSON stores it: the kept range's bounds
-    then select the same observations in MongoDB as in the kept rows."""
+    """`value` in UTC, cut to whole milliseconds as BSON stores it: a summary's bounds then
+    compare with stored `at` values (filtered here) as MongoDB compares them."""
     value = _as_utc(value)
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 class ReadMetricsStore:
     def __init__(self, db: AsyncDatabase[Any]) -> None:
-        self._collection: AsyncCollection[Any] = db[READ_OBSERVATIONS]
-        self._buffer: list[dict[str, Any]] = []
+        self._blocks: AsyncCollection[Any] = db[READ_OBSERVATION_BLOCKS]
+        self._legacy: AsyncCollection[Any] = db[READ_OBSERVATIONS]
+        self._buffer: list[ReadObservation] = []
         self._flush_lock = asyncio.Lock()
         self.dropped = 0
-        self._settled: dict[str, _SettledWindow] = {}  # scope list key -> what was read
-        self.settled_reuses = 0  # observability: summaries that read only the newest part
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_indexes([
+        await self._blocks.create_indexes([
+            IndexModel([("last_at", ASCENDING)]),
+            IndexModel([("scope", ASCENDING), ("last_at", ASCENDING)]),
+        ])
+        # The per-observation collection of earlier versions, still read (see summary).
+        await self._legacy.create_indexes([
             IndexModel([("at", ASCENDING)]),
             IndexModel([("scope", ASCENDING), ("at", ASCENDING)]),
         ])
@@ -176,20 +165,21 @@ class ReadMetricsStore:
         if len(self._buffer) >= BUFFER_MAX:
             del self._buffer[0]
             self.dropped += 1
-        doc = obs.model_dump(mode="python")
-        doc["mode"], doc["outcome"] = obs.mode.value, obs.outcome.value
-        self._buffer.append(doc)
+        self._buffer.append(obs)
 
     @property
     def pending(self) -> int:
         return len(self._buffer)
 
     async def flush(self) -> int:
+        """Write the buffer as blocks: one document per scope per batch of at most
+        FLUSH_BATCH_MAX observations (one document per observation cost the Python MongoDB
+        server ~1 ms of CPU per read: a document and two index entries each)."""
         written = 0
         async with self._flush_lock:
             while self._buffer:
                 batch = self._buffer[:FLUSH_BATCH_MAX]
-                await self._collection.insert_many(batch, ordered=False)
+                await self._blocks.insert_many(_blocks(batch), ordered=False)
                 del self._buffer[: len(batch)]
                 written += len(batch)
         return written
@@ -212,76 +202,94 @@ class ReadMetricsStore:
                       until: datetime | None = None,
                       limit: int = SUMMARY_LIMIT_MAX) -> ReadSummary:
         """The observations of `scopes` with `at` in [since, until) (no `until`: up to now),
-        at most `limit` of them.
+        at most `limit` of them, oldest first.
 
-        Open-ended summaries (the gate evidence's sliding window) read incrementally: the part
-        older than SUMMARY_SETTLED_S is kept from the last call with the same scopes and only
-        what is newer is read, after MongoDB counts exactly the kept number of observations in
-        the kept range (an observation flushed late into it, or a clock behind, changes the
-        count and the whole window is read again). The result is the full read's."""
+        Reads the blocks overlapping the range and filters their rows here. Also reads the
+        range from `read_observations`, where versions before blocks wrote one document per
+        observation: an upgraded deployment may still hold some, and they age out of every
+        summary window within minutes (the gate's window is 300 s); once empty, that read is
+        one index probe."""
         assert 1 <= limit <= SUMMARY_LIMIT_MAX
         since = _bson_time(since)
+        bound = None if until is None else _bson_time(until)
+        if bound is not None and bound <= since:
+            return _summarise([])
+        rows = await self._block_rows(scopes, since, bound, limit)
+        rows += await self._legacy_rows(scopes, since, bound, limit)
+        rows.sort(key=lambda row: row[0])
+        return _summarise(rows[:limit])
+
+    async def _block_rows(self, scopes: list[str], since: datetime, until: datetime | None,
+                          limit: int) -> list[Row]:
+        """Rows of the blocks overlapping [since, until) with `at` in it, the oldest `limit`
+        of them (sorted by `at`). Blocks come oldest first: once `limit` rows are held, a
+        block starting after the newest held row cannot hold any of the oldest `limit`."""
+        query: dict[str, Any] = {"last_at": {"$gte": since}}
         if until is not None:
-            return _summarise(await self._rows(scopes, since, _bson_time(until), limit))
-        key = ",".join(sorted(scopes))
-        settled_until = _bson_time(utc_now() - timedelta(seconds=SUMMARY_SETTLED_S))
-        kept = await self._kept(key, scopes, since)
-        if kept is None or settled_until <= kept.until:
-            settled = _SettledWindow(since, max(since, settled_until),
-                                     await self._rows(scopes, since, settled_until, limit))
-        else:
-            self.settled_reuses += 1
-            newer = await self._rows(scopes, kept.until, settled_until, limit)
-            settled = _SettledWindow(since, settled_until, kept.rows + newer)
-        rows = settled.rows + await self._rows(scopes, settled.until, None, limit)
-        if len(rows) >= limit:  # the full read stops at `limit` too: read it that way
-            self._settled.pop(key, None)
-            return _summarise(await self._rows(scopes, since, None, limit))
-        if len(self._settled) >= SUMMARY_WINDOWS_MAX and key not in self._settled:
-            self._settled.pop(next(iter(self._settled)))
-        self._settled[key] = settled
-        return _summarise(rows)
+            query["first_at"] = {"$lt": until}
+        if GLOBAL_SCOPE not in scopes:
+            query["scope"] = {"$in": scopes}
+        cursor = self._blocks.find(
+            query, {"first_at": 1, "at": 1, "outcome": 1, "tb_ms": 1, "mongo_ms": 1,
+                    "_id": 0}).sort("first_at", ASCENDING)
+        rows: list[Row] = []
+        async for block in cursor:
+            if len(rows) >= limit and _as_utc(block["first_at"]) > rows[-1][0]:
+                break
+            for at, outcome, tb, mongo in zip(block["at"], block["outcome"], block["tb_ms"],
+                                              block["mongo_ms"], strict=True):
+                at = _as_utc(at)
+                if since <= at and (until is None or at < until):
+                    rows.append((at, outcome, tb, mongo))
+            if len(rows) >= limit:
+                rows.sort(key=lambda row: row[0])
+                del rows[limit:]
+        rows.sort(key=lambda row: row[0])
+        return rows
 
-    async def _kept(self, key: str, scopes: list[str], since: datetime
-                    ) -> _SettledWindow | None:
-        """The kept window of `key` cut to start at `since`, if MongoDB still holds exactly
-        its rows in its range; else None (and it is forgotten)."""
-        kept = self._settled.get(key)
-        if kept is None or since < kept.since or since >= kept.until:
-            return None
-        rows = kept.rows[bisect.bisect_left(kept.rows, (since,)):]
-        held = await self._collection.count_documents(self._query(scopes, since, kept.until))
-        if held != len(rows):
-            self._settled.pop(key, None)
-            return None
-        return _SettledWindow(since, kept.until, rows)
-
-    @staticmethod
-    def _query(scopes: list[str], since: datetime, until: datetime | None) -> dict[str, Any]:
+    async def _legacy_rows(self, scopes: list[str], since: datetime, until: datetime | None,
+                           limit: int) -> list[Row]:
+        """Per-observation documents (before blocks) with `at` in [since, until), oldest
+        first, at most `limit`."""
         at: dict[str, Any] = {"$gte": since}
         if until is not None:
             at["$lt"] = until
         query: dict[str, Any] = {"at": at}
         if GLOBAL_SCOPE not in scopes:
             query["scope"] = {"$in": scopes}
-        return query
-
-    async def _rows(self, scopes: list[str], since: datetime, until: datetime | None,
-                    limit: int) -> list[Row]:
-        """Observations with `at` in [since, until), sorted by `at`, at most `limit`."""
-        if until is not None and until <= since:
-            return []
-        cursor = self._collection.find(
-            self._query(scopes, since, until),
-            {"at": 1, "outcome": 1, "tb_ms": 1, "mongo_ms": 1, "_id": 0}).limit(limit)
+        cursor = self._legacy.find(
+            query, {"at": 1, "outcome": 1, "tb_ms": 1, "mongo_ms": 1, "_id": 0}
+        ).sort("at", ASCENDING).limit(limit)
         rows: list[Row] = []
         async for doc in cursor:
             tb, mongo = doc.get("tb_ms"), doc.get("mongo_ms")
             rows.append((_as_utc(doc["at"]), str(doc.get("outcome")),
                          None if tb is None else float(tb),
                          None if mongo is None else float(mongo)))
-        rows.sort(key=lambda row: row[0])
         return rows
+
+
+def _blocks(batch: list[ReadObservation]) -> list[dict[str, Any]]:
+    """One block document per scope of `batch`: its rows as parallel arrays (one array per
+    field, so a block stays one small BSON document without per-row keys)."""
+    assert 0 < len(batch) <= FLUSH_BATCH_MAX
+    by_scope: dict[str, list[ReadObservation]] = {}
+    for obs in batch:
+        by_scope.setdefault(obs.scope, []).append(obs)
+    blocks: list[dict[str, Any]] = []
+    for scope, rows in by_scope.items():
+        ats = [_as_utc(obs.at) for obs in rows]
+        blocks.append({
+            "scope": scope, "first_at": min(ats), "last_at": max(ats), "count": len(rows),
+            "at": ats,
+            "mode": [obs.mode.value for obs in rows],
+            "outcome": [obs.outcome.value for obs in rows],
+            "tb_ms": [obs.tb_ms for obs in rows],
+            "mongo_ms": [obs.mongo_ms for obs in rows],
+            "wallet": [obs.wallet for obs in rows],
+            "detail": [obs.detail for obs in rows],
+        })
+    return blocks
 
 
 def utc_now() -> datetime:
