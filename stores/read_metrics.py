@@ -229,9 +229,9 @@ class ReadMetricsStore:
             query["first_at"] = {"$lt": until}
         if GLOBAL_SCOPE not in scopes:
             query["scope"] = {"$in": scopes}
-        cursor = self._blocks.find(
-            query, {"first_at": 1, "at": 1, "outcome": 1, "tb_ms": 1, "mongo_ms": 1,
-                    "_id": 0}).sort("first_at", ASCENDING)
+        # Whole blocks, no projection: SecantusDB's projection of array fields cost it more
+        # than sending the unused ones (8,000 observations: 60-100 vs 20-60 ms of its CPU).
+        cursor = self._blocks.find(query).sort("first_at", ASCENDING)
         rows: list[Row] = []
         async for block in cursor:
             if len(rows) >= limit and _as_utc(block["first_at"]) > rows[-1][0]:
