@@ -219,6 +219,32 @@ class ReadMetricsStore:
         rows.sort(key=lambda row: row[0])
         return _summarise(rows[:limit])
 
+    async def observations(self, since: datetime, *, wallet: str | None = None,
+                           limit: int = FLUSH_BATCH_MAX) -> list[ReadObservation]:
+        """Stored observations with `at` >= `since` (of `wallet`, if given), oldest first, at
+        most `limit`: for inspection and tests (summaries read only what they count)."""
+        assert 1 <= limit <= SUMMARY_LIMIT_MAX
+        since = _bson_time(since)
+        query: dict[str, Any] = {"last_at": {"$gte": since}}
+        if wallet is not None:
+            query["wallet"] = wallet  # a block holding it: its array has the value
+        found: list[ReadObservation] = []
+        async for block in self._blocks.find(query).sort("first_at", ASCENDING):
+            for row in zip(block["at"], block["mode"], block["outcome"], block["tb_ms"],
+                           block["mongo_ms"], block["wallet"], block["detail"], strict=True):
+                obs = ReadObservation(scope=block["scope"], at=_as_utc(row[0]), mode=row[1],
+                                      outcome=row[2], tb_ms=row[3], mongo_ms=row[4],
+                                      wallet=row[5], detail=row[6])
+                if obs.at >= since and (wallet is None or obs.wallet == wallet):
+                    found.append(obs)
+        legacy: dict[str, Any] = {"at": {"$gte": since}}
+        if wallet is not None:
+            legacy["wallet"] = wallet
+        async for doc in self._legacy.find(legacy, {"_id": 0}).sort("at", ASCENDING):
+            found.append(ReadObservation.model_validate({**doc, "at": _as_utc(doc["at"])}))
+        found.sort(key=lambda obs: obs.at)
+        return found[:limit]
+
     async def _block_rows(self, scopes: list[str], since: datetime, until: datetime | None,
                           limit: int) -> list[Row]:
         """Rows of the blocks overlapping [since, until) with `at` in it, the oldest `limit`

@@ -141,6 +141,10 @@ async def test_summaries_over_blocks_and_old_documents_equal_the_computed_ones(
         _same(got, _expected(observations, scopes, since, until, limit))
     everything = await metrics.summary([GLOBAL_SCOPE], now - timedelta(days=1))
     assert sum(everything.counts.values()) == len(observations)
+    since = now - timedelta(seconds=450)
+    of_wallet = sorted((o for o in observations if o.wallet == "w7" and o.at >= since),
+                       key=lambda o: o.at)
+    assert of_wallet and await metrics.observations(since, wallet="w7") == of_wallet
 
 
 async def _server_cpu_s(pid: int) -> float:

@@ -96,9 +96,8 @@ async def make_wallet(env: Env, unique_id: Callable[..., str], *, tb_too: bool =
 async def outcomes(env: Env, wallet: WalletKey) -> list[str]:
     await env.metrics.flush()
     since = datetime.now(UTC) - timedelta(minutes=5)
-    col = env.metrics._collection
-    return [d["outcome"] async for d in col.find({"wallet": wallet.canonical,
-                                                   "at": {"$gte": since}}).sort("at", 1)]
+    return [o.outcome.value for o in await env.metrics.observations(
+        since, wallet=wallet.canonical)]
 
 
 async def test_legacy_and_dual_write_read_mongodb(env: Env, unique_id: Callable[..., str]) -> None:
@@ -127,8 +126,9 @@ async def test_shadow_match_mismatch_and_in_flight(env: Env,
     await router.get_balance(ahead)
     await router.drain()
     assert await outcomes(env, ahead) == ["mismatch"]
-    docs = [d async for d in env.metrics._collection.find({"wallet": ahead.canonical})]
-    assert "credit: mongodb 11.00 tigerbeetle 10.00" in docs[0]["detail"]
+    found = await env.metrics.observations(datetime.now(UTC) - timedelta(minutes=5),
+                                           wallet=ahead.canonical)
+    assert "credit: mongodb 11.00 tigerbeetle 10.00" in (found[0].detail or "")
 
     # TigerBeetle catches up during the re-check: in flight, not a mismatch. The backlog
     # applies the operation once the first look has seen the lag (the router asks its pending
