@@ -307,11 +307,8 @@ class Outbox:
         refused for good: a divergence for reconciliation)."""
         now = now_ms()
         refused = refused or {}
-        plain = [t for t in applied if t not in refused]
-        for start in range(0, len(plain), IN_CHUNK_MAX):
-            await self.to_mongodb.update_many(
-                {"_id": {"$in": plain[start:start + IN_CHUNK_MAX]}, "state": PENDING},
-                {"$set": {"state": APPLIED, "applied_at": now}})
+        for query, change in _applied_marks([t for t in applied if t not in refused], now):
+            await self.to_mongodb.update_many(query, change)
         if refused:
             await self.to_mongodb.bulk_write([
                 UpdateOne({"_id": txn, "state": PENDING}, {"$set": {
@@ -324,11 +321,8 @@ class Outbox:
         legacy store commits them in the transaction that applies those records
         (LegacyStore.apply_reverse_batch), so a record is marked iff it was applied. Each
         matches only pending records: the caller compares the matched count."""
-        ids = list(applied)
-        return [UpdateMany({"_id": {"$in": ids[start:start + IN_CHUNK_MAX]}, "state": PENDING},
-                           {"$set": {"state": APPLIED, "applied_at": now}},
-                           namespace=self.to_mongodb.full_name)
-                for start in range(0, len(ids), IN_CHUNK_MAX)]
+        return [UpdateMany(query, change, namespace=self.to_mongodb.full_name)
+                for query, change in _applied_marks(applied, now)]
 
     async def abandon_reverse(self, record: ReverseRecord) -> bool:
         """No TigerBeetle write happened for it: abandoned, unless a write path re-armed it
@@ -394,3 +388,13 @@ class Outbox:
             return 0, 0, None
         return (sum(int(r["n"]) for r in rows), len({r["_id"] for r in rows}),
                 min(r["oldest"] for r in rows))
+
+
+def _applied_marks(applied: Sequence[str], now: datetime
+                   ) -> list[tuple[Document, Document]]:
+    """(filter, update) pairs marking `applied` reverse records applied, in bounded `$in`
+    chunks; each matches only pending records."""
+    ids = list(applied)
+    return [({"_id": {"$in": ids[start:start + IN_CHUNK_MAX]}, "state": PENDING},
+             {"$set": {"state": APPLIED, "applied_at": now}})
+            for start in range(0, len(ids), IN_CHUNK_MAX)]

@@ -13,6 +13,7 @@ tb_primary's reverse projection batched in MongoDB transactions vs one by one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -271,6 +272,18 @@ MEASURE_WALLETS = 100
 MEASURE_OPS = 5  # records per wallet (movement_ops): 500 records a run
 
 
+@contextlib.asynccontextmanager
+async def _measure_stores(settings: Settings, tb_addresses: str, prefix: str
+                          ) -> AsyncIterator[Stores]:
+    """Stores on a database of their own (imports indexed), closed after: one measured run."""
+    stores = await make_stores(isolated_settings(settings, prefix), tb_addresses=tb_addresses)
+    await stores.imports.ensure_indexes()
+    try:
+        yield stores
+    finally:
+        await stores.close()
+
+
 @pytest.mark.slow
 async def test_batched_vs_per_record_requests_and_cpu_per_record(
     settings: Settings, tb_addresses: str
@@ -280,10 +293,7 @@ async def test_batched_vs_per_record_requests_and_cpu_per_record(
     process's CPU per record; the servers' CPU is not in it)."""
     figures: dict[str, tuple[float, float]] = {}
     for batched in (False, True):
-        stores = await make_stores(isolated_settings(settings, "outbox_measure"),
-                                   tb_addresses=tb_addresses)
-        await stores.imports.ensure_indexes()
-        try:
+        async with _measure_stores(settings, tb_addresses, "outbox_measure") as stores:
             run = uuid.uuid4().hex[:8]
             wallets = [key(f"measure-{run}-{n}", DUAL_PAIR) for n in range(MEASURE_WALLETS)]
             await asyncio.gather(*(stores.legacy.apply(AddCredit(
@@ -300,8 +310,6 @@ async def test_batched_vs_per_record_requests_and_cpu_per_record(
                 cpu_ms = (time.process_time() - cpu) * 1000
             figures["batched" if batched else "per record"] = (
                 requests.create_requests / records, cpu_ms / records)
-        finally:
-            await stores.close()
     print("\n".join(f"{name}: {req:.4f} create_transfers requests per record, "
                     f"{cpu:.3f} ms drainer CPU per record" for name, (req, cpu) in figures.items()))
     assert figures["batched"][0] * 50 < figures["per record"][0], figures
@@ -317,10 +325,7 @@ async def test_reverse_batched_vs_one_by_one_cpu_per_record(
     server CPU tell the rest); both leave each wallet's log equal in both stores."""
     figures: dict[str, float] = {}
     for batched in (False, True):
-        stores = await make_stores(isolated_settings(settings, "reverse_measure"),
-                                   tb_addresses=tb_addresses)
-        await stores.imports.ensure_indexes()
-        try:
+        async with _measure_stores(settings, tb_addresses, "reverse_measure") as stores:
             run = uuid.uuid4().hex[:8]
             wallets = [key(f"rmeasure-{run}-{n}", DUAL_PAIR) for n in range(MEASURE_WALLETS)]
             d = ReverseOutboxDrainer(stores.legacy.outbox, stores.legacy, stores.tigerbeetle,
@@ -340,8 +345,6 @@ async def test_reverse_batched_vs_one_by_one_cpu_per_record(
                 (time.process_time() - cpu) * 1000 / (MEASURE_WALLETS * 4))
             for wallet in wallets[:10]:
                 await assert_same_sequence(stores, wallet)
-        finally:
-            await stores.close()
     print("\n".join(f"reverse {name}: {cpu:.3f} ms drainer CPU per record"
                     for name, cpu in figures.items()))
 

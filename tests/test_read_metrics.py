@@ -4,6 +4,7 @@ recorded observation and a summary cost, blocks beside per-observation documents
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
@@ -35,25 +36,30 @@ TB_TIMED = {ReadOutcome.MATCH, ReadOutcome.MISMATCH, ReadOutcome.IN_FLIGHT,
             ReadOutcome.TB_SERVED}
 
 
-@pytest_asyncio.fixture
-async def fresh_db(mongo_client: AsyncMongoClient[dict[str, Any]]
-                   ) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    """A database of its own: the global scope ("*") then sees only this test's data."""
+@contextlib.asynccontextmanager
+async def _scratch_db(mongo_client: AsyncMongoClient[dict[str, Any]]
+                      ) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """A database of its own, dropped after: the global scope ("*") then sees only this
+    test's data."""
     name = f"readmetrics_{uuid.uuid4().hex[:10]}"
     try:
         yield mongo_client[name]
     finally:
         await mongo_client.drop_database(name)
+
+
+@pytest_asyncio.fixture
+async def fresh_db(mongo_client: AsyncMongoClient[dict[str, Any]]
+                   ) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    async with _scratch_db(mongo_client) as db:
+        yield db
 
 
 @pytest_asyncio.fixture
 async def other_db(mongo_client: AsyncMongoClient[dict[str, Any]]
                    ) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    name = f"readmetrics_{uuid.uuid4().hex[:10]}"
-    try:
-        yield mongo_client[name]
-    finally:
-        await mongo_client.drop_database(name)
+    async with _scratch_db(mongo_client) as db:
+        yield db
 
 
 def _observations(count: int, now: datetime, seed: int) -> list[ReadObservation]:
