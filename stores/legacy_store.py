@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
+import bson
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, DESCENDING, IndexModel, InsertOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -58,6 +60,7 @@ from mongobase.queries import (
     scope_wallet_regex,
     wallet_key_filter,
 )
+from stores.group_commit import GROUP_OPS_MAX, GroupCommitter
 from stores.outbox import Outbox, OutboxIntent
 from stores.store_metrics import instrument_wallet_store, operation_label
 from walletcore.balances import MinorBalance, WalletBalance
@@ -104,6 +107,12 @@ SESSIONS_MAX_DEFAULT = 16
 # Operations one batched reverse-projection transaction writes (apply_reverse_batch): bounds
 # the transaction's size and how long it holds its wallets' documents.
 BATCH_OPERATIONS_MAX = 512
+# Hot-path writes (credits and debits decided from a snapshot, with their dual-write outbox
+# record) arriving while another is being committed share the next transaction
+# (stores.group_commit: one bulkWrite and one commit for up to GROUP_OPS_MAX wallets; alone
+# again when that transaction fails). WALLETMIG_LEGACY_GROUP_COMMIT=off switches it off for a
+# process (the benchmarks' before runs): every write is its own transaction, as before.
+GROUP_COMMIT_DEFAULT = os.environ.get("WALLETMIG_LEGACY_GROUP_COMMIT", "on").lower() != "off"
 
 Document = dict[str, Any]
 Applied = tuple[OperationResult, LegacyFacts]
@@ -161,6 +170,18 @@ class _Snapshot:
     fields: Document  # the stored Decimal128 balance fields, matched verbatim by the CAS
     version: int
     allow_overdraft: bool
+
+
+@dataclass(frozen=True)
+class _SnapshotPlan:
+    """A hot-path write decided from a snapshot: its compare-and-swap update and inserts, what
+    it answers once committed, and the wallet after it."""
+
+    canonical: str
+    writes: list[UpdateOne | InsertOne[Document]]  # the CAS update first, then the inserts
+    applied: Applied
+    snapshot: _Snapshot
+    size: int  # bytes of its documents and filter (the group's byte bound)
 
 
 @dataclass
@@ -241,6 +262,7 @@ class LegacyStore:
         attempts_max: int = TXN_ATTEMPTS_MAX,
         serialize_local: bool = True,
         sessions_max: int = SESSIONS_MAX_DEFAULT,
+        group_commit: bool = GROUP_COMMIT_DEFAULT,
     ) -> None:
         """`ledgers`: reject wallets whose currency:country has no ledger, exactly as the
         TigerBeetle store does (None turns the check off for legacy-only pairs).
@@ -248,6 +270,7 @@ class LegacyStore:
         Correctness never depends on it (the version check does that across processes); it
         turns a storm of write conflicts into an orderly queue.
         `sessions_max`: transaction attempts in flight in this process (see SESSIONS_MAX_DEFAULT).
+        `group_commit`: see GROUP_COMMIT_DEFAULT (`group_commit.enabled` switches it later).
         """
         assert 0 < attempts_max <= 10_000
         assert 0 < sessions_max <= 10_000
@@ -261,6 +284,8 @@ class LegacyStore:
         self._local_locks = _KeyedLocks() if serialize_local else None
         self._snapshots = _Snapshots()
         self._sessions_gate = asyncio.Semaphore(sessions_max)
+        self.group_commit = GroupCommitter(self._commit_group)
+        self.group_commit.enabled = group_commit
         self.conflict_retries = 0  # observability: how often optimistic concurrency retried
         self.attempts_peak = 0  # observability: most attempts one operation needed
         self.snapshot_misses = 0  # observability: hot-path attempts that fell back to reads
@@ -400,14 +425,14 @@ class LegacyStore:
         try:
             for attempt in range(self._attempts_max):
                 try:
+                    plan = (None if kind == OperationType.VOID
+                            else self._snapshot_plan(op, kind, amount_minor, outbox))
+                    if plan is not None:
+                        fast = await self._write_snapshot_plan(plan)
+                        if fast is not None:
+                            return fast
                     # Per attempt, so a wallet stuck in conflicts backs off without a slot.
                     async with self._sessions_gate, self._client.start_session() as session:
-                        if kind != OperationType.VOID:
-                            fast = await self._attempt_from_snapshot(
-                                session, op, kind, amount_minor, outbox
-                            )
-                            if fast is not None:
-                                return fast
                         return await self._attempt(session, op, kind, amount_minor, outbox)
                 except _VersionConflict:
                     pass
@@ -453,17 +478,16 @@ class LegacyStore:
         self._snapshots.put(canonical, snap)
         return applied
 
-    async def _attempt_from_snapshot(
+    def _snapshot_plan(
         self,
-        session: AsyncClientSession,
         op: AddCredit | Void,
         kind: OperationType,
         amount_minor: int,
         outbox: OutboxIntent | None = None,
-    ) -> Applied | None:
-        """A credit or debit decided from this process's snapshot of the wallet, written as a
-        compare-and-swap. None when the snapshot cannot decide (absent, stale, the id already
-        used, or a refusal that a fresh read must confirm): the caller runs `_attempt`."""
+    ) -> _SnapshotPlan | None:
+        """A credit or debit decided from this process's snapshot of the wallet, as the
+        compare-and-swap writes that apply it (no I/O). None when the snapshot cannot decide
+        (absent, or a refusal that a fresh read must confirm): the caller runs `_attempt`."""
         assert kind in (OperationType.CREDIT, OperationType.DEBIT) and amount_minor > 0
         wallet = op.wallet
         canonical = wallet.canonical
@@ -490,23 +514,48 @@ class LegacyStore:
         })
         change = {"$set": {**balance_fields, "version": version, "updated_at": now}}
         facts = LegacyFacts(wallet_version=version, original=None)
+        docs = [txn_doc]
         writes: list[UpdateOne | InsertOne[Document]] = [
             UpdateOne(cas, change, namespace=self._wallets.full_name),
             InsertOne(txn_doc, namespace=self._txns.full_name),
         ]
         if outbox is not None:  # the TigerBeetle-bound record, same transaction
-            writes.append(InsertOne(outbox.document(facts, now), namespace=self.outbox.namespace))
+            docs.append(outbox.document(facts, now))
+            writes.append(InsertOne(docs[-1], namespace=self.outbox.namespace))
+        return _SnapshotPlan(
+            canonical=canonical, writes=writes, applied=(_result(txn_doc, wallet,
+                                                                 replayed=False), facts),
+            snapshot=_Snapshot(balance=after, fields=balance_fields, version=version,
+                               allow_overdraft=snap.allow_overdraft),
+            size=sum(len(bson.encode(d)) for d in docs) + len(bson.encode(cas)))
+
+    async def _write_snapshot_plan(self, plan: _SnapshotPlan) -> Applied | None:
+        """The plan in a group with other wallets' (stores.group_commit) when a commit is in
+        flight, else alone at once; alone again if the group did not commit. None: the
+        snapshot was stale or the id used (the caller reads and decides: `_attempt`)."""
+        async with self.group_commit.turn(plan, key=plan.canonical, size=plan.size) as committed:
+            if committed:
+                return plan.applied
+            async with self._sessions_gate, self._client.start_session() as session:
+                return await self._write_alone(session, plan)
+
+    async def _write_alone(
+        self, session: AsyncClientSession, plan: _SnapshotPlan
+    ) -> Applied | None:
+        """The plan's writes in one transaction of their own (two round trips)."""
+        canonical = plan.canonical
         await session.start_transaction()
         matched: bool
         try:
             # All writes in one round trip (MongoDB 8 bulkWrite). Ordered: an insert error
             # stops the batch; a zero match does not, and the abort below discards the insert.
             written = await self._client.bulk_write(
-                writes,
+                plan.writes,
                 session=session,
                 ordered=True,
             )
-            matched = written.matched_count == 1 and written.inserted_count == len(writes) - 1
+            matched = (written.matched_count == 1
+                       and written.inserted_count == len(plan.writes) - 1)
         except (DuplicateKeyError, ClientBulkWriteException) as exc:
             if not _only_duplicate_keys(exc):
                 self._snapshots.forget(canonical)
@@ -531,16 +580,60 @@ class LegacyStore:
         except BaseException:
             self._snapshots.forget(canonical)
             raise
-        self._snapshots.put(
-            canonical,
-            _Snapshot(
-                balance=after,
-                fields=balance_fields,
-                version=version,
-                allow_overdraft=snap.allow_overdraft,
-            ),
-        )
-        return _result(txn_doc, wallet, replayed=False), facts
+        self._snapshots.put(canonical, plan.snapshot)
+        return plan.applied
+
+    async def _commit_group(self, plans: list[_SnapshotPlan]) -> bool:
+        """Many wallets' snapshot plans in ONE transaction: one bulkWrite (every compare-and-
+        swap and insert), one commit. True iff all committed; False: nothing was written (a
+        stale snapshot, a used id, any error) and each plan goes alone (GroupCommitter)."""
+        assert 0 < len(plans) <= GROUP_OPS_MAX
+        assert len({p.canonical for p in plans}) == len(plans), "one plan per wallet"
+        writes = [w for p in plans for w in p.writes]
+        inserts = len(writes) - len(plans)
+
+        async def write(session: AsyncClientSession) -> bool:
+            result = await self._client.bulk_write(writes, session=session, ordered=True)
+            if result.matched_count != len(plans) or result.inserted_count != inserts:
+                raise _VersionConflict
+            return True
+
+        try:
+            committed = await self._all_or_nothing(write)
+        except StoreUnavailableError:
+            return False  # each plan alone meets the error itself, as without the group
+        if not committed:
+            return False
+        for plan in plans:
+            self._snapshots.put(plan.canonical, plan.snapshot)
+        return True
+
+    async def _all_or_nothing(
+        self, write: Callable[[AsyncClientSession], Awaitable[bool]]
+    ) -> bool | None:
+        """`write`'s statements in ONE transaction: committed if it returns True, aborted if
+        False (nothing to write). None: nothing was written and the caller can apply the
+        operations one by one (a compare-and-swap that no longer matched, a duplicate key, a
+        retryable error). Any other error: StoreUnavailableError."""
+        try:
+            async with self._sessions_gate, self._client.start_session() as session:
+                await session.start_transaction()
+                try:
+                    written = await write(session)
+                except BaseException:
+                    await abort_quietly(session)
+                    raise
+                if not written:
+                    await abort_quietly(session)
+                    return False
+                await commit(session)
+                return True
+        except (_VersionConflict, ClientBulkWriteException, DuplicateKeyError):
+            return None
+        except PyMongoError as exc:
+            if is_retryable_txn_error(exc):
+                return None
+            raise StoreUnavailableError(f"MongoDB: {exc}", field=None) from exc
 
     async def apply_reverse_batch(
         self, chains: Sequence[Sequence[AddCredit]]
@@ -557,27 +650,22 @@ class LegacyStore:
         the caller applies every chain one by one, as before."""
         assert sum(len(c) for c in chains) <= BATCH_OPERATIONS_MAX
         assert len({c[0].wallet.canonical for c in chains if c}) == len([c for c in chains if c])
+        planned: list[_ChainPlan] = []
+
+        async def write(session: AsyncClientSession) -> bool:
+            planned[:] = await self._plan_chains(session, chains)
+            return await self._write_planned(session, planned)
+
         try:
-            async with self._sessions_gate, self._client.start_session() as session:
-                await session.start_transaction()
-                try:
-                    planned = await self._plan_chains(session, chains)
-                    written = await self._write_planned(session, planned)
-                except BaseException:
-                    await abort_quietly(session)
-                    raise
-                if not written:
-                    await abort_quietly(session)
-                    return [0] * len(chains)
-                await commit(session)
-        except (_VersionConflict, ClientBulkWriteException, DuplicateKeyError):
+            committed = await self._all_or_nothing(write)
+        except StoreUnavailableError:
+            self._forget_chains(chains)
+            raise
+        if committed is None:
             self._forget_chains(chains)
             return None
-        except PyMongoError as exc:
-            self._forget_chains(chains)
-            if is_retryable_txn_error(exc):
-                return None
-            raise StoreUnavailableError(f"MongoDB: {exc}", field=None) from exc
+        if not committed:
+            return [0] * len(chains)
         for plan in planned:
             if plan.count and plan.snapshot is not None:
                 self._snapshots.put(plan.canonical, plan.snapshot)
