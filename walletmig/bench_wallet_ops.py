@@ -143,6 +143,9 @@ class BenchReport(BaseModel):
     # `both`: per mode, this process's median CPU per operation with metrics on / off - 1 (on a
     # shared machine wall-clock ops/s is noisy; the CPU the timers add is what they cost).
     metrics_cpu_cost: dict[str, float] = {}
+    # The legacy store's group commit over the whole bench (stores.group_commit): on, writes
+    # that went alone, groups committed and the writes they carried, groups that failed.
+    group_commit: dict[str, int] = {}
 
 
 @dataclass
@@ -334,7 +337,10 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
         await stores.close()
     if profiler and config.profile:
         profiler.dump_stats(config.profile)
-    report = _report(runs, config)
+    committer = stores.legacy.group_commit
+    report = _report(runs, config).model_copy(update={"group_commit": {
+        "on": int(committer.enabled), "alone": committer.alone, "groups": committer.groups,
+        "grouped": committer.grouped, "groups_failed": committer.groups_failed}})
     return _with_metrics_cost(report, config.metrics) if config.metrics == "both" else report
 
 
@@ -533,6 +539,13 @@ def format_report(report: BenchReport, profile: Path | None = None) -> str:
         lines.append("metrics CPU cost (this process's CPU per operation, on over off): "
                      + ", ".join(f"{mode} {cost:+.1%}"
                                  for mode, cost in report.metrics_cpu_cost.items()))
+    if report.group_commit:
+        gc = report.group_commit
+        lines.append(f"legacy group commit ({'on' if gc['on'] else 'off'}: "
+                     "WALLETMIG_LEGACY_GROUP_COMMIT): " + ", ".join(
+                         f"{k} {v}" for k, v in gc.items() if k != "on")
+                     + (f", {gc['grouped'] / gc['groups']:.1f} writes a group"
+                        if gc["groups"] else ""))
     lines.append("goals (on the medians of the per-run ratios):")
     lines += [f"  {'met ' if met else 'MISSED'} {goal}" for goal, met in report.goals.items()]
     lines += _cpu_lines(report)
