@@ -28,6 +28,11 @@ PAGES_PER_RUN_MAX = 1000
 HISTORY_EVENTS_PER_PAGE_MAX = LARGEST_LIMITS.history_events_per_page_max  # 8189: one create
 HISTORY_EVENTS_PER_PAGE_DEFAULT = 4096
 FAILED_SAMPLE_MAX = 20
+# Pacing (BackfillInput.wallets_per_s_max): a budget, not a target. The bound keeps a typo
+# from meaning "unpaced" silently; 1 wallet/s is the slowest a backfill may crawl.
+WALLETS_PER_S_MIN = 1.0
+WALLETS_PER_S_MAX = 1_000_000.0
+PATCH_PACING = "backfill-pacing"  # workflow.patched id: a paced run's timers between pages
 
 
 class _Model(BaseModel):
@@ -129,6 +134,7 @@ class BackfillState(BaseModel):
     runs: int = 1
     history_done: bool = False
     history: HistoryPageOutput | None = None
+    paused_s: float = Field(default=0.0, ge=0)  # pacing: time spent waiting between pages
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -142,7 +148,19 @@ class BackfillInput(_Model):
         default=False, description="first import the transaction log as imported transfers")
     history_page_size: int = Field(
         default=HISTORY_EVENTS_PER_PAGE_DEFAULT, ge=1, le=HISTORY_EVENTS_PER_PAGE_MAX)
+    wallets_per_s_max: float | None = Field(
+        default=None, ge=WALLETS_PER_S_MIN, le=WALLETS_PER_S_MAX,
+        description="pace the wallet pages to at most this many wallets per second (a "
+        "pause after each page; a page holds at most one second of it); None: unpaced")
     state: BackfillState | None = None
+
+    def wallet_page_limit(self) -> int:
+        """Wallets the next page asks for: page_size, and when paced at most one second of
+        the budget, so the load the import puts on MongoDB and TigerBeetle comes in small
+        steps rather than in one large page followed by a long pause."""
+        if self.wallets_per_s_max is None:
+            return self.page_size
+        return max(1, min(self.page_size, int(self.wallets_per_s_max)))
 
 
 class BackfillProgress(_Model):
@@ -165,3 +183,5 @@ class BackfillProgress(_Model):
     finished: bool
     stage: str = "wallets"  # "history" (--with-history, first), "wallets", "finished"
     history: HistoryPageOutput | None = None
+    wallets_per_s_max: float | None = None  # the pacing budget (None: unpaced)
+    paused_s: float = 0.0  # spent pausing between pages for the budget

@@ -10,13 +10,15 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
 import pytest_asyncio
 import tigerbeetle as tb
+from pydantic import ValidationError
 from recon_support import BacklogApplier, Env, credit, debit, void
 from temporalio.client import Client
-from wallet_support import sandboxed_worker
+from wallet_support import history_wanted, sandboxed_worker, save_history
 
-from messages.backfill import BackfillInput, BackfillProgress
+from messages.backfill import WALLETS_PER_PAGE_MAX, BackfillInput, BackfillProgress
 from mongobase.mongo import now_ms
 from stores.backfill_imports import ImportRecord, ImportStatus
 from walletcore.balances import MinorBalance
@@ -39,14 +41,21 @@ async def worker(temporal_client: Client, env: Env) -> AsyncIterator[tuple[Clien
         yield served
 
 
-async def run_backfill(worker: tuple[Client, str], env: Env, **kw: Any) -> BackfillProgress:
+async def run_backfill(worker: tuple[Client, str], env: Env, *, record: str | None = None,
+                       **kw: Any) -> BackfillProgress:
+    """One backfill to its end; `record`: save its first run's history under that name
+    (tests/data/histories, replayed by tests/test_replay.py) when recording is asked for."""
     client, queue = worker
     run_id = f"bf-{uuid.uuid4().hex[:8]}"
-    return await client.execute_workflow(
+    handle = await client.start_workflow(
         BackfillWorkflow.run, BackfillInput(run_id=run_id, pairs=env.pairs, **kw),
         id=f"backfill-test/{run_id}", task_queue=queue,
         execution_timeout=timedelta(minutes=5),
     )
+    progress: BackfillProgress = await handle.result()
+    if record is not None and history_wanted(record):
+        await save_history(handle, record)
+    return progress
 
 
 async def assert_same(env: Env, keys: list[WalletKey]) -> None:
@@ -89,7 +98,8 @@ async def test_backfill_imports_every_wallet_exactly(
     env: Env, worker: tuple[Client, str], unique_id: UniqueId
 ) -> None:
     keys = await seed(env, unique_id)
-    progress = await run_backfill(worker, env, page_size=3, pages_per_run=2)
+    progress = await run_backfill(worker, env, page_size=3, pages_per_run=2,
+                                  record="backfill_pages")
     assert progress.finished and progress.total == len(keys) == progress.done
     assert progress.failed == 0, progress.failed_sample
     assert progress.imported == len(keys)  # every wallet has some historical credit
@@ -99,6 +109,38 @@ async def test_backfill_imports_every_wallet_exactly(
     again = await run_backfill(worker, env)
     assert again.imported == 0 and again.already == len(keys) and again.transfers == 0
     await assert_same(env, keys)
+
+
+async def test_paced_backfill_keeps_to_its_budget(
+    env: Env, worker: tuple[Client, str], unique_id: UniqueId
+) -> None:
+    """wallets_per_s_max: pages of at most one second of the budget and a pause after each
+    page but the last, so the import never runs faster than the budget however fast the host
+    is (a slower host only pauses less); it imports exactly what an unpaced backfill does."""
+    keys = await seed(env, unique_id)
+    rate = 2.0
+    progress = await run_backfill(worker, env, wallets_per_s_max=rate, record="backfill_paced")
+    assert progress.finished and progress.total == len(keys) == progress.done
+    assert progress.failed == 0, progress.failed_sample
+    assert progress.imported == len(keys)
+    assert progress.wallets_per_s_max == rate
+    limit = int(rate)  # BackfillInput.wallet_page_limit: one second of the budget
+    assert progress.pages >= len(keys) / limit
+    # Each page but the last took its wallets' share of the budget (its own time + pause).
+    assert progress.elapsed_s >= (progress.done - limit) / rate
+    await assert_same(env, keys)
+
+
+def test_pacing_input_is_bounded() -> None:
+    scope = {"run_id": "r", "pairs": ["USD:USA"]}
+    assert BackfillInput(**scope).wallet_page_limit() == WALLETS_PER_PAGE_MAX  # unpaced
+    assert BackfillInput(**scope, wallets_per_s_max=150).wallet_page_limit() == 150
+    assert BackfillInput(**scope, wallets_per_s_max=150,
+                         page_size=100).wallet_page_limit() == 100
+    assert BackfillInput(**scope, wallets_per_s_max=1.5).wallet_page_limit() == 1
+    for bad in (0, 0.5, -1, 2e6):
+        with pytest.raises(ValidationError):
+            BackfillInput(**scope, wallets_per_s_max=bad)
 
 
 async def test_backfill_of_a_net_zero_wallet(env: Env, unique_id: UniqueId) -> None:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field, computed_field
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from activities.migration import MigrationActivities
-from messages.backfill import BackfillInput
+from messages.backfill import WALLETS_PER_S_MAX, WALLETS_PER_S_MIN, BackfillInput
 from messages.migration import (
     UPDATE_ADVANCE,
     UPDATE_FORCE_ADVANCE,
@@ -129,6 +129,12 @@ WRITES_IN_FLIGHT_MAX = BASELINE_WRITERS
 # demo database 450-600 ms of MongoDB CPU and ~2.5 s of wall time a round (host load ~18), so
 # at the former 1 s the rounds ran back to back on the MongoDB the timed writes use.
 DEMO_EVIDENCE_INTERVAL_S = 3.0
+# The demo's backfill is paced (BackfillInput.wallets_per_s_max: pages of at most this many
+# wallets, then a pause filling the second). Unpaced, each pair went as one page of ~667
+# wallets: a few huge inserts and range updates that held SecantusDB (one Python process, one
+# core at most) at 74-106 % of a core for the ~7 s import, and live writes' MongoDB round trips
+# waited 0.2-2 s behind them (the backfill phase's write p95 7.5 s, spilling into the next).
+DEMO_BACKFILL_WALLETS_PER_S = 150.0
 # The dev stack's servers a demo write or read touches (CPU per write in each phase report).
 STACK_SERVERS = ("temporal", "mongo", "tigerbeetle", "redis")
 
@@ -156,6 +162,9 @@ class DemoOptions(BaseModel):
     # How long a step waits for its gates before it is forced (and the report says so).
     gate_wait_s: float = Field(default=GATE_WAIT_S, gt=0, le=3600)
     evidence_interval_s: float | None = Field(default=None, gt=0, le=60)  # None: see below
+    # The backfill's pace (DEMO_BACKFILL_WALLETS_PER_S); None: unpaced, as before pacing.
+    backfill_wallets_per_s: float | None = Field(
+        default=DEMO_BACKFILL_WALLETS_PER_S, ge=WALLETS_PER_S_MIN, le=WALLETS_PER_S_MAX)
 
     def evidence_interval(self) -> float:
         """DEMO_EVIDENCE_INTERVAL_S, or the phase dwell when shorter (a small run's gates are
@@ -441,7 +450,8 @@ async def _refused_advance_then_backfill(run: DemoRun) -> MigrationStatus:
         run.refused = str(exc.cause)
         run.log(f"  refused as expected: {run.refused}")
     run.log("  backfill: importing every legacy wallet into TigerBeetle")
-    await run_backfill(run.client, run.queue, run.run_id)
+    await run_backfill(run.client, run.queue, run.run_id,
+                       wallets_per_s_max=run.options.backfill_wallets_per_s)
     run.log(f"  reconciliation after backfill: {pct(await run.reconcile())}")
     return await run.status()
 
@@ -588,9 +598,12 @@ async def run_reconciliation(client: Client, queue: str, run_id: str, tag: str,
 
 
 async def run_backfill(client: Client, queue: str, run_id: str,
-                       pairs: tuple[str, ...] = PAIRS) -> None:
+                       pairs: tuple[str, ...] = PAIRS,
+                       wallets_per_s_max: float | None = DEMO_BACKFILL_WALLETS_PER_S) -> None:
     await client.execute_workflow(
-        BackfillWorkflow.run, BackfillInput(run_id=f"{run_id}-backfill", pairs=list(pairs)),
+        BackfillWorkflow.run,
+        BackfillInput(run_id=f"{run_id}-backfill", pairs=list(pairs),
+                      wallets_per_s_max=wallets_per_s_max),
         id=f"backfill/{run_id}", task_queue=queue)
 
 

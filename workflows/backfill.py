@@ -6,6 +6,13 @@ the input, so history stays bounded however many wallets there are. Resumable: a
 the current page (idempotent), and a restarted workflow with the same id continues from the
 carried cursor. Progress: the `progress` query and the UI's current details.
 
+Pacing (`wallets_per_s_max`, patch `backfill-pacing`): the import shares MongoDB with live
+traffic, and one page of thousands of wallets is a few huge inserts and range updates that
+hold the server for seconds (the demo's live writes waited 0.2-2 s behind them). A paced
+backfill asks for pages of at most one second of its budget and, after each page, sleeps
+what is left of `scanned / wallets_per_s_max` once the page's own time is counted: a durable
+timer, so the pace is deterministic on replay and a worker crash resumes the pause.
+
 `with_history` (activities/history_import.py): first the scope's transaction log, page by page
 (<= 8189 imported transfers each) in one global time order, until the history checkpoint says
 done; only then the wallets, whose openings post the residual the history does not hold.
@@ -25,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         ACTIVITY_HISTORY_PAGE,
         ACTIVITY_PAGE,
         FAILED_SAMPLE_MAX,
+        PATCH_PACING,
         BackfillCountInput,
         BackfillCountOutput,
         BackfillInput,
@@ -38,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
     from walletcore.errors import NON_RETRYABLE_ERROR_TYPES
 
 PAGE_START_TO_CLOSE = timedelta(minutes=10)
+PAUSE_S_MIN = 0.01  # a shorter pacing pause is skipped
 PAGE_HEARTBEAT = timedelta(minutes=2)
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -87,14 +96,18 @@ class BackfillWorkflow:
             pages_this_run += 1
             state.history_done = state.history.done
             self._publish()
+        # Unpaced runs (and every history recorded before pacing) never reach the patch call.
+        paced = inp.wallets_per_s_max is not None and workflow.patched(PATCH_PACING)
+        limit = inp.wallet_page_limit() if paced else inp.page_size
         while state.pair_index < len(inp.pairs):
             if pages_this_run >= inp.pages_per_run:
                 self._continue_as_new()
             pair = inp.pairs[state.pair_index]
+            page_started = workflow.now()
             page = await workflow.execute_activity(
                 ACTIVITY_PAGE,
                 BackfillPageInput(run_id=inp.run_id, pair=pair, after=state.after,
-                                  limit=inp.page_size, with_history=inp.with_history),
+                                  limit=limit, with_history=inp.with_history),
                 result_type=BackfillPageOutput,
                 start_to_close_timeout=PAGE_START_TO_CLOSE,
                 heartbeat_timeout=PAGE_HEARTBEAT,
@@ -108,9 +121,25 @@ class BackfillWorkflow:
             else:
                 state.after = page.last_key
             self._publish()
+            if paced and state.pair_index < len(inp.pairs):  # no pause after the last page
+                await self._pace(page.scanned, workflow.now() - page_started)
         state.finished_at = workflow.now()
         self._publish()
         return self.progress()
+
+    async def _pace(self, scanned: int, took: timedelta) -> None:
+        """Sleep what the page left of its budget (`scanned` wallets at wallets_per_s_max):
+        over any run of pages the import then stays at or under the budget, however long a
+        page itself takes (a slow page pauses less, or not at all)."""
+        inp = self._input
+        assert inp is not None and inp.wallets_per_s_max is not None
+        pause_s = scanned / inp.wallets_per_s_max - took.total_seconds()
+        assert pause_s <= scanned / inp.wallets_per_s_max
+        if pause_s < PAUSE_S_MIN:  # not worth a timer (and its history events)
+            return
+        await workflow.sleep(pause_s)
+        self._state.paused_s += pause_s
+        self._publish()
 
     def _continue_as_new(self) -> NoReturn:
         inp = self._input
@@ -151,6 +180,7 @@ class BackfillWorkflow:
             transfers=state.transfers, pages=state.pages, runs=state.runs,
             rate_per_s=rate, eta_s=(remaining / rate if rate > 0 and not finished else None),
             elapsed_s=elapsed_s, finished=finished, stage=stage, history=state.history,
+            wallets_per_s_max=inp.wallets_per_s_max, paused_s=round(state.paused_s, 3),
         )
 
     def _publish(self) -> None:
@@ -175,5 +205,12 @@ class BackfillWorkflow:
             f"**backfill {p.run_id}** · {where} · **{p.done}/{p.total}** ({share:.1%}) · "
             f"{p.rate_per_s:.0f} wallets/s · ETA {eta} · imported {p.imported} · "
             f"already {p.already} · busy {p.busy} · failed **{p.failed}** · run {p.runs}"
-            f"{history}"
+            f"{history}{_pacing(p)}"
         )
+
+
+def _pacing(p: BackfillProgress) -> str:
+    if p.wallets_per_s_max is None:
+        return ""
+    return f" · paced <= {p.wallets_per_s_max:g} wallets/s (paused {p.paused_s:.0f}s)"
+

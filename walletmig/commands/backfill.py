@@ -70,7 +70,9 @@ def wallets_detail(p: BackfillProgress) -> str:
             + ("" if p.history is None else
                f" · history {p.history.imported + p.history.already}/{p.history.total} "
                f"failed {p.history.failed}")
-            + f" · {p.rate_per_s:.0f} wallets/s")
+            + f" · {p.rate_per_s:.0f} wallets/s"
+            + ("" if p.wallets_per_s_max is None else
+               f" (paced <= {p.wallets_per_s_max:g}, paused {p.paused_s:.0f}s)"))
 
 
 def history_detail(p: BackfillProgress) -> str:
@@ -178,7 +180,8 @@ async def _start(args: argparse.Namespace) -> int:
     # Unset sizes take the workflow input's defaults (one source of truth).
     sizes = {name: value for name, value in (("page_size", args.page_size),
                                               ("pages_per_run", args.pages_per_run),
-                                              ("history_page_size", args.history_page_size))
+                                              ("history_page_size", args.history_page_size),
+                                              ("wallets_per_s_max", args.wallets_per_s))
              if value is not None}
     run_id = args.run_id or f"backfill-{uuid.uuid4().hex[:12]}"
     handle = await client.start_workflow(
@@ -235,6 +238,10 @@ def register(subparsers: Any) -> None:
                        help="transactions per history page (default 4096; the worker cuts "
                        "a page to one create_transfers request of the cluster, "
                        "TB_REQUEST_LIMIT_BYTES)")
+    start.add_argument("--wallets-per-s", type=float, default=None, metavar="RATE",
+                       help="pace the wallet import to at most RATE wallets/s (1..1e6): pages "
+                       "of at most RATE wallets and a pause after each, so the import leaves "
+                       "MongoDB room for live traffic (default: unpaced)")
     start.add_argument("--run-id", help="name of this backfill (claims, audit)")
     start.add_argument("--no-wait", action="store_true", help="start and return")
     start.add_argument("--json", action="store_true", help="print the final progress as JSON")

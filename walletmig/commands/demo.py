@@ -22,6 +22,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     # The latency gate's default is DemoOptions' (the plan's, walletcore GateThresholds).
     ratio = {} if args.tb_p95_ratio is None else {"max_tb_p95_ratio": args.tb_p95_ratio}
     rate = {} if args.write_rate is None else {"write_rate_per_s": args.write_rate}
+    if args.backfill_wallets_per_s is not None:  # 0: unpaced
+        rate["backfill_wallets_per_s"] = args.backfill_wallets_per_s or None
     options = DemoOptions(wallets=args.wallets, writers=args.writers, readers=args.readers,
                           phase_dwell_s=args.dwell_s, **ratio, **rate)
     stream = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the report
@@ -51,6 +53,9 @@ def register(subparsers: Any) -> None:
                    help="open-loop writes/s offered instead of the closed-loop writers "
                         "(issue 18's baseline traffic is ~16: walletmig/demo.py "
                         "BASELINE_WRITES_PER_S)")
+    p.add_argument("--backfill-wallets-per-s", type=float, default=None, metavar="RATE",
+                   help="the backfill's pace (default: walletmig/demo.py "
+                        "DEMO_BACKFILL_WALLETS_PER_S; 0: unpaced)")
     p.add_argument("--writers", type=int, default=8, help="closed-loop write loops (8)")
     p.add_argument("--readers", type=int, default=4, help="concurrent read loops (4)")
     p.add_argument("--dwell-s", type=float, default=5.0, help="seconds of traffic per phase")
