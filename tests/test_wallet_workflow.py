@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -150,6 +151,36 @@ async def test_every_operation_dual_write(
     assert len(legacy_history) == len(tb_history) == 4
     multi = await harness.client.get_multi_balance(wallet.client_id)
     assert [b.wallet for b in multi] == [wallet]
+
+
+HISTORY_SHAPE_OPS = 4
+
+
+@pytest.mark.parametrize("pair", [LEGACY_PAIR, DUAL_PAIR], ids=["legacy", "dual_write"])
+async def test_one_marker_per_operation_and_no_other_command(
+    harness: WalletHarness, unique_id: Callable[..., str], pair: tuple[str, str]
+) -> None:
+    """What one operation costs Temporal (issue 18): after a run's first update, each further
+    one adds its update's accepted and completed events and ONE local-activity marker: no
+    timer (the idle timer is started again only after one fired), no search-attribute upsert
+    (the patches' markers are the first update's), no regular activity (the outbox carries
+    dual_write's TigerBeetle side). Judged on the commands, not on workflow-task counts (a slow
+    host may time a task out and retry it)."""
+    wallet = key(unique_id("shape"), pair)
+    for i in range(HISTORY_SHAPE_OPS):
+        await harness.client.add_credit(credit(wallet, f"c{i}", "1.00"))
+    handle = harness.client.temporal.get_workflow_handle(harness.client.workflow_id(wallet))
+    events = (await handle.fetch_history()).events
+    names = [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in events]
+    first_done = names.index("WORKFLOW_EXECUTION_UPDATE_COMPLETED")
+    after = names[first_done + 1:]
+    assert after.count("WORKFLOW_EXECUTION_UPDATE_ACCEPTED") == HISTORY_SHAPE_OPS - 1, names
+    assert after.count("WORKFLOW_EXECUTION_UPDATE_COMPLETED") == HISTORY_SHAPE_OPS - 1, names
+    assert after.count("MARKER_RECORDED") == HISTORY_SHAPE_OPS - 1, names
+    assert after.count("TIMER_STARTED") <= after.count("TIMER_FIRED"), names
+    unexpected = {"UPSERT_WORKFLOW_SEARCH_ATTRIBUTES", "ACTIVITY_TASK_SCHEDULED",
+                  "WORKFLOW_PROPERTIES_MODIFIED", "SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED"}
+    assert not unexpected & set(after), names
 
 
 async def test_idempotent_replays(harness: WalletHarness, unique_id: Callable[..., str]) -> None:
