@@ -16,12 +16,18 @@ every key they asked, and each caller gets its own answer, as its own request wo
   mongobase.queries.find_in's chunks: each wallet's balance and version still come from its
   one document).
 
+- `CoalescedIdempotency`: the Idempotency-Key store whose final documents are read and
+  inserted per pass: the claims of one pass read their keys' documents with one `find`
+  (`$in` on `_id`), the answers recorded in one pass go as one unordered `insert_many` (a key
+  that already has its document answers False, as its own insert would: the first stands).
+
 What it changes: a read waits at most one more loop pass (the batch leaves from a task
 scheduled by the first read of the pass); a failed request fails every read of its batch
 with the same error (each would have failed alike: one server, one connection pool); a
 caller that is cancelled (its read's timeout) leaves the others' request running; a lone
 read pays a future and a task more (~20 us). Only reads are coalesced: writes keep their
-order and their own requests.
+order and their own requests, except the Idempotency-Key's final documents (each is
+inserted once, under its own unique `_id`, so their order does not matter).
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import tigerbeetle as tb
+from pymongo.errors import BulkWriteError
 
+from mongobase.queries import find_in
+from stores.idempotency_keys import IdempotencyStore
 from stores.legacy_store import LegacyStore
 from stores.tb_batches import BatchedClient, batched
 from stores.tigerbeetle_client import TigerBeetleClient
@@ -40,6 +49,7 @@ from walletcore.keys import WalletKey
 from walletcore.tb_limits import BatchLimits
 
 PENDING_MAX = 4096  # reads waiting for one batch; past it a read goes alone (bounded)
+DUPLICATE_KEY = 11000  # MongoDB's duplicate key error code
 
 _Version = tuple[MinorBalance, int]  # a wallet's balance and version (one document)
 K = TypeVar("K")
@@ -126,3 +136,43 @@ class CoalescedLegacyReads(LegacyStore):
         if self.batcher.full:
             return await super().get_wallet_version(wallet)
         return (await self.batcher.get([wallet])).get(wallet)
+
+
+class CoalescedIdempotency(IdempotencyStore):
+    """The Idempotency-Key store (same arguments), its documents' point reads and inserts
+    coalesced per loop pass: a credit's key cost MongoDB a `find_one` and an `insert_one`
+    (~17 % of the API process's CPU per credit and ~1.3 ms of the server's, session 9)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finds: PassBatcher[str, dict[str, Any]] = PassBatcher(self._finals_of)
+        self.inserts: PassBatcher[str, bool] = PassBatcher(self._insert_pending)
+        self._to_insert: dict[str, dict[str, Any]] = {}  # by _id, until its batch leaves
+
+    async def _finals_of(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        return {str(doc["_id"]): doc for doc in await find_in(self._collection, "_id", ids)}
+
+    async def _find_final(self, _id: str) -> dict[str, Any] | None:
+        if self.finds.full:
+            return await super()._find_final(_id)
+        return (await self.finds.get([_id])).get(_id)
+
+    async def _insert_final(self, doc: dict[str, Any]) -> bool:
+        _id = str(doc["_id"])
+        if self.inserts.full or _id in self._to_insert:  # a second answer of one key: alone
+            return await super()._insert_final(doc)
+        self._to_insert[_id] = doc
+        return (await self.inserts.get([_id]))[_id]
+
+    async def _insert_pending(self, ids: list[str]) -> dict[str, bool]:
+        """Insert the pass's documents; each id -> inserted (False: it had one already)."""
+        docs = [self._to_insert.pop(_id) for _id in ids]
+        try:
+            await self._collection.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors: list[dict[str, Any]] = exc.details.get("writeErrors", [])
+            if not errors or any(error.get("code") != DUPLICATE_KEY for error in errors):
+                raise
+            existing = {ids[int(error["index"])] for error in errors}
+            return {_id: _id not in existing for _id in ids}
+        return dict.fromkeys(ids, True)

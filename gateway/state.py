@@ -20,7 +20,7 @@ from starlette.requests import Request
 from temporalio.client import Client
 
 from gateway.auth import Authenticator
-from gateway.coalesce import CoalescedLegacyReads, CoalescedLookups
+from gateway.coalesce import CoalescedIdempotency, CoalescedLegacyReads, CoalescedLookups
 from gateway.ratelimit import GatewayRateLimiter
 from gateway.settings import ApiSettings
 from stores.api_keys import ApiKeyStore
@@ -117,7 +117,7 @@ def _assemble(
         metrics=metrics,
         api_keys=api_keys,
         authenticator=Authenticator(api_keys, cache_ttl_s=settings.key_cache_ttl_s),
-        idempotency=IdempotencyStore(
+        idempotency=CoalescedIdempotency(  # documents read and inserted per loop pass
             stores.db, stores.redis, ttl_s=settings.idempotency_ttl_s,
             lease_s=settings.idempotency_lease_s,
         ),

@@ -171,13 +171,26 @@ class IdempotencyStore:
 
     async def _final(self, _id: str) -> dict[str, Any] | None:
         """The key's final document, None when there is none (or only an expired one)."""
-        doc: dict[str, Any] | None = await self._collection.find_one({"_id": _id})
+        doc = await self._find_final(_id)
         if doc is None:
             return None
         if as_utc(doc["expires_at"]) <= now_ms():  # the TTL monitor has not run yet
             await self._collection.delete_one({"_id": _id, "expires_at": doc["expires_at"]})
             return None
         return doc
+
+    async def _find_final(self, _id: str) -> dict[str, Any] | None:
+        """The key's document as stored (a subclass may read many keys' at once)."""
+        doc: dict[str, Any] | None = await self._collection.find_one({"_id": _id})
+        return doc
+
+    async def _insert_final(self, doc: dict[str, Any]) -> bool:
+        """Insert a final document; False when the key has one already (the first stands)."""
+        try:
+            await self._collection.insert_one(doc)
+        except DuplicateKeyError:
+            return False
+        return True
 
     async def complete(
         self, request: KeyedRequest, *, token: str, response: StoredResponse
@@ -186,17 +199,13 @@ class IdempotencyStore:
         recorded first (it stands). The lease is left to end: claims read this first."""
         assert token, "only a claim's holder completes"
         now = now_ms()
-        try:
-            await self._collection.insert_one({
-                "_id": request.record_id, "owner": request.owner, "key": request.key,
-                "operation": request.operation, "fingerprint": request.fingerprint,
-                "transaction_id": request.transaction_id, "state": RecordState.DONE.value,
-                "response": response.model_dump(), "completed_at": now,
-                "expires_at": now + self._ttl,
-            })  # fmt: skip
-        except DuplicateKeyError:
-            return False
-        return True
+        return await self._insert_final({
+            "_id": request.record_id, "owner": request.owner, "key": request.key,
+            "operation": request.operation, "fingerprint": request.fingerprint,
+            "transaction_id": request.transaction_id, "state": RecordState.DONE.value,
+            "response": response.model_dump(), "completed_at": now,
+            "expires_at": now + self._ttl,
+        })  # fmt: skip
 
     async def release(self, request: KeyedRequest, *, token: str) -> None:
         """Let go of the lease (the request has no final answer: a dependency was down): the
