@@ -148,7 +148,7 @@ class IdempotencyStore:
         for _ in range(CLAIM_ATTEMPTS_MAX):
             token = secrets.token_hex(TOKEN_BYTES)
             mine = _lease_value(token, request)
-            taken = await self._claim(keys=[lease_key], args=[mine, self._lease_ms])
+            taken = await self._take_lease(lease_key, mine)
             if taken == 0:
                 continue  # the lease ended just now: try again
             if taken != 1:
@@ -178,6 +178,10 @@ class IdempotencyStore:
             await self._collection.delete_one({"_id": _id, "expires_at": doc["expires_at"]})
             return None
         return doc
+
+    async def _take_lease(self, lease_key: str, value: str) -> Any:
+        """CLAIM_SCRIPT on `lease_key` (a subclass may send many claims' at once)."""
+        return await self._claim(keys=[lease_key], args=[value, self._lease_ms])
 
     async def _find_final(self, _id: str) -> dict[str, Any] | None:
         """The key's document as stored (a subclass may read many keys' at once)."""
