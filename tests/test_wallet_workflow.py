@@ -37,6 +37,7 @@ from wallet_support import (
     wallet_harness,
 )
 
+from activities.wallet import OUTBOX_DEFAULT
 from messages.wallet import CreditRequest, WalletCommand, WalletWorkflowInput
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
@@ -166,6 +167,8 @@ async def test_one_marker_per_operation_and_no_other_command(
     (the patches' markers are the first update's), no regular activity (the outbox carries
     dual_write's TigerBeetle side). Judged on the commands, not on workflow-task counts (a slow
     host may time a task out and retry it)."""
+    if pair == DUAL_PAIR and not OUTBOX_DEFAULT:
+        pytest.skip("WALLETMIG_OUTBOX=off: the backlog path schedules a TigerBeetle activity")
     wallet = key(unique_id("shape"), pair)
     for i in range(HISTORY_SHAPE_OPS):
         await harness.client.add_credit(credit(wallet, f"c{i}", "1.00"))
