@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from walletmig.bench_wallet_ops import MODES, BenchConfig, RunFigures, _report
+from walletmig.bench_wallet_ops import (
+    MODES,
+    BenchConfig,
+    RunFigures,
+    _group_commit_split,
+    _report,
+)
 
 
 def figures(name: str, ops_per_s: float, p95_ms: float) -> RunFigures:
@@ -53,3 +59,17 @@ def test_each_run_is_judged_against_the_bare_runs_bracketing_it() -> None:
                             "dual_write >= 75% of bare throughput": False}
     assert all(r.of_bare is None for r in report.runs if r.name == "bare")
     assert report.cpu_ms_per_op["legacy"] == {"this": 1.0, "all": 1.0}
+
+
+def test_group_commit_both_splits_each_wallet_mode_by_it() -> None:
+    # Rounds alternate on, off: each run keeps its own bare yardstick.
+    runs = [figures("bare", 100, 10), figures("legacy", 80, 10).model_copy(update={
+                "cpu_s": 0.5}),
+            figures("bare", 100, 10).model_copy(update={"group_commit": False}),
+            figures("legacy", 60, 10).model_copy(update={"group_commit": False, "cpu_s": 0.8}),
+            figures("bare", 50, 10)]
+    report = _report(runs, BenchConfig(ops=100, concurrency=8, rounds=2, group_commit="both",
+                                       modes=("bare", "legacy")))
+    split = _group_commit_split(report)
+    assert split == {"legacy": {"on": {"of_bare": 0.8, "this": 5.0, "all": 5.0},
+                                "off": {"of_bare": 0.8, "this": 8.0, "all": 8.0}}}

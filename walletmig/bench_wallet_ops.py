@@ -30,6 +30,12 @@ the way wall-clock throughput does, so it is the figure to compare changes by.
 straight through: observability.metrics.set_enabled), or `both`: rounds alternate on, off, on,
 ... and the report adds each mode's throughput with metrics off over on (goal: metrics cost
 <= 3 %).
+
+`group_commit`: the legacy store's group commit (stores.group_commit) `on`, `off`
+(WALLETMIG_LEGACY_GROUP_COMMIT=off's path: one transaction per write; the default is that
+variable's), or `both`: rounds
+alternate on, off, on, ... (the runs of one period, each with its own bare runs around it) and
+the report splits each wallet mode's of-bare ratio and CPU per operation per process by it.
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ class RunFigures(BaseModel):
     # part of `seconds` (and of ops_per_s and the CPU figures).
     drain_s: float | None = None
     metrics: bool = True  # the store and TigerBeetle timers were on
+    group_commit: bool = True  # the legacy store's group commit was on
     # Wallet modes: ops/s over the mean of the bare runs bracketing this run in time (a round's
     # run); on a median row, the median of those ratios. None for bare.
     of_bare: float | None = None
@@ -146,6 +153,9 @@ class BenchReport(BaseModel):
     # The legacy store's group commit over the whole bench (stores.group_commit): on, writes
     # that went alone, groups committed and the writes they carried, groups that failed.
     group_commit: dict[str, int] = {}
+    # `--group-commit both`: per wallet mode, "on"/"off" -> the median of-bare ratio ("of_bare")
+    # and median CPU ms per operation per process, over the runs with it on / off.
+    group_commit_split: dict[str, dict[str, dict[str, float]]] = {}
 
 
 @dataclass
@@ -157,12 +167,19 @@ class BenchConfig:
     rounds: int = 2  # every mode once per round, the order rotated each round
     metrics: str = "on"  # on, off, or both (rounds alternate: on, off, on, ...)
     modes: tuple[str, ...] = MODES  # bare and legacy always; the others may be left out
+    # on, off, or both (rounds alternate: on, off, on, ...); None: as the process's
+    # WALLETMIG_LEGACY_GROUP_COMMIT (the store's default)
+    group_commit: str | None = None
 
     def __post_init__(self) -> None:
         assert set(self.modes) <= set(MODES) and {"bare", "legacy"} <= set(self.modes), (
             f"modes: bare, legacy and any of {MODES[2:]}")
         assert self.metrics in METRICS_CHOICES, f"--metrics must be one of {METRICS_CHOICES}"
         assert self.metrics != "both" or self.rounds >= 2, "--metrics both needs --rounds >= 2"
+        assert self.group_commit in (None, *METRICS_CHOICES), (
+            f"--group-commit must be one of {METRICS_CHOICES}")
+        assert self.group_commit != "both" or self.rounds >= 2, (
+            "--group-commit both needs --rounds >= 2")
         assert 0 < self.ops <= OPS_MAX, f"--ops must be 1..{OPS_MAX}"
         assert 0 < self.concurrency <= CONCURRENCY_MAX, f"--concurrency 1..{CONCURRENCY_MAX}"
         assert 0 < self.rounds <= ROUNDS_MAX, f"--rounds must be 1..{ROUNDS_MAX}"
@@ -327,9 +344,14 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
             for round_no in range(config.rounds):
                 enabled = metrics_on(config.metrics, round_no)
                 set_enabled(enabled)
+                if config.group_commit is not None:  # the same alternation as metrics
+                    stores.legacy.group_commit.enabled = metrics_on(config.group_commit,
+                                                                    round_no)
+                grouping = stores.legacy.group_commit.enabled
                 for mode in rotated(round_no, config.modes):
                     run = await modes.run(mode, round_no)
-                    runs.append(run.model_copy(update={"metrics": enabled}))
+                    runs.append(run.model_copy(update={"metrics": enabled,
+                                                       "group_commit": grouping}))
             if profiler:
                 profiler.disable()
     finally:
@@ -341,12 +363,29 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
     report = _report(runs, config).model_copy(update={"group_commit": {
         "on": int(committer.enabled), "alone": committer.alone, "groups": committer.groups,
         "grouped": committer.grouped, "groups_failed": committer.groups_failed}})
+    if config.group_commit == "both":
+        report = report.model_copy(update={"group_commit_split": _group_commit_split(report)})
     return _with_metrics_cost(report, config.metrics) if config.metrics == "both" else report
 
 
 def metrics_on(choice: str, round_no: int) -> bool:
     """`both`: even rounds on, odd rounds off (alternating, so neither is always first)."""
     return choice == "on" or (choice == "both" and round_no % 2 == 0)
+
+
+def _group_commit_split(report: BenchReport) -> dict[str, dict[str, dict[str, float]]]:
+    """Per wallet mode, its runs with the group commit on and off: median of-bare ratio and
+    median CPU ms per operation per process."""
+    split: dict[str, dict[str, dict[str, float]]] = {}
+    for mode in [m.name for m in report.medians if m.name != "bare"]:
+        split[mode] = {}
+        for label, on in (("on", True), ("off", False)):
+            runs = [r for r in report.runs if r.name == mode and r.group_commit == on]
+            assert runs, "both: every mode ran with the group commit on and off"
+            median = _median(mode, runs)
+            split[mode][label] = {"of_bare": median.of_bare or 0.0,
+                                  **median.cpu_ms_per_op_by_process()}
+    return split
 
 
 def _with_metrics_cost(report: BenchReport, choice: str) -> BenchReport:
@@ -510,6 +549,7 @@ def _run_line(r: RunFigures) -> str:
     label = "median" if r.round is None else str(r.round + 1)
     drain = "" if r.drain_s is None else f"{r.drain_s:.2f}"
     name = r.name if r.metrics or r.round is None else f"{r.name}/off"
+    name = name if r.group_commit or r.round is None or r.name == "bare" else f"{name}/gc-off"
     of_bare = "" if r.of_bare is None else f"{r.of_bare:.0%}"
     return (f"{name:<14} {label:>6} {r.ops:>6} {r.concurrency:>5} {r.ops_per_s:>8.1f} "
             f"{of_bare:>7} {r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f} "
@@ -546,6 +586,11 @@ def format_report(report: BenchReport, profile: Path | None = None) -> str:
                          f"{k} {v}" for k, v in gc.items() if k != "on")
                      + (f", {gc['grouped'] / gc['groups']:.1f} writes a group"
                         if gc["groups"] else ""))
+    for mode, by in report.group_commit_split.items():
+        lines.append(f"group commit on/off, {mode}: of bare {by['on']['of_bare']:.0%} / "
+                     f"{by['off']['of_bare']:.0%}; CPU ms per op " + ", ".join(
+                         f"{name} {by['on'][name]:.2f}/{by['off'].get(name, 0.0):.2f}"
+                         for name in by["on"] if name != "of_bare"))
     lines.append("goals (on the medians of the per-run ratios):")
     lines += [f"  {'met ' if met else 'MISSED'} {goal}" for goal, met in report.goals.items()]
     lines += _cpu_lines(report)

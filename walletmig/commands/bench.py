@@ -45,6 +45,10 @@ def register(subparsers: Any) -> None:
     ops.add_argument("--metrics", choices=("on", "off", "both"), default="on",
                      help="store/TigerBeetle timers on (default), off, or both: rounds "
                      "alternate and the throughput cost of metrics is printed (goal <= 3 %%)")
+    ops.add_argument("--group-commit", choices=("on", "off", "both"), default=None,
+                     help="the legacy store's group commit on, off, or both: rounds alternate "
+                     "and each wallet mode's figures are split by it (default: as "
+                     "WALLETMIG_LEGACY_GROUP_COMMIT, on)")
     ops.add_argument("--json", action="store_true", help="print the figures as JSON")
     ops.set_defaults(handler=_wallet_ops)
 
@@ -142,6 +146,7 @@ async def _wallet_ops(args: argparse.Namespace) -> int:
         config = BenchConfig(
             ops=args.ops, concurrency=args.concurrency, wallets=args.wallets,
             profile=args.profile, rounds=args.rounds, metrics=args.metrics,
+            group_commit=args.group_commit,
         )
     except AssertionError as err:
         raise UsageError(str(err)) from None
