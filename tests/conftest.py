@@ -19,8 +19,10 @@ import atexit
 import contextlib
 import os
 import secrets
+import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pymongo
 import pytest
 import pytest_asyncio
 import redis.asyncio
@@ -42,7 +45,7 @@ from temporalio.testing import WorkflowEnvironment
 from walletclient.temporal_connect import connect_temporal, data_converter
 from walletconfig.settings import ENVIRONMENT, Settings
 from walletmig import devstack
-from walletmig.processes import PROC_ROOT
+from walletmig.processes import PROC_ROOT, log_tail
 
 if TYPE_CHECKING:
     from demo_support import DemoRun
@@ -233,6 +236,99 @@ def demo_run(request: pytest.FixtureRequest) -> Iterator[DemoRun]:
         shutil.rmtree(root, ignore_errors=True)
     else:
         print(f"\nconftest: the demo run's stack state and logs kept in {root}")
+
+
+# ----------------------------------------------------------------- short-lived transactions
+
+# A client killed inside a MongoDB transaction leaves it open: its documents stay locked until
+# the server reaps it (SecantusDB: 60 s of idleness, mongod's transactionLifetimeLimitSeconds
+# default). `secantusd-py` takes no setting for it (neither a flag, nor its file, nor
+# setParameter); its server class does. The kill -9 tests run on a server of their own started
+# with a short lifetime: the same expiry by the server, without a minute's wait per kill.
+SHORT_TXN_LIFETIME_S = 5.0
+SHORT_TXN_START_TIMEOUT_S = 120.0
+SHORT_TXN_STOP_TIMEOUT_S = 15.0
+# argv: storage path, lifetime in seconds. Binds a free port itself (no race with another
+# process for it), prints it, then serves until SIGTERM. The flags `walletmig dev up` gives
+# secantusd-py: one-node replica set `secantus`, fsync on commit.
+SHORT_TXN_SERVER = """
+import signal, sys
+from secantus.server import SecantusDBServer
+
+server = SecantusDBServer(host="127.0.0.1", port=0, storage_path=sys.argv[1],
+                          replica_set_name="secantus", enable_test_commands=False,
+                          sync_on_commit=True, transaction_lifetime_seconds=float(sys.argv[2]))
+
+def stop(signum, frame):
+    server.stop()
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+server.start()
+print(server.port, flush=True)
+server.wait()
+"""
+
+
+def _start_short_txn_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The server process (its own process group) and its URI, once it answers as primary."""
+    data_dir.mkdir(parents=True)
+    log_path = data_dir / "server.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHORT_TXN_SERVER, str(data_dir / "db"), str(SHORT_TXN_LIFETIME_S)],
+        stdout=subprocess.PIPE, stderr=log, start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    # The port, or nothing: died (EOF) or still silent at the deadline.
+    ready, _, _ = select.select([proc.stdout], [], [], SHORT_TXN_START_TIMEOUT_S)
+    line = proc.stdout.readline() if ready else b""
+    if not line.strip().isdigit():
+        proc.kill()
+        raise AssertionError(f"short-txn MongoDB did not start:\n{log_tail(log_path)}")
+    uri = devstack.mongodb_uri("127.0.0.1", int(line))
+    deadline = time.monotonic() + SHORT_TXN_START_TIMEOUT_S
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=1000) as client:
+        while not client.admin.command("hello").get("isWritablePrimary"):
+            assert time.monotonic() < deadline, "short-txn MongoDB never became primary"
+            time.sleep(CHILD_POLL_INTERVAL_S)
+    return proc, uri
+
+
+@pytest.fixture(scope="session")
+def short_txn_mongodb_uri(stack_config: devstack.StackConfig) -> Iterator[str]:
+    """A MongoDB of its own whose open transactions end after SHORT_TXN_LIFETIME_S idle
+    (started only for the tests asking for it; stopped by PID, SIGKILL if SIGTERM is not
+    enough). Started even when MONGODB_URI names a server: its lifetime is the point."""
+    proc, uri = _start_short_txn_server(stack_config.state_dir / "mongo-short-txn")
+    try:
+        yield uri
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=SHORT_TXN_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=SHORT_TXN_STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def short_txn_settings(settings: Settings, short_txn_mongodb_uri: str) -> Settings:
+    """The session's settings on the short-transaction MongoDB (same database name)."""
+    return settings.model_copy(update={"mongodb_uri": short_txn_mongodb_uri})
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def short_txn_mongo_client(
+    short_txn_mongodb_uri: str,
+) -> AsyncIterator[AsyncMongoClient[dict[str, Any]]]:
+    """A client of the short-transaction MongoDB (checks polled, as mongo_client's)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        short_txn_mongodb_uri, serverMonitoringMode="poll",
+        connectTimeoutMS=SESSION_CHECK_TIMEOUT_MS)  # fmt: skip
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 def _start(config: devstack.StackConfig, name: str) -> None:

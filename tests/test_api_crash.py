@@ -1,7 +1,11 @@
 """kill -9 of the API process during a stream of idempotent credits that the clients retry
 (connection errors, 409 while a dead process's key lease runs, 503): every operation is applied
 exactly once. Checked in MongoDB (one transaction document per operation, under the id derived
-from the client's Idempotency-Key) and in the balances."""
+from the client's Idempotency-Key) and in the balances.
+
+On the short-transaction MongoDB (conftest.short_txn_mongodb_uri): a kill inside the API's audit
+transaction leaves the `api` chain's head locked until the server reaps it, which on the
+session's server (60 s) stalled every money-moving request for a minute per kill."""
 
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ OWNER = "crash-owner"
 
 
 @pytest.fixture(scope="module")
-def api_settings(settings: Settings) -> Settings:
-    return isolated_settings(settings, "api_crash")
+def api_settings(short_txn_settings: Settings) -> Settings:
+    return isolated_settings(short_txn_settings, "api_crash")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,8 @@ def api(api_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def db(mongo_client: Any, api_settings: Settings) -> Any:
-    return mongo_client[api_settings.mongodb_database]
+async def db(short_txn_mongo_client: Any, api_settings: Settings) -> Any:
+    return short_txn_mongo_client[api_settings.mongodb_database]
 
 
 class Stream:
