@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from demo_support import DemoRun
     from recon_support import Env
 
+    from stores.bundle import Stores
     from walletcore.keys import WalletKey
 
 # The dev server's own default start-up timeout (5 s) is too tight on a loaded 2-core machine.
@@ -329,6 +330,24 @@ async def short_txn_mongo_client(
         yield client
     finally:
         await client.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def short_txn_stores(short_txn_settings: Settings,
+                           tb_addresses: str) -> AsyncIterator[Stores]:
+    """Stores on a database of the test's own on the short-transaction MongoDB (imports
+    indexed), closed after the test."""
+    from wallet_support import isolated_settings
+
+    from stores.bundle import make_stores
+
+    opened = await make_stores(isolated_settings(short_txn_settings, "short_txn"),
+                               tb_addresses=tb_addresses)
+    await opened.imports.ensure_indexes()
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 def _start(config: devstack.StackConfig, name: str) -> None:

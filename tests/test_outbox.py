@@ -624,8 +624,9 @@ asyncio.run(main())
 
 @pytest.mark.slow
 async def test_a_reverse_drainer_killed_inside_its_batch_applies_each_once(
-    settings: Settings, tb_addresses: str, stores: Stores, tmp_path: Path
+    short_txn_settings: Settings, tb_addresses: str, short_txn_stores: Stores, tmp_path: Path
 ) -> None:
+    settings, stores = short_txn_settings, short_txn_stores  # a 5 s transaction lifetime
     outbox = stores.legacy.outbox
     wallets = await tb_primary_wallets(stores, "rev-kill", 3)
     plans = [movement_ops(w) for w in wallets]
@@ -650,8 +651,9 @@ async def test_a_reverse_drainer_killed_inside_its_batch_applies_each_once(
     assert states == dict.fromkeys(ids, PENDING)  # nothing committed, nothing marked
     assert not await stores.legacy.transactions_held(ids)
     # The killed process's transaction still holds its wallets until the server expires it
-    # (60 s, as mongod's transactionLifetimeLimitSeconds): passes fail as conflicting until
-    # then, and the drain loop runs them again, as here.
+    # (mongod's transactionLifetimeLimitSeconds: 60 s by default, 5 s on the short-transaction
+    # MongoDB of conftest): passes fail as conflicting until then, and the drain loop runs
+    # them again, as here.
     drainer = ReverseOutboxDrainer(outbox, stores.legacy, stores.tigerbeetle)
     deadline = time.monotonic() + 180
     while set((await outbox.reverse_states_of(ids)).values()) != {APPLIED}:
