@@ -106,7 +106,9 @@ class SecondCachedFormatter(logging.Formatter):
 def configure_logging(level: str) -> None:
     """The API process's logging: basicConfig's stderr handler, LOG_FORMAT second-cached.
     LOG_FORMAT names no thread or process, so LogRecord skips looking them up (a call to
-    threading and multiprocessing per access-log line)."""
+    threading and multiprocessing per access-log line), nor where it was called from (the
+    logging HOWTO's documented `_srcfile = None`: no stack walk per line)."""
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
