@@ -153,6 +153,7 @@ class BenchReport(BaseModel):
     # The legacy store's group commit over the whole bench (stores.group_commit): on, writes
     # that went alone, groups committed and the writes they carried, groups that failed.
     group_commit: dict[str, int] = {}
+    group_commit_mode: str = "on"  # on, off, or both (rounds alternated)
     # `--group-commit both`: per wallet mode, "on"/"off" -> the median of-bare ratio ("of_bare")
     # and median CPU ms per operation per process, over the runs with it on / off.
     group_commit_split: dict[str, dict[str, dict[str, float]]] = {}
@@ -361,8 +362,9 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
         profiler.dump_stats(config.profile)
     committer = stores.legacy.group_commit
     report = _report(runs, config).model_copy(update={"group_commit": {
-        "on": int(committer.enabled), "alone": committer.alone, "groups": committer.groups,
-        "grouped": committer.grouped, "groups_failed": committer.groups_failed}})
+        "alone": committer.alone, "groups": committer.groups,
+        "grouped": committer.grouped, "groups_failed": committer.groups_failed},
+        "group_commit_mode": config.group_commit or ("on" if committer.enabled else "off")})
     if config.group_commit == "both":
         report = report.model_copy(update={"group_commit_split": _group_commit_split(report)})
     return _with_metrics_cost(report, config.metrics) if config.metrics == "both" else report
@@ -581,9 +583,9 @@ def format_report(report: BenchReport, profile: Path | None = None) -> str:
                                  for mode, cost in report.metrics_cpu_cost.items()))
     if report.group_commit:
         gc = report.group_commit
-        lines.append(f"legacy group commit ({'on' if gc['on'] else 'off'}: "
+        lines.append(f"legacy group commit ({report.group_commit_mode}: "
                      "WALLETMIG_LEGACY_GROUP_COMMIT): " + ", ".join(
-                         f"{k} {v}" for k, v in gc.items() if k != "on")
+                         f"{k} {v}" for k, v in gc.items())
                      + (f", {gc['grouped'] / gc['groups']:.1f} writes a group"
                         if gc["groups"] else ""))
     for mode, by in report.group_commit_split.items():
