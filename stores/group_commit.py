@@ -149,9 +149,10 @@ class GroupCommitter(Generic[E]):
             committed = await self._commit_group([w.entry for w in group])
         except Exception:  # the waiters write alone and meet the error themselves
             log.debug("group of %d not committed", len(group), exc_info=True)
-        except BaseException:  # cancelled (shutdown): the waiters are cancelled too
-            for w in group:
+        except BaseException:  # cancelled (shutdown): every waiter is cancelled too
+            for w in (*group, *self._queue):
                 w.done.cancel()
+            self._queue.clear()
             self._busy = False
             raise
         if committed:

@@ -30,6 +30,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from wallet_support import DUAL_PAIR, REPO_ROOT, isolated_settings, worker_env
 
 from messages.wallet import WalletCommand
+from stores.group_commit import GroupCommitter
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS, LegacyStore
 from stores.outbox import WALLET_OUTBOX, OutboxIntent
 from walletconfig.settings import Settings
@@ -288,3 +289,29 @@ def test_the_switch_is_wired() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
                          capture_output=True, check=True, timeout=60)
     assert out.stdout.strip() == b"False"
+
+
+async def test_two_writes_of_one_wallet_never_share_a_group_and_keep_their_order() -> None:
+    """The committer alone (its commit function records the groups): a later entry of a key
+    already in the group waits for a later group, in arrival order; groups are bounded."""
+    groups: list[list[str]] = []
+
+    async def commit_group(entries: list[str]) -> bool:
+        groups.append(entries)
+        return True
+
+    committer: GroupCommitter[str] = GroupCommitter(commit_group, ops_max=3, bytes_max=100)
+
+    async def write(entry: str) -> None:
+        async with committer.turn(entry, key=entry[0], size=99 if entry == "e1" else 1) as done:
+            assert done
+
+    arrivals = ["a1", "b1", "a2", "c1", "d1", "a3", "e1", "f1"]
+    async with committer.turn("held", key="h", size=0):
+        tasks = [asyncio.create_task(write(e)) for e in arrivals]
+        while committer.queued < len(arrivals):
+            await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    # e1 does not fit group 2 (bytes): it waits; f1, of another key, goes ahead of it.
+    assert groups == [["a1", "b1", "c1"], ["a2", "d1", "f1"], ["a3", "e1"]]
+    assert (committer.groups, committer.grouped, committer.alone) == (3, 8, 1)
