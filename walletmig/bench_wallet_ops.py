@@ -75,6 +75,7 @@ from workflows.bare import BareEntityWorkflow
 OPS_MAX = 1_000_000
 CONCURRENCY_MAX = 2000
 ROUNDS_MAX = 20
+IDLE_SAMPLE_S = 2.0  # how long the servers' idle CPU is sampled before the first run
 MODES: tuple[str, ...] = ("bare", "legacy", "dual_write", "tb_primary")
 LEGACY_PAIR = ("USD", "USA")
 DUAL_PAIR = ("MXN", "MEX")
@@ -157,6 +158,11 @@ class BenchReport(BaseModel):
     # `--group-commit both`: per wallet mode, "on"/"off" -> the median of-bare ratio ("of_bare")
     # and median CPU ms per operation per process, over the runs with it on / off.
     group_commit_split: dict[str, dict[str, dict[str, float]]] = {}
+    # Each server's CPU ms per second while no operation runs (sampled before the first run).
+    # Every run is charged its servers' whole CPU, idle included, so a slower run carries more
+    # idle time per operation (the Temporal dev server idles at ~45 ms/s): `_cpu_lines` prints
+    # each mode's median net of it too.
+    server_idle_cpu_ms_per_s: dict[str, float] = {}
 
 
 @dataclass
@@ -202,6 +208,15 @@ class ServerCpu:
             if cpu_s is not None:
                 out[name] = cpu_s
         return out
+
+    async def idle_ms_per_s(self, sample_s: float = IDLE_SAMPLE_S) -> dict[str, float]:
+        """Each server's CPU ms per second over `sample_s` with nothing sent (bounded)."""
+        assert 0 < sample_s <= IDLE_SAMPLE_S
+        before = self.sample()
+        await asyncio.sleep(sample_s)
+        after = self.sample()
+        return {name: round((after[name] - before[name]) * 1000 / sample_s, 1)
+                for name in after if name in before}
 
     @staticmethod
     def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -340,6 +355,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
             modes = _Modes(temporal, WalletClient(temporal, task_queue, id_key=settings.id_key(),
                                                         idle_timeout_s=120),
                            task_queue, config, bench_id, ServerCpu(isolated.state_dir))
+            idle_ms_per_s = await modes.servers.idle_ms_per_s()
             if profiler:
                 profiler.enable()
             for round_no in range(config.rounds):
@@ -364,6 +380,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> BenchReport:
     report = _report(runs, config).model_copy(update={"group_commit": {
         "alone": committer.alone, "groups": committer.groups,
         "grouped": committer.grouped, "groups_failed": committer.groups_failed},
+        "server_idle_cpu_ms_per_s": idle_ms_per_s,
         "group_commit_mode": config.group_commit or ("on" if committer.enabled else "off")})
     if config.group_commit == "both":
         report = report.model_copy(update={"group_commit_split": _group_commit_split(report)})
@@ -624,4 +641,24 @@ def _cpu_lines(report: BenchReport) -> list[str]:
         lines += [row(mode, "+legacy", {k: round(v - legacy.get(k, 0.0), 2)
                                         for k, v in per.items()})
                   for mode, per in report.cpu_ms_per_op.items() if mode in FOLLOWED_MODES]
+    return lines + _idle_lines(report, row)
+
+
+def _idle_lines(report: BenchReport, row: Callable[[str, str, dict[str, float]], str]
+                ) -> list[str]:
+    """The servers' idle CPU, and each mode's median CPU per operation net of it: a run of
+    `seconds` carries idle rate x seconds of each server's CPU whatever it does, so a slower
+    mode is charged more of it per operation."""
+    idle = report.server_idle_cpu_ms_per_s
+    if not idle:
+        return []
+    lines = ["  idle CPU ms/s: " + ", ".join(f"{n} {v:g}" for n, v in sorted(idle.items()))]
+    for median in report.medians:
+        per = median.cpu_ms_per_op_by_process()
+        ops = max(median.ops, 1)
+        net = {n: max(0.0, v - idle.get(n, 0.0) * median.seconds / ops)
+               for n, v in per.items() if n not in ("this", "all")}
+        net["this"] = per["this"]
+        net["all"] = net["this"] + sum(v for n, v in net.items() if n != "this")
+        lines.append(row(median.name, "-idle", net))
     return lines
