@@ -337,17 +337,10 @@ async def short_txn_stores(short_txn_settings: Settings,
                            tb_addresses: str) -> AsyncIterator[Stores]:
     """Stores on a database of the test's own on the short-transaction MongoDB (imports
     indexed), closed after the test."""
-    from wallet_support import isolated_settings
+    from wallet_support import isolated_stores
 
-    from stores.bundle import make_stores
-
-    opened = await make_stores(isolated_settings(short_txn_settings, "short_txn"),
-                               tb_addresses=tb_addresses)
-    await opened.imports.ensure_indexes()
-    try:
+    async with isolated_stores(short_txn_settings, "short_txn", tb_addresses) as opened:
         yield opened
-    finally:
-        await opened.close()
 
 
 def _start(config: devstack.StackConfig, name: str) -> None:

@@ -230,9 +230,12 @@ asyncio.run(main())
 
 @pytest.mark.slow
 async def test_a_worker_killed_with_a_group_transaction_open_applies_each_once(
-    settings: Settings, tb_addresses: str, mongodb_uri: str, tmp_path: Path
+    short_txn_settings: Settings, tb_addresses: str, short_txn_mongodb_uri: str,
+    tmp_path: Path,
 ) -> None:
-    own = isolated_settings(settings, "group_kill")
+    """On the short-transaction MongoDB (conftest.short_txn_mongodb_uri): the killed worker's
+    open transaction blocks its wallets for seconds, not mongod's default 60 s."""
+    own = isolated_settings(short_txn_settings, "group_kill")
     run, count = f"gkill-{uuid.uuid4().hex[:8]}", 6
     proc = subprocess.Popen(
         [sys.executable, "-c", CRASHER, tb_addresses, run, str(count)], cwd=REPO_ROOT,
@@ -245,7 +248,7 @@ async def test_a_worker_killed_with_a_group_transaction_open_applies_each_once(
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb_uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(short_txn_mongodb_uri)
     try:
         db = client[own.mongodb_database]
         store = await store_of(db)
@@ -254,9 +257,9 @@ async def test_a_worker_killed_with_a_group_transaction_open_applies_each_once(
         ops = [AddCredit(wallet=w, transaction_id=f"{w.client_id}.1", amount=Decimal("2.50"))
                for w in keys]
         assert not await store.transactions_held([op.transaction_id for op in ops])
-        # The killed worker's transaction holds its wallets until the server expires it (60 s,
-        # as mongod's transactionLifetimeLimitSeconds): the retries conflict until then, as
-        # the wallet workflow's activity retries would.
+        # The killed worker's transaction holds its wallets until the server expires it (its
+        # transaction lifetime, as mongod's transactionLifetimeLimitSeconds): the retries
+        # conflict until then, as the wallet workflow's activity retries would.
         deadline = time.monotonic() + 240
         for op in ops:
             while True:

@@ -58,6 +58,18 @@ def isolated_settings(settings: Settings, prefix: str) -> Settings:
     return settings.model_copy(update={"mongodb_database": f"{prefix}_{uuid.uuid4().hex[:8]}"})
 
 
+@contextlib.asynccontextmanager
+async def isolated_stores(settings: Settings, prefix: str, tb_addresses: str
+                          ) -> AsyncIterator[Stores]:
+    """Stores on a database of our own (isolated_settings; imports indexed), closed after."""
+    opened = await make_stores(isolated_settings(settings, prefix), tb_addresses=tb_addresses)
+    await opened.imports.ensure_indexes()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
 async def set_phase(stores: Stores, pair: tuple[str, str], phase: Phase) -> None:
     scope = f"{pair[0]}:{pair[1]}"
     current = await stores.migration.get(scope)
