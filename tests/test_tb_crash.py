@@ -1,13 +1,17 @@
 """kill -9 the emulator while 4 clients stream linked transfers; requests are in flight at the
-kill. After the restart the emulator holds exactly the acknowledged transfers plus whole chains
-of the in-flight requests, each as it was sent; no chain is half-applied and the balances match
+kill (by construction: the emulator is stopped with SIGSTOP, a request is sent, then SIGKILL).
+After the restart the emulator holds exactly the acknowledged transfers plus whole chains of
+the in-flight requests, each as it was sent; no chain is half-applied and the balances match
 the transfers."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import tigerbeetle as tb
@@ -19,6 +23,7 @@ ACCOUNTS = 20
 CLIENTS = 4
 CHAINS_PER_REQUEST = 40
 STREAM_S = 1.5
+IN_FLIGHT_WAIT_S = 10.0  # bound on waiting for a request sent to the stopped emulator
 CREATED = tb.CreateTransferStatus.CREATED
 LINKED_EVENT_FAILED = tb.CreateTransferStatus.LINKED_EVENT_FAILED
 
@@ -43,8 +48,18 @@ def _chain(rng: random.Random, next_id: list[int], poison: bool) -> list[tb.Tran
     return chain
 
 
+class _Frozen:
+    """Set once the emulator is stopped (SIGSTOP); counts the requests sent after: none of
+    them can be answered, so each is in flight at the kill (as is one the stopped emulator
+    left unanswered until its client's timeout)."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.sent_after = 0
+
+
 async def _stream(
-    address: str, worker: int, stop: asyncio.Event,
+    address: str, worker: int, stop: asyncio.Event, frozen: _Frozen,
     sent: list[list[tb.Transfer]], acknowledged: set[int], unanswered: set[int],
 ) -> None:
     rng = random.Random(worker)
@@ -56,6 +71,7 @@ async def _stream(
                       for _ in range(CHAINS_PER_REQUEST)]
             sent.extend(chains)
             batch = [t for chain in chains for t in chain]
+            frozen.sent_after += frozen.stopped
             try:
                 results = await client.create_transfers(batch)
             except (TimeoutError, OSError):
@@ -89,11 +105,21 @@ async def test_kill_9_during_linked_transfer_stream(tmp_path: Path) -> None:
         sent: list[list[tb.Transfer]] = []
         acknowledged: set[int] = set()
         unanswered: set[int] = set()  # ids of the requests in flight at the kill
+        frozen = _Frozen()
         workers = [asyncio.ensure_future(
-            _stream(process.address, w, stop, sent, acknowledged, unanswered))
+            _stream(process.address, w, stop, frozen, sent, acknowledged, unanswered))
             for w in range(CLIENTS)]
-        await asyncio.sleep(STREAM_S)
-        process.kill()  # SIGKILL while requests are in flight.
+        await asyncio.sleep(STREAM_S)  # acknowledged requests first
+        # A killed emulator's answers already written are still read by the clients after
+        # it: stop it first, so a request sent now is in flight at the kill by construction.
+        os.kill(process.pid, signal.SIGSTOP)
+        frozen.stopped = True
+        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+        while frozen.sent_after == 0 and not unanswered:  # or a request left unanswered:
+            # the clients time out (1 s) on requests the stopped emulator holds
+            assert time.monotonic() < deadline, "no request sent to the stopped emulator"
+            await asyncio.sleep(0.001)
+        process.kill()  # SIGKILL while requests are in flight (a stopped process dies too).
         stop.set()
         await asyncio.gather(*workers)
         assert acknowledged, "no request was acknowledged before the crash"
