@@ -13,7 +13,6 @@ tb_primary's reverse projection batched in MongoDB transactions vs one by one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
@@ -36,7 +35,6 @@ from test_outbox import (
 from wallet_support import (
     DUAL_PAIR,
     assert_same_sequence,
-    isolated_settings,
     isolated_stores,
     key,
 )
@@ -48,7 +46,7 @@ from activities.reverse_outbox import ReverseOutboxDrainer
 from messages.backfill import BackfillPageInput
 from mongobase.mongo import now_ms
 from stores.backfill_imports import ImportRecord, ImportStatus
-from stores.bundle import Stores, make_stores
+from stores.bundle import Stores
 from stores.outbox import APPLIED, OUTBOX_SHARDS, WALLET_OUTBOX, outbox_shard
 from walletconfig.settings import Settings
 from walletcore.balances import MinorBalance
@@ -277,18 +275,6 @@ MEASURE_WALLETS = 100
 MEASURE_OPS = 5  # records per wallet (movement_ops): 500 records a run
 
 
-@contextlib.asynccontextmanager
-async def _measure_stores(settings: Settings, tb_addresses: str, prefix: str
-                          ) -> AsyncIterator[Stores]:
-    """Stores on a database of their own (imports indexed), closed after: one measured run."""
-    stores = await make_stores(isolated_settings(settings, prefix), tb_addresses=tb_addresses)
-    await stores.imports.ensure_indexes()
-    try:
-        yield stores
-    finally:
-        await stores.close()
-
-
 @pytest.mark.slow
 async def test_batched_vs_per_record_requests_and_cpu_per_record(
     settings: Settings, tb_addresses: str
@@ -298,7 +284,7 @@ async def test_batched_vs_per_record_requests_and_cpu_per_record(
     process's CPU per record; the servers' CPU is not in it)."""
     figures: dict[str, tuple[float, float]] = {}
     for batched in (False, True):
-        async with _measure_stores(settings, tb_addresses, "outbox_measure") as stores:
+        async with isolated_stores(settings, "outbox_measure", tb_addresses) as stores:
             run = uuid.uuid4().hex[:8]
             wallets = [key(f"measure-{run}-{n}", DUAL_PAIR) for n in range(MEASURE_WALLETS)]
             await asyncio.gather(*(stores.legacy.apply(AddCredit(
@@ -330,7 +316,7 @@ async def test_reverse_batched_vs_one_by_one_cpu_per_record(
     server CPU tell the rest); both leave each wallet's log equal in both stores."""
     figures: dict[str, float] = {}
     for batched in (False, True):
-        async with _measure_stores(settings, tb_addresses, "reverse_measure") as stores:
+        async with isolated_stores(settings, "reverse_measure", tb_addresses) as stores:
             run = uuid.uuid4().hex[:8]
             wallets = [key(f"rmeasure-{run}-{n}", DUAL_PAIR) for n in range(MEASURE_WALLETS)]
             d = ReverseOutboxDrainer(stores.legacy.outbox, stores.legacy, stores.tigerbeetle,
