@@ -38,9 +38,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import tigerbeetle as tb
-from pymongo.errors import BulkWriteError
 from redis.exceptions import NoScriptError
 
+from mongobase.mongo import insert_new
 from mongobase.queries import find_in
 from stores.idempotency_keys import IdempotencyStore
 from stores.legacy_store import LegacyStore
@@ -51,7 +51,6 @@ from walletcore.keys import WalletKey
 from walletcore.tb_limits import BatchLimits
 
 PENDING_MAX = 4096  # reads waiting for one batch; past it a read goes alone (bounded)
-DUPLICATE_KEY = 11000  # MongoDB's duplicate key error code
 
 _Version = tuple[MinorBalance, int]  # a wallet's balance and version (one document)
 K = TypeVar("K")
@@ -194,16 +193,8 @@ class CoalescedIdempotency(IdempotencyStore):
 
     async def _insert_pending(self, ids: list[str]) -> dict[str, bool]:
         """Insert the pass's documents; each id -> inserted (False: it had one already)."""
-        docs = [self._to_insert.pop(_id) for _id in ids]
-        try:
-            await self._collection.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            errors: list[dict[str, Any]] = exc.details.get("writeErrors", [])
-            if not errors or any(error.get("code") != DUPLICATE_KEY for error in errors):
-                raise
-            existing = {ids[int(error["index"])] for error in errors}
-            return {_id: _id not in existing for _id in ids}
-        return dict.fromkeys(ids, True)
+        taken = await insert_new(self._collection, [self._to_insert.pop(_id) for _id in ids])
+        return {_id: index not in taken for index, _id in enumerate(ids)}
 
 
 def _text(value: Any) -> str:

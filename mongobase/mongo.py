@@ -245,14 +245,15 @@ async def backoff(attempt: int) -> None:
 
 async def insert_new(collection: AsyncCollection[Any], docs: list[dict[str, Any]]) -> set[int]:
     """One unordered insert; returns the indexes of the documents whose `_id` (or another
-    unique key) was taken already. Any other write error raises."""
+    unique key) was taken already. Any other write error raises, and so does a failure with
+    no write error (a write concern error: nothing is known to be durable)."""
     if not docs:
         return set()
     try:
         await collection.insert_many(docs, ordered=False)
     except BulkWriteError as exc:
         errors = exc.details.get("writeErrors", [])
-        if any(e.get("code") != DUPLICATE_KEY_CODE for e in errors):
+        if not errors or any(e.get("code") != DUPLICATE_KEY_CODE for e in errors):
             raise
         return {int(e["index"]) for e in errors}
     return set()

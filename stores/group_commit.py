@@ -60,14 +60,18 @@ class GroupCommitter(Generic[E]):
         self,
         commit_group: Callable[[list[E]], Awaitable[bool]],
         *,
+        size_of: Callable[[E], int] | None = None,
         ops_max: int = GROUP_OPS_MAX,
         bytes_max: int = GROUP_BYTES_MAX,
     ) -> None:
         """`commit_group(entries)`: write them all in one transaction; True iff committed
-        (False or an exception: nothing was written, as far as the caller can tell)."""
+        (False or an exception: nothing was written, as far as the caller can tell).
+        `size_of(entry)`: its bytes, asked only of an entry that queues (a write that goes
+        alone at once, the usual one at low concurrency, never pays for it)."""
         assert 1 < ops_max <= 10_000
         assert 0 < bytes_max <= 16 << 20
         self._commit_group = commit_group
+        self._size_of = size_of
         self._ops_max = ops_max
         self._bytes_max = bytes_max
         self._busy = False  # a commit (alone or a group) is in flight
@@ -87,11 +91,12 @@ class GroupCommitter(Generic[E]):
         return len(self._queue)
 
     @contextlib.asynccontextmanager
-    async def turn(self, entry: E, *, key: str, size: int) -> AsyncIterator[bool]:
+    async def turn(self, entry: E, *, key: str, size: int | None = None
+                   ) -> AsyncIterator[bool]:
         """Yields True: `entry` was committed in a group (nothing left to do). False: write it
         alone now, inside the block (the committer counts it as the commit in flight when it
-        took the free lane: arrivals queue behind it)."""
-        assert size >= 0
+        took the free lane: arrivals queue behind it). `size`: its bytes (default: size_of)."""
+        assert size is None or size >= 0
         if not self.enabled:
             yield False
             return
@@ -104,6 +109,9 @@ class GroupCommitter(Generic[E]):
             finally:
                 self._release()
             return
+        if size is None:
+            assert self._size_of is not None, "a size, or size_of to ask"
+            size = self._size_of(entry)
         waiter = _Waiter(entry, key, size)
         self._queue.append(waiter)
         try:

@@ -181,7 +181,11 @@ class _SnapshotPlan:
     writes: list[UpdateOne | InsertOne[Document]]  # the CAS update first, then the inserts
     applied: Applied
     snapshot: _Snapshot
-    size: int  # bytes of its documents and filter (the group's byte bound)
+    sized: tuple[Document, ...]  # its documents and filter: what the group's byte bound counts
+
+    def size(self) -> int:
+        """Bytes of its documents and filter (asked only when it queues for a group)."""
+        return sum(len(bson.encode(d)) for d in self.sized)
 
 
 @dataclass
@@ -284,7 +288,7 @@ class LegacyStore:
         self._local_locks = _KeyedLocks() if serialize_local else None
         self._snapshots = _Snapshots()
         self._sessions_gate = asyncio.Semaphore(sessions_max)
-        self.group_commit = GroupCommitter(self._commit_group)
+        self.group_commit = GroupCommitter(self._commit_group, size_of=_SnapshotPlan.size)
         self.group_commit.enabled = group_commit
         self.conflict_retries = 0  # observability: how often optimistic concurrency retried
         self.attempts_peak = 0  # observability: most attempts one operation needed
@@ -527,13 +531,13 @@ class LegacyStore:
                                                                  replayed=False), facts),
             snapshot=_Snapshot(balance=after, fields=balance_fields, version=version,
                                allow_overdraft=snap.allow_overdraft),
-            size=sum(len(bson.encode(d)) for d in docs) + len(bson.encode(cas)))
+            sized=(*docs, cas))
 
     async def _write_snapshot_plan(self, plan: _SnapshotPlan) -> Applied | None:
         """The plan in a group with other wallets' (stores.group_commit) when a commit is in
         flight, else alone at once; alone again if the group did not commit. None: the
         snapshot was stale or the id used (the caller reads and decides: `_attempt`)."""
-        async with self.group_commit.turn(plan, key=plan.canonical, size=plan.size) as committed:
+        async with self.group_commit.turn(plan, key=plan.canonical) as committed:
             if committed:
                 return plan.applied
             async with self._sessions_gate, self._client.start_session() as session:
