@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 from bson.decimal128 import Decimal128
 from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
-from wallet_support import DUAL_PAIR, REPO_ROOT, isolated_settings, worker_env
+from wallet_support import DUAL_PAIR, REPO_ROOT, isolated_settings, kill_when_stopped, worker_env
 
 from messages.wallet import WalletCommand
 from stores.group_commit import GroupCommitter
@@ -237,17 +236,8 @@ async def test_a_worker_killed_with_a_group_transaction_open_applies_each_once(
     open transaction blocks its wallets for seconds, not mongod's default 60 s."""
     own = isolated_settings(short_txn_settings, "group_kill")
     run, count = f"gkill-{uuid.uuid4().hex[:8]}", 6
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CRASHER, tb_addresses, run, str(count)], cwd=REPO_ROOT,
-        env=worker_env(own, "-"), stdout=subprocess.PIPE,
-        stderr=(tmp_path / "crasher.log").open("wb"))
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 180)
-        assert line.strip() == b"stopped", (line, (tmp_path / "crasher.log").read_text())
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    await kill_when_stopped(CRASHER, [tb_addresses, run, str(count)], worker_env(own, "-"),
+                            tmp_path / "crasher.log", 180)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(short_txn_mongodb_uri)
     try:
         db = client[own.mongodb_database]

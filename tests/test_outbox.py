@@ -29,6 +29,7 @@ from wallet_support import (
     assert_same_sequence,
     isolated_settings,
     key,
+    kill_when_stopped,
     worker_env,
 )
 
@@ -397,17 +398,8 @@ async def test_a_drainer_killed_inside_its_batch_applies_nothing_twice(
     wallets = [w for w in wallets if outbox_shard(w.canonical) == shard]
     await write_interleaved(stores, [movement_ops(w) for w in wallets])
     env = worker_env(settings.model_copy(update={"mongodb_database": stores.db.name}), "-")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BATCH_CRASHER, tb_addresses, stop_at, str(shard)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=(tmp_path / "crasher.log").open("wb"))
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
-        assert line.strip() == b"stopped", (line, (tmp_path / "crasher.log").read_text())
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    await kill_when_stopped(BATCH_CRASHER, [tb_addresses, stop_at, str(shard)], env,
+                            tmp_path / "crasher.log", 120)
     pending = await stores.legacy.outbox.pending_of(
         [op.transaction_id for w in wallets for op in movement_ops(w)])
     assert len(pending) == len(wallets) * 5  # TigerBeetle has them; the outbox says pending
@@ -635,17 +627,8 @@ async def test_a_reverse_drainer_killed_inside_its_batch_applies_each_once(
             assert await tb_primary_write(stores, plan[step])
     shard = outbox_shard(wallets[0].canonical)
     env = worker_env(settings.model_copy(update={"mongodb_database": stores.db.name}), "-")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", REVERSE_CRASHER, tb_addresses, str(shard)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=(tmp_path / "crasher.log").open("wb"))
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
-        assert line.strip() == b"stopped", (line, (tmp_path / "crasher.log").read_text())
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    await kill_when_stopped(REVERSE_CRASHER, [tb_addresses, str(shard)], env,
+                            tmp_path / "crasher.log", 120)
     ids = [op.transaction_id for plan in plans for op in plan]
     states = await outbox.reverse_states_of(ids)
     assert states == dict.fromkeys(ids, PENDING)  # nothing committed, nothing marked

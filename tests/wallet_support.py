@@ -255,6 +255,22 @@ def worker_env(settings: Settings, task_queue: str) -> dict[str, str]:
     return env
 
 
+async def kill_when_stopped(script: str, args: list[str], env: dict[str, str], log_path: Path,
+                            timeout_s: float) -> None:
+    """Run `script` (python -c) until it prints `stopped` (it holds the state its test builds,
+    e.g. a transaction left open), then kill -9 it: the crash lands in that state by
+    construction. Its stderr goes to `log_path` (shown if it never stops)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=log_path.open("wb"))
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout_s)
+        assert line.strip() == b"stopped", (line, log_path.read_text())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("ab")
     return subprocess.Popen(
