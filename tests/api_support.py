@@ -3,6 +3,7 @@ and stopped by PID), a worker process for its writes, API keys, a self-signed ce
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import ssl
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from walletmig.processes import free_port, log_tail
 # on the shared 2-core host at load ~25 they were still starting after 60 s (session 8).
 API_START_TIMEOUT_S = 180.0
 API_STOP_TIMEOUT_S = 15.0
+LOG_WAIT_TIMEOUT_S = 60.0  # a log line is written after the answer is sent: wait for it
 POLL_INTERVAL_S = 0.1
 ALL_SCOPES = ["wallets:read", "wallets:write", "terminal:submit", "terminal:read",
               "migration:read", "ledger:read"]  # fmt: skip
@@ -159,6 +161,20 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     return cert, key
+
+
+async def wait_log(log_path: Path, check: Callable[[str], bool], what: str) -> str:
+    """The process's log once `check` holds on it. A line is written after the answer it logs
+    is sent, and a second `--workers` process may still be starting after the first answers,
+    so a test waits for the state, bounded by LOG_WAIT_TIMEOUT_S, never for a fixed time."""
+    deadline = time.monotonic() + LOG_WAIT_TIMEOUT_S
+    while True:
+        log = log_path.read_text()
+        if check(log):
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the log never showed {what}:\n{log_tail(log_path)}")
+        await asyncio.sleep(POLL_INTERVAL_S)
 
 
 def bearer(key: str) -> dict[str, str]:
