@@ -23,7 +23,8 @@ ACCOUNTS = 20
 CLIENTS = 4
 CHAINS_PER_REQUEST = 40
 STREAM_S = 1.5
-IN_FLIGHT_WAIT_S = 10.0  # bound on waiting for a request sent to the stopped emulator
+IN_FLIGHT_WAIT_S = 10.0  # bound on waiting for an acknowledged request, then for one sent to
+# the stopped emulator
 CREATED = tb.CreateTransferStatus.CREATED
 LINKED_EVENT_FAILED = tb.CreateTransferStatus.LINKED_EVENT_FAILED
 
@@ -109,7 +110,11 @@ async def test_kill_9_during_linked_transfer_stream(tmp_path: Path) -> None:
         workers = [asyncio.ensure_future(
             _stream(process.address, w, stop, frozen, sent, acknowledged, unanswered))
             for w in range(CLIENTS)]
-        await asyncio.sleep(STREAM_S)  # acknowledged requests first
+        await asyncio.sleep(STREAM_S)  # acknowledged requests first: some, whatever the host
+        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+        while not acknowledged:  # (a slow host may have had none answered in STREAM_S)
+            assert time.monotonic() < deadline, "no request acknowledged before the kill"
+            await asyncio.sleep(0.01)
         # A killed emulator's answers already written are still read by the clients after
         # it: stop it first, so a request sent now is in flight at the kill by construction.
         os.kill(process.pid, signal.SIGSTOP)

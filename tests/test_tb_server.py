@@ -939,8 +939,15 @@ async def test_health_summary_and_stall_warnings(
         seen = len(summaries())
         time.sleep(0.6)  # Blocks the event loop the server runs on.
         await until(lambda: "event loop blocked for" in caplog.text, "the watchdog's warning")
-        # Idle: no more summary lines.
-        await asyncio.sleep(1.2)
+        # Idle: no more summary lines, over two summary intervals the monitor has closed (each
+        # restarts its window): a fixed wait could pass with none closed on a loaded host.
+        windows = {server._window_started}
+
+        def two_more_windows() -> bool:
+            windows.add(server._window_started)
+            return len(windows) >= 3
+
+        await until(two_more_windows, "two idle summary intervals")
         assert len(summaries()) <= seen + 1
     finally:
         await client.close()
@@ -1004,11 +1011,8 @@ async def test_idle_server_packs_the_rows_writes_left_stale(data_file: str) -> N
         await client.create_transfers([transfer(1000 + i, i, 601 - i, i) for i in ids[:300]])
         engine: Any = server._engine
         assert engine._stale_rows  # Writes only mark them.
-        for _ in range(100):
-            if not engine._stale_rows:
-                break
-            await asyncio.sleep(0.02)
-        assert not engine._stale_rows and engine.rows_are_current()
+        await until(lambda: not engine._stale_rows, "the idle server to pack the stale rows")
+        assert engine.rows_are_current()
         assert [a.id for a in await client.lookup_accounts(ids)] == ids
     finally:
         await client.close()
