@@ -54,6 +54,7 @@ from wallet_support import history_wanted, sandboxed_worker, save_history
 
 from activities.migration import MigrationActivities
 from messages.migration import (
+    ACTIVITY_AWAIT_REVERSE_DRAIN,
     ACTOR_CANCEL,
     ACTOR_UNNAMED,
     AdvanceRequest,
@@ -574,8 +575,19 @@ async def test_complete_waits_for_the_reverse_projection(
         status: MigrationStatus = await handle.query(MigrationWorkflow.status)
         return status.phase == Phase.COMPLETE
 
+    async def drain_counted_it() -> bool:
+        """The drain activity runs and has counted the missing operation (its heartbeat): the
+        archive, which comes after it, waits (a fixed wait may see no drain poll yet)."""
+        described = await handle.describe()
+        for pending in described.raw_description.pending_activities:
+            if (pending.activity_type.name == ACTIVITY_AWAIT_REVERSE_DRAIN
+                    and pending.heartbeat_details.payloads):
+                return await temporal_client.data_converter.decode(
+                    pending.heartbeat_details.payloads) == [1]
+        return False
+
     await eventually(completing, "complete to be published")
-    await asyncio.sleep(1.0)
+    await eventually(drain_counted_it, "the reverse drain to count the missing operation")
     status = await handle.query(MigrationWorkflow.status)
     assert status.archive is None and not forced.done()  # still draining
     # The wallet workflow's reverse projection lands: the archive is written with it.
@@ -977,8 +989,23 @@ async def test_a_reset_never_moves_the_phase_back_nor_twice(
         status: MigrationStatus = await latest.query(MigrationWorkflow.status)
         return "adopt_published" in [a.action for a in status.recent_actions]
 
+    async def redelivered_answered() -> bool:
+        """Every Update the reset re-delivered (admitted in the new run) has completed: the
+        phase read next is what the workflow left after answering it (a fixed wait could read
+        it before the workflow got to it on a loaded host)."""
+        admitted: set[str] = set()
+        completed: set[str] = set()
+        async for e in latest.fetch_history_events():
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ADMITTED:
+                admitted.add(e.workflow_execution_update_admitted_event_attributes.request
+                             .meta.update_id)
+            elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
+                completed.add(e.workflow_execution_update_completed_event_attributes.meta
+                              .update_id)
+        return admitted <= completed
+
     await eventually(adopted, "the reset run to adopt the published phase")
-    await asyncio.sleep(1.0)  # the re-delivered force_advance, if any, has been answered
+    await eventually(redelivered_answered, "the re-delivered force_advance to be answered")
     status = await latest.query(MigrationWorkflow.status)
     assert (status.phase, status.epoch) == (Phase.SHADOW_READ, 2)
 
