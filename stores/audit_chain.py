@@ -25,8 +25,13 @@ client id; terminal counterparties, references and memos are left out.
 
 Throughput (group commit): one MongoDB transaction per append would serialise every request
 on the chain head. An AuditAppender batches the records that arrive while the previous batch
-commits (or within `linger_ms`) into one transaction (read head, compare-and-swap it, insert
-the batch); each request awaits its batch's commit before it proceeds.
+commits (or within `linger_ms`) into one append; each request awaits its batch's commit
+before it proceeds. In `audit_records` (chains `api`, `cli`) a record's `_id` is (chain,
+seq), so the unique `_id` keeps the chain from forking and an append is two writes without a
+transaction (the batch inserted in order after the tail, then the head moved forward, never
+back: `_append_by_seq`); records beyond the head (their writer died before moving it) are
+chained after by the next append, which moves the head over them. The migration chains, whose
+`_id`s are their own, append in one transaction (read head, compare-and-swap it, insert).
 """
 
 from __future__ import annotations
@@ -46,11 +51,11 @@ from typing import Any
 
 from bson.decimal128 import Decimal128
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from mongobase.mongo import (
     DUPLICATE_KEY_CODE,
@@ -254,6 +259,8 @@ class AuditChain:
         """Chain `docs` after the head and insert them, in one transaction; retries write
         conflicts (bounded, jittered). RecordExistsError when a document's `_id` exists."""
         assert collection in CHAINED_COLLECTIONS and 0 < len(docs) <= BATCH_MAX
+        if collection == AUDIT_RECORDS and all("_id" not in doc for doc in docs):
+            return await self._append_by_seq(chain, docs)
         for attempt in range(self._attempts_max):
             known = self._known.pop(chain, None) if attempt == 0 else None
             try:
@@ -275,6 +282,85 @@ class AuditChain:
             f"{self._attempts_max} attempts",
             field=None,
         )
+
+    async def _append_by_seq(
+        self, chain: str, docs: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """`audit_records`' documents are keyed by (chain, seq) (record_id), so the unique
+        `_id` is the fork guard and an append needs no transaction (it cost MongoDB ~2.2 ms
+        and the writer ~1.4 ms per batch against ~1.6 and ~0.9 for an insert and an update,
+        session 10): insert the batch linked after the tail, ordered; a duplicate `_id` means
+        another writer took that seq first: what went in before it stays, the rest is
+        re-linked after the tail read again. Then the head moves forward to the last record
+        (never back). A writer that dies between the two leaves records beyond the head: the
+        next append chains after them (`_tail`) and moves the head over them."""
+        stored: list[dict[str, Any]] = []
+        rest = list(docs)
+        tail = self._known.pop(chain, None)
+        for attempt in range(self._attempts_max):
+            if tail is None:
+                tail = await self._tail(chain)
+            linked = link(tail, chain, rest)
+            inserted = await self._insert_prefix(linked)
+            stored += linked[:inserted]
+            rest = rest[inserted:]
+            if not rest:
+                break
+            tail = None
+            self.conflict_retries += 1
+            await backoff(attempt)
+        if rest:
+            raise StoreUnavailableError(
+                f"MongoDB (audit log): chain {chain!r} still conflicting after "
+                f"{self._attempts_max} attempts", field=None,
+            )  # fmt: skip
+        assert len(stored) == len(docs)
+        head = ChainHead(seq=stored[-1]["chain_seq"], hash=stored[-1]["hash"])
+        await self._advance_head(chain, head)
+        self._known[chain] = head
+        return stored
+
+    async def _tail(self, chain: str) -> ChainHead:
+        """What the next record links after: the head, or the last record when records lie
+        beyond it (their writer died before moving it, or moves it now). Records deleted
+        from under the head leave the head as the tail, so their gap stays visible."""
+        try:
+            head = await self.head(chain)
+            last = await self._db[AUDIT_RECORDS].find_one(
+                {"chain": chain, "chain_seq": {"$gt": head.seq}}, {"chain_seq": 1, "hash": 1},
+                sort=[("chain_seq", DESCENDING)],
+            )  # fmt: skip
+        except PyMongoError as exc:
+            raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
+        return head if last is None else ChainHead(seq=int(last["chain_seq"]), hash=last["hash"])
+
+    async def _insert_prefix(self, linked: list[dict[str, Any]]) -> int:
+        """Insert `linked` in order; how many went in before a duplicate `_id` (all: len)."""
+        try:
+            await self._db[AUDIT_RECORDS].insert_many(linked, ordered=True)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if len(errors) == 1 and errors[0].get("code") == DUPLICATE_KEY_CODE:
+                return int(errors[0]["index"])
+            raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
+        except PyMongoError as exc:
+            raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
+        return len(linked)
+
+    async def _advance_head(self, chain: str, head: ChainHead) -> None:
+        """Move the head to `head` unless it is there or beyond already (a writer that
+        chained after these records moved it); the first append creates it."""
+        try:
+            await self._heads.update_one(
+                {"_id": chain, "seq": {"$lt": head.seq}},
+                {"$set": {"seq": head.seq, "hash": head.hash, "collection": AUDIT_RECORDS,
+                          "updated_at": now_ms()}},
+                upsert=True,
+            )  # fmt: skip
+        except DuplicateKeyError:
+            return  # the head is at or beyond `head.seq`: the upsert's insert met it
+        except PyMongoError as exc:
+            raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
 
     async def _append_attempt(
         self, session: AsyncClientSession, collection: str, chain: str,
