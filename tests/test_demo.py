@@ -7,7 +7,6 @@ back."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,12 +17,11 @@ import pytest
 from bson.decimal128 import Decimal128
 from demo_support import DemoRun
 from pymongo.asynchronous.database import AsyncDatabase
-from wallet_support import twin_in_tigerbeetle
+from wallet_support import twin_in_tigerbeetle, wait_drained
 
 from messages.reconciliation import ReconcileSummary
 from stores.bundle import Stores, make_stores
 from stores.legacy_store import WALLET_TRANSACTIONS, WALLETS
-from stores.outbox import Outbox
 from stores.read_metrics import ReadMetricsStore, ReadMode, ReadObservation, ReadOutcome
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
@@ -100,19 +98,6 @@ def test_demo_small(demo_run: DemoRun) -> None:
     assert "achieved" in text and "median phase" in text, text
 
 
-async def _drained(client: WalletClient, outbox: Outbox, wallets: list[WalletKey]) -> None:
-    """Until no wallet has an operation on its way to TigerBeetle: neither in its workflow's
-    backlog nor pending in the transactional outbox (dual_write's path)."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    for wallet in wallets:
-        while (status := await client.status(wallet)) is not None and status.backlog_length:
-            assert time.monotonic() < deadline, f"backlog of {wallet} not drained: {status}"
-            await asyncio.sleep(0.2)
-        while pending := await outbox.pending_count(wallet):
-            assert time.monotonic() < deadline, f"{pending} outbox records of {wallet} pending"
-            await asyncio.sleep(0.2)
-
-
 async def _drop_mongodb_write(stores: Stores, wallet: WalletKey, txn: str, amount: int) -> None:
     """Undo one credit in MongoDB by hand: its transaction document and its effect on the
     wallet document both go."""
@@ -168,7 +153,8 @@ async def test_checker_fails_on_a_double_in_tigerbeetle_and_a_dropped_mongodb_wr
             # the outbox drain reached it), and the double needs the transfer of its own.
             twice, dropped = [credit(w, Decimal(7), ledger) for w in wallets[:2]]
             assert await send(client, *twice, ledger) and await send(client, *dropped, ledger)
-            await _drained(client, stores.legacy.outbox, wallets)
+            for wallet in wallets:  # nothing on its way to TigerBeetle: backlog and outbox
+                await wait_drained(client, wallet, DRAIN_TIMEOUT_S, outbox=stores.legacy.outbox)
 
             clean = await check(stores, ledger, wallets)
             assert clean.failures() == [], clean

@@ -50,7 +50,7 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
-from wallet_support import history_wanted, sandboxed_worker, save_history
+from wallet_support import eventually, history_wanted, sandboxed_worker, save_history
 
 from activities.migration import MigrationActivities
 from messages.migration import (
@@ -132,14 +132,6 @@ async def start(client: Client, task_queue: str, scope: str, tmp_path: Path,
         archive_dir=str(tmp_path / "archive"), **config,
     )
     return await start_migration_workflow(client, cfg, task_queue=task_queue)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 async def evidence_rounds_pass(handle: WorkflowHandle[Any, MigrationStatus]) -> None:

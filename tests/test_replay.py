@@ -35,6 +35,7 @@ from wallet_support import (
     key,
     save_history,
     set_phase,
+    wait_completed,
     wait_drained,
     wallet_harness,
     workflow_id_of,
@@ -99,15 +100,6 @@ async def _run_id(temporal: Client, wallet: WalletKey) -> str:
     return described.run_id
 
 
-async def _wait_completed(temporal: Client, wallet: WalletKey, timeout_s: float = 30) -> None:
-    handle = temporal.get_workflow_handle(workflow_id_of(wallet))
-    for _ in range(int(timeout_s * 10)):
-        if (await handle.describe()).status.name == "COMPLETED":
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{workflow_id_of(wallet)} did not complete")
-
-
 def _c(w: WalletKey, txn: str, amount: str, **kw: object) -> AddCredit:
     return AddCredit(wallet=w, transaction_id=f"{w.client_id}.{txn}", amount=Decimal(amount), **kw)  # type: ignore[arg-type]
 
@@ -166,7 +158,7 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
     await client.void(_v(w, "v1", "d1"))
     await client.void(_v(w, "v2", "c1"))
     await client.add_credit(_c(w, "c1", "10.00"))  # replay from the guard
-    await _wait_completed(temporal, w)
+    await wait_completed(temporal, workflow_id_of(w))
     await _save(temporal, "legacy_ops", w, None)
 
     # refused operations: insufficient funds (update failed), bad amount (validator rejected)
@@ -176,7 +168,7 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
         await client.subtract_credit(_d(w, "d1", "5.00"))
     with pytest.raises(InvalidAmountError):
         await client.add_credit({"wallet": w, "transaction_id": "x", "amount": "0.001"})
-    await _wait_completed(temporal, w)
+    await wait_completed(temporal, workflow_id_of(w))
     await _save(temporal, "refused_ops", w, None)
 
     # dual-write backlog, with a divergence: the credit predates dual_write (not in TigerBeetle)
@@ -189,7 +181,7 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
     await client.void(_v(w, "v1", "c2"))
     status = await wait_drained(client, w)
     assert status is not None and status.divergence_count == 1, status
-    await _wait_completed(temporal, w)
+    await wait_completed(temporal, workflow_id_of(w))
     await _save(temporal, "dual_write_backlog", w, None)
 
     # continue-as-new after max_ops_per_run (6), carrying the backlog and recent results
@@ -198,7 +190,7 @@ async def _record_all(h: WalletHarness, temporal: Client, unique_id: Callable[..
     first_run = await _run_id(temporal, w)
     await asyncio.gather(*(client.add_credit(_c(w, f"c{i}", "1.00")) for i in range(10)))
     await _save(temporal, "continue_as_new", w, first_run)
-    await _wait_completed(temporal, w)
+    await wait_completed(temporal, workflow_id_of(w))
     await _save(temporal, "idle_close", w, None)  # the last run: idles out after rotating
 
 
@@ -215,7 +207,7 @@ async def _record_outbox(h: WalletHarness, temporal: Client, unique_id: Callable
     await h.client.add_credit(_c(w, "c2", "1.00"))
     status = await wait_drained(h.client, w)
     assert status is not None and status.outbox_ops == 4 and status.divergence_count == 0, status
-    await _wait_completed(temporal, w)
+    await wait_completed(temporal, workflow_id_of(w))
     await _save(temporal, "outbox_dual_write", w, None)
 
 
@@ -245,7 +237,7 @@ async def _record_reverse_outbox(
     assert status is not None and status.divergence_count == 0, status
     assert status.reverse_outbox_ops == 2 and status.mongo_applied == 0, status
     await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
-    await _wait_completed(temporal, w)
+    await wait_completed(temporal, workflow_id_of(w))
     await _save(temporal, "tb_primary_reverse_outbox", w, None)
 
 
@@ -268,5 +260,5 @@ async def _record_switch(h: WalletHarness, temporal: Client, unique_id: Callable
     status = await wait_drained(client, w)
     assert status is not None and status.divergence_count == 0 and status.mongo_applied == 2
     await set_phase(h.stores, DUAL_PAIR, Phase.DUAL_WRITE)
-    await _wait_completed(temporal, w)
+    await wait_completed(temporal, workflow_id_of(w))
     await _save(temporal, "tb_primary_switch", w, None)

@@ -33,6 +33,7 @@ from wallet_support import (
     key,
     set_phase,
     tb_missing,
+    wait_completed,
     wait_drained,
     wallet_harness,
 )
@@ -213,7 +214,7 @@ async def test_replay_after_idle_close_answers_from_store(
 ) -> None:
     wallet = key(unique_id("idle-replay"), DUAL_PAIR)
     first = await harness.client.add_credit(credit(wallet, "t1", "3.00"))
-    await wait_closed(harness.client, wallet)
+    await wait_completed(harness.client.temporal, harness.client.workflow_id(wallet))
     replay = await harness.client.add_credit(credit(wallet, "t1", "3.00"))  # a new run
     assert replay.replayed and fields(replay) == fields(first)
     await wait_drained(harness.client, wallet)
@@ -337,16 +338,6 @@ async def test_void_paths(harness: WalletHarness, unique_id: Callable[..., str])
     await balances_equal(harness.stores, wallet)
 
 
-async def wait_closed(client: WalletClient, wallet: Any, timeout_s: float = 30) -> None:
-    handle = client.temporal.get_workflow_handle(client.workflow_id(wallet))
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        if (await handle.describe()).status.name == "COMPLETED":
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{client.workflow_id(wallet)} did not close when idle")
-
-
 async def test_idle_close_and_continue_as_new_race_updates(
     harness: WalletHarness, unique_id: Callable[..., str]
 ) -> None:
@@ -369,7 +360,7 @@ async def test_idle_close_and_continue_as_new_race_updates(
     await asyncio.gather(*(caller(n) for n in range(8)))  # 120 ops: several continue-as-new
     rotated = await wait_drained(harness.client, wallet)
     assert rotated is not None and rotated.runs >= 120 // 20, rotated
-    await wait_closed(harness.client, wallet)
+    await wait_completed(harness.client.temporal, harness.client.workflow_id(wallet))
     # Land updates right on the idle deadline, when the run is completing.
     for burst in range(4):
         await asyncio.sleep(2.0 + rng.uniform(-0.05, 0.05))

@@ -27,6 +27,7 @@ from wallet_support import (
     WalletHarness,
     assert_same_sequence,
     balances_equal,
+    eventually,
     imported_version,
     isolated_settings,
     key,
@@ -38,6 +39,7 @@ from wallet_support import (
 from activities.backfill import BackfillActivities
 from activities.wallet import REVERSE_OUTBOX_DEFAULT, WALLET_CLAIMER
 from messages.backfill import BackfillInput, BackfillProgress
+from messages.wallet import WalletStatus
 from mongobase.mongo import now_ms
 from stores.backfill_imports import BACKFILL_IMPORTS, ImportRecord, ImportStatus
 from stores.bundle import Stores
@@ -148,10 +150,24 @@ async def test_switch_to_tb_primary_and_back_under_traffic(
                 continue
             succeeded[w.canonical].append(result.transaction_id)
 
+    async def statuses_show(what: str, check: Callable[[list[WalletStatus]], bool]) -> None:
+        async def shown() -> bool:
+            found = [await h.client.status(w) for w in wallets]
+            return check([f for f in found if f is not None]) and None not in found
+
+        await eventually(shown, what, timeout_s=120)
+
     async def phases() -> None:
+        """Each phase lasts its time and until the traffic reached the state the checks below
+        assert (a fixed duration alone left a slow host's tb_primary with no answer from
+        TigerBeetle: its switch drains first)."""
         await asyncio.sleep(2.0)
+        await statuses_show("each wallet's dual-writes reaching TigerBeetle", lambda found: all(
+            f.tb_applied + f.outbox_ops > 0 for f in found))
         await set_phase(h.stores, DUAL_PAIR, Phase.TB_PRIMARY)
         await asyncio.sleep(3.0)
+        await statuses_show("an operation answered by TigerBeetle", lambda found: sum(
+            f.mongo_applied + f.reverse_outbox_ops for f in found) > 0)
         await set_phase(h.stores, DUAL_PAIR, Phase.READ_CUTOVER)  # rollback
         await asyncio.sleep(2.0)
         stop.set()

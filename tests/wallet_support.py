@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -171,6 +171,33 @@ async def save_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
     HISTORIES.mkdir(parents=True, exist_ok=True)
     payload = {"workflow_id": handle.id, "history": json.loads(history.to_json())}
     (HISTORIES / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+STATE_WAIT_S = 30.0  # a state a test waits for (eventually): reached in seconds, loaded host too
+STATE_POLL_S = 0.2
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str,
+                     timeout_s: float = STATE_WAIT_S) -> None:
+    """Until `await check()` holds, at most `timeout_s`: a test waits for the state it asserts
+    on, never for a fixed time a loaded host may need more of (or a quick one less)."""
+    assert timeout_s > 0
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(STATE_POLL_S)
+
+
+async def wait_completed(temporal: Client, workflow_id: str, timeout_s: float = STATE_WAIT_S
+                         ) -> None:
+    """Until the workflow's latest run has COMPLETED (a wallet workflow idles out)."""
+    handle = temporal.get_workflow_handle(workflow_id)
+
+    async def completed() -> bool:
+        return (await handle.describe()).status.name == "COMPLETED"
+
+    await eventually(completed, f"{workflow_id} to complete", timeout_s)
 
 
 # The transactional outbox of each harness's stores, by its client (see wait_drained).
