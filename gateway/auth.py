@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict
+from starlette.types import Scope
 
 from gateway.operations import OperationSpec
 from gateway.problems import ProblemError
@@ -115,13 +116,13 @@ def _unauthorized(detail: str, *, token: bool = True) -> ProblemError:
     )
 
 
-def bearer_token(request: Request) -> str | None:
+def bearer_token(scope: Scope) -> str | None:
     """The `Authorization: Bearer` credential, as fastapi.security.HTTPBearer reads it. Read
     here rather than through HTTPBearer as a sub-dependency (a dependency level per request,
     measurable on the read path); gateway.openapi declares the `bearer` scheme on every
     guarded operation instead."""
     raw = b""
-    for name, value in request.scope["headers"]:  # the first one, as Headers.get answers
+    for name, value in scope["headers"]:  # the first one, as Headers.get answers
         if name == b"authorization":  # ASGI servers lower-case header names (Headers relies
             raw = value  # on it too); no Headers object per request
             break
@@ -132,15 +133,22 @@ def bearer_token(request: Request) -> str | None:
 
 
 async def authorize(request: Request, spec: OperationSpec) -> Caller:
-    """Authenticate the request's key (401), check `spec`'s scope (403), take a rate-limit
-    unit (429); record the caller for the request log. A plain call: `guard` wraps it as a
-    dependency, and a lean route (gateway.routers.wallets.BalanceRoute) calls it directly."""
-    from gateway.state import state_of  # the state module imports this one
+    """`authorize_scope` for a Request: `guard` wraps it as a dependency."""
+    return await authorize_scope(request.scope, spec)
 
-    state = state_of(request)
-    caller = await state.authenticator.authenticate(bearer_token(request))
-    request.state.caller = caller
-    request.state.operation_id = spec.operation_id
+
+async def authorize_scope(scope: Scope, spec: OperationSpec) -> Caller:
+    """Authenticate the request's key (401), check `spec`'s scope (403), take a rate-limit
+    unit (429); record the caller and operation in the scope's state for the request log and
+    metrics (where Starlette's `request.state` keeps them). A plain call on the ASGI scope:
+    the raw read path (gateway.fastpath) calls it without a Request object."""
+    from gateway.state import state_in  # the state module imports this one
+
+    state = state_in(scope)
+    caller = await state.authenticator.authenticate(bearer_token(scope))
+    recorded = scope.setdefault("state", {})
+    recorded["caller"] = caller
+    recorded["operation_id"] = spec.operation_id
     if spec.scope.value not in caller.scopes:
         raise ProblemError(
             403, "forbidden", "Forbidden",

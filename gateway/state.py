@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
+from starlette.types import Scope
 from temporalio.client import Client
 
 from gateway.auth import Authenticator
@@ -59,7 +60,13 @@ class GatewayState:
 
 
 def state_of(request: Request) -> GatewayState:
-    state = request.app.state.gateway
+    return state_in(request.scope)
+
+
+def state_in(scope: Scope) -> GatewayState:
+    """The process's state from an ASGI scope (the application is `scope["app"]`, as Starlette
+    and gateway.fastpath set it): the raw read path has no Request object."""
+    state = scope["app"].state.gateway
     assert isinstance(state, GatewayState), "the app's lifespan has not run"
     return state
 

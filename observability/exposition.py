@@ -90,15 +90,26 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, status.send)
         finally:
-            state: dict[str, Any] = scope.get("state") or {}
-            found = state.get("operation_id") or getattr(scope.get("route"), "operation_id", None)
-            operation = str(found or "unmatched")[:OPERATION_LABEL_MAX]
-            children = self._children.get((operation, status.code))
-            if children is None:
-                if len(self._children) >= CHILDREN_MAX:
-                    self._children.clear()
-                children = (HTTP_REQUESTS.labels(operation, str(status.code)),
-                            HTTP_REQUEST_SECONDS.labels(operation))  # fmt: skip
-                self._children[operation, status.code] = children
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
+            self.inline_done(scope, status.code, time.perf_counter() - started)
+
+    def inline_check(self, scope: Scope) -> None:
+        """Nothing to refuse (the gateway's raw read path asks every middleware first)."""
+        return None
+
+    def inline_done(self, scope: Scope, status: int, elapsed_s: float) -> None:
+        """Count a request answered `status` after `elapsed_s`: what `__call__` does once the
+        app answered (the gateway's raw read path calls it in place of the ASGI layer)."""
+        if scope.get("path") == "/metrics":
+            return
+        state: dict[str, Any] = scope.get("state") or {}
+        found = state.get("operation_id") or getattr(scope.get("route"), "operation_id", None)
+        operation = str(found or "unmatched")[:OPERATION_LABEL_MAX]
+        children = self._children.get((operation, status))
+        if children is None:
+            if len(self._children) >= CHILDREN_MAX:
+                self._children.clear()
+            children = (HTTP_REQUESTS.labels(operation, str(status)),
+                        HTTP_REQUEST_SECONDS.labels(operation))  # fmt: skip
+            self._children[operation, status] = children
+        children[0].inc()
+        children[1].observe(elapsed_s)
