@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 import uuid
 from collections import defaultdict
 from decimal import Decimal
@@ -51,6 +52,7 @@ from messages.migration import (
 )
 from stores.audit_log import AuditLog
 from stores.bundle import Stores, open_stores
+from stores.migration_state import MigrationStateStore
 from walletclient.wallet_client import WalletClient
 from walletconfig.settings import Settings
 from walletcore.errors import WalletError
@@ -64,9 +66,12 @@ from workflows.migration import MigrationWorkflow
 SCOPE = f"{DUAL_PAIR[0]}:{DUAL_PAIR[1]}"
 WALLETS = 8
 CALLER_PAUSE_S = 0.02
-# After the switch Update is sent: the publish / drain is under way. A quick host can finish the
-# switch first: then it is rolled back and sent again with the next, shorter delay.
-KILL_DELAYS_S = (0.3, 0.1, 0.02)
+# Kill attempts: each once the switch has published tb_primary (the switch then waits out the
+# readers' state cache and the drain: under way at the kill); one that ended first anyway is
+# rolled back and sent again.
+KILL_ATTEMPTS = 3
+SWITCH_PUBLISHED_WAIT_S = 60.0  # for the switch Update to publish tb_primary
+TRAFFIC_WAIT_S = 120.0  # for the callers' next answers (they ride out the killed worker's lock)
 KILL_IN_FLIGHT_WAIT_S = 5.0  # for a caller's operation to be in flight at the kill
 RESTART_DELAY_S = 1.0
 OPS_PER_PHASE = 40  # answered operations between two steps
@@ -118,9 +123,11 @@ class Traffic:
 
     async def wait_for(self, ops: int) -> None:
         target = self.count + ops
+        deadline = time.monotonic() + TRAFFIC_WAIT_S
         while self.count < target:
             failed = [t.exception() for t in self.tasks if t.done()]
             assert not failed, failed
+            assert time.monotonic() < deadline, f"{target - self.count} of {ops} answers missing"
             await asyncio.sleep(0.05)
 
     async def finish(self) -> None:
@@ -156,7 +163,7 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
         try:
             try:
                 in_flight_at_kill, early = await _drive(handle, cfg.migration_id, traffic,
-                                                        procs, env, tmp_path)
+                                                        procs, env, tmp_path, stores)
             finally:
                 await traffic.finish()  # every caller's last operation answered
             answered = {t for ids in traffic.answered.values() for t in ids}
@@ -173,7 +180,7 @@ async def test_kill_9_worker_during_the_switch_to_tb_primary(
 
 async def _drive(handle: WorkflowHandle[Any, MigrationStatus], migration_id: str,
                  traffic: Traffic, procs: list[subprocess.Popen[bytes]], env: dict[str, str],
-                 tmp_path: Path) -> tuple[set[str], int]:
+                 tmp_path: Path, stores: Stores) -> tuple[set[str], int]:
     """dual_write -> ... -> tb_primary under traffic, kill -9 during the switch, rollback.
     Returns the operations in flight at the kill and how many switches ended before it."""
 
@@ -200,10 +207,20 @@ async def _drive(handle: WorkflowHandle[Any, MigrationStatus], migration_id: str
             id=f"{migration_id}-{name}"), UPDATE_TIMEOUT_S)
         assert status.phase == Phase.READ_CUTOVER
 
-    for early, delay_s in enumerate(KILL_DELAYS_S):
+    published = MigrationStateStore(stores.db, cache_ttl_s=0)
+
+    async def switch_published(switch: asyncio.Task[MigrationStatus]) -> None:
+        """Until the switch has written tb_primary (or ended): a fixed delay could kill a slow
+        host's worker before the Update even reached the workflow."""
+        deadline = time.monotonic() + SWITCH_PUBLISHED_WAIT_S
+        while not switch.done() and (await published.get(SCOPE)).phase != Phase.TB_PRIMARY:
+            assert time.monotonic() < deadline, "the switch never published tb_primary"
+            await asyncio.sleep(0.005)
+
+    for early in range(KILL_ATTEMPTS):
         step = f"to-tb-primary-{early}"
         switch = asyncio.create_task(force(step))
-        await asyncio.sleep(delay_s)
+        await switch_published(switch)
         in_flight_at_kill = await _kill_with_work_in_flight(traffic, switch, procs[0])
         if in_flight_at_kill:
             break
@@ -211,7 +228,7 @@ async def _drive(handle: WorkflowHandle[Any, MigrationStatus], migration_id: str
         await rollback(f"early-{early}")
         await traffic.wait_for(OPS_PER_PHASE // 4)
     else:
-        pytest.fail(f"the switch finished before the kill {len(KILL_DELAYS_S)} times")
+        pytest.fail(f"the switch finished before the kill {KILL_ATTEMPTS} times")
     await asyncio.sleep(RESTART_DELAY_S)
     procs.append(start_worker(env, tmp_path / "worker-2.log"))
     assert (await switch).phase == Phase.TB_PRIMARY
