@@ -90,6 +90,8 @@ async def test_dev_up_ensures_the_schedules_in_place_and_status_shows_them(
             if (await handle.describe()).schedule.state.paused:
                 break
             await asyncio.sleep(0.2)
+        else:  # `dev up` below must meet the operator's pause, not race it
+            raise AssertionError("the operator's pause was not applied in 20 s")
         again = _cli(config.state_dir, "dev", "up", "--only", ONLY)
         assert again.returncode == 0, again
         assert _row(again.stdout, SYNC_SCHEDULE_ID).endswith("(updated)"), again.stdout

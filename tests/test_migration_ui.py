@@ -13,7 +13,6 @@ WALLETMIG_UI_SCREENSHOT=/path.png keeps a screenshot of the page after the advan
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import re
@@ -30,7 +29,7 @@ import pytest_asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from wallet_support import sandboxed_worker
+from wallet_support import eventually, sandboxed_worker
 
 from activities.migration import MigrationActivities
 from messages.migration import MigrationConfig, MigrationStatus
@@ -92,11 +91,14 @@ async def ui_migration(
             thresholds=GateThresholds(window_s=60), evidence_interval_s=2.0,
             state_cache_ttl_s=0, archive_dir=str(tmp_path / "archive"))
         handle = await start_migration_workflow(ui_client, config, task_queue=queue)
-        for _ in range(100):
+
+        async def has_evidence() -> bool:
             status: MigrationStatus = await handle.query(MigrationWorkflow.status)
-            if status.evidence is not None:
-                break
-            await asyncio.sleep(0.2)
+            return status.evidence is not None
+
+        # The page shows the gates once evidence exists: no test starts before (a bounded wait
+        # that fails here, with its reason, rather than later on the page).
+        await eventually(has_evidence, "the migration's first evidence round")
         yield handle.id
         await handle.terminate("test done")
 
