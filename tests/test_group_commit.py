@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
@@ -105,11 +105,22 @@ async def grouped(store: LegacyStore, ops: list[WalletOperation]) -> list[Any]:
     async with committer.turn(cast(Any, None), key="the commit in flight", size=0) as alone:
         assert not alone
         tasks = [asyncio.create_task(store.apply(op)) for op in ops]
-        while committer.queued < len(ops):  # a state: every write is waiting for the lane
-            assert not any(t.done() for t in tasks), [t.result() for t in tasks if t.done()]
-            await asyncio.sleep(0)
+        await all_queued(committer, tasks)
     done = await asyncio.gather(*tasks, return_exceptions=True)
     return [d if isinstance(d, BaseException) else d[0] for d in done]
+
+
+QUEUE_WAIT_S = 30.0
+
+
+async def all_queued(committer: GroupCommitter[Any], tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Until each task's write waits for the held lane (a state, not a number of loop turns);
+    a task that ended instead, or the bound, fails the test with its reason."""
+    deadline = time.monotonic() + QUEUE_WAIT_S
+    while committer.queued < len(tasks):
+        assert not any(t.done() for t in tasks), [t.result() for t in tasks if t.done()]
+        assert time.monotonic() < deadline, f"{committer.queued} of {len(tasks)} writes queued"
+        await asyncio.sleep(0)
 
 
 def comparable(result: OperationResult) -> tuple[Any, ...]:
@@ -302,8 +313,7 @@ async def test_two_writes_of_one_wallet_never_share_a_group_and_keep_their_order
     arrivals = ["a1", "b1", "a2", "c1", "d1", "a3", "e1", "f1"]
     async with committer.turn("held", key="h", size=0):
         tasks = [asyncio.create_task(write(e)) for e in arrivals]
-        while committer.queued < len(arrivals):
-            await asyncio.sleep(0)
+        await all_queued(committer, tasks)
     await asyncio.gather(*tasks)
     # e1 does not fit group 2 (bytes): it waits; f1, of another key, goes ahead of it.
     assert groups == [["a1", "b1", "c1"], ["a2", "d1", "f1"], ["a3", "e1"]]
