@@ -33,6 +33,11 @@ FAILED_SAMPLE_MAX = 20
 WALLETS_PER_S_MIN = 1.0
 WALLETS_PER_S_MAX = 1_000_000.0
 PATCH_PACING = "backfill-pacing"  # workflow.patched id: a paced run's timers between pages
+# History pacing (BackfillInput.history_txns_per_s_max), the same rule for `--with-history`'s
+# transaction-log pages: a budget in transactions/s, 1..1e6 (None: unpaced).
+HISTORY_TXNS_PER_S_MIN = 1.0
+HISTORY_TXNS_PER_S_MAX = 1_000_000.0
+PATCH_HISTORY_PACING = "backfill-history-pacing"  # timers between history pages
 
 
 class _Model(BaseModel):
@@ -152,6 +157,14 @@ class BackfillInput(_Model):
         default=None, ge=WALLETS_PER_S_MIN, le=WALLETS_PER_S_MAX,
         description="pace the wallet pages to at most this many wallets per second (a "
         "pause after each page; a page holds at most one second of it); None: unpaced")
+    # Unpaced by default, as the wallet pages: the right budget is what the deployment's
+    # MongoDB can spare beside its live writes, which the workflow cannot know (the history
+    # import runs in phase legacy, where every live write is MongoDB's).
+    history_txns_per_s_max: float | None = Field(
+        default=None, ge=HISTORY_TXNS_PER_S_MIN, le=HISTORY_TXNS_PER_S_MAX,
+        description="pace the history pages (--with-history) to at most this many "
+        "transactions per second (a pause after each page; a page holds at most one second "
+        "of it); None: unpaced")
     state: BackfillState | None = None
 
     def wallet_page_limit(self) -> int:
@@ -161,6 +174,13 @@ class BackfillInput(_Model):
         if self.wallets_per_s_max is None:
             return self.page_size
         return max(1, min(self.page_size, int(self.wallets_per_s_max)))
+
+    def history_page_limit(self) -> int:
+        """Transactions the next history page asks for: history_page_size, and when paced
+        at most one second of the budget (the wallet pages' rule)."""
+        if self.history_txns_per_s_max is None:
+            return self.history_page_size
+        return max(1, min(self.history_page_size, int(self.history_txns_per_s_max)))
 
 
 class BackfillProgress(_Model):
@@ -184,4 +204,5 @@ class BackfillProgress(_Model):
     stage: str = "wallets"  # "history" (--with-history, first), "wallets", "finished"
     history: HistoryPageOutput | None = None
     wallets_per_s_max: float | None = None  # the pacing budget (None: unpaced)
-    paused_s: float = 0.0  # spent pausing between pages for the budget
+    paused_s: float = 0.0  # spent pausing between pages for the budget (both budgets)
+    history_txns_per_s_max: float | None = None  # the history pages' budget (None: unpaced)

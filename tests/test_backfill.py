@@ -4,10 +4,14 @@ emulator. Each test has its own ledger pairs (fresh country code), so scopes nev
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +22,12 @@ from recon_support import BacklogApplier, Env, credit, debit, void
 from temporalio.client import Client
 from wallet_support import history_wanted, sandboxed_worker, save_history
 
-from messages.backfill import WALLETS_PER_PAGE_MAX, BackfillInput, BackfillProgress
+from messages.backfill import (
+    HISTORY_EVENTS_PER_PAGE_DEFAULT,
+    WALLETS_PER_PAGE_MAX,
+    BackfillInput,
+    BackfillProgress,
+)
 from mongobase.mongo import now_ms
 from stores.backfill_imports import ImportRecord, ImportStatus
 from walletcore.balances import MinorBalance
@@ -141,6 +150,31 @@ def test_pacing_input_is_bounded() -> None:
     for bad in (0, 0.5, -1, 2e6):
         with pytest.raises(ValidationError):
             BackfillInput(**scope, wallets_per_s_max=bad)
+    # The history pages' budget (--with-history): the same rule, in transactions/s.
+    assert BackfillInput(**scope).history_page_limit() == HISTORY_EVENTS_PER_PAGE_DEFAULT
+    assert BackfillInput(**scope, history_txns_per_s_max=500).history_page_limit() == 500
+    assert BackfillInput(**scope, history_txns_per_s_max=1e6).history_page_limit() == (
+        HISTORY_EVENTS_PER_PAGE_DEFAULT)
+    assert BackfillInput(**scope, history_txns_per_s_max=1.5).history_page_limit() == 1
+    for bad in (0, 0.5, -1, 2e6, float("nan")):
+        with pytest.raises(ValidationError):
+            BackfillInput(**scope, history_txns_per_s_max=bad)
+
+
+def test_cli_names_the_bad_budget_in_one_line(tmp_path: Path) -> None:
+    """Validated before connecting to anything: one line naming the field, usage status (a
+    process of its own with an empty state directory: no stack's addresses)."""
+    from walletmig.cli import EXIT_USAGE
+
+    environ = {**os.environ, "WALLETMIG_STATE_DIR": str(tmp_path)}
+    for flag, field in (("--history-txns-per-s", "history_txns_per_s_max"),
+                        ("--wallets-per-s", "wallets_per_s_max")):
+        done = subprocess.run(
+            [sys.executable, "-m", "walletmig", "backfill", "start", "--pair", "USD:USA",
+             flag, "0"], env=environ, capture_output=True, text=True, timeout=120, check=False)
+        err = done.stderr.strip()
+        assert done.returncode == EXIT_USAGE and len(err.splitlines()) == 1, err
+        assert f"invalid setting {field}:" in err and "greater than or equal to 1" in err, err
 
 
 async def test_backfill_of_a_net_zero_wallet(env: Env, unique_id: UniqueId) -> None:

@@ -16,7 +16,7 @@ import pytest_asyncio
 import tigerbeetle as tb
 from recon_support import Env, credit, debit, make_env, void
 from temporalio.client import Client
-from wallet_support import sandboxed_worker
+from wallet_support import history_wanted, sandboxed_worker, save_history
 
 from activities.history_import import NS_PER_MS, ms_of, newest_filter
 from messages.backfill import (
@@ -265,6 +265,68 @@ async def test_backfill_workflow_with_history(
     assert progress.history is not None and progress.history.imported == 13
     assert progress.failed == 0 and progress.history.failed == 0
     assert progress.transfers == 0  # the history holds every balance: no residual
+    await assert_same(env, keys)
+
+
+async def timers(client: Client, workflow_id: str, run_id: str | None) -> tuple[int, float]:
+    """Timers a workflow started over its runs (continue-as-new followed), and their sum."""
+    count, total_s = 0, 0.0
+    for _ in range(100):  # bounded: a run chain of this test is a few runs long
+        if run_id is None:
+            return count, total_s
+        events = (await client.get_workflow_handle(workflow_id, run_id=run_id)
+                  .fetch_history()).events
+        run_id = None
+        for event in events:
+            if event.HasField("timer_started_event_attributes"):
+                count += 1
+                total_s += (event.timer_started_event_attributes.start_to_fire_timeout
+                            .ToTimedelta().total_seconds())
+            if event.HasField("workflow_execution_continued_as_new_event_attributes"):
+                run_id = (event.workflow_execution_continued_as_new_event_attributes
+                          .new_execution_run_id)
+    raise AssertionError("run chain longer than 100")
+
+
+async def test_paced_history_imports_every_transaction_once_in_order(
+    env: Env, temporal_client: Client, unique_id: UniqueId
+) -> None:
+    """history_txns_per_s_max: history pages of at most one second of the budget and a
+    durable timer after each but the last (across continue-as-new) for what the page left of
+    it; the import is the unpaced one's: every transaction once, in legacy order per wallet."""
+    keys, _ = await seed(env, unique_id)
+    rate = 2.0
+    async with sandboxed_worker(temporal_client, "history-paced", [BackfillWorkflow],
+                                env.backfill_activities().all()) as (_, queue):
+        run_id = f"bf-{uuid.uuid4().hex[:8]}"
+        handle = await temporal_client.start_workflow(
+            BackfillWorkflow.run,
+            BackfillInput(run_id=run_id, pairs=env.pairs, with_history=True,
+                          history_txns_per_s_max=rate, pages_per_run=2),
+            id=f"backfill-test/{run_id}", task_queue=queue,
+            execution_timeout=timedelta(minutes=2))
+        progress: BackfillProgress = await handle.result()
+    history = progress.history
+    assert progress.finished and history is not None and history.failed == 0
+    assert history.total == history.scanned == history.imported == 13 and history.already == 0
+    assert history.pages >= 13 / rate and progress.runs > 1  # pages of <= 2, continued as new
+    assert progress.history_txns_per_s_max == rate
+    # Each page but the last took its transactions' share of the budget (own time + pause),
+    # however long the page itself took.
+    assert progress.elapsed_s >= (history.scanned - int(rate)) / rate
+    # Every pause is a durable timer (none after the last page, none for the unpaced wallets);
+    # a page that took its whole second itself pauses not at all, but not all 6 of them.
+    count, total_s = await timers(temporal_client, handle.id, handle.first_execution_run_id)
+    assert 0 < count <= history.pages - 1 and progress.paused_s > 0
+    assert abs(total_s - progress.paused_s) < 0.01, (total_s, progress.paused_s)
+    if history_wanted("backfill_history_paced"):  # the first run: marker, pages, timers, CAN
+        await save_history(temporal_client.get_workflow_handle(
+            handle.id, run_id=handle.first_execution_run_id), "backfill_history_paced")
+    for key in keys:
+        log = await legacy_log(env, key)
+        expected = [transfer_id(d["_id"]) if d["type"] != "void"
+                    else void_transfer_id(d["original_transaction_id"]) for d in log]
+        assert [t.id for t in await account_transfers(env, key)] == expected, key
     await assert_same(env, keys)
 
 

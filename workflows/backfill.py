@@ -16,6 +16,8 @@ timer, so the pace is deterministic on replay and a worker crash resumes the pau
 `with_history` (activities/history_import.py): first the scope's transaction log, page by page
 (<= 8189 imported transfers each) in one global time order, until the history checkpoint says
 done; only then the wallets, whose openings post the residual the history does not hold.
+History pacing (`history_txns_per_s_max`, patch `backfill-history-pacing`): the same rule for
+those pages in transactions/s (the history import runs in phase legacy, beside every live write).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         ACTIVITY_HISTORY_PAGE,
         ACTIVITY_PAGE,
         FAILED_SAMPLE_MAX,
+        PATCH_HISTORY_PACING,
         PATCH_PACING,
         BackfillCountInput,
         BackfillCountOutput,
@@ -81,13 +84,20 @@ class BackfillWorkflow:
             state.totals = counted.totals
         self._publish()
         pages_this_run = 0
+        # Unpaced history imports (and every history recorded before their pacing) never
+        # reach the patch call.
+        history_paced = (inp.with_history and not state.history_done
+                         and inp.history_txns_per_s_max is not None
+                         and workflow.patched(PATCH_HISTORY_PACING))
+        history_limit = inp.history_page_limit() if history_paced else inp.history_page_size
         while inp.with_history and not state.history_done:
             if pages_this_run >= inp.pages_per_run:
                 self._continue_as_new()
+            scanned_before = 0 if state.history is None else state.history.scanned
+            page_started = workflow.now()
             state.history = await workflow.execute_activity(
                 ACTIVITY_HISTORY_PAGE,
-                HistoryPageInput(run_id=inp.run_id, pairs=inp.pairs,
-                                 limit=inp.history_page_size),
+                HistoryPageInput(run_id=inp.run_id, pairs=inp.pairs, limit=history_limit),
                 result_type=HistoryPageOutput,
                 start_to_close_timeout=PAGE_START_TO_CLOSE,
                 heartbeat_timeout=PAGE_HEARTBEAT,
@@ -96,6 +106,13 @@ class BackfillWorkflow:
             pages_this_run += 1
             state.history_done = state.history.done
             self._publish()
+            if history_paced and not state.history_done:  # no pause after the last page
+                assert inp.history_txns_per_s_max is not None
+                # The checkpoint's counts are cumulative (a workflow started again with the
+                # same run id finds earlier pages counted): this page's, at most its limit.
+                scanned = min(max(state.history.scanned - scanned_before, 0), history_limit)
+                await self._pace(scanned, inp.history_txns_per_s_max,
+                                 workflow.now() - page_started)
         # Unpaced runs (and every history recorded before pacing) never reach the patch call.
         paced = inp.wallets_per_s_max is not None and workflow.patched(PATCH_PACING)
         limit = inp.wallet_page_limit() if paced else inp.page_size
@@ -122,19 +139,20 @@ class BackfillWorkflow:
                 state.after = page.last_key
             self._publish()
             if paced and state.pair_index < len(inp.pairs):  # no pause after the last page
-                await self._pace(page.scanned, workflow.now() - page_started)
+                assert inp.wallets_per_s_max is not None
+                await self._pace(page.scanned, inp.wallets_per_s_max,
+                                 workflow.now() - page_started)
         state.finished_at = workflow.now()
         self._publish()
         return self.progress()
 
-    async def _pace(self, scanned: int, took: timedelta) -> None:
-        """Sleep what the page left of its budget (`scanned` wallets at wallets_per_s_max):
-        over any run of pages the import then stays at or under the budget, however long a
-        page itself takes (a slow page pauses less, or not at all)."""
-        inp = self._input
-        assert inp is not None and inp.wallets_per_s_max is not None
-        pause_s = scanned / inp.wallets_per_s_max - took.total_seconds()
-        assert pause_s <= scanned / inp.wallets_per_s_max
+    async def _pace(self, scanned: int, per_s_max: float, took: timedelta) -> None:
+        """Sleep what the page left of its budget (`scanned` wallets or transactions at
+        `per_s_max`): over any run of pages the import then stays at or under the budget,
+        however long a page itself takes (a slow page pauses less, or not at all)."""
+        assert scanned >= 0 and per_s_max > 0
+        pause_s = scanned / per_s_max - took.total_seconds()
+        assert pause_s <= scanned / per_s_max
         if pause_s < PAUSE_S_MIN:  # not worth a timer (and its history events)
             return
         await workflow.sleep(pause_s)
@@ -181,6 +199,7 @@ class BackfillWorkflow:
             rate_per_s=rate, eta_s=(remaining / rate if rate > 0 and not finished else None),
             elapsed_s=elapsed_s, finished=finished, stage=stage, history=state.history,
             wallets_per_s_max=inp.wallets_per_s_max, paused_s=round(state.paused_s, 3),
+            history_txns_per_s_max=inp.history_txns_per_s_max,
         )
 
     def _publish(self) -> None:
@@ -196,7 +215,7 @@ class BackfillWorkflow:
                 f"**backfill {p.run_id}** · importing **history** · **{done}/{total}** "
                 f"transactions · reached {reached} · imported {h.imported if h else 0} · "
                 f"already {h.already if h else 0} · failed **{h.failed if h else 0}** · "
-                f"run {p.runs}")
+                f"run {p.runs}{_history_pacing(p)}")
             return
         history = "" if p.history is None else (
             f" · history {p.history.imported + p.history.already}/{p.history.total} "
@@ -214,3 +233,9 @@ def _pacing(p: BackfillProgress) -> str:
         return ""
     return f" · paced <= {p.wallets_per_s_max:g} wallets/s (paused {p.paused_s:.0f}s)"
 
+
+def _history_pacing(p: BackfillProgress) -> str:
+    if p.history_txns_per_s_max is None:
+        return ""
+    return (f" · paced <= {p.history_txns_per_s_max:g} transactions/s "
+            f"(paused {p.paused_s:.0f}s)")

@@ -81,7 +81,10 @@ def history_detail(p: BackfillProgress) -> str:
     reached = h.reached.isoformat(timespec="seconds") if h and h.reached else "-"
     return (f"reached {reached} · imported {h.imported if h else 0} already "
             f"{h.already if h else 0} skipped {h.skipped if h else 0} failed "
-            f"{h.failed if h else 0}")
+            f"{h.failed if h else 0}"
+            + ("" if p.history_txns_per_s_max is None else
+               f" (paced <= {p.history_txns_per_s_max:g} transactions/s, paused "
+               f"{p.paused_s:.0f}s)"))
 
 
 async def _poll(handle: WorkflowHandle[Any, Any], show: Callable[[BackfillProgress], None]
@@ -175,18 +178,21 @@ async def _start(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     pairs = resolve_pairs(args.pair)
-    client = await connect(settings)
     workflow_id = backfill_workflow_id(args.pair or [])
     # Unset sizes take the workflow input's defaults (one source of truth).
     sizes = {name: value for name, value in (("page_size", args.page_size),
                                               ("pages_per_run", args.pages_per_run),
                                               ("history_page_size", args.history_page_size),
-                                              ("wallets_per_s_max", args.wallets_per_s))
+                                              ("wallets_per_s_max", args.wallets_per_s),
+                                              ("history_txns_per_s_max",
+                                               args.history_txns_per_s))
              if value is not None}
     run_id = args.run_id or f"backfill-{uuid.uuid4().hex[:12]}"
+    # Validated before connecting: a bad budget is one line naming the field, not a timeout.
+    inp = BackfillInput(run_id=run_id, pairs=pairs, with_history=args.with_history, **sizes)
+    client = await connect(settings)
     handle = await client.start_workflow(
-        BackfillWorkflow.run,
-        BackfillInput(run_id=run_id, pairs=pairs, with_history=args.with_history, **sizes),
+        BackfillWorkflow.run, inp,
         id=workflow_id, task_queue=settings.migration_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
@@ -242,6 +248,11 @@ def register(subparsers: Any) -> None:
                        help="pace the wallet import to at most RATE wallets/s (1..1e6): pages "
                        "of at most RATE wallets and a pause after each, so the import leaves "
                        "MongoDB room for live traffic (default: unpaced)")
+    start.add_argument("--history-txns-per-s", type=float, default=None, metavar="RATE",
+                       help="pace --with-history's transaction-log import to at most RATE "
+                       "transactions/s (1..1e6): pages of at most RATE transactions and a "
+                       "pause after each, so live legacy writes keep MongoDB (default: "
+                       "unpaced)")
     start.add_argument("--run-id", help="name of this backfill (claims, audit)")
     start.add_argument("--no-wait", action="store_true", help="start and return")
     start.add_argument("--json", action="store_true", help="print the final progress as JSON")
