@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -62,6 +63,8 @@ from walletcore.gates import EVIDENCE_VERSION, Evidence, choose_report
 from walletcore.phases import MigrationState, Phase
 from walletcore.transitions import ActionKind, gates_for_move, next_position
 
+logger = logging.getLogger(__name__)
+
 # Operations applied this close to the switch may have been answered under the old epoch
 # (readers cache the state ~1 s): they are not owed to the other store.
 SWITCH_MARGIN_S = 3.0
@@ -74,6 +77,14 @@ SWITCH_MARGIN_S = 3.0
 # (drain_first), `complete` (await_reverse_drain), the demo's final wait (no grace).
 IN_FLIGHT_GRACE_S = 5.0
 UNAPPLIED_SCAN_MAX = 500_000
+# The unapplied-writes scan reads `wallet_transactions` by `created_at` (LegacyStore.
+# transactions_created) on every evidence round: without the log-order index that is a
+# collection scan and an in-memory sort each round on a log of millions. The gate builds the
+# index at its first round (ensure_gate_index) in the background: on a large log the build
+# outlasts an evidence activity (30 s), so a round waits at most this long for it and scans
+# without it meanwhile (as before); a retried createIndexes joins the running build.
+GATE_INDEX_WAIT_S = 5.0
+GATE_INDEX_WAIT_S_MAX = 3600.0
 LOOKUP_BATCH_MAX = 1000
 ARCHIVE_DOCS_MAX = 50_000_000
 ARCHIVE_HEARTBEAT_EVERY = 1000
@@ -121,6 +132,7 @@ class MigrationActivities:
         self._history = HistoryCheckpoints(db)
         # Per-process cache: creation time up to which every operation is known applied.
         self._applied_watermark: dict[tuple[str, str, str], datetime] = {}
+        self._gate_index: asyncio.Task[None] | None = None  # the log-order index's build
 
     async def ensure_indexes(self) -> None:
         await self._audit.ensure_indexes()
@@ -176,8 +188,29 @@ class MigrationActivities:
 
     # ---- evidence -------------------------------------------------------------------------------
 
+    async def ensure_gate_index(self, wait_s: float = GATE_INDEX_WAIT_S) -> bool:
+        """Build the log-order index the unapplied-writes scan reads, once per process, in
+        the background; wait up to `wait_s` for it. True once it exists. A failed build is
+        logged and started again at the next call (the scan works without it, only slower)."""
+        assert 0 <= wait_s <= GATE_INDEX_WAIT_S_MAX
+        task = self._gate_index
+        if task is not None and task.done() and (task.cancelled() or task.exception()):
+            logger.warning("building the log-order index failed, retrying: %r",
+                           None if task.cancelled() else task.exception())
+            task = None
+        if task is None:
+            task = asyncio.create_task(self._legacy.ensure_log_order_index())
+            self._gate_index = task
+        if not task.done() and wait_s > 0:
+            await asyncio.wait([task], timeout=wait_s)  # a timeout leaves the build running
+        return task.done() and not task.cancelled() and task.exception() is None
+
     @activity.defn(name=ACTIVITY_COLLECT_EVIDENCE)
     async def collect_evidence(self, req: EvidenceRequest) -> Evidence:
+        # Every phase but complete: built while the migration is still in legacy, the index
+        # is there when dual_write's gate first counts (complete counts nothing any more).
+        if req.phase != Phase.COMPLETE:
+            await self.ensure_gate_index()
         now = datetime.now(UTC)
         since = _utc(req.since)
         summary = await self._metrics.summary(req.scopes, since)

@@ -44,9 +44,11 @@ from activities.migration import IN_FLIGHT_GRACE_S, SWITCH_MARGIN_S, MigrationAc
 from activities.outbox_drain import BATCHED_DEFAULT
 from activities.reverse_outbox import ReverseOutboxDrainer
 from messages.backfill import BackfillPageInput
+from messages.migration import EvidenceRequest
 from mongobase.mongo import now_ms
 from stores.backfill_imports import ImportRecord, ImportStatus
 from stores.bundle import Stores
+from stores.legacy_store import LOG_ORDER_INDEX, WALLET_TRANSACTIONS
 from stores.outbox import APPLIED, OUTBOX_SHARDS, WALLET_OUTBOX, outbox_shard
 from walletconfig.settings import Settings
 from walletcore.balances import MinorBalance
@@ -199,6 +201,38 @@ async def test_a_write_in_flight_is_unapplied_only_once_older_than_the_grace(
     d, _ = drainer(own)
     await drain_all(d, own)
     assert await count(0) == 0 and await count(IN_FLIGHT_GRACE_S) == 0
+
+
+async def test_the_gate_builds_the_log_order_index_and_counts_the_same(own: Stores) -> None:
+    """The unapplied-writes gate's evidence round builds the log-order index its scan reads
+    (an index range scan, not a collection scan per round); the count is the same with the
+    index as without it, and a write outside the scope is never counted."""
+    txns = own.db[WALLET_TRANSACTIONS]
+    if LOG_ORDER_INDEX in {ix["name"] async for ix in await txns.list_indexes()}:
+        await txns.drop_index(LOG_ORDER_INDEX)  # built by an earlier test of this database
+    run = uuid.uuid4().hex[:8]
+    switch_at = datetime.now(UTC) - timedelta(seconds=SWITCH_MARGIN_S + 1)
+    wallets = [key(f"gate-{run}-{n}", DUAL_PAIR) for n in range(3)]
+    for n, wallet in enumerate(wallets):  # dual-writes, not drained: unapplied
+        for i in range(n + 1):
+            await write(own, AddCredit(wallet=wallet, transaction_id=f"{wallet.client_id}.{i}",
+                                       amount=Decimal(1)))
+    outside = key(f"gate-{run}-legacy")  # another pair's write: not the scope's
+    await own.legacy.apply(AddCredit(wallet=outside, transaction_id=f"{outside.client_id}.1",
+                                     amount=Decimal(1)))
+    unindexed = await MigrationActivities(own.db, own.migration).unapplied_writes(
+        SCOPES, Phase.DUAL_WRITE, switch_at)
+    assert unindexed == 1 + 2 + 3
+    acts = MigrationActivities(own.db, own.migration)
+    await acts.collect_evidence(EvidenceRequest(
+        migration_id=f"gate-{run}", scopes=SCOPES, phase=Phase.DUAL_WRITE,
+        since=switch_at, window_s=60, write_switch_at=switch_at))
+    assert await acts.ensure_gate_index(wait_s=120)  # the round started the build: its end
+    assert LOG_ORDER_INDEX in {ix["name"] async for ix in await txns.list_indexes()}
+    assert await acts.unapplied_writes(SCOPES, Phase.DUAL_WRITE, switch_at) == unindexed
+    d, _ = drainer(own)
+    await drain_all(d, own)
+    assert await acts.unapplied_writes(SCOPES, Phase.DUAL_WRITE, switch_at) == 0
 
 
 @pytest.mark.slow
