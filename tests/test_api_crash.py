@@ -23,6 +23,7 @@ from api_support import ALL_SCOPES, ApiProcess, bearer, make_key, running_api
 from wallet_support import isolated_settings
 
 from gateway.idempotency import derived_transaction_id
+from stores.audit_chain import AUDIT_RECORDS, CHAIN_API, AuditChain
 from stores.legacy_store import WALLET_TRANSACTIONS
 from walletconfig.settings import Settings
 
@@ -126,6 +127,10 @@ async def test_kill_9_during_idempotent_credits_applies_each_exactly_once(
     ids = [d["_id"] for d in docs]
     assert len(ids) == len(set(ids)) == OPERATIONS, "an operation was lost or applied twice"
     assert set(ids) == set(expected)
+    # Every applied operation was audited first, and the kills left the `api` chain whole.
+    audited = await db[AUDIT_RECORDS].distinct("transaction_id", {"chain": CHAIN_API})
+    assert set(expected) <= set(audited)
+    assert (await AuditChain(db).verify()).ok
     await _balances_are_the_sums(api, key, stream.client_id)
 
 
