@@ -981,10 +981,17 @@ async def test_reset_connections_waiting_for_a_slot_are_reaped(
     try:
         holder = asyncio.ensure_future(_pipeline(server.port, [create]))  # Takes the slot.
         await until(lambda: server._inflight == 1, "the holder's request to take the slot")
-        for _ in range(3):  # Wait for a slot, then hang up.
+        seen_waiting: set[object] = set()  # the server's side of each peer seen waiting
+
+        def peers_waiting(count: int) -> bool:
+            seen_waiting.update(w for w, c in server._connections.items()
+                                if c.blocked_since is not None)
+            return len(seen_waiting) >= count
+
+        for n in range(3):  # Wait for a slot (seen by the server), then hang up.
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(lookup)
-            await asyncio.sleep(0.1)
+            await until(lambda n=n: peers_waiting(n + 1), f"peer {n} to wait for a slot")
             writer.transport.abort()
         # The hung-up peers are reaped while the holder still has the slot (the disk stalls).
         await until(lambda: len(server._connections) == 1, "the hung-up peers to be reaped")
