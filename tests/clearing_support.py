@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import tempfile
 import time
 import uuid
@@ -55,13 +54,11 @@ from walletcore.clearing import (
 from walletcore.gl_chart import ChartOfAccounts
 from walletcore.journal import NS_PER_S, entry_id_of
 from walletmig import devstack
-from walletmig.processes import is_alive
 from workers.wallet_worker import workflow_runner
 from workflows.clearing import ClearingBatchWorkflow
 from workflows.terminal_sync import LedgerSyncWorkflow
 
 Db = AsyncDatabase[dict[str, Any]]
-KILL_WAIT_S = 10.0
 LOOKUP_CHUNK = 2000  # ids per lookup: well under any request limit
 SETTLED, REJECTED = ClearingState.SETTLED.value, ClearingState.REJECTED.value
 FINAL = frozenset({SETTLED, REJECTED})
@@ -109,16 +106,6 @@ def private_stack(components: Sequence[str], prefix: str) -> Iterator[devstack.S
             shutil.rmtree(state_dir, ignore_errors=True)
         else:
             print(f"\n{prefix}: stack state and server logs kept in {state_dir}")
-
-
-def kill_9(stack: devstack.StackConfig, name: str) -> None:
-    """SIGKILL the server's process group (devstack servers lead their own) and wait."""
-    record = devstack.read_records(stack.state_dir)[name]
-    os.killpg(record.pid, signal.SIGKILL)
-    deadline = time.monotonic() + KILL_WAIT_S
-    while is_alive(record):
-        assert time.monotonic() < deadline, f"{name} (pid {record.pid}) survived SIGKILL"
-        time.sleep(0.05)
 
 
 async def restart(stack: devstack.StackConfig, name: str) -> float:

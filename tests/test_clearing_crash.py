@@ -59,7 +59,6 @@ from clearing_support import (
     Submitted,
     Terminal,
     check_books,
-    kill_9,
     open_batches,
     open_holds,
     private_stack,
@@ -77,6 +76,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer
+from wallet_support import kill_9
 
 from messages.clearing import LedgerSyncInput, LedgerSyncOutcome, ResumeReceivedInput
 from messages.clearing_pipeline import batch_workflow_id

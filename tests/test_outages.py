@@ -22,9 +22,7 @@ Outages are short so the module stays well under 4 minutes.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ from wallet_support import (
     REPO_ROOT,
     balances_equal,
     key,
+    kill_9,
     session_id_key,
     set_phase,
     start_worker,
@@ -63,7 +62,6 @@ from walletcore.operations import AddCredit, SubtractCredit
 from walletcore.phases import Phase
 from walletmig import devstack
 from walletmig.demo_check import account_transfers
-from walletmig.processes import is_alive
 
 WALLETS = 10
 CALLERS = 4
@@ -229,15 +227,6 @@ def stack(request: pytest.FixtureRequest) -> Iterator[devstack.StackConfig]:
         shutil.rmtree(state_dir, ignore_errors=True)
     else:
         print(f"\ntest_outages: stack state and server logs kept in {state_dir}")
-
-
-def kill_9(stack: devstack.StackConfig, name: str) -> None:
-    record = devstack.read_records(stack.state_dir)[name]
-    os.killpg(record.pid, signal.SIGKILL)  # servers lead their own process group
-    deadline = time.monotonic() + 10
-    while is_alive(record):
-        assert time.monotonic() < deadline, f"{name} (pid {record.pid}) survived SIGKILL"
-        time.sleep(0.05)
 
 
 async def outage(traffic: Traffic, stack: devstack.StackConfig, name: str, down_s: float) -> None:

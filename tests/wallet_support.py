@@ -40,7 +40,8 @@ from walletcore.keys import WalletKey
 from walletcore.phases import MigrationState, Phase
 from walletcore.reconcile import REGISTRATION_GRACE_S
 from walletcore.wallet_ids import wallet_workflow_id
-from walletmig.processes import free_port, port_accepts
+from walletmig import devstack
+from walletmig.processes import free_port, is_alive, port_accepts
 from workers.wallet_worker import build_worker, workflow_runner
 from workers.wiring import make_importer
 
@@ -296,6 +297,20 @@ async def kill_when_stopped(script: str, args: list[str], env: dict[str, str], l
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+KILL_WAIT_S = 10.0
+
+
+def kill_9(stack: devstack.StackConfig, name: str) -> None:
+    """SIGKILL a stack server's process group (devstack servers lead their own) and wait until
+    it is gone: the outage starts when the call returns, not when the kernel gets to it."""
+    record = devstack.read_records(stack.state_dir)[name]
+    os.killpg(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while is_alive(record):
+        assert time.monotonic() < deadline, f"{name} (pid {record.pid}) survived SIGKILL"
+        time.sleep(0.05)
 
 
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
