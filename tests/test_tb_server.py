@@ -401,15 +401,19 @@ async def test_timeout_when_server_down() -> None:
 
 
 async def test_timeout_when_server_hangs(emulator: EmulatorProcess) -> None:
-    client = EmulatorClientAsync(0, emulator.address, timeout_s=0.5)
+    # The short timeout only while the server hangs: the requests around it must not time out
+    # on a loaded host (0.5 s for the first connect, or right after SIGCONT, is a bet).
+    client = EmulatorClientAsync(0, emulator.address, timeout_s=10)
     try:
         await client.create_accounts(accounts(1, 2))
         os.kill(emulator.pid, signal.SIGSTOP)
         try:
+            client.timeout_s = 0.5
             with pytest.raises(RequestTimeoutError):
                 await client.lookup_accounts([1])
         finally:
             os.kill(emulator.pid, signal.SIGCONT)
+            client.timeout_s = 10
         assert (await client.lookup_accounts([1]))[0].id == 1
     finally:
         await client.close()
