@@ -466,10 +466,11 @@ async def _check_balances(term: Terminal, entries: list[dict[str, Any]]) -> None
         assert a.debits_pending == a.credits_pending == 0, f"hold left on {m.gl_number}"
 
 
-async def records_caught_up(term: Terminal, total: int, settled: int,
+async def records_caught_up(db: Db, total: int, settled: int,
                             timeout_s: float = 30.0) -> dict[ClearingState, int]:
-    """The records' final states follow the entries (written right after them)."""
-    store = ClearingStore(term.db)
+    """The records' final states follow the entries (written right after them): waits until
+    `total` are final, then `settled` of them must be settled."""
+    store = ClearingStore(db)
     deadline = time.monotonic() + timeout_s
     while True:
         counts = await store.count_by_state()

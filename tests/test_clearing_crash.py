@@ -268,7 +268,7 @@ async def _run(term: Terminal, stack: devstack.StackConfig, server: str, *,
     # Callers hear of an outage as the retryable walletcore error, never a pymongo one.
     assert set(out.errors) <= {"StoreUnavailableError"}, out.errors
     books = await check_books(term, stream, out.accepted, outcomes)
-    counts = await records_caught_up(term, len(outcomes), books.settled)
+    counts = await records_caught_up(term.db, len(outcomes), books.settled)
     print(f"\n{server} kill -9 x{KILLS}: " + "; ".join(k.line() for k in kills))
     print(f"  submit attempts {out.attempts} for {len(out.batches)} batches, errors while "
           f"down {dict(out.errors)}; outcomes: settled {books.settled}, rejected "
@@ -334,7 +334,7 @@ async def test_tigerbeetle_down_past_the_holds_timeout(
         outcomes = await wait_final(term, out.accepted, FINAL_WAIT_S)
         final_after_s = time.monotonic() - killed_at
         books = await check_books(term, stream, out.accepted, outcomes)
-        await records_caught_up(term, len(outcomes), books.settled)
+        await records_caught_up(term.db, len(outcomes), books.settled)
     print(f"\ntigerbeetle down {MID_HOLD_S + 2} s from stage {at_kill} (restart {took:.1f} s): "
           f"all final {final_after_s:.1f} s after the kill; settled {books.settled}, rejected "
           f"{dict(books.rejected)}; {time.monotonic() - started:.1f} s")
@@ -387,7 +387,7 @@ async def test_mongodb_down_while_the_checks_run(
         assert long_outcomes == {"settled": len(long_ids)}, (
             f"holds with time left after the outage did not settle: {dict(long_outcomes)}")
         books = await check_books(term, stream, out.accepted, outcomes)
-        await records_caught_up(term, len(outcomes), books.settled)
+        await records_caught_up(term.db, len(outcomes), books.settled)
 
 
 async def test_the_same_ids_raced_in_overlapping_batches_settle_once(
@@ -423,7 +423,7 @@ async def test_the_same_ids_raced_in_overlapping_batches_settle_once(
             assert sum(1 for x, _, _ in refusals if x == txn.external_id) == losers
         outcomes = await wait_final(term, ids, FINAL_WAIT_S)
         books = await check_books(term, stream, ids, outcomes)
-        await records_caught_up(term, len(outcomes), books.settled)
+        await records_caught_up(term.db, len(outcomes), books.settled)
     winners = {t.external_id: str(stream.txns[t.external_id].amount) for t in changed}
     print(f"\nraced: {len(ids)} ids, {len(refusals)} conflicts, winners {winners}; "
           f"settled {books.settled}, rejected {dict(books.rejected)}")
@@ -471,7 +471,7 @@ async def test_a_submitter_killed_between_recording_and_starting(
         ids = [*first_ids, *second_ids]
         outcomes = await wait_final(term, ids, FINAL_WAIT_S)
         books = await check_books(term, stream, ids, outcomes)
-        await records_caught_up(term, len(outcomes), books.settled)
+        await records_caught_up(term.db, len(outcomes), books.settled)
 
 
 async def _catch_up(temporal: Client, term: Terminal, run: str) -> list[str]:

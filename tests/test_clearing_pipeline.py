@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from clearing_support import records_caught_up
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client
@@ -45,7 +46,6 @@ from walletclient.clearing_client import ClearingClient
 from walletconfig.settings import ENVIRONMENT, Settings
 from walletcore.clearing import (
     DEFAULT_CLEARING_TABLE,
-    ClearingState,
     ClearingTable,
     ExternalTransaction,
     KindLimits,
@@ -493,13 +493,7 @@ async def test_kill_9_of_the_worker_mid_stream(
             await tb_client.close()
         assert posts == {post_transfer_id(x) for x in settled}
         # The records catch up with the ledger (the final state follows the entries).
-        store = ClearingStore(db)
-        for _ in range(100):
-            counts = await store.count_by_state()
-            if counts[ClearingState.SETTLED] + counts[ClearingState.REJECTED] == len(accepted):
-                break
-            await asyncio.sleep(0.3)
-        assert counts[ClearingState.SETTLED] == len(settled), counts
+        await records_caught_up(db, len(accepted), len(settled))
         assert (await ledger.trial_balance()).zero
         assert (await ledger.verify_chain()).ok
     finally:
