@@ -4,7 +4,7 @@ Middleware, outermost first: the request log, the metrics, the body size limit; 
 FastAPI's routing with the problem+json handlers. `/metrics` serves the process's Prometheus
 metrics (request counts and latency by operationId among them). The lifespan opens the
 process's clients (gateway.state). The hot reads (gateway.fastpath.LeanRoute) skip the
-routing, not the rest.
+routing and the middleware layers (their middleware are called inline), not their work.
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return build_openapi(app)
 
     app.openapi = openapi  # type: ignore[method-assign]
-    # Last: the hot reads (LeanRoutes) are answered in front of the routing, with the same
-    # middleware and handlers as above (gateway.fastpath).
-    app.enable_fast_routes()
+    # Last: the hot reads (LeanRoutes) are answered in front of the routing as raw ASGI, with
+    # the same middleware (inline) and handlers as above (gateway.fastpath).
+    if settings.raw_reads:
+        app.enable_fast_routes()
     return app
 
 

@@ -108,20 +108,22 @@ class RequestLog:
 
 
 def _line(scope: Scope, status: int, elapsed_ms: float) -> str:
+    # One f-string, no list to join (a line per request: its build was ~2 % of the API's CPU
+    # per balance read, py-spy session 10).
     state: dict[str, Any] = scope.get("state") or {}
     caller = state.get("caller")
     key = "-" if caller is None else f"{caller.name}({caller.key_id})"
-    idem = _header(scope, IDEMPOTENCY_HEADER.lower().encode())
-    parts = [
-        f"{scope.get('method')} {masked_path(scope)}",
-        f"op={state.get('operation_id', '-')}",
-        f"status={status}",
-        f"ms={elapsed_ms:.1f}",
-        f"key={key}",
-    ]
-    if idem is not None:
-        parts.append(f"idempotency_key={mask(idem)}:{state.get('idempotency', '-')}")
-    return " ".join(parts)
+    line = (
+        f"{scope.get('method')} {masked_path(scope)} op={state.get('operation_id', '-')} "
+        f"status={status} ms={elapsed_ms:.1f} key={key}"
+    )
+    idem = _header(scope, _IDEMPOTENCY_HEADER_NAME)
+    if idem is None:
+        return line
+    return f"{line} idempotency_key={mask(idem)}:{state.get('idempotency', '-')}"
+
+
+_IDEMPOTENCY_HEADER_NAME = IDEMPOTENCY_HEADER.lower().encode()  # as ASGI servers send names
 
 
 def masked_path(scope: Scope) -> str:

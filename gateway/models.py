@@ -157,20 +157,23 @@ class BalanceOut(BaseModel):
         `Money` writes them (plain notation); ids are ASCII by WalletKey's patterns, so
         json's escaping and pydantic's agree."""
         key = balance.wallet
-        return _COMPACT_JSON.encode({
-            "wallet": {"client_id": key.client_id, "country": key.country,
-                       "currency": key.currency, "issuer_type": key.issuer_type},
-            "credit": format(balance.credit, "f"), "debit": format(balance.debit, "f"),
-            "historical_credit": format(balance.historical_credit, "f"),
-            "source": balance.source,
-        }).encode()  # fmt: skip
+        issuer = "null" if key.issuer_type is None else _json_str(key.issuer_type)
+        # json's own string encoder (the one JSONEncoder(ensure_ascii=False) calls) on each
+        # value, in one f-string: JSONEncoder.encode built its C encoder per call (~5 us).
+        return (
+            f'{{"wallet":{{"client_id":{_json_str(key.client_id)},'
+            f'"country":{_json_str(key.country)},"currency":{_json_str(key.currency)},'
+            f'"issuer_type":{issuer}}},"credit":"{balance.credit:f}",'
+            f'"debit":"{balance.debit:f}","historical_credit":"{balance.historical_credit:f}",'
+            f'"source":{_json_str(balance.source)}}}'
+        ).encode()
 
 
 # json_of writes BalanceOut's fields in this order: a new field must be added there too.
 assert tuple(BalanceOut.model_fields) == ("wallet", "credit", "debit", "historical_credit",
                                           "source")  # fmt: skip
 assert tuple(WalletOut.model_fields) == ("client_id", "country", "currency", "issuer_type")
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_json_str = json.encoder.encode_basestring  # a str as a JSON string, ensure_ascii=False
 
 
 class BalancesOut(BaseModel):

@@ -29,6 +29,9 @@ Redis, TigerBeetle) plus the HTTP API's own, all from environment variables (def
 - `WALLETMIG_API_WORKERS` (1): uvicorn worker processes sharing the port (`walletmig api
   --workers`); one process uses one core at most, and a balance read costs it ~0.35-0.5 ms of
   CPU when TigerBeetle answers, ~0.9-1.0 ms when MongoDB does (session 7).
+- `WALLETMIG_API_RAW_READS` (true): the hot balance read answered as raw ASGI in front of
+  FastAPI (gateway.fastpath); false = through FastAPI's routing and middleware layers like
+  every other route (same answers: the switch exists to compare them, and as a way back).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "WALLETMIG_API_KEY_CACHE_TTL_S": ("key_cache_ttl_s", "5"),
     "WALLETMIG_API_DEPENDENCY_TIMEOUT_S": ("dependency_timeout_s", "2"),
     "WALLETMIG_API_WORKERS": ("workers", "1"),
+    "WALLETMIG_API_RAW_READS": ("raw_reads", "true"),
 }
 WORKERS_MAX = 16
 LEASE_MARGIN_S = 5.0  # a live request finishes (or times out) this long before its lease ends
@@ -91,6 +95,7 @@ class ApiSettings(BaseModel):
     key_cache_ttl_s: float = Field(ge=0, le=300)
     dependency_timeout_s: float = Field(gt=0, le=60)
     workers: int = Field(default=1, ge=1, le=WORKERS_MAX)
+    raw_reads: bool = True
 
     @field_validator("rate_limit_money", "rate_limit_read")
     @classmethod

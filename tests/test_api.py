@@ -603,10 +603,13 @@ def test_amount_strings_round_trip_exactly() -> None:
     assert str(zero) == "0E-8"
     assert json.loads(BalanceOut.of(balance).model_dump_json())["credit"] == "0.00000000"
     # The read path's model-free JSON is byte for byte the validated model's.
-    issued = WalletKey(client_id="c", country="USA", currency="BTC", issuer_type="bank")
+    issued = WalletKey(client_id="c-1_x.y", country="USA", currency="BTC", issuer_type="bank")
+    amounts = (zero, Decimal("-12.5"), Decimal("1E+5"), Decimal("12345678901234567890.123"))
     for wallet in (key, issued):
-        shown = balance.model_copy(update={"wallet": wallet})
-        assert BalanceOut.json_of(shown) == BalanceOut.of(shown).model_dump_json().encode()
+        for amount in amounts:
+            shown = balance.model_copy(update={"wallet": wallet, "credit": amount,
+                                               "historical_credit": -amount})  # fmt: skip
+            assert BalanceOut.json_of(shown) == BalanceOut.of(shown).model_dump_json().encode()
 
 
 async def test_idempotency_records_lease_takeover_and_expiry(
