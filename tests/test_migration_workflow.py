@@ -920,12 +920,12 @@ async def test_started_again_after_terminate_continues_the_audit(
         Phase.DUAL_WRITE)
 
     again = await start(temporal_client, migration_worker, scope, tmp_path, migration_id=mid)
+
+    async def took_the_published_state() -> bool:
+        return bool((await again.query(MigrationWorkflow.status)).epoch)
+
+    await eventually(took_the_published_state, "the new start to read the published phase")
     status = await again.query(MigrationWorkflow.status)
-    for _ in range(100):
-        if status.epoch:
-            break
-        await asyncio.sleep(0.1)
-        status = await again.query(MigrationWorkflow.status)
     assert (status.phase, status.epoch, status.paused) == (Phase.DUAL_WRITE, 1, True)
     assert [a.action for a in status.recent_actions] == ["advance", "pause"]
     await expect_rejected(again.execute_update(MigrationWorkflow.advance, AdvanceRequest()),

@@ -18,6 +18,7 @@ from ledger_sync_support import Terminal, make_terminal, mix, spend, txn
 from pymongo import AsyncMongoClient
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
+from wallet_support import eventually
 
 from activities.terminal_reconcile import TerminalReconcileActivities
 from activities.terminal_sync import LedgerSync, TerminalSyncActivities
@@ -205,18 +206,17 @@ async def test_sync_and_reconcile_workflows(terminal: Terminal, temporal_client:
             id=f"sync-loop-{queue}", task_queue=queue)
         later = [txn() for _ in range(5)]
         await terminal.clear(later)
-        for _ in range(200):
-            if (await terminal.ledger.chain_head()).seq == 17:
-                break
-            await asyncio.sleep(0.1)
-        assert (await terminal.ledger.chain_head()).seq == 17
+        async def synced() -> bool:
+            return (await terminal.ledger.chain_head()).seq == 17
+
+        await eventually(synced, "the continuous sync to write the 5 later entries")
         last = await handle.query(LedgerSyncWorkflow.last_page)
         assert isinstance(last, SyncPageReport)
         first_run = temporal_client.get_workflow_handle(handle.id, run_id=handle.result_run_id)
-        for _ in range(100):  # ten pages of 0.2 s idle each, then continue-as-new
-            if (await first_run.describe()).status is not WorkflowExecutionStatus.RUNNING:
-                break
-            await asyncio.sleep(0.1)
+        async def first_run_ended() -> bool:  # ten pages of 0.2 s idle each, then rotates
+            return (await first_run.describe()).status is not WorkflowExecutionStatus.RUNNING
+
+        await eventually(first_run_ended, "the sync's first run to continue as new")
         assert (await first_run.describe()).status is WorkflowExecutionStatus.CONTINUED_AS_NEW
         latest = temporal_client.get_workflow_handle(handle.id)
         assert (await latest.describe()).status is WorkflowExecutionStatus.RUNNING
