@@ -853,11 +853,9 @@ async def test_inflight_limits_with_group_commit_never_deadlock(data_file: str) 
         for replies in results[:16]:
             assert sorted(replies) == [(rid, wire.Status.OK) for rid in range(1, 31)]
         async with EmulatorClientAsync(0, f"127.0.0.1:{server.port}", timeout_s=10) as client:
-            for _ in range(50):  # Dropped connections' handlers finish and free their slots.
-                if server._inflight == 0 and not server._connections:
-                    break
-                await asyncio.sleep(0.1)
-            assert server._inflight == 0
+            # Dropped connections' handlers finish and free their slots (and connections).
+            await until(lambda: server._inflight == 0 and not server._connections,
+                        "the dropped connections' slots to be freed")
             assert len(await client.lookup_accounts([1])) == 1
     finally:
         await server.close()
