@@ -27,11 +27,12 @@ Throughput (group commit): one MongoDB transaction per append would serialise ev
 on the chain head. An AuditAppender batches the records that arrive while the previous batch
 commits (or within `linger_ms`) into one append; each request awaits its batch's commit
 before it proceeds. In `audit_records` (chains `api`, `cli`) a record's `_id` is (chain,
-seq), so the unique `_id` keeps the chain from forking and an append is two writes without a
-transaction (the batch inserted in order after the tail, then the head moved forward, never
-back: `_append_by_seq`); records beyond the head (their writer died before moving it) are
-chained after by the next append, which moves the head over them. The migration chains, whose
-`_id`s are their own, append in one transaction (read head, compare-and-swap it, insert).
+seq), so the unique `_id` keeps the chain from forking and an append is one command without a
+transaction (one ordered client-level bulk write: the batch inserted after the tail, then the
+head moved forward, never back: `_append_by_seq`); records beyond the head (their writer died
+or lost a race) are chained after by the next append, which moves the head over them. The
+migration chains, whose `_id`s are their own, append in one transaction (read head,
+compare-and-swap it, insert).
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ from typing import Any
 
 from bson.decimal128 import Decimal128
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel, InsertOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, ClientBulkWriteException, PyMongoError
 
 from mongobase.mongo import (
     DUPLICATE_KEY_CODE,
@@ -287,13 +288,14 @@ class AuditChain:
         self, chain: str, docs: Sequence[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """`audit_records`' documents are keyed by (chain, seq) (record_id), so the unique
-        `_id` is the fork guard and an append needs no transaction (it cost MongoDB ~2.2 ms
-        and the writer ~1.4 ms per batch against ~1.6 and ~0.9 for an insert and an update,
-        session 10): insert the batch linked after the tail, ordered; a duplicate `_id` means
-        another writer took that seq first: what went in before it stays, the rest is
-        re-linked after the tail read again. Then the head moves forward to the last record
-        (never back). A writer that dies between the two leaves records beyond the head: the
-        next append chains after them (`_tail`) and moves the head over them."""
+        `_id` is the fork guard and an append needs no transaction: one ordered client-level
+        bulk write inserts the batch linked after the tail, then moves the head forward to its
+        last record (never back). A transaction cost MongoDB ~2.2 ms and the writer ~1.4 ms
+        per batch, three round trips (session 10). A duplicate `_id` means another writer took
+        that seq first: the records before it stay (the head not moved for them), the rest is
+        linked again after the tail read anew. Records left beyond the head (a writer that
+        stopped there, or died) are chained after by the next append, which moves the head
+        over them."""
         stored: list[dict[str, Any]] = []
         rest = list(docs)
         tail = self._known.pop(chain, None)
@@ -301,7 +303,7 @@ class AuditChain:
             if tail is None:
                 tail = await self._tail(chain)
             linked = link(tail, chain, rest)
-            inserted = await self._insert_prefix(linked)
+            inserted = await self._write_linked(chain, linked)
             stored += linked[:inserted]
             rest = rest[inserted:]
             if not rest:
@@ -315,15 +317,13 @@ class AuditChain:
                 f"{self._attempts_max} attempts", field=None,
             )  # fmt: skip
         assert len(stored) == len(docs)
-        head = ChainHead(seq=stored[-1]["chain_seq"], hash=stored[-1]["hash"])
-        await self._advance_head(chain, head)
-        self._known[chain] = head
+        self._known[chain] = ChainHead(seq=stored[-1]["chain_seq"], hash=stored[-1]["hash"])
         return stored
 
     async def _tail(self, chain: str) -> ChainHead:
         """What the next record links after: the head, or the last record when records lie
-        beyond it (their writer died before moving it, or moves it now). Records deleted
-        from under the head leave the head as the tail, so their gap stays visible."""
+        beyond it. Records deleted from under the head leave the head as the tail, so their
+        gap stays visible."""
         try:
             head = await self.head(chain)
             last = await self._db[AUDIT_RECORDS].find_one(
@@ -334,33 +334,33 @@ class AuditChain:
             raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
         return head if last is None else ChainHead(seq=int(last["chain_seq"]), hash=last["hash"])
 
-    async def _insert_prefix(self, linked: list[dict[str, Any]]) -> int:
-        """Insert `linked` in order; how many went in before a duplicate `_id` (all: len)."""
+    async def _write_linked(self, chain: str, linked: list[dict[str, Any]]) -> int:
+        """Insert `linked` in order, then move the head to its last record, in one ordered
+        command; how many records went in before a duplicate `_id` (all: len(linked), and
+        the head moved, or was at or beyond it already: its upsert met it)."""
+        last = linked[-1]
+        records, heads = (f"{self._db.name}.{name}" for name in (AUDIT_RECORDS, AUDIT_HEADS))
+        writes: list[InsertOne[Any] | UpdateOne] = [
+            InsertOne(doc, namespace=records) for doc in linked]
+        writes.append(UpdateOne(
+            {"_id": chain, "seq": {"$lt": last["chain_seq"]}},
+            {"$set": {"seq": last["chain_seq"], "hash": last["hash"],
+                      "collection": AUDIT_RECORDS, "updated_at": now_ms()}},
+            upsert=True, namespace=heads,
+        ))  # fmt: skip
         try:
-            await self._db[AUDIT_RECORDS].insert_many(linked, ordered=True)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if len(errors) == 1 and errors[0].get("code") == DUPLICATE_KEY_CODE:
-                return int(errors[0]["index"])
-            raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
+            await self._client.bulk_write(writes, ordered=True)
+        except ClientBulkWriteException as exc:
+            # Typed as WriteError, delivered as the server's documents (pymongo 4.20).
+            errors: list[Any] = list(exc.write_errors or [])
+            first = errors[0] if len(errors) == 1 and isinstance(errors[0], dict) else {}
+            if (exc.error is not None or exc.write_concern_errors
+                    or first.get("code") != DUPLICATE_KEY_CODE):  # fmt: skip
+                raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
+            return min(int(first["idx"]), len(linked))
         except PyMongoError as exc:
             raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
         return len(linked)
-
-    async def _advance_head(self, chain: str, head: ChainHead) -> None:
-        """Move the head to `head` unless it is there or beyond already (a writer that
-        chained after these records moved it); the first append creates it."""
-        try:
-            await self._heads.update_one(
-                {"_id": chain, "seq": {"$lt": head.seq}},
-                {"$set": {"seq": head.seq, "hash": head.hash, "collection": AUDIT_RECORDS,
-                          "updated_at": now_ms()}},
-                upsert=True,
-            )  # fmt: skip
-        except DuplicateKeyError:
-            return  # the head is at or beyond `head.seq`: the upsert's insert met it
-        except PyMongoError as exc:
-            raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
 
     async def _append_attempt(
         self, session: AsyncClientSession, collection: str, chain: str,

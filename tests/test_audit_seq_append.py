@@ -1,7 +1,8 @@
 """The audit chain's append without a transaction (stores.audit_chain.AuditChain._append_by_seq,
 `audit_records` only) on the session's real MongoDB: the unique `_id` (chain, seq) is the fork
-guard, the head only moves forward. States built by hand: a writer that died between its
-insert and its head move, another writer's record taking a seq in the middle of a batch."""
+guard, one ordered bulk write inserts the batch and moves the head, only forward. States built
+by hand: records a writer left beyond the head, another writer's record taking a seq in the
+middle of a batch, a head already beyond the batch."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 from test_audit_chain import credit_record
 
-from stores.audit_chain import AUDIT_RECORDS, AuditChain, link, record_id
+from stores.audit_chain import AUDIT_HEADS, AUDIT_RECORDS, AuditChain, link, record_id
 from walletcore.journal import ChainHead
 
 
@@ -65,16 +66,13 @@ async def test_a_seq_taken_mid_batch_keeps_the_prefix(db: AsyncDatabase[Any]) ->
 
 
 async def test_the_head_never_moves_back(db: AsyncDatabase[Any]) -> None:
-    """A writer whose records another writer already chained after (the head moved past
-    them) leaves the head where it is."""
+    """A head already beyond the batch (moved there by hand here: a writer that chained after
+    these seqs) is left where it is; the records go in (their upsert meets the head)."""
     writer = AuditChain(db)
     await writer.ensure_indexes()
     stored = await writer.append(AUDIT_RECORDS, "c", [credit_record(0), credit_record(1)])
-    ahead = link(ChainHead(seq=2, hash=stored[-1]["hash"]), "c", [credit_record(2)])
-    await db[AUDIT_RECORDS].insert_many(ahead)
-    other = AuditChain(db)
-    (last,) = await other.append(AUDIT_RECORDS, "c", [credit_record(3)])
-    assert last["chain_seq"] == 4
-    await writer._advance_head("c", ChainHead(seq=2, hash=stored[-1]["hash"]))
-    assert (await writer.head("c")).seq == 4
-    assert (await writer.verify()).ok
+    await db[AUDIT_HEADS].update_one({"_id": "c"}, {"$set": {"seq": 9, "hash": "f" * 64}})
+    (third,) = await writer.append(AUDIT_RECORDS, "c", [credit_record(2)])  # cached head: 2
+    assert (third["chain_seq"], third["prev_hash"]) == (3, stored[-1]["hash"])
+    assert await writer.head("c") == ChainHead(seq=9, hash="f" * 64)
+    assert await db[AUDIT_RECORDS].count_documents({"chain": "c"}) == 3
