@@ -71,7 +71,7 @@ assert tuple(name for phase in PHASES for name in phase) == COMPONENTS
 # Custom search attributes the workflows upsert; registered at server start (dev and tests).
 SEARCH_ATTRIBUTES: dict[str, str] = {"MigrationPhase": "Keyword", "RolloutPercent": "Int"}
 
-# Dev-stack-only knobs (the application's own settings live in walletmig/config.py).
+# Dev-stack-only knobs (the application's own settings live in walletconfig/settings.py).
 DEV_ENVIRONMENT: dict[str, tuple[str, str]] = {
     "WALLETMIG_DEV_HOST": ("host", "127.0.0.1"),
     "WALLETMIG_TEMPORAL_PORT": ("temporal_port", "7233"),

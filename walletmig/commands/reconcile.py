@@ -263,7 +263,7 @@ def register(subparsers: Any) -> None:
     sched.add_argument("--every-s", type=int, default=None,
                        help="interval in seconds (default: SCHEDULE_EVERY_S_DEFAULT, 5 min)")
     sched.add_argument("--schedule-id", default=None,
-                       help="default: SCHEDULE_ID of workflows/reconciliation_models.py")
+                       help="default: SCHEDULE_ID of messages/reconciliation.py")
     sched.add_argument("--note", default=None)
     action = sched.add_mutually_exclusive_group()
     action.add_argument("--pause", action="store_true")

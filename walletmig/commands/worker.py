@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
         description="Serve the wallet task queue (wallet and read workflows) and the migration "
         "task queue (migration, backfill and reconciliation workflows) until SIGTERM/SIGINT, "
         "then shut down gracefully. Queue names and server addresses come from the "
-        "environment (WALLET_TASK_QUEUE, MIGRATION_TASK_QUEUE; see walletmig/config.py).",
+        "environment (WALLET_TASK_QUEUE, MIGRATION_TASK_QUEUE; see walletconfig/settings.py).",
     )
     parser.add_argument(
         "--task-queue",
