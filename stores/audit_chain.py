@@ -300,6 +300,7 @@ class AuditChain:
         rest = list(docs)
         tail = self._known.pop(chain, None)
         for attempt in range(self._attempts_max):
+            cached = tail is not None
             if tail is None:
                 tail = await self._tail(chain)
             linked = link(tail, chain, rest)
@@ -310,7 +311,8 @@ class AuditChain:
                 break
             tail = None
             self.conflict_retries += 1
-            await backoff(attempt)
+            if not cached:  # a cached head gone stale (another process wrote): read it now
+                await backoff(attempt)
         if rest:
             raise StoreUnavailableError(
                 f"MongoDB (audit log): chain {chain!r} still conflicting after "
