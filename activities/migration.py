@@ -82,7 +82,10 @@ UNAPPLIED_SCAN_MAX = 500_000
 # collection scan and an in-memory sort each round on a log of millions. The gate builds the
 # index at its first round (ensure_gate_index) in the background: on a large log the build
 # outlasts an evidence activity (30 s), so a round waits at most this long for it and scans
-# without it meanwhile (as before); a retried createIndexes joins the running build.
+# without it meanwhile (as before); a retried createIndexes joins the running build. MongoDB
+# (4.2+) builds it beside live writes; SecantusDB holds every write for the build (200,000
+# transactions: ~30 s), once per migration (docs/ARCHITECTURE.md, "The unapplied-writes gate
+# reads the log through the log-order index": measurements, the per-write cost).
 GATE_INDEX_WAIT_S = 5.0
 GATE_INDEX_WAIT_S_MAX = 3600.0
 LOOKUP_BATCH_MAX = 1000
