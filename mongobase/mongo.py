@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -31,7 +31,7 @@ from pymongo.uri_parser import parse_uri
 
 from mongobase import cancel_safe
 from walletcore.currencies import precision_of
-from walletcore.errors import ConflictError, StoreUnavailableError
+from walletcore.errors import ConfigurationError, ConflictError, StoreUnavailableError
 from walletcore.money import from_minor
 from walletcore.tb_limits import TB_EVENTS_MAX
 
@@ -75,6 +75,34 @@ def make_mongo_client(uri: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any
         extra["connectTimeoutMS"] = CONNECT_TIMEOUT_MS_DEFAULT
     extra.update(kwargs)
     return AsyncMongoClient(uri, **extra)
+
+
+# MongoDB 8.0's wire version: the client-level `bulkWrite` command (PyMongo's
+# `AsyncMongoClient.bulk_write`) exists from it on. The legacy store's hot path and group
+# commit, the reverse projection's batches and the audit log's appends send it; on a 7.0
+# server every one of those writes would fail.
+SERVER_WIRE_VERSION_MIN = 25
+SERVER_VERSION_MIN = "8.0"
+
+
+async def require_supported_server(client: AsyncMongoClient[Any]) -> None:
+    """Fail at start-up, with the reason, when the server is older than MongoDB 8.0
+    (instead of every write failing later). An unreachable server raises what PyMongo
+    raises, as the index set-up after it would."""
+    require_wire_version(await client.admin.command("hello"))
+
+
+def require_wire_version(hello: Mapping[str, Any]) -> None:
+    """ConfigurationError (non-retryable, naming the setting) when the `hello` answer is of
+    a server older than SERVER_VERSION_MIN."""
+    wire_version = int(hello.get("maxWireVersion", 0))
+    if wire_version < SERVER_WIRE_VERSION_MIN:
+        raise ConfigurationError(
+            f"MongoDB server wire version {wire_version} is older than MongoDB "
+            f"{SERVER_VERSION_MIN} (wire version {SERVER_WIRE_VERSION_MIN}): the platform's "
+            "writes use the client-level bulkWrite command; upgrade the server",
+            field="mongodb_uri",
+        )
 
 
 def database_of(

@@ -21,7 +21,7 @@ import redis.asyncio as redis_asyncio
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from mongobase.mongo import database_of, make_mongo_client
+from mongobase.mongo import database_of, make_mongo_client, require_supported_server
 from registries.account_registry import AccountRegistry
 from registries.transfer_registry import TransferRegistry
 from stores.backfill_imports import ImportLedger
@@ -112,8 +112,9 @@ async def make_stores(
         imports=ImportLedger(db),
         history=HistoryCheckpoints(db),
     )
-    if ensure_indexes:
+    if ensure_indexes:  # the processes that write (the API starts while MongoDB may be down)
         try:
+            await require_supported_server(mongo_client)
             await legacy.ensure_indexes()
             await accounts.ensure_indexes()
             await transfers.ensure_indexes()
