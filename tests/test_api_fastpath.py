@@ -7,7 +7,10 @@ of a 429 aside)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import random
 import re
 import uuid
 from collections.abc import Iterator
@@ -208,3 +211,195 @@ def test_json_headers_are_starlettes() -> None:
 
     for body in (b"", b"{}", b'{"a":"\xc3\xa9"}' * 100):
         assert json_headers(body) == Response(body, media_type=JSON_MEDIA_TYPE).raw_headers
+
+
+# --- Differential fuzz: hostile variants of the balance read, raw vs routed -------------------
+# A seeded generator (printed; one request list per seed) rather than hypothesis: both
+# processes must see the same requests in the same order with a fresh key each (the read
+# budget is READ_LIMIT per key), which a shrinking search would not keep bounded.
+FUZZ_SEED = 20261207
+FUZZ_CASES = 260  # requests per process (the brief's bound: ~300)
+FUZZ_READ_TIMEOUT_S = 30.0
+FUZZ_ANSWER_MAX_BYTES = 1 << 20
+FUZZ_SENTINEL = "zz-fuzz-sentinel-Q7"  # an Idempotency-Key no fuzz request sends
+# Compared as the bytes on the wire (every answer of the connection: status lines, headers in
+# order, bodies), with one header masked: Date, the only per-request one (the clock; uvicorn
+# adds it). Key ids never reach an answer, and each request has its own key, so no 429.
+
+
+# Per dimension: the valid value first, then hostile variants. A case mutates 0-3 of them
+# (most cases: one or two), so the answers from deep inside the route (404, 422, 200) are
+# reached as often as the parser's and router's (400, 404, 405, 307).
+FUZZ_DIMENSIONS: dict[str, list[Any]] = {
+    "method": [b"GET", b"HEAD", b"OPTIONS", b"get", b"POST", b"PUT"],
+    "version": [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b"http/1.1"],
+    "host": [b"127.0.0.1", None, b"", b"evil.example", b"a b", b"127.0.0.1:1/x"],
+    "prefix": ["/v1/wallets/", "http://127.0.0.1/v1/wallets/", "http://x/v1/wallets/",
+               "//v1/wallets/", "/v1//wallets/", "/v1/./wallets/",
+               "/v1/wallets/../wallets/", "/V1/wallets/", "/v1/wallets//", "%2Fv1/wallets/",
+               "/v1/wallets/%2E%2E/wallets/"],
+    "client": ["{seeded}", "{seeded}-none", "c-42", "", ".", "..", "a%2Fb", "a%2fb", "a/b",
+               "a%00b", "%25", "a%25b", "%C3%A9t%C3%A9", "\xc3\xa9t\xc3\xa9", "%C0%AF",
+               "%E2%80%AE", "x" * 64, "x" * 65, "x" * 300, "y" * 6000, "%41%41%41",
+               "{SEEDED}", " c", "c%20", "c+d", "c;d", "%FF", "%", "%zz", "c\\d", "%7Bx%7D"],
+    "country": ["USA", "usa", "Usa", "US", "USAA", "%55SA", "", "U%00A", "\xc3\x9cSA", "%C3%9CSA"],
+    "currency": ["USD", "usd", "Usd", "", "USDT", "US%44", "U$D", "USD%2F", "U%2FD"],
+    "suffix": ["balance", "balance/", "Balance", "balance%2F", "balance/.", "balance/..",
+               "balance;x", "history", "balance%00", "balance/x"],
+    "query": ["", "?", "?issuer_type=bank", "?issuer_type=", "?issuer_type",
+              "?issuer_type=bank&issuer_type=", "?issuer_type=&issuer_type=bank",
+              "?issuer_type=%20x", "?issuer_type=b%C3%A9", "?issuer_type=%ZZ",
+              "?issuer%5Ftype=bank", "?unknown=1", "?&&", "?;", "?issuer_type=a+b",
+              "?ISSUER_TYPE=bank", "?issuer_type=" + "b" * 300, "?=", "?a=%00", "#frag",
+              "?issuer_type=bank#x", "?" + "q=1&" * 500, "?issuer_type=%00",
+              "?issuer_type=\xc3\xa9"],
+    "auth": [[b"Bearer KEY"], [], [b""], [b"Bearer"], [b"Bearer "], [b"Bearer  KEY"],
+             [b"bearer KEY"], [b"BEARER KEY"], [b"Basic KEY"], [b"Bearer KEY", b"Bearer nope"],
+             [b"Bearer nope", b"Bearer KEY"], [b"Bearer KEY\xe9"], [b"Bearer \xff\xfe"],
+             [b"Bearer\tKEY"], [b"Bearer wmk_nokey_nosecret"], [b"Bearer " + b"k" * 9000],
+             [b"Bearer WRITER"], [b" Bearer KEY "], [b"Bearer KEY\x00"]],
+    "accept": [None, b"application/json", b"text/html", b"*/*", b"application/problem+json",
+               b"\x01", b"a" * 2000],
+    "extra": [None, b"v" * 8000, b"v" * 60000, b"\x80\xff"],
+    # a second request on the same connection after this one (pipelined, keep-alive)
+    "then": [None, b"GET /v1/wallets/{seeded}/USA/USD/balance HTTP/1.1",
+             b"GET /v1/wallets/c-42/usa/USD/balance HTTP/1.1", b"HEAD /healthz HTTP/1.1"],
+    "body": ["none", "length", "declared-huge", "bad-length", "chunked", "chunked+length",
+             "empty-length", "negative-length", "two-lengths"],
+}  # fmt: skip
+FUZZ_MUTATIONS_WEIGHTS = [1, 4, 3, 2]  # cases mutating 0, 1, 2, 3 dimensions
+KEY = b"KEY"  # replaced by a fresh read key per process and request (WRITER: a write key)
+
+
+def _fuzz_case(rng: random.Random) -> dict[str, Any]:
+    mutated = rng.sample(sorted(FUZZ_DIMENSIONS),
+                         rng.choices(range(4), FUZZ_MUTATIONS_WEIGHTS)[0])  # fmt: skip
+    return {
+        name: rng.choice(values[1:]) if name in mutated else values[0]
+        for name, values in FUZZ_DIMENSIONS.items()
+    }
+
+
+def _fuzz_body(shape: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Body framing headers and the bytes sent after the head (a body on a GET)."""
+    return {
+        "none": ([], b""),
+        "length": ([(b"Content-Length", b"5")], b"hello"),
+        # above the limit; only a part is sent: the 413 is answered before the body is read
+        "declared-huge": ([(b"Content-Length", b"70000")], b"x" * 10),
+        "bad-length": ([(b"Content-Length", b"abc")], b""),
+        "empty-length": ([(b"Content-Length", b"0")], b""),
+        "negative-length": ([(b"Content-Length", b"-1")], b""),
+        "two-lengths": ([(b"Content-Length", b"5"), (b"Content-Length", b"6")], b"hello"),
+        "chunked": ([(b"Transfer-Encoding", b"chunked")], b"5\r\nhello\r\n0\r\n\r\n"),
+        "chunked+length": ([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5")],
+                           b"5\r\nhello\r\n0\r\n\r\n"),
+    }[shape]  # fmt: skip
+
+
+def _fuzz_request(case: dict[str, Any], seeded: str, key: bytes, writer_key: bytes) -> bytes:
+    """The case as the bytes of one HTTP/1.1 request (closing its connection)."""
+    client = case["client"].replace("{seeded}", seeded).replace("{SEEDED}", seeded.upper())
+    path = f"{case['prefix']}{client}/{case['country']}/{case['currency']}/{case['suffix']}"
+    target = (path + case["query"]).encode("latin-1")  # \x.. above are raw bytes
+    headers = [] if case["host"] is None else [(b"Host", case["host"])]
+    headers += [(b"Authorization", value.replace(b"WRITER", writer_key).replace(KEY, key))
+                for value in case["auth"]]  # fmt: skip
+    if case["accept"] is not None:
+        headers.append((b"Accept", case["accept"]))
+    if case["extra"] is not None:
+        headers.append((b"X-Extra", case["extra"]))
+    framing, body = _fuzz_body(case["body"])
+    headers += framing
+    then = case["then"]
+    if then is None:
+        headers.append((b"Connection", b"close"))
+    head = case["method"] + b" " + target + b" " + case["version"] + b"\r\n"
+    request = head + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n" + body
+    if then is None:
+        return request
+    second = then.replace(b"{seeded}", seeded.encode())
+    return request + second + b"\r\nHost: h\r\nAuthorization: Bearer " + key + (
+        b"\r\nConnection: close\r\n\r\n"
+    )
+
+
+async def _raw_exchange(port: int, request: bytes) -> bytes:
+    """The whole answer to one request sent as bytes on its own connection (closed after)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = b""
+        while len(answer) < FUZZ_ANSWER_MAX_BYTES:  # until the server closes (a read
+            chunk = await asyncio.wait_for(reader.read(1 << 16), FUZZ_READ_TIMEOUT_S)
+            if not chunk:  # returns what has arrived so far)
+                return answer
+            answer += chunk
+        raise AssertionError(f"an answer above {FUZZ_ANSWER_MAX_BYTES} bytes")
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+_DATE = re.compile(rb"\r\ndate: [^\r]*", re.IGNORECASE)
+_STATUS_LINE = re.compile(rb"(?:^|\r\n\r\n)(HTTP/1\.[01] \d{3})")
+
+
+def _fuzz_comparable(answer: bytes) -> bytes:
+    """Every answer on the connection, as bytes, the per-request headers masked."""
+    return _DATE.sub(b"\r\ndate: <per-request>", answer)
+
+
+async def _fresh_key(db: AsyncDatabase[Any], writer: bool) -> bytes:
+    key = await make_key(db, "fuzz", ["wallets:write" if writer else "wallets:read"])
+    return key.encode()
+
+
+async def test_raw_balance_read_answers_hostile_requests_as_routing_does(
+    servers: dict[str, ApiProcess], db: AsyncDatabase[Any], seeded: str
+) -> None:
+    print(f"fuzz seed {FUZZ_SEED}, {FUZZ_CASES} cases")
+    offsets = {name: process.log_path.stat().st_size for name, process in servers.items()}
+    differences = []
+    statuses: dict[bytes, int] = {}  # the first answer's, per case
+    rng = random.Random(FUZZ_SEED)
+    for index in range(FUZZ_CASES):
+        case = _fuzz_case(rng)
+        answers = {}
+        for name, process in servers.items():
+            key, writer_key = await _fresh_key(db, False), await _fresh_key(db, True)
+            request = _fuzz_request(case, seeded, key, writer_key)
+            answers[name] = _fuzz_comparable(await _raw_exchange(process.port, request))
+        found = _STATUS_LINE.findall(answers["raw"]) + _STATUS_LINE.findall(answers["routed"])
+        for status in found[:1]:
+            statuses[status] = statuses.get(status, 0) + 1
+        assert not any(status[9:10] == b"5" for status in found), repr(
+            (index, case, answers)
+        )[:6000]
+        if answers["raw"] != answers["routed"]:
+            differences.append((index, case, answers))
+    print("statuses:", statuses)
+    assert not differences, repr(differences[:3])[:6000]
+    # The access log: the same lines (ids masked), once each process logged the sentinel
+    # (a line is written after its answer; the sentinel is answered after every fuzz request).
+    logs = {}
+    for name, process in servers.items():
+        async with httpx.AsyncClient(base_url=process.url, timeout=60) as http:
+            await http.get("/healthz", headers={"Idempotency-Key": FUZZ_SENTINEL})
+        path = process.log_path
+        text = await wait_log(path, lambda text: "idempotency_key=zz***Q7" in text,
+                              "the fuzz sentinel")  # fmt: skip
+        fresh = text.encode()[offsets[name]:].decode(errors="replace")
+        lines = [line.split(ACCESS, 1)[1] for line in fresh.splitlines() if ACCESS in line]
+        lines = [re.sub(r" ms=\d+\.\d", " ms=<ms>", line) for line in lines]
+        logs[name] = sorted(re.sub(r"key=(\w+)\(\w+\)", r"key=\1(<id>)", x) for x in lines)
+    # The known difference (see above): a 413 before routing names the route on the raw path.
+    refused = re.compile(r"^GET \S+ op=- status=413 ")
+    raw_refused = [x for x in logs["raw"] if refused.match(x)]
+    routed_refused = [x for x in logs["routed"] if refused.match(x)]
+    assert len(raw_refused) == len(routed_refused)
+    assert [x for x in logs["raw"] if x not in raw_refused] == [
+        x for x in logs["routed"] if x not in routed_refused
+    ]
