@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,7 +219,7 @@ def test_json_headers_are_starlettes() -> None:
 # A seeded generator (printed; one request list per seed) rather than hypothesis: both
 # processes must see the same requests in the same order with a fresh key each (the read
 # budget is READ_LIMIT per key), which a shrinking search would not keep bounded.
-FUZZ_SEED = 20261207
+FUZZ_SEED = int(os.environ.get("WALLETMIG_TEST_FUZZ_SEED", "20261207"))  # fixed; env: explore
 FUZZ_CASES = 260  # requests per process (the brief's bound: ~300)
 FUZZ_READ_TIMEOUT_S = 30.0
 FUZZ_ANSWER_MAX_BYTES = 1 << 20
@@ -392,7 +394,10 @@ async def test_raw_balance_read_answers_hostile_requests_as_routing_does(
         text = await wait_log(path, lambda text: "idempotency_key=zz***Q7" in text,
                               "the fuzz sentinel")  # fmt: skip
         fresh = text.encode()[offsets[name]:].decode(errors="replace")
-        lines = [line.split(ACCESS, 1)[1] for line in fresh.splitlines() if ACCESS in line]
+        # The seeding credit's line may be written after the fuzz started (a line follows
+        # its answer): no fuzz request is a credit.
+        lines = [line.split(ACCESS, 1)[1] for line in fresh.splitlines()
+                 if ACCESS in line and " op=add_credit " not in line]  # fmt: skip
         lines = [re.sub(r" ms=\d+\.\d", " ms=<ms>", line) for line in lines]
         logs[name] = sorted(re.sub(r"key=(\w+)\(\w+\)", r"key=\1(<id>)", x) for x in lines)
     # The known difference (see above): a 413 before routing names the route on the raw path.
@@ -400,6 +405,6 @@ async def test_raw_balance_read_answers_hostile_requests_as_routing_does(
     raw_refused = [x for x in logs["raw"] if refused.match(x)]
     routed_refused = [x for x in logs["routed"] if refused.match(x)]
     assert len(raw_refused) == len(routed_refused)
-    assert [x for x in logs["raw"] if x not in raw_refused] == [
-        x for x in logs["routed"] if x not in routed_refused
-    ]
+    raw_lines = Counter(x for x in logs["raw"] if x not in raw_refused)
+    routed_lines = Counter(x for x in logs["routed"] if x not in routed_refused)
+    assert raw_lines == routed_lines, (raw_lines - routed_lines, routed_lines - raw_lines)
