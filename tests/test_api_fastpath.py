@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -408,3 +409,51 @@ async def test_raw_balance_read_answers_hostile_requests_as_routing_does(
     raw_lines = Counter(x for x in logs["raw"] if x not in raw_refused)
     routed_lines = Counter(x for x in logs["routed"] if x not in routed_refused)
     assert raw_lines == routed_lines, (raw_lines - routed_lines, routed_lines - raw_lines)
+
+
+PARAMS_CASES = 4000  # of the fuzz dimensions' ~36k path/query combinations (~1 s)
+
+
+def test_answer_balance_validates_parameters_as_fastapi_would() -> None:
+    """Both processes above serve the read with answer_balance (the routed one through
+    FastAPI's routing): here its parameter validation is compared with what FastAPI's own
+    dependency solving would find for get_balance's declared signature (the OpenAPI one),
+    for the fuzz's path and query values as uvicorn decodes them: the same 422 errors (loc,
+    type, message, input) or none."""
+    from urllib.parse import unquote
+
+    from fastapi.dependencies.utils import request_params_to_args
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.routing import APIRoute
+    from starlette.datastructures import QueryParams
+
+    from gateway.routers.wallets import _VALID_WALLETS, _valid_wallet, router
+
+    route = next(r for r in router.routes
+                 if isinstance(r, APIRoute) and r.path.endswith("/balance"))  # fmt: skip
+
+    def segments(name: str) -> list[str]:
+        values = [unquote(str(v).replace("{seeded}", "fp-a").replace("{SEEDED}", "FP-A"))
+                  for v in FUZZ_DIMENSIONS[name]]  # fmt: skip
+        return [v for v in values if v and "/" not in v]  # else no route matches
+
+    queries = [q.lstrip("?").split("#")[0] for q in FUZZ_DIMENSIONS["query"]]
+    combos = list(itertools.product(segments("client"), segments("country"),
+                                    segments("currency"), queries))  # fmt: skip
+    rng = random.Random(FUZZ_SEED)
+
+    def errors(found: list[Any]) -> list[tuple[Any, ...]]:
+        return sorted((tuple(e["loc"]), e["type"], e["msg"], repr(e["input"])) for e in found)
+
+    for client_id, country, currency, query in rng.sample(combos, PARAMS_CASES):
+        params = QueryParams(query.encode("latin-1"))
+        path = {"client_id": client_id, "country": country, "currency": currency}
+        _, path_errors = request_params_to_args(route.dependant.path_params, path)
+        _, query_errors = request_params_to_args(route.dependant.query_params, params)
+        _VALID_WALLETS.clear()  # validated, not remembered
+        try:
+            _valid_wallet((client_id, country, currency, params.get("issuer_type")))
+            mine: list[tuple[Any, ...]] = []
+        except RequestValidationError as exc:
+            mine = errors(list(exc.errors()))
+        assert mine == errors(path_errors + query_errors), (client_id, country, currency, query)
