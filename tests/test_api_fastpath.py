@@ -264,6 +264,12 @@ FUZZ_DIMENSIONS: dict[str, list[Any]] = {
     "accept": [None, b"application/json", b"text/html", b"*/*", b"application/problem+json",
                b"\x01", b"a" * 2000],
     "extra": [None, b"v" * 8000, b"v" * 60000, b"\x80\xff"],
+    "upgrade": [[], [(b"Expect", b"100-continue")], [(b"Expect", b"nonsense")],
+                [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
+                 (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+                 (b"Sec-WebSocket-Version", b"13")],
+                [(b"Upgrade", b"h2c"), (b"Connection", b"Upgrade, HTTP2-Settings"),
+                 (b"HTTP2-Settings", b"AAMAAABkAARAAAAAAAIAAAAA")]],
     # a second request on the same connection after this one (pipelined, keep-alive)
     "then": [None, b"GET /v1/wallets/{seeded}/USA/USD/balance HTTP/1.1",
              b"GET /v1/wallets/c-42/usa/USD/balance HTTP/1.1", b"HEAD /healthz HTTP/1.1"],
@@ -312,6 +318,7 @@ def _fuzz_request(case: dict[str, Any], seeded: str, key: bytes, writer_key: byt
         headers.append((b"Accept", case["accept"]))
     if case["extra"] is not None:
         headers.append((b"X-Extra", case["extra"]))
+    headers += case["upgrade"]
     framing, body = _fuzz_body(case["body"])
     headers += framing
     then = case["then"]
