@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -70,6 +71,23 @@ def scope_wallet_regex(pair: str) -> str:
     currency, sep, country = pair.partition(":")
     assert sep and currency and country, f"scope {pair!r} must be CURRENCY:COUNTRY or '*'"
     return rf"^[^|]*\|{re.escape(country)}\|{re.escape(currency)}\|"
+
+
+def scope_regex(pairs: Sequence[str]) -> str:
+    """One regex on canonical wallet keys for every pair of a scope (a single `$regex`: the
+    history scan keeps one query shape whatever the number of pairs)."""
+    return "|".join(f"(?:{scope_wallet_regex(pair)})" for pair in sorted(set(pairs)))
+
+
+def wallet_key_regex_filter(scopes: list[str], field: str) -> Document:
+    """`wallet_key_filter` as ONE `$regex` (`{}` for the global scope), for a scan by time on
+    a (created_at, wallet...) index: SecantusDB runs the `$or` shape as a collection scan even
+    with that index (200k documents: 4-8 s of server CPU per query vs 0.1-0.16 s), and MongoDB
+    can test the one regex on the index keys before fetching."""
+    assert scopes, "a scope is at least one pair or '*'"
+    if GLOBAL_SCOPE in scopes:
+        return {}
+    return {field: {"$regex": scope_regex(scopes)}}
 
 
 def wallet_key_filter(scopes: list[str], field: str) -> Document:

@@ -27,7 +27,7 @@ from mongobase.mongo import (
     int_to_bson,
     u128_to_hex,
 )
-from mongobase.queries import Created, find_in, wallet_key_filter
+from mongobase.queries import Created, find_in, wallet_key_regex_filter
 from walletcore.errors import (
     AlreadyVoidedError,
     ConflictError,
@@ -40,6 +40,7 @@ from walletcore.keys import WalletKey
 from walletcore.operations import TRANSACTION_ID_MAX, TransactionId
 
 TRANSFER_REGISTRY = "transfer_registry"
+CREATED_WALLET_INDEX = "created_wallet"  # created_between's scan
 
 Document = dict[str, Any]
 
@@ -87,8 +88,15 @@ class TransferRegistry:
             [
                 IndexModel([("transfer_id", ASCENDING)], name="transfer_id", unique=True),
                 IndexModel([("reference_id", ASCENDING)], name="reference_id"),
+                # The unapplied-writes gate's reverse scan (created_between): the records of
+                # a window in time order, a range scan instead of a collection scan per
+                # evidence round (200k records: 4-8 s of server CPU -> 0.1-0.16 s). It takes
+                # the place of (voided, created_at), which nothing reads: a registry insert
+                # keeps paying four indexes (one more measured within noise, ~1.8 ms of
+                # SecantusDB CPU per insert either way). Deployments created before keep
+                # voided_created until an operator drops it (nothing here drops an index).
                 IndexModel(
-                    [("voided", ASCENDING), ("created_at", ASCENDING)], name="voided_created"
+                    [("created_at", ASCENDING), ("wallet", ASCENDING)], name=CREATED_WALLET_INDEX
                 ),
             ]
         )
@@ -227,12 +235,16 @@ class TransferRegistry:
     async def created_between(
         self, scopes: list[str], *, start: datetime, until: datetime | None, limit: int
     ) -> list[Created]:
-        """The scope's records created in [start, until], oldest first, at most `limit`."""
+        """The scope's records created in [start, until], oldest first, at most `limit`.
+
+        A range scan of CREATED_WALLET_INDEX; the scope is one `$regex` on `wallet` (not an
+        `$or` per pair, which SecantusDB scans the whole collection for: see
+        wallet_key_regex_filter), as LegacyStore.transactions_created reads the legacy log."""
         created: Document = {"$gte": start}
         if until is not None:
             created["$lte"] = until
         cursor = self._transfers.find(
-            {"created_at": created, **wallet_key_filter(scopes, "wallet")},
+            {"created_at": created, **wallet_key_regex_filter(scopes, "wallet")},
             {"_id": 1, "wallet": 1, "created_at": 1},
         ).sort("created_at", ASCENDING).limit(limit)
         return [Created(id=d["_id"], wallet=d["wallet"], created_at=as_utc(d["created_at"]),

@@ -57,8 +57,9 @@ from mongobase.queries import (
     find_in,
     find_keys,
     pair_fields_filter,
-    scope_wallet_regex,
+    scope_regex,
     wallet_key_filter,
+    wallet_key_regex_filter,
 )
 from stores.group_commit import GROUP_OPS_MAX, GroupCommitter
 from stores.outbox import Outbox, OutboxIntent
@@ -74,7 +75,6 @@ from walletcore.errors import (
     StoreUnavailableError,
     WalletError,
 )
-from walletcore.gates import GLOBAL_SCOPE
 from walletcore.keys import WalletKey
 from walletcore.ledgers import DEFAULT_LEDGER_TABLE, LedgerTable
 from walletcore.money import from_minor
@@ -151,12 +151,6 @@ class LoggedTransaction:
 
     def amount_minor(self, currency: str) -> int:
         return decimal128_to_minor(self.amount, currency, field="amount")
-
-
-def scope_regex(pairs: Sequence[str]) -> str:
-    """One regex on canonical wallet keys for every pair of a scope (a single `$regex`: the
-    history scan keeps one query shape whatever the number of pairs)."""
-    return "|".join(f"(?:{scope_wallet_regex(pair)})" for pair in sorted(set(pairs)))
 
 
 class _VersionConflict(Exception):
@@ -1169,10 +1163,8 @@ class LegacyStore:
         created: Document = {"$gte": start}
         if until is not None:
             created["$lte"] = until
-        scoped: Document = {} if GLOBAL_SCOPE in scopes else {
-            "wallet": {"$regex": scope_regex(scopes)}}
         cursor = self._txns.find(
-            {"created_at": created, **scoped},
+            {"created_at": created, **wallet_key_regex_filter(scopes, "wallet")},
             {"_id": 1, "wallet": 1, "wallet_version": 1, "created_at": 1},
         ).sort("created_at", ASCENDING).limit(limit)
         return [Created(id=d["_id"], wallet=d["wallet"], created_at=as_utc(d["created_at"]),

@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,9 +17,15 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from mongobase.mongo import u128_to_hex
+from mongobase.queries import wallet_key_filter
 from registries.account_registry import ACCOUNT_REGISTRY, AccountRecord, AccountRegistry
 from registries.cache import CACHE_KEY_PREFIX
-from registries.transfer_registry import TRANSFER_REGISTRY, TransferRecord, TransferRegistry
+from registries.transfer_registry import (
+    CREATED_WALLET_INDEX,
+    TRANSFER_REGISTRY,
+    TransferRecord,
+    TransferRegistry,
+)
 from walletcore.errors import (
     AlreadyVoidedError,
     ConflictError,
@@ -353,4 +359,35 @@ async def test_transfer_indexes_are_idempotent(transfers: TransferRegistry, db: 
     await transfers.ensure_indexes()
     indexes = {i["name"]: i async for i in await db[TRANSFER_REGISTRY].list_indexes()}
     assert indexes["transfer_id"].get("unique") is True
-    assert {"reference_id", "voided_created"} <= set(indexes)
+    assert {"reference_id", CREATED_WALLET_INDEX} <= set(indexes)
+
+
+async def test_created_between_returns_the_scope_s_records_as_the_or_shape_did(
+    transfers: TransferRegistry, db: Db, wallet: Callable[..., WalletKey],
+    unique_id: Callable[..., str],
+) -> None:
+    """created_between asks one `$regex` for the scope (the index-friendly shape): the same
+    records as the `$or` of one regex per pair, for one pair, several pairs and `*`, oldest
+    first, and a wallet outside the scope is never returned."""
+    # A window of its own, far in the past: the other tests' records (created now) are not in it.
+    start = datetime(2001, 1, 1, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 10_000)
+    pairs = [("USD", "USA"), ("MXN", "MEX"), ("USD", "SLV")]
+    recs = [transfer(wallet(*pairs[n % 3]), unique_id("cb"),
+                     created_at=start + timedelta(seconds=n)) for n in range(9)]
+    outside = transfer(wallet("MXN", "USA"), unique_id("cb"), created_at=start)  # not a scope's
+    assert await transfers.record_many([*recs, outside]) == {}
+    until = start + timedelta(seconds=7)
+    window = {"created_at": {"$gte": start, "$lte": until}}
+    for scopes in (["USD:USA"], ["USD:USA", "MXN:MEX"], ["MXN:MEX", "USD:SLV", "USD:USA"],
+                   ["*"]):
+        got = await transfers.created_between(scopes, start=start, until=until, limit=100)
+        old = db[TRANSFER_REGISTRY].find({**window, **wallet_key_filter(scopes, "wallet")})
+        assert sorted(c.id for c in got) == sorted([d["_id"] async for d in old])
+        assert [c.created_at for c in got] == sorted(c.created_at for c in got)
+        wanted = {r.transaction_id for r in recs[:8]
+                  if scopes == ["*"] or r.wallet.ledger_pair in scopes}
+        if scopes == ["*"]:
+            wanted.add(outside.transaction_id)
+        else:
+            assert outside.transaction_id not in {c.id for c in got}
+        assert {c.id for c in got} == wanted and wanted
