@@ -224,6 +224,8 @@ FUZZ_SEED = int(os.environ.get("WALLETMIG_TEST_FUZZ_SEED", "20261207"))  # fixed
 FUZZ_CASES = 260  # requests per process (the brief's bound: ~300)
 FUZZ_READ_TIMEOUT_S = 30.0
 FUZZ_ANSWER_MAX_BYTES = 1 << 20
+FUZZ_RESETS_MAX = FUZZ_CASES // 10  # cases answered with a TCP reset (not comparable)
+RESET = b"\0<reset>"
 FUZZ_SENTINEL = "zz-fuzz-sentinel-Q7"  # an Idempotency-Key no fuzz request sends
 # Compared as the bytes on the wire (every answer of the connection: status lines, headers in
 # order, bodies), with one header masked: Date, the only per-request one (the clock; uvicorn
@@ -337,16 +339,21 @@ def _fuzz_request(case: dict[str, Any], seeded: str, key: bytes, writer_key: byt
 async def _raw_exchange(port: int, request: bytes) -> bytes:
     """The whole answer to one request sent as bytes on its own connection (closed after)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = b""
     try:
         writer.write(request)
         await writer.drain()
-        answer = b""
         while len(answer) < FUZZ_ANSWER_MAX_BYTES:  # until the server closes (a read
             chunk = await asyncio.wait_for(reader.read(1 << 16), FUZZ_READ_TIMEOUT_S)
             if not chunk:  # returns what has arrived so far)
                 return answer
             answer += chunk
         raise AssertionError(f"an answer above {FUZZ_ANSWER_MAX_BYTES} bytes")
+    except ConnectionResetError:
+        # The server closed with bytes of ours unread (a large request refused early, by
+        # uvicorn's parser or a 413): the kernel answers with a reset, which may discard the
+        # answer before it is read. Marked, not compared (see FUZZ_RESETS_MAX).
+        return answer + RESET
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
@@ -357,8 +364,11 @@ _DATE = re.compile(rb"\r\ndate: [^\r]*", re.IGNORECASE)
 _STATUS_LINE = re.compile(rb"(?:^|\r\n\r\n)(HTTP/1\.[01] \d{3})")
 
 
-def _fuzz_comparable(answer: bytes) -> bytes:
-    """Every answer on the connection, as bytes, the per-request headers masked."""
+def _fuzz_comparable(answer: bytes, port: int) -> bytes:
+    """Every answer on the connection, as bytes, the per-request and per-process parts masked:
+    the Date, and the server's own address (a redirect's Location names it when the request
+    has no Host)."""
+    answer = answer.replace(f"127.0.0.1:{port}".encode(), b"<server>")
     return _DATE.sub(b"\r\ndate: <per-request>", answer)
 
 
@@ -374,6 +384,7 @@ async def test_raw_balance_read_answers_hostile_requests_as_routing_does(
     offsets = {name: process.log_path.stat().st_size for name, process in servers.items()}
     differences = []
     statuses: dict[bytes, int] = {}  # the first answer's, per case
+    resets: list[int] = []
     rng = random.Random(FUZZ_SEED)
     for index in range(FUZZ_CASES):
         case = _fuzz_case(rng)
@@ -383,16 +394,21 @@ async def test_raw_balance_read_answers_hostile_requests_as_routing_does(
             writes = any(b"WRITER" in value for value in case["auth"])
             writer_key = await _fresh_key(db, True) if writes else b"-"
             request = _fuzz_request(case, seeded, key, writer_key)
-            answers[name] = _fuzz_comparable(await _raw_exchange(process.port, request))
+            answer = await _raw_exchange(process.port, request)
+            answers[name] = _fuzz_comparable(answer, process.port)
         found = _STATUS_LINE.findall(answers["raw"]) + _STATUS_LINE.findall(answers["routed"])
         for status in found[:1]:
             statuses[status] = statuses.get(status, 0) + 1
         assert not any(status[9:10] == b"5" for status in found), repr(
             (index, case, answers)
         )[:6000]
-        if answers["raw"] != answers["routed"]:
+        if any(answer.endswith(RESET) for answer in answers.values()):
+            resets.append(index)
+            print("reset:", index, repr(case)[:300])
+        elif answers["raw"] != answers["routed"]:
             differences.append((index, case, answers))
     print("statuses:", statuses)
+    assert len(resets) <= FUZZ_RESETS_MAX, resets
     assert not differences, repr(differences[:3])[:6000]
     # The access log: the same lines (ids masked), once each process logged the sentinel
     # (a line is written after its answer; the sentinel is answered after every fuzz request).
