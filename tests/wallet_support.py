@@ -196,7 +196,8 @@ async def wait_completed(temporal: Client, workflow_id: str, timeout_s: float = 
     handle = temporal.get_workflow_handle(workflow_id)
 
     async def completed() -> bool:
-        return (await handle.describe()).status.name == "COMPLETED"
+        status = (await handle.describe()).status
+        return status is not None and status.name == "COMPLETED"
 
     await eventually(completed, f"{workflow_id} to complete", timeout_s)
 
