@@ -27,7 +27,7 @@ from mongobase.mongo import (
     int_to_bson,
     u128_to_hex,
 )
-from mongobase.queries import Created, find_in, wallet_key_regex_filter
+from mongobase.queries import Created, find_in, wallet_key_filter
 from walletcore.errors import (
     AlreadyVoidedError,
     ConflictError,
@@ -239,12 +239,12 @@ class TransferRegistry:
 
         A range scan of CREATED_WALLET_INDEX; the scope is one `$regex` on `wallet` (not an
         `$or` per pair, which SecantusDB scans the whole collection for: see
-        wallet_key_regex_filter), as LegacyStore.transactions_created reads the legacy log."""
+        wallet_key_filter), as LegacyStore.transactions_created reads the legacy log."""
         created: Document = {"$gte": start}
         if until is not None:
             created["$lte"] = until
         cursor = self._transfers.find(
-            {"created_at": created, **wallet_key_regex_filter(scopes, "wallet")},
+            {"created_at": created, **wallet_key_filter(scopes, "wallet")},
             {"_id": 1, "wallet": 1, "created_at": 1},
         ).sort("created_at", ASCENDING).limit(limit)
         return [Created(id=d["_id"], wallet=d["wallet"], created_at=as_utc(d["created_at"]),

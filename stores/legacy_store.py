@@ -59,7 +59,6 @@ from mongobase.queries import (
     pair_fields_filter,
     scope_regex,
     wallet_key_filter,
-    wallet_key_regex_filter,
 )
 from stores.group_commit import GROUP_OPS_MAX, GroupCommitter
 from stores.outbox import Outbox, OutboxIntent
@@ -1159,12 +1158,11 @@ class LegacyStore:
         pair: SecantusDB scans the whole collection for that shape even with the index (200k
         transactions: 6.7 s of server CPU vs 0.09 s; its `explain` reports a COLLSCAN for the
         regex shape too, but runs it on the index)."""
-        assert scopes, "a scope is at least one pair or '*'"
         created: Document = {"$gte": start}
         if until is not None:
             created["$lte"] = until
         cursor = self._txns.find(
-            {"created_at": created, **wallet_key_regex_filter(scopes, "wallet")},
+            {"created_at": created, **wallet_key_filter(scopes, "wallet")},
             {"_id": 1, "wallet": 1, "wallet_version": 1, "created_at": 1},
         ).sort("created_at", ASCENDING).limit(limit)
         return [Created(id=d["_id"], wallet=d["wallet"], created_at=as_utc(d["created_at"]),
