@@ -171,16 +171,19 @@ class BackfillInput(_Model):
         """Wallets the next page asks for: page_size, and when paced at most one second of
         the budget, so the load the import puts on MongoDB and TigerBeetle comes in small
         steps rather than in one large page followed by a long pause."""
-        if self.wallets_per_s_max is None:
-            return self.page_size
-        return max(1, min(self.page_size, int(self.wallets_per_s_max)))
+        return _paced_page(self.page_size, self.wallets_per_s_max)
 
     def history_page_limit(self) -> int:
         """Transactions the next history page asks for: history_page_size, and when paced
         at most one second of the budget (the wallet pages' rule)."""
-        if self.history_txns_per_s_max is None:
-            return self.history_page_size
-        return max(1, min(self.history_page_size, int(self.history_txns_per_s_max)))
+        return _paced_page(self.history_page_size, self.history_txns_per_s_max)
+
+
+def _paced_page(page_size: int, per_s_max: float | None) -> int:
+    """`page_size`, or at most one second of the `per_s_max` budget when there is one."""
+    if per_s_max is None:
+        return page_size
+    return max(1, min(page_size, int(per_s_max)))
 
 
 class BackfillProgress(_Model):

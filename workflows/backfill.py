@@ -215,7 +215,7 @@ class BackfillWorkflow:
                 f"**backfill {p.run_id}** · importing **history** · **{done}/{total}** "
                 f"transactions · reached {reached} · imported {h.imported if h else 0} · "
                 f"already {h.already if h else 0} · failed **{h.failed if h else 0}** · "
-                f"run {p.runs}{_history_pacing(p)}")
+                f"run {p.runs}{_pacing(p.history_txns_per_s_max, 'transactions', p.paused_s)}")
             return
         history = "" if p.history is None else (
             f" · history {p.history.imported + p.history.already}/{p.history.total} "
@@ -224,18 +224,12 @@ class BackfillWorkflow:
             f"**backfill {p.run_id}** · {where} · **{p.done}/{p.total}** ({share:.1%}) · "
             f"{p.rate_per_s:.0f} wallets/s · ETA {eta} · imported {p.imported} · "
             f"already {p.already} · busy {p.busy} · failed **{p.failed}** · run {p.runs}"
-            f"{history}{_pacing(p)}"
+            f"{history}{_pacing(p.wallets_per_s_max, 'wallets', p.paused_s)}"
         )
 
 
-def _pacing(p: BackfillProgress) -> str:
-    if p.wallets_per_s_max is None:
+def _pacing(per_s_max: float | None, unit: str, paused_s: float) -> str:
+    """The summary's pacing note for a budget of `per_s_max` `unit`/s ("" when unpaced)."""
+    if per_s_max is None:
         return ""
-    return f" · paced <= {p.wallets_per_s_max:g} wallets/s (paused {p.paused_s:.0f}s)"
-
-
-def _history_pacing(p: BackfillProgress) -> str:
-    if p.history_txns_per_s_max is None:
-        return ""
-    return (f" · paced <= {p.history_txns_per_s_max:g} transactions/s "
-            f"(paused {p.paused_s:.0f}s)")
+    return f" · paced <= {per_s_max:g} {unit}/s (paused {paused_s:.0f}s)"
