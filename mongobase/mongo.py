@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from bson.decimal128 import Decimal128
 from pymongo import AsyncMongoClient
@@ -22,6 +22,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     BulkWriteError,
+    ClientBulkWriteException,
     ConnectionFailure,
     DuplicateKeyError,
     OperationFailure,
@@ -285,6 +286,18 @@ async def insert_new(collection: AsyncCollection[Any], docs: list[dict[str, Any]
             raise
         return {int(e["index"]) for e in errors}
     return set()
+
+
+def duplicate_key_indexes(exc: ClientBulkWriteException) -> list[int] | None:
+    """The positions of the writes a client-level bulk write refused for a taken unique key,
+    when that is all that failed; None when anything else did (an error of the command, a
+    write concern error, another write error). The driver types the write errors as
+    WriteError; what arrives are the server's error documents (`idx`, `code`)."""
+    errors = cast(list[Mapping[str, Any]], exc.write_errors or [])
+    if (not errors or exc.error is not None or exc.write_concern_errors
+            or any(e.get("code") != DUPLICATE_KEY_CODE for e in errors)):  # fmt: skip
+        return None
+    return [int(e["idx"]) for e in errors]
 
 
 # ---- transactions -------------------------------------------------------------------------

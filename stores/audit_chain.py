@@ -63,6 +63,7 @@ from mongobase.mongo import (
     abort_quietly,
     backoff,
     commit,
+    duplicate_key_indexes,
     is_retryable_txn_error,
     now_ms,
 )
@@ -353,13 +354,10 @@ class AuditChain:
         try:
             await self._client.bulk_write(writes, ordered=True)
         except ClientBulkWriteException as exc:
-            # Typed as WriteError, delivered as the server's documents (pymongo 4.20).
-            errors: list[Any] = list(exc.write_errors or [])
-            first = errors[0] if len(errors) == 1 and isinstance(errors[0], dict) else {}
-            if (exc.error is not None or exc.write_concern_errors
-                    or first.get("code") != DUPLICATE_KEY_CODE):  # fmt: skip
+            taken = duplicate_key_indexes(exc)  # ordered: the write it stopped at, alone
+            if taken is None or len(taken) != 1:
                 raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
-            return min(int(first["idx"]), len(linked))
+            return min(taken[0], len(linked))
         except PyMongoError as exc:
             raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
         return len(linked)

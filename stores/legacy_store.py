@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import bson
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,7 +39,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, PyMongoError
 
 from mongobase.mongo import (
-    DUPLICATE_KEY_CODE,
     PAGE_LIMIT_MAX,
     TXN_ATTEMPTS_MAX,
     abort_quietly,
@@ -47,6 +46,7 @@ from mongobase.mongo import (
     backoff,
     commit,
     decimal128_to_minor,
+    duplicate_key_indexes,
     int_to_bson,
     is_retryable_txn_error,
     minor_to_decimal128,
@@ -1204,13 +1204,7 @@ def _only_duplicate_keys(exc: PyMongoError) -> bool:
     if isinstance(exc, DuplicateKeyError):
         return True
     assert isinstance(exc, ClientBulkWriteException)
-    # The driver types these as WriteError; what arrives are the server's error documents.
-    errors = cast(list[Mapping[str, Any]], exc.write_errors or [])
-    return (
-        bool(errors)
-        and exc.error is None
-        and all(e.get("code") == DUPLICATE_KEY_CODE for e in errors)
-    )
+    return duplicate_key_indexes(exc) is not None
 
 
 def _txn_doc(
