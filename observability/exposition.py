@@ -98,9 +98,8 @@ class RequestMetrics:
 
     def inline_done(self, scope: Scope, status: int, elapsed_s: float) -> None:
         """Count a request answered `status` after `elapsed_s`: what `__call__` does once the
-        app answered (the gateway's raw read path calls it in place of the ASGI layer)."""
-        if scope.get("path") == "/metrics":
-            return
+        app answered (the gateway's raw read path calls it in place of the ASGI layer; neither
+        path brings `/metrics` here: `__call__` passes it through uncounted)."""
         state: dict[str, Any] = scope.get("state") or {}
         found = state.get("operation_id") or getattr(scope.get("route"), "operation_id", None)
         operation = str(found or "unmatched")[:OPERATION_LABEL_MAX]
