@@ -179,3 +179,24 @@ def test_bench_api_judges_the_median_of_the_rounds_ratios() -> None:
     assert report.read_ratios == {"mongodb": 0.8, "tigerbeetle": 0.8}
     assert report.credit_ratio == 0.8  # not the ratio of medians (450 / 800 = 56 %)
     assert report.api_reads_per_s["tigerbeetle"] == 450.0
+
+
+def test_bench_api_names_scheduled_workflows_that_overlapped_a_timed_run() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from walletmig.bench_api import PathFigures, ScheduledRun, _overlaps, _scheduled_line
+
+    t0 = datetime(2026, 12, 7, 4, 10, tzinfo=UTC)
+    run = PathFigures(kind="read", path="api", pair="EUR:ESP", source="tigerbeetle", round=2,
+                      requests=1, seconds=10.0, requests_per_s=0.1, p50_ms=1.0, p99_ms=1.0,
+                      started_at=t0, ended_at=t0 + timedelta(seconds=10))  # fmt: skip
+    assert _overlaps(run, t0 - timedelta(seconds=5), t0 + timedelta(seconds=1))
+    assert _overlaps(run, t0 + timedelta(seconds=9), None)  # still running
+    assert not _overlaps(run, t0 - timedelta(seconds=5), t0)  # closed as the run started
+    assert not _overlaps(run, t0 + timedelta(seconds=10), None)  # started as it ended
+    line = _scheduled_line([ScheduledRun(
+        workflow_id="reconcile/x", workflow_type="ReconciliationWorkflow", started_at=t0,
+        closed_at=t0 + timedelta(seconds=5), runs=["round 3 read EUR:ESP api"])])  # fmt: skip
+    assert "ReconciliationWorkflow 04:10:00-04:10:05 UTC: round 3 read EUR:ESP api" in line
+    assert _scheduled_line([]).endswith(": none")
+    assert "unknown" in _scheduled_line(None)

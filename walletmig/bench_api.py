@@ -21,7 +21,9 @@ load generator (its own process_time). A run's CPU is sampled once its deferred 
 stored: the read observations both read paths buffer (flushed every 0.5 s, as the gate
 evidence) are flushed by the direct path, and waited for one flush interval after an API run,
 so no run is charged for the previous one's (its throughput window still ends at its last
-answer, for both paths alike). The report names how many API processes served.
+answer, for both paths alike). The report names how many API processes served, and every
+scheduled workflow of the stack (reconciliation, ledger sync: every 300 s on a dev stack) whose
+run overlapped a timed run, with the runs it overlapped: its load lands in one path's window.
 
 Reads run on two pairs, so both stores that can answer a balance are measured in the same
 run: the `--pair` (USD:USA, legacy or dual_write on a dev stack: MongoDB answers) and the pair
@@ -49,6 +51,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -56,6 +59,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
+from temporalio.client import Client
+from temporalio.service import RPCError
 
 from stores.api_keys import ApiKeyStore
 from stores.bundle import Stores, make_stores
@@ -87,6 +92,8 @@ PHASE_VISIBLE_S = 1.5  # a published phase reaches the API process within its ca
 API_SETTLE_S = METRICS_FLUSH_INTERVAL_S + 0.2  # the API's observation flush after a run
 CHILDREN_MAX = 64  # the API's worker processes counted
 TABLE_WIDTH = 200  # rich would cut a piped table to 80 columns
+SCHEDULED_MAX = 100  # scheduled workflows looked at (a bench of minutes meets a handful)
+SCHEDULED_LOOKBACK = timedelta(hours=1)  # started this long before the first timed run
 
 Kind = Literal["read", "credit"]
 PathName = Literal["api", "direct"]
@@ -101,7 +108,7 @@ class ApiBenchConfig(BaseModel):
     credits: int = Field(default=1000, ge=1, le=REQUESTS_MAX)
     concurrency: int = Field(default=32, ge=1, le=CONCURRENCY_MAX)
     wallets: int = Field(default=32, ge=1, le=WALLETS_MAX)
-    rounds: int = Field(default=2, ge=1, le=ROUNDS_MAX)
+    rounds: int = Field(default=4, ge=1, le=ROUNDS_MAX)
     country: str = "USA"
     currency: str = "USD"
     tb_currency: str = TB_PRIMARY_PAIR[0]  # the pair set to tb_primary (TigerBeetle answers)
@@ -120,6 +127,9 @@ class PathFigures(BaseModel):
     pair: str  # CURRENCY:COUNTRY of the wallets
     source: str  # the store that answered the pair's reads: mongodb or tigerbeetle
     round: int | None = None  # None: the median over the rounds
+    # The timed window (UTC): a scheduled workflow overlapping it is named in the report.
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
     requests: int
     seconds: float
     requests_per_s: float
@@ -128,6 +138,17 @@ class PathFigures(BaseModel):
     # CPU ms per request: `bench` is this process (load generator, and the direct client);
     # the others are the stack's processes by component name (api, worker, mongo, ...).
     cpu_ms_per_request: dict[str, float] = {}
+
+
+class ScheduledRun(BaseModel):
+    """A scheduled workflow of the stack (reconciliation, ledger sync) that ran during a timed
+    run: its CPU is in the servers' columns and its load in both paths' throughput."""
+
+    workflow_id: str
+    workflow_type: str
+    started_at: datetime
+    closed_at: datetime | None
+    runs: list[str]  # "round R kind pair path" of each timed run it overlapped
 
 
 class ApiBenchReport(BaseModel):
@@ -150,6 +171,8 @@ class ApiBenchReport(BaseModel):
     # The host's 1-minute load average at the start and at the end: the
     # throughput goals are judged on a host others may share, so the report says how busy.
     load_avg: tuple[float, float] = (0.0, 0.0)
+    # Scheduled workflows that overlapped a timed run; None: the visibility query failed.
+    scheduled: list[ScheduledRun] | None = None
 
 
 class StackCpu(ServerCpu):
@@ -339,8 +362,11 @@ async def _drive(paths: _Paths, run: _Run, count: int, concurrency: int, servers
 
 def _figures(run: _Run, latencies: list[float], seconds: float, cpu_s: dict[str, float]
              ) -> PathFigures:  # fmt: skip
+    """The run's figures; its window ends now (its throughput window is `seconds` long)."""
+    ended = datetime.now(UTC)
     return PathFigures(
         kind=run.kind, path=run.path, pair=run.pair, source=run.source, round=run.round_no,
+        started_at=ended - timedelta(seconds=seconds), ended_at=ended,
         requests=len(latencies), seconds=round(seconds, 3),
         requests_per_s=round(len(latencies) / seconds, 1),
         p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
@@ -358,7 +384,7 @@ def _median(runs: list[PathFigures]) -> PathFigures:
 
     names = sorted({n for r in runs for n in r.cpu_ms_per_request})
     return runs[0].model_copy(update=dict(
-        round=None, seconds=mid([r.seconds for r in runs]),
+        round=None, started_at=None, ended_at=None, seconds=mid([r.seconds for r in runs]),
         requests_per_s=mid([r.requests_per_s for r in runs]),
         p50_ms=mid([r.p50_ms for r in runs]), p99_ms=mid([r.p99_ms for r in runs]),
         cpu_ms_per_request={n: mid([r.cpu_ms_per_request.get(n, 0.0) for r in runs])
@@ -420,7 +446,7 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
     servers = StackCpu(settings.state_dir)
     runs: list[PathFigures] = []
     load_start = _load_avg()
-    async with _opened(settings, config, run_id) as (stores, target, wallets):
+    async with _opened(settings, config, run_id) as (stores, target, wallets, temporal):
         await _tb_primary(stores, f"{config.tb_currency}:{config.tb_country}")
         metrics = ReadMetricsStore(stores.db)  # the gateway records reads too (gate evidence)
         flusher = asyncio.create_task(metrics.run_flusher(METRICS_FLUSH_INTERVAL_S))
@@ -438,9 +464,45 @@ async def run_bench(settings: Settings, config: ApiBenchConfig) -> ApiBenchRepor
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
+        scheduled = await scheduled_during(temporal, runs)
     report = _report(config, sources, runs)
     return report.model_copy(update={
-        "load_avg": (load_start, _load_avg()), "api_processes": servers.api_processes()})
+        "load_avg": (load_start, _load_avg()), "api_processes": servers.api_processes(),
+        "scheduled": scheduled})
+
+
+async def scheduled_during(temporal: Client, runs: list[PathFigures]) -> list[ScheduledRun] | None:
+    """The stack's scheduled workflows (any schedule) whose run overlapped a timed run: the
+    bench shares the stack with its schedules (every 300 s by default), and a reconciliation
+    round in one path's window is load the other path's window did not have. None when the
+    visibility store cannot answer the query (it is evidence, not a reason to fail)."""
+    windows = [r for r in runs if r.started_at is not None and r.ended_at is not None]
+    if not windows:
+        return []
+    first = min(r.started_at for r in windows if r.started_at is not None)
+    query = (f"TemporalScheduledById IS NOT NULL AND StartTime > "
+             f"'{(first - SCHEDULED_LOOKBACK).isoformat()}'")  # fmt: skip
+    found: list[ScheduledRun] = []
+    try:
+        async for w in temporal.list_workflows(query, limit=SCHEDULED_MAX):
+            overlapped = [_run_name(r) for r in windows if _overlaps(r, w.start_time, w.close_time)]
+            if overlapped:
+                found.append(ScheduledRun(
+                    workflow_id=w.id, workflow_type=w.workflow_type, started_at=w.start_time,
+                    closed_at=w.close_time, runs=overlapped))  # fmt: skip
+    except RPCError:
+        return None
+    return found
+
+
+def _overlaps(run: PathFigures, started_at: datetime, closed_at: datetime | None) -> bool:
+    assert run.started_at is not None and run.ended_at is not None
+    return started_at < run.ended_at and (closed_at is None or closed_at > run.started_at)
+
+
+def _run_name(run: PathFigures) -> str:
+    assert run.round is not None
+    return f"round {run.round + 1} {run.kind} {run.pair} {run.path}"
 
 
 def _load_avg() -> float:
@@ -499,8 +561,9 @@ async def _seed(paths: _Paths, pair: str, wallet: int) -> None:
 
 @contextlib.asynccontextmanager
 async def _opened(settings: Settings, config: ApiBenchConfig, run_id: str
-                  ) -> AsyncIterator[tuple[Stores, ApiTarget, WalletClient]]:
-    """The stores, an API key for this run (revoked at the end) and the wallet client."""
+                  ) -> AsyncIterator[tuple[Stores, ApiTarget, WalletClient, Client]]:
+    """The stores, an API key for this run (revoked at the end), the wallet client and its
+    Temporal client."""
     stores = await make_stores(settings, ensure_indexes=False)
     try:
         api_keys = ApiKeyStore(stores.db)
@@ -511,7 +574,7 @@ async def _opened(settings: Settings, config: ApiBenchConfig, run_id: str
                                verify_tls=config.verify_tls, concurrency=config.concurrency)
             temporal = await connect_temporal(settings)
             yield stores, target, WalletClient(
-                temporal, settings.wallet_task_queue, id_key=settings.id_key())
+                temporal, settings.wallet_task_queue, id_key=settings.id_key()), temporal
         finally:
             await api_keys.revoke(issued.record.key_id)
     finally:
@@ -554,4 +617,17 @@ def format_report(report: ApiBenchReport) -> str:
         out.print(f"  {name} by round: " + ", ".join(f"{v:.0%}" for v in values))
     for goal, met in report.goals.items():
         out.print(f"  {'met   ' if met else 'MISSED'} {goal}")
+    out.print(_scheduled_line(report.scheduled))
     return buffer.getvalue().rstrip("\n")
+
+
+def _scheduled_line(scheduled: list[ScheduledRun] | None) -> str:
+    if scheduled is None:
+        return "scheduled workflows during the timed runs: unknown (the visibility query failed)"
+    if not scheduled:
+        return "scheduled workflows during the timed runs: none"
+    lines = [f"  {w.workflow_type} {w.started_at:%H:%M:%S}-"
+             f"{'running' if w.closed_at is None else f'{w.closed_at:%H:%M:%S}'} UTC: "
+             + "; ".join(w.runs) for w in scheduled]  # fmt: skip
+    return "\n".join(["scheduled workflows during the timed runs (their load is in those rounds):",
+                      *lines])  # fmt: skip

@@ -116,7 +116,8 @@ def _register_api(benches: Any) -> None:
     api.add_argument("--credits", type=int, default=1000, help="credits per path and round")
     api.add_argument("--concurrency", type=int, default=32, help="concurrent callers per path")
     api.add_argument("--wallets", type=int, default=32, help="wallets (caller c uses c %% N)")
-    api.add_argument("--rounds", type=int, default=2, help="rounds, the paths' order swapped")
+    api.add_argument("--rounds", type=int, default=4,
+                     help="rounds, the paths' order swapped (the goals judge their median)")
     api.add_argument("--pair", default="USD:USA", help="CURRENCY:COUNTRY of the wallets")
     api.add_argument("--api-url", default=None,
                      help="default: WALLETMIG_API_URL (exported by `walletmig dev up`)")
