@@ -138,9 +138,10 @@ async def authorize(request: Request, spec: OperationSpec) -> Caller:
 
 
 async def authorize_scope(scope: Scope, spec: OperationSpec) -> Caller:
-    """Authenticate the request's key (401), check `spec`'s scope (403), take a rate-limit
-    unit (429); record the caller and operation in the scope's state for the request log and
-    metrics (where Starlette's `request.state` keeps them). A plain call on the ASGI scope:
+    """Authenticate the request's key (401), check `spec`'s scope (403), for a money-moving
+    one a MongoDB recent enough (503), take a rate-limit unit (429); record the caller and
+    operation in the scope's state for the request log and metrics (where Starlette's
+    `request.state` keeps them). A plain call on the ASGI scope:
     the raw read path (gateway.fastpath) calls it without a Request object."""
     from gateway.state import state_in  # the state module imports this one
 
@@ -155,6 +156,8 @@ async def authorize_scope(scope: Scope, spec: OperationSpec) -> Caller:
             f"the API key lacks the scope {spec.scope.value!r} that "
             f"{spec.operation_id} needs",
         )  # fmt: skip
+    if spec.money_moving and not state.mongo_server.passed:  # asked once per connection
+        await state.mongo_server.require_for_request()  # a server too old: 503 naming MongoDB
     await state.limiter.enforce(caller.key_id, spec.op_class)
     return caller
 

@@ -13,17 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from pymongo import AsyncMongoClient
 from starlette.requests import Request
 from starlette.types import Scope
 from temporalio.client import Client
 
 from gateway.auth import Authenticator
 from gateway.coalesce import CoalescedIdempotency, CoalescedLegacyReads, CoalescedLookups
+from gateway.problems import dependency_unavailable
 from gateway.ratelimit import GatewayRateLimiter
 from gateway.settings import ApiSettings
+from mongobase.mongo import require_wire_version, server_hello
 from stores.api_keys import ApiKeyStore
 from stores.bundle import Stores, make_stores
 from stores.clearing_store import ClearingStore
@@ -35,11 +39,57 @@ from walletclient.clearing_client import ClearingClient
 from walletclient.read_path import ReadRouter
 from walletclient.temporal_connect import connect_from_settings
 from walletclient.wallet_client import WalletClient
+from walletcore.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
 METRICS_FLUSH_INTERVAL_S = 0.5
 INDEX_RETRY_INTERVAL_S = 5.0
+
+
+class MongoServerCheck:
+    """Whether the MongoDB server is recent enough for the platform's writes (MongoDB 8.0: the
+    client-level bulkWrite; mongobase.mongo.require_wire_version is the rule). The workers
+    check at start-up (stores.bundle.make_stores); the API starts while MongoDB may be down,
+    so it asks the first time a probe or a money-moving request needs the answer, and keeps
+    the answer while the connection lasts: `forget` (MongoDB found unreachable) makes the next
+    need ask again, since the server that comes back may be another release."""
+
+    def __init__(self, client: AsyncMongoClient[Any]) -> None:
+        self._client = client
+        self._lock = asyncio.Lock()  # concurrent first needs send one `hello`
+        self.passed = False  # read on every money-moving request: the cheap path
+        self.refusal: ConfigurationError | None = None
+
+    async def require(self) -> None:
+        """The refusal (ConfigurationError, one line) when the server is too old; what PyMongo
+        raises when it is unreachable (not remembered)."""
+        if not self.passed and self.refusal is None:
+            async with self._lock:
+                if not self.passed and self.refusal is None:
+                    self.judge(await server_hello(self._client))
+        if self.refusal is not None:
+            raise self.refusal
+
+    async def require_for_request(self) -> None:
+        """`require` for a request: a refusal is a 503 naming MongoDB (the operator must
+        upgrade it), never an internal error from the first write it would fail."""
+        try:
+            await self.require()
+        except ConfigurationError as refusal:
+            raise dependency_unavailable("mongodb", refusal.message) from None
+
+    def judge(self, hello: Mapping[str, Any]) -> None:
+        """Remember the verdict on a server's `hello` answer (mongobase.mongo.server_hello)."""
+        try:
+            require_wire_version(hello)
+        except ConfigurationError as refusal:
+            self.passed, self.refusal = False, refusal
+            return
+        self.passed, self.refusal = True, None
+
+    def forget(self) -> None:
+        self.passed, self.refusal = False, None
 
 
 @dataclass
@@ -56,6 +106,7 @@ class GatewayState:
     limiter: GatewayRateLimiter
     terminal: ClearingClient  # the credit terminal (its workflow runs on the migration queue)
     ledger: GeneralLedger  # the terminal's general ledger (read-only here)
+    mongo_server: MongoServerCheck
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -133,6 +184,7 @@ def _assemble(
             temporal, ClearingStore(stores.db), platform.migration_task_queue, ledger=ledger
         ),
         ledger=ledger,
+        mongo_server=MongoServerCheck(stores.db.client),
     )
 
 

@@ -90,18 +90,35 @@ async def require_supported_server(client: AsyncMongoClient[Any]) -> None:
     """Fail at start-up, with the reason, when the server is older than MongoDB 8.0
     (instead of every write failing later). An unreachable server raises what PyMongo
     raises, as the index set-up after it would."""
-    require_wire_version(await client.admin.command("hello"))
+    require_wire_version(await server_hello(client))
+
+
+async def server_hello(client: AsyncMongoClient[Any]) -> dict[str, Any]:
+    """The server's `hello` answer with its release (`buildInfo`'s `version`) added as
+    `version`: the wire version decides, the release is what an operator recognises."""
+    hello = dict(await client.admin.command("hello"))
+    build = await client.admin.command("buildInfo")
+    hello["version"] = str(build.get("version", ""))[:SERVER_VERSION_TEXT_MAX]
+    return hello
+
+
+SERVER_VERSION_TEXT_MAX = 24  # a release is "8.0.4": bounds what a server's answer puts in a line
 
 
 def require_wire_version(hello: Mapping[str, Any]) -> None:
     """ConfigurationError (non-retryable, naming the setting) when the `hello` answer is of
-    a server older than SERVER_VERSION_MIN."""
+    a server older than SERVER_VERSION_MIN; one line, naming the release when `hello` has it
+    (server_hello adds it)."""
     wire_version = int(hello.get("maxWireVersion", 0))
     if wire_version < SERVER_WIRE_VERSION_MIN:
+        release = " ".join(str(hello.get("version") or "")[:SERVER_VERSION_TEXT_MAX].split())
+        server = f"server {release} (wire version {wire_version})" if release else (
+            f"server wire version {wire_version}"
+        )  # fmt: skip
         raise ConfigurationError(
-            f"MongoDB server wire version {wire_version} is older than MongoDB "
-            f"{SERVER_VERSION_MIN} (wire version {SERVER_WIRE_VERSION_MIN}): the platform's "
-            "writes use the client-level bulkWrite command; upgrade the server",
+            f"MongoDB {server} is older than MongoDB {SERVER_VERSION_MIN} (wire version "
+            f"{SERVER_WIRE_VERSION_MIN}), which the platform's writes need (the client-level "
+            "bulkWrite); upgrade the server",
             field="mongodb_uri",
         )
 

@@ -11,9 +11,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
+from pymongo.errors import ConnectionFailure
 from starlette.responses import JSONResponse
 
 from gateway.state import GatewayState, state_of
+from walletcore.errors import WalletError
 
 router = APIRouter(tags=["health"])
 
@@ -64,17 +66,31 @@ def _probes(state: GatewayState) -> dict[str, Callable[[], Awaitable[Any]]]:
     stores = state.stores
     return {
         "temporal": lambda: state.temporal.service_client.check_health(),
-        "mongodb": lambda: stores.db.command("ping"),
+        "mongodb": lambda: _mongodb(state),
         "redis": lambda: stores.redis.ping(),
         "rate_limiter": state.limiter.ping,
         "tigerbeetle": lambda: stores.tb_client.lookup_accounts([TB_PROBE_ACCOUNT_ID]),
     }
 
 
+async def _mongodb(state: GatewayState) -> None:
+    """Reachable and recent enough: the release is asked once per connection (MongoServerCheck);
+    a server found unreachable is asked again when it answers (it may be another release)."""
+    try:
+        await state.mongo_server.require()
+        await state.stores.db.command("ping")
+    except ConnectionFailure:
+        state.mongo_server.forget()
+        raise
+
+
 async def _probe(probe: Callable[[], Awaitable[Any]], timeout_s: float) -> DependencyState:
     started = time.perf_counter()
     try:
         await asyncio.wait_for(probe(), timeout_s)
+    except WalletError as exc:  # the platform's own verdict (an unsupported server): its line
+        detail = exc.message[:DETAIL_MAX]
+        return DependencyState(state="down", latency_ms=_ms(started), detail=detail)
     except Exception as exc:
         detail = f"{type(exc).__name__}: {exc}"[:DETAIL_MAX]
         return DependencyState(state="down", latency_ms=_ms(started), detail=detail)
