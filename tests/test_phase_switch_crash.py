@@ -138,15 +138,18 @@ class Traffic:
 
 @pytest.mark.slow
 async def test_kill_9_worker_during_the_switch_to_tb_primary(
-    temporal_client: Client, settings: Settings, tmp_path: Path
+    temporal_client: Client, short_txn_settings: Settings, tmp_path: Path
 ) -> None:
+    # On the short-transaction MongoDB (conftest.short_txn_mongodb_uri): the killed worker's
+    # open transaction ends after 5 s, as mongod's transactionLifetimeLimitSeconds would after
+    # 60 s, so the callers wait out seconds, not a minute.
     queue = f"switch-crash-{uuid.uuid4().hex[:8]}"
-    isolated = isolated_settings(settings, "switch_crash").model_copy(
+    isolated = isolated_settings(short_txn_settings, "switch_crash").model_copy(
         update={"wallet_task_queue": queue, "migration_task_queue": queue})
     env = worker_env(isolated, queue)
     run_id = uuid.uuid4().hex[:8]
     wallets = [key(f"sw-{run_id}-{n}", DUAL_PAIR) for n in range(WALLETS)]
-    # Callers ride out the killed worker's 60 s MongoDB transaction lock in one call.
+    # Callers ride out the killed worker's MongoDB transaction lock in one call.
     client = WalletClient(temporal_client, queue, id_key=session_id_key(), idle_timeout_s=60,
                           max_ops_per_run=50,
                           retry_window_s=120)
