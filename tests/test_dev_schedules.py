@@ -26,7 +26,7 @@ from messages.reconciliation import SCHEDULE_ID
 from walletmig import devstack
 from walletmig.commands.dev import EXIT_NOT_ALL_UP, stack_client
 
-EVERY = re.compile(r"every 300s\s+(active|PAUSED)\s+next run (\S+)")
+EVERY = re.compile(r"every (\d+)s\s+(active|PAUSED)\s+next run (\S+)")
 # What a scheduled run needs (no API, no codec server: the test stays short).
 ONLY = "temporal,redis,mongo,tigerbeetle,worker"
 
@@ -60,7 +60,8 @@ async def test_dev_up_ensures_the_schedules_in_place_and_status_shows_them(
         assert first.returncode == 0, first
         for schedule_id in (SYNC_SCHEDULE_ID, SCHEDULE_ID):
             line = _row(first.stdout, schedule_id)
-            assert line.endswith("(created)") and EVERY.search(line), line
+            created = EVERY.search(line)
+            assert line.endswith("(created)") and created and created[1] == "300", line
 
         # The stack runs what the schedule starts: the worker decodes its (encrypted) input on
         # the migration task queue; the catch-up resumes (none left here), then syncs.
@@ -76,13 +77,16 @@ async def test_dev_up_ensures_the_schedules_in_place_and_status_shows_them(
         assert outcome.caught_up and outcome.resumed == [], outcome
 
         # An operator changed its interval and paused it (one update: a pause and an update
-        # pending together are applied pause first, and the update's state wins); `dev up`
-        # puts the interval back and keeps the pause.
+        # pending together are applied pause first, and the update's state wins), and its
+        # action is another code version's (here: another task queue); `dev up` keeps the
+        # interval and the pause and writes the current action.
         def operator(inp: ScheduleUpdateInput) -> ScheduleUpdate:
             schedule = inp.description.schedule
             schedule.spec = ScheduleSpec(
                 intervals=[ScheduleIntervalSpec(every=timedelta(seconds=60))])
             schedule.state = ScheduleState(note="operator: hold the catch-up", paused=True)
+            assert isinstance(schedule.action, ScheduleActionStartWorkflow)
+            schedule.action.task_queue = "an-older-version-queue"
             return ScheduleUpdate(schedule=schedule)
 
         await handle.update(operator)
@@ -98,19 +102,28 @@ async def test_dev_up_ensures_the_schedules_in_place_and_status_shows_them(
         after = await handle.describe()
         assert after.schedule.state.paused
         assert after.schedule.state.note == "operator: hold the catch-up"
-        assert [i.every for i in after.schedule.spec.intervals] == [timedelta(seconds=300)]
+        assert [i.every for i in after.schedule.spec.intervals] == [timedelta(seconds=60)]
+        assert isinstance(after.schedule.action, ScheduleActionStartWorkflow)
+        assert after.schedule.action.task_queue == settings.migration_task_queue
 
         shown = _cli(config.state_dir, "dev", "status")
         assert shown.returncode == EXIT_NOT_ALL_UP, shown  # the API is not started here
         paused = EVERY.search(_row(shown.stdout, SYNC_SCHEDULE_ID))
         active = EVERY.search(_row(shown.stdout, SCHEDULE_ID))
-        assert paused is not None and paused[1] == "PAUSED", shown.stdout
-        assert active is not None and active[1] == "active", shown.stdout
-        assert re.fullmatch(r"\d\d:\d\d:\d\d", active[2]), shown.stdout  # its next run, UTC
+        assert paused is not None and paused.group(1, 2) == ("60", "PAUSED"), shown.stdout
+        assert active is not None and active.group(1, 2) == ("300", "active"), shown.stdout
+        assert re.fullmatch(r"\d\d:\d\d:\d\d", active[3]), shown.stdout  # its next run, UTC
 
         # `reconcile schedule` writes the same schedule through the same rule.
         custom = _cli(config.state_dir, "reconcile", "schedule", "--every-s", "120")
         assert "schedule reconciliation-schedule updated" in custom.stdout, custom
+        recon = await client.get_schedule_handle(SCHEDULE_ID).describe()
+        assert [i.every for i in recon.schedule.spec.intervals] == [timedelta(seconds=120)]
+        # ... and the next `dev up` leaves that interval alone.
+        third = _cli(config.state_dir, "dev", "up", "--only", ONLY)
+        assert third.returncode == 0, third
+        kept = EVERY.search(_row(third.stdout, SCHEDULE_ID))
+        assert kept is not None and kept[1] == "120", third.stdout
         recon = await client.get_schedule_handle(SCHEDULE_ID).describe()
         assert [i.every for i in recon.schedule.spec.intervals] == [timedelta(seconds=120)]
     finally:

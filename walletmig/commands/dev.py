@@ -123,7 +123,10 @@ async def stack_client(config: devstack.StackConfig) -> tuple[Client, Settings]:
 
 
 async def _ensure_schedules(config: devstack.StackConfig) -> list[tuple[ScheduleRow, str]]:
-    """Ensure dev_schedules() with their commands' defaults; each with "created"/"updated"."""
+    """Ensure dev_schedules(): missing ones created with their commands' defaults, existing
+    ones updated in place keeping their interval and paused state (an operator's `--every-s`
+    survives `dev up`; the action and its input are the current code's). Each with
+    "created"/"updated"."""
     from messages.clearing import SYNC_EVERY_S_DEFAULT, SYNC_PAGE_LIMIT_DEFAULT, SYNC_SCHEDULE_ID
     from messages.reconciliation import SCHEDULE_EVERY_S_DEFAULT, SCHEDULE_ID
     from walletmig.commands.ledger_ops import ensure_sync_schedule
@@ -134,9 +137,9 @@ async def _ensure_schedules(config: devstack.StackConfig) -> list[tuple[Schedule
     queue = settings.migration_task_queue
     verbs = {
         SYNC_SCHEDULE_ID: await ensure_sync_schedule(
-            client, queue, SYNC_EVERY_S_DEFAULT, SYNC_PAGE_LIMIT_DEFAULT),
+            client, queue, SYNC_EVERY_S_DEFAULT, SYNC_PAGE_LIMIT_DEFAULT, keep_spec=True),
         SCHEDULE_ID: await ensure_reconcile_schedule(
-            client, queue, scheduled_input(), every_s=SCHEDULE_EVERY_S_DEFAULT),
+            client, queue, scheduled_input(), every_s=SCHEDULE_EVERY_S_DEFAULT, keep_spec=True),
     }
     rows = await describe_schedules(client, list(verbs))
     return [(row, verbs[row.schedule_id]) for row in rows if row.schedule_id in verbs]

@@ -123,7 +123,9 @@ async def _sync_on_temporal(args: argparse.Namespace) -> int:
     return 0
 
 
-async def ensure_sync_schedule(client: Any, task_queue: str, every_s: int, limit: int) -> str:
+async def ensure_sync_schedule(
+    client: Any, task_queue: str, every_s: int, limit: int, *, keep_spec: bool = False
+) -> str:
     """Create (or update in place, keeping its paused state) the catch-up schedule: a
     LedgerSyncWorkflow with `once` every `every_s` seconds; overlapping runs are skipped.
 
@@ -152,7 +154,7 @@ async def ensure_sync_schedule(client: Any, task_queue: str, every_s: int, limit
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every_s))]),
         state=ScheduleState(note="walletmig ledger sync: catch-up"),
     )
-    return await upsert_schedule(client, SYNC_SCHEDULE_ID, schedule)
+    return await upsert_schedule(client, SYNC_SCHEDULE_ID, schedule, keep_spec=keep_spec)
 
 
 async def _sync_status(args: argparse.Namespace) -> int:

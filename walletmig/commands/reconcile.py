@@ -77,7 +77,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def ensure_reconcile_schedule(
     client: Any, task_queue: str, inp: ReconcileInput, *, every_s: int,
-    schedule_id: str | None = None, note: str | None = None,
+    schedule_id: str | None = None, note: str | None = None, keep_spec: bool = False,
 ) -> str:
     """Create (or update in place, keeping its paused state) the schedule that starts
     ReconciliationWorkflow with `inp` every `every_s` seconds (`reconcile schedule` and
@@ -105,7 +105,7 @@ async def ensure_reconcile_schedule(
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every_s))]),
         state=ScheduleState(note=note or "walletmig reconcile schedule"),
     )
-    return await upsert_schedule(client, schedule_id, schedule)
+    return await upsert_schedule(client, schedule_id, schedule, keep_spec=keep_spec)
 
 
 def scheduled_input(pairs: list[str] | None = None) -> ReconcileInput:

@@ -19,11 +19,14 @@ SCHEDULES_SHOWN_MAX = 20  # `dev status` lists at most this many schedules (a de
 
 
 async def upsert_schedule(
-    client: Client, schedule_id: str, schedule: Schedule
+    client: Client, schedule_id: str, schedule: Schedule, *, keep_spec: bool = False
 ) -> Literal["created", "updated"]:
     """Create the schedule, or update it in place when it exists. The update keeps the
     existing one's state (paused, note): an operator's pause survives a re-run of whichever
-    command ensures it. Idempotent."""
+    command ensures it. `keep_spec`: the update also keeps the existing one's spec (its
+    interval), replacing only the action (its input): `walletmig dev up` ensures with the
+    defaults and must not undo an operator's `--every-s`; the schedule commands themselves
+    set the interval they are given. Idempotent."""
     from temporalio.client import (
         ScheduleAlreadyRunningError,
         ScheduleUpdate,
@@ -37,7 +40,12 @@ async def upsert_schedule(
         pass
 
     def update(inp: ScheduleUpdateInput) -> ScheduleUpdate:
-        schedule.state = inp.description.schedule.state
+        # The existing schedule as described just before this update is sent (the SDK sends no
+        # conflict token: a change landing in between is overwritten; the window is one RPC).
+        existing = inp.description.schedule
+        schedule.state = existing.state
+        if keep_spec:
+            schedule.spec = existing.spec
         return ScheduleUpdate(schedule=schedule)
 
     await client.get_schedule_handle(schedule_id).update(update)
