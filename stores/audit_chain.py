@@ -30,7 +30,8 @@ before it proceeds. In `audit_records` (chains `api`, `cli`) a record's `_id` is
 seq), so the unique `_id` keeps the chain from forking and an append is one command without a
 transaction (one ordered client-level bulk write: the batch inserted after the tail, then the
 head moved forward, never back: `_append_by_seq`); records beyond the head (their writer died
-or lost a race) are chained after by the next append, which moves the head over them. The
+or lost a race) are chained after by the next append, which moves the head over them; verify
+checks that they link on from the head too (`beyond_head` in its report). The
 migration chains, whose `_id`s are their own, append in one transaction (read head,
 compare-and-swap it, insert).
 """
@@ -91,6 +92,9 @@ LINGER_MS_DEFAULT = 0.0
 ATTEMPTS_MAX = 100  # transaction attempts per batch (write conflicts with other processes)
 PAGE_MAX = 1000  # documents per verify read
 CHAINS_MAX = 10_000  # chains one verify walks
+# Records beyond a chain's head one verify checks: a writer stopped mid-batch leaves at most a
+# batch; a live chain appended to while verify walks adds its new records there too.
+BEYOND_HEAD_MAX = 4 * BATCH_MAX
 TERMINAL_ITEMS_MAX = 250  # transactions listed in one terminal record (gateway's batch max)
 CANONICAL_BYTES_MAX = 1_000_000
 HASH_FIELDS = ("prev_hash", "hash")
@@ -225,6 +229,11 @@ class ChainReport(BaseModel):
     bad_seq: int | None = None
     bad_id: str | None = None
     reason: str | None = None
+    # Records after the head, linked on from it (a writer that stopped between its insert and
+    # the head's move; the next append chains after them): at most BEYOND_HEAD_MAX checked,
+    # `beyond_head_more` when more lie beyond those.
+    beyond_head: int = Field(default=0, ge=0)
+    beyond_head_more: bool = False
 
 
 class AuditVerification(BaseModel):
@@ -413,7 +422,8 @@ class AuditChain:
 
     async def verify(self, *, page: int = PAGE_MAX, chains_max: int = CHAINS_MAX
                      ) -> AuditVerification:  # fmt: skip
-        """Walk every chain from its first document to its head, in pages of `page`."""
+        """Walk every chain from its first document to its head, in pages of `page`, then
+        the records beyond its head (at most BEYOND_HEAD_MAX per chain)."""
         assert 1 <= page <= PAGE_MAX and 1 <= chains_max <= CHAINS_MAX
         heads = await self._heads.find({}).sort("_id", ASCENDING).to_list(chains_max + 1)
         problems: list[str] = []
@@ -430,21 +440,9 @@ class AuditChain:
         if collection not in CHAINED_COLLECTIONS:
             return ChainReport(chain=chain, collection=collection, checked=0, head_seq=head.seq,
                                ok=False, reason=f"the head names {collection!r}")  # fmt: skip
-        prev, checked = ChainHead(), 0
-        fault: tuple[int, str | None, str] | None = None
-        while fault is None and prev.seq < head.seq:
-            cursor = self._db[collection].find(
-                {"chain": chain, "chain_seq": {"$gt": prev.seq, "$lte": head.seq}}
-            ).sort("chain_seq", ASCENDING).limit(page)
-            docs = await cursor.to_list(page)
-            if not docs:
-                break
-            for doc in docs:
-                fault = _link_fault(prev, doc)
-                if fault is not None:
-                    break
-                prev = ChainHead(seq=int(doc["chain_seq"]), hash=str(doc["hash"]))
-                checked += 1
+        # Up to the head: seqs only grow by one, so at most head.seq documents.
+        prev, checked, fault = await self._links(collection, chain, ChainHead(), page,
+                                                 upto_seq=head.seq, count_max=head.seq)
         if fault is None and prev != head:
             missing = prev.seq + 1
             fault = (missing, _expected_id(collection, chain, missing),
@@ -453,9 +451,52 @@ class AuditChain:
         report = ChainReport(chain=chain, collection=collection, checked=checked,
                              head_seq=head.seq, ok=fault is None)  # fmt: skip
         if fault is None:
+            # Beyond the head: records a stopped writer left (or a live append's): they must
+            # link on from the head as every other record does.
+            last, beyond, fault = await self._links(collection, chain, head, page,
+                                                    upto_seq=None, count_max=BEYOND_HEAD_MAX)
+            more = beyond == BEYOND_HEAD_MAX and fault is None and await self._has_after(
+                collection, chain, last.seq)  # fmt: skip
+            report = report.model_copy(update={"beyond_head": beyond, "beyond_head_more": more,
+                                               "ok": fault is None})  # fmt: skip
+            if fault is not None:
+                fault = (fault[0], fault[1], f"beyond the head ({head.seq}): {fault[2]}")
+        if fault is None:
             return report
         return report.model_copy(update={"bad_seq": fault[0], "bad_id": fault[1],
                                          "reason": fault[2]})  # fmt: skip
+
+    async def _has_after(self, collection: str, chain: str, seq: int) -> bool:
+        after = {"chain": chain, "chain_seq": {"$gt": seq}}
+        return await self._db[collection].find_one(after, {"_id": 1}) is not None
+
+    async def _links(
+        self, collection: str, chain: str, prev: ChainHead, page: int, *,
+        upto_seq: int | None, count_max: int,
+    ) -> tuple[ChainHead, int, tuple[int, str | None, str] | None]:  # fmt: skip
+        """Check that the documents after `prev` link on from it, in pages of `page`, up to
+        seq `upto_seq` (None: to the last), at most `count_max`: the last linked document,
+        how many linked, the first fault."""
+        assert count_max >= 0 and (upto_seq is None or upto_seq >= prev.seq)
+        checked = 0
+        fault: tuple[int, str | None, str] | None = None
+        while fault is None and checked < count_max and (upto_seq is None or prev.seq < upto_seq):
+            seqs: dict[str, int] = {"$gt": prev.seq}
+            if upto_seq is not None:
+                seqs["$lte"] = upto_seq
+            limit = min(page, count_max - checked)
+            cursor = self._db[collection].find({"chain": chain, "chain_seq": seqs}).sort(
+                "chain_seq", ASCENDING).limit(limit)  # fmt: skip
+            docs = await cursor.to_list(limit)
+            if not docs:
+                break
+            for doc in docs:
+                fault = _link_fault(prev, doc)
+                if fault is not None:
+                    break
+                prev = ChainHead(seq=int(doc["chain_seq"]), hash=str(doc["hash"]))
+                checked += 1
+        return prev, checked, fault
 
     async def _outside_chains(self, chains: set[str]) -> list[str]:
         """Documents no head accounts for: chained under an unknown chain, or not chained."""

@@ -21,19 +21,23 @@ from messages.migration import AuditEntry
 from stores.audit_chain import (
     AUDIT_HEADS,
     AUDIT_RECORDS,
+    BEYOND_HEAD_MAX,
     CHAIN_API,
     MIGRATION_AUDIT,
     AuditAppender,
     AuditChain,
+    link,
     migration_chain,
     record_id,
     wallet_operation_record,
 )
 from stores.audit_log import AuditLog, audit_id
+from walletcore.journal import ChainHead
 from walletcore.keys import WalletKey
 from walletcore.operations import AddCredit
 from walletcore.phases import Phase
 from walletcore.wallet_ids import wallet_ref
+from walletmig.commands.audit import render
 from walletmig.processes import free_port
 
 CLI_TIMEOUT_S = 120
@@ -118,6 +122,56 @@ async def test_group_commit_batches_concurrent_appends_without_forking(
     tail = next(r for r in (await chain.verify()).chains if r.chain == "tail")
     assert (tail.ok, tail.bad_seq, tail.bad_id) == (False, 3, record_id("tail", 3))
     assert "missing" in (tail.reason or "")
+
+
+async def test_verify_checks_the_records_a_stopped_writer_left_beyond_the_head(
+    db: AsyncDatabase[Any], settings_env: dict[str, str]
+) -> None:
+    """A writer inserted records 3-4 and stopped before moving the head (still 2), as a
+    crashed one does: verify walks them after the head, reports them linked, and names one
+    edited there; more than BEYOND_HEAD_MAX are checked up to the bound and said to be more."""
+    chain = AuditChain(db)
+    await chain.ensure_indexes()
+    await chain.append(AUDIT_RECORDS, "c", [credit_record(0), credit_record(1)])
+    head = await chain.head("c")
+    orphans = link(head, "c", [credit_record(2), credit_record(3)])
+    await db[AUDIT_RECORDS].insert_many(orphans)  # the stopped writer's inserts, no head move
+    assert await chain.head("c") == head
+
+    result = await AuditChain(db).verify()
+    (report,) = result.chains
+    assert result.ok and (report.checked, report.head_seq) == (2, 2), result
+    assert (report.beyond_head, report.beyond_head_more) == (2, False), report
+    assert "c (audit_records): 2 of 2 checked, ok; beyond head: 2, linked" in render(result)
+    code, shown = verify_cli(settings_env, db)  # the CLI's JSON says the same
+    assert code == 0 and shown["chains"][0]["beyond_head"] == 2, shown
+
+    # Edited beyond the head: broken, named, exit status 1.
+    victim = record_id("c", 4)
+    await db[AUDIT_RECORDS].update_one({"_id": victim}, {"$set": {"amount": "1000.00"}})
+    code, shown = verify_cli(settings_env, db)
+    bad = shown["chains"][0]
+    assert code == 1 and not shown["ok"] and (bad["bad_id"], bad["bad_seq"]) == (victim, 4), bad
+    assert bad["reason"].startswith("beyond the head (2): ") and "content changed" in bad["reason"]
+    await db[AUDIT_RECORDS].update_one({"_id": victim}, {"$set": {"amount": "1.50"}})
+
+    # A gap beyond the head (record 5 missing, 6 present) is broken too.
+    (_fifth, sixth) = link(ChainHead(seq=4, hash=orphans[-1]["hash"]), "c",
+                          [credit_record(4), credit_record(5)])  # fmt: skip
+    await db[AUDIT_RECORDS].insert_one(sixth)
+    (gap,) = (await chain.verify()).chains
+    assert (gap.ok, gap.bad_seq) == (False, 5) and "document 5 missing" in (gap.reason or "")
+    await db[AUDIT_RECORDS].delete_one({"_id": sixth["_id"]})
+
+    # Bounded: more than BEYOND_HEAD_MAX beyond the head (two stopped writers' worth and
+    # more): the first BEYOND_HEAD_MAX are checked, the rest said to be there.
+    extra = [credit_record(10 + n) for n in range(BEYOND_HEAD_MAX)]
+    await db[AUDIT_RECORDS].insert_many(link(ChainHead(seq=4, hash=orphans[-1]["hash"]), "c",
+                                             extra))  # fmt: skip
+    result = await chain.verify(page=500)
+    (bounded,) = result.chains
+    assert result.ok and bounded.beyond_head == BEYOND_HEAD_MAX and bounded.beyond_head_more
+    assert f"beyond head: {BEYOND_HEAD_MAX} (and more, not checked), linked" in render(result)
 
 
 def entry(mid: str, seq: int, actor: str = "ana") -> AuditEntry:

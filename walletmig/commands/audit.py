@@ -87,6 +87,9 @@ def render(result: AuditVerification) -> str:
     lines = [f"audit log: {'OK' if result.ok else 'BROKEN'} ({len(result.chains)} chain(s))"]
     for report in result.chains:
         state = "ok" if report.ok else f"BROKEN at {report.bad_seq}: {report.reason}"
+        if report.ok and report.beyond_head:  # a stopped writer's records, linked on
+            more = " (and more, not checked)" if report.beyond_head_more else ""
+            state += f"; beyond head: {report.beyond_head}{more}, linked"
         lines.append(f"  {report.chain} ({report.collection}): {report.checked} of "
                      f"{report.head_seq} checked, {state}")  # fmt: skip
     lines += [f"  {problem}" for problem in result.problems]
