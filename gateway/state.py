@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FLUSH_INTERVAL_S = 0.5
 INDEX_RETRY_INTERVAL_S = 5.0
+REFUSAL_RECHECK_S = 30.0  # a MongoDB found too old is asked again after this (an upgrade)
 
 
 class MongoServerCheck:
@@ -52,18 +54,29 @@ class MongoServerCheck:
     client-level bulkWrite; mongobase.mongo.require_wire_version is the rule). The workers
     check at start-up (stores.bundle.make_stores); the API starts while MongoDB may be down,
     so it asks the first time a probe or a money-moving request needs the answer, and keeps
-    the answer while the connection lasts: `forget` (MongoDB found unreachable) makes the next
-    need ask again, since the server that comes back may be another release."""
+    the answer while the connection lasts: `forget` (MongoDB found failing by /readyz) makes
+    the next need ask again, since the server that comes back may be another release. A
+    refusal is asked again after `refusal_recheck_s`: a quick upgrade in place may never be
+    seen failing, and the API must not need a restart to serve again."""
 
-    def __init__(self, client: AsyncMongoClient[Any]) -> None:
+    def __init__(
+        self, client: AsyncMongoClient[Any], *, refusal_recheck_s: float = REFUSAL_RECHECK_S
+    ) -> None:
+        assert refusal_recheck_s >= 0
         self._client = client
         self._lock = asyncio.Lock()  # concurrent first needs send one `hello`
         self.passed = False  # read on every money-moving request: the cheap path
         self.refusal: ConfigurationError | None = None
+        self.refusal_recheck_s = refusal_recheck_s
+        self._refused_at_s = 0.0  # time.monotonic() of the refusal
 
     async def require(self) -> None:
         """The refusal (ConfigurationError, one line) when the server is too old; what PyMongo
         raises when it is unreachable (not remembered)."""
+        if self.refusal is not None and (
+            time.monotonic() - self._refused_at_s >= self.refusal_recheck_s
+        ):
+            self.forget()  # ask again: the server may have been upgraded meanwhile
         if not self.passed and self.refusal is None:
             async with self._lock:
                 if not self.passed and self.refusal is None:
@@ -85,6 +98,7 @@ class MongoServerCheck:
             require_wire_version(hello)
         except ConfigurationError as refusal:
             self.passed, self.refusal = False, refusal
+            self._refused_at_s = time.monotonic()
             return
         self.passed, self.refusal = True, None
 

@@ -86,6 +86,7 @@ async def test_the_api_reports_a_server_too_old_and_refuses_money_naming_mongodb
     assert ready["dependencies"]["mongodb"]["state"] == "up", ready  # the real server: 8.2
     assert state.mongo_server.passed  # asked once, remembered
 
+    state.mongo_server.refusal_recheck_s = 3600.0  # not asked again within this test
     state.mongo_server.judge(MONGODB_7_HELLO)  # the server answered as MongoDB 7.0
     for _ in range(2):  # remembered: not asked again per probe (the real server would pass)
         answer = await http.get("/readyz")
@@ -109,3 +110,10 @@ async def test_the_api_reports_a_server_too_old_and_refuses_money_naming_mongodb
     state.mongo_server.forget()  # the connection dropped: the next need asks the server again
     ready = (await http.get("/readyz")).json()
     assert ready["dependencies"]["mongodb"]["state"] == "up", ready
+
+    # A refusal is asked again after refusal_recheck_s (an upgrade in place, never seen down).
+    state.mongo_server.judge(MONGODB_7_HELLO)
+    state.mongo_server.refusal_recheck_s = 0.0
+    ready = (await http.get("/readyz")).json()
+    assert ready["dependencies"]["mongodb"]["state"] == "up", ready
+    assert state.mongo_server.passed and state.mongo_server.refusal is None

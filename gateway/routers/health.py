@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
-from pymongo.errors import ConnectionFailure
 from starlette.responses import JSONResponse
 
 from gateway.state import GatewayState, state_of
@@ -75,11 +74,11 @@ def _probes(state: GatewayState) -> dict[str, Callable[[], Awaitable[Any]]]:
 
 async def _mongodb(state: GatewayState) -> None:
     """Reachable and recent enough: the release is asked once per connection (MongoServerCheck);
-    a server found unreachable is asked again when it answers (it may be another release)."""
+    a server found failing is asked again when it answers (it may be another release)."""
+    await state.mongo_server.require()
     try:
-        await state.mongo_server.require()
         await state.stores.db.command("ping")
-    except ConnectionFailure:
+    except BaseException:  # unreachable, failing, or cancelled at the probe's bound (no answer)
         state.mongo_server.forget()
         raise
 
