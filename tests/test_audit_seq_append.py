@@ -1,6 +1,7 @@
 """The audit chain's append without a transaction (stores.audit_chain.AuditChain._append_by_seq,
 `audit_records` only) on the session's real MongoDB: the unique `_id` (chain, seq) is the fork
-guard, one ordered bulk write inserts the batch and moves the head, only forward. States built
+guard, the batch is inserted in order and the head moved after it, only forward (one ordered
+bulk write for one record, an insert and an update for more: both are exercised). States built
 by hand: records a writer left beyond the head, another writer's record taking a seq in the
 middle of a batch, a head already beyond the batch."""
 
@@ -76,3 +77,8 @@ async def test_the_head_never_moves_back(db: AsyncDatabase[Any]) -> None:
     assert (third["chain_seq"], third["prev_hash"]) == (3, stored[-1]["hash"])
     assert await writer.head("c") == ChainHead(seq=9, hash="f" * 64)
     assert await db[AUDIT_RECORDS].count_documents({"chain": "c"}) == 3
+    # A batch of several records (an insert, then the head's update): the same rule.
+    more = await writer.append(AUDIT_RECORDS, "c", [credit_record(3), credit_record(4)])
+    assert [d["chain_seq"] for d in more] == [4, 5] and more[0]["prev_hash"] == third["hash"]
+    assert await writer.head("c") == ChainHead(seq=9, hash="f" * 64)
+    assert await db[AUDIT_RECORDS].count_documents({"chain": "c"}) == 5
