@@ -2,10 +2,11 @@
 refused before they run) is appended to the `api` chain (stores/audit_chain.py) before the
 operation starts, naming the API key (name, id, owner; never the secret).
 
-One AuditAppender per process (group commit: requests arriving together share one MongoDB
-transaction), created at the first write; its task is cancelled with the app's other tasks.
-An audit log that cannot be written answers 503 naming MongoDB (the Idempotency-Key is
-released: the retry runs), so nothing moves money unaudited.
+One AuditAppender per process (group commit: requests arriving together share one append),
+created at the first write, sharing the Idempotency-Key store's MongoDB lane (one batch of
+either in flight: gateway.coalesce.CoalescedIdempotency); its task is cancelled with the
+app's other tasks. An audit log that cannot be written answers 503 naming MongoDB (the
+Idempotency-Key is released: the retry runs), so nothing moves money unaudited.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def _appender(request: Request) -> AuditAppender:
     appender = getattr(app_state, "audit_appender", None)
     if appender is None:
         state = state_of(request)
-        appender = AuditAppender(AuditChain(state.stores.db), CHAIN_API)
+        # One MongoDB batch in flight with the Idempotency-Key's (gateway.coalesce): fewer,
+        # larger batches of each kind under load.
+        lane = getattr(state.idempotency, "mongo_lane", None)
+        appender = AuditAppender(AuditChain(state.stores.db), CHAIN_API, shared=lane)
         state.tasks.append(appender.start())
         app_state.audit_appender = appender
     assert isinstance(appender, AuditAppender)

@@ -96,3 +96,38 @@ async def test_batched_idempotency_keeps_the_rules(mongo_db: Any, redis_url: str
         assert (await store.claim(twice)).response in (answers[1], late)
     finally:
         await redis.aclose()
+
+
+async def test_batchers_sharing_a_lane_have_one_batch_out() -> None:
+    """Two FlightBatchers sharing a lock (the Idempotency-Key's reads and inserts and the audit
+    appender share one): while one's batch is out (held by construction), the other's keys
+    wait and then leave as one batch, taken once the lock is free."""
+    lane = asyncio.Lock()
+    sent: list[tuple[str, list[int]]] = []
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(keys: list[int]) -> dict[int, int]:
+        sent.append(("slow", keys))
+        started.set()
+        await release.wait()
+        return {k: k for k in keys}
+
+    async def quick(keys: list[int]) -> dict[int, int]:
+        sent.append(("quick", keys))
+        return {k: -k for k in keys}
+
+    first: FlightBatcher[int, int] = FlightBatcher(slow, shared=lane)
+    second: FlightBatcher[int, int] = FlightBatcher(quick, shared=lane)
+    held = asyncio.ensure_future(first.get([1]))
+    await started.wait()  # the first batcher's batch is out, holding the lane
+    waiting = [asyncio.ensure_future(second.get([k])) for k in (2, 3)]
+    await asyncio.sleep(0)
+    waiting.append(asyncio.ensure_future(second.get([4])))  # a later pass: same batch
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sent == [("slow", [1])]
+    release.set()
+    assert await held == {1: 1}
+    assert [await f for f in waiting] == [{2: -2}, {3: -3}, {4: -4}]
+    assert sent == [("slow", [1]), ("quick", [2, 3, 4])] and second.requests == 1
+    assert not lane.locked()
