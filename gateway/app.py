@@ -3,7 +3,9 @@
 Middleware, outermost first: the request log, the metrics, the body size limit; then
 FastAPI's routing with the problem+json handlers. `/metrics` serves the process's Prometheus
 metrics (request counts and latency by operationId among them). The lifespan opens the
-process's clients (gateway.state). The hot reads (gateway.fastpath.LeanRoute) skip the
+process's clients (gateway.state) and tunes the garbage collector while serving (serving_gc).
+`walletmig api` logs through configure_logging (stderr, written once per event-loop pass:
+PassBufferedStreamHandler). The hot reads (gateway.fastpath.LeanRoute) skip the
 routing and the middleware layers (their middleware are called inline), not their work.
 """
 
