@@ -27,11 +27,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from clearing_support import records_caught_up
+from clearing_support import FINAL, lookup, records_caught_up
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from temporalio.client import Client
 from temporalio.worker import Worker
+from wallet_support import eventually
 
 from activities.clearing import ClearingActivities, build_clearing_activities
 from messages.clearing import PostVoidBatch, StepInput, TransactionOutcome, VoidItem
@@ -386,6 +387,12 @@ CRASH_SUBMITTERS = 3
 # A bound: the killed worker's ledger transaction holds the head until the server reaps it (the
 # short-transaction MongoDB: 5 s; the bound also covers a server's default 60 s).
 CRASH_WAIT_S = 150.0
+# Kill attempts: each once a transaction is held in TigerBeetle and not final (its batch's
+# workflow between its pending and settle steps); one whose work in flight ended between that
+# look and the kill (a quick host) is followed by another kill of the restarted worker.
+KILL_ATTEMPTS = 3
+IN_FLIGHT_WAIT_S = 60.0  # for the stream to be under way with a transaction held, not final
+RESTART_DELAY_S = 1.0
 
 
 def _crash_env(settings: Settings, database: str, queue: str) -> dict[str, str]:
@@ -415,6 +422,19 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
                 proc.wait()
 
 
+async def _in_flight(client: ClearingClient, tb_client: BatchedClient, ids: Sequence[str]
+                     ) -> tuple[int, list[str]]:
+    """(how many of `ids` are final, the open ones with a hold in TigerBeetle). An open
+    transaction with a hold is one whose batch's workflow passed its pending step and not yet
+    its settle step: work in flight on the worker. Read while no worker runs (right after a
+    kill), it is what the killed worker left half done."""
+    outcomes = await client.wait(list(ids), 0)
+    open_ids = [x for x, o in outcomes.items() if o.state not in FINAL]
+    held = await lookup(tb_client, [pending_transfer_id(x) for x in open_ids])
+    return (len(outcomes) - len(open_ids),
+            [x for x in open_ids if pending_transfer_id(x) in held])
+
+
 @pytest.mark.slow
 async def test_kill_9_of_the_worker_mid_stream(
     temporal_client: Client, short_txn_mongo_client: AsyncMongoClient[dict[str, Any]],
@@ -422,8 +442,9 @@ async def test_kill_9_of_the_worker_mid_stream(
     unique_id: Callable[..., str],
 ) -> None:
     """`walletmig worker` (the migration queue serves the clearing workflow) is SIGKILLed in
-    the middle of a stream of batches and restarted: every accepted transaction ends settled
-    exactly once (one entry, one post transfer) or rejected (no entry), the books balance.
+    the middle of a stream of batches (asserted: transactions it held in TigerBeetle were not
+    final at the kill) and restarted: every accepted transaction ends settled exactly once
+    (one entry, one post transfer) or rejected (no entry), the books balance.
     On the short-transaction MongoDB (conftest.short_txn_mongodb_uri): the killed worker's
     open ledger transaction holds the head 5 s, not a minute."""
     mongo_client, settings = short_txn_mongo_client, short_txn_settings
@@ -437,8 +458,9 @@ async def test_kill_9_of_the_worker_mid_stream(
                 txn("ach_credit_in", f"{1 + n % 9}.10", counterparty=unique_id("p"))
                 for n in range(CRASH_BATCH_SIZE)] for _ in range(CRASH_BATCHES)]
     procs = [_start_worker(env, tmp_path / "worker-1.log")]
+    tb_client = await connect_batched(settings)
     accepted: list[str] = []
-    open_at_kill: list[str] = []
+    held_at_kill: list[str] = []
     under_way = asyncio.Event()
 
     async def submitter(mine: list[list[ExternalTransaction]]) -> None:
@@ -452,29 +474,35 @@ async def test_kill_9_of_the_worker_mid_stream(
             accepted.extend(result.accepted)
             await asyncio.sleep(0.2)
 
-    async def crash() -> None:
-        """Kill once some outcomes are final (the stream is under way) while others are open,
-        restart soon after."""
-        for _ in range(1200):
-            done = await client.wait(list(accepted), 0)
-            final = [o.state in ("settled", "rejected") for o in done.values()]
-            if any(final):
+    async def kill_when_in_flight() -> None:
+        """Once an outcome is final (the stream is under way) while a transaction is held and
+        open, SIGKILL the worker; what it left held and open (read before any restart) is
+        the work in flight at the kill. None (it ended before the kill): restart, again."""
+        async def ready() -> bool:
+            final, held = await _in_flight(client, tb_client, accepted)
+            if final:
                 under_way.set()
-                if not all(final):
-                    break
-            await asyncio.sleep(0.05)
-        procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait(timeout=10)
-        at_kill = await client.wait(list(accepted), 0)
-        open_at_kill.extend(x for x, o in at_kill.items()
-                            if o.state not in ("settled", "rejected"))
-        await asyncio.sleep(1.0)
-        procs.append(_start_worker(env, tmp_path / "worker-2.log"))
+            return final > 0 and bool(held)
+
+        try:
+            for attempt in range(1, KILL_ATTEMPTS + 1):
+                await eventually(ready, "a final outcome and an open held transaction",
+                                 IN_FLIGHT_WAIT_S)
+                procs[-1].send_signal(signal.SIGKILL)
+                procs[-1].wait(timeout=10)
+                held_at_kill.extend((await _in_flight(client, tb_client, accepted))[1])
+                await asyncio.sleep(RESTART_DELAY_S)
+                procs.append(_start_worker(env, tmp_path / f"worker-{attempt + 1}.log"))
+                if held_at_kill:
+                    return
+            pytest.fail(f"the work in flight ended before each of {KILL_ATTEMPTS} kills")
+        finally:
+            under_way.set()  # the submitters never wait on a failed crash
 
     try:
-        await asyncio.gather(crash(), *(
+        await asyncio.gather(kill_when_in_flight(), *(
             submitter(batches[i::CRASH_SUBMITTERS]) for i in range(CRASH_SUBMITTERS)))
-        assert open_at_kill, "the worker died with work in flight"
+        assert held_at_kill, "the worker died with work in flight"  # a guard (loop above)
         outcomes = await client.wait(accepted, CRASH_WAIT_S)
         states = {o.state for o in outcomes.values()}
         assert len(outcomes) == len(accepted) == CRASH_BATCHES * CRASH_BATCH_SIZE
@@ -486,18 +514,17 @@ async def test_kill_9_of_the_worker_mid_stream(
         entries = db[GL_ENTRIES]
         assert await entries.count_documents({}) == len(settled)
         assert sorted(await entries.distinct("external_id")) == settled
-        tb_client = await connect_batched(settings)
-        try:
-            posts = await _transfers(tb_client, [post_transfer_id(x) for x in outcomes])
-        finally:
-            await tb_client.close()
+        posts = await _transfers(tb_client, [post_transfer_id(x) for x in outcomes])
         assert posts == {post_transfer_id(x) for x in settled}
         # The records catch up with the ledger (the final state follows the entries).
         await records_caught_up(db, len(accepted), len(settled))
         assert (await ledger.trial_balance()).zero
         assert (await ledger.verify_chain()).ok
+        print(f"\nworker kill -9: {len(held_at_kill)} transactions held, open at the kill; "
+              f"{len(procs) - 1} kill(s)")
     finally:
         _stop(procs)
+        await tb_client.close()
         await mongo_client.drop_database(database)
 
 
