@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -202,11 +203,43 @@ async def test_seeded_corruption_found_classified_and_repaired(
     assert str(tb.credit) == "23.00" and str(tb.historical_credit) == "35.00"
 
 
+# An operation pending at a run's first read must have crossed to the other store by the
+# re-check, else it is real: the premise of the live-traffic test, asserted by the traffic
+# itself (LiveCrossings); a run whose slowest crossing took longer is run again, at most this
+# many times in all (a loaded host may stall one write past the delay).
+LIVE_RECHECK_DELAY_S = 1.0
+LIVE_RUN_ATTEMPTS = 3
+
+
+class LiveCrossings:
+    """How long the traffic's operations took to reach both stores (from before the first
+    write to after the second): an upper bound of how long each was pending."""
+
+    def __init__(self) -> None:
+        self.slowest_s = 0.0
+        self.open_since: dict[str, float] = {}  # traffic task -> its operation's start
+
+    def start(self, task: str) -> None:
+        self.open_since[task] = time.monotonic()
+
+    def crossed(self, task: str) -> None:
+        self.slowest_s = max(self.slowest_s, time.monotonic() - self.open_since.pop(task))
+
+    def take(self) -> float:
+        """The slowest crossing since the last take, operations still pending included."""
+        now = time.monotonic()
+        slowest = max([self.slowest_s, *(now - s for s in self.open_since.values())])
+        self.slowest_s = 0.0
+        return slowest
+
+
 async def test_live_traffic_during_reconciliation_has_no_real_mismatch(
     env: Env, worker: tuple[Client, str], unique_id: UniqueId
 ) -> None:
     """Both write directions keep running while reconciliation reads: the legacy balance, its
-    recent operations and TigerBeetle are read at different moments, yet nothing is real."""
+    recent operations and TigerBeetle are read at different moments, yet nothing is real
+    (in a run where every operation reached both stores within the re-check delay: asserted
+    from the traffic's own clock, not assumed)."""
     keys = await seed(env, unique_id, n=4)  # USD, JPY, BHD, USD
     await backfill_all(env)
     # Each write path where its phase has it: USD in dual_write, JPY and BHD in tb_primary.
@@ -216,6 +249,7 @@ async def test_live_traffic_during_reconciliation_has_no_real_mismatch(
     applier = BacklogApplier(env)
     stop = asyncio.Event()
     done: list[int] = []
+    crossings = LiveCrossings()
 
     async def traffic(key: WalletKey, tb_first: bool) -> None:
         rng = random.Random(key.canonical)
@@ -235,6 +269,7 @@ async def test_live_traffic_during_reconciliation_has_no_real_mismatch(
             else:
                 op = SubtractCredit(wallet=key, transaction_id=txn, amount=Decimal("1"),
                                     allow_overdraft=True)
+            crossings.start(key.canonical)
             if tb_first:  # tb_primary: TigerBeetle answers, the reverse projection follows
                 await apply_to(env.tb_store, op)
                 await asyncio.sleep(rng.uniform(0, 0.03))
@@ -243,24 +278,35 @@ async def test_live_traffic_during_reconciliation_has_no_real_mismatch(
                 await apply_to(env.legacy, op)
                 await asyncio.sleep(rng.uniform(0, 0.03))
                 await applier.apply(key, op)
+            crossings.crossed(key.canonical)
             await asyncio.sleep(rng.uniform(0.02, 0.08))  # light: 2 shared cores
         done.append(n)
 
     tasks = [asyncio.create_task(traffic(k, k.currency != "USD")) for k in keys]
+    runs: list[tuple[ReconcileSummary, float]] = []
     try:
         await asyncio.sleep(0.3)
-        # An operation pending at the first read must have crossed by the re-check (real if
-        # not): the delay leaves room for a loaded machine (2 shared cores).
-        runs = [await reconcile(worker, env, page_size=2, recheck_delay_s=1.0)]
+        crossings.take()  # the premise counts from the run's start
+        for _ in range(LIVE_RUN_ATTEMPTS):
+            summary = await reconcile(worker, env, page_size=2,
+                                      recheck_delay_s=LIVE_RECHECK_DELAY_S)
+            runs.append((summary, crossings.take()))
+            if runs[-1][1] < LIVE_RECHECK_DELAY_S:
+                break
     finally:
         stop.set()
         await asyncio.gather(*tasks)
     assert sum(done) > 8, done  # traffic really ran during the run
-    for summary in runs:
-        assert summary.wallets == len(keys)
-        assert summary.real == 0, await env.reports.mismatches(summary.run_id)
-        assert summary.match_rate == 1.0
-        assert IssueKind.BALANCE_MISMATCH not in summary.findings
+    summary, slowest_s = runs[-1]
+    print(f"\nlive traffic: {sum(done)} operations; slowest crossing in each run "
+          f"{[round(s, 3) for _, s in runs]} s (re-check delay {LIVE_RECHECK_DELAY_S} s)")
+    assert slowest_s < LIVE_RECHECK_DELAY_S, (
+        f"in each of {len(runs)} runs an operation took longer than the re-check delay to "
+        f"reach both stores: {[round(s, 2) for _, s in runs]} s")
+    assert summary.wallets == len(keys)
+    assert summary.real == 0, await env.reports.mismatches(summary.run_id)
+    assert summary.match_rate == 1.0
+    assert IssueKind.BALANCE_MISMATCH not in summary.findings
     quiet = await reconcile(worker, env)
     assert quiet.matched == len(keys) and quiet.real == 0 and quiet.in_flight == 0
     assert quiet.alerts == [], quiet.alerts
