@@ -326,6 +326,10 @@ class EmulatorClientAsync(_Registration):
         self._connect_loop: asyncio.AbstractEventLoop | None = None
         self._request_ids = itertools.count(1)
         self._closed = False
+        # Requests that found the server unreachable (connection lost or refused) and will be
+        # resent: an observable reconnect attempt (a test restarts the server only once one
+        # of its requests waits on it).
+        self.reconnect_attempts = 0
 
     async def request_limit_bytes(self) -> int:
         """The request limit the server announced, in bytes; connects (registers) first if
@@ -437,6 +441,7 @@ class EmulatorClientAsync(_Registration):
                     raise RequestTimeoutError(
                         f"tb_emulator at {self.host}:{self.port} unreachable for "
                         f"{self.timeout_s} s") from None
+                self.reconnect_attempts += 1
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
                 continue
