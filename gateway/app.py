@@ -146,9 +146,10 @@ class PassBufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg
     at once (the same text, the same order) and kept; the lines kept are written in one
     `write` + `flush` at the end of the event-loop pass that logged them (`call_soon`), or at
     once when LINES_MAX are kept, or when emitted outside a running loop (another thread, a
-    CLI), or at `flush`/`close` (logging.shutdown calls both at exit, uvicorn's SIGTERM
-    included). So a line is never later than one loop pass, and a process killed outright
-    (SIGKILL, a segfault) loses at most the lines of the pass it was in: <= LINES_MAX."""
+    CLI), or at `flush` (logging.shutdown calls it, then `close`, at exit, uvicorn's SIGTERM
+    included; `close` alone writes nothing). So a line is never later than one loop pass, and
+    a process killed outright (SIGKILL, a segfault) loses at most the lines of the pass it was
+    in: <= LINES_MAX."""
 
     LINES_MAX = 256
 

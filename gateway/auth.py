@@ -1,7 +1,8 @@
 """Authentication (API keys as `Authorization: Bearer <key>`), scopes, and the per-route guard.
 
 `guard(spec)` is the one dependency every protected route declares: it authenticates the key
-(401 when missing, unknown, expired or revoked), checks the operation's scope (403) and takes
+(401 when missing, unknown, expired or revoked), checks the operation's scope (403), for a
+money-moving one that MongoDB is recent enough (503: gateway.state.MongoServerCheck), and takes
 one unit of the key's rate-limit budget for the operation's class (429). It records the caller
 on the request for the request log.
 

@@ -2,8 +2,9 @@
 read path, the API-key and Idempotency-Key stores, the rate limiter.
 
 Every client connects lazily, so the API starts (and /healthz answers) while a dependency is
-down; /readyz names it and requests needing it get 503. The gateway's own indexes (the
-Idempotency-Key TTL) are created at start and retried in the background until MongoDB answers.
+down; /readyz names it and requests needing it get 503 (a MongoDB older than 8.0 counts as
+down: MongoServerCheck). The gateway's own indexes (the Idempotency-Key TTL) are created at
+start and retried in the background until MongoDB answers.
 Reads go through walletclient.read_path.ReadRouter (phase-aware) and are recorded in the read
 metrics, like every other reader's, as the migration gates' evidence.
 """

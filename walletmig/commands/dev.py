@@ -2,8 +2,9 @@
 
 Besides the processes, `dev up` ensures the stack's Temporal Schedules (`dev_schedules()`: the
 terminal's catch-up ledger sync, which also resumes batches a dead submitter left `received`,
-and the wallet reconciliation), created or updated in place keeping their paused state, as
-`walletmig ledger sync` and `walletmig reconcile schedule` write them; `dev status` lists them.
+and the wallet reconciliation) as `walletmig ledger sync` and `walletmig reconcile schedule`
+write them: created with their defaults, or updated in place keeping their paused state and
+their interval (an operator's `--every-s`); `dev status` lists them.
 """
 
 from __future__ import annotations
