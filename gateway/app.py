@@ -194,6 +194,12 @@ class PassBufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg
                 if self._last is not None:
                     self.handleError(self._last)
 
+    def close(self) -> None:
+        """The held lines first: StreamHandler.close writes nothing (logging.shutdown and
+        dictConfig flush before they close, a direct close would lose up to LINES_MAX)."""
+        self.flush()
+        super().close()
+
 
 def configure_logging(level: str) -> None:
     """The API process's logging: basicConfig's stderr handler (PassBufferedStreamHandler),

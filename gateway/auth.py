@@ -157,7 +157,7 @@ async def authorize_scope(scope: Scope, spec: OperationSpec) -> Caller:
             f"the API key lacks the scope {spec.scope.value!r} that "
             f"{spec.operation_id} needs",
         )  # fmt: skip
-    if spec.money_moving and not state.mongo_server.passed:  # asked once per connection
+    if spec.money_moving and not state.mongo_server.passed:  # asked until it passes
         await state.mongo_server.require_for_request()  # a server too old: 503 naming MongoDB
     await state.limiter.enforce(caller.key_id, spec.op_class)
     return caller

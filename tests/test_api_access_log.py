@@ -130,6 +130,20 @@ def test_buffered_lines_are_written_at_the_end_of_the_loop_pass() -> None:
     assert written.count("\n") == len(records)
 
 
+def test_closing_the_handler_writes_the_held_lines() -> None:
+    stream = io.StringIO()
+    buffered, _ = _handlers(stream)
+
+    async def log_then_close() -> tuple[str, str]:
+        buffered.handle(_record(1))
+        held = stream.getvalue()
+        buffered.close()  # within the pass that logged the line
+        return held, stream.getvalue()
+
+    held, written = asyncio.run(log_then_close())
+    assert held == "" and written.count("\n") == 1
+
+
 def test_buffered_lines_are_bounded_and_written_outside_a_loop_at_once() -> None:
     stream = io.StringIO()
     buffered, _ = _handlers(stream)

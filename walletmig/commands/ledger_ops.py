@@ -128,6 +128,7 @@ async def ensure_sync_schedule(
 ) -> str:
     """Create (or update in place, keeping its paused state) the catch-up schedule: a
     LedgerSyncWorkflow with `once` every `every_s` seconds; overlapping runs are skipped.
+    `keep_spec` (`dev up`): an existing schedule keeps its interval, only its action changes.
 
     Each run first resumes the terminal's batches left `received` by a submitter that died
     before starting their workflow (activity `terminal_resume_received`, batches older than

@@ -81,7 +81,8 @@ async def ensure_reconcile_schedule(
 ) -> str:
     """Create (or update in place, keeping its paused state) the schedule that starts
     ReconciliationWorkflow with `inp` every `every_s` seconds (`reconcile schedule` and
-    `walletmig dev up`, which passes the defaults: every pair, SCHEDULE_EVERY_S_DEFAULT)."""
+    `walletmig dev up`, which passes the defaults: every pair, SCHEDULE_EVERY_S_DEFAULT).
+    `keep_spec` (`dev up`): an existing schedule keeps its interval, only its action changes."""
     from temporalio.client import (
         Schedule,
         ScheduleActionStartWorkflow,
