@@ -36,8 +36,7 @@ def _appender(request: Request) -> AuditAppender:
         state = state_of(request)
         # One MongoDB batch in flight with the Idempotency-Key's (gateway.coalesce): fewer,
         # larger batches of each kind under load.
-        lane = getattr(state.idempotency, "mongo_lane", None)
-        appender = AuditAppender(AuditChain(state.stores.db), CHAIN_API, shared=lane)
+        appender = AuditAppender(AuditChain(state.stores.db), CHAIN_API, shared=state.mongo_lane)
         state.tasks.append(appender.start())
         app_state.audit_appender = appender
     assert isinstance(appender, AuditAppender)

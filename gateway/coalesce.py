@@ -213,11 +213,11 @@ class CoalescedIdempotency(IdempotencyStore):
     more: credits finish at Temporal's pace); with one batch of a kind in flight (an insert
     waits for its journal sync) they hold what arrived meanwhile (session 10)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mongo_lane: asyncio.Lock | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # One MongoDB batch in flight at a time between the key's reads and inserts and the
-        # audit appender that shares `mongo_lane` (gateway.audit).
-        self.mongo_lane = asyncio.Lock()
+        # One MongoDB batch in flight at a time between the key's reads and inserts and
+        # whoever else holds `mongo_lane` (the gateway's audit appender: gateway.state).
+        self.mongo_lane = mongo_lane or asyncio.Lock()
         self.leases: PassBatcher[tuple[str, str], Any] = FlightBatcher(self._leases_of)
         self.finds: PassBatcher[str, dict[str, Any]] = FlightBatcher(
             self._finals_of, shared=self.mongo_lane)

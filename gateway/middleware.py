@@ -12,6 +12,7 @@ request log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -117,7 +118,6 @@ _RECORD_FIELDS = frozenset({
     "exc_info", "exc_text", "stack_info", "lineno", "funcName", "created", "msecs",
     "relativeCreated", "thread", "threadName", "processName", "process",
 })  # fmt: skip
-_templates: dict[str, dict[str, Any]] = {}  # "record": gateway.access's INFO record's fields
 
 
 def access_record(line: str) -> None:
@@ -134,14 +134,10 @@ def access_record(line: str) -> None:
             or logging.getLogRecordFactory() is not logging.LogRecord):  # fmt: skip
         access_log.info("%s", line)
         return
-    template = _templates.get("record")
+    template = _record_template()
     if template is None:
-        made = access_log.makeRecord(access_log.name, logging.INFO, "(unknown file)", 0, "%s",
-                                     ("",), None, "(unknown function)")  # fmt: skip
-        if set(vars(made)) != _RECORD_FIELDS:
-            access_log.info("%s", line)
-            return
-        template = _templates["record"] = dict(vars(made))
+        access_log.info("%s", line)
+        return
     fields = template.copy()
     created = time.time()  # LogRecord.__init__'s clock fields, as it computes them
     fields["created"] = created
@@ -151,6 +147,15 @@ def access_record(line: str) -> None:
     record = logging.LogRecord.__new__(logging.LogRecord)
     record.__dict__ = fields
     access_log.handle(record)
+
+
+@functools.cache
+def _record_template() -> dict[str, Any] | None:
+    """The fields of gateway.access's INFO record as Logger.makeRecord makes them (made once);
+    None when they are not the _RECORD_FIELDS access_record knows how to fill in."""
+    made = access_log.makeRecord(access_log.name, logging.INFO, "(unknown file)", 0, "%s",
+                                 ("",), None, "(unknown function)")  # fmt: skip
+    return dict(vars(made)) if set(vars(made)) == _RECORD_FIELDS else None
 
 
 def _line(scope: Scope, status: int, elapsed_ms: float) -> str:

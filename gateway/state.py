@@ -122,6 +122,9 @@ class GatewayState:
     terminal: ClearingClient  # the credit terminal (its workflow runs on the migration queue)
     ledger: GeneralLedger  # the terminal's general ledger (read-only here)
     mongo_server: MongoServerCheck
+    # The process's MongoDB lane: one batch in flight between the Idempotency-Key's reads and
+    # inserts and the audit appender (gateway.coalesce, gateway.audit).
+    mongo_lane: asyncio.Lock
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -170,6 +173,7 @@ def _assemble(
     metrics = ReadMetricsStore(stores.db)
     api_keys = ApiKeyStore(stores.db)
     ledger = GeneralLedger(stores.db)
+    mongo_lane = asyncio.Lock()
     return GatewayState(
         settings=settings,
         stores=stores,
@@ -192,7 +196,7 @@ def _assemble(
         authenticator=Authenticator(api_keys, cache_ttl_s=settings.key_cache_ttl_s),
         idempotency=CoalescedIdempotency(  # documents read and inserted per loop pass
             stores.db, stores.redis, ttl_s=settings.idempotency_ttl_s,
-            lease_s=settings.idempotency_lease_s,
+            lease_s=settings.idempotency_lease_s, mongo_lane=mongo_lane,
         ),
         limiter=limiter,
         terminal=ClearingClient(
@@ -200,6 +204,7 @@ def _assemble(
         ),
         ledger=ledger,
         mongo_server=MongoServerCheck(stores.db.client),
+        mongo_lane=mongo_lane,
     )
 
 

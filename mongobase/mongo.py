@@ -84,6 +84,7 @@ def make_mongo_client(uri: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any
 # server every one of those writes would fail.
 SERVER_WIRE_VERSION_MIN = 25
 SERVER_VERSION_MIN = "8.0"
+SERVER_VERSION_TEXT_MAX = 24  # a release is "8.0.4": bounds what a server's answer puts in a line
 
 
 async def require_supported_server(client: AsyncMongoClient[Any]) -> None:
@@ -101,8 +102,6 @@ async def server_hello(client: AsyncMongoClient[Any]) -> dict[str, Any]:
     hello["version"] = str(build.get("version", ""))[:SERVER_VERSION_TEXT_MAX]
     return hello
 
-
-SERVER_VERSION_TEXT_MAX = 24  # a release is "8.0.4": bounds what a server's answer puts in a line
 
 
 def require_wire_version(hello: Mapping[str, Any]) -> None:
@@ -298,11 +297,23 @@ async def insert_new(collection: AsyncCollection[Any], docs: list[dict[str, Any]
     try:
         await collection.insert_many(docs, ordered=False)
     except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        if not errors or any(e.get("code") != DUPLICATE_KEY_CODE for e in errors):
+        taken = duplicate_insert_indexes(exc)
+        if taken is None:
             raise
-        return {int(e["index"]) for e in errors}
+        return set(taken)
     return set()
+
+
+def duplicate_insert_indexes(exc: BulkWriteError) -> list[int] | None:
+    """The positions of the documents an `insert_many` refused for a taken unique key, when
+    that is all that failed; None when anything else did (another write error, a write
+    concern error: nothing is known to be durable). An ordered insert stops at the first, so
+    it names one. The collection-level twin of duplicate_key_indexes."""
+    errors = exc.details.get("writeErrors", [])
+    if (not errors or exc.details.get("writeConcernErrors")
+            or any(e.get("code") != DUPLICATE_KEY_CODE for e in errors)):  # fmt: skip
+        return None
+    return [int(e["index"]) for e in errors]
 
 
 def duplicate_key_indexes(exc: ClientBulkWriteException) -> list[int] | None:

@@ -66,10 +66,10 @@ from pymongo.errors import (
 )
 
 from mongobase.mongo import (
-    DUPLICATE_KEY_CODE,
     abort_quietly,
     backoff,
     commit,
+    duplicate_insert_indexes,
     duplicate_key_indexes,
     is_retryable_txn_error,
     now_ms,
@@ -367,10 +367,10 @@ class AuditChain:
         try:
             await self._db[AUDIT_RECORDS].insert_many(linked, ordered=True)
         except BulkWriteError as exc:
-            taken = _taken_index(exc)  # ordered: the insert it stopped at, alone
-            if taken is None:
+            taken = duplicate_insert_indexes(exc)  # ordered: the insert it stopped at, alone
+            if taken is None or len(taken) != 1:
                 raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
-            return taken  # the head is not moved for the records before it (as a bulk write)
+            return taken[0]  # the head is not moved for the records before it (as a bulk write)
         except PyMongoError as exc:
             raise StoreUnavailableError(f"MongoDB (audit log): {exc}", field=None) from exc
         try:
@@ -441,9 +441,8 @@ class AuditChain:
         try:
             await self._db[collection].insert_many(linked, ordered=True, session=session)
         except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if errors and all(e.get("code") == DUPLICATE_KEY_CODE for e in errors):
-                raise RecordExistsError(str(errors[0].get("keyValue"))) from exc
+            if duplicate_insert_indexes(exc) is not None:
+                raise RecordExistsError(str(exc.details["writeErrors"][0].get("keyValue"))) from exc
             raise
 
     # ---- verify ----------------------------------------------------------------------------
@@ -551,16 +550,6 @@ def _head_forward(chain: str, last: dict[str, Any]) -> tuple[dict[str, Any], dic
         {"$set": {"seq": last["chain_seq"], "hash": last["hash"], "collection": AUDIT_RECORDS,
                   "updated_at": now_ms()}},
     )  # fmt: skip
-
-
-def _taken_index(exc: BulkWriteError) -> int | None:
-    """The index an ordered insert stopped at for a taken `_id`; None for any other failure
-    (another write error, a write concern error)."""
-    errors = exc.details.get("writeErrors", [])
-    if (len(errors) != 1 or errors[0].get("code") != DUPLICATE_KEY_CODE
-            or exc.details.get("writeConcernErrors")):  # fmt: skip
-        return None
-    return int(errors[0]["index"])
 
 
 def _expected_id(collection: str, chain: str, seq: int) -> str | None:

@@ -52,6 +52,7 @@ from mongobase.mongo import (
     backoff,
     bson_to_int,
     commit,
+    duplicate_insert_indexes,
     insert_new,
     is_retryable_txn_error,
     now_ms,
@@ -376,8 +377,7 @@ class GeneralLedger:
                 [_entry_doc(link, now) for link in chained], ordered=True, session=session
             )
         except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if errors and all(e.get("code") == DUPLICATE_KEY_CODE for e in errors):
+            if duplicate_insert_indexes(exc) is not None:
                 raise _EntriesExist() from exc
             raise
         # Their index: one document for the whole call (a duplicate `_id`/`last` is a fork the

@@ -73,7 +73,7 @@ def _probes(state: GatewayState) -> dict[str, Callable[[], Awaitable[Any]]]:
 
 
 async def _mongodb(state: GatewayState) -> None:
-    """Reachable and recent enough: the release is asked once per connection (MongoServerCheck);
+    """Reachable and recent enough: the release is asked until it passes (MongoServerCheck);
     a server found failing is asked again when it answers (it may be another release)."""
     await state.mongo_server.require()
     try:
